@@ -1,0 +1,475 @@
+"""Tortie's narrow interface to etcd v3, on the gRPC stubs shipped by ``etcd-sdk-python``.
+
+Every call has a deadline. Transient failures (endpoint down, deadline hit, leader election) are
+retried with backoff, rotating through the endpoints, until the retry budget is spent; then one
+:class:`DatastoreUnavailable` names the endpoint and the cause. All writes are conditional
+(create-if-absent or compare-and-swap on the key's modification revision), which is what makes a
+retried write safe: if the first attempt landed, the retry loses its comparison and the caller
+re-reads.
+
+We use the library's generated stubs rather than its client class because the class locks a
+failed endpoint out for minutes and cannot express multi-key transactions the way IPAM needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+# gRPC's C core logs TLS and connection failures straight to stderr; we report them ourselves.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402
+from pyetcd.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+
+from datastore.config import Endpoint, EtcdConfig
+from datastore.errors import AlreadyExists, ConfigError, Conflict, DatastoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+_CHANNEL_OPTIONS = [
+    # gRPC's default reconnect backoff grows to minutes; an etcd that comes back must be used at once.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    version: int
+    lease: int = 0
+
+    @classmethod
+    def from_pb(cls, kv: Any) -> KeyValue:
+        return cls(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.version, kv.lease)
+
+
+# Operations of a multi-key transaction: all succeed together or none does.
+@dataclass(frozen=True)
+class Create:
+    """Put ``key`` only if it does not exist."""
+
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """Put ``key`` only if its modification revision is still ``mod_revision``."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete ``key`` only if its modification revision is still ``mod_revision`` (0: unconditionally)."""
+
+    key: str
+    mod_revision: int = 0
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """Write nothing, but fail the transaction if ``key`` changed since ``mod_revision`` (0: absent)."""
+
+    key: str
+    mod_revision: int
+
+
+Op = Create | Update | Delete | Unchanged
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """A key was put (``deleted`` False) or deleted; ``kv.mod_revision`` is the event's revision."""
+
+    kv: KeyValue
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Resync:
+    """The watch fell behind a compaction: here is the whole prefix again, as of ``revision``."""
+
+    kvs: list[KeyValue]
+    revision: int
+
+
+def prefix_end(prefix: str) -> bytes:
+    """The range end that selects every key starting with ``prefix``."""
+    raw = bytearray(prefix.encode())
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return bytes(raw)
+        raw.pop()
+    return b"\0"
+
+
+_TLS_SIGNS = ("handshake", "certificate", "ssl", "tls", "tsi_", "unwrap failed")
+
+
+def _is_tls_failure(err: grpc.RpcError) -> bool:
+    details = (err.details() or "").lower() if hasattr(err, "details") else ""
+    return any(sign in details for sign in _TLS_SIGNS)
+
+
+def _describe(err: grpc.RpcError) -> str:
+    details = (err.details() or "").strip() if hasattr(err, "details") else str(err)
+    if _is_tls_failure(err):
+        return ("TLS handshake failed: etcd refused our client certificate or we do not trust its "
+                f"certificate (check ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE) [{details}]")
+    lowered = details.lower()
+    if "connection refused" in lowered:
+        return "connection refused (is etcd running and listening there?)"
+    code = err.code() if hasattr(err, "code") else None  # type: ignore[union-attr]
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no answer within the deadline"
+    return details or str(code)
+
+
+class EtcdClient:
+    """A thread-safe etcd v3 client with deadlines, retries and mutual TLS."""
+
+    def __init__(self, config: EtcdConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._channels: dict[Endpoint, grpc.Channel] = {}
+        self._current = 0
+        self._credentials = self._load_credentials()
+
+    # ---- connection -------------------------------------------------------------------------
+    def _load_credentials(self) -> grpc.ChannelCredentials | None:
+        cfg = self.config
+        if not any(e.secure for e in cfg.endpoints):
+            return None
+
+        def read(path: str | None) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(cfg.ca_cert_file),
+            private_key=read(cfg.key_file),
+            certificate_chain=read(cfg.cert_file),
+        )
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.config.endpoints[self._current % len(self.config.endpoints)]
+
+    def _channel(self) -> grpc.Channel:
+        endpoint = self.endpoint
+        with self._lock:
+            channel = self._channels.get(endpoint)
+            if channel is None:
+                if endpoint.secure:
+                    assert self._credentials is not None
+                    channel = grpc.secure_channel(endpoint.target, self._credentials, _CHANNEL_OPTIONS)
+                else:
+                    channel = grpc.insecure_channel(endpoint.target, _CHANNEL_OPTIONS)
+                self._channels[endpoint] = channel
+            return channel
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    def __enter__(self) -> EtcdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retrying(self, what: str, call: Callable[[grpc.Channel, float], T]) -> T:
+        """Run ``call`` until it succeeds, retrying transient errors within the budget."""
+        deadline = time.monotonic() + self.config.retry_budget
+        delay = 0.05
+        while True:
+            endpoint = self.endpoint
+            remaining = deadline - time.monotonic()
+            timeout = max(0.2, min(self.config.call_timeout, remaining))
+            try:
+                return call(self._channel(), timeout)
+            except grpc.RpcError as err:
+                code = err.code()  # type: ignore[attr-defined]
+                if _is_tls_failure(err):
+                    raise DatastoreUnavailable(str(endpoint), _describe(err)) from None
+                if code not in _TRANSIENT:
+                    raise DatastoreUnavailable(str(endpoint), f"{what} failed: {_describe(err)}") from None
+                if time.monotonic() + delay >= deadline:
+                    raise DatastoreUnavailable(str(endpoint), _describe(err)) from None
+                log.debug("etcd %s at %s failed (%s); retrying", what, endpoint, code)
+                self._current += 1  # try the next endpoint, if there is one
+                self._sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    # ---- reads --------------------------------------------------------------------------------
+    def get(self, key: str) -> KeyValue | None:
+        resp = self._retrying("get", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Range(
+            rpc_pb2.RangeRequest(key=key.encode()), timeout=t))
+        return KeyValue.from_pb(resp.kvs[0]) if resp.kvs else None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
+        """Several keys read at one revision, in one round trip."""
+        if not keys:
+            return {}
+        ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode())) for k in keys]
+        resp = self._retrying("get", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Txn(
+            rpc_pb2.TxnRequest(success=ops), timeout=t))
+        out = {}
+        for r in resp.responses:
+            for kv in r.response_range.kvs:
+                out[kv.key.decode()] = KeyValue.from_pb(kv)
+        return out
+
+    def list(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix`` and the store revision they were read at."""
+        req = rpc_pb2.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix), keys_only=keys_only)
+        resp = self._retrying("list", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Range(req, timeout=t))
+        return [KeyValue.from_pb(kv) for kv in resp.kvs], resp.header.revision
+
+    def count(self, prefix: str) -> tuple[int, int]:
+        """How many keys are under ``prefix``, and the store revision."""
+        req = rpc_pb2.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix), count_only=True)
+        resp = self._retrying("count", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Range(req, timeout=t))
+        return resp.count, resp.header.revision
+
+    # ---- writes --------------------------------------------------------------------------------
+    def create(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Create ``key``; :class:`AlreadyExists` if it is there. Returns the new revision."""
+        try:
+            return self.commit([Create(key, value, lease)])
+        except Conflict:
+            raise AlreadyExists(key) from None
+
+    def update(self, key: str, value: bytes, mod_revision: int) -> int:
+        """Compare-and-swap on the modification revision; :class:`Conflict` if it moved."""
+        return self.commit([Update(key, value, mod_revision)])
+
+    def delete(self, key: str, mod_revision: int = 0) -> bool:
+        """Delete ``key`` (only at ``mod_revision`` when given). False if it was already gone."""
+        if mod_revision:
+            self.commit([Delete(key, mod_revision)])
+            return True
+        req = rpc_pb2.DeleteRangeRequest(key=key.encode())
+        resp = self._retrying("delete", lambda ch, t: rpc_pb2_grpc.KVStub(ch).DeleteRange(req, timeout=t))
+        return bool(resp.deleted)
+
+    def delete_prefix(self, prefix: str) -> int:
+        req = rpc_pb2.DeleteRangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
+        resp = self._retrying("delete", lambda ch, t: rpc_pb2_grpc.KVStub(ch).DeleteRange(req, timeout=t))
+        return int(resp.deleted)
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Unconditional put, for keys with a single writer (a node's own status, a lease-held key)."""
+        req = rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease)
+        resp = self._retrying("put", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Put(req, timeout=t))
+        return int(resp.header.revision)
+
+    def commit(self, ops: Sequence[Op]) -> int:
+        """Apply ``ops`` atomically; :class:`Conflict` naming the first key whose comparison failed."""
+        compares = []
+        writes = []
+        C = rpc_pb2.Compare
+        for op in ops:
+            key = op.key.encode()
+            if isinstance(op, Create):
+                compares.append(C(key=key, target=C.VERSION, result=C.EQUAL, version=0))
+                writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value,
+                                                                               lease=op.lease)))
+            elif isinstance(op, Update):
+                compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+                writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value)))
+            elif isinstance(op, Delete):
+                if op.mod_revision:
+                    compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+                writes.append(rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)))
+            else:
+                compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+        # On failure, read back the compared keys so we can say which one moved.
+        failure = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key)) for c in compares]
+        req = rpc_pb2.TxnRequest(compare=compares, success=writes, failure=failure)
+        resp = self._retrying("transaction", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Txn(req, timeout=t))
+        if resp.succeeded:
+            return int(resp.header.revision)
+        current = {kv.key: kv.mod_revision for r in resp.responses for kv in r.response_range.kvs}
+        for op in ops:
+            expected = 0 if isinstance(op, Create) else op.mod_revision
+            if isinstance(op, Delete) and not op.mod_revision:
+                continue
+            if current.get(op.key.encode(), 0) != expected:
+                raise Conflict(op.key)
+        raise Conflict()
+
+    # ---- leases -------------------------------------------------------------------------------
+    def grant_lease(self, ttl: int) -> Lease:
+        resp = self._retrying("lease grant", lambda ch, t: rpc_pb2_grpc.LeaseStub(ch).LeaseGrant(
+            rpc_pb2.LeaseGrantRequest(TTL=ttl), timeout=t))
+        return Lease(self, int(resp.ID), ttl)
+
+    def _lease_keepalive_once(self, lease_id: int) -> int:
+        def call(ch: grpc.Channel, t: float) -> int:
+            responses = rpc_pb2_grpc.LeaseStub(ch).LeaseKeepAlive(
+                iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease_id)]), timeout=t)
+            for r in responses:
+                return int(r.TTL)
+            return 0
+        return self._retrying("lease keepalive", call)
+
+    def _lease_revoke(self, lease_id: int) -> None:
+        try:
+            self._retrying("lease revoke", lambda ch, t: rpc_pb2_grpc.LeaseStub(ch).LeaseRevoke(
+                rpc_pb2.LeaseRevokeRequest(ID=lease_id), timeout=t))
+        except DatastoreUnavailable as e:
+            log.warning("could not revoke lease %x: %s (it expires by itself)", lease_id, e)
+
+    # ---- watch --------------------------------------------------------------------------------
+    def watch(self, prefix: str, start_revision: int) -> Watch:
+        """Events under ``prefix`` from ``start_revision`` on; see :class:`Watch`."""
+        return Watch(self, prefix, start_revision)
+
+    def compact(self, revision: int) -> None:
+        self._retrying("compact", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Compact(
+            rpc_pb2.CompactionRequest(revision=revision, physical=True), timeout=t))
+
+
+class Lease:
+    """An etcd lease; :meth:`keep_alive` refreshes it from a thread until :meth:`revoke`."""
+
+    def __init__(self, client: EtcdClient, lease_id: int, ttl: int) -> None:
+        self.client = client
+        self.id = lease_id
+        self.ttl = ttl
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.expired = threading.Event()
+
+    def keep_alive(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"lease-{self.id:x}", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(self.ttl / 3, 0.2)):
+            try:
+                if self.client._lease_keepalive_once(self.id) <= 0:
+                    log.warning("lease %x expired", self.id)
+                    self.expired.set()
+                    return
+            except DatastoreUnavailable as e:
+                log.warning("lease %x keepalive failed: %s", self.id, e)
+
+    def revoke(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.client._lease_revoke(self.id)
+
+
+class Watch:
+    """An iterator of :class:`WatchEvent` and :class:`Resync` under a prefix.
+
+    It resumes from the last revision it delivered after any error (with backoff), and when that
+    revision has been compacted away it re-lists the prefix and yields a :class:`Resync`.
+    :meth:`cancel` (from any thread) ends the iteration.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: str, start_revision: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.next_revision = start_revision
+        self._cancelled = threading.Event()
+        self._call: Any = None
+        self._requests: queue.Queue[Any] = queue.Queue()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._requests.put(None)
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _request_stream(self) -> Iterator[Any]:
+        create = rpc_pb2.WatchCreateRequest(key=self.prefix.encode(), range_end=prefix_end(self.prefix),
+                                            start_revision=self.next_revision, progress_notify=True)
+        yield rpc_pb2.WatchRequest(create_request=create)
+        # Keep the stream open until cancelled.
+        while self._requests.get() is not None:
+            pass
+
+    def __iter__(self) -> Iterator[WatchEvent | Resync]:
+        delay = 0.1
+        while not self._cancelled.is_set():
+            try:
+                self._requests = queue.Queue()
+                self._call = rpc_pb2_grpc.WatchStub(self.client._channel()).Watch(self._request_stream())
+                for resp in self._call:
+                    delay = 0.1
+                    if resp.created:
+                        continue  # its header revision says nothing about replayed events yet
+                    if resp.compact_revision and resp.canceled:
+                        kvs, rev = self.client.list(self.prefix)
+                        self.next_revision = rev + 1
+                        yield Resync(kvs, rev)
+                        break
+                    if resp.canceled:
+                        raise grpc.RpcError(resp.cancel_reason)
+                    for ev in resp.events:
+                        kv = KeyValue.from_pb(ev.kv)
+                        self.next_revision = kv.mod_revision + 1
+                        yield WatchEvent(kv, deleted=ev.type == kv_pb2.Event.DELETE)
+                    if not resp.events and resp.header.revision >= self.next_revision:
+                        # progress notification: nothing under the prefix changed up to here
+                        self.next_revision = resp.header.revision + 1
+                else:
+                    if self._cancelled.is_set():
+                        return
+            except grpc.RpcError as err:
+                if self._cancelled.is_set():
+                    return
+                log.warning("watch of %s interrupted (%s); resuming from revision %d",
+                            self.prefix, _describe(err), self.next_revision)
+                self.client._current += 1
+            except DatastoreUnavailable as err:
+                log.warning("watch of %s could not re-list: %s", self.prefix, err)
+            finally:
+                self._requests.put(None)
+            if self._cancelled.wait(delay):
+                return
+            delay = min(delay * 2, 2.0)

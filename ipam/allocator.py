@@ -1,0 +1,401 @@
+"""Assigning and releasing addresses: Calico's algorithm, on etcd compare-and-swap.
+
+An assignment reads a snapshot (the handle, the pools, this node's affine blocks), plans which
+addresses to take, and commits every touched block together with the handle in ONE etcd
+transaction conditioned on the revisions it read. Losing that race means someone else changed a
+block first: re-read and re-plan. Because the handle is written in the same transaction, a retry
+after an ambiguous failure finds its own earlier success instead of allocating twice.
+
+Order of preference (Calico's): this node's affine blocks; then claim a free block for the node
+(one transaction creates the block and its affinity together, so no half-claimed state can be left
+by a crash); then, unless the pool has ``strictAffinity``, borrow from another node's block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import random
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from datastore import keys
+from datastore.errors import Conflict
+from datastore.etcd import Create, Delete, EtcdClient, KeyValue, Op, Update
+from datastore.resources import IPAMConfiguration, IPPool, Node
+from datastore.store import ResourceStore
+from ipam.block import Address, Block, Network
+from ipam.errors import AddressInUse, AddressNotInPool, PoolExhausted, TooManyConflicts
+from ipam.pools import Pool, pool_for_address, select_pools
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BLOCKS_PER_HOST = 20
+
+
+@dataclass(frozen=True)
+class AssignRequest:
+    handle: str
+    node: str
+    num_v4: int = 1
+    num_v6: int = 0
+    pools_v4: Sequence[str] = ()
+    pools_v6: Sequence[str] = ()
+    addresses: Sequence[Address] = ()  # specific addresses; they replace automatic ones of their family
+    attrs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Assigned:
+    address: Address
+    block: Network
+    pool: str
+    borrowed: bool = False
+
+
+@dataclass
+class Handle:
+    """The secondary index of one attachment: how many of its addresses each block holds."""
+
+    blocks: dict[str, int]
+    node: str = ""
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Handle:
+        doc = json.loads(raw)
+        return cls(dict(doc.get("blocks") or {}), doc.get("node", ""), dict(doc.get("attrs") or {}))
+
+    def to_json(self) -> bytes:
+        return json.dumps({"blocks": self.blocks, "node": self.node, "attrs": self.attrs},
+                          separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass
+class _Snapshot:
+    handle: KeyValue | None
+    pools: list[Pool]
+    node_labels: dict[str, str]
+    max_blocks: int
+    blocks: dict[Network, tuple[Block, int]]  # block → (content, mod revision); affine or fetched
+
+
+class _Retry(Exception):
+    """The plan changed the world (a block was claimed): re-read and plan again."""
+
+
+def _within(cidr: Network, pool: Pool) -> bool:
+    return cidr.version == pool.version and cidr.subnet_of(pool.cidr)  # type: ignore[arg-type]
+
+
+def _order(node: str, n: int) -> int:
+    return zlib.crc32(node.encode()) % n if n else 0
+
+
+class IPAM:
+    def __init__(self, client: EtcdClient, *, max_retries: int = 100,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.client = client
+        self.resources = ResourceStore(client)
+        self.max_retries = max_retries
+        self.clock = clock
+        self.sleep = sleep
+
+    # ---- reading -----------------------------------------------------------------------------
+    def pools(self) -> list[Pool]:
+        return [Pool.from_resource(r) for r in self.resources.list(IPPool)]
+
+    def _snapshot(self, handle: str, node: str) -> _Snapshot:
+        singles = self.client.get_many([
+            keys.handle_key(handle),
+            ResourceStore.key(IPAMConfiguration, "default"),
+            ResourceStore.key(Node, node),
+        ])
+        labels: dict[str, str] = {}
+        node_kv = singles.get(ResourceStore.key(Node, node))
+        if node_kv is not None:
+            labels = dict(json.loads(node_kv.value).get("metadata", {}).get("labels") or {})
+        max_blocks = DEFAULT_MAX_BLOCKS_PER_HOST
+        cfg_kv = singles.get(ResourceStore.key(IPAMConfiguration, "default"))
+        if cfg_kv is not None:
+            max_blocks = int(json.loads(cfg_kv.value).get("spec", {}).get("maxBlocksPerHost", max_blocks))
+        affinities, _ = self.client.list(keys.affinity_prefix(node), keys_only=True)
+        block_keys = [keys.block_key(keys.cidr_from_key(kv.key)) for kv in affinities]
+        blocks = {}
+        for kv in self.client.get_many(block_keys).values():
+            block = Block.from_json(kv.value)
+            if block.node == node:
+                blocks[block.cidr] = (block, kv.mod_revision)
+        return _Snapshot(singles.get(keys.handle_key(handle)), self.pools(), labels, max_blocks, blocks)
+
+    def _existing_blocks(self, version: int) -> set[Network]:
+        kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
+        return {keys.cidr_from_key(kv.key) for kv in kvs}
+
+    def handle_addresses(self, handle: str) -> list[Address]:
+        kv = self.client.get(keys.handle_key(handle))
+        if kv is None:
+            return []
+        record = Handle.from_json(kv.value)
+        found: list[Address] = []
+        block_kvs = self.client.get_many([keys.block_key(ipaddress.ip_network(c)) for c in record.blocks])
+        for bkv in block_kvs.values():
+            found.extend(Block.from_json(bkv.value).addresses_of(handle))
+        return found
+
+    # ---- assigning -----------------------------------------------------------------------------
+    def assign(self, req: AssignRequest) -> list[Assigned]:
+        """Addresses for one attachment; an existing handle gets its addresses back (idempotent)."""
+        for attempt in range(self.max_retries):
+            snap = self._snapshot(req.handle, req.node)
+            if snap.handle is not None:
+                existing = self._existing(req.handle, snap)
+                if existing:
+                    return existing
+            try:
+                changed: dict[Network, tuple[Block, int]] = {}
+                results: list[Assigned] = []
+                attrs = {"node": req.node, "timestamp": str(int(self.clock())), **req.attrs}
+                specific = {4: [a for a in req.addresses if a.version == 4],
+                            6: [a for a in req.addresses if a.version == 6]}
+                for version, count, requested in ((4, req.num_v4, req.pools_v4), (6, req.num_v6, req.pools_v6)):
+                    if specific[version]:
+                        results += self._plan_specific(specific[version], req, snap, changed, attrs)
+                    elif count:
+                        pools = select_pools(snap.pools, version, requested, req.node, snap.node_labels)
+                        results += self._plan_auto(version, count, pools, req, snap, changed, attrs)
+                self._commit(req, snap, changed, results)
+                log.debug("assigned %s to %s", [str(r.address) for r in results], req.handle)
+                return results
+            except (_Retry, Conflict) as why:
+                log.debug("assign %s: %s; retrying", req.handle, why)
+                self._backoff(attempt)
+        raise TooManyConflicts(f"gave up assigning for {req.handle} after {self.max_retries} conflicts")
+
+    def _existing(self, handle: str, snap: _Snapshot) -> list[Assigned]:
+        out = []
+        for address in self.handle_addresses(handle):
+            pool = pool_for_address(snap.pools, address)
+            block_cidr = pool.block_of(address) if pool else ipaddress.ip_network(address)
+            out.append(Assigned(address, block_cidr, pool.name if pool else ""))
+        return out
+
+    def _plan_auto(self, version: int, count: int, pools: list[Pool], req: AssignRequest, snap: _Snapshot,
+                   changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str]) -> list[Assigned]:
+        results: list[Assigned] = []
+        # 1. this node's own blocks, in pool preference order
+        for pool in pools:
+            for cidr in sorted(c for c in snap.blocks if _within(c, pool)):  # type: ignore[type-var]
+                block, rev = changed.get(cidr) or snap.blocks[cidr]
+                if len(results) == count or not block.free:
+                    continue
+                block, got = block.assign(count - len(results), req.handle, attrs)
+                changed[cidr] = (block, rev)
+                results += [Assigned(a, cidr, pool.name) for a in got]
+        if len(results) == count:
+            return results
+        # 2. claim a free block (the claim commits on its own; then plan again from scratch)
+        own = sum(1 for c in snap.blocks if c.version == version)
+        if not snap.max_blocks or own < snap.max_blocks:
+            existing = self._existing_blocks(version)
+            for pool in pools:
+                cidr = self._free_block(pool, req.node, existing)
+                if cidr is not None:
+                    self._claim(cidr, req.node)
+                    raise _Retry(f"claimed {cidr}")
+        # 3. borrow from other nodes' blocks, where the pool allows it
+        borrowable = [p for p in pools if not p.strict_affinity]
+        if borrowable:
+            results += self._plan_borrow(version, count - len(results), borrowable, req, changed, attrs)
+        if len(results) < count:
+            names = ", ".join(p.name for p in pools)
+            why = "" if borrowable else " (strict affinity: this node's blocks are full and no block is free)"
+            if snap.max_blocks and own >= snap.max_blocks and not borrowable:
+                why = f" (node {req.node} holds the maximum of {snap.max_blocks} blocks)"
+            raise PoolExhausted(f"no free IPv{version} address in pool(s) {names}{why}")
+        return results
+
+    def _free_block(self, pool: Pool, node: str, existing: set[Network]) -> Network | None:
+        """A block-sized CIDR of the pool that no block occupies, starting at a node-specific place
+        so that nodes claiming at the same time tend to pick different blocks."""
+        n = pool.block_count
+        start = _order(node, n)
+        in_pool = sum(1 for c in existing if _within(c, pool))
+        for i in range(min(n, in_pool + 1)):
+            cidr = pool.block_at((start + i) % n)
+            if cidr not in existing:
+                return cidr
+        return None
+
+    def _claim(self, cidr: Network, node: str) -> None:
+        """Create the block and the node's affinity for it in one transaction."""
+        affinity = json.dumps({"state": "confirmed", "claimedAt": int(self.clock())}).encode()
+        try:
+            self.client.commit([
+                Create(keys.block_key(cidr), Block.empty(cidr, node).to_json()),
+                Create(keys.affinity_key(node, cidr), affinity),
+            ])
+            log.info("node %s claimed block %s", node, cidr)
+        except Conflict:
+            log.debug("block %s was claimed by someone else first", cidr)
+
+    def _plan_borrow(self, version: int, count: int, pools: list[Pool], req: AssignRequest,
+                     changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str]) -> list[Assigned]:
+        kvs, _ = self.client.list(keys.block_prefix(version))
+        candidates = []
+        for kv in kvs:
+            block = Block.from_json(kv.value)
+            pool = next((p for p in pools if _within(block.cidr, p)), None)
+            if pool is not None and block.node != req.node and block.free:
+                candidates.append((zlib.crc32(f"{req.node}/{block.cidr}".encode()), block, kv.mod_revision, pool))
+        results: list[Assigned] = []
+        for _, block, rev, pool in sorted(candidates, key=lambda c: c[0]):
+            if len(results) == count:
+                break
+            block, rev = changed.get(block.cidr) or (block, rev)
+            block, got = block.assign(count - len(results), req.handle, {**attrs, "borrowed": "true"})
+            changed[block.cidr] = (block, rev)
+            results += [Assigned(a, block.cidr, pool.name, borrowed=True) for a in got]
+        return results
+
+    def _plan_specific(self, addresses: list[Address], req: AssignRequest, snap: _Snapshot,
+                       changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str]) -> list[Assigned]:
+        results = []
+        for address in addresses:
+            pool = pool_for_address(snap.pools, address)
+            if pool is None:
+                raise AddressNotInPool(f"{address} is not in any IP pool")
+            cidr = pool.block_of(address)
+            current = changed.get(cidr) or snap.blocks.get(cidr)
+            if current is None:
+                kv = self.client.get(keys.block_key(cidr))
+                if kv is None:
+                    own = sum(1 for c in snap.blocks if c.version == address.version)
+                    if not snap.max_blocks or own < snap.max_blocks:
+                        self._claim(cidr, req.node)
+                    else:  # the node may own no more blocks: create the block without an owner
+                        self._create_unowned(cidr)
+                    raise _Retry(f"created block {cidr} for {address}")
+                current = (Block.from_json(kv.value), kv.mod_revision)
+            block, rev = current
+            holder = block.allocation_of(address)
+            if holder is not None:
+                raise AddressInUse(f"{address} is already in use (handle {holder.handle})")
+            block = block.assign_address(address, req.handle, attrs)
+            changed[cidr] = (block, rev)
+            results.append(Assigned(address, cidr, pool.name, borrowed=block.node != req.node))
+        return results
+
+    def _create_unowned(self, cidr: Network) -> None:
+        with contextlib.suppress(Conflict):
+            self.client.create(keys.block_key(cidr), Block.empty(cidr, None).to_json())
+
+    def _commit(self, req: AssignRequest, snap: _Snapshot, changed: dict[Network, tuple[Block, int]],
+                results: list[Assigned]) -> None:
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[str(r.block)] = counts.get(str(r.block), 0) + 1
+        handle = Handle(counts, req.node, {k: v for k, v in req.attrs.items()})
+        ops: list[Op] = [Update(keys.block_key(cidr), block.to_json(), rev)
+                         for cidr, (block, rev) in changed.items()]
+        if snap.handle is None:
+            ops.append(Create(keys.handle_key(req.handle), handle.to_json()))
+        else:
+            ops.append(Update(keys.handle_key(req.handle), handle.to_json(), snap.handle.mod_revision))
+        self.client.commit(ops)
+
+    def _backoff(self, attempt: int) -> None:
+        self.sleep(random.uniform(0, min(0.05, 0.001 * (2 ** min(attempt, 6)))))
+
+    # ---- releasing -----------------------------------------------------------------------------
+    def release_handle(self, handle: str) -> list[Address]:
+        """Free every address of an attachment and delete its handle; [] if it is already gone."""
+        for attempt in range(self.max_retries):
+            hkv = self.client.get(keys.handle_key(handle))
+            if hkv is None:
+                return []
+            record = Handle.from_json(hkv.value)
+            block_kvs = self.client.get_many([keys.block_key(ipaddress.ip_network(c)) for c in record.blocks])
+            ops: list[Op] = []
+            released: list[Address] = []
+            for kv in block_kvs.values():
+                block, addresses = Block.from_json(kv.value).release_handle(handle)
+                if addresses:
+                    ops.append(Update(kv.key, block.to_json(), kv.mod_revision))
+                    released += addresses
+            ops.append(Delete(hkv.key, hkv.mod_revision))
+            try:
+                self.client.commit(ops)
+                return released
+            except Conflict:
+                self._backoff(attempt)
+        raise TooManyConflicts(f"gave up releasing {handle} after {self.max_retries} conflicts")
+
+    def release_addresses(self, addresses: Sequence[Address],
+                          expected_sequence: Mapping[Address, int] | None = None) -> list[Address]:
+        """Free specific addresses (and shrink their handles). With ``expected_sequence``, an
+        address re-allocated since it was read (its sequence number moved) is left alone.
+        Returns what was actually freed."""
+        for attempt in range(self.max_retries):
+            by_block: dict[str, list[Address]] = {}
+            for version in {a.version for a in addresses}:
+                kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
+                cidrs = [keys.cidr_from_key(kv.key) for kv in kvs]
+                for a in addresses:
+                    if a.version != version:
+                        continue
+                    cidr = next((c for c in cidrs if a in c), None)
+                    if cidr is not None:
+                        by_block.setdefault(keys.block_key(cidr), []).append(a)
+            block_kvs = self.client.get_many(list(by_block))
+            ops: list[Op] = []
+            freed: list[Address] = []
+            shrink: dict[tuple[str, str], int] = {}  # (handle, block) → addresses freed
+            for key, kv in block_kvs.items():
+                block = Block.from_json(kv.value)
+                wanted = by_block[key]
+                expected = None
+                if expected_sequence is not None:
+                    expected = {block.ordinal(a): expected_sequence[a] for a in wanted if a in expected_sequence}
+                new_block, per_handle = block.release([block.ordinal(a) for a in wanted], expected)
+                if not per_handle:
+                    continue
+                ops.append(Update(key, new_block.to_json(), kv.mod_revision))
+                freed += [a for a in wanted
+                          if block.allocation_of(a) is not None and new_block.allocation_of(a) is None]
+                for h, n in per_handle.items():
+                    shrink[(h, str(block.cidr))] = n
+            if not ops:
+                return []
+            ops += self._shrink_handles(shrink)
+            try:
+                self.client.commit(ops)
+                return freed
+            except Conflict:
+                self._backoff(attempt)
+        raise TooManyConflicts(f"gave up releasing addresses after {self.max_retries} conflicts")
+
+    def _shrink_handles(self, shrink: Mapping[tuple[str, str], int]) -> list[Op]:
+        """Handle updates matching freed addresses; a handle left with none is deleted."""
+        names = sorted({h for h, _ in shrink})
+        kvs = self.client.get_many([keys.handle_key(h) for h in names])
+        ops: list[Op] = []
+        for h in names:
+            kv = kvs.get(keys.handle_key(h))
+            if kv is None:
+                continue  # an address whose handle is already gone: nothing to shrink
+            record = Handle.from_json(kv.value)
+            for (name, cidr), n in shrink.items():
+                if name == h and cidr in record.blocks:
+                    record.blocks[cidr] -= n
+                    if record.blocks[cidr] <= 0:
+                        del record.blocks[cidr]
+            if record.blocks:
+                ops.append(Update(kv.key, record.to_json(), kv.mod_revision))
+            else:
+                ops.append(Delete(kv.key, kv.mod_revision))
+        return ops

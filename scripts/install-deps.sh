@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what Tortie needs on a Debian 12 machine: system packages and the project's venv.
+# Idempotent: a second run installs nothing new. Usage: scripts/install-deps.sh [--no-apt]
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${TORTIE_VENV:-$here/.venv}
+
+apt_packages=(
+  etcd-server etcd-client          # the datastore and etcdctl (raw-etcd benchmark reference)
+  iproute2 nftables procps iputils-ping util-linux   # ip, nft, sysctl, ping, nsenter
+  containernetworking-plugins      # the reference CNI plugins (bridge, ptp, host-local, portmap, ...)
+  python3-venv python3-dev
+)
+
+need_apt=()
+if [ "${1:-}" != "--no-apt" ]; then
+  for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")
+  done
+  if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "install-deps: apt-get install ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  fi
+  # Debian starts an etcd on the default ports; Tortie's tests and labs run their own.
+  if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
+    systemctl stop etcd || true; systemctl disable etcd >/dev/null 2>&1 || true
+  fi
+fi
+
+# Debian's interpreter, not a pyenv shim: the CNI executables start with the venv's python.
+if [ ! -x "$venv/bin/python" ]; then
+  /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]"
+echo "install-deps: ready ($venv)"
