@@ -6,8 +6,6 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import yaml
-
 from datastore.errors import ValidationError
 from datastore.model import ACCEPTED_API_VERSIONS, Metadata, Resource, decode_fields, encode_fields
 from datastore.resources import check_metadata_name, kind_named, validate_labels
@@ -42,12 +40,14 @@ def decode(doc: Any, where: str = "document") -> Resource:
         metadata.namespace = metadata.namespace or "default"
     elif metadata.namespace:
         raise ValidationError(f"{kind.KIND} is not namespaced; remove metadata.namespace")
-    spec = decode_fields(kind.SPEC, doc.get("spec"), "spec")
+    spec: Any = decode_fields(kind.SPEC, doc.get("spec"), "spec")
     return Resource(kind, metadata, spec)
 
 
 def load_documents(text: str, source: str = "input") -> Iterator[Any]:
     """The documents of a YAML stream (JSON is YAML), a JSON list, or a Kubernetes ``List``."""
+    import yaml  # only netctl reads YAML; the CNI plugins' stored JSON does not need it
+
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
@@ -92,4 +92,6 @@ def dump(resources: list[Resource], fmt: str, *, single: bool = False) -> str:
     if fmt == "json":
         body: Any = docs[0] if single and docs else {"apiVersion": "v1", "kind": "List", "items": docs}
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
+    import yaml
+
     return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False)

@@ -149,7 +149,7 @@ def _describe(err: grpc.RpcError) -> str:
     lowered = details.lower()
     if "connection refused" in lowered:
         return "connection refused (is etcd running and listening there?)"
-    code = err.code() if hasattr(err, "code") else None  # type: ignore[union-attr]
+    code = err.code() if hasattr(err, "code") else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "no answer within the deadline"
     return details or str(code)
@@ -227,7 +227,7 @@ class EtcdClient:
             try:
                 return call(self._channel(), timeout)
             except grpc.RpcError as err:
-                code = err.code()  # type: ignore[attr-defined]
+                code = err.code()
                 if _is_tls_failure(err):
                     raise DatastoreUnavailable(str(endpoint), _describe(err)) from None
                 if code not in _TRANSIENT:

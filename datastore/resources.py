@@ -136,8 +136,8 @@ class EndpointPort:
 @dataclass
 class WorkloadEndpointSpec:
     node: str
-    container_id: str = json_field("containerID")
     interface_name: str
+    container_id: str = json_field("containerID", default="")
     orchestrator: str = "cni"
     workload: str = ""
     pod: str = ""
@@ -149,6 +149,8 @@ class WorkloadEndpointSpec:
     ports: list[EndpointPort] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
+        if not self.container_id:
+            raise ValidationError(f"{where}.containerID is required")
         for i, net in enumerate(self.ip_networks):
             try:
                 ipaddress.ip_interface(net)

@@ -109,6 +109,14 @@ class IPAM:
     def pools(self) -> list[Pool]:
         return [Pool.from_resource(r) for r in self.resources.list(IPPool)]
 
+    def node_labels(self, node: str) -> dict[str, str]:
+        resource = self.resources.get(Node, node)
+        return dict(resource.metadata.labels) if resource else {}
+
+    def handles(self) -> dict[str, Handle]:
+        kvs, _ = self.client.list(keys.HANDLES)
+        return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
+
     def _snapshot(self, handle: str, node: str) -> _Snapshot:
         singles = self.client.get_many([
             keys.handle_key(handle),
@@ -160,7 +168,7 @@ class IPAM:
                 changed: dict[Network, tuple[Block, int]] = {}
                 results: list[Assigned] = []
                 attrs = {"node": req.node, "timestamp": str(int(self.clock())), **req.attrs}
-                specific = {4: [a for a in req.addresses if a.version == 4],
+                specific: dict[int, list[Address]] = {4: [a for a in req.addresses if a.version == 4],
                             6: [a for a in req.addresses if a.version == 6]}
                 for version, count, requested in ((4, req.num_v4, req.pools_v4), (6, req.num_v6, req.pools_v6)):
                     if specific[version]:
@@ -189,7 +197,7 @@ class IPAM:
         results: list[Assigned] = []
         # 1. this node's own blocks, in pool preference order
         for pool in pools:
-            for cidr in sorted(c for c in snap.blocks if _within(c, pool)):  # type: ignore[type-var]
+            for cidr in sorted(c for c in snap.blocks if _within(c, pool)):
                 block, rev = changed.get(cidr) or snap.blocks[cidr]
                 if len(results) == count or not block.free:
                     continue
@@ -203,10 +211,10 @@ class IPAM:
         if not snap.max_blocks or own < snap.max_blocks:
             existing = self._existing_blocks(version)
             for pool in pools:
-                cidr = self._free_block(pool, req.node, existing)
-                if cidr is not None:
-                    self._claim(cidr, req.node)
-                    raise _Retry(f"claimed {cidr}")
+                free = self._free_block(pool, req.node, existing)
+                if free is not None:
+                    self._claim(free, req.node)
+                    raise _Retry(f"claimed {free}")
         # 3. borrow from other nodes' blocks, where the pool allows it
         borrowable = [p for p in pools if not p.strict_affinity]
         if borrowable:

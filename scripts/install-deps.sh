@@ -33,5 +33,6 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   /usr/bin/python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]"
+# compat mode: a plain path entry, not an import hook that every CNI exec would pay for.
+"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]" --config-settings editable_mode=compat
 echo "install-deps: ready ($venv)"

@@ -1,0 +1,232 @@
+"""The IPAM operations behind ``tortie-ipam`` (and, later, the main plugin's in-process path).
+
+This module pays the heavy imports (gRPC, the datastore, IPAM), so the executables import it only
+once they know they must do the work themselves. It is also the one place where datastore and
+IPAM exceptions become CNI error codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cni_plugins import errors as codes
+from cni_plugins.errors import CNIError
+from cni_plugins.result import IPConfig, Result, Route, parse_prev_result
+from cni_plugins.skel import CmdArgs, gc_valid_attachments, requested_ips
+from datastore.config import EtcdConfig
+from datastore.errors import ConfigError, DatastoreUnavailable, ValidationError
+from datastore.etcd import EtcdClient
+from ipam import errors as ipam_errors
+from ipam.allocator import IPAM, Assigned, AssignRequest
+from ipam.pools import select_pools
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IPAMConf:
+    """The ``ipam`` section of a network configuration, validated."""
+
+    network: str
+    node: str
+    assign_ipv4: bool
+    assign_ipv6: bool
+    ipv4_pools: tuple[str, ...]
+    ipv6_pools: tuple[str, ...]
+    routes: tuple[Route, ...]
+    etcd: EtcdConfig
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any]) -> IPAMConf:
+        ipam = config.get("ipam")
+        if not isinstance(ipam, dict):
+            raise CNIError(codes.INVALID_CONFIG, "invalid ipam", "the network configuration has no ipam section")
+        node = config.get("nodename") or ipam.get("nodename") or socket.gethostname()
+        if not isinstance(node, str):
+            raise _bad("nodename", "a string", node)
+        conf = cls(
+            network=str(config["name"]),
+            node=node,
+            assign_ipv4=_flag(ipam, "assign_ipv4", True),
+            assign_ipv6=_flag(ipam, "assign_ipv6", False),
+            ipv4_pools=_strings(ipam, "ipv4_pools"),
+            ipv6_pools=_strings(ipam, "ipv6_pools"),
+            routes=_routes(ipam),
+            etcd=_etcd_config(config),
+        )
+        if not conf.assign_ipv4 and not conf.assign_ipv6:
+            raise CNIError(codes.INVALID_CONFIG, "invalid ipam", "assign_ipv4 and assign_ipv6 are both false")
+        return conf
+
+    def handle(self, container_id: str) -> str:
+        return f"{self.network}.{container_id}"
+
+
+def _bad(field: str, expected: str, got: object) -> CNIError:
+    return CNIError(codes.INVALID_CONFIG, f"invalid ipam.{field}", f"expected {expected}, got {got!r}")
+
+
+def _flag(ipam: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = ipam.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _bad(key, '"true" or "false"', value)
+
+
+def _strings(ipam: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = ipam.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _bad(key, "a list of pool names or CIDRs", value)
+    return tuple(value)
+
+
+def _routes(ipam: Mapping[str, Any]) -> tuple[Route, ...]:
+    value = ipam.get("routes") or []
+    if not isinstance(value, list):
+        raise _bad("routes", 'a list of {"dst": CIDR, "gw": address}', value)
+    routes = []
+    for i, item in enumerate(value):
+        dst = item.get("dst") if isinstance(item, dict) else None
+        gw = item.get("gw") if isinstance(item, dict) else None
+        try:
+            ipaddress.ip_network(dst if isinstance(dst, str) else "")
+            if gw is not None:
+                ipaddress.ip_address(gw)
+        except ValueError:
+            raise _bad(f"routes[{i}]", '{"dst": CIDR, "gw": address}', item) from None
+        routes.append(Route(dst=dst, gw=gw))  # type: ignore[arg-type]
+    return tuple(routes)
+
+
+def _etcd_config(config: Mapping[str, Any]) -> EtcdConfig:
+    try:
+        return EtcdConfig.from_cni(config)
+    except ConfigError as e:
+        raise CNIError(codes.INVALID_CONFIG, "invalid datastore configuration", str(e)) from None
+
+
+@contextlib.contextmanager
+def cni_errors() -> Iterator[None]:
+    """Datastore and IPAM failures → the CNI error a runtime understands (the one mapping)."""
+    try:
+        yield
+    except DatastoreUnavailable as e:
+        raise CNIError(codes.TRY_AGAIN_LATER, "datastore unreachable", str(e)) from None
+    except ipam_errors.TooManyConflicts as e:
+        raise CNIError(codes.TRY_AGAIN_LATER, "datastore busy", str(e)) from None
+    except ipam_errors.PoolExhausted as e:
+        raise CNIError(codes.POOL_EXHAUSTED, "no free address", str(e)) from None
+    except ipam_errors.NoSuitablePool as e:
+        raise CNIError(codes.NO_SUITABLE_POOL, "no suitable IP pool", str(e)) from None
+    except ipam_errors.AddressInUse as e:
+        raise CNIError(codes.ADDRESS_IN_USE, "requested address in use", str(e)) from None
+    except ipam_errors.AddressNotInPool as e:
+        raise CNIError(codes.ADDRESS_NOT_IN_POOL, "requested address not in any pool", str(e)) from None
+    except (ConfigError, ValidationError) as e:
+        raise CNIError(codes.INVALID_CONFIG, "invalid configuration", str(e)) from None
+
+
+def _client(conf: IPAMConf) -> EtcdClient:
+    return EtcdClient(conf.etcd)
+
+
+def host_prefix(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Tortie routes every workload address on its own: /32 and /128, as Calico does."""
+    return f"{address}/{address.max_prefixlen}"
+
+
+def to_result(assigned: list[Assigned], conf: IPAMConf) -> Result:
+    ips = [IPConfig(address=host_prefix(a.address)) for a in assigned]
+    return Result(ips=ips, routes=list(conf.routes))
+
+
+def add(args: CmdArgs) -> Result:
+    conf = IPAMConf.parse(args.config)
+    wanted = [ipaddress.ip_interface(ip).ip for ip in requested_ips(args)]
+    attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname}
+    for key, attr in (("K8S_POD_NAME", "pod"), ("K8S_POD_NAMESPACE", "namespace")):
+        if args.cni_args.get(key):
+            attrs[attr] = args.cni_args[key]
+    request = AssignRequest(
+        handle=conf.handle(args.container_id),
+        node=conf.node,
+        num_v4=1 if conf.assign_ipv4 else 0,
+        num_v6=1 if conf.assign_ipv6 else 0,
+        pools_v4=conf.ipv4_pools,
+        pools_v6=conf.ipv6_pools,
+        addresses=wanted,
+        attrs=attrs,
+    )
+    with cni_errors(), _client(conf) as client:
+        assigned = IPAM(client).assign(request)
+    log.info("assigned %s to %s", ", ".join(str(a.address) for a in assigned), request.handle)
+    return to_result(assigned, conf)
+
+
+def delete(args: CmdArgs) -> None:
+    conf = IPAMConf.parse(args.config)
+    with cni_errors(), _client(conf) as client:
+        released = IPAM(client).release_handle(conf.handle(args.container_id))
+    log.info("released %s of %s", ", ".join(map(str, released)) or "nothing", conf.handle(args.container_id))
+
+
+def check(args: CmdArgs) -> None:
+    conf = IPAMConf.parse(args.config)
+    with cni_errors(), _client(conf) as client:
+        held = {str(a) for a in IPAM(client).handle_addresses(conf.handle(args.container_id))}
+    if not held:
+        raise CNIError(
+            codes.RESERVATION_MISSING,
+            "no addresses reserved",
+            f"handle {conf.handle(args.container_id)} holds no address",
+        )
+    prev = parse_prev_result(args.config)
+    for ip in prev.ips if prev else []:
+        address = str(ipaddress.ip_interface(ip.address).ip)
+        if address not in held:
+            raise CNIError(
+                codes.RESERVATION_MISSING,
+                "address not reserved",
+                f"{address} from prevResult is not reserved for {conf.handle(args.container_id)}",
+            )
+
+
+def status(args: CmdArgs) -> None:
+    conf = IPAMConf.parse(args.config)
+    try:
+        with _client(conf) as client:
+            ipam = IPAM(client)
+            pools = ipam.pools()
+            labels = ipam.node_labels(conf.node)
+            for version, wanted, requested in (
+                (4, conf.assign_ipv4, conf.ipv4_pools),
+                (6, conf.assign_ipv6, conf.ipv6_pools),
+            ):
+                if wanted:
+                    select_pools(pools, version, requested, conf.node, labels)
+    except DatastoreUnavailable as e:
+        raise CNIError(codes.STATUS_UNAVAILABLE, "datastore unreachable", str(e)) from None
+    except ipam_errors.NoSuitablePool as e:
+        raise CNIError(codes.STATUS_UNAVAILABLE, "no usable IP pool", str(e)) from None
+
+
+def gc(args: CmdArgs) -> None:
+    """Release this network's reservations whose attachment the runtime no longer lists."""
+    conf = IPAMConf.parse(args.config)
+    valid = {cid for cid, _ in gc_valid_attachments(args.config)}
+    with cni_errors(), _client(conf) as client:
+        ipam = IPAM(client)
+        for name, handle in ipam.handles().items():
+            if handle.attrs.get("network") != conf.network:
+                continue
+            if handle.attrs.get("containerID") not in valid:
+                released = ipam.release_handle(name)
+                log.info("GC released %s of %s", ", ".join(map(str, released)), name)
