@@ -1,0 +1,36 @@
+"""Shared fixtures: one real etcd with mutual TLS for the whole session (see netlab.etcd)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# netlab is not in the editable install's package list; the checkout itself must be importable.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from netlab.etcd import ETCD, EtcdServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """A running etcd (mutual TLS, free ports, temporary directory) shared by the session."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: lab tests run a real etcd and network namespaces")
+    if not ETCD.exists():
+        pytest.skip(f"{ETCD} is missing: install etcd-server (scripts/install-deps.sh)")
+    # Exit order: etcd stops first, then its directory goes, even when the session failed.
+    with tempfile.TemporaryDirectory(prefix="tortie-etcd-") as work, EtcdServer(Path(work)) as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_env(etcd_server: EtcdServer) -> dict[str, str]:
+    """ETCD_ENDPOINTS, ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE for the session's etcd."""
+    return etcd_server.env()
