@@ -20,7 +20,7 @@ from cni_plugins.errors import CNIError
 from cni_plugins.result import IPConfig, Result, Route, parse_prev_result
 from cni_plugins.skel import CmdArgs, gc_valid_attachments, requested_ips
 from datastore.config import EtcdConfig
-from datastore.errors import ConfigError, DatastoreUnavailable, ValidationError
+from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable, ValidationError
 from datastore.etcd import EtcdClient
 from ipam import errors as ipam_errors
 from ipam.allocator import IPAM, Assigned, AssignRequest
@@ -34,6 +34,7 @@ class IPAMConf:
     """The ``ipam`` section of a network configuration, validated."""
 
     network: str
+    plugin_type: str  # the plugin that delegated to us ("tortie", "ptp", "bridge", ...)
     node: str
     assign_ipv4: bool
     assign_ipv6: bool
@@ -52,6 +53,7 @@ class IPAMConf:
             raise _bad("nodename", "a string", node)
         conf = cls(
             network=str(config["name"]),
+            plugin_type=str(config.get("type", "")),
             node=node,
             assign_ipv4=_flag(ipam, "assign_ipv4", True),
             assign_ipv6=_flag(ipam, "assign_ipv6", False),
@@ -118,6 +120,8 @@ def cni_errors() -> Iterator[None]:
     """Datastore and IPAM failures → the CNI error a runtime understands (the one mapping)."""
     try:
         yield
+    except DatastoreRefused as e:
+        raise CNIError(codes.INVALID_CONFIG, "datastore refused the connection", str(e)) from None
     except DatastoreUnavailable as e:
         raise CNIError(codes.TRY_AGAIN_LATER, "datastore unreachable", str(e)) from None
     except ipam_errors.TooManyConflicts as e:
@@ -138,13 +142,20 @@ def _client(conf: IPAMConf) -> EtcdClient:
     return EtcdClient(conf.etcd)
 
 
-def host_prefix(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """Tortie routes every workload address on its own: /32 and /128, as Calico does."""
-    return f"{address}/{address.max_prefixlen}"
+# What another plugin (ptp, bridge) is given as the gateway: the host side answers for it.
+FOREIGN_GATEWAY = {4: "169.254.1.1", 6: "fe80::1"}
 
 
-def to_result(assigned: list[Assigned], conf: IPAMConf) -> Result:
-    ips = [IPConfig(address=host_prefix(a.address)) for a in assigned]
+def to_result(assigned: list[Assigned], conf: IPAMConf, pools: Mapping[str, int]) -> Result:
+    """The IPAM result. ``tortie`` routes every address on its own (/32, /128, Calico's way).
+    Other plugins expect an on-link subnet and a gateway: they get the pool's prefix length (so
+    workloads of the pool are on-link to each other on a bridge) and a link-local gateway (which
+    ptp puts on the host side of each veth)."""
+    if conf.plugin_type == "tortie":
+        ips = [IPConfig(address=f"{a.address}/{a.address.max_prefixlen}") for a in assigned]
+    else:
+        ips = [IPConfig(address=f"{a.address}/{pools.get(a.pool, a.block.prefixlen)}",
+                        gateway=FOREIGN_GATEWAY[a.address.version]) for a in assigned]
     return Result(ips=ips, routes=list(conf.routes))
 
 
@@ -166,9 +177,11 @@ def add(args: CmdArgs) -> Result:
         attrs=attrs,
     )
     with cni_errors(), _client(conf) as client:
-        assigned = IPAM(client).assign(request)
+        ipam = IPAM(client)
+        assigned = ipam.assign(request)
+        prefixes = {p.name: p.cidr.prefixlen for p in ipam.pools()} if conf.plugin_type != "tortie" else {}
     log.info("assigned %s to %s", ", ".join(str(a.address) for a in assigned), request.handle)
-    return to_result(assigned, conf)
+    return to_result(assigned, conf, prefixes)
 
 
 def delete(args: CmdArgs) -> None:

@@ -72,8 +72,8 @@ class EtcdConfig:
     cert_file: str | None = None
     key_file: str | None = None
     # Deadline of one call, and how long transient failures are retried before giving up.
-    call_timeout: float = 2.0
-    retry_budget: float = 3.0
+    call_timeout: float = 3.0
+    retry_budget: float = 4.0
 
     @classmethod
     def from_values(cls, values: Mapping[str, str | None], **timing: float) -> EtcdConfig:

@@ -19,6 +19,13 @@ class DatastoreUnavailable(DatastoreError):
         super().__init__(f"etcd at {endpoint} is unreachable: {cause}")
 
 
+class DatastoreRefused(DatastoreUnavailable):
+    """etcd is there but the TLS handshake failed: a wrong, missing or untrusted certificate.
+
+    Not transient: the connection settings must change (CNI code 7, not 11).
+    """
+
+
 class Conflict(DatastoreError):
     """A compare-and-swap lost: the key changed (or appeared, or vanished) since it was read."""
 

@@ -31,7 +31,7 @@ import grpc  # noqa: E402
 from pyetcd.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 from datastore.config import Endpoint, EtcdConfig
-from datastore.errors import AlreadyExists, ConfigError, Conflict, DatastoreUnavailable
+from datastore.errors import AlreadyExists, ConfigError, Conflict, DatastoreRefused, DatastoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,9 @@ def prefix_end(prefix: str) -> bytes:
     return b"\0"
 
 
-_TLS_SIGNS = ("handshake", "certificate", "ssl", "tls", "tsi_", "unwrap failed")
+# What gRPC's messages say when the TLS handshake itself failed. ("tcp handshaker shutdown" is
+# not one of them: it is a connection attempt cut short by the deadline.)
+_TLS_SIGNS = ("handshake failed", "certificate", "ssl", "tls", "tsi_", "unwrap failed")
 
 
 def _is_tls_failure(err: grpc.RpcError) -> bool:
@@ -229,7 +231,7 @@ class EtcdClient:
             except grpc.RpcError as err:
                 code = err.code()
                 if _is_tls_failure(err):
-                    raise DatastoreUnavailable(str(endpoint), _describe(err)) from None
+                    raise DatastoreRefused(str(endpoint), _describe(err)) from None
                 if code not in _TRANSIENT:
                     raise DatastoreUnavailable(str(endpoint), f"{what} failed: {_describe(err)}") from None
                 if time.monotonic() + delay >= deadline:

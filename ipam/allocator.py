@@ -13,7 +13,6 @@ by a crash); then, unless the pool has ``strictAffinity``, borrow from another n
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
@@ -166,16 +165,24 @@ class IPAM:
                     return existing
             try:
                 changed: dict[Network, tuple[Block, int]] = {}
+                # Blocks to create before the plan can complete. Claims wait until every family
+                # has been planned, so a request that fails (a v6 pool exhausted after a v4
+                # block was needed) leaves the datastore as it found it.
+                claims: list[tuple[Network, str | None]] = []
                 results: list[Assigned] = []
                 attrs = {"node": req.node, "timestamp": str(int(self.clock())), **req.attrs}
                 specific: dict[int, list[Address]] = {4: [a for a in req.addresses if a.version == 4],
                             6: [a for a in req.addresses if a.version == 6]}
                 for version, count, requested in ((4, req.num_v4, req.pools_v4), (6, req.num_v6, req.pools_v6)):
                     if specific[version]:
-                        results += self._plan_specific(specific[version], req, snap, changed, attrs)
+                        results += self._plan_specific(specific[version], req, snap, changed, attrs, claims)
                     elif count:
                         pools = select_pools(snap.pools, version, requested, req.node, snap.node_labels)
-                        results += self._plan_auto(version, count, pools, req, snap, changed, attrs)
+                        results += self._plan_auto(version, count, pools, req, snap, changed, attrs, claims)
+                if claims:
+                    for cidr, owner in claims:
+                        self._claim(cidr, owner)
+                    raise _Retry(f"claimed {', '.join(str(c) for c, _ in claims)}")
                 self._commit(req, snap, changed, results)
                 log.debug("assigned %s to %s", [str(r.address) for r in results], req.handle)
                 return results
@@ -193,7 +200,8 @@ class IPAM:
         return out
 
     def _plan_auto(self, version: int, count: int, pools: list[Pool], req: AssignRequest, snap: _Snapshot,
-                   changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str]) -> list[Assigned]:
+                   changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str],
+                   claims: list[tuple[Network, str | None]]) -> list[Assigned]:
         results: list[Assigned] = []
         # 1. this node's own blocks, in pool preference order
         for pool in pools:
@@ -213,8 +221,8 @@ class IPAM:
             for pool in pools:
                 free = self._free_block(pool, req.node, existing)
                 if free is not None:
-                    self._claim(free, req.node)
-                    raise _Retry(f"claimed {free}")
+                    claims.append((free, req.node))
+                    return []
         # 3. borrow from other nodes' blocks, where the pool allows it
         borrowable = [p for p in pools if not p.strict_affinity]
         if borrowable:
@@ -239,17 +247,18 @@ class IPAM:
                 return cidr
         return None
 
-    def _claim(self, cidr: Network, node: str) -> None:
-        """Create the block and the node's affinity for it in one transaction."""
-        affinity = json.dumps({"state": "confirmed", "claimedAt": int(self.clock())}).encode()
+    def _claim(self, cidr: Network, node: str | None) -> None:
+        """Create the block and the node's affinity for it in one transaction (no owner: just
+        the block)."""
+        ops: list[Op] = [Create(keys.block_key(cidr), Block.empty(cidr, node).to_json())]
+        if node is not None:
+            affinity = json.dumps({"state": "confirmed", "claimedAt": int(self.clock())}).encode()
+            ops.append(Create(keys.affinity_key(node, cidr), affinity))
         try:
-            self.client.commit([
-                Create(keys.block_key(cidr), Block.empty(cidr, node).to_json()),
-                Create(keys.affinity_key(node, cidr), affinity),
-            ])
-            log.info("node %s claimed block %s", node, cidr)
+            self.client.commit(ops)
+            log.info("block %s created for %s", cidr, node or "no node")
         except Conflict:
-            log.debug("block %s was claimed by someone else first", cidr)
+            log.debug("block %s was created by someone else first", cidr)
 
     def _plan_borrow(self, version: int, count: int, pools: list[Pool], req: AssignRequest,
                      changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str]) -> list[Assigned]:
@@ -271,7 +280,8 @@ class IPAM:
         return results
 
     def _plan_specific(self, addresses: list[Address], req: AssignRequest, snap: _Snapshot,
-                       changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str]) -> list[Assigned]:
+                       changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str],
+                       claims: list[tuple[Network, str | None]]) -> list[Assigned]:
         results = []
         for address in addresses:
             pool = pool_for_address(snap.pools, address)
@@ -282,12 +292,10 @@ class IPAM:
             if current is None:
                 kv = self.client.get(keys.block_key(cidr))
                 if kv is None:
+                    # The node owns the new block, unless it may own no more: then nobody does.
                     own = sum(1 for c in snap.blocks if c.version == address.version)
-                    if not snap.max_blocks or own < snap.max_blocks:
-                        self._claim(cidr, req.node)
-                    else:  # the node may own no more blocks: create the block without an owner
-                        self._create_unowned(cidr)
-                    raise _Retry(f"created block {cidr} for {address}")
+                    claims.append((cidr, req.node if not snap.max_blocks or own < snap.max_blocks else None))
+                    continue
                 current = (Block.from_json(kv.value), kv.mod_revision)
             block, rev = current
             holder = block.allocation_of(address)
@@ -297,10 +305,6 @@ class IPAM:
             changed[cidr] = (block, rev)
             results.append(Assigned(address, cidr, pool.name, borrowed=block.node != req.node))
         return results
-
-    def _create_unowned(self, cidr: Network) -> None:
-        with contextlib.suppress(Conflict):
-            self.client.create(keys.block_key(cidr), Block.empty(cidr, None).to_json())
 
     def _commit(self, req: AssignRequest, snap: _Snapshot, changed: dict[Network, tuple[Block, int]],
                 results: list[Assigned]) -> None:

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# netlab is not in the editable install's package list; the checkout itself must be importable.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from netlab.etcd import ETCD, EtcdServer  # noqa: E402
+from datastore.config import EtcdConfig
+from datastore.etcd import EtcdClient
+from netlab.etcd import ETCD, EtcdServer
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +30,15 @@ def etcd_server() -> Iterator[EtcdServer]:
 def etcd_env(etcd_server: EtcdServer) -> dict[str, str]:
     """ETCD_ENDPOINTS, ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE for the session's etcd."""
     return etcd_server.env()
+
+
+@pytest.fixture
+def etcd_client(etcd_server: EtcdServer) -> Iterator[EtcdClient]:
+    """A client of the session's etcd with an empty ``/tortie/`` key space, emptied again after."""
+    client = EtcdClient(EtcdConfig.from_env(etcd_server.env()))
+    client.delete_prefix("/tortie/")
+    try:
+        yield client
+    finally:
+        client.delete_prefix("/tortie/")
+        client.close()

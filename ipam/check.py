@@ -1,0 +1,328 @@
+"""IPAM consistency: what ``netctl ipam show | check | gc`` report and repair.
+
+:func:`scan` reads the whole IPAM state (blocks, affinities, handles) in ONE etcd range read, so
+the snapshot is consistent: every IPAM write is a single transaction, so a mismatch seen in it is
+real damage, not a write caught half-way. Pools and nodes are read after it, so a node or pool that
+existed before a block was claimed for it is always seen. :func:`analyse` and :func:`plan_gc` are
+pure functions of that snapshot; :func:`collect` performs a plan with compare-and-swap writes that
+leave alone anything that changed since the scan (Calico's sequence numbers for addresses, the
+revision read for handles and affinities).
+
+Must not touch the kernel, and must not decide anything from workload endpoints: a handle record
+is what says an address is owned.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from datastore import keys
+from datastore.errors import Conflict
+from datastore.etcd import Delete, EtcdClient, Unchanged
+from datastore.resources import Node
+from ipam.allocator import IPAM, Handle
+from ipam.block import Address, Block, Network
+from ipam.pools import Pool
+
+log = logging.getLogger(__name__)
+
+# Problem kinds, as printed by `netctl ipam check` and found in its JSON.
+LEAKED_ADDRESS = "leaked-address"  # an allocation whose handle record is gone
+HANDLE_WITHOUT_ADDRESSES = "handle-without-addresses"  # a handle counts addresses its blocks lack
+UNINDEXED_ADDRESS = "unindexed-address"  # a block holds addresses its handle record does not count
+UNKNOWN_NODE = "unknown-node"  # an affinity for a node with no Node resource
+BLOCK_OUTSIDE_POOLS = "block-outside-pools"
+AFFINITY_WITHOUT_BLOCK = "affinity-without-block"
+BLOCK_WITHOUT_AFFINITY = "block-without-affinity"  # a block owned by a node that has no affinity key
+INVALID_RECORD = "invalid-record"  # a key whose value cannot be decoded
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    description: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "description": self.description}
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    name: str
+    cidr: Network
+    total: int  # the pool's size
+    in_use: int  # allocations in blocks within the pool
+
+    @property
+    def free(self) -> int:
+        return self.total - self.in_use
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "cidr": str(self.cidr), "total": self.total, "inUse": self.in_use,
+                "free": self.free}
+
+
+@dataclass(frozen=True)
+class BlockUsage:
+    cidr: Network
+    pool: str  # "" when the block lies outside every pool
+    affinity: str | None  # "host:<node>", or None when no node owns the block
+    total: int
+    in_use: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.in_use
+
+    def to_dict(self) -> dict[str, object]:
+        return {"cidr": str(self.cidr), "pool": self.pool, "affinity": self.affinity, "total": self.total,
+                "inUse": self.in_use, "free": self.free}
+
+
+@dataclass(frozen=True)
+class Report:
+    problems: list[Problem]
+    pools: list[PoolUsage]
+    blocks: list[BlockUsage]
+    revision: int  # the etcd revision the IPAM state was read at
+
+
+@dataclass
+class Snapshot:
+    """The IPAM state at one revision (plus the pools and nodes read right after it)."""
+
+    revision: int
+    blocks: dict[Network, tuple[Block, int]] = field(default_factory=dict)  # → (block, mod revision)
+    handles: dict[str, tuple[Handle, int]] = field(default_factory=dict)
+    affinities: dict[tuple[str, Network], int] = field(default_factory=dict)  # (node, block) → mod rev
+    invalid: list[Problem] = field(default_factory=list)
+    unreadable: set[str] = field(default_factory=set)  # keys whose value cannot be decoded
+    pools: list[Pool] = field(default_factory=list)
+    nodes: set[str] = field(default_factory=set)
+
+    def handle_exists(self, name: str) -> bool:
+        """A handle that cannot be read still owns its addresses: damage is not a licence to free them."""
+        return name in self.handles or keys.handle_key(name) in self.unreadable
+
+    def block_exists(self, cidr: Network) -> bool:
+        return cidr in self.blocks or keys.block_key(cidr) in self.unreadable
+
+
+def scan(client: EtcdClient) -> Snapshot:
+    kvs, revision = client.list(keys.IPAM)
+    snap = Snapshot(revision)
+    for kv in kvs:
+        try:
+            if kv.key.startswith(keys.BLOCKS):
+                block = Block.from_json(kv.value)
+                snap.blocks[block.cidr] = (block, kv.mod_revision)
+            elif kv.key.startswith(keys.HANDLES):
+                snap.handles[kv.key[len(keys.HANDLES):]] = (Handle.from_json(kv.value), kv.mod_revision)
+            elif kv.key.startswith(keys.AFFINITIES):
+                node, family, marker, _ = kv.key[len(keys.AFFINITIES):].split("/")
+                if family not in ("ipv4", "ipv6") or marker != "block":
+                    raise ValueError("not an affinity key")
+                snap.affinities[(node, keys.cidr_from_key(kv.key))] = kv.mod_revision
+        except (ValueError, KeyError, TypeError) as e:
+            snap.invalid.append(Problem(INVALID_RECORD, f"{kv.key} cannot be decoded: {e}"))
+            snap.unreadable.add(kv.key)
+    snap.pools = IPAM(client).pools()
+    node_kvs, _ = client.list(keys.resource_prefix(Node.PLURAL), keys_only=True)
+    snap.nodes = {kv.key.rsplit("/", 1)[1] for kv in node_kvs}
+    return snap
+
+
+def _pool_of(pools: list[Pool], cidr: Network) -> Pool | None:
+    for pool in pools:
+        if pool.version == cidr.version and cidr.subnet_of(pool.cidr):  # type: ignore[arg-type]
+            return pool
+    return None
+
+
+def analyse(snap: Snapshot) -> Report:
+    """Every inconsistency in ``snap``, and the usage of each pool and block."""
+    problems = list(snap.invalid)
+    held: dict[tuple[str, str], int] = {}  # (handle, block) → addresses the block holds for it
+    for cidr, (block, _) in sorted(snap.blocks.items(), key=_by_cidr):
+        for ordinal, a in sorted(block.allocations.items()):
+            held[(a.handle, str(cidr))] = held.get((a.handle, str(cidr)), 0) + 1
+            if not snap.handle_exists(a.handle):
+                problems.append(Problem(LEAKED_ADDRESS, f"{block.address(ordinal)} in block {cidr} belongs to "
+                                                        f"handle {a.handle}, which does not exist"))
+        if _pool_of(snap.pools, cidr) is None:
+            problems.append(Problem(BLOCK_OUTSIDE_POOLS, f"block {cidr} lies outside every IP pool"))
+        if block.node is not None and (block.node, cidr) not in snap.affinities:
+            problems.append(Problem(BLOCK_WITHOUT_AFFINITY, f"block {cidr} belongs to node {block.node}, "
+                                                            "which has no affinity record for it"))
+    for name, (handle, _) in sorted(snap.handles.items()):
+        if not handle.blocks:
+            problems.append(Problem(HANDLE_WITHOUT_ADDRESSES, f"handle {name} holds no addresses"))
+        for block_cidr, count in sorted(handle.blocks.items()):
+            block_net = _parse(block_cidr)
+            if block_net is not None and keys.block_key(block_net) in snap.unreadable:
+                continue
+            if block_net not in snap.blocks:
+                problems.append(Problem(HANDLE_WITHOUT_ADDRESSES, f"handle {name} counts {count} address(es) "
+                                                                  f"in block {block_cidr}, which does not exist"))
+            elif held.get((name, block_cidr), 0) < count:
+                problems.append(Problem(HANDLE_WITHOUT_ADDRESSES, f"handle {name} counts {count} address(es) in "
+                                        f"block {block_cidr}, which holds {held.get((name, block_cidr), 0)}"))
+    for (name, block_cidr), count in sorted(held.items()):
+        if name in snap.handles and snap.handles[name][0].blocks.get(block_cidr, 0) < count:
+            problems.append(Problem(UNINDEXED_ADDRESS, f"block {block_cidr} holds {count} address(es) of handle "
+                                    f"{name}, more than its handle record counts"))
+    for (node, cidr), _ in sorted(snap.affinities.items(), key=_by_affinity):
+        if not snap.block_exists(cidr):
+            problems.append(Problem(AFFINITY_WITHOUT_BLOCK, f"node {node} has an affinity for block {cidr}, "
+                                                            "which does not exist"))
+        if node not in snap.nodes:
+            problems.append(Problem(UNKNOWN_NODE, f"block {cidr} is affine to node {node}, which does not exist"))
+    return Report(problems, _pool_usage(snap), _block_usage(snap), snap.revision)
+
+
+def _pool_usage(snap: Snapshot) -> list[PoolUsage]:
+    out = []
+    for pool in sorted(snap.pools, key=lambda p: (p.version, p.name)):
+        in_use = sum(len(b.allocations) for c, (b, _) in snap.blocks.items() if _pool_of([pool], c))
+        out.append(PoolUsage(pool.name, pool.cidr, pool.cidr.num_addresses, in_use))
+    return out
+
+
+def _block_usage(snap: Snapshot) -> list[BlockUsage]:
+    out = []
+    for cidr, (block, _) in sorted(snap.blocks.items(), key=_by_cidr):
+        pool = _pool_of(snap.pools, cidr)
+        out.append(BlockUsage(cidr, pool.name if pool else "", block.affinity, block.size, len(block.allocations)))
+    return out
+
+
+def check(client: EtcdClient) -> Report:
+    return analyse(scan(client))
+
+
+# ---- garbage collection ----------------------------------------------------------------------
+
+
+@dataclass
+class GCPlan:
+    """What a collection would do, decided from one snapshot."""
+
+    # leaked addresses → the sequence number read, so a re-allocated address is left alone
+    addresses: dict[Address, int] = field(default_factory=dict)
+    owners: dict[Address, str] = field(default_factory=dict)  # leaked address → its (gone) handle
+    handles: dict[str, int] = field(default_factory=dict)  # empty handle → revision read
+    affinities: dict[tuple[str, Network], int] = field(default_factory=dict)  # blockless → revision read
+    waiting: int = 0  # leaked addresses still within the grace period
+
+
+@dataclass
+class GCResult:
+    released: list[tuple[Address, str]] = field(default_factory=list)  # (address, handle it was leaked by)
+    deleted_handles: list[str] = field(default_factory=list)
+    deleted_affinities: list[tuple[str, Network]] = field(default_factory=list)
+    waiting: int = 0  # leaked addresses not released: within the grace period, or changed since the scan
+
+
+def plan_gc(snap: Snapshot, grace_seconds: float, now: float) -> GCPlan:
+    """Leaked addresses older than the grace period, empty handles and blockless affinities.
+
+    All-or-none per handle (as Calico): a leaked handle whose youngest address is still within the
+    grace period keeps all its addresses until the next run. An allocation without a timestamp is
+    taken to be old.
+    """
+    plan = GCPlan()
+    leaked: dict[str, list[tuple[Address, int, float]]] = {}
+    for block, _ in snap.blocks.values():
+        for ordinal, a in block.allocations.items():
+            if not snap.handle_exists(a.handle):
+                leaked.setdefault(a.handle, []).append((block.address(ordinal), a.sequence,
+                                                        _timestamp(a.attrs.get("timestamp"))))
+    for handle, found in leaked.items():
+        if any(now - stamp < grace_seconds for _, _, stamp in found):
+            plan.waiting += len(found)
+            continue
+        for address, sequence, _ in found:
+            plan.addresses[address] = sequence
+            plan.owners[address] = handle
+    held = {a.handle for block, _ in snap.blocks.values() for a in block.allocations.values()}
+    for name, (_, revision) in snap.handles.items():
+        if name not in held:
+            plan.handles[name] = revision
+    for affinity, revision in snap.affinities.items():
+        if not snap.block_exists(affinity[1]):
+            plan.affinities[affinity] = revision
+    return plan
+
+
+def _timestamp(value: str | None) -> float:
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
+def collect(client: EtcdClient, plan: GCPlan) -> GCResult:
+    """Perform ``plan``; whatever changed since it was made is left alone."""
+    result = GCResult(waiting=plan.waiting)
+    # Re-validate just before releasing: a handle re-created since the scan owns its addresses again.
+    handle_keys = sorted({keys.handle_key(h) for h in plan.owners.values()})
+    recreated = {kv.key[len(keys.HANDLES):] for kv in client.get_many(handle_keys).values()}
+    addresses = [a for a in sorted(plan.addresses, key=_by_address) if plan.owners[a] not in recreated]
+    if addresses:
+        freed = IPAM(client).release_addresses(addresses, expected_sequence=plan.addresses)
+        result.released = [(a, plan.owners[a]) for a in sorted(freed, key=_by_address)]
+        for address, handle in result.released:
+            log.info("released leaked address %s (handle %s)", address, handle)
+    result.waiting += len(plan.addresses) - len(result.released)
+    for name, revision in sorted(plan.handles.items()):
+        try:
+            client.commit([Delete(keys.handle_key(name), revision)])
+        except Conflict:
+            log.info("handle %s changed since the scan; left alone", name)
+            continue
+        result.deleted_handles.append(name)
+        log.info("deleted handle %s, which held no addresses", name)
+    for (node, cidr), revision in sorted(plan.affinities.items(), key=_by_affinity):
+        try:
+            # Only while the block is still absent: a claim writes both together.
+            client.commit([Delete(keys.affinity_key(node, cidr), revision), Unchanged(keys.block_key(cidr), 0)])
+        except Conflict:
+            log.info("affinity of %s for %s changed since the scan; left alone", node, cidr)
+            continue
+        result.deleted_affinities.append((node, cidr))
+        log.info("deleted node %s's affinity for missing block %s", node, cidr)
+    return result
+
+
+def gc(client: EtcdClient, grace_seconds: float, clock: Callable[[], float] = time.time) -> GCResult:
+    """Release leaked addresses older than ``grace_seconds`` and delete empty handle records."""
+    return collect(client, plan_gc(scan(client), grace_seconds, clock()))
+
+
+def _parse(cidr: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(cidr)
+    except ValueError:
+        return None
+
+
+def _cidr_order(cidr: Network) -> tuple[int, int, int]:
+    return cidr.version, int(cidr.network_address), cidr.prefixlen
+
+
+def _by_cidr(item: tuple[Network, object]) -> tuple[int, int, int]:
+    return _cidr_order(item[0])
+
+
+def _by_affinity(item: tuple[tuple[str, Network], object]) -> tuple[str, tuple[int, int, int]]:
+    (node, cidr), _ = item
+    return node, _cidr_order(cidr)
+
+
+def _by_address(address: Address) -> tuple[int, int]:
+    return address.version, int(address)
+
