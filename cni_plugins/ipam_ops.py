@@ -11,11 +11,13 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cni_plugins import errors as codes
+from cni_plugins.datastores import ONE_SHOT, Datastores
 from cni_plugins.errors import CNIError
 from cni_plugins.result import IPConfig, Result, Route, parse_prev_result
 from cni_plugins.skel import CmdArgs, gc_valid_attachments, requested_ips
@@ -138,8 +140,8 @@ def cni_errors() -> Iterator[None]:
         raise CNIError(codes.INVALID_CONFIG, "invalid configuration", str(e)) from None
 
 
-def _client(conf: IPAMConf) -> EtcdClient:
-    return EtcdClient(conf.etcd)
+def _client(conf: IPAMConf, stores: Datastores) -> contextlib.AbstractContextManager[EtcdClient]:
+    return stores.client(conf.etcd)
 
 
 # What another plugin (ptp, bridge) is given as the gateway: the host side answers for it.
@@ -159,10 +161,11 @@ def to_result(assigned: list[Assigned], conf: IPAMConf, pools: Mapping[str, int]
     return Result(ips=ips, routes=list(conf.routes))
 
 
-def add(args: CmdArgs) -> Result:
+def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     conf = IPAMConf.parse(args.config)
     wanted = [ipaddress.ip_interface(ip).ip for ip in requested_ips(args)]
-    attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname}
+    attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname,
+             "plugin": conf.plugin_type, "timestamp": str(int(time.time()))}
     for key, attr in (("K8S_POD_NAME", "pod"), ("K8S_POD_NAMESPACE", "namespace")):
         if args.cni_args.get(key):
             attrs[attr] = args.cni_args[key]
@@ -176,7 +179,7 @@ def add(args: CmdArgs) -> Result:
         addresses=wanted,
         attrs=attrs,
     )
-    with cni_errors(), _client(conf) as client:
+    with cni_errors(), _client(conf, stores) as client:
         ipam = IPAM(client)
         assigned = ipam.assign(request)
         prefixes = {p.name: p.cidr.prefixlen for p in ipam.pools()} if conf.plugin_type != "tortie" else {}
@@ -184,16 +187,16 @@ def add(args: CmdArgs) -> Result:
     return to_result(assigned, conf, prefixes)
 
 
-def delete(args: CmdArgs) -> None:
+def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     conf = IPAMConf.parse(args.config)
-    with cni_errors(), _client(conf) as client:
+    with cni_errors(), _client(conf, stores) as client:
         released = IPAM(client).release_handle(conf.handle(args.container_id))
     log.info("released %s of %s", ", ".join(map(str, released)) or "nothing", conf.handle(args.container_id))
 
 
-def check(args: CmdArgs) -> None:
+def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     conf = IPAMConf.parse(args.config)
-    with cni_errors(), _client(conf) as client:
+    with cni_errors(), _client(conf, stores) as client:
         held = {str(a) for a in IPAM(client).handle_addresses(conf.handle(args.container_id))}
     if not held:
         raise CNIError(
@@ -212,10 +215,10 @@ def check(args: CmdArgs) -> None:
             )
 
 
-def status(args: CmdArgs) -> None:
+def status(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     conf = IPAMConf.parse(args.config)
     try:
-        with _client(conf) as client:
+        with _client(conf, stores) as client:
             ipam = IPAM(client)
             pools = ipam.pools()
             labels = ipam.node_labels(conf.node)
@@ -231,11 +234,11 @@ def status(args: CmdArgs) -> None:
         raise CNIError(codes.STATUS_UNAVAILABLE, "no usable IP pool", str(e)) from None
 
 
-def gc(args: CmdArgs) -> None:
+def gc(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     """Release this network's reservations whose attachment the runtime no longer lists."""
     conf = IPAMConf.parse(args.config)
     valid = {cid for cid, _ in gc_valid_attachments(args.config)}
-    with cni_errors(), _client(conf) as client:
+    with cni_errors(), _client(conf, stores) as client:
         ipam = IPAM(client)
         for name, handle in ipam.handles().items():
             if handle.attrs.get("network") != conf.network:

@@ -1,0 +1,38 @@
+"""etcd clients for CNI work: opened per call in-process, kept open (warm) by the agent."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from datastore.config import EtcdConfig
+from datastore.etcd import EtcdClient
+
+
+class Datastores:
+    def __init__(self, *, keep_open: bool) -> None:
+        self.keep_open = keep_open
+        self._clients: dict[EtcdConfig, EtcdClient] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def client(self, config: EtcdConfig) -> Iterator[EtcdClient]:
+        if not self.keep_open:
+            with EtcdClient(config) as client:
+                yield client
+            return
+        with self._lock:
+            if config not in self._clients:
+                self._clients[config] = EtcdClient(config)
+            warm = self._clients[config]
+        yield warm
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
+ONE_SHOT = Datastores(keep_open=False)
