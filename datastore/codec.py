@@ -10,9 +10,6 @@ from datastore.errors import ValidationError
 from datastore.model import ACCEPTED_API_VERSIONS, Metadata, Resource, decode_fields, encode_fields
 from datastore.resources import check_metadata_name, kind_named, validate_labels
 
-# Set by the store, never by the user: ignored on input so `get -o yaml | apply -f -` round-trips.
-_SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp")
-
 
 def decode(doc: Any, where: str = "document") -> Resource:
     """One parsed document → a validated :class:`Resource`."""
@@ -29,9 +26,9 @@ def decode(doc: Any, where: str = "document") -> Resource:
     if unknown:
         raise ValidationError(f"{where}: unknown top-level field {unknown[0]!r}")
     meta_doc = dict(doc.get("metadata") or {})
+    # resourceVersion is the key's revision, never stored; uid and creationTimestamp are read
+    # back from the store, and on writes the store's own values replace whatever a document says.
     resource_version = str(meta_doc.pop("resourceVersion", "") or "")
-    for server_field in _SERVER_FIELDS[1:]:
-        meta_doc.pop(server_field, None)
     metadata = decode_fields(Metadata, meta_doc, "metadata")
     metadata.resource_version = resource_version
     check_metadata_name(kind, metadata.name)

@@ -253,7 +253,11 @@ class IPAM:
         ops: list[Op] = [Create(keys.block_key(cidr), Block.empty(cidr, node).to_json())]
         if node is not None:
             affinity = json.dumps({"state": "confirmed", "claimedAt": int(self.clock())}).encode()
-            ops.append(Create(keys.affinity_key(node, cidr), affinity))
+            stale = self.client.get(keys.affinity_key(node, cidr))
+            # An affinity whose block is missing (written by hand, or by an older claim scheme)
+            # is simply re-confirmed together with the block it should have had.
+            ops.append(Create(keys.affinity_key(node, cidr), affinity) if stale is None
+                       else Update(stale.key, affinity, stale.mod_revision))
         try:
             self.client.commit(ops)
             log.info("block %s created for %s", cidr, node or "no node")
@@ -324,11 +328,12 @@ class IPAM:
         self.sleep(random.uniform(0, min(0.05, 0.001 * (2 ** min(attempt, 6)))))
 
     # ---- releasing -----------------------------------------------------------------------------
-    def release_handle(self, handle: str) -> list[Address]:
-        """Free every address of an attachment and delete its handle; [] if it is already gone."""
+    def release_handle(self, handle: str, *, expected_revision: int = 0) -> list[Address]:
+        """Free every address of an attachment and delete its handle; [] if it is already gone
+        (or, with ``expected_revision``, if the handle changed since it was read at that revision)."""
         for attempt in range(self.max_retries):
             hkv = self.client.get(keys.handle_key(handle))
-            if hkv is None:
+            if hkv is None or (expected_revision and hkv.mod_revision != expected_revision):
                 return []
             record = Handle.from_json(hkv.value)
             block_kvs = self.client.get_many([keys.block_key(ipaddress.ip_network(c)) for c in record.blocks])
@@ -348,9 +353,12 @@ class IPAM:
         raise TooManyConflicts(f"gave up releasing {handle} after {self.max_retries} conflicts")
 
     def release_addresses(self, addresses: Sequence[Address],
-                          expected_sequence: Mapping[Address, int] | None = None) -> list[Address]:
+                          expected_sequence: Mapping[Address, int] | None = None,
+                          *, orphaned: bool = False) -> list[Address]:
         """Free specific addresses (and shrink their handles). With ``expected_sequence``, an
         address re-allocated since it was read (its sequence number moved) is left alone.
+        ``orphaned`` says their handles were gone when they were read: a handle of the same name
+        that exists now is a new attachment's, and is not shrunk for addresses it never held.
         Returns what was actually freed."""
         for attempt in range(self.max_retries):
             by_block: dict[str, list[Address]] = {}
@@ -383,7 +391,8 @@ class IPAM:
                     shrink[(h, str(block.cidr))] = n
             if not ops:
                 return []
-            ops += self._shrink_handles(shrink)
+            if not orphaned:
+                ops += self._shrink_handles(shrink)
             try:
                 self.client.commit(ops)
                 return freed

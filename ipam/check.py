@@ -14,7 +14,9 @@ is what says an address is owned.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from datastore import keys
 from datastore.errors import Conflict
 from datastore.etcd import Delete, EtcdClient, Unchanged
-from datastore.resources import Node
+from datastore.resources import Node, WorkloadEndpoint
 from ipam.allocator import IPAM, Handle
 from ipam.block import Address, Block, Network
 from ipam.pools import Pool
@@ -39,6 +41,9 @@ BLOCK_OUTSIDE_POOLS = "block-outside-pools"
 AFFINITY_WITHOUT_BLOCK = "affinity-without-block"
 BLOCK_WITHOUT_AFFINITY = "block-without-affinity"  # a block owned by a node that has no affinity key
 INVALID_RECORD = "invalid-record"  # a key whose value cannot be decoded
+# an attachment made by the tortie plugin whose WorkloadEndpoint is gone (a crashed ADD, a lost DEL)
+ENDPOINTLESS_HANDLE = "handle-without-endpoint"
+TORTIE_PLUGIN = "tortie"
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,13 @@ class Snapshot:
     unreadable: set[str] = field(default_factory=set)  # keys whose value cannot be decoded
     pools: list[Pool] = field(default_factory=list)
     nodes: set[str] = field(default_factory=set)
+    endpoints: set[tuple[str, str]] = field(default_factory=set)  # (network, containerID) of every endpoint
+
+    def endpointless(self) -> dict[str, tuple[Handle, int]]:
+        """Handles of the tortie plugin's attachments that have no WorkloadEndpoint."""
+        return {name: (h, rev) for name, (h, rev) in self.handles.items()
+                if h.attrs.get("plugin") == TORTIE_PLUGIN
+                and (h.attrs.get("network", ""), h.attrs.get("containerID", "")) not in self.endpoints}
 
     def handle_exists(self, name: str) -> bool:
         """A handle that cannot be read still owns its addresses: damage is not a licence to free them."""
@@ -133,7 +145,18 @@ def scan(client: EtcdClient) -> Snapshot:
     snap.pools = IPAM(client).pools()
     node_kvs, _ = client.list(keys.resource_prefix(Node.PLURAL), keys_only=True)
     snap.nodes = {kv.key.rsplit("/", 1)[1] for kv in node_kvs}
+    snap.endpoints = endpoint_attachments(client)
     return snap
+
+
+def endpoint_attachments(client: EtcdClient) -> set[tuple[str, str]]:
+    kvs, _ = client.list(keys.resource_prefix(WorkloadEndpoint.PLURAL))
+    out = set()
+    for kv in kvs:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            spec = json.loads(kv.value)["spec"]
+            out.add((spec.get("network", ""), spec["containerID"]))
+    return out
 
 
 def _pool_of(pools: list[Pool], cidr: Network) -> Pool | None:
@@ -175,6 +198,9 @@ def analyse(snap: Snapshot) -> Report:
         if name in snap.handles and snap.handles[name][0].blocks.get(block_cidr, 0) < count:
             problems.append(Problem(UNINDEXED_ADDRESS, f"block {block_cidr} holds {count} address(es) of handle "
                                     f"{name}, more than its handle record counts"))
+    for name, (handle, _) in sorted(snap.endpointless().items()):
+        problems.append(Problem(ENDPOINTLESS_HANDLE, f"handle {name} holds addresses for container "
+                                f"{handle.attrs.get('containerID')}, which has no workload endpoint"))
     for (node, cidr), _ in sorted(snap.affinities.items(), key=_by_affinity):
         if not snap.block_exists(cidr):
             problems.append(Problem(AFFINITY_WITHOUT_BLOCK, f"node {node} has an affinity for block {cidr}, "
@@ -216,6 +242,7 @@ class GCPlan:
     owners: dict[Address, str] = field(default_factory=dict)  # leaked address → its (gone) handle
     handles: dict[str, int] = field(default_factory=dict)  # empty handle → revision read
     affinities: dict[tuple[str, Network], int] = field(default_factory=dict)  # blockless → revision read
+    endpointless: dict[str, int] = field(default_factory=dict)  # tortie handle without endpoint → revision
     waiting: int = 0  # leaked addresses still within the grace period
 
 
@@ -255,6 +282,11 @@ def plan_gc(snap: Snapshot, grace_seconds: float, now: float) -> GCPlan:
     for affinity, revision in snap.affinities.items():
         if not snap.block_exists(affinity[1]):
             plan.affinities[affinity] = revision
+    for name, (record, revision) in snap.endpointless().items():
+        if now - _timestamp(record.attrs.get("timestamp")) < grace_seconds:
+            plan.waiting += sum(record.blocks.values())
+        else:
+            plan.endpointless[name] = revision
     return plan
 
 
@@ -273,7 +305,7 @@ def collect(client: EtcdClient, plan: GCPlan) -> GCResult:
     recreated = {kv.key[len(keys.HANDLES):] for kv in client.get_many(handle_keys).values()}
     addresses = [a for a in sorted(plan.addresses, key=_by_address) if plan.owners[a] not in recreated]
     if addresses:
-        freed = IPAM(client).release_addresses(addresses, expected_sequence=plan.addresses)
+        freed = IPAM(client).release_addresses(addresses, expected_sequence=plan.addresses, orphaned=True)
         result.released = [(a, plan.owners[a]) for a in sorted(freed, key=_by_address)]
         for address, handle in result.released:
             log.info("released leaked address %s (handle %s)", address, handle)
@@ -295,6 +327,20 @@ def collect(client: EtcdClient, plan: GCPlan) -> GCResult:
             continue
         result.deleted_affinities.append((node, cidr))
         log.info("deleted node %s's affinity for missing block %s", node, cidr)
+    if plan.endpointless:
+        # Re-validate: an endpoint written since the scan makes its handle live again.
+        live = endpoint_attachments(client)
+        ipam = IPAM(client)
+        for name, revision in sorted(plan.endpointless.items()):
+            kv = client.get(keys.handle_key(name))
+            if kv is None or kv.mod_revision != revision:
+                continue
+            record = Handle.from_json(kv.value)
+            if (record.attrs.get("network", ""), record.attrs.get("containerID", "")) in live:
+                continue
+            for address in ipam.release_handle(name, expected_revision=revision):
+                result.released.append((address, name))
+                log.info("released %s of handle %s, which has no workload endpoint", address, name)
     return result
 
 

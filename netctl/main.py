@@ -1,0 +1,162 @@
+"""`netctl`: the entry point. Parses the command line and maps every failure to an exit status.
+
+Exit status (CONTRACT.md): 0 success; 1 a user error, with ONE line ``netctl: <message>`` on
+stderr; 2 a usage error (argparse); 3 ``ipam check`` found problems; 130 interrupted. This is the
+only place exceptions become exit statuses: commands raise, never print errors or exit.
+
+Commands are registered by their modules (``register(sub, ...)``) and run as
+``args.func(args) -> int``. A command that needs etcd calls ``args.connect()``, which opens one
+client from the datastore flags (also accepted after the command name) or calicoctl's variables;
+``main`` closes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from typing import cast
+
+from datastore.config import EtcdConfig
+from datastore.errors import ConfigError, Conflict, DatastoreError, DatastoreUnavailable, NotFound, ValidationError
+from datastore.etcd import EtcdClient
+from ipam.errors import IPAMError
+from netctl import ipam_cmd, pki_cmd, resources_cmd
+from netctl.errors import UserError
+from netctl.pki import PKIError
+
+log = logging.getLogger("netctl")
+
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Errors whose message is written for the operator: printed as they are.
+USER_ERRORS = (UserError, ValidationError, NotFound, Conflict, ConfigError, DatastoreUnavailable, IPAMError,
+               PKIError, DatastoreError)
+
+
+class Parser(argparse.ArgumentParser):
+    """Lets options come between a command's positionals (``get wep -n web pod-a``, as kubectl).
+
+    A leaf parser parses "intermixed"; a parser with sub-commands cannot, and needs not.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+            self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._subparsers is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def datastore_options() -> argparse.ArgumentParser:
+    """The datastore flags, as a parent parser for the main parser and each datastore command.
+
+    Defaults are suppressed so that a flag given before the command is not reset by the command's
+    parser; :func:`datastore_config` falls back to the environment.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("datastore (override ETCD_* variables)")
+    for flag, dest, variable in (("--endpoints", "etcd_endpoints", "ETCD_ENDPOINTS"),
+                                 ("--ca-cert", "etcd_ca_cert", "ETCD_CA_CERT_FILE"),
+                                 ("--cert", "etcd_cert", "ETCD_CERT_FILE"),
+                                 ("--key", "etcd_key", "ETCD_KEY_FILE")):
+        group.add_argument(flag, dest=dest, metavar=variable, default=argparse.SUPPRESS,
+                           help=f"overrides ${variable}")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    datastore = datastore_options()
+    parser = Parser(
+        prog="netctl", parents=[datastore],
+        description="Operate a Tortie network: resources, IPAM, certificates.")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                        help="log verbosity on stderr (default: warning)")
+    # Sub-command parsers are `Parser`s too (argparse uses the parent's class).
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+               parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    resources_cmd.register(sub, datastore)
+    ipam_cmd.register(sub, datastore)
+    pki_cmd.register(sub)
+    version = sub.add_parser("version", help="print netctl's version")
+    version.set_defaults(func=run_version)
+    return parser
+
+
+def run_version(args: argparse.Namespace) -> int:
+    try:
+        version = metadata.version("tortie")
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    print(f"netctl {version}")
+    return 0
+
+
+def datastore_config(args: argparse.Namespace) -> EtcdConfig:
+    return EtcdConfig.from_env(
+        os.environ,
+        endpoints=getattr(args, "etcd_endpoints", None),
+        ca_cert_file=getattr(args, "etcd_ca_cert", None),
+        cert_file=getattr(args, "etcd_cert", None),
+        key_file=getattr(args, "etcd_key", None),
+    )
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2); argparse has printed why
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    clients: list[EtcdClient] = []
+
+    def connect() -> EtcdClient:
+        if not clients:
+            clients.append(EtcdClient(datastore_config(args)))
+        return clients[0]
+
+    args.connect = connect
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as e:
+        print(f"netctl: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("netctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader (`| head`) went away; nothing more to say. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_USER_ERROR
+    except SystemExit as e:  # a command's parser.error(): a usage error
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except Exception as e:  # a bug: still one line; the traceback is for --log-level debug
+        log.debug("unexpected failure", exc_info=True)
+        print(f"netctl: internal error: {type(e).__name__}: {one_line(e)} (rerun with --log-level debug)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        for client in clients:
+            client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

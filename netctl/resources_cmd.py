@@ -1,0 +1,250 @@
+"""`netctl apply | create | replace | delete | get`: resources as YAML or JSON documents.
+
+Owns reading files, the order of checks (every document is decoded and validated, and every IP
+pool change checked against the stored pools, before anything is written) and the printing of
+tables and documents. Decoding and validation belong to `datastore.codec`, storage to
+`datastore.store`, the pool rules to `ipam.pools`. Errors are raised, never printed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from datastore.codec import decode, dump, load_documents, stored_bytes
+from datastore.errors import AlreadyExists, NotFound, ValidationError
+from datastore.model import Kind, Resource, encode_fields
+from datastore.resources import IPPool, kind_named
+from datastore.store import ResourceStore
+from ipam.pools import Pool, check_pool_change
+from netctl.errors import UserError
+
+OUTPUT_FORMATS = ("table", "wide", "yaml", "json")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
+    for verb, text in (("apply", "create or update the resources in FILE"),
+                       ("create", "create the resources in FILE; fails if one exists"),
+                       ("replace", "replace the resources in FILE; fails if one is missing")):
+        p = sub.add_parser(verb, parents=[datastore], help=text, description=text)
+        p.add_argument("-f", "--filename", required=True, metavar="FILE",
+                       help="YAML or JSON documents (multi-document, a list, or a Kubernetes List); - for stdin")
+        p.set_defaults(func=run_write, verb=verb)
+
+    p = sub.add_parser("delete", parents=[datastore], help="delete the resources in FILE, or KIND NAME",
+                       usage="netctl delete (-f FILE | KIND NAME [-n NS])")
+    p.add_argument("-f", "--filename", metavar="FILE", help="delete the resources named in FILE (- for stdin)")
+    p.add_argument("kind", metavar="KIND", nargs="?", help="resource kind (any case, plural or short name)")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("-n", "--namespace", help="namespace of a namespaced kind (default: default)")
+    p.set_defaults(func=run_delete, parser=p)
+
+    p = sub.add_parser("get", parents=[datastore], help="show resources")
+    p.add_argument("kind", metavar="KIND", help="resource kind (any case, plural or short name)")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="namespace of a namespaced kind (default: default)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    p.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table", help="output format")
+    p.set_defaults(func=run_get, parser=p)
+
+
+# ---- reading documents -------------------------------------------------------------------------
+
+
+def read_source(path: str) -> tuple[str, str]:
+    """The text of FILE (stdin for ``-``) and a name for it in messages."""
+    if path == "-":
+        return sys.stdin.read(), "stdin"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
+def decode_all(text: str, source: str) -> list[Resource]:
+    """Every document decoded and validated, or a ValidationError naming the first bad one."""
+    resources: list[Resource] = []
+    seen: set[tuple[str, str | None, str]] = set()
+    for n, doc in enumerate(load_documents(text, source), start=1):
+        where = f"{source} document {n}"
+        try:
+            resource = decode(doc, where)
+        except ValidationError as e:
+            raise ValidationError(f"{where}{_naming(doc)}: {e}" if where not in str(e) else str(e)) from None
+        identity = (resource.kind.KIND, resource.namespace, resource.name)
+        if identity in seen:
+            raise ValidationError(f"{where}: {resource.describe()} appears twice")
+        seen.add(identity)
+        resources.append(resource)
+    if not resources:
+        raise ValidationError(f"{source} holds no resources")
+    return resources
+
+
+def _naming(doc: Any) -> str:
+    if isinstance(doc, Mapping) and isinstance(doc.get("metadata"), Mapping):
+        return f" ({doc.get('kind')} {doc['metadata'].get('name')})"
+    return ""
+
+
+def label(resource: Resource) -> str:
+    """``ippool/default-ipv4``; ``workloadendpoint/NS/NAME`` for namespaced kinds."""
+    ns = f"{resource.namespace}/" if resource.kind.NAMESPACED and resource.namespace else ""
+    return f"{resource.kind.KIND.lower()}/{ns}{resource.name}"
+
+
+def check_pools(resources: Sequence[Resource], stored: Mapping[str, Resource]) -> None:
+    """Refuse pool changes that overlap another pool or change an existing pool's CIDR or block size.
+
+    ``stored`` is every stored IPPool by name; the file's pools replace stored ones of the same name.
+    """
+    incoming = {r.name: Pool.from_resource(r) for r in resources if r.kind is IPPool}
+    after = {name: Pool.from_resource(r) for name, r in stored.items()} | incoming
+    for name, pool in incoming.items():
+        old = stored.get(name)
+        check_pool_change(pool, Pool.from_resource(old) if old else None,
+                          [p for other, p in after.items() if other != name])
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def run_write(args: argparse.Namespace) -> int:
+    text, source = read_source(args.filename)
+    resources = decode_all(text, source)
+    store = ResourceStore(args.connect())
+    current = {id(r): store.get(r.kind, r.name, r.namespace) for r in resources}
+    for r in resources:
+        if args.verb == "create" and current[id(r)] is not None:
+            raise AlreadyExists(r.describe())
+        if args.verb == "replace" and current[id(r)] is None:
+            raise NotFound(r.describe())
+    if any(r.kind is IPPool for r in resources):
+        check_pools(resources, {p.name: p for p in store.list(IPPool)})
+    for r in resources:
+        old = current[id(r)]
+        if old is None:
+            store.create(r)
+            print(f"{label(r)} created")
+        elif _same(r, old):
+            print(f"{label(r)} unchanged")
+        else:
+            store.update(r, old)
+            print(f"{label(r)} configured")
+    return 0
+
+
+def _same(new: Resource, old: Resource) -> bool:
+    """Whether writing ``new`` would change nothing (identity fields are the store's)."""
+    new.metadata.uid = old.metadata.uid
+    new.metadata.creation_timestamp = old.metadata.creation_timestamp
+    return stored_bytes(new) == stored_bytes(old)
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    if args.filename and (args.kind or args.namespace):
+        parser.error("give either -f FILE or KIND NAME, not both")
+    if not args.filename and not (args.kind and args.name):
+        parser.error("give -f FILE, or KIND and NAME")
+    if args.filename:
+        text, source = read_source(args.filename)
+        targets = [(r.kind, r.name, r.namespace) for r in decode_all(text, source)]
+    else:
+        kind = kind_named(args.kind)
+        targets = [(kind, args.name, _namespace(kind, args.namespace))]
+    store = ResourceStore(args.connect())
+    found = [store.get(kind, name, ns) for kind, name, ns in targets]
+    missing = [f"{kind.KIND} {ns + '/' if ns else ''}{name}"
+               for (kind, name, ns), r in zip(targets, found, strict=True) if r is None]
+    if missing:
+        raise NotFound(", ".join(missing))
+    for resource in found:
+        assert resource is not None
+        if not store.delete(resource.kind, resource.name, resource.namespace):
+            raise NotFound(resource.describe())
+        print(f"{label(resource)} deleted")
+    return 0
+
+
+def _namespace(kind: type[Kind], namespace: str | None) -> str | None:
+    return (namespace or "default") if kind.NAMESPACED else None
+
+
+def run_get(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    if args.name and args.all_namespaces:
+        parser.error("-A cannot be used with a NAME")
+    kind = kind_named(args.kind)
+    store = ResourceStore(args.connect())
+    if args.name:
+        namespace = _namespace(kind, args.namespace)
+        found = store.get(kind, args.name, namespace)
+        if found is None:
+            raise NotFound(f"{kind.KIND} {namespace + '/' if namespace else ''}{args.name}")
+        resources = [found]
+    else:
+        ns = None if args.all_namespaces else _namespace(kind, args.namespace)
+        resources = sorted(store.list(kind, ns), key=lambda r: (r.namespace or "", r.name))
+    if args.output in ("yaml", "json"):
+        sys.stdout.write(dump(resources, args.output, single=bool(args.name)))
+    elif resources:
+        sys.stdout.write(render_table(*table(kind, resources, wide=args.output == "wide")))
+    else:
+        where = "" if not kind.NAMESPACED else " in any namespace" if args.all_namespaces else \
+            f" in namespace {_namespace(kind, args.namespace)}"
+        print(f"No {kind.KIND} resources found{where}.", file=sys.stderr)
+    return 0
+
+
+# ---- tables ------------------------------------------------------------------------------------
+
+
+def table(kind: type[Kind], resources: Iterable[Resource], *, wide: bool = False
+          ) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows for ``get -o table|wide``: NAMESPACE (namespaced kinds), NAME, the kind's columns."""
+    columns = (kind.WIDE or kind.TABLE) if wide else kind.TABLE
+    headers = (["NAMESPACE"] if kind.NAMESPACED else []) + ["NAME"] + [c for c, _ in columns]
+    rows = []
+    for r in resources:
+        spec = encode_fields(r.spec, keep_defaults=True)
+        row = ([r.namespace or ""] if kind.NAMESPACED else []) + [r.name]
+        rows.append(row + [cell(lookup(spec, path)) for _, path in columns])
+    return headers, rows
+
+
+def lookup(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of a camelCase document; None where a step is missing."""
+    value: Any = doc
+    for step in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(step)
+    return value
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(cell(v) for v in value)
+    if isinstance(value, Mapping):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return str(value)
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns left-aligned, three spaces apart, as kubectl and calicoctl print them."""
+    lines = [list(headers), *(list(r) for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "".join("   ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() + "\n"
+                   for line in lines)
