@@ -37,6 +37,7 @@ STATE_FILE = "lab.json"
 BRIDGE = "br0"
 UNDERLAY_PREFIX = "198.18.0."
 UNDERLAY_LEN = 24
+GATEWAY = UNDERLAY_PREFIX + "1"  # the fabric bridge's own address: the nodes' default route
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 ETCD_START_TIMEOUT = 20.0
@@ -160,11 +161,15 @@ class Lab:
             self._add_netns(self.fabric)
             ip_netns.sysctl(self.fabric, **{"net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0"})
             ip_netns.add_bridge(self.fabric, BRIDGE)
+            # The fabric is the nodes' upstream router (it does not forward): hosts have a default
+            # route, and proxy ARP for a pod's 169.254.1.1 gateway only answers when one exists.
+            ip_netns.add_address(self.fabric, BRIDGE, f"{GATEWAY}/{UNDERLAY_LEN}")
             for k, member in enumerate(self.etcd_members, 1):
                 self._plug(member, f"e{k}")
             for k, node in enumerate(self.nodes, 1):
                 self._plug(node, f"v{k}")
                 ip_netns.sysctl(node.netns, **{"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
+                ip_netns.ip("-n", node.netns, "route", "add", "default", "via", GATEWAY, "dev", "eth0")
             self._start_etcd()
         except BaseException:
             self.destroy()

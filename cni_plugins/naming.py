@@ -1,0 +1,20 @@
+"""Names of the kernel objects one CNI attachment creates.
+
+Standard library only: the thin CNI front end imports this on every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+HOST_IF_PREFIX = "tor"
+
+
+def host_ifname(network: str, container_id: str, ifname: str) -> str:
+    """The host end of the attachment's veth: ``tor`` + 11 hex digits of SHA-1 (CONTRACT).
+
+    14 characters, within the kernel's 15-character limit (IFNAMSIZ - 1). The same attachment
+    always gets the same name, so a DEL or a retried ADD finds what an earlier call created.
+    """
+    digest = hashlib.sha1(f"{network}.{container_id}.{ifname}".encode()).hexdigest()
+    return HOST_IF_PREFIX + digest[:11]

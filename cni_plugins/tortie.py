@@ -1,0 +1,34 @@
+"""``tortie``: the main CNI plugin. A thin front end (standard library only): it hands the call
+to the node's felix-agent over its unix socket and, when no agent answers, does the same work
+in-process (slower: it pays the imports)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from cni_plugins import agent_protocol
+from cni_plugins.errors import INVALID_CONFIG, CNIError
+from cni_plugins.skel import CmdArgs, PluginFuncs, plugin_main
+
+ABOUT = "tortie: Tortie's CNI plugin (veth, /32 routes, etcd IPAM, policy by felix-agent)"
+
+
+def serve(args: CmdArgs) -> Any:
+    socket_path = args.config.get("agent_socket", agent_protocol.DEFAULT_SOCKET)
+    if not isinstance(socket_path, str) or not socket_path.startswith("/"):
+        raise CNIError(INVALID_CONFIG, "invalid agent_socket", f"expected an absolute path, got {socket_path!r}")
+    try:
+        return agent_protocol.call(socket_path, args)
+    except agent_protocol.AgentUnavailable:
+        from cni_plugins import tortie_ops  # the heavy path: datastore, IPAM, netlink
+
+        return tortie_ops.handle(args)
+
+
+def main() -> int:
+    return plugin_main(PluginFuncs(add=serve, delete=serve, check=serve, status=serve, gc=serve), about=ABOUT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

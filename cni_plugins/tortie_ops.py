@@ -1,0 +1,234 @@
+"""The ``tortie`` plugin's work: addresses, the veth pair, the WorkloadEndpoint.
+
+The same functions run inside ``felix-agent`` (warm: etcd connection open) and in the plugin
+process when no agent answers. ADD arranges each undo before the step that needs it, so a
+failure at any point leaves nothing behind: no veth, no address, no endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cni_plugins import errors as codes
+from cni_plugins import ipam_ops, wiring
+from cni_plugins.datastores import ONE_SHOT, Datastores
+from cni_plugins.errors import CNIError
+from cni_plugins.naming import host_ifname
+from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
+from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
+from datastore.errors import NotFound
+from datastore.model import Metadata, Resource
+from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
+from datastore.store import ResourceStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MTU = 1500
+MTU_FILE = "/run/tortie/mtu"  # written by felix-agent for the encapsulation in use
+LABEL_NETWORK = "tortie.dev/network"
+
+
+@dataclass(frozen=True)
+class PluginConf:
+    network: str
+    node: str
+    mtu: int
+    ipam_type: str
+    dns: DNS | None
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any], node: str) -> PluginConf:
+        mtu = config.get("mtu") or _mtu_from_file()
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 65535:
+            raise CNIError(codes.INVALID_CONFIG, "invalid mtu", f"expected an integer 576-65535, got {mtu!r}")
+        ipam = config.get("ipam")
+        if not isinstance(ipam, dict) or not isinstance(ipam.get("type"), str) or not ipam["type"]:
+            raise CNIError(codes.INVALID_CONFIG, "invalid ipam", 'expected {"type": "tortie-ipam", ...}')
+        dns = config.get("dns")
+        if dns is not None and not isinstance(dns, dict):
+            raise CNIError(codes.INVALID_CONFIG, "invalid dns", f"expected an object, got {dns!r}")
+        return cls(str(config["name"]), node, mtu, ipam["type"],
+                   DNS(**{k: dns[k] for k in ("nameservers", "domain", "search", "options") if k in dns})
+                   if dns else None)
+
+
+def _mtu_from_file() -> int:
+    try:
+        with open(MTU_FILE) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return DEFAULT_MTU
+
+
+def endpoint_name(node: str, host_if: str) -> str:
+    return f"{node}-{host_if}"
+
+
+# ---- IPAM delegation -----------------------------------------------------------------------------
+def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
+    """Run the IPAM plugin named in the configuration: tortie-ipam in-process, others exec'd
+    from CNI_PATH with the same environment and the whole configuration, as the spec says."""
+    ipam_type = args.config["ipam"]["type"]
+    if ipam_type == "tortie-ipam":
+        call = {"ADD": ipam_ops.add, "DEL": ipam_ops.delete, "CHECK": ipam_ops.check,
+                "STATUS": ipam_ops.status, "GC": ipam_ops.gc}[command]
+        out = call(args, stores)
+        return out if isinstance(out, Result) else None
+    binary = next((os.path.join(d, ipam_type) for d in args.path if os.path.isfile(os.path.join(d, ipam_type))), None)
+    if binary is None:
+        raise CNIError(codes.INVALID_CONFIG, f"IPAM plugin {ipam_type} not found", f"searched CNI_PATH {args.path}")
+    env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": args.container_id, "CNI_NETNS": args.netns,
+           "CNI_IFNAME": args.ifname, "CNI_ARGS": args.args, "CNI_PATH": os.pathsep.join(args.path)}
+    proc = subprocess.run([binary], input=args.stdin_data, capture_output=True, env=env, timeout=120)
+    output = json.loads(proc.stdout) if proc.stdout.strip() else None
+    if proc.returncode != 0:
+        err = output or {}
+        raise CNIError(int(err.get("code", codes.INTERNAL)), err.get("msg", f"{ipam_type} failed"),
+                       err.get("details", proc.stderr.decode(errors="replace").strip()))
+    return parse_result(output) if output else None
+
+
+# ---- operations ----------------------------------------------------------------------------------
+def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    conf = PluginConf.parse(args.config, ipam_conf.node)
+    host_if = host_ifname(conf.network, args.container_id, args.ifname)
+    if not os.path.exists(args.netns):
+        raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
+    with contextlib.ExitStack() as undo:
+        assigned = _ipam("ADD", args, stores)
+        undo.callback(_quietly, _ipam, "DEL", args, stores)
+        if assigned is None or not assigned.ips:
+            raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
+        addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
+        addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
+        try:
+            wired = wiring.setup(args.netns, args.ifname, host_if, conf.mtu, addresses)
+        except wiring.NetnsNotFound as e:
+            raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", str(e)) from None
+        except wiring.InterfaceExists as e:
+            raise CNIError(codes.INVALID_ENV, "CNI_IFNAME names an interface that already exists", str(e)) from None
+        except wiring.WiringError as e:
+            raise CNIError(codes.IO_FAILURE, "could not wire the container", str(e)) from None
+        undo.callback(_quietly, wiring.teardown, host_if)
+        with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+            _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
+        undo.pop_all()
+    log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
+    return Result(
+        interfaces=[Interface(name=host_if, mac=wired.host_mac),
+                    Interface(name=args.ifname, mac=wired.container_mac, sandbox=args.netns)],
+        ips=[IPConfig(address=str(a), interface=1) for a in addresses],
+        routes=[Route(dst="0.0.0.0/0" if v == 4 else "::/0") for v in sorted({a.version for a in addresses})],
+        dns=conf.dns or DNS(),
+    )
+
+
+def _quietly(fn: Any, *a: Any) -> None:
+    """An undo step: log a failure rather than hide the error that made us undo."""
+    try:
+        fn(*a)
+    except Exception as e:  # noqa: BLE001 - the original error is what the caller must see
+        log.warning("undo %s failed: %s", getattr(fn, "__name__", fn), e)
+
+
+def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_if: str, wired: Any,
+                    addresses: list[Any]) -> None:
+    namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
+    endpoint_labels = {**labels(args), LABEL_NAMESPACE: namespace, LABEL_NETWORK: conf.network}
+    resource = Resource(
+        WorkloadEndpoint,
+        Metadata(name=endpoint_name(conf.node, host_if), namespace=namespace, labels=endpoint_labels),
+        WorkloadEndpointSpec(
+            node=conf.node, interface_name=host_if, container_id=args.container_id,
+            workload=args.cni_args.get("K8S_POD_NAME", args.container_id[:12]),
+            pod=args.cni_args.get("K8S_POD_NAME", ""), endpoint=args.ifname, network=conf.network,
+            mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
+    )
+    current = store.get(WorkloadEndpoint, resource.name, namespace)
+    if current is None:
+        store.create(resource)
+    else:
+        store.update(resource, current)
+
+
+def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
+    """Best effort and idempotent: every step runs; the first failure is reported at the end."""
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    conf = PluginConf.parse(args.config, ipam_conf.node)
+    host_if = host_ifname(conf.network, args.container_id, args.ifname)
+    failure: CNIError | None = None
+    try:
+        _ipam("DEL", args, stores)
+    except CNIError as e:
+        failure = e
+    wiring.teardown(host_if)
+    namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
+    try:
+        with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+            store = ResourceStore(client)
+            current = store.get(WorkloadEndpoint, endpoint_name(conf.node, host_if), namespace)
+            # Only this container's endpoint: a re-ADD under a new container ID must survive a late DEL.
+            if current is not None and current.spec.container_id == args.container_id:
+                with contextlib.suppress(NotFound):
+                    store.delete(WorkloadEndpoint, current.name, namespace, current.metadata.resource_version)
+    except CNIError as e:
+        failure = failure or e
+    if failure is not None:
+        raise failure
+
+
+def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    conf = PluginConf.parse(args.config, ipam_conf.node)
+    host_if = host_ifname(conf.network, args.container_id, args.ifname)
+    _ipam("CHECK", args, stores)
+    with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+        namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
+        endpoint = ResourceStore(client).get(WorkloadEndpoint, endpoint_name(conf.node, host_if), namespace)
+    if endpoint is None or endpoint.spec.container_id != args.container_id:
+        raise CNIError(codes.RESERVATION_MISSING, "workload endpoint missing", endpoint_name(conf.node, host_if))
+    addresses = [ipaddress.ip_interface(a) for a in endpoint.spec.ip_networks]
+    problems = wiring.check(args.netns, args.ifname, host_if, addresses)
+    if problems:
+        raise CNIError(codes.RESERVATION_MISSING, "the container's network is not as ADD left it",
+                       "; ".join(problems))
+
+
+def status(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
+    _ipam("STATUS", args, stores)
+
+
+def gc(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
+    """Remove this network's endpoints and veths whose attachment the runtime no longer lists,
+    then let the IPAM plugin release their addresses."""
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    conf = PluginConf.parse(args.config, ipam_conf.node)
+    valid = gc_valid_attachments(args.config)
+    with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+        store = ResourceStore(client)
+        for endpoint in store.list(WorkloadEndpoint):
+            spec: WorkloadEndpointSpec = endpoint.spec
+            if spec.node != conf.node or spec.network != conf.network:
+                continue
+            if (spec.container_id, spec.endpoint) not in valid:
+                wiring.teardown(spec.interface_name)
+                with contextlib.suppress(NotFound):
+                    store.delete(WorkloadEndpoint, endpoint.name, endpoint.namespace)
+                log.info("GC removed endpoint %s", endpoint.name)
+    _ipam("GC", args, stores)
+
+
+OPERATIONS = {"ADD": add, "DEL": delete, "CHECK": check, "STATUS": status, "GC": gc}
+
+
+def handle(args: CmdArgs, stores: Datastores = ONE_SHOT) -> dict[str, Any] | Result | None:
+    return OPERATIONS[args.command](args, stores)
