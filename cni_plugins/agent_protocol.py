@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any
 
 from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
 from cni_plugins.skel import CmdArgs
+
+# typing costs milliseconds at import and is only needed by the type checker (mypy reads this idiom).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_SOCKET = "/run/tortie/cni.sock"
 # Long enough for an ADD on a loaded node; the agent answers well within it.

@@ -5,11 +5,15 @@ in-process (slower: it pays the imports)."""
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from cni_plugins import agent_protocol
 from cni_plugins.errors import INVALID_CONFIG, CNIError
 from cni_plugins.skel import CmdArgs, PluginFuncs, plugin_main
+
+# typing costs milliseconds at import and is only needed by the type checker (mypy reads this idiom).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 ABOUT = "tortie: Tortie's CNI plugin (veth, /32 routes, etcd IPAM, policy by felix-agent)"
 

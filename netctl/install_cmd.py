@@ -1,0 +1,83 @@
+"""`netctl install-cni`: put the two plugin executables in a runtime's CNI bin dir and write the
+node's conflist, ``10-tortie.conflist``.
+
+The executables are small scripts that start this installation's interpreter (never a pyenv shim)
+on the thin front ends, so a runtime's exec pays for the interpreter and the standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cni_plugins.agent_protocol import DEFAULT_SOCKET
+from netctl.errors import UserError
+
+CONFLIST = "10-tortie.conflist"
+PLUGINS = {"tortie": "cni_plugins.tortie", "tortie-ipam": "cni_plugins.tortie_ipam"}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("install-cni", parents=[datastore],
+                       help="install the tortie and tortie-ipam plugins and this node's conflist")
+    p.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
+    p.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
+    p.add_argument("--nodename", default=socket.gethostname())
+    p.add_argument("--network-name", default="tortie-net")
+    p.add_argument("--mtu", type=int, default=0, help="0: the MTU felix-agent writes for the overlay in use")
+    p.add_argument("--ipv6", action="store_true", help="also assign an IPv6 address")
+    p.add_argument("--agent-socket", default=DEFAULT_SOCKET)
+    p.set_defaults(func=run_install)
+
+
+def plugin_script(module: str) -> str:
+    return f"#!{sys.executable}\nimport sys\nfrom {module} import main\nsys.exit(main())\n"
+
+
+def conflist(args: argparse.Namespace, datastore: dict[str, str]) -> dict[str, Any]:
+    plugin: dict[str, Any] = {"type": "tortie", "nodename": args.nodename, **datastore,
+                              "agent_socket": args.agent_socket,
+                              "ipam": {"type": "tortie-ipam", "assign_ipv4": "true",
+                                       "assign_ipv6": "true" if args.ipv6 else "false"},
+                              "log_level": "info"}
+    if args.mtu:
+        plugin["mtu"] = args.mtu
+    return {"cniVersion": "1.0.0", "name": args.network_name, "plugins": [plugin]}
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Atomically: a runtime may be reading the directory while we write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from netctl.main import datastore_config
+
+    if args.mtu and not 576 <= args.mtu <= 65535:
+        raise UserError(f"--mtu {args.mtu} is out of range (576-65535)")
+    fields = datastore_config(args).as_cni_fields()
+    try:
+        for name, module in PLUGINS.items():
+            _write(args.bin_dir / name, plugin_script(module), 0o755)
+            print(f"installed {args.bin_dir / name}")
+        # The conflist names certificate paths: readable by root only.
+        _write(args.conf_dir / CONFLIST, json.dumps(conflist(args, fields), indent=2) + "\n", 0o600)
+    except OSError as e:
+        raise UserError(f"cannot install into {e.filename}: {e.strerror}") from None
+    print(f"wrote {args.conf_dir / CONFLIST} for node {args.nodename}")
+    return 0
