@@ -117,6 +117,14 @@ def _etcd_config(config: Mapping[str, Any]) -> EtcdConfig:
         raise CNIError(codes.INVALID_CONFIG, "invalid datastore configuration", str(e)) from None
 
 
+def configure_logging(config: Mapping[str, Any]) -> None:
+    """In the plugin process (not the agent): log to stderr, which the runtime keeps, at the
+    configuration's ``log_level`` (default warning)."""
+    level = str(config.get("log_level") or "warning").upper()
+    logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "WARNING",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 @contextlib.contextmanager
 def cni_errors() -> Iterator[None]:
     """Datastore and IPAM failures → the CNI error a runtime understands (the one mapping)."""

@@ -25,8 +25,9 @@ def serve(args: CmdArgs) -> Any:
     try:
         return agent_protocol.call(socket_path, args)
     except agent_protocol.AgentUnavailable:
-        from cni_plugins import tortie_ops  # the heavy path: datastore, IPAM, netlink
+        from cni_plugins import ipam_ops, tortie_ops  # the heavy path: datastore, IPAM, netlink
 
+        ipam_ops.configure_logging(args.config)
         return tortie_ops.handle(args)
 
 

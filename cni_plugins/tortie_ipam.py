@@ -16,31 +16,32 @@ from cni_plugins.skel import CmdArgs, PluginFuncs, plugin_main
 ABOUT = "tortie-ipam: Tortie's etcd-backed IPAM plugin"
 
 
-def _ops() -> Any:
+def _ops(args: CmdArgs) -> Any:
     # The heavy imports (gRPC, the datastore) are paid only once a request needs them.
     from cni_plugins import ipam_ops
 
+    ipam_ops.configure_logging(args.config)
     return ipam_ops
 
 
 def cmd_add(args: CmdArgs) -> Any:
-    return _ops().add(args)
+    return _ops(args).add(args)
 
 
 def cmd_del(args: CmdArgs) -> None:
-    _ops().delete(args)
+    _ops(args).delete(args)
 
 
 def cmd_check(args: CmdArgs) -> None:
-    _ops().check(args)
+    _ops(args).check(args)
 
 
 def cmd_status(args: CmdArgs) -> None:
-    _ops().status(args)
+    _ops(args).status(args)
 
 
 def cmd_gc(args: CmdArgs) -> None:
-    _ops().gc(args)
+    _ops(args).gc(args)
 
 
 def main() -> int:
