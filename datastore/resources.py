@@ -231,3 +231,9 @@ def check_metadata_name(kind: type[Kind], name: str) -> None:
 
 def validate_labels(labels: dict[str, Any], where: str) -> None:
     check_labels(labels, where)
+
+
+# The policy kinds live in their own module, which imports nothing from this one (no cycle).
+from datastore.policy import POLICY_KINDS  # noqa: E402
+
+register(*POLICY_KINDS)
