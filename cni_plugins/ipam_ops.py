@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -148,6 +149,30 @@ def cni_errors() -> Iterator[None]:
         raise CNIError(codes.INVALID_CONFIG, "invalid configuration", str(e)) from None
 
 
+LOCK_DIR = "/run/tortie"
+
+
+@contextlib.contextmanager
+def _node_lock(node: str) -> Iterator[None]:
+    """Serialise this node's assignments, as Calico's IPAM lock file does: callers on one node
+    would otherwise all pick the same block and lose each other's compare-and-swap. Best effort
+    (CAS is what keeps addresses unique): without a lock directory we go on unlocked."""
+    import fcntl
+
+    try:
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        fd = os.open(os.path.join(LOCK_DIR, f"ipam-{node.replace('/', '_')}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        log.debug("no IPAM lock (%s); relying on compare-and-swap alone", e)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _client(conf: IPAMConf, stores: Datastores) -> contextlib.AbstractContextManager[EtcdClient]:
     return stores.client(conf.etcd)
 
@@ -156,7 +181,7 @@ def _client(conf: IPAMConf, stores: Datastores) -> contextlib.AbstractContextMan
 FOREIGN_GATEWAY = {4: "169.254.1.1", 6: "fe80::1"}
 
 
-def to_result(assigned: list[Assigned], conf: IPAMConf, pools: Mapping[str, int]) -> Result:
+def to_result(assigned: list[Assigned], conf: IPAMConf) -> Result:
     """The IPAM result. ``tortie`` routes every address on its own (/32, /128, Calico's way).
     Other plugins expect an on-link subnet and a gateway: they get the pool's prefix length (so
     workloads of the pool are on-link to each other on a bridge) and a link-local gateway (which
@@ -164,7 +189,7 @@ def to_result(assigned: list[Assigned], conf: IPAMConf, pools: Mapping[str, int]
     if conf.plugin_type == "tortie":
         ips = [IPConfig(address=f"{a.address}/{a.address.max_prefixlen}") for a in assigned]
     else:
-        ips = [IPConfig(address=f"{a.address}/{pools.get(a.pool, a.block.prefixlen)}",
+        ips = [IPConfig(address=f"{a.address}/{a.pool_prefix or a.block.prefixlen}",
                         gateway=FOREIGN_GATEWAY[a.address.version]) for a in assigned]
     return Result(ips=ips, routes=list(conf.routes))
 
@@ -187,12 +212,10 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
         addresses=wanted,
         attrs=attrs,
     )
-    with cni_errors(), _client(conf, stores) as client:
-        ipam = IPAM(client)
-        assigned = ipam.assign(request)
-        prefixes = {p.name: p.cidr.prefixlen for p in ipam.pools()} if conf.plugin_type != "tortie" else {}
+    with cni_errors(), _node_lock(conf.node), _client(conf, stores) as client:
+        assigned = IPAM(client).assign(request)
     log.info("assigned %s to %s", ", ".join(str(a.address) for a in assigned), request.handle)
-    return to_result(assigned, conf, prefixes)
+    return to_result(assigned, conf)
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

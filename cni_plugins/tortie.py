@@ -8,7 +8,7 @@ import sys
 
 from cni_plugins import agent_protocol
 from cni_plugins.errors import INVALID_CONFIG, CNIError
-from cni_plugins.skel import CmdArgs, PluginFuncs, plugin_main
+from cni_plugins.skel import CmdArgs, PluginFuncs, exit_now, plugin_main
 
 # typing costs milliseconds at import and is only needed by the type checker (mypy reads this idiom).
 TYPE_CHECKING = False
@@ -32,7 +32,8 @@ def serve(args: CmdArgs) -> Any:
 
 
 def main() -> int:
-    return plugin_main(PluginFuncs(add=serve, delete=serve, check=serve, status=serve, gc=serve), about=ABOUT)
+    return exit_now(plugin_main(PluginFuncs(add=serve, delete=serve, check=serve, status=serve, gc=serve),
+                                about=ABOUT))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cni_plugins.skel import CmdArgs, PluginFuncs, plugin_main
+from cni_plugins.skel import CmdArgs, PluginFuncs, exit_now, plugin_main
 
 ABOUT = "tortie-ipam: Tortie's etcd-backed IPAM plugin"
 
@@ -46,7 +46,7 @@ def cmd_gc(args: CmdArgs) -> None:
 
 def main() -> int:
     funcs = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, status=cmd_status, gc=cmd_gc)
-    return plugin_main(funcs, about=ABOUT)
+    return exit_now(plugin_main(funcs, about=ABOUT))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class Assigned:
     block: Network
     pool: str
     borrowed: bool = False
+    pool_prefix: int = 0  # the prefix length of the pool's CIDR (what an on-link subnet would be)
 
 
 @dataclass
@@ -196,7 +197,8 @@ class IPAM:
         for address in self.handle_addresses(handle):
             pool = pool_for_address(snap.pools, address)
             block_cidr = pool.block_of(address) if pool else ipaddress.ip_network(address)
-            out.append(Assigned(address, block_cidr, pool.name if pool else ""))
+            out.append(Assigned(address, block_cidr, pool.name if pool else "",
+                                pool_prefix=pool.cidr.prefixlen if pool else address.max_prefixlen))
         return out
 
     def _plan_auto(self, version: int, count: int, pools: list[Pool], req: AssignRequest, snap: _Snapshot,
@@ -211,7 +213,7 @@ class IPAM:
                     continue
                 block, got = block.assign(count - len(results), req.handle, attrs)
                 changed[cidr] = (block, rev)
-                results += [Assigned(a, cidr, pool.name) for a in got]
+                results += [Assigned(a, cidr, pool.name, pool_prefix=pool.cidr.prefixlen) for a in got]
         if len(results) == count:
             return results
         # 2. claim a free block (the claim commits on its own; then plan again from scratch)
@@ -280,7 +282,8 @@ class IPAM:
             block, rev = changed.get(block.cidr) or (block, rev)
             block, got = block.assign(count - len(results), req.handle, {**attrs, "borrowed": "true"})
             changed[block.cidr] = (block, rev)
-            results += [Assigned(a, block.cidr, pool.name, borrowed=True) for a in got]
+            results += [Assigned(a, block.cidr, pool.name, borrowed=True, pool_prefix=pool.cidr.prefixlen)
+                        for a in got]
         return results
 
     def _plan_specific(self, addresses: list[Address], req: AssignRequest, snap: _Snapshot,
@@ -307,7 +310,8 @@ class IPAM:
                 raise AddressInUse(f"{address} is already in use (handle {holder.handle})")
             block = block.assign_address(address, req.handle, attrs)
             changed[cidr] = (block, rev)
-            results.append(Assigned(address, cidr, pool.name, borrowed=block.node != req.node))
+            results.append(Assigned(address, cidr, pool.name, borrowed=block.node != req.node,
+                                    pool_prefix=pool.cidr.prefixlen))
         return results
 
     def _commit(self, req: AssignRequest, snap: _Snapshot, changed: dict[Network, tuple[Block, int]],
