@@ -1,0 +1,180 @@
+"""CNI benchmark: ``tortie`` ADD/DEL latency (delegated to felix-agent, and in-process) and pod
+churn, beside the reference ``ptp`` + ``host-local`` plugins measured in the same run.
+
+Each call is exec'd as a runtime does (CNI_* variables, the configuration on stdin), from inside
+a lab node's namespace, with a fresh container namespace made outside the timed region. The
+timing loop itself runs inside the node namespace (a driver process), so that every plugin is
+exec'd the same direct way.
+
+    .venv/bin/python -m bench.cni_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+REFERENCE = Path("/usr/lib/cni")
+
+
+# ---- the driver (runs inside the node namespace) -------------------------------------------------
+def _call(plugin: Path, command: str, conf: Mapping[str, Any], cid: str, netns: str, cni_path: str) -> float:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
+           "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": cni_path}
+    data = json.dumps(conf).encode()
+    started = time.perf_counter()
+    proc = subprocess.run([str(plugin)], input=data, capture_output=True, env=env)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{plugin.name} {command} {cid}: {proc.stdout.decode()} {proc.stderr.decode()}")
+    return elapsed
+
+
+def _netns(name: str, add: bool) -> None:
+    subprocess.run(["ip", "netns", "add" if add else "del", name], check=True, capture_output=True)
+
+
+def driver(spec: dict[str, Any]) -> dict[str, Any]:
+    """Latency (sequential ADD then DEL per pod) and churn (concurrent callers) for one plugin."""
+    plugin, conf, cni_path, tag = Path(spec["plugin"]), spec["conf"], spec["cni_path"], spec["tag"]
+    adds, dels = [], []
+    for i in range(spec["warmup"] + spec["n"]):
+        ns = f"bn-{tag}-{i}"
+        _netns(ns, True)
+        try:
+            a = _call(plugin, "ADD", conf, f"{tag}-{i}", f"/run/netns/{ns}", cni_path)
+            d = _call(plugin, "DEL", conf, f"{tag}-{i}", f"/run/netns/{ns}", cni_path)
+        finally:
+            _netns(ns, False)
+        if i >= spec["warmup"]:
+            adds.append(a * 1000)
+            dels.append(d * 1000)
+    # churn: `callers` threads each doing ADD+DEL cycles on their own namespaces
+    done = [0]
+    lock = threading.Lock()
+
+    def caller(k: int) -> None:
+        for j in range(spec["churn_per_caller"]):
+            ns = f"bc-{tag}-{k}-{j}"
+            _netns(ns, True)
+            try:
+                _call(plugin, "ADD", conf, f"{tag}-c{k}-{j}", f"/run/netns/{ns}", cni_path)
+                _call(plugin, "DEL", conf, f"{tag}-c{k}-{j}", f"/run/netns/{ns}", cni_path)
+            finally:
+                _netns(ns, False)
+            with lock:
+                done[0] += 1
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(spec["callers"])]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    churn = done[0] / (time.perf_counter() - started)
+    return {"add": adds, "del": dels, "churn": churn}
+
+
+# ---- the orchestrator ----------------------------------------------------------------------------
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def main() -> int:
+    from netlab.lab import Lab
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--driver", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.driver:
+        print(json.dumps(driver(json.loads(Path(args.driver).read_text()))))
+        return 0
+    n, churn = (20, 5) if args.quick else (100, 25)
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="tortie-cnibench-") as tmp, Lab(f"cb{os.getpid() % 10000}", nodes=1) as lab:
+        work = Path(tmp)
+        node = lab.node(1)
+        env = lab.etcd_env()
+        envargs = [f"{k}={v}" for k, v in env.items()]
+        pools = work / "pools.yaml"
+        pools.write_text("apiVersion: tortie.dev/v1\nkind: IPPool\nmetadata: {name: p4}\n"
+                         "spec: {cidr: 10.244.0.0/16}\n")
+        lab.exec(node.netns, "env", *envargs, str(BIN / "netctl"), "apply", "-f", str(pools))
+        cnibin = work / "bin"
+        cnibin.mkdir()
+        for name in ("tortie", "tortie-ipam"):
+            (cnibin / name).symlink_to(BIN / name)
+        sock = work / "n1.sock"
+        tortie = {"cniVersion": "1.0.0", "name": "bench", "type": "tortie", "nodename": "n1", "mtu": 1450,
+                  "etcd_endpoints": env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"],
+                  "etcd_cert_file": env["ETCD_CERT_FILE"], "etcd_key_file": env["ETCD_KEY_FILE"],
+                  "agent_socket": str(sock), "ipam": {"type": "tortie-ipam"}}
+        ptp = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "ipMasq": False, "mtu": 1450,
+               "ipam": {"type": "host-local", "dataDir": str(work / "hl"),
+                        "ranges": [[{"subnet": "10.216.0.0/16"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
+
+        def run(tag: str, plugin: Path, conf: dict[str, Any], path: str) -> dict[str, Any]:
+            spec_file = work / f"{tag}.json"
+            spec_file.write_text(json.dumps({"plugin": str(plugin), "conf": conf, "cni_path": path, "tag": tag,
+                                             "n": n, "warmup": 3, "callers": 4, "churn_per_caller": churn}))
+            print(f"  measuring {tag} ...", file=sys.stderr, flush=True)
+            # nsenter, not `ip netns exec`: the driver's `ip netns add` must happen in the machine's
+            # mount namespace, where the agent (in its own) can see the new namespaces' mounts.
+            out = subprocess.run(["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m",
+                                  "bench.cni_bench", "--driver", str(spec_file)],
+                                 capture_output=True, text=True, timeout=3600, cwd=Path(__file__).parents[1])
+            if out.returncode != 0:
+                log = (work / "agent.log").read_text()[-3000:] if (work / "agent.log").exists() else ""
+                raise SystemExit(f"{tag} failed: {out.stderr[-3000:]}\nagent log: {log}")
+            return dict(json.loads(out.stdout))
+
+        results = {"reference ptp+host-local": run("ref", REFERENCE / "ptp", ptp, str(REFERENCE)),
+                   "tortie in-process": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
+        pid = lab.start_process(node.netns, [str(BIN / "felix-agent"), "--nodename", "n1", "--cni-socket",
+                                             str(sock), "--log-level", "warning"], work / "agent.log", env)
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"felix-agent did not come up: {(work / 'agent.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        results["tortie delegated (felix-agent)"] = run("agent", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")
+        lab.stop_process(pid)
+    ref = results["reference ptp+host-local"]
+    rows = []
+    print(f"\nCNI benchmark: {n} ADD+DEL per plugin after 3 warm-ups, churn = 4 callers x {churn} ADD+DEL;"
+          f" {os.cpu_count()} CPUs, load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}\n")
+    print(f"{'plugin':34} {'ADD p50':>9} {'ADD p95':>9} {'DEL p50':>9} {'DEL p95':>9} {'churn/s':>9}"
+          f" {'ADD p50 x':>10} {'DEL p50 x':>10} {'churn x':>8}")
+    for name, r in results.items():
+        row = {"plugin": name, "add_p50": statistics.median(r["add"]), "add_p95": _pct(r["add"], 95),
+               "del_p50": statistics.median(r["del"]), "del_p95": _pct(r["del"], 95), "churn": r["churn"]}
+        row["add_ratio"] = row["add_p50"] / statistics.median(ref["add"])
+        row["del_ratio"] = row["del_p50"] / statistics.median(ref["del"])
+        row["churn_ratio"] = row["churn"] / ref["churn"]
+        rows.append(row)
+        print(f"{name:34} {row['add_p50']:8.1f}ms {row['add_p95']:8.1f}ms {row['del_p50']:8.1f}ms"
+              f" {row['del_p95']:8.1f}ms {row['churn']:9.1f} {row['add_ratio']:9.2f}x {row['del_ratio']:9.2f}x"
+              f" {row['churn_ratio']:7.2f}x")
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    (out_dir / f"cni-{stamp}.json").write_text(json.dumps({"n": n, "churn_per_caller": churn, "rows": rows,
+                                                           "load": [load_start, os.getloadavg()]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
