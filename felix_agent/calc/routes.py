@@ -1,0 +1,161 @@
+"""Routes and VXLAN tunnel peers from IPAM blocks, pools and nodes (Calico's L3RouteResolver and
+VXLANResolver, without their incremental bookkeeping).
+
+For every block: a blackhole when this node owns it; otherwise a route to the owner, by the
+encapsulation of the pool containing the block. For every allocation whose ``node`` attribute
+names another node than the block's owner (a borrowed address): a host route to that node, which
+beats the owner's block route (and, on the owner, its blackhole). Everything is derived from the
+current state, so a node that disappears takes its routes and its tunnel peer with it.
+
+Encapsulation toward a remote node, per pool: ``vxlanMode`` Always, or CrossSubnet with the node
+in another subnet → ``vxlan``; else ``ipipMode`` likewise → ``ipip``; else ``direct`` (BGP will
+take those over). IPv6 blocks cross VXLAN over the same IPv4-underlay device, through the remote
+VTEP's EUI-64 link-local address (derived from its MAC), since a Node has no IPv6 VTEP address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from datastore.model import Resource
+from datastore.resources import IPPoolSpec
+from felix_agent.calc.model import Route, VXLANPeer
+from felix_agent.calc.snapshot import Snapshot
+
+VXLAN_DEVICE = "vxlan.tortie"
+IPIP_DEVICE = "tunl0"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+@dataclass(frozen=True)
+class Host:
+    """What routing needs of a Node resource."""
+
+    name: str
+    ipv4: ipaddress.IPv4Interface | None
+    ipv6: ipaddress.IPv6Interface | None
+    vtep_ip: str | None
+    vtep_mac: str | None
+
+    @classmethod
+    def of(cls, node: Resource) -> Host:
+        spec = node.spec
+        bgp = spec.bgp
+        v4 = _interface(bgp.ipv4_address if bgp else None)
+        v6 = _interface(bgp.ipv6_address if bgp else None)
+        return cls(node.name, v4 if isinstance(v4, ipaddress.IPv4Interface) else None,
+                   v6 if isinstance(v6, ipaddress.IPv6Interface) else None,
+                   spec.ipv4_vxlan_tunnel_addr or None, spec.vxlan_tunnel_mac_addr or None)
+
+    def vtep(self) -> VXLANPeer | None:
+        """This host as a VXLAN peer, when it has everything a peer needs."""
+        if self.vtep_ip and self.vtep_mac and self.ipv4:
+            vtep_ip = str(ipaddress.ip_interface(self.vtep_ip).ip)
+            return VXLANPeer(self.name, str(self.ipv4.ip), vtep_ip, self.vtep_mac.lower())
+        return None
+
+
+def _interface(value: str | None) -> Interface | None:
+    return ipaddress.ip_interface(value) if value else None
+
+
+def link_local(mac: str) -> str:
+    """The EUI-64 IPv6 link-local address the kernel gives an interface with this MAC."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    octets[0] ^= 0x02
+    eui = octets[:3] + [0xFF, 0xFE] + octets[3:]
+    return str(ipaddress.IPv6Address(bytes([0xFE, 0x80] + [0] * 6 + eui)))
+
+
+@dataclass(frozen=True)
+class Routing:
+    routes: frozenset[Route]
+    vxlan_peers: frozenset[VXLANPeer]
+    local_vtep: VXLANPeer | None
+    ipip_enabled: bool
+
+
+class _Pools:
+    def __init__(self, pools: Iterable[Resource]) -> None:
+        # most specific first, so a block in nested pools takes the innermost pool's modes
+        self.pools = sorted(((ipaddress.ip_network(p.spec.cidr), p.spec) for p in pools),
+                            key=lambda item: -item[0].prefixlen)
+
+    def containing(self, cidr: Network) -> tuple[Network, IPPoolSpec | None]:
+        """The innermost pool holding ``cidr`` (its network and spec), or (cidr, None)."""
+        for net, spec in self.pools:
+            if net.version == cidr.version and cidr.subnet_of(net):  # type: ignore[arg-type]
+                return net, spec
+        return cidr, None
+
+
+def routing(snapshot: Snapshot, node: str, local_addresses: Iterable[tuple[str, str]]) -> Routing:
+    """Routes for ``node``; ``local_addresses`` are (address/prefix, veth) of its own endpoints."""
+    hosts = {h.name: h for h in map(Host.of, snapshot.nodes.values())}
+    me = hosts.get(node)
+    pools = _Pools(snapshot.ippools.values())
+    routes: set[Route] = {Route(dst, "local", device=device, node=node) for dst, device in local_addresses}
+
+    used: set[Network] = set()  # pools that hold blocks
+    for block in snapshot.blocks.values():
+        pool_net, pool = pools.containing(block.cidr)
+        used.add(pool_net)
+        owner = block.node
+        if owner == node:
+            routes.add(Route(str(block.cidr), "blackhole", node=node))
+        elif owner is not None:
+            _add(routes, _remote(block.cidr, hosts.get(owner), pool, me))
+        for ordinal, allocation in block.allocations.items():
+            holder = allocation.attrs.get("node")
+            if not holder or holder in (owner, node):
+                continue  # not borrowed, or ours (its endpoint's local route covers it)
+            address = block.address(ordinal)
+            _add(routes, _remote(ipaddress.ip_network(address), hosts.get(holder), pool, me))
+
+    # A disabled pool allocates nothing new, but its blocks' addresses still need their tunnel.
+    active = [spec for net, spec in pools.pools if not spec.disabled or net in used]
+    vxlan = any(spec.vxlan_mode != "Never" for spec in active)
+    local_vtep = me.vtep() if vxlan and me is not None else None
+    peers = frozenset(p for h in hosts.values() if h.name != node and (p := h.vtep()) is not None) \
+        if vxlan else frozenset()
+    return Routing(frozenset(routes), peers, local_vtep, any(spec.ipip_mode != "Never" for spec in active))
+
+
+def _add(routes: set[Route], route: Route | None) -> None:
+    if route is not None:
+        routes.add(route)
+
+
+def _encapsulates(mode: str, same_subnet: bool) -> bool:
+    return mode == "Always" or (mode == "CrossSubnet" and not same_subnet)
+
+
+def _same_subnet(me: Host | None, remote: Host, version: int) -> bool:
+    if me is None:
+        return False
+    mine: Interface | None = me.ipv6 if version == 6 and me.ipv6 and remote.ipv6 else me.ipv4
+    theirs: Interface | None = remote.ipv6 if version == 6 and me.ipv6 and remote.ipv6 else remote.ipv4
+    return mine is not None and theirs is not None and theirs.ip in mine.network
+
+
+def _remote(dst: Network, remote: Host | None, pool: IPPoolSpec | None, me: Host | None) -> Route | None:
+    """The route to ``dst`` held by ``remote``; None when the node (or what the mode needs of it) is missing."""
+    if remote is None:
+        return None
+    same = _same_subnet(me, remote, dst.version)
+    if pool is not None and _encapsulates(pool.vxlan_mode, same):
+        peer = remote.vtep()
+        if peer is None:
+            return None
+        gateway = peer.vtep_ip if dst.version == 4 else link_local(peer.vtep_mac)
+        return Route(str(dst), "vxlan", gateway, VXLAN_DEVICE, remote.name)
+    underlay: Interface | None = remote.ipv4 if dst.version == 4 else remote.ipv6
+    if underlay is None:
+        return None
+    if dst.version == 4 and pool is not None and _encapsulates(pool.ipip_mode, same):
+        return Route(str(dst), "ipip", str(underlay.ip), IPIP_DEVICE, remote.name)
+    return Route(str(dst), "direct", str(underlay.ip), None, remote.name)

@@ -1,0 +1,271 @@
+"""The syncer: lists what the agent needs from the datastore, then watches it, and keeps a
+:class:`~felix_agent.calc.snapshot.Snapshot` that the calculation graph reads.
+
+One thread lists every prefix, hands the whole listing to ``on_update`` as the first batch and
+sets ``in_sync``; then a single watch of ``/tortie/`` (one stream, whatever the number of
+prefixes) feeds it events, which it decodes into typed :class:`Update` values and hands over in
+batches: everything that arrived while the previous batch was being handled. The watch resumes by
+itself after errors; when it fell behind a compaction it re-lists (:class:`Resync`) and the syncer
+replaces its snapshot wholesale, reporting what changed, deletions of vanished keys included.
+
+A value that does not decode is logged and treated as absent: never in the snapshot, never a crash.
+Owns no kernel state and makes no decision about it: that is the calculation graph's and the
+dataplane's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from datastore import keys
+from datastore.codec import from_stored
+from datastore.errors import DatastoreError, ValidationError
+from datastore.etcd import EtcdClient, KeyValue, Resync, Watch, WatchEvent
+from datastore.resources import KINDS
+from felix_agent.calc.snapshot import AFFINITY, BLOCK, Affinity, Snapshot, Update
+from ipam.block import Block
+
+log = logging.getLogger(__name__)
+
+_RESOURCE_PLURALS = ("ippools", "nodes", "workloadendpoints", "networkpolicies", "globalnetworkpolicies",
+                     "profiles", "felixconfigurations")
+# Resource kinds the agent reads (felixconfigurations once the kind exists), then IPAM blocks and affinities.
+DEFAULT_PREFIXES: tuple[str, ...] = (
+    *(keys.resource_prefix(plural) for plural in _RESOURCE_PLURALS if plural in KINDS),
+    keys.BLOCKS,
+    keys.AFFINITIES,
+)
+MAX_BATCH = 5000  # events handed over at once at most, so a flood still yields regular batches
+
+OnUpdate = Callable[[list[Update], Snapshot], None]
+_END = object()
+
+
+def decode(key: str, value: bytes, mod_revision: int) -> Update:
+    """The typed update a put of ``value`` at ``key`` means; ValueError when it does not decode."""
+    try:
+        return _decode(key, value, mod_revision)
+    except ValidationError as e:
+        raise ValueError(str(e)) from None
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # malformed documents, by hand
+        raise ValueError(f"{key} is corrupt: {e!r}") from None
+
+
+def _decode(key: str, value: bytes, mod_revision: int) -> Update:
+    if key.startswith(keys.RESOURCES):
+        plural = key[len(keys.RESOURCES):].split("/", 1)[0]
+        kind = KINDS.get(plural)
+        if kind is None or plural != kind.PLURAL:
+            raise ValueError(f"{key}: no resource kind is stored under {plural!r}")
+        resource = from_stored(value, mod_revision, key)
+        if resource.kind is not kind:
+            raise ValueError(f"{key} holds a {resource.kind.KIND}, not a {kind.KIND}")
+        return Update(kind.KIND, key, resource)
+    if key.startswith(keys.BLOCKS):
+        return Update(BLOCK, key, Block.from_json(value))
+    if key.startswith(keys.AFFINITIES):
+        doc = json.loads(value)
+        state = str(doc.get("state", "confirmed")) if isinstance(doc, dict) else "confirmed"
+        return Update(AFFINITY, key, Affinity(keys.node_from_affinity_key(key), keys.cidr_from_key(key), state))
+    raise ValueError(f"{key}: not a key the syncer knows how to read")
+
+
+class Syncer:
+    """``Syncer(client, on_update=callback).start()``; ``in_sync`` is set once the listing was delivered.
+
+    ``on_update(updates, snapshot)`` runs on the syncer's thread after each batch, with the live
+    snapshot: read it there; from another thread use :meth:`copy_snapshot`. Given a ``snapshot``
+    (e.g. a stopped syncer's), the syncer skips the listing and resumes watching after
+    ``snapshot.revision``, re-listing if that revision has been compacted away.
+    """
+
+    def __init__(self, client: EtcdClient, prefixes: Sequence[str] = DEFAULT_PREFIXES,
+                 on_update: OnUpdate | None = None, *, snapshot: Snapshot | None = None,
+                 retry_delay: float = 1.0) -> None:
+        self.client = client
+        self.prefixes = tuple(prefixes)
+        self.on_update = on_update
+        self.snapshot = snapshot if snapshot is not None else Snapshot()
+        self._resume = snapshot is not None
+        self.retry_delay = retry_delay
+        self.in_sync = threading.Event()
+        self.resyncs = 0  # re-listings after a compaction (a metric)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # held while the snapshot changes (see copy_snapshot)
+        self._watch: Watch | None = None
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._listed: dict[str, int] = {}  # prefix → revision of its listing (replayed events ≤ it are stale)
+        self._thread: threading.Thread | None = None
+        self._pump: threading.Thread | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="syncer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the watch and end the thread; the snapshot stays readable (and resumable)."""
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
+        self._events.put(_END)
+        for thread in (self._thread, self._pump):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def copy_snapshot(self) -> Snapshot:
+        """A consistent copy of the current snapshot, from any thread (shallow: under 1 ms per 10,000 values)."""
+        with self._lock:
+            return self.snapshot.copy()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        """The thread's body: list (unless resuming), then apply watch events until stopped."""
+        if self._resume:
+            start = self.snapshot.revision + 1
+            self._deliver(list(self.snapshot.updates()))
+        else:
+            listed = self._list()
+            if listed is None:
+                return
+            start = listed
+        self.in_sync.set()
+        log.info("in sync: %d values as of revision %d", len(self.snapshot), self.snapshot.revision)
+        self._watch = self.client.watch(keys.ROOT, start)
+        if self._stop.is_set():  # stop() ran before the watch existed
+            return
+        self._pump = threading.Thread(target=self._read_watch, args=(self._watch,), name="syncer-watch",
+                                      daemon=True)
+        self._pump.start()
+        while not self._stop.is_set():
+            batch = [self._events.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            ended = any(item is _END for item in batch)
+            with self._lock:
+                updates = self._handle([item for item in batch if item is not _END])
+            self._deliver(updates)
+            if ended:
+                break
+
+    # ---- listing ------------------------------------------------------------------------------
+    def _list(self) -> int | None:
+        """Lists every prefix into a fresh snapshot and delivers it; the watch's start revision."""
+        while not self._stop.is_set():
+            try:
+                listings = {prefix: self.client.list(prefix) for prefix in self.prefixes}
+                break
+            except DatastoreError as e:
+                log.warning("listing the datastore failed: %s; retrying", e)
+                self._stop.wait(self.retry_delay)
+        else:
+            return None
+        snapshot = Snapshot()
+        for prefix, (kvs, revision) in listings.items():
+            self._listed[prefix] = revision
+            for kv in kvs:
+                self._put(snapshot, kv, [])
+        # Prefixes were read at slightly different revisions: watch from the earliest, and skip
+        # replayed events a later listing already holds (see _stale).
+        first = min(self._listed.values(), default=0)
+        snapshot.revision = first
+        with self._lock:
+            self.snapshot = snapshot
+        self._deliver(list(snapshot.updates()))
+        return first + 1
+
+    # ---- watching -----------------------------------------------------------------------------
+    def _read_watch(self, watch: Watch) -> None:
+        try:
+            for item in watch:
+                self._events.put(item)
+        except Exception:  # a bug in the watch must not leave the syncer waiting forever
+            log.exception("the datastore watch failed")
+        finally:
+            self._events.put(_END)
+
+    def _handle(self, items: Iterable[WatchEvent | Resync]) -> list[Update]:
+        updates: list[Update] = []
+        for item in items:
+            if isinstance(item, Resync):
+                updates += self._resync(item.kvs, item.revision)
+                continue
+            kv = item.kv
+            if self._stale(kv.key, kv.mod_revision):
+                continue
+            self.snapshot.revision = max(self.snapshot.revision, kv.mod_revision)
+            if not self._watched(kv.key):
+                continue
+            if item.deleted:
+                kind = self.snapshot.kind_of(kv.key)
+                if kind is not None:
+                    update = Update(kind, kv.key, None)
+                    self.snapshot.apply(update)
+                    updates.append(update)
+            else:
+                self._put(self.snapshot, kv, updates)
+        return updates
+
+    def _resync(self, kvs: list[KeyValue], revision: int) -> list[Update]:
+        """Replaces the snapshot with a fresh listing; the updates that turn the old into the new."""
+        log.warning("the watch fell behind a compaction; re-listed %d keys at revision %d", len(kvs), revision)
+        self.resyncs += 1
+        fresh = Snapshot(revision=revision)
+        for kv in kvs:
+            if self._watched(kv.key):
+                self._put(fresh, kv, [])
+        old = self.snapshot
+        updates = [u for u in fresh.updates() if old.mod_revisions.get(u.key) != fresh.mod_revisions[u.key]]
+        updates += [Update(kind, key, None) for kind, table in old.tables.items() for key in table
+                    if key not in fresh.mod_revisions]
+        self._listed = {}
+        self.snapshot = fresh
+        return updates
+
+    def _put(self, snapshot: Snapshot, kv: KeyValue, updates: list[Update]) -> None:
+        """Decodes ``kv`` into ``snapshot``; a value that does not decode removes the key instead."""
+        try:
+            update = decode(kv.key, kv.value, kv.mod_revision)
+        except ValueError as e:
+            log.error("skipping undecodable value at revision %d: %s", kv.mod_revision, e)
+            kind = snapshot.kind_of(kv.key)
+            if kind is not None:
+                update = Update(kind, kv.key, None)
+                snapshot.apply(update)
+                updates.append(update)
+            return
+        snapshot.apply(update, kv.mod_revision)
+        updates.append(update)
+
+    def _watched(self, key: str) -> bool:
+        return any(key.startswith(prefix) for prefix in self.prefixes)
+
+    def _stale(self, key: str, mod_revision: int) -> bool:
+        """Whether a replayed event is older than the listing of its prefix (which holds its effect)."""
+        if not self._listed:
+            return False
+        if mod_revision > max(self._listed.values()):
+            self._listed = {}  # past every listing: nothing replayed is stale any more
+            return False
+        return any(key.startswith(p) and mod_revision <= rev for p, rev in self._listed.items())
+
+    def _deliver(self, updates: list[Update]) -> None:
+        if not updates and self.in_sync.is_set():
+            return
+        if self.on_update is None:
+            return
+        try:
+            self.on_update(updates, self.snapshot)
+        except Exception:  # the consumer's bug must not stop the datastore feed
+            log.exception("on_update failed on a batch of %d updates", len(updates))
