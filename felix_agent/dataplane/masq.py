@@ -1,0 +1,69 @@
+"""The NAT-outgoing manager (Felix's ``masqManager``).
+
+Owns, in the shared ``inet tortie`` table: the chain ``nat-postrouting`` (hook postrouting, priority
+srcnat) and the sets ``nat-pools-v4|v6`` (pools with ``natOutgoing``) and ``all-pools-v4|v6`` (every
+pool). Traffic from a NAT-outgoing pool to a destination outside every pool leaves with the host's
+address; traffic between pool addresses keeps its source. The chain is static: a pool change is
+set elements only.
+
+Shares the table with the policy manager through the driver (each declares its own named chains
+and sets; the driver writes both in one table), so neither can clobber the other.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from felix_agent.calc.model import DesiredState
+from felix_agent.dataplane.nftables import Chain, Hook, NftTable, Rule, Ruleset, Set, address_elements
+
+log = logging.getLogger(__name__)
+
+OWNER = "masq"
+CHAIN = "nat-postrouting"
+FAMILIES = ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr"))
+
+
+def render(nat_pools: frozenset[str], all_pools: frozenset[str]) -> Ruleset:
+    """The NAT-outgoing part of the table (pure)."""
+    sets: list[Set] = []
+    rules: list[Rule] = []
+    for version, ip, addr_type in FAMILIES:
+        nat, every = f"nat-pools-v{version}", f"all-pools-v{version}"
+        # every NAT pool is a pool, even if the calculation graph left it out of all_pools
+        members = {nat: nat_pools, every: nat_pools | all_pools}
+        sets += [
+            Set(name, addr_type, ("interval",), frozenset(address_elements(members[name], version)))
+            for name in (nat, every)
+        ]
+        rules.append(Rule(f"{ip} saddr @{nat} {ip} daddr != @{every} masquerade", f"natOutgoing IPv{version}"))
+    return Ruleset(chains=(Chain(CHAIN, tuple(rules), Hook("postrouting", "nat", "srcnat")),), sets=tuple(sets))
+
+
+class MasqManager:
+    """``on_update`` records the pools; ``apply`` writes the set elements that changed."""
+
+    def __init__(self, table: NftTable) -> None:
+        self._table = table
+        self._pools: tuple[frozenset[str], frozenset[str]] | None = None
+        self._dirty = False
+        table.add_owner(OWNER)
+
+    def on_update(self, state: DesiredState) -> None:
+        """Remember the pools; no kernel I/O."""
+        pools = (state.nat_pools, state.all_pools)
+        if pools != self._pools:
+            self._pools, self._dirty = pools, True
+
+    def apply(self, resync: bool = False) -> str:
+        """Reconcile the table; ``resync`` re-reads it first. Returns the transaction written ("" for none)."""
+        if self._pools is None or not (self._dirty or resync):
+            return ""
+        self._table.declare(OWNER, render(*self._pools))
+        if resync:
+            self._table.reload()
+        written = self._table.apply()
+        if written:
+            log.info("NAT-outgoing updated", extra={"nat_pools": sorted(self._pools[0])})
+        self._dirty = False
+        return written

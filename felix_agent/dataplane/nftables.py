@@ -1,0 +1,392 @@
+"""The nftables driver: one table, read back from the kernel and written in atomic ``nft -f`` transactions.
+
+Knows nothing about policy or pools. Its callers (*owners*: the policy manager, the NAT-outgoing
+manager) each declare the chains, sets and verdict maps they want, by name; ``apply()`` merges the
+declarations, diffs them against what the kernel holds and writes the difference as one
+transaction: set and map elements are added or deleted without touching any rule; a chain whose
+rules changed is flushed and rewritten; objects nobody declares any more are deleted after the
+rules that referenced them. What it cannot diff (a set whose type changed, a base chain whose hook
+changed, a transaction the kernel refused) is repaired by recreating the whole table in one
+transaction, so the kernel never sees a half-written table.
+
+The kernel is the record: every rule carries a comment starting with a hash of its text, so a
+restarted agent (or a periodic ``reload()``) recognises its own rules, and a rule edited or
+deleted by hand shows up as a chain to rewrite. Between reloads the driver trusts its own view of
+what it last wrote, so an apply costs one ``nft`` process, not a read and a write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import re
+import subprocess
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
+
+PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+TAG_LEN = 12  # hex digits of a rule's hash in its comment
+MAX_COMMENT = 128  # nft refuses longer comments
+ELEMENT_CHUNK = 1000  # elements per "add element" line
+
+
+class NftError(Exception):
+    """``nft`` refused a command; the message carries nft's own diagnosis (the offending line)."""
+
+
+@dataclass(frozen=True)
+class Hook:
+    """What makes a chain a base chain. ``priority`` is a standard name, optionally with an offset ("filter + 10")."""
+
+    hook: str
+    type: str = "filter"
+    priority: str = "filter"
+    policy: str = "accept"
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        name, _, offset = self.priority.partition(" ")
+        number = PRIORITIES[name] + (int(offset.replace(" ", "")) if offset else 0)
+        return (self.hook, self.type, number, self.policy)
+
+    def render(self) -> str:
+        return f"{{ type {self.type} hook {self.hook} priority {self.priority} ; policy {self.policy} ; }}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: ``body`` is nft syntax without a comment; the driver writes ``comment "<hash> <comment>"``."""
+
+    body: str
+    comment: str = ""
+
+    @cached_property
+    def tag(self) -> str:
+        return hashlib.sha256(f"{self.body}\0{self.comment}".encode()).hexdigest()[:TAG_LEN]
+
+    def render(self) -> str:
+        # one line per command in the transaction, and nft's string syntax has no escapes
+        text = re.sub(r"[\x00-\x1f\\]", " ", f"{self.tag} {self.comment}".strip()).replace('"', "'")
+        text = text.encode()[:MAX_COMMENT].decode(errors="ignore")  # nft counts bytes
+        return f'{self.body} comment "{text}"'
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    rules: tuple[Rule, ...] = ()
+    hook: Hook | None = None
+
+    @cached_property
+    def signature(self) -> tuple[tuple[str, str, int, str] | None, tuple[str, ...]]:
+        return (self.hook.key if self.hook else None, tuple(r.tag for r in self.rules))
+
+
+@dataclass(frozen=True)
+class Set:
+    """A named set. ``elements`` are nft literals in the form nft prints them back (``10.0.0.1``,
+    ``10.1.0.0/16``, ``10.0.0.1 . tcp . 80``), so that a read-back compares equal."""
+
+    name: str
+    type: str  # "ipv4_addr", "ipv4_addr . inet_proto . inet_service"
+    flags: tuple[str, ...] = ()
+    elements: frozenset[str] = frozenset()
+
+    @property
+    def spec(self) -> tuple[str, tuple[str, ...]]:
+        return (self.type, tuple(sorted(self.flags)))
+
+    def render(self) -> str:
+        flags = f" flags {', '.join(self.flags)} ;" if self.flags else ""
+        return f"{{ type {self.type} ;{flags} }}"
+
+
+@dataclass(frozen=True)
+class Map:
+    """A named map, ``key_type : value_type``; ``elements`` maps a key literal (``"tor1a2b"``, quoted
+    as nft prints it) to a value literal (``goto to-1a2b``)."""
+
+    name: str
+    key_type: str
+    value_type: str = "verdict"
+    elements: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def spec(self) -> tuple[str, tuple[str, ...]]:
+        return (f"{self.key_type} : {self.value_type}", ())
+
+    def render(self) -> str:
+        return f"{{ type {self.key_type} : {self.value_type} ; }}"
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """One owner's share of the table."""
+
+    chains: tuple[Chain, ...] = ()
+    sets: tuple[Set, ...] = ()
+    maps: tuple[Map, ...] = ()
+
+
+@dataclass
+class _View:
+    """What the kernel holds (as read back, or as last written): chain signatures, sets, maps."""
+
+    chains: dict[str, tuple[tuple[str, str, int, str] | None, tuple[str, ...]]] = field(default_factory=dict)
+    sets: dict[str, Set] = field(default_factory=dict)
+    maps: dict[str, Map] = field(default_factory=dict)
+
+
+@dataclass
+class _Desired:
+    chains: dict[str, Chain] = field(default_factory=dict)
+    sets: dict[str, Set] = field(default_factory=dict)
+    maps: dict[str, Map] = field(default_factory=dict)
+
+
+def nft_runner(netns: str | None = None) -> Runner:
+    """Run the real ``nft``, inside the named network namespace when ``netns`` is given."""
+    prefix = ["ip", "netns", "exec", netns, "nft"] if netns else ["nft"]
+
+    def run(args: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([*prefix, *args], input=stdin, capture_output=True, text=True, check=False)
+        except FileNotFoundError as err:
+            return subprocess.CompletedProcess([*prefix, *args], 127, "", f"{err.filename} is not installed (nftables)")
+
+    return run
+
+
+class NftTable:
+    """One nftables table, shared by the owners that declare parts of it."""
+
+    def __init__(
+        self, family: str = "inet", name: str = "tortie", run: Runner | None = None, netns: str | None = None
+    ) -> None:
+        self.family, self.name = family, name
+        self._run = run or nft_runner(netns)
+        self._owners: dict[str, Ruleset | None] = {}
+        self._view: _View | None = None  # None: read the kernel before the next diff
+
+    def add_owner(self, owner: str) -> None:
+        """Announce an owner: until every announced owner has declared, objects nobody declares are kept
+        (so the first manager to apply after a restart does not delete the others' chains)."""
+        self._owners.setdefault(owner, None)
+
+    def declare(self, owner: str, ruleset: Ruleset) -> None:
+        """Record what ``owner`` wants in the table; no kernel I/O."""
+        self._owners[owner] = ruleset
+
+    def reload(self) -> None:
+        """Read the kernel back now, so that the next ``apply()`` repairs out-of-band changes."""
+        self._view = self.read()
+
+    def apply(self, rewrite: bool = False) -> str:
+        """Write the difference between the declarations and the kernel in one transaction; return its text
+        ("" when there was nothing to do). ``rewrite`` recreates the whole table from the declarations
+        (the periodic full resync; an owner that has not declared yet loses its objects until it does)."""
+        want = self._merged()
+        sweep = all(r is not None for r in self._owners.values())
+        if not rewrite:
+            for attempt in range(2):
+                if self._view is None or attempt:
+                    self._view = self.read()
+                script = _diff(self._prefix, want, self._view, sweep)
+                if script is None:
+                    break  # something the diff cannot express: fall back to recreating the table
+                if not script:
+                    return ""
+                try:
+                    self._transact(script)
+                except NftError as err:
+                    log.warning("nft transaction refused, re-reading the table: %s", err)
+                    continue
+                self._remember(want, sweep)
+                return "\n".join(script)
+        script = _recreate(self._prefix, want)
+        try:
+            self._transact(script)
+        except NftError:
+            self._view = None
+            raise
+        self._view = _View()
+        self._remember(want, True)
+        return "\n".join(script)
+
+    def read(self) -> _View:
+        """What the kernel holds in this table (empty when the table does not exist)."""
+        done = self._run(["-j", "list", "table", self.family, self.name], None)
+        if done.returncode != 0:
+            if "Error: No such file or directory" in done.stderr:  # nft's answer for a missing table
+                return _View()
+            raise NftError(f"nft list table {self.family} {self.name}: {done.stderr.strip()}")
+        return _parse(json.loads(done.stdout))
+
+    @property
+    def _prefix(self) -> str:
+        return f"{self.family} {self.name}"
+
+    def _merged(self) -> _Desired:
+        want = _Desired()
+        for owner, ruleset in self._owners.items():
+            if ruleset is None:
+                continue
+            for kind, items in (("chains", ruleset.chains), ("sets", ruleset.sets), ("maps", ruleset.maps)):
+                table: dict[str, Any] = getattr(want, kind)
+                for item in items:
+                    if item.name in table:
+                        raise ValueError(f"{kind[:-1]} {item.name} declared twice (again by {owner})")
+                    table[item.name] = item
+        return want
+
+    def _transact(self, script: list[str]) -> None:
+        done = self._run(["-f", "-"], "\n".join(script) + "\n")
+        if done.returncode != 0:
+            raise NftError(done.stderr.strip() or f"nft -f exited {done.returncode}")
+
+    def _remember(self, want: _Desired, sweep: bool) -> None:
+        """After a successful transaction the kernel holds ``want`` (and, without a sweep, the leftovers)."""
+        view = self._view if self._view is not None else _View()
+        if sweep:
+            for name in [n for n in view.chains if n not in want.chains]:
+                del view.chains[name]
+            view.sets = {n: s for n, s in view.sets.items() if n in want.sets}
+            view.maps = {n: m for n, m in view.maps.items() if n in want.maps}
+        for name, chain in want.chains.items():
+            if view.chains.get(name) is not chain.signature:
+                view.chains[name] = chain.signature
+        view.sets.update(want.sets)
+        view.maps.update(want.maps)
+        self._view = view
+
+
+def address_elements(nets: Iterable[str], version: int) -> list[str]:
+    """The elements of an interval set of addresses: one family's nets, merged (nft refuses overlapping
+    intervals) and written as nft prints them back (a host as a bare address)."""
+    parsed = [ipaddress.ip_network(n, strict=False) for n in nets]
+    merged: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    if version == 4:
+        merged = ipaddress.collapse_addresses(n for n in parsed if isinstance(n, ipaddress.IPv4Network))
+    else:
+        merged = ipaddress.collapse_addresses(n for n in parsed if isinstance(n, ipaddress.IPv6Network))
+    return [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in merged]
+
+
+def _diff(t: str, want: _Desired, have: _View, sweep: bool) -> list[str] | None:
+    """The transaction that turns ``have`` into ``want``, in an order nft accepts; None when only
+    recreating the table can do it."""
+    make: list[str] = []
+    elements_out: list[str] = []
+    elements_in: list[str] = []
+    rules: list[str] = []
+    for s in want.sets.values():
+        old_set = have.sets.get(s.name)
+        if old_set is not None and old_set.spec != s.spec:
+            return None
+        if old_set is None:
+            make.append(f"add set {t} {s.name} {s.render()}")
+        if old_set is None or old_set.elements is not s.elements:
+            old_elements = old_set.elements if old_set is not None else frozenset()
+            elements_out += _elements("delete", t, s.name, sorted(old_elements - s.elements))
+            elements_in += _elements("add", t, s.name, sorted(s.elements - old_elements))
+    for m in want.maps.values():
+        old_map = have.maps.get(m.name)
+        if old_map is not None and old_map.spec != m.spec:
+            return None
+        if old_map is None:
+            make.append(f"add map {t} {m.name} {m.render()}")
+        if old_map is None or old_map.elements is not m.elements:
+            old_pairs = old_map.elements if old_map is not None else frozenset()
+            elements_out += _elements("delete", t, m.name, sorted(k for k, _ in old_pairs - m.elements))
+            elements_in += _elements("add", t, m.name, sorted(f"{k} : {v}" for k, v in m.elements - old_pairs))
+    for c in want.chains.values():
+        old_chain = have.chains.get(c.name)
+        if old_chain is c.signature:
+            continue  # the common case: the very chain written last time
+        if old_chain is not None and old_chain[0] != c.signature[0]:
+            return None
+        if old_chain == c.signature:
+            continue
+        if old_chain is None:
+            make.append(f"add chain {t} {c.name}" + (f" {c.hook.render()}" if c.hook else ""))
+        elif old_chain[1]:
+            rules.append(f"flush chain {t} {c.name}")
+        rules += (f"add rule {t} {c.name} {r.render()}" for r in c.rules)
+    drop: list[str] = []
+    if sweep:
+        gone = [name for name in have.chains if name not in want.chains]
+        # rules first (they reference sets, maps and chains), then sets and maps (maps reference chains)
+        drop += [f"flush chain {t} {name}" for name in gone]
+        drop += [f"delete set {t} {name}" for name in have.sets if name not in want.sets]
+        drop += [f"delete map {t} {name}" for name in have.maps if name not in want.maps]
+        drop += [f"delete chain {t} {name}" for name in gone]
+    body = make + elements_out + elements_in + rules + drop
+    return [f"add table {t}", *body] if body else []
+
+
+def _recreate(t: str, want: _Desired) -> list[str]:
+    script = [f"add table {t}", f"delete table {t}"]
+    script += _diff(t, want, _View(), False) or [f"add table {t}"]
+    return script
+
+
+def _elements(verb: str, t: str, name: str, items: Sequence[str]) -> Iterator[str]:
+    for start in range(0, len(items), ELEMENT_CHUNK):
+        yield f"{verb} element {t} {name} {{ {', '.join(items[start : start + ELEMENT_CHUNK])} }}"
+
+
+def _parse(document: dict[str, Any]) -> _View:
+    view = _View()
+    hooks: dict[str, tuple[str, str, int, str] | None] = {}
+    tags: dict[str, list[str]] = {}
+    for item in document.get("nftables", []):
+        if "chain" in item:
+            c = item["chain"]
+            hooks[c["name"]] = (c["hook"], c["type"], c["prio"], c.get("policy", "accept")) if "hook" in c else None
+            tags.setdefault(c["name"], [])
+        elif "rule" in item:
+            comment = item["rule"].get("comment", "")
+            tags.setdefault(item["rule"]["chain"], []).append(comment.split(" ", 1)[0] if comment else "")
+        elif "set" in item:
+            s = item["set"]
+            kind = s["type"] if isinstance(s["type"], str) else " . ".join(s["type"])
+            elements = frozenset(_literal(e, kind) for e in s.get("elem", []))
+            view.sets[s["name"]] = Set(s["name"], kind, tuple(s.get("flags", ())), elements)
+        elif "map" in item:
+            m = item["map"]
+            key_type = m["type"] if isinstance(m["type"], str) else " . ".join(m["type"])
+            pairs = frozenset((_literal(k, key_type), _verdict(v)) for k, v in m.get("elem", []))
+            view.maps[m["name"]] = Map(m["name"], key_type, m["map"], pairs)
+    view.chains = {name: (hooks.get(name), tuple(found)) for name, found in tags.items()}
+    return view
+
+
+def _literal(element: Any, kind: str) -> str:
+    """An element of nft's JSON as the literal nft's text syntax uses (and Set.elements holds)."""
+    if isinstance(element, dict):
+        if "elem" in element:
+            return _literal(element["elem"]["val"], kind)
+        if "prefix" in element:
+            return f"{element['prefix']['addr']}/{element['prefix']['len']}"
+        if "range" in element:
+            return "-".join(str(v) for v in element["range"])
+        if "concat" in element:
+            return " . ".join(_literal(v, "") for v in element["concat"])
+    if isinstance(element, str) and kind in ("ifname", "string"):
+        return f'"{element}"'
+    return str(element)
+
+
+def _verdict(value: Any) -> str:
+    if isinstance(value, dict) and len(value) == 1:
+        verb, arg = next(iter(value.items()))
+        return f"{verb} {arg['target']}" if isinstance(arg, dict) else str(verb)
+    return str(value)

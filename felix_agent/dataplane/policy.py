@@ -1,0 +1,371 @@
+"""The policy manager: local endpoints' policies and profiles, rendered into the ``inet tortie`` table.
+
+Owns, in the shared table (through the nftables driver): the base chains ``forward`` (workload
+egress, priority filter), ``forward-to-wl`` (workload ingress, filter + 10) and ``input``
+(workload → host runs the endpoint's egress); the verdict maps ``from-wl`` / ``to-wl`` keyed by
+interface name; per endpoint the chains ``from-<h>`` (egress) and ``to-<h>`` (ingress); per policy or
+profile and direction ``pol-<h>-in|out`` / ``pro-<h>-in|out``; the IP sets ``s-<id>-v4|v6`` and
+named-port sets ``np-<id>-v4|v6``. A new endpoint is two map elements and its own chains; a label
+change is set elements only.
+
+Why two forward chains: ``accept`` ends a packet's walk through one base chain only, so a policy's
+Allow can be a plain ``accept`` and the destination's ingress still runs in the later chain.
+Only traffic on ``tor*`` interfaces is looked at; everything else on the host passes untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMatch
+from felix_agent.dataplane.nftables import Chain, Hook, Map, NftTable, Rule, Ruleset, Set, address_elements
+
+log = logging.getLogger(__name__)
+
+OWNER = "policy"
+INGRESS, EGRESS = "in", "out"
+WORKLOADS = '"tor*"'
+PASS_MARK = 0x02000000  # set by a Pass rule: skip the remaining policies, go to the profiles
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
+PORT_PROTOCOLS = "{ tcp, udp, sctp, udplite }"  # ports mean nothing to other protocols
+NAMED_NETS_ABOVE = 16  # longer net lists go to a named set instead of an anonymous one
+NDP_TYPES = "{ 130, 131, 132, 133, 135, 136 }"  # MLD and neighbour discovery, as Felix allows them to the host
+FAMILY_PIECES = ("ip ", "ip6 ", "icmp ", "icmpv6 ")  # matches that already pin the address family
+
+
+@dataclass(frozen=True)
+class _Family:
+    ip: str  # the payload expression: "ip" / "ip6"
+    icmp: str
+    nfproto: str
+    addr_type: str
+
+
+FAMILIES = {
+    4: _Family("ip", "icmp", "ipv4", "ipv4_addr"),
+    6: _Family("ip6", "icmpv6", "ipv6", "ipv6_addr"),
+}
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def endpoint_chain(key: str, direction: str) -> str:
+    return ("to-" if direction == INGRESS else "from-") + short_hash(key)
+
+
+def policy_chain(policy_id: str, direction: str) -> str:
+    kind = "pro" if policy_id.startswith("pro/") else "pol"
+    return f"{kind}-{short_hash(policy_id)}-{direction}"
+
+
+def set_name(set_id: str, version: int, named_port: bool = False) -> str:
+    safe = set_id if re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", set_id) else short_hash(set_id)
+    return f"{'np' if named_port else 's'}-{safe}-v{version}"
+
+
+def _choice(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _ports(ports: Iterable[tuple[int, int]]) -> str:
+    return _choice([str(a) if a == b else f"{a}-{b}" for a, b in sorted(ports)])
+
+
+def _protocol(number: int) -> str:
+    return PROTOCOLS.get(number, str(number))
+
+
+def _verdict(action: str, log_prefix: str) -> str:
+    if action == "Allow":
+        return "accept"
+    if action == "Deny":
+        return "drop"
+    if action == "Log":
+        return f'log prefix "{log_prefix[:120]}: "'
+    if action == "Pass":
+        return f"meta mark set meta mark | {PASS_MARK:#010x} return"
+    raise ValueError(f"unknown rule action {action!r}")
+
+
+def _families(rule: RuleMatch) -> list[int]:
+    """The IP versions a rule can match: an address list of one family restricts it to that family."""
+    versions = {4, 6} if rule.ip_version is None else {rule.ip_version}
+    if rule.protocol == 1:
+        versions &= {4}
+    elif rule.protocol == 58:
+        versions &= {6}
+    for nets in (rule.src_nets, rule.dst_nets):
+        if nets:
+            versions &= {ipaddress.ip_network(n, strict=False).version for n in nets}
+    return sorted(versions)
+
+
+def render_rule(rule: RuleMatch, log_prefix: str = "tortie") -> tuple[list[Rule], list[Set]]:
+    """One Calico rule as nft rules (one per family where addresses differ, one per named-port
+    alternative) and the named sets they use (selector sets empty: their members come from the IP sets)."""
+    verdict = _verdict(rule.action, log_prefix)
+    sets: list[Set] = []
+    bodies: dict[int, list[list[str]]] = {}
+    for version in _families(rule):
+        fam = FAMILIES[version]
+        match: list[str] = []
+        if rule.protocol is not None:
+            match.append(f"meta l4proto {_protocol(rule.protocol)}")
+        if rule.not_protocol is not None:
+            match.append(f"meta l4proto != {_protocol(rule.not_protocol)}")
+        for side, nets, not_nets, in_sets, not_sets in (
+            ("saddr", rule.src_nets, rule.src_not_nets, rule.src_sets, rule.src_not_sets),
+            ("daddr", rule.dst_nets, rule.dst_not_nets, rule.dst_sets, rule.dst_not_sets),
+        ):
+            for op, listed in (("", nets), ("!= ", not_nets)):
+                mine = address_elements(listed, version)
+                if len(mine) > NAMED_NETS_ABOVE:
+                    name = f"n-{short_hash(' '.join(mine))}-v{version}"
+                    sets.append(Set(name, fam.addr_type, ("interval",), frozenset(mine)))
+                    match.append(f"{fam.ip} {side} {op}@{name}")
+                elif mine:
+                    match.append(f"{fam.ip} {side} {op}{_choice(mine)}")
+            for op, ids in (("", in_sets), ("!= ", not_sets)):
+                for set_id in ids:
+                    sets.append(Set(set_name(set_id, version), fam.addr_type, ("interval",)))
+                    match.append(f"{fam.ip} {side} {op}@{sets[-1].name}")
+        if rule.protocol is None and (rule.src_ports or rule.src_not_ports or rule.dst_ports or rule.dst_not_ports):
+            match.append(f"meta l4proto {PORT_PROTOCOLS}")
+        alternatives: list[list[str]] = []
+        for side, ports, not_ports, named_ports in (
+            ("sport", rule.src_ports, rule.src_not_ports, rule.src_named_port_sets),
+            ("dport", rule.dst_ports, rule.dst_not_ports, rule.dst_named_port_sets),
+        ):
+            if not_ports:
+                match.append(f"th {side} != {_ports(not_ports)}")
+            options = [f"th {side} {_ports(ports)}"] if ports else []
+            for set_id in named_ports:  # a named port is an alternative to the numeric ports, not an extra condition
+                np = Set(set_name(set_id, version, True), f"{fam.addr_type} . inet_proto . inet_service")
+                sets.append(np)
+                options.append(f"{fam.ip} {side[0]}addr . meta l4proto . th {side} @{np.name}")
+            alternatives.append(options or [""])
+        icmp = fam.icmp
+        if rule.icmp_type is not None:
+            match.append(f"{icmp} type {rule.icmp_type}")
+            if rule.icmp_code is not None:
+                match.append(f"{icmp} code {rule.icmp_code}")
+        if rule.not_icmp_type is not None:
+            if rule.not_icmp_code is None:
+                match.append(f"{icmp} type != {rule.not_icmp_type}")
+            else:
+                match.append(f"{icmp} type . {icmp} code != {{ {rule.not_icmp_type} . {rule.not_icmp_code} }}")
+        bodies[version] = [
+            [p for p in (*match, src, dst, verdict) if p] for src in alternatives[0] for dst in alternatives[1]
+        ]
+    if len(bodies) == 2 and bodies[4] == bodies[6]:
+        bodies = {0: bodies[4]}  # nothing family-specific: one rule serves both families
+    rules: list[Rule] = []
+    for version, texts in bodies.items():
+        for pieces in texts:
+            if version and not any(p.startswith(FAMILY_PIECES) for p in pieces):
+                pieces = [f"meta nfproto {FAMILIES[version].nfproto}", *pieces]
+            rules.append(Rule(" ".join(pieces), rule.comment))
+    return rules, sets
+
+
+def render_policy(policy: Policy, direction: str) -> tuple[Chain, list[Set]]:
+    """A policy's (or profile's) chain for one direction; it ends by returning to the endpoint chain."""
+    rules: list[Rule] = []
+    sets: list[Set] = []
+    prefix = re.sub(r"[^A-Za-z0-9/._: -]", "_", f"tortie {policy.id} {direction}")
+    for rule in policy.ingress if direction == INGRESS else policy.egress:
+        more_rules, more_sets = render_rule(rule, prefix)
+        rules += more_rules
+        sets += more_sets
+    return Chain(policy_chain(policy.id, direction), tuple(rules)), sets
+
+
+def render_endpoint(endpoint: Endpoint, direction: str, known: Mapping[str, Policy]) -> Chain:
+    """Conntrack first; then the policies in order (a Pass skips the rest), default deny once any
+    policy applies; then the profiles; then drop. A policy or profile we do not have fails closed."""
+    rules = [Rule("ct state established,related accept"), Rule("ct state invalid drop")]
+    policies = endpoint.ingress_policies if direction == INGRESS else endpoint.egress_policies
+    not_passed = f"meta mark & {PASS_MARK:#010x} == 0 "
+    if policies:
+        rules.append(Rule(f"meta mark set meta mark & {~PASS_MARK & 0xFFFFFFFF:#010x}", "clear the pass mark"))
+    for index, pid in enumerate(policies):
+        guard = not_passed if index else ""
+        target = f"jump {policy_chain(pid, direction)}" if pid in known else "drop"
+        rules.append(Rule(guard + target, f"policy {pid}" + ("" if pid in known else " is missing")))
+    if policies:
+        rules.append(Rule(not_passed + "drop", "default deny: no policy allowed the packet"))
+    for pid in endpoint.profiles:
+        target = f"jump {policy_chain(pid, direction)}" if pid in known else "drop"
+        rules.append(Rule(target, f"profile {pid}" + ("" if pid in known else " is missing")))
+    rules.append(Rule("drop", "no profile allowed the packet"))
+    return Chain(endpoint_chain(endpoint.key, direction), tuple(rules))
+
+
+def render_ipset(ipset: IPSet) -> Set:
+    fam = FAMILIES[ipset.version]
+    if ipset.kind == "named-port":
+        members = frozenset(filter(None, (_named_port(m, ipset.version) for m in ipset.members)))
+        return Set(set_name(ipset.id, ipset.version, True), f"{fam.addr_type} . inet_proto . inet_service", (), members)
+    return Set(
+        set_name(ipset.id, ipset.version),
+        fam.addr_type,
+        ("interval",),
+        frozenset(address_elements(ipset.members, ipset.version)),
+    )
+
+
+def _named_port(member: str, version: int) -> str | None:
+    """``10.0.0.5,tcp:8080`` → ``10.0.0.5 . tcp . 8080`` (None for a member of the other family)."""
+    address, _, rest = member.partition(",")
+    protocol, _, port = rest.partition(":")
+    ip = ipaddress.ip_interface(address).ip
+    if ip.version != version:
+        return None
+    name = protocol.lower()
+    return f"{ip} . {_protocol(int(name)) if name.isdigit() else name} . {int(port)}"
+
+
+BASE_CHAINS = (
+    Chain(
+        "forward",
+        (
+            Rule(f"iifname {WORKLOADS} iifname vmap @from-wl", "from a workload: its egress policy"),
+            Rule(f"iifname {WORKLOADS} drop", "unknown workload interface"),
+        ),
+        Hook("forward"),
+    ),
+    Chain(
+        "forward-to-wl",
+        (
+            Rule(f"oifname {WORKLOADS} oifname vmap @to-wl", "to a workload: its ingress policy"),
+            Rule(f"oifname {WORKLOADS} drop", "unknown workload interface"),
+        ),
+        Hook("forward", priority="filter + 10"),
+    ),
+    Chain(
+        "input",
+        (
+            Rule(f"iifname {WORKLOADS} icmpv6 type {NDP_TYPES} accept", "neighbour discovery to the host"),
+            Rule(f"iifname {WORKLOADS} iifname vmap @from-wl", "workload to host: its egress policy"),
+            Rule(f"iifname {WORKLOADS} drop", "unknown workload interface"),
+        ),
+        Hook("input"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class _Endpoints:
+    """The endpoint half of the table: per-endpoint chains, the dispatch maps, the policy chains used."""
+
+    chains: tuple[Chain, ...]
+    maps: tuple[Map, Map]
+    wanted: frozenset[tuple[str, str]]  # (policy id, direction)
+
+
+class _Renderer:
+    """``render`` with memory: unchanged endpoints, policies and IP sets reuse the objects rendered
+    last time, so a label change costs the changed set, not a re-render of every chain."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[tuple[Endpoint, frozenset[str]], tuple[Chain, Chain]] = {}
+        self._last: tuple[frozenset[Endpoint], frozenset[str], _Endpoints] | None = None
+        self._policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
+        self._ipsets: dict[IPSet, Set] = {}
+
+    def render(self, state: DesiredState) -> Ruleset:
+        known = {p.id: p for p in state.policies}
+        part = self._endpoint_part(state.endpoints, known)
+        chains = [*BASE_CHAINS, *part.chains]
+        sets: dict[str, Set] = {}
+        policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
+        for pid, direction in sorted(part.wanted):
+            key = (known[pid], direction)
+            policies[key] = self._policies.get(key) or render_policy(*key)
+            chains.append(policies[key][0])
+            for s in policies[key][1]:  # selector sets come empty from the rules: the IP sets fill them below
+                if s.elements or s.name not in sets:
+                    sets[s.name] = s
+        self._policies = policies
+        self._ipsets = {ipset: self._ipsets.get(ipset) or render_ipset(ipset) for ipset in state.ipsets}
+        sets.update((s.name, s) for s in self._ipsets.values())
+        return Ruleset(tuple(chains), tuple(sets[name] for name in sorted(sets)), part.maps)
+
+    def _endpoint_part(self, endpoints: frozenset[Endpoint], known: Mapping[str, Policy]) -> _Endpoints:
+        ids = frozenset(known)
+        if self._last and (self._last[0] is endpoints or self._last[0] == endpoints) and self._last[1] == ids:
+            return self._last[2]  # the common case of a label change: no endpoint changed
+        chains: list[Chain] = []
+        to_wl: set[tuple[str, str]] = set()
+        from_wl: set[tuple[str, str]] = set()
+        wanted: set[tuple[str, str]] = set()
+        rendered: dict[tuple[Endpoint, frozenset[str]], tuple[Chain, Chain]] = {}
+        interfaces: set[str] = set()
+        keys: set[str] = set()
+        for ep in sorted(endpoints, key=lambda e: (e.key, e.interface)):
+            if ep.interface in interfaces or ep.key in keys:
+                log.warning("endpoint %s on %s clashes with another endpoint: skipped", ep.key, ep.interface)
+                continue
+            interfaces.add(ep.interface)
+            keys.add(ep.key)
+            refs = frozenset(pid for pid in ep.ingress_policies + ep.egress_policies + ep.profiles if pid in known)
+            pair = self._endpoints.get((ep, refs)) or (
+                render_endpoint(ep, INGRESS, known),
+                render_endpoint(ep, EGRESS, known),
+            )
+            rendered[(ep, refs)] = pair
+            chains += pair
+            to_wl.add((f'"{ep.interface}"', f"goto {pair[0].name}"))
+            from_wl.add((f'"{ep.interface}"', f"goto {pair[1].name}"))
+            wanted.update((pid, INGRESS) for pid in ep.ingress_policies + ep.profiles if pid in known)
+            wanted.update((pid, EGRESS) for pid in ep.egress_policies + ep.profiles if pid in known)
+        self._endpoints = rendered
+        maps = (
+            Map("to-wl", "ifname", elements=frozenset(to_wl)),
+            Map("from-wl", "ifname", elements=frozenset(from_wl)),
+        )
+        part = _Endpoints(tuple(chains), maps, frozenset(wanted))
+        self._last = (endpoints, ids, part)
+        return part
+
+
+def render(state: DesiredState) -> Ruleset:
+    """The policy part of the table for ``state`` (pure: no kernel I/O)."""
+    return _Renderer().render(state)
+
+
+class PolicyManager:
+    """Felix's policy manager: ``on_update`` records, ``apply`` writes the difference in one transaction."""
+
+    def __init__(self, table: NftTable) -> None:
+        self._table = table
+        self._renderer = _Renderer()
+        self._state: DesiredState | None = None
+        self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet]] | None = None
+        self._dirty = False
+        table.add_owner(OWNER)
+
+    def on_update(self, state: DesiredState) -> None:
+        """Remember the state; no kernel I/O. Only endpoints, policies and IP sets concern this manager."""
+        seen = (state.endpoints, state.policies, state.ipsets)
+        if seen != self._seen:
+            self._state, self._seen, self._dirty = state, seen, True
+
+    def apply(self, resync: bool = False) -> str:
+        """Reconcile the kernel with the last state; ``resync`` re-reads the table first (out-of-band
+        changes). Returns the transaction written ("" for none). Nothing happens before the first update."""
+        if self._state is None or not (self._dirty or resync):
+            return ""
+        self._table.declare(OWNER, self._renderer.render(self._state))
+        if resync:
+            self._table.reload()
+        written = self._table.apply()
+        self._dirty = False
+        return written
