@@ -1,0 +1,399 @@
+"""The netlink driver of the dataplane managers: links, addresses, routes, FDB and neighbour entries.
+
+Knows nothing of pools, nodes or policy: it reads what the kernel holds as plain values and
+writes exactly what it is told, turning pyroute2's errors into ``KernelError``. It works in the
+network namespace its socket was opened in, so a lab opens it inside ``wiring.netns(path)``
+(``Netlink.open(path)``) and the root namespace is never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from pyroute2.iproute.linux import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_plugins.wiring import netns
+
+ROUTE_PROTOCOL = 80  # Tortie's agent (CONTRACT, "Kernel objects")
+RT_TABLE_MAIN = 254
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
+RTN_UNICAST, RTN_BLACKHOLE = 1, 6
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+IFF_UP = 0x1
+IFA_F_NODAD = 0x02
+DEFAULT_METRIC = {4: 0, 6: 1024}  # what the kernel gives a route added without one
+_SCOPES = {"universe": RT_SCOPE_UNIVERSE, "link": RT_SCOPE_LINK}
+_TYPES = {"unicast": RTN_UNICAST, "blackhole": RTN_BLACKHOLE}
+
+
+class KernelError(Exception):
+    """One netlink request was refused; ``code`` is the errno, the message names the request."""
+
+    def __init__(self, doing: str, code: int) -> None:
+        super().__init__(f"{doing}: {os.strerror(code)}")
+        self.code = code
+
+
+class ApplyError(Exception):
+    """Some writes of an ``apply()`` failed (the others were made); the next apply retries them."""
+
+    def __init__(self, manager: str, failures: list[KernelError]) -> None:
+        shown = "; ".join(str(f) for f in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        super().__init__(f"{manager}: {len(failures)} kernel writes failed: {shown}{more}")
+        self.failures = failures
+
+
+@dataclass(frozen=True)
+class VXLANAttrs:
+    vni: int
+    port: int
+    local: str | None
+    learning: bool
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str | None  # "veth", "vxlan", "ipip", ... (None for devices without link info, e.g. lo)
+    mtu: int
+    mac: str | None
+    up: bool  # administratively (IFF_UP)
+    vxlan: VXLANAttrs | None = None
+
+
+@dataclass(frozen=True)
+class KernelRoute:
+    """A main-table route as the managers compare them. ``dst`` is a canonical CIDR; ``device`` a
+    link name (None: let the kernel choose); ``metric`` None means the family's default."""
+
+    dst: str
+    type: str = "unicast"  # "unicast" | "blackhole"
+    gateway: str | None = None
+    device: str | None = None
+    onlink: bool = False
+    scope: str = "universe"  # "universe" | "link"
+    proto: int = ROUTE_PROTOCOL
+    metric: int | None = None
+    ifindex: int | None = None  # read back only: which incarnation of ``device`` holds it
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_network(self.dst).version
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    ip: str
+    mac: str | None
+    permanent: bool
+
+
+class Netlink:
+    """One rtnetlink socket and the few typed requests the managers need."""
+
+    def __init__(self, ipr: Any) -> None:
+        self._ipr = ipr
+
+    @classmethod
+    def open(cls, netns_path: str | None = None) -> Netlink:
+        """A driver for ``netns_path`` (a /run/netns path), or for the calling thread's namespace."""
+        if netns_path is None:
+            return cls(IPRoute())
+        with netns(netns_path):
+            return cls(IPRoute())  # the socket stays in the namespace it was opened in
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def links(self) -> list[Link]:
+        with _kernel("listing links"):
+            return [_link(msg) for msg in self._ipr.link("dump")]
+
+    def link(self, name: str) -> Link | None:
+        return self._get_link(ifname=name)
+
+    def address_link(self, address: str) -> Link | None:
+        """The link that holds ``address`` (the node's underlay interface), if any."""
+        wanted = ipaddress.ip_address(address)
+        with _kernel(f"looking for the link with {address}"):
+            found = [m["index"] for m in self._ipr.addr("dump") if _ip(m.get("address")) == wanted]
+        return self._get_link(index=found[0]) if found else None
+
+    def default_route_link(self) -> Link | None:
+        """The link of the IPv4 default route, if there is one."""
+        with _kernel("reading the default route"):
+            routes = self._ipr.route("dump", family=socket.AF_INET, table=RT_TABLE_MAIN)
+        for r in routes:
+            if r["dst_len"] == 0 and r.get("oif"):
+                return self._get_link(index=int(r.get("oif")))
+        return None
+
+    def add_vxlan(self, name: str, *, vni: int, port: int, local: str, mac: str, mtu: int) -> None:
+        with _kernel(f"creating {name}"):
+            self._ipr.link(
+                "add",
+                ifname=name,
+                kind="vxlan",
+                vxlan_id=vni,
+                vxlan_port=port,
+                vxlan_local=local,
+                vxlan_learning=0,
+                address=mac,
+                mtu=mtu,
+            )
+
+    def add_ipip(self, name: str) -> None:
+        """Create ``name`` as an IPIP device; asking for it loads the module, which makes the fallback
+        ``tunl0`` in every namespace, so EEXIST for ``tunl0`` means success. EOPNOTSUPP: no module."""
+        try:
+            self._ipr.link("add", ifname=name, kind="ipip")
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise KernelError(f"creating {name}", e.code) from e
+
+    def set_link(self, index: int, *, mtu: int | None = None, mac: str | None = None, up: bool | None = None) -> None:
+        changes: dict[str, Any] = {}
+        if mtu is not None:
+            changes["mtu"] = mtu
+        if mac is not None:
+            changes["address"] = mac
+        if up is not None:
+            changes["state"] = "up" if up else "down"
+        with _kernel(f"setting {changes} on link {index}"):
+            self._ipr.link("set", index=index, **changes)
+
+    def delete_link(self, index: int) -> None:
+        try:
+            self._ipr.link("del", index=index)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise KernelError(f"deleting link {index}", e.code) from e
+
+    # -- addresses -----------------------------------------------------------------------------
+
+    def addresses(self, index: int) -> set[str]:
+        """The addresses on link ``index`` as canonical "ip/prefixlen"."""
+        with _kernel(f"listing the addresses of link {index}"):
+            return {
+                str(ipaddress.ip_interface(f"{m.get('address')}/{m['prefixlen']}"))
+                for m in self._ipr.addr("dump", index=index)
+            }
+
+    def add_address(self, index: int, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        flags = IFA_F_NODAD if iface.version == 6 else 0
+        try:
+            self._ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen, flags=flags)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise KernelError(f"adding {cidr} to link {index}", e.code) from e
+
+    def delete_address(self, index: int, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        try:
+            self._ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        except NetlinkError as e:
+            if e.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                raise KernelError(f"deleting {cidr} from link {index}", e.code) from e
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def routes(self) -> list[KernelRoute]:
+        """Every main-table route of both families, whatever its protocol."""
+        names = {link.index: link.name for link in self.links()}
+        out: list[KernelRoute] = []
+        with _kernel("listing routes"):
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for m in self._ipr.route("dump", family=family, table=RT_TABLE_MAIN):
+                    if m["type"] not in (RTN_UNICAST, RTN_BLACKHOLE):
+                        continue
+                    out.append(_route(m, family, names))
+        return out
+
+    def add_route(self, route: KernelRoute) -> None:
+        self._route("add", route)
+
+    def replace_route(self, route: KernelRoute) -> None:
+        self._route("replace", route)
+
+    def delete_route(self, route: KernelRoute) -> None:
+        try:
+            self._route("del", route)
+        except KernelError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):
+                raise
+
+    def _route(self, command: str, route: KernelRoute) -> None:
+        net = ipaddress.ip_network(route.dst)
+        spec: dict[str, Any] = {
+            "family": socket.AF_INET if net.version == 4 else socket.AF_INET6,
+            "dst": str(net.network_address),
+            "dst_len": net.prefixlen,
+            "table": RT_TABLE_MAIN,
+            "proto": route.proto,
+            "type": route.type,
+            "scope": _SCOPES[route.scope],
+        }
+        if route.gateway:
+            spec["gateway"] = route.gateway
+        if route.onlink:
+            spec["flags"] = RTNH_F_ONLINK
+        spec["priority"] = route.metric if route.metric is not None else DEFAULT_METRIC[net.version]
+        if route.type == "unicast":
+            if route.ifindex is not None:
+                spec["oif"] = route.ifindex
+            elif route.device is not None:
+                link = self.link(route.device)
+                if link is None:
+                    raise KernelError(f"{command} route {route.dst} via {route.device}", errno.ENODEV)
+                spec["oif"] = link.index
+        try:
+            self._ipr.route(command, **spec)
+        except NetlinkError as e:
+            raise KernelError(f"{command} route {_describe(route)}", e.code) from e
+
+    # -- FDB and neighbours --------------------------------------------------------------------
+
+    def fdb(self, index: int) -> set[tuple[str, str]]:
+        """The (MAC, remote address) entries of a VXLAN device."""
+        with _kernel(f"listing the FDB of link {index}"):
+            entries = self._ipr.fdb("dump", ifindex=index)
+        return {
+            (str(e.get("lladdr")), str(e.get("dst")))
+            for e in entries
+            if e["ifindex"] == index and e.get("dst") and e.get("lladdr")
+        }
+
+    def add_fdb(self, index: int, mac: str, dst: str) -> None:
+        try:
+            self._ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst)  # permanent, self (pyroute2's defaults)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise KernelError(f"adding the FDB entry {mac} dst {dst}", e.code) from e
+
+    def delete_fdb(self, index: int, mac: str, dst: str) -> None:
+        try:
+            self._ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ENODEV):
+                raise KernelError(f"deleting the FDB entry {mac} dst {dst}", e.code) from e
+
+    def neighbours(self, index: int) -> list[Neighbour]:
+        with _kernel(f"listing the neighbours of link {index}"):
+            entries = self._ipr.neigh("dump", ifindex=index)
+        return [
+            Neighbour(str(_ip(e.get("dst"))), e.get("lladdr"), bool(e["state"] & NUD_PERMANENT))
+            for e in entries
+            if e["ifindex"] == index and e.get("dst")
+        ]
+
+    def set_neighbour(self, index: int, ip: str, mac: str) -> None:
+        family = socket.AF_INET if ipaddress.ip_address(ip).version == 4 else socket.AF_INET6
+        with _kernel(f"setting the neighbour {ip} lladdr {mac}"):
+            self._ipr.neigh("replace", family=family, ifindex=index, dst=ip, lladdr=mac, state=NUD_PERMANENT)
+
+    def delete_neighbour(self, index: int, ip: str) -> None:
+        family = socket.AF_INET if ipaddress.ip_address(ip).version == 4 else socket.AF_INET6
+        try:
+            self._ipr.neigh("del", family=family, ifindex=index, dst=ip)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ENODEV):
+                raise KernelError(f"deleting the neighbour {ip}", e.code) from e
+
+    def _get_link(self, **key: Any) -> Link | None:
+        try:
+            (msg,) = self._ipr.link("get", **key)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return None
+            raise KernelError(f"looking up link {key}", e.code) from e
+        return _link(msg)
+
+
+@contextmanager
+def _kernel(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except NetlinkError as e:
+        raise KernelError(doing, e.code) from e
+
+
+def _link(msg: Any) -> Link:
+    kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    vxlan = None
+    if kind == "vxlan":
+        data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        vxlan = VXLANAttrs(
+            vni=int(data.get("IFLA_VXLAN_ID") or 0),
+            port=int(data.get("IFLA_VXLAN_PORT") or 0),
+            local=data.get("IFLA_VXLAN_LOCAL") or data.get("IFLA_VXLAN_LOCAL6"),
+            learning=bool(data.get("IFLA_VXLAN_LEARNING")),
+        )
+    return Link(
+        index=int(msg["index"]),
+        name=str(msg.get("ifname")),
+        kind=kind,
+        mtu=int(msg.get("mtu") or 0),
+        mac=msg.get("address"),
+        up=bool(msg["flags"] & IFF_UP),
+        vxlan=vxlan,
+    )
+
+
+def _route(m: Any, family: int, names: dict[int, str]) -> KernelRoute:
+    default = "0.0.0.0" if family == socket.AF_INET else "::"
+    version = 4 if family == socket.AF_INET else 6
+    blackhole = m["type"] == RTN_BLACKHOLE
+    oif = m.get("oif")
+    metric = m.get("priority") or 0
+    gateway = m.get("gateway")
+    return KernelRoute(
+        dst=_cidr(m.get("dst") or default, m["dst_len"]),
+        type="blackhole" if blackhole else "unicast",
+        gateway=str(ipaddress.ip_address(gateway)) if gateway else None,
+        device=None if blackhole or oif is None else names.get(int(oif)),  # v6 blackholes hang on lo
+        onlink=bool(m["flags"] & RTNH_F_ONLINK),
+        scope="link" if m["scope"] == RT_SCOPE_LINK else "universe",
+        proto=int(m["proto"]),
+        metric=None if metric == DEFAULT_METRIC[version] else int(metric),
+        ifindex=None if blackhole or oif is None else int(oif),
+    )
+
+
+def _describe(r: KernelRoute) -> str:
+    parts = [r.type if r.type != "unicast" else "", r.dst]
+    parts += [f"via {r.gateway}"] if r.gateway else []
+    parts += [f"dev {r.device}"] if r.device else []
+    parts += ["onlink"] if r.onlink else []
+    return " ".join(p for p in parts if p)
+
+
+def _ip(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(str(text).split("%")[0])
+    except ValueError:
+        return None
+
+
+def _cidr(address: Any, prefixlen: int) -> str:
+    return str(ipaddress.ip_network(f"{address}/{prefixlen}", strict=False))

@@ -1,0 +1,238 @@
+"""The route manager: owns the main-table routes with protocol 80, IPv4 and IPv6.
+
+Kinds (``Route.kind``) and the kernel routes they become:
+
+- local:     ``<addr> dev tor… scope link`` (IPv6: scope universe, as the kernel reports it)
+- blackhole: ``blackhole <block>``
+- vxlan:     ``<block> via <vtep ip> dev vxlan.tortie onlink``; IPv6 blocks go via the peer VTEP's
+  link-local address (see ``vxlan.vtep_link_local``) on the same device, no onlink needed
+- ipip:      ``<block> via <node underlay ip> dev tunl0 onlink``
+- direct:    ``<block> via <node underlay ip>`` (same L2 segment, no encapsulation)
+
+``apply`` reads back every main-table route, keeps only protocol 80, diffs it against the desired
+set and writes the difference: a route already right (for instance the /32 the CNI plugin added
+when it wired a container) is left as it is; a wrong one of ours is replaced in place; a missing
+one is added with ``add`` (never ``replace``) so that a foreign route holding the same prefix is
+reported as a conflict, not overwritten; stale ones are deleted by protocol, so that nothing
+Tortie did not create is ever touched.
+
+The race with the CNI plugin: a protocol-80 route ``<addr> dev torX`` (no gateway) that is not
+desired is kept while ``torX`` exists, because the plugin adds it before the agent hears of the
+new endpoint. It is deleted only when the endpoint is known to be gone: the manager desired it
+before (it saw that route on that very link, identified by ifindex) and no longer does. A link
+re-created under the same name (a retried ADD) has a new ifindex and keeps its route. When the
+link itself goes, the kernel removes its routes.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
+
+from felix_agent.calc.model import DesiredState, Route, VXLANPeer
+from felix_agent.dataplane.ipip import IPIP_DEVICE
+from felix_agent.dataplane.netlink import ROUTE_PROTOCOL, ApplyError, KernelError, KernelRoute, Link
+from felix_agent.dataplane.vxlan import VXLAN_DEVICE, vtep_link_local
+
+log = logging.getLogger(__name__)
+
+HOST_IF_PREFIX = "tor"  # cni_plugins.naming.HOST_IF_PREFIX (not imported: that module is the CNI fast path's)
+
+LocalKey = tuple[str, str]  # (dst, device) of a local route
+
+
+class RouteDriver(Protocol):
+    def links(self) -> list[Link]: ...
+    def routes(self) -> list[KernelRoute]: ...
+    def add_route(self, route: KernelRoute) -> None: ...
+    def replace_route(self, route: KernelRoute) -> None: ...
+    def delete_route(self, route: KernelRoute) -> None: ...
+
+
+@dataclass(frozen=True)
+class RouteOp:
+    action: Literal["add", "replace", "delete"]
+    route: KernelRoute
+
+
+def kernel_route(route: Route, peers: Mapping[str, VXLANPeer]) -> KernelRoute:
+    """The kernel route for one desired route; ValueError when it cannot be made."""
+    dst = str(ipaddress.ip_network(route.dst, strict=False))
+    version = ipaddress.ip_network(dst).version
+    gateway = str(ipaddress.ip_address(route.gateway)) if route.gateway else None
+    if route.kind == "local":
+        if not route.device:
+            raise ValueError(f"local route {dst} has no device")
+        return KernelRoute(dst, device=route.device, scope="link" if version == 4 else "universe")
+    if route.kind == "blackhole":
+        return KernelRoute(dst, type="blackhole")
+    if route.kind == "vxlan":
+        device = route.device or VXLAN_DEVICE
+        peer = peers.get(route.node or "")
+        if version == 6 and (gateway is None or ipaddress.ip_address(gateway).version == 4):
+            if peer is None:
+                raise ValueError(f"VXLAN route {dst}: no VTEP known for node {route.node!r}")
+            return KernelRoute(dst, gateway=vtep_link_local(peer.vtep_mac), device=device)
+        gateway = gateway or (peer.vtep_ip if peer else None)
+        if gateway is None:
+            raise ValueError(f"VXLAN route {dst}: no gateway and no VTEP known for node {route.node!r}")
+        onlink = not ipaddress.ip_address(gateway).is_link_local
+        return KernelRoute(dst, gateway=gateway, device=device, onlink=onlink)
+    if route.kind == "ipip":
+        if version != 4 or gateway is None:
+            raise ValueError(f"IPIP route {dst}: IPIP carries IPv4 only, via the node's IPv4 address")
+        return KernelRoute(dst, gateway=gateway, device=route.device or IPIP_DEVICE, onlink=True)
+    if route.kind == "direct":
+        if gateway is None:
+            raise ValueError(f"direct route {dst} has no gateway")
+        return KernelRoute(dst, gateway=gateway, device=route.device)
+    raise ValueError(f"route {dst}: unknown kind {route.kind!r}")
+
+
+def satisfies(have: KernelRoute, want: KernelRoute) -> bool:
+    """Whether ``have`` (read back) is the route ``want`` asks for; a device left to the kernel matches any."""
+    return (
+        have.type == want.type
+        and have.gateway == want.gateway
+        and have.onlink == want.onlink
+        and have.scope == want.scope
+        and have.metric == want.metric
+        and (want.device is None or want.type == "blackhole" or have.device == want.device)
+    )
+
+
+def plan(
+    desired: Mapping[str, KernelRoute],
+    actual: Iterable[KernelRoute],
+    keep: Callable[[KernelRoute], bool] = lambda r: False,
+    protocol: int = ROUTE_PROTOCOL,
+) -> list[RouteOp]:
+    """The writes that turn ``actual`` (every main-table route) into ``desired`` (by dst).
+
+    Only routes of ``protocol`` are ours: others are neither deleted nor replaced. ``keep`` spares
+    stale routes of ours that must stay for now (see the module docstring)."""
+    ours: dict[str, list[KernelRoute]] = {}
+    for r in actual:
+        if r.proto == protocol:
+            ours.setdefault(r.dst, []).append(r)
+    ops: list[RouteOp] = []
+    for dst in sorted(set(ours) - set(desired)):
+        ops += [RouteOp("delete", r) for r in ours[dst] if not keep(r)]
+    for dst, want in sorted(desired.items()):
+        have = ours.get(dst, [])
+        if any(satisfies(r, want) for r in have):
+            ops += [RouteOp("delete", r) for r in have if not satisfies(r, want)]
+            continue
+        # A route of ours at the kernel's key (dst, default metric) is overwritten in place;
+        # otherwise ``add``, which fails rather than overwrite someone else's route.
+        in_place = any(r.metric is None for r in have)
+        ops.append(RouteOp("replace" if in_place else "add", replace(want, proto=protocol)))
+        ops += [RouteOp("delete", r) for r in have if r.metric is not None]
+    return ops
+
+
+class RouteManager:
+    def __init__(
+        self, driver: RouteDriver, *, protocol: int = ROUTE_PROTOCOL, host_if_prefix: str = HOST_IF_PREFIX
+    ) -> None:
+        self._driver = driver
+        self._protocol = protocol
+        self._prefix = host_if_prefix
+        self._node = ""
+        self._desired: dict[str, KernelRoute] = {}
+        self._programmed: dict[LocalKey, int] = {}  # desired local routes seen in the kernel -> ifindex
+        self._retired: dict[LocalKey, int] = {}  # ... and no longer desired: the endpoint is gone
+        self._rejected: set[Route] = set()
+        self._conflicts: set[str] = set()
+
+    def on_update(self, state: DesiredState) -> None:
+        """Record the routes ``state`` asks for; no kernel I/O."""
+        self._node = state.node
+        peers = {p.node: p for p in state.vxlan_peers}
+        desired: dict[str, KernelRoute] = {}
+        for route in sorted(state.routes, key=lambda r: (r.dst, r.kind, r.gateway or "", r.device or "")):
+            try:
+                k = kernel_route(route, peers)
+            except ValueError as e:
+                if route not in self._rejected:
+                    log.warning("%s: %s", self._node, e)
+                self._rejected.add(route)
+                continue
+            if k.dst in desired:
+                log.warning("%s: two routes for %s, keeping %s", self._node, k.dst, desired[k.dst])
+                continue
+            desired[k.dst] = k
+        self._rejected &= state.routes
+        self._desired = desired
+        wanted = self._local_keys(desired.values())
+        for key in set(self._programmed) - wanted:
+            self._retired[key] = self._programmed.pop(key)
+        for key in wanted & set(self._retired):
+            del self._retired[key]
+
+    def apply(self) -> int:
+        """Reconcile the kernel's protocol-80 routes with the last update; the number of writes.
+
+        Raises ``ApplyError`` (after making every other write) when some routes could not be written."""
+        links = {link.name: link.index for link in self._driver.links()}
+        actual = self._driver.routes()
+        # A route through a device that does not exist yet (a veth being wired, vxlan.tortie before
+        # the VXLAN manager's first apply, tunl0 without the ipip module) waits for the next apply.
+        desired = {dst: r for dst, r in self._desired.items() if r.device is None or r.device in links}
+        writes = 0
+        failures: list[KernelError] = []
+        deleted: set[LocalKey] = set()
+        for op in plan(desired, actual, self._keep, self._protocol):
+            try:
+                if op.action == "delete":
+                    self._driver.delete_route(op.route)
+                    deleted.add((op.route.dst, op.route.device or ""))
+                elif op.action == "replace":
+                    self._driver.replace_route(op.route)
+                else:
+                    self._driver.add_route(op.route)
+            except KernelError as e:
+                if op.action == "add" and e.code == errno.EEXIST:
+                    self._conflict(op.route)
+                else:
+                    failures.append(e)
+                continue
+            writes += 1
+            log.debug("%s: %s %s", self._node, op.action, op.route)
+        self._conflicts &= set(desired)
+        self._remember_locals(links, actual, deleted)
+        if failures:
+            raise ApplyError(f"route manager on {self._node}", failures)
+        return writes
+
+    def _conflict(self, route: KernelRoute) -> None:
+        if route.dst not in self._conflicts:
+            log.warning("%s: %s is held by a route Tortie did not make; left alone", self._node, route.dst)
+        self._conflicts.add(route.dst)
+
+    def _keep(self, route: KernelRoute) -> bool:
+        if route.type != "unicast" or route.gateway is not None or not route.device:
+            return False
+        if not route.device.startswith(self._prefix):
+            return False
+        return self._retired.get((route.dst, route.device)) != route.ifindex
+
+    def _remember_locals(self, links: Mapping[str, int], actual: Iterable[KernelRoute], deleted: set[LocalKey]) -> None:
+        """Note which link incarnation each desired local route belongs to, and forget retired
+        routes that are gone (deleted now, or with their link)."""
+        for dst, device in self._local_keys(self._desired.values()):
+            if device in links:
+                self._programmed[(dst, device)] = links[device]
+        present = {(r.dst, r.device) for r in actual if r.proto == self._protocol and r.device} - deleted
+        self._retired = {k: i for k, i in self._retired.items() if k in present}
+
+    def _local_keys(self, routes: Iterable[KernelRoute]) -> set[LocalKey]:
+        return {
+            (r.dst, r.device)
+            for r in routes
+            if r.type == "unicast" and r.gateway is None and r.device and r.device.startswith(self._prefix)
+        }

@@ -1,0 +1,274 @@
+"""IPIP ``Always`` and ``CrossSubnet`` through the route, IPIP and MTU managers (needs the ipip module).
+
+Two subnets joined by a router namespace: n1 (10.9.1.11) and n2 (10.9.1.12) on 10.9.1.0/24, n3
+(10.9.2.13) on 10.9.2.0/24, each node with one pod wired by ``cni_plugins.wiring``. The router
+knows nothing of the pod addresses, so pod traffic between the subnets only gets through inside
+the tunnel. A capture on n1's underlay proves what was encapsulated and what was not.
+
+This kernel-dependent half runs inside the VM (``test_ipip_in_vm.py`` starts it there), or
+directly on a host whose kernel already has ipip loaded. It is skipped elsewhere: loading the
+module on a host would add ``tunl0`` to the root namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2.iproute.linux import IPRoute
+
+from cni_plugins import wiring
+from felix_agent.calc.model import DesiredState, Route
+from felix_agent.dataplane.ipip import TUNNEL_ADDRESS_KEY, IPIPManager
+from felix_agent.dataplane.mtu import MTUManager
+from felix_agent.dataplane.netlink import Netlink
+from felix_agent.dataplane.routes import RouteManager
+from tests.vm.probes import Capture, echo, link_stats
+
+IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces"),
+    pytest.mark.skipif(
+        not IN_VM and not os.path.exists("/sys/module/ipip"),
+        reason="no ipip module loaded on this kernel (loading one would add tunl0 to the root namespace): "
+        "tests/vm/test_ipip_in_vm.py runs this file inside a VM",
+    ),
+]
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Node:
+    k: int
+    netns: str
+    underlay: str
+    subnet: str
+    pod_netns: str
+    pod_if: str
+    driver: Netlink
+    mtu_file: Path
+
+    def __post_init__(self) -> None:
+        self.routes = RouteManager(self.driver)
+        self.ipip = IPIPManager(self.driver, underlay_ip=self.underlay)
+        self.mtu = MTUManager(self.driver, self.mtu_file, underlay_ip=self.underlay)
+
+    @property
+    def block(self) -> str:
+        return f"10.244.{self.k}.0/26"
+
+    @property
+    def pod_ip(self) -> str:
+        return f"10.244.{self.k}.2"
+
+    def apply(self, state: DesiredState) -> int:
+        writes = 0
+        for m in (self.ipip, self.routes, self.mtu):
+            m.on_update(state)
+        for m in (self.ipip, self.routes, self.mtu):
+            writes += m.apply()
+        return writes
+
+    def ip(self, *argv: str) -> str:
+        return sh("ip", "-n", self.netns, *argv)
+
+
+@dataclass
+class Cluster:
+    prefix: str
+    nodes: list[Node]
+
+    def state(self, node: Node, mode: str, tunnel_addresses: bool = False) -> DesiredState:
+        """``mode``: "always", "crosssubnet" (IPIP only between subnets) or "never" (IPIP off, and
+        only same-subnet blocks routed: the router does not know the pods)."""
+        routes = {
+            Route(node.block, "blackhole", node=f"n{node.k}"),
+            Route(f"{node.pod_ip}/32", "local", device=node.pod_if, node=f"n{node.k}"),
+        }
+        for other in self.nodes:
+            if other is node:
+                continue
+            same_subnet = other.subnet == node.subnet
+            if mode == "never" and not same_subnet:
+                continue
+            native = mode == "never" or (mode == "crosssubnet" and same_subnet)
+            routes.add(Route(other.block, "direct" if native else "ipip", gateway=other.underlay, node=f"n{other.k}"))
+        extra = ((TUNNEL_ADDRESS_KEY, f"10.244.{node.k}.1"),) if tunnel_addresses else ()
+        return DesiredState(node=f"n{node.k}", routes=frozenset(routes), ipip_enabled=mode != "never", extra=extra)
+
+    def apply(self, mode: str, tunnel_addresses: bool = False) -> int:
+        return sum(n.apply(self.state(n, mode, tunnel_addresses)) for n in self.nodes)
+
+
+def ns_path(name: str) -> str:
+    return f"/run/netns/{name}"
+
+
+def write_sysctl(netns_name: str, key: str, value: str) -> None:
+    with wiring.netns(ns_path(netns_name)), open(f"/proc/sys/net/{key}", "w") as f:  # the thread's namespace
+        f.write(value)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """The topology is built through netlink in this process: under TCG every ``ip`` exec costs ~0.1 s."""
+    prefix = f"ipv{secrets.token_hex(3)}"
+    names = [f"{prefix}-{s}" for s in ("sw", "r", "n1", "n2", "n3", "p1", "p2", "p3")]
+    sw, router = names[0], names[1]
+    nodes: list[Node] = []
+    handles: dict[str, Any] = {}
+    try:
+        subprocess.run(
+            ["ip", "-batch", "-"],
+            input="".join(f"netns add {n}\n" for n in names),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        for name in names:
+            with wiring.netns(ns_path(name)):
+                handles[name] = IPRoute()
+            handles[name].link("set", index=1, state="up")
+        for br in ("br1", "br2"):
+            handles[sw].link("add", ifname=br, kind="bridge", state="up")
+
+        def plug(ns: str, ifname: str, port: str, bridge: str, cidr: str) -> None:
+            fd = os.open(ns_path(ns), os.O_RDONLY)
+            try:
+                handles[sw].link("add", ifname=port, kind="veth", peer={"ifname": ifname, "net_ns_fd": fd})
+            finally:
+                os.close(fd)
+            handles[sw].link("set", ifname=port, master=handles[sw].link_lookup(ifname=bridge)[0], state="up")
+            index = handles[ns].link_lookup(ifname=ifname)[0]
+            iface = ipaddress.ip_interface(cidr)
+            handles[ns].addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            handles[ns].link("set", index=index, state="up")
+
+        plug(router, "eth1", "r1", "br1", "10.9.1.1/24")
+        plug(router, "eth2", "r2", "br2", "10.9.2.1/24")
+        write_sysctl(router, "ipv4/ip_forward", "1")
+        for k, subnet in ((1, 1), (2, 1), (3, 2)):
+            node_ns, pod_ns = f"{prefix}-n{k}", f"{prefix}-p{k}"
+            underlay = f"10.9.{subnet}.1{k}"
+            plug(node_ns, "eth0", f"v{k}", f"br{subnet}", f"{underlay}/24")
+            handles[node_ns].route("add", dst="0.0.0.0/0", gateway=f"10.9.{subnet}.1")
+            write_sysctl(node_ns, "ipv4/ip_forward", "1")
+            pod_if = f"tor{prefix[3:]}{k}"
+            with wiring.netns(ns_path(node_ns)):
+                wiring.setup(ns_path(pod_ns), "eth0", pod_if, 1480, [ipaddress.ip_interface(f"10.244.{k}.2/26")])
+            nodes.append(
+                Node(
+                    k,
+                    node_ns,
+                    underlay,
+                    f"10.9.{subnet}.0/24",
+                    pod_ns,
+                    pod_if,
+                    Netlink.open(ns_path(node_ns)),
+                    tmp_path / f"mtu-{k}",
+                )
+            )
+        yield Cluster(prefix, nodes)
+    finally:
+        for node in nodes:
+            node.driver.close()
+        for handle in handles.values():
+            handle.close()
+        subprocess.run(
+            ["ip", "-force", "-batch", "-"],
+            input="".join(f"netns del {n}\n" for n in names),
+            capture_output=True,
+            text=True,
+        )
+
+
+def ping(pod_ns: str, address: str, timeout: float = 8.0) -> bool:
+    """Pings until one answer (the first packets of a fresh path may go to neighbour resolution)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if echo(ns_path(pod_ns), address, timeout=min(1.0, timeout)):
+            return True
+    return False
+
+
+def test_ipip_always_encapsulates_everything_between_nodes(cluster: Cluster) -> None:
+    n1, n2, n3 = cluster.nodes
+    assert not ping(n1.pod_netns, n3.pod_ip, timeout=1)
+    assert cluster.apply("always", tunnel_addresses=True) > 0
+    assert all(n.ipip.status == "ok" for n in cluster.nodes)
+    tunl = n1.ip("-d", "link", "show", "tunl0")
+    assert "mtu 1480" in tunl and ",UP" in tunl
+    assert "inet 10.244.1.1/32" in n1.ip("addr", "show", "tunl0")
+    routes = n1.ip("route")
+    assert "10.244.2.0/26 via 10.9.1.12 dev tunl0 proto 80 onlink" in routes
+    assert "10.244.3.0/26 via 10.9.2.13 dev tunl0 proto 80 onlink" in routes
+    assert "blackhole 10.244.1.0/26 proto 80" in routes
+    assert n1.mtu_file.read_text() == "1480\n"
+
+    tx_before, _ = link_stats(n1.netns, "tunl0")
+    with Capture(ns_path(n1.netns), "eth0") as cap:
+        assert ping(n1.pod_netns, n2.pod_ip)  # same subnet
+        assert ping(n1.pod_netns, n3.pod_ip)  # through the router
+        assert ping(n3.pod_netns, n1.pod_ip)
+    tx_after, _ = link_stats(n1.netns, "tunl0")
+    assert tx_after - tx_before >= 3
+    tunnelled = {(p.src, p.dst, p.inner_src, p.inner_dst) for p in cap.encapsulated("ipip")}
+    assert ("10.9.1.11", "10.9.1.12", n1.pod_ip, n2.pod_ip) in tunnelled
+    assert ("10.9.1.12", "10.9.1.11", n2.pod_ip, n1.pod_ip) in tunnelled
+    assert ("10.9.1.11", "10.9.2.13", n1.pod_ip, n3.pod_ip) in tunnelled
+    assert ("10.9.2.13", "10.9.1.11", n3.pod_ip, n1.pod_ip) in tunnelled
+    assert not cap.plain_between(n1.pod_ip, n2.pod_ip) and not cap.plain_between(n1.pod_ip, n3.pod_ip)
+    assert cluster.apply("always", tunnel_addresses=True) == 0
+
+
+def test_ipip_crosssubnet_tunnels_only_between_subnets(cluster: Cluster) -> None:
+    n1, n2, n3 = cluster.nodes
+    cluster.apply("always")
+    cluster.apply("crosssubnet")  # the same-subnet route is replaced by a native one
+    routes = n1.ip("route")
+    assert "10.244.2.0/26 via 10.9.1.12 dev eth0 proto 80" in routes
+    assert "10.244.3.0/26 via 10.9.2.13 dev tunl0 proto 80 onlink" in routes
+    assert "inet " not in n1.ip("addr", "show", "tunl0")  # no tunnel address given: onlink routes suffice
+
+    with Capture(ns_path(n1.netns), "eth0") as cap:
+        assert ping(n1.pod_netns, n2.pod_ip)
+        assert ping(n1.pod_netns, n3.pod_ip)
+        assert ping(n2.pod_netns, n3.pod_ip)
+    assert {(p.src, p.dst) for p in cap.plain_between(n1.pod_ip, n2.pod_ip)} == {
+        (n1.pod_ip, n2.pod_ip),
+        (n2.pod_ip, n1.pod_ip),
+    }
+    assert not any({p.src, p.dst} == {"10.9.1.11", "10.9.1.12"} for p in cap.encapsulated("ipip"))
+    tunnelled = {(p.src, p.dst, p.inner_src, p.inner_dst) for p in cap.encapsulated("ipip")}
+    assert ("10.9.1.11", "10.9.2.13", n1.pod_ip, n3.pod_ip) in tunnelled
+    assert ("10.9.2.13", "10.9.1.11", n3.pod_ip, n1.pod_ip) in tunnelled
+    assert not cap.plain_between(n1.pod_ip, n3.pod_ip)
+    assert cluster.apply("crosssubnet") == 0
+
+
+def test_turning_ipip_off_removes_its_routes_and_address(cluster: Cluster) -> None:
+    n1 = cluster.nodes[0]
+    cluster.apply("always", tunnel_addresses=True)
+    n1.ip("route", "del", "10.244.3.0/26", "proto", "80")  # out of band: repaired by the next apply
+    assert cluster.apply("always", tunnel_addresses=True) == 1
+    cluster.apply("never")
+    assert n1.ipip.status == "disabled"
+    tunl = n1.ip("link", "show", "tunl0")
+    assert ",UP" not in tunl and "inet " not in n1.ip("addr", "show", "tunl0")
+    assert "tunl0" not in n1.ip("route")
+    assert "10.244.2.0/26 via 10.9.1.12 dev eth0 proto 80" in n1.ip("route")
+    assert n1.mtu_file.read_text() == "1500\n"
+    assert ping(n1.pod_netns, cluster.nodes[1].pod_ip)
