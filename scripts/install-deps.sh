@@ -10,6 +10,9 @@ apt_packages=(
   iproute2 nftables procps iputils-ping util-linux   # ip, nft, sysctl, ping, nsenter
   containernetworking-plugins      # the reference CNI plugins (bridge, ptp, host-local, portmap, ...)
   python3-venv python3-dev
+  golang-go golang-github-appc-cni-dev     # the libcni client the tests build (GOPATH mode)
+  podman runc conmon uidmap busybox-static # podman 4.3 with its CNI backend, a busybox image
+  qemu-system-x86 linux-image-amd64        # the VM that runs the IPIP tests (no ipip module here)
 )
 
 need_apt=()
