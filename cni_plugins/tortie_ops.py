@@ -72,6 +72,13 @@ def endpoint_name(node: str, host_if: str) -> str:
     return f"{node}-{host_if}"
 
 
+def endpoint_key(args: CmdArgs) -> str:
+    """``<namespace>/<name>`` of the WorkloadEndpoint an ADD of ``args`` writes."""
+    node = ipam_ops.IPAMConf.parse(args.config).node
+    host_if = host_ifname(str(args.config["name"]), args.container_id, args.ifname)
+    return f"{args.cni_args.get('K8S_POD_NAMESPACE') or 'default'}/{endpoint_name(node, host_if)}"
+
+
 # ---- IPAM delegation -----------------------------------------------------------------------------
 def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
     """Run the IPAM plugin named in the configuration: tortie-ipam in-process, others exec'd

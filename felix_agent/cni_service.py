@@ -7,6 +7,7 @@ import os
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,25 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class CNIService:
     """Serves ``tortie`` calls on ``path`` (mode 0600) with warm etcd connections."""
 
-    def __init__(self, path: Path, stores: Datastores) -> None:
+    def __init__(self, path: Path, stores: Datastores,
+                 after_add: Callable[[CmdArgs], None] | None = None) -> None:
         self.path = path
         self.stores = stores
+        # Runs after a successful ADD, before the answer: the agent waits there until the new
+        # endpoint's policy is in the kernel ("no pod without its policy"). May raise CNIError.
+        self.after_add = after_add
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def handle(self, args: CmdArgs) -> dict[str, Any] | None:
         try:
             out = tortie_ops.handle(args, self.stores)
+            if args.command == "ADD" and self.after_add is not None:
+                try:
+                    self.after_add(args)
+                except BaseException:
+                    tortie_ops.delete(args, self.stores)  # an ADD completes or leaves nothing
+                    raise
         except CNIError:
             raise
         except Exception as e:  # never let one request take the service down

@@ -14,16 +14,28 @@ import sys
 import threading
 from pathlib import Path
 
+from cni_plugins import tortie_ops
 from cni_plugins.agent_protocol import DEFAULT_SOCKET
 from cni_plugins.datastores import Datastores
+from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
+from cni_plugins.skel import CmdArgs
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec
 from datastore.store import ResourceStore
+from felix_agent.calc.graph import compute
+from felix_agent.calc.model import DesiredState
+from felix_agent.calc.snapshot import Snapshot, Update
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
+from felix_agent.loop import DataplaneLoop, Manager
+from felix_agent.metrics import Metrics
+from felix_agent.syncer import Syncer
+from felix_agent.tunnels import ensure_vtep
+from ipam.allocator import IPAM
+from ipam.errors import IPAMError
 
 log = logging.getLogger("felix_agent")
 
@@ -36,6 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cni-socket", default=env.get("FELIX_CNISOCKET", DEFAULT_SOCKET))
     p.add_argument("--health-listen", default=env.get("FELIX_HEALTHLISTEN", "127.0.0.1:9099"))
     p.add_argument("--metrics-listen", default=env.get("FELIX_METRICSLISTEN", "127.0.0.1:9091"))
+    p.add_argument("--state-dir", type=Path, default=Path(env.get("FELIX_STATEDIR", "/run/tortie")),
+                   help="where the MTU file for the CNI plugin is written")
+    p.add_argument("--policy-timeout", type=float, default=float(env.get("FELIX_POLICYTIMEOUT", "10")),
+                   help="seconds an ADD waits for the pod's policy to be programmed before it fails")
+    p.add_argument("--resync-interval", type=float, default=float(env.get("FELIX_RESYNCINTERVAL", "90")))
     p.add_argument("--endpoints", help="etcd endpoints (ETCD_ENDPOINTS)")
     p.add_argument("--ca-cert", help="etcd CA certificate (ETCD_CA_CERT_FILE)")
     p.add_argument("--cert", help="client certificate (ETCD_CERT_FILE)")
@@ -95,29 +112,95 @@ def register_node(store: ResourceStore, name: str, node_ip: str | None) -> None:
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.node = args.nodename
         self.config = EtcdConfig.from_env(endpoints=args.endpoints, ca_cert_file=args.ca_cert,
                                           cert_file=args.cert, key_file=args.key)
         self.stores = Datastores(keep_open=True)
-        self.cni = CNIService(Path(args.cni_socket), self.stores)
-        self.ready = threading.Event()
+        self.metrics = Metrics()
+        self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.wait_for_policy)
         self.stopping = threading.Event()
-        self.health = HealthServer(args.health_listen, self.ready.is_set, self.metrics)
+        self.syncer: Syncer | None = None
+        self.loop: DataplaneLoop | None = None
+        self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
+        self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
+                               if args.metrics_listen != args.health_listen else None)
 
-    def metrics(self) -> str:
-        return (f"# TYPE felix_agent_ready gauge\nfelix_agent_ready {int(self.ready.is_set())}\n")
+    def ready(self) -> bool:
+        return self.loop is not None and self.loop.first_apply.is_set()
+
+    def render_metrics(self) -> str:
+        return self.metrics.render(self.ready())
+
+    def wait_for_policy(self, args: CmdArgs) -> None:
+        """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel."""
+        key = tortie_ops.endpoint_key(args)
+        assert self.loop is not None
+        if not self.loop.wait_programmed(key, self.args.policy_timeout):
+            raise CNIError(TRY_AGAIN_LATER, "the pod's policy was not programmed in time",
+                           f"endpoint {key}: felix-agent on {self.node} did not apply it within "
+                           f"{self.args.policy_timeout:g}s")
+
+    def compute(self) -> DesiredState | None:
+        if self.syncer is None or not self.syncer.in_sync.is_set():
+            return None  # nothing touches the kernel before the first "in sync"
+        return compute(self.syncer.copy_snapshot(), self.node)
+
+    def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
+        if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
+            threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
+        if self.loop is not None:
+            self.loop.kick()
+
+    def _ensure_vtep(self) -> None:
+        try:
+            with self.stores.client(self.config) as client:
+                ensure_vtep(IPAM(client), ResourceStore(client), self.node)
+        except (DatastoreError, IPAMError) as e:
+            log.warning("could not set up this node's VXLAN tunnel endpoint: %s", e)
+
+    def managers(self, node_ip: str | None) -> list[Manager]:
+        from felix_agent.dataplane.ipip import IPIPManager
+        from felix_agent.dataplane.masq import MasqManager
+        from felix_agent.dataplane.mtu import MTUManager
+        from felix_agent.dataplane.netlink import Netlink
+        from felix_agent.dataplane.nftables import NftTable
+        from felix_agent.dataplane.policy import PolicyManager
+        from felix_agent.dataplane.routes import RouteManager
+        from felix_agent.dataplane.vxlan import VXLANManager
+
+        netlink = Netlink.open()
+        table = NftTable()
+        underlay = node_ip.split("/")[0] if node_ip else None
+        # Order matters: devices before the routes through them; policy before NAT (same table).
+        return [VXLANManager(netlink), IPIPManager(netlink, underlay_ip=underlay), RouteManager(netlink),
+                MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
+                PolicyManager(table), MasqManager(table)]
 
     def run(self) -> int:
         self.health.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+        node_ip = self.args.node_ip or detect_node_ip()
         with self.stores.client(self.config) as client:
-            register_node(ResourceStore(client), self.args.nodename, self.args.node_ip or detect_node_ip())
-            cleanup(client, self.args.nodename)
-        self.cni.start()
-        self.ready.set()
-        log.info("felix-agent ready on node %s", self.args.nodename)
-        self.stopping.wait()
-        log.info("stopping (the dataplane stays in place)")
-        self.cni.stop()
+            store = ResourceStore(client)
+            register_node(store, self.node, node_ip)
+            ensure_vtep(IPAM(client), store, self.node)
+            cleanup(client, self.node)
+            self.loop = DataplaneLoop(self.compute, self.managers(node_ip), self.metrics,
+                                      resync_interval=self.args.resync_interval)
+            self.syncer = Syncer(client, on_update=self.on_update)
+            self.loop.start()
+            self.syncer.start()
+            self.cni.start()
+            log.info("felix-agent started on node %s (%s)", self.node, node_ip)
+            self.stopping.wait()
+            log.info("stopping (the dataplane stays in place)")
+            self.cni.stop()
+            self.syncer.stop()
+            self.loop.stop()
         self.health.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.stores.close()
         return 0
 

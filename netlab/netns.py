@@ -17,6 +17,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+# Processes a lab starts get a PATH even when the caller hands them a bare environment.
+DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
 NETNS_DIR = Path("/run/netns")
 STOP_GRACE = 5.0
 _POLL = 0.05
@@ -126,7 +129,8 @@ def spawn(netns: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str
         log.write(f"=== {' '.join(argv)}\n".encode())
         log.flush()
         return subprocess.Popen(exec_argv(netns, argv), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=dict(env), start_new_session=True)
+                                stderr=subprocess.STDOUT, env={"PATH": DEFAULT_PATH, **env},
+                                start_new_session=True)
 
 
 def stop(processes: Sequence[tuple[int, int | None]], grace: float = STOP_GRACE) -> None:

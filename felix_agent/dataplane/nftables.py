@@ -22,6 +22,7 @@ import ipaddress
 import json
 import logging
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from functools import cached_property
 from typing import Any
 
 log = logging.getLogger(__name__)
+# The agent may be started with a bare environment (a lab, a minimal unit file): find nft anyway.
+NFT = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin") or "nft"
 
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
 
@@ -154,7 +157,7 @@ class _Desired:
 
 def nft_runner(netns: str | None = None) -> Runner:
     """Run the real ``nft``, inside the named network namespace when ``netns`` is given."""
-    prefix = ["ip", "netns", "exec", netns, "nft"] if netns else ["nft"]
+    prefix = ["ip", "netns", "exec", netns, NFT] if netns else [NFT]
 
     def run(args: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
         try:

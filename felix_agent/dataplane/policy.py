@@ -66,7 +66,9 @@ def policy_chain(policy_id: str, direction: str) -> str:
 
 
 def set_name(set_id: str, version: int, named_port: bool = False) -> str:
-    safe = set_id if re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", set_id) else short_hash(set_id)
+    # nft's grammar takes letters, digits, '_', '.' and '-' in a set name (a ':' breaks the parser).
+    safe = set_id.replace(":", "_")
+    safe = safe if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", safe) else short_hash(set_id)
     return f"{'np' if named_port else 's'}-{safe}-v{version}"
 
 

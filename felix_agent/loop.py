@@ -1,0 +1,112 @@
+"""The agent's main loop: syncer → calculation graph → dataplane managers.
+
+Updates from the syncer only mark the state dirty; one thread recomputes and applies, batching
+whatever arrived meanwhile. Nothing touches the kernel before the syncer's first "in sync". A
+periodic resync re-applies everything so that out-of-band changes are repaired by the same code
+path. Waiters (the CNI service's "no pod without its policy") are woken once an apply has put a
+given endpoint's chains in the kernel.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from felix_agent.calc.model import DesiredState
+from felix_agent.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Manager(Protocol):
+    def on_update(self, state: DesiredState) -> None: ...
+
+    def apply(self) -> object: ...
+
+
+def _takes_resync(manager: Manager) -> bool:
+    return "resync" in inspect.signature(manager.apply).parameters
+
+
+class DataplaneLoop:
+    def __init__(self, compute: Callable[[], DesiredState | None], managers: Sequence[Manager], metrics: Metrics,
+                 *, resync_interval: float = 90.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.compute = compute
+        self.managers = list(managers)
+        self.metrics = metrics
+        self.resync_interval = resync_interval
+        self.clock = clock
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._generation = 0  # bumped by every successful apply
+        self._programmed: frozenset[str] = frozenset()  # endpoint keys in the kernel as of the last apply
+        self.first_apply = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def kick(self) -> None:
+        """Something changed: recompute and apply soon (from any thread; never blocks)."""
+        self._dirty.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dataplane", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wait_programmed(self, endpoint_key: str, timeout: float) -> bool:
+        """Block until an apply has programmed ``endpoint_key`` (True) or ``timeout`` passes."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while endpoint_key not in self._programmed:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self.kick()
+                self._cond.wait(remaining)
+            return True
+
+    def _run(self) -> None:
+        next_resync = self.clock() + self.resync_interval
+        while not self._stop.is_set():
+            self._dirty.wait(timeout=max(0.0, next_resync - self.clock()))
+            if self._stop.is_set():
+                return
+            resync = self.clock() >= next_resync
+            self._dirty.clear()
+            try:
+                self._apply_once(resync)
+            except Exception:  # one failed apply must not kill the loop; the next one retries
+                log.exception("dataplane apply failed; retrying")
+                self.metrics.errors += 1
+                self._stop.wait(1.0)
+                self._dirty.set()
+            if resync:
+                next_resync = self.clock() + self.resync_interval
+
+    def _apply_once(self, resync: bool) -> None:
+        state = self.compute()
+        if state is None:  # not in sync yet: the kernel is left alone
+            return
+        started = time.perf_counter()
+        for manager in self.managers:
+            manager.on_update(state)
+        for manager in self.managers:
+            if resync and _takes_resync(manager):
+                manager.apply(resync=True)  # type: ignore[call-arg]  # re-read the kernel first
+            else:
+                manager.apply()
+        self.metrics.observe_apply(time.perf_counter() - started, state, resync)
+        with self._cond:
+            self._generation += 1
+            self._programmed = frozenset(e.key for e in state.endpoints)
+            self._cond.notify_all()
+        self.first_apply.set()
