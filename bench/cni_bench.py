@@ -144,7 +144,7 @@ def main() -> int:
         results = {"reference ptp+host-local": run("ref", REFERENCE / "ptp", ptp, str(REFERENCE)),
                    "tortie in-process": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
         pid = lab.start_process(node.netns, [str(BIN / "felix-agent"), "--nodename", "n1", "--cni-socket",
-                                             str(sock), "--log-level", "warning"], work / "agent.log", env)
+                                             str(sock), "--log-level", os.environ.get("BENCH_AGENT_LOG", "warning")], work / "agent.log", env)
         deadline = time.monotonic() + 30
         while not sock.exists():
             if time.monotonic() > deadline:
@@ -152,6 +152,8 @@ def main() -> int:
             time.sleep(0.05)
         results["tortie delegated (felix-agent)"] = run("agent", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")
         lab.stop_process(pid)
+        if os.environ.get("BENCH_AGENT_LOG"):
+            print((work / "agent.log").read_text()[-20000:], file=sys.stderr)
     ref = results["reference ptp+host-local"]
     rows = []
     print(f"\nCNI benchmark: {n} ADD+DEL per plugin after 3 warm-ups, churn = 4 callers x {churn} ADD+DEL;"

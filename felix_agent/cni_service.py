@@ -7,6 +7,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,14 @@ class CNIService:
 
     def handle(self, args: CmdArgs) -> dict[str, Any] | None:
         try:
+            started = time.perf_counter()
             out = tortie_ops.handle(args, self.stores)
+            done = time.perf_counter()
             if args.command == "ADD" and self.after_add is not None:
                 try:
                     self.after_add(args)
+                    log.debug("ADD %s: %.1f ms of work, %.1f ms until its policy was programmed",
+                              args.container_id, (done - started) * 1000, (time.perf_counter() - done) * 1000)
                 except BaseException:
                     tortie_ops.delete(args, self.stores)  # an ADD completes or leaves nothing
                     raise

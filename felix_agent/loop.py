@@ -28,6 +28,32 @@ class Manager(Protocol):
     def apply(self) -> object: ...
 
 
+class Gated:
+    """A manager applied only when its part of the state changed (or on a resync): ``part`` picks
+    that part out of the state. Reading the kernel back costs milliseconds a pod's ADD waits for."""
+
+    def __init__(self, manager: Manager, part: Callable[[DesiredState], object]) -> None:
+        self.manager = manager
+        self.part = part
+        self._wanted: object = None
+        self._applied: object = _NEVER
+
+    def on_update(self, state: DesiredState) -> None:
+        self._wanted = self.part(state)
+        self.manager.on_update(state)
+
+    def apply(self, resync: bool = False) -> object:
+        if self._wanted == self._applied and not resync:
+            return None
+        self._applied = _NEVER  # a failure below leaves it to be tried again
+        out = self.manager.apply(resync=True) if resync and _takes_resync(self.manager) else self.manager.apply()  # type: ignore[call-arg]
+        self._applied = self._wanted
+        return out
+
+
+_NEVER = object()
+
+
 def _takes_resync(manager: Manager) -> bool:
     return "resync" in inspect.signature(manager.apply).parameters
 
@@ -76,6 +102,7 @@ class DataplaneLoop:
 
     def _run(self) -> None:
         next_resync = self.clock() + self.resync_interval
+        backoff = 0.05
         while not self._stop.is_set():
             self._dirty.wait(timeout=max(0.0, next_resync - self.clock()))
             if self._stop.is_set():
@@ -84,10 +111,13 @@ class DataplaneLoop:
             self._dirty.clear()
             try:
                 self._apply_once(resync)
+                backoff = 0.05
             except Exception:  # one failed apply must not kill the loop; the next one retries
-                log.exception("dataplane apply failed; retrying")
+                log.exception("dataplane apply failed; retrying in %.2fs", backoff)
                 self.metrics.errors += 1
-                self._stop.wait(1.0)
+                # Quick at first (a pod waits for its policy), slower if the failure persists.
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
                 self._dirty.set()
             if resync:
                 next_resync = self.clock() + self.resync_interval
@@ -104,7 +134,10 @@ class DataplaneLoop:
                 manager.apply(resync=True)  # type: ignore[call-arg]  # re-read the kernel first
             else:
                 manager.apply()
-        self.metrics.observe_apply(time.perf_counter() - started, state, resync)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_apply(elapsed, state, resync)
+        log.debug("applied %d endpoints in %.1f ms%s", len(state.endpoints), elapsed * 1000,
+                  " (resync)" if resync else "")
         with self._cond:
             self._generation += 1
             self._programmed = frozenset(e.key for e in state.endpoints)

@@ -30,7 +30,7 @@ from felix_agent.calc.snapshot import Snapshot, Update
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
-from felix_agent.loop import DataplaneLoop, Manager
+from felix_agent.loop import DataplaneLoop, Gated, Manager
 from felix_agent.metrics import Metrics
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
@@ -172,8 +172,13 @@ class Agent:
         table = NftTable()
         underlay = node_ip.split("/")[0] if node_ip else None
         # Order matters: devices before the routes through them; policy before NAT (same table).
-        return [VXLANManager(netlink), IPIPManager(netlink, underlay_ip=underlay), RouteManager(netlink),
-                MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
+        # The netlink managers read the kernel back on every apply: run them only when their part
+        # of the state moved (every one of them on the periodic resync).
+        return [Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
+                Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
+                Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
+                Gated(MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
+                      lambda s: (s.local_vtep, s.ipip_enabled, s.mtu)),
                 PolicyManager(table), MasqManager(table)]
 
     def run(self) -> int:
@@ -213,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{args.nodename}] %(name)s: %(message)s"))
     logging.basicConfig(level=str(args.log_level).upper(), handlers=[handler])
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # every netlink message at debug
     try:
         agent = Agent(args)
         for sig in (signal.SIGTERM, signal.SIGINT):

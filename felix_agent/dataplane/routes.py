@@ -198,6 +198,10 @@ class RouteManager:
             except KernelError as e:
                 if op.action == "add" and e.code == errno.EEXIST:
                     self._conflict(op.route)
+                elif e.code == errno.ENODEV and op.action != "delete":
+                    # The device went away since it was listed (a DEL racing this apply): the next
+                    # update no longer wants the route, or the next apply adds it once it is back.
+                    log.debug("%s: %s skipped: its device is gone", self._node, op.route)
                 else:
                     failures.append(e)
                 continue
