@@ -143,8 +143,9 @@ def main() -> int:
 
         results = {"reference ptp+host-local": run("ref", REFERENCE / "ptp", ptp, str(REFERENCE)),
                    "tortie in-process": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
+        agent_log_level = os.environ.get("BENCH_AGENT_LOG", "warning")
         pid = lab.start_process(node.netns, [str(BIN / "felix-agent"), "--nodename", "n1", "--cni-socket",
-                                             str(sock), "--log-level", os.environ.get("BENCH_AGENT_LOG", "warning")], work / "agent.log", env)
+                                             str(sock), "--log-level", agent_log_level], work / "agent.log", env)
         deadline = time.monotonic() + 30
         while not sock.exists():
             if time.monotonic() > deadline:

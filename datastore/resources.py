@@ -237,3 +237,7 @@ def validate_labels(labels: dict[str, Any], where: str) -> None:
 from datastore.policy import POLICY_KINDS  # noqa: E402
 
 register(*POLICY_KINDS)
+
+from datastore.bgp import BGP_KINDS  # noqa: E402
+
+register(*BGP_KINDS)

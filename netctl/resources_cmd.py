@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from datastore.bgp import check_references
 from datastore.codec import decode, dump, load_documents, stored_bytes
 from datastore.errors import AlreadyExists, NotFound, ValidationError
 from datastore.model import Kind, Resource, encode_fields
@@ -126,6 +127,7 @@ def run_write(args: argparse.Namespace) -> int:
             raise AlreadyExists(r.describe())
         if args.verb == "replace" and current[id(r)] is None:
             raise NotFound(r.describe())
+        check_references(r, store, resources)  # e.g. a BGPPeer naming a node that does not exist
     if any(r.kind is IPPool for r in resources):
         check_pools(resources, {p.name: p for p in store.list(IPPool)})
     for r in resources:

@@ -1,0 +1,57 @@
+"""The speaker's desired configuration: what ``bgp.config`` derives from the datastore and
+``bgp.speaker`` renders for ExaBGP and runs. Plain frozen values, compared to detect changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_ASN = 64512
+DEFAULT_PORT = 179
+
+# Session types as `netctl node status` names them (calicoctl's words).
+MESH = "node-to-node mesh"
+REFLECTOR = "route reflector"  # the peer reflects for us (we are its client)
+CLIENT = "rr client"  # we reflect for the peer
+EXTERNAL = "global"  # an explicit BGPPeer (calicoctl says "global" or "node specific")
+NODE_SPECIFIC = "node specific"
+
+
+@dataclass(frozen=True)
+class Peer:
+    address: str  # the peer's IP (IPv4 or IPv6)
+    asn: int
+    kind: str  # MESH | REFLECTOR | CLIENT | EXTERNAL | NODE_SPECIFIC
+    name: str = ""  # the peer node's name, or the BGPPeer resource's name
+    password: str | None = None  # TCP-MD5
+    port: int = DEFAULT_PORT
+    passive: bool = False  # wait for the peer to connect (the higher address of a mesh pair)
+
+
+@dataclass(frozen=True)
+class SpeakerConfig:
+    node: str
+    router_id: str  # this node's IPv4 address
+    local_address: str
+    asn: int
+    listen_port: int = DEFAULT_PORT
+    cluster_id: str | None = None  # set when this node is a route reflector
+    peers: tuple[Peer, ...] = ()
+    graceful_restart: int = 120  # seconds peers keep our routes while we restart (0: off)
+    hold_time: int = 9  # short by default so a dead node's routes go quickly (Calico: BIRD's 240 s)
+
+
+@dataclass(frozen=True)
+class Export:
+    """A prefix this node announces, with itself as next hop."""
+
+    prefix: str  # a confirmed block, or a /32 (/128) of an address held in a borrowed block
+    next_hop: str
+
+
+@dataclass(frozen=True)
+class SessionStatus:
+    peer: str
+    kind: str
+    state: str  # BGP's names: Idle, Connect, Active, OpenSent, OpenConfirm, Established
+    since: str  # ISO time of the last state change
+    info: str = ""

@@ -1,0 +1,75 @@
+"""`netctl node status`: a node's BGP sessions, as `calicoctl node status` shows them.
+
+Owns the arguments and the printing. The sessions are what the node's agent last wrote
+(`bgp.status`); no status key means the agent is not running there, which is an error (exit 1),
+as in calicoctl. Errors are raised, never printed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from bgp.model import SessionStatus
+from bgp.status import read_status
+from netctl.errors import UserError
+
+HEADERS = ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser("node", help="a node's BGP status")
+    commands = parser.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    p = commands.add_parser("status", parents=[datastore], help="the BGP sessions of a node (this one by default)")
+    p.add_argument("--node", metavar="NAME", help="the node (default: $NODENAME, else the host name)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=run_status)
+
+
+def _family(session: SessionStatus) -> int:
+    try:
+        return ipaddress.ip_address(session.peer).version
+    except ValueError:
+        return 6 if ":" in session.peer else 4
+
+
+def _order(session: SessionStatus) -> tuple[int, int, str]:
+    try:
+        address = ipaddress.ip_address(session.peer)
+    except ValueError:
+        return (_family(session), 0, session.peer)
+    return (address.version, int(address), session.peer)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    node = args.node or os.environ.get("NODENAME") or socket.gethostname()
+    sessions = read_status(args.connect(), node)
+    peers = sorted(sessions or [], key=_order)
+    if args.output == "json":
+        print(json.dumps({"peers": [{"peerAddress": s.peer, "peerType": s.kind, "state": s.state,
+                                     "since": s.since, "info": s.info} for s in peers],
+                          "node": node, "running": sessions is not None}, indent=2))
+    if sessions is None:
+        raise UserError(f"Tortie agent on node {node} is not running (it has no BGP status in the datastore)")
+    if args.output == "table":
+        out = [f"Tortie agent on node {node} is running.", ""]
+        for version in (4, 6):
+            rows = [(s.peer, s.kind, s.state, s.since, s.info) for s in peers if _family(s) == version]
+            out.append(f"IPv{version} BGP status")
+            out.append(render_box(HEADERS, rows) if rows else f"No IPv{version} peers found.\n")
+        sys.stdout.write("\n".join(out))
+    return 0
+
+
+def render_box(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table boxed in ``+---+`` and ``|`` with centred headers, as calicoctl prints it."""
+    widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(len(headers))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    head = "|" + "|".join(f" {h.center(w)} " for h, w in zip(headers, widths, strict=True)) + "|"
+    body = ["|" + "|".join(f" {c.ljust(w)} " for c, w in zip(r, widths, strict=True)) + "|" for r in rows]
+    return "\n".join([rule, head, rule, *body, rule]) + "\n"
