@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from datastore.config import EtcdConfig
 from datastore.etcd import EtcdClient
 
 
 class Datastores:
-    def __init__(self, *, keep_open: bool) -> None:
+    """``environment`` is where settings missing from a CNI configuration come from: the plugin
+    process's own environment; never the agent's (the front end writes the runtime's into the
+    request), so that both paths give the same answer to the same request."""
+
+    def __init__(self, *, keep_open: bool, environment: Mapping[str, str] | None = None) -> None:
         self.keep_open = keep_open
+        self.environment: Mapping[str, str] = os.environ if environment is None else environment
         self._clients: dict[EtcdConfig, EtcdClient] = {}
         self._lock = threading.Lock()
 

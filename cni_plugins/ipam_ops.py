@@ -47,13 +47,11 @@ class IPAMConf:
     etcd: EtcdConfig
 
     @classmethod
-    def parse(cls, config: Mapping[str, Any]) -> IPAMConf:
+    def parse(cls, config: Mapping[str, Any], environment: Mapping[str, str] = os.environ) -> IPAMConf:
         ipam = config.get("ipam")
         if not isinstance(ipam, dict):
             raise CNIError(codes.INVALID_CONFIG, "invalid ipam", "the network configuration has no ipam section")
-        node = config.get("nodename") or ipam.get("nodename") or socket.gethostname()
-        if not isinstance(node, str):
-            raise _bad("nodename", "a string", node)
+        node = node_name(config)
         conf = cls(
             network=str(config["name"]),
             plugin_type=str(config.get("type", "")),
@@ -63,7 +61,7 @@ class IPAMConf:
             ipv4_pools=_strings(ipam, "ipv4_pools"),
             ipv6_pools=_strings(ipam, "ipv6_pools"),
             routes=_routes(ipam),
-            etcd=_etcd_config(config),
+            etcd=_etcd_config(config, environment),
         )
         if not conf.assign_ipv4 and not conf.assign_ipv6:
             raise CNIError(codes.INVALID_CONFIG, "invalid ipam", "assign_ipv4 and assign_ipv6 are both false")
@@ -71,6 +69,15 @@ class IPAMConf:
 
     def handle(self, container_id: str) -> str:
         return f"{self.network}.{container_id}"
+
+
+def node_name(config: Mapping[str, Any]) -> str:
+    """``nodename`` from the plugin configuration (or its ipam section), else the host name."""
+    ipam = config.get("ipam")
+    node = config.get("nodename") or (ipam.get("nodename") if isinstance(ipam, dict) else None) or socket.gethostname()
+    if not isinstance(node, str):
+        raise _bad("nodename", "a string", node)
+    return node
 
 
 def _bad(field: str, expected: str, got: object) -> CNIError:
@@ -111,9 +118,9 @@ def _routes(ipam: Mapping[str, Any]) -> tuple[Route, ...]:
     return tuple(routes)
 
 
-def _etcd_config(config: Mapping[str, Any]) -> EtcdConfig:
+def _etcd_config(config: Mapping[str, Any], environment: Mapping[str, str]) -> EtcdConfig:
     try:
-        return EtcdConfig.from_cni(config)
+        return EtcdConfig.from_cni(config, environment)
     except ConfigError as e:
         raise CNIError(codes.INVALID_CONFIG, "invalid datastore configuration", str(e)) from None
 
@@ -195,7 +202,7 @@ def to_result(assigned: list[Assigned], conf: IPAMConf) -> Result:
 
 
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
-    conf = IPAMConf.parse(args.config)
+    conf = IPAMConf.parse(args.config, stores.environment)
     wanted = [ipaddress.ip_interface(ip).ip for ip in requested_ips(args)]
     attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname,
              "plugin": conf.plugin_type, "timestamp": str(int(time.time()))}
@@ -219,14 +226,14 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
-    conf = IPAMConf.parse(args.config)
+    conf = IPAMConf.parse(args.config, stores.environment)
     with cni_errors(), _client(conf, stores) as client:
         released = IPAM(client).release_handle(conf.handle(args.container_id))
     log.info("released %s of %s", ", ".join(map(str, released)) or "nothing", conf.handle(args.container_id))
 
 
 def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
-    conf = IPAMConf.parse(args.config)
+    conf = IPAMConf.parse(args.config, stores.environment)
     with cni_errors(), _client(conf, stores) as client:
         held = {str(a) for a in IPAM(client).handle_addresses(conf.handle(args.container_id))}
     if not held:
@@ -247,7 +254,7 @@ def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
 
 
 def status(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
-    conf = IPAMConf.parse(args.config)
+    conf = IPAMConf.parse(args.config, stores.environment)
     try:
         with _client(conf, stores) as client:
             ipam = IPAM(client)
@@ -267,7 +274,7 @@ def status(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
 
 def gc(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     """Release this network's reservations whose attachment the runtime no longer lists."""
-    conf = IPAMConf.parse(args.config)
+    conf = IPAMConf.parse(args.config, stores.environment)
     valid = {cid for cid, _ in gc_valid_attachments(args.config)}
     with cni_errors(), _client(conf, stores) as client:
         ipam = IPAM(client)

@@ -4,6 +4,7 @@ in-process (slower: it pays the imports)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from cni_plugins import agent_protocol
@@ -18,7 +19,17 @@ if TYPE_CHECKING:
 ABOUT = "tortie: Tortie's CNI plugin (veth, /32 routes, etcd IPAM, policy by felix-agent)"
 
 
+# calicoctl's variables and the CNI fields that carry the same settings.
+DATASTORE_FIELDS = (("ETCD_ENDPOINTS", "etcd_endpoints"), ("ETCD_CA_CERT_FILE", "etcd_ca_cert_file"),
+                    ("ETCD_CERT_FILE", "etcd_cert_file"), ("ETCD_KEY_FILE", "etcd_key_file"))
+
+
 def serve(args: CmdArgs) -> Any:
+    # Settings missing from the configuration come from the runtime's environment, as in-process;
+    # written into the request, so the agent (whose own environment differs) sees the same ones.
+    for variable, key in DATASTORE_FIELDS:
+        if not args.config.get(key) and os.environ.get(variable):
+            args.config[key] = os.environ[variable]
     socket_path = args.config.get("agent_socket", agent_protocol.DEFAULT_SOCKET)
     if not isinstance(socket_path, str) or not socket_path.startswith("/"):
         raise CNIError(INVALID_CONFIG, "invalid agent_socket", f"expected an absolute path, got {socket_path!r}")

@@ -24,6 +24,7 @@ from cni_plugins.errors import CNIError
 from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
+from datastore import keys
 from datastore.errors import NotFound
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
@@ -74,7 +75,7 @@ def endpoint_name(node: str, host_if: str) -> str:
 
 def endpoint_key(args: CmdArgs) -> str:
     """``<namespace>/<name>`` of the WorkloadEndpoint an ADD of ``args`` writes."""
-    node = ipam_ops.IPAMConf.parse(args.config).node
+    node = ipam_ops.node_name(args.config)
     host_if = host_ifname(str(args.config["name"]), args.container_id, args.ifname)
     return f"{args.cni_args.get('K8S_POD_NAMESPACE') or 'default'}/{endpoint_name(node, host_if)}"
 
@@ -105,14 +106,20 @@ def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
 
 # ---- operations ----------------------------------------------------------------------------------
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
-    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
+    _check_free(args)
+    # A handle that already holds addresses belongs to an attachment made before (a runtime
+    # repeating ADD, or a second interface of the container): its addresses are handed back, and a
+    # failure here must not release them from under the live attachment.
+    repeated = _reserved(args, ipam_conf, stores)
     with contextlib.ExitStack() as undo:
         assigned = _ipam("ADD", args, stores)
-        undo.callback(_quietly, _ipam, "DEL", args, stores)
+        if not repeated:
+            undo.callback(_quietly, _ipam, "DEL", args, stores)
         if assigned is None or not assigned.ips:
             raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
         addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
@@ -137,6 +144,25 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
         routes=[Route(dst="0.0.0.0/0" if v == 4 else "::/0") for v in sorted({a.version for a in addresses})],
         dns=conf.dns or DNS(),
     )
+
+
+def _check_free(args: CmdArgs) -> None:
+    try:
+        wiring.check_free(args.netns, args.ifname)
+    except wiring.NetnsNotFound as e:
+        raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", str(e)) from None
+    except wiring.InterfaceExists as e:
+        raise CNIError(codes.INVALID_ENV, "CNI_IFNAME names an interface that already exists", str(e)) from None
+    except wiring.WiringError as e:
+        raise CNIError(codes.UNKNOWN_CONTAINER, "cannot enter the network namespace", str(e)) from None
+
+
+def _reserved(args: CmdArgs, ipam_conf: ipam_ops.IPAMConf, stores: Datastores) -> bool:
+    """Whether tortie-ipam already holds addresses for this attachment's handle."""
+    if args.config["ipam"]["type"] != "tortie-ipam":
+        return False
+    with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+        return client.get(keys.handle_key(ipam_conf.handle(args.container_id))) is not None
 
 
 def _quietly(fn: Any, *a: Any) -> None:
@@ -169,7 +195,7 @@ def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     """Best effort and idempotent: every step runs; the first failure is reported at the end."""
-    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
     failure: CNIError | None = None
@@ -194,7 +220,7 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
 
 
 def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
-    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
     _ipam("CHECK", args, stores)
@@ -217,7 +243,7 @@ def status(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
 def gc(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     """Remove this network's endpoints and veths whose attachment the runtime no longer lists,
     then let the IPAM plugin release their addresses."""
-    ipam_conf = ipam_ops.IPAMConf.parse(args.config)
+    ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node)
     valid = gc_valid_attachments(args.config)
     with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:

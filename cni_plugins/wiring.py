@@ -151,6 +151,14 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
         return Wired(host_if, host_mac, ifname, mac, index)
 
 
+def check_free(netns_path: str, ifname: str) -> None:
+    """Raise NetnsNotFound or InterfaceExists before any state is created: ADD checks this first
+    so that a request it must refuse reserves nothing."""
+    with netns(netns_path), IPRoute() as container:
+        if container.link_lookup(ifname=ifname):
+            raise InterfaceExists(f"the container {netns_path} already has an interface named {ifname}")
+
+
 def teardown(host_if: str) -> bool:
     """Delete the host end (the peer and the host routes go with it); False when it was already gone."""
     with IPRoute() as host:

@@ -6,6 +6,7 @@ Standard library only: the CNI front end reads this before deciding whether to i
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,9 @@ from urllib.parse import urlsplit
 from datastore.errors import ConfigError
 
 DEFAULT_ENDPOINT = "https://127.0.0.1:2379"
+# A DNS name, an IPv4 address, or an IPv6 address (urlsplit strips its brackets).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?)$")
 
 # (environment variable, CNI configuration field, attribute)
 _SETTINGS = (
@@ -55,7 +59,7 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
             port = url.port or 2379
         except ValueError as e:
             raise ConfigError(f"etcd endpoint {item!r} has a bad port: {e}") from None
-        if url.scheme not in ("http", "https") or not url.hostname:
+        if url.scheme not in ("http", "https") or not url.hostname or not _HOST.match(url.hostname):
             raise ConfigError(f"etcd endpoint {item!r} is not of the form https://host:port")
         endpoints.append(Endpoint(url.scheme, url.hostname, port))
     if not endpoints:

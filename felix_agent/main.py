@@ -115,7 +115,7 @@ class Agent:
         self.node = args.nodename
         self.config = EtcdConfig.from_env(endpoints=args.endpoints, ca_cert_file=args.ca_cert,
                                           cert_file=args.cert, key_file=args.key)
-        self.stores = Datastores(keep_open=True)
+        self.stores = Datastores(keep_open=True, environment={})
         self.metrics = Metrics()
         self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.wait_for_policy)
         self.stopping = threading.Event()

@@ -13,6 +13,7 @@ apt_packages=(
   golang-go golang-github-appc-cni-dev     # the libcni client the tests build (GOPATH mode)
   podman runc conmon uidmap busybox-static # podman 4.3 with its CNI backend, a busybox image
   qemu-system-x86 linux-image-amd64        # the VM that runs the IPIP tests (no ipip module here)
+  bird2                                    # a BGP peer we did not write (external peer, reflector)
 )
 
 need_apt=()

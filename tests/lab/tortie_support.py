@@ -1,0 +1,380 @@
+"""Shared pieces of the `tortie` plugin lab tests: a `netlab` lab with Tortie's pools, the plugins
+in a per-lab CNI bin directory, the node agents, and read-only views of what the plugin left behind
+(links in a node namespace, etcd keys, WorkloadEndpoints, IPAM usage).
+
+Everything runs inside the lab's namespaces; the lab is torn down even when a test fails. Extra
+sandboxes for raw plugin calls are named as the lab names its pods (`NAME-pHHHHHHHH`), so the lab's
+teardown removes them even after a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from netlab import netns as ip_netns
+from netlab.cni import REFERENCE_PLUGINS, Attachment, PluginRun, exec_plugin, network_config
+from netlab.etcd import ETCDCTL
+from netlab.lab import Lab, LabNode, Pod, PodError
+
+VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
+TORTIE = VENV_BIN / "tortie"
+TORTIE_IPAM = VENV_BIN / "tortie-ipam"
+NETCTL = VENV_BIN / "netctl"
+FELIX_AGENT = VENV_BIN / "felix-agent"
+
+NETWORK = "tnet"
+POOL_V4 = "10.244.0.0/16"
+POOL_V6 = "fd00:10:244::/48"
+HOST_MAC = "ee:ee:ee:ee:ee:ee"
+GATEWAY_V4 = "169.254.1.1"
+MTU = 1450
+AGENT_START_TIMEOUT = 30.0
+WEP_PREFIX = "/tortie/resources/v1/workloadendpoints/"
+HANDLE_PREFIX = "/tortie/ipam/v2/handle/"
+BLOCK_PREFIX = "/tortie/ipam/v2/assignment/"
+_PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "no_proxy"}
+
+
+def unique_name(prefix: str = "tt") -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+def resources_yaml(nodes: Sequence[LabNode]) -> str:
+    """The two pools, and the Node resources each node's agent would register: written up front so
+    that the in-process path (no agent yet) sees the same datastore and `ipam check` knows the nodes."""
+    docs = [f"kind: Node\nmetadata: {{name: {n.name}}}\nspec: {{bgp: {{ipv4Address: {n.address}/24}}}}"
+            for n in nodes]
+    docs += [f"kind: IPPool\nmetadata: {{name: pool-v4}}\nspec: {{cidr: {POOL_V4}, blockSize: 26}}",
+             f"kind: IPPool\nmetadata: {{name: pool-v6}}\nspec: {{cidr: '{POOL_V6}', blockSize: 122}}"]
+    return "".join(f"---\napiVersion: tortie.dev/v1\n{doc}\n" for doc in docs)
+
+
+def host_ifname(container_id: str, ifname: str = "eth0", network: str = NETWORK) -> str:
+    """The host end the contract names: `tor` + 11 hex digits of SHA-1(network.containerID.ifname)."""
+    return "tor" + hashlib.sha1(f"{network}.{container_id}.{ifname}".encode()).hexdigest()[:11]
+
+
+@dataclass(frozen=True)
+class DatastoreState:
+    """Everything under /tortie/ at one etcd revision."""
+
+    revision: int
+    kvs: dict[str, bytes]
+
+    def under(self, prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in self.kvs.items() if k.startswith(prefix)}
+
+    @property
+    def handles(self) -> list[str]:
+        return sorted(k[len(HANDLE_PREFIX):] for k in self.under(HANDLE_PREFIX))
+
+    @property
+    def endpoints(self) -> list[str]:
+        return sorted(k[len(WEP_PREFIX):] for k in self.under(WEP_PREFIX))
+
+    @property
+    def allocations(self) -> dict[str, str]:
+        """Allocated "block/ordinal" → handle, read straight from the IPAM blocks."""
+        found = {}
+        for value in self.under(BLOCK_PREFIX).values():
+            block = json.loads(value)
+            for ordinal, allocation in (block.get("allocations") or {}).items():
+                found[f"{block['cidr']}/{ordinal}"] = str(allocation.get("handle"))
+        return found
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A container namespace made for raw plugin calls."""
+
+    name: str
+
+    @property
+    def path(self) -> str:
+        return str(ip_netns.path(self.name))
+
+    def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(ip_netns.exec_argv(self.name, argv), capture_output=True, text=True, check=check,
+                              timeout=60)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a plugin call can change: the etcd keys (and revision) and the node's `tor*` links."""
+
+    datastore: DatastoreState
+    links: tuple[str, ...]
+
+
+class TortieLab:
+    """A `netlab` lab set up for the `tortie` plugin: pools, a CNI bin dir, agents on demand."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.work = lab.work_dir
+        self.bin_dir = self.work / "cnibin"
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        for plugin in (TORTIE, TORTIE_IPAM):
+            (self.bin_dir / plugin.name).symlink_to(plugin)
+        self.cni_path = [self.bin_dir, REFERENCE_PLUGINS]
+        self.env = lab.etcd_env()
+        self._agents: dict[int, int] = {}  # node index → PID
+        self._log_offsets: dict[int, int] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls, nodes: int = 1, prefix: str = "tt") -> Iterator[TortieLab]:
+        """A new lab with the v4 and v6 pools applied; torn down on exit, even on failure."""
+        with Lab(unique_name(prefix), nodes=nodes) as lab:
+            tl = cls(lab)
+            resources = tl.work / "resources.yaml"
+            resources.write_text(resources_yaml(lab.nodes))
+            tl.netctl(1, "apply", "-f", str(resources))
+            yield tl
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def node(self, k: int = 1) -> LabNode:
+        return self.lab.node(k)
+
+    def socket(self, node: int = 1) -> Path:
+        return self.work / f"{self.node(node).name}.sock"
+
+    def plugin(self, node: int = 1, *, ipv6: bool = True, **overrides: Any) -> dict[str, Any]:
+        """The `tortie` entry of a conflist for node `node`; `overrides` replace or add keys
+        (a value of None removes the key)."""
+        entry: dict[str, Any] = {
+            "type": "tortie",
+            "nodename": self.node(node).name,
+            "mtu": MTU,
+            "etcd_endpoints": self.env["ETCD_ENDPOINTS"],
+            "etcd_ca_cert_file": self.env["ETCD_CA_CERT_FILE"],
+            "etcd_cert_file": self.env["ETCD_CERT_FILE"],
+            "etcd_key_file": self.env["ETCD_KEY_FILE"],
+            "agent_socket": str(self.socket(node)),
+            "ipam": {"type": "tortie-ipam", "assign_ipv4": "true", "assign_ipv6": "true" if ipv6 else "false"},
+        }
+        for key, value in overrides.items():
+            if value is None:
+                entry.pop(key, None)
+            else:
+                entry[key] = value
+        return entry
+
+    def conflist(self, node: int = 1, *, version: str = "1.0.0", name: str = NETWORK,
+                 chained: Sequence[Mapping[str, Any]] = (), ipv6: bool = True, **overrides: Any) -> dict[str, Any]:
+        return {"cniVersion": version, "name": name,
+                "plugins": [self.plugin(node, ipv6=ipv6, **overrides), *(dict(p) for p in chained)]}
+
+    # -- the agent ------------------------------------------------------------------------------
+
+    def agent_log(self, node: int = 1) -> Path:
+        return self.work / f"agent-{self.node(node).name}.log"
+
+    def start_agent(self, node: int = 1) -> int:
+        """Start felix-agent in node `node`'s namespace; return once its CNI socket exists (its
+        start-up cleanup runs before the socket is made)."""
+        if node in self._agents:
+            raise AssertionError(f"the agent of node {node} is already running")
+        sock = self.socket(node)
+        log = self.agent_log(node)
+        self._log_offsets[node] = log.stat().st_size if log.exists() else 0
+        sock.unlink(missing_ok=True)  # a crashed agent's: its presence must mean this agent is ready
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ETCD_", "ETCDCTL_")) and k.lower() not in _PROXY_VARIABLES}
+        env.update(self.env)
+        state_dir = self.work / f"state-{self.node(node).name}"  # the MTU file; never the host's /run/tortie
+        argv = [str(FELIX_AGENT), "--nodename", self.node(node).name, "--node-ip", f"{self.node(node).address}/24",
+                "--cni-socket", str(sock), "--state-dir", str(state_dir), "--health-listen", "127.0.0.1:9099"]
+        pid = self.lab.start_process(self.node(node).netns, argv, log, env)
+        self._agents[node] = pid
+        deadline = time.monotonic() + AGENT_START_TIMEOUT
+        while not sock.exists():
+            if not self.lab.process_running(pid):
+                self._agents.pop(node)
+                raise AssertionError(f"felix-agent exited while starting:\n{self.agent_output(node)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"felix-agent made no socket in {AGENT_START_TIMEOUT:.0f} s:\n"
+                                     f"{self.agent_output(node)}")
+            time.sleep(0.05)
+        return pid
+
+    def stop_agent(self, node: int = 1) -> None:
+        pid = self._agents.pop(node, None)
+        if pid is not None:
+            self.lab.stop_process(pid)
+
+    def agent_pid(self, node: int = 1) -> int:
+        return self._agents[node]
+
+    def agent_running(self, node: int = 1) -> bool:
+        return node in self._agents and self.lab.process_running(self._agents[node])
+
+    def use_agent(self, running: bool, node: int = 1) -> None:
+        """Make the delegated path (agent running) or the in-process path (no agent) current."""
+        if running and not self.agent_running(node):
+            self._agents.pop(node, None)
+            self.start_agent(node)
+        elif not running:
+            self.stop_agent(node)
+            assert not self.socket(node).exists(), "the stopped agent left its socket behind"
+
+    def remove_dataplane(self, node: int = 1) -> None:
+        """Take the stopped agent's nftables table out of the node, as on a node whose agent never
+        ran: with it in place (an agent stops leaving its dataplane), a pod the agent has not
+        programmed is dropped as an unknown workload interface until the agent is back."""
+        assert not self.agent_running(node)
+        self.exec(node, "nft", "delete", "table", "inet", "tortie", check=False)
+
+    def agent_output(self, node: int = 1) -> str:
+        """What the agent logged since its last start."""
+        log = self.agent_log(node)
+        if not log.exists():
+            return ""
+        with log.open("rb") as f:
+            f.seek(self._log_offsets.get(node, 0))
+            return f.read().decode(errors="replace")
+
+    # -- commands inside the lab ----------------------------------------------------------------
+
+    def exec(self, node: int, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.lab.exec(self.node(node).netns, *argv, check=check)
+
+    def netctl(self, node: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`netctl ARGS` in node `node`'s namespace with the lab's datastore settings."""
+        env = [f"{k}={v}" for k, v in self.env.items()]
+        done = self.lab.exec(self.node(node).netns, "env", *env, str(NETCTL), *args, check=False)
+        if check and done.returncode != 0:
+            raise AssertionError(f"netctl {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+        return done
+
+    def etcdctl(self, *args: str) -> str:
+        argv = [str(ETCDCTL), f"--endpoints={self.env['ETCD_ENDPOINTS']}", "--dial-timeout=3s",
+                f"--cacert={self.env['ETCD_CA_CERT_FILE']}", f"--cert={self.env['ETCD_CERT_FILE']}",
+                f"--key={self.env['ETCD_KEY_FILE']}", *args]
+        return self.exec(1, "env", "ETCDCTL_API=3", *argv).stdout
+
+    # -- observations ---------------------------------------------------------------------------
+
+    def datastore(self) -> DatastoreState:
+        doc = json.loads(self.etcdctl("get", "/tortie/", "--prefix", "-w", "json"))
+        kvs = {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
+               for kv in doc.get("kvs", [])}
+        return DatastoreState(int(doc["header"]["revision"]), kvs)
+
+    def count_handles(self) -> int:
+        doc = json.loads(self.etcdctl("get", HANDLE_PREFIX, "--prefix", "--keys-only", "-w", "json"))
+        return int(doc.get("count", 0))
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Every WorkloadEndpoint as `netctl get wep -A -o json` prints it."""
+        out = self.netctl(1, "get", "wep", "-A", "-o", "json").stdout.strip()
+        if not out:
+            return []
+        doc = json.loads(out)
+        items = doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else doc
+        return list(items) if isinstance(items, list) else [items]
+
+    def tor_links(self, node: int = 1) -> list[str]:
+        out = self.exec(node, "ip", "-o", "link", "show").stdout
+        names = (line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines())
+        return sorted(name for name in names if name.startswith("tor"))
+
+    def ipam_in_use(self) -> dict[str, int]:
+        doc = json.loads(self.netctl(1, "ipam", "show", "-o", "json").stdout)
+        return {p["name"]: int(p["inUse"]) for p in doc["pools"]}
+
+    def ipam_check(self) -> subprocess.CompletedProcess[str]:
+        return self.netctl(1, "ipam", "check", check=False)
+
+    def footprint(self, node: int = 1) -> Footprint:
+        return Footprint(self.datastore(), tuple(self.tor_links(node)))
+
+    def assert_clean(self, node: int = 1) -> None:
+        """No `tor*` link, no endpoint, no handle, no address in use, and `ipam check` clean."""
+        assert self.tor_links(node) == []
+        state = self.datastore()
+        assert state.endpoints == []
+        assert state.handles == []
+        assert set(self.ipam_in_use().values()) == {0}
+        checked = self.ipam_check()
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # -- pods and raw calls ---------------------------------------------------------------------
+
+    def add_pod(self, name: str, conflist: Mapping[str, Any] | None = None, *, node: int = 1,
+                namespace: str = "default", labels: Mapping[str, str] | None = None) -> Pod:
+        return self.lab.add_pod(node, name, conflist or self.conflist(node), namespace=namespace,
+                                cni_path=self.cni_path, labels=labels)
+
+    @contextlib.contextmanager
+    def sandbox(self) -> Iterator[Sandbox]:
+        """A fresh container namespace, named like the lab's pods so that the lab's teardown finds
+        it even after a crash; removed on exit."""
+        box = Sandbox(f"{self.lab.name}-p{secrets.token_hex(4)}")
+        ip_netns.add(box.name)
+        try:
+            yield box
+        finally:
+            ip_netns.delete(box.name)
+
+    def call(self, command: str, config: Mapping[str, Any] | bytes, attachment: Attachment | None = None, *,
+             node: int = 1, env: Mapping[str, str] | None = None, plugin: str = "tortie") -> PluginRun:
+        """Exec a plugin of the bin dir from node `node`'s namespace exactly as a runtime does."""
+        return exec_plugin(self.bin_dir / plugin, command, config, attachment, cni_path=self.cni_path,
+                           in_netns=self.node(node).netns, extra_env=env)
+
+    def call_for(self, pod: Pod, command: str, *, prev_result: bool = True, index: int = 0,
+                 extra: Mapping[str, Any] | None = None) -> PluginRun:
+        """CHECK/DEL/ADD for an existing pod's attachment, with its final ADD result as prevResult."""
+        config = network_config(pod.conflist, index, prev_result=pod.result if prev_result else None, extra=extra)
+        kind = str(pod.conflist["plugins"][index]["type"])
+        binary = next(d / kind for d in self.cni_path if (d / kind).exists())
+        return exec_plugin(binary, command, config, pod.attachment, cni_path=self.cni_path,
+                           in_netns=pod.node.netns)
+
+    def delete_pods(self) -> list[str]:
+        """DEL every pod the lab still has; return the errors of those whose DEL failed (their
+        namespace is removed all the same)."""
+        errors = []
+        for pod in list(self.lab.pods.values()):
+            try:
+                self.lab.delete_pod(pod)
+            except (PodError, subprocess.SubprocessError) as e:
+                errors.append(str(e))
+                ip_netns.delete(pod.netns)
+                self.lab.pods.pop(pod.container_id, None)
+        return errors
+
+    def reset(self, node: int = 1) -> None:
+        """Back to an empty node after a test, whatever it left: pods deleted, then any `tor*`
+        link, endpoint and handle removed and leaked addresses collected."""
+        self.delete_pods()
+        for link in self.tor_links(node):
+            self.exec(node, "ip", "link", "del", link, check=False)
+        state = self.datastore()
+        if state.endpoints or state.handles:
+            self.etcdctl("del", "--prefix", WEP_PREFIX)
+            self.etcdctl("del", "--prefix", HANDLE_PREFIX)
+        if state.allocations:
+            self.netctl(node, "ipam", "gc", "--grace", "0")
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `condition()` until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
