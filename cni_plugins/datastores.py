@@ -16,9 +16,12 @@ class Datastores:
     process's own environment; never the agent's (the front end writes the runtime's into the
     request), so that both paths give the same answer to the same request."""
 
-    def __init__(self, *, keep_open: bool, environment: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *, keep_open: bool, environment: Mapping[str, str] | None = None,
+                 mtu_file: str = "/run/tortie/mtu") -> None:
         self.keep_open = keep_open
         self.environment: Mapping[str, str] = os.environ if environment is None else environment
+        # Where the node's agent writes the MTU of the encapsulation in use (its --state-dir).
+        self.mtu_file = mtu_file
         self._clients: dict[EtcdConfig, EtcdClient] = {}
         self._lock = threading.Lock()
 

@@ -46,8 +46,8 @@ class PluginConf:
     dns: DNS | None
 
     @classmethod
-    def parse(cls, config: Mapping[str, Any], node: str) -> PluginConf:
-        mtu = config.get("mtu") or _mtu_from_file()
+    def parse(cls, config: Mapping[str, Any], node: str, mtu_file: str = MTU_FILE) -> PluginConf:
+        mtu = config.get("mtu") or _mtu_from_file(mtu_file)
         if not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 65535:
             raise CNIError(codes.INVALID_CONFIG, "invalid mtu", f"expected an integer 576-65535, got {mtu!r}")
         ipam = config.get("ipam")
@@ -61,9 +61,9 @@ class PluginConf:
                    if dns else None)
 
 
-def _mtu_from_file() -> int:
+def _mtu_from_file(path: str) -> int:
     try:
-        with open(MTU_FILE) as f:
+        with open(path) as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return DEFAULT_MTU
@@ -107,7 +107,7 @@ def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
 # ---- operations ----------------------------------------------------------------------------------
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
-    conf = PluginConf.parse(args.config, ipam_conf.node)
+    conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
@@ -196,7 +196,7 @@ def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     """Best effort and idempotent: every step runs; the first failure is reported at the end."""
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
-    conf = PluginConf.parse(args.config, ipam_conf.node)
+    conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
     failure: CNIError | None = None
     try:
@@ -221,7 +221,7 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
 
 def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
-    conf = PluginConf.parse(args.config, ipam_conf.node)
+    conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
     _ipam("CHECK", args, stores)
     with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
@@ -244,7 +244,7 @@ def gc(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     """Remove this network's endpoints and veths whose attachment the runtime no longer lists,
     then let the IPAM plugin release their addresses."""
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
-    conf = PluginConf.parse(args.config, ipam_conf.node)
+    conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     valid = gc_valid_attachments(args.config)
     with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
         store = ResourceStore(client)

@@ -28,7 +28,9 @@ class CNIService:
     """Serves ``tortie`` calls on ``path`` (mode 0600) with warm etcd connections."""
 
     def __init__(self, path: Path, stores: Datastores,
-                 after_add: Callable[[CmdArgs], None] | None = None) -> None:
+                 after_add: Callable[[CmdArgs], None] | None = None,
+                 on_request: Callable[[str], None] | None = None) -> None:
+        self.on_request = on_request
         self.path = path
         self.stores = stores
         # Runs after a successful ADD, before the answer: the agent waits there until the new
@@ -38,6 +40,8 @@ class CNIService:
         self._thread: threading.Thread | None = None
 
     def handle(self, args: CmdArgs) -> dict[str, Any] | None:
+        if self.on_request is not None:
+            self.on_request(args.command)
         try:
             started = time.perf_counter()
             out = tortie_ops.handle(args, self.stores)

@@ -20,7 +20,8 @@ from cni_plugins.datastores import Datastores
 from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
 from cni_plugins.skel import CmdArgs
 from datastore.config import EtcdConfig
-from datastore.errors import ConfigError, DatastoreError
+from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable
+from datastore.etcd import EtcdClient
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec
 from datastore.store import ResourceStore
@@ -115,9 +116,10 @@ class Agent:
         self.node = args.nodename
         self.config = EtcdConfig.from_env(endpoints=args.endpoints, ca_cert_file=args.ca_cert,
                                           cert_file=args.cert, key_file=args.key)
-        self.stores = Datastores(keep_open=True, environment={})
+        self.stores = Datastores(keep_open=True, environment={}, mtu_file=str(args.state_dir / "mtu"))
         self.metrics = Metrics()
-        self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.wait_for_policy)
+        self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.wait_for_policy,
+                              on_request=self.metrics.count_cni)
         self.stopping = threading.Event()
         self.syncer: Syncer | None = None
         self.loop: DataplaneLoop | None = None
@@ -181,16 +183,33 @@ class Agent:
                       lambda s: (s.local_vtep, s.ipip_enabled, s.mtu)),
                 PolicyManager(table), MasqManager(table)]
 
+    def _start_up(self, client: EtcdClient, node_ip: str | None) -> bool:
+        """Register the node and repair crashed ADDs, waiting (live, not ready) for a datastore that
+        is not there yet, as Felix does. False when told to stop meanwhile."""
+        delay = 0.5
+        while True:
+            try:
+                store = ResourceStore(client)
+                register_node(store, self.node, node_ip)
+                ensure_vtep(IPAM(client), store, self.node)
+                cleanup(client, self.node)
+                return True
+            except DatastoreUnavailable as e:
+                if isinstance(e, DatastoreRefused):
+                    raise  # a wrong certificate does not fix itself
+                log.warning("waiting for the datastore: %s", e)
+                if self.stopping.wait(delay):
+                    return False
+                delay = min(delay * 2, 5.0)
+
     def run(self) -> int:
         self.health.start()
         if self.metrics_server is not None:
             self.metrics_server.start()
         node_ip = self.args.node_ip or detect_node_ip()
         with self.stores.client(self.config) as client:
-            store = ResourceStore(client)
-            register_node(store, self.node, node_ip)
-            ensure_vtep(IPAM(client), store, self.node)
-            cleanup(client, self.node)
+            if not self._start_up(client, node_ip):
+                return 0
             self.loop = DataplaneLoop(self.compute, self.managers(node_ip), self.metrics,
                                       resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)

@@ -18,8 +18,9 @@ from datastore.bgp import check_references
 from datastore.codec import decode, dump, load_documents, stored_bytes
 from datastore.errors import AlreadyExists, NotFound, ValidationError
 from datastore.model import Kind, Resource, encode_fields
-from datastore.resources import IPPool, kind_named
+from datastore.resources import IPPool, Node, kind_named
 from datastore.store import ResourceStore
+from ipam.nodes import remove_node
 from ipam.pools import Pool, check_pool_change
 from netctl.errors import UserError
 
@@ -173,6 +174,11 @@ def run_delete(args: argparse.Namespace) -> int:
         if not store.delete(resource.kind, resource.name, resource.namespace):
             raise NotFound(resource.describe())
         print(f"{label(resource)} deleted")
+        if resource.kind is Node:
+            # As Calico does: a deleted node's endpoints, addresses and blocks go back.
+            removal = remove_node(store.client, resource.name)
+            print(f"  released {len(removal.endpoints)} endpoint(s), {len(removal.handles)} other handle(s), "
+                  f"{len(removal.blocks_deleted)} block(s)")
     return 0
 
 

@@ -135,10 +135,12 @@ def _encapsulates(mode: str, same_subnet: bool) -> bool:
 
 
 def _same_subnet(me: Host | None, remote: Host, version: int) -> bool:
+    """Whether ``dst``'s family can go natively: both nodes on one subnet of THAT family. An IPv6
+    block between nodes without an IPv6 underlay cannot, whatever their IPv4 addresses say."""
     if me is None:
         return False
-    mine: Interface | None = me.ipv6 if version == 6 and me.ipv6 and remote.ipv6 else me.ipv4
-    theirs: Interface | None = remote.ipv6 if version == 6 and me.ipv6 and remote.ipv6 else remote.ipv4
+    mine: Interface | None = me.ipv6 if version == 6 else me.ipv4
+    theirs: Interface | None = remote.ipv6 if version == 6 else remote.ipv4
     return mine is not None and theirs is not None and theirs.ip in mine.network
 
 
