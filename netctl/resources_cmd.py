@@ -177,8 +177,9 @@ def run_delete(args: argparse.Namespace) -> int:
         if resource.kind is Node:
             # As Calico does: a deleted node's endpoints, addresses and blocks go back.
             removal = remove_node(store.client, resource.name)
-            print(f"  released {len(removal.endpoints)} endpoint(s), {len(removal.handles)} other handle(s), "
-                  f"{len(removal.blocks_deleted)} block(s)")
+            if removal.endpoints or removal.handles or removal.blocks_deleted or removal.blocks_orphaned:
+                print(f"  released {len(removal.endpoints)} endpoint(s), {len(removal.handles)} other "
+                      f"handle(s), {len(removal.blocks_deleted)} block(s)")
     return 0
 
 
