@@ -4,6 +4,7 @@ health endpoints, stop cleanly on SIGTERM (leaving the dataplane in place)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -25,6 +26,7 @@ from datastore.etcd import EtcdClient
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec
 from datastore.store import ResourceStore
+from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import compute
 from felix_agent.calc.model import DesiredState
 from felix_agent.calc.snapshot import Snapshot, Update
@@ -53,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the MTU file for the CNI plugin is written")
     p.add_argument("--policy-timeout", type=float, default=float(env.get("FELIX_POLICYTIMEOUT", "10")),
                    help="seconds an ADD waits for the pod's policy to be programmed before it fails")
+    p.add_argument("--bgp", action=argparse.BooleanOptionalAction,
+                   default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
+                   help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
     p.add_argument("--resync-interval", type=float, default=float(env.get("FELIX_RESYNCINTERVAL", "90")))
     p.add_argument("--endpoints", help="etcd endpoints (ETCD_ENDPOINTS)")
     p.add_argument("--ca-cert", help="etcd CA certificate (ETCD_CA_CERT_FILE)")
@@ -122,6 +127,7 @@ class Agent:
                               on_request=self.metrics.count_cni)
         self.stopping = threading.Event()
         self.syncer: Syncer | None = None
+        self.bgp: BGPRunner | None = None
         self.loop: DataplaneLoop | None = None
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
@@ -131,7 +137,7 @@ class Agent:
         return self.loop is not None and self.loop.first_apply.is_set()
 
     def render_metrics(self) -> str:
-        return self.metrics.render(self.ready())
+        return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
 
     def wait_for_policy(self, args: CmdArgs) -> None:
         """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel."""
@@ -145,7 +151,15 @@ class Agent:
     def compute(self) -> DesiredState | None:
         if self.syncer is None or not self.syncer.in_sync.is_set():
             return None  # nothing touches the kernel before the first "in sync"
-        return compute(self.syncer.copy_snapshot(), self.node)
+        snapshot = self.syncer.copy_snapshot()
+        state = compute(snapshot, self.node)
+        if self.bgp is not None:
+            self.bgp.update(snapshot)
+            # One owner per route: with BGP on, remote blocks outside VXLAN come from the peers
+            # (protocol 81, through tunl0 where the pool says IPIP), not from the affinities.
+            state = dataclasses.replace(state, routes=frozenset(
+                r for r in state.routes if r.kind not in ("direct", "ipip")))
+        return state
 
     def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
@@ -210,6 +224,9 @@ class Agent:
         with self.stores.client(self.config) as client:
             if not self._start_up(client, node_ip):
                 return 0
+            if self.args.bgp:
+                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
+                self.bgp.start()
             self.loop = DataplaneLoop(self.compute, self.managers(node_ip), self.metrics,
                                       resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)
@@ -222,6 +239,8 @@ class Agent:
             self.cni.stop()
             self.syncer.stop()
             self.loop.stop()
+            if self.bgp is not None:
+                self.bgp.stop()
         self.health.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()

@@ -1,0 +1,399 @@
+"""Learned routes: what BGP peers announce, installed in the kernel's main table with protocol 81.
+
+Owns the main-table routes with protocol 81 and nothing else. ``on_route``, ``on_session`` and
+``on_end_of_rib`` (the speaker's callbacks) only record paths; ``apply()`` turns the best path of
+each prefix into a kernel route and writes the difference, like the dataplane managers:
+
+- next hop on a connected subnet: ``<prefix> via <nh> dev <that link>``;
+- the prefix's pool says IPIP (``encap_for(prefix) == "ipip"``, or ``"ipip-cross-subnet"`` and
+  the next hop is not on a connected subnet): ``<prefix> via <nh> dev tunl0 onlink``;
+- otherwise ``<prefix> via <nh>`` and the kernel resolves it (or refuses: counted in ``failed``).
+
+It never touches another protocol's route: a prefix some other protocol already routes is left
+alone (``conflicts``), new routes are added with ``add`` (a foreign one appearing meanwhile makes
+it fail, never be overwritten), and deletions name protocol 81. A prefix inside a connected subnet
+(the underlay itself) is never installed: a peer exporting it would cut the node off.
+
+Graceful restart, kept simple:
+- a peer's session goes down: if the peer advertised graceful restart (``restart_time`` > 0) its
+  paths stay, stale, until it re-announces them, sends End-of-RIB (stale ones left are dropped) or
+  ``restart_time`` passes; otherwise they go at once (the hold timer already bounded how long a
+  dead peer could keep them);
+- this node restarted: ``adopt(grace)`` takes the protocol-81 routes found in the kernel as stale
+  paths, so they keep forwarding until re-learned, and are removed if not within ``grace`` seconds
+  (our own ``graceful-restart`` time, which our peers also wait for us).
+A stale path loses to any fresh one for the same prefix, so a second reflector takes over at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bgp.model import SessionStatus
+from felix_agent.dataplane.ipip import IPIP_DEVICE
+from felix_agent.dataplane.netlink import KernelError, KernelRoute
+
+log = logging.getLogger(__name__)
+
+BGP_PROTOCOL = 81  # CONTRACT, "Kernel objects"
+KERNEL_PROTOCOL = 2  # connected subnets
+ADOPTED = "kernel"  # the pseudo peer of routes found in the kernel at start
+ESTABLISHED = "Established"
+RESYNC_INTERVAL = 60.0
+
+EncapFor = Callable[[str], str | None]  # prefix -> "ipip" | "ipip-cross-subnet" | None
+
+
+class RouteDriver(Protocol):
+    """What ``felix_agent.dataplane.netlink.Netlink`` offers (a fake in unit tests)."""
+
+    def routes(self) -> list[KernelRoute]: ...
+    def add_route(self, route: KernelRoute) -> None: ...
+    def replace_route(self, route: KernelRoute) -> None: ...
+    def delete_route(self, route: KernelRoute) -> None: ...
+
+
+@dataclass
+class Path:
+    next_hop: str
+    local_pref: int = 100
+    as_path_len: int = 0
+    stale_until: float | None = None  # monotonic deadline while stale
+
+    def rank(self, peer: str) -> tuple[bool, int, int, str]:
+        return (self.stale_until is not None, -self.local_pref, self.as_path_len, peer)
+
+
+@dataclass(frozen=True)
+class Stats:
+    installed: int  # protocol-81 routes in the kernel
+    stale: int  # paths kept for a peer (or our previous run) restarting gracefully
+    conflicts: int  # prefixes not installed: another protocol routes them, or inside the underlay
+    failed: int  # kernel writes refused so far (e.g. an unresolvable next hop; retried on resync)
+    writes: int  # kernel writes so far
+
+
+@dataclass
+class _Connected:
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    device: str
+    ifindex: int | None
+
+
+@dataclass
+class _Kernel:
+    """What the last read-back found, updated with our own writes in between."""
+
+    ours: dict[str, KernelRoute] = field(default_factory=dict)
+    foreign: set[str] = field(default_factory=set)  # prefixes with a route of another protocol
+    connected: list[_Connected] = field(default_factory=list)
+
+
+class LearnedRoutes:
+    def __init__(self, driver: RouteDriver, *, encap_for: EncapFor | None = None,
+                 clock: Callable[[], float] = time.monotonic, resync_interval: float = RESYNC_INTERVAL) -> None:
+        self.driver = driver
+        self.encap_for = encap_for or (lambda prefix: None)
+        self.clock = clock
+        self.resync_interval = resync_interval
+        self._failed_writes = 0
+        self._writes = 0
+        self._paths: dict[str, dict[str, Path]] = {}  # prefix -> peer -> path
+        self._kernel: _Kernel | None = None  # None: read back at the next apply
+        self._failed: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._dirty = True
+        self._changed: set[str] = set()  # prefixes whose paths changed since the last apply
+        self._earliest: float | None = None  # no stale path expires before this
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._last_resync = 0.0
+
+    # -- what the speaker reports (never touches the kernel) ------------------------------------
+
+    def on_route(self, peer: str, prefix: str, next_hop: str | None, withdrawn: bool,
+                 attrs: Mapping[str, Any]) -> None:
+        prefix = str(ipaddress.ip_network(prefix, strict=False))
+        with self._lock:
+            paths = self._paths.setdefault(prefix, {})
+            if withdrawn or next_hop is None:
+                paths.pop(peer, None)
+            else:
+                paths[peer] = Path(next_hop, int(attrs.get("local-preference", 100)), _as_path_len(attrs))
+            if not paths:
+                del self._paths[prefix]
+            self._touch(prefix)
+
+    def on_session(self, status: SessionStatus, restart_time: int = 0) -> None:
+        """A session changed state; ``restart_time`` is the restart time the peer advertised in
+        its graceful-restart capability (``Speaker.restart_time``), 0 if it did not."""
+        if status.state == ESTABLISHED:
+            return
+        with self._lock:
+            deadline = self.clock() + restart_time
+            for prefix in list(self._paths):
+                path = self._paths[prefix].get(status.peer)
+                if path is None:
+                    continue
+                if restart_time > 0:
+                    if path.stale_until is None:
+                        path.stale_until = deadline
+                        self._stale_at(deadline)
+                else:
+                    del self._paths[prefix][status.peer]
+                    if not self._paths[prefix]:
+                        del self._paths[prefix]
+                self._touch(prefix)
+            self._touch()
+
+    def on_end_of_rib(self, peer: str, family: str | None = None) -> None:
+        """The peer has sent everything (for ``family``, e.g. "ipv4 unicast"): its paths still
+        stale were not re-announced and go."""
+        version = None if family is None else (6 if family.startswith("ipv6") else 4)
+        with self._lock:
+            for prefix in list(self._paths):
+                path = self._paths[prefix].get(peer)
+                if path is None or path.stale_until is None:
+                    continue
+                if version is None or ipaddress.ip_network(prefix).version == version:
+                    del self._paths[prefix][peer]
+                    if not self._paths[prefix]:
+                        del self._paths[prefix]
+                    self._touch(prefix)
+            self._touch()
+
+    def adopt(self, grace: float) -> int:
+        """Take the protocol-81 routes left in the kernel (by our previous run) as stale paths that
+        expire after ``grace`` seconds unless re-learned. Returns how many were adopted."""
+        kernel = self._read_kernel()
+        deadline = self.clock() + grace
+        with self._lock:
+            self._kernel = None  # the next apply reads the kernel back and reconciles everything
+            for prefix, route in kernel.ours.items():
+                if route.gateway and route.type == "unicast":
+                    self._paths.setdefault(prefix, {})[ADOPTED] = Path(route.gateway, stale_until=deadline)
+                    self._stale_at(deadline)
+                    self._touch(prefix)
+            self._touch()
+            return sum(1 for paths in self._paths.values() if ADOPTED in paths)
+
+    def installed(self) -> dict[str, KernelRoute]:
+        """The protocol-81 routes as this manager believes the kernel holds them."""
+        with self._lock:
+            return dict(self._kernel.ours) if self._kernel else {}
+
+    # -- reconciling the kernel -----------------------------------------------------------------
+
+    def apply(self, resync: bool = False) -> None:
+        """Write what changed since the last apply; with ``resync`` (and the first time) read the
+        kernel back and reconcile every prefix."""
+        with self._lock:
+            full = resync or self._kernel is None
+            changed, self._changed, self._dirty = self._changed, set(), False
+        kernel = self._read_kernel() if full else None
+        with self._lock:
+            if kernel is not None:
+                self._kernel = kernel
+                self._failed.clear()
+                self._last_resync = self.clock()
+            assert self._kernel is not None
+            current = self._kernel
+            changed |= self._expire()
+            prefixes = set(self._paths) | set(current.ours) if full else changed
+            ops: list[tuple[str, KernelRoute]] = []
+            for prefix in prefixes:
+                route = self._desired(prefix, current)
+                have = current.ours.get(prefix)
+                if route is None:
+                    if have is not None:
+                        ops.append(("delete", have))
+                elif have is None:
+                    if prefix not in self._failed:
+                        ops.append(("add", route))
+                elif not _same(route, have):
+                    ops.append(("replace", route))
+        for action, route in ops:  # outside the lock: the speaker's thread keeps recording
+            self._write(action, route)
+
+    def stats(self) -> Stats:
+        with self._lock:
+            kernel = self._kernel or _Kernel()
+            return Stats(
+                installed=len(kernel.ours),
+                stale=sum(1 for paths in self._paths.values() for p in paths.values() if p.stale_until is not None),
+                conflicts=sum(1 for p in self._paths if p in kernel.foreign or _in_underlay(p, kernel.connected)),
+                failed=self._failed_writes,
+                writes=self._writes,
+            )
+
+    def _write(self, action: str, route: KernelRoute) -> None:
+        try:
+            if action == "add":
+                self.driver.add_route(route)
+            elif action == "replace":
+                self.driver.replace_route(route)
+            else:
+                self.driver.delete_route(route)
+        except KernelError as e:
+            if action == "add" and e.code == errno.EEXIST:
+                log.warning("not installing %s: another protocol routes it", route.dst)
+                with self._lock:
+                    if self._kernel is not None:
+                        self._kernel.foreign.add(route.dst)
+                return
+            log.warning("BGP route %s %s failed: %s", action, route.dst, e)
+            with self._lock:
+                self._failed_writes += 1
+                self._failed.add(route.dst)
+            return
+        with self._lock:
+            self._writes += 1
+            if self._kernel is None:  # adopted meanwhile: the next apply reads the kernel again
+                return
+            if action == "delete":
+                self._kernel.ours.pop(route.dst, None)
+            else:
+                self._kernel.ours[route.dst] = route
+
+    def _desired(self, prefix: str, kernel: _Kernel) -> KernelRoute | None:
+        paths = self._paths.get(prefix)
+        if not paths or prefix in kernel.foreign or _in_underlay(prefix, kernel.connected):
+            return None
+        peer = min(paths, key=lambda p: paths[p].rank(p))
+        return self._route(prefix, paths[peer].next_hop, kernel.connected)
+
+    def _route(self, prefix: str, next_hop: str, connected: list[_Connected]) -> KernelRoute | None:
+        try:
+            nh = ipaddress.ip_address(next_hop)
+        except ValueError:
+            return None
+        if nh.version != ipaddress.ip_network(prefix).version:
+            return None  # a next hop of the other family (RFC 5549) is not supported
+        link = next((c for c in connected if nh in c.network), None)
+        encap = self.encap_for(prefix)
+        if encap == "ipip" or (encap == "ipip-cross-subnet" and link is None):
+            return KernelRoute(dst=prefix, gateway=str(nh), device=IPIP_DEVICE, onlink=True, proto=BGP_PROTOCOL)
+        if link is not None:
+            return KernelRoute(dst=prefix, gateway=str(nh), device=link.device, proto=BGP_PROTOCOL,
+                               ifindex=link.ifindex)
+        return KernelRoute(dst=prefix, gateway=str(nh), proto=BGP_PROTOCOL)
+
+    def _expire(self) -> set[str]:
+        """Drop stale paths past their deadline; the prefixes that lost one."""
+        now = self.clock()
+        expired: set[str] = set()
+        if self._earliest is None or self._earliest > now:
+            return expired
+        self._earliest = None
+        for prefix in list(self._paths):
+            paths = self._paths[prefix]
+            for peer, path in list(paths.items()):
+                if path.stale_until is None:
+                    continue
+                if path.stale_until <= now:
+                    del paths[peer]
+                    expired.add(prefix)
+                else:
+                    self._stale_at(path.stale_until)
+            if not paths:
+                del self._paths[prefix]
+        return expired
+
+    def _stale_at(self, deadline: float) -> None:
+        if self._earliest is None or deadline < self._earliest:
+            self._earliest = deadline
+
+    def _read_kernel(self) -> _Kernel:
+        kernel = _Kernel()
+        for r in self.driver.routes():
+            if r.proto == BGP_PROTOCOL:
+                kernel.ours[r.dst] = r
+                continue
+            kernel.foreign.add(r.dst)
+            if r.proto == KERNEL_PROTOCOL and r.gateway is None and r.device and r.type == "unicast":
+                net = ipaddress.ip_network(r.dst)
+                if not net.is_link_local and net.prefixlen < net.max_prefixlen:
+                    kernel.connected.append(_Connected(net, r.device, r.ifindex))
+        return kernel
+
+    def next_deadline(self) -> float | None:
+        """When the earliest stale path may expire (a lower bound: re-learned ones do not move it)."""
+        with self._lock:
+            return self._earliest
+
+    # -- the installer thread -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Apply in a thread of its own: at once after a change, at stale deadlines, and a full
+        resync (read-back) every ``resync_interval`` seconds."""
+        self._thread = threading.Thread(target=self._run, name="bgp-learned", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            deadline = self.next_deadline()
+            with self._lock:
+                now = self.clock()
+                wake_at = self._last_resync + self.resync_interval
+                if deadline is not None:
+                    wake_at = min(wake_at, deadline)
+                if not self._dirty and not self._stopping and wake_at > now:
+                    self._wake.wait(wake_at - now)
+                if self._stopping:
+                    return
+                resync = self.clock() >= self._last_resync + self.resync_interval
+            try:
+                self.apply(resync=resync)
+            except KernelError as e:
+                log.warning("reading the kernel's routes failed: %s", e)
+                time.sleep(1.0)
+
+    def _touch(self, prefix: str | None = None) -> None:
+        if prefix is not None:
+            self._changed.add(prefix)
+            self._failed.discard(prefix)  # a new path may well be installable
+        self._dirty = True
+        self._wake.notify_all()
+
+
+def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
+    """Whether the kernel's route is the one desired (the kernel fills in what we left open)."""
+    if desired.device is None:
+        actual = KernelRoute(dst=actual.dst, type=actual.type, gateway=actual.gateway, onlink=actual.onlink,
+                             scope=actual.scope, proto=actual.proto, metric=actual.metric)
+    elif desired.ifindex is None:
+        actual = KernelRoute(dst=actual.dst, type=actual.type, gateway=actual.gateway, device=actual.device,
+                             onlink=actual.onlink, scope=actual.scope, proto=actual.proto, metric=actual.metric)
+    return desired == actual
+
+
+def _in_underlay(prefix: str, connected: list[_Connected]) -> bool:
+    net = ipaddress.ip_network(prefix)
+    return any(net.version == c.network.version and net.subnet_of(c.network) for c in connected)  # type: ignore[arg-type]
+
+
+def _as_path_len(attrs: Mapping[str, Any]) -> int:
+    """AS_PATH length from ExaBGP 5's JSON: {"0": {"element": "as-sequence", "value": [...]}}."""
+    path = attrs.get("as-path")
+    if isinstance(path, dict):
+        return sum(len(seg.get("value", [])) if seg.get("element") == "as-sequence" else 1
+                   for seg in path.values() if isinstance(seg, dict))
+    if isinstance(path, list):
+        return len(path)
+    return 0

@@ -1,0 +1,463 @@
+"""The node's BGP speaker: ExaBGP as a supervised child process, driven through its API.
+
+``Speaker(state_dir, on_route=..., on_session=..., on_end_of_rib=...)`` is what felix-agent embeds:
+
+- ``configure(config)``: the first call starts ExaBGP; later ones re-render its configuration and
+  ``reload`` it (ExaBGP touches only added, removed or changed neighbors); a new local address or
+  listen port (ExaBGP's environment) restarts it.
+- ``announce(exports)``: only the difference is sent; a peer whose session comes up gets all of
+  them again (ExaBGP keeps no Adj-RIB-Out across sessions and gives API routes to no neighbor
+  added later), then End-of-RIB (``manual-eor``), after what a reflector reflects to it.
+- what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)``, session changes
+  ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``. A looped path (our
+  router ID as ORIGINATOR_ID, our cluster ID in CLUSTER_LIST, our AS in an eBGP AS_PATH) counts
+  as withdrawn. With ``cluster_id`` set the node reflects (``bgp.reflector``).
+- ExaBGP dying is noticed and it is started again after a backoff. It does not outlive a killed
+  agent for long: its API process tears the sessions down (NOTIFICATION, so peers drop our
+  routes) and stops it when no agent has come back within a few seconds (``bgp.api_process``).
+- ``stop(graceful=True)``: with graceful restart configured ExaBGP closes the sessions without a
+  NOTIFICATION, so peers keep our routes while we restart; ``graceful=False`` withdraws first.
+- Graceful restart as a helper (``restart_time(peer)``): the time the peer advertised, unless its
+  session ended with a NOTIFICATION, sent or received (hold timer expired, peer torn down), which
+  ends graceful restart (RFC 4724): then 0, its routes go at once.
+
+Callbacks run in the API channel's thread (or the caller's, for ``configure``), in order, outside
+the speaker's lock; they must be quick. Must not touch kernel routes (``bgp.learned`` does).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bgp import exabgp
+from bgp.api_process import Channel, ExaBGPProcess
+from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
+from bgp.reflector import Received, Reflector
+
+log = logging.getLogger(__name__)
+
+RouteCallback = Callable[[str, str, str | None, bool, dict[str, Any]], None]
+SessionCallback = Callable[[SessionStatus], None]
+EndOfRibCallback = Callable[[str, str], None]
+
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+HEALTHY_RUN = 60.0  # a run this long resets the backoff
+TICK = 0.5
+
+
+@dataclass(frozen=True)
+class SpeakerMetrics:
+    sessions: dict[str, int]  # by state
+    routes_announced: int
+    routes_learned: int  # in the current sessions
+    updates_received: int
+    last_update: float | None  # wall-clock time of the last UPDATE received
+    exabgp_starts: int
+    commands_failed: int
+    looped: int  # paths dropped by the loop check
+
+
+@dataclass
+class _PeerInfo:
+    """What a peer told us in its OPEN, and the paths it sent us in this session."""
+
+    router_id: str | None = None
+    restart_time: int = 0
+    families: tuple[str, ...] = exabgp.FAMILIES
+    routes: dict[str, Received] = field(default_factory=dict)
+
+
+class Speaker:
+    def __init__(self, state_dir: str | Path, *, on_route: RouteCallback | None = None,
+                 on_session: SessionCallback | None = None, on_end_of_rib: EndOfRibCallback | None = None,
+                 exabgp_bin: str | None = None, python: str | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.on_route = on_route or (lambda *a: None)
+        self.on_session = on_session or (lambda s: None)
+        self.on_end_of_rib = on_end_of_rib or (lambda p, f: None)
+        self.python = python or sys.executable
+        self._exabgp = ExaBGPProcess(exabgp_bin or str(Path(sys.executable).parent / "exabgp"), self.state_dir,
+                                     self.state_dir / exabgp.CONFIG_FILE, self.state_dir / exabgp.PID_FILE,
+                                     exabgp.PIPENAME)
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._config: SpeakerConfig | None = None
+        self._env: dict[str, str] = {}
+        self._exports: dict[str, Export] = {}
+        self._status: dict[str, SessionStatus] = {}
+        self._peers: dict[str, _PeerInfo] = {}
+        self._reflector: Reflector | None = None
+        self._hello_from: int | None = None  # the ExaBGP whose API process has connected
+        self._channel: Channel | None = None
+        self._acks: deque[str] = deque()  # commands sent, waiting for ExaBGP's done/error
+        self._restart = self._stopping = self._reload = False
+        self._supervisor: threading.Thread | None = None
+        self._pending: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()  # callbacks to make
+        self._counts = {"updates": 0, "starts": 0, "failed": 0, "looped": 0}
+        self._last_update: float | None = None
+
+    # -- what felix-agent calls -----------------------------------------------------------------
+
+    def configure(self, config: SpeakerConfig) -> None:
+        """Apply ``config``; ``exabgp.ConfigError`` for one ExaBGP would refuse."""
+        socket_path = self.state_dir / exabgp.SOCKET_FILE
+        text = exabgp.render(config, socket_path=socket_path, python=self.python)
+        env = exabgp.environment(config, self.state_dir)
+        with self._lock:
+            first = self._config is None
+            old_env, self._config, self._env = self._env, config, env
+            self._set_peers(config.peers)
+            self._set_reflector(config)
+            if first:
+                self._exabgp.prepare()
+                self._channel = Channel(socket_path, self._on_line, self._on_hello, self._on_lost)
+            changed = self._exabgp.write_config(text)
+            if first:
+                self._supervisor = threading.Thread(target=self._supervise, name="bgp-exabgp", daemon=True)
+                self._supervisor.start()
+            elif env != old_env:
+                self._restart = True
+            elif changed and not self._send(["reload"]):
+                self._reload = True  # sent once its API process is connected (a signal could kill
+                # an ExaBGP still starting, before its handlers are in place)
+        self._wake.set()
+        self._fire()
+
+    def announce(self, exports: Iterable[Export]) -> None:
+        """This node's prefixes (blocks, borrowed /32s) as they should be announced now."""
+        new = {_canonical(e.prefix): e for e in exports}
+        with self._lock:
+            old, self._exports = self._exports, new
+            gone = _by_next_hop(e for p, e in old.items() if p not in new)
+            added = _by_next_hop(e for p, e in new.items() if old.get(p) != e)
+            commands = exabgp.announce(gone, withdraw=True) + exabgp.announce(added)
+            if self._reflector is not None:
+                commands += self._reflector.own(new)
+            self._send(commands)
+
+    def sessions(self) -> list[SessionStatus]:
+        with self._lock:
+            return [self._status[p.address] for p in self._config.peers] if self._config else []
+
+    def restart_time(self, peer: str) -> int:
+        """The graceful-restart time ``peer`` advertised (0: none): how long to keep its routes."""
+        with self._lock:
+            info = self._peers.get(peer)
+            return info.restart_time if info else 0
+
+    def learned(self) -> dict[str, dict[str, str]]:
+        """peer -> prefix -> next hop, as received in the current sessions."""
+        with self._lock:
+            return {peer: {p: r.next_hop for p, r in info.routes.items()} for peer, info in self._peers.items()
+                    if info.routes}
+
+    def metrics(self) -> SpeakerMetrics:
+        with self._lock:
+            by_state: dict[str, int] = {}
+            for s in self._status.values():
+                by_state[s.state] = by_state.get(s.state, 0) + 1
+            c = self._counts
+            return SpeakerMetrics(by_state, len(self._exports), sum(len(i.routes) for i in self._peers.values()),
+                                  c["updates"], self._last_update, c["starts"], c["failed"], c["looped"])
+
+    @property
+    def exabgp_pid(self) -> int | None:
+        with self._lock:
+            return self._exabgp.pid if self._exabgp.running() else None
+
+    def send(self, command: str) -> bool:
+        """A raw ExaBGP API command (diagnostics); False when ExaBGP is not connected."""
+        with self._lock:
+            return self._send([command])
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop ExaBGP. ``graceful``: leave our routes with the peers (graceful restart), and make
+        no callbacks; otherwise withdraw everything first."""
+        if not graceful:
+            with self._lock:
+                commands = exabgp.announce(_by_next_hop(self._exports.values()), withdraw=True)
+                sent = self._send(commands + (self._reflector.withdraw_all() if self._reflector else []))
+            deadline = time.monotonic() + 3.0
+            while sent and self._acks and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)  # "done" means queued: give ExaBGP a few loops to send the UPDATEs
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    # -- peers and sessions ---------------------------------------------------------------------
+
+    def _set_peers(self, peers: Iterable[Peer]) -> None:
+        wanted = {p.address: p for p in peers}
+        for address in [a for a in self._status if a not in wanted]:
+            status = self._status.pop(address)
+            for prefix in self._peers.pop(address, _PeerInfo()).routes:
+                self._later(self.on_route, address, prefix, None, True, {})
+            self._later(self.on_session, replace(status, state="Idle", since=_now(), info="removed"))
+        for address, peer in wanted.items():
+            old = self._status.get(address)
+            if old is None or old.kind != peer.kind:
+                state = old.state if old else ("Idle" if not self._exabgp.running() else _waiting(peer))
+                self._status[address] = SessionStatus(address, peer.kind, state, old.since if old else _now())
+
+    def _set_reflector(self, config: SpeakerConfig) -> None:
+        if self._reflector is not None and self._reflector.cluster_id != config.cluster_id:
+            self._send(self._reflector.withdraw_all())
+            self._reflector = None
+        if config.cluster_id is None:
+            return
+        if self._reflector is not None:
+            self._send(self._reflector.set_peers(config.peers))
+            return
+        # A new reflector starts from what the sessions that are up have already sent us.
+        reflector = self._reflector = Reflector(config.router_id, config.cluster_id, config.asn)
+        reflector.own(self._exports)
+        commands = reflector.set_peers(config.peers)
+        up = [p for p, s in self._status.items() if s.state == "Established"]
+        for peer in up:
+            commands += reflector.session_up(peer, self._peers.get(peer, _PeerInfo()).router_id)
+        for peer in up:
+            for prefix, path in self._peers.get(peer, _PeerInfo()).routes.items():
+                commands += reflector.update(peer, prefix, path)
+        self._send(commands)
+
+    def _set_state(self, peer: str, state: str, info: str = "") -> None:
+        old = self._status.get(peer)
+        if old is None or (old.state, old.info) == (state, info):
+            return
+        self._status[peer] = SessionStatus(peer, old.kind, state, _now(), info)
+        if not self._stopping:
+            self._later(self.on_session, self._status[peer])
+
+    def _session_down(self, peer: str, info: str) -> None:
+        if peer in self._peers:
+            self._peers[peer].routes = {}
+            if info.startswith("notification"):  # "notification sent (4,0)", "... received (6,2)"
+                self._peers[peer].restart_time = 0
+        configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
+        self._set_state(peer, _waiting(configured) if self._exabgp.running() else "Idle", info)
+        if self._reflector is not None:
+            self._send(self._reflector.session_down(peer, self.restart_time(peer), time.monotonic()))
+
+    def _replay(self, peer: str) -> None:
+        """Everything ``peer`` should have from us, then End-of-RIB per family it negotiated."""
+        info = self._peers.setdefault(peer, _PeerInfo())
+        families = {4 if f.startswith("ipv4") else 6 for f in info.families}
+        exports = (e for p, e in self._exports.items() if ipaddress.ip_network(p).version in families)
+        commands = exabgp.announce(_by_next_hop(exports), peer=peer)
+        if self._reflector is not None:
+            commands += self._reflector.session_up(peer, info.router_id)
+        commands += [exabgp.end_of_rib(peer, f) for f in info.families if f in exabgp.FAMILIES]
+        self._send(commands)
+
+    # -- what ExaBGP reports --------------------------------------------------------------------
+
+    def _on_line(self, line: str) -> None:
+        event = exabgp.parse(line)
+        if event is None:
+            return
+        with self._lock:
+            if isinstance(event, exabgp.Ack):
+                command = self._acks.popleft() if self._acks else "?"
+                if not event.ok:
+                    self._counts["failed"] += 1
+                    log.warning("ExaBGP refused the command %r", command[:200])
+            elif isinstance(event, exabgp.StateEvent):
+                if event.state == "connected":
+                    self._set_state(event.peer, "OpenSent")
+                elif event.state == "up":
+                    self._set_state(event.peer, "Established")
+                    self._replay(event.peer)
+                elif event.state == "down":
+                    self._session_down(event.peer, event.reason)
+            elif isinstance(event, exabgp.OpenEvent):
+                self._peers[event.peer] = _PeerInfo(event.router_id, event.restart_time, event.families)
+            elif isinstance(event, exabgp.UpdateEvent):
+                self._on_update(event)
+            elif isinstance(event, exabgp.EndOfRib):
+                self._later(self.on_end_of_rib, event.peer, event.family)
+                if self._reflector is not None:
+                    self._send(self._reflector.end_of_rib(event.peer))
+        self._fire()
+
+    def _on_update(self, event: exabgp.UpdateEvent) -> None:
+        self._counts["updates"] += 1
+        self._last_update = time.time()
+        peer, attrs = event.peer, dict(event.attrs)
+        routes = self._peers.setdefault(peer, _PeerInfo()).routes
+        looped = self._looped(peer, attrs)
+        paths: dict[str, Received] = {}  # by next hop: one UPDATE shares its attributes
+        withdrawn = list(event.withdrawn)
+        commands: list[str] = []
+        for prefix, next_hop in event.announced:
+            if looped:
+                self._counts["looped"] += 1
+                withdrawn.append(prefix)
+                continue
+            path = routes[prefix] = paths.setdefault(next_hop, Received.from_json(next_hop, attrs))
+            self._later(self.on_route, peer, prefix, next_hop, False, attrs)
+            if self._reflector is not None:
+                commands += self._reflector.update(peer, prefix, path)
+        for prefix in withdrawn:
+            if routes.pop(prefix, None) is not None or not looped:
+                self._later(self.on_route, peer, prefix, None, True, {})
+            if self._reflector is not None:
+                commands += self._reflector.update(peer, prefix, None)
+        self._send(commands)
+
+    def _looped(self, peer: str, attrs: dict[str, Any]) -> bool:
+        config = self._config
+        assert config is not None
+        if attrs.get("originator-id") == config.router_id or config.cluster_id in attrs.get("cluster-list", []):
+            return True
+        external = any(p.address == peer and p.asn != config.asn for p in config.peers)
+        return external and config.asn in Received.from_json("", attrs).as_path
+
+    def _on_hello(self, pid: int) -> bool:
+        """An API process connected: take it if it is our ExaBGP's. A second one from the same
+        ExaBGP (respawned by it) may have missed events: ExaBGP is restarted to resync."""
+        with self._lock:
+            if not self._exabgp.running() or pid != self._exabgp.pid:
+                return False
+            if self._hello_from == pid:
+                log.warning("ExaBGP's API process reconnected: restarting ExaBGP to resync")
+                self._restart = True
+                self._wake.set()
+            self._hello_from = pid
+            self._acks.clear()
+            self._wake.set()  # a pending reload can go now
+            return True
+
+    def _on_lost(self, size: int) -> None:
+        log.warning("the API process dropped %d bytes of ExaBGP's output: restarting ExaBGP", size)
+        with self._lock:
+            self._restart = True
+        self._wake.set()
+
+    def _send(self, commands: list[str]) -> bool:
+        """Send ``commands`` to ExaBGP (under ``_lock``). False when it is not connected: then
+        nothing is lost, sessions are not up and get everything when they come up."""
+        if not commands or self._channel is None:
+            return bool(not commands)
+        self._acks.extend(commands)
+        try:
+            if self._channel.send(commands):
+                return True
+        except OSError as e:
+            log.warning("ExaBGP's API process does not take commands (%s): restarting ExaBGP", e)
+            self._restart = True
+            self._wake.set()
+        for _ in commands:
+            self._acks.pop()
+        return False
+
+    # -- ExaBGP the process ---------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Start ExaBGP, restart it when it dies (backoff) or when asked, stop it at the end."""
+        backoff, started, ever = BACKOFF_MIN, 0.0, False
+        while True:
+            self._wake.wait(TICK)
+            self._wake.clear()
+            with self._lock:
+                stopping, restart, self._restart = self._stopping, self._restart, False
+            if ever and (stopping or restart or not self._exabgp.running()):
+                crashed = not (stopping or restart)
+                status = self._exabgp.stop()
+                if crashed:
+                    log.warning("ExaBGP exited (%s); see %s", status, self.state_dir / exabgp.LOG_FILE)
+                self._exited(f"ExaBGP exited ({status})" if crashed else "ExaBGP restarting")
+                ever = False
+                if crashed:
+                    healthy = time.monotonic() - started > HEALTHY_RUN
+                    backoff = BACKOFF_MIN if healthy else min(backoff * 2, BACKOFF_MAX)
+                    if self._sleep(BACKOFF_MIN if healthy else backoff):
+                        return
+            if stopping:
+                return
+            if not ever:
+                started, ever = time.monotonic(), True
+                with self._lock:
+                    self._exabgp.start(self._env)
+                    self._reload = False  # it reads the configuration as it is now
+                    self._counts["starts"] += 1
+                    for peer in self._config.peers if self._config else ():
+                        self._set_state(peer.address, _waiting(peer))
+                self._fire()
+            with self._lock:
+                if self._reload and self._send(["reload"]):
+                    self._reload = False
+                if self._reflector is not None:
+                    self._send(self._reflector.expire(time.monotonic()))
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait, unless stopped meanwhile (True)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stopping:
+            time.sleep(min(TICK, max(0.0, deadline - time.monotonic())))
+        return self._stopping
+
+    def _exited(self, info: str) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.drop()
+            self._acks.clear()
+            for peer, status in list(self._status.items()):
+                if status.state == "Established":
+                    self._session_down(peer, info)
+                else:
+                    self._set_state(peer, "Idle", info)
+        self._fire()
+
+    # -- callbacks: queued under the lock, made outside it, in order ----------------------------
+
+    def _later(self, fn: Callable[..., None], *args: Any) -> None:
+        self._pending.append((fn, args))
+
+    def _fire(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                fn, args = self._pending.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("BGP callback %s failed", getattr(fn, "__name__", fn))
+
+
+def _waiting(peer: Peer | None) -> str:
+    """BGP's name for a session being attempted: Active while waiting for the peer to connect."""
+    return "Active" if peer is not None and peer.passive else "Connect"
+
+
+def _by_next_hop(exports: Iterable[Export]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for e in exports:
+        out.setdefault(e.next_hop, []).append(_canonical(e.prefix))
+    return out
+
+
+def _canonical(prefix: str) -> str:
+    return str(ipaddress.ip_network(prefix, strict=False))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+

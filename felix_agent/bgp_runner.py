@@ -1,0 +1,109 @@
+"""felix-agent's side of BGP: keeps the ExaBGP speaker configured from the datastore, announces
+this node's blocks, installs what peers announce (route protocol 81), and publishes the sessions
+for ``netctl node status``. The BGP work itself is in the ``bgp`` package."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from pathlib import Path
+
+from bgp.config import exports, speaker_config
+from bgp.learned import LearnedRoutes
+from bgp.model import SessionStatus, SpeakerConfig
+from bgp.speaker import Speaker
+from bgp.status import write_status
+from datastore.errors import DatastoreError
+from datastore.etcd import EtcdClient, Lease
+from datastore.resources import IPPoolSpec
+from felix_agent.calc.snapshot import Snapshot
+from felix_agent.dataplane.netlink import Netlink
+
+log = logging.getLogger(__name__)
+
+STATUS_TTL = 15  # seconds: `node status` says "not running" this long after the agent dies
+STATUS_EVERY = 5.0
+
+
+class BGPRunner:
+    def __init__(self, node: str, state_dir: Path, client: EtcdClient) -> None:
+        self.node = node
+        self.client = client
+        self._snapshot: Snapshot | None = None
+        self._config: SpeakerConfig | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._status_dirty = threading.Event()
+        self.learned = LearnedRoutes(Netlink.open(), encap_for=self.encap_for)
+        self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
+                               on_end_of_rib=self.learned.on_end_of_rib)
+        self._lease: Lease | None = None
+        self._thread = threading.Thread(target=self._publish, name="bgp-status", daemon=True)
+
+    def start(self, grace: int = 120) -> None:
+        # Last run's learned routes stay (stale) while the sessions come back: graceful restart.
+        self.learned.adopt(grace=grace)
+        self.learned.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Leave the kernel routes and let peers keep ours (graceful restart)."""
+        self._stop.set()
+        self.learned.stop()
+        self.speaker.stop(graceful=True)
+        if self._lease is not None:
+            self._lease.revoke()
+
+    def encap_for(self, prefix: str) -> str | None:
+        snap = self._snapshot
+        if snap is None:
+            return None
+        net = ipaddress.ip_network(prefix)
+        for pool in snap.ippools.values():
+            spec: IPPoolSpec = pool.spec
+            cidr = spec.network()
+            if cidr.version == net.version and net.subnet_of(cidr):  # type: ignore[arg-type]
+                return {"Always": "ipip", "CrossSubnet": "ipip-cross-subnet"}.get(spec.ipip_mode)
+        return None
+
+    def update(self, snapshot: Snapshot) -> None:
+        """A new datastore view: reconfigure the speaker when its sessions change, announce the
+        difference in this node's exports."""
+        with self._lock:
+            self._snapshot = snapshot
+            config = speaker_config(snapshot, self.node)
+            if config is None:
+                return
+            if config != self._config:
+                self.speaker.configure(config)
+                self._config = config
+            self.speaker.announce(exports(snapshot, self.node))
+
+    def _on_session(self, status: SessionStatus) -> None:
+        self.learned.on_session(status, self.speaker.restart_time(status.peer))
+        self._status_dirty.set()
+
+    def _publish(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._lease is None or self._lease.expired.is_set():
+                    self._lease = self.client.grant_lease(STATUS_TTL)
+                    self._lease.keep_alive()
+                write_status(self.client, self.node, self.speaker.sessions(), self._lease)
+            except DatastoreError as e:
+                log.warning("could not publish BGP status: %s", e)
+            self._status_dirty.wait(STATUS_EVERY)
+            self._status_dirty.clear()
+
+    def metrics(self) -> str:
+        m = self.speaker.metrics()
+        lines = ["# HELP felix_bgp_sessions BGP sessions by state.", "# TYPE felix_bgp_sessions gauge"]
+        lines += [f'felix_bgp_sessions{{state="{s}"}} {n}' for s, n in sorted(m.sessions.items())]
+        for name, value, text in (
+            ("felix_bgp_routes_announced", m.routes_announced, "Prefixes this node announces."),
+            ("felix_bgp_routes_learned", m.routes_learned, "Prefixes learned from peers."),
+            ("felix_bgp_last_update_timestamp_seconds", m.last_update or 0, "Time of the last UPDATE received."),
+        ):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,368 @@
+"""Lab support for the BGP speaker tests: a driver that runs one ``Speaker`` (with its ExaBGP) and
+``LearnedRoutes`` inside a node namespace, the test's client for it, BIRD 2 with private paths,
+and reading kernel routes of a namespace.
+
+The driver (``python -m tests.lab.bgp_support drive ...``) is started by ``Lab.start_process``
+inside the node's namespace, so ExaBGP (its child) runs there too. The test talks to it over a
+unix socket (filesystem sockets cross network namespaces): one JSON request, one JSON answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bgp.learned import LearnedRoutes
+from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
+from bgp.speaker import Speaker
+from netlab.lab import Lab
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+# -- the driver (runs inside a node namespace) ---------------------------------------------------
+
+
+def config_from_json(doc: dict[str, Any]) -> SpeakerConfig:
+    return SpeakerConfig(**{**doc, "peers": tuple(Peer(**p) for p in doc.get("peers", ()))})
+
+
+def config_to_json(config: SpeakerConfig) -> dict[str, Any]:
+    return asdict(config)
+
+
+class Driver:
+    def __init__(self, state_dir: Path, control: Path, adopt: float | None) -> None:
+        from felix_agent.dataplane.netlink import Netlink
+
+        self.learned = LearnedRoutes(Netlink.open(), resync_interval=5.0)
+        if adopt is not None:
+            self.adopted = self.learned.adopt(adopt)
+        self.attrs: dict[str, dict[str, Any]] = {}  # "peer prefix" -> attributes last received
+        self.speaker = Speaker(state_dir, on_route=self.on_route, on_session=self.on_session,
+                               on_end_of_rib=self.learned.on_end_of_rib)
+        self.control = control
+        self.done = threading.Event()
+
+    def on_route(self, peer: str, prefix: str, next_hop: str | None, withdrawn: bool, attrs: dict[str, Any]) -> None:
+        self.learned.on_route(peer, prefix, next_hop, withdrawn, attrs)
+        if withdrawn:
+            self.attrs.pop(f"{peer} {prefix}", None)
+        else:
+            self.attrs[f"{peer} {prefix}"] = {**attrs, "next-hop": next_hop}
+
+    def on_session(self, status: SessionStatus) -> None:
+        self.learned.on_session(status, self.speaker.restart_time(status.peer))
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request["op"]
+        if op == "configure":
+            self.speaker.configure(config_from_json(request["config"]))
+        elif op == "announce":
+            self.speaker.announce(frozenset(Export(p, nh) for p, nh in request["exports"]))
+        elif op == "stop":
+            self.learned.stop()  # first: a graceful stop leaves the kernel's routes as they are
+            self.speaker.stop(graceful=request.get("graceful", True))
+            self.done.set()
+        elif op != "status":
+            return {"error": f"unknown op {op!r}"}
+        m = self.speaker.metrics()
+        return {"sessions": [asdict(s) for s in self.speaker.sessions()], "learned": self.speaker.learned(),
+                "attrs": self.attrs, "installed": sorted(self.learned.installed()),
+                "exabgp": self.speaker.exabgp_pid, "pid": os.getpid(), "metrics": asdict(m),
+                "counters": asdict(self.learned.stats())}
+
+    def serve(self) -> None:
+        self.learned.start()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.unlink(missing_ok=True)
+        binding = self.control.with_name(self.control.name + ".new")
+        binding.unlink(missing_ok=True)
+        server.bind(str(binding))
+        server.listen(8)
+        binding.rename(self.control)  # appears only once it accepts connections
+        server.settimeout(0.2)
+        while not self.done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(30)
+                request = json.loads(conn.makefile("rb").readline())
+                try:
+                    answer = self.handle(request)
+                except Exception as e:  # the test wants to see it, not a dead driver
+                    logging.exception("request %s failed", request.get("op"))
+                    answer = {"error": repr(e)}
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+        server.close()
+        self.control.unlink(missing_ok=True)
+
+
+def drive(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bgp_support drive")
+    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--control", type=Path, required=True)
+    parser.add_argument("--adopt", type=float, help="adopt protocol-81 routes left in the kernel for this long")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    driver = Driver(args.state, args.control, args.adopt)
+    signal.signal(signal.SIGTERM, lambda *_: driver.done.set())
+    driver.serve()
+    if driver.speaker.exabgp_pid is not None:
+        driver.speaker.stop(graceful=True)
+    return 0
+
+
+# -- the test's side -----------------------------------------------------------------------------
+
+
+class Node:
+    """A speaker driver in lab node ``k``."""
+
+    def __init__(self, lab: Lab, k: int, root: Path) -> None:
+        self.lab = lab
+        self.k = k
+        self.netns = lab.node(k).netns
+        self.address = lab.node_ip(k)
+        self.dir = root / f"n{k}"
+        self.control = self.dir / "control.sock"
+        self.pid: int | None = None
+
+    def start(self, config: SpeakerConfig, exports: list[tuple[str, str]] | None = None,
+              adopt: float | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        argv = [PYTHON, "-m", "tests.lab.bgp_support", "drive", "--state", str(self.dir / "state"),
+                "--control", str(self.control)]
+        argv += ["--adopt", str(adopt)] if adopt is not None else []
+        env = {"PYTHONPATH": str(REPO), "HOME": "/root"}
+        self.pid = self.lab.start_process(self.netns, argv, self.dir / "driver.log", env)
+        wait_until(lambda: self.control.exists(), 20, f"the driver of node {self.k} to listen")
+        self.request({"op": "configure", "config": config_to_json(config)})
+        if exports is not None:
+            self.announce(exports)
+
+    def request(self, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.control))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            answer: dict[str, Any] = json.loads(sock.makefile("rb").readline())
+        if "error" in answer:
+            raise AssertionError(f"node {self.k}: {request['op']} failed: {answer['error']}")
+        return answer
+
+    def announce(self, exports: list[tuple[str, str]]) -> dict[str, Any]:
+        return self.request({"op": "announce", "exports": exports})
+
+    def status(self) -> dict[str, Any]:
+        return self.request({"op": "status"})
+
+    def stop(self, graceful: bool = True) -> None:
+        if self.pid is None:
+            return
+        self.request({"op": "stop", "graceful": graceful})
+        wait_until(lambda: not self.lab.process_running(self.pid or 0), 20, f"driver of node {self.k} to exit")
+        self.lab.stop_process(self.pid)
+        self.pid = None
+
+    def kill(self, exabgp: bool = True) -> int | None:
+        """SIGKILL the driver (a crashed node agent) and, with ``exabgp``, its ExaBGP too (a dead
+        node). Returns ExaBGP's PID."""
+        assert self.pid is not None
+        exabgp_pid: int | None = self.status()["exabgp"]
+        for pid in (self.pid, exabgp_pid if exabgp else None):
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+        self.lab.stop_process(self.pid)
+        self.pid = None
+        return exabgp_pid
+
+    def wait_routes(self, want: dict[str, str], timeout: float, sessions: int | None = None) -> None:
+        """Until this node's protocol-81 routes are exactly ``want`` (dst -> gateway) and, if
+        given, ``sessions`` sessions are established."""
+        def done() -> bool:
+            return self.routes() == want and (sessions is None or len(self.established()) == sessions)
+
+        wait_until(done, timeout, f"node {self.k}'s BGP routes {want}",
+                   describe=lambda: f"{self.routes()} {self.status()['sessions']}")
+
+    def wait_gone(self, prefix: str, timeout: float) -> None:
+        wait_until(lambda: prefix not in self.routes(), timeout, f"{prefix} to leave node {self.k}")
+
+    def established(self) -> set[str]:
+        return {s["peer"] for s in self.status()["sessions"] if s["state"] == "Established"}
+
+    def routes(self, proto: int | None = 81) -> dict[str, str]:
+        return kernel_routes(self.lab, self.netns, proto)
+
+
+def kernel_routes(lab: Lab, netns: str, proto: int | None = 81) -> dict[str, str]:
+    """dst -> gateway ("" when none) of the main table's routes (of protocol ``proto``)."""
+    argv = ["ip", "-j", "route", "show", "table", "main"] + (["proto", str(proto)] if proto is not None else [])
+    out = lab.exec(netns, *argv).stdout
+    routes = json.loads(out) if out.strip() else []
+    return {_dst(r["dst"]): r.get("gateway", "") for r in routes}
+
+
+def _dst(dst: str) -> str:
+    return dst if "/" in dst or dst == "default" else f"{dst}/{128 if ':' in dst else 32}"
+
+
+class RouteMonitor:
+    """``ip -n NS monitor route`` in a thread: every protocol-81 route added or deleted in a
+    namespace, with the monotonic time it was seen (what the reference measured with)."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.events: list[tuple[float, bool, str]] = []  # (time, added, dst)
+        self._proc = subprocess.Popen(["ip", "-n", netns, "monitor", "route"], stdout=subprocess.PIPE, text=True,
+                                      bufsize=1)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.2)  # let it subscribe
+
+    def _run(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            now = time.monotonic()
+            if "proto 81" not in line:
+                continue
+            words = line.split()
+            deleted = words[0] == "Deleted"
+            self.events.append((now, not deleted, _dst(words[1] if deleted else words[0])))
+
+    def first(self, dst: str, added: bool, since: float) -> float | None:
+        return next((t for t, a, d in list(self.events) if d == dst and a == added and t >= since), None)
+
+    def wait_first(self, dst: str, added: bool, since: float, timeout: float) -> float:
+        seen = wait_until(lambda: self.first(dst, added, since), timeout, f"{dst} {'added' if added else 'deleted'}")
+        assert seen is not None
+        return seen
+
+    def deletions(self, dst: str, since: float) -> list[float]:
+        return [t for t, a, d in list(self.events) if d == dst and not a and t >= since]
+
+    def __enter__(self) -> RouteMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        self._proc.wait(5)
+        self._thread.join(5)
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05,
+               describe: Callable[[], str] | None = None) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"\n{describe()}" if describe is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+# -- BIRD 2 --------------------------------------------------------------------------------------
+
+
+class Bird:
+    """BIRD 2 in a lab namespace with private config, control socket and PID file."""
+
+    def __init__(self, lab: Lab, k: int, root: Path) -> None:
+        self.lab = lab
+        self.netns = lab.node(k).netns
+        self.address = lab.node_ip(k)
+        self.dir = root / f"bird{k}"
+        self.conf = self.dir / "bird.conf"
+        self.sock = self.dir / "bird.ctl"
+        self.pid: int | None = None
+
+    def start(self, text: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(text)
+        check = subprocess.run(["bird", "-p", "-c", str(self.conf)], capture_output=True, text=True)
+        assert check.returncode == 0, f"bird refused its configuration: {check.stderr}"
+        # -f: foreground, so that the lab owns (and stops) the PID it started.
+        self.pid = self.lab.start_process(self.netns, ["bird", "-f", "-c", str(self.conf), "-s", str(self.sock),
+                                                       "-P", str(self.dir / "bird.pid")],
+                                          self.dir / "bird.out", {})
+        wait_until(lambda: self.sock.exists(), 10, "BIRD's control socket")
+
+    def birdc(self, *command: str) -> str:
+        return subprocess.run(["birdc", "-s", str(self.sock), *command], capture_output=True, text=True,
+                              check=True, timeout=30).stdout
+
+    def routes(self) -> dict[str, str]:
+        """prefix -> next hop of BIRD's best BGP routes (`birdc show route`, parsed)."""
+        out = self.birdc("show", "route", "primary")
+        routes: dict[str, str] = {}
+        prefix = ""
+        for line in out.splitlines():
+            words = line.split()
+            if not words or words[0] in ("BIRD", "Table") or line.startswith("Access"):
+                continue
+            if not line[0].isspace():
+                prefix = words[0]
+                rest = words[1:]
+            else:
+                rest = words
+            if "via" in rest and prefix:
+                routes[prefix] = rest[rest.index("via") + 1]
+        return routes
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            self.lab.stop_process(self.pid)
+            self.pid = None
+
+
+def bird_config(router_id: str, asn: int, neighbors: list[tuple[str, int]], services: list[str],
+                bulk: list[str] | None = None) -> str:
+    """eBGP to every Tortie node: export static ``services`` (and ``bulk``, disabled until enabled
+    with birdc), import everything. BIRD sets itself as next hop on eBGP."""
+    lines = [
+        "log stderr all;",
+        f"router id {router_id};",
+        "protocol device { scan time 10; }",
+        "protocol static services {",
+        "  ipv4;",
+        *[f"  route {s} blackhole;" for s in services],
+        "}",
+    ]
+    if bulk is not None:
+        lines += ["protocol static bulk {", "  disabled;", "  ipv4;", *[f"  route {p} blackhole;" for p in bulk], "}"]
+    lines += [
+        "template bgp tortie {",
+        f"  local {router_id} as {asn};",
+        "  hold time 9;",
+        "  graceful restart on;",
+        '  ipv4 { import all; export where source = RTS_STATIC; };',
+        "}",
+    ]
+    for k, (address, peer_asn) in enumerate(neighbors, 1):
+        lines.append(f"protocol bgp node{k} from tortie {{ neighbor {address} as {peer_asn}; }}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["drive"]:
+        sys.exit(drive(sys.argv[2:]))
+    sys.exit("usage: python -m tests.lab.bgp_support drive --state DIR --control SOCK [--adopt SECONDS]")
