@@ -25,6 +25,7 @@ def test_three_nodes_eight_workers_600_addresses(etcd_client: EtcdClient, etcd_e
     add_pool(etcd_client, "race", str(POOL), blockSize=24)
     confs = {node: net_config(etcd_env, node=node) for node in DEMAND}
     jobs = [(node, f"{node}-{i}") for node, n in DEMAND.items() for i in range(n)]
+    jobs.sort(key=lambda job: int(job[1].rsplit("-", 1)[1]))  # node-b and node-c start at once
 
     def add(job: tuple[str, str]) -> tuple[str, str, str]:
         node, cid = job
@@ -32,8 +33,14 @@ def test_three_nodes_eight_workers_600_addresses(etcd_client: EtcdClient, etcd_e
         assert run.ok, f"{cid}: {run.stdout} {run.stderr}"
         return node, cid, str(ipaddress.ip_interface(run.addresses()[0]).ip)
 
-    with ThreadPoolExecutor(WORKERS_PER_NODE * len(DEMAND)) as pool:
-        results = list(pool.map(add, jobs))
+    # Eight workers per node, all nodes at once (one shared pool would run node-a's jobs first).
+    pools = {node: ThreadPoolExecutor(WORKERS_PER_NODE) for node in DEMAND}
+    try:
+        futures = [pools[node].submit(add, (node, cid)) for node, cid in jobs]
+        results = [f.result() for f in futures]
+    finally:
+        for executor in pools.values():
+            executor.shutdown()
 
     got = [address for _, _, address in results]
     assert len(got) == 600 and len(set(got)) == 600, "an address was handed out twice"
