@@ -24,7 +24,7 @@ from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, Conflict, DatastoreError, DatastoreUnavailable, NotFound, ValidationError
 from datastore.etcd import EtcdClient
 from ipam.errors import IPAMError
-from netctl import install_cmd, ipam_cmd, node_cmd, pki_cmd, resources_cmd
+from netctl import install_cmd, ipam_cmd, lab_cmd, node_cmd, pki_cmd, resources_cmd
 from netctl.errors import UserError
 from netctl.pki import PKIError
 
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_cmd.register(sub, datastore)
     pki_cmd.register(sub)
     install_cmd.register(sub, datastore)
+    lab_cmd.register(sub)
     version = sub.add_parser("version", help="print netctl's version")
     version.set_defaults(func=run_version)
     return parser

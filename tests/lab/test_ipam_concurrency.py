@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from datastore import codec
 from datastore.etcd import EtcdClient
+from datastore.store import ResourceStore
 from ipam import check
 from tests.lab.ipam_support import add_pool, allocated, handles, ipam, net_config
 
@@ -23,6 +25,9 @@ WORKERS_PER_NODE = 8
 
 def test_three_nodes_eight_workers_600_addresses(etcd_client: EtcdClient, etcd_env: dict[str, str]) -> None:
     add_pool(etcd_client, "race", str(POOL), blockSize=24)
+    for node in DEMAND:  # the nodes exist, as they do when agents run (ipam check asks for them)
+        ResourceStore(etcd_client).create(codec.decode(
+            {"apiVersion": "tortie.dev/v1", "kind": "Node", "metadata": {"name": node}, "spec": {}}))
     confs = {node: net_config(etcd_env, node=node) for node in DEMAND}
     jobs = [(node, f"{node}-{i}") for node, n in DEMAND.items() for i in range(n)]
     jobs.sort(key=lambda job: int(job[1].rsplit("-", 1)[1]))  # node-b and node-c start at once
