@@ -174,7 +174,7 @@ class Cluster:
 
 
 def up(name: str, nodes: int = 3, mode: str = "vxlan", etcd: int = 1, pods_per_node: int = 2,
-       progress: Progress | None = None) -> Cluster:
+       progress: Progress | None = None, namespaces: tuple[str, ...] = (NAMESPACE,)) -> Cluster:
     """Build lab ``name`` and leave it running; on failure (or Ctrl-C) take down what was built."""
     report = progress or (lambda phase, done, total, note: None)
     if mode not in MODES:
@@ -202,7 +202,7 @@ def up(name: str, nodes: int = 3, mode: str = "vxlan", etcd: int = 1, pods_per_n
             raise LabError(f"netctl apply of the lab's resources failed: {done.stderr.strip()}")
         _start_agents(lab, cluster, report)
         _wait_bgp(cluster, report)
-        _add_pods(lab, cluster, pods_per_node, report)
+        _add_pods(lab, cluster, pods_per_node, report, namespaces)
         cluster.complete = True
         cluster.save()
     except BaseException:
@@ -298,7 +298,9 @@ def _wait_bgp(cluster: Cluster, report: Progress) -> None:
         time.sleep(0.5)
 
 
-def _add_pods(lab: Lab, cluster: Cluster, per_node: int, report: Progress) -> None:
+def _add_pods(lab: Lab, cluster: Cluster, per_node: int, report: Progress,
+              namespaces: tuple[str, ...] = (NAMESPACE,)) -> None:
+    """Pods spread over the nodes, and over ``namespaces`` in turn (pod1 in the first, ...)."""
     bin_dir = cluster.work_dir / "cni" / "bin"
     bin_dir.mkdir(parents=True)
     for plugin in ("tortie", "tortie-ipam"):
@@ -307,13 +309,14 @@ def _add_pods(lab: Lab, cluster: Cluster, per_node: int, report: Progress) -> No
     report("pods", 0, total, "through the tortie CNI plugin")
     for k, node in enumerate(cluster.nodes, 1):
         for j in range(1, per_node + 1):
-            name = f"pod{(k - 1) * per_node + j}"
+            index = (k - 1) * per_node + j
+            name, namespace = f"pod{index}", namespaces[(index - 1) % len(namespaces)]
             try:
-                pod = lab.add_pod(k, name, conflist(cluster, node), namespace=NAMESPACE,
+                pod = lab.add_pod(k, name, conflist(cluster, node), namespace=namespace,
                                   cni_path=[bin_dir, REFERENCE_PLUGINS])
             except PodError as e:
                 raise LabError(f"{e} (agent log: {_last_line(node.agent_log)})") from None
-            cluster.pods.append(PodInfo(name, NAMESPACE, node.name, pod.netns, pod.container_id, pod.addresses))
+            cluster.pods.append(PodInfo(name, namespace, node.name, pod.netns, pod.container_id, pod.addresses))
             cluster.save()
             report("pods", len(cluster.pods), total, "through the tortie CNI plugin")
 

@@ -1,10 +1,13 @@
-"""The guided demo (the README's first command): a real etcd with mutual TLS, pools applied with
-``netctl``, addresses allocated by exec'ing ``tortie-ipam`` as runtimes on three nodes would, and
-what ``netctl ipam`` shows of them. Everything it starts it stops; nothing is left behind."""
+"""The guided demo (the README's first command): a 3-node lab with BGP, pods in two namespaces,
+the reachability matrix before and after a sample policy, and the nodes' BGP sessions. It leaves
+the lab up and says how to explore it and how to take it down.
+
+    .venv/bin/python -m netlab.demo [--name LAB] [--mode bgp|vxlan]
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import subprocess
 import sys
@@ -12,79 +15,89 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from netlab.cni import Attachment, exec_plugin
-from netlab.etcd import EtcdServer
-
 BIN = Path(sys.executable).parent
-POOLS = textwrap.dedent("""\
+NETCTL = str(BIN / "netctl")
+
+# front/pod1 may reach back/pod2 on TCP 8080 only; everything else into `back` is dropped.
+POLICY = textwrap.dedent("""\
     apiVersion: tortie.dev/v1
-    kind: IPPool
-    metadata: {name: default-ipv4}
-    spec: {cidr: 10.244.0.0/16, blockSize: 26, vxlanMode: Always, natOutgoing: true}
+    kind: Profile
+    metadata: {name: kns.front}
+    spec: {labelsToApply: {team: front}}
     ---
     apiVersion: tortie.dev/v1
-    kind: IPPool
-    metadata: {name: default-ipv6}
-    spec: {cidr: "fd00:10:244::/48", blockSize: 122}
-    """) + "".join(f"---\napiVersion: tortie.dev/v1\nkind: Node\nmetadata: {{name: node-{i}}}\n"
-               f"spec: {{bgp: {{ipv4Address: 198.18.0.{10 + i}/24}}}}\n" for i in (1, 2, 3))
+    kind: Profile
+    metadata: {name: kns.back}
+    spec: {labelsToApply: {team: back}}
+    ---
+    apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: {name: back-from-front-web, namespace: back}
+    spec:
+      podSelector: {}
+      policyTypes: [Ingress]
+      ingress:
+      - from:
+        - namespaceSelector: {matchLabels: {team: front}}
+        ports: [{protocol: TCP, port: 8080}]
+    """)
 
 
-def say(text: str) -> None:
+def step(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def run(env: dict[str, str], *argv: str) -> None:
-    print(f"$ {' '.join(argv)}", flush=True)
-    subprocess.run([str(BIN / argv[0]), *argv[1:]], env={**os.environ, **env}, check=False)
+def run(*argv: str, check: bool = True) -> int:
+    print(f"$ netctl {' '.join(argv)}", flush=True)
+    code = subprocess.run([NETCTL, *argv], check=False).returncode
+    if check and code != 0:
+        raise SystemExit(f"demo: netctl {' '.join(argv)} failed (exit {code})")
+    return code
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("--name", default="tortie")
+    parser.add_argument("--mode", default="bgp", choices=("bgp", "vxlan", "bgp-rr"))
+    args = parser.parse_args()
     if os.geteuid() != 0:
-        print("the demo starts etcd and needs root", file=sys.stderr)
+        print("demo: the lab makes network namespaces and needs root", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="tortie-demo-") as work:
-        say("starting etcd with mutual TLS (certificates from netctl's PKI)")
-        with EtcdServer(Path(work) / "etcd") as etcd:
-            env = etcd.env()
-            print("\n".join(f"  {k}={v}" for k, v in env.items()))
-            pools = Path(work) / "pools.yaml"
-            pools.write_text(POOLS)
-            say("applying an IPv4 and an IPv6 pool, and three nodes")
-            run(env, "netctl", "apply", "-f", str(pools))
-            run(env, "netctl", "get", "ippools", "-o", "wide")
-            run(env, "netctl", "get", "nodes")
+    name = args.name
+    step(f"a 3-node lab '{name}' ({args.mode}): etcd with mutual TLS, a felix-agent per node, "
+         "two pods in namespace 'front' and two in 'back', made through the tortie CNI plugin")
+    run("lab", "down", "--name", name, check=False)  # a previous demo's lab, if any
+    run("lab", "up", "--name", name, "--nodes", "3", "--mode", args.mode, "--pods-per-node", "2",
+        "--namespaces", "front,back")
+    run("lab", "status", "--name", name)
 
-            say("three nodes' runtimes exec tortie-ipam (dual-stack), two containers each")
-            conf = {"cniVersion": "1.0.0", "name": "demo-net", "type": "tortie",
-                    "etcd_endpoints": env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"],
-                    "etcd_cert_file": env["ETCD_CERT_FILE"], "etcd_key_file": env["ETCD_KEY_FILE"],
-                    "ipam": {"type": "tortie-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}}
-            first = ""
-            for node in ("node-1", "node-2", "node-3"):
-                for i in range(2):
-                    att = Attachment(f"{node}-ctr{i}", "/var/run/netns/demo")
-                    res = exec_plugin(BIN / "tortie-ipam", "ADD", {**conf, "nodename": node}, att)
-                    print(f"  {node} {att.container_id}: {', '.join(res.addresses()) or res.stdout.strip()}")
-                    first = first or res.addresses()[0].split("/")[0]
+    step("every pod to every pod, ICMP and TCP 8080: the default allows traffic within the network")
+    run("lab", "matrix", "--name", name, "--port", "8080")
 
-            say("what IPAM holds: per pool, then per block (each node owns its own blocks)")
-            run(env, "netctl", "ipam", "show")
-            run(env, "netctl", "ipam", "show", "--show-blocks")
-            say(f"asking for {first} (CNI_ARGS IP=), which node-1-ctr0 holds, is refused with a CNI error")
-            taken = exec_plugin(BIN / "tortie-ipam", "ADD", {**conf, "nodename": "node-1"},
-                                Attachment("intruder", "/var/run/netns/demo", cni_args={"IP": first}))
-            print("  " + json.dumps(taken.output))
-            say("consistency check")
-            run(env, "netctl", "ipam", "check")
-            say("the runtimes delete their containers: every address goes back")
-            for node in ("node-1", "node-2", "node-3"):
-                for i in range(2):
-                    exec_plugin(BIN / "tortie-ipam", "DEL", {**conf, "nodename": node},
-                                Attachment(f"{node}-ctr{i}", "/var/run/netns/demo"))
-            run(env, "netctl", "ipam", "show")
-    say("done: etcd stopped, temporary files removed")
-    print("Next: scripts/test.sh runs the tests; bench/README.md explains the benchmarks.")
+    step("a Kubernetes NetworkPolicy: 'back' accepts only TCP 8080 from namespace 'front'")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(POLICY)
+    try:
+        run("lab", "exec", "--name", name, "n1", "--", NETCTL, "apply", "-f", f.name)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    run("lab", "matrix", "--name", name, "--port", "8080")
+    run("lab", "matrix", "--name", name, "--port", "8080", "--explain", "pod1", "pod2")
+
+    if args.mode.startswith("bgp"):
+        step("node n1's BGP sessions, as calicoctl node status shows them")
+        run("lab", "exec", "--name", name, "n1", "--", NETCTL, "node", "status")
+
+    step("the lab stays up")
+    print(textwrap.dedent(f"""\
+        Explore it:
+          {NETCTL} lab status --name {name}
+          {NETCTL} lab exec --name {name} n1 -- ip route            (a node)
+          {NETCTL} lab exec --name {name} pod1 -- ping -c1 <addr>   (a pod)
+          eval "$({NETCTL} lab env --name {name} n1)"   (then netctl get wep -A, ipam show, ...)
+          {NETCTL} lab matrix --name {name} --output matrix.svg
+        Take it down:
+          {NETCTL} lab down --name {name}"""))
     return 0
 
 
