@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,14 +124,8 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
             raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
         addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
         addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
-        try:
+        with _wiring_errors(codes.IO_FAILURE, "could not wire the container"):
             wired = wiring.setup(args.netns, args.ifname, host_if, conf.mtu, addresses)
-        except wiring.NetnsNotFound as e:
-            raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", str(e)) from None
-        except wiring.InterfaceExists as e:
-            raise CNIError(codes.INVALID_ENV, "CNI_IFNAME names an interface that already exists", str(e)) from None
-        except wiring.WiringError as e:
-            raise CNIError(codes.IO_FAILURE, "could not wire the container", str(e)) from None
         undo.callback(_quietly, wiring.teardown, host_if)
         with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
             _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
@@ -146,15 +140,22 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     )
 
 
-def _check_free(args: CmdArgs) -> None:
+@contextlib.contextmanager
+def _wiring_errors(other_code: int, other_msg: str) -> Iterator[None]:
+    """Wiring failures → CNI errors; ``other_*`` for a failure that is neither of the named two."""
     try:
-        wiring.check_free(args.netns, args.ifname)
+        yield
     except wiring.NetnsNotFound as e:
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", str(e)) from None
     except wiring.InterfaceExists as e:
         raise CNIError(codes.INVALID_ENV, "CNI_IFNAME names an interface that already exists", str(e)) from None
     except wiring.WiringError as e:
-        raise CNIError(codes.UNKNOWN_CONTAINER, "cannot enter the network namespace", str(e)) from None
+        raise CNIError(other_code, other_msg, str(e)) from None
+
+
+def _check_free(args: CmdArgs) -> None:
+    with _wiring_errors(codes.UNKNOWN_CONTAINER, "cannot enter the network namespace"):
+        wiring.check_free(args.netns, args.ifname)
 
 
 def _reserved(args: CmdArgs, ipam_conf: ipam_ops.IPAMConf, stores: Datastores) -> bool:

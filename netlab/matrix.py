@@ -31,6 +31,7 @@ from felix_agent.calc.graph import compute
 from felix_agent.calc.model import DesiredState, IPSet, RuleMatch
 from felix_agent.calc.policy import NETWORK_LABEL, policy_id
 from felix_agent.calc.snapshot import Snapshot
+from felix_agent.dataplane.policy import rule_families
 from felix_agent.syncer import DEFAULT_PREFIXES, decode
 from netlab import netns as ip_netns
 from netlab.cluster import BIN, Cluster, PodInfo, clean_env
@@ -324,7 +325,7 @@ def _walk(rules: Iterable[RuleMatch], packet: Packet, sets: Mapping[tuple[str, i
 def matches(rule: RuleMatch, p: Packet, sets: Mapping[tuple[str, int], IPSet]) -> bool:
     """Whether ``rule`` matches packet ``p`` with the IP sets' current members (nft's semantics)."""
     v = p.version
-    if v not in _families(rule):
+    if v not in rule_families(rule):
         return False
     if rule.protocol is not None and p.protocol != rule.protocol:
         return False
@@ -369,19 +370,6 @@ def matches(rule: RuleMatch, p: Packet, sets: Mapping[tuple[str, int], IPSet]) -
         if p.icmp_type == rule.not_icmp_type and rule.not_icmp_code in (None, p.icmp_code):
             return False
     return True
-
-
-def _families(rule: RuleMatch) -> set[int]:
-    """The IP versions a rule can match (as the renderer decides which nft rules to write)."""
-    versions = {4, 6} if rule.ip_version is None else {rule.ip_version}
-    if rule.protocol == 1:
-        versions &= {4}
-    elif rule.protocol == 58:
-        versions &= {6}
-    for nets in (rule.src_nets, rule.dst_nets):
-        if nets:
-            versions &= {ipaddress.ip_network(n, strict=False).version for n in nets}
-    return versions
 
 
 def _members(sets: Mapping[tuple[str, int], IPSet], set_id: str, version: int) -> frozenset[str]:

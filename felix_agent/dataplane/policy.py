@@ -96,7 +96,7 @@ def _verdict(action: str, log_prefix: str) -> str:
     raise ValueError(f"unknown rule action {action!r}")
 
 
-def _families(rule: RuleMatch) -> list[int]:
+def rule_families(rule: RuleMatch) -> list[int]:
     """The IP versions a rule can match: an address list of one family restricts it to that family."""
     versions = {4, 6} if rule.ip_version is None else {rule.ip_version}
     if rule.protocol == 1:
@@ -115,7 +115,7 @@ def render_rule(rule: RuleMatch, log_prefix: str = "tortie") -> tuple[list[Rule]
     verdict = _verdict(rule.action, log_prefix)
     sets: list[Set] = []
     bodies: dict[int, list[list[str]]] = {}
-    for version in _families(rule):
+    for version in rule_families(rule):
         fam = FAMILIES[version]
         match: list[str] = []
         if rule.protocol is not None:
