@@ -198,9 +198,10 @@ class RouteManager:
             except KernelError as e:
                 if op.action == "add" and e.code == errno.EEXIST:
                     self._conflict(op.route)
-                elif e.code == errno.ENODEV and op.action != "delete":
-                    # The device went away since it was listed (a DEL racing this apply): the next
-                    # update no longer wants the route, or the next apply adds it once it is back.
+                elif e.code in (errno.ENODEV, errno.ENETDOWN) and op.action != "delete":
+                    # The device went away since it was listed (a DEL racing this apply), or is not up
+                    # yet: one workload's interface must not hold the node's other routes (and its
+                    # readiness) hostage; the next apply adds the route once the device is there.
                     log.debug("%s: %s skipped: its device is gone", self._node, op.route)
                 else:
                     failures.append(e)

@@ -1,0 +1,408 @@
+"""Dataplane benchmark: felix-agent cold start, label-change-to-kernel latency and pod-to-pod
+forwarding over VXLAN, each beside a reference measured in the same run.
+
+One lab (2 nodes, 1 etcd member) is built and always destroyed. Endpoints and policies for the
+first two parts are written straight into etcd (no real pods) by a driver process that runs this
+module inside node n1's namespace (the lab's etcd is reachable only from there); the third part
+makes two real pods through the tortie CNI plugin and runs iperf3 between them.
+
+    .venv/bin/python -m bench.dataplane_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+NAMESPACE = "bench"
+APPS, TIERS = 20, 5  # endpoint i: app=a{i % APPS}, tier=t{(i // APPS) % TIERS}
+HEALTH = "http://127.0.0.1:9099/readiness"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the driver (runs inside node n1's namespace, with the lab's ETCD_* environment) -------------
+def _store() -> Any:
+    from datastore.config import EtcdConfig
+    from datastore.etcd import EtcdClient
+    from datastore.store import ResourceStore
+    return ResourceStore(EtcdClient(EtcdConfig.from_env()))
+
+
+def _ip(i: int) -> str:
+    return f"10.244.{i // 250}.{i % 250 + 1}"
+
+
+def _labels(i: int, tier: int | None = None) -> dict[str, str]:
+    return {"app": f"a{i % APPS}", "tier": f"t{(i // APPS) % TIERS if tier is None else tier}"}
+
+
+def _endpoint_doc(i: int) -> dict[str, Any]:
+    ifname = f"tor{i:011x}"
+    return {"apiVersion": "tortie.dev/v1", "kind": "WorkloadEndpoint",
+            "metadata": {"name": f"n1-{ifname}", "namespace": NAMESPACE, "labels": _labels(i)},
+            "spec": {"node": "n1", "interfaceName": ifname, "containerID": f"{i:064x}", "network": "tnet",
+                     "pod": f"pod{i}", "workload": f"pod{i}", "ipNetworks": [f"{_ip(i)}/32"]}}
+
+
+def _policy_doc(j: int) -> dict[str, Any]:
+    return {"apiVersion": "tortie.dev/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"pol{j}", "namespace": NAMESPACE},
+            "spec": {"selector": f"app == 'a{j % APPS}'", "order": j,
+                     "ingress": [
+                         {"action": "Allow", "protocol": "TCP", "source": {"selector": f"tier == 't{j % TIERS}'"},
+                          "destination": {"ports": [8000 + j % 100]}},
+                         {"action": "Allow", "protocol": "UDP",
+                          "source": {"selector": f"tier == 't{(j + 1) % TIERS}' && app == 'a{(j + 3) % APPS}'"}},
+                         {"action": "Deny", "source": {"nets": [f"10.99.{j % 250}.0/24"]}}],
+                     "egress": [{"action": "Allow"}]}}
+
+
+def drive_load(first: int, count: int, policies: int) -> None:
+    from datastore import codec
+    store = _store()
+    for i in range(first, first + count):
+        store.create(codec.decode(_endpoint_doc(i)))
+    for j in range(policies):
+        store.create(codec.decode(_policy_doc(j)))
+    print(json.dumps({"endpoints": count, "policies": policies}))
+
+
+def drive_clear() -> None:
+    from datastore import keys
+    store = _store()
+    n = sum(store.client.delete_prefix(keys.resource_prefix(p, NAMESPACE))
+            for p in ("workloadendpoints", "networkpolicies"))
+    print(json.dumps({"deleted": n}))
+
+
+def drive_ready(started: float, timeout: float) -> None:
+    import urllib.request
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(HEALTH, timeout=1) as r:
+                if r.status == 200:
+                    print(json.dumps({"seconds": time.time() - started}))
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise SystemExit(f"agent not ready after {timeout:.0f} s")
+
+
+def _pattern(ip: str) -> re.Pattern[str]:
+    return re.compile(rf'(?<![\d.]){re.escape(ip)}(?![\d.])')
+
+
+def _sets_holding(ip: str) -> set[str]:
+    out = subprocess.run(["nft", "-j", "list", "sets", "inet"], capture_output=True, text=True, check=True).stdout
+    pat = _pattern(ip)
+    found = set()
+    for item in json.loads(out)["nftables"]:
+        s = item.get("set")
+        if s and s.get("table") == "tortie" and pat.search(json.dumps(s.get("elem", []))):
+            found.add(s["name"])
+    return found
+
+
+def _in_set(name: str, pat: re.Pattern[str]) -> bool:
+    out = subprocess.run(["nft", "list", "set", "inet", "tortie", name], capture_output=True, text=True).stdout
+    return bool(pat.search(out.split("elements", 1)[-1]))
+
+
+def drive_relabel(total: int, changes: int, timeout: float) -> None:
+    """Toggle endpoint 0's tier between t0 and t1; time update-to-IP-in-the-new-tier's-set."""
+    from datastore.resources import WorkloadEndpoint
+    store = _store()
+    # Settled once the newest endpoint is in its tier's set.
+    deadline = time.time() + timeout
+    while not _sets_holding(_ip(total - 1)):
+        if time.time() > deadline:
+            raise SystemExit(f"endpoint {total - 1} never reached a set in {timeout:.0f} s")
+        time.sleep(0.2)
+    a, b = 0, APPS  # same app, tiers t0 and t1
+    sets_a, sets_b = _sets_holding(_ip(a)), _sets_holding(_ip(b))
+    into = {1: sorted(sets_b - sets_a), 0: sorted(sets_a - sets_b)}  # sets gained when moving to tier
+    if not into[0] or not into[1]:
+        raise SystemExit(f"cannot tell the tier sets apart: {sets_a} vs {sets_b}")
+    pat = _pattern(_ip(a))
+    samples, polls = [], []
+    for k in range(changes):
+        tier = 1 if k % 2 == 0 else 0
+        wep = store.get(WorkloadEndpoint, f"n1-tor{a:011x}", NAMESPACE)
+        wep.metadata.labels = _labels(a, tier)
+        target = into[tier][0]
+        started = time.perf_counter()
+        store.update(wep)
+        n = 0
+        while not _in_set(target, pat):
+            n += 1
+            if time.perf_counter() - started > timeout:
+                raise SystemExit(f"change {k}: {_ip(a)} never reached set {target}")
+        samples.append(time.perf_counter() - started)
+        polls.append(n)
+        time.sleep(0.3)
+    # Correct work: after the last change, endpoint 0 holds exactly tier t{tier}'s sets, as b/a did.
+    final = _sets_holding(_ip(a))
+    expected = sets_b if tier == 1 else sets_a
+    print(json.dumps({"seconds": samples, "polls": polls, "sets_ok": final == expected,
+                      "target_sets": into}))
+
+
+# ---- the orchestrator (root namespace: builds the lab, starts agents, never touches host links) --
+def _driver(lab: Any, env: dict[str, str], *args: str, timeout: float = 600) -> dict[str, Any]:
+    envargs = [f"{k}={v}" for k, v in env.items()] + [f"PYTHONPATH={ROOT}"]
+    done = lab.exec(lab.node(1).netns, "env", *envargs, sys.executable, "-m", "bench.dataplane_bench",
+                    "--driver", *args, check=False, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"driver {args[0]} failed: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _links(lab: Any, tmp: Path, op: str, first: int, count: int) -> None:
+    """Add or delete the tor* host interfaces of endpoints [first, first+count) in node n1: the
+    agent's start-up repair deletes local endpoints whose interface is missing, and a route to a
+    down interface fails its apply. Veth pairs with both ends in n1, up (no dummy links here)."""
+    def line(i: int) -> str:
+        if op == "del":
+            return f"link del tor{i:011x}"
+        return f"link add tor{i:011x} type veth peer name tpe{i:011x}\nlink set tpe{i:011x} up\nlink set tor{i:011x} up"
+    lines = [line(i) for i in range(first, first + count)]
+    batch = tmp / f"links-{op}-{first}.batch"
+    batch.write_text("\n".join(lines) + "\n")
+    lab.exec(lab.node(1).netns, "ip", "-batch", str(batch), timeout=300)
+
+
+def _start_agent(lab: Any, k: int, tmp: Path, env: dict[str, str]) -> int:
+    node = lab.node(k)
+    state = tmp / f"n{k}"
+    state.mkdir(exist_ok=True)
+    argv = [str(BIN / "felix-agent"), "--nodename", f"n{k}", "--node-ip", f"{node.address}/24",
+            "--cni-socket", str(state / "cni.sock"), "--state-dir", str(state), "--log-level", "info"]
+    return int(lab.start_process(node.netns, argv, tmp / f"agent{k}.log", env))
+
+
+def _iperf(lab: Any, server_ns: str, client_ns: str, address: str, seconds: int, tmp: Path, tag: str) -> float:
+    pid = lab.start_process(server_ns, ["iperf3", "-s", "-B", address], tmp / f"iperf-{tag}.log",
+                            {"PATH": "/usr/bin:/bin"})
+    try:
+        time.sleep(0.5)
+        done = lab.exec(client_ns, "iperf3", "-c", address, "-t", str(seconds), "-J", check=False,
+                        timeout=seconds + 30)
+        data = json.loads(done.stdout)
+        if "error" in data:
+            raise RuntimeError(f"iperf3 {tag}: {data['error']}")
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        lab.stop_process(pid)
+
+
+def _policy_rules_yaml(rules: int) -> str:
+    """`rules` ingress rules over 10 ordered policies selecting app=iperf; only the last rule matches."""
+    per = rules // 10
+    docs = []
+    for p in range(10):
+        ingress = [{"action": "Deny", "protocol": "TCP", "source": {"nets": [f"10.99.{p}.{r % 250}/32"]},
+                    "destination": {"ports": [9000 + r]}} for r in range(per)]
+        if p == 9:
+            ingress[-1] = {"action": "Allow", "protocol": "TCP"}
+        docs.append(json.dumps({"apiVersion": "tortie.dev/v1", "kind": "NetworkPolicy",
+                                "metadata": {"name": f"fwd{p}", "namespace": "default"},
+                                "spec": {"selector": "app == 'iperf'", "order": p, "types": ["Ingress"],
+                                         "ingress": ingress}}))
+    return "\n---\n".join(docs) + "\n"
+
+
+def _netctl(lab: Any, env: dict[str, str], *args: str) -> str:
+    envargs = [f"{k}={v}" for k, v in env.items()]
+    done = lab.exec(lab.node(1).netns, "env", *envargs, str(BIN / "netctl"), *args, check=False, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"netctl {' '.join(args)}: {done.stdout}{done.stderr}")
+    return str(done.stdout)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    from netlab import netns as ip_netns
+    from netlab.lab import Lab
+
+    cold_eps, cold_pols = (200, 100) if quick else (1000, 500)
+    inc_eps, inc_pols = (1000, 100) if quick else (5000, 500)
+    changes, iperf_s, fwd_rules = 10, 5, 1000
+    figures: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    name = f"dpb{secrets.token_hex(3)}"
+    with tempfile.TemporaryDirectory() as tmpdir, Lab(name, nodes=2) as lab:
+        tmp = Path(tmpdir)
+        env = lab.etcd_env()
+
+        # 1. Cold start with cold_eps local endpoints and cold_pols policies in the datastore.
+        t0 = time.perf_counter()
+        log(f"loading {cold_eps} endpoints, {cold_pols} policies")
+        _links(lab, tmp, "add", 0, cold_eps)
+        _driver(lab, env, "load", "0", str(cold_eps), str(cold_pols))
+        started = time.time()
+        agent1 = _start_agent(lab, 1, tmp, env)
+        try:
+            ready = _driver(lab, env, "ready", repr(started), "120")
+        except RuntimeError:
+            log("agent log tail:\n" + (tmp / "agent1.log").read_text()[-3000:])
+            raise
+        figures["cold_start_s"] = ready["seconds"]
+        # Reference: the same agent with an empty datastore (nothing of ours) is measured below.
+        seconds["cold start"] = time.perf_counter() - t0
+
+        # 2. Incremental, with inc_eps endpoints and cold_pols (≥ inc_pols) policies known.
+        t0 = time.perf_counter()
+        log(f"adding endpoints up to {inc_eps}")
+        if inc_pols > cold_pols:
+            raise RuntimeError("incremental needs at most the cold-start policies")
+        _links(lab, tmp, "add", cold_eps, inc_eps - cold_eps)
+        _driver(lab, env, "load", str(cold_eps), str(inc_eps - cold_eps), "0")
+        rel = _driver(lab, env, "relabel", str(inc_eps), str(changes), "300")
+        ms = [s * 1000 for s in rel["seconds"]]
+        figures.update(incremental_p50_ms=statistics.median(ms), incremental_max_ms=max(ms),
+                       incremental_samples_ms=ms, incremental_polls=rel["polls"], incremental_sets_ok=rel["sets_ok"])
+        seconds["incremental"] = time.perf_counter() - t0
+
+        # Reference for 1: restart the agent with nothing of ours left in the datastore.
+        _driver(lab, env, "clear")
+        lab.stop_process(agent1)
+        _links(lab, tmp, "del", 0, inc_eps)
+        started = time.time()
+        agent1 = _start_agent(lab, 1, tmp, env)
+        figures["cold_start_empty_s"] = _driver(lab, env, "ready", repr(started), "120")["seconds"]
+
+        # 3. Forwarding: raw veth, then pods over VXLAN without and with fwd_rules rules.
+        t0 = time.perf_counter()
+        ra, rb = f"{name}-p{secrets.token_hex(4)}", f"{name}-p{secrets.token_hex(4)}"
+        # Named like pod namespaces so that the lab records and always removes them.
+        lab._add_netns(ra)
+        lab._add_netns(rb)
+        ip_netns.add_veth(ra, "va", rb, "vb")
+        ip_netns.add_address(ra, "va", "192.168.77.1/24")
+        ip_netns.add_address(rb, "vb", "192.168.77.2/24")
+        log("iperf3 veth-to-veth")
+        figures["veth_gbps"] = _iperf(lab, rb, ra, "192.168.77.2", iperf_s, tmp, "veth")
+
+        (tmp / "pools.yaml").write_text("apiVersion: tortie.dev/v1\nkind: IPPool\nmetadata: {name: p4}\n"
+                                        "spec: {cidr: 10.244.0.0/16, vxlanMode: Always, natOutgoing: true}\n")
+        _netctl(lab, env, "apply", "-f", str(tmp / "pools.yaml"))
+        _start_agent(lab, 2, tmp, env)
+        for k in (1, 2):
+            deadline = time.time() + 30
+            while not (tmp / f"n{k}" / "cni.sock").exists() and time.time() < deadline:
+                time.sleep(0.1)
+        cnibin = tmp / "bin"
+        cnibin.mkdir()
+        for p in ("tortie", "tortie-ipam"):
+            (cnibin / p).symlink_to(BIN / p)
+
+        def conf(k: int) -> dict[str, Any]:
+            return {"cniVersion": "1.0.0", "name": "tnet", "plugins": [{
+                "type": "tortie", "nodename": f"n{k}", "mtu": 1400, "etcd_endpoints": env["ETCD_ENDPOINTS"],
+                "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"], "etcd_cert_file": env["ETCD_CERT_FILE"],
+                "etcd_key_file": env["ETCD_KEY_FILE"], "agent_socket": str(tmp / f"n{k}" / "cni.sock"),
+                "ipam": {"type": "tortie-ipam"}}]}
+
+        pods = {k: lab.add_pod(k, f"iperf{k}", conf(k), cni_path=[cnibin, Path("/usr/lib/cni")],
+                               labels={"app": "iperf"}) for k in (1, 2)}
+        server_ip = pods[2].ips[0]
+        deadline = time.time() + 20
+        while not lab.ping(pods[1].netns, server_ip) and time.time() < deadline:
+            time.sleep(0.5)
+        log("iperf3 pod-to-pod, no policy")
+        figures["pod_gbps_no_policy"] = _iperf(lab, pods[2].netns, pods[1].netns, server_ip, iperf_s, tmp, "pod0")
+        (tmp / "fwd.yaml").write_text(_policy_rules_yaml(fwd_rules))
+        _netctl(lab, env, "apply", "-f", str(tmp / "fwd.yaml"))
+        # Wait until node 2 carries the rules (the last policy's marker net), then check it still admits.
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = lab.exec(lab.node(2).netns, "nft", "list", "table", "inet", "tortie", check=False).stdout
+            if "10.99.9." in out:
+                break
+            time.sleep(0.5)
+        figures["fwd_rules_in_kernel"] = out.count("10.99.")
+        figures["pod_ping_with_policy"] = lab.ping(pods[1].netns, server_ip, count=2)
+        log(f"iperf3 pod-to-pod, {fwd_rules} rules")
+        figures["pod_gbps_policy"] = _iperf(lab, pods[2].netns, pods[1].netns, server_ip, iperf_s, tmp, "pol")
+        figures["vxlan_mtu"] = 1400
+        seconds["forwarding"] = time.perf_counter() - t0
+        for p in list(pods.values()):
+            lab.delete_pod(p)
+    return {"counts": {"cold_endpoints": cold_eps, "cold_policies": cold_pols, "inc_endpoints": inc_eps,
+                       "inc_policies": cold_pols, "changes": changes, "iperf_seconds": iperf_s,
+                       "fwd_rules": fwd_rules},
+            "figures": figures, "seconds": seconds}
+
+
+def table(res: dict[str, Any], load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
+    c, f = res["counts"], res["figures"]
+    rows = [
+        ("figure", "value", "reference / ratio"),
+        (f"cold start to /readiness, {c['cold_endpoints']} eps + {c['cold_policies']} pols",
+         f"{f['cold_start_s']:.2f} s", f"empty datastore {f['cold_start_empty_s']:.2f} s"),
+        (f"label change -> nft set, p50 ({c['inc_endpoints']} eps, {c['inc_policies']} pols, "
+         f"{c['changes']} changes)", f"{f['incremental_p50_ms']:.1f} ms", "target < 50 ms"),
+        ("label change -> nft set, max", f"{f['incremental_max_ms']:.1f} ms",
+         f"sets correct after: {f['incremental_sets_ok']}"),
+        ("veth-to-veth TCP (iperf3, 5 s)", f"{f['veth_gbps']:.2f} Gbit/s", "reference"),
+        ("pod-to-pod over VXLAN, no policy", f"{f['pod_gbps_no_policy']:.2f} Gbit/s",
+         f"{f['pod_gbps_no_policy'] / f['veth_gbps']:.2f} of veth"),
+        (f"pod-to-pod over VXLAN, {c['fwd_rules']} rules", f"{f['pod_gbps_policy']:.2f} Gbit/s",
+         f"{f['pod_gbps_policy'] / f['pod_gbps_no_policy']:.2f} of no-policy (target >= 0.9)"),
+        ("load average 1/5/15 min, start -> end", " ".join(f"{x:.2f}" for x in load[0]),
+         " ".join(f"{x:.2f}" for x in load[1])),
+    ]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {r}" for a, b, r in rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="fewer endpoints and policies")
+    p.add_argument("--driver", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.driver:
+        cmd, *rest = a.driver
+        if cmd == "load":
+            drive_load(int(rest[0]), int(rest[1]), int(rest[2]))
+        elif cmd == "clear":
+            drive_clear()
+        elif cmd == "ready":
+            drive_ready(float(rest[0]), float(rest[1]))
+        elif cmd == "relabel":
+            drive_relabel(int(rest[0]), int(rest[1]), float(rest[2]))
+        return
+    load_start = os.getloadavg()
+    began = time.perf_counter()
+    res = run(a.quick)
+    load_end = os.getloadavg()
+    print(table(res, (load_start, load_end)))
+    res.update(quick=a.quick, load_average={"start": load_start, "end": load_end},
+               cpus=os.cpu_count(), total_seconds=time.perf_counter() - began)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"dataplane-{'quick-' if a.quick else ''}{stamp}.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
