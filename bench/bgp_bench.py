@@ -1,0 +1,655 @@
+"""The BGP benchmark: how fast routes spread between Tortie nodes (felix-agent with ExaBGP), and how
+fast a node takes a large table from an external router, each beside BIRD 2 doing the same job in
+the same lab, in the same run.
+
+One run builds one ``netlab`` lab (etcd, 22 node namespaces on one fabric) and measures, in order:
+
+1. convergence, 10-node mesh: a block is claimed for a node (``IPAM.assign`` of an address in a
+   free block, run inside a node namespace: the datastore is only reachable there), and the clock
+   stops when the block's route (protocol 81) is in the kernel of every other node; the origin
+   rotates over the nodes. Beside it, 10 BIRD nodes in an iBGP full mesh: a static route is
+   enabled on one (``birdc enable``) and the clock stops when it is in every other BIRD node's
+   kernel (``proto bird``);
+2. the same with the mesh off and 2 route reflectors (Tortie: ``routeReflectorClusterID`` on n1
+   and n2 and a BGPPeer ``nodeSelector: all()``, ``peerSelector: rr == 'true'``; BIRD: two
+   reflectors of one cluster, the other eight their clients); claims on clients only;
+3. scale: a BIRD router announces 10,000 /32 routes (eBGP) to one Tortie node; the time until
+   the last is in that node's kernel, and the CPU the agent and its ExaBGP (with the API relay)
+   used meanwhile (``/proc/<pid>/stat``); then the time to withdraw them. Beside it, the same
+   router and the same routes to a BIRD node.
+
+Kernel routes are timed by ``ip monitor route`` in each namespace (the same monotonic clock).
+It prints a table and writes it as JSON under ``bench/results/``. Run it as root, from the
+repository root, with ``.venv/bin/python -m bench.bgp_bench [--quick]``. It never asserts a time;
+it stops with an error if what it measured did not happen (a route that never came).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import ipaddress
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+TORTIE = list(range(1, 11))  # n1..n10: felix-agent --bgp
+SOURCE = 11  # BIRD, the external router of part 3
+BIRD_NODE = 12  # BIRD in place of a Tortie node, part 3
+BIRD_MESH = list(range(13, 23))  # 10 BIRD nodes, parts 1 and 2
+NODES = 22
+POOL = "10.244.0.0/16"  # Tortie's blocks (/26)
+BIRD_BLOCKS = "10.250"  # BIRD's "blocks": 10.250.x.y/26
+BULK_NET = "10.100"  # part 3's routes: 10.100.x.y/32
+ASN, SOURCE_ASN = 64512, 65001
+CLUSTER_ID = "224.0.0.1"
+CLAIM_TIMEOUT = 60.0
+BULK_TIMEOUT = 300.0
+ROUTE_TYPES = {"blackhole", "unreachable", "prohibit", "local", "broadcast", "unicast", "multicast", "throw"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    reference: str | None = None  # the BIRD figure this one is divided by
+    ratio: float | None = None
+
+
+class BenchFailure(RuntimeError):
+    """Something that was measured did not happen: the figures would mean nothing."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- watching kernel routes ---------------------------------------------------------------------
+
+
+class RouteWatch:
+    """``ip -n NS monitor route`` in a thread: when each route of protocol ``proto`` was last added
+    and deleted (monotonic time). All watches of a run share one condition, notified per event."""
+
+    def __init__(self, netns: str, proto: str, changed: threading.Condition) -> None:
+        self.netns, self.proto, self.changed = netns, proto, changed
+        self.added: dict[str, float] = {}
+        self.deleted: dict[str, float] = {}
+        self._proc = subprocess.Popen(["ip", "-n", netns, "monitor", "route"], stdout=subprocess.PIPE, text=True,
+                                      bufsize=1)
+        self._thread = threading.Thread(target=self._run, name=f"watch-{netns}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._proc.stdout is not None
+        marker = f" proto {self.proto} "
+        for line in self._proc.stdout:
+            now = time.monotonic()
+            if marker not in line + " ":
+                continue
+            words = line.split()
+            deleted = words[0] == "Deleted"
+            words = words[1:] if deleted else words
+            while words and words[0] in ROUTE_TYPES:
+                words = words[1:]
+            if not words:
+                continue
+            dst = words[0] if "/" in words[0] else f"{words[0]}/32"
+            with self.changed:
+                (self.deleted if deleted else self.added)[dst] = now
+                self.changed.notify_all()
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(5)
+        self._thread.join(5)
+
+
+def wait_for(changed: threading.Condition, ready: Callable[[], float | None], timeout: float, what: str) -> float:
+    """Wait (on the watches' condition) until ``ready()`` returns a time; return it."""
+    deadline = time.monotonic() + timeout
+    with changed:
+        while (found := ready()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchFailure(f"timed out after {timeout:g} s waiting for {what}")
+            changed.wait(min(left, 1.0))
+    return found
+
+
+# ---- claiming blocks from inside a node namespace -----------------------------------------------
+
+
+def serve_claims(socket_path: str) -> int:
+    """The claimer (``python -m bench.bgp_bench claimer SOCKET``), run inside a node namespace:
+    one JSON request per connection, ``{"node", "address"}``; it assigns the address to a new
+    handle for that node (claiming the block it is in) and answers with the monotonic times
+    before and after the call."""
+    from datastore.config import EtcdConfig
+    from datastore.etcd import EtcdClient
+    from ipam.allocator import IPAM, AssignRequest
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with EtcdClient(EtcdConfig.from_env()) as client:
+        ipam = IPAM(client)
+        ipam.pools()  # the connection is up before the first timed call
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        binding = socket_path + ".new"
+        server.bind(binding)
+        server.listen(4)
+        os.rename(binding, socket_path)  # appears only once it accepts
+        server.settimeout(0.2)
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                request = json.loads(conn.makefile("rb").readline())
+                t0 = time.monotonic()
+                try:
+                    ipam.assign(AssignRequest(f"bench-{secrets.token_hex(6)}", request["node"], num_v4=0,
+                                              addresses=[ipaddress.ip_address(request["address"])]))
+                    answer: dict[str, Any] = {"t0": t0, "t1": time.monotonic()}
+                except Exception as e:  # the benchmark wants to see it, not a dead claimer
+                    answer = {"error": f"{type(e).__name__}: {e}"}
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+    return 0
+
+
+def claim(socket_path: Path, node: str, address: str) -> tuple[float, float]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        sock.sendall(json.dumps({"node": node, "address": address}).encode() + b"\n")
+        answer = json.loads(sock.makefile("rb").readline())
+    if "error" in answer:
+        raise BenchFailure(f"claiming the block of {address} for {node} failed: {answer['error']}")
+    return answer["t0"], answer["t1"]
+
+
+def block(base: str, j: int) -> str:
+    """The j-th /26 of ``base``.0.0/16."""
+    return f"{base}.{j // 4}.{(j % 4) * 64}/26"
+
+
+# ---- convergence --------------------------------------------------------------------------------
+
+
+@dataclass
+class Convergence:
+    """One series of claims: per claim, the time until the route was in every other node's kernel
+    (``last``), in the first one (``first``), and what the trigger (IPAM call, birdc) took."""
+
+    last: list[float] = field(default_factory=list)
+    first: list[float] = field(default_factory=list)
+    trigger: list[float] = field(default_factory=list)
+
+
+def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: threading.Condition,
+             prefixes: Iterable[str], trigger: Callable[[int, str], tuple[float, float]]) -> Convergence:
+    """For each prefix (origin node rotating over ``origins``): ``trigger(origin, prefix)`` (which
+    returns when it started and ended), then wait until every other watched node has the route."""
+    out = Convergence()
+    for i, prefix in enumerate(prefixes):
+        origin = origins[i % len(origins)]
+        others = [w for k, w in watches.items() if k != origin]
+        t0, t1 = trigger(origin, prefix)
+
+        def everywhere(others: list[RouteWatch] = others, prefix: str = prefix, t0: float = t0) -> float | None:
+            seen = [w.added.get(prefix) for w in others]
+            return max(seen) if all(s is not None and s >= t0 for s in seen) else None  # type: ignore[type-var]
+
+        last = wait_for(changed, everywhere, CLAIM_TIMEOUT, f"{prefix} in the kernel of every node")
+        out.last.append(last - t0)
+        out.first.append(min(w.added[prefix] for w in others) - t0)
+        out.trigger.append(t1 - t0)
+    return out
+
+
+def convergence_figures(label: str, tortie: Convergence, bird: Convergence) -> list[Figure]:
+    figures = []
+    for stat, fn in (("p50", statistics.median), ("max", max)):
+        b = fn(bird.last) * 1000
+        t = fn(tortie.last) * 1000
+        figures.append(Figure(f"{label}: BIRD, to every node {stat}", b, "ms"))
+        figures.append(Figure(f"{label}: Tortie, to every node {stat}", t, "ms",
+                              f"{label}: BIRD, to every node {stat}", t / b if b else None))
+    figures.append(Figure(f"{label}: Tortie, to the first node p50", statistics.median(tortie.first) * 1000, "ms"))
+    figures.append(Figure(f"{label}: Tortie, IPAM claim call p50 (included)",
+                          statistics.median(tortie.trigger) * 1000, "ms"))
+    figures.append(Figure(f"{label}: BIRD, birdc enable p50 (included)", statistics.median(bird.trigger) * 1000,
+                          "ms"))
+    return figures
+
+
+# ---- CPU ----------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parents.items() if pp in frontier]
+        out += children
+        frontier = children
+    return out
+
+
+# ---- BIRD configurations ------------------------------------------------------------------------
+
+LOG = "log stderr { warning, error, fatal, bug };"
+
+
+def bird_address(k: int) -> str:
+    return f"198.18.0.{10 + k}"
+
+
+def statics(claims: dict[int, str]) -> list[str]:
+    return [f"protocol static c{i} {{ disabled; ipv4; route {p} blackhole; }}" for i, p in sorted(claims.items())]
+
+
+def bird_mesh_config(k: int, members: Sequence[int], claims: dict[int, str]) -> str:
+    me = bird_address(k)
+    lines = [LOG, f"router id {me};", "protocol device { scan time 10; }",
+             "protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }", *statics(claims),
+             "template bgp mesh {", f"  local {me} as {ASN};", "  direct;", "  hold time 9;",
+             "  ipv4 { import all; export where source = RTS_STATIC; };", "}"]
+    lines += [f"protocol bgp p{j} from mesh {{ neighbor {bird_address(j)} as {ASN}; }}" for j in members if j != k]
+    return "\n".join(lines) + "\n"
+
+
+def bird_rr_config(k: int, members: Sequence[int], reflectors: Sequence[int], claims: dict[int, str]) -> str:
+    me = bird_address(k)
+    lines = [LOG, f"router id {me};", "protocol device { scan time 10; }",
+             "protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }", *statics(claims),
+             "template bgp inner {", f"  local {me} as {ASN};", "  direct;", "  hold time 9;"]
+    if k in reflectors:
+        lines += ["  ipv4 { import all; export all; };", "}",
+                  "template bgp outer from inner {", "  rr client;", f"  rr cluster id {CLUSTER_ID};", "}"]
+        lines += [f"protocol bgp p{j} from {'inner' if j in reflectors else 'outer'} "
+                  f"{{ neighbor {bird_address(j)} as {ASN}; }}" for j in members if j != k]
+    else:
+        lines += ["  ipv4 { import all; export where source = RTS_STATIC; };", "}"]
+        lines += [f"protocol bgp p{j} from inner {{ neighbor {bird_address(j)} as {ASN}; }}" for j in reflectors]
+    return "\n".join(lines) + "\n"
+
+
+def bulk_routes(count: int) -> list[str]:
+    return [f"{BULK_NET}.{i // 250}.{i % 250 + 1}/32" for i in range(count)]
+
+
+def source_config(routes: Sequence[str]) -> str:
+    """The external router: eBGP to Tortie node n3 (``tortie``) and to the BIRD node
+    (``birdnode``, disabled at first); 10,000 static routes in ``bulk``, disabled at first."""
+    me = bird_address(SOURCE)
+    return "\n".join([
+        LOG, f"router id {me};", "protocol device { scan time 10; }",
+        "protocol static bulk {", "  disabled;", "  ipv4;", *[f"  route {p} blackhole;" for p in routes], "}",
+        "template bgp feed {", f"  local {me} as {SOURCE_ASN};", "  hold time 9;",
+        "  ipv4 { import none; export where source = RTS_STATIC; };", "}",
+        f"protocol bgp tortie from feed {{ neighbor {bird_address(3)} as {ASN}; }}",
+        f"protocol bgp birdnode from feed {{ disabled; neighbor {bird_address(BIRD_NODE)} as {ASN}; }}",
+    ]) + "\n"
+
+
+def bird_node_config() -> str:
+    me = bird_address(BIRD_NODE)
+    return "\n".join([
+        LOG, f"router id {me};", "protocol device { scan time 10; }",
+        "protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }",
+        f"protocol bgp upstream {{ local {me} as {ASN}; neighbor {bird_address(SOURCE)} as {SOURCE_ASN}; "
+        "hold time 9; ipv4 { import all; export none; }; }",
+    ]) + "\n"
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    claims: int
+    routes: int
+
+
+FULL = Scale(claims=50, routes=10_000)
+QUICK = Scale(claims=10, routes=10_000)
+
+
+def run(scale: Scale, quick: bool) -> dict[str, Any]:
+    # Imported here: the claimer (run inside a node) needs none of it.
+    from tests.lab.bgp_cluster_support import (
+        BGPCluster,
+        bgp_configuration_yaml,
+        bgp_peer_yaml,
+        bgp_pools,
+        bird_established,
+        documents,
+        node_yaml,
+        start_bird,
+    )
+    from tests.lab.bgp_support import Bird
+
+    started = time.perf_counter()
+    info = machine()
+    log(f"BGP benchmark ({'quick' if quick else 'full'}) on {info['nproc']} CPUs, "
+        f"load {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}")
+    figures: list[Figure] = []
+    checks: list[str] = []
+    phases: dict[str, float] = {}
+    changed = threading.Condition()
+    watches: list[RouteWatch] = []
+
+    def phase(name: str, since: float) -> None:
+        phases[name] = round(time.perf_counter() - since, 1)
+        log(f"  ({phases[name]} s)")
+
+    with BGPCluster("bgpb", NODES, agents=TORTIE, pools=bgp_pools(POOL, 26)) as bgp:
+        try:
+            c, lab = bgp.cluster, bgp.lab
+            t = time.perf_counter()
+            log("part 1: 10-node mesh")
+            mesh_claims = {i: block(BIRD_BLOCKS, i) for i in range(scale.claims)}
+            rr_claims = {scale.claims + i: block(BIRD_BLOCKS, scale.claims + i) for i in range(scale.claims)}
+            by_origin: dict[int, dict[int, str]] = {k: {} for k in BIRD_MESH}
+            for i, prefix in mesh_claims.items():
+                by_origin[BIRD_MESH[i % len(BIRD_MESH)]][i] = prefix
+            clients = BIRD_MESH[2:]
+            for n, (i, prefix) in enumerate(rr_claims.items()):
+                by_origin[clients[n % len(clients)]][i] = prefix
+            birds: dict[int, Bird] = {}
+            for k in BIRD_MESH:
+                birds[k] = start_bird(bgp, k, bird_mesh_config(k, BIRD_MESH, by_origin[k]))
+            claimer = c.work / "claimer.sock"
+            env = {**c.env, "PYTHONPATH": str(REPO), "HOME": "/root"}
+            lab.start_process(c.node(1).netns, [sys.executable, "-m", "bench.bgp_bench", "claimer", str(claimer)],
+                              c.work / "claimer.log", env)
+            bgp_watch = {k: RouteWatch(c.node(k).netns, "81", changed) for k in TORTIE}
+            bird_watch = {k: RouteWatch(c.node(k).netns, "bird", changed) for k in BIRD_MESH}
+            watches += [*bgp_watch.values(), *bird_watch.values()]
+            for k in TORTIE:
+                bgp.wait_established(k, [j for j in TORTIE if j != k], timeout=120)
+            for k in BIRD_MESH:
+                wait_for_bird(birds[k], len(BIRD_MESH) - 1, bird_established)
+            wait_path(claimer)
+            log(f"  sessions up: Tortie {len(TORTIE) * (len(TORTIE) - 1) // 2}, "
+                f"BIRD {len(BIRD_MESH) * (len(BIRD_MESH) - 1) // 2}")
+
+            def tortie_claim(origin: int, prefix: str) -> tuple[float, float]:
+                return claim(claimer, f"n{origin}", str(ipaddress.ip_network(prefix)[1]))
+
+            def bird_claim(origin: int, prefix: str) -> tuple[float, float]:
+                i = next(i for i, p in by_origin[origin].items() if p == prefix)
+                t0 = time.monotonic()
+                birds[origin].birdc("enable", f"c{i}")
+                return t0, time.monotonic()
+
+            tortie_mesh = converge(TORTIE, bgp_watch, changed, [block("10.244", 512 + i) for i in range(scale.claims)],
+                                   tortie_claim)
+            bird_mesh = converge(BIRD_MESH, bird_watch, changed, list(mesh_claims.values()), bird_claim)
+            figures += convergence_figures("mesh, 10 nodes", tortie_mesh, bird_mesh)
+            checks.append(f"mesh: {scale.claims} Tortie blocks and {scale.claims} BIRD routes reached all 9 "
+                          "other nodes' kernels")
+            phase("mesh", t)
+
+            t = time.perf_counter()
+            log("part 2: mesh off, 2 route reflectors")
+            c.apply(documents(
+                bgp_configuration_yaml(mesh=False),
+                *[node_yaml(f"n{k}", bgp.address(k), labels={"rr": "true"}, cluster_id=CLUSTER_ID) for k in (1, 2)],
+                bgp_peer_yaml("to-reflectors", nodeSelector="all()", peerSelector="rr == 'true'")))
+            for k in BIRD_MESH:
+                birds[k].stop()
+                birds[k] = start_bird_again(bgp, k, bird_rr_config(k, BIRD_MESH, BIRD_MESH[:2], by_origin[k]),
+                                            start_bird)
+            for k in TORTIE:
+                want = [j for j in TORTIE if j != k] if k in (1, 2) else [1, 2]
+                bgp.wait_established(k, want, timeout=120)
+            for k in BIRD_MESH:
+                wait_for_bird(birds[k], len(BIRD_MESH) - 1 if k in BIRD_MESH[:2] else 2, bird_established)
+            mesh_blocks = [block("10.244", 512 + i) for i in range(scale.claims)]
+            for k in TORTIE:  # the blocks of part 1 came back through the reflectors
+                bgp.wait_routes(k, {p: bgp.address(TORTIE[i % len(TORTIE)]) for i, p in enumerate(mesh_blocks)
+                                    if TORTIE[i % len(TORTIE)] != k}, timeout=120)
+            tortie_rr = converge(TORTIE[2:], bgp_watch, changed,
+                                 [block("10.244", 768 + i) for i in range(scale.claims)], tortie_claim)
+            bird_rr = converge(clients, bird_watch, changed, list(rr_claims.values()), bird_claim)
+            figures += convergence_figures("2 reflectors", tortie_rr, bird_rr)
+            checks.append(f"reflectors: {scale.claims} claims on clients reached all 9 other nodes' kernels, "
+                          "both speakers")
+            phase("reflectors", t)
+            for w in watches:
+                w.close()
+            watches.clear()
+            for k in BIRD_MESH:
+                birds[k].stop()
+
+            t = time.perf_counter()
+            log(f"part 3: {scale.routes} routes from an external router")
+            routes = bulk_routes(scale.routes)
+            source = start_bird(bgp, SOURCE, source_config(routes))
+            bird_node = start_bird(bgp, BIRD_NODE, bird_node_config())
+            c.apply(bgp_peer_yaml("bench-tor", node="n3", peerIP=bird_address(SOURCE), asNumber=SOURCE_ASN))
+            bgp.wait_established(3, [bird_address(SOURCE)], exactly=False, timeout=60)
+            agent = c.agents[3]
+            tortie_bulk = bulk_transfer(c.node(3).netns, "81", source, routes, changed,
+                                        {"agent": lambda: cpu_seconds(agent),
+                                         "ExaBGP and its API relay": lambda: sum(map(cpu_seconds, descendants(agent)))})
+            source.birdc("disable", "tortie")
+            source.birdc("enable", "birdnode")
+            wait_for_bird(bird_node, 1, bird_established)
+            assert bird_node.pid is not None
+            bird_pid = bird_node.pid
+            bird_bulk = bulk_transfer(c.node(BIRD_NODE).netns, "bird", source, routes, changed,
+                                      {"BIRD": lambda: cpu_seconds(bird_pid)})
+            n = scale.routes
+            figures += [
+                Figure(f"{n} routes: BIRD node, all in the kernel", bird_bulk["install"], "s"),
+                Figure(f"{n} routes: Tortie node, all in the kernel", tortie_bulk["install"], "s",
+                       f"{n} routes: BIRD node, all in the kernel",
+                       ratio(tortie_bulk["install"], bird_bulk["install"])),
+                Figure(f"{n} routes: BIRD CPU while installing", bird_bulk["cpu install BIRD"], "CPU s"),
+                Figure(f"{n} routes: Tortie agent CPU while installing", tortie_bulk["cpu install agent"], "CPU s",
+                       f"{n} routes: BIRD CPU while installing",
+                       ratio(tortie_bulk["cpu install agent"], bird_bulk["cpu install BIRD"])),
+                Figure(f"{n} routes: Tortie ExaBGP+relay CPU while installing",
+                       tortie_bulk["cpu install ExaBGP and its API relay"], "CPU s",
+                       f"{n} routes: BIRD CPU while installing",
+                       ratio(tortie_bulk["cpu install ExaBGP and its API relay"], bird_bulk["cpu install BIRD"])),
+                Figure(f"{n} routes: BIRD node, all withdrawn", bird_bulk["withdraw"], "s"),
+                Figure(f"{n} routes: Tortie node, all withdrawn", tortie_bulk["withdraw"], "s",
+                       f"{n} routes: BIRD node, all withdrawn", ratio(tortie_bulk["withdraw"], bird_bulk["withdraw"])),
+                Figure(f"{n} routes: Tortie agent CPU while withdrawing", tortie_bulk["cpu withdraw agent"], "CPU s"),
+                Figure(f"{n} routes: Tortie ExaBGP+relay CPU while withdrawing",
+                       tortie_bulk["cpu withdraw ExaBGP and its API relay"], "CPU s"),
+                Figure(f"{n} routes: BIRD CPU while withdrawing", bird_bulk["cpu withdraw BIRD"], "CPU s"),
+            ]
+            checks.append(f"scale: {n} routes counted in the kernel of the Tortie node and of the BIRD node "
+                          "(ip route), then none")
+            phase("scale", t)
+        finally:
+            for w in watches:
+                w.close()
+    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    raw = {"mesh": {"tortie": asdict(tortie_mesh), "bird": asdict(bird_mesh)},
+           "reflectors": {"tortie": asdict(tortie_rr), "bird": asdict(bird_rr)},
+           "scale": {"tortie": tortie_bulk, "bird": bird_bulk}}
+    return {"benchmark": "bgp", "mode": "quick" if quick else "full", "machine": info, "scale": asdict(scale),
+            "figures": [asdict(f) for f in figures], "checks": checks, "phase_seconds": phases, "raw": raw,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def start_bird_again(bgp: Any, k: int, config: str, start: Callable[..., Any]) -> Any:
+    """BIRD restarted in node ``k`` with ``config`` (its old control socket removed first)."""
+    (bgp.cluster.work / "bird" / f"bird{k}" / "bird.ctl").unlink(missing_ok=True)
+    return start(bgp, k, config)
+
+
+def wait_for_bird(bird: Any, sessions: int, established: Callable[[Any], set[str]], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(established(bird)) < sessions:
+        if time.monotonic() > deadline:
+            raise BenchFailure(f"BIRD in {bird.netns} has not {sessions} sessions up after {timeout:g} s:\n"
+                               + bird.birdc("show", "protocols"))
+        time.sleep(0.2)
+
+
+def wait_path(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise BenchFailure(f"{path} did not appear in {timeout:g} s")
+        time.sleep(0.05)
+
+
+def kernel_count(netns: str, proto: str) -> int:
+    out = subprocess.run(["ip", "-n", netns, "-4", "route", "show", "proto", proto], capture_output=True,
+                         text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def bulk_transfer(netns: str, proto: str, source: Any, routes: Sequence[str], changed: threading.Condition,
+                  cpu: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """``birdc enable bulk`` on the source: seconds until every route is in ``netns``'s kernel, and
+    the CPU seconds of each of ``cpu`` meanwhile; then the same for ``disable bulk``."""
+    wanted = set(routes)
+    before = kernel_count(netns, proto)
+    watch = RouteWatch(netns, proto, changed)
+    out: dict[str, float] = {}
+    try:
+        for verb, key in (("enable", "install"), ("disable", "withdraw")):
+            table = watch.deleted if verb == "disable" else watch.added
+            cpu0 = {name: read() for name, read in cpu.items()}
+            t0 = time.monotonic()
+            source.birdc(verb, "bulk")
+
+            def complete(table: dict[str, float] = table, t0: float = t0) -> float | None:
+                if len(table) < len(wanted):
+                    return None
+                times = [table.get(p) for p in wanted]
+                return max(times) if all(x is not None and x >= t0 for x in times) else None  # type: ignore[type-var]
+
+            done = wait_for(changed, complete, BULK_TIMEOUT, f"{len(wanted)} routes to be {verb}d in {netns}")
+            out[key] = done - t0
+            for name, read in cpu.items():
+                out[f"cpu {key} {name}"] = read() - cpu0[name]
+            count = kernel_count(netns, proto)
+            expected = before + len(wanted) if verb == "enable" else before
+            if count != expected:
+                raise BenchFailure(f"{netns}: {count} protocol-{proto} routes in the kernel after {verb}, "
+                                   f"not {expected}")
+            table.clear()
+            log(f"  {netns}: {len(wanted)} routes {verb}d in {out[key]:.2f} s")
+    finally:
+        watch.close()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    bird = subprocess.run(["bird", "--version"], capture_output=True, text=True)
+    try:
+        exabgp = "ExaBGP " + importlib.metadata.version("exabgp")
+    except importlib.metadata.PackageNotFoundError:
+        exabgp = "ExaBGP (version unknown)"
+    return {"host": platform.node(), "kernel": platform.release(), "nproc": len(os.sched_getaffinity(0)),
+            "cpu": cpu, "python": platform.python_version(),
+            "bird": (bird.stdout + bird.stderr).strip().removeprefix("BIRD version "),
+            "exabgp": exabgp,
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def table(figures: Sequence[Figure]) -> str:
+    width = max(len(f.name) for f in figures)
+    lines = [f"{'figure':<{width}}  {'value':>9}  {'unit':<6} ratio to BIRD", "-" * (width + 36)]
+    for f in figures:
+        value = f"{f.value:9.1f}" if f.value >= 100 else f"{f.value:9.2f}"
+        ratio_text = f"{f.ratio:.3g}" if f.ratio is not None else ""
+        lines.append(f"{f.name:<{width}}  {value}  {f.unit:<6} {ratio_text}".rstrip())
+    return "\n".join(lines)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds the with-blocks: the lab is torn down
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["claimer"] and len(argv) == 2:
+        return serve_claims(argv[1])
+    parser = argparse.ArgumentParser(prog="python -m bench.bgp_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK.claims} claims per series instead of "
+                        f"{FULL.claims}")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        log("the BGP benchmark builds network namespaces: run it as root")
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        report = run(QUICK if args.quick else FULL, args.quick)
+    except KeyboardInterrupt:
+        log("interrupted; the lab is torn down")
+        return 130
+    except (BenchFailure, AssertionError) as e:  # AssertionError: a lab helper's wait ran out
+        log(f"benchmark failed: {e}")
+        return 1
+    figures = [Figure(**f) for f in report["figures"]]
+    m = report["machine"]
+    print(f"BGP benchmark, {report['mode']} run, {m['date']}: {m['host']}, {m['nproc']} CPUs ({m['cpu']}), "
+          f"kernel {m['kernel']}, Python {m['python']}, BIRD {m['bird']}, {m['exabgp']}")
+    print(f"load average (1/5/15 min) at start {' '.join(f'{x:.2f}' for x in m['loadavg_start'])}, "
+          f"at end {' '.join(f'{x:.2f}' for x in m['loadavg_end'])}; {report['seconds']} s in all "
+          f"({', '.join(f'{name} {s} s' for name, s in report['phase_seconds'].items())})")
+    print(f"convergence over {report['scale']['claims']} claims per series; scale {report['scale']['routes']} routes")
+    print(table(figures))
+    for check in report["checks"]:
+        print(f"check: {check}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"bgp-{m['date'].replace(':', '').replace('-', '')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
