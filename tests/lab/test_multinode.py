@@ -178,8 +178,9 @@ def test_resync_repairs_a_deleted_vxlan_neighbour(cluster: ClusterLab, pods: dic
 
     entry = next(line for line in fdb().splitlines() if f"dst {cluster.node(2).address}" in line)
     mac = entry.split()[0]
+    # The delete itself must succeed (check=True); whether the entry is still absent a moment later
+    # depends on the 2 s resync, which may already have put it back: no assertion on that.
     cluster.exec(1, "bridge", "fdb", "del", mac, "dev", "vxlan.tortie", "dst", cluster.node(2).address)
-    assert f"dst {cluster.node(2).address}" not in fdb()
     wait_until(lambda: f"{mac} dst {cluster.node(2).address}" in fdb(), REPAIR_TIMEOUT,
                "the resync to restore the FDB entry", interval=0.2)
     assert cluster.can_ping(pods[1], pods[2])
@@ -211,8 +212,9 @@ spec:
         assert chain, vmap
         rules = _chain_rules(cluster, 2, chain[1])
         assert any(r.startswith("drop") for r in rules), rules
+        # The flush must succeed; the 2 s resync may restore the chain before we could look at it
+        # empty, so only the restoration is asserted.
         cluster.nft(2, "flush", "chain", "inet", "tortie", chain[1])
-        assert _chain_rules(cluster, 2, chain[1]) == []
         wait_until(lambda: _chain_rules(cluster, 2, chain[1]) == rules, REPAIR_TIMEOUT,
                    f"the resync to restore chain {chain[1]}", interval=0.2)
         cluster.expect({Check(pods[1], pods[2]): False, Check(pods[3], pods[2], 8080): False,
