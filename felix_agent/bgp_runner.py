@@ -1,6 +1,9 @@
 """felix-agent's side of BGP: keeps the ExaBGP speaker configured from the datastore, announces
 this node's blocks, installs what peers announce (route protocol 81), and publishes the sessions
-for ``netctl node status``. The BGP work itself is in the ``bgp`` package."""
+for ``netctl node status``. The BGP work itself is in the ``bgp`` package.
+
+Without a datastore client (``client=None``: the IPIP-over-BGP test in the VM, which has no etcd)
+it does the same but publishes no status."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import ipaddress
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bgp.config import exports, speaker_config
 from bgp.learned import LearnedRoutes
@@ -15,10 +19,12 @@ from bgp.model import SessionStatus, SpeakerConfig
 from bgp.speaker import Speaker
 from bgp.status import write_status
 from datastore.errors import DatastoreError
-from datastore.etcd import EtcdClient, Lease
 from datastore.resources import IPPoolSpec
 from felix_agent.calc.snapshot import Snapshot
 from felix_agent.dataplane.netlink import Netlink
+
+if TYPE_CHECKING:  # the etcd client (grpc) is imported by whoever makes one, not here
+    from datastore.etcd import EtcdClient, Lease
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +33,7 @@ STATUS_EVERY = 5.0
 
 
 class BGPRunner:
-    def __init__(self, node: str, state_dir: Path, client: EtcdClient) -> None:
+    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None) -> None:
         self.node = node
         self.client = client
         self._snapshot: Snapshot | None = None
@@ -45,7 +51,8 @@ class BGPRunner:
         # Last run's learned routes stay (stale) while the sessions come back: graceful restart.
         self.learned.adopt(grace=grace)
         self.learned.start()
-        self._thread.start()
+        if self.client is not None:
+            self._thread.start()
 
     def stop(self) -> None:
         """Leave the kernel routes and let peers keep ours (graceful restart)."""
@@ -85,6 +92,7 @@ class BGPRunner:
         self._status_dirty.set()
 
     def _publish(self) -> None:
+        assert self.client is not None
         while not self._stop.is_set():
             try:
                 if self._lease is None or self._lease.expired.is_set():

@@ -1,4 +1,5 @@
-"""Runs ``test_ipip_dataplane.py`` inside a throw-away VM whose kernel has the ipip module.
+"""Runs ``test_ipip_dataplane.py`` and ``test_ipip_bgp.py`` inside a throw-away VM whose kernel has
+the ipip module, one VM per file.
 
 The VM (``../shared/tools/run_in_ipip_vm.sh``: QEMU/TCG, Debian's stock kernel, the host's / shared
 read-only over 9p under a tmpfs overlay) sees this repository and its venv at the same paths; a
@@ -23,8 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(os.environ.get("TORTIE_IPIP_VM_RUNNER", REPO.parent / "shared" / "tools" / "run_in_ipip_vm.sh"))
 KVER = os.environ.get("VM_KVER", "6.1.0-56-amd64")
-INNER = "tests/vm/test_ipip_dataplane.py"
-VM_TIMEOUT = 600  # seconds; a run takes well under a minute under TCG
+VM_TIMEOUT = 900  # seconds; the dataplane file takes well under a minute under TCG, the BGP one a few
 
 pytestmark = pytest.mark.lab
 
@@ -43,10 +43,20 @@ def missing_vm_tools() -> list[str]:
 
 @pytest.mark.timeout(VM_TIMEOUT + 120)
 def test_ipip_dataplane_inside_a_vm(tmp_path: Path) -> None:
+    run_inside_a_vm(tmp_path, "tests/vm/test_ipip_dataplane.py", tests=3)
+
+
+@pytest.mark.timeout(VM_TIMEOUT + 120)
+def test_ipip_over_bgp_inside_a_vm(tmp_path: Path) -> None:
+    run_inside_a_vm(tmp_path, "tests/vm/test_ipip_bgp.py", tests=1)
+
+
+def run_inside_a_vm(tmp_path: Path, inner_file: str, tests: int) -> None:
+    """Run the pytest file ``inner_file`` in the VM; every one of its ``tests`` tests must pass."""
     if os.environ.get("TORTIE_IN_VM") == "1":
         pytest.skip("already inside the VM")
     if os.path.exists("/sys/module/ipip"):
-        pytest.skip(f"this host's kernel has ipip loaded: {INNER} runs directly, no VM needed")
+        pytest.skip(f"this host's kernel has ipip loaded: {inner_file} runs directly, no VM needed")
     missing = missing_vm_tools()
     if missing:
         pytest.skip("no ipip on this host and no VM to run the IPIP tests in; missing: " + ", ".join(missing))
@@ -61,7 +71,7 @@ def test_ipip_dataplane_inside_a_vm(tmp_path: Path) -> None:
             shlex.quote(sys.executable),
             "-m pytest -q",
             "-p pytest_timeout -p no:cacheprovider --noconftest",
-            INNER,
+            inner_file,
             f"--junitxml={shlex.quote(str(junit))}",
         ]
     )
@@ -69,7 +79,7 @@ def test_ipip_dataplane_inside_a_vm(tmp_path: Path) -> None:
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=VM_TIMEOUT + 60)
     elapsed = time.monotonic() - started
-    print(f"IPIP VM run: {elapsed:.1f} s wall, exit status {done.returncode}")
+    print(f"IPIP VM run of {inner_file}: {elapsed:.1f} s wall, exit status {done.returncode}")
     report = (
         f"VM exit status {done.returncode} after {elapsed:.0f} s\n--- stdout\n{done.stdout[-6000:]}"
         f"\n--- stderr\n{done.stderr[-3000:]}"
@@ -79,4 +89,5 @@ def test_ipip_dataplane_inside_a_vm(tmp_path: Path) -> None:
     suite = suite if suite.tag == "testsuite" else suite[0]
     counts = {key: int(suite.get(key, "0")) for key in ("tests", "failures", "errors", "skipped")}
     # All of them ran: a skip inside the VM (no ipip after all) must not pass for a success.
-    assert counts["tests"] >= 3 and counts["failures"] == counts["errors"] == counts["skipped"] == 0, (counts, report)
+    ok = counts["tests"] >= tests and counts["failures"] == counts["errors"] == counts["skipped"] == 0
+    assert ok, (counts, report)

@@ -1,0 +1,274 @@
+"""IPIP over BGP (``ipipMode: Always``): pods on different nodes reach each other through routes the
+nodes learned from each other over BGP, through ``tunl0`` (needs the ipip module).
+
+The topology of ``test_ipip_dataplane.py``: n1 (10.9.1.11) and n2 (10.9.1.12) on 10.9.1.0/24, n3
+(10.9.2.13) on 10.9.2.0/24 behind a router that knows nothing of the pods, one pod per node. Each
+node runs ``tests.vm.bgp_node``: felix-agent's BGP and IPIP code (``BGPRunner``, the IPIP and route
+managers) on one view of the datastore with a pool whose ``ipipMode`` is ``Always``, the mesh on,
+and each node owning one block. The only routes to remote blocks are the ones BGP installs
+(protocol 81, ``via <node> dev tunl0 onlink``); a capture on n1's underlay shows the pod traffic
+inside IP-in-IP (protocol 4), even between the two nodes of one subnet. When a node's agent dies
+its speaker withdraws its block and the others lose the route, and with it the path.
+
+Runs inside the VM (``test_ipip_in_vm.py``), or directly on a host whose kernel has ipip loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2.iproute.linux import IPRoute
+
+from cni_plugins import wiring
+from felix_agent.dataplane.netlink import KernelRoute, Netlink
+from tests.vm.probes import Capture, echo, link_stats
+
+IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
+REPO = Path(__file__).resolve().parents[2]
+BGP = 81
+# Generous: under the VM's emulated CPU each node program and its ExaBGP take tens of seconds to
+# import before the first session can come up.
+CONVERGE = 300.0
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces"),
+    pytest.mark.skipif(
+        not IN_VM and not os.path.exists("/sys/module/ipip"),
+        reason="no ipip module loaded on this kernel (loading one would add tunl0 to the root namespace): "
+        "tests/vm/test_ipip_in_vm.py runs this file inside a VM",
+    ),
+]
+
+NODES = ((1, 1), (2, 1), (3, 2))  # (k, subnet): n1, n2 on 10.9.1.0/24, n3 on 10.9.2.0/24
+
+
+def ns_path(name: str) -> str:
+    return f"/run/netns/{name}"
+
+
+def write_sysctl(netns_name: str, key: str, value: str) -> None:
+    with wiring.netns(ns_path(netns_name)), open(f"/proc/sys/net/{key}", "w") as f:
+        f.write(value)
+
+
+def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "tortie.dev/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+@dataclass
+class Node:
+    k: int
+    netns: str
+    underlay: str
+    pod_netns: str
+    work: Path
+    driver: Netlink
+    proc: subprocess.Popen[bytes] | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"n{self.k}"
+
+    @property
+    def block(self) -> str:
+        return f"10.244.{self.k}.0/26"
+
+    @property
+    def pod_ip(self) -> str:
+        return f"10.244.{self.k}.2"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.work / "ready"
+
+    def start(self, view: Path) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        argv = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "tests.vm.bgp_node", "--node", self.name,
+                "--view", str(view), "--state", str(self.work / "state"), "--underlay", self.underlay,
+                "--ready", str(self.ready_file)]
+        with open(self.work / "node.log", "ab") as out:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                         env=os.environ | {"PYTHONPATH": str(REPO)})
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop_exabgp(self) -> None:
+        """ExaBGP outlives a killed node program for a few seconds (its dead man's switch); make sure."""
+        try:
+            pid = int((self.work / "state" / "exabgp.pid").read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return
+        if str(self.work).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def bgp_routes(self) -> dict[str, KernelRoute]:
+        return {r.dst: r for r in self.driver.routes() if r.proto == BGP}
+
+    def output(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.work / "node.log").read_text()[-3000:]
+        return ""
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[Node]]:
+    """Topology through netlink in this process (an ``ip`` exec costs ~0.1 s under TCG), then one
+    node program per node on the same datastore view."""
+    prefix = f"ipb{secrets.token_hex(3)}"
+    names = [f"{prefix}-{s}" for s in ("sw", "r", "n1", "n2", "n3", "p1", "p2", "p3")]
+    sw, router = names[0], names[1]
+    handles: dict[str, Any] = {}
+    built: list[Node] = []
+    try:
+        subprocess.run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in names), check=True,
+                       capture_output=True, text=True)
+        for name in names:
+            with wiring.netns(ns_path(name)):
+                handles[name] = IPRoute()
+            handles[name].link("set", index=1, state="up")
+        for br in ("br1", "br2"):
+            handles[sw].link("add", ifname=br, kind="bridge", state="up")
+
+        def plug(ns: str, ifname: str, port: str, bridge: str, cidr: str) -> None:
+            fd = os.open(ns_path(ns), os.O_RDONLY)
+            try:
+                handles[sw].link("add", ifname=port, kind="veth", peer={"ifname": ifname, "net_ns_fd": fd})
+            finally:
+                os.close(fd)
+            handles[sw].link("set", ifname=port, master=handles[sw].link_lookup(ifname=bridge)[0], state="up")
+            index = handles[ns].link_lookup(ifname=ifname)[0]
+            iface = ipaddress.ip_interface(cidr)
+            handles[ns].addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            handles[ns].link("set", index=index, state="up")
+
+        plug(router, "eth1", "r1", "br1", "10.9.1.1/24")
+        plug(router, "eth2", "r2", "br2", "10.9.2.1/24")
+        write_sysctl(router, "ipv4/ip_forward", "1")
+        for k, subnet in NODES:
+            node_ns, pod_ns = f"{prefix}-n{k}", f"{prefix}-p{k}"
+            underlay = f"10.9.{subnet}.1{k}"
+            plug(node_ns, "eth0", f"v{k}", f"br{subnet}", f"{underlay}/24")
+            handles[node_ns].route("add", dst="0.0.0.0/0", gateway=f"10.9.{subnet}.1")
+            write_sysctl(node_ns, "ipv4/ip_forward", "1")
+            with wiring.netns(ns_path(node_ns)):
+                wiring.setup(ns_path(pod_ns), "eth0", f"tor{prefix[3:]}{k}", 1480,
+                             [ipaddress.ip_interface(f"10.244.{k}.2/26")])
+            built.append(Node(k, node_ns, underlay, pod_ns, tmp_path / f"n{k}", Netlink.open(ns_path(node_ns))))
+
+        view = tmp_path / "view.json"
+        view.write_text(json.dumps({
+            "resources": [
+                resource("IPPool", "default-ipv4", {"cidr": "10.244.0.0/16", "blockSize": 26, "ipipMode": "Always",
+                                                    "vxlanMode": "Never", "natOutgoing": False}),
+                *[resource("Node", n.name, {"bgp": {"ipv4Address": f"{n.underlay}/24"}}) for n in built],
+            ],
+            "blocks": [{"cidr": n.block, "owner": n.name} for n in built],
+        }))
+        for node in built:
+            node.start(view)
+        yield built
+    finally:
+        for node in built:
+            node.stop()
+        for node in built:
+            node.stop_exabgp()
+            node.driver.close()
+        for handle in handles.values():
+            handle.close()
+        subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {n}\n" for n in names),
+                       capture_output=True, text=True)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str,
+               describe: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{describe()}")
+        time.sleep(0.5)
+
+
+def ping(pod_ns: str, address: str, timeout: float = 10.0) -> bool:
+    """Pings until one answer (the first packets of a fresh path may go to neighbour resolution)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if echo(ns_path(pod_ns), address, timeout=min(1.0, timeout)):
+            return True
+    return False
+
+
+def tunnel_route(node: Node) -> KernelRoute:
+    """What a node learns for ``node``'s block: through tunl0 to its underlay address."""
+    return KernelRoute(dst=node.block, gateway=node.underlay, device="tunl0", onlink=True, proto=BGP)
+
+
+def test_pods_reach_each_other_through_bgp_learned_ipip_routes(nodes: list[Node]) -> None:
+    n1, n2, n3 = nodes
+
+    def learned(node: Node) -> dict[str, KernelRoute]:
+        return {dst: KernelRoute(dst=r.dst, gateway=r.gateway, device=r.device, onlink=r.onlink, proto=r.proto)
+                for dst, r in node.bgp_routes().items()}
+
+    def converged() -> bool:
+        return all(learned(n) == {o.block: tunnel_route(o) for o in nodes if o is not n} for n in nodes)
+
+    wait_until(converged, CONVERGE, "every node to learn the other blocks over BGP, through tunl0",
+               describe=lambda: "\n".join(f"{n.name}: {learned(n)}\n{n.output()}" for n in nodes))
+    for node in nodes:
+        assert json.loads(node.ready_file.read_text())["ipip"] == "ok"
+        # One owner per route: the agent's route manager programs no route to a remote block.
+        others = {o.block for o in nodes if o is not node}
+        assert [r for r in node.driver.routes() if r.dst in others and r.proto != BGP] == []
+        tunl = node.driver.link("tunl0")
+        assert tunl is not None and tunl.up and tunl.mtu == 1480
+
+    tx_before, _ = link_stats(n1.netns, "tunl0")
+    with Capture(ns_path(n1.netns), "eth0") as cap:
+        assert ping(n1.pod_netns, n2.pod_ip)  # same subnet: tunnelled all the same (Always)
+        assert ping(n1.pod_netns, n3.pod_ip)  # through the router, which does not know the pods
+        assert ping(n3.pod_netns, n1.pod_ip)
+    tx_after, _ = link_stats(n1.netns, "tunl0")
+    assert tx_after - tx_before >= 3
+    tunnelled = {(p.src, p.dst, p.inner_src, p.inner_dst) for p in cap.encapsulated("ipip")}
+    assert all(p.proto == 4 for p in cap.encapsulated("ipip"))
+    assert (n1.underlay, n2.underlay, n1.pod_ip, n2.pod_ip) in tunnelled
+    assert (n2.underlay, n1.underlay, n2.pod_ip, n1.pod_ip) in tunnelled
+    assert (n1.underlay, n3.underlay, n1.pod_ip, n3.pod_ip) in tunnelled
+    assert (n3.underlay, n1.underlay, n3.pod_ip, n1.pod_ip) in tunnelled
+    assert not cap.plain_between(n1.pod_ip, n2.pod_ip) and not cap.plain_between(n1.pod_ip, n3.pod_ip)
+
+    # The path is BGP's: node 3's agent dies, its speaker withdraws the block (the API process's
+    # dead man's switch), the others drop the route, and n3's pod is out of reach.
+    n3.stop(signal.SIGKILL)
+    for node in (n1, n2):
+        wait_until(lambda node=node: n3.block not in node.bgp_routes(), CONVERGE,  # type: ignore[misc]
+                   f"{n3.block} to leave {node.name}", describe=lambda: str(learned(n1)))
+    assert not ping(n1.pod_netns, n3.pod_ip, timeout=2)
+    assert ping(n1.pod_netns, n2.pod_ip)
