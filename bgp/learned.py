@@ -220,8 +220,7 @@ class LearnedRoutes:
                         ops.append(("add", route))
                 elif not _same(route, have):
                     ops.append(("replace", route))
-        for action, route in ops:  # outside the lock: the speaker's thread keeps recording
-            self._write(action, route)
+        self._write(ops)  # outside the lock: the speaker's thread keeps recording
 
     def stats(self) -> Stats:
         with self._lock:
@@ -234,7 +233,18 @@ class LearnedRoutes:
                 writes=self._writes,
             )
 
-    def _write(self, action: str, route: KernelRoute) -> None:
+    def _write(self, ops: list[tuple[str, KernelRoute]]) -> None:
+        """Make the writes, in bulk when the driver can (``Netlink.write_routes``: many requests
+        per system call, ~60x faster than one round trip each), and record what they did."""
+        if not ops:
+            return
+        bulk = getattr(self.driver, "write_routes", None)
+        errors: list[KernelError | None] = bulk(ops) if bulk is not None else [self._write_one(*op) for op in ops]
+        with self._lock:
+            for (action, route), error in zip(ops, errors, strict=True):
+                self._record(action, route, error)
+
+    def _write_one(self, action: str, route: KernelRoute) -> KernelError | None:
         try:
             if action == "add":
                 self.driver.add_route(route)
@@ -243,25 +253,28 @@ class LearnedRoutes:
             else:
                 self.driver.delete_route(route)
         except KernelError as e:
-            if action == "add" and e.code == errno.EEXIST:
+            return e
+        return None
+
+    def _record(self, action: str, route: KernelRoute, error: KernelError | None) -> None:
+        """What one write did (under ``_lock``)."""
+        if error is not None:
+            if action == "add" and error.code == errno.EEXIST:
                 log.warning("not installing %s: another protocol routes it", route.dst)
-                with self._lock:
-                    if self._kernel is not None:
-                        self._kernel.foreign.add(route.dst)
+                if self._kernel is not None:
+                    self._kernel.foreign.add(route.dst)
                 return
-            log.warning("BGP route %s %s failed: %s", action, route.dst, e)
-            with self._lock:
-                self._failed_writes += 1
-                self._failed.add(route.dst)
+            log.warning("BGP route %s %s failed: %s", action, route.dst, error)
+            self._failed_writes += 1
+            self._failed.add(route.dst)
             return
-        with self._lock:
-            self._writes += 1
-            if self._kernel is None:  # adopted meanwhile: the next apply reads the kernel again
-                return
-            if action == "delete":
-                self._kernel.ours.pop(route.dst, None)
-            else:
-                self._kernel.ours[route.dst] = route
+        self._writes += 1
+        if self._kernel is None:  # adopted meanwhile: the next apply reads the kernel again
+            return
+        if action == "delete":
+            self._kernel.ours.pop(route.dst, None)
+        else:
+            self._kernel.ours[route.dst] = route
 
     def _desired(self, prefix: str, kernel: _Kernel) -> KernelRoute | None:
         paths = self._paths.get(prefix)
