@@ -27,7 +27,7 @@ from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec
 from datastore.store import ResourceStore
 from felix_agent.bgp_runner import BGPRunner
-from felix_agent.calc.graph import compute
+from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
 from felix_agent.calc.snapshot import Snapshot, Update
 from felix_agent.cleanup import cleanup
@@ -129,6 +129,7 @@ class Agent:
         self.syncer: Syncer | None = None
         self.bgp: BGPRunner | None = None
         self.loop: DataplaneLoop | None = None
+        self.calculator = Calculator(self.node)
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
@@ -152,7 +153,7 @@ class Agent:
         if self.syncer is None or not self.syncer.in_sync.is_set():
             return None  # nothing touches the kernel before the first "in sync"
         snapshot = self.syncer.copy_snapshot()
-        state = compute(snapshot, self.node)
+        state = self.calculator.compute(snapshot)  # works on what changed since the last call
         if self.bgp is not None:
             self.bgp.update(snapshot)
             # One owner per route: with BGP on, remote blocks outside VXLAN come from the peers

@@ -212,6 +212,11 @@ def render_endpoint(endpoint: Endpoint, direction: str, known: Mapping[str, Poli
 
 def render_ipset(ipset: IPSet) -> Set:
     fam = FAMILIES[ipset.version]
+    if ipset.kind != "named-port" and ipset.version == 4 and all("/" not in m and ":" not in m
+                                                                 for m in ipset.members):
+        # IPv4 hosts only (nearly every selector set): the calculation graph writes them as nft prints
+        # them and distinct hosts never overlap, so the members are the elements; no parsing per member.
+        return Set(set_name(ipset.id, ipset.version), fam.addr_type, ("interval",), ipset.members)
     if ipset.kind == "named-port":
         members = frozenset(filter(None, (_named_port(m, ipset.version) for m in ipset.members)))
         return Set(set_name(ipset.id, ipset.version, True), f"{fam.addr_type} . inet_proto . inet_service", (), members)
@@ -274,55 +279,71 @@ class _Endpoints:
 
 class _Renderer:
     """``render`` with memory: unchanged endpoints, policies and IP sets reuse the objects rendered
-    last time, so a label change costs the changed set, not a re-render of every chain."""
+    last time, and when only IP sets changed (a label change) the chains and maps are handed on as
+    the very tuples of last time, so the driver skips them without looking inside."""
 
     def __init__(self) -> None:
-        self._endpoints: dict[tuple[Endpoint, frozenset[str]], tuple[Chain, Chain]] = {}
+        self._endpoints: dict[str, tuple[Endpoint, frozenset[str], tuple[Chain, Chain]]] = {}
         self._last: tuple[frozenset[Endpoint], frozenset[str], _Endpoints] | None = None
         self._policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
         self._ipsets: dict[IPSet, Set] = {}
+        self._chains: tuple[frozenset[Endpoint], frozenset[Policy], tuple[Chain, ...], dict[str, Set]] | None = None
+        self._sets: tuple[frozenset[IPSet], dict[str, Set], tuple[Set, ...]] | None = None
 
     def render(self, state: DesiredState) -> Ruleset:
         known = {p.id: p for p in state.policies}
-        part = self._endpoint_part(state.endpoints, known)
-        chains = [*BASE_CHAINS, *part.chains]
-        sets: dict[str, Set] = {}
-        policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
-        for pid, direction in sorted(part.wanted):
-            key = (known[pid], direction)
-            policies[key] = self._policies.get(key) or render_policy(*key)
-            chains.append(policies[key][0])
-            for s in policies[key][1]:  # selector sets come empty from the rules: the IP sets fill them below
-                if s.elements or s.name not in sets:
-                    sets[s.name] = s
-        self._policies = policies
-        self._ipsets = {ipset: self._ipsets.get(ipset) or render_ipset(ipset) for ipset in state.ipsets}
-        sets.update((s.name, s) for s in self._ipsets.values())
-        return Ruleset(tuple(chains), tuple(sets[name] for name in sorted(sets)), part.maps)
+        if self._chains is not None and self._chains[0] is state.endpoints and self._chains[1] is state.policies:
+            chains, rule_sets = self._chains[2], self._chains[3]
+            part = self._last[2] if self._last is not None else self._endpoint_part(state.endpoints, known)
+        else:
+            part = self._endpoint_part(state.endpoints, known)
+            chain_list = [*BASE_CHAINS, *part.chains]
+            rule_sets = {}
+            policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
+            for pid, direction in sorted(part.wanted):
+                key = (known[pid], direction)
+                policies[key] = self._policies.get(key) or render_policy(*key)
+                chain_list.append(policies[key][0])
+                for s in policies[key][1]:  # selector sets come empty from the rules: the IP sets fill them below
+                    if s.elements or s.name not in rule_sets:
+                        rule_sets[s.name] = s
+            self._policies = policies
+            chains = tuple(chain_list)
+            self._chains = (state.endpoints, state.policies, chains, rule_sets)
+        if self._sets is None or self._sets[0] is not state.ipsets or self._sets[1] is not rule_sets:
+            self._ipsets = {ipset: self._ipsets.get(ipset) or render_ipset(ipset) for ipset in state.ipsets}
+            sets = dict(rule_sets)
+            sets.update((s.name, s) for s in self._ipsets.values())
+            self._sets = (state.ipsets, rule_sets, tuple(sets[name] for name in sorted(sets)))
+        return Ruleset(chains, self._sets[2], part.maps)
 
     def _endpoint_part(self, endpoints: frozenset[Endpoint], known: Mapping[str, Policy]) -> _Endpoints:
         ids = frozenset(known)
         if self._last and (self._last[0] is endpoints or self._last[0] == endpoints) and self._last[1] == ids:
             return self._last[2]  # the common case of a label change: no endpoint changed
+        same_ids = self._last is not None and self._last[1] == ids
         chains: list[Chain] = []
         to_wl: set[tuple[str, str]] = set()
         from_wl: set[tuple[str, str]] = set()
         wanted: set[tuple[str, str]] = set()
-        rendered: dict[tuple[Endpoint, frozenset[str]], tuple[Chain, Chain]] = {}
+        rendered: dict[str, tuple[Endpoint, frozenset[str], tuple[Chain, Chain]]] = {}
         interfaces: set[str] = set()
-        keys: set[str] = set()
         for ep in sorted(endpoints, key=lambda e: (e.key, e.interface)):
-            if ep.interface in interfaces or ep.key in keys:
+            if ep.interface in interfaces or ep.key in rendered:
                 log.warning("endpoint %s on %s clashes with another endpoint: skipped", ep.key, ep.interface)
                 continue
             interfaces.add(ep.interface)
-            keys.add(ep.key)
-            refs = frozenset(pid for pid in ep.ingress_policies + ep.egress_policies + ep.profiles if pid in known)
-            pair = self._endpoints.get((ep, refs)) or (
-                render_endpoint(ep, INGRESS, known),
-                render_endpoint(ep, EGRESS, known),
-            )
-            rendered[(ep, refs)] = pair
+            cached = self._endpoints.get(ep.key)
+            if cached is not None and cached[0] is ep and same_ids:
+                refs, pair = cached[1], cached[2]  # the same endpoint object: nothing to look at
+            else:
+                refs = frozenset(pid for pid in ep.ingress_policies + ep.egress_policies + ep.profiles
+                                 if pid in known)
+                if cached is not None and cached[0] == ep and cached[1] == refs:
+                    pair = cached[2]
+                else:
+                    pair = (render_endpoint(ep, INGRESS, known), render_endpoint(ep, EGRESS, known))
+            rendered[ep.key] = (ep, refs, pair)
             chains += pair
             to_wl.add((f'"{ep.interface}"', f"goto {pair[0].name}"))
             from_wl.add((f'"{ep.interface}"', f"goto {pair[1].name}"))

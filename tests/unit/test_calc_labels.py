@@ -30,7 +30,7 @@ selectors = st.recursive(atom, lambda inner: st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(labels, max_size=12), st.lists(selectors, min_size=1, max_size=4))
 def test_index_agrees_with_matching_one_by_one(endpoints: list[dict[str, str]], texts: list[str]) -> None:
-    index = LabelIndex(endpoints)
+    index = LabelIndex.of(endpoints)
     for text in texts:
         sel = parse(text)
         expected = {i for i, lab in enumerate(endpoints) if sel.matches(lab)}

@@ -1,0 +1,123 @@
+"""The calculation graph kept between snapshots: after any sequence of changes it answers exactly what
+a fresh computation answers, and what a change did not touch is handed on as the same object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datastore.model import Resource
+from felix_agent.calc.graph import Calculator, compute
+from felix_agent.calc.snapshot import Snapshot, Update
+from tests.unit.test_calc_graph import NODE, gnp, np, profile, wep
+
+NAMESPACES = ("prod", "dev", "scratch")
+APPS = ("web", "db", "client")
+SELECTORS = ("app == 'web'", "app in {'db', 'client'}", "all()", "has(tier)", "tier != 'a'",
+             "!has(app) || app starts with 'c'", "pcns.env == 'prod'")
+
+
+def key_of(r: Resource) -> tuple[str, str]:
+    before = Snapshot.of([r])
+    kind = r.kind.KIND
+    return kind, next(iter(before.tables[kind]))
+
+
+def endpoint(i: int, ns: str, app: str, tier: str | None, node: str, port: int | None) -> Resource:
+    labels = {"app": app} | ({"tier": tier} if tier else {})
+    ports = [{"name": "http", "port": port, "protocol": "TCP"}] if port else []
+    return wep(ns, f"pod-{i}", [f"10.244.{i // 200}.{i % 200 + 1}/32", f"fd00::{i + 1}/128"], node=node,
+               ports=ports, **labels)
+
+
+def policy(i: int, ns: str | None, sel: str, src: str, order: int, named: bool, nssel: str | None) -> Resource:
+    source: dict[str, Any] = {"selector": src}
+    if nssel:
+        source["namespaceSelector"] = nssel
+    spec: dict[str, Any] = {
+        "order": order, "selector": sel, "types": ["Ingress", "Egress"] if i % 2 else ["Ingress"],
+        "ingress": [{"action": "Allow", "protocol": "TCP", "source": source,
+                     "destination": {"ports": ["http" if named else 80]}},
+                    {"action": "Deny", "source": {"notSelector": src}}],
+    }
+    if i % 2:
+        spec["egress"] = [{"action": "Pass", "destination": {"selector": src}}]
+    return np(ns, f"pol-{i}", **spec) if ns else gnp(f"gpol-{i}", **spec)
+
+
+endpoints = st.builds(endpoint, st.integers(0, 7), st.sampled_from(NAMESPACES), st.sampled_from(APPS),
+                      st.sampled_from([None, "a", "b"]), st.sampled_from([NODE, "node-b"]),
+                      st.sampled_from([None, 80, 8080]))
+policies = st.builds(policy, st.integers(0, 5), st.sampled_from([None, *NAMESPACES]), st.sampled_from(SELECTORS),
+                     st.sampled_from(SELECTORS), st.integers(0, 3), st.booleans(),
+                     st.sampled_from([None, "env == 'prod'", "all()"]))
+profiles = st.builds(lambda ns, env: profile(f"kns.{ns}", labelsToApply={"env": env}),
+                     st.sampled_from(NAMESPACES), st.sampled_from(["prod", "dev"]))
+change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]), st.one_of(endpoints, policies, profiles))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(change, min_size=1, max_size=25))
+def test_incremental_results_equal_a_fresh_computation(changes: list[tuple[str, Resource]]) -> None:
+    snap = Snapshot.of([profile("kns.prod", labelsToApply={"env": "prod"})])
+    calc = Calculator(NODE)
+    for op, resource in changes:
+        kind, key = key_of(resource)
+        snap.apply(Update(kind, key, resource if op == "put" else None))
+        assert calc.compute(snap) == compute(snap, NODE)
+
+
+def world() -> Snapshot:
+    resources = [profile("kns.prod", labelsToApply={"env": "prod"})]
+    resources += [endpoint(i, NAMESPACES[i % 3], APPS[i % 3], "ab"[i % 2], NODE if i % 4 else "node-b", 80)
+                  for i in range(40)]
+    resources += [policy(i, NAMESPACES[i % 3] if i % 4 else None, SELECTORS[i % 3], SELECTORS[(i + 3) % 7],
+                         i, bool(i % 2), None) for i in range(12)]
+    return Snapshot.of(resources)
+
+
+def test_a_label_change_touches_only_the_sets_the_endpoint_enters_or_leaves() -> None:
+    snap = world()
+    calc = Calculator(NODE)
+    before = calc.compute(snap)
+    assert calc.compute(snap) == before  # nothing changed: the same outputs
+    pod = endpoint(5, "scratch", "scratch-app", "a", NODE, 80)  # app 'db' → a label no policy selects on
+    kind, key = key_of(pod)
+    snap.apply(Update(kind, key, pod))
+    after = calc.compute(snap)
+    assert after == compute(snap, NODE)
+    assert after.routes is before.routes  # no address moved
+    changed = before.ipsets ^ after.ipsets
+    address = "10.244.0.6"
+    assert changed
+    for set_id in {s.id for s in changed}:  # every changed set gained or lost the pod's address
+        v4 = [s.members for s in changed if s.id == set_id and s.version == 4]
+        assert len(v4) == 2 and address in v4[0] ^ v4[1]
+    unchanged = before.ipsets & after.ipsets
+    old_objects = {id(s) for s in before.ipsets}
+    assert all(id(s) in old_objects for s in unchanged)  # not rebuilt
+
+
+def test_a_label_change_that_moves_no_policy_keeps_the_endpoints_and_policies() -> None:
+    snap = world()
+    calc = Calculator(NODE)
+    before = calc.compute(snap)
+    pod = endpoint(1, "dev", "db", "b", NODE, 80)  # pod 1 was tier 'a'; no policy selects on tier
+    kind, key = key_of(pod)
+    snap.apply(Update(kind, key, pod))
+    after = calc.compute(snap)
+    assert after == compute(snap, NODE)
+    assert after.endpoints is before.endpoints
+    assert after.policies is before.policies
+
+
+def test_a_profile_change_recomputes_namespace_labels() -> None:
+    snap = world()
+    calc = Calculator(NODE)
+    calc.compute(snap)
+    ns_profile = profile("kns.dev", labelsToApply={"env": "prod"})
+    kind, key = key_of(ns_profile)
+    snap.apply(Update(kind, key, ns_profile))
+    assert calc.compute(snap) == compute(snap, NODE)
