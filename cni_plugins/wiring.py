@@ -9,7 +9,8 @@ default routes through 169.254.1.1 and the host end's link-local address.
 "Host" means the namespace of the calling thread, so a lab can run all of this inside a namespace
 of its own. Must not touch anything but the attachment's own links, routes and sysctls (plus
 turning forwarding on in the host namespace), and keeps no state: the kernel is the record.
-Imports pyroute2, so only code that does the kernel work imports this module.
+Speaks rtnetlink through ``cni_plugins.rtnl`` (standard library only), so the in-process plugin
+does not pay for pyroute2's import and each request costs one system call.
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
-
-from pyroute2.iproute.linux import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_plugins.naming import HOST_IF_PREFIX
+from cni_plugins.rtnl import RTNL, NetlinkError
 
 Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -37,6 +35,7 @@ GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"  # the EUI-64 link-local address HOST_M
 ROUTE_PROTOCOL = 80  # Tortie's agent (CONTRACT, "Kernel objects")
 RT_SCOPE_LINK = 253
 RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3  # what `ip route add` and pyroute2 give a route by default
 IFA_F_NODAD = 0x02
 LOOPBACK_INDEX = 1  # the kernel gives every namespace's lo index 1
 CLONE_NEWNET = 0x40000000
@@ -92,12 +91,12 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
     """Create and configure the veth pair of one attachment; on any failure leave nothing behind."""
     families: set[int] = {a.version for a in addresses}
     with ExitStack() as resources:
-        host = resources.enter_context(IPRoute())
+        host = resources.enter_context(RTNL())
         with netns(netns_path):
-            container = resources.enter_context(IPRoute())  # the socket stays in the container's namespace
+            container = resources.enter_context(RTNL())  # the socket stays in the container's namespace
         ns_fd = _open_netns(netns_path)
         resources.callback(os.close, ns_fd)
-        if container.link_lookup(ifname=ifname):
+        if container.link(ifname) is not None:
             raise InterfaceExists(f"the container {netns_path} already has an interface named {ifname}")
         _remove_leftover(host, host_if)
 
@@ -105,15 +104,7 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
             with _doing(f"creating the veth pair {host_if}/{ifname}"):
                 try:
                     # The host end is created up; it has no carrier until the peer comes up, last.
-                    host.link(
-                        "add",
-                        ifname=host_if,
-                        kind="veth",
-                        address=HOST_MAC,
-                        mtu=mtu,
-                        state="up",
-                        peer={"ifname": ifname, "net_ns_fd": ns_fd, "mtu": mtu},
-                    )
+                    host.add_veth(host_if, HOST_MAC, mtu, ifname, ns_fd)
                 except NetlinkError as e:
                     if e.code == errno.EEXIST:  # lost a race with another ADD of the same name
                         raise InterfaceExists(f"{host_if} or {ifname} in {netns_path} appeared meanwhile") from e
@@ -122,27 +113,31 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
             undo.callback(_delete_link, host, host_if)
 
             with _doing(f"configuring the host end {host_if}"):
-                (link,) = host.link("get", ifname=host_if)
-                host_index, host_mac = int(link["index"]), str(link.get("address"))
+                link = host.link(host_if)
+                if link is None:
+                    raise WiringError(f"{host_if} vanished while it was being configured")
+                host_index, host_mac = link.index, link.mac
                 _host_sysctls(host_if, families)
 
             with _doing(f"configuring {ifname} in {netns_path}"):
-                (link,) = container.link("get", ifname=ifname)
-                index, mac = int(link["index"]), str(link.get("address"))
+                peer = container.link(ifname)
+                if peer is None:
+                    raise WiringError(f"{ifname} in {netns_path} vanished while it was being configured")
+                index, mac = peer.index, peer.mac
                 if 6 in families:
                     with netns(ns_fd):
                         _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
-                container.link("set", index=LOOPBACK_INDEX, state="up")
-                container.link("set", index=index, state="up")
+                container.set_up(LOOPBACK_INDEX)
+                container.set_up(index)
                 for a in addresses:  # Calico's /32 and /128: everything is reached through the gateway
                     with _doing(f"adding the address {a.ip} to {ifname} in {netns_path}"):
                         flags = IFA_F_NODAD if a.version == 6 else 0
-                        container.addr("add", index=index, address=str(a.ip), prefixlen=a.max_prefixlen, flags=flags)
+                        container.add_address(index, str(a.ip), a.max_prefixlen, flags)
                 if 4 in families:
-                    container.route("add", dst=GATEWAY_V4, dst_len=32, oif=index, scope=RT_SCOPE_LINK)
-                    container.route("add", dst="0.0.0.0", dst_len=0, gateway=GATEWAY_V4, oif=index)
+                    container.add_route(GATEWAY_V4, 32, oif=index, scope=RT_SCOPE_LINK, protocol=RTPROT_BOOT)
+                    container.add_route("0.0.0.0", 0, gateway=GATEWAY_V4, oif=index, protocol=RTPROT_BOOT)
                 if 6 in families:
-                    container.route("add", family=socket.AF_INET6, dst="::", dst_len=0, gateway=GATEWAY_V6, oif=index)
+                    container.add_route("::", 0, gateway=GATEWAY_V6, oif=index, protocol=RTPROT_BOOT)
 
             with _doing(f"adding the host routes via {host_if}"):
                 for a in addresses:
@@ -154,26 +149,26 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
 def check_free(netns_path: str, ifname: str) -> None:
     """Raise NetnsNotFound or InterfaceExists before any state is created: ADD checks this first
     so that a request it must refuse reserves nothing."""
-    with netns(netns_path), IPRoute() as container:
-        if container.link_lookup(ifname=ifname):
+    with netns(netns_path), RTNL() as container, _doing(f"looking up {ifname} in {netns_path}"):
+        if container.link(ifname) is not None:
             raise InterfaceExists(f"the container {netns_path} already has an interface named {ifname}")
 
 
 def teardown(host_if: str) -> bool:
     """Delete the host end (the peer and the host routes go with it); False when it was already gone."""
-    with IPRoute() as host:
+    with RTNL() as host:
         return _delete_link(host, host_if)
 
 
 def check(netns_path: str, ifname: str, host_if: str, addresses: list[Address]) -> list[str]:
     """The problems of one attachment, one sentence each; empty when it is healthy."""
     problems: list[str] = []
-    with IPRoute() as host:
-        found = host.link_lookup(ifname=host_if)
-        if not found:
+    with RTNL() as host:
+        found = host.link(host_if)
+        if found is None:
             problems.append(f"the host interface {host_if} is missing")
         else:
-            routed = _routes(host, found[0])
+            routed = _routes(host, found.index)
             problems += [
                 f"the host route to {a.ip} via {host_if} is missing"
                 for a in addresses
@@ -185,18 +180,18 @@ def check(netns_path: str, ifname: str, host_if: str, addresses: list[Address]) 
         return [*problems, str(e)]
     try:
         with netns(ns_fd):
-            container = IPRoute()
+            container = RTNL()
     finally:
         os.close(ns_fd)
     with container:
-        found = container.link_lookup(ifname=ifname)
-        if not found:
+        peer = container.link(ifname)
+        if peer is None:
             return [*problems, f"the container interface {ifname} is missing"]
-        have = {(str(m.get("address")), int(m["prefixlen"])) for m in container.addr("dump", index=found[0])}
+        have = set(container.addresses(peer.index))
         problems += [
             f"the address {a.ip} is missing on {ifname}" for a in addresses if (str(a.ip), a.max_prefixlen) not in have
         ]
-        gateways = _default_gateways(container, found[0])
+        gateways = _default_gateways(container, peer.index)
         for version, gateway in ((4, GATEWAY_V4), (6, GATEWAY_V6)):
             if any(a.version == version for a in addresses) and gateway not in gateways:
                 problems.append(f"the IPv{version} default route via {gateway} on {ifname} is missing")
@@ -205,9 +200,8 @@ def check(netns_path: str, ifname: str, host_if: str, addresses: list[Address]) 
 
 def list_host_ifs(prefix: str = HOST_IF_PREFIX) -> list[str]:
     """The names of the links in the current namespace that start with ``prefix`` (the host ends)."""
-    with IPRoute() as host:
-        names = (str(link.get("ifname")) for link in host.link("dump"))
-        return sorted(name for name in names if name.startswith(prefix))
+    with RTNL() as host:
+        return sorted(link.name for link in host.links() if link.name.startswith(prefix))
 
 
 def _open_netns(path: str) -> int:
@@ -263,58 +257,53 @@ def _host_sysctls(host_if: str, families: set[int]) -> None:
                 _sysctl(key, "1")
 
 
-def _remove_leftover(host: Any, host_if: str) -> None:
+def _remove_leftover(host: RTNL, host_if: str) -> None:
     """A veth with this name is what an earlier, interrupted ADD of this attachment left; anything else is not ours."""
     try:
-        (link,) = host.link("get", ifname=host_if)
+        link = host.link(host_if)
     except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return
         raise WiringError(f"looking up {host_if}: {os.strerror(e.code)}") from e
-    if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "veth":
+    if link is None:
+        return
+    if link.kind != "veth":
         raise InterfaceExists(f"the host interface name {host_if} is taken by a link that is not a veth")
     _delete_link(host, host_if)
 
 
-def _delete_link(host: Any, name: str) -> bool:
+def _delete_link(host: RTNL, name: str) -> bool:
     try:
-        host.link("del", ifname=name)
+        return host.delete_link(name)
     except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return False
         raise WiringError(f"deleting {name}: {os.strerror(e.code)}") from e
-    return True
 
 
-def _add_host_route(host: Any, index: int, a: Address) -> None:
-    family, scope = (socket.AF_INET, RT_SCOPE_LINK) if a.version == 4 else (socket.AF_INET6, 0)
+def _add_host_route(host: RTNL, index: int, a: Address) -> None:
+    scope = RT_SCOPE_LINK if a.version == 4 else 0
     try:
-        host.route(
-            "add", family=family, dst=str(a.ip), dst_len=a.max_prefixlen, oif=index, scope=scope, proto=ROUTE_PROTOCOL
-        )
+        host.add_route(str(a.ip), a.max_prefixlen, oif=index, scope=scope, protocol=ROUTE_PROTOCOL)
     except NetlinkError as e:
         if e.code != errno.EEXIST:
             raise
         # Tolerated when it is already ours (the agent may have been quicker); otherwise name the holder.
-        (route,) = host.route("get", family=family, dst=str(a.ip))
-        if route.get("oif") != index:
-            (link,) = host.link("get", index=route.get("oif"))
-            raise WiringError(f"{a.ip} is already routed to {link.get('ifname')}: run DEL for that attachment") from e
+        route = host.route_to(str(a.ip))
+        if route.oif != index:
+            holder = next((link.name for link in host.links() if link.index == route.oif), f"index {route.oif}")
+            raise WiringError(f"{a.ip} is already routed to {holder}: run DEL for that attachment") from e
 
 
-def _routes(host: Any, index: int) -> set[tuple[str, int]]:
+def _routes(host: RTNL, index: int) -> set[tuple[str, int]]:
     return {
-        (str(r.get("dst")), int(r["dst_len"]))
+        (r.dst, r.dst_len)
         for family in (socket.AF_INET, socket.AF_INET6)
-        for r in host.route("dump", family=family, table=RT_TABLE_MAIN)
-        if r.get("oif") == index
+        for r in host.routes(family)
+        if r.oif == index and r.table == RT_TABLE_MAIN
     }
 
 
-def _default_gateways(container: Any, index: int) -> set[str]:
+def _default_gateways(container: RTNL, index: int) -> set[str]:
     return {
-        str(r.get("gateway"))
+        r.gateway
         for family in (socket.AF_INET, socket.AF_INET6)
-        for r in container.route("dump", family=family, table=RT_TABLE_MAIN)
-        if r["dst_len"] == 0 and r.get("oif") == index
+        for r in container.routes(family)
+        if r.dst_len == 0 and r.oif == index and r.table == RT_TABLE_MAIN
     }
