@@ -1,54 +1,35 @@
-"""The CNI front end ⇄ felix-agent protocol over the node's unix socket (standard library only).
-
-One request per connection: the front end sends the validated call as one JSON document and
-half-closes; the agent answers with one JSON document ``{"result": ...}``, ``{"error": {...}}``
-or ``{}`` and closes. The agent rebuilds the same :class:`CmdArgs` the front end parsed, so both
-paths run the same code on the same input.
-"""
+"""felix-agent's side of the relay (``cni_plugins.relay`` is the plugin's side and documents the
+exchange): read one relayed call from a connection, answer it, close."""
 
 from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 
-from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
-from cni_plugins.skel import CmdArgs
+from cni_plugins.relay import DEFAULT_SOCKET, FORWARDED
 
-# typing costs milliseconds at import and is only needed by the type checker (mypy reads this idiom).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+__all__ = ["DEFAULT_SOCKET", "parse_request", "serve_one"]
 
-DEFAULT_SOCKET = "/run/tortie/cni.sock"
-# Long enough for an ADD on a loaded node; the agent answers well within it.
-TIMEOUT = 60.0
+Serve = Callable[[str, dict[str, str], bytes], tuple[int, bytes]]
 
 
-class AgentUnavailable(Exception):
-    """No agent is listening: the caller does the work in-process."""
+class BadRequest(Exception):
+    """The bytes on the socket are not a relayed call."""
 
 
-def encode_request(args: CmdArgs) -> bytes:
-    return json.dumps({
-        "command": args.command, "containerID": args.container_id, "netns": args.netns,
-        "ifname": args.ifname, "args": args.args, "cniArgs": args.cni_args, "path": args.path,
-        "config": args.config, "cniVersion": args.cni_version,
-    }).encode()
-
-
-def decode_request(data: bytes) -> CmdArgs:
-    doc = json.loads(data)
-    return CmdArgs(
-        command=doc["command"], container_id=doc["containerID"], netns=doc["netns"], ifname=doc["ifname"],
-        args=doc["args"], cni_args=dict(doc["cniArgs"]), path=list(doc["path"]),
-        stdin_data=json.dumps(doc["config"]).encode(), config=doc["config"], cni_version=doc["cniVersion"],
-    )
-
-
-def encode_reply(result: dict[str, Any] | None = None, error: CNIError | None = None) -> bytes:
-    if error is not None:
-        return json.dumps({"error": {"code": error.code, "msg": error.msg, "details": error.details}}).encode()
-    return json.dumps({"result": result} if result is not None else {}).encode()
+def parse_request(data: bytes) -> tuple[str, dict[str, str], bytes]:
+    """``(plugin, environment, stdin)`` of a relayed call."""
+    plugin, sep1, rest = data.partition(b"\n")
+    env_line, sep2, stdin = rest.partition(b"\n")
+    try:
+        environ = json.loads(env_line) if sep1 and sep2 else None
+    except ValueError:
+        environ = None
+    if not isinstance(environ, dict) or not all(isinstance(v, str) for v in environ.values()):
+        raise BadRequest("not a relayed CNI call")
+    # Only what a plugin reads: the agent never takes other settings from a caller.
+    return plugin.decode(errors="replace"), {k: v for k, v in environ.items() if k.startswith(FORWARDED)}, stdin
 
 
 def _receive(sock: socket.socket) -> bytes:
@@ -60,42 +41,14 @@ def _receive(sock: socket.socket) -> bytes:
         chunks.append(chunk)
 
 
-def call(path: str, args: CmdArgs, timeout: float = TIMEOUT) -> dict[str, Any] | None:
-    """Have the agent at ``path`` serve ``args``; its result, or None; raises its CNIError."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+def serve_one(conn: socket.socket, serve: Serve) -> None:
+    """Answer the call on ``conn`` with ``serve(plugin, environment, stdin) -> (status, stdout)``."""
     try:
         try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
-            raise AgentUnavailable(str(e)) from None
-        sock.sendall(encode_request(args))
-        sock.shutdown(socket.SHUT_WR)
-        data = _receive(sock)
-    except TimeoutError:
-        raise CNIError(TRY_AGAIN_LATER, "the node agent did not answer in time", path) from None
-    except OSError as e:
-        raise CNIError(TRY_AGAIN_LATER, "lost the connection to the node agent", f"{path}: {e}") from None
-    finally:
-        sock.close()
-    if not data:
-        raise CNIError(TRY_AGAIN_LATER, "the node agent closed the connection without an answer", path)
-    reply = json.loads(data)
-    if "error" in reply:
-        err = reply["error"]
-        raise CNIError(int(err["code"]), err["msg"], err.get("details", ""))
-    result = reply.get("result")
-    return result if isinstance(result, dict) else None
-
-
-def serve_one(conn: socket.socket, handle: Any) -> None:
-    """The agent's side of one connection: ``handle(CmdArgs)`` returns a result dict or None."""
-    try:
-        args = decode_request(_receive(conn))
-        try:
-            reply = encode_reply(handle(args))
-        except CNIError as e:
-            reply = encode_reply(error=e)
-        conn.sendall(reply)
+            plugin, environ, stdin = parse_request(_receive(conn))
+        except BadRequest:
+            return  # closing without an answer: the relay reports it as code 11
+        status, output = serve(plugin, environ, stdin)
+        conn.sendall(b"%d\n" % status + output)
     finally:
         conn.close()

@@ -25,6 +25,13 @@ class Datastores:
         self._clients: dict[EtcdConfig, EtcdClient] = {}
         self._lock = threading.Lock()
 
+    def for_environment(self, environment: Mapping[str, str]) -> Datastores:
+        """The same (warm) connections, with settings missing from a configuration taken from
+        ``environment``: the agent serves each relayed call with the caller's environment."""
+        view = Datastores(keep_open=self.keep_open, environment=environment, mtu_file=self.mtu_file)
+        view._clients, view._lock = self._clients, self._lock
+        return view
+
     @contextlib.contextmanager
     def client(self, config: EtcdConfig) -> Iterator[EtcdClient]:
         if not self.keep_open:

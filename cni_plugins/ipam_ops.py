@@ -202,6 +202,12 @@ def to_result(assigned: list[Assigned], conf: IPAMConf) -> Result:
 
 
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
+    return assign(args, stores)[0]
+
+
+def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
+    """ADD's work; also says whether the handle already held the addresses (a repeated ADD),
+    which the caller must then not release when its own later step fails."""
     conf = IPAMConf.parse(args.config, stores.environment)
     wanted = [ipaddress.ip_interface(ip).ip for ip in requested_ips(args)]
     attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname,
@@ -222,7 +228,7 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     with cni_errors(), _node_lock(conf.node), _client(conf, stores) as client:
         assigned = IPAM(client).assign(request)
     log.info("assigned %s to %s", ", ".join(str(a.address) for a in assigned), request.handle)
-    return to_result(assigned, conf)
+    return to_result(assigned, conf), any(a.reused for a in assigned)
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

@@ -24,8 +24,7 @@ from cni_plugins.errors import CNIError
 from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
-from datastore import keys
-from datastore.errors import NotFound
+from datastore.errors import AlreadyExists, NotFound
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
@@ -90,6 +89,19 @@ def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
                 "STATUS": ipam_ops.status, "GC": ipam_ops.gc}[command]
         out = call(args, stores)
         return out if isinstance(out, Result) else None
+    return _exec_ipam(ipam_type, command, args)
+
+
+def _assign(args: CmdArgs, stores: Datastores) -> tuple[Result | None, bool]:
+    """IPAM ADD, and whether the addresses were already the attachment's (then a failure of a
+    later step must leave them: they belong to the live attachment a runtime is repeating)."""
+    ipam_type = args.config["ipam"]["type"]
+    if ipam_type == "tortie-ipam":
+        return ipam_ops.assign(args, stores)
+    return _exec_ipam(ipam_type, "ADD", args), False
+
+
+def _exec_ipam(ipam_type: str, command: str, args: CmdArgs) -> Result | None:
     binary = next((os.path.join(d, ipam_type) for d in args.path if os.path.isfile(os.path.join(d, ipam_type))), None)
     if binary is None:
         raise CNIError(codes.INVALID_CONFIG, f"IPAM plugin {ipam_type} not found", f"searched CNI_PATH {args.path}")
@@ -112,12 +124,11 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
     _check_free(args)
-    # A handle that already holds addresses belongs to an attachment made before (a runtime
-    # repeating ADD, or a second interface of the container): its addresses are handed back, and a
-    # failure here must not release them from under the live attachment.
-    repeated = _reserved(args, ipam_conf, stores)
     with contextlib.ExitStack() as undo:
-        assigned = _ipam("ADD", args, stores)
+        # A handle that already holds addresses belongs to an attachment made before (a runtime
+        # repeating ADD, or a second interface of the container): its addresses are handed back,
+        # and a failure here must not release them from under the live attachment.
+        assigned, repeated = _assign(args, stores)
         if not repeated:
             undo.callback(_quietly, _ipam, "DEL", args, stores)
         if assigned is None or not assigned.ips:
@@ -158,14 +169,6 @@ def _check_free(args: CmdArgs) -> None:
         wiring.check_free(args.netns, args.ifname)
 
 
-def _reserved(args: CmdArgs, ipam_conf: ipam_ops.IPAMConf, stores: Datastores) -> bool:
-    """Whether tortie-ipam already holds addresses for this attachment's handle."""
-    if args.config["ipam"]["type"] != "tortie-ipam":
-        return False
-    with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-        return client.get(keys.handle_key(ipam_conf.handle(args.container_id))) is not None
-
-
 def _quietly(fn: Any, *a: Any) -> None:
     """An undo step: log a failure rather than hide the error that made us undo."""
     try:
@@ -187,11 +190,10 @@ def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_
             pod=args.cni_args.get("K8S_POD_NAME", ""), endpoint=args.ifname, network=conf.network,
             mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
     )
-    current = store.get(WorkloadEndpoint, resource.name, namespace)
-    if current is None:
-        store.create(resource)
-    else:
-        store.update(resource, current)
+    try:
+        store.create(resource)  # the usual case: one round trip
+    except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
+        store.update(resource)
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
@@ -200,11 +202,13 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
     failure: CNIError | None = None
+    # Deleting a veth waits for the kernel (an RCU grace period, ~20 ms, most of DEL's time): it
+    # runs in a thread while this one does the datastore work. Every step runs whatever the others do.
+    unwired = _Background(wiring.teardown, host_if)
     try:
         _ipam("DEL", args, stores)
     except CNIError as e:
         failure = e
-    wiring.teardown(host_if)
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
     try:
         with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
@@ -216,8 +220,37 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
                     store.delete(WorkloadEndpoint, current.name, namespace, current.metadata.resource_version)
     except CNIError as e:
         failure = failure or e
+    try:
+        unwired.result()
+    except wiring.WiringError as e:
+        failure = failure or CNIError(codes.IO_FAILURE, "could not remove the container's interface", str(e))
     if failure is not None:
         raise failure
+
+
+class _Background:
+    """``fn(*a)`` in a thread of its own; ``result()`` waits and re-raises its exception."""
+
+    def __init__(self, fn: Any, *a: Any) -> None:
+        import threading
+
+        self._error: BaseException | None = None
+        self._value: Any = None
+
+        def run() -> None:
+            try:
+                self._value = fn(*a)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="teardown", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cni_plugins import agent_protocol, tortie_ops
+from cni_plugins import agent_protocol, dispatch, tortie_ops
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import INTERNAL, CNIError
 from cni_plugins.skel import CmdArgs
@@ -25,7 +25,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 class CNIService:
-    """Serves ``tortie`` calls on ``path`` (mode 0600) with warm etcd connections."""
+    """Serves relayed ``tortie`` and ``tortie-ipam`` calls on ``path`` (mode 0600) with warm etcd
+    connections, each with the caller's environment."""
 
     def __init__(self, path: Path, stores: Datastores,
                  after_add: Callable[[CmdArgs], None] | None = None,
@@ -39,12 +40,22 @@ class CNIService:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def handle(self, args: CmdArgs) -> dict[str, Any] | None:
-        if self.on_request is not None:
-            self.on_request(args.command)
-        try:
+    def serve(self, plugin: str, environ: dict[str, str], data: bytes) -> tuple[int, bytes]:
+        """One relayed call: the CNI skeleton on the caller's environment and stdin."""
+        stores = self.stores.for_environment(environ)
+        if plugin == "tortie":
+            return dispatch.serve_relayed(plugin, environ, data, lambda args: self.handle(args, stores))
+        operations = dispatch.operations(plugin) if plugin in dispatch.ABOUT else {}
+        return dispatch.serve_relayed(plugin, environ, data,
+                                      lambda args: self._guarded(args, lambda: operations[args.command](args, stores)))
+
+    def handle(self, args: CmdArgs, stores: Datastores | None = None) -> Any:
+        """A ``tortie`` call; after an ADD, waits until its policy is programmed."""
+        stores = stores or self.stores
+
+        def work() -> Any:
             started = time.perf_counter()
-            out = tortie_ops.handle(args, self.stores)
+            out = tortie_ops.handle(args, stores)
             done = time.perf_counter()
             if args.command == "ADD" and self.after_add is not None:
                 try:
@@ -52,18 +63,22 @@ class CNIService:
                     log.debug("ADD %s: %.1f ms of work, %.1f ms until its policy was programmed",
                               args.container_id, (done - started) * 1000, (time.perf_counter() - done) * 1000)
                 except BaseException:
-                    tortie_ops.delete(args, self.stores)  # an ADD completes or leaves nothing
+                    tortie_ops.delete(args, stores)  # an ADD completes or leaves nothing
                     raise
+            return out
+
+        return self._guarded(args, work)
+
+    def _guarded(self, args: CmdArgs, work: Callable[[], Any]) -> Any:
+        if self.on_request is not None:
+            self.on_request(args.command)
+        try:
+            return work()
         except CNIError:
             raise
         except Exception as e:  # never let one request take the service down
             log.exception("CNI %s for %s failed", args.command, args.container_id)
             raise CNIError(INTERNAL, f"internal error during {args.command}: {type(e).__name__}: {e}") from None
-        if out is None:
-            return None
-        from cni_plugins.result import to_version
-
-        return to_version(out, args.cni_version) if args.command == "ADD" else None
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +89,7 @@ class CNIService:
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 conn: socket.socket = self.request
-                agent_protocol.serve_one(conn, service.handle)
+                agent_protocol.serve_one(conn, service.serve)
 
         old = os.umask(0o177)
         try:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from datastore import keys
+from datastore.codec import from_stored
 from datastore.errors import Conflict
 from datastore.etcd import Create, Delete, EtcdClient, KeyValue, Op, Update
 from datastore.resources import IPAMConfiguration, IPPool, Node
@@ -34,6 +35,12 @@ from ipam.pools import Pool, pool_for_address, select_pools
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOCKS_PER_HOST = 20
+
+# node → the keys of the blocks it held at its last assignment in this process: read together
+# with the snapshot so that a warm caller (felix-agent) needs one round trip. Only a hint: the
+# affinities read in the same transaction decide which blocks are the node's.
+_BLOCK_HINTS: dict[str, frozenset[str]] = {}
+_POOLS = keys.resource_prefix(IPPool.PLURAL)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Assigned:
     pool: str
     borrowed: bool = False
     pool_prefix: int = 0  # the prefix length of the pool's CIDR (what an on-link subnet would be)
+    reused: bool = False  # the handle held it before this request (a repeated ADD)
 
 
 @dataclass
@@ -118,27 +126,36 @@ class IPAM:
         return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
 
     def _snapshot(self, handle: str, node: str) -> _Snapshot:
-        singles = self.client.get_many([
-            keys.handle_key(handle),
-            ResourceStore.key(IPAMConfiguration, "default"),
-            ResourceStore.key(Node, node),
-        ])
+        """One round trip in the usual case: the handle, the IPAM configuration, the node, the
+        pools, the node's affinities and the blocks it was last seen to hold, at one revision.
+        A block the hint missed (claimed since, or by another process) costs a second read."""
+        node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
+        hinted = sorted(_BLOCK_HINTS.get(node, ()))
+        reading = self.client.read([keys.handle_key(handle), cfg_key, node_key, *hinted],
+                                   [(_POOLS, False), (keys.affinity_prefix(node), True)])
+        singles = reading.values
         labels: dict[str, str] = {}
-        node_kv = singles.get(ResourceStore.key(Node, node))
+        node_kv = singles.get(node_key)
         if node_kv is not None:
             labels = dict(json.loads(node_kv.value).get("metadata", {}).get("labels") or {})
         max_blocks = DEFAULT_MAX_BLOCKS_PER_HOST
-        cfg_kv = singles.get(ResourceStore.key(IPAMConfiguration, "default"))
+        cfg_kv = singles.get(cfg_key)
         if cfg_kv is not None:
             max_blocks = int(json.loads(cfg_kv.value).get("spec", {}).get("maxBlocksPerHost", max_blocks))
-        affinities, _ = self.client.list(keys.affinity_prefix(node), keys_only=True)
+        affinities = reading.lists[keys.affinity_prefix(node)]
         block_keys = [keys.block_key(keys.cidr_from_key(kv.key)) for kv in affinities]
+        found = {k: singles[k] for k in block_keys if k in singles}
+        missing = [k for k in block_keys if k not in found]
+        if missing:
+            found.update(self.client.get_many(missing))
+        _BLOCK_HINTS[node] = frozenset(block_keys)
         blocks = {}
-        for kv in self.client.get_many(block_keys).values():
+        for kv in found.values():
             block = Block.from_json(kv.value)
             if block.node == node:
                 blocks[block.cidr] = (block, kv.mod_revision)
-        return _Snapshot(singles.get(keys.handle_key(handle)), self.pools(), labels, max_blocks, blocks)
+        pools = [Pool.from_resource(from_stored(kv.value, kv.mod_revision, kv.key)) for kv in reading.lists[_POOLS]]
+        return _Snapshot(singles.get(keys.handle_key(handle)), pools, labels, max_blocks, blocks)
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
@@ -198,7 +215,7 @@ class IPAM:
             pool = pool_for_address(snap.pools, address)
             block_cidr = pool.block_of(address) if pool else ipaddress.ip_network(address)
             out.append(Assigned(address, block_cidr, pool.name if pool else "",
-                                pool_prefix=pool.cidr.prefixlen if pool else address.max_prefixlen))
+                                pool_prefix=pool.cidr.prefixlen if pool else address.max_prefixlen, reused=True))
         return out
 
     def _plan_auto(self, version: int, count: int, pools: list[Pool], req: AssignRequest, snap: _Snapshot,

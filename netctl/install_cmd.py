@@ -2,7 +2,10 @@
 node's conflist, ``10-tortie.conflist``.
 
 The executables are small scripts that start this installation's interpreter (never a pyenv shim)
-on the thin front ends, so a runtime's exec pays for the interpreter and the standard library only.
+with ``-S`` (no ``site``: its start-up work is paid only when a call falls back to the in-process
+path, which imports it) on the thin front end ``cni_plugins.relay``, so a runtime's exec pays for
+the bare interpreter and a few C modules. The package is byte-compiled at install time, so no call
+compiles it (a runtime may run plugins with PYTHONDONTWRITEBYTECODE or a read-only tree).
 """
 
 from __future__ import annotations
@@ -33,11 +36,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore
     p.add_argument("--mtu", type=int, default=0, help="0: the MTU felix-agent writes for the overlay in use")
     p.add_argument("--ipv6", action="store_true", help="also assign an IPv6 address")
     p.add_argument("--agent-socket", default=DEFAULT_SOCKET)
+    p.add_argument("--plugins-only", action="store_true", help="install the executables, not the conflist")
     p.set_defaults(func=run_install)
 
 
+def package_root() -> Path:
+    """The directory that holds the ``cni_plugins`` package (the checkout, or site-packages)."""
+    import cni_plugins
+
+    return Path(cni_plugins.__file__).resolve().parent.parent
+
+
 def plugin_script(module: str) -> str:
-    return f"#!{sys.executable}\nimport sys\nfrom {module} import main\nsys.exit(main())\n"
+    return (f"#!{sys.executable} -S\nimport sys\nsys.path.insert(1, {str(package_root())!r})\n"
+            f"from {module} import main\nsys.exit(main())\n")
+
+
+def install_plugins(bin_dir: Path) -> list[Path]:
+    """Write both plugin executables into ``bin_dir`` and byte-compile what their calls import."""
+    import compileall
+
+    root = package_root()
+    for package in ("cni_plugins", "datastore", "ipam"):
+        compileall.compile_dir(str(root / package), quiet=1)
+    written = []
+    for name, module in PLUGINS.items():
+        _write(bin_dir / name, plugin_script(module), 0o755)
+        written.append(bin_dir / name)
+    return written
 
 
 def conflist(args: argparse.Namespace, datastore: dict[str, str]) -> dict[str, Any]:
@@ -70,11 +96,12 @@ def run_install(args: argparse.Namespace) -> int:
 
     if args.mtu and not 576 <= args.mtu <= 65535:
         raise UserError(f"--mtu {args.mtu} is out of range (576-65535)")
-    fields = datastore_config(args).as_cni_fields()
+    fields = {} if args.plugins_only else datastore_config(args).as_cni_fields()
     try:
-        for name, module in PLUGINS.items():
-            _write(args.bin_dir / name, plugin_script(module), 0o755)
-            print(f"installed {args.bin_dir / name}")
+        for path in install_plugins(args.bin_dir):
+            print(f"installed {path}")
+        if args.plugins_only:
+            return 0
         # The conflist names certificate paths: readable by root only.
         _write(args.conf_dir / CONFLIST, json.dumps(conflist(args, fields), indent=2) + "\n", 0o600)
     except OSError as e:

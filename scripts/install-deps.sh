@@ -39,4 +39,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # compat mode: a plain path entry, not an import hook that every CNI exec would pay for.
 "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]" --config-settings editable_mode=compat
+# The CNI executables are not pip console scripts (those import re and site on every call): the
+# same fast front ends `netctl install-cni` puts in a runtime's CNI directory.
+"$venv/bin/netctl" install-cni --plugins-only --bin-dir "$venv/bin" >/dev/null
 echo "install-deps: ready ($venv)"
