@@ -71,6 +71,7 @@ class DataplaneLoop:
         self._cond = threading.Condition()
         self._generation = 0  # bumped by every successful apply
         self._programmed: frozenset[str] = frozenset()  # endpoint keys in the kernel as of the last apply
+        self._programmed_from: object = None
         self.first_apply = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -140,6 +141,8 @@ class DataplaneLoop:
                   " (resync)" if resync else "")
         with self._cond:
             self._generation += 1
-            self._programmed = frozenset(e.key for e in state.endpoints)
+            if state.endpoints is not self._programmed_from:  # the calculator keeps it when unchanged
+                self._programmed = frozenset(e.key for e in state.endpoints)
+                self._programmed_from = state.endpoints
             self._cond.notify_all()
         self.first_apply.set()

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from felix_agent.dataplane import nfnetlink
+
 log = logging.getLogger(__name__)
 # The agent may be started with a bare environment (a lab, a minimal unit file): find nft anyway.
 NFT = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin") or "nft"
@@ -172,12 +174,20 @@ class NftTable:
     """One nftables table, shared by the owners that declare parts of it."""
 
     def __init__(
-        self, family: str = "inet", name: str = "tortie", run: Runner | None = None, netns: str | None = None
+        self, family: str = "inet", name: str = "tortie", run: Runner | None = None, netns: str | None = None,
+        direct: bool | None = None,
     ) -> None:
         self.family, self.name = family, name
         self._run = run or nft_runner(netns)
+        # Talk nfnetlink ourselves for set elements and the rules' read-back (see nfnetlink): only in
+        # our own namespace with the real nft, i.e. in the agent; tests with a runner or a netns do not.
+        self._direct = (run is None and netns is None) if direct is None else direct
         self._owners: dict[str, Ruleset | None] = {}
         self._view: _View | None = None  # None: read the kernel before the next diff
+        # The owners' chain tuples merged last time, and the merged dict (reused while they are the same).
+        self._merged_chains: tuple[tuple[tuple[Chain, ...], ...], dict[str, Chain]] | None = None
+        # The merged chains dict the view is known to hold exactly (None: compare chain by chain).
+        self._synced_chains: dict[str, Chain] | None = None
 
     def add_owner(self, owner: str) -> None:
         """Announce an owner: until every announced owner has declared, objects nobody declares are kept
@@ -191,6 +201,7 @@ class NftTable:
     def reload(self) -> None:
         """Read the kernel back now, so that the next ``apply()`` repairs out-of-band changes."""
         self._view = self.read()
+        self._synced_chains = None
 
     def apply(self, rewrite: bool = False) -> str:
         """Write the difference between the declarations and the kernel in one transaction; return its text
@@ -202,14 +213,16 @@ class NftTable:
             for attempt in range(2):
                 if self._view is None or attempt:
                     self._view = self.read()
-                script = _diff(self._prefix, want, self._view, sweep)
+                    self._synced_chains = None
+                script = _diff(self._prefix, want, self._view, sweep, want.chains is self._synced_chains)
                 if script is None:
                     break  # something the diff cannot express: fall back to recreating the table
                 if not script:
                     return ""
                 try:
-                    self._transact(script)
-                except NftError as err:
+                    if not self._write_elements(want, self._view, script):
+                        self._transact(script)
+                except (NftError, nfnetlink.NetlinkError) as err:
                     log.warning("nft transaction refused, re-reading the table: %s", err)
                     continue
                 self._remember(want, sweep)
@@ -219,13 +232,17 @@ class NftTable:
             self._transact(script)
         except NftError:
             self._view = None
+            self._synced_chains = None
             raise
         self._view = _View()
+        self._synced_chains = None
         self._remember(want, True)
         return "\n".join(script)
 
     def read(self) -> _View:
         """What the kernel holds in this table (empty when the table does not exist)."""
+        if self._direct:
+            return self._read_direct()
         done = self._run(["-j", "list", "table", self.family, self.name], None)
         if done.returncode != 0:
             if "Error: No such file or directory" in done.stderr:  # nft's answer for a missing table
@@ -233,21 +250,77 @@ class NftTable:
             raise NftError(f"nft list table {self.family} {self.name}: {done.stderr.strip()}")
         return _parse(json.loads(done.stdout))
 
+    def _read_direct(self) -> _View:
+        """``read()`` without ``nft list table``, whose listing of the rules takes tens of seconds at
+        300,000 rules: chains, sets and maps from ``nft -j list``, the rules' tags from nfnetlink."""
+        items: list[Any] = []
+        for what in ("chains", "sets", "maps"):
+            done = self._run(["-j", "list", what, self.family], None)
+            if done.returncode != 0:
+                raise NftError(f"nft list {what} {self.family}: {done.stderr.strip()}")
+            for item in json.loads(done.stdout).get("nftables", []):
+                body: dict[str, Any] = next(iter(item.values()), {})
+                if body.get("table") == self.name:
+                    items.append(item)
+        view = _parse({"nftables": items})
+        try:
+            tags = nfnetlink.rule_tags(self.family, self.name, view.chains)
+        except nfnetlink.NetlinkError as err:
+            raise NftError(f"reading the rules of {self.family} {self.name}: {err}") from err
+        view.chains = {name: (hook, tuple(tags.get(name, ()))) for name, (hook, _) in view.chains.items()}
+        return view
+
+    def _write_elements(self, want: _Desired, have: _View, script: list[str]) -> bool:
+        """Write a transaction that only adds and deletes address-set elements straight over nfnetlink
+        (what a label change is); False when the transaction is something else: nft must write it."""
+        if not self._direct or not all(line.startswith(("add element ", "delete element "))
+                                       for line in script[1:]):
+            return False
+        changes: list[nfnetlink.Change] = []
+        for m in want.maps.values():
+            old_map = have.maps.get(m.name)
+            if old_map is None or (old_map.elements is not m.elements and old_map.elements != m.elements):
+                return False
+        for s in want.sets.values():
+            old_set = have.sets.get(s.name)
+            if old_set is None:
+                return False
+            if old_set.elements is s.elements:
+                continue
+            interval = "interval" in s.flags
+            if gone := sorted(old_set.elements - s.elements):
+                changes.insert(0, ("delete", s.name, s.type, interval, gone))
+            if new := sorted(s.elements - old_set.elements):
+                changes.append(("add", s.name, s.type, interval, new))
+        try:
+            nfnetlink.write_elements(self.family, self.name, changes)
+        except nfnetlink.Unsupported:
+            return False
+        return True
+
     @property
     def _prefix(self) -> str:
         return f"{self.family} {self.name}"
 
     def _merged(self) -> _Desired:
         want = _Desired()
-        for owner, ruleset in self._owners.items():
-            if ruleset is None:
-                continue
-            for kind, items in (("chains", ruleset.chains), ("sets", ruleset.sets), ("maps", ruleset.maps)):
+        declared = [(owner, ruleset) for owner, ruleset in self._owners.items() if ruleset is not None]
+        chain_tuples = tuple(ruleset.chains for _, ruleset in declared)
+        cached = self._merged_chains
+        same_chains = cached is not None and len(cached[0]) == len(chain_tuples) and all(
+            a is b for a, b in zip(cached[0], chain_tuples, strict=True))
+        for owner, ruleset in declared:
+            kinds = (("sets", ruleset.sets), ("maps", ruleset.maps))
+            for kind, items in kinds if same_chains else (("chains", ruleset.chains), *kinds):
                 table: dict[str, Any] = getattr(want, kind)
                 for item in items:
                     if item.name in table:
                         raise ValueError(f"{kind[:-1]} {item.name} declared twice (again by {owner})")
                     table[item.name] = item
+        if same_chains and cached is not None:
+            want.chains = cached[1]  # the very dict of last time: the diff can skip the chains
+        else:
+            self._merged_chains = (chain_tuples, want.chains)
         return want
 
     def _transact(self, script: list[str]) -> None:
@@ -258,17 +331,22 @@ class NftTable:
     def _remember(self, want: _Desired, sweep: bool) -> None:
         """After a successful transaction the kernel holds ``want`` (and, without a sweep, the leftovers)."""
         view = self._view if self._view is not None else _View()
+        chains_known = want.chains is self._synced_chains
         if sweep:
-            for name in [n for n in view.chains if n not in want.chains]:
-                del view.chains[name]
+            if not chains_known:
+                for name in [n for n in view.chains if n not in want.chains]:
+                    del view.chains[name]
             view.sets = {n: s for n, s in view.sets.items() if n in want.sets}
             view.maps = {n: m for n, m in view.maps.items() if n in want.maps}
-        for name, chain in want.chains.items():
-            if view.chains.get(name) is not chain.signature:
-                view.chains[name] = chain.signature
+        if not chains_known:
+            for name, chain in want.chains.items():
+                if view.chains.get(name) is not chain.signature:
+                    view.chains[name] = chain.signature
         view.sets.update(want.sets)
         view.maps.update(want.maps)
         self._view = view
+        # With a sweep the view's chains are now exactly these: next time, the same dict needs no look.
+        self._synced_chains = want.chains if sweep else None
 
 
 def address_elements(nets: Iterable[str], version: int) -> list[str]:
@@ -283,9 +361,9 @@ def address_elements(nets: Iterable[str], version: int) -> list[str]:
     return [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in merged]
 
 
-def _diff(t: str, want: _Desired, have: _View, sweep: bool) -> list[str] | None:
+def _diff(t: str, want: _Desired, have: _View, sweep: bool, chains_known: bool = False) -> list[str] | None:
     """The transaction that turns ``have`` into ``want``, in an order nft accepts; None when only
-    recreating the table can do it."""
+    recreating the table can do it. ``chains_known``: ``have`` holds exactly ``want``'s chains."""
     make: list[str] = []
     elements_out: list[str] = []
     elements_in: list[str] = []
@@ -310,7 +388,7 @@ def _diff(t: str, want: _Desired, have: _View, sweep: bool) -> list[str] | None:
             old_pairs = old_map.elements if old_map is not None else frozenset()
             elements_out += _elements("delete", t, m.name, sorted(k for k, _ in old_pairs - m.elements))
             elements_in += _elements("add", t, m.name, sorted(f"{k} : {v}" for k, v in m.elements - old_pairs))
-    for c in want.chains.values():
+    for c in () if chains_known else want.chains.values():
         old_chain = have.chains.get(c.name)
         if old_chain is c.signature:
             continue  # the common case: the very chain written last time
@@ -325,7 +403,7 @@ def _diff(t: str, want: _Desired, have: _View, sweep: bool) -> list[str] | None:
         rules += (f"add rule {t} {c.name} {r.render()}" for r in c.rules)
     drop: list[str] = []
     if sweep:
-        gone = [name for name in have.chains if name not in want.chains]
+        gone = [] if chains_known else [name for name in have.chains if name not in want.chains]
         # rules first (they reference sets, maps and chains), then sets and maps (maps reference chains)
         drop += [f"flush chain {t} {name}" for name in gone]
         drop += [f"delete set {t} {name}" for name in have.sets if name not in want.sets]

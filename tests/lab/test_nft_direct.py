@@ -1,0 +1,110 @@
+"""The nftables driver's direct nfnetlink paths, in a namespace of its own: set elements written
+without ``nft``, and the read-back (chains, sets, maps, rule tags) that the periodic resync diffs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from cni_plugins.wiring import netns
+from felix_agent.dataplane import nfnetlink
+from felix_agent.dataplane.nftables import Chain, Hook, Map, NftTable, Rule, Ruleset, Set
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    name = f"tnd-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def nft(*args: str) -> str:
+    return subprocess.run(["nft", *args], capture_output=True, text=True, check=True).stdout
+
+
+def ruleset(selected: frozenset[str], hosts: frozenset[str] = frozenset({"10.9.0.1"})) -> Ruleset:
+    sel = Set("s-web-v4", "ipv4_addr", ("interval",), selected)
+    plain = Set("hosts-v4", "ipv4_addr", (), hosts)
+    to_wl = Map("to-wl", "ifname", elements=frozenset({('"tor1"', "goto to-1")}))
+    chains = (
+        Chain("forward", (Rule('oifname vmap @to-wl', "dispatch"),), Hook("forward")),
+        Chain("to-1", (Rule("ct state established,related accept"),
+                       Rule("ip saddr @s-web-v4 accept", "from web"),
+                       Rule("ip saddr @hosts-v4 accept", "from hosts"),
+                       Rule("drop", "default"))),
+    )
+    return Ruleset(chains, (sel, plain), (to_wl,))
+
+
+def listed_elements(name: str) -> str:
+    return nft("list", "set", "inet", "tortie", name).split("elements", 1)[-1]
+
+
+def test_label_change_writes_elements_over_netlink_and_resync_sees_them(ns: str) -> None:
+    calls: list[list[str]] = []
+    with netns(ns):
+        table = NftTable()
+        real_run = table._run
+        table._run = lambda args, stdin: calls.append(list(args)) or real_run(args, stdin)
+        table.add_owner("policy")
+        table.declare("policy", ruleset(frozenset({"10.1.0.1", "10.1.0.2", "10.2.0.0/24"})))
+        created = table.apply()
+        assert "add chain inet tortie to-1" in created
+        # a label change: one address leaves, a neighbour and a net arrive
+        table.declare("policy", ruleset(frozenset({"10.1.0.2", "10.1.0.3", "10.2.0.0/24", "10.3.0.0/16"}),
+                                        frozenset({"10.9.0.1", "10.9.0.2"})))
+        calls.clear()
+        written = table.apply()
+        assert written and all(" element " in line for line in written.splitlines()[1:])
+        assert calls == []  # no nft process: straight over nfnetlink
+        elements = listed_elements("s-web-v4")
+        assert "10.1.0.1," not in elements and "10.1.0.1 " not in elements
+        for member in ("10.1.0.2", "10.1.0.3", "10.2.0.0/24", "10.3.0.0/16"):
+            assert member in elements
+        assert "10.9.0.2" in listed_elements("hosts-v4")
+        # what the kernel holds reads back as exactly what was declared: a resync writes nothing
+        table.reload()
+        assert table.apply() == ""
+
+
+def test_resync_repairs_a_rule_deleted_by_hand(ns: str) -> None:
+    with netns(ns):
+        table = NftTable()
+        table.add_owner("policy")
+        table.declare("policy", ruleset(frozenset({"10.1.0.1"})))
+        table.apply()
+        handles = nft("-a", "list", "chain", "inet", "tortie", "to-1")
+        handle = next(line.rsplit("# handle ", 1)[1] for line in handles.splitlines() if "from web" in line)
+        nft("delete", "rule", "inet", "tortie", "to-1", "handle", handle.strip())
+        assert "@s-web-v4" not in nft("list", "chain", "inet", "tortie", "to-1")
+        table.reload()
+        repaired = table.apply()
+        assert "flush chain inet tortie to-1" in repaired
+        assert "@s-web-v4" in nft("list", "chain", "inet", "tortie", "to-1")
+
+
+def test_a_refused_element_batch_applies_nothing(ns: str) -> None:
+    with netns(ns):
+        table = NftTable()
+        table.add_owner("policy")
+        table.declare("policy", ruleset(frozenset({"10.1.0.1"})))
+        table.apply()
+        with pytest.raises(nfnetlink.NetlinkError):
+            nfnetlink.write_elements("inet", "tortie", [
+                ("add", "s-web-v4", "ipv4_addr", True, ["10.1.0.7"]),
+                ("delete", "s-web-v4", "ipv4_addr", True, ["10.1.0.99"]),  # not there: the batch fails
+            ])
+        assert "10.1.0.7" not in listed_elements("s-web-v4")
+        # and the driver, whose view is still right, carries on
+        table.declare("policy", ruleset(frozenset({"10.1.0.1", "10.1.0.8"})))
+        table.apply()
+        assert "10.1.0.8" in listed_elements("s-web-v4")

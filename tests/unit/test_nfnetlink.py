@@ -1,0 +1,48 @@
+"""How set elements are encoded for nfnetlink: the keys nft itself would send."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from felix_agent.dataplane import nfnetlink
+from felix_agent.dataplane.nfnetlink import Unsupported, _keys, _messages, encode
+
+
+def test_interval_elements_are_a_start_and_a_flagged_end_one_past_the_last_address() -> None:
+    assert _keys("10.0.0.1", 4, True) == [(bytes([10, 0, 0, 1]), False), (bytes([10, 0, 0, 2]), True)]
+    assert _keys("10.2.0.0/24", 4, True) == [(bytes([10, 2, 0, 0]), False), (bytes([10, 2, 1, 0]), True)]
+    assert _keys("fd00::1", 6, True)[1] == (bytes.fromhex("fd00" + "00" * 13 + "02"), True)
+    assert _keys("10.0.0.1", 4, False) == [(bytes([10, 0, 0, 1]), False)]
+
+
+@pytest.mark.parametrize(("literal", "version", "interval"), [
+    ("0.0.0.0/0", 4, True),  # no end past the last address: left to nft
+    ("10.0.0.0/24", 4, False),  # a range in a plain set
+    ("fd00::1", 4, True),  # the other family
+])
+def test_what_is_not_encoded_is_left_to_nft(literal: str, version: int, interval: bool) -> None:
+    with pytest.raises(Unsupported):
+        _keys(literal, version, interval)
+
+
+def test_a_batch_is_begin_messages_end_with_an_ack_asked_for_each_message() -> None:
+    batch, acks = encode("inet", "tortie", [("delete", "s-a-v4", "ipv4_addr", True, ["10.0.0.1"]),
+                                            ("add", "s-b-v4", "ipv4_addr", True, ["10.0.0.1"])])
+    kinds = [kind for kind, _, _ in _messages(batch)]
+    assert kinds == [nfnetlink.NFNL_MSG_BATCH_BEGIN, (10 << 8) | nfnetlink.NFT_MSG_DELSETELEM,
+                     (10 << 8) | nfnetlink.NFT_MSG_NEWSETELEM, nfnetlink.NFNL_MSG_BATCH_END]
+    assert [seq for _, seq, _ in _messages(batch)][1:3] == acks
+    flags = [struct.unpack_from("=H", batch, offset + 6)[0] for offset in _offsets(batch)]
+    assert flags[1] & nfnetlink.NLM_F_ACK and flags[2] & nfnetlink.NLM_F_CREATE
+    with pytest.raises(Unsupported):
+        encode("inet", "tortie", [("add", "np-x-v4", "ipv4_addr . inet_proto . inet_service", False, ["x"])])
+
+
+def _offsets(batch: bytes) -> list[int]:
+    offsets, offset = [], 0
+    while offset < len(batch):
+        offsets.append(offset)
+        offset += (struct.unpack_from("=I", batch, offset)[0] + 3) & ~3
+    return offsets
