@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bgp.model import DEFAULT_PORT, Peer, SpeakerConfig
+from bgp.model import DEFAULT_PORT, Peer, SpeakerConfig, canonical
 
 PROCESS = "tortie"  # the API process's name in the configuration
 PIPENAME = "tortie"  # ExaBGP's CLI pipes: <state_dir>/run/tortie.in and .out
@@ -275,7 +275,7 @@ def _update(peer: str, message: Mapping[str, Any]) -> UpdateEvent | EndOfRib | N
 
 def _nlri(entry: Any) -> str:
     text = entry["nlri"] if isinstance(entry, dict) else entry
-    return str(ipaddress.ip_network(str(text), strict=False))
+    return canonical(str(text))
 
 
 # -- commands --------------------------------------------------------------------------------------

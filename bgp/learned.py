@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bgp.model import SessionStatus
+from bgp.model import SessionStatus, address, canonical, network
 from felix_agent.dataplane.ipip import IPIP_DEVICE
 from felix_agent.dataplane.netlink import KernelError, KernelRoute
 
@@ -121,7 +121,7 @@ class LearnedRoutes:
 
     def on_route(self, peer: str, prefix: str, next_hop: str | None, withdrawn: bool,
                  attrs: Mapping[str, Any]) -> None:
-        prefix = str(ipaddress.ip_network(prefix, strict=False))
+        prefix = canonical(prefix)
         with self._lock:
             paths = self._paths.setdefault(prefix, {})
             if withdrawn or next_hop is None:
@@ -163,7 +163,7 @@ class LearnedRoutes:
                 path = self._paths[prefix].get(peer)
                 if path is None or path.stale_until is None:
                     continue
-                if version is None or ipaddress.ip_network(prefix).version == version:
+                if version is None or network(prefix).version == version:
                     del self._paths[prefix][peer]
                     if not self._paths[prefix]:
                         del self._paths[prefix]
@@ -285,10 +285,10 @@ class LearnedRoutes:
 
     def _route(self, prefix: str, next_hop: str, connected: list[_Connected]) -> KernelRoute | None:
         try:
-            nh = ipaddress.ip_address(next_hop)
+            nh = address(next_hop)
         except ValueError:
             return None
-        if nh.version != ipaddress.ip_network(prefix).version:
+        if nh.version != network(prefix).version:
             return None  # a next hop of the other family (RFC 5549) is not supported
         link = next((c for c in connected if nh in c.network), None)
         encap = self.encap_for(prefix)
@@ -397,7 +397,7 @@ def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
 
 
 def _in_underlay(prefix: str, connected: list[_Connected]) -> bool:
-    net = ipaddress.ip_network(prefix)
+    net = network(prefix)
     return any(net.version == c.network.version and net.subnet_of(c.network) for c in connected)  # type: ignore[arg-type]
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from dataclasses import dataclass
 
 DEFAULT_ASN = 64512
@@ -55,3 +57,22 @@ class SessionStatus:
     state: str  # BGP's names: Idle, Connect, Active, OpenSent, OpenConfirm, Established
     since: str  # ISO time of the last state change
     info: str = ""
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def network(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``prefix`` parsed, host bits dropped. Cached: a prefix of a large table is named several
+    times between ExaBGP's JSON and the kernel, and ``ipaddress`` parses at ~25 us a time."""
+    return ipaddress.ip_network(prefix, strict=False)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def canonical(prefix: str) -> str:
+    """``prefix`` in its canonical text form (as ``network`` parses it), cached likewise."""
+    return str(network(prefix))
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address (next hops: a few, named by every route)."""
+    return ipaddress.ip_address(text)

@@ -310,7 +310,10 @@ class Speaker:
                 self._counts["looped"] += 1
                 withdrawn.append(prefix)
                 continue
-            path = routes[prefix] = paths.setdefault(next_hop, Received.from_json(next_hop, attrs))
+            path = paths.get(next_hop)
+            if path is None:
+                path = paths[next_hop] = Received.from_json(next_hop, attrs)
+            routes[prefix] = path
             self._later(self.on_route, peer, prefix, next_hop, False, attrs)
             if self._reflector is not None:
                 commands += self._reflector.update(peer, prefix, path)
