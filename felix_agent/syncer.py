@@ -222,10 +222,15 @@ class Syncer:
         log.warning("the watch fell behind a compaction; re-listed %d keys at revision %d", len(kvs), revision)
         self.resyncs += 1
         fresh = Snapshot(revision=revision)
-        for kv in kvs:
-            if self._watched(kv.key):
-                self._put(fresh, kv, [])
         old = self.snapshot
+        for kv in kvs:
+            if not self._watched(kv.key):
+                continue
+            kind = old.kind_of(kv.key) if old.mod_revisions.get(kv.key) == kv.mod_revision else None
+            if kind is not None:  # unchanged: keep the very value, so the calculation graph skips it
+                fresh.apply(Update(kind, kv.key, old.tables[kind][kv.key]), kv.mod_revision)
+            else:
+                self._put(fresh, kv, [])
         updates = [u for u in fresh.updates() if old.mod_revisions.get(u.key) != fresh.mod_revisions[u.key]]
         updates += [Update(kind, key, None) for kind, table in old.tables.items() for key in table
                     if key not in fresh.mod_revisions]
