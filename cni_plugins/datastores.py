@@ -8,7 +8,12 @@ import threading
 from collections.abc import Iterator, Mapping
 
 from datastore.config import EtcdConfig
-from datastore.etcd import EtcdClient
+from datastore.kv import KV
+
+# typing costs milliseconds at import and is only needed by the type checker (mypy reads this idiom).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from datastore.etcd import EtcdClient
 
 
 class Datastores:
@@ -22,8 +27,9 @@ class Datastores:
         self.environment: Mapping[str, str] = os.environ if environment is None else environment
         # Where the node's agent writes the MTU of the encapsulation in use (its --state-dir).
         self.mtu_file = mtu_file
-        self._clients: dict[EtcdConfig, EtcdClient] = {}
+        self._clients: dict[EtcdConfig, KV] = {}
         self._lock = threading.Lock()
+        self._one_shot = threading.local()
 
     def for_environment(self, environment: Mapping[str, str]) -> Datastores:
         """The same (warm) connections, with settings missing from a configuration taken from
@@ -33,16 +39,33 @@ class Datastores:
         return view
 
     @contextlib.contextmanager
-    def client(self, config: EtcdConfig) -> Iterator[EtcdClient]:
+    def client(self, config: EtcdConfig) -> Iterator[KV]:
         if not self.keep_open:
-            with EtcdClient(config) as client:
-                yield client
+            # One call in a plugin process: etcd's JSON gateway, which needs no gRPC import, one
+            # connection per thread for the call's steps (the process ends after the call).
+            cache = self._one_shot.__dict__.setdefault("clients", {})
+            if config not in cache:
+                from datastore.gateway import GatewayClient
+
+                cache[config] = GatewayClient(config)
+            yield cache[config]
             return
         with self._lock:
             if config not in self._clients:
+                from datastore.etcd import EtcdClient
+
                 self._clients[config] = EtcdClient(config)
             warm = self._clients[config]
         yield warm
+
+    @contextlib.contextmanager
+    def etcd(self, config: EtcdConfig) -> Iterator[EtcdClient]:
+        """The warm gRPC client itself (watches, leases): the agent's own work."""
+        with self.client(config) as client:
+            from datastore.etcd import EtcdClient
+
+            assert isinstance(client, EtcdClient), "only a keep-open Datastores has a gRPC client"
+            yield client
 
     def close(self) -> None:
         with self._lock:

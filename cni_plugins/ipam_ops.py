@@ -24,7 +24,7 @@ from cni_plugins.result import IPConfig, Result, Route, parse_prev_result
 from cni_plugins.skel import CmdArgs, gc_valid_attachments, requested_ips
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable, ValidationError
-from datastore.etcd import EtcdClient
+from datastore.kv import KV
 from ipam import errors as ipam_errors
 from ipam.allocator import IPAM, Assigned, AssignRequest
 from ipam.pools import select_pools
@@ -180,7 +180,7 @@ def _node_lock(node: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _client(conf: IPAMConf, stores: Datastores) -> contextlib.AbstractContextManager[EtcdClient]:
+def _client(conf: IPAMConf, stores: Datastores) -> contextlib.AbstractContextManager[KV]:
     return stores.client(conf.etcd)
 
 

@@ -7,8 +7,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from datastore.errors import ValidationError
-from datastore.k8s_netpol import is_k8s_netpol
-from datastore.k8s_netpol import translate as translate_k8s_netpol
 from datastore.model import ACCEPTED_API_VERSIONS, Metadata, Resource, decode_fields, encode_fields
 from datastore.resources import check_metadata_name, kind_named, validate_labels
 
@@ -17,8 +15,13 @@ def decode(doc: Any, where: str = "document") -> Resource:
     """One parsed document → a validated :class:`Resource`."""
     if not isinstance(doc, Mapping):
         raise ValidationError(f"{where} is not a mapping")
-    if is_k8s_netpol(doc):
-        return translate_k8s_netpol(doc, where)
+    if isinstance(doc, Mapping) and doc.get("kind") == "NetworkPolicy" and "networking.k8s.io" in str(
+            doc.get("apiVersion")):
+        # Imported only for such a document: every CNI call decodes resources through here.
+        from datastore.k8s_netpol import is_k8s_netpol, translate
+
+        if is_k8s_netpol(doc):
+            return translate(doc, where)
     api = doc.get("apiVersion")
     if api not in ACCEPTED_API_VERSIONS:
         raise ValidationError(f"{where}: apiVersion {api!r} is not supported (use {ACCEPTED_API_VERSIONS[0]})")

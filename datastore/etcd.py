@@ -32,6 +32,9 @@ from pyetcd.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 from datastore.config import Endpoint, EtcdConfig
 from datastore.errors import AlreadyExists, ConfigError, Conflict, DatastoreRefused, DatastoreUnavailable
+from datastore.kv import Create, Delete, KeyValue, Op, Reading, Unchanged, Update, prefix_end
+
+__all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "Op", "Reading", "Unchanged", "Update", "prefix_end"]
 
 log = logging.getLogger(__name__)
 
@@ -55,67 +58,6 @@ _CHANNEL_OPTIONS = [
 
 
 @dataclass(frozen=True)
-class KeyValue:
-    key: str
-    value: bytes
-    mod_revision: int
-    create_revision: int
-    version: int
-    lease: int = 0
-
-    @classmethod
-    def from_pb(cls, kv: Any) -> KeyValue:
-        return cls(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.version, kv.lease)
-
-
-@dataclass(frozen=True)
-class Reading:
-    """What :meth:`EtcdClient.read` found: the single keys that exist, each prefix's keys."""
-
-    values: dict[str, KeyValue]
-    lists: dict[str, list[KeyValue]]
-    revision: int
-
-
-# Operations of a multi-key transaction: all succeed together or none does.
-@dataclass(frozen=True)
-class Create:
-    """Put ``key`` only if it does not exist."""
-
-    key: str
-    value: bytes
-    lease: int = 0
-
-
-@dataclass(frozen=True)
-class Update:
-    """Put ``key`` only if its modification revision is still ``mod_revision``."""
-
-    key: str
-    value: bytes
-    mod_revision: int
-
-
-@dataclass(frozen=True)
-class Delete:
-    """Delete ``key`` only if its modification revision is still ``mod_revision`` (0: unconditionally)."""
-
-    key: str
-    mod_revision: int = 0
-
-
-@dataclass(frozen=True)
-class Unchanged:
-    """Write nothing, but fail the transaction if ``key`` changed since ``mod_revision`` (0: absent)."""
-
-    key: str
-    mod_revision: int
-
-
-Op = Create | Update | Delete | Unchanged
-
-
-@dataclass(frozen=True)
 class WatchEvent:
     """A key was put (``deleted`` False) or deleted; ``kv.mod_revision`` is the event's revision."""
 
@@ -129,17 +71,6 @@ class Resync:
 
     kvs: list[KeyValue]
     revision: int
-
-
-def prefix_end(prefix: str) -> bytes:
-    """The range end that selects every key starting with ``prefix``."""
-    raw = bytearray(prefix.encode())
-    while raw:
-        if raw[-1] < 0xFF:
-            raw[-1] += 1
-            return bytes(raw)
-        raw.pop()
-    return b"\0"
 
 
 # What gRPC's messages say when the TLS handshake itself failed. ("tcp handshaker shutdown" is

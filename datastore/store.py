@@ -8,12 +8,12 @@ import uuid
 from datastore import keys
 from datastore.codec import from_stored, stored_bytes
 from datastore.errors import AlreadyExists, Conflict, NotFound
-from datastore.etcd import EtcdClient
+from datastore.kv import KV
 from datastore.model import Kind, Resource
 
 
 class ResourceStore:
-    def __init__(self, client: EtcdClient) -> None:
+    def __init__(self, client: KV) -> None:
         self.client = client
 
     @staticmethod

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datastore import keys
 from datastore.codec import from_stored
 from datastore.errors import Conflict
-from datastore.etcd import Create, Delete, EtcdClient, KeyValue, Op, Update
+from datastore.kv import KV, Create, Delete, KeyValue, Op, Update
 from datastore.resources import IPAMConfiguration, IPPool, Node
 from datastore.store import ResourceStore
 from ipam.block import Address, Block, Network
@@ -105,7 +105,7 @@ def _order(node: str, n: int) -> int:
 
 
 class IPAM:
-    def __init__(self, client: EtcdClient, *, max_retries: int = 100,
+    def __init__(self, client: KV, *, max_retries: int = 100,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
         self.client = client
         self.resources = ResourceStore(client)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from datastore import keys
 from datastore.errors import Conflict, NotFound
-from datastore.etcd import Delete, EtcdClient, Update
+from datastore.kv import KV, Delete, Update
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
 from ipam.allocator import IPAM
@@ -31,7 +31,7 @@ class NodeRemoval:
     blocks_orphaned: list[str] = field(default_factory=list)  # still holding others' addresses
 
 
-def remove_node(client: EtcdClient, node: str) -> NodeRemoval:
+def remove_node(client: KV, node: str) -> NodeRemoval:
     """Release everything ``node`` holds. Idempotent: running it again finds nothing to do."""
     out = NodeRemoval()
     store = ResourceStore(client)

@@ -1,0 +1,305 @@
+"""An etcd v3 client on etcd's JSON gateway (``POST /v3/kv/...`` on the client port), standard
+library only: for one-shot processes (the CNI plugin when no agent answers), which would spend
+~100 ms of CPU importing gRPC for three round trips.
+
+The same contract as :class:`datastore.etcd.EtcdClient` for the key-value operations (deadline
+per call, transient failures retried within the budget rotating endpoints, one
+:class:`DatastoreUnavailable` naming the endpoint and cause, a refused TLS handshake reported at
+once as :class:`DatastoreRefused`, conditional writes). No watches or leases: long-lived
+processes use the gRPC client. HTTP/1.1 is spoken by hand over one kept-alive connection:
+``http.client`` would import the ``email`` package (~30 ms) for header parsing we do not need.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+from binascii import b2a_base64
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from datastore.config import Endpoint, EtcdConfig
+from datastore.errors import AlreadyExists, ConfigError, Conflict, DatastoreRefused, DatastoreUnavailable
+from datastore.kv import Create, Delete, KeyValue, Op, Reading, Update, prefix_end
+
+# gRPC status codes the gateway reports that are worth retrying (UNAVAILABLE, DEADLINE_EXCEEDED,
+# RESOURCE_EXHAUSTED, ABORTED), as the gRPC client does.
+_TRANSIENT_CODES = {14, 4, 8, 10}
+_MAX_RESPONSE = 64 * 1024 * 1024
+
+
+class _Transient(Exception):
+    """A failure worth retrying on the next endpoint."""
+
+
+def _b64(data: bytes | str) -> str:
+    return b2a_base64(data.encode() if isinstance(data, str) else data, newline=False).decode()
+
+
+def _range(key: str, range_end: bytes | None = None, *, keys_only: bool = False,
+           count_only: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": _b64(key)}
+    if range_end is not None:
+        body["range_end"] = _b64(range_end)
+    if keys_only:
+        body["keys_only"] = True
+    if count_only:
+        body["count_only"] = True
+    return body
+
+
+class GatewayClient:
+    """Not thread-safe: one per process (or per thread)."""
+
+    def __init__(self, config: EtcdConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self._sleep = sleep
+        self._current = 0
+        self._sock: Any = None
+        self._sock_endpoint: Endpoint | None = None
+        self._buffer = b""
+        self._context: Any = None
+        if any(e.secure for e in config.endpoints):
+            self._context = self._tls_context()
+
+    # ---- connection -------------------------------------------------------------------------
+    def _tls_context(self) -> Any:
+        import ssl
+
+        cfg = self.config
+        try:
+            context = ssl.create_default_context(cafile=cfg.ca_cert_file or None)
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+        except OSError as e:
+            raise ConfigError(f"cannot read the etcd certificates: {e.strerror or e}") from None
+        except ssl.SSLError as e:
+            raise ConfigError(f"the etcd certificates are not usable: {e.reason or e}") from None
+        return context
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.config.endpoints[self._current % len(self.config.endpoints)]
+
+    def _connect(self, endpoint: Endpoint, timeout: float) -> Any:
+        if self._sock is not None and self._sock_endpoint == endpoint:
+            return self._sock
+        self.close()
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+        if endpoint.secure:
+            try:
+                sock = self._context.wrap_socket(sock, server_hostname=endpoint.host)
+            except BaseException:
+                sock.close()
+                raise
+        self._sock, self._sock_endpoint, self._buffer = sock, endpoint, b""
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock, self._sock_endpoint, self._buffer = None, None, b""
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- HTTP/1.1, just enough ----------------------------------------------------------------
+    def _fill(self, sock: Any) -> None:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("etcd closed the connection")
+        self._buffer += chunk
+        if len(self._buffer) > _MAX_RESPONSE:
+            raise _Transient("an oversized answer")
+
+    def _read_until(self, sock: Any, marker: bytes) -> bytes:
+        while marker not in self._buffer:
+            self._fill(sock)
+        head, _, self._buffer = self._buffer.partition(marker)
+        return head
+
+    def _read_exactly(self, sock: Any, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill(sock)
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def _exchange(self, sock: Any, endpoint: Endpoint, path: str, body: bytes) -> tuple[int, bytes]:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {endpoint.target}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = self._read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", ""):
+            parts = []
+            while True:
+                size = int(self._read_until(sock, b"\r\n").split(b";")[0], 16)
+                if size == 0:
+                    self._read_until(sock, b"\r\n")
+                    break
+                parts.append(self._read_exactly(sock, size))
+                self._read_exactly(sock, 2)
+            payload = b"".join(parts)
+        else:
+            payload = self._read_exactly(sock, int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, payload
+
+    def _call(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to ``path``; retried like the gRPC client within the budget."""
+        import ssl
+
+        data = json.dumps(body).encode()
+        deadline = time.monotonic() + self.config.retry_budget
+        delay = 0.05
+        while True:
+            endpoint = self.endpoint
+            timeout = max(0.2, min(self.config.call_timeout, deadline - time.monotonic()))
+            try:
+                sock = self._connect(endpoint, timeout)
+                sock.settimeout(timeout)
+                status, payload = self._exchange(sock, endpoint, path, data)
+                answer = json.loads(payload) if payload else {}
+                if status == 200:
+                    return dict(answer)
+                code = int(answer.get("code", 0)) if isinstance(answer, dict) else 0
+                message = str(answer.get("message") or answer.get("error") or payload[:200]) \
+                    if isinstance(answer, dict) else str(payload[:200])
+                if code in _TRANSIENT_CODES or status >= 500 and not code:
+                    raise _Transient(message)
+                raise DatastoreUnavailable(str(endpoint), f"{what} failed: {message}")
+            except ssl.SSLCertVerificationError as e:
+                self.close()
+                raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
+            except ssl.SSLError as e:  # the server refused our certificate (or the handshake)
+                self.close()
+                raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
+            except (_Transient, OSError, ValueError) as e:  # ValueError: a garbled answer
+                self.close()
+                cause = _describe(e)
+                if time.monotonic() + delay >= deadline:
+                    raise DatastoreUnavailable(str(endpoint), cause) from None
+                self._current += 1  # try the next endpoint, if there is one
+                self._sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    # ---- reads --------------------------------------------------------------------------------
+    def get(self, key: str) -> KeyValue | None:
+        kvs = self._call("get", "/v3/kv/range", _range(key)).get("kvs") or []
+        return KeyValue.from_gateway(kvs[0]) if kvs else None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
+        if not keys:
+            return {}
+        return self.read(keys, []).values
+
+    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]]) -> Reading:
+        ops = [{"request_range": _range(k)} for k in keys]
+        ops += [{"request_range": _range(p, prefix_end(p), keys_only=keys_only)} for p, keys_only in prefixes]
+        resp = self._call("get", "/v3/kv/txn", {"success": ops})
+        responses = [r.get("response_range") or {} for r in resp.get("responses") or []]
+        if len(responses) != len(ops):
+            raise DatastoreUnavailable(str(self.endpoint), "etcd answered a read with the wrong number of results")
+        singles: dict[str, KeyValue] = {}
+        for r in responses[:len(keys)]:
+            for raw in r.get("kvs") or []:
+                kv = KeyValue.from_gateway(raw)
+                singles[kv.key] = kv
+        lists = {p: [KeyValue.from_gateway(raw) for raw in r.get("kvs") or []]
+                 for (p, _), r in zip(prefixes, responses[len(keys):], strict=True)}
+        return Reading(singles, lists, int(resp.get("header", {}).get("revision", 0)))
+
+    def list(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
+        resp = self._call("list", "/v3/kv/range", _range(prefix, prefix_end(prefix), keys_only=keys_only))
+        return ([KeyValue.from_gateway(raw) for raw in resp.get("kvs") or []],
+                int(resp.get("header", {}).get("revision", 0)))
+
+    def count(self, prefix: str) -> tuple[int, int]:
+        resp = self._call("count", "/v3/kv/range", _range(prefix, prefix_end(prefix), count_only=True))
+        return int(resp.get("count", 0)), int(resp.get("header", {}).get("revision", 0))
+
+    # ---- writes --------------------------------------------------------------------------------
+    def create(self, key: str, value: bytes, lease: int = 0) -> int:
+        try:
+            return self.commit([Create(key, value, lease)])
+        except Conflict:
+            raise AlreadyExists(key) from None
+
+    def update(self, key: str, value: bytes, mod_revision: int) -> int:
+        return self.commit([Update(key, value, mod_revision)])
+
+    def delete(self, key: str, mod_revision: int = 0) -> bool:
+        if mod_revision:
+            self.commit([Delete(key, mod_revision)])
+            return True
+        return bool(int(self._call("delete", "/v3/kv/deleterange", {"key": _b64(key)}).get("deleted", 0)))
+
+    def delete_prefix(self, prefix: str) -> int:
+        body = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))}
+        return int(self._call("delete", "/v3/kv/deleterange", body).get("deleted", 0))
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self._call("put", "/v3/kv/put", body).get("header", {}).get("revision", 0))
+
+    def commit(self, ops: Sequence[Op]) -> int:
+        """Apply ``ops`` atomically; :class:`Conflict` naming the first key whose comparison failed."""
+        compares: list[dict[str, Any]] = []
+        writes: list[dict[str, Any]] = []
+        for op in ops:
+            key = _b64(op.key)
+            if isinstance(op, Create):
+                compares.append({"key": key, "target": "VERSION", "result": "EQUAL", "version": "0"})
+                put: dict[str, Any] = {"key": key, "value": _b64(op.value)}
+                if op.lease:
+                    put["lease"] = str(op.lease)
+                writes.append({"request_put": put})
+            elif isinstance(op, Update):
+                compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
+                writes.append({"request_put": {"key": key, "value": _b64(op.value)}})
+            elif isinstance(op, Delete):
+                if op.mod_revision:
+                    compares.append({"key": key, "target": "MOD", "result": "EQUAL",
+                                     "mod_revision": str(op.mod_revision)})
+                writes.append({"request_delete_range": {"key": key}})
+            else:
+                compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
+        failure = [{"request_range": {"key": c["key"]}} for c in compares]
+        resp = self._call("transaction", "/v3/kv/txn", {"compare": compares, "success": writes, "failure": failure})
+        if resp.get("succeeded"):
+            return int(resp.get("header", {}).get("revision", 0))
+        current = {kv.key: kv.mod_revision for r in resp.get("responses") or []
+                   for kv in map(KeyValue.from_gateway, (r.get("response_range") or {}).get("kvs") or [])}
+        for op in ops:
+            expected = 0 if isinstance(op, Create) else op.mod_revision
+            if isinstance(op, Delete) and not op.mod_revision:
+                continue
+            if current.get(op.key, 0) != expected:
+                raise Conflict(op.key)
+        raise Conflict()
+
+
+def _tls_problem(e: Exception) -> str:
+    return ("TLS handshake failed: etcd refused our client certificate or we do not trust its "
+            f"certificate (check ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE) [{e}]")
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (is etcd running and listening there?)"
+    if isinstance(e, TimeoutError | socket.timeout):
+        return "no answer within the deadline"
+    return str(e) or type(e).__name__

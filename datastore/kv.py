@@ -1,0 +1,124 @@
+"""What etcd clients exchange with their callers: key-values, readings, transaction operations,
+and :class:`KV`, the interface the IPAM and the resource store need.
+
+Two clients implement it: ``datastore.etcd.EtcdClient`` (gRPC: watches, leases; what long-lived
+processes use) and ``datastore.gateway.GatewayClient`` (etcd's JSON gateway over HTTPS, standard
+library only: what a one-shot CNI call uses, because importing gRPC costs ~100 ms of CPU).
+This module imports neither.
+"""
+
+from __future__ import annotations
+
+from binascii import a2b_base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+def prefix_end(prefix: str) -> bytes:
+    """The range end that selects every key starting with ``prefix``."""
+    raw = bytearray(prefix.encode())
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return bytes(raw)
+        raw.pop()
+    return b"\0"
+
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    version: int
+    lease: int = 0
+
+    @classmethod
+    def from_pb(cls, kv: Any) -> KeyValue:
+        return cls(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.version, kv.lease)
+
+    @classmethod
+    def from_gateway(cls, kv: dict[str, Any]) -> KeyValue:
+        """From etcd's JSON gateway: bytes in base64, 64-bit integers as strings, zeros omitted."""
+        return cls(a2b_base64(kv.get("key", "")).decode(), a2b_base64(kv.get("value", "")),
+                   int(kv.get("mod_revision", 0)), int(kv.get("create_revision", 0)), int(kv.get("version", 0)),
+                   int(kv.get("lease", 0)))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What :meth:`EtcdClient.read` found: the single keys that exist, each prefix's keys."""
+
+    values: dict[str, KeyValue]
+    lists: dict[str, list[KeyValue]]
+    revision: int
+
+
+# Operations of a multi-key transaction: all succeed together or none does.
+@dataclass(frozen=True)
+class Create:
+    """Put ``key`` only if it does not exist."""
+
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """Put ``key`` only if its modification revision is still ``mod_revision``."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete ``key`` only if its modification revision is still ``mod_revision`` (0: unconditionally)."""
+
+    key: str
+    mod_revision: int = 0
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """Write nothing, but fail the transaction if ``key`` changed since ``mod_revision`` (0: absent)."""
+
+    key: str
+    mod_revision: int
+
+
+Op = Create | Update | Delete | Unchanged
+
+
+
+class KV(Protocol):
+    """The key-value operations both clients offer (see ``EtcdClient`` for their contracts)."""
+
+    def get(self, key: str) -> KeyValue | None: ...
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]: ...
+
+    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]]) -> Reading: ...
+
+    def list(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]: ...
+
+    def count(self, prefix: str) -> tuple[int, int]: ...
+
+    def create(self, key: str, value: bytes, lease: int = 0) -> int: ...
+
+    def update(self, key: str, value: bytes, mod_revision: int) -> int: ...
+
+    def delete(self, key: str, mod_revision: int = 0) -> bool: ...
+
+    def delete_prefix(self, prefix: str) -> int: ...
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int: ...
+
+    def commit(self, ops: Sequence[Op]) -> int: ...
+
+    def close(self) -> None: ...
