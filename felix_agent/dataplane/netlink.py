@@ -130,6 +130,8 @@ class Netlink:
     # -- links ---------------------------------------------------------------------------------
 
     def links(self) -> list[Link]:
+        if self._batch is not None:  # pyroute2 parses ~1.5 ms per link: 15 s at 10,000 veths
+            return [_raw_link(payload) for payload in self._batch.dump(RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0))]
         with _kernel("listing links"):
             return [_link(msg) for msg in self._ipr.link("dump")]
 
@@ -226,6 +228,13 @@ class Netlink:
         """Every main-table route of both families, whatever its protocol."""
         names = {link.index: link.name for link in self.links()}
         out: list[KernelRoute] = []
+        if self._batch is not None:  # as for links: pyroute2's parsing is the cost, not the kernel
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for payload in self._batch.dump(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+                    route = _raw_route(payload, names)
+                    if route is not None:
+                        out.append(route)
+            return out
         with _kernel("listing routes"):
             for family in (socket.AF_INET, socket.AF_INET6):
                 for m in self._ipr.route("dump", family=family, table=RT_TABLE_MAIN):
@@ -377,6 +386,10 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+NLM_F_DUMP, RTM_GETLINK, RTM_GETROUTE = 0x300, 18, 26
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 3, 4, 18, 1, 2
+IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6 = 1, 4, 7, 15, 17
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 _COMMANDS = {  # action -> (verb in messages, message type, flags)
     "add": ("add", RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL),
@@ -449,6 +462,29 @@ class _RouteBatch:
                 self._receive(by_seq, codes)
         return codes
 
+    def dump(self, kind: int, body: bytes) -> Iterator[bytes]:
+        """The payload of every message a dump request of ``kind`` answers (KernelError on refusal)."""
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        seq = self._seq
+        self._sock.sendall(_HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        while True:
+            data = self._sock.recv(1 << 20)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, msg_kind, _, msg_seq, _ = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size:
+                    break
+                if msg_seq == seq:
+                    if msg_kind == NLMSG_DONE:
+                        return
+                    if msg_kind == NLMSG_ERROR:
+                        (error,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                        if error:
+                            raise KernelError(f"dumping netlink objects of type {kind}", -error)
+                    else:
+                        yield data[offset + _HEADER.size:offset + length]
+                offset += (length + 3) & ~3
+
     def _receive(self, by_seq: dict[int, int], codes: list[int]) -> None:
         data = self._sock.recv(1 << 16)
         offset = 0
@@ -509,6 +545,73 @@ def _route(m: Any, family: int, names: dict[int, str]) -> KernelRoute:
         proto=int(m["proto"]),
         metric=None if metric == DEFAULT_METRIC[version] else int(metric),
         ifindex=None if blackhole or oif is None else int(oif),
+    )
+
+
+def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """The rtattrs from ``offset`` on, by type (nesting flags cleared); the last of a type wins."""
+    found: dict[int, bytes] = {}
+    while offset + _RTATTR.size <= len(data):
+        length, kind = _RTATTR.unpack_from(data, offset)
+        if length < _RTATTR.size:
+            break
+        found[kind & 0x3FFF] = data[offset + _RTATTR.size:offset + length]
+        offset += (length + 3) & ~3
+    return found
+
+
+def _raw_link(payload: bytes) -> Link:
+    """``_link`` for an RTM_NEWLINK message parsed by hand."""
+    _, _, index, flags, _ = _IFINFOMSG.unpack_from(payload)
+    attrs = _attrs(payload, _IFINFOMSG.size)
+    info = _attrs(attrs.get(IFLA_LINKINFO, b""))
+    kind = info[IFLA_INFO_KIND].rstrip(b"\0").decode() if IFLA_INFO_KIND in info else None
+    vxlan = None
+    if kind == "vxlan":
+        data = _attrs(info.get(IFLA_INFO_DATA, b""))
+        local = data.get(IFLA_VXLAN_LOCAL) or data.get(IFLA_VXLAN_LOCAL6)
+        vxlan = VXLANAttrs(
+            vni=struct.unpack("=I", data[IFLA_VXLAN_ID])[0] if IFLA_VXLAN_ID in data else 0,
+            port=struct.unpack(">H", data[IFLA_VXLAN_PORT])[0] if IFLA_VXLAN_PORT in data else 0,
+            local=str(ipaddress.ip_address(local)) if local else None,
+            learning=bool(data.get(IFLA_VXLAN_LEARNING, b"\0")[0]),
+        )
+    address = attrs.get(IFLA_ADDRESS)
+    return Link(
+        index=index,
+        name=attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
+        kind=kind,
+        mtu=struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
+        mac=":".join(f"{b:02x}" for b in address) if address else None,
+        up=bool(flags & IFF_UP),
+        vxlan=vxlan,
+    )
+
+
+def _raw_route(payload: bytes, names: dict[int, str]) -> KernelRoute | None:
+    """``_route`` for an RTM_NEWROUTE message parsed by hand; None for what ``routes()`` skips."""
+    family, dst_len, _, _, table, proto, scope, kind, flags = _RTMSG.unpack_from(payload)
+    if kind not in (RTN_UNICAST, RTN_BLACKHOLE):
+        return None
+    attrs = _attrs(payload, _RTMSG.size)
+    if (struct.unpack("=I", attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table) != RT_TABLE_MAIN:
+        return None
+    version = 4 if family == socket.AF_INET else 6
+    blackhole = kind == RTN_BLACKHOLE
+    dst = ipaddress.ip_address(attrs[RTA_DST]) if RTA_DST in attrs else ("0.0.0.0" if version == 4 else "::")
+    oif = struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
+    metric = struct.unpack("=I", attrs[RTA_PRIORITY])[0] if RTA_PRIORITY in attrs else 0
+    gateway = attrs.get(RTA_GATEWAY)
+    return KernelRoute(
+        dst=_cidr(dst, dst_len),
+        type="blackhole" if blackhole else "unicast",
+        gateway=str(ipaddress.ip_address(gateway)) if gateway else None,
+        device=None if blackhole or oif is None else names.get(oif),
+        onlink=bool(flags & RTNH_F_ONLINK),
+        scope="link" if scope == RT_SCOPE_LINK else "universe",
+        proto=proto,
+        metric=None if metric == DEFAULT_METRIC[version] else metric,
+        ifindex=None if blackhole or oif is None else oif,
     )
 
 
