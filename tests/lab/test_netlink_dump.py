@@ -19,14 +19,15 @@ SETUP = """link add vxlan.tortie type vxlan id 4096 dstport 4789 local 10.1.1.1 
 link set vxlan.tortie up
 link add tor1 type veth peer name tpe1
 link set tor1 up
+link set tpe1 up
 link set lo up
 address add 10.1.1.1/24 dev tpe1
 route add 10.244.0.5/32 dev tor1 scope link proto 80
 route add blackhole 10.244.0.0/26 proto 80
 route add 10.244.1.0/26 via 10.244.1.0 dev vxlan.tortie onlink proto 80
 route add 10.9.0.0/16 via 10.1.1.2 metric 7
--6 route add blackhole fd00:1::/122 proto 80
--6 route add fd00:2::5/128 dev tor1 proto 80 metric 5
+route add blackhole fd00:1::/122 proto 80
+route add fd00:2::5/128 dev tor1 proto 80 metric 5
 """
 
 
