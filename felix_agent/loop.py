@@ -52,6 +52,12 @@ class Gated:
 
 
 _NEVER = object()
+SLOW_APPLY = 1.0  # seconds; slower applies are logged at info with the time per manager
+
+
+def _name(manager: Manager) -> str:
+    inner = manager.manager if isinstance(manager, Gated) else manager
+    return type(inner).__name__
 
 
 def _takes_resync(manager: Manager) -> bool:
@@ -130,15 +136,20 @@ class DataplaneLoop:
         started = time.perf_counter()
         for manager in self.managers:
             manager.on_update(state)
+        spent: list[tuple[str, float]] = []
         for manager in self.managers:
+            before = time.perf_counter()
             if resync and _takes_resync(manager):
                 manager.apply(resync=True)  # type: ignore[call-arg]  # re-read the kernel first
             else:
                 manager.apply()
+            spent.append((_name(manager), time.perf_counter() - before))
         elapsed = time.perf_counter() - started
         self.metrics.observe_apply(elapsed, state, resync)
-        log.debug("applied %d endpoints in %.1f ms%s", len(state.endpoints), elapsed * 1000,
-                  " (resync)" if resync else "")
+        # A slow apply delays every change queued behind it (and a pod's ADD): say where the time went.
+        log.log(logging.INFO if elapsed > SLOW_APPLY else logging.DEBUG, "applied %d endpoints in %.1f ms%s: %s",
+                len(state.endpoints), elapsed * 1000, " (resync)" if resync else "",
+                ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in spent if seconds >= 0.001))
         with self._cond:
             self._generation += 1
             if state.endpoints is not self._programmed_from:  # the calculator keeps it when unchanged
