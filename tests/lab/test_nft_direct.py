@@ -71,6 +71,8 @@ def test_label_change_writes_elements_over_netlink_and_resync_sees_them(ns: str)
         for member in ("10.1.0.2", "10.1.0.3", "10.2.0.0/24", "10.3.0.0/16"):
             assert member in elements
         assert "10.9.0.2" in listed_elements("hosts-v4")
+        keys = nfnetlink.set_keys("inet", "tortie", "s-web-v4")
+        assert bytes([10, 1, 0, 3]) in keys and bytes([10, 3, 0, 0]) in keys and bytes([10, 1, 0, 1]) not in keys
         # what the kernel holds reads back as exactly what was declared: a resync writes nothing
         table.reload()
         assert table.apply() == ""
