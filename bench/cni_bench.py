@@ -93,6 +93,7 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def main() -> int:
+    from netctl.install_cmd import install_plugins
     from netlab.lab import Lab
 
     ap = argparse.ArgumentParser()
@@ -115,8 +116,7 @@ def main() -> int:
         lab.exec(node.netns, "env", *envargs, str(BIN / "netctl"), "apply", "-f", str(pools))
         cnibin = work / "bin"
         cnibin.mkdir()
-        for name in ("tortie", "tortie-ipam"):
-            (cnibin / name).symlink_to(BIN / name)
+        install_plugins(cnibin)  # what `netctl install-cni` puts in a runtime's CNI directory
         sock = work / "n1.sock"
         tortie = {"cniVersion": "1.0.0", "name": "bench", "type": "tortie", "nodename": "n1", "mtu": 1450,
                   "etcd_endpoints": env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"],
