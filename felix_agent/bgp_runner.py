@@ -10,12 +10,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bgp.config import exports, speaker_config
 from bgp.learned import LearnedRoutes
-from bgp.model import SessionStatus, SpeakerConfig
+from bgp.model import SessionStatus, SpeakerConfig, network
 from bgp.speaker import Speaker
 from bgp.status import write_status
 from datastore.errors import DatastoreError
@@ -28,6 +29,8 @@ if TYPE_CHECKING:  # the etcd client (grpc) is imported by whoever makes one, no
 
 log = logging.getLogger(__name__)
 
+# The kinds whose changes can change this node's sessions or exports.
+INPUT_KINDS = frozenset({"IPPool", "Node", "Block", "Affinity", "BGPConfiguration", "BGPPeer"})
 STATUS_TTL = 15  # seconds: `node status` says "not running" this long after the agent dies
 STATUS_EVERY = 5.0
 
@@ -36,7 +39,8 @@ class BGPRunner:
     def __init__(self, node: str, state_dir: Path, client: EtcdClient | None) -> None:
         self.node = node
         self.client = client
-        self._snapshot: Snapshot | None = None
+        self._pools: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = ()  # cidr, ipipMode
+        self._revision = -1  # of the newest datastore view applied
         self._config: SpeakerConfig | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -63,29 +67,38 @@ class BGPRunner:
             self._lease.revoke()
 
     def encap_for(self, prefix: str) -> str | None:
-        snap = self._snapshot
-        if snap is None:
-            return None
-        net = ipaddress.ip_network(prefix)
-        for pool in snap.ippools.values():
-            spec: IPPoolSpec = pool.spec
-            cidr = spec.network()
+        net = network(prefix)
+        for cidr, mode in self._pools:
             if cidr.version == net.version and net.subnet_of(cidr):  # type: ignore[arg-type]
-                return {"Always": "ipip", "CrossSubnet": "ipip-cross-subnet"}.get(spec.ipip_mode)
+                return {"Always": "ipip", "CrossSubnet": "ipip-cross-subnet"}.get(mode)
         return None
+
+    def on_datastore(self, kinds: Iterable[str], snapshot: Snapshot) -> None:
+        """A batch of datastore changes, from the syncer's thread with its live snapshot: announce
+        now, rather than after the dataplane loop has applied whatever it was applying (a policy
+        transaction can take tens of milliseconds). The loop's ``update`` later sees nothing new."""
+        if not INPUT_KINDS.isdisjoint(kinds):
+            self.update(snapshot)
 
     def update(self, snapshot: Snapshot) -> None:
         """A new datastore view: reconfigure the speaker when its sessions change, announce the
-        difference in this node's exports."""
+        difference in this node's exports. A view no newer than one already applied is ignored:
+        the dataplane loop's copy after the syncer's thread applied the same revision (nothing to
+        do), or an older one (which would undo a newer announcement)."""
         with self._lock:
-            self._snapshot = snapshot
+            if snapshot.revision <= self._revision:
+                return
+            pools: list[IPPoolSpec] = [p.spec for p in snapshot.ippools.values()]
+            self._pools = tuple((spec.network(), spec.ipip_mode) for spec in pools)
             config = speaker_config(snapshot, self.node)
             if config is None:
+                self._revision = snapshot.revision
                 return
             if config != self._config:
                 self.speaker.configure(config)
                 self._config = config
             self.speaker.announce(exports(snapshot, self.node))
+            self._revision = snapshot.revision
 
     def _on_session(self, status: SessionStatus) -> None:
         self.learned.on_session(status, self.speaker.restart_time(status.peer))

@@ -1,0 +1,49 @@
+"""felix-agent's BGP runner without a speaker running: which datastore view it takes, and the
+encapsulation it derives for learned routes from the pools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datastore import codec
+from datastore.model import Resource
+from felix_agent.bgp_runner import BGPRunner
+from felix_agent.calc.snapshot import Snapshot
+
+
+def pool(name: str, cidr: str, ipip: str) -> Resource:
+    doc: dict[str, Any] = {"apiVersion": "tortie.dev/v1", "kind": "IPPool", "metadata": {"name": name},
+                           "spec": {"cidr": cidr, "ipipMode": ipip}}
+    return codec.decode(doc)
+
+
+def view(revision: int, *resources: Resource) -> Snapshot:
+    snap = Snapshot.of(resources)  # no Node with an address: no speaker configuration, nothing started
+    snap.revision = revision
+    return snap
+
+
+def test_encapsulation_follows_the_pool_of_the_prefix(tmp_path: Path) -> None:
+    runner = BGPRunner("n1", tmp_path, client=None)
+    assert runner.encap_for("10.244.1.0/26") is None  # no view yet
+    runner.update(view(1, pool("a", "10.244.0.0/16", "Always"), pool("b", "10.245.0.0/16", "CrossSubnet"),
+                       pool("c", "10.246.0.0/16", "Never")))
+    assert runner.encap_for("10.244.1.0/26") == "ipip"
+    assert runner.encap_for("10.245.1.7/32") == "ipip-cross-subnet"
+    assert runner.encap_for("10.246.1.0/26") is None
+    assert runner.encap_for("10.96.0.10/32") is None  # in no pool (a service from a router)
+    assert runner.encap_for("fd00::/122") is None
+
+
+def test_an_older_view_never_undoes_a_newer_one(tmp_path: Path) -> None:
+    runner = BGPRunner("n1", tmp_path, client=None)
+    # The syncer's thread applies revision 7; the dataplane loop then brings its copy of revision 6.
+    runner.on_datastore({"IPPool"}, view(7, pool("a", "10.244.0.0/16", "Always")))
+    runner.update(view(6, pool("a", "10.244.0.0/16", "Never")))
+    assert runner.encap_for("10.244.1.0/26") == "ipip"
+    runner.update(view(7, pool("a", "10.244.0.0/16", "Always")))  # the same view again: fine
+    runner.on_datastore({"WorkloadEndpoint"}, view(8, pool("a", "10.244.0.0/16", "Never")))  # not a BGP input
+    assert runner.encap_for("10.244.1.0/26") == "ipip"
+    runner.update(view(9, pool("a", "10.244.0.0/16", "Never")))
+    assert runner.encap_for("10.244.1.0/26") is None
