@@ -39,7 +39,10 @@ class Gated:
         self._applied: object = _NEVER
 
     def on_update(self, state: DesiredState) -> None:
-        self._wanted = self.part(state)
+        wanted = self.part(state)
+        if self._applied is not _NEVER and wanted == self._wanted:
+            return  # its part did not move: the manager's last update stands (it may be O(routes))
+        self._wanted = wanted
         self.manager.on_update(state)
 
     def apply(self, resync: bool = False) -> object:
