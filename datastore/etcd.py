@@ -31,8 +31,8 @@ import grpc  # noqa: E402
 from pyetcd.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 from datastore.config import Endpoint, EtcdConfig
-from datastore.errors import AlreadyExists, ConfigError, Conflict, DatastoreRefused, DatastoreUnavailable
-from datastore.kv import Create, Delete, KeyValue, Op, Reading, Unchanged, Update, prefix_end
+from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
+from datastore.kv import Create, Delete, KeyValue, Op, Reading, Unchanged, Update, Writes, prefix_end
 
 __all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "Op", "Reading", "Unchanged", "Update", "prefix_end"]
 
@@ -97,7 +97,7 @@ def _describe(err: grpc.RpcError) -> str:
     return details or str(code)
 
 
-class EtcdClient:
+class EtcdClient(Writes):
     """A thread-safe etcd v3 client with deadlines, retries and mutual TLS."""
 
     def __init__(self, config: EtcdConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -229,17 +229,6 @@ class EtcdClient:
         return resp.count, resp.header.revision
 
     # ---- writes --------------------------------------------------------------------------------
-    def create(self, key: str, value: bytes, lease: int = 0) -> int:
-        """Create ``key``; :class:`AlreadyExists` if it is there. Returns the new revision."""
-        try:
-            return self.commit([Create(key, value, lease)])
-        except Conflict:
-            raise AlreadyExists(key) from None
-
-    def update(self, key: str, value: bytes, mod_revision: int) -> int:
-        """Compare-and-swap on the modification revision; :class:`Conflict` if it moved."""
-        return self.commit([Update(key, value, mod_revision)])
-
     def delete(self, key: str, mod_revision: int = 0) -> bool:
         """Delete ``key`` (only at ``mod_revision`` when given). False if it was already gone."""
         if mod_revision:
@@ -286,14 +275,8 @@ class EtcdClient:
         resp = self._retrying("transaction", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Txn(req, timeout=t))
         if resp.succeeded:
             return int(resp.header.revision)
-        current = {kv.key: kv.mod_revision for r in resp.responses for kv in r.response_range.kvs}
-        for op in ops:
-            expected = 0 if isinstance(op, Create) else op.mod_revision
-            if isinstance(op, Delete) and not op.mod_revision:
-                continue
-            if current.get(op.key.encode(), 0) != expected:
-                raise Conflict(op.key)
-        raise Conflict()
+        raise self.conflict(ops, {kv.key.decode(): kv.mod_revision for r in resp.responses
+                                  for kv in r.response_range.kvs})
 
     # ---- leases -------------------------------------------------------------------------------
     def grant_lease(self, ttl: int) -> Lease:

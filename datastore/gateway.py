@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from datastore.config import Endpoint, EtcdConfig
-from datastore.errors import AlreadyExists, ConfigError, Conflict, DatastoreRefused, DatastoreUnavailable
-from datastore.kv import Create, Delete, KeyValue, Op, Reading, Update, prefix_end
+from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
+from datastore.kv import Create, Delete, KeyValue, Op, Reading, Update, Writes, prefix_end
 
 # gRPC status codes the gateway reports that are worth retrying (UNAVAILABLE, DEADLINE_EXCEEDED,
 # RESOURCE_EXHAUSTED, ABORTED), as the gRPC client does.
@@ -50,7 +50,7 @@ def _range(key: str, range_end: bytes | None = None, *, keys_only: bool = False,
     return body
 
 
-class GatewayClient:
+class GatewayClient(Writes):
     """Not thread-safe: one per process (or per thread)."""
 
     def __init__(self, config: EtcdConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -230,15 +230,6 @@ class GatewayClient:
         return int(resp.get("count", 0)), int(resp.get("header", {}).get("revision", 0))
 
     # ---- writes --------------------------------------------------------------------------------
-    def create(self, key: str, value: bytes, lease: int = 0) -> int:
-        try:
-            return self.commit([Create(key, value, lease)])
-        except Conflict:
-            raise AlreadyExists(key) from None
-
-    def update(self, key: str, value: bytes, mod_revision: int) -> int:
-        return self.commit([Update(key, value, mod_revision)])
-
     def delete(self, key: str, mod_revision: int = 0) -> bool:
         if mod_revision:
             self.commit([Delete(key, mod_revision)])
@@ -281,15 +272,8 @@ class GatewayClient:
         resp = self._call("transaction", "/v3/kv/txn", {"compare": compares, "success": writes, "failure": failure})
         if resp.get("succeeded"):
             return int(resp.get("header", {}).get("revision", 0))
-        current = {kv.key: kv.mod_revision for r in resp.get("responses") or []
-                   for kv in map(KeyValue.from_gateway, (r.get("response_range") or {}).get("kvs") or [])}
-        for op in ops:
-            expected = 0 if isinstance(op, Create) else op.mod_revision
-            if isinstance(op, Delete) and not op.mod_revision:
-                continue
-            if current.get(op.key, 0) != expected:
-                raise Conflict(op.key)
-        raise Conflict()
+        ranges = [(r.get("response_range") or {}).get("kvs") or [] for r in resp.get("responses") or []]
+        raise self.conflict(ops, {kv.key: kv.mod_revision for kvs in ranges for kv in map(KeyValue.from_gateway, kvs)})
 
 
 def _tls_problem(e: Exception) -> str:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from datastore.errors import AlreadyExists, Conflict
+
 
 def prefix_end(prefix: str) -> bytes:
     """The range end that selects every key starting with ``prefix``."""
@@ -94,6 +96,36 @@ class Unchanged:
 
 Op = Create | Update | Delete | Unchanged
 
+
+
+class Writes:
+    """What both clients build on their own ``commit``: single-key writes and reading a failed
+    transaction's comparisons back into the :class:`Conflict` that names the key that moved."""
+
+    def commit(self, ops: Sequence[Op]) -> int:
+        raise NotImplementedError
+
+    def create(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Create ``key``; :class:`AlreadyExists` if it is there. Returns the new revision."""
+        try:
+            return self.commit([Create(key, value, lease)])
+        except Conflict:
+            raise AlreadyExists(key) from None
+
+    def update(self, key: str, value: bytes, mod_revision: int) -> int:
+        """Compare-and-swap on the modification revision; :class:`Conflict` if it moved."""
+        return self.commit([Update(key, value, mod_revision)])
+
+    @staticmethod
+    def conflict(ops: Sequence[Op], current: dict[str, int]) -> Conflict:
+        """The conflict of a failed transaction, given each compared key's revision now (absent: 0)."""
+        for op in ops:
+            expected = 0 if isinstance(op, Create) else op.mod_revision
+            if isinstance(op, Delete) and not op.mod_revision:
+                continue
+            if current.get(op.key, 0) != expected:
+                return Conflict(op.key)
+        return Conflict()
 
 
 class KV(Protocol):

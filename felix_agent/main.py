@@ -224,7 +224,7 @@ class Agent:
         if self.metrics_server is not None:
             self.metrics_server.start()
         node_ip = self.args.node_ip or detect_node_ip()
-        with self.stores.client(self.config) as client:
+        with self.stores.etcd(self.config) as client:  # the gRPC client: watches, leases
             if not self._start_up(client, node_ip):
                 return 0
             if self.args.bgp:
