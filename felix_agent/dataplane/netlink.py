@@ -431,12 +431,14 @@ class _RouteBatch:
     buffer never overflows."""
 
     CHUNK = 128
+    TIMEOUT = 10.0  # seconds without an ack: the kernel answers at once, so something is badly wrong
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind((0, 0))
+        self._sock.settimeout(self.TIMEOUT)
         self._seq = 0
 
     def close(self) -> None:
@@ -457,9 +459,13 @@ class _RouteBatch:
                 by_seq[self._seq] = i
                 kind, flags = struct.unpack_from("=HH", message)
                 data += _HEADER.pack(_HEADER.size + len(message) - 4, kind, flags, self._seq, 0) + message[4:]
-            self._sock.sendall(data)
-            while by_seq:
-                self._receive(by_seq, codes)
+            try:
+                self._sock.sendall(data)
+                while by_seq:
+                    self._receive(by_seq, codes)
+            except OSError as e:  # acks lost (ENOBUFS) or none coming: those writes count as failed
+                for i in by_seq.values():
+                    codes[i] = e.errno or errno.EIO
         return codes
 
     def dump(self, kind: int, body: bytes) -> Iterator[bytes]:
