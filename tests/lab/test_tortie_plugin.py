@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from netlab import netns as ip_netns
-from netlab.cni import REFERENCE_PLUGINS, Attachment, network_config
+from netlab.cni import REFERENCE_PLUGINS, Attachment, exec_plugin, network_config
 from netlab.etcd import ETCD
 from netlab.lab import Pod
 from tests.lab.tortie_support import (
@@ -638,3 +638,29 @@ def test_concurrent_adds_and_dels_on_the_agent(tl: TortieLab, agent: None) -> No
             dels = list(pool.map(lambda att: tl.call("DEL", config, att), attachments))
         assert all(run.ok for run in dels), [run.output for run in dels if not run.ok]
     tl.assert_clean()
+
+
+# --------------------------------------------------------------------------------------------
+# tortie-ipam under the reference ptp, relayed to the agent like tortie itself
+
+
+def test_tortie_ipam_under_ptp_is_served_by_the_agent(tl: TortieLab, agent: None) -> None:
+    ptp = {"cniVersion": "1.0.0", "name": "ptp-relayed", "type": "ptp", "nodename": tl.node(1).name,
+           "agent_socket": str(tl.socket()), "ipam": {"type": "tortie-ipam"}}  # no etcd_*: the env has them
+    env = {"ETCD_ENDPOINTS": tl.env["ETCD_ENDPOINTS"], "ETCD_CA_CERT_FILE": tl.env["ETCD_CA_CERT_FILE"],
+           "ETCD_CERT_FILE": tl.env["ETCD_CERT_FILE"], "ETCD_KEY_FILE": tl.env["ETCD_KEY_FILE"]}
+    with tl.sandbox() as a, tl.sandbox() as b:
+        atts = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in (a, b)]
+        adds = [exec_plugin(REFERENCE_PLUGINS / "ptp", "ADD", ptp, att, cni_path=tl.cni_path,
+                            in_netns=tl.node(1).netns, extra_env=env) for att in atts]
+        assert all(run.ok for run in adds), [run.stdout + run.stderr for run in adds]
+        for att in atts:  # the agent logged each assignment: the relay reached it
+            assert f"ptp-relayed.{att.container_id}" in tl.agent_output()
+        ips = [str(ipaddress.ip_interface(run.output["ips"][0]["address"]).ip) for run in adds]  # type: ignore[index]
+        assert len(set(ips)) == 2 and tl.count_handles() == 2
+        assert a.exec("ping", "-c", "1", "-W", "2", ips[1], check=False).returncode == 0  # ptp's routing
+        for att, run in zip(atts, adds, strict=True):
+            done = exec_plugin(REFERENCE_PLUGINS / "ptp", "DEL", {**ptp, "prevResult": run.output}, att,
+                               cni_path=tl.cni_path, in_netns=tl.node(1).netns, extra_env=env)
+            assert done.ok, done.stdout + done.stderr
+    assert tl.count_handles() == 0
