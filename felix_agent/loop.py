@@ -147,6 +147,8 @@ class DataplaneLoop:
             else:
                 manager.apply()
             spent.append((_name(manager), time.perf_counter() - before))
+            if getattr(manager, "programs_endpoints", False):
+                self._publish(state)
         elapsed = time.perf_counter() - started
         self.metrics.observe_apply(elapsed, state, resync)
         # A slow apply delays every change queued behind it (and a pod's ADD): say where the time went.
@@ -155,8 +157,13 @@ class DataplaneLoop:
                 ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in spent if seconds >= 0.001))
         with self._cond:
             self._generation += 1
+        self._publish(state)
+        self.first_apply.set()
+
+    def _publish(self, state: DesiredState) -> None:
+        """Wake the ADDs whose endpoints ``state`` has: their policy is in the kernel."""
+        with self._cond:
             if state.endpoints is not self._programmed_from:  # the calculator keeps it when unchanged
                 self._programmed = frozenset(e.key for e in state.endpoints)
                 self._programmed_from = state.endpoints
             self._cond.notify_all()
-        self.first_apply.set()

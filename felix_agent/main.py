@@ -190,15 +190,16 @@ class Agent:
         netlink = Netlink.open()
         table = NftTable()
         underlay = node_ip.split("/")[0] if node_ip else None
-        # Order matters: devices before the routes through them; policy before NAT (same table).
-        # The netlink managers read the kernel back on every apply: run them only when their part
-        # of the state moved (every one of them on the periodic resync).
-        return [Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
+        # Order matters: policy first (a pod's ADD waits for it, not for the route work after it:
+        # the plugin routes its own pod), policy before NAT (same table), devices before the
+        # routes through them. The netlink managers read the kernel back on every apply: run them
+        # only when their part of the state moved (every one of them on the periodic resync).
+        return [PolicyManager(table), MasqManager(table),
+                Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
                 Gated(MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
-                      lambda s: (s.local_vtep, s.ipip_enabled, s.mtu)),
-                PolicyManager(table), MasqManager(table)]
+                      lambda s: (s.local_vtep, s.ipip_enabled, s.mtu))]
 
     def _start_up(self, client: EtcdClient, node_ip: str | None) -> bool:
         """Register the node and repair crashed ADDs, waiting (live, not ready) for a datastore that

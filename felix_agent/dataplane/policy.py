@@ -367,6 +367,10 @@ def render(state: DesiredState) -> Ruleset:
 class PolicyManager:
     """Felix's policy manager: ``on_update`` records, ``apply`` writes the difference in one transaction."""
 
+    # Once its apply returns, the state's endpoints have their chains and set memberships in the
+    # kernel: the loop releases the ADDs waiting for them then, not after the managers behind it.
+    programs_endpoints = True
+
     def __init__(self, table: NftTable) -> None:
         self._table = table
         self._renderer = _Renderer()
