@@ -216,9 +216,29 @@ def register(*kinds: type[Kind]) -> None:
 register(IPPool, Node, WorkloadEndpoint, IPAMConfiguration)
 
 
+def all_kinds() -> dict[str, type[Kind]]:
+    """Every kind, by each of its lower-case names (the policy and BGP kinds loaded on first use)."""
+    _load_all()
+    return KINDS
+
+
+def _load_all() -> None:
+    # The policy and BGP kinds live in their own modules, which import nothing from this one (no
+    # cycle). Loaded on demand: a CNI call, which decodes pools and endpoints only, would pay
+    # ~15 ms of CPU building their dataclasses.
+    if "networkpolicy" not in KINDS:
+        from datastore.bgp import BGP_KINDS
+        from datastore.policy import POLICY_KINDS
+
+        register(*POLICY_KINDS, *BGP_KINDS)
+
+
 def kind_named(name: str) -> type[Kind]:
     """A kind by any of its names, in any case (``IPPool``, ``ippools``, ``pool``...)."""
     kind = KINDS.get(name.lower())
+    if kind is None:
+        _load_all()
+        kind = KINDS.get(name.lower())
     if kind is None:
         known = sorted({k.KIND for k in KINDS.values()})
         raise ValidationError(f"unknown resource kind {name!r} (known: {', '.join(known)})")
@@ -232,12 +252,3 @@ def check_metadata_name(kind: type[Kind], name: str) -> None:
 def validate_labels(labels: dict[str, Any], where: str) -> None:
     check_labels(labels, where)
 
-
-# The policy kinds live in their own module, which imports nothing from this one (no cycle).
-from datastore.policy import POLICY_KINDS  # noqa: E402
-
-register(*POLICY_KINDS)
-
-from datastore.bgp import BGP_KINDS  # noqa: E402
-
-register(*BGP_KINDS)

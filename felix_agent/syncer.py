@@ -26,7 +26,7 @@ from datastore import keys
 from datastore.codec import from_stored
 from datastore.errors import DatastoreError, ValidationError
 from datastore.etcd import EtcdClient, KeyValue, Resync, Watch, WatchEvent
-from datastore.resources import KINDS
+from datastore.resources import all_kinds
 from felix_agent.calc.snapshot import AFFINITY, BLOCK, Affinity, Snapshot, Update
 from ipam.block import Block
 
@@ -36,7 +36,7 @@ _RESOURCE_PLURALS = ("ippools", "nodes", "workloadendpoints", "networkpolicies",
                      "profiles", "felixconfigurations", "bgpconfigurations", "bgppeers")
 # Resource kinds the agent reads (felixconfigurations once the kind exists), then IPAM blocks and affinities.
 DEFAULT_PREFIXES: tuple[str, ...] = (
-    *(keys.resource_prefix(plural) for plural in _RESOURCE_PLURALS if plural in KINDS),
+    *(keys.resource_prefix(plural) for plural in _RESOURCE_PLURALS if plural in all_kinds()),
     keys.BLOCKS,
     keys.AFFINITIES,
 )
@@ -59,7 +59,7 @@ def decode(key: str, value: bytes, mod_revision: int) -> Update:
 def _decode(key: str, value: bytes, mod_revision: int) -> Update:
     if key.startswith(keys.RESOURCES):
         plural = key[len(keys.RESOURCES):].split("/", 1)[0]
-        kind = KINDS.get(plural)
+        kind = all_kinds().get(plural)
         if kind is None or plural != kind.PLURAL:
             raise ValueError(f"{key}: no resource kind is stored under {plural!r}")
         resource = from_stored(value, mod_revision, key)
