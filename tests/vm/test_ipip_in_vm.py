@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUNNER = Path(os.environ.get("TORTIE_IPIP_VM_RUNNER", REPO.parent / "shared" / "tools" / "run_in_ipip_vm.sh"))
+# The workplace's runner sits beside the checkout (../shared); a clone made elsewhere (CI may clone
+# into a temporary directory) finds it at the workplace's fixed place.
+_RUNNERS = [REPO.parent / "shared" / "tools" / "run_in_ipip_vm.sh", Path("/work/shared/tools/run_in_ipip_vm.sh")]
+RUNNER = Path(os.environ.get("TORTIE_IPIP_VM_RUNNER") or next((r for r in _RUNNERS if r.is_file()), _RUNNERS[0]))
 KVER = os.environ.get("VM_KVER", "6.1.0-56-amd64")
 VM_TIMEOUT = 900  # seconds; the dataplane file takes well under a minute under TCG, the BGP one a few
 
