@@ -22,6 +22,8 @@ from typing import Any
 from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_plugins.rtnl import attr as _attr  # packing and walking rtattrs: shared with the CNI wiring
+from cni_plugins.rtnl import attrs as _attrs
 from cni_plugins.wiring import netns
 
 ROUTE_PROTOCOL = 80  # Tortie's agent (CONTRACT, "Kernel objects")
@@ -398,12 +400,6 @@ _COMMANDS = {  # action -> (verb in messages, message type, flags)
 }
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
-_RTATTR = struct.Struct("=HH")
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _RTATTR.pack(_RTATTR.size + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
 
 
 def _route_message(command: tuple[str, int, int], route: KernelRoute, oif: int | None) -> bytes:
@@ -552,18 +548,6 @@ def _route(m: Any, family: int, names: dict[int, str]) -> KernelRoute:
         metric=None if metric == DEFAULT_METRIC[version] else int(metric),
         ifindex=None if blackhole or oif is None else int(oif),
     )
-
-
-def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """The rtattrs from ``offset`` on, by type (nesting flags cleared); the last of a type wins."""
-    found: dict[int, bytes] = {}
-    while offset + _RTATTR.size <= len(data):
-        length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size:
-            break
-        found[kind & 0x3FFF] = data[offset + _RTATTR.size:offset + length]
-        offset += (length + 3) & ~3
-    return found
 
 
 def _raw_link(payload: bytes) -> Link:
