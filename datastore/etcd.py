@@ -189,16 +189,7 @@ class EtcdClient(Writes):
 
     def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]:
         """Several keys read at one revision, in one round trip."""
-        if not keys:
-            return {}
-        ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode())) for k in keys]
-        resp = self._retrying("get", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Txn(
-            rpc_pb2.TxnRequest(success=ops), timeout=t))
-        out = {}
-        for r in resp.responses:
-            for kv in r.response_range.kvs:
-                out[kv.key.decode()] = KeyValue.from_pb(kv)
-        return out
+        return self.read(keys, []).values if keys else {}
 
     def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]]) -> Reading:
         """Single keys and whole prefixes (``(prefix, keys_only)``) read at one revision in ONE
