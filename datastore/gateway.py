@@ -7,11 +7,14 @@ per call, transient failures retried within the budget rotating endpoints, one
 :class:`DatastoreUnavailable` naming the endpoint and cause, a refused TLS handshake reported at
 once as :class:`DatastoreRefused`, conditional writes). No watches or leases: long-lived
 processes use the gRPC client. HTTP/1.1 is spoken by hand over one kept-alive connection:
-``http.client`` would import the ``email`` package (~30 ms) for header parsing we do not need.
+``http.client`` would import the ``email`` package (~30 ms) for header parsing we do not need,
+and TLS is spoken through ``_ssl`` (the C half of ``ssl``): the ``ssl`` package's enum
+conversions cost ~8 ms of CPU per process for constants we never look at.
 """
 
 from __future__ import annotations
 
+import _ssl
 import json
 import random
 import socket
@@ -50,6 +53,46 @@ def _range(key: str, range_end: bytes | None = None, *, keys_only: bool = False,
     return body
 
 
+class _TLS:
+    """What this client needs of a TLS connection (``sendall``, ``recv``, ``settimeout``, ``close``)
+    on ``_ssl`` directly; errors are ``ssl``'s own classes (``ssl`` re-exports ``_ssl``'s)."""
+
+    def __init__(self, context: Any, sock: socket.socket, hostname: str) -> None:
+        self._sock = sock
+        self._tls = context._wrap_socket(sock, False, hostname)
+        self._tls.do_handshake()  # verifies etcd's certificate and name against our CA
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._tls.write(view):]
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return bytes(self._tls.read(size))
+        except _ssl.SSLEOFError:  # closed without close_notify: an end of stream, as ssl treats it
+            return b""
+
+    def settimeout(self, timeout: float) -> None:
+        self._sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> Any:
+    """``ssl.create_default_context(cafile=...)`` plus our certificate: TLS 1.2+, the peer's
+    certificate required and its name checked (the C defaults of a client context)."""
+    context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    else:
+        context.set_default_verify_paths()
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 class GatewayClient(Writes):
     """Not thread-safe: one per process (or per thread)."""
 
@@ -66,18 +109,13 @@ class GatewayClient(Writes):
 
     # ---- connection -------------------------------------------------------------------------
     def _tls_context(self) -> Any:
-        import ssl
-
         cfg = self.config
         try:
-            context = ssl.create_default_context(cafile=cfg.ca_cert_file or None)
-            if cfg.cert_file:
-                context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+            return _tls_context(cfg.ca_cert_file or None, cfg.cert_file or None, cfg.key_file or None)
+        except _ssl.SSLError as e:
+            raise ConfigError(f"the etcd certificates are not usable: {e.reason or e}") from None
         except OSError as e:
             raise ConfigError(f"cannot read the etcd certificates: {e.strerror or e}") from None
-        except ssl.SSLError as e:
-            raise ConfigError(f"the etcd certificates are not usable: {e.reason or e}") from None
-        return context
 
     @property
     def endpoint(self) -> Endpoint:
@@ -87,10 +125,10 @@ class GatewayClient(Writes):
         if self._sock is not None and self._sock_endpoint == endpoint:
             return self._sock
         self.close()
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+        sock: Any = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
         if endpoint.secure:
             try:
-                sock = self._context.wrap_socket(sock, server_hostname=endpoint.host)
+                sock = _TLS(self._context, sock, endpoint.host)
             except BaseException:
                 sock.close()
                 raise
@@ -158,8 +196,6 @@ class GatewayClient(Writes):
 
     def _call(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path``; retried like the gRPC client within the budget."""
-        import ssl
-
         data = json.dumps(body).encode()
         deadline = time.monotonic() + self.config.retry_budget
         delay = 0.05
@@ -179,10 +215,10 @@ class GatewayClient(Writes):
                 if code in _TRANSIENT_CODES or status >= 500 and not code:
                     raise _Transient(message)
                 raise DatastoreUnavailable(str(endpoint), f"{what} failed: {message}")
-            except ssl.SSLCertVerificationError as e:
+            except _ssl.SSLCertVerificationError as e:
                 self.close()
                 raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
-            except ssl.SSLError as e:  # the server refused our certificate (or the handshake)
+            except _ssl.SSLError as e:  # the server refused our certificate (or the handshake)
                 self.close()
                 raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
             except (_Transient, OSError, ValueError) as e:  # ValueError: a garbled answer

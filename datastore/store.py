@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import datetime
-import uuid
+import os
 
 from datastore import keys
 from datastore.codec import from_stored, stored_bytes
 from datastore.errors import AlreadyExists, Conflict, NotFound
 from datastore.kv import KV
 from datastore.model import Kind, Resource
+
+
+def new_uid() -> str:
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives it; ``uuid`` itself imports
+    ``platform`` (~2.5 ms of CPU in a one-shot plugin process)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ResourceStore:
@@ -33,7 +43,7 @@ class ResourceStore:
 
     def create(self, resource: Resource) -> Resource:
         key = self.key(resource.kind, resource.name, resource.namespace)
-        resource.metadata.uid = resource.metadata.uid or str(uuid.uuid4())
+        resource.metadata.uid = resource.metadata.uid or new_uid()
         resource.metadata.creation_timestamp = resource.metadata.creation_timestamp or (
             datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         try:

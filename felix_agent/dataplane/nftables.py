@@ -12,7 +12,8 @@ transaction, so the kernel never sees a half-written table.
 The kernel is the record: every rule carries a comment starting with a hash of its text, so a
 restarted agent (or a periodic ``reload()``) recognises its own rules, and a rule edited or
 deleted by hand shows up as a chain to rewrite. Between reloads the driver trusts its own view of
-what it last wrote, so an apply costs one ``nft`` process, not a read and a write.
+what it last wrote, so an apply costs one ``nft`` transaction, not a read and a write. In its own
+namespace it runs nft's commands through libnftables (see libnft), not one ``nft`` process each.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from felix_agent.dataplane import nfnetlink
+from felix_agent.dataplane import libnft, nfnetlink
 
 log = logging.getLogger(__name__)
 # The agent may be started with a bare environment (a lab, a minimal unit file): find nft anyway.
@@ -178,10 +179,13 @@ class NftTable:
         direct: bool | None = None,
     ) -> None:
         self.family, self.name = family, name
-        self._run = run or nft_runner(netns)
         # Talk nfnetlink ourselves for set elements and the rules' read-back (see nfnetlink): only in
         # our own namespace with the real nft, i.e. in the agent; tests with a runner or a netns do not.
         self._direct = (run is None and netns is None) if direct is None else direct
+        if run is None and netns is None:  # our own namespace: the library, without a process per call
+            library = libnft.runner()
+            run = library.run if library is not None else None
+        self._run = run or nft_runner(netns)
         self._owners: dict[str, Ruleset | None] = {}
         self._view: _View | None = None  # None: read the kernel before the next diff
         # The owners' chain tuples merged last time, and the merged dict (reused while they are the same).

@@ -3,6 +3,7 @@ without ``nft``, and the read-back (chains, sets, maps, rule tags) that the peri
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -110,3 +111,31 @@ def test_a_refused_element_batch_applies_nothing(ns: str) -> None:
         table.declare("policy", ruleset(frozenset({"10.1.0.1", "10.1.0.8"})))
         table.apply()
         assert "10.1.0.8" in listed_elements("s-web-v4")
+
+
+def test_libnftables_runs_what_nft_runs_and_refuses_what_it_refuses(ns: str) -> None:
+    from felix_agent.dataplane.libnft import LibNft
+
+    with netns(ns):
+        lib = LibNft()
+        try:
+            script = ("add table inet probe\nadd set inet probe hosts { type ipv4_addr ; }\n"
+                      "add chain inet probe c\nadd rule inet probe c ip saddr @hosts accept comment \"x\"\n")
+            assert lib.run(["-f", "-"], script).returncode == 0
+            listed = lib.run(["-j", "list", "table", "inet", "probe"], None)
+            by_command = subprocess.run(["nft", "-j", "list", "table", "inet", "probe"], capture_output=True,
+                                        text=True, check=True).stdout
+            assert listed.returncode == 0 and json.loads(listed.stdout) == json.loads(by_command)
+            # a transaction the kernel refuses changes nothing, and says why in nft's words
+            refused = lib.run(["-f", "-"], "add element inet probe hosts { 10.0.0.1 }\n"
+                                           "add rule inet probe nosuch accept\n")
+            assert refused.returncode == 1 and "No such file or directory" in refused.stderr
+            assert "10.0.0.1" not in nft("list", "set", "inet", "probe", "hosts")
+            missing = lib.run(["-j", "list", "table", "inet", "nosuch"], None)
+            assert missing.returncode == 1 and "Error: No such file or directory" in missing.stderr
+            # the context keeps working after a refusal, and sees changes made by others
+            subprocess.run(["nft", "add", "element", "inet", "probe", "hosts", "{ 10.0.0.2 }"], check=True)
+            assert "10.0.0.2" in lib.run(["list", "set", "inet", "probe", "hosts"], None).stdout
+        finally:
+            lib.close()
+    assert "probe" not in nft("list", "tables")  # the context was in the lab's namespace, not ours

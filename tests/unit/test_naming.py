@@ -33,3 +33,15 @@ def test_each_part_of_the_attachment_changes_the_name() -> None:
     assert host_ifname("net2", "c1", "eth0") != base
     assert host_ifname("net", "c2", "eth0") != base
     assert host_ifname("net", "c1", "eth1") != base
+
+
+def test_resource_uids_are_version_4_uuids_and_distinct() -> None:
+    import uuid
+
+    from datastore.store import new_uid
+
+    uids = [new_uid() for _ in range(500)]
+    assert len(set(uids)) == len(uids)
+    for text in uids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
