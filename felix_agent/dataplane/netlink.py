@@ -8,6 +8,7 @@ network namespace its socket was opened in, so a lab opens it inside ``wiring.ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -226,15 +227,20 @@ class Netlink:
 
     # -- routes --------------------------------------------------------------------------------
 
-    def routes(self) -> list[KernelRoute]:
-        """Every main-table route of both families, whatever its protocol."""
-        names = {link.index: link.name for link in self.links()}
+    def routes(self, protocol: int | None = None, links: Sequence[Link] | None = None) -> list[KernelRoute]:
+        """Every main-table route of both families; of ``protocol`` only when it is given. ``links``:
+        a listing the caller just made (saves a second one; names come from it)."""
+        names = {link.index: link.name for link in (self.links() if links is None else links)}
         out: list[KernelRoute] = []
         if self._batch is not None:  # as for links: pyroute2's parsing is the cost, not the kernel
             for family in (socket.AF_INET, socket.AF_INET6):
-                for payload in self._batch.dump(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+                # With strict checking the kernel itself skips other tables (the local table holds
+                # several routes per interface) and other protocols: at 5,000 veths, ~45,000 of
+                # the ~50,000 routes a plain dump would have us parse.
+                body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, protocol or 0, 0, 0, 0)
+                for payload in self._batch.dump(RTM_GETROUTE, body):
                     route = _raw_route(payload, names)
-                    if route is not None:
+                    if route is not None and (protocol is None or route.proto == protocol):
                         out.append(route)
             return out
         with _kernel("listing routes"):
@@ -242,7 +248,9 @@ class Netlink:
                 for m in self._ipr.route("dump", family=family, table=RT_TABLE_MAIN):
                     if m["type"] not in (RTN_UNICAST, RTN_BLACKHOLE):
                         continue
-                    out.append(_route(m, family, names))
+                    route = _route(m, family, names)
+                    if protocol is None or route.proto == protocol:
+                        out.append(route)
         return out
 
     def add_route(self, route: KernelRoute) -> None:
@@ -392,7 +400,7 @@ NLM_F_DUMP, RTM_GETLINK, RTM_GETROUTE = 0x300, 18, 26
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 3, 4, 18, 1, 2
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6 = 1, 4, 7, 15, 17
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 270, 10, 12
 _COMMANDS = {  # action -> (verb in messages, message type, flags)
     "add": ("add", RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL),
     "replace": ("replace", RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE),
@@ -432,6 +440,10 @@ class _RouteBatch:
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        # Dump requests' headers are filters (table, protocol), not ignored; before Linux 4.20 the
+        # option is unknown and the dumps are filtered here instead (routes() checks every route).
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind((0, 0))
         self._sock.settimeout(self.TIMEOUT)

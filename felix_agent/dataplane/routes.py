@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -47,7 +47,7 @@ LocalKey = tuple[str, str]  # (dst, device) of a local route
 
 class RouteDriver(Protocol):
     def links(self) -> list[Link]: ...
-    def routes(self) -> list[KernelRoute]: ...
+    def routes(self, protocol: int | None = None, links: Sequence[Link] | None = None) -> list[KernelRoute]: ...
     def add_route(self, route: KernelRoute) -> None: ...
     def replace_route(self, route: KernelRoute) -> None: ...
     def delete_route(self, route: KernelRoute) -> None: ...
@@ -178,8 +178,9 @@ class RouteManager:
         """Reconcile the kernel's protocol-80 routes with the last update; the number of writes.
 
         Raises ``ApplyError`` (after making every other write) when some routes could not be written."""
-        links = {link.name: link.index for link in self._driver.links()}
-        actual = self._driver.routes()
+        listed = self._driver.links()
+        links = {link.name: link.index for link in listed}
+        actual = self._driver.routes(protocol=self._protocol, links=listed)  # only ours: see plan()
         # A route through a device that does not exist yet (a veth being wired, vxlan.tortie before
         # the VXLAN manager's first apply, tunl0 without the ipip module) waits for the next apply.
         desired = {dst: r for dst, r in self._desired.items() if r.device is None or r.device in links}

@@ -7,6 +7,7 @@ them (prefix and metric), and refuses an ``add`` over an existing key as the ker
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -31,8 +32,8 @@ class FakeKernel:
     def links(self) -> list[Link]:
         return [Link(i, n, None, 1500, None, True) for n, i in self.links_.items()]
 
-    def routes(self) -> list[KernelRoute]:
-        return list(self.routes_)
+    def routes(self, protocol: int | None = None, links: Sequence[Link] | None = None) -> list[KernelRoute]:
+        return [r for r in self.routes_ if protocol is None or r.proto == protocol]
 
     def _resolve(self, r: KernelRoute) -> KernelRoute:
         if r.type == "unicast" and r.device is not None:
