@@ -187,16 +187,9 @@ class RouteManager:
         writes = 0
         failures: list[KernelError] = []
         deleted: set[LocalKey] = set()
-        for op in plan(desired, actual, self._keep, self._protocol):
-            try:
-                if op.action == "delete":
-                    self._driver.delete_route(op.route)
-                    deleted.add((op.route.dst, op.route.device or ""))
-                elif op.action == "replace":
-                    self._driver.replace_route(op.route)
-                else:
-                    self._driver.add_route(op.route)
-            except KernelError as e:
+        ops = plan(desired, actual, self._keep, self._protocol)
+        for op, e in zip(ops, self._write(ops, links), strict=True):
+            if e is not None:
                 if op.action == "add" and e.code == errno.EEXIST:
                     self._conflict(op.route)
                 elif e.code in (errno.ENODEV, errno.ENETDOWN) and op.action != "delete":
@@ -207,6 +200,8 @@ class RouteManager:
                 else:
                     failures.append(e)
                 continue
+            if op.action == "delete":
+                deleted.add((op.route.dst, op.route.device or ""))
             writes += 1
             log.debug("%s: %s %s", self._node, op.action, op.route)
         self._conflicts &= set(desired)
@@ -214,6 +209,23 @@ class RouteManager:
         if failures:
             raise ApplyError(f"route manager on {self._node}", failures)
         return writes
+
+    def _write(self, ops: Sequence[RouteOp], links: Mapping[str, int]) -> list[KernelError | None]:
+        """The writes in bulk when the driver can (``Netlink.write_routes``: many requests per
+        system call, raw netlink), each route with its device's index as just listed; else one by one."""
+        bulk = getattr(self._driver, "write_routes", None)
+        if bulk is not None:
+            return list(bulk([(op.action, replace(op.route, ifindex=links.get(op.route.device or "", op.route.ifindex)))
+                              for op in ops]))
+        out: list[KernelError | None] = []
+        for op in ops:
+            try:
+                {"add": self._driver.add_route, "replace": self._driver.replace_route,
+                 "delete": self._driver.delete_route}[op.action](op.route)
+                out.append(None)
+            except KernelError as e:
+                out.append(e)
+        return out
 
     def _conflict(self, route: KernelRoute) -> None:
         if route.dst not in self._conflicts:
