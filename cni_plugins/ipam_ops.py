@@ -26,7 +26,7 @@ from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable, ValidationError
 from datastore.kv import KV
 from ipam import errors as ipam_errors
-from ipam.allocator import IPAM, Assigned, AssignRequest, Record
+from ipam.allocator import IPAM, Assigned, AssignRequest
 from ipam.pools import select_pools
 
 log = logging.getLogger(__name__)
@@ -205,10 +205,9 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     return assign(args, stores)[0]
 
 
-def assign(args: CmdArgs, stores: Datastores = ONE_SHOT, record: Record | None = None) -> tuple[Result, bool]:
+def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
     """ADD's work; also says whether the handle already held the addresses (a repeated ADD),
-    which the caller must then not release when its own later step fails. ``record``: a key to
-    create in the same transaction (see ``ipam.allocator.Record``)."""
+    which the caller must then not release when its own later step fails."""
     conf = IPAMConf.parse(args.config, stores.environment)
     wanted = [ipaddress.ip_interface(ip).ip for ip in requested_ips(args)]
     attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname,
@@ -225,7 +224,6 @@ def assign(args: CmdArgs, stores: Datastores = ONE_SHOT, record: Record | None =
         pools_v6=conf.ipv6_pools,
         addresses=wanted,
         attrs=attrs,
-        record=record,
     )
     with cni_errors(), _node_lock(conf.node), _client(conf, stores) as client:
         assigned = IPAM(client).assign(request)

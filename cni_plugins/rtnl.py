@@ -178,14 +178,10 @@ class RTNL:
     def links(self) -> list[Link]:
         return [self._link(body) for body in self.dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0))]
 
-    def add_veth(self, name: str, mac: str, mtu: int, peer: str, peer_netns_fd: int,
-                 peer_mac: str | None = None) -> None:
-        """Create a veth pair, ``name`` here and up, ``peer`` in the namespace ``peer_netns_fd`` (down)
-        with ``peer_mac`` (the kernel picks a random one when None)."""
+    def add_veth(self, name: str, mac: str, mtu: int, peer: str, peer_netns_fd: int) -> None:
+        """Create a veth pair, ``name`` here and up, ``peer`` in the namespace ``peer_netns_fd`` (down)."""
         peer_msg = (_IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, peer.encode() + b"\0")
                     + attr(IFLA_MTU, _u32(mtu)) + attr(IFLA_NET_NS_FD, _u32(peer_netns_fd)))
-        if peer_mac is not None:
-            peer_msg += attr(IFLA_ADDRESS, bytes.fromhex(peer_mac.replace(":", "")))
         info = attr(IFLA_INFO_KIND, b"veth") + attr(IFLA_INFO_DATA | NLA_F_NESTED, attr(VETH_INFO_PEER, peer_msg))
         self.do(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                 _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + attr(IFLA_IFNAME, name.encode() + b"\0")

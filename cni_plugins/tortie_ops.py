@@ -24,11 +24,10 @@ from cni_plugins.errors import CNIError
 from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
-from datastore.errors import AlreadyExists, Conflict, NotFound
+from datastore.errors import AlreadyExists, NotFound
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
-from ipam.allocator import Record
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +92,12 @@ def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
     return _exec_ipam(ipam_type, command, args)
 
 
-def _assign(args: CmdArgs, stores: Datastores, record: Record | None = None) -> tuple[Result | None, bool]:
+def _assign(args: CmdArgs, stores: Datastores) -> tuple[Result | None, bool]:
     """IPAM ADD, and whether the addresses were already the attachment's (then a failure of a
-    later step must leave them: they belong to the live attachment a runtime is repeating).
-    With tortie-ipam, ``record`` (the workload endpoint) may be created in the same transaction."""
+    later step must leave them: they belong to the live attachment a runtime is repeating)."""
     ipam_type = args.config["ipam"]["type"]
     if ipam_type == "tortie-ipam":
-        return ipam_ops.assign(args, stores, record)
+        return ipam_ops.assign(args, stores)
     return _exec_ipam(ipam_type, "ADD", args), False
 
 
@@ -126,36 +124,22 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
     _check_free(args)
-    # The container's MAC is chosen here, so that the whole endpoint is known before the veth
-    # exists: with tortie-ipam it is created in the addresses' own transaction (one round trip
-    # fewer), and the agent programs its policy while the veth is being wired.
-    mac = wiring.random_mac()
-
-    def endpoint_document(given: list[Any]) -> bytes:
-        nets = [ipaddress.ip_interface(f"{a.address}/{a.address.max_prefixlen}") for a in given]
-        return ResourceStore.new_document(_endpoint(args, conf, host_if, mac, nets))[1]
-
-    record = Record(ResourceStore.key(WorkloadEndpoint, endpoint_name(conf.node, host_if), _namespace(args)),
-                    endpoint_document)
     with contextlib.ExitStack() as undo:
         # A handle that already holds addresses belongs to an attachment made before (a runtime
         # repeating ADD, or a second interface of the container): its addresses are handed back,
         # and a failure here must not release them from under the live attachment.
-        assigned, repeated = _assign(args, stores, record)
+        assigned, repeated = _assign(args, stores)
         if not repeated:
             undo.callback(_quietly, _ipam, "DEL", args, stores)
-        if record.revision:
-            undo.callback(_quietly, _delete_endpoint, stores, ipam_conf, record)
         if assigned is None or not assigned.ips:
             raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
         addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
         addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
         with _wiring_errors(codes.IO_FAILURE, "could not wire the container"):
-            wired = wiring.setup(args.netns, args.ifname, host_if, conf.mtu, addresses, mac)
+            wired = wiring.setup(args.netns, args.ifname, host_if, conf.mtu, addresses)
         undo.callback(_quietly, wiring.teardown, host_if)
-        if not record.revision:  # another IPAM plugin, a repeated ADD, or a stale endpoint in the way
-            with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-                _write_endpoint(ResourceStore(client), _endpoint(args, conf, host_if, wired.container_mac, addresses))
+        with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+            _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
     return Result(
@@ -193,31 +177,19 @@ def _quietly(fn: Any, *a: Any) -> None:
         log.warning("undo %s failed: %s", getattr(fn, "__name__", fn), e)
 
 
-def _namespace(args: CmdArgs) -> str:
-    return args.cni_args.get("K8S_POD_NAMESPACE") or "default"
-
-
-def _endpoint(args: CmdArgs, conf: PluginConf, host_if: str, mac: str, addresses: list[Any]) -> Resource:
-    namespace = _namespace(args)
+def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_if: str, wired: Any,
+                    addresses: list[Any]) -> None:
+    namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
     endpoint_labels = {**labels(args), LABEL_NAMESPACE: namespace, LABEL_NETWORK: conf.network}
-    return Resource(
+    resource = Resource(
         WorkloadEndpoint,
         Metadata(name=endpoint_name(conf.node, host_if), namespace=namespace, labels=endpoint_labels),
         WorkloadEndpointSpec(
             node=conf.node, interface_name=host_if, container_id=args.container_id,
             workload=args.cni_args.get("K8S_POD_NAME", args.container_id[:12]),
             pod=args.cni_args.get("K8S_POD_NAME", ""), endpoint=args.ifname, network=conf.network,
-            mac=mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
+            mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
     )
-
-
-def _delete_endpoint(stores: Datastores, ipam_conf: Any, record: Record) -> None:
-    """Undo an endpoint created with the addresses, unless something changed it since."""
-    with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client, contextlib.suppress(NotFound, Conflict):
-        client.delete(record.key, record.revision)
-
-
-def _write_endpoint(store: ResourceStore, resource: Resource) -> None:
     try:
         store.create(resource)  # the usual case: one round trip
     except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container

@@ -87,18 +87,8 @@ def netns(path: str | int) -> Iterator[None]:
             os.close(target)
 
 
-def random_mac() -> str:
-    """A random unicast, locally administered MAC, as the kernel gives a veth (``eth_random_addr``);
-    chosen here when the caller must know it before the interface exists."""
-    raw = bytearray(os.urandom(6))
-    raw[0] = raw[0] & 0xFE | 0x02
-    return ":".join(f"{b:02x}" for b in raw)
-
-
-def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[Address],
-          container_mac: str | None = None) -> Wired:
-    """Create and configure the veth pair of one attachment (the container end with
-    ``container_mac``, or one the kernel picks); on any failure leave nothing behind."""
+def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[Address]) -> Wired:
+    """Create and configure the veth pair of one attachment; on any failure leave nothing behind."""
     families: set[int] = {a.version for a in addresses}
     with ExitStack() as resources:
         host = resources.enter_context(RTNL())
@@ -114,7 +104,7 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
             with _doing(f"creating the veth pair {host_if}/{ifname}"):
                 try:
                     # The host end is created up; it has no carrier until the peer comes up, last.
-                    host.add_veth(host_if, HOST_MAC, mtu, ifname, ns_fd, container_mac)
+                    host.add_veth(host_if, HOST_MAC, mtu, ifname, ns_fd)
                 except NetlinkError as e:
                     if e.code == errno.EEXIST:  # lost a race with another ADD of the same name
                         raise InterfaceExists(f"{host_if} or {ifname} in {netns_path} appeared meanwhile") from e
@@ -212,20 +202,6 @@ def list_host_ifs(prefix: str = HOST_IF_PREFIX) -> list[str]:
     """The names of the links in the current namespace that start with ``prefix`` (the host ends)."""
     with RTNL() as host:
         return sorted(link.name for link in host.links() if link.name.startswith(prefix))
-
-
-def host_routes(prefix: str = HOST_IF_PREFIX) -> dict[str, set[tuple[str, int]]]:
-    """The host ends in the current namespace (links starting with ``prefix``), each with the
-    main-table destinations routed through it. ``setup`` adds those routes last, so a host end
-    routing every address of its endpoint belongs to an attachment that was wired completely."""
-    with RTNL() as host:
-        names = {link.index: link.name for link in host.links() if link.name.startswith(prefix)}
-        found: dict[str, set[tuple[str, int]]] = {name: set() for name in names.values()}
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for r in host.routes(family):
-                if r.oif in names and r.table == RT_TABLE_MAIN:
-                    found[names[r.oif]].add((r.dst, r.dst_len))
-        return found
 
 
 def _open_netns(path: str) -> int:

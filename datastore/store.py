@@ -41,19 +41,13 @@ class ResourceStore:
         kvs, _ = self.client.list(prefix)
         return [from_stored(kv.value, kv.mod_revision, kv.key) for kv in kvs]
 
-    @classmethod
-    def new_document(cls, resource: Resource) -> tuple[str, bytes]:
-        """The key and stored form of a resource about to be created (its identity filled in), for
-        a caller that creates it inside a transaction of its own."""
+    def create(self, resource: Resource) -> Resource:
+        key = self.key(resource.kind, resource.name, resource.namespace)
         resource.metadata.uid = resource.metadata.uid or new_uid()
         resource.metadata.creation_timestamp = resource.metadata.creation_timestamp or (
             datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-        return cls.key(resource.kind, resource.name, resource.namespace), stored_bytes(resource)
-
-    def create(self, resource: Resource) -> Resource:
-        key, document = self.new_document(resource)
         try:
-            rev = self.client.create(key, document)
+            rev = self.client.create(key, stored_bytes(resource))
         except AlreadyExists:
             raise AlreadyExists(resource.describe()) from None
         resource.metadata.resource_version = str(rev)

@@ -1,13 +1,9 @@
 """Start-up repair of what crashed ADDs left: ``tor*`` interfaces without an endpoint, endpoints
-of this node without a completely wired interface, and the addresses they held.
-
-An ADD creates the endpoint with its addresses, then wires the veth, host routes last: an endpoint
-whose host end does not route all its addresses is one whose ADD died while wiring."""
+of this node without an interface, and the addresses they held."""
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -38,32 +34,21 @@ def cleanup(client: EtcdClient, node: str, *, clock: Callable[[], float] = time.
     report = CleanupReport()
     store = ResourceStore(client)
     ipam = IPAM(client)
-    routed = wiring.host_routes()
-    links = set(routed)
+    links = set(wiring.list_host_ifs())
     endpoints = [e for e in store.list(WorkloadEndpoint) if e.spec.node == node]
-
-    def whole(spec: WorkloadEndpointSpec) -> bool:
-        wanted = {(str(ipaddress.ip_interface(n).ip), ipaddress.ip_interface(n).max_prefixlen)
-                  for n in spec.ip_networks}
-        return spec.interface_name in routed and wanted <= routed[spec.interface_name]
-
     wired = {e.spec.interface_name for e in endpoints}
     for link in sorted(links - wired):
         wiring.teardown(link)
         report.interfaces.append(link)
     for endpoint in endpoints:
         spec: WorkloadEndpointSpec = endpoint.spec
-        if whole(spec):
+        if spec.interface_name in links:
             continue
-        if spec.interface_name in links:  # half wired: its ADD died after writing the endpoint
-            wiring.teardown(spec.interface_name)
-            report.interfaces.append(spec.interface_name)
-            links.discard(spec.interface_name)
         ipam.release_handle(f"{spec.network}.{spec.container_id}")
         with contextlib.suppress(NotFound):
             store.delete(WorkloadEndpoint, endpoint.name, endpoint.namespace, endpoint.metadata.resource_version)
         report.endpoints.append(endpoint.name)
-    kept = {(e.spec.network, e.spec.container_id) for e in endpoints if whole(e.spec)}
+    kept = {(e.spec.network, e.spec.container_id) for e in endpoints if e.spec.interface_name in links}
     for name, handle in ipam.handles().items():
         attrs = handle.attrs
         if handle.node != node or attrs.get("plugin") != "tortie":

@@ -53,19 +53,6 @@ class AssignRequest:
     pools_v6: Sequence[str] = ()
     addresses: Sequence[Address] = ()  # specific addresses; they replace automatic ones of their family
     attrs: Mapping[str, str] = field(default_factory=dict)
-    record: Record | None = None  # a key to create in the same transaction as the addresses
-
-
-@dataclass
-class Record:
-    """A key the caller wants created atomically with a new assignment (the CNI plugin's workload
-    endpoint: one etcd round trip instead of two). ``value`` renders it from the addresses. It is
-    written only when the key does not exist and the handle held no addresses yet; ``revision``
-    then says at which revision (0: not written, the caller writes it its own way)."""
-
-    key: str
-    value: Callable[[list[Assigned]], bytes]
-    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,7 +90,6 @@ class _Snapshot:
     node_labels: dict[str, str]
     max_blocks: int
     blocks: dict[Network, tuple[Block, int]]  # block → (content, mod revision); affine or fetched
-    record_free: bool = False  # the request's record key does not exist
 
 
 class _Retry(Exception):
@@ -139,14 +125,13 @@ class IPAM:
         kvs, _ = self.client.list(keys.HANDLES)
         return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
 
-    def _snapshot(self, handle: str, node: str, record: Record | None = None) -> _Snapshot:
+    def _snapshot(self, handle: str, node: str) -> _Snapshot:
         """One round trip in the usual case: the handle, the IPAM configuration, the node, the
         pools, the node's affinities and the blocks it was last seen to hold, at one revision.
         A block the hint missed (claimed since, or by another process) costs a second read."""
         node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
         hinted = sorted(_BLOCK_HINTS.get(node, ()))
-        extra = [record.key] if record is not None else []
-        reading = self.client.read([keys.handle_key(handle), cfg_key, node_key, *hinted, *extra],
+        reading = self.client.read([keys.handle_key(handle), cfg_key, node_key, *hinted],
                                    [(_POOLS, False), (keys.affinity_prefix(node), True)])
         singles = reading.values
         labels: dict[str, str] = {}
@@ -170,8 +155,7 @@ class IPAM:
             if block.node == node:
                 blocks[block.cidr] = (block, kv.mod_revision)
         pools = [Pool.from_resource(from_stored(kv.value, kv.mod_revision, kv.key)) for kv in reading.lists[_POOLS]]
-        return _Snapshot(singles.get(keys.handle_key(handle)), pools, labels, max_blocks, blocks,
-                         record is not None and record.key not in singles)
+        return _Snapshot(singles.get(keys.handle_key(handle)), pools, labels, max_blocks, blocks)
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
@@ -192,7 +176,7 @@ class IPAM:
     def assign(self, req: AssignRequest) -> list[Assigned]:
         """Addresses for one attachment; an existing handle gets its addresses back (idempotent)."""
         for attempt in range(self.max_retries):
-            snap = self._snapshot(req.handle, req.node, req.record)
+            snap = self._snapshot(req.handle, req.node)
             if snap.handle is not None:
                 existing = self._existing(req.handle, snap)
                 if existing:
@@ -359,12 +343,7 @@ class IPAM:
             ops.append(Create(keys.handle_key(req.handle), handle.to_json()))
         else:
             ops.append(Update(keys.handle_key(req.handle), handle.to_json(), snap.handle.mod_revision))
-        record = req.record if snap.record_free and snap.handle is None else None
-        if record is not None:
-            ops.append(Create(record.key, record.value(results)))  # compared too: absent, or a retry
-        revision = self.client.commit(ops)
-        if record is not None:
-            record.revision = revision
+        self.client.commit(ops)
 
     def _backoff(self, attempt: int) -> None:
         self.sleep(random.uniform(0, min(0.05, 0.001 * (2 ** min(attempt, 6)))))
