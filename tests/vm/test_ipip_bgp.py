@@ -19,7 +19,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -30,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2.iproute.linux import IPRoute
 
 from cni_plugins import wiring
 from felix_agent.dataplane.netlink import KernelRoute, Netlink
 from tests.vm.probes import Capture, echo, link_stats
+from tests.vm.underlay import ns_path, underlay
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 REPO = Path(__file__).resolve().parents[2]
@@ -52,18 +51,6 @@ pytestmark = [
         "tests/vm/test_ipip_in_vm.py runs this file inside a VM",
     ),
 ]
-
-NODES = ((1, 1), (2, 1), (3, 2))  # (k, subnet): n1, n2 on 10.9.1.0/24, n3 on 10.9.2.0/24
-
-
-def ns_path(name: str) -> str:
-    return f"/run/netns/{name}"
-
-
-def write_sysctl(netns_name: str, key: str, value: str) -> None:
-    with wiring.netns(ns_path(netns_name)), open(f"/proc/sys/net/{key}", "w") as f:
-        f.write(value)
-
 
 def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "tortie.dev/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}
@@ -139,71 +126,36 @@ class Node:
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[Node]]:
-    """Topology through netlink in this process (an ``ip`` exec costs ~0.1 s under TCG), then one
-    node program per node on the same datastore view."""
-    prefix = f"ipb{secrets.token_hex(3)}"
-    names = [f"{prefix}-{s}" for s in ("sw", "r", "n1", "n2", "n3", "p1", "p2", "p3")]
-    sw, router = names[0], names[1]
-    handles: dict[str, Any] = {}
+    """Three nodes on the shared underlay, each with one pod, then one node program per node on
+    the same datastore view."""
     built: list[Node] = []
-    try:
-        subprocess.run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in names), check=True,
-                       capture_output=True, text=True)
-        for name in names:
-            with wiring.netns(ns_path(name)):
-                handles[name] = IPRoute()
-            handles[name].link("set", index=1, state="up")
-        for br in ("br1", "br2"):
-            handles[sw].link("add", ifname=br, kind="bridge", state="up")
+    with underlay("ipb") as u:
+        try:
+            for host in u.hosts:
+                with wiring.netns(ns_path(host.netns)):
+                    wiring.setup(ns_path(host.pod_netns), "eth0", f"tor{u.prefix[3:]}{host.k}", 1480,
+                                 [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
+                built.append(Node(host.k, host.netns, host.underlay, host.pod_netns, tmp_path / f"n{host.k}",
+                                  Netlink.open(ns_path(host.netns))))
 
-        def plug(ns: str, ifname: str, port: str, bridge: str, cidr: str) -> None:
-            fd = os.open(ns_path(ns), os.O_RDONLY)
-            try:
-                handles[sw].link("add", ifname=port, kind="veth", peer={"ifname": ifname, "net_ns_fd": fd})
-            finally:
-                os.close(fd)
-            handles[sw].link("set", ifname=port, master=handles[sw].link_lookup(ifname=bridge)[0], state="up")
-            index = handles[ns].link_lookup(ifname=ifname)[0]
-            iface = ipaddress.ip_interface(cidr)
-            handles[ns].addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-            handles[ns].link("set", index=index, state="up")
-
-        plug(router, "eth1", "r1", "br1", "10.9.1.1/24")
-        plug(router, "eth2", "r2", "br2", "10.9.2.1/24")
-        write_sysctl(router, "ipv4/ip_forward", "1")
-        for k, subnet in NODES:
-            node_ns, pod_ns = f"{prefix}-n{k}", f"{prefix}-p{k}"
-            underlay = f"10.9.{subnet}.1{k}"
-            plug(node_ns, "eth0", f"v{k}", f"br{subnet}", f"{underlay}/24")
-            handles[node_ns].route("add", dst="0.0.0.0/0", gateway=f"10.9.{subnet}.1")
-            write_sysctl(node_ns, "ipv4/ip_forward", "1")
-            with wiring.netns(ns_path(node_ns)):
-                wiring.setup(ns_path(pod_ns), "eth0", f"tor{prefix[3:]}{k}", 1480,
-                             [ipaddress.ip_interface(f"10.244.{k}.2/26")])
-            built.append(Node(k, node_ns, underlay, pod_ns, tmp_path / f"n{k}", Netlink.open(ns_path(node_ns))))
-
-        view = tmp_path / "view.json"
-        view.write_text(json.dumps({
-            "resources": [
-                resource("IPPool", "default-ipv4", {"cidr": "10.244.0.0/16", "blockSize": 26, "ipipMode": "Always",
-                                                    "vxlanMode": "Never", "natOutgoing": False}),
-                *[resource("Node", n.name, {"bgp": {"ipv4Address": f"{n.underlay}/24"}}) for n in built],
-            ],
-            "blocks": [{"cidr": n.block, "owner": n.name} for n in built],
-        }))
-        for node in built:
-            node.start(view)
-        yield built
-    finally:
-        for node in built:
-            node.stop()
-        for node in built:
-            node.stop_exabgp()
-            node.driver.close()
-        for handle in handles.values():
-            handle.close()
-        subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {n}\n" for n in names),
-                       capture_output=True, text=True)
+            view = tmp_path / "view.json"
+            view.write_text(json.dumps({
+                "resources": [
+                    resource("IPPool", "default-ipv4", {"cidr": "10.244.0.0/16", "blockSize": 26, "ipipMode": "Always",
+                                                        "vxlanMode": "Never", "natOutgoing": False}),
+                    *[resource("Node", n.name, {"bgp": {"ipv4Address": f"{n.underlay}/24"}}) for n in built],
+                ],
+                "blocks": [{"cidr": n.block, "owner": n.name} for n in built],
+            }))
+            for node in built:
+                node.start(view)
+            yield built
+        finally:
+            for node in built:
+                node.stop()
+            for node in built:
+                node.stop_exabgp()
+                node.driver.close()
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str,

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pyroute2.iproute.linux import IPRoute
 
 from cni_plugins import wiring
 from felix_agent.calc.model import DesiredState, Route
@@ -32,6 +29,7 @@ from felix_agent.dataplane.mtu import MTUManager
 from felix_agent.dataplane.netlink import Netlink
 from felix_agent.dataplane.routes import RouteManager
 from tests.vm.probes import Capture, echo, link_stats
+from tests.vm.underlay import ns_path, underlay
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 
@@ -113,86 +111,23 @@ class Cluster:
         return sum(n.apply(self.state(n, mode, tunnel_addresses)) for n in self.nodes)
 
 
-def ns_path(name: str) -> str:
-    return f"/run/netns/{name}"
-
-
-def write_sysctl(netns_name: str, key: str, value: str) -> None:
-    with wiring.netns(ns_path(netns_name)), open(f"/proc/sys/net/{key}", "w") as f:  # the thread's namespace
-        f.write(value)
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """The topology is built through netlink in this process: under TCG every ``ip`` exec costs ~0.1 s."""
-    prefix = f"ipv{secrets.token_hex(3)}"
-    names = [f"{prefix}-{s}" for s in ("sw", "r", "n1", "n2", "n3", "p1", "p2", "p3")]
-    sw, router = names[0], names[1]
+    """Three nodes on the shared underlay, each with one pod wired by the CNI plugin's code."""
     nodes: list[Node] = []
-    handles: dict[str, Any] = {}
-    try:
-        subprocess.run(
-            ["ip", "-batch", "-"],
-            input="".join(f"netns add {n}\n" for n in names),
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        for name in names:
-            with wiring.netns(ns_path(name)):
-                handles[name] = IPRoute()
-            handles[name].link("set", index=1, state="up")
-        for br in ("br1", "br2"):
-            handles[sw].link("add", ifname=br, kind="bridge", state="up")
-
-        def plug(ns: str, ifname: str, port: str, bridge: str, cidr: str) -> None:
-            fd = os.open(ns_path(ns), os.O_RDONLY)
-            try:
-                handles[sw].link("add", ifname=port, kind="veth", peer={"ifname": ifname, "net_ns_fd": fd})
-            finally:
-                os.close(fd)
-            handles[sw].link("set", ifname=port, master=handles[sw].link_lookup(ifname=bridge)[0], state="up")
-            index = handles[ns].link_lookup(ifname=ifname)[0]
-            iface = ipaddress.ip_interface(cidr)
-            handles[ns].addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-            handles[ns].link("set", index=index, state="up")
-
-        plug(router, "eth1", "r1", "br1", "10.9.1.1/24")
-        plug(router, "eth2", "r2", "br2", "10.9.2.1/24")
-        write_sysctl(router, "ipv4/ip_forward", "1")
-        for k, subnet in ((1, 1), (2, 1), (3, 2)):
-            node_ns, pod_ns = f"{prefix}-n{k}", f"{prefix}-p{k}"
-            underlay = f"10.9.{subnet}.1{k}"
-            plug(node_ns, "eth0", f"v{k}", f"br{subnet}", f"{underlay}/24")
-            handles[node_ns].route("add", dst="0.0.0.0/0", gateway=f"10.9.{subnet}.1")
-            write_sysctl(node_ns, "ipv4/ip_forward", "1")
-            pod_if = f"tor{prefix[3:]}{k}"
-            with wiring.netns(ns_path(node_ns)):
-                wiring.setup(ns_path(pod_ns), "eth0", pod_if, 1480, [ipaddress.ip_interface(f"10.244.{k}.2/26")])
-            nodes.append(
-                Node(
-                    k,
-                    node_ns,
-                    underlay,
-                    f"10.9.{subnet}.0/24",
-                    pod_ns,
-                    pod_if,
-                    Netlink.open(ns_path(node_ns)),
-                    tmp_path / f"mtu-{k}",
-                )
-            )
-        yield Cluster(prefix, nodes)
-    finally:
-        for node in nodes:
-            node.driver.close()
-        for handle in handles.values():
-            handle.close()
-        subprocess.run(
-            ["ip", "-force", "-batch", "-"],
-            input="".join(f"netns del {n}\n" for n in names),
-            capture_output=True,
-            text=True,
-        )
+    with underlay("ipv") as u:
+        try:
+            for host in u.hosts:
+                pod_if = f"tor{u.prefix[3:]}{host.k}"
+                with wiring.netns(ns_path(host.netns)):
+                    wiring.setup(ns_path(host.pod_netns), "eth0", pod_if, 1480,
+                                 [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
+                nodes.append(Node(host.k, host.netns, host.underlay, host.segment, host.pod_netns, pod_if,
+                                  Netlink.open(ns_path(host.netns)), tmp_path / f"mtu-{host.k}"))
+            yield Cluster(u.prefix, nodes)
+        finally:
+            for node in nodes:
+                node.driver.close()
 
 
 def ping(pod_ns: str, address: str, timeout: float = 8.0) -> bool:
