@@ -5,7 +5,10 @@ Standard library only: the thin CNI front end imports this on every call.
 
 from __future__ import annotations
 
-import hashlib
+try:  # the built-in module: hashlib would load OpenSSL's (~3 ms of CPU in a one-shot plugin process)
+    from _sha1 import sha1
+except ImportError:  # a Python built without it
+    from hashlib import sha1
 
 HOST_IF_PREFIX = "tor"
 
@@ -16,5 +19,5 @@ def host_ifname(network: str, container_id: str, ifname: str) -> str:
     14 characters, within the kernel's 15-character limit (IFNAMSIZ - 1). The same attachment
     always gets the same name, so a DEL or a retried ADD finds what an earlier call created.
     """
-    digest = hashlib.sha1(f"{network}.{container_id}.{ifname}".encode()).hexdigest()
+    digest: str = sha1(f"{network}.{container_id}.{ifname}".encode()).hexdigest()
     return HOST_IF_PREFIX + digest[:11]

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +106,8 @@ def _exec_ipam(ipam_type: str, command: str, args: CmdArgs) -> Result | None:
         raise CNIError(codes.INVALID_CONFIG, f"IPAM plugin {ipam_type} not found", f"searched CNI_PATH {args.path}")
     env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": args.container_id, "CNI_NETNS": args.netns,
            "CNI_IFNAME": args.ifname, "CNI_ARGS": args.args, "CNI_PATH": os.pathsep.join(args.path)}
+    import subprocess  # only for another IPAM plugin: ~3 ms of imports the usual ADD does without
+
     proc = subprocess.run([binary], input=args.stdin_data, capture_output=True, env=env, timeout=120)
     output = json.loads(proc.stdout) if proc.stdout.strip() else None
     if proc.returncode != 0:

@@ -14,6 +14,7 @@ import ctypes.util
 import logging
 import subprocess
 import threading
+import weakref
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class LibNft:
         self._lib, self._ctx = lib, ctx
         self._base_flags = lib.nft_ctx_output_get_flags(ctx)
         self._lock = threading.Lock()
+        self._free = weakref.finalize(self, lib.nft_ctx_free, ctx)  # the context's socket and cache
 
     def run(self, args: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
         """What ``nft <args>`` (with ``stdin`` for ``-f -``) would have returned; the flags the
@@ -63,6 +65,8 @@ class LibNft:
         else:
             return subprocess.CompletedProcess(["nft", *args], 64, "", f"libnft: unsupported arguments {words}")
         with self._lock:
+            if not self._free.alive:
+                return subprocess.CompletedProcess(["nft", *args], 70, "", "libnft: the context is closed")
             flags = self._base_flags | (NFT_CTX_OUTPUT_JSON if json_output else 0)
             self._lib.nft_ctx_output_set_flags(self._ctx, flags)
             rc = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
@@ -72,9 +76,7 @@ class LibNft:
 
     def close(self) -> None:
         with self._lock:
-            if self._ctx:
-                self._lib.nft_ctx_free(self._ctx)
-                self._ctx = None
+            self._free()
 
 
 def runner() -> LibNft | None:
