@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
 from felix_agent.dataplane.ipip import IPIP_DEVICE
-from felix_agent.dataplane.netlink import ROUTE_PROTOCOL, ApplyError, KernelError, KernelRoute, Link
+from felix_agent.dataplane.netlink import ROUTE_PROTOCOL, ApplyError, KernelError, KernelRoute
 from felix_agent.dataplane.vxlan import VXLAN_DEVICE, vtep_link_local
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ LocalKey = tuple[str, str]  # (dst, device) of a local route
 
 
 class RouteDriver(Protocol):
-    def links(self) -> list[Link]: ...
-    def routes(self, protocol: int | None = None, links: Sequence[Link] | None = None) -> list[KernelRoute]: ...
+    def link_indexes(self) -> dict[str, int]: ...
+    def routes(self, protocol: int | None = None, indexes: Mapping[str, int] | None = None) -> list[KernelRoute]: ...
     def add_route(self, route: KernelRoute) -> None: ...
     def replace_route(self, route: KernelRoute) -> None: ...
     def delete_route(self, route: KernelRoute) -> None: ...
@@ -178,9 +178,8 @@ class RouteManager:
         """Reconcile the kernel's protocol-80 routes with the last update; the number of writes.
 
         Raises ``ApplyError`` (after making every other write) when some routes could not be written."""
-        listed = self._driver.links()
-        links = {link.name: link.index for link in listed}
-        actual = self._driver.routes(protocol=self._protocol, links=listed)  # only ours: see plan()
+        links = self._driver.link_indexes()
+        actual = self._driver.routes(protocol=self._protocol, indexes=links)  # only ours: see plan()
         # A route through a device that does not exist yet (a veth being wired, vxlan.tortie before
         # the VXLAN manager's first apply, tunl0 without the ipip module) waits for the next apply.
         desired = {dst: r for dst, r in self._desired.items() if r.device is None or r.device in links}

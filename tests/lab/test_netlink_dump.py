@@ -54,7 +54,9 @@ def test_raw_listings_equal_pyroute2s(ns: str) -> None:
             assert ours["10.244.1.0/26"].onlink and ours["10.244.1.0/26"].device == "vxlan.tortie"
             assert ours["fd00:2::5/128"].metric == 5 and ours["10.244.0.0/26"].type == "blackhole"
             # one protocol's routes, filtered by the kernel: the same as filtering the whole listing
-            filtered = sorted(fast.routes(protocol=80, links=fast.links()), key=repr)
+            indexes = fast.link_indexes()
+            assert indexes == {link.name: link.index for link in fast.links()}
+            filtered = sorted(fast.routes(protocol=80, indexes=indexes), key=repr)
             assert filtered == sorted((r for r in routes if r.proto == 80), key=repr) and len(filtered) == 5
             assert sorted(slow.routes(protocol=80), key=repr) == filtered
             vxlan = next(link for link in fast.links() if link.name == "vxlan.tortie").vxlan

@@ -7,7 +7,7 @@ them (prefix and metric), and refuses an ``add`` over an existing key as the ker
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -32,7 +32,10 @@ class FakeKernel:
     def links(self) -> list[Link]:
         return [Link(i, n, None, 1500, None, True) for n, i in self.links_.items()]
 
-    def routes(self, protocol: int | None = None, links: Sequence[Link] | None = None) -> list[KernelRoute]:
+    def link_indexes(self) -> dict[str, int]:
+        return dict(self.links_)
+
+    def routes(self, protocol: int | None = None, indexes: Mapping[str, int] | None = None) -> list[KernelRoute]:
         return [r for r in self.routes_ if protocol is None or r.proto == protocol]
 
     def _resolve(self, r: KernelRoute) -> KernelRoute:
