@@ -10,7 +10,8 @@ elements) a one-address label change costs ~100 ms of ``nft`` start-up, and list
 - :func:`rule_tags` dumps the table's rules and keeps only what the driver compares: each rule's
   chain and the first word of its comment (the driver's hash tag).
 
-Everything else (creating objects, rules, maps, named-port sets) still goes through ``nft -f``.
+Everything else (creating objects, rules, maps, named-port sets) goes through nft's own parser
+(libnftables in the agent, see libnft; the ``nft -f`` command elsewhere).
 Standard library only; runs in the caller's network namespace. Knows nothing about policy.
 """
 

@@ -1,4 +1,4 @@
-"""The nftables driver: one table, read back from the kernel and written in atomic ``nft -f`` transactions.
+"""The nftables driver: one table, read back from the kernel and written in atomic nft transactions.
 
 Knows nothing about policy or pools. Its callers (*owners*: the policy manager, the NAT-outgoing
 manager) each declare the chains, sets and verdict maps they want, by name; ``apply()`` merges the
