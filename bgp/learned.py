@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from bgp.model import SessionStatus, address, canonical, network
 from felix_agent.dataplane.ipip import IPIP_DEVICE
-from felix_agent.dataplane.netlink import KernelError, KernelRoute
+from felix_agent.dataplane.netlink import KernelError, KernelRoute, write_each
 
 log = logging.getLogger(__name__)
 
@@ -239,22 +239,10 @@ class LearnedRoutes:
         if not ops:
             return
         bulk = getattr(self.driver, "write_routes", None)
-        errors: list[KernelError | None] = bulk(ops) if bulk is not None else [self._write_one(*op) for op in ops]
+        errors: list[KernelError | None] = bulk(ops) if bulk is not None else write_each(self.driver, ops)
         with self._lock:
             for (action, route), error in zip(ops, errors, strict=True):
                 self._record(action, route, error)
-
-    def _write_one(self, action: str, route: KernelRoute) -> KernelError | None:
-        try:
-            if action == "add":
-                self.driver.add_route(route)
-            elif action == "replace":
-                self.driver.replace_route(route)
-            else:
-                self.driver.delete_route(route)
-        except KernelError as e:
-            return e
-        return None
 
     def _record(self, action: str, route: KernelRoute, error: KernelError | None) -> None:
         """What one write did (under ``_lock``)."""

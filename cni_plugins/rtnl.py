@@ -58,14 +58,17 @@ def attr(kind: int, data: bytes) -> bytes:
     return _ATTR.pack(length, kind) + data + b"\0" * (-length % 4)
 
 
-def attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """The attributes in ``data`` from ``offset``, by type (the nested flag masked off)."""
+def attrs(data: bytes, offset: int = 0, until: int | None = None) -> dict[int, bytes]:
+    """The attributes in ``data`` from ``offset``, by type (the nested flag masked off); with
+    ``until``, the walk ends at the first attribute of that type (what a caller looks for first)."""
     found: dict[int, bytes] = {}
     while offset + _ATTR.size <= len(data):
         length, kind = _ATTR.unpack_from(data, offset)
         if length < _ATTR.size:
             break
         found[kind & 0x3FFF] = data[offset + _ATTR.size:offset + length]
+        if kind & 0x3FFF == until:
+            break
         offset += (length + 3) & ~3
     return found
 

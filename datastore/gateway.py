@@ -80,19 +80,6 @@ class _TLS:
         self._sock.close()
 
 
-def _tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> Any:
-    """``ssl.create_default_context(cafile=...)`` plus our certificate: TLS 1.2+, the peer's
-    certificate required and its name checked (the C defaults of a client context)."""
-    context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
-    if ca_file:
-        context.load_verify_locations(ca_file)
-    else:
-        context.set_default_verify_paths()
-    if cert_file:
-        context.load_cert_chain(cert_file, key_file)
-    return context
-
-
 class GatewayClient(Writes):
     """Not thread-safe: one per process (or per thread)."""
 
@@ -109,9 +96,18 @@ class GatewayClient(Writes):
 
     # ---- connection -------------------------------------------------------------------------
     def _tls_context(self) -> Any:
+        """``ssl.create_default_context(cafile=...)`` plus our certificate: TLS 1.2+, the peer's
+        certificate required and its name checked (the C defaults of a client context)."""
         cfg = self.config
         try:
-            return _tls_context(cfg.ca_cert_file or None, cfg.cert_file or None, cfg.key_file or None)
+            context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
+            if cfg.ca_cert_file:
+                context.load_verify_locations(cfg.ca_cert_file)
+            else:
+                context.set_default_verify_paths()
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+            return context
         except _ssl.SSLError as e:
             raise ConfigError(f"the etcd certificates are not usable: {e.reason or e}") from None
         except OSError as e:

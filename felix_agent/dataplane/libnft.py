@@ -10,7 +10,6 @@ nft's own, so the driver cannot tell the two apart (``runner()`` returns a ``Run
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import subprocess
 import threading

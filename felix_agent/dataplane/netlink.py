@@ -145,16 +145,10 @@ class Netlink:
             return {link.name: link.index for link in self.links()}
         out: dict[str, int] = {}
         for payload in self._batch.dump(RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0)):
-            _, _, index, _, _ = _IFINFOMSG.unpack_from(payload)
-            offset = _IFINFOMSG.size
-            while offset + 4 <= len(payload):  # the kernel puts IFLA_IFNAME first: stop there
-                length, kind = struct.unpack_from("=HH", payload, offset)
-                if length < 4:
-                    break
-                if kind & 0x3FFF == IFLA_IFNAME:
-                    out[payload[offset + 4:offset + length].rstrip(b"\0").decode()] = index
-                    break
-                offset += (length + 3) & ~3
+            # the kernel puts IFLA_IFNAME first: the walk stops there
+            name = _attrs(payload, _IFINFOMSG.size, until=IFLA_IFNAME).get(IFLA_IFNAME)
+            if name is not None:
+                out[name.rstrip(b"\0").decode()] = _IFINFOMSG.unpack_from(payload)[2]
         return out
 
     def link(self, name: str) -> Link | None:
@@ -292,7 +286,7 @@ class Netlink:
         one round trip each. One result per op, in order: None, or the KernelError that ``add_route``
         etc. would have raised (deleting a route that is gone is a success, as in ``delete_route``)."""
         if self._batch is None:  # made around a bare IPRoute: one request at a time
-            return [self._one(action, route) for action, route in ops]
+            return write_each(self, ops)
         names: dict[str, int] | None = None
         messages: list[bytes | None] = []
         for action, route in ops:
@@ -315,13 +309,6 @@ class Netlink:
             else:
                 out.append(KernelError(f"{_COMMANDS[action][0]} route {_describe(route)}", code))
         return out
-
-    def _one(self, action: str, route: KernelRoute) -> KernelError | None:
-        try:
-            {"add": self.add_route, "replace": self.replace_route, "delete": self.delete_route}[action](route)
-        except KernelError as e:
-            return e
-        return None
 
     def _route(self, command: str, route: KernelRoute) -> None:
         net = ipaddress.ip_network(route.dst)
@@ -428,6 +415,20 @@ _COMMANDS = {  # action -> (verb in messages, message type, flags)
 }
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+
+
+def write_each(driver: Any, ops: Sequence[tuple[str, KernelRoute]]) -> list[KernelError | None]:
+    """``ops`` (``("add" | "replace" | "delete", route)``) one request at a time through the
+    driver's ``add_route``, ``replace_route`` and ``delete_route``, with the outcomes
+    ``Netlink.write_routes`` reports: None, or the KernelError the write raised."""
+    out: list[KernelError | None] = []
+    for action, route in ops:
+        try:
+            {"add": driver.add_route, "replace": driver.replace_route, "delete": driver.delete_route}[action](route)
+            out.append(None)
+        except KernelError as e:
+            out.append(e)
+    return out
 
 
 def _route_message(command: tuple[str, int, int], route: KernelRoute, oif: int | None) -> bytes:

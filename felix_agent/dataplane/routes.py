@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
 from felix_agent.dataplane.ipip import IPIP_DEVICE
-from felix_agent.dataplane.netlink import ROUTE_PROTOCOL, ApplyError, KernelError, KernelRoute
+from felix_agent.dataplane.netlink import ROUTE_PROTOCOL, ApplyError, KernelError, KernelRoute, write_each
 from felix_agent.dataplane.vxlan import VXLAN_DEVICE, vtep_link_local
 
 log = logging.getLogger(__name__)
@@ -216,15 +216,7 @@ class RouteManager:
         if bulk is not None:
             return list(bulk([(op.action, replace(op.route, ifindex=links.get(op.route.device or "", op.route.ifindex)))
                               for op in ops]))
-        out: list[KernelError | None] = []
-        for op in ops:
-            try:
-                {"add": self._driver.add_route, "replace": self._driver.replace_route,
-                 "delete": self._driver.delete_route}[op.action](op.route)
-                out.append(None)
-            except KernelError as e:
-                out.append(e)
-        return out
+        return write_each(self._driver, [(op.action, op.route) for op in ops])
 
     def _conflict(self, route: KernelRoute) -> None:
         if route.dst not in self._conflicts:
