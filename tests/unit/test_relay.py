@@ -49,11 +49,15 @@ def test_request_round_trip_keeps_only_plugin_settings() -> None:
     forwarded = ",".join(f"{relay._string(k)}:{relay._string(v)}" for k, v in env.items())
     stdin = b'{"cniVersion": "1.0.0"}\n\nwith blank lines'
     raw = f"tortie\n{{{forwarded},\"HOME\":\"/root\"}}\n".encode() + stdin
-    plugin, environ, data = agent_protocol.parse_request(raw)
-    assert (plugin, environ, data) == ("tortie", env, stdin)
+    request = agent_protocol.parse_request(raw)
+    assert (request.plugin, request.environ, request.stdin) == ("tortie", env, stdin)
+    assert request.accept_by is None and request.answer_by is None
+    timed = agent_protocol.parse_request(raw.replace(b"tortie\n", b"tortie 1700000000123 1700000025000\n", 1))
+    assert (timed.accept_by, timed.answer_by) == (1700000000.123, 1700000025.0)
 
 
-@pytest.mark.parametrize("raw", [b"", b"tortie", b"tortie\n", b"tortie\n[1]\n", b'tortie\n{"A": 1}\n'])
+@pytest.mark.parametrize("raw", [b"", b"tortie", b"tortie\n", b"tortie\n[1]\n", b'tortie\n{"A": 1}\n',
+                                 b"tortie 12\n{}\n", b"tortie x y\n{}\n"])
 def test_bad_requests_are_refused(raw: bytes) -> None:
     with pytest.raises(agent_protocol.BadRequest):
         agent_protocol.parse_request(raw)
