@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from cni_plugins.result import IPConfig, Result, Route, parse_prev_result
 from cni_plugins.skel import CmdArgs, gc_valid_attachments, requested_ips
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable, ValidationError
-from datastore.kv import KV
+from datastore.kv import KV, KeyValue, Op
 from ipam import errors as ipam_errors
 from ipam.allocator import IPAM, Assigned, AssignRequest
 from ipam.handles import attachment_handle, attachment_of, legacy_handle
@@ -235,9 +235,18 @@ def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
+    release(args, stores)
+
+
+def release(args: CmdArgs, stores: Datastores = ONE_SHOT, *, also_read: Sequence[str] = (),
+            also_write: Callable[[Mapping[str, KeyValue]], Sequence[Op]] | None = None) -> None:
+    """DEL's work: the attachment's addresses, and in the same transaction what ``also_write``
+    makes of the ``also_read`` keys (see :meth:`IPAM.release_attachment`)."""
     conf = IPAMConf.parse(args.config, stores.environment)
     with cni_errors(), _client(conf, stores) as client:
-        handles, released = IPAM(client).release_attachment(conf.network, args.container_id, args.ifname)
+        handles, released = IPAM(client).release_attachment(conf.network, args.container_id, args.ifname,
+                                                             node=conf.node, also_read=also_read,
+                                                             also_write=also_write)
     log.info("released %s of %s", ", ".join(map(str, released)) or "nothing",
              ", ".join(handles) or conf.handle(args.container_id, args.ifname))
 

@@ -24,6 +24,7 @@ from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
 from datastore.errors import AlreadyExists, NotFound
+from datastore.kv import Delete, KeyValue
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
@@ -216,27 +217,45 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     # Deleting a veth waits for the kernel (an RCU grace period, ~20 ms, most of DEL's time): it
     # runs in a thread while this one does the datastore work. Every step runs whatever the others do.
     unwired = _Background(_unwire, args.netns, args.ifname, host_if)
-    try:
-        _ipam("DEL", args, stores)
-    except CNIError as e:
-        failure = e
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
-    try:
-        with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-            store = ResourceStore(client)
-            current = store.get(WorkloadEndpoint, endpoint_name(conf.node, host_if), namespace)
-            # Only this container's endpoint: a re-ADD under a new container ID must survive a late DEL.
-            if current is not None and current.spec.container_id == args.container_id:
-                with contextlib.suppress(NotFound):
-                    store.delete(WorkloadEndpoint, current.name, namespace, current.metadata.resource_version)
-    except CNIError as e:
-        failure = failure or e
+    endpoint = ResourceStore.key(WorkloadEndpoint, endpoint_name(conf.node, host_if), namespace)
+    if conf.ipam_type == "tortie-ipam":
+        # The usual case: the addresses and the endpoint go in one transaction, after one read.
+        try:
+            ipam_ops.release(args, stores, also_read=[endpoint],
+                             also_write=lambda values: _endpoint_deletion(values.get(endpoint), args.container_id))
+        except CNIError as e:
+            failure = e
+    else:
+        try:
+            _ipam("DEL", args, stores)
+        except CNIError as e:
+            failure = e
+        try:
+            with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+                for op in _endpoint_deletion(client.get(endpoint), args.container_id):
+                    with contextlib.suppress(NotFound):
+                        client.delete(op.key, op.mod_revision)
+        except CNIError as e:
+            failure = failure or e
     try:
         unwired.result()
     except wiring.WiringError as e:
         failure = failure or CNIError(codes.IO_FAILURE, "could not remove the container's interface", str(e))
     if failure is not None:
         raise failure
+
+
+def _endpoint_deletion(current: KeyValue | None, container_id: str) -> list[Delete]:
+    """Deleting the attachment's endpoint as read, if it is this container's: a re-ADD under a
+    new container ID must survive a late DEL."""
+    if current is None:
+        return []
+    try:
+        spec = json.loads(current.value).get("spec") or {}
+    except ValueError:
+        return []  # not an endpoint anything could have written: leave it to an operator
+    return [Delete(current.key, current.mod_revision)] if spec.get("containerID") == container_id else []
 
 
 def _unwire(netns_path: str, ifname: str, host_if: str) -> None:

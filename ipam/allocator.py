@@ -381,14 +381,60 @@ class IPAM:
         return [a for name in self.attachment_handles(network, container_id, ifname)
                 for a in self.handle_addresses(name)]
 
-    def release_attachment(self, network: str, container_id: str, ifname: str) -> tuple[list[str], list[Address]]:
+    def release_attachment(self, network: str, container_id: str, ifname: str, *, node: str = "",
+                           also_read: Sequence[str] = (),
+                           also_write: Callable[[Mapping[str, KeyValue]], Sequence[Op]] | None = None,
+                           ) -> tuple[list[str], list[Address]]:
         """Free every address of one attachment (DEL's IPAM work): (handle names, addresses).
-        Never touches another interface's handle of the same container."""
-        found = self.attachment_handles(network, container_id, ifname)
-        released: list[Address] = []
-        for name, kv in found.items():
-            released += self.release_handle(name, read=kv)
-        return list(found), released
+        Never touches another interface's handle of the same container.
+
+        Two round trips in the usual case: one read of the attachment's handles, the blocks
+        ``node`` was last seen to hold in this process (a hint, as for assign) and the caller's
+        ``also_read`` keys; then one transaction with the block updates, the handle deletions and
+        whatever ``also_write`` makes of what was read (the caller's own compare-and-swap
+        deletions, e.g. the attachment's endpoint), so that they land together or not at all.
+        A block the hint missed costs one more read; a lost comparison re-reads everything."""
+        own, legacy = attachment_handle(network, container_id, ifname), legacy_handle(network, container_id)
+        own_key, legacy_key = keys.handle_key(own), keys.handle_key(legacy)
+        hinted = sorted(_BLOCK_HINTS.get(node, ())) if node else []
+        for attempt in range(self.max_retries):
+            values = dict(self.client.get_many(list(dict.fromkeys([own_key, legacy_key, *also_read, *hinted]))))
+            found: dict[str, KeyValue] = {}
+            if own_key in values:
+                found[own] = values[own_key]
+            old = values.get(legacy_key)
+            if old is not None and belongs_to(Handle.from_json(old.value).attrs, network, container_id, ifname):
+                found[legacy] = old
+            block_keys = sorted({keys.block_key(ipaddress.ip_network(c)) for kv in found.values()
+                                 for c in Handle.from_json(kv.value).blocks})
+            missing = [k for k in block_keys if k not in values]
+            if missing:
+                values.update(self.client.get_many(missing))
+            ops: list[Op] = []
+            released: list[Address] = []
+            for key in block_keys:
+                kv = values.get(key)
+                if kv is None:
+                    continue  # a block that is gone holds nothing to release
+                block = Block.from_json(kv.value)
+                freed: list[Address] = []
+                for name in found:
+                    block, addresses = block.release_handle(name)
+                    freed += addresses
+                if freed:
+                    ops.append(Update(kv.key, block.to_json(), kv.mod_revision))
+                    released += freed
+            ops += [Delete(kv.key, kv.mod_revision) for kv in found.values()]
+            if also_write is not None:
+                ops += also_write(values)
+            if not ops:
+                return list(found), []
+            try:
+                self.client.commit(ops)
+                return list(found), released
+            except Conflict:
+                self._backoff(attempt)
+        raise TooManyConflicts(f"gave up releasing {own} after {self.max_retries} conflicts")
 
     def release_handle(self, handle: str, *, expected_revision: int = 0, read: KeyValue | None = None) -> list[Address]:
         """Free every address of an attachment and delete its handle; [] if it is already gone
