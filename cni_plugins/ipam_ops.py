@@ -26,7 +26,7 @@ from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable, ValidationError
 from datastore.kv import KV, KeyValue, Op
 from ipam import errors as ipam_errors
-from ipam.allocator import IPAM, Assigned, AssignRequest
+from ipam.allocator import IPAM, Assigned, AssignRequest, node_lock
 from ipam.handles import attachment_handle, attachment_of, legacy_handle
 from ipam.pools import select_pools
 
@@ -159,27 +159,36 @@ def cni_errors() -> Iterator[None]:
 
 
 LOCK_DIR = "/run/tortie"
+_LOCK_FILES: dict[str, int] = {}  # node → the open lock file: a warm agent opens it once
 
 
 @contextlib.contextmanager
 def _node_lock(node: str) -> Iterator[None]:
-    """Serialise this node's assignments, as Calico's IPAM lock file does: callers on one node
-    would otherwise all pick the same block and lose each other's compare-and-swap. Best effort
-    (CAS is what keeps addresses unique): without a lock directory we go on unlocked."""
+    """Serialise this node's assignments across processes, as Calico's host-wide IPAM lock file
+    does: callers on one node (the agent, in-process plugins, tortie-ipam under bridge) would
+    otherwise all pick the same block and lose each other's compare-and-swap. Within a process
+    the library's per-node lock is taken first (flock does not exclude threads sharing one open
+    file). Best effort (CAS is what keeps addresses unique): without a lock directory we go on
+    unlocked."""
     import fcntl
 
-    try:
-        os.makedirs(LOCK_DIR, exist_ok=True)
-        fd = os.open(os.path.join(LOCK_DIR, f"ipam-{node.replace('/', '_')}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as e:
-        log.debug("no IPAM lock (%s); relying on compare-and-swap alone", e)
-        yield
-        return
-    try:
+    with node_lock(node):
+        fd = _LOCK_FILES.get(node)
+        if fd is None:
+            try:
+                os.makedirs(LOCK_DIR, exist_ok=True)
+                fd = os.open(os.path.join(LOCK_DIR, f"ipam-{node.replace('/', '_')}.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                log.debug("no IPAM lock (%s); relying on compare-and-swap alone", e)
+                yield
+                return
+            _LOCK_FILES[node] = fd
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _client(conf: IPAMConf, stores: Datastores) -> contextlib.AbstractContextManager[KV]:
