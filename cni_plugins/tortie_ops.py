@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cni_plugins import errors as codes
 from cni_plugins import ipam_ops, wiring
@@ -119,13 +119,23 @@ def _exec_ipam(ipam_type: str, command: str, args: CmdArgs) -> Result | None:
 
 
 # ---- operations ----------------------------------------------------------------------------------
+class Attached(NamedTuple):
+    """What an ADD made: the result, whether the addresses were already the attachment's (a
+    repeated ADD: the agent then must not take the attachment back when the caller cannot be
+    told the answer), and the WorkloadEndpoint as written (its ``resourceVersion`` the write's
+    revision), which the agent hands to its calculation without waiting for the watch."""
+
+    result: Result
+    repeated: bool
+    endpoint: Resource
+
+
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
-    return add_attachment(args, stores)[0]
+    return add_attachment(args, stores).result
 
 
-def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
-    """ADD, and whether the attachment's addresses were already its own (a repeated ADD): the
-    agent then must not take the attachment back when the caller cannot be told the answer."""
+def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Attached:
+    """ADD, with what the agent needs beyond the result (see :class:`Attached`)."""
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
@@ -147,10 +157,10 @@ def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result
             wired = wiring.setup(args.netns, args.ifname, host_if, conf.mtu, addresses)
         undo.callback(_quietly, wiring.teardown, host_if)
         with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-            _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
+            endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
-    return _result(args, wired, host_if, addresses, conf), repeated
+    return Attached(_result(args, wired, host_if, addresses, conf), repeated, endpoint)
 
 
 def _result(args: CmdArgs, wired: Any, host_if: str, addresses: list[Any], conf: PluginConf) -> Result:
@@ -190,7 +200,7 @@ def _quietly(fn: Any, *a: Any) -> None:
 
 
 def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_if: str, wired: Any,
-                    addresses: list[Any]) -> None:
+                    addresses: list[Any]) -> Resource:
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
     endpoint_labels = {**labels(args), LABEL_NAMESPACE: namespace, LABEL_NETWORK: conf.network}
     resource = Resource(
@@ -203,9 +213,9 @@ def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_
             mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
     )
     try:
-        store.create(resource)  # the usual case: one round trip
+        return store.create(resource)  # the usual case: one round trip
     except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
-        store.update(resource)
+        return store.update(resource)
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
