@@ -6,7 +6,7 @@ runtime does (from a driver inside the node's namespace, each cycle on a fresh c
 namespace), read them again, divide. The front end's own CPU is not counted (it is another
 process); the agent's dataplane work for the pod (its policy chains, the wait for them) is.
 
-    .venv/bin/python -m bench.agent_cpu [--cycles N] [--profile DIR]
+    .venv/bin/python -m bench.agent_cpu [--cycles N] [--profile DIR] [--source CHECKOUT]
 
 ``--profile DIR`` also records the measured cycles with py-spy (looked up on PATH, then in
 ``/tmp/pyspy/bin``; install it there with ``pip install --target`` or a venv, outside the project)
@@ -154,6 +154,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--profile", type=Path, help="record the measured cycles with py-spy into this directory")
+    ap.add_argument("--source", type=Path, help="run the agent from another checkout of Tortie (e.g. a worktree of "
+                    "main), to compare two versions under the same load")
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
@@ -184,7 +186,8 @@ def main() -> int:
                 "agent_socket": str(sock), "ipam": {"type": "tortie-ipam"}}
         pid = lab.start_process(node.netns, [str(BIN / "felix-agent"), "--nodename", "n1", "--cni-socket", str(sock),
                                              "--state-dir", str(work / "state"), "--log-level", "warning"],
-                                work / "agent.log", env)
+                                work / "agent.log",
+                                {**env, "PYTHONPATH": str(args.source.resolve())} if args.source else env)
         deadline = time.monotonic() + 30
         while not sock.exists():
             if time.monotonic() > deadline:

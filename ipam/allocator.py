@@ -133,6 +133,22 @@ def _order(node: str, n: int) -> int:
     return zlib.crc32(node.encode()) % n if n else 0
 
 
+# pool key → (stored bytes, the pool decoded): every assignment reads the pools, which rarely
+# change. Keyed by content, not revision: one process may talk to several etcd clusters (tests).
+_POOL_CACHE: dict[str, tuple[bytes, Pool]] = {}
+
+
+def _pool(kv: KeyValue) -> Pool:
+    cached = _POOL_CACHE.get(kv.key)
+    if cached is not None and cached[0] == kv.value:
+        return cached[1]
+    if len(_POOL_CACHE) > 1024:
+        _POOL_CACHE.clear()
+    pool = Pool.from_resource(from_stored(kv.value, kv.mod_revision, kv.key))
+    _POOL_CACHE[kv.key] = (kv.value, pool)
+    return pool
+
+
 class IPAM:
     def __init__(self, client: KV, *, max_retries: int = 100,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -184,7 +200,7 @@ class IPAM:
             block = Block.from_json(kv.value)
             if block.node == node:
                 blocks[block.cidr] = (block, kv.mod_revision)
-        pools = [Pool.from_resource(from_stored(kv.value, kv.mod_revision, kv.key)) for kv in reading.lists[_POOLS]]
+        pools = [_pool(kv) for kv in reading.lists[_POOLS]]
         return _Snapshot(singles.get(keys.handle_key(handle)), singles.get(keys.handle_key(legacy)) if legacy else None,
                          pools, labels, max_blocks, blocks)
 
