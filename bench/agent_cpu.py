@@ -33,6 +33,7 @@ from typing import Any
 BIN = Path(sys.executable).parent
 REFERENCE = Path("/usr/lib/cni")
 TICKS = os.sysconf("SC_CLK_TCK")
+IDLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,10 @@ def main() -> int:
                         ["perf", "record", "-q", "-F", "999", "-p", str(pid), "-o", str(args.profile / "perf.data")],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 time.sleep(1.0)  # the recorders attach before the cycles start
+            idle_before = CPU.of(pid)
+            time.sleep(IDLE_SECONDS)  # what the agent spends doing nothing (keepalives, its loop's timers)
+            idle_after = CPU.of(pid)
+            idle = (idle_after.user + idle_after.system - idle_before.user - idle_before.system) / IDLE_SECONDS
             cost = agent_cpu_per_cycle(pid, node.netns, work, cnibin / "tortie", conf, cni_path,
                                        cycles=args.cycles, warmup=0)
         finally:
@@ -220,6 +225,8 @@ def main() -> int:
             lab.stop_process(pid)
     print(f"{os.cpu_count()} CPUs, load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(cost.line())
+    print(f"idle agent: {1000 * idle:.1f} ms of CPU per second (over {IDLE_SECONDS:g} s before the cycles): "
+          f"{1000 * idle * cost.wall_s / cost.cycles:.2f} ms of each cycle's figure")
     if spy is not None and (args.profile / "agent.txt").exists():
         own, inclusive = top_functions(args.profile / "agent.txt")
         print("\npy-spy --gil, the agent's Python time, own time per function:")

@@ -27,7 +27,9 @@ class Datastores:
         self.environment: Mapping[str, str] = os.environ if environment is None else environment
         # Where the node's agent writes the MTU of the encapsulation in use (its --state-dir).
         self.mtu_file = mtu_file
-        self._clients: dict[EtcdConfig, KV] = {}
+        self._clients: dict[EtcdConfig, EtcdClient] = {}
+        # Idle JSON-gateway connections of a keep-open instance, per configuration (see client()).
+        self._idle: dict[EtcdConfig, list[KV]] = {}
         self._lock = threading.Lock()
         self._one_shot = threading.local()
 
@@ -35,7 +37,7 @@ class Datastores:
         """The same (warm) connections, with settings missing from a configuration taken from
         ``environment``: the agent serves each relayed call with the caller's environment."""
         view = Datastores(keep_open=self.keep_open, environment=environment, mtu_file=self.mtu_file)
-        view._clients, view._lock = self._clients, self._lock
+        view._clients, view._idle, view._lock = self._clients, self._idle, self._lock
         return view
 
     @contextlib.contextmanager
@@ -50,6 +52,26 @@ class Datastores:
                 cache[config] = GatewayClient(config)
             yield cache[config]
             return
+        # Kept open (the agent): a warm connection to etcd's JSON gateway, one per concurrent call,
+        # taken from a pool. Measured: a read costs the agent's process ~0.11 ms of CPU through it
+        # against ~0.29 ms through gRPC, whose calls hand each answer across two threads.
+        with self._lock:
+            idle = self._idle.setdefault(config, [])
+            client = idle.pop() if idle else None
+        if client is None:
+            from datastore.gateway import GatewayClient
+
+            client = GatewayClient(config)
+        try:
+            yield client
+        finally:
+            with self._lock:
+                self._idle.setdefault(config, []).append(client)
+
+    @contextlib.contextmanager
+    def etcd(self, config: EtcdConfig) -> Iterator[EtcdClient]:
+        """The warm gRPC client itself (watches, leases): the agent's own work."""
+        assert self.keep_open, "only a keep-open Datastores has a gRPC client"
         with self._lock:
             if config not in self._clients:
                 from datastore.etcd import EtcdClient
@@ -58,20 +80,15 @@ class Datastores:
             warm = self._clients[config]
         yield warm
 
-    @contextlib.contextmanager
-    def etcd(self, config: EtcdConfig) -> Iterator[EtcdClient]:
-        """The warm gRPC client itself (watches, leases): the agent's own work."""
-        with self.client(config) as client:
-            from datastore.etcd import EtcdClient
-
-            assert isinstance(client, EtcdClient), "only a keep-open Datastores has a gRPC client"
-            yield client
-
     def close(self) -> None:
         with self._lock:
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
+            for idle in self._idle.values():
+                for gateway in idle:
+                    gateway.close()
+            self._idle.clear()
 
 
 ONE_SHOT = Datastores(keep_open=False)

@@ -1,11 +1,12 @@
 """An etcd v3 client on etcd's JSON gateway (``POST /v3/kv/...`` on the client port), standard
 library only: for one-shot processes (the CNI plugin when no agent answers), which would spend
-~100 ms of CPU importing gRPC for three round trips.
+~100 ms of CPU importing gRPC for three round trips, and for the agent's CNI work, where a round
+trip through it costs less than half the CPU of one through gRPC (kept-alive connections, pooled).
 
 The same contract as :class:`datastore.etcd.EtcdClient` for the key-value operations (deadline
 per call, transient failures retried within the budget rotating endpoints, one
 :class:`DatastoreUnavailable` naming the endpoint and cause, a refused TLS handshake reported at
-once as :class:`DatastoreRefused`, conditional writes). No watches or leases: long-lived
+once as :class:`DatastoreRefused`, conditional writes). No watches or leases: for those, long-lived
 processes use the gRPC client. HTTP/1.1 is spoken by hand over one kept-alive connection:
 ``http.client`` would import the ``email`` package (~30 ms) for header parsing we do not need,
 and TLS is spoken through ``_ssl`` (the C half of ``ssl``): the ``ssl`` package's enum
@@ -81,7 +82,7 @@ class _TLS:
 
 
 class GatewayClient(Writes):
-    """Not thread-safe: one per process (or per thread)."""
+    """Not thread-safe: one per process (or per thread, or taken from a pool by one call at a time)."""
 
     def __init__(self, config: EtcdConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.config = config
@@ -195,9 +196,13 @@ class GatewayClient(Writes):
         data = json.dumps(body).encode()
         deadline = time.monotonic() + self.config.retry_budget
         delay = 0.05
+        stale_retried = False
         while True:
             endpoint = self.endpoint
             timeout = max(0.2, min(self.config.call_timeout, deadline - time.monotonic()))
+            # A kept-alive connection etcd closed while we were idle fails at once: that is no
+            # sign of trouble, and is retried at once on a new connection (once).
+            reused = self._sock is not None and self._sock_endpoint == endpoint
             try:
                 sock = self._connect(endpoint, timeout)
                 sock.settimeout(timeout)
@@ -219,6 +224,9 @@ class GatewayClient(Writes):
                 raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
             except (_Transient, OSError, ValueError) as e:  # ValueError: a garbled answer
                 self.close()
+                if reused and not stale_retried and isinstance(e, OSError) and not isinstance(e, TimeoutError):
+                    stale_retried = True
+                    continue
                 cause = _describe(e)
                 if time.monotonic() + delay >= deadline:
                     raise DatastoreUnavailable(str(endpoint), cause) from None
