@@ -6,7 +6,7 @@ runtime does (from a driver inside the node's namespace, each cycle on a fresh c
 namespace), read them again, divide. The front end's own CPU is not counted (it is another
 process); the agent's dataplane work for the pod (its policy chains, the wait for them) is.
 
-    .venv/bin/python -m bench.agent_cpu [--cycles N] [--profile DIR] [--source CHECKOUT]
+    .venv/bin/python -m bench.agent_cpu [--cycles N] [--callers N] [--profile DIR] [--source CHECKOUT]
 
 ``--profile DIR`` also records the measured cycles with py-spy (looked up on PATH, then in
 ``/tmp/pyspy/bin``; install it there with ``pip install --target`` or a venv, outside the project)
@@ -64,7 +64,8 @@ class CycleCost:
 
     def line(self) -> str:
         return (f"agent CPU per ADD+DEL cycle: {self.total_ms:.1f} ms ({self.user_ms:.1f} ms user + "
-                f"{self.system_ms:.1f} ms system) over {self.cycles} cycles in {self.wall_s:.1f} s")
+                f"{self.system_ms:.1f} ms system) over {self.cycles} cycles in {self.wall_s:.1f} s"
+                f" ({self.cycles / self.wall_s:.1f} cycles/s)")
 
 
 # ---- the driver (runs inside the node namespace) -------------------------------------------------
@@ -77,22 +78,40 @@ def _call(plugin: str, command: str, conf: Mapping[str, Any], cid: str, netns: s
 
 
 def driver(spec: Mapping[str, Any]) -> None:
-    """``cycles`` sequential ADD+DEL cycles; the namespaces are made and removed outside them."""
-    for i in range(spec["cycles"]):
-        ns = f"ac-{spec['tag']}-{i}"
-        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+    """``cycles`` ADD+DEL cycles from ``callers`` concurrent callers (each its share, in turn); the
+    namespaces are made and removed around each cycle, as in ``cni_bench``'s churn."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def caller(k: int) -> None:
         try:
-            _call(spec["plugin"], "ADD", spec["conf"], f"{spec['tag']}-{i}", f"/run/netns/{ns}", spec["cni_path"])
-            _call(spec["plugin"], "DEL", spec["conf"], f"{spec['tag']}-{i}", f"/run/netns/{ns}", spec["cni_path"])
-        finally:
-            subprocess.run(["ip", "netns", "del", ns], check=True, capture_output=True)
+            for i in range(k, spec["cycles"], spec["callers"]):
+                ns = f"ac-{spec['tag']}-{i}"
+                subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+                try:
+                    cid = f"{spec['tag']}-{i}"
+                    _call(spec["plugin"], "ADD", spec["conf"], cid, f"/run/netns/{ns}", spec["cni_path"])
+                    _call(spec["plugin"], "DEL", spec["conf"], cid, f"/run/netns/{ns}", spec["cni_path"])
+                finally:
+                    subprocess.run(["ip", "netns", "del", ns], check=True, capture_output=True)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(spec["callers"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _run_driver(node_netns: str, work: Path, tag: str, plugin: Path, conf: Mapping[str, Any], cni_path: str,
-                cycles: int) -> None:
+                cycles: int, callers: int = 1) -> None:
     spec = work / f"agent-cpu-{tag}.json"
     spec.write_text(json.dumps({"plugin": str(plugin), "conf": conf, "cni_path": cni_path, "tag": tag,
-                                "cycles": cycles}))
+                                "cycles": cycles, "callers": callers}))
     # nsenter, not `ip netns exec`: `ip netns add` must happen in the machine's mount namespace,
     # where the agent can see the new namespaces' mounts.
     out = subprocess.run(["nsenter", f"--net=/run/netns/{node_netns}", sys.executable, "-m", "bench.agent_cpu",
@@ -104,12 +123,14 @@ def _run_driver(node_netns: str, work: Path, tag: str, plugin: Path, conf: Mappi
 
 # ---- the measurement -----------------------------------------------------------------------------
 def agent_cpu_per_cycle(agent_pid: int, node_netns: str, work: Path, plugin: Path, conf: Mapping[str, Any],
-                        cni_path: str, *, cycles: int = 50, warmup: int = 3, tag: str = "acpu") -> CycleCost:
-    """The agent's CPU per ADD+DEL cycle of ``plugin`` (a front end that relays to that agent)."""
+                        cni_path: str, *, cycles: int = 50, warmup: int = 3, callers: int = 1,
+                        tag: str = "acpu") -> CycleCost:
+    """The agent's CPU per ADD+DEL cycle of ``plugin`` (a front end that relays to that agent),
+    the cycles run by ``callers`` concurrent callers."""
     if warmup:
         _run_driver(node_netns, work, f"{tag}w", plugin, conf, cni_path, warmup)
     before, started = CPU.of(agent_pid), time.perf_counter()
-    _run_driver(node_netns, work, tag, plugin, conf, cni_path, cycles)
+    _run_driver(node_netns, work, tag, plugin, conf, cni_path, cycles, callers)
     after, wall = CPU.of(agent_pid), time.perf_counter() - started
     return CycleCost(cycles, 1000 * (after.user - before.user) / cycles,
                      1000 * (after.system - before.system) / cycles, wall)
@@ -154,6 +175,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--cycles", type=int, default=50)
+    ap.add_argument("--callers", type=int, default=1, help="concurrent callers (cni_bench's churn uses 4)")
     ap.add_argument("--profile", type=Path, help="record the measured cycles with py-spy into this directory")
     ap.add_argument("--source", type=Path, help="run the agent from another checkout of Tortie (e.g. a worktree of "
                     "main), to compare two versions under the same load")
@@ -217,7 +239,7 @@ def main() -> int:
             idle_after = CPU.of(pid)
             idle = (idle_after.user + idle_after.system - idle_before.user - idle_before.system) / IDLE_SECONDS
             cost = agent_cpu_per_cycle(pid, node.netns, work, cnibin / "tortie", conf, cni_path,
-                                       cycles=args.cycles, warmup=0)
+                                       cycles=args.cycles, warmup=0, callers=args.callers)
         finally:
             for recorder in recorders:
                 recorder.send_signal(signal.SIGINT)

@@ -221,6 +221,9 @@ class GatewayClient(Writes):
                 raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
             except _ssl.SSLError as e:  # the server refused our certificate (or the handshake)
                 self.close()
+                if reused and not stale_retried:  # no handshake happened: the old session ended
+                    stale_retried = True
+                    continue
                 raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
             except (_Transient, OSError, ValueError) as e:  # ValueError: a garbled answer
                 self.close()

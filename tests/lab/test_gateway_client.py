@@ -60,3 +60,21 @@ def test_refused_certificate_and_unreachable_etcd(etcd_server: EtcdServer) -> No
     with GatewayClient(closed) as gw, pytest.raises(DatastoreUnavailable) as down:
         gw.get("/tortie/x")
     assert "refused" in str(down.value)
+
+
+def test_a_kept_alive_connection_closed_under_it_is_replaced_at_once(etcd_client: EtcdClient,
+                                                                     etcd_server: EtcdServer) -> None:
+    """What a warm agent meets after an idle spell: etcd (or a proxy) closed the kept-alive
+    connection. The next call succeeds on a new connection without the backoff of a real failure."""
+    import socket
+
+    slept: list[float] = []
+    key = f"/tortie/gw/{uuid.uuid4().hex}"
+    etcd_client.create(key, b"v")
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env()), sleep=slept.append) as gw:
+        assert gw.get(key) is not None
+        raw = gw._sock._sock if hasattr(gw._sock, "_sock") else gw._sock
+        raw.shutdown(socket.SHUT_RDWR)  # the connection is dead, as a closed one would be
+        kv = gw.get(key)
+        assert kv is not None and kv.value == b"v"
+        assert slept == []
