@@ -26,7 +26,7 @@ from datastore.etcd import EtcdClient
 from ipam.errors import IPAMError
 from netctl import install_cmd, ipam_cmd, lab_cmd, node_cmd, pki_cmd, resources_cmd
 from netctl.errors import UserError
-from netctl.pki import PKIError
+from pki import PKIError
 
 log = logging.getLogger("netctl")
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netctl import pki
+import pki
 from netlab import netns as ip_netns
 from netlab.cni import REFERENCE_PLUGINS
 from netlab.etcd import EtcdServer

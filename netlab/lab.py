@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from netctl import pki
+import pki
 from netlab import netns as ip_netns
 from netlab.cni import Attachment, PluginRun, exec_plugin, network_config
 from netlab.etcd import ETCD, ETCDCTL, EtcdServer
