@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugins.agent_protocol import DEFAULT_SOCKET
+from netctl.datastore_flags import datastore_config
 from netctl.errors import UserError
 
 CONFLIST = "10-tortie.conflist"
@@ -92,8 +93,6 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    from netctl.main import datastore_config
-
     if args.mtu and not 576 <= args.mtu <= 65535:
         raise UserError(f"--mtu {args.mtu} is out of range (576-65535)")
     fields = {} if args.plugins_only else datastore_config(args).as_cni_fields()

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import cast
 
-from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, Conflict, DatastoreError, DatastoreUnavailable, NotFound, ValidationError
 from datastore.etcd import EtcdClient
 from ipam.errors import IPAMError
 from netctl import install_cmd, ipam_cmd, lab_cmd, node_cmd, pki_cmd, resources_cmd
+from netctl.datastore_flags import datastore_config, datastore_options
 from netctl.errors import UserError
 from pki import PKIError
 
@@ -59,23 +59,6 @@ class Parser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-def datastore_options() -> argparse.ArgumentParser:
-    """The datastore flags, as a parent parser for the main parser and each datastore command.
-
-    Defaults are suppressed so that a flag given before the command is not reset by the command's
-    parser; :func:`datastore_config` falls back to the environment.
-    """
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("datastore (override ETCD_* variables)")
-    for flag, dest, variable in (("--endpoints", "etcd_endpoints", "ETCD_ENDPOINTS"),
-                                 ("--ca-cert", "etcd_ca_cert", "ETCD_CA_CERT_FILE"),
-                                 ("--cert", "etcd_cert", "ETCD_CERT_FILE"),
-                                 ("--key", "etcd_key", "ETCD_KEY_FILE")):
-        group.add_argument(flag, dest=dest, metavar=variable, default=argparse.SUPPRESS,
-                           help=f"overrides ${variable}")
-    return parent
-
-
 def build_parser() -> argparse.ArgumentParser:
     datastore = datastore_options()
     parser = Parser(
@@ -104,16 +87,6 @@ def run_version(args: argparse.Namespace) -> int:
         version = "unknown (not installed)"
     print(f"netctl {version}")
     return 0
-
-
-def datastore_config(args: argparse.Namespace) -> EtcdConfig:
-    return EtcdConfig.from_env(
-        os.environ,
-        endpoints=getattr(args, "etcd_endpoints", None),
-        ca_cert_file=getattr(args, "etcd_ca_cert", None),
-        cert_file=getattr(args, "etcd_cert", None),
-        key_file=getattr(args, "etcd_key", None),
-    )
 
 
 def one_line(error: BaseException) -> str:
