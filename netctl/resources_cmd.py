@@ -14,10 +14,10 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from datastore.bgp import check_references
 from datastore.codec import decode, dump, load_documents, stored_bytes
 from datastore.errors import AlreadyExists, NotFound, ValidationError
 from datastore.model import Kind, Resource, encode_fields
+from datastore.references import check_references
 from datastore.resources import IPPool, Node, kind_named
 from datastore.store import ResourceStore
 from ipam.nodes import remove_node
