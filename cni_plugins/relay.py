@@ -1,4 +1,4 @@
-"""The fast path of both plugin executables: hand the whole call to felix-agent and print its answer.
+"""The fast path of both plugin executables: hand the whole call to felix-agent and return its answer.
 
 A runtime execs the plugin for every ADD and DEL, so what this module imports is paid on every
 call. It imports only modules written in C (``_json``, ``_socket``) besides ``os`` and ``sys``:
@@ -25,7 +25,6 @@ its caller was told it failed.
 import _json
 import _socket
 import posix  # built in; ``os`` is not loaded yet under -S and would cost ~1.5 ms of CPU
-import sys
 import time  # built in
 
 DEFAULT_SOCKET = "/run/tortie/cni.sock"
@@ -204,30 +203,3 @@ def _complete(data: bytes) -> tuple[int, bytes] | None:
     if len(output) != int(count) or int(count) > MAX_REPLY:
         return None
     return int(status), output
-
-
-def main(plugin: str) -> int:
-    """The executable's entry point: relay, or run the plugin in-process when no agent answers.
-    Ends the process once the answer is written (see ``skel.exit_now``)."""
-    try:
-        data: bytes | None = sys.stdin.buffer.read()
-    except OSError:
-        data = None  # the in-process skeleton reports it
-    answer = relay(plugin, data) if data is not None else None
-    if answer is not None:
-        status, output = answer
-        while output:
-            output = output[posix.write(1, output):]
-        if b"TORTIE_NO_EXIT_NOW" not in posix.environ:
-            posix._exit(status)
-        return status
-    import io
-
-    if sys.flags.no_site:  # started with -S: the in-process path needs the installed packages
-        import site
-
-        site.main()
-    from cni_plugins.dispatch import run
-    from cni_plugins.skel import exit_now
-
-    return exit_now(run(plugin, None if data is None else io.BytesIO(data)))
