@@ -402,7 +402,7 @@ QUICK = Scale(claims=10, routes=10_000)
 
 def run(scale: Scale, quick: bool) -> dict[str, Any]:
     # Imported here: the claimer (run inside a node) needs none of it.
-    from tests.lab.bgp_cluster_support import (
+    from netlab.bgp_cluster import (
         BGPCluster,
         bgp_configuration_yaml,
         bgp_peer_yaml,
@@ -412,7 +412,7 @@ def run(scale: Scale, quick: bool) -> dict[str, Any]:
         node_yaml,
         start_bird,
     )
-    from tests.lab.bgp_support import Bird
+    from netlab.bird import Bird
 
     started = time.perf_counter()
     info = machine()

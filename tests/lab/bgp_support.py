@@ -1,6 +1,6 @@
 """Lab support for the BGP speaker tests: a driver that runs one ``Speaker`` (with its ExaBGP) and
-``LearnedRoutes`` inside a node namespace, the test's client for it, BIRD 2 with private paths,
-and reading kernel routes of a namespace.
+``LearnedRoutes`` inside a node namespace, the test's client for it, and BIRD 2 configurations
+(BIRD itself and reading a namespace's kernel routes are ``netlab.bird``'s).
 
 The driver (``python -m tests.lab.bgp_support drive ...``) is started by ``Lab.start_process``
 inside the node's namespace, so ExaBGP (its child) runs there too. The test talks to it over a
@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from bgp.learned import LearnedRoutes
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.speaker import Speaker
+from netlab.bird import as_prefix, kernel_routes
 from netlab.lab import Lab
 
 T = TypeVar("T")
@@ -212,18 +213,6 @@ class Node:
         return kernel_routes(self.lab, self.netns, proto)
 
 
-def kernel_routes(lab: Lab, netns: str, proto: int | None = 81) -> dict[str, str]:
-    """dst -> gateway ("" when none) of the main table's routes (of protocol ``proto``)."""
-    argv = ["ip", "-j", "route", "show", "table", "main"] + (["proto", str(proto)] if proto is not None else [])
-    out = lab.exec(netns, *argv).stdout
-    routes = json.loads(out) if out.strip() else []
-    return {_dst(r["dst"]): r.get("gateway", "") for r in routes}
-
-
-def _dst(dst: str) -> str:
-    return dst if "/" in dst or dst == "default" else f"{dst}/{128 if ':' in dst else 32}"
-
-
 class RouteMonitor:
     """``ip -n NS monitor route`` in a thread: every protocol-81 route added or deleted in a
     namespace, with the monotonic time it was seen (what the reference measured with)."""
@@ -245,7 +234,7 @@ class RouteMonitor:
                 continue
             words = line.split()
             deleted = words[0] == "Deleted"
-            self.events.append((now, not deleted, _dst(words[1] if deleted else words[0])))
+            self.events.append((now, not deleted, as_prefix(words[1] if deleted else words[0])))
 
     def first(self, dst: str, added: bool, since: float) -> float | None:
         return next((t for t, a, d in list(self.events) if d == dst and a == added and t >= since), None)
@@ -278,60 +267,6 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
             detail = f"\n{describe()}" if describe is not None else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
         time.sleep(interval)
-
-
-# -- BIRD 2 --------------------------------------------------------------------------------------
-
-
-class Bird:
-    """BIRD 2 in a lab namespace with private config, control socket and PID file."""
-
-    def __init__(self, lab: Lab, k: int, root: Path) -> None:
-        self.lab = lab
-        self.netns = lab.node(k).netns
-        self.address = lab.node_ip(k)
-        self.dir = root / f"bird{k}"
-        self.conf = self.dir / "bird.conf"
-        self.sock = self.dir / "bird.ctl"
-        self.pid: int | None = None
-
-    def start(self, text: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(text)
-        check = subprocess.run(["bird", "-p", "-c", str(self.conf)], capture_output=True, text=True)
-        assert check.returncode == 0, f"bird refused its configuration: {check.stderr}"
-        # -f: foreground, so that the lab owns (and stops) the PID it started.
-        self.pid = self.lab.start_process(self.netns, ["bird", "-f", "-c", str(self.conf), "-s", str(self.sock),
-                                                       "-P", str(self.dir / "bird.pid")],
-                                          self.dir / "bird.out", {})
-        wait_until(lambda: self.sock.exists(), 10, "BIRD's control socket")
-
-    def birdc(self, *command: str) -> str:
-        return subprocess.run(["birdc", "-s", str(self.sock), *command], capture_output=True, text=True,
-                              check=True, timeout=30).stdout
-
-    def routes(self) -> dict[str, str]:
-        """prefix -> next hop of BIRD's best BGP routes (`birdc show route`, parsed)."""
-        out = self.birdc("show", "route", "primary")
-        routes: dict[str, str] = {}
-        prefix = ""
-        for line in out.splitlines():
-            words = line.split()
-            if not words or words[0] in ("BIRD", "Table") or line.startswith("Access"):
-                continue
-            if not line[0].isspace():
-                prefix = words[0]
-                rest = words[1:]
-            else:
-                rest = words
-            if "via" in rest and prefix:
-                routes[prefix] = rest[rest.index("via") + 1]
-        return routes
-
-    def stop(self) -> None:
-        if self.pid is not None:
-            self.lab.stop_process(self.pid)
-            self.pid = None
 
 
 def bird_config(router_id: str, asn: int, neighbors: list[tuple[str, int]], services: list[str],

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from netlab.cluster_lab import PYTHON, ClusterLab, wait_until
 from netlab.lab import ETCD_CLIENT_PORT, Pod
-from tests.lab.dataplane_support import PYTHON, ClusterLab, wait_until
 
 pytestmark = pytest.mark.lab
 

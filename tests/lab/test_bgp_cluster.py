@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from netlab.lab import Pod
-from tests.lab.bgp_cluster_support import (
+from netlab.bgp_cluster import (
     ASN,
     BIRD_ASN,
     CLUSTER_ID,
@@ -39,8 +38,9 @@ from tests.lab.bgp_cluster_support import (
     processes,
     start_bird,
 )
+from netlab.cluster_lab import NETCTL, Check, v4, wait_until
+from netlab.lab import Pod
 from tests.lab.bgp_support import RouteMonitor
-from tests.lab.dataplane_support import NETCTL, Check, v4, wait_until
 
 # Part of every run (about 3 minutes in all, on 2 CPUs). TORTIE_BGP_CLUSTER_TESTS=0 skips them, for a
 # quick local run on a machine without BIRD or ExaBGP.

@@ -20,8 +20,9 @@ from contextlib import contextmanager
 import pytest
 
 from bgp.model import CLIENT, EXTERNAL, MESH, REFLECTOR, Peer, SpeakerConfig
+from netlab.bird import Bird
 from netlab.lab import Lab
-from tests.lab.bgp_support import Bird, Node, RouteMonitor, bird_config, config_to_json, wait_until
+from tests.lab.bgp_support import Node, RouteMonitor, bird_config, config_to_json, wait_until
 
 pytestmark = pytest.mark.lab
 

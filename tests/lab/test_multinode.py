@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from netlab import netns as ip_netns
-from netlab.lab import Pod
-from tests.lab.dataplane_support import (
+from netlab.cluster_lab import (
     FABRIC_HOST,
     Check,
     ClusterLab,
@@ -36,6 +35,7 @@ from tests.lab.dataplane_support import (
     v6,
     wait_until,
 )
+from netlab.lab import Pod
 
 pytestmark = pytest.mark.lab
 

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from netlab.cluster_lab import FABRIC_HOST, POOL_V4, Check, ClusterLab, block_of, v4, v6
 from netlab.lab import Pod
-from tests.lab.dataplane_support import FABRIC_HOST, POOL_V4, Check, ClusterLab, block_of, v4, v6
 
 pytestmark = pytest.mark.lab
 

@@ -1,12 +1,12 @@
-"""Shared pieces of the agent-level BGP lab tests (and of ``bench.bgp_bench``): a ``ClusterLab``
+"""The agent-level BGP lab, for the BGP lab tests and ``bench.bgp_bench``: a ``ClusterLab``
 whose agents run the BGP speaker (``felix-agent --bgp``) over pools without encapsulation, started
 on the nodes the test chooses, after the BGP resources it wants in place; what the tests observe —
 ``netctl node status -o json``, protocol-81 kernel routes, a long-running ping and its losses —;
 BIRD 2 configurations (an external router, a route reflector); IPAM assignments made from inside a
 node namespace (the datastore is only reachable there).
 
-Built by composition: ``ClusterLab`` (``dataplane_support``) does the agents, pods and probes,
-``Bird`` and ``kernel_routes`` (``bgp_support``) the BIRD process and the route table. IPv4 only:
+Built by composition: ``ClusterLab`` (``netlab.cluster_lab``) does the agents, pods and probes,
+``Bird`` and ``kernel_routes`` (``netlab.bird``) the BIRD process and the route table. IPv4 only:
 the lab's nodes have no IPv6 address, so no IPv6 session is made (``bgp.config``). Nothing here
 sleeps for a fixed time: ``wait_until`` polls.
 """
@@ -23,10 +23,8 @@ from types import TracebackType
 from typing import Any
 
 from netlab import netns as ip_netns
-from netlab.cni import REFERENCE_PLUGINS
-from netlab.lab import Pod
-from tests.lab.bgp_support import Bird, kernel_routes
-from tests.lab.dataplane_support import (
+from netlab.bird import Bird, kernel_routes
+from netlab.cluster_lab import (
     POOL_V6,
     PYTHON,
     TORTIE,
@@ -34,6 +32,8 @@ from tests.lab.dataplane_support import (
     ClusterLab,
     wait_until,
 )
+from netlab.cni import REFERENCE_PLUGINS
+from netlab.lab import Pod
 
 ASN = 64512
 BIRD_ASN = 65001

@@ -1,4 +1,5 @@
-"""Shared pieces of the multi-node dataplane lab tests: a `netlab` lab with felix-agent on every
+"""A multi-node lab with felix-agent on every node, for the dataplane and BGP lab tests and the
+benchmarks: a `netlab` lab with an agent on every
 node, pods made through the real `tortie` plugin (delegated to the agent), and the observations the
 tests make — pings, TCP connections to a server inside a pod, UDP datagrams seen by a listener on
 the fabric, the agents' health and metrics pages, routes and nftables state in a node namespace.
@@ -19,6 +20,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 from netlab.cni import REFERENCE_PLUGINS
 from netlab.lab import GATEWAY, Lab, LabNode, Pod, PodError
 
-VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
+VENV_BIN = Path(sys.executable).parent  # the virtual environment's scripts, as netlab.cluster finds them
 PYTHON = VENV_BIN / "python"
 FELIX_AGENT = VENV_BIN / "felix-agent"
 NETCTL = VENV_BIN / "netctl"
