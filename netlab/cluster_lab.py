@@ -7,7 +7,8 @@ the fabric, the agents' health and metrics pages, routes and nftables state in a
 Everything runs inside the lab's namespaces (servers included: pod and fabric namespaces are the
 lab's own, so `Lab.start_process` starts and records them); `ClusterLab` tears the lab down on exit,
 even when a test fails (set TORTIE_LAB_KEEP_LOGS to a directory to keep the logs). Nothing here
-sleeps for a fixed time: `wait_until` polls.
+sleeps for a fixed time: `wait_until` polls. Over 450 lines, moved as it was from the lab tests:
+it becomes part of `netlab.cluster` when the lab harnesses are made one (issue 12).
 """
 
 from __future__ import annotations

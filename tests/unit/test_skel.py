@@ -29,7 +29,7 @@ from cni_plugins.skel import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PYTHON = REPO / ".venv" / "bin" / "python"
+PYTHON = sys.executable  # the interpreter running the tests: no venv at a fixed path needed
 
 BASE_ENV = {
     "CNI_CONTAINERID": "0123456789abcdef",
