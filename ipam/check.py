@@ -21,15 +21,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from datastore import keys
 from datastore.errors import Conflict
-from datastore.etcd import Delete, EtcdClient, Unchanged
+from datastore.kv import Delete, Unchanged
 from datastore.resources import Node, WorkloadEndpoint
 from ipam.allocator import IPAM, Handle
 from ipam.block import Address, Block, Network
 from ipam.handles import attachment_handle, attachment_of, belongs_to, legacy_handle
 from ipam.pools import Pool, pool_for_address
+
+if TYPE_CHECKING:
+    from datastore.etcd import EtcdClient  # imports gRPC; analyse and plan_gc are pure and need none
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,17 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from datastore.errors import ConfigError, Conflict, DatastoreError, DatastoreUnavailable, NotFound, ValidationError
-from datastore.etcd import EtcdClient
 from ipam.errors import IPAMError
 from netctl import install_cmd, ipam_cmd, lab_cmd, node_cmd, pki_cmd, resources_cmd
 from netctl.datastore_flags import datastore_config, datastore_options
 from netctl.errors import UserError
 from pki import PKIError
+
+if TYPE_CHECKING:
+    from datastore.etcd import EtcdClient  # imports gRPC: only a command that connects pays for it
 
 log = logging.getLogger("netctl")
 
@@ -105,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def connect() -> EtcdClient:
         if not clients:
-            clients.append(EtcdClient(datastore_config(args)))
+            config = datastore_config(args)  # a bad configuration is refused before gRPC is imported
+            from datastore.etcd import EtcdClient
+
+            clients.append(EtcdClient(config))
         return clients[0]
 
     args.connect = connect
