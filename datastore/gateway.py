@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from datastore.config import Endpoint, EtcdConfig
+from datastore.deadline import gave_up, request_deadline, retrying
 from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
 from datastore.kv import Create, Delete, KeyValue, Op, Reading, Update, Writes, prefix_end
 
@@ -193,7 +194,7 @@ class GatewayClient(Writes):
     def _call(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path``; retried like the gRPC client within the budget."""
         data = json.dumps(body).encode()
-        deadline = time.monotonic() + self.config.retry_budget
+        deadline = request_deadline(self.config.retry_budget)  # shared by the call's requests
         delay = 0.05
         while True:
             endpoint = self.endpoint
@@ -220,8 +221,9 @@ class GatewayClient(Writes):
             except (_Transient, OSError, ValueError) as e:  # ValueError: a garbled answer
                 self.close()
                 cause = _describe(e)
+                retrying(deadline)
                 if time.monotonic() + delay >= deadline:
-                    raise DatastoreUnavailable(str(endpoint), cause) from None
+                    raise gave_up(DatastoreUnavailable(str(endpoint), cause)) from None
                 self._current += 1  # try the next endpoint, if there is one
                 self._sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
