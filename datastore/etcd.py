@@ -2,7 +2,9 @@
 
 Every call has a deadline. Transient failures (endpoint down, deadline hit, leader election) are
 retried with backoff, rotating through the endpoints, until the retry budget is spent; then one
-:class:`DatastoreUnavailable` names the endpoint and the cause. All writes are conditional
+:class:`DatastoreUnavailable` names the endpoint and the cause. Inside
+``datastore.deadline.shared_budget`` (one CNI call) the requests share one budget, so an unreachable
+etcd costs the call one budget, not one per request. All writes are conditional
 (create-if-absent or compare-and-swap on the key's modification revision), which is what makes a
 retried write safe: if the first attempt landed, the retry loses its comparison and the caller
 re-reads.

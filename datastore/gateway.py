@@ -3,7 +3,8 @@ library only: for one-shot processes (the CNI plugin when no agent answers), whi
 ~100 ms of CPU importing gRPC for three round trips.
 
 The same contract as :class:`datastore.etcd.EtcdClient` for the key-value operations (deadline
-per call, transient failures retried within the budget rotating endpoints, one
+per call, transient failures retried within the budget (shared by the requests of one
+``datastore.deadline.shared_budget`` block) rotating endpoints, one
 :class:`DatastoreUnavailable` naming the endpoint and cause, a refused TLS handshake reported at
 once as :class:`DatastoreRefused`, conditional writes). No watches or leases: long-lived
 processes use the gRPC client. HTTP/1.1 is spoken by hand over one kept-alive connection:
