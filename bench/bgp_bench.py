@@ -47,6 +47,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.prerequisites import require
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -675,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("the BGP benchmark builds network namespaces: run it as root")
         return 1
+    require("BGP benchmark", "ip", "etcd", "bird", "birdc")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run(QUICK if args.quick else FULL, args.quick)

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.prerequisites import require
+
 BIN = Path(sys.executable).parent
 REFERENCE = Path("/usr/lib/cni")
 
@@ -115,6 +117,7 @@ def main() -> int:
     if args.driver:
         print(json.dumps(driver(json.loads(Path(args.driver).read_text()))))
         return 0
+    require("CNI benchmark", "ip", "nsenter", "etcd")
     n, churn = (20, 5) if args.quick else (100, 25)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="tortie-cnibench-") as tmp, Lab(f"cb{os.getpid() % 10000}", nodes=1) as lab:

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.prerequisites import require
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -456,6 +458,7 @@ def main() -> None:
         elif cmd == "new":
             drive_new(int(rest[0]), int(rest[1]), float(rest[2]))
         return
+    require("dataplane benchmark", "ip", "nft", "ping", "etcd", "iperf3")
     global AGENT_LOG_LEVEL
     AGENT_LOG_LEVEL = a.agent_log_level
     load_start = os.getloadavg()

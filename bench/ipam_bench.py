@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+from bench.prerequisites import require
 from datastore import codec, keys
 from datastore.config import EtcdConfig
 from datastore.errors import Conflict, DatastoreError
@@ -515,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ipam_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="about 5x fewer operations (under a minute)")
     args = parser.parse_args(argv)
+    require("IPAM benchmark", "ip", "etcd")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run(QUICK if args.quick else FULL, args.quick)

@@ -27,6 +27,7 @@ from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
 from datastore.kv import KV
 from ipam import errors as ipam_errors
 from ipam.allocator import IPAM, Assigned, AssignRequest
+from ipam.handles import attachment_handle, attachment_of, legacy_handle
 from ipam.pools import select_pools
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ class IPAMConf:
             raise CNIError(codes.INVALID_CONFIG, "invalid ipam", "assign_ipv4 and assign_ipv6 are both false")
         return conf
 
-    def handle(self, container_id: str) -> str:
-        return f"{self.network}.{container_id}"
+    def handle(self, container_id: str, ifname: str) -> str:
+        """The attachment's IPAM handle: the CNI spec's (network, container ID, interface)."""
+        return attachment_handle(self.network, container_id, ifname)
 
 
 def node_name(config: Mapping[str, Any]) -> str:
@@ -216,7 +218,8 @@ def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
         if args.cni_args.get(key):
             attrs[attr] = args.cni_args[key]
     request = AssignRequest(
-        handle=conf.handle(args.container_id),
+        handle=conf.handle(args.container_id, args.ifname),
+        legacy_handle=legacy_handle(conf.network, args.container_id),
         node=conf.node,
         num_v4=1 if conf.assign_ipv4 else 0,
         num_v6=1 if conf.assign_ipv6 else 0,
@@ -234,19 +237,20 @@ def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     conf = IPAMConf.parse(args.config, stores.environment)
     with cni_errors(), _client(conf, stores) as client:
-        released = IPAM(client).release_handle(conf.handle(args.container_id))
-    log.info("released %s of %s", ", ".join(map(str, released)) or "nothing", conf.handle(args.container_id))
+        handles, released = IPAM(client).release_attachment(conf.network, args.container_id, args.ifname)
+    log.info("released %s of %s", ", ".join(map(str, released)) or "nothing",
+             ", ".join(handles) or conf.handle(args.container_id, args.ifname))
 
 
 def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     conf = IPAMConf.parse(args.config, stores.environment)
     with cni_errors(), _client(conf, stores) as client:
-        held = {str(a) for a in IPAM(client).handle_addresses(conf.handle(args.container_id))}
+        held = {str(a) for a in IPAM(client).attachment_addresses(conf.network, args.container_id, args.ifname)}
     if not held:
         raise CNIError(
             codes.RESERVATION_MISSING,
             "no addresses reserved",
-            f"handle {conf.handle(args.container_id)} holds no address",
+            f"handle {conf.handle(args.container_id, args.ifname)} holds no address",
         )
     prev = parse_prev_result(args.config)
     for ip in prev.ips if prev else []:
@@ -255,7 +259,7 @@ def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
             raise CNIError(
                 codes.RESERVATION_MISSING,
                 "address not reserved",
-                f"{address} from prevResult is not reserved for {conf.handle(args.container_id)}",
+                f"{address} from prevResult is not reserved for {conf.handle(args.container_id, args.ifname)}",
             )
 
 
@@ -281,12 +285,13 @@ def status(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
 def gc(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     """Release this network's reservations whose attachment the runtime no longer lists."""
     conf = IPAMConf.parse(args.config, stores.environment)
-    valid = {cid for cid, _ in gc_valid_attachments(args.config)}
+    valid = gc_valid_attachments(args.config)
     with cni_errors(), _client(conf, stores) as client:
         ipam = IPAM(client)
         for name, handle in ipam.handles().items():
-            if handle.attrs.get("network") != conf.network:
+            network, container_id, ifname = attachment_of(handle.attrs)
+            if network != conf.network:
                 continue
-            if handle.attrs.get("containerID") not in valid:
+            if (container_id, ifname) not in valid:
                 released = ipam.release_handle(name)
                 log.info("GC released %s of %s", ", ".join(map(str, released)), name)

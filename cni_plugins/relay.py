@@ -8,18 +8,33 @@ only to find the agent's socket, forwards the ``CNI_*`` and ``ETCD_*`` environme
 they came, and the agent runs the same skeleton and the same operations as the in-process path on
 them, so both paths give the same answer to the same call.
 
-The exchange, one call per connection (``agent_protocol`` is the agent's side):
-  request  ``<plugin>\\n<environment as a JSON object>\\n<stdin bytes>``, then the write side is shut;
-  reply    ``<exit status>\\n<stdout bytes>``.
+The exchange, one call per connection (``agent_protocol`` is the agent's side; the compiled front
+end in ``frontend/`` speaks the same):
+  request  ``<plugin> <accept-by> <answer-by>\n<environment as a JSON object>\n<stdin bytes>``, then
+           the write side is shut. The deadlines are Unix time in milliseconds.
+  reply    ``+\n`` when, and only when, the agent starts the work (it does only before accept-by),
+           then ``<exit status> <byte count>\n<stdout bytes>``.
+A front end that sees no ``+`` by accept-by shuts the connection down in both directions, which
+makes the agent's later writes fail, so the agent never starts: then, and only then, the call is
+served in-process. After a ``+`` it waits until answer-by and then answers code 11; the agent,
+whose answer can no longer be written, undoes an ADD it made. So a frozen agent costs a call at most
+ACCEPT_TIMEOUT, a hung one at most ANSWER_TIMEOUT, and no call is ever done twice or done after
+its caller was told it failed.
 """
 
 import _json
 import _socket
 import posix  # built in; ``os`` is not loaded yet under -S and would cost ~1.5 ms of CPU
 import sys
+import time  # built in
 
 DEFAULT_SOCKET = "/run/tortie/cni.sock"
-TIMEOUT = 60.0  # long enough for an ADD on a loaded node; the agent answers well within it
+# Seconds (environment: TORTIE_RELAY_ACCEPT_TIMEOUT, TORTIE_RELAY_ANSWER_TIMEOUT). A warm agent
+# accepts within a millisecond; an answer includes the policy wait (felix-agent --policy-timeout, 10 s).
+ACCEPT_TIMEOUT = 2.0
+ANSWER_TIMEOUT = 25.0
+MAX_REPLY = 16 << 20
+ACCEPTED = b"+\n"
 FORWARDED = ("CNI_", "ETCD_")
 _WHITESPACE = " \t\n\r"
 _FALLBACK_VERSION = "1.1.0"
@@ -88,9 +103,22 @@ def _environ() -> dict[str, str]:
             for k, v in posix.environ.items()}
 
 
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+class _Fallback(Exception):
+    """The agent did not take the call and never will: serve it in-process."""
+
+
 def relay(plugin: str, data: bytes, environ: dict[str, str] | None = None) -> tuple[int, bytes] | None:
     """Have the node's agent serve this call: ``(exit status, stdout bytes)``; None when there is
-    no agent to ask (no socket, nobody listening, not allowed) or the call is not one to forward."""
+    no agent to ask (no socket, nobody listening, not allowed), when it did not take the call in
+    time, or when the call is not one to forward: the caller then serves it in-process."""
     env = _environ() if environ is None else environ
     if not env.get("CNI_COMMAND"):
         return None  # run by a human: the plugin describes itself
@@ -101,31 +129,80 @@ def relay(plugin: str, data: bytes, environ: dict[str, str] | None = None) -> tu
     path = socket_path(config)
     if path is None:
         return None
+    now = time.time()
+    accept_by = now + _seconds(env, "TORTIE_RELAY_ACCEPT_TIMEOUT", ACCEPT_TIMEOUT)
+    answer_by = now + _seconds(env, "TORTIE_RELAY_ANSWER_TIMEOUT", ANSWER_TIMEOUT)
     forwarded = ",".join(f"{_string(k)}:{_string(v)}" for k, v in env.items() if k.startswith(FORWARDED))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT)
     try:
+        sock.settimeout(max(accept_by - time.time(), 0.001))
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError):
             return None
-        sock.sendall(f"{plugin}\n{{{forwarded}}}\n".encode() + data)
+        header = f"{plugin} {int(accept_by * 1000)} {int(answer_by * 1000)}\n{{{forwarded}}}\n"
+        sock.sendall(header.encode() + data)
         sock.shutdown(_socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except TimeoutError:
-        return 1, _error(config, 11, "the node agent did not answer in time", path)
+        got = _read_until(sock, b"", accept_by, lambda d: len(d) >= len(ACCEPTED))
+        if not got.startswith(ACCEPTED):
+            if got == b"" and time.time() < accept_by:  # closed with nothing: it refused the call
+                return 1, _error(config, 11, "the node agent closed the connection without an answer", path)
+            raise _Fallback
+        got = _read_until(sock, got, answer_by, lambda d: _complete(d) is not None)
+    except _Fallback:
+        return None
     except OSError as e:
         return 1, _error(config, 11, "lost the connection to the node agent", f"{path}: {e}")
     finally:
         sock.close()
-    status, newline, output = b"".join(chunks).partition(b"\n")
-    if not newline or not status.isdigit():
-        return 1, _error(config, 11, "the node agent closed the connection without an answer", path)
+    answer = _complete(got)
+    if answer is None:
+        return 1, _error(config, 11, "the node agent did not answer in time", path)
+    return answer
+
+
+def _read_until(sock: _socket.socket, got: bytes, deadline: float, enough: object) -> bytes:
+    """Read until ``enough(bytes so far)``, end of stream, or ``deadline``. At the deadline the
+    connection is shut down both ways first (the agent's writes fail from then on, atomically), and
+    what had already arrived is all there is."""
+    chunks = [got]
+    data = got
+    while not enough(data):  # type: ignore[operator]
+        left = deadline - time.time()
+        if left <= 0:
+            sock.shutdown(_socket.SHUT_RDWR)
+            sock.setblocking(False)
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        data = b"".join(chunks)
+        if len(data) > MAX_REPLY + 64:
+            break
+    return b"".join(chunks)
+
+
+def _complete(data: bytes) -> tuple[int, bytes] | None:
+    """(status, stdout) of a whole reply after the ``+`` line; None while it is not whole."""
+    line, newline, output = data[len(ACCEPTED):].partition(b"\n")
+    status, space, count = line.partition(b" ")
+    if not newline or not space or not status.isdigit() or not count.isdigit():
+        return None
+    if len(output) != int(count) or int(count) > MAX_REPLY:
+        return None
     return int(status), output
 
 

@@ -29,10 +29,18 @@ NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x200, 0x400
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+NLM_F_REPLACE = 0x100
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_PERMANENT = 0x80
+FRA_SRC, FRA_PRIORITY, FRA_TABLE = 2, 6, 15
+FR_ACT_TO_TBL = 1
+RTNH_F_ONLINK = 0x4
 IFF_UP = 0x1
 RTN_UNICAST = 1
 RT_TABLE_MAIN = 254
@@ -42,6 +50,8 @@ _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_NDMSG = struct.Struct("=BBHiHBB")  # family, pad, pad, index, state, flags, type
+_RULE = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, res1, res2, action, flags
 _ATTR = struct.Struct("=HH")
 
 
@@ -222,9 +232,10 @@ class RTNL:
 
     # ---- routes ----
     def add_route(self, dst: str, dst_len: int, *, oif: int, gateway: str = "", scope: int = 0,
-                  protocol: int = 3, table: int = RT_TABLE_MAIN) -> None:
+                  protocol: int = 3, table: int = RT_TABLE_MAIN, onlink: bool = False) -> None:
         family, packed = _ip(dst)
-        body = _RTMSG.pack(family, dst_len, 0, 0, table if table < 256 else 0, protocol, scope, RTN_UNICAST, 0)
+        body = _RTMSG.pack(family, dst_len, 0, 0, table if table < 256 else 0, protocol, scope, RTN_UNICAST,
+                           RTNH_F_ONLINK if onlink else 0)
         if dst_len:
             body += attr(RTA_DST, packed)
         if gateway:
@@ -255,3 +266,47 @@ class RTNL:
         (body,) = self.get(RTM_GETROUTE, _RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0)
                            + attr(RTA_DST, packed))
         return self._route(body)
+
+    # ---- neighbours ----
+    def set_neighbour(self, index: int, address: str, mac: str) -> None:
+        """A permanent neighbour entry: ``address`` is at ``mac`` on the link ``index``."""
+        family, packed = _ip(address)
+        self.do(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, _NDMSG.pack(family, 0, 0, index, NUD_PERMANENT, 0, 0)
+                + attr(NDA_DST, packed) + attr(NDA_LLADDR, bytes.fromhex(mac.replace(":", ""))))
+
+    def neighbours(self, index: int) -> list[tuple[str, str, int]]:
+        """(address, MAC, state) of the neighbour entries on the link ``index``."""
+        found = []
+        for body in self.dump(RTM_GETNEIGH, _NDMSG.pack(0, 0, 0, 0, 0, 0, 0)):
+            _, _, _, ifindex, state, _, _ = _NDMSG.unpack_from(body)
+            a = attrs(body, _NDMSG.size)
+            if ifindex == index and NDA_DST in a:
+                found.append((str(ipaddress.ip_address(a[NDA_DST])),
+                              ":".join(f"{b:02x}" for b in a.get(NDA_LLADDR, b"")), state))
+        return found
+
+    # ---- policy routing rules ----
+    def add_rule(self, src: str, src_len: int, table: int, priority: int) -> None:
+        """``from src/src_len lookup table``, at ``priority``."""
+        family, packed = _ip(src)
+        self.do(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL,
+                _RULE.pack(family, 0, src_len, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
+                + attr(FRA_SRC, packed) + attr(FRA_PRIORITY, _u32(priority)) + attr(FRA_TABLE, _u32(table)))
+
+    def rules(self, family: int) -> list[tuple[str, int, int, int]]:
+        """(source, source prefix length, table, priority) of the rules of ``family`` that match a source."""
+        found = []
+        for body in self.dump(RTM_GETRULE, _RULE.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+            fam, _, src_len, _, table, _, _, _, _ = _RULE.unpack_from(body)
+            a = attrs(body, _RULE.size)
+            if FRA_TABLE in a:
+                (table,) = struct.unpack("=I", a[FRA_TABLE])
+            if FRA_SRC in a:
+                (priority,) = struct.unpack("=I", a[FRA_PRIORITY]) if FRA_PRIORITY in a else (0,)
+                found.append((str(ipaddress.ip_address(a[FRA_SRC])), src_len, table, priority))
+        return found
+
+    def delete_rule(self, src: str, src_len: int, table: int, priority: int) -> None:
+        family, packed = _ip(src)
+        self.do(RTM_DELRULE, 0, _RULE.pack(family, 0, src_len, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
+                + attr(FRA_SRC, packed) + attr(FRA_PRIORITY, _u32(priority)) + attr(FRA_TABLE, _u32(table)))

@@ -119,6 +119,12 @@ def _exec_ipam(ipam_type: str, command: str, args: CmdArgs) -> Result | None:
 
 # ---- operations ----------------------------------------------------------------------------------
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
+    return add_attachment(args, stores)[0]
+
+
+def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
+    """ADD, and whether the attachment's addresses were already its own (a repeated ADD): the
+    agent then must not take the attachment back when the caller cannot be told the answer."""
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
@@ -143,6 +149,10 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
             _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
+    return _result(args, wired, host_if, addresses, conf), repeated
+
+
+def _result(args: CmdArgs, wired: Any, host_if: str, addresses: list[Any], conf: PluginConf) -> Result:
     return Result(
         interfaces=[Interface(name=host_if, mac=wired.host_mac),
                     Interface(name=args.ifname, mac=wired.container_mac, sandbox=args.netns)],
@@ -205,7 +215,7 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     failure: CNIError | None = None
     # Deleting a veth waits for the kernel (an RCU grace period, ~20 ms, most of DEL's time): it
     # runs in a thread while this one does the datastore work. Every step runs whatever the others do.
-    unwired = _Background(wiring.teardown, host_if)
+    unwired = _Background(_unwire, args.netns, args.ifname, host_if)
     try:
         _ipam("DEL", args, stores)
     except CNIError as e:
@@ -227,6 +237,16 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
         failure = failure or CNIError(codes.IO_FAILURE, "could not remove the container's interface", str(e))
     if failure is not None:
         raise failure
+
+
+def _unwire(netns_path: str, ifname: str, host_if: str) -> None:
+    """DEL's kernel part: a further attachment's source rules in the container, then the veth."""
+    if netns_path:
+        try:
+            wiring.forget_rules(netns_path, ifname)
+        except wiring.WiringError as e:  # the veth must go regardless; a rule left points at an empty table
+            log.warning("DEL %s: %s", host_if, e)
+    wiring.teardown(host_if)
 
 
 class _Background:

@@ -3,8 +3,11 @@
 Owns the kernel side of one attachment: the veth pair (host end ``tor…`` with the fixed MAC
 ``ee:ee:ee:ee:ee:ee`` and no address, container end ``CNI_IFNAME`` created directly in the
 container's namespace), the host end's sysctls (proxy ARP / proxy NDP, forwarding), one host route
-per address (route protocol 80), and inside the container the /32 and /128 addresses and the
-default routes through 169.254.1.1 and the host end's link-local address.
+per address (route protocol 80), and inside the container the /32 and /128 addresses, a permanent
+neighbour entry for each gateway (169.254.1.1 and the host end's link-local address, both at the host
+end's fixed MAC, so nothing depends on the host answering ARP) and the default routes through them.
+A container's further attachment (a second interface, as Multus makes) keeps the first one's default
+route and gets a table of its own, used for traffic from its addresses.
 
 "Host" means the namespace of the calling thread, so a lab can run all of this inside a namespace
 of its own. Must not touch anything but the attachment's own links, routes and sysctls (plus
@@ -25,14 +28,20 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from cni_plugins.naming import HOST_IF_PREFIX
-from cni_plugins.rtnl import RTNL, NetlinkError
+from cni_plugins.rtnl import NUD_PERMANENT, RTNL, NetlinkError
 
 Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"  # the EUI-64 link-local address HOST_MAC gives the host end
+GATEWAY = {4: GATEWAY_V4, 6: GATEWAY_V6}
+DEFAULT = {4: "0.0.0.0", 6: "::"}
 ROUTE_PROTOCOL = 80  # Tortie's agent (CONTRACT, "Kernel objects")
+# A container's second and later attachments route their own addresses' traffic through a table
+# of their own, chosen by the interface's index in the container: ``from <address> lookup <table>``.
+SECONDARY_TABLE_BASE = 10000
+RULE_PRIORITY = 100
 RT_SCOPE_LINK = 253
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3  # what `ip route add` and pyroute2 give a route by default
@@ -133,17 +142,66 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
                     with _doing(f"adding the address {a.ip} to {ifname} in {netns_path}"):
                         flags = IFA_F_NODAD if a.version == 6 else 0
                         container.add_address(index, str(a.ip), a.max_prefixlen, flags)
-                if 4 in families:
-                    container.add_route(GATEWAY_V4, 32, oif=index, scope=RT_SCOPE_LINK, protocol=RTPROT_BOOT)
-                    container.add_route("0.0.0.0", 0, gateway=GATEWAY_V4, oif=index, protocol=RTPROT_BOOT)
-                if 6 in families:
-                    container.add_route("::", 0, gateway=GATEWAY_V6, oif=index, protocol=RTPROT_BOOT)
+                # The gateway's MAC is fixed: a permanent entry means the pod never needs an ARP or
+                # NDP answer for it, so it works on a host with no route (proxy ARP needs one).
+                for version in sorted(families):
+                    container.set_neighbour(index, GATEWAY[version], HOST_MAC)
+                taken = _families_with_default(container)
+                for version in sorted(families):
+                    if version not in taken:  # the container's first attachment: Calico's routes
+                        if version == 4:
+                            container.add_route(GATEWAY_V4, 32, oif=index, scope=RT_SCOPE_LINK, protocol=RTPROT_BOOT)
+                        container.add_route(DEFAULT[version], 0, gateway=GATEWAY[version], oif=index,
+                                            protocol=RTPROT_BOOT)
+                        continue
+                    # A further attachment: the main table's default route stays the first's; what is
+                    # sent from this attachment's addresses leaves through it, by a table of its own.
+                    table = secondary_table(index)
+                    container.add_route(DEFAULT[version], 0, gateway=GATEWAY[version], oif=index,
+                                        protocol=RTPROT_BOOT, table=table, onlink=True)
+                    for a in addresses:
+                        if a.version == version:
+                            container.add_rule(str(a.ip), a.max_prefixlen, table, RULE_PRIORITY)
 
             with _doing(f"adding the host routes via {host_if}"):
                 for a in addresses:
                     _add_host_route(host, host_index, a)
             undo.pop_all()
         return Wired(host_if, host_mac, ifname, mac, index)
+
+
+def secondary_table(container_index: int) -> int:
+    return SECONDARY_TABLE_BASE + container_index
+
+
+def _families_with_default(container: RTNL) -> set[int]:
+    """The address families for which the container already has a main-table default route."""
+    return {4 if r.family == socket.AF_INET else 6
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in container.routes(family) if r.dst_len == 0 and r.table == RT_TABLE_MAIN and r.oif}
+
+
+def forget_rules(netns_path: str, ifname: str) -> None:
+    """Remove the source rules a further attachment ``ifname`` added in its container (its table's
+    routes go with its interface). Nothing to do when the namespace or the interface is gone."""
+    try:
+        ns_fd = _open_netns(netns_path)
+    except NetnsNotFound:
+        return
+    try:
+        with netns(ns_fd):
+            container = RTNL()
+    finally:
+        os.close(ns_fd)
+    with container, _doing(f"removing the source rules of {ifname} in {netns_path}"):
+        link = container.link(ifname)
+        if link is None:
+            return
+        table = secondary_table(link.index)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for src, src_len, rule_table, priority in container.rules(family):
+                if rule_table == table:
+                    container.delete_rule(src, src_len, rule_table, priority)
 
 
 def check_free(netns_path: str, ifname: str) -> None:
@@ -192,9 +250,20 @@ def check(netns_path: str, ifname: str, host_if: str, addresses: list[Address]) 
             f"the address {a.ip} is missing on {ifname}" for a in addresses if (str(a.ip), a.max_prefixlen) not in have
         ]
         gateways = _default_gateways(container, peer.index)
-        for version, gateway in ((4, GATEWAY_V4), (6, GATEWAY_V6)):
-            if any(a.version == version for a in addresses) and gateway not in gateways:
+        rules = {(src, table) for family in (socket.AF_INET, socket.AF_INET6)
+                 for src, _, table, _ in container.rules(family)}
+        neighbours = {(ip, mac) for ip, mac, state in container.neighbours(peer.index) if state & NUD_PERMANENT}
+        for version, gateway in GATEWAY.items():
+            if not any(a.version == version for a in addresses):
+                continue
+            if (gateway, HOST_MAC) not in neighbours:
+                problems.append(f"the permanent neighbour entry for the gateway {gateway} on {ifname} is missing")
+            tables = {table for table, gw in gateways if gw == gateway}
+            if not tables:
                 problems.append(f"the IPv{version} default route via {gateway} on {ifname} is missing")
+            for table in tables - {RT_TABLE_MAIN}:  # a further attachment's own table
+                problems += [f"the rule sending traffic from {a.ip} to table {table} is missing"
+                             for a in addresses if a.version == version and (str(a.ip), table) not in rules]
     return problems
 
 
@@ -300,10 +369,11 @@ def _routes(host: RTNL, index: int) -> set[tuple[str, int]]:
     }
 
 
-def _default_gateways(container: RTNL, index: int) -> set[str]:
+def _default_gateways(container: RTNL, index: int) -> set[tuple[int, str]]:
+    """(table, gateway) of the default routes through the link ``index``, in any table."""
     return {
-        r.gateway
+        (r.table, r.gateway)
         for family in (socket.AF_INET, socket.AF_INET6)
         for r in container.routes(family)
-        if r.dst_len == 0 and r.oif == index and r.table == RT_TABLE_MAIN
+        if r.dst_len == 0 and r.oif == index and (r.table == RT_TABLE_MAIN or r.table >= SECONDARY_TABLE_BASE)
     }

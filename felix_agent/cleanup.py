@@ -15,6 +15,7 @@ from datastore.etcd import EtcdClient
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
 from ipam.allocator import IPAM
+from ipam.handles import attachment_of
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,16 @@ def cleanup(client: EtcdClient, node: str, *, clock: Callable[[], float] = time.
         spec: WorkloadEndpointSpec = endpoint.spec
         if spec.interface_name in links:
             continue
-        ipam.release_handle(f"{spec.network}.{spec.container_id}")
+        ipam.release_attachment(spec.network, spec.container_id, spec.endpoint)
         with contextlib.suppress(NotFound):
             store.delete(WorkloadEndpoint, endpoint.name, endpoint.namespace, endpoint.metadata.resource_version)
         report.endpoints.append(endpoint.name)
-    kept = {(e.spec.network, e.spec.container_id) for e in endpoints if e.spec.interface_name in links}
+    kept = {(e.spec.network, e.spec.container_id, e.spec.endpoint) for e in endpoints if e.spec.interface_name in links}
     for name, handle in ipam.handles().items():
         attrs = handle.attrs
         if handle.node != node or attrs.get("plugin") != "tortie":
             continue
-        if (attrs.get("network"), attrs.get("containerID")) in kept:
+        if attachment_of(attrs) in kept:
             continue
         if clock() - float(attrs.get("timestamp", "0") or 0) < grace:
             continue

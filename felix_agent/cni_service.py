@@ -1,4 +1,9 @@
-"""The CNI service: the node's unix socket, where the thin plugins hand over their calls."""
+"""The CNI service: the node's unix socket, where the CNI front ends hand over their calls.
+
+Owns serving one relayed call on the agent's warm datastore connections (``agent_protocol`` owns
+the exchange and the deadline rule); must not decide what a call means (the CNI skeleton and the
+operations in ``cni_plugins`` do).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cni_plugins import agent_protocol, dispatch, tortie_ops
+from cni_plugins import agent_protocol, dispatch, ipam_ops, tortie_ops
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import INTERNAL, CNIError
 from cni_plugins.skel import CmdArgs
 
 log = logging.getLogger(__name__)
+
+
+def _quietly_delete(args: CmdArgs, stores: Datastores) -> None:
+    try:
+        tortie_ops.delete(args, stores)
+    except Exception as e:  # noqa: BLE001 - logged: the start-up cleanup and the orphan sweep finish it
+        log.warning("undoing ADD %s/%s failed: %s", args.container_id, args.ifname, e)
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -29,42 +41,65 @@ class CNIService:
     connections, each with the caller's environment."""
 
     def __init__(self, path: Path, stores: Datastores,
-                 after_add: Callable[[CmdArgs], None] | None = None,
+                 after_add: Callable[[CmdArgs, float | None], None] | None = None,
                  on_request: Callable[[str], None] | None = None) -> None:
         self.on_request = on_request
         self.path = path
         self.stores = stores
         # Runs after a successful ADD, before the answer: the agent waits there until the new
-        # endpoint's policy is in the kernel ("no pod without its policy"). May raise CNIError.
+        # endpoint's policy is in the kernel ("no pod without its policy"), at most until the
+        # caller's deadline (second argument, Unix seconds, or None). May raise CNIError.
         self.after_add = after_add
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def serve(self, plugin: str, environ: dict[str, str], data: bytes) -> tuple[int, bytes]:
-        """One relayed call: the CNI skeleton on the caller's environment and stdin."""
-        stores = self.stores.for_environment(environ)
+    def serve(self, request: agent_protocol.Request) -> agent_protocol.Reply:
+        """One relayed call: the CNI skeleton on the caller's environment and stdin. An ADD that made
+        a new attachment comes back with its undo, for when the caller cannot be told."""
+        stores = self.stores.for_environment(request.environ)
+        made: list[Callable[[], None]] = []
+        plugin = request.plugin
         if plugin == "tortie":
-            return dispatch.serve_relayed(plugin, environ, data, lambda args: self.handle(args, stores))
-        operations = dispatch.operations(plugin) if plugin in dispatch.ABOUT else {}
-        return dispatch.serve_relayed(plugin, environ, data,
-                                      lambda args: self._guarded(args, lambda: operations[args.command](args, stores)))
+            status, output = dispatch.serve_relayed(
+                plugin, request.environ, request.stdin,
+                lambda args: self.handle(args, stores, request.answer_by, made))
+        else:
+            operations = dispatch.operations(plugin) if plugin in dispatch.ABOUT else {}
 
-    def handle(self, args: CmdArgs, stores: Datastores | None = None) -> Any:
-        """A ``tortie`` call; after an ADD, waits until its policy is programmed."""
+            def work(args: CmdArgs) -> Any:
+                if args.command != "ADD":
+                    return operations[args.command](args, stores)
+                result, repeated = ipam_ops.assign(args, stores)
+                if not repeated:
+                    made.append(lambda: ipam_ops.delete(args, stores))
+                return result
+
+            status, output = dispatch.serve_relayed(plugin, request.environ, request.stdin,
+                                                    lambda args: self._guarded(args, lambda: work(args)))
+        return agent_protocol.Reply(status, output, made[0] if status == 0 and made else None)
+
+    def handle(self, args: CmdArgs, stores: Datastores | None = None, deadline: float | None = None,
+               made: list[Callable[[], None]] | None = None) -> Any:
+        """A ``tortie`` call; after an ADD, waits until its policy is programmed (at most until
+        ``deadline``, the caller's, in Unix seconds). A new attachment's undo goes into ``made``."""
         stores = stores or self.stores
 
         def work() -> Any:
+            if args.command != "ADD":
+                return tortie_ops.handle(args, stores)
             started = time.perf_counter()
-            out = tortie_ops.handle(args, stores)
+            out, repeated = tortie_ops.add_attachment(args, stores)
             done = time.perf_counter()
-            if args.command == "ADD" and self.after_add is not None:
+            if self.after_add is not None:
                 try:
-                    self.after_add(args)
+                    self.after_add(args, deadline)
                     log.debug("ADD %s: %.1f ms of work, %.1f ms until its policy was programmed",
                               args.container_id, (done - started) * 1000, (time.perf_counter() - done) * 1000)
                 except BaseException:
                     tortie_ops.delete(args, stores)  # an ADD completes or leaves nothing
                     raise
+            if not repeated and made is not None:
+                made.append(lambda: _quietly_delete(args, stores))
             return out
 
         return self._guarded(args, work)

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from cni_plugins import tortie_ops
@@ -115,6 +116,10 @@ def register_node(store: ResourceStore, name: str, node_ip: str | None) -> None:
         log.info("updated node %s address to %s", name, node_ip)
 
 
+# Seconds kept, of a caller's deadline, for undoing an ADD and writing the answer.
+ANSWER_MARGIN = 1.0
+
+
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -140,14 +145,18 @@ class Agent:
     def render_metrics(self) -> str:
         return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
 
-    def wait_for_policy(self, args: CmdArgs) -> None:
-        """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel."""
+    def wait_for_policy(self, args: CmdArgs, deadline: float | None = None) -> None:
+        """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel;
+        give up in time to answer before the caller's ``deadline`` (Unix seconds)."""
         key = tortie_ops.endpoint_key(args)
         assert self.loop is not None
-        if not self.loop.wait_programmed(key, self.args.policy_timeout):
+        timeout = self.args.policy_timeout
+        if deadline is not None:
+            timeout = max(min(timeout, deadline - time.time() - ANSWER_MARGIN), 0.0)
+        if not self.loop.wait_programmed(key, timeout):
             raise CNIError(TRY_AGAIN_LATER, "the pod's policy was not programmed in time",
                            f"endpoint {key}: felix-agent on {self.node} did not apply it within "
-                           f"{self.args.policy_timeout:g}s")
+                           f"{timeout:g}s")
 
     def compute(self) -> DesiredState | None:
         if self.syncer is None or not self.syncer.in_sync.is_set():

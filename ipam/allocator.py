@@ -30,6 +30,7 @@ from datastore.resources import IPAMConfiguration, IPPool, Node
 from datastore.store import ResourceStore
 from ipam.block import Address, Block, Network
 from ipam.errors import AddressInUse, AddressNotInPool, PoolExhausted, TooManyConflicts
+from ipam.handles import attachment_handle, belongs_to, legacy_handle
 from ipam.pools import Pool, pool_for_address, select_pools
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class AssignRequest:
     pools_v6: Sequence[str] = ()
     addresses: Sequence[Address] = ()  # specific addresses; they replace automatic ones of their family
     attrs: Mapping[str, str] = field(default_factory=dict)
+    # The name an ADD of the same attachment used before handles named the interface: a repeated
+    # ADD of such an attachment gets its addresses back instead of a second set.
+    legacy_handle: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Handle:
 @dataclass
 class _Snapshot:
     handle: KeyValue | None
+    legacy: KeyValue | None
     pools: list[Pool]
     node_labels: dict[str, str]
     max_blocks: int
@@ -94,6 +99,10 @@ class _Snapshot:
 
 class _Retry(Exception):
     """The plan changed the world (a block was claimed): re-read and plan again."""
+
+
+def _same_attachment(held: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    return belongs_to(held, wanted.get("network", ""), wanted.get("containerID", ""), wanted.get("ifname", ""))
 
 
 def _within(cidr: Network, pool: Pool) -> bool:
@@ -125,13 +134,14 @@ class IPAM:
         kvs, _ = self.client.list(keys.HANDLES)
         return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
 
-    def _snapshot(self, handle: str, node: str) -> _Snapshot:
+    def _snapshot(self, handle: str, node: str, legacy: str = "") -> _Snapshot:
         """One round trip in the usual case: the handle, the IPAM configuration, the node, the
         pools, the node's affinities and the blocks it was last seen to hold, at one revision.
         A block the hint missed (claimed since, or by another process) costs a second read."""
         node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
         hinted = sorted(_BLOCK_HINTS.get(node, ()))
-        reading = self.client.read([keys.handle_key(handle), cfg_key, node_key, *hinted],
+        legacy_keys = [keys.handle_key(legacy)] if legacy else []
+        reading = self.client.read([keys.handle_key(handle), *legacy_keys, cfg_key, node_key, *hinted],
                                    [(_POOLS, False), (keys.affinity_prefix(node), True)])
         singles = reading.values
         labels: dict[str, str] = {}
@@ -155,7 +165,8 @@ class IPAM:
             if block.node == node:
                 blocks[block.cidr] = (block, kv.mod_revision)
         pools = [Pool.from_resource(from_stored(kv.value, kv.mod_revision, kv.key)) for kv in reading.lists[_POOLS]]
-        return _Snapshot(singles.get(keys.handle_key(handle)), pools, labels, max_blocks, blocks)
+        return _Snapshot(singles.get(keys.handle_key(handle)), singles.get(keys.handle_key(legacy)) if legacy else None,
+                         pools, labels, max_blocks, blocks)
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
@@ -176,9 +187,13 @@ class IPAM:
     def assign(self, req: AssignRequest) -> list[Assigned]:
         """Addresses for one attachment; an existing handle gets its addresses back (idempotent)."""
         for attempt in range(self.max_retries):
-            snap = self._snapshot(req.handle, req.node)
+            snap = self._snapshot(req.handle, req.node, req.legacy_handle)
             if snap.handle is not None:
                 existing = self._existing(req.handle, snap)
+                if existing:
+                    return existing
+            elif snap.legacy is not None and _same_attachment(Handle.from_json(snap.legacy.value).attrs, req.attrs):
+                existing = self._existing(req.legacy_handle, snap)
                 if existing:
                     return existing
             try:
@@ -349,11 +364,38 @@ class IPAM:
         self.sleep(random.uniform(0, min(0.05, 0.001 * (2 ** min(attempt, 6)))))
 
     # ---- releasing -----------------------------------------------------------------------------
-    def release_handle(self, handle: str, *, expected_revision: int = 0) -> list[Address]:
+    def attachment_handles(self, network: str, container_id: str, ifname: str) -> dict[str, KeyValue]:
+        """The handles holding one attachment's addresses, read in one round trip: its own, and a
+        handle of the older ``<network>.<container>`` form whose attributes name this interface."""
+        own, legacy = attachment_handle(network, container_id, ifname), legacy_handle(network, container_id)
+        kvs = self.client.get_many([keys.handle_key(own), keys.handle_key(legacy)])
+        found = {}
+        if keys.handle_key(own) in kvs:
+            found[own] = kvs[keys.handle_key(own)]
+        old = kvs.get(keys.handle_key(legacy))
+        if old is not None and belongs_to(Handle.from_json(old.value).attrs, network, container_id, ifname):
+            found[legacy] = old
+        return found
+
+    def attachment_addresses(self, network: str, container_id: str, ifname: str) -> list[Address]:
+        return [a for name in self.attachment_handles(network, container_id, ifname)
+                for a in self.handle_addresses(name)]
+
+    def release_attachment(self, network: str, container_id: str, ifname: str) -> tuple[list[str], list[Address]]:
+        """Free every address of one attachment (DEL's IPAM work): (handle names, addresses).
+        Never touches another interface's handle of the same container."""
+        found = self.attachment_handles(network, container_id, ifname)
+        released: list[Address] = []
+        for name, kv in found.items():
+            released += self.release_handle(name, read=kv)
+        return list(found), released
+
+    def release_handle(self, handle: str, *, expected_revision: int = 0, read: KeyValue | None = None) -> list[Address]:
         """Free every address of an attachment and delete its handle; [] if it is already gone
-        (or, with ``expected_revision``, if the handle changed since it was read at that revision)."""
+        (or, with ``expected_revision``, if the handle changed since it was read at that revision).
+        ``read``: the handle as the caller just read it, which saves the first round trip."""
         for attempt in range(self.max_retries):
-            hkv = self.client.get(keys.handle_key(handle))
+            hkv, read = read or self.client.get(keys.handle_key(handle)), None
             if hkv is None or (expected_revision and hkv.mod_revision != expected_revision):
                 return []
             record = Handle.from_json(hkv.value)

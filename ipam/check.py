@@ -28,7 +28,8 @@ from datastore.etcd import Delete, EtcdClient, Unchanged
 from datastore.resources import Node, WorkloadEndpoint
 from ipam.allocator import IPAM, Handle
 from ipam.block import Address, Block, Network
-from ipam.pools import Pool
+from ipam.handles import attachment_handle, attachment_of, belongs_to, legacy_handle
+from ipam.pools import Pool, pool_for_address
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ BLOCK_WITHOUT_AFFINITY = "block-without-affinity"  # a block owned by a node tha
 INVALID_RECORD = "invalid-record"  # a key whose value cannot be decoded
 # an attachment made by the tortie plugin whose WorkloadEndpoint is gone (a crashed ADD, a lost DEL)
 ENDPOINTLESS_HANDLE = "handle-without-endpoint"
+# a workload endpoint carries a pool address that IPAM has free or reserved for another attachment
+# (two pods may be using one address)
+ENDPOINT_ADDRESS_NOT_RESERVED = "endpoint-address-not-reserved"
+# an attachment's handle holds an address its endpoint does not carry (its interface has another)
+ADDRESS_NOT_ON_ENDPOINT = "address-not-on-endpoint"
 TORTIE_PLUGIN = "tortie"
 
 
@@ -96,6 +102,12 @@ class Report:
     revision: int  # the etcd revision the IPAM state was read at
 
 
+@dataclass(frozen=True)
+class EndpointRecord:
+    name: str  # <namespace>/<name>
+    addresses: frozenset[str]  # without prefix length
+
+
 @dataclass
 class Snapshot:
     """The IPAM state at one revision (plus the pools and nodes read right after it)."""
@@ -108,13 +120,13 @@ class Snapshot:
     unreadable: set[str] = field(default_factory=set)  # keys whose value cannot be decoded
     pools: list[Pool] = field(default_factory=list)
     nodes: set[str] = field(default_factory=set)
-    endpoints: set[tuple[str, str]] = field(default_factory=set)  # (network, containerID) of every endpoint
+    # (network, containerID, interface) of every endpoint → (its name, the addresses it carries)
+    endpoints: dict[tuple[str, str, str], EndpointRecord] = field(default_factory=dict)
 
     def endpointless(self) -> dict[str, tuple[Handle, int]]:
         """Handles of the tortie plugin's attachments that have no WorkloadEndpoint."""
         return {name: (h, rev) for name, (h, rev) in self.handles.items()
-                if h.attrs.get("plugin") == TORTIE_PLUGIN
-                and (h.attrs.get("network", ""), h.attrs.get("containerID", "")) not in self.endpoints}
+                if h.attrs.get("plugin") == TORTIE_PLUGIN and attachment_of(h.attrs) not in self.endpoints}
 
     def handle_exists(self, name: str) -> bool:
         """A handle that cannot be read still owns its addresses: damage is not a licence to free them."""
@@ -149,14 +161,48 @@ def scan(client: EtcdClient) -> Snapshot:
     return snap
 
 
-def endpoint_attachments(client: EtcdClient) -> set[tuple[str, str]]:
+def endpoint_attachments(client: EtcdClient) -> dict[tuple[str, str, str], EndpointRecord]:
+    """Every workload endpoint by its attachment (network, container ID, interface)."""
     kvs, _ = client.list(keys.resource_prefix(WorkloadEndpoint.PLURAL))
-    out = set()
+    out = {}
     for kv in kvs:
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            spec = json.loads(kv.value)["spec"]
-            out.add((spec.get("network", ""), spec["containerID"]))
+            doc = json.loads(kv.value)
+            spec, meta = doc["spec"], doc.get("metadata", {})
+            addresses = frozenset(str(ipaddress.ip_interface(n).ip) for n in spec.get("ipNetworks") or [])
+            name = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+            out[(spec.get("network", ""), spec["containerID"], spec.get("endpoint") or "eth0")] = \
+                EndpointRecord(name, addresses)
     return out
+
+
+def _endpoint_problems(snap: Snapshot) -> list[Problem]:
+    """Endpoints against the handles of their attachments: each address an endpoint carries must be
+    reserved for that attachment, and each address reserved for it must be on its endpoint."""
+    holder: dict[str, str] = {}  # address → the handle its block reserves it for
+    reserved: dict[str, list[str]] = {}  # handle → its addresses
+    for block, _ in snap.blocks.values():
+        for ordinal, a in block.allocations.items():
+            holder[str(block.address(ordinal))] = a.handle
+            reserved.setdefault(a.handle, []).append(str(block.address(ordinal)))
+    problems = []
+    for (network, container_id, ifname), endpoint in sorted(snap.endpoints.items(), key=lambda e: e[1].name):
+        own = {name for name in (attachment_handle(network, container_id, ifname), legacy_handle(network, container_id))
+               if name in snap.handles and belongs_to(snap.handles[name][0].attrs, network, container_id, ifname)}
+        for address in sorted(endpoint.addresses):
+            if pool_for_address(snap.pools, ipaddress.ip_address(address)) is None:
+                continue  # another IPAM plugin's address
+            if holder.get(address) not in own:
+                why = f"reserved for handle {holder[address]}" if address in holder else "free in IPAM"
+                problems.append(Problem(ENDPOINT_ADDRESS_NOT_RESERVED, f"endpoint {endpoint.name} carries {address}, "
+                                        f"which is {why}: another pod may be given or be using it"))
+        for name in sorted(own):
+            carried = ", ".join(sorted(endpoint.addresses)) or "no address"
+            for address in sorted(reserved.get(name, [])):
+                if address not in endpoint.addresses:
+                    problems.append(Problem(ADDRESS_NOT_ON_ENDPOINT, f"handle {name} holds {address}, but its "
+                                            f"endpoint {endpoint.name} carries {carried}"))
+    return problems
 
 
 def _pool_of(pools: list[Pool], cidr: Network) -> Pool | None:
@@ -198,6 +244,7 @@ def analyse(snap: Snapshot) -> Report:
         if name in snap.handles and snap.handles[name][0].blocks.get(block_cidr, 0) < count:
             problems.append(Problem(UNINDEXED_ADDRESS, f"block {block_cidr} holds {count} address(es) of handle "
                                     f"{name}, more than its handle record counts"))
+    problems += _endpoint_problems(snap)
     for name, (handle, _) in sorted(snap.endpointless().items()):
         problems.append(Problem(ENDPOINTLESS_HANDLE, f"handle {name} holds addresses for container "
                                 f"{handle.attrs.get('containerID')}, which has no workload endpoint"))
@@ -336,7 +383,7 @@ def collect(client: EtcdClient, plan: GCPlan) -> GCResult:
             if kv is None or kv.mod_revision != revision:
                 continue
             record = Handle.from_json(kv.value)
-            if (record.attrs.get("network", ""), record.attrs.get("containerID", "")) in live:
+            if attachment_of(record.attrs) in live:
                 continue
             for address in ipam.release_handle(name, expected_revision=revision):
                 result.released.append((address, name))

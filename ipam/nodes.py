@@ -40,7 +40,7 @@ def remove_node(client: KV, node: str) -> NodeRemoval:
         spec: WorkloadEndpointSpec = endpoint.spec
         if spec.node != node:
             continue
-        ipam.release_handle(f"{spec.network}.{spec.container_id}")
+        ipam.release_attachment(spec.network, spec.container_id, spec.endpoint)
         with contextlib.suppress(NotFound):
             store.delete(WorkloadEndpoint, endpoint.name, endpoint.namespace)
         out.endpoints.append(f"{endpoint.namespace}/{endpoint.name}")

@@ -60,6 +60,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("node", metavar="NODE")
     p.set_defaults(func=run_env)
 
+    p = commands.add_parser("stop", parents=[named], help="stop a node's felix-agent (its pods and routes stay)")
+    p.add_argument("node", metavar="NODE")
+    p.set_defaults(func=run_stop)
+
+    p = commands.add_parser("restart", parents=[named],
+                            help="restart a node's felix-agent with the command line 'up' gave it")
+    p.add_argument("node", metavar="NODE")
+    p.set_defaults(func=run_restart)
+
     p = commands.add_parser("down", parents=[named], help="remove the lab: processes, namespaces, files")
     p.set_defaults(func=run_down)
 
@@ -140,6 +149,7 @@ def run_up(args: argparse.Namespace) -> int:
     hints = [(f"netctl lab status{more}", "nodes, agents, BGP sessions, pools, pods"),
              (f"netctl lab matrix{more} [--port 80]", "who can reach whom (--explain A B: why)"),
              (f"netctl lab exec{more} n1 -- netctl get ippool", "a command on node n1 (netctl works there)"),
+             (f"netctl lab stop|restart{more} n1", "stop or restart node n1's agent (the pods stay)"),
              (f"netctl lab down{more}", "remove every trace of it")]
     width = max(len(command) for command, _ in hints)
     print("\n".join(f"  {command.ljust(width)}  {what}" for command, what in hints))
@@ -166,7 +176,7 @@ def run_status(args: argparse.Namespace) -> int:
         out.append(f"warning: its 'lab up' did not finish; 'netctl lab down{_also(args.name)}' removes it")
     out += ["", _table(("NODE", "ADDRESS", "NAMESPACE", "AGENT", "READY"),
                        [(n["name"], n["address"], n["netns"],
-                         f"running (pid {n['agentPid']})" if n["agentRunning"] else "not running",
+                         f"running (pid {n['agentPid']})" if n["agentRunning"] else "stopped",
                          "yes" if n["ready"] else "no") for n in doc["nodes"]])]
     bgp = doc["bgp"]
     sessions = [(node, s["peerAddress"], s["peerType"], s["state"], s["since"])
@@ -216,6 +226,28 @@ def run_env(args: argparse.Namespace) -> int:
         values = Cluster.load(args.name).env(args.node) | {"NODENAME": args.node}
     print("\n".join(f"export {k}={v}" for k, v in values.items()))
     print(f"# the lab's etcd answers only inside its namespaces: netctl lab exec{_also(args.name)} {args.node} -- sh")
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from netlab import cluster
+
+    with _lab_errors():
+        pid = cluster.stop_agent(args.name, args.node)
+    if pid is None:
+        print(f"lab {args.name}: the agent of {args.node} was not running")
+    else:
+        print(f"lab {args.name}: stopped the agent of {args.node} (pid {pid}); its pods keep their addresses and "
+              f"routes. 'netctl lab restart{_also(args.name)} {args.node}' starts it again")
+    return 0
+
+
+def run_restart(args: argparse.Namespace) -> int:
+    from netlab import cluster
+
+    with _lab_errors():
+        pid = cluster.restart_agent(args.name, args.node, progress=ProgressBars(sys.stderr))
+    print(f"lab {args.name}: the agent of {args.node} is running (pid {pid}) and ready")
     return 0
 
 

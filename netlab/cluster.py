@@ -6,8 +6,10 @@ pool (and BGP resources); K pods made through the real CNI plugins. It outlives 
 built it: ``cluster.json`` records what ``status``, ``netctl lab exec|env`` and ``netlab.matrix``
 need, and ``down`` removes everything from any process, also after a crash or a killed ``up``
 (``netlab.lab.destroy_by_name`` reads ``lab.json``, where every namespace and process is recorded
-as it is made). Must not change the root namespace: every command it runs runs inside one of the
-lab's namespaces; it stops only processes the lab recorded or that live in its namespaces.
+as it is made). ``stop_agent`` and ``restart_agent`` stop one node's agent and start it again with
+the command line ``up`` gave it, so that a user can watch what survives an agent's absence. Must
+not change the root namespace: every command it runs runs inside one of the lab's namespaces; it
+stops only processes the lab recorded or that live in its namespaces.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ from netctl import pki
 from netlab import netns as ip_netns
 from netlab.cni import REFERENCE_PLUGINS
 from netlab.etcd import EtcdServer
-from netlab.lab import STATE_ROOT, UNDERLAY_LEN, Lab, LabError, PodError, Teardown, destroy_by_name
+from netlab.lab import (
+    STATE_ROOT,
+    UNDERLAY_LEN,
+    Lab,
+    LabError,
+    PodError,
+    Teardown,
+    destroy_by_name,
+    forget_process,
+    record_process,
+)
 
 BIN = Path(sys.executable).parent  # the virtual environment's scripts: netctl, felix-agent, tortie
 STATE_FILE = "cluster.json"
@@ -71,8 +83,17 @@ class NodeInfo:
     def cni_socket(self) -> Path:
         return Path(self.state_dir) / "cni.sock"
 
+    def agent_process(self) -> int | None:
+        """The PID of this node's felix-agent, None when none runs: the one ``up`` or
+        ``restart_agent`` recorded while it still runs, else the process in the node's namespace
+        that listens on the node's CNI socket (an agent restarted by hand with the same command
+        line; matching command lines could name another lab's agent)."""
+        if self.agent_pid is not None and ip_netns.start_time(self.agent_pid) == self.agent_started:
+            return self.agent_pid
+        return ip_netns.unix_listener(self.netns, self.cni_socket)
+
     def agent_running(self) -> bool:
-        return self.agent_pid is not None and ip_netns.start_time(self.agent_pid) == self.agent_started
+        return self.agent_process() is not None
 
 
 @dataclass
@@ -251,20 +272,30 @@ def resources(cluster: Cluster) -> str:
     return "---\n".join("apiVersion: tortie.dev/v1\n" + doc for doc in docs)
 
 
+def agent_argv(cluster: Cluster, node: NodeInfo) -> list[str]:
+    """The felix-agent command line of ``node`` (``up`` and ``restart_agent`` give it the same)."""
+    return [str(BIN / "felix-agent"), "--nodename", node.name, "--node-ip", f"{node.address}/{UNDERLAY_LEN}",
+            "--cni-socket", str(node.cni_socket), "--state-dir", node.state_dir, "--log-level", "info",
+            *(["--bgp"] if cluster.bgp_speaker else [])]
+
+
 def _start_agents(lab: Lab, cluster: Cluster, report: Progress) -> None:
     """A felix-agent per node, all started at once; then wait until every one is ready."""
-    total = len(cluster.nodes)
-    report("nodes", 0, total, "felix-agent ready")
+    report("nodes", 0, len(cluster.nodes), "felix-agent ready")
     for k, node in enumerate(cluster.nodes, 1):
         Path(node.state_dir).mkdir(parents=True, exist_ok=True)
-        argv = [str(BIN / "felix-agent"), "--nodename", node.name, "--node-ip", f"{node.address}/{UNDERLAY_LEN}",
-                "--cni-socket", str(node.cni_socket), "--state-dir", node.state_dir, "--log-level", "info",
-                *(["--bgp"] if cluster.bgp_speaker else [])]
-        node.agent_pid = lab.start_process(lab.node(k).netns, argv, node.agent_log, cluster.env(node.name))
+        node.agent_pid = lab.start_process(lab.node(k).netns, agent_argv(cluster, node), node.agent_log,
+                                           cluster.env(node.name))
         node.agent_started = ip_netns.start_time(node.agent_pid)
     cluster.save()
+    _wait_ready(cluster.nodes, report)
+
+
+def _wait_ready(nodes: list[NodeInfo], report: Progress) -> None:
+    """Until every node's agent answers ``/readiness`` with 200; LabError when one exits or is late."""
+    total = len(nodes)
     deadline = time.monotonic() + AGENT_READY_TIMEOUT
-    waiting = list(cluster.nodes)
+    waiting = list(nodes)
     while waiting:
         for node in list(waiting):
             if not node.agent_running():
@@ -276,6 +307,51 @@ def _start_agents(lab: Lab, cluster: Cluster, report: Progress) -> None:
             raise LabError(f"felix-agent of node {waiting[0].name} not ready after {AGENT_READY_TIMEOUT:g} s: "
                            f"{_last_line(waiting[0].agent_log)}")
         time.sleep(0.1)
+
+
+def stop_agent(name: str, node: str) -> int | None:
+    """Stop the felix-agent of ``node`` in lab ``name`` by its PID (SIGTERM, on which the agent
+    leaves the dataplane in place; SIGKILL after a grace); return that PID, None when none ran."""
+    cluster = Cluster.load(name)
+    pid = _stop_agent(cluster, cluster.node(node))
+    cluster.save()
+    return pid
+
+
+def _stop_agent(cluster: Cluster, node: NodeInfo) -> int | None:
+    pid = node.agent_process()
+    if pid is not None:
+        ip_netns.stop([(pid, ip_netns.start_time(pid))])
+        forget_process(cluster.name, pid)
+    node.agent_pid = node.agent_started = None
+    return pid
+
+
+def restart_agent(name: str, node: str, progress: Progress | None = None) -> int:
+    """Stop the felix-agent of ``node`` when one runs, start it again with the command line ``up``
+    gave it, and wait until it is ready; return its PID. An agent that does not become ready is
+    stopped again."""
+    report = progress or (lambda phase, done, total, note: None)
+    cluster = Cluster.load(name)
+    info = cluster.node(node)
+    if info.netns not in ip_netns.names():
+        raise LabError(f"the namespace {info.netns} of node {node} is gone: 'netctl lab down --name {name}'")
+    _stop_agent(cluster, info)
+    argv = agent_argv(cluster, info)
+    proc = ip_netns.spawn(info.netns, argv, info.agent_log, cluster.env(info.name))
+    try:
+        record_process(name, proc.pid, info.netns, argv)
+        info.agent_pid, info.agent_started = proc.pid, ip_netns.start_time(proc.pid)
+        cluster.save()
+        report("nodes", 0, 1, "felix-agent ready")
+        _wait_ready([info], report)
+    except BaseException:
+        ip_netns.stop([(proc.pid, None if proc.poll() is None else info.agent_started)])
+        forget_process(name, proc.pid)
+        info.agent_pid = info.agent_started = None
+        cluster.save()
+        raise
+    return proc.pid
 
 
 def _wait_bgp(cluster: Cluster, report: Progress) -> None:
@@ -338,9 +414,11 @@ def conflist(cluster: Cluster, node: NodeInfo) -> dict[str, Any]:
 def status(name: str) -> dict[str, Any]:
     """Nodes and their agents' readiness, BGP sessions, pools and their usage, pods (JSON-able)."""
     cluster = Cluster.load(name)
-    nodes = [{"name": n.name, "address": n.address, "netns": n.netns, "agentPid": n.agent_pid,
-              "agentRunning": n.agent_running(), "ready": n.agent_running() and readiness(n) == 200}
-             for n in cluster.nodes]
+    nodes = []
+    for n in cluster.nodes:
+        pid = n.agent_process()  # the true state: also an agent restarted by hand, none after a kill
+        nodes.append({"name": n.name, "address": n.address, "netns": n.netns, "agentPid": pid,
+                      "agentRunning": pid is not None, "ready": pid is not None and readiness(n) == 200})
     done = cluster.netctl("ipam", "show", "-o", "json")
     try:
         pools, pools_error = list(json.loads(done.stdout)["pools"]), ""

@@ -452,6 +452,26 @@ class EtcdCluster:
         pki.issue(self.pki_dir, "client", ca_cert=ca, ca_key=ca_key, profile="client", cn="tortie-client")
 
 
+def record_process(name: str, pid: int, netns: str, argv: Sequence[str], state_root: Path = STATE_ROOT) -> None:
+    """Add a process started without the lab's Python object (`netctl lab restart`) to lab `name`'s
+    record, so that its teardown stops it like the ones the lab started itself."""
+    state = _State.load(state_root / name)
+    if state is None:
+        raise LabError(f"lab {name!r} has no readable {state_root / name / STATE_FILE}")
+    if netns not in state.namespaces:
+        raise LabError(f"{netns!r} is not a namespace of lab {name!r}")
+    state.processes.append(_Process(pid, ip_netns.start_time(pid), netns, list(argv)))
+    state.save(state_root / name)
+
+
+def forget_process(name: str, pid: int, state_root: Path = STATE_ROOT) -> None:
+    """Drop a stopped process from lab `name`'s record (none recorded with that PID is fine)."""
+    state = _State.load(state_root / name)
+    if state is not None and any(p.pid == pid for p in state.processes):
+        state.processes = [p for p in state.processes if p.pid != pid]
+        state.save(state_root / name)
+
+
 def destroy_by_name(name: str, state_root: Path = STATE_ROOT) -> Teardown:
     """Tear down lab `name` without its Python object (after a crash): the processes and
     namespaces in `state_root/name/lab.json`, any namespace named as this lab names its own, and

@@ -152,6 +152,38 @@ def stop(processes: Sequence[tuple[int, int | None]], grace: float = STOP_GRACE)
         time.sleep(_POLL)
 
 
+def unix_listener(netns: str, socket_path: Path) -> int | None:
+    """The process inside `netns` that listens on the unix socket bound at `socket_path`, or None.
+
+    How a daemon restarted by hand is found again without a PID file and without matching command
+    lines: the socket's inode comes from the namespace's own /proc/PID/net/unix (that table is per
+    network namespace), its holder from the namespace's processes' descriptors."""
+    members = pids(netns)
+    if not members:
+        return None
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{members[0]}/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = listening
+            if len(fields) >= 8 and fields[7] == str(socket_path) and int(fields[3], 16) & 0x10000:
+                inodes.add(f"socket:[{fields[6]}]")
+    for pid in members if inodes else []:
+        if any(target in inodes for target in _fd_targets(pid)):
+            return pid
+    return None
+
+
+def _fd_targets(pid: int) -> list[str]:
+    """What `pid`'s descriptors point at; descriptors closed meanwhile (or the process gone) are left out."""
+    targets = []
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(fd))
+    return targets
+
+
 def _signal(pid: int, sig: signal.Signals) -> bool:
     try:
         os.kill(pid, sig)

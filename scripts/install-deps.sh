@@ -14,6 +14,7 @@ apt_packages=(
   podman runc conmon uidmap busybox-static # podman 4.3 with its CNI backend, a busybox image
   qemu-system-x86 linux-image-amd64        # the VM that runs the IPIP tests (no ipip module here)
   bird2                                    # a BGP peer we did not write (external peer, reflector)
+  iperf3                                   # pod-to-pod throughput in bench/dataplane_bench.py
 )
 
 need_apt=()

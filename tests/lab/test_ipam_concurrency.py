@@ -49,7 +49,7 @@ def test_three_nodes_eight_workers_600_addresses(etcd_client: EtcdClient, etcd_e
 
     got = [address for _, _, address in results]
     assert len(got) == 600 and len(set(got)) == 600, "an address was handed out twice"
-    assert allocated(etcd_client) == {a: f"tnet.{cid}" for _, cid, a in results}
+    assert allocated(etcd_client) == {a: f"tnet.{cid}.eth0" for _, cid, a in results}
 
     owners = {}  # block → node, from the affinities
     kvs, _ = etcd_client.list("/tortie/ipam/v2/host/")

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from netlab import netns as ip_netns
-from netlab.cluster import bgp_speaker_available, ipip_available
+from netlab.cluster import Cluster, bgp_speaker_available, conflist, ipip_available
+from netlab.cni import REFERENCE_PLUGINS, Attachment, exec_plugin, network_config
 from netlab.etcd import ETCD
 from netlab.lab import STATE_ROOT, destroy_by_name
 
@@ -272,10 +273,100 @@ def test_errors_are_one_line(lab_names: Callable[..., str]) -> None:
     for args, words in ((["lab", "status", "--name", name], "no lab named"),
                         (["lab", "up", "--name", "Not_A_Name"], "invalid lab name"),
                         (["lab", "matrix", "--name", name, "--output", "x.png"], ".svg"),
-                        (["lab", "exec", "--name", name, "n1", "--", "true"], "no lab named")):
+                        (["lab", "exec", "--name", name, "n1", "--", "true"], "no lab named"),
+                        (["lab", "stop", "--name", name, "n1"], "no lab named"),
+                        (["lab", "restart", "--name", name, "n1"], "no lab named")):
         done = netctl(*args, check=False)
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and words in done.stderr, (args, done.stderr)
     if not ipip_available():
         done = netctl("lab", "up", "--name", name, "--mode", "ipip", check=False)
         assert done.returncode == 1 and "run_in_ipip_vm.sh" in done.stderr, done.stderr
         assert_gone(name)
+
+
+def ping(netns: str, address: str) -> bool:
+    done = subprocess.run(ip_netns.exec_argv(netns, ["ping", "-q", "-n", "-c", "1", "-W", "2", address]),
+                          capture_output=True, text=True, timeout=10)
+    return done.returncode == 0
+
+
+def nodes_of(name: str) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in status(name)["nodes"]}
+
+
+def add_pod(name: str, node: str, pod: str) -> tuple[str, str]:
+    """A new pod on ``node`` of a running lab through the tortie plugin, as the lab's runtime makes
+    them (in a namespace named as the lab's pods, so that its teardown takes it); its netns and IPv4."""
+    lab = Cluster.load(name)
+    info = lab.node(node)
+    container_id = secrets.token_hex(32)
+    netns = f"{name}-p{container_id[:8]}"
+    ip_netns.add(netns)
+    bin_dir = lab.work_dir / "cni" / "bin"
+    attachment = Attachment(container_id, str(ip_netns.path(netns)), "eth0",
+                            {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": pod})
+    done = exec_plugin(bin_dir / "tortie", "ADD", network_config(conflist(lab, info), 0), attachment,
+                       cni_path=[bin_dir, REFERENCE_PLUGINS], in_netns=info.netns)
+    assert done.ok, f"ADD of {pod} on {node}: {done.stdout}{done.stderr}"
+    (address,) = [a.split("/")[0] for a in done.addresses() if ":" not in a]
+    return netns, address
+
+
+def test_stop_and_restart_an_agent(lab_names: Callable[..., str], tmp_path: Path) -> None:
+    name = lab_names()
+    netctl("lab", "up", "--name", name, "--nodes", "2", "--pods-per-node", "1")
+    pods = {p["name"]: p for p in status(name)["pods"]}
+    (pod1, pod2) = (pods["pod1"], pods["pod2"])
+    assert (pod1["node"], pod2["node"]) == ("n1", "n2")
+    ip1, ip2 = (p["addresses"][0].split("/")[0] for p in (pod1, pod2))
+    first = nodes_of(name)["n2"]["agentPid"]
+
+    # Stop: the agent is gone, status says so, and the dataplane it programmed stays.
+    stopped = netctl("lab", "stop", "--name", name, "n2").stdout
+    assert f"pid {first}" in stopped, stopped
+    assert ip_netns.start_time(first) is None
+    n2 = nodes_of(name)["n2"]
+    assert (n2["agentRunning"], n2["agentPid"], n2["ready"]) == (False, None, False), n2
+    assert nodes_of(name)["n1"]["agentRunning"]
+    assert re.search(r"^n2 .* stopped +no$", netctl("lab", "status", "--name", name).stdout, re.M)
+    wait_until(lambda: ping(pod1["netns"], ip2) and ping(pod2["netns"], ip1), 20, "the pods to reach each other")
+    addr = netctl("lab", "exec", "--name", name, "pod2", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout
+    assert f"inet {ip2}/" in addr, addr  # it keeps its address
+    assert "was not running" in netctl("lab", "stop", "--name", name, "n2").stdout
+
+    # Restart: running and ready under a new PID; a new pod on that node gets an address and pings.
+    restarted = netctl("lab", "restart", "--name", name, "n2").stdout
+    n2 = nodes_of(name)["n2"]
+    assert n2["agentRunning"] and n2["ready"] and n2["agentPid"] not in (None, first), n2
+    assert f"pid {n2['agentPid']}" in restarted
+    assert f"running (pid {n2['agentPid']})" in netctl("lab", "status", "--name", name).stdout
+    netns3, ip3 = add_pod(name, "n2", "pod3")
+    assert ip3 not in (ip1, ip2)
+    wait_until(lambda: ping(netns3, ip1) and ping(pod1["netns"], ip3) and ping(netns3, ip2), 20,
+               "the new pod to reach the others")
+
+    # Killed and restarted by hand with the same command line and environment: status finds the
+    # new process by the CNI socket it listens on, and `lab stop` stops that one.
+    agent = n2["agentPid"]
+    argv = (Path(f"/proc/{agent}/cmdline").read_bytes().rstrip(b"\0").split(b"\0"))
+    environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{agent}/environ").read_bytes().split(b"\0") if item)
+    os.kill(agent, signal.SIGKILL)
+    wait_until(lambda: not nodes_of(name)["n2"]["agentRunning"], 20, "status to show the killed agent stopped")
+    with (tmp_path / "agent.log").open("wb") as log:
+        by_hand = subprocess.Popen(ip_netns.exec_argv(n2["netns"], [a.decode() for a in argv]),
+                                   env={k.decode(): v.decode() for k, v in environ.items()},
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        found = wait_until(lambda: nodes_of(name)["n2"] if nodes_of(name)["n2"]["ready"] else None, 120,
+                           "status to find the agent started by hand")
+        assert found["agentRunning"] and found["agentPid"] == by_hand.pid, (found, by_hand.pid)
+        assert f"pid {by_hand.pid}" in netctl("lab", "stop", "--name", name, "n2").stdout
+        assert by_hand.wait(timeout=10) is not None
+        assert not nodes_of(name)["n2"]["agentRunning"]
+    finally:
+        if by_hand.poll() is None:
+            by_hand.kill()
+        by_hand.wait()
+    netctl("lab", "down", "--name", name)
+    assert_gone(name)

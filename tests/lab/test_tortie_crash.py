@@ -143,7 +143,7 @@ def test_sigkilled_adds_leave_nothing_after_agent_cleanup_and_gc(tl: TortieLab) 
                 return
             host_if = host_ifname(t.container_id)
             state = tl.datastore()
-            t.left = (f"{NETWORK}.{t.container_id}" in state.handles, host_if in tl.tor_links(),
+            t.left = (f"{NETWORK}.{t.container_id}.eth0" in state.handles, host_if in tl.tor_links(),
                       f"default/n1-{host_if}" in state.endpoints)
             if t.caught and sum(x.caught for x in trials) % 2 == 0:
                 ip_netns.delete(t.box.name)
@@ -184,8 +184,9 @@ def test_sigkilled_adds_leave_nothing_after_agent_cleanup_and_gc(tl: TortieLab) 
         assert not any(t.sandbox_removed for t in whole), "an endpoint whose veth is gone survived the cleanup"
         assert tl.tor_links() == sorted(host_ifname(t.container_id) for t in whole)
         assert state.endpoints == sorted(f"default/n1-{host_ifname(t.container_id)}" for t in whole)
-        assert state.handles == sorted(f"{NETWORK}.{t.container_id}" for t in whole)
-        assert sorted(state.allocations.values()) == sorted(f"{NETWORK}.{t.container_id}" for t in whole for _ in "46")
+        assert state.handles == sorted(f"{NETWORK}.{t.container_id}.eth0" for t in whole)
+        assert sorted(state.allocations.values()) == sorted(
+            f"{NETWORK}.{t.container_id}.eth0" for t in whole for _ in "46")
         for t in whole:
             check = tl.call("CHECK", config, t.attachment)
             assert check.ok, f"a kept attachment is not whole: {check.output}"

@@ -65,9 +65,9 @@ def test_ipv6_only_and_dual_stack(pools: EtcdClient, etcd_env: dict[str, str]) -
     dual = ipam("ADD", net_config(etcd_env, assign_ipv6="true"), "dual")
     assert dual.ok, dual.stdout
     assert sorted(a.version for a in addresses(dual)) == [4, 6]
-    assert set(handles(pools)) == {"tnet.v6", "tnet.dual"}
+    assert set(handles(pools)) == {"tnet.v6.eth0", "tnet.dual.eth0"}
     assert ipam("DEL", net_config(etcd_env, assign_ipv6="true"), "dual").ok
-    assert set(handles(pools)) == {"tnet.v6"}
+    assert set(handles(pools)) == {"tnet.v6.eth0"}
     assert sorted(allocated(pools)) == [str(only)]
 
 
@@ -137,7 +137,7 @@ def test_gc_releases_what_is_not_listed(pools: EtcdClient, etcd_env: dict[str, s
     assert ipam("ADD", other, "gone1").ok
     gc = ipam("GC", {**conf, key: [{"containerID": "keep", "ifname": "eth0"}]})
     assert gc.ok, gc.stdout
-    assert set(handles(pools)) == {"tnet.keep", "othernet.gone1"}
+    assert set(handles(pools)) == {"tnet.keep.eth0", "othernet.gone1.eth0"}
 
     before = fingerprint(pools)
     assert ipam("GC", conf).code == 7, "GC without the attachment list must not collect everything"

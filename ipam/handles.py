@@ -1,0 +1,34 @@
+"""IPAM handle names: one handle per CNI attachment, which the spec defines as (network, container
+ID, interface name).
+
+Handles written before the interface became part of the name are ``<network>.<containerID>``; one
+of those still belongs to exactly one attachment, the one whose ``ifname`` its attributes record,
+so DEL, CHECK, GC and the agent's clean-ups find it through :func:`belongs_to`. Pure names: must
+not read or write the datastore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def attachment_handle(network: str, container_id: str, ifname: str) -> str:
+    """The handle an ADD of this attachment writes."""
+    return f"{network}.{container_id}.{ifname}"
+
+
+def legacy_handle(network: str, container_id: str) -> str:
+    """The handle an ADD made before interface-scoped handles wrote for the same container."""
+    return f"{network}.{container_id}"
+
+
+def belongs_to(attrs: Mapping[str, str], network: str, container_id: str, ifname: str) -> bool:
+    """Whether a handle with these attributes is the attachment's (used for legacy handles, whose
+    name alone could be any interface's)."""
+    return (attrs.get("network", network) == network and attrs.get("containerID", container_id) == container_id
+            and attrs.get("ifname", "eth0") == ifname)
+
+
+def attachment_of(attrs: Mapping[str, str]) -> tuple[str, str, str]:
+    """(network, container ID, interface) a handle's attributes record; '' for what they lack."""
+    return attrs.get("network", ""), attrs.get("containerID", ""), attrs.get("ifname", "")
