@@ -11,13 +11,14 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from netlab.cni import Attachment, exec_plugin, network_config
 from netlab.etcd import ETCD
-from tests.lab.tortie_support import TortieLab, host_ifname
+from tests.lab.tortie_support import TortieLab, host_ifname, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -94,8 +95,8 @@ def stopped_agent(tl: TortieLab) -> Iterator[str]:
     pid = tl.agent_pid()
     os.kill(pid, signal.SIGSTOP)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            assert f.read().rsplit(")", 1)[1].split()[0] == "T", "the agent is not stopped"
+        wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 5,
+                 "the agent to stop")
         yield str(tl.socket())
     finally:
         os.kill(pid, signal.SIGCONT)
