@@ -2,7 +2,9 @@
 
 Every call has a deadline. Transient failures (endpoint down, deadline hit, leader election) are
 retried with backoff, rotating through the endpoints, until the retry budget is spent; then one
-:class:`DatastoreUnavailable` names the endpoint and the cause. All writes are conditional
+:class:`DatastoreUnavailable` names the endpoint and the cause. Inside
+``datastore.deadline.shared_budget`` (one CNI call) the requests share one budget, so an unreachable
+etcd costs the call one budget, not one per request. All writes are conditional
 (create-if-absent or compare-and-swap on the key's modification revision), which is what makes a
 retried write safe: if the first attempt landed, the retry loses its comparison and the caller
 re-reads.
@@ -31,6 +33,7 @@ import grpc  # noqa: E402
 from pyetcd.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 from datastore.config import Endpoint, EtcdConfig
+from datastore.deadline import gave_up, request_deadline, retrying
 from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
 from datastore.kv import Create, Delete, KeyValue, Op, Reading, Unchanged, Update, Writes, prefix_end
 
@@ -160,7 +163,7 @@ class EtcdClient(Writes):
 
     def _retrying(self, what: str, call: Callable[[grpc.Channel, float], T]) -> T:
         """Run ``call`` until it succeeds, retrying transient errors within the budget."""
-        deadline = time.monotonic() + self.config.retry_budget
+        deadline = request_deadline(self.config.retry_budget)  # shared by the caller's requests
         delay = 0.05
         while True:
             endpoint = self.endpoint
@@ -174,8 +177,9 @@ class EtcdClient(Writes):
                     raise DatastoreRefused(str(endpoint), _describe(err)) from None
                 if code not in _TRANSIENT:
                     raise DatastoreUnavailable(str(endpoint), f"{what} failed: {_describe(err)}") from None
+                retrying(deadline)
                 if time.monotonic() + delay >= deadline:
-                    raise DatastoreUnavailable(str(endpoint), _describe(err)) from None
+                    raise gave_up(DatastoreUnavailable(str(endpoint), _describe(err))) from None
                 log.debug("etcd %s at %s failed (%s); retrying", what, endpoint, code)
                 self._current += 1  # try the next endpoint, if there is one
                 self._sleep(delay * (0.5 + random.random()))

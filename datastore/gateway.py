@@ -3,7 +3,8 @@ library only: for one-shot processes (the CNI plugin when no agent answers), whi
 ~100 ms of CPU importing gRPC for three round trips.
 
 The same contract as :class:`datastore.etcd.EtcdClient` for the key-value operations (deadline
-per call, transient failures retried within the budget rotating endpoints, one
+per call, transient failures retried within the budget (shared by the requests of one
+``datastore.deadline.shared_budget`` block) rotating endpoints, one
 :class:`DatastoreUnavailable` naming the endpoint and cause, a refused TLS handshake reported at
 once as :class:`DatastoreRefused`, conditional writes). No watches or leases: long-lived
 processes use the gRPC client. HTTP/1.1 is spoken by hand over one kept-alive connection:
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from datastore.config import Endpoint, EtcdConfig
+from datastore.deadline import gave_up, request_deadline, retrying
 from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
 from datastore.kv import Create, Delete, KeyValue, Op, Reading, Update, Writes, prefix_end
 
@@ -193,7 +195,7 @@ class GatewayClient(Writes):
     def _call(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path``; retried like the gRPC client within the budget."""
         data = json.dumps(body).encode()
-        deadline = time.monotonic() + self.config.retry_budget
+        deadline = request_deadline(self.config.retry_budget)  # shared by the call's requests
         delay = 0.05
         while True:
             endpoint = self.endpoint
@@ -220,8 +222,9 @@ class GatewayClient(Writes):
             except (_Transient, OSError, ValueError) as e:  # ValueError: a garbled answer
                 self.close()
                 cause = _describe(e)
+                retrying(deadline)
                 if time.monotonic() + delay >= deadline:
-                    raise DatastoreUnavailable(str(endpoint), cause) from None
+                    raise gave_up(DatastoreUnavailable(str(endpoint), cause)) from None
                 self._current += 1  # try the next endpoint, if there is one
                 self._sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)

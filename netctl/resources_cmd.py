@@ -14,10 +14,12 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from datastore import namespaces
 from datastore.bgp import check_references
 from datastore.codec import decode, dump, load_documents, stored_bytes
 from datastore.errors import AlreadyExists, NotFound, ValidationError
-from datastore.model import Kind, Resource, encode_fields
+from datastore.model import Kind, Resource, check_labels, encode_fields
+from datastore.policy import Profile
 from datastore.resources import IPPool, Node, kind_named
 from datastore.store import ResourceStore
 from ipam.nodes import remove_node
@@ -78,6 +80,7 @@ def decode_all(text: str, source: str) -> list[Resource]:
         where = f"{source} document {n}"
         try:
             resource = decode(doc, where)
+            _name_namespace(resource)
         except ValidationError as e:
             raise ValidationError(f"{where}{_naming(doc)}: {e}" if where not in str(e) else str(e)) from None
         identity = (resource.kind.KIND, resource.namespace, resource.name)
@@ -88,6 +91,18 @@ def decode_all(text: str, source: str) -> list[Resource]:
     if not resources:
         raise ValidationError(f"{source} holds no resources")
     return resources
+
+
+def _name_namespace(resource: Resource) -> None:
+    """A ``kns.<namespace>`` profile holds a Kubernetes namespace's labels: it gets the
+    ``kubernetes.io/metadata.name`` label the API server puts on every namespace (whatever value
+    the document gave it, as the API server does), so that upstream policies selecting namespaces
+    by name work unchanged."""
+    namespace = namespaces.namespace_of(resource.name) if resource.kind is Profile else None
+    if namespace is not None:
+        labels = namespaces.namespace_labels(namespace, resource.spec.labels_to_apply)
+        check_labels(labels, "spec.labelsToApply")  # the namespace's name must be a label value
+        resource.spec.labels_to_apply = labels
 
 
 def _naming(doc: Any) -> str:
