@@ -16,6 +16,7 @@ from cni_plugins import relay
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import INVALID_CONFIG, CNIError
 from cni_plugins.skel import CmdArgs, PluginFuncs, plugin_main
+from datastore.deadline import shared_budget
 
 ABOUT = {
     "tortie": "tortie: Tortie's CNI plugin (veth, /32 routes, etcd IPAM, policy by felix-agent)",
@@ -56,7 +57,8 @@ def run(plugin: str, stdin: IO[bytes] | None = None) -> int:
 
         check_agent_socket(args.config)
         ipam_ops.configure_logging(args.config)
-        return operations(plugin)[args.command](args, ONE_SHOT)
+        with shared_budget():  # an unreachable etcd costs the call one retry budget, not one per request
+            return operations(plugin)[args.command](args, ONE_SHOT)
 
     return plugin_main(funcs(serve), about=ABOUT[plugin], stdin=stdin)
 
@@ -70,7 +72,8 @@ def serve_relayed(plugin: str, environ: Mapping[str, str], data: bytes,
 
     def checked(args: CmdArgs) -> Any:
         check_agent_socket(args.config)
-        return serve(args)
+        with shared_budget():  # as in run(): one retry budget for the whole call
+            return serve(args)
 
     status = plugin_main(funcs(checked), about=ABOUT[plugin], env=environ, stdin=io.BytesIO(data), stdout=out)
     return status, out.getvalue().encode()

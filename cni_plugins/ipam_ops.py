@@ -23,7 +23,14 @@ from cni_plugins.errors import CNIError
 from cni_plugins.result import IPConfig, Result, Route, parse_prev_result
 from cni_plugins.skel import CmdArgs, gc_valid_attachments, requested_ips
 from datastore.config import EtcdConfig
-from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable, ValidationError
+from datastore.errors import (
+    ConfigError,
+    DatastoreRefused,
+    DatastoreRejected,
+    DatastoreUnavailable,
+    TransactionTooLarge,
+    ValidationError,
+)
 from datastore.kv import KV
 from ipam import errors as ipam_errors
 from ipam.allocator import IPAM, Assigned, AssignRequest
@@ -144,6 +151,8 @@ def cni_errors() -> Iterator[None]:
         raise CNIError(codes.INVALID_CONFIG, "datastore refused the connection", str(e)) from None
     except DatastoreUnavailable as e:
         raise CNIError(codes.TRY_AGAIN_LATER, "datastore unreachable", str(e)) from None
+    except (DatastoreRejected, TransactionTooLarge) as e:  # etcd's answer: trying again would not help
+        raise CNIError(codes.IO_FAILURE, "datastore refused the request", str(e)) from None
     except ipam_errors.TooManyConflicts as e:
         raise CNIError(codes.TRY_AGAIN_LATER, "datastore busy", str(e)) from None
     except ipam_errors.PoolExhausted as e:
@@ -276,7 +285,7 @@ def status(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
             ):
                 if wanted:
                     select_pools(pools, version, requested, conf.node, labels)
-    except DatastoreUnavailable as e:
+    except (DatastoreUnavailable, DatastoreRejected) as e:
         raise CNIError(codes.STATUS_UNAVAILABLE, "datastore unreachable", str(e)) from None
     except ipam_errors.NoSuitablePool as e:
         raise CNIError(codes.STATUS_UNAVAILABLE, "no usable IP pool", str(e)) from None

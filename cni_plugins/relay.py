@@ -137,14 +137,14 @@ def relay(plugin: str, data: bytes, environ: dict[str, str] | None = None) -> tu
         sock.settimeout(max(accept_by - time.time(), 0.001))
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError):
-            return None
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError, BlockingIOError):
+            return None  # BlockingIOError: a full backlog, so the request was never queued
         header = f"{plugin} {int(accept_by * 1000)} {int(answer_by * 1000)}\n{{{forwarded}}}\n"
         sock.sendall(header.encode() + data)
         sock.shutdown(_socket.SHUT_WR)
         got = _read_until(sock, b"", accept_by, lambda d: len(d) >= len(ACCEPTED))
         if not got.startswith(ACCEPTED):
-            if got == b"" and time.time() < accept_by:  # closed with nothing: it refused the call
+            if got or time.time() < accept_by:  # it refused the call (closed), or spoke nonsense
                 return 1, _error(config, 11, "the node agent closed the connection without an answer", path)
             raise _Fallback
         got = _read_until(sock, got, answer_by, lambda d: _complete(d) is not None)
@@ -156,6 +156,8 @@ def relay(plugin: str, data: bytes, environ: dict[str, str] | None = None) -> tu
         sock.close()
     answer = _complete(got)
     if answer is None:
+        if len(got) > MAX_REPLY:
+            return 1, _error(config, 11, "the node agent's answer is too large", path)
         return 1, _error(config, 11, "the node agent did not answer in time", path)
     return answer
 

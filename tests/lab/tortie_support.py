@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from netctl.install_cmd import install_plugins
 from netlab import netns as ip_netns
 from netlab.cni import REFERENCE_PLUGINS, Attachment, PluginRun, exec_plugin, network_config
 from netlab.etcd import ETCDCTL
 from netlab.lab import Lab, LabNode, Pod, PodError
 
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
-TORTIE = VENV_BIN / "tortie"
+TORTIE = VENV_BIN / "tortie"  # the compiled front end unless install-deps found no Go toolchain
 TORTIE_IPAM = VENV_BIN / "tortie-ipam"
 NETCTL = VENV_BIN / "netctl"
 FELIX_AGENT = VENV_BIN / "felix-agent"
@@ -144,6 +147,27 @@ class TortieLab:
             yield tl
 
     # -- configuration --------------------------------------------------------------------------
+
+    def use_front_end(self, kind: str) -> None:
+        """Make the bin dir's `tortie` and `tortie-ipam` the compiled front end (the venv's, as
+        install-deps installed it) or the Python relay (`install-cni --front-end python`)."""
+        if kind == "compiled":
+            if not TORTIE.read_bytes().startswith(b"\x7fELF"):
+                if os.environ.get("CI") == "true":
+                    raise AssertionError(f"{TORTIE} is not the compiled front end in CI")
+                pytest.skip(f"{TORTIE} is the Python relay (no Go toolchain when install-deps ran)")
+            sources = {p.name: p for p in (TORTIE, TORTIE_IPAM)}
+        elif kind == "python":
+            relay_dir = self.work / "python-relay"
+            if not (relay_dir / "tortie").exists():
+                install_plugins(relay_dir, "python")
+            sources = {name: relay_dir / name for name in ("tortie", "tortie-ipam")}
+        else:
+            raise ValueError(f"unknown front end {kind!r}")
+        for name, target in sources.items():
+            link = self.bin_dir / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
 
     def node(self, k: int = 1) -> LabNode:
         return self.lab.node(k)

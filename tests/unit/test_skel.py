@@ -276,6 +276,30 @@ def test_invalid_network_name(name: Any) -> None:
     assert_error(run("ADD", config), errors.INVALID_CONFIG, "network name")
 
 
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "DEL", "STATUS", "GC"])
+@pytest.mark.parametrize("plugin_type", [None, "", 7, ["tortie"], {"name": "tortie"}, True])
+def test_missing_or_invalid_type_is_an_invalid_config(command: str, plugin_type: Any) -> None:
+    """The spec requires ``type`` in every plugin object: without it (or not a name) nothing runs."""
+    config = {k: v for k, v in CONFIG.items() if k != "type"}
+    config |= {"cniVersion": "1.1.0", "cni.dev/valid-attachments": []}
+    if plugin_type is not None:
+        config["type"] = plugin_type
+    doc = assert_error(run(command, config), errors.INVALID_CONFIG, "type")
+    assert "type" in doc["msg"]
+
+
+def test_version_needs_no_type() -> None:
+    call = run("VERSION", {"cniVersion": "1.0.0"})
+    assert call.rc == 0 and call.json["cniVersion"] == "1.0.0"
+
+
+@pytest.mark.parametrize("plugin_type", ["tortie", "tortie-ipam", "bridge"])
+def test_any_plugin_type_is_accepted(plugin_type: str) -> None:
+    """A delegated IPAM plugin gets the delegating plugin's configuration, whose type names that one."""
+    call = run("ADD", {**CONFIG, "type": plugin_type})
+    assert call.rc == 0 and call.seen[0].config["type"] == plugin_type
+
+
 # --- dispatch and output ------------------------------------------------------------------------
 
 
