@@ -21,7 +21,7 @@ func build(t *testing.T) string {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "tortie")
-	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-trimpath", "-o", out,
+	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-trimpath", "-buildvcs=false", "-o", out,
 		"-ldflags", "-X main.python="+fake+" -X main.packageRoot=/pkg/root", ".")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if msg, err := cmd.CombinedOutput(); err != nil {

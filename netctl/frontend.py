@@ -116,8 +116,8 @@ def build(go: str, src: Path, binary: Path, stamp_text: str) -> Build:
         if not env.get("GOPATH") and not env.get("HOME"):
             env["GOPATH"] = str(Path(scratch) / "gopath")
         try:
-            done = subprocess.run([go, "build", "-trimpath", "-ldflags", ldflags, "-o", tmp, "."], cwd=src,
-                                  env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+            argv = [go, "build", "-trimpath", "-buildvcs=false", "-ldflags", ldflags, "-o", tmp, "."]
+            done = subprocess.run(argv, cwd=src, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as e:
             Path(tmp).unlink(missing_ok=True)
             return Build(None, f"go build failed: {e}")
