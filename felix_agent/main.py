@@ -189,10 +189,22 @@ class Agent:
             self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
-        if self.loop is not None:
-            self.loop.kick()
         if self.orphans is not None and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
+        if self.loop is not None:
+            self.loop.kick()
+
+    def _kick_when_in_sync(self) -> None:
+        """The syncer hands over its listing a moment before it says "in sync": an apply that ran
+        in between did nothing, and nothing else would kick the loop until the next change or
+        resync. Kick once more when "in sync" is set."""
+        assert self.syncer is not None and self.loop is not None
+        while not self.stopping.is_set():
+            if self.syncer.in_sync.wait(1.0):
+                self.loop.kick()
+                if self.orphans is not None:
+                    self.orphans.kick()
+                return
 
     def local_endpoints(self) -> list[Resource] | None:
         """Every endpoint the syncer holds (the sweep picks this node's), or None before "in sync"."""
@@ -270,6 +282,7 @@ class Agent:
             self.loop.start()
             self.syncer.start()
             self.orphans.start()
+            threading.Thread(target=self._kick_when_in_sync, name="first-sync", daemon=True).start()
             self.cni.start()
             log.info("felix-agent started on node %s (%s)", self.node, node_ip)
             self.stopping.wait()

@@ -30,8 +30,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from cni_plugins.naming import HOST_IF_PREFIX
 from datastore import keys
 from datastore.errors import Conflict, DatastoreError, NotFound
 from datastore.etcd import EtcdClient
@@ -42,6 +43,9 @@ from felix_agent.cni_service import InFlight
 from ipam.allocator import IPAM
 from ipam.check import MissingInterface
 from ipam.errors import IPAMError
+
+if TYPE_CHECKING:
+    from felix_agent.dataplane.netlink import Netlink
 
 log = logging.getLogger(__name__)
 
@@ -173,18 +177,30 @@ class HostLinks(Protocol):
 
 
 class KernelHostLinks:
-    """:class:`HostLinks` of the namespace the agent runs in."""
+    """:class:`HostLinks` of the namespace the agent runs in, through the dataplane's netlink
+    driver (its name-only dump: a resync at 10,000 veths must not parse every attribute). Used
+    by the sweep's thread only."""
+
+    def __init__(self) -> None:
+        self._netlink: Netlink | None = None
+
+    def _driver(self) -> Netlink:
+        if self._netlink is None:
+            from felix_agent.dataplane.netlink import Netlink
+
+            self._netlink = Netlink.open()
+        return self._netlink
 
     def names(self) -> set[str]:
-        from cni_plugins import wiring
-
-        return set(wiring.list_host_ifs())
+        return {name for name in self._driver().link_indexes() if name.startswith(HOST_IF_PREFIX)}
 
     def exists(self, name: str) -> bool:
-        from cni_plugins.rtnl import RTNL
+        return self._driver().link(name) is not None
 
-        with RTNL() as rtnl:
-            return rtnl.link(name) is not None
+    def close(self) -> None:
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None
 
 
 class OrphanSweeper:
@@ -202,7 +218,8 @@ class OrphanSweeper:
         self.resync_interval = resync_interval
         self.endpoints = endpoints
         self.in_flight = in_flight
-        self.links = links or KernelHostLinks()
+        self._own_links = links is None
+        self.links: HostLinks = links or KernelHostLinks()
         self.clock = clock
         self.tracker = OrphanTracker(grace)
         self._stop = threading.Event()
@@ -261,6 +278,8 @@ class OrphanSweeper:
                             self.tracker.link_event(event.name, event.present)
                     except EventsLost:
                         relist = True
+        if isinstance(self.links, KernelHostLinks) and self._own_links:
+            self.links.close()
 
     def _restore(self) -> None:
         try:

@@ -20,7 +20,7 @@ import pytest
 
 from netlab.etcd import ETCD
 from netlab.lab import Pod
-from tests.lab.tortie_support import HANDLE_PREFIX, TortieLab, host_ifname, wait_for
+from tests.lab.tortie_support import TortieLab, host_ifname, wait_for
 
 pytestmark = pytest.mark.lab
 
