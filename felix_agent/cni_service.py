@@ -1,8 +1,9 @@
 """The CNI service: the node's unix socket, where the CNI front ends hand over their calls.
 
 Owns serving one relayed call on the agent's warm datastore connections (``agent_protocol`` owns
-the exchange and the deadline rule); must not decide what a call means (the CNI skeleton and the
-operations in ``cni_plugins`` do).
+the exchange and the deadline rule), and knowing which attachments it is serving right now
+(:class:`InFlight`, which the orphan sweep asks); must not decide what a call means (the CNI
+skeleton and the operations in ``cni_plugins`` do).
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cni_plugins import agent_protocol, dispatch, ipam_ops, tortie_ops
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import INTERNAL, CNIError
+from cni_plugins.naming import host_ifname
 from cni_plugins.skel import CmdArgs
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,53 @@ def _quietly_delete(args: CmdArgs, stores: Datastores) -> None:
         tortie_ops.delete(args, stores)
     except Exception as e:  # noqa: BLE001 - logged: the start-up cleanup and the orphan sweep finish it
         log.warning("undoing ADD %s/%s failed: %s", args.container_id, args.ifname, e)
+
+
+class InFlight:
+    """The host interfaces of the attachments being served now (ADD, DEL, CHECK), by interface
+    name: the orphan sweep must not release an attachment while a call for it runs, and a call
+    for an attachment the sweep is releasing waits until the release is done (then its ADD finds
+    nothing and starts afresh, instead of being handed addresses that are being freed)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._serving: Counter[str] = Counter()
+        self._held: set[str] = set()
+
+    @contextmanager
+    def serving(self, interface: str) -> Iterator[None]:
+        with self._cond:
+            while interface in self._held:
+                self._cond.wait()
+            self._serving[interface] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving[interface] -= 1
+                if not self._serving[interface]:
+                    del self._serving[interface]
+                self._cond.notify_all()
+
+    def busy(self) -> frozenset[str]:
+        with self._cond:
+            return frozenset(self._serving)
+
+    @contextmanager
+    def hold(self, interface: str) -> Iterator[bool]:
+        """Keep calls for ``interface`` out for the body; yields False (and holds nothing) when a
+        call for it is being served."""
+        with self._cond:
+            held = interface not in self._serving and interface not in self._held
+            if held:
+                self._held.add(interface)
+        try:
+            yield held
+        finally:
+            if held:
+                with self._cond:
+                    self._held.discard(interface)
+                    self._cond.notify_all()
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -44,6 +95,7 @@ class CNIService:
                  after_add: Callable[[CmdArgs, float | None], None] | None = None,
                  on_request: Callable[[str], None] | None = None) -> None:
         self.on_request = on_request
+        self.in_flight = InFlight()
         self.path = path
         self.stores = stores
         # Runs after a successful ADD, before the answer: the agent waits there until the new
@@ -102,7 +154,11 @@ class CNIService:
                 made.append(lambda: _quietly_delete(args, stores))
             return out
 
-        return self._guarded(args, work)
+        network = args.config.get("name")
+        if not isinstance(network, str):
+            return self._guarded(args, work)  # the skeleton refuses it; there is no attachment to mark
+        with self.in_flight.serving(host_ifname(network, args.container_id, args.ifname)):
+            return self._guarded(args, work)
 
     def _guarded(self, args: CmdArgs, work: Callable[[], Any]) -> Any:
         if self.on_request is not None:

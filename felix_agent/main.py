@@ -1,5 +1,6 @@
 """``felix-agent``: start, register this node, repair crashed ADDs, serve the CNI socket and the
-health endpoints, stop cleanly on SIGTERM (leaving the dataplane in place)."""
+health endpoints, release attachments whose runtime never said DEL, stop cleanly on SIGTERM
+(leaving the dataplane in place)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
 from felix_agent.loop import DataplaneLoop, Gated, Manager
 from felix_agent.metrics import Metrics
+from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
+from felix_agent.orphans import OrphanSweeper
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
 from ipam.allocator import IPAM
@@ -60,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
                    help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
     p.add_argument("--resync-interval", type=float, default=float(env.get("FELIX_RESYNCINTERVAL", "90")))
+    p.add_argument("--orphan-grace", type=float, default=env.get("FELIX_ORPHANGRACE", str(DEFAULT_ORPHAN_GRACE)),
+                   metavar="SECONDS", help="release a local attachment whose host veth has been gone this long "
+                   "(the runtime never sent DEL); default %(default)s")
     p.add_argument("--endpoints", help="etcd endpoints (ETCD_ENDPOINTS)")
     p.add_argument("--ca-cert", help="etcd CA certificate (ETCD_CA_CERT_FILE)")
     p.add_argument("--cert", help="client certificate (ETCD_CERT_FILE)")
@@ -80,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if not hasattr(args, attr):
                 p.error(f"{args.config}: unknown option {key!r}")
             setattr(args, attr, value)
+    try:
+        args.orphan_grace = float(args.orphan_grace)
+    except (TypeError, ValueError):
+        p.error(f"--orphan-grace: {args.orphan_grace!r} is not a number of seconds")
+    if not args.orphan_grace >= 0:
+        p.error("--orphan-grace cannot be negative")
     return args
 
 
@@ -134,6 +146,7 @@ class Agent:
         self.syncer: Syncer | None = None
         self.bgp: BGPRunner | None = None
         self.loop: DataplaneLoop | None = None
+        self.orphans: OrphanSweeper | None = None
         self.calculator = Calculator(self.node)
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
@@ -176,8 +189,28 @@ class Agent:
             self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
+        if self.orphans is not None and any(u.kind == "WorkloadEndpoint" for u in updates):
+            self.orphans.kick()
         if self.loop is not None:
             self.loop.kick()
+
+    def _kick_when_in_sync(self) -> None:
+        """The syncer hands over its listing a moment before it says "in sync": an apply that ran
+        in between did nothing, and nothing else would kick the loop until the next change or
+        resync. Kick once more when "in sync" is set."""
+        assert self.syncer is not None and self.loop is not None
+        while not self.stopping.is_set():
+            if self.syncer.in_sync.wait(1.0):
+                self.loop.kick()
+                if self.orphans is not None:
+                    self.orphans.kick()
+                return
+
+    def local_endpoints(self) -> list[Resource] | None:
+        """Every endpoint the syncer holds (the sweep picks this node's), or None before "in sync"."""
+        if self.syncer is None or not self.syncer.in_sync.is_set():
+            return None
+        return list(self.syncer.copy_snapshot().endpoints.values())
 
     def _ensure_vtep(self) -> None:
         try:
@@ -243,13 +276,19 @@ class Agent:
             self.loop = DataplaneLoop(self.compute, self.managers(node_ip), self.metrics,
                                       resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)
+            self.orphans = OrphanSweeper(self.node, client, grace=self.args.orphan_grace,
+                                         resync_interval=self.args.resync_interval,
+                                         endpoints=self.local_endpoints, in_flight=self.cni.in_flight)
             self.loop.start()
             self.syncer.start()
+            self.orphans.start()
+            threading.Thread(target=self._kick_when_in_sync, name="first-sync", daemon=True).start()
             self.cni.start()
             log.info("felix-agent started on node %s (%s)", self.node, node_ip)
             self.stopping.wait()
             log.info("stopping (the dataplane stays in place)")
             self.cni.stop()
+            self.orphans.stop()
             self.syncer.stop()
             self.loop.stop()
             if self.bgp is not None:

@@ -1,4 +1,5 @@
-"""The netlink driver of the dataplane managers: links, addresses, routes, FDB and neighbour entries.
+"""The netlink driver of the dataplane managers: links, addresses, routes, FDB and neighbour entries,
+and the link notifications the orphan sweep listens to.
 
 Knows nothing of pools, nodes or policy: it reads what the kernel holds as plain values and
 writes exactly what it is told, turning pyroute2's errors into ``KernelError``. It works in the
@@ -395,6 +396,92 @@ class Netlink:
                 return None
             raise KernelError(f"looking up link {key}", e.code) from e
         return _link(msg)
+
+
+# -- link notifications ---------------------------------------------------------------------------
+
+RTMGRP_LINK = 0x1
+SO_RCVBUFFORCE = 33
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """A link appeared or changed (``present``), or was deleted."""
+
+    name: str
+    index: int
+    present: bool
+
+
+class EventsLost(Exception):
+    """The kernel dropped notifications (the receive buffer was full): re-read the links."""
+
+
+class LinkEvents:
+    """The link notifications (``RTMGRP_LINK``) of the namespace it was opened in, through a
+    non-blocking socket that a caller waits on with ``select`` (``fileno``) and drains with
+    ``receive``. Parsed with the same header and attribute walk as the rest of this driver."""
+
+    RCVBUF = 4 << 20  # a namespace's worth of veths going at once (one message is ~1.5 kB)
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        try:
+            try:  # root may exceed rmem_max; anyone else gets what rmem_max allows
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
+            except OSError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+            self._sock.bind((0, RTMGRP_LINK))
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> LinkEvents:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def receive(self) -> list[LinkEvent]:
+        """Every notification queued now, oldest first ([] when none); EventsLost on an overflow
+        (the notifications before it are lost with it: the caller re-reads the links)."""
+        events: list[LinkEvent] = []
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return events
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    raise EventsLost("link notifications were dropped by the kernel") from None
+                raise
+            events += parse_link_events(data)
+
+
+def parse_link_events(data: bytes) -> list[LinkEvent]:
+    """The RTM_NEWLINK/RTM_DELLINK messages in one datagram of ``LinkEvents``."""
+    events = []
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size:
+            break
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            payload = data[offset + _HEADER.size:offset + length]
+            index = _IFINFOMSG.unpack_from(payload)[2]
+            name = _attrs(payload, _IFINFOMSG.size, until=IFLA_IFNAME).get(IFLA_IFNAME)
+            if name is not None:
+                events.append(LinkEvent(name.rstrip(b"\0").decode(), index, kind == RTM_NEWLINK))
+        offset += (length + 3) & ~3
+    return events
 
 
 # -- batched route writes: rtnetlink messages packed by hand ---------------------------------------

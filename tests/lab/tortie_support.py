@@ -206,9 +206,9 @@ class TortieLab:
     def agent_log(self, node: int = 1) -> Path:
         return self.work / f"agent-{self.node(node).name}.log"
 
-    def start_agent(self, node: int = 1) -> int:
-        """Start felix-agent in node `node`'s namespace; return once its CNI socket exists (its
-        start-up cleanup runs before the socket is made)."""
+    def start_agent(self, node: int = 1, extra_args: Sequence[str] = ()) -> int:
+        """Start felix-agent in node `node`'s namespace (with `extra_args` added to its command
+        line); return once its CNI socket exists (its start-up cleanup runs before the socket is made)."""
         if node in self._agents:
             raise AssertionError(f"the agent of node {node} is already running")
         sock = self.socket(node)
@@ -220,7 +220,8 @@ class TortieLab:
         env.update(self.env)
         state_dir = self.work / f"state-{self.node(node).name}"  # the MTU file; never the host's /run/tortie
         argv = [str(FELIX_AGENT), "--nodename", self.node(node).name, "--node-ip", f"{self.node(node).address}/24",
-                "--cni-socket", str(sock), "--state-dir", str(state_dir), "--health-listen", "127.0.0.1:9099"]
+                "--cni-socket", str(sock), "--state-dir", str(state_dir), "--health-listen", "127.0.0.1:9099",
+                *extra_args]
         pid = self.lab.start_process(self.node(node).netns, argv, log, env)
         self._agents[node] = pid
         deadline = time.monotonic() + AGENT_START_TIMEOUT
@@ -367,6 +368,18 @@ class TortieLab:
         binary = next(d / kind for d in self.cni_path if (d / kind).exists())
         return exec_plugin(binary, command, config, pod.attachment, cni_path=self.cni_path,
                            in_netns=pod.node.netns)
+
+    def drop_without_del(self, pods: Sequence[Pod]) -> float:
+        """What a runtime that never says DEL does: remove the pods' namespaces (the kernel takes
+        their veths with them), all in one `ip -batch`, and forget the pods. Returns when
+        (time.monotonic()) the removal started."""
+        started = time.monotonic()
+        batch = "".join(f"netns delete {pod.netns}\n" for pod in pods)
+        subprocess.run(["ip", "-force", "-batch", "-"], input=batch, text=True, capture_output=True, check=True,
+                       timeout=60)
+        for pod in pods:
+            self.lab._forget(pod)  # the namespace is gone already: only the lab's records
+        return started
 
     def delete_pods(self) -> list[str]:
         """DEL every pod the lab still has; return the errors of those whose DEL failed (their
