@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +31,9 @@ from datastore.errors import (
     TransactionTooLarge,
     ValidationError,
 )
-from datastore.kv import KV
+from datastore.kv import KV, KeyValue, Op
 from ipam import errors as ipam_errors
-from ipam.allocator import IPAM, Assigned, AssignRequest
+from ipam.allocator import IPAM, Assigned, AssignRequest, node_lock
 from ipam.handles import attachment_handle, attachment_of, legacy_handle
 from ipam.pools import select_pools
 
@@ -168,27 +168,36 @@ def cni_errors() -> Iterator[None]:
 
 
 LOCK_DIR = "/run/tortie"
+_LOCK_FILES: dict[str, int] = {}  # node → the open lock file: a warm agent opens it once
 
 
 @contextlib.contextmanager
 def _node_lock(node: str) -> Iterator[None]:
-    """Serialise this node's assignments, as Calico's IPAM lock file does: callers on one node
-    would otherwise all pick the same block and lose each other's compare-and-swap. Best effort
-    (CAS is what keeps addresses unique): without a lock directory we go on unlocked."""
+    """Serialise this node's assignments across processes, as Calico's host-wide IPAM lock file
+    does: callers on one node (the agent, in-process plugins, tortie-ipam under bridge) would
+    otherwise all pick the same block and lose each other's compare-and-swap. Within a process
+    the library's per-node lock is taken first (flock does not exclude threads sharing one open
+    file). Best effort (CAS is what keeps addresses unique): without a lock directory we go on
+    unlocked."""
     import fcntl
 
-    try:
-        os.makedirs(LOCK_DIR, exist_ok=True)
-        fd = os.open(os.path.join(LOCK_DIR, f"ipam-{node.replace('/', '_')}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as e:
-        log.debug("no IPAM lock (%s); relying on compare-and-swap alone", e)
-        yield
-        return
-    try:
+    with node_lock(node):
+        fd = _LOCK_FILES.get(node)
+        if fd is None:
+            try:
+                os.makedirs(LOCK_DIR, exist_ok=True)
+                fd = os.open(os.path.join(LOCK_DIR, f"ipam-{node.replace('/', '_')}.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                log.debug("no IPAM lock (%s); relying on compare-and-swap alone", e)
+                yield
+                return
+            _LOCK_FILES[node] = fd
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _client(conf: IPAMConf, stores: Datastores) -> contextlib.AbstractContextManager[KV]:
@@ -244,9 +253,18 @@ def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
+    release(args, stores)
+
+
+def release(args: CmdArgs, stores: Datastores = ONE_SHOT, *, also_read: Sequence[str] = (),
+            also_write: Callable[[Mapping[str, KeyValue]], Sequence[Op]] | None = None) -> None:
+    """DEL's work: the attachment's addresses, and in the same transaction what ``also_write``
+    makes of the ``also_read`` keys (see :meth:`IPAM.release_attachment`)."""
     conf = IPAMConf.parse(args.config, stores.environment)
     with cni_errors(), _client(conf, stores) as client:
-        handles, released = IPAM(client).release_attachment(conf.network, args.container_id, args.ifname)
+        handles, released = IPAM(client).release_attachment(conf.network, args.container_id, args.ifname,
+                                                             node=conf.node, also_read=also_read,
+                                                             also_write=also_write)
     log.info("released %s of %s", ", ".join(map(str, released)) or "nothing",
              ", ".join(handles) or conf.handle(args.container_id, args.ifname))
 

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cni_plugins import errors as codes
 from cni_plugins import ipam_ops, wiring
@@ -24,6 +24,7 @@ from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
 from datastore.errors import AlreadyExists, NotFound
+from datastore.kv import Delete, KeyValue
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
@@ -118,13 +119,23 @@ def _exec_ipam(ipam_type: str, command: str, args: CmdArgs) -> Result | None:
 
 
 # ---- operations ----------------------------------------------------------------------------------
+class Attached(NamedTuple):
+    """What an ADD made: the result, whether the addresses were already the attachment's (a
+    repeated ADD: the agent then must not take the attachment back when the caller cannot be
+    told the answer), and the WorkloadEndpoint as written (its ``resourceVersion`` the write's
+    revision), which the agent hands to its calculation without waiting for the watch."""
+
+    result: Result
+    repeated: bool
+    endpoint: Resource
+
+
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
-    return add_attachment(args, stores)[0]
+    return add_attachment(args, stores).result
 
 
-def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
-    """ADD, and whether the attachment's addresses were already its own (a repeated ADD): the
-    agent then must not take the attachment back when the caller cannot be told the answer."""
+def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Attached:
+    """ADD, with what the agent needs beyond the result (see :class:`Attached`)."""
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
@@ -146,10 +157,10 @@ def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result
             wired = wiring.setup(args.netns, args.ifname, host_if, conf.mtu, addresses)
         undo.callback(_quietly, wiring.teardown, host_if)
         with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-            _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
+            endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
-    return _result(args, wired, host_if, addresses, conf), repeated
+    return Attached(_result(args, wired, host_if, addresses, conf), repeated, endpoint)
 
 
 def _result(args: CmdArgs, wired: Any, host_if: str, addresses: list[Any], conf: PluginConf) -> Result:
@@ -189,7 +200,7 @@ def _quietly(fn: Any, *a: Any) -> None:
 
 
 def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_if: str, wired: Any,
-                    addresses: list[Any]) -> None:
+                    addresses: list[Any]) -> Resource:
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
     endpoint_labels = {**labels(args), LABEL_NAMESPACE: namespace, LABEL_NETWORK: conf.network}
     resource = Resource(
@@ -202,9 +213,9 @@ def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_
             mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
     )
     try:
-        store.create(resource)  # the usual case: one round trip
+        return store.create(resource)  # the usual case: one round trip
     except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
-        store.update(resource)
+        return store.update(resource)
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
@@ -216,27 +227,45 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     # Deleting a veth waits for the kernel (an RCU grace period, ~20 ms, most of DEL's time): it
     # runs in a thread while this one does the datastore work. Every step runs whatever the others do.
     unwired = _Background(_unwire, args.netns, args.ifname, host_if)
-    try:
-        _ipam("DEL", args, stores)
-    except CNIError as e:
-        failure = e
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
-    try:
-        with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-            store = ResourceStore(client)
-            current = store.get(WorkloadEndpoint, endpoint_name(conf.node, host_if), namespace)
-            # Only this container's endpoint: a re-ADD under a new container ID must survive a late DEL.
-            if current is not None and current.spec.container_id == args.container_id:
-                with contextlib.suppress(NotFound):
-                    store.delete(WorkloadEndpoint, current.name, namespace, current.metadata.resource_version)
-    except CNIError as e:
-        failure = failure or e
+    endpoint = ResourceStore.key(WorkloadEndpoint, endpoint_name(conf.node, host_if), namespace)
+    if conf.ipam_type == "tortie-ipam":
+        # The usual case: the addresses and the endpoint go in one transaction, after one read.
+        try:
+            ipam_ops.release(args, stores, also_read=[endpoint],
+                             also_write=lambda values: _endpoint_deletion(values.get(endpoint), args.container_id))
+        except CNIError as e:
+            failure = e
+    else:
+        try:
+            _ipam("DEL", args, stores)
+        except CNIError as e:
+            failure = e
+        try:
+            with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+                for op in _endpoint_deletion(client.get(endpoint), args.container_id):
+                    with contextlib.suppress(NotFound):
+                        client.delete(op.key, op.mod_revision)
+        except CNIError as e:
+            failure = failure or e
     try:
         unwired.result()
     except wiring.WiringError as e:
         failure = failure or CNIError(codes.IO_FAILURE, "could not remove the container's interface", str(e))
     if failure is not None:
         raise failure
+
+
+def _endpoint_deletion(current: KeyValue | None, container_id: str) -> list[Delete]:
+    """Deleting the attachment's endpoint as read, if it is this container's: a re-ADD under a
+    new container ID must survive a late DEL."""
+    if current is None:
+        return []
+    try:
+        spec = json.loads(current.value).get("spec") or {}
+    except ValueError:
+        return []  # not an endpoint anything could have written: leave it to an operator
+    return [Delete(current.key, current.mod_revision)] if spec.get("containerID") == container_id else []
 
 
 def _unwire(netns_path: str, ifname: str, host_if: str) -> None:

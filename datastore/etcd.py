@@ -127,6 +127,9 @@ class EtcdClient(Writes):
         self._sleep = sleep
         self._lock = threading.Lock()
         self._channels: dict[Endpoint, grpc.Channel] = {}
+        # A stub builds a callable per method and registers each with the channel (~0.1 ms of
+        # CPU): made once per channel, not per call.
+        self._kv_stubs: dict[grpc.Channel, rpc_pb2_grpc.KVStub] = {}
         self._current = 0
         self._credentials = self._load_credentials()
 
@@ -168,11 +171,18 @@ class EtcdClient(Writes):
                 self._channels[endpoint] = channel
             return channel
 
+    def _kv(self, channel: grpc.Channel) -> rpc_pb2_grpc.KVStub:
+        stub = self._kv_stubs.get(channel)
+        if stub is None:
+            stub = self._kv_stubs[channel] = rpc_pb2_grpc.KVStub(channel)
+        return stub
+
     def close(self) -> None:
         with self._lock:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+            self._kv_stubs.clear()
 
     def __enter__(self) -> EtcdClient:
         return self
@@ -207,7 +217,7 @@ class EtcdClient(Writes):
 
     # ---- reads --------------------------------------------------------------------------------
     def get(self, key: str) -> KeyValue | None:
-        resp = self._retrying("get", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Range(
+        resp = self._retrying("get", lambda ch, t: self._kv(ch).Range(
             rpc_pb2.RangeRequest(key=key.encode()), timeout=t))
         return KeyValue.from_pb(resp.kvs[0]) if resp.kvs else None
 
@@ -221,7 +231,7 @@ class EtcdClient(Writes):
         ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode())) for k in keys]
         ops += [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(
             key=p.encode(), range_end=prefix_end(p), keys_only=keys_only)) for p, keys_only in prefixes]
-        resp = self._retrying("get", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Txn(
+        resp = self._retrying("get", lambda ch, t: self._kv(ch).Txn(
             rpc_pb2.TxnRequest(success=ops), timeout=t))
         singles: dict[str, KeyValue] = {}
         for r in resp.responses[:len(keys)]:
@@ -234,13 +244,13 @@ class EtcdClient(Writes):
     def list(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]:
         """Every key under ``prefix`` and the store revision they were read at."""
         req = rpc_pb2.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix), keys_only=keys_only)
-        resp = self._retrying("list", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Range(req, timeout=t))
+        resp = self._retrying("list", lambda ch, t: self._kv(ch).Range(req, timeout=t))
         return [KeyValue.from_pb(kv) for kv in resp.kvs], resp.header.revision
 
     def count(self, prefix: str) -> tuple[int, int]:
         """How many keys are under ``prefix``, and the store revision."""
         req = rpc_pb2.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix), count_only=True)
-        resp = self._retrying("count", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Range(req, timeout=t))
+        resp = self._retrying("count", lambda ch, t: self._kv(ch).Range(req, timeout=t))
         return resp.count, resp.header.revision
 
     # ---- writes --------------------------------------------------------------------------------
@@ -250,18 +260,18 @@ class EtcdClient(Writes):
             self.commit([Delete(key, mod_revision)])
             return True
         req = rpc_pb2.DeleteRangeRequest(key=key.encode())
-        resp = self._retrying("delete", lambda ch, t: rpc_pb2_grpc.KVStub(ch).DeleteRange(req, timeout=t))
+        resp = self._retrying("delete", lambda ch, t: self._kv(ch).DeleteRange(req, timeout=t))
         return bool(resp.deleted)
 
     def delete_prefix(self, prefix: str) -> int:
         req = rpc_pb2.DeleteRangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
-        resp = self._retrying("delete", lambda ch, t: rpc_pb2_grpc.KVStub(ch).DeleteRange(req, timeout=t))
+        resp = self._retrying("delete", lambda ch, t: self._kv(ch).DeleteRange(req, timeout=t))
         return int(resp.deleted)
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Unconditional put, for keys with a single writer (a node's own status, a lease-held key)."""
         req = rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease)
-        resp = self._retrying("put", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Put(req, timeout=t))
+        resp = self._retrying("put", lambda ch, t: self._kv(ch).Put(req, timeout=t))
         return int(resp.header.revision)
 
     def commit(self, ops: Sequence[Op]) -> int:
@@ -288,7 +298,7 @@ class EtcdClient(Writes):
         # On failure, read back the compared keys so we can say which one moved.
         failure = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key)) for c in compares]
         req = rpc_pb2.TxnRequest(compare=compares, success=writes, failure=failure)
-        resp = self._retrying("transaction", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Txn(req, timeout=t))
+        resp = self._retrying("transaction", lambda ch, t: self._kv(ch).Txn(req, timeout=t))
         if resp.succeeded:
             return int(resp.header.revision)
         raise self.conflict(ops, {kv.key.decode(): kv.mod_revision for r in resp.responses
@@ -322,7 +332,7 @@ class EtcdClient(Writes):
         return Watch(self, prefix, start_revision)
 
     def compact(self, revision: int) -> None:
-        self._retrying("compact", lambda ch, t: rpc_pb2_grpc.KVStub(ch).Compact(
+        self._retrying("compact", lambda ch, t: self._kv(ch).Compact(
             rpc_pb2.CompactionRequest(revision=revision, physical=True), timeout=t))
 
 

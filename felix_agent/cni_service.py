@@ -25,6 +25,7 @@ from cni_plugins.datastores import Datastores
 from cni_plugins.errors import INTERNAL, CNIError
 from cni_plugins.naming import host_ifname
 from cni_plugins.skel import CmdArgs
+from datastore.model import Resource
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,16 @@ class CNIService:
     connections, each with the caller's environment."""
 
     def __init__(self, path: Path, stores: Datastores,
-                 after_add: Callable[[CmdArgs, float | None], None] | None = None,
+                 after_add: Callable[[CmdArgs, Resource, float | None], None] | None = None,
                  on_request: Callable[[str], None] | None = None) -> None:
         self.on_request = on_request
         self.in_flight = InFlight()
         self.path = path
         self.stores = stores
-        # Runs after a successful ADD, before the answer: the agent waits there until the new
-        # endpoint's policy is in the kernel ("no pod without its policy"), at most until the
-        # caller's deadline (second argument, Unix seconds, or None). May raise CNIError.
+        # Runs after a successful ADD, before the answer: the agent hands the endpoint as written
+        # (second argument) to its calculation and waits until its policy is in the kernel ("no
+        # pod without its policy"), at most until the caller's deadline (third argument, Unix
+        # seconds, or None). May raise CNIError.
         self.after_add = after_add
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -140,11 +142,11 @@ class CNIService:
             if args.command != "ADD":
                 return tortie_ops.handle(args, stores)
             started = time.perf_counter()
-            out, repeated = tortie_ops.add_attachment(args, stores)
+            out, repeated, endpoint = tortie_ops.add_attachment(args, stores)
             done = time.perf_counter()
             if self.after_add is not None:
                 try:
-                    self.after_add(args, deadline)
+                    self.after_add(args, endpoint, deadline)
                     log.debug("ADD %s: %.1f ms of work, %.1f ms until its policy was programmed",
                               args.container_id, (done - started) * 1000, (time.perf_counter() - done) * 1000)
                 except BaseException:

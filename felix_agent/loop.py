@@ -101,12 +101,14 @@ class DataplaneLoop:
     def wait_programmed(self, endpoint_key: str, timeout: float) -> bool:
         """Block until an apply has programmed ``endpoint_key`` (True) or ``timeout`` passes."""
         deadline = self.clock() + timeout
+        # One kick: the change that adds the endpoint kicks the loop itself; kicking on every
+        # wake-up would recompute and re-apply for nothing until it arrives.
+        self.kick()
         with self._cond:
             while endpoint_key not in self._programmed:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     return False
-                self.kick()
                 self._cond.wait(remaining)
             return True
 

@@ -26,12 +26,12 @@ from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable
 from datastore.etcd import EtcdClient
 from datastore.model import Metadata, Resource
-from datastore.resources import Node, NodeBGPSpec, NodeSpec
+from datastore.resources import Node, NodeBGPSpec, NodeSpec, WorkloadEndpoint
 from datastore.store import ResourceStore
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
-from felix_agent.calc.snapshot import Snapshot, Update
+from felix_agent.calc.snapshot import WORKLOAD_ENDPOINT, Snapshot, Update
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
@@ -158,11 +158,17 @@ class Agent:
     def render_metrics(self) -> str:
         return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
 
-    def wait_for_policy(self, args: CmdArgs, deadline: float | None = None) -> None:
+    def wait_for_policy(self, args: CmdArgs, endpoint: Resource, deadline: float | None = None) -> None:
         """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel;
-        give up in time to answer before the caller's ``deadline`` (Unix seconds)."""
+        give up in time to answer before the caller's ``deadline`` (Unix seconds). The endpoint
+        just written goes straight to the calculation: waiting for etcd's watch to bring our own
+        write back costs its round trip, and its decoding, on every ADD."""
         key = tortie_ops.endpoint_key(args)
         assert self.loop is not None
+        if self.syncer is not None and endpoint.metadata.resource_version:
+            self.syncer.put_own(WORKLOAD_ENDPOINT, ResourceStore.key(WorkloadEndpoint, endpoint.name,
+                                                                     endpoint.namespace),
+                                endpoint, int(endpoint.metadata.resource_version))
         timeout = self.args.policy_timeout
         if deadline is not None:
             timeout = max(min(timeout, deadline - time.time() - ANSWER_MARGIN), 0.0)

@@ -123,6 +123,19 @@ class Syncer:
         with self._lock:
             return self.snapshot.copy()
 
+    def put_own(self, kind: str, key: str, value: Any, mod_revision: int) -> bool:
+        """A value this agent has just written at ``mod_revision``, handed over before its watch
+        event arrives (the CNI service's endpoint, whose pod waits for its policy). The syncer stays
+        the source of truth: the event, when it comes, finds the revision already held and is a
+        no-op, and anything newer for the key wins as usual. The caller kicks the dataplane; no
+        ``on_update`` runs for it. False when the value was not taken (not in sync yet: the listing
+        brings it; or the snapshot already holds that revision or a newer one)."""
+        with self._lock:
+            if not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision:
+                return False
+            self.snapshot.apply(Update(kind, key, value), mod_revision)
+            return True
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -207,6 +220,8 @@ class Syncer:
             self.snapshot.revision = max(self.snapshot.revision, kv.mod_revision)
             if not self._watched(kv.key):
                 continue
+            if self.snapshot.mod_revisions.get(kv.key, 0) >= kv.mod_revision:
+                continue  # already held: the agent's own write, handed over by put_own
             if item.deleted:
                 kind = self.snapshot.kind_of(kv.key)
                 if kind is not None:

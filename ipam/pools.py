@@ -48,7 +48,20 @@ class Pool:
         return ipaddress.ip_network(f"{address}/{self.block_size}", strict=False)
 
     def selects(self, node_labels: Mapping[str, str]) -> bool:
-        return selector.parse(self.node_selector).matches(node_labels)
+        return _parsed(self.node_selector).matches(node_labels)
+
+
+# A warm agent checks every pool's node selector on every assignment; the texts are few.
+_SELECTORS: dict[str, selector.Selector] = {}
+
+
+def _parsed(text: str) -> selector.Selector:
+    found = _SELECTORS.get(text)
+    if found is None:
+        if len(_SELECTORS) > 1024:
+            _SELECTORS.clear()
+        found = _SELECTORS[text] = selector.parse(text)
+    return found
 
 
 def select_pools(pools: Sequence[Pool], version: int, requested: Sequence[str],
