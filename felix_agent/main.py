@@ -195,7 +195,7 @@ class Agent:
             self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
-        if self.orphans is not None and any(u.kind == "WorkloadEndpoint" for u in updates):
+        if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
         if self.loop is not None:
             self.loop.kick()

@@ -239,8 +239,13 @@ class OrphanSweeper:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def pending(self) -> bool:
+        """Whether an endpoint is being watched for release: only then does an endpoint change
+        (deleted by a late DEL, say) need a look before the next notification or resync."""
+        return bool(self.tracker.missing_since or self.tracker.published)
+
     def kick(self) -> None:
-        """Look again soon (an endpoint changed); from any thread, never blocks."""
+        """Look again soon; from any thread, never blocks."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 

@@ -120,6 +120,7 @@ def test_orphans_are_released_and_live_pods_keep_their_addresses(tl: TortieLab) 
     delays = sorted(t - deleted for t in released_at.values())
     print(f"\norphan release after netns deletion ({ORPHANS} orphans, grace {GRACE:g} s, resync {RESYNC:g} s): "
           f"p50 {statistics.median(delays):.2f} s, max {delays[-1]:.2f} s; {len(adder.pods)} pods added meanwhile")
+    print(next(line for line in reported.splitlines() if "endpoint-without-interface" in line))
 
     # Everything of the orphans is gone: endpoints, handles, addresses, routes, veths, records.
     after = tl.datastore()
