@@ -508,6 +508,11 @@ def _own_namespaces(name: str) -> list[str]:
     return [ns for ns in ip_netns.names() if own.fullmatch(ns)]
 
 
+def unique_name(prefix: str) -> str:
+    """A lab name no other lab has: ``prefix`` and 6 hex digits (lab names have at most 12 characters)."""
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
 def _check_name(name: str) -> None:
     if not _NAME.fullmatch(name):
         raise LabError(f"invalid lab name {name!r}: use 1 to 12 of a-z, 0-9 and '-', not starting with '-'")
