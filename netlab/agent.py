@@ -50,13 +50,12 @@ class Agent:
                           state_dir=self.state_dir, log_level=self.log_level, extra=[*self.args, *extra])
 
     def start(self, extra: Sequence[str] = (), env: Mapping[str, str] | None = None) -> int:
-        """Start the agent (not waiting for it: see ``wait_socket`` and ``wait_ready``); its CNI
-        socket is removed first, so that its presence means this agent made it."""
+        """Start the agent; return its PID without waiting for it (see ``wait_socket`` and
+        ``wait_ready``)."""
         if self.running():
             raise AssertionError(f"the agent of node {self.node.name} is already running")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
-        self.cni_socket.unlink(missing_ok=True)  # a crashed agent's
         self.pid = self.lab.start_process(self.node.netns, self.argv(extra), self.log,
                                           self.env if env is None else env)
         return self.pid

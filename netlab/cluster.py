@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pki
+from netlab import agent
 from netlab import netns as ip_netns
 from netlab.cni import REFERENCE_PLUGINS
 from netlab.etcd import EtcdServer
@@ -274,9 +275,8 @@ def resources(cluster: Cluster) -> str:
 
 def agent_argv(cluster: Cluster, node: NodeInfo) -> list[str]:
     """The felix-agent command line of ``node`` (``up`` and ``restart_agent`` give it the same)."""
-    return [str(BIN / "felix-agent"), "--nodename", node.name, "--node-ip", f"{node.address}/{UNDERLAY_LEN}",
-            "--cni-socket", str(node.cni_socket), "--state-dir", node.state_dir, "--log-level", "info",
-            *(["--bgp"] if cluster.bgp_speaker else [])]
+    return agent.agent_argv(node.name, node.address, cni_socket=node.cni_socket, state_dir=node.state_dir,
+                            extra=["--bgp"] if cluster.bgp_speaker else [])
 
 
 def _start_agents(lab: Lab, cluster: Cluster, report: Progress) -> None:

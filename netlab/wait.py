@@ -18,7 +18,7 @@ class WaitTimeout(AssertionError):
     """What was awaited did not happen in time (an AssertionError: tests report it as a failure)."""
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str = "the condition", *, interval: float = 0.05,
+def wait_for(condition: Callable[[], T], timeout: float, what: str = "the condition", interval: float = 0.05, *,
              describe: Callable[[], str] | None = None) -> T:
     """Poll ``condition()`` until it returns something true and return that; raise
     :class:`WaitTimeout` naming ``what`` (and what ``describe()`` says of the state then) after

@@ -18,7 +18,8 @@ import pytest
 
 from netlab.cni import Attachment, exec_plugin, network_config
 from netlab.etcd import ETCD
-from tests.lab.tortie_support import TortieLab, host_ifname, wait_for
+from netlab.wait import wait_for
+from tests.lab.tortie_support import TortieLab, host_ifname
 
 pytestmark = pytest.mark.lab
 

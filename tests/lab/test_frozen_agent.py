@@ -16,7 +16,8 @@ import pytest
 from cni_plugins import relay
 from netlab.cni import REFERENCE_PLUGINS
 from netlab.etcd import ETCD
-from tests.lab.tortie_support import NETWORK, TortieLab, host_ifname, wait_for
+from netlab.wait import wait_for
+from tests.lab.tortie_support import NETWORK, TortieLab, host_ifname
 
 pytestmark = pytest.mark.lab
 

@@ -20,7 +20,8 @@ import pytest
 
 from netlab.etcd import ETCD
 from netlab.lab import Pod
-from tests.lab.tortie_support import TortieLab, host_ifname, wait_for
+from netlab.wait import wait_for
+from tests.lab.tortie_support import TortieLab, host_ifname
 
 pytestmark = pytest.mark.lab
 

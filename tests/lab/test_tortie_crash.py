@@ -36,7 +36,8 @@ import pytest
 from netlab import netns as ip_netns
 from netlab.cni import Attachment, network_config, plugin_env
 from netlab.etcd import ETCD
-from tests.lab.tortie_support import NETWORK, Sandbox, TortieLab, host_ifname, wait_for
+from netlab.wait import wait_for
+from tests.lab.tortie_support import NETWORK, Sandbox, TortieLab, host_ifname
 
 pytestmark = pytest.mark.lab
 

@@ -33,6 +33,7 @@ from netlab import netns as ip_netns
 from netlab.cni import REFERENCE_PLUGINS, Attachment, exec_plugin, network_config
 from netlab.etcd import ETCD
 from netlab.lab import Pod
+from netlab.wait import wait_for
 from tests.lab.tortie_support import (
     HOST_MAC,
     MTU,
@@ -43,7 +44,6 @@ from tests.lab.tortie_support import (
     Sandbox,
     TortieLab,
     host_ifname,
-    wait_for,
 )
 
 pytestmark = pytest.mark.lab
