@@ -30,7 +30,7 @@ from netlab.agent import Agent
 from netlab.cluster import clean_env
 from netlab.cluster_lab import netctl
 from netlab.cni import REFERENCE_PLUGINS, Attachment, PluginRun, exec_plugin, network_config, tortie_plugin
-from netlab.etcd import ETCDCTL
+from netlab.etcd import ETCD, ETCDCTL
 from netlab.lab import Lab, LabNode, Pod, PodError, unique_name
 
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
@@ -48,6 +48,16 @@ AGENT_START_TIMEOUT = 30.0
 WEP_PREFIX = "/tortie/resources/v1/workloadendpoints/"
 HANDLE_PREFIX = "/tortie/ipam/v2/handle/"
 BLOCK_PREFIX = "/tortie/ipam/v2/assignment/"
+
+
+def require_lab(plugins: Sequence[str] = ()) -> None:
+    """Skip the test unless this machine can build a lab: root, etcd-server, the reference ``plugins``."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: labs build network namespaces")
+    missing = [p for p in plugins if not (REFERENCE_PLUGINS / p).exists()]
+    if not ETCD.exists() or missing:
+        pytest.skip(f"needs etcd-server and the reference CNI plugins {missing} (scripts/install-deps.sh)"
+                    if plugins else "needs etcd-server (scripts/install-deps.sh)")
 
 
 def resources_yaml(nodes: Sequence[LabNode]) -> str:
@@ -133,8 +143,10 @@ class TortieLab:
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls, nodes: int = 1, prefix: str = "tt") -> Iterator[TortieLab]:
-        """A new lab with the v4 and v6 pools applied; torn down on exit, even on failure."""
+    def create(cls, nodes: int = 1, prefix: str = "tt", *, plugins: Sequence[str] = ()) -> Iterator[TortieLab]:
+        """A new lab with the v4 and v6 pools applied; torn down on exit, even on failure. Skips
+        the test without root, etcd or the reference CNI ``plugins`` it needs."""
+        require_lab(plugins)
         with Lab(unique_name(prefix), nodes=nodes) as lab:
             tl = cls(lab)
             resources = tl.work / "resources.yaml"
