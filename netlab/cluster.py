@@ -9,7 +9,9 @@ need, and ``down`` removes everything from any process, also after a crash or a 
 as it is made). ``stop_agent`` and ``restart_agent`` stop one node's agent and start it again with
 the command line ``up`` gave it, so that a user can watch what survives an agent's absence. Must
 not change the root namespace: every command it runs runs inside one of the lab's namespaces; it
-stops only processes the lab recorded or that live in its namespaces.
+stops only processes the lab recorded or that live in its namespaces. Over 450 lines because the
+whole ``netctl lab`` life cycle (up, agent stop and restart, status, down) shares ``cluster.json``'s
+records; the agent's command line is ``netlab.agent``'s.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ A lab named NAME owns the namespaces `NAME-fabric`, `NAME-etcdK`, `NAME-nK` and 
 Every namespace and process is written to `lab.json` before or as it is made, so `destroy()`, the
 `atexit` safety net or, after a crash, `destroy_by_name()` can take it all down again. Must not
 change the root namespace, send traffic out of its own namespaces, or stop a process it did not
-start.
+start. Over 450 lines because `EtcdCluster` lives beside `Lab`: its members are the lab's recorded
+processes in the lab's namespaces, started and stopped through it.
 """
 
 from __future__ import annotations
