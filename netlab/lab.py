@@ -28,10 +28,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import pki
 from netlab import netns as ip_netns
 from netlab.cni import Attachment, PluginRun, exec_plugin, network_config
-from netlab.etcd import ETCD, ETCDCTL, EtcdServer
+from netlab.etcd import ETCD, ETCDCTL, EtcdServer, make_pki
 
 STATE_ROOT = Path("/run/tortie-lab")
 STATE_FILE = "lab.json"
@@ -444,13 +443,8 @@ class EtcdCluster:
                 f"--peer-cert-file={cert}", f"--peer-key-file={key}"]
 
     def _make_pki(self) -> None:
-        ca, ca_key = pki.init_ca(self.pki_dir, "ca", cn=f"{self.lab.name}-etcd-ca", force=True)
-        for m in self.members:
-            # One certificate per member for clients and peers alike: the `peer` profile allows
-            # both server and client auth (etcd's gateway dials its own client port with it too).
-            pki.issue(self.pki_dir, m.name, ca_cert=ca, ca_key=ca_key, profile="peer", cn=m.name,
-                      hosts=[m.address, "127.0.0.1"])
-        pki.issue(self.pki_dir, "client", ca_cert=ca, ca_key=ca_key, profile="client", cn="tortie-client")
+        make_pki(self.pki_dir, f"{self.lab.name}-etcd-ca",
+                 {m.name: (m.name, [m.address, "127.0.0.1"]) for m in self.members})
 
 
 def record_process(name: str, pid: int, netns: str, argv: Sequence[str], state_root: Path = STATE_ROOT) -> None:
