@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from pyroute2.iproute.linux import IPRoute
 
-from cni_plugins.wiring import netns
-from felix_agent.dataplane.netlink import Netlink
+from kernel.netns import netns
+from kernel.rtnl import RTNL
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -43,9 +43,9 @@ def ns() -> Iterator[str]:
 
 
 def test_raw_listings_equal_pyroute2s(ns: str) -> None:
-    with Netlink.open(ns) as fast:
+    with RTNL.open(ns) as fast:
         with netns(ns):
-            slow = Netlink(IPRoute(), None)  # no raw socket: the pyroute2 path
+            slow = RTNL(IPRoute(), None)  # no raw socket: the pyroute2 path
         try:
             assert sorted(fast.links(), key=repr) == sorted(slow.links(), key=repr)
             routes = sorted(fast.routes(), key=repr)
