@@ -101,7 +101,7 @@ class RouteWatch:
     PROTOCOLS = {"bird": 12}
 
     def __init__(self, netns: str, proto: str, changed: threading.Condition) -> None:
-        from cni_plugins.wiring import netns as entered
+        from kernel.netns import netns as entered
 
         self.netns, self.proto, self.changed = netns, proto, changed
         self.added: dict[str, float] = {}

@@ -133,8 +133,8 @@ def _in_set(name: str, ip: str) -> bool:
     5,000 endpoints nft takes ~10 ms to start, and it competes with the agent for the 2 cores)."""
     import ipaddress
 
-    from felix_agent.dataplane import nfnetlink
-    return ipaddress.ip_address(ip).packed in nfnetlink.set_keys("inet", "tortie", name)
+    from kernel import nfnl
+    return ipaddress.ip_address(ip).packed in nfnl.set_keys("inet", "tortie", name)
 
 
 def drive_relabel(total: int, changes: int, timeout: float) -> None:
@@ -178,8 +178,9 @@ def drive_relabel(total: int, changes: int, timeout: float) -> None:
 def drive_new(first: int, count: int, timeout: float) -> None:
     """Create endpoints first.. one at a time; time each from the write to both its chains holding rules."""
     from datastore import codec
-    from felix_agent.dataplane import nfnetlink
     from felix_agent.dataplane.policy import EGRESS, INGRESS, endpoint_chain
+    from kernel import nfnl
+    from kernel.netlink import KernelError
     store = _store()
     samples = []
     for i in range(first, first + count):
@@ -189,9 +190,9 @@ def drive_new(first: int, count: int, timeout: float) -> None:
         store.create(codec.decode(_endpoint_doc(i)))
         while True:
             try:
-                if all(nfnetlink.rule_tags("inet", "tortie", chains).values()):
+                if all(nfnl.rule_tags("inet", "tortie", chains).values()):
                     break
-            except nfnetlink.NetlinkError:
+            except KernelError:
                 pass  # not there yet
             if time.perf_counter() - started > timeout:
                 raise SystemExit(f"endpoint {i}: chains {chains} never appeared")

@@ -447,7 +447,7 @@ def bgp_sessions(cluster: Cluster, node: str) -> list[dict[str, str]]:
 def readiness(node: NodeInfo, timeout: float = 1.0) -> int:
     """The HTTP status of the node's agent's ``/readiness`` (0 when nothing answers), asked from
     inside the node's namespace."""
-    from cni_plugins.wiring import netns  # pyroute2: only when a lab is looked at
+    from kernel.netns import netns
 
     try:
         with netns(str(ip_netns.path(node.netns))):
