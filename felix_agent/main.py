@@ -5,7 +5,6 @@ health endpoints, release attachments whose runtime never said DEL, stop cleanly
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -30,12 +29,11 @@ from datastore.resources import Node, NodeBGPSpec, NodeSpec, WorkloadEndpoint
 from datastore.store import ResourceStore
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
-from felix_agent.calc.model import DesiredState
 from felix_agent.calc.snapshot import WORKLOAD_ENDPOINT, Snapshot, Update
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
-from felix_agent.loop import DataplaneLoop, Gated, Manager
+from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
 from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
 from felix_agent.orphans import OrphanSweeper
@@ -147,7 +145,9 @@ class Agent:
         self.bgp: BGPRunner | None = None
         self.loop: DataplaneLoop | None = None
         self.orphans: OrphanSweeper | None = None
-        self.calculator = Calculator(self.node)
+        # One owner per route: with BGP on, the peers' routes replace the remote ones outside VXLAN.
+        self.calculator = Calculator(self.node, bgp_owns_remote=args.bgp)
+        self.programmed = ProgrammedEndpoints()
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
@@ -177,18 +177,12 @@ class Agent:
                            f"endpoint {key}: felix-agent on {self.node} did not apply it within "
                            f"{timeout:g}s")
 
-    def compute(self) -> DesiredState | None:
+    def view(self) -> Snapshot | None:
+        """The datastore view the dataplane loop computes from; None before the first "in sync"
+        (nothing touches the kernel before it)."""
         if self.syncer is None or not self.syncer.in_sync.is_set():
-            return None  # nothing touches the kernel before the first "in sync"
-        snapshot = self.syncer.copy_snapshot()
-        state = self.calculator.compute(snapshot)  # works on what changed since the last call
-        if self.bgp is not None:
-            self.bgp.update(snapshot)
-            # One owner per route: with BGP on, remote blocks outside VXLAN come from the peers
-            # (protocol 81, through tunl0 where the pool says IPIP), not from the affinities.
-            state = dataclasses.replace(state, routes=frozenset(
-                r for r in state.routes if r.kind not in ("direct", "ipip")))
-        return state
+            return None
+        return self.syncer.copy_snapshot()
 
     def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
         if self.bgp is not None and self.syncer is not None and self.syncer.in_sync.is_set():
@@ -242,7 +236,7 @@ class Agent:
         # the plugin routes its own pod), policy before NAT (same table), devices before the
         # routes through them. The netlink managers read the kernel back on every apply: run them
         # only when their part of the state moved (every one of them on the periodic resync).
-        return [PolicyManager(table), MasqManager(table),
+        return [PolicyManager(table, on_programmed=self.programmed.publish), MasqManager(table),
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
@@ -279,8 +273,9 @@ class Agent:
             if self.args.bgp:
                 self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
                 self.bgp.start()
-            self.loop = DataplaneLoop(self.compute, self.managers(node_ip), self.metrics,
-                                      resync_interval=self.args.resync_interval)
+            self.loop = DataplaneLoop(self.view, self.calculator.compute, self.managers(node_ip), self.metrics,
+                                      feeds=[self.bgp.update] if self.bgp is not None else [],
+                                      programmed=self.programmed, resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)
             self.orphans = OrphanSweeper(self.node, client, grace=self.args.orphan_grace,
                                          resync_interval=self.args.resync_interval,
