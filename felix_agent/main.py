@@ -16,11 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from cni_plugins import tortie_ops
 from cni_plugins.agent_protocol import DEFAULT_SOCKET
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
-from cni_plugins.skel import CmdArgs
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable
 from datastore.etcd import EtcdClient
@@ -158,12 +156,11 @@ class Agent:
     def render_metrics(self) -> str:
         return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
 
-    def wait_for_policy(self, args: CmdArgs, endpoint: Resource, deadline: float | None = None) -> None:
-        """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel;
-        give up in time to answer before the caller's ``deadline`` (Unix seconds). The endpoint
-        just written goes straight to the calculation: waiting for etcd's watch to bring our own
-        write back costs its round trip, and its decoding, on every ADD."""
-        key = tortie_ops.endpoint_key(args)
+    def wait_for_policy(self, key: str, endpoint: Resource, deadline: float | None = None) -> None:
+        """No pod without its policy: answer ADD only once the endpoint ``key`` ("<namespace>/<name>")
+        has its chains in the kernel; give up in time to answer before the caller's ``deadline``
+        (Unix seconds). The endpoint just written goes straight to the calculation: waiting for
+        etcd's watch to bring our own write back costs its round trip, and its decoding, on every ADD."""
         assert self.loop is not None
         if self.syncer is not None and endpoint.metadata.resource_version:
             self.syncer.put_own(WORKLOAD_ENDPOINT, ResourceStore.key(WorkloadEndpoint, endpoint.name,
