@@ -117,16 +117,17 @@ class _Local:
     profiles: tuple[str, ...]
 
 
-def compute(snapshot: Snapshot, node: str) -> DesiredState:
+def compute(snapshot: Snapshot, node: str, *, bgp_owns_remote: bool = False) -> DesiredState:
     """Everything ``node``'s dataplane must hold, computed from nothing."""
-    return Calculator(node).compute(snapshot)
+    return Calculator(node, bgp_owns_remote=bgp_owns_remote).compute(snapshot)
 
 
 class Calculator:
     """``compute(snapshot)`` again and again; each call costs what changed since the last one."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, bgp_owns_remote: bool = False) -> None:
         self.node = node
+        self.bgp_owns_remote = bgp_owns_remote  # see felix_agent.calc.routes
         self._tables: dict[str, dict[str, Any]] = {}
         self._clear()
 
@@ -413,7 +414,7 @@ class Calculator:
         self._ipsets = self._rebuild_ipsets()
         if self._routing_dirty or self._routing is None:
             addresses = [(a, e.interface) for e in self._out_endpoints.values() for a in e.addresses]
-            self._routing = routing(snapshot, self.node, addresses)
+            self._routing = routing(snapshot, self.node, addresses, bgp_owns_remote=self.bgp_owns_remote)
             self._routing_dirty = False
         pools = list(snapshot.ippools.values())
         return DesiredState(
