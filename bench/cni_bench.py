@@ -1,5 +1,7 @@
-"""CNI benchmark: ``tortie`` ADD/DEL latency (delegated to felix-agent, and in-process) and pod
-churn, beside the reference ``ptp`` + ``host-local`` plugins measured in the same run.
+"""CNI benchmark: ``tortie`` ADD/DEL latency (delegated to felix-agent through each front end,
+compiled and Python relay, and in-process) and pod churn, the agent's CPU per ADD+DEL cycle, and
+each front end's exec time alone (``CNI_COMMAND=VERSION``), beside the reference ``ptp`` +
+``host-local`` plugins measured in the same run.
 
 Each call is exec'd as a runtime does (CNI_* variables, the configuration on stdin), from inside
 a lab node's namespace, with a fresh container namespace made outside the timed region. The
@@ -48,8 +50,12 @@ def _netns(name: str, add: bool) -> None:
 
 
 def driver(spec: dict[str, Any]) -> dict[str, Any]:
-    """Latency (sequential ADD then DEL per pod) and churn (concurrent callers) for one plugin."""
+    """Latency (sequential ADD then DEL per pod) and churn (concurrent callers) for one plugin, or
+    only VERSION calls (``spec["version"]``: the exec of the front end, no datastore work)."""
     plugin, conf, cni_path, tag = Path(spec["plugin"]), spec["conf"], spec["cni_path"], spec["tag"]
+    if spec.get("version"):
+        times = [_call(plugin, "VERSION", conf, tag, "", cni_path) * 1000 for _ in range(spec["warmup"] + spec["n"])]
+        return {"version": times[spec["warmup"]:]}
     adds, dels = [], []
     for i in range(spec["warmup"] + spec["n"]):
         ns = f"bn-{tag}-{i}"
@@ -94,8 +100,16 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     from netctl.install_cmd import install_plugins
+    from netlab.agent import Agent
+    from netlab.cni import tortie_plugin
     from netlab.lab import Lab
 
     ap = argparse.ArgumentParser()
@@ -117,22 +131,24 @@ def main() -> int:
         pools.write_text("apiVersion: tortie.dev/v1\nkind: IPPool\nmetadata: {name: p4}\n"
                          "spec: {cidr: 10.244.0.0/16}\n")
         lab.exec(node.netns, "env", *envargs, str(BIN / "netctl"), "apply", "-f", str(pools))
-        cnibin = work / "bin"
-        cnibin.mkdir()
-        install_plugins(cnibin)  # what `netctl install-cni` puts in a runtime's CNI directory
+        # What `netctl install-cni` puts in a runtime's CNI directory, once per front end.
+        cnibin, pybin = work / "bin", work / "pybin"
+        compiled = install_plugins(cnibin, "auto")
+        if not compiled.compiled:
+            print(f"  no compiled front end ({compiled.summary}): its rows are the Python relay's",
+                  file=sys.stderr)
+        install_plugins(pybin, "python")
         sock = work / "n1.sock"
-        tortie = {"cniVersion": "1.0.0", "name": "bench", "type": "tortie", "nodename": "n1", "mtu": 1450,
-                  "etcd_endpoints": env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"],
-                  "etcd_cert_file": env["ETCD_CERT_FILE"], "etcd_key_file": env["ETCD_KEY_FILE"],
-                  "agent_socket": str(sock), "ipam": {"type": "tortie-ipam"}}
+        tortie = {"cniVersion": "1.0.0", "name": "bench", **tortie_plugin("n1", env, sock, mtu=1450)}
         ptp = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "ipMasq": False, "mtu": 1450,
                "ipam": {"type": "host-local", "dataDir": str(work / "hl"),
                         "ranges": [[{"subnet": "10.216.0.0/16"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
 
-        def run(tag: str, plugin: Path, conf: dict[str, Any], path: str) -> dict[str, Any]:
+        def run(tag: str, plugin: Path, conf: dict[str, Any], path: str, version: bool = False) -> dict[str, Any]:
             spec_file = work / f"{tag}.json"
             spec_file.write_text(json.dumps({"plugin": str(plugin), "conf": conf, "cni_path": path, "tag": tag,
-                                             "n": n, "warmup": 3, "callers": 4, "churn_per_caller": churn}))
+                                             "n": n * 5 if version else n, "warmup": 3, "callers": 4,
+                                             "churn_per_caller": churn, "version": version}))
             print(f"  measuring {tag} ...", file=sys.stderr, flush=True)
             # nsenter, not `ip netns exec`: the driver's `ip netns add` must happen in the machine's
             # mount namespace, where the agent (in its own) can see the new namespaces' mounts.
@@ -145,16 +161,27 @@ def main() -> int:
             return dict(json.loads(out.stdout))
 
         results = {"reference ptp+host-local": run("ref", REFERENCE / "ptp", ptp, str(REFERENCE)),
-                   "tortie in-process": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
+                   "tortie in-process (compiled)": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
         agent_log_level = os.environ.get("BENCH_AGENT_LOG", "warning")
-        pid = lab.start_process(node.netns, [str(BIN / "felix-agent"), "--nodename", "n1", "--cni-socket",
-                                             str(sock), "--log-level", agent_log_level], work / "agent.log", env)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"felix-agent did not come up: {(work / 'agent.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        results["tortie delegated (felix-agent)"] = run("agent", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")
+        agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log", env=env,
+                      log_level=agent_log_level, node_ip=False)
+        pid = agent.start()
+        try:
+            agent.wait_socket(30)
+        except AssertionError as e:
+            raise SystemExit(f"felix-agent did not come up: {e}") from None
+        cycles = 3 + n + 4 * churn
+        agent_cpu: dict[str, float] = {}
+        for name, tag, binary in (("tortie delegated, compiled", "agent", cnibin),
+                                  ("tortie delegated, Python relay", "agentpy", pybin)):
+            cpu_before = _cpu_seconds(pid)
+            results[name] = run(tag, binary / "tortie", tortie, f"{binary}:{REFERENCE}")
+            agent_cpu[name] = (_cpu_seconds(pid) - cpu_before) / cycles * 1000
+        # The exec of each front end alone: VERSION is relayed to the agent (which answers it
+        # without any datastore work); the reference answers it itself.
+        version = {"reference ptp": run("vref", REFERENCE / "ptp", ptp, str(REFERENCE), version=True),
+                   "tortie, compiled": run("vcomp", cnibin / "tortie", tortie, str(cnibin), version=True),
+                   "tortie, Python relay": run("vpy", pybin / "tortie", tortie, str(pybin), version=True)}
         lab.stop_process(pid)
         if os.environ.get("BENCH_AGENT_LOG"):
             print((work / "agent.log").read_text()[-20000:], file=sys.stderr)
@@ -174,10 +201,22 @@ def main() -> int:
         print(f"{name:34} {row['add_p50']:8.1f}ms {row['add_p95']:8.1f}ms {row['del_p50']:8.1f}ms"
               f" {row['del_p95']:8.1f}ms {row['churn']:9.1f} {row['add_ratio']:9.2f}x {row['del_ratio']:9.2f}x"
               f" {row['churn_ratio']:7.2f}x")
+    print(f"\nfelix-agent CPU per ADD+DEL cycle (utime+stime over the run / {cycles} cycles):")
+    for name, ms in agent_cpu.items():
+        print(f"  {name:32} {ms:6.1f} ms")
+    ref_version = statistics.median(version["reference ptp"]["version"])
+    print("\nexec time alone, CNI_COMMAND=VERSION (tortie: relayed to the agent):")
+    version_rows = []
+    for name, r in version.items():
+        p50 = statistics.median(r["version"])
+        version_rows.append({"plugin": name, "p50": p50, "p95": _pct(r["version"], 95), "ratio": p50 / ref_version})
+        print(f"  {name:32} p50 {p50:6.2f} ms  p95 {_pct(r['version'], 95):6.2f} ms  {p50 / ref_version:5.2f}x")
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     (out_dir / f"cni-{stamp}.json").write_text(json.dumps({"n": n, "churn_per_caller": churn, "rows": rows,
+                                                           "agent_cpu_ms_per_cycle": agent_cpu,
+                                                           "version": version_rows,
                                                            "load": [load_start, os.getloadavg()]}, indent=2))
     return 0
 

@@ -131,6 +131,7 @@ def plugin_main(
             cni_version=_negotiate_version(command, config),
         )
         _check_name(config)
+        _check_type(config)
         output = _call(funcs, args)
     except CNIError as e:
         return _emit_error(stdout, e, config)
@@ -233,6 +234,17 @@ def _check_name(config: Mapping[str, Any]) -> None:
     name = config.get("name")
     if not isinstance(name, str) or not _NETWORK_NAME.fullmatch(name):
         raise CNIError(INVALID_CONFIG, "invalid network name", f"{name!r} must match {_NETWORK_NAME.pattern}")
+
+
+def _check_type(config: Mapping[str, Any]) -> None:
+    """The spec requires ``type`` in every plugin object, so in every request built from one. Its value
+    is not compared with this plugin's name: a delegated IPAM plugin receives the delegating
+    plugin's configuration (``"type": "bridge"``), and a runtime may run a plugin under another name."""
+    plugin_type = config.get("type")
+    if "type" not in config:
+        raise CNIError(INVALID_CONFIG, "missing type", "the network configuration has no \"type\" (the plugin's name)")
+    if not isinstance(plugin_type, str) or not plugin_type:
+        raise CNIError(INVALID_CONFIG, "invalid type", f"expected the plugin's name, a string; got {plugin_type!r}")
 
 
 def _call(funcs: PluginFuncs, args: CmdArgs) -> dict[str, Any] | None:

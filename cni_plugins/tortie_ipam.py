@@ -11,9 +11,9 @@ from __future__ import annotations
 
 
 def main() -> int:
-    from cni_plugins.relay import main as relay_main
+    from cni_plugins.entry import main as entry_main
 
-    return relay_main("tortie-ipam")
+    return entry_main("tortie-ipam")
 
 
 if __name__ == "__main__":

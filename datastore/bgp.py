@@ -7,25 +7,23 @@ peer with what (``peerIP`` + ``asNumber``, or the nodes ``peerSelector`` selects
 happens once, while a document is decoded, and names the field path of the problem; afterwards AS
 numbers are plain integers (asdot ``1.10`` converted) and peer addresses canonical.
 
-What needs other resources (a ``node`` that must exist) is :func:`check_references`, called by
+What needs other resources (a ``node`` that must exist) is ``datastore.references``, called by
 ``netctl`` before it writes. Turning these resources into a speaker's configuration is
 ``bgp.config``'s job, not this module's.
 
 Imports only the model, the selector grammar and the errors: ``datastore.resources`` imports this
-module to register the kinds, never the other way round (except lazily, in :func:`check_references`).
+module to register the kinds, never the other way round.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 from datastore import selector
 from datastore.errors import ValidationError
-from datastore.model import Kind, Resource, check_name, json_field
+from datastore.model import Kind, check_name, json_field
 
 ASN_MAX = 4294967295
 PORT_MAX = 65535
@@ -189,26 +187,3 @@ class BGPPeer(Kind):
 
 
 BGP_KINDS: tuple[type[Kind], ...] = (BGPConfiguration, BGPPeer)
-
-
-class ResourceGetter(Protocol):
-    """What :func:`check_references` reads: ``datastore.store.ResourceStore.get``."""
-
-    def get(self, kind: type[Kind], name: str, namespace: str | None = None) -> Resource | None: ...
-
-
-def check_references(resource: Resource, store: ResourceGetter, incoming: Iterable[Resource] = ()) -> None:
-    """Refuse a resource that names another one that does not exist: a ``BGPPeer`` whose ``node``
-    is not a known Node. ``incoming`` are the resources being written with it (a file may create
-    the node and its peer together)."""
-    if resource.kind is not BGPPeer or not resource.spec.node:
-        return
-    # Imported here: datastore.resources imports this module while it registers the kinds.
-    from datastore.resources import Node
-
-    name = resource.spec.node
-    if any(r.kind is Node and r.name == name for r in incoming) or store.get(Node, name) is not None:
-        return
-    raise ValidationError(
-        f"{resource.describe()}: spec.node {name!r} is not a known node (see `netctl get nodes`); "
-        "create the node first, or use nodeSelector")

@@ -49,11 +49,17 @@ def decode(doc: Any, where: str = "document") -> Resource:
 
 
 def load_documents(text: str, source: str = "input") -> Iterator[Any]:
-    """The documents of a YAML stream (JSON is YAML), a JSON list, or a Kubernetes ``List``."""
+    """The documents of a YAML stream (JSON is YAML), a JSON list, or a Kubernetes ``List``.
+
+    The text is untrusted: alias bombs and deep nesting are refused (``datastore.bounded_yaml``)."""
     import yaml  # only netctl reads YAML; the CNI plugins' stored JSON does not need it
 
+    from datastore.bounded_yaml import TooComplex, load_all
+
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in load_all(text) if d is not None]
+    except TooComplex as e:
+        raise ValidationError(f"{source} is refused: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -80,6 +86,8 @@ def from_stored(value: bytes, mod_revision: int, key: str) -> Resource:
         resource = decode(json.loads(value), key)
     except (ValueError, ValidationError) as e:
         raise ValidationError(f"stored resource {key} is corrupt: {e}") from None
+    except RecursionError:  # json's C decoder recurses per level of nesting
+        raise ValidationError(f"stored resource {key} is corrupt: nested too deeply") from None
     resource.metadata.resource_version = str(mod_revision)
     return resource
 

@@ -2,7 +2,11 @@
 
 Every call has a deadline. Transient failures (endpoint down, deadline hit, leader election) are
 retried with backoff, rotating through the endpoints, until the retry budget is spent; then one
-:class:`DatastoreUnavailable` names the endpoint and the cause. All writes are conditional
+:class:`DatastoreUnavailable` names the endpoint and the cause. Inside
+``datastore.deadline.shared_budget`` (one CNI call) the requests share one budget, so an unreachable
+etcd costs the call one budget, not one per request. Any other gRPC status is etcd's answer (a
+request too large, not permitted...): :class:`DatastoreRejected` at once, never retried
+(``datastore.errors.is_transient`` is the one place that tells them apart). All writes are conditional
 (create-if-absent or compare-and-swap on the key's modification revision), which is what makes a
 retried write safe: if the first attempt landed, the retry loses its comparison and the caller
 re-reads.
@@ -31,7 +35,16 @@ import grpc  # noqa: E402
 from pyetcd.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 from datastore.config import Endpoint, EtcdConfig
-from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
+from datastore.deadline import gave_up, request_deadline, retrying
+from datastore.errors import (
+    STATUS_NAMES,
+    ConfigError,
+    DatastoreError,
+    DatastoreRefused,
+    DatastoreRejected,
+    DatastoreUnavailable,
+    is_transient,
+)
 from datastore.kv import Create, Delete, KeyValue, Op, Reading, Unchanged, Update, Writes, prefix_end
 
 __all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "Op", "Reading", "Unchanged", "Update", "prefix_end"]
@@ -40,12 +53,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_TRANSIENT = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-}
 _CHANNEL_OPTIONS = [
     # gRPC's default reconnect backoff grows to minutes; an etcd that comes back must be used at once.
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -81,6 +88,21 @@ _TLS_SIGNS = ("handshake failed", "certificate", "ssl", "tls", "tsi_", "unwrap f
 def _is_tls_failure(err: grpc.RpcError) -> bool:
     details = (err.details() or "").lower() if hasattr(err, "details") else ""
     return any(sign in details for sign in _TLS_SIGNS)
+
+
+def _details(err: grpc.RpcError) -> str:
+    return (err.details() or "").strip() if hasattr(err, "details") else str(err)
+
+
+def _status_number(err: grpc.RpcError) -> int:
+    code = err.code() if hasattr(err, "code") else None
+    return int(code.value[0]) if isinstance(code, grpc.StatusCode) else 2  # UNKNOWN
+
+
+def _rejection(err: grpc.RpcError) -> str:
+    """What etcd (or gRPC) said, with the status name: ``request is too large [INVALID_ARGUMENT]``."""
+    number = _status_number(err)
+    return f"{_details(err) or 'no details'} [{STATUS_NAMES.get(number, str(number))}]"
 
 
 def _describe(err: grpc.RpcError) -> str:
@@ -170,7 +192,7 @@ class EtcdClient(Writes):
 
     def _retrying(self, what: str, call: Callable[[grpc.Channel, float], T]) -> T:
         """Run ``call`` until it succeeds, retrying transient errors within the budget."""
-        deadline = time.monotonic() + self.config.retry_budget
+        deadline = request_deadline(self.config.retry_budget)  # shared by the caller's requests
         delay = 0.05
         while True:
             endpoint = self.endpoint
@@ -182,10 +204,12 @@ class EtcdClient(Writes):
                 code = err.code()
                 if _is_tls_failure(err):
                     raise DatastoreRefused(str(endpoint), _describe(err)) from None
-                if code not in _TRANSIENT:
-                    raise DatastoreUnavailable(str(endpoint), f"{what} failed: {_describe(err)}") from None
+                if not is_transient(_status_number(err), _details(err)):
+                    # An answer, not an absence: the same request would be refused again.
+                    raise DatastoreRejected(str(endpoint), what, _rejection(err)) from None
+                retrying(deadline)
                 if time.monotonic() + delay >= deadline:
-                    raise DatastoreUnavailable(str(endpoint), _describe(err)) from None
+                    raise gave_up(DatastoreUnavailable(str(endpoint), _describe(err))) from None
                 log.debug("etcd %s at %s failed (%s); retrying", what, endpoint, code)
                 self._current += 1  # try the next endpoint, if there is one
                 self._sleep(delay * (0.5 + random.random()))
@@ -255,6 +279,7 @@ class EtcdClient(Writes):
         compares = []
         writes = []
         C = rpc_pb2.Compare
+        self.limits.check(ops)  # etcd would refuse it whole, after we sent every byte
         for op in ops:
             key = op.key.encode()
             if isinstance(op, Create):
@@ -298,7 +323,7 @@ class EtcdClient(Writes):
         try:
             self._retrying("lease revoke", lambda ch, t: rpc_pb2_grpc.LeaseStub(ch).LeaseRevoke(
                 rpc_pb2.LeaseRevokeRequest(ID=lease_id), timeout=t))
-        except DatastoreUnavailable as e:
+        except DatastoreError as e:
             log.warning("could not revoke lease %x: %s (it expires by itself)", lease_id, e)
 
     # ---- watch --------------------------------------------------------------------------------
@@ -334,7 +359,7 @@ class Lease:
                     log.warning("lease %x expired", self.id)
                     self.expired.set()
                     return
-            except DatastoreUnavailable as e:
+            except DatastoreError as e:
                 log.warning("lease %x keepalive failed: %s", self.id, e)
 
     def revoke(self) -> None:
@@ -408,7 +433,7 @@ class Watch:
                 log.warning("watch of %s interrupted (%s); resuming from revision %d",
                             self.prefix, _describe(err), self.next_revision)
                 self.client._current += 1
-            except DatastoreUnavailable as err:
+            except DatastoreError as err:
                 log.warning("watch of %s could not re-list: %s", self.prefix, err)
             finally:
                 self._requests.put(None)

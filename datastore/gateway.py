@@ -4,9 +4,11 @@ library only: for one-shot processes (the CNI plugin when no agent answers), whi
 trip through it costs less than half the CPU of one through gRPC (kept-alive connections, pooled).
 
 The same contract as :class:`datastore.etcd.EtcdClient` for the key-value operations (deadline
-per call, transient failures retried within the budget rotating endpoints, one
-:class:`DatastoreUnavailable` naming the endpoint and cause, a refused TLS handshake reported at
-once as :class:`DatastoreRefused`, conditional writes). No watches or leases: for those, long-lived
+per call, transient failures retried within the budget (shared by the requests of one
+``datastore.deadline.shared_budget`` block) rotating endpoints, one
+:class:`DatastoreUnavailable` naming the endpoint and cause, a request etcd refuses reported at
+once as :class:`DatastoreRejected`, a refused TLS handshake at once as :class:`DatastoreRefused`,
+conditional writes). No watches or leases: for those, long-lived
 processes use the gRPC client. HTTP/1.1 is spoken by hand over one kept-alive connection:
 ``http.client`` would import the ``email`` package (~30 ms) for header parsing we do not need,
 and TLS is spoken through ``_ssl`` (the C half of ``ssl``): the ``ssl`` package's enum
@@ -25,12 +27,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from datastore.config import Endpoint, EtcdConfig
-from datastore.errors import ConfigError, DatastoreRefused, DatastoreUnavailable
+from datastore.deadline import gave_up, request_deadline, retrying
+from datastore.errors import (
+    STATUS_NAMES,
+    ConfigError,
+    DatastoreRefused,
+    DatastoreRejected,
+    DatastoreUnavailable,
+    is_transient,
+)
 from datastore.kv import Create, Delete, KeyValue, Op, Reading, Update, Writes, prefix_end
 
-# gRPC status codes the gateway reports that are worth retrying (UNAVAILABLE, DEADLINE_EXCEEDED,
-# RESOURCE_EXHAUSTED, ABORTED), as the gRPC client does.
-_TRANSIENT_CODES = {14, 4, 8, 10}
 _MAX_RESPONSE = 64 * 1024 * 1024
 
 
@@ -194,7 +201,7 @@ class GatewayClient(Writes):
     def _call(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path``; retried like the gRPC client within the budget."""
         data = json.dumps(body).encode()
-        deadline = time.monotonic() + self.config.retry_budget
+        deadline = request_deadline(self.config.retry_budget)  # shared by the call's requests
         delay = 0.05
         stale_retried = False
         while True:
@@ -213,9 +220,11 @@ class GatewayClient(Writes):
                 code = int(answer.get("code", 0)) if isinstance(answer, dict) else 0
                 message = str(answer.get("message") or answer.get("error") or payload[:200]) \
                     if isinstance(answer, dict) else str(payload[:200])
-                if code in _TRANSIENT_CODES or status >= 500 and not code:
+                if is_transient(code, message) or status >= 500 and not code:
                     raise _Transient(message)
-                raise DatastoreUnavailable(str(endpoint), f"{what} failed: {message}")
+                # etcd's answer, not its absence: the same request would be refused again.
+                name = STATUS_NAMES.get(code, f"HTTP {status}") if code else f"HTTP {status}"
+                raise DatastoreRejected(str(endpoint), what, f"{message} [{name}]")
             except _ssl.SSLCertVerificationError as e:
                 self.close()
                 raise DatastoreRefused(str(endpoint), _tls_problem(e)) from None
@@ -231,8 +240,9 @@ class GatewayClient(Writes):
                     stale_retried = True
                     continue
                 cause = _describe(e)
+                retrying(deadline)
                 if time.monotonic() + delay >= deadline:
-                    raise DatastoreUnavailable(str(endpoint), cause) from None
+                    raise gave_up(DatastoreUnavailable(str(endpoint), cause)) from None
                 self._current += 1  # try the next endpoint, if there is one
                 self._sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
@@ -291,6 +301,7 @@ class GatewayClient(Writes):
 
     def commit(self, ops: Sequence[Op]) -> int:
         """Apply ``ops`` atomically; :class:`Conflict` naming the first key whose comparison failed."""
+        self.limits.check(ops)  # etcd would refuse it whole, after we sent every byte
         compares: list[dict[str, Any]] = []
         writes: list[dict[str, Any]] = []
         for op in ops:

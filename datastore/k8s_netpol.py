@@ -9,6 +9,12 @@ that protocol's ports (``endPort`` makes a range ``"port:endPort"``). Peers: ``p
 ``kns.<namespace>`` profiles' labels) with ``selector: all()`` when no pod selector narrows it,
 ``ipBlock`` → ``nets`` / ``notNets``. A type without rules admits nothing in that direction.
 
+A ``podSelector`` sees the pod's own labels only. Endpoints also carry their namespace's labels
+prefixed ``pcns.``, which Calico-style selectors may name (as Calico's do), but in Kubernetes a
+pod selector cannot reach a namespace's labels: only a ``namespaceSelector`` can. The prefix is
+the namespace's, so a requirement on a ``pcns.`` key is decided as for a label the pod does not
+have: ``matchLabels``, ``In`` and ``Exists`` select no pod, ``NotIn`` and ``DoesNotExist`` hold.
+
 The Kubernetes document is checked here, with Kubernetes' field paths in the messages; the result
 is then decoded through the policy model like any Tortie document. Pure: no datastore, no I/O.
 """
@@ -19,6 +25,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
+from datastore import namespaces
 from datastore.errors import ValidationError
 from datastore.model import Metadata, Resource, check_name, decode_fields
 from datastore.policy import NetworkPolicy, NetworkPolicySpec, check_port
@@ -30,6 +37,7 @@ NAME_PREFIX = "knp.default."
 ORDER = 1000
 K8S_PROTOCOLS = ("TCP", "UDP", "SCTP")
 _MAX_NAME = 253
+NO_POD = "!all()"  # a podSelector no pod's own labels can satisfy
 
 
 def is_k8s_netpol(doc: object) -> bool:
@@ -52,7 +60,7 @@ def translate(doc: Mapping[str, Any], where: str = "document") -> Resource:
     spec = _fields(doc.get("spec"), "spec", ("podSelector", "policyTypes", "ingress", "egress"))
 
     types = _policy_types(spec)
-    tortie: dict[str, Any] = {"order": ORDER, "selector": _label_selector(spec.get("podSelector"), "spec.podSelector"),
+    tortie: dict[str, Any] = {"order": ORDER, "selector": _pod_selector(spec.get("podSelector"), "spec.podSelector"),
                               "types": types}
     for direction, peers_field in (("ingress", "from"), ("egress", "to")):
         rules = [_rules(rule, f"spec.{direction}[{i}]", direction, peers_field)
@@ -116,6 +124,22 @@ def _policy_types(spec: Mapping[str, Any]) -> list[str]:
     return [t for t in ("Ingress", "Egress") if t in given]
 
 
+def _pod_selector(value: Any, where: str) -> str:
+    """A podSelector as a Calico selector over the pod's own labels (see the module's docstring)."""
+    selector = _label_selector(value, where)  # checks the whole selector first
+    fields = value if isinstance(value, Mapping) else {}
+    labels = fields.get("matchLabels") or {}
+    expressions = _list(fields.get("matchExpressions"), f"{where}.matchExpressions")
+    inherited = [e for e in expressions if str(e.get("key")).startswith(namespaces.LABEL_PREFIX)]
+    if any(k.startswith(namespaces.LABEL_PREFIX) for k in labels) or any(
+            e.get("operator") in ("In", "Exists") for e in inherited):
+        return NO_POD
+    if not inherited:
+        return selector
+    own = {**fields, "matchExpressions": [e for e in expressions if e not in inherited]}
+    return _label_selector(own, where)
+
+
 def _label_selector(value: Any, where: str) -> str:
     """A Kubernetes LabelSelector as a Calico selector; absent or ``{}`` selects everything."""
     selector = _fields(value, where, ("matchLabels", "matchExpressions"))
@@ -174,7 +198,7 @@ def _peer(value: Any, where: str) -> dict[str, Any]:
         return _ip_block(peer["ipBlock"], f"{where}.ipBlock")
     if "podSelector" not in peer and "namespaceSelector" not in peer:
         raise ValidationError(f"{where} must have podSelector, namespaceSelector or ipBlock")
-    out = {"selector": _label_selector(peer.get("podSelector"), f"{where}.podSelector")}
+    out = {"selector": _pod_selector(peer.get("podSelector"), f"{where}.podSelector")}
     if "namespaceSelector" in peer:
         out["namespaceSelector"] = _label_selector(peer["namespaceSelector"], f"{where}.namespaceSelector")
     return out

@@ -8,6 +8,8 @@
     /tortie/ipam/v2/assignment/ipv4/block/10.244.0.0-26     one allocation block
     /tortie/ipam/v2/host/<node>/ipv4/block/10.244.0.0-26    a node's affinity for a block
     /tortie/ipam/v2/handle/<handle>                         the addresses of one attachment
+    /tortie/orphans/v1/<node>/<namespace>/<name>            since when a node's agent has found the
+                                                            endpoint's host interface missing
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ IPAM_CONFIG = IPAM + "config"
 BLOCKS = IPAM + "assignment/"
 AFFINITIES = IPAM + "host/"
 HANDLES = IPAM + "handle/"
+ORPHANS = ROOT + "orphans/v1/"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -66,3 +69,12 @@ def node_from_affinity_key(key: str) -> str:
 
 def handle_key(handle: str) -> str:
     return HANDLES + handle
+
+
+def orphan_prefix(node: str | None = None) -> str:
+    return ORPHANS + (f"{node}/" if node else "")
+
+
+def orphan_key(node: str, namespace: str, name: str) -> str:
+    """Where ``node``'s agent records that the endpoint ``namespace/name`` lost its host interface."""
+    return f"{ORPHANS}{node}/{namespace}/{name}"

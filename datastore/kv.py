@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from datastore.errors import AlreadyExists, Conflict
+from datastore.errors import AlreadyExists, Conflict, TransactionTooLarge
 
 
 def prefix_end(prefix: str) -> bytes:
@@ -97,10 +97,56 @@ class Unchanged:
 Op = Create | Update | Delete | Unchanged
 
 
+def op_bytes(op: Op) -> int:
+    """An upper bound of what ``op`` adds to an encoded transaction request.
+
+    Each op is a comparison (absent for an unconditional delete), a write, and a read of its key
+    in the failure branch (how a conflict names the key that moved); each of those repeats the
+    key, and protobuf adds a few bytes of tags and lengths, which 48 bytes cover generously.
+    """
+    key = len(op.key.encode())
+    value = len(op.value) if isinstance(op, Create | Update) else 0
+    return 3 * key + value + 48
+
+
+@dataclass(frozen=True)
+class TxnLimits:
+    """What etcd accepts in one request; the defaults are etcd's own (``--max-request-bytes``
+    1.5 MiB, ``--max-txn-ops`` 128), which Tortie assumes its etcd runs with."""
+
+    max_request_bytes: int = 1536 * 1024
+    max_ops: int = 128
+    # etcd measures the request wrapped in its raft envelope (a header of a few dozen bytes).
+    envelope: int = 256
+
+    @property
+    def max_bytes(self) -> int:
+        """The most a transaction's operations may add up to (see :func:`op_bytes`)."""
+        return self.max_request_bytes - self.envelope
+
+    def check(self, ops: Sequence[Op]) -> None:
+        """:class:`TransactionTooLarge` if etcd would refuse ``ops`` as one transaction."""
+        if len(ops) > self.max_ops:
+            raise TransactionTooLarge(
+                f"a transaction of {len(ops)} operations is more than etcd takes at once ({self.max_ops}, "
+                "its --max-txn-ops)")
+        size = sum(op_bytes(op) for op in ops)
+        if size > self.max_bytes:
+            raise TransactionTooLarge(
+                f"a transaction of {size} bytes is more than etcd takes in one request "
+                f"({self.max_request_bytes} bytes, its --max-request-bytes)")
+
+
+ETCD_DEFAULT_LIMITS = TxnLimits()
+
+
 
 class Writes:
     """What both clients build on their own ``commit``: single-key writes and reading a failed
     transaction's comparisons back into the :class:`Conflict` that names the key that moved."""
+
+    # What the etcd behind this client accepts in one transaction; commit refuses more up front.
+    limits: TxnLimits = ETCD_DEFAULT_LIMITS
 
     def commit(self, ops: Sequence[Op]) -> int:
         raise NotImplementedError

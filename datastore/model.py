@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -68,6 +69,13 @@ class Metadata:
     resource_version: str = ""
     uid: str = ""
     creation_timestamp: str = ""
+
+
+# A wrong value is quoted in the message, but never whole: a list can be megabytes long.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = 5
+_SHORT.maxlevel = 3
 
 
 def _describe_type(tp: Any) -> str:
@@ -129,7 +137,7 @@ def _decode_value(tp: Any, value: Any, where: str) -> Any:
             return str(value)
     else:
         raise TypeError(f"unsupported field type {tp!r} at {where}")
-    raise ValidationError(f"{where} must be {_describe_type(tp)}, not {value!r}")
+    raise ValidationError(f"{where} must be {_describe_type(tp)}, not {_SHORT.repr(value)}")
 
 
 @functools.cache

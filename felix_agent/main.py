@@ -1,10 +1,10 @@
 """``felix-agent``: start, register this node, repair crashed ADDs, serve the CNI socket and the
-health endpoints, stop cleanly on SIGTERM (leaving the dataplane in place)."""
+health endpoints, release attachments whose runtime never said DEL, stop cleanly on SIGTERM
+(leaving the dataplane in place)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -16,11 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from cni_plugins import tortie_ops
 from cni_plugins.agent_protocol import DEFAULT_SOCKET
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
-from cni_plugins.skel import CmdArgs
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable
 from datastore.etcd import EtcdClient
@@ -29,13 +27,14 @@ from datastore.resources import Node, NodeBGPSpec, NodeSpec, WorkloadEndpoint
 from datastore.store import ResourceStore
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
-from felix_agent.calc.model import DesiredState
 from felix_agent.calc.snapshot import WORKLOAD_ENDPOINT, Snapshot, Update
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
-from felix_agent.loop import DataplaneLoop, Gated, Manager
+from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
+from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
+from felix_agent.orphans import OrphanSweeper
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
 from ipam.allocator import IPAM
@@ -60,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
                    help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
     p.add_argument("--resync-interval", type=float, default=float(env.get("FELIX_RESYNCINTERVAL", "90")))
+    p.add_argument("--orphan-grace", type=float, default=env.get("FELIX_ORPHANGRACE", str(DEFAULT_ORPHAN_GRACE)),
+                   metavar="SECONDS", help="release a local attachment whose host veth has been gone this long "
+                   "(the runtime never sent DEL); default %(default)s")
     p.add_argument("--endpoints", help="etcd endpoints (ETCD_ENDPOINTS)")
     p.add_argument("--ca-cert", help="etcd CA certificate (ETCD_CA_CERT_FILE)")
     p.add_argument("--cert", help="client certificate (ETCD_CERT_FILE)")
@@ -80,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if not hasattr(args, attr):
                 p.error(f"{args.config}: unknown option {key!r}")
             setattr(args, attr, value)
+    try:
+        args.orphan_grace = float(args.orphan_grace)
+    except (TypeError, ValueError):
+        p.error(f"--orphan-grace: {args.orphan_grace!r} is not a number of seconds")
+    if not args.orphan_grace >= 0:
+        p.error("--orphan-grace cannot be negative")
     return args
 
 
@@ -91,13 +99,12 @@ class _JSONFormatter(logging.Formatter):
 
 def detect_node_ip() -> str | None:
     """The first global IPv4 address of this namespace (what Calico's first-found does)."""
-    from pyroute2 import IPRoute
+    from kernel.rtnl import RTNL
 
-    with IPRoute() as ipr:
-        for addr in ipr.get_addr(family=socket.AF_INET):
-            ip = addr.get_attr("IFA_ADDRESS")
-            if ip and not ipaddress.ip_address(ip).is_loopback and addr["scope"] == 0:
-                return f"{ip}/{addr['prefixlen']}"
+    with RTNL() as rtnl:
+        for _, ip, prefixlen, scope in rtnl.address_list(socket.AF_INET):
+            if not ipaddress.ip_address(ip).is_loopback and scope == 0:
+                return f"{ip}/{prefixlen}"
     return None
 
 
@@ -134,7 +141,10 @@ class Agent:
         self.syncer: Syncer | None = None
         self.bgp: BGPRunner | None = None
         self.loop: DataplaneLoop | None = None
-        self.calculator = Calculator(self.node)
+        self.orphans: OrphanSweeper | None = None
+        # One owner per route: with BGP on, the peers' routes replace the remote ones outside VXLAN.
+        self.calculator = Calculator(self.node, bgp_owns_remote=args.bgp)
+        self.programmed = ProgrammedEndpoints()
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
@@ -145,12 +155,11 @@ class Agent:
     def render_metrics(self) -> str:
         return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
 
-    def wait_for_policy(self, args: CmdArgs, endpoint: Resource, deadline: float | None = None) -> None:
-        """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel;
-        give up in time to answer before the caller's ``deadline`` (Unix seconds). The endpoint
-        just written goes straight to the calculation: waiting for etcd's watch to bring our own
-        write back costs its round trip, and its decoding, on every ADD."""
-        key = tortie_ops.endpoint_key(args)
+    def wait_for_policy(self, key: str, endpoint: Resource, deadline: float | None = None) -> None:
+        """No pod without its policy: answer ADD only once the endpoint ``key`` ("<namespace>/<name>")
+        has its chains in the kernel; give up in time to answer before the caller's ``deadline``
+        (Unix seconds). The endpoint just written goes straight to the calculation: waiting for
+        etcd's watch to bring our own write back costs its round trip, and its decoding, on every ADD."""
         assert self.loop is not None
         if self.syncer is not None and endpoint.metadata.resource_version:
             self.syncer.put_own(WORKLOAD_ENDPOINT, ResourceStore.key(WorkloadEndpoint, endpoint.name,
@@ -164,26 +173,40 @@ class Agent:
                            f"endpoint {key}: felix-agent on {self.node} did not apply it within "
                            f"{timeout:g}s")
 
-    def compute(self) -> DesiredState | None:
+    def view(self) -> Snapshot | None:
+        """The datastore view the dataplane loop computes from; None before the first "in sync"
+        (nothing touches the kernel before it)."""
         if self.syncer is None or not self.syncer.in_sync.is_set():
-            return None  # nothing touches the kernel before the first "in sync"
-        snapshot = self.syncer.copy_snapshot()
-        state = self.calculator.compute(snapshot)  # works on what changed since the last call
-        if self.bgp is not None:
-            self.bgp.update(snapshot)
-            # One owner per route: with BGP on, remote blocks outside VXLAN come from the peers
-            # (protocol 81, through tunl0 where the pool says IPIP), not from the affinities.
-            state = dataclasses.replace(state, routes=frozenset(
-                r for r in state.routes if r.kind not in ("direct", "ipip")))
-        return state
+            return None
+        return self.syncer.copy_snapshot()
 
     def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
         if self.bgp is not None and self.syncer is not None and self.syncer.in_sync.is_set():
             self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
+        if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
+            self.orphans.kick()
         if self.loop is not None:
             self.loop.kick()
+
+    def _kick_when_in_sync(self) -> None:
+        """The syncer hands over its listing a moment before it says "in sync": an apply that ran
+        in between did nothing, and nothing else would kick the loop until the next change or
+        resync. Kick once more when "in sync" is set."""
+        assert self.syncer is not None and self.loop is not None
+        while not self.stopping.is_set():
+            if self.syncer.in_sync.wait(1.0):
+                self.loop.kick()
+                if self.orphans is not None:
+                    self.orphans.kick()
+                return
+
+    def local_endpoints(self) -> list[Resource] | None:
+        """Every endpoint the syncer holds (the sweep picks this node's), or None before "in sync"."""
+        if self.syncer is None or not self.syncer.in_sync.is_set():
+            return None
+        return list(self.syncer.copy_snapshot().endpoints.values())
 
     def _ensure_vtep(self) -> None:
         try:
@@ -196,20 +219,20 @@ class Agent:
         from felix_agent.dataplane.ipip import IPIPManager
         from felix_agent.dataplane.masq import MasqManager
         from felix_agent.dataplane.mtu import MTUManager
-        from felix_agent.dataplane.netlink import Netlink
         from felix_agent.dataplane.nftables import NftTable
         from felix_agent.dataplane.policy import PolicyManager
         from felix_agent.dataplane.routes import RouteManager
         from felix_agent.dataplane.vxlan import VXLANManager
+        from kernel.rtnl import RTNL
 
-        netlink = Netlink.open()
+        netlink = RTNL.open()
         table = NftTable()
         underlay = node_ip.split("/")[0] if node_ip else None
         # Order matters: policy first (a pod's ADD waits for it, not for the route work after it:
         # the plugin routes its own pod), policy before NAT (same table), devices before the
         # routes through them. The netlink managers read the kernel back on every apply: run them
         # only when their part of the state moved (every one of them on the periodic resync).
-        return [PolicyManager(table), MasqManager(table),
+        return [PolicyManager(table, on_programmed=self.programmed.publish), MasqManager(table),
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
@@ -246,16 +269,23 @@ class Agent:
             if self.args.bgp:
                 self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
                 self.bgp.start()
-            self.loop = DataplaneLoop(self.compute, self.managers(node_ip), self.metrics,
-                                      resync_interval=self.args.resync_interval)
+            self.loop = DataplaneLoop(self.view, self.calculator.compute, self.managers(node_ip), self.metrics,
+                                      feeds=[self.bgp.update] if self.bgp is not None else [],
+                                      programmed=self.programmed, resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)
+            self.orphans = OrphanSweeper(self.node, client, grace=self.args.orphan_grace,
+                                         resync_interval=self.args.resync_interval,
+                                         endpoints=self.local_endpoints, in_flight=self.cni.in_flight)
             self.loop.start()
             self.syncer.start()
+            self.orphans.start()
+            threading.Thread(target=self._kick_when_in_sync, name="first-sync", daemon=True).start()
             self.cni.start()
             log.info("felix-agent started on node %s (%s)", self.node, node_ip)
             self.stopping.wait()
             log.info("stopping (the dataplane stays in place)")
             self.cni.stop()
+            self.orphans.stop()
             self.syncer.stop()
             self.loop.stop()
             if self.bgp is not None:
@@ -275,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{args.nodename}] %(name)s: %(message)s"))
     logging.basicConfig(level=str(args.log_level).upper(), handlers=[handler])
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # every netlink message at debug
     try:
         agent = Agent(args)
         for sig in (signal.SIGTERM, signal.SIGINT):

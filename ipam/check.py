@@ -9,27 +9,33 @@ leave alone anything that changed since the scan (Calico's sequence numbers for 
 revision read for handles and affinities).
 
 Must not touch the kernel, and must not decide anything from workload endpoints: a handle record
-is what says an address is owned.
+is what says an address is owned. What the kernel holds is known here only through what the node
+agents publish (:class:`MissingInterface`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ipaddress
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from datastore import keys
 from datastore.errors import Conflict
-from datastore.etcd import Delete, EtcdClient, Unchanged
+from datastore.kv import Delete, Unchanged
 from datastore.resources import Node, WorkloadEndpoint
 from ipam.allocator import IPAM, Handle
 from ipam.block import Address, Block, Network
 from ipam.handles import attachment_handle, attachment_of, belongs_to, legacy_handle
 from ipam.pools import Pool, pool_for_address
+
+if TYPE_CHECKING:
+    from datastore.etcd import EtcdClient  # imports gRPC; analyse and plan_gc are pure and need none
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,9 @@ ENDPOINTLESS_HANDLE = "handle-without-endpoint"
 ENDPOINT_ADDRESS_NOT_RESERVED = "endpoint-address-not-reserved"
 # an attachment's handle holds an address its endpoint does not carry (its interface has another)
 ADDRESS_NOT_ON_ENDPOINT = "address-not-on-endpoint"
+# a workload endpoint whose host interface its node's agent found gone (the runtime never sent DEL);
+# the agent releases it after its --orphan-grace
+ENDPOINT_WITHOUT_INTERFACE = "endpoint-without-interface"
 TORTIE_PLUGIN = "tortie"
 
 
@@ -59,6 +68,41 @@ class Problem:
 
     def to_dict(self) -> dict[str, str]:
         return {"kind": self.kind, "description": self.description}
+
+
+@dataclass(frozen=True)
+class MissingInterface:
+    """What a node's agent publishes (``keys.orphan_key``) while one of its endpoints has no host
+    interface: which attachment, and since when (Unix seconds) the agent has seen it missing."""
+
+    node: str
+    namespace: str
+    name: str
+    interface: str
+    network: str
+    container_id: str
+    ifname: str
+    since: float
+
+    @property
+    def key(self) -> str:
+        return keys.orphan_key(self.node, self.namespace, self.name)
+
+    @property
+    def attachment(self) -> tuple[str, str, str]:
+        return self.network, self.container_id, self.ifname
+
+    def to_json(self) -> bytes:
+        return json.dumps({"node": self.node, "namespace": self.namespace, "name": self.name,
+                           "interfaceName": self.interface, "network": self.network,
+                           "containerID": self.container_id, "endpoint": self.ifname,
+                           "since": self.since}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> MissingInterface:
+        doc = json.loads(raw)
+        return cls(str(doc["node"]), str(doc["namespace"]), str(doc["name"]), str(doc["interfaceName"]),
+                   str(doc["network"]), str(doc["containerID"]), str(doc["endpoint"]), float(doc["since"]))
 
 
 @dataclass(frozen=True)
@@ -122,6 +166,8 @@ class Snapshot:
     nodes: set[str] = field(default_factory=set)
     # (network, containerID, interface) of every endpoint → (its name, the addresses it carries)
     endpoints: dict[tuple[str, str, str], EndpointRecord] = field(default_factory=dict)
+    # endpoints whose node's agent found their host interface gone, as it published them
+    missing_interfaces: list[MissingInterface] = field(default_factory=list)
 
     def endpointless(self) -> dict[str, tuple[Handle, int]]:
         """Handles of the tortie plugin's attachments that have no WorkloadEndpoint."""
@@ -158,6 +204,12 @@ def scan(client: EtcdClient) -> Snapshot:
     node_kvs, _ = client.list(keys.resource_prefix(Node.PLURAL), keys_only=True)
     snap.nodes = {kv.key.rsplit("/", 1)[1] for kv in node_kvs}
     snap.endpoints = endpoint_attachments(client)
+    orphan_kvs, _ = client.list(keys.ORPHANS)
+    for kv in orphan_kvs:
+        try:
+            snap.missing_interfaces.append(MissingInterface.from_json(kv.value))
+        except (ValueError, KeyError, TypeError) as e:
+            snap.invalid.append(Problem(INVALID_RECORD, f"{kv.key} cannot be decoded: {e}"))
     return snap
 
 
@@ -205,6 +257,22 @@ def _endpoint_problems(snap: Snapshot) -> list[Problem]:
     return problems
 
 
+def _interface_problems(snap: Snapshot) -> list[Problem]:
+    """The endpoints agents found without their host interface; a record whose endpoint is gone
+    (released, or deleted by a DEL since) is history, not a problem."""
+    problems = []
+    for missing in sorted(snap.missing_interfaces, key=lambda m: (m.node, m.namespace, m.name)):
+        endpoint = snap.endpoints.get(missing.attachment)
+        if endpoint is None or endpoint.name != f"{missing.namespace}/{missing.name}":
+            continue
+        since = datetime.datetime.fromtimestamp(missing.since, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        held = ", ".join(sorted(endpoint.addresses)) or "no address"
+        problems.append(Problem(ENDPOINT_WITHOUT_INTERFACE, f"endpoint {endpoint.name} on node {missing.node} has "
+                                f"had no interface {missing.interface} since {since} (holding {held}); "
+                                "its agent releases it when the orphan grace period has passed"))
+    return problems
+
+
 def _pool_of(pools: list[Pool], cidr: Network) -> Pool | None:
     for pool in pools:
         if pool.version == cidr.version and cidr.subnet_of(pool.cidr):  # type: ignore[arg-type]
@@ -245,6 +313,7 @@ def analyse(snap: Snapshot) -> Report:
             problems.append(Problem(UNINDEXED_ADDRESS, f"block {block_cidr} holds {count} address(es) of handle "
                                     f"{name}, more than its handle record counts"))
     problems += _endpoint_problems(snap)
+    problems += _interface_problems(snap)
     for name, (handle, _) in sorted(snap.endpointless().items()):
         problems.append(Problem(ENDPOINTLESS_HANDLE, f"handle {name} holds addresses for container "
                                 f"{handle.attrs.get('containerID')}, which has no workload endpoint"))

@@ -1,11 +1,14 @@
 """`netctl install-cni`: put the two plugin executables in a runtime's CNI bin dir and write the
 node's conflist, ``10-tortie.conflist``.
 
-The executables are small scripts that start this installation's interpreter (never a pyenv shim)
-with ``-S`` (no ``site``: its start-up work is paid only when a call falls back to the in-process
-path, which imports it) on the thin front end ``cni_plugins.relay``, so a runtime's exec pays for
-the bare interpreter and a few C modules. The package is byte-compiled at install time, so no call
-compiles it (a runtime may run plugins with PYTHONDONTWRITEBYTECODE or a read-only tree).
+Two front ends, one answer (both hand the call to felix-agent, or run the same in-process path):
+- compiled (the default when it can be had): the Go executable of ``frontend/``, built once per
+  installation (``netctl.frontend``) and copied here as ``tortie`` and ``tortie-ipam``;
+- the Python relay: small scripts that start this installation's interpreter (never a pyenv shim)
+  with ``-S`` (no ``site``: its start-up work is paid only when a call falls back to the
+  in-process path, which imports it) on ``cni_plugins.relay``.
+Either way the package is byte-compiled at install time, so no call compiles it (a runtime may run
+plugins with PYTHONDONTWRITEBYTECODE or a read-only tree).
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import os
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cni_plugins.agent_protocol import DEFAULT_SOCKET
+from netctl import frontend
+from netctl.datastore_flags import datastore_config
 from netctl.errors import UserError
 
 CONFLIST = "10-tortie.conflist"
 PLUGINS = {"tortie": "cni_plugins.tortie", "tortie-ipam": "cni_plugins.tortie_ipam"}
+FRONT_ENDS = ("auto", "compiled", "python")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
@@ -37,14 +44,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore
     p.add_argument("--ipv6", action="store_true", help="also assign an IPv6 address")
     p.add_argument("--agent-socket", default=DEFAULT_SOCKET)
     p.add_argument("--plugins-only", action="store_true", help="install the executables, not the conflist")
+    p.add_argument("--front-end", choices=FRONT_ENDS, default="auto",
+                   help="compiled (Go, built from frontend/), python (the relay scripts), or auto: "
+                        "compiled when it is built or can be built, else python (default)")
     p.set_defaults(func=run_install)
 
 
-def package_root() -> Path:
-    """The directory that holds the ``cni_plugins`` package (the checkout, or site-packages)."""
-    import cni_plugins
-
-    return Path(cni_plugins.__file__).resolve().parent.parent
+package_root = frontend.package_root
 
 
 def plugin_script(module: str) -> str:
@@ -52,18 +58,36 @@ def plugin_script(module: str) -> str:
             f"from {module} import main\nsys.exit(main())\n")
 
 
-def install_plugins(bin_dir: Path) -> list[Path]:
-    """Write both plugin executables into ``bin_dir`` and byte-compile what their calls import."""
+@dataclass(frozen=True)
+class Installed:
+    """The executables written, and which front end they are (``summary`` is the line to print)."""
+
+    paths: list[Path]
+    compiled: bool
+    summary: str
+
+
+def install_plugins(bin_dir: Path, front_end: str = "auto") -> Installed:
+    """Write both plugin executables into ``bin_dir`` and byte-compile what their calls import.
+    ``front_end="compiled"`` fails (UserError) when no compiled front end can be had."""
     import compileall
 
     root = package_root()
-    for package in ("cni_plugins", "datastore", "ipam"):
+    for package in ("kernel", "cni_plugins", "datastore", "ipam"):
         compileall.compile_dir(str(root / package), quiet=1)
+    build = frontend.ensure_built() if front_end != "python" else frontend.Build(None, "--front-end python")
+    if build.binary is None and front_end == "compiled":
+        raise UserError(f"no compiled front end: {build.reason}")
     written = []
     for name, module in PLUGINS.items():
-        _write(bin_dir / name, plugin_script(module), 0o755)
+        if build.binary is not None:
+            _write_bytes(bin_dir / name, build.binary.read_bytes(), 0o755)
+        else:
+            _write_bytes(bin_dir / name, plugin_script(module).encode(), 0o755)
         written.append(bin_dir / name)
-    return written
+    if build.binary is not None:
+        return Installed(written, True, "tortie: compiled front end")
+    return Installed(written, False, f"tortie: Python relay ({build.reason})")
 
 
 def conflist(args: argparse.Namespace, datastore: dict[str, str]) -> dict[str, Any]:
@@ -78,12 +102,17 @@ def conflist(args: argparse.Namespace, datastore: dict[str, str]) -> dict[str, A
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    """Atomically: a runtime may be reading the directory while we write."""
+    _write_bytes(path, text.encode(), mode)
+
+
+def _write_bytes(path: Path, data: bytes, mode: int) -> None:
+    """Atomically: a runtime may be reading the directory (or running the old executable) while
+    we write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -92,14 +121,14 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    from netctl.main import datastore_config
-
     if args.mtu and not 576 <= args.mtu <= 65535:
         raise UserError(f"--mtu {args.mtu} is out of range (576-65535)")
     fields = {} if args.plugins_only else datastore_config(args).as_cni_fields()
     try:
-        for path in install_plugins(args.bin_dir):
+        installed = install_plugins(args.bin_dir, args.front_end)
+        for path in installed.paths:
             print(f"installed {path}")
+        print(installed.summary)
         if args.plugins_only:
             return 0
         # The conflist names certificate paths: readable by root only.

@@ -18,15 +18,17 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, Conflict, DatastoreError, DatastoreUnavailable, NotFound, ValidationError
-from datastore.etcd import EtcdClient
 from ipam.errors import IPAMError
 from netctl import install_cmd, ipam_cmd, lab_cmd, node_cmd, pki_cmd, resources_cmd
+from netctl.datastore_flags import datastore_config, datastore_options
 from netctl.errors import UserError
-from netctl.pki import PKIError
+from pki import PKIError
+
+if TYPE_CHECKING:
+    from datastore.etcd import EtcdClient  # imports gRPC: only a command that connects pays for it
 
 log = logging.getLogger("netctl")
 
@@ -59,23 +61,6 @@ class Parser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-def datastore_options() -> argparse.ArgumentParser:
-    """The datastore flags, as a parent parser for the main parser and each datastore command.
-
-    Defaults are suppressed so that a flag given before the command is not reset by the command's
-    parser; :func:`datastore_config` falls back to the environment.
-    """
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("datastore (override ETCD_* variables)")
-    for flag, dest, variable in (("--endpoints", "etcd_endpoints", "ETCD_ENDPOINTS"),
-                                 ("--ca-cert", "etcd_ca_cert", "ETCD_CA_CERT_FILE"),
-                                 ("--cert", "etcd_cert", "ETCD_CERT_FILE"),
-                                 ("--key", "etcd_key", "ETCD_KEY_FILE")):
-        group.add_argument(flag, dest=dest, metavar=variable, default=argparse.SUPPRESS,
-                           help=f"overrides ${variable}")
-    return parent
-
-
 def build_parser() -> argparse.ArgumentParser:
     datastore = datastore_options()
     parser = Parser(
@@ -106,16 +91,6 @@ def run_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def datastore_config(args: argparse.Namespace) -> EtcdConfig:
-    return EtcdConfig.from_env(
-        os.environ,
-        endpoints=getattr(args, "etcd_endpoints", None),
-        ca_cert_file=getattr(args, "etcd_ca_cert", None),
-        cert_file=getattr(args, "etcd_cert", None),
-        key_file=getattr(args, "etcd_key", None),
-    )
-
-
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -132,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def connect() -> EtcdClient:
         if not clients:
-            clients.append(EtcdClient(datastore_config(args)))
+            config = datastore_config(args)  # a bad configuration is refused before gRPC is imported
+            from datastore.etcd import EtcdClient
+
+            clients.append(EtcdClient(config))
         return clients[0]
 
     args.connect = connect

@@ -1,7 +1,7 @@
-"""`netctl pki init-ca | issue`: the command line over `netctl.pki`.
+"""`netctl pki init-ca | issue`: the command line over the `pki` package.
 
 Owns argument parsing and printing the paths written; keys, certificates and cfssl's JSON formats
-belong to `netctl.pki`. Must not exit or print errors itself: a `PKIError` becomes a `UserError`,
+belong to `pki`. Must not exit or print errors itself: a `PKIError` becomes a `UserError`,
 which `netctl.main` turns into exit status 1 and a one-line message.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from netctl import pki
+import pki
 from netctl.errors import UserError
 
 DEFAULT_DIR = "/etc/tortie/pki"

@@ -1,8 +1,9 @@
 """`netctl apply | create | replace | delete | get`: resources as YAML or JSON documents.
 
-Owns reading files, the order of checks (every document is decoded and validated, and every IP
-pool change checked against the stored pools, before anything is written) and the printing of
-tables and documents. Decoding and validation belong to `datastore.codec`, storage to
+Owns reading files, the order of checks (every document is decoded and validated, its size
+checked against what etcd takes in one transaction, and every IP pool change checked against the
+stored pools, before anything is written), writing one file as ONE transaction (all of it or
+nothing), and the printing of tables and documents. Decoding and validation belong to `datastore.codec`, storage to
 `datastore.store`, the pool rules to `ipam.pools`. Errors are raised, never printed here.
 """
 
@@ -14,10 +15,13 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from datastore.bgp import check_references
-from datastore.codec import decode, dump, load_documents, stored_bytes
+from datastore import namespaces
+from datastore.codec import decode, dump, load_documents
 from datastore.errors import AlreadyExists, NotFound, ValidationError
-from datastore.model import Kind, Resource, encode_fields
+from datastore.kv import ETCD_DEFAULT_LIMITS, TxnLimits
+from datastore.model import Kind, Resource, check_labels, encode_fields
+from datastore.policy import Profile
+from datastore.references import check_references
 from datastore.resources import IPPool, Node, kind_named
 from datastore.store import ResourceStore
 from ipam.nodes import remove_node
@@ -78,6 +82,7 @@ def decode_all(text: str, source: str) -> list[Resource]:
         where = f"{source} document {n}"
         try:
             resource = decode(doc, where)
+            _name_namespace(resource)
         except ValidationError as e:
             raise ValidationError(f"{where}{_naming(doc)}: {e}" if where not in str(e) else str(e)) from None
         identity = (resource.kind.KIND, resource.namespace, resource.name)
@@ -88,6 +93,51 @@ def decode_all(text: str, source: str) -> list[Resource]:
     if not resources:
         raise ValidationError(f"{source} holds no resources")
     return resources
+
+
+def _name_namespace(resource: Resource) -> None:
+    """A ``kns.<namespace>`` profile holds a Kubernetes namespace's labels: it gets the
+    ``kubernetes.io/metadata.name`` label the API server puts on every namespace (whatever value
+    the document gave it, as the API server does), so that upstream policies selecting namespaces
+    by name work unchanged."""
+    namespace = namespaces.namespace_of(resource.name) if resource.kind is Profile else None
+    if namespace is not None:
+        labels = namespaces.namespace_labels(namespace, resource.spec.labels_to_apply)
+        check_labels(labels, "spec.labelsToApply")  # the namespace's name must be a label value
+        resource.spec.labels_to_apply = labels
+
+
+def check_fits(resources: Sequence[Resource], source: str, *, with_values: bool = True,
+               limits: TxnLimits = ETCD_DEFAULT_LIMITS) -> None:
+    """Refuse, before anything is written, a file that etcd would not take as one transaction.
+
+    A file is written all or nothing, so it must fit etcd's limits on one request; splitting it
+    would give up atomicity. ``with_values`` False: only keys are written (a delete).
+    """
+    if len(resources) > limits.max_ops:
+        raise UserError(
+            f"{source} holds {len(resources)} resources; one etcd transaction takes at most {limits.max_ops} "
+            "(its --max-txn-ops) and a file is written all or nothing, so split it into several files")
+    if not with_values:
+        return
+    total = 0
+    for n, resource in enumerate(resources, start=1):
+        size = ResourceStore.write_size(resource)
+        if size > limits.max_bytes:
+            raise UserError(
+                f"{source} document {n} ({resource.kind.KIND} {resource.name}) is {_mib(size)} stored; etcd "
+                f"takes at most {_mib(limits.max_request_bytes)} in one request (its --max-request-bytes): "
+                "make the resource smaller or split it in several")
+        total += size
+    if total > limits.max_bytes:
+        raise UserError(
+            f"the {len(resources)} resources of {source} are {_mib(total)} together; etcd takes at most "
+            f"{_mib(limits.max_request_bytes)} in one transaction (its --max-request-bytes) and a file is "
+            "written all or nothing, so split it into several files")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1048576:.2f} MiB ({size} bytes)"
 
 
 def _naming(doc: Any) -> str:
@@ -121,34 +171,22 @@ def check_pools(resources: Sequence[Resource], stored: Mapping[str, Resource]) -
 def run_write(args: argparse.Namespace) -> int:
     text, source = read_source(args.filename)
     resources = decode_all(text, source)
+    check_fits(resources, source)
     store = ResourceStore(args.connect())
-    current = {id(r): store.get(r.kind, r.name, r.namespace) for r in resources}
-    for r in resources:
-        if args.verb == "create" and current[id(r)] is not None:
+    current = store.get_each(resources)
+    for r, old in zip(resources, current, strict=True):
+        if args.verb == "create" and old is not None:
             raise AlreadyExists(r.describe())
-        if args.verb == "replace" and current[id(r)] is None:
+        if args.verb == "replace" and old is None:
             raise NotFound(r.describe())
         check_references(r, store, resources)  # e.g. a BGPPeer naming a node that does not exist
     if any(r.kind is IPPool for r in resources):
         check_pools(resources, {p.name: p for p in store.list(IPPool)})
-    for r in resources:
-        old = current[id(r)]
-        if old is None:
-            store.create(r)
-            print(f"{label(r)} created")
-        elif _same(r, old):
-            print(f"{label(r)} unchanged")
-        else:
-            store.update(r, old)
-            print(f"{label(r)} configured")
+    # One transaction: a conflict or a refusal of any document leaves every key as it was.
+    outcomes = store.write_all(list(zip(resources, current, strict=True)))
+    for r, outcome in zip(resources, outcomes, strict=True):
+        print(f"{label(r)} {outcome}")
     return 0
-
-
-def _same(new: Resource, old: Resource) -> bool:
-    """Whether writing ``new`` would change nothing (identity fields are the store's)."""
-    new.metadata.uid = old.metadata.uid
-    new.metadata.creation_timestamp = old.metadata.creation_timestamp
-    return stored_bytes(new) == stored_bytes(old)
 
 
 def run_delete(args: argparse.Namespace) -> int:
@@ -159,7 +197,9 @@ def run_delete(args: argparse.Namespace) -> int:
         parser.error("give -f FILE, or KIND and NAME")
     if args.filename:
         text, source = read_source(args.filename)
-        targets = [(r.kind, r.name, r.namespace) for r in decode_all(text, source)]
+        in_file = decode_all(text, source)
+        check_fits(in_file, source, with_values=False)
+        targets = [(r.kind, r.name, r.namespace) for r in in_file]
     else:
         kind = kind_named(args.kind)
         targets = [(kind, args.name, _namespace(kind, args.namespace))]
@@ -169,10 +209,10 @@ def run_delete(args: argparse.Namespace) -> int:
                for (kind, name, ns), r in zip(targets, found, strict=True) if r is None]
     if missing:
         raise NotFound(", ".join(missing))
-    for resource in found:
-        assert resource is not None
-        if not store.delete(resource.kind, resource.name, resource.namespace):
-            raise NotFound(resource.describe())
+    present = [r for r in found if r is not None]
+    # One transaction, each key at the revision just read: all go, or none does.
+    store.delete_all(present)
+    for resource in present:
         print(f"{label(resource)} deleted")
         if resource.kind is Node:
             # As Calico does: a deleted node's endpoints, addresses and blocks go back.

@@ -41,6 +41,9 @@ fi
 # compat mode: a plain path entry, not an import hook that every CNI exec would pay for.
 "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]" --config-settings editable_mode=compat
 # The CNI executables are not pip console scripts (those import re and site on every call): the
-# same fast front ends `netctl install-cni` puts in a runtime's CNI directory.
-"$venv/bin/netctl" install-cni --plugins-only --bin-dir "$venv/bin" >/dev/null
+# same fast front ends `netctl install-cni` puts in a runtime's CNI directory. The first run builds
+# the compiled front end (frontend/, Go) into $venv/libexec/tortie; without Go it keeps the Python
+# relay. Either way one line says which.
+front=$("$venv/bin/netctl" install-cni --plugins-only --bin-dir "$venv/bin" | grep '^tortie:')
+echo "install-deps: $front"
 echo "install-deps: ready ($venv)"

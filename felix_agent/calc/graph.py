@@ -12,8 +12,9 @@ two to that). A change of a Profile (namespace labels, labels to apply, profile 
 What it decides, in Calico's terms:
 
 - **Local endpoints** are the WorkloadEndpoints whose ``spec.node`` is ``node``. Every endpoint's
-  labels are its own labels over those its profiles apply: the ``kns.<namespace>`` profile's
-  ``labelsToApply`` prefixed ``pcns.`` (the CONTRACT's namespace convention), any other profile
+  labels are its own labels over those its profiles apply: its namespace's labels prefixed
+  ``pcns.`` (``datastore.namespaces``: the ``kns.<namespace>`` profile's ``labelsToApply``, and
+  ``kubernetes.io/metadata.name`` even when that profile does not exist), any other profile
   it lists (and ``net.<network>``, see below) as they are.
 - **Policies**: a NetworkPolicy applies to the endpoints of its namespace its selector matches; a
   GlobalNetworkPolicy to those its selector matches anywhere (within its ``namespaceSelector``,
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
+from datastore import namespaces
 from datastore.model import Resource
 from datastore.policy import PROTOCOLS, order_key
 from felix_agent.calc.labels import LabelIndex, canonical, parsed
@@ -64,8 +66,8 @@ from felix_agent.calc.snapshot import (
     Snapshot,
 )
 
-NAMESPACE_PROFILE = "kns."
-NAMESPACE_LABEL_PREFIX = "pcns."
+NAMESPACE_PROFILE = namespaces.PROFILE_PREFIX
+NAMESPACE_LABEL_PREFIX = namespaces.LABEL_PREFIX
 NETWORK_PROFILE = "net."
 _PROTOCOL_NAMES = {name.lower(): (number, name.lower()) for name, number in PROTOCOLS.items()}
 _ROUTING_KINDS = (IPPOOL, NODE, BLOCK, AFFINITY)
@@ -115,16 +117,17 @@ class _Local:
     profiles: tuple[str, ...]
 
 
-def compute(snapshot: Snapshot, node: str) -> DesiredState:
+def compute(snapshot: Snapshot, node: str, *, bgp_owns_remote: bool = False) -> DesiredState:
     """Everything ``node``'s dataplane must hold, computed from nothing."""
-    return Calculator(node).compute(snapshot)
+    return Calculator(node, bgp_owns_remote=bgp_owns_remote).compute(snapshot)
 
 
 class Calculator:
     """``compute(snapshot)`` again and again; each call costs what changed since the last one."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, bgp_owns_remote: bool = False) -> None:
         self.node = node
+        self.bgp_owns_remote = bgp_owns_remote  # see felix_agent.calc.routes
         self._tables: dict[str, dict[str, Any]] = {}
         self._clear()
 
@@ -166,8 +169,9 @@ class Calculator:
             self._clear()  # profiles feed every endpoint's labels and the namespaces' labels: start over
             changed = {kind: list(table) for kind, table in snapshot.tables.items()}
             self._profiles = {p.name: p for p in snapshot.profiles.values()}
-            self._ns_labels = {name[len(NAMESPACE_PROFILE):]: p.spec.labels_to_apply
-                               for name, p in self._profiles.items() if name.startswith(NAMESPACE_PROFILE)}
+            self._ns_labels = {name[len(NAMESPACE_PROFILE):]: namespaces.namespace_labels(
+                name[len(NAMESPACE_PROFILE):], p.spec.labels_to_apply)
+                for name, p in self._profiles.items() if name.startswith(NAMESPACE_PROFILE)}
         self._tables = {kind: dict(table) for kind, table in snapshot.tables.items()}
         # Endpoints first: a policy added after them finds its selector's matches in the label index.
         for key in changed.get(WORKLOAD_ENDPOINT, ()):
@@ -221,7 +225,7 @@ class Calculator:
             profile = self._profiles.get(name)
             if profile is not None and name != own_ns_profile:
                 labels.update(profile.spec.labels_to_apply)
-        labels.update({NAMESPACE_LABEL_PREFIX + k: v for k, v in self._ns_labels.get(namespace, {}).items()})
+        labels.update({NAMESPACE_LABEL_PREFIX + k: v for k, v in self._namespace_labels(namespace).items()})
         labels.update(resource.metadata.labels)  # the endpoint's own labels win
         addresses = tuple(_address(a) for a in spec.ip_networks)
         ports = tuple((p.name, *_PROTOCOL_NAMES[p.protocol.lower()], p.port) for p in spec.ports
@@ -319,13 +323,21 @@ class Calculator:
             return self._in_namespaces(entry.namespace_selector, w.namespace)
         return True
 
+    def _namespace_labels(self, namespace: str) -> Mapping[str, str]:
+        """A namespace without a ``kns.`` profile has its name label only (cached until the
+        profiles change, which rebuilds ``_ns_labels``)."""
+        labels = self._ns_labels.get(namespace)
+        if labels is None:
+            labels = self._ns_labels[namespace] = namespaces.namespace_labels(namespace)
+        return labels
+
     def _in_namespaces(self, selector: str, namespace: str) -> bool:
-        """Whether the namespace's labels match ``selector`` (a namespace without a ``kns.`` profile
-        has no labels); ``global()`` means non-namespaced endpoints: none here."""
+        """Whether the namespace's labels match ``selector``; ``global()`` means non-namespaced
+        endpoints: none here."""
         found = self._ns_scope.get((selector, namespace))
         if found is None:
             sel = parsed(selector)
-            found = str(sel) != "global()" and sel.matches(self._ns_labels.get(namespace, {}))
+            found = str(sel) != "global()" and sel.matches(self._namespace_labels(namespace))
             self._ns_scope[(selector, namespace)] = found
         return found
 
@@ -402,7 +414,7 @@ class Calculator:
         self._ipsets = self._rebuild_ipsets()
         if self._routing_dirty or self._routing is None:
             addresses = [(a, e.interface) for e in self._out_endpoints.values() for a in e.addresses]
-            self._routing = routing(snapshot, self.node, addresses)
+            self._routing = routing(snapshot, self.node, addresses, bgp_owns_remote=self.bgp_owns_remote)
             self._routing_dirty = False
         pools = list(snapshot.ippools.values())
         return DesiredState(

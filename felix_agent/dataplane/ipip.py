@@ -25,11 +25,12 @@ from typing import Literal, Protocol
 
 from felix_agent.calc.model import DesiredState
 from felix_agent.dataplane.mtu import IPIP_OVERHEAD, underlay_mtu
-from felix_agent.dataplane.netlink import KernelError, Link
+from kernel.netlink import KernelError
+from kernel.rtnl import IPIP_FALLBACK_DEVICE, Link
 
 log = logging.getLogger(__name__)
 
-IPIP_DEVICE = "tunl0"
+IPIP_DEVICE = IPIP_FALLBACK_DEVICE
 TUNNEL_ADDRESS_KEY = "ipip_tunnel_address"
 
 Status = Literal["disabled", "ok", "unsupported"]
@@ -65,8 +66,9 @@ class IPIPManager:
         self._enabled = state.ipip_enabled
         self._address = dict(state.extra).get(TUNNEL_ADDRESS_KEY) or self._configured_address
 
-    def apply(self) -> int:
-        """Reconcile tunl0; the number of writes. Never raises because the module is missing."""
+    def apply(self, *, resync: bool = False) -> int:
+        """Reconcile tunl0; the number of writes. Never raises because the module is missing. It reads
+        the device back every time, so ``resync`` asks nothing more."""
         link = self._driver.link(IPIP_DEVICE)
         if not self._enabled:
             return self._disable(link)

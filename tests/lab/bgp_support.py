@@ -1,6 +1,7 @@
 """Lab support for the BGP speaker tests: a driver that runs one ``Speaker`` (with its ExaBGP) and
-``LearnedRoutes`` inside a node namespace, the test's client for it, BIRD 2 with private paths,
-and reading kernel routes of a namespace.
+``LearnedRoutes`` inside a node namespace, the test's client for it, and the BIRD 2 configuration
+these tests use (BIRD itself, reading and watching a namespace's kernel routes are
+``netlab.bird``'s; waiting is ``netlab.wait``'s).
 
 The driver (``python -m tests.lab.bgp_support drive ...``) is started by ``Lab.start_process``
 inside the node's namespace, so ExaBGP (its child) runs there too. The test talks to it over a
@@ -15,11 +16,8 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +25,11 @@ from typing import Any, TypeVar
 from bgp.learned import LearnedRoutes
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.speaker import Speaker
+from netlab.bird import RouteMonitor, kernel_routes
 from netlab.lab import Lab
+from netlab.wait import wait_for
+
+__all__ = ["Node", "RouteMonitor", "bird_config", "config_to_json", "drive"]
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -47,9 +49,9 @@ def config_to_json(config: SpeakerConfig) -> dict[str, Any]:
 
 class Driver:
     def __init__(self, state_dir: Path, control: Path, adopt: float | None) -> None:
-        from felix_agent.dataplane.netlink import Netlink
+        from kernel.rtnl import RTNL
 
-        self.learned = LearnedRoutes(Netlink.open(), resync_interval=5.0)
+        self.learned = LearnedRoutes(RTNL.open(), resync_interval=5.0)
         if adopt is not None:
             self.adopted = self.learned.adopt(adopt)
         self.attrs: dict[str, dict[str, Any]] = {}  # "peer prefix" -> attributes last received
@@ -152,7 +154,7 @@ class Node:
         argv += ["--adopt", str(adopt)] if adopt is not None else []
         env = {"PYTHONPATH": str(REPO), "HOME": "/root"}
         self.pid = self.lab.start_process(self.netns, argv, self.dir / "driver.log", env)
-        wait_until(lambda: self.control.exists(), 20, f"the driver of node {self.k} to listen")
+        wait_for(lambda: self.control.exists(), 20, f"the driver of node {self.k} to listen")
         self.request({"op": "configure", "config": config_to_json(config)})
         if exports is not None:
             self.announce(exports)
@@ -177,7 +179,7 @@ class Node:
         if self.pid is None:
             return
         self.request({"op": "stop", "graceful": graceful})
-        wait_until(lambda: not self.lab.process_running(self.pid or 0), 20, f"driver of node {self.k} to exit")
+        wait_for(lambda: not self.lab.process_running(self.pid or 0), 20, f"driver of node {self.k} to exit")
         self.lab.stop_process(self.pid)
         self.pid = None
 
@@ -199,139 +201,17 @@ class Node:
         def done() -> bool:
             return self.routes() == want and (sessions is None or len(self.established()) == sessions)
 
-        wait_until(done, timeout, f"node {self.k}'s BGP routes {want}",
+        wait_for(done, timeout, f"node {self.k}'s BGP routes {want}",
                    describe=lambda: f"{self.routes()} {self.status()['sessions']}")
 
     def wait_gone(self, prefix: str, timeout: float) -> None:
-        wait_until(lambda: prefix not in self.routes(), timeout, f"{prefix} to leave node {self.k}")
+        wait_for(lambda: prefix not in self.routes(), timeout, f"{prefix} to leave node {self.k}")
 
     def established(self) -> set[str]:
         return {s["peer"] for s in self.status()["sessions"] if s["state"] == "Established"}
 
     def routes(self, proto: int | None = 81) -> dict[str, str]:
         return kernel_routes(self.lab, self.netns, proto)
-
-
-def kernel_routes(lab: Lab, netns: str, proto: int | None = 81) -> dict[str, str]:
-    """dst -> gateway ("" when none) of the main table's routes (of protocol ``proto``)."""
-    argv = ["ip", "-j", "route", "show", "table", "main"] + (["proto", str(proto)] if proto is not None else [])
-    out = lab.exec(netns, *argv).stdout
-    routes = json.loads(out) if out.strip() else []
-    return {_dst(r["dst"]): r.get("gateway", "") for r in routes}
-
-
-def _dst(dst: str) -> str:
-    return dst if "/" in dst or dst == "default" else f"{dst}/{128 if ':' in dst else 32}"
-
-
-class RouteMonitor:
-    """``ip -n NS monitor route`` in a thread: every protocol-81 route added or deleted in a
-    namespace, with the monotonic time it was seen (what the reference measured with)."""
-
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        self.events: list[tuple[float, bool, str]] = []  # (time, added, dst)
-        self._proc = subprocess.Popen(["ip", "-n", netns, "monitor", "route"], stdout=subprocess.PIPE, text=True,
-                                      bufsize=1)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        time.sleep(0.2)  # let it subscribe
-
-    def _run(self) -> None:
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            now = time.monotonic()
-            if "proto 81" not in line:
-                continue
-            words = line.split()
-            deleted = words[0] == "Deleted"
-            self.events.append((now, not deleted, _dst(words[1] if deleted else words[0])))
-
-    def first(self, dst: str, added: bool, since: float) -> float | None:
-        return next((t for t, a, d in list(self.events) if d == dst and a == added and t >= since), None)
-
-    def wait_first(self, dst: str, added: bool, since: float, timeout: float) -> float:
-        seen = wait_until(lambda: self.first(dst, added, since), timeout, f"{dst} {'added' if added else 'deleted'}")
-        assert seen is not None
-        return seen
-
-    def deletions(self, dst: str, since: float) -> list[float]:
-        return [t for t, a, d in list(self.events) if d == dst and not a and t >= since]
-
-    def __enter__(self) -> RouteMonitor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._proc.terminate()
-        self._proc.wait(5)
-        self._thread.join(5)
-
-
-def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05,
-               describe: Callable[[], str] | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f"\n{describe()}" if describe is not None else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        time.sleep(interval)
-
-
-# -- BIRD 2 --------------------------------------------------------------------------------------
-
-
-class Bird:
-    """BIRD 2 in a lab namespace with private config, control socket and PID file."""
-
-    def __init__(self, lab: Lab, k: int, root: Path) -> None:
-        self.lab = lab
-        self.netns = lab.node(k).netns
-        self.address = lab.node_ip(k)
-        self.dir = root / f"bird{k}"
-        self.conf = self.dir / "bird.conf"
-        self.sock = self.dir / "bird.ctl"
-        self.pid: int | None = None
-
-    def start(self, text: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(text)
-        check = subprocess.run(["bird", "-p", "-c", str(self.conf)], capture_output=True, text=True)
-        assert check.returncode == 0, f"bird refused its configuration: {check.stderr}"
-        # -f: foreground, so that the lab owns (and stops) the PID it started.
-        self.pid = self.lab.start_process(self.netns, ["bird", "-f", "-c", str(self.conf), "-s", str(self.sock),
-                                                       "-P", str(self.dir / "bird.pid")],
-                                          self.dir / "bird.out", {})
-        wait_until(lambda: self.sock.exists(), 10, "BIRD's control socket")
-
-    def birdc(self, *command: str) -> str:
-        return subprocess.run(["birdc", "-s", str(self.sock), *command], capture_output=True, text=True,
-                              check=True, timeout=30).stdout
-
-    def routes(self) -> dict[str, str]:
-        """prefix -> next hop of BIRD's best BGP routes (`birdc show route`, parsed)."""
-        out = self.birdc("show", "route", "primary")
-        routes: dict[str, str] = {}
-        prefix = ""
-        for line in out.splitlines():
-            words = line.split()
-            if not words or words[0] in ("BIRD", "Table") or line.startswith("Access"):
-                continue
-            if not line[0].isspace():
-                prefix = words[0]
-                rest = words[1:]
-            else:
-                rest = words
-            if "via" in rest and prefix:
-                routes[prefix] = rest[rest.index("via") + 1]
-        return routes
-
-    def stop(self) -> None:
-        if self.pid is not None:
-            self.lab.stop_process(self.pid)
-            self.pid = None
 
 
 def bird_config(router_id: str, asn: int, neighbors: list[tuple[str, int]], services: list[str],

@@ -24,7 +24,9 @@ import yaml
 from datastore import keys
 from datastore.codec import decode
 from datastore.config import EtcdConfig
+from datastore.errors import AlreadyExists, Conflict
 from datastore.etcd import EtcdClient
+from datastore.resources import IPPool, kind_named
 from datastore.store import ResourceStore
 from ipam import check
 from ipam.allocator import IPAM, AssignRequest
@@ -432,3 +434,109 @@ def test_an_unreadable_handle_still_owns_its_addresses(client: EtcdClient) -> No
     assert check.gc(client, 0).released == []
     assert _block_of(client, address).allocation_of(address) is not None
 
+
+
+# ---- one file, one transaction -----------------------------------------------------------------
+
+
+def _keys(client: EtcdClient) -> tuple[list[str], int]:
+    """Every Tortie key and the store revision (which any write moves)."""
+    kvs, revision = client.list(keys.ROOT, keys_only=True)
+    return sorted(kv.key for kv in kvs), revision
+
+
+def _policy(name: str, nets: int) -> dict[str, Any]:
+    addresses = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32" for i in range(nets)]
+    return doc("GlobalNetworkPolicy", name, {"selector": "all()",
+                                            "ingress": [{"action": "Allow", "source": {"nets": addresses}}]})
+
+
+PEER_OF_NOBODY = doc("BGPPeer", "peer-x", {"peerIP": "10.0.0.9", "asNumber": 64513, "node": "node-zzz"})
+# A later document that must stop the whole file: (documents, verb, what the message says).
+REFUSED_LATER = {
+    "too large": ([_pool("x", "10.1.0.0/16"), _pool("y", "10.2.0.0/16"), _policy("big", 150_000)], "apply",
+                  "document 3 (GlobalNetworkPolicy big) is 2."),
+    "together too large": ([_pool("x", "10.1.0.0/16"), _policy("a", 40_000), _policy("b", 40_000),
+                            _policy("c", 40_000)], "apply", "the 4 resources of stdin are"),
+    "invalid": ([_pool("x", "10.1.0.0/16"), _pool("y", "10.2.0.0/16"), doc("Profile", "Bad_Name", {})], "apply",
+                "document 3"),
+    "unknown reference": ([_pool("x", "10.1.0.0/16"), PEER_OF_NOBODY], "apply", "not a known node"),
+    "create of an existing one": ([_pool("x", "10.1.0.0/16"), POOL], "create",
+                                  "IPPool default-ipv4 already exists"),
+    "replace of a missing one": ([dict(POOL, spec={**POOL["spec"], "natOutgoing": False}), _pool("x", "10.1.0.0/16")],
+                                 "replace", "IPPool x does not exist"),
+    "stale resourceVersion": ([_pool("x", "10.1.0.0/16"), dict(NODE, metadata={"name": "node-a",
+                                                                              "resourceVersion": "1"})],
+                              "apply", "Node node-a was modified concurrently"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_LATER))
+def test_a_refused_later_document_leaves_every_key_as_it_was(netctl: Run, client: EtcdClient, case: str) -> None:
+    ok(netctl("apply", "-f", "-", stdin=render([POOL, NODE], "yaml")))
+    documents, verb, expected = REFUSED_LATER[case]
+    before = _keys(client)
+    message = one_line_error(netctl(verb, "-f", "-", stdin=render(documents, "json")))
+    assert expected in message
+    assert "unreachable" not in message  # refused, not retried as an outage (issue 11)
+    assert _keys(client) == before
+
+
+def test_a_file_just_under_the_limit_is_written_whole(netctl: Run, client: EtcdClient) -> None:
+    # ~1.3 MiB stored: one request, close to what etcd takes.
+    documents = [_pool("x", "10.1.0.0/16"), _policy("large", 75_000)]
+    assert ok(netctl("apply", "-f", "-", stdin=render(documents, "json"))) == (
+        "ippool/x created\nglobalnetworkpolicy/large created\n")
+    stored = ResourceStore(client).get(kind_named("gnp"), "large")
+    assert stored is not None and len(stored.spec.ingress[0].source.nets) == 75_000
+
+
+def test_created_configured_and_unchanged_share_one_revision(netctl: Run, client: EtcdClient) -> None:
+    ok(netctl("apply", "-f", "-", stdin=render([POOL, NODE], "yaml")))
+    changed_node = dict(NODE, spec={"bgp": {"ipv4Address": "10.0.0.1/24", "asNumber": 64999}})
+    out = ok(netctl("apply", "-f", "-", stdin=render([POOL, changed_node, _pool("x", "10.1.0.0/16")], "yaml")))
+    assert out == "ippool/default-ipv4 unchanged\nnode/node-a configured\nippool/x created\n"
+    store = ResourceStore(client)
+    node, new_pool = store.get(kind_named("node"), "node-a"), store.get(IPPool, "x")
+    assert node is not None and new_pool is not None
+    assert node.metadata.resource_version == new_pool.metadata.resource_version
+
+
+def test_a_key_written_between_read_and_commit_stops_the_whole_file(client: EtcdClient) -> None:
+    """The transaction's own comparisons, not only the checks before it: a create that finds its
+    key taken, or a replace whose key moved, after netctl read them."""
+    store = ResourceStore(client)
+    store.create(decode(NODE))
+    incoming = [decode(_pool("x", "10.1.0.0/16")), decode(POOL), decode(NODE)]
+    current = store.get_each(incoming)
+    store.create(decode(POOL))  # someone else, meanwhile
+    before = _keys(client)
+    with pytest.raises(AlreadyExists, match="IPPool default-ipv4 already exists"):
+        store.write_all(list(zip(incoming, current, strict=True)))
+    assert _keys(client) == before
+
+    incoming = [decode(_pool("x", "10.1.0.0/16")), decode(NODE)]
+    current = store.get_each(incoming)
+    node = store.get(kind_named("node"), "node-a")
+    assert node is not None
+    store.update(node, node)  # moved meanwhile
+    before = _keys(client)
+    with pytest.raises(Conflict, match="Node node-a was modified concurrently"):
+        store.write_all(list(zip(incoming, current, strict=True)))
+    assert _keys(client) == before
+
+
+def test_delete_of_a_file_goes_whole_or_not_at_all(netctl: Run, client: EtcdClient) -> None:
+    ok(netctl("apply", "-f", "-", stdin=render([POOL, NODE, _pool("x", "10.1.0.0/16")], "yaml")))
+    store = ResourceStore(client)
+    found = [store.get(IPPool, "x"), store.get(IPPool, "default-ipv4")]
+    pool = store.get(IPPool, "default-ipv4")
+    assert pool is not None
+    store.update(pool, pool)  # moved after it was read
+    before = _keys(client)
+    with pytest.raises(Conflict, match="IPPool default-ipv4"):
+        store.delete_all([r for r in found if r is not None])
+    assert _keys(client) == before
+    out = ok(netctl("delete", "-f", "-", stdin=render([_pool("x", "10.1.0.0/16"), POOL], "yaml")))
+    assert out == "ippool/x deleted\nippool/default-ipv4 deleted\n"
+    assert [k for k in _keys(client)[0] if "/ippools/" in k] == []

@@ -16,10 +16,10 @@ import pytest
 
 from bgp.model import CLIENT, MESH, REFLECTOR, SessionStatus
 from bgp.status import read_status, status_key, write_status
-from datastore.bgp import check_references
 from datastore.codec import decode
 from datastore.errors import ValidationError
 from datastore.etcd import EtcdClient
+from datastore.references import check_references
 from datastore.store import ResourceStore
 from netctl import resources_cmd
 
@@ -173,7 +173,7 @@ def test_reference_check_against_the_store(etcd_client: EtcdClient) -> None:
 
 
 @pytest.mark.skipif(not hasattr(resources_cmd, "check_references"),
-                    reason="netctl apply does not call datastore.bgp.check_references yet")
+                    reason="netctl apply does not call datastore.references.check_references yet")
 def test_apply_refuses_a_peer_on_an_unknown_node(netctl: Run, etcd_client: EtcdClient) -> None:
     before = etcd_client.count("/tortie/")
     peer = doc("BGPPeer", "tor", {"node": "nowhere", "peerIP": "10.0.0.254", "asNumber": 65000})

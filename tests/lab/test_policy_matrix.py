@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from netlab.cluster_lab import FABRIC_HOST, POOL_V4, Check, ClusterLab, block_of, v4, v6
 from netlab.lab import Pod
-from tests.lab.dataplane_support import FABRIC_HOST, POOL_V4, Check, ClusterLab, block_of, v4, v6
 
 pytestmark = pytest.mark.lab
 
@@ -566,3 +566,54 @@ def test_kubernetes_default_deny_with_port_range(cluster: ClusterLab, pods: dict
                         **both_ways(pods, "batch", "report", False, False, port=None),
                         **both_ways(pods, "web", "ui", True, True)},
                        what="back closed except db's 8000-8100")
+
+
+def test_kubernetes_pod_selector_never_reaches_namespace_labels(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
+    """back's pods carry team=back only through their namespace (kns.back, pcns.team on the
+    endpoints): a podSelector naming that label, bare or with the pcns. prefix, admits none of them.
+    Only a namespaceSelector reaches a namespace's labels. A pod's own label still works."""
+    with applied(cluster, f"""
+            apiVersion: networking.k8s.io/v1
+            kind: NetworkPolicy
+            metadata: {{name: db-from-team-back, namespace: back}}
+            spec:
+              podSelector: {{matchLabels: {{role: db}}}}
+              ingress:
+              - from:
+                - podSelector: {{matchLabels: {{team: back}}}}
+                - podSelector: {{matchLabels: {{pcns.team: back}}}}
+                - podSelector: {{matchExpressions: [{{key: pcns.kubernetes.io/metadata.name, operator: Exists}}]}}
+                ports: [{{protocol: TCP, port: {PORT}}}]
+              - from:
+                - podSelector: {{matchLabels: {{app: api}}}}
+                ports: [{{protocol: TCP, port: {OTHER_PORT}}}]
+            """):
+        expected = {Check(pods[p], pods["db"], PORT): False for p in ("api", "batch", "report", "web", "ui")}
+        expected[Check(pods["api"], pods["db"], OTHER_PORT)] = True  # its own label: the policy is in place
+        expected[Check(pods["batch"], pods["db"], OTHER_PORT)] = False
+        cluster.expect(expected, what="no pod admitted by its namespace's labels through a podSelector")
+
+
+@pytest.mark.parametrize("namespace", ["front", "lone"])
+def test_kubernetes_namespace_selector_by_name(cluster: ClusterLab, pods: dict[str, Pod], namespace: str) -> None:
+    """Upstream policies select namespaces by ``kubernetes.io/metadata.name``, which the API server
+    gives every namespace: it admits exactly that namespace's pods, also one without a kns profile."""
+    lone = cluster.add_pod(2, "solo", namespace="lone", labels={"app": "solo"})  # no kns.lone profile
+    try:
+        everyone = {**pods, "solo": lone}
+        with applied(cluster, f"""
+                apiVersion: networking.k8s.io/v1
+                kind: NetworkPolicy
+                metadata: {{name: db-from-{namespace}, namespace: back}}
+                spec:
+                  podSelector: {{matchLabels: {{role: db}}}}
+                  ingress:
+                  - from:
+                    - namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {namespace}}}}}
+                """):
+            members = {"front": ("web", "ui"), "lone": ("solo",)}[namespace]
+            cluster.expect({Check(pod, pods["db"], PORT): name in members
+                            for name, pod in everyone.items() if name != "db"},
+                           what=f"db open to the pods of namespace {namespace} only")
+    finally:
+        cluster.delete_pod(lone)

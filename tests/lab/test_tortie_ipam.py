@@ -188,6 +188,19 @@ def test_bad_input_gets_its_code_and_changes_nothing(pools: EtcdClient, etcd_env
     assert fingerprint(pools) == before
 
 
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "STATUS", "GC"])
+def test_a_config_without_a_type_string_is_refused(pools: EtcdClient, etcd_env: dict[str, str], command: str) -> None:
+    """The spec requires ``type`` in every plugin object: code 7 naming it, for every command."""
+    assert ipam("ADD", net_config(etcd_env), "live").ok
+    before = fingerprint(pools)
+    good = {**net_config(etcd_env, version="1.1.0"), "cni.dev/valid-attachments": []}
+    for config in ({k: v for k, v in good.items() if k != "type"}, {**good, "type": 7}, {**good, "type": ""}):
+        run = ipam(command, config, "live")
+        assert run.code == 7, f"{config.get('type')!r}: {run.stdout} {run.stderr}"
+        assert run.output and "type" in run.output["msg"], run.output
+    assert fingerprint(pools) == before
+
+
 def test_etcd_down_fails_fast_with_code_11_and_recovers(pools: EtcdClient, etcd_server: EtcdServer,
                                                           etcd_env: dict[str, str]) -> None:
     conf = net_config(etcd_env)

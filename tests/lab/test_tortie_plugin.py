@@ -2,6 +2,9 @@
 the WorkloadEndpoint, CHECK, DEL, churn, bad input, VERSION, STATUS, GC, chaining, another IPAM
 plugin, and the two paths meeting (agent start and crash, concurrent calls).
 
+Every test goes through the compiled front end (the venv's `tortie`, as install-deps installs it);
+those with a `front_end` parameter also run through the Python relay.
+
 Most tests run on both paths: delegated (felix-agent serves the node's socket) and in-process (no
 agent, so the front end does the work itself). One lab serves the module; each test leaves the node
 empty (pods deleted, then anything left removed). Known product bugs are strict xfails that name
@@ -28,8 +31,8 @@ import pytest
 
 from netlab import netns as ip_netns
 from netlab.cni import REFERENCE_PLUGINS, Attachment, exec_plugin, network_config
-from netlab.etcd import ETCD
 from netlab.lab import Pod
+from netlab.wait import wait_for
 from tests.lab.tortie_support import (
     HOST_MAC,
     MTU,
@@ -40,7 +43,6 @@ from tests.lab.tortie_support import (
     Sandbox,
     TortieLab,
     host_ifname,
-    wait_for,
 )
 
 pytestmark = pytest.mark.lab
@@ -52,11 +54,7 @@ CYCLES = 200
 
 @pytest.fixture(scope="module")
 def tl() -> Iterator[TortieLab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: labs build network namespaces")
-    if not ETCD.exists() or not (REFERENCE_PLUGINS / "portmap").exists():
-        pytest.skip("needs etcd-server and the reference CNI plugins (scripts/install-deps.sh)")
-    with TortieLab.create() as tl:
+    with TortieLab.create(plugins=["portmap"]) as tl:
         tl.exec(1, "ip", "address", "add", f"{HOST_V6}/128", "dev", "lo")
         yield tl
 
@@ -86,6 +84,15 @@ def path(tl: TortieLab, path_mode: str) -> str:
 @pytest.fixture
 def agent(tl: TortieLab) -> None:
     tl.use_agent(True)
+
+
+@pytest.fixture(params=["compiled", "python"])
+def front_end(tl: TortieLab, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which executable the runtime execs: the compiled front end (the default everywhere else in
+    this module) or the Python relay (a supported fallback install)."""
+    tl.use_front_end(str(request.param))
+    yield str(request.param)
+    tl.use_front_end("compiled")
 
 
 def link_json(tl: TortieLab, netns: str, name: str) -> dict[str, Any]:
@@ -123,7 +130,7 @@ def assert_served_by(tl: TortieLab, path: str, container_id: str) -> None:
 # ADD: the result, the wiring, the traffic
 
 
-def test_add_result_wiring_and_traffic(tl: TortieLab, path: str) -> None:
+def test_add_result_wiring_and_traffic(tl: TortieLab, path: str, front_end: str) -> None:
     node = tl.node(1)
     a, b = tl.add_pod("a"), tl.add_pod("b")
     for pod in (a, b):
@@ -256,7 +263,7 @@ def test_a_failed_repeated_add_leaves_the_live_attachment_alone(tl: TortieLab, p
 # DEL
 
 
-def test_del_twice(tl: TortieLab, path: str) -> None:
+def test_del_twice(tl: TortieLab, path: str, front_end: str) -> None:
     pod = tl.add_pod("d")
     for _ in range(2):
         run = tl.call_for(pod, "DEL")
@@ -285,6 +292,40 @@ def test_del_after_the_netns_is_gone(tl: TortieLab, path: str, netns_given: str)
     assert tl.ipam_in_use() == {"pool-v4": 1, "pool-v6": 1}
     tl.lab.delete_pod(pod)  # the runtime's own DEL, and its bookkeeping
     assert tl.lab.ping(tl.node(1).netns, v4(other))
+
+
+UNREACHABLE_ETCD = "https://198.18.0.2:2399"  # nobody listens there: connection refused, retried to the budget
+
+
+def test_del_with_etcd_unreachable_answers_within_adds_budget_and_removes_the_veth(tl: TortieLab, path: str) -> None:
+    """DEL is best effort: code 11 within the time ADD takes to give up (one retry budget for the
+    whole call, not one per etcd request), and the kernel part is gone all the same."""
+    from datastore.config import EtcdConfig
+
+    budget = EtcdConfig.retry_budget
+    pod = tl.add_pod("cut-off")
+    cut_off = tl.conflist(etcd_endpoints=UNREACHABLE_ETCD)
+    with tl.sandbox() as box:
+        attachment = Attachment(secrets.token_hex(32), box.path, "eth0", {"K8S_POD_NAME": "never"})
+        started = time.monotonic()
+        add = tl.call("ADD", network_config(cut_off, 0), attachment)
+        add_seconds = time.monotonic() - started
+        assert "eth0" not in box.exec("ip", "-o", "link").stdout
+    started = time.monotonic()
+    delete = tl.call("DEL", network_config(cut_off, 0, prev_result=pod.result), pod.attachment)
+    del_seconds = time.monotonic() - started
+    print(f"\netcd unreachable ({path}): ADD answered code {add.code} in {add_seconds:.2f} s, "
+          f"DEL code {delete.code} in {del_seconds:.2f} s (retry budget {budget} s)")
+    assert add.code == 11 and delete.code == 11, (add, delete)
+    assert "198.18.0.2:2399" in delete.stdout, "the error names the endpoint"
+    assert host_ifname(pod.container_id) not in tl.tor_links(), "DEL left the host veth"
+    assert "eth0" not in tl.lab.exec(pod.netns, "ip", "-o", "link").stdout, "DEL left the container's interface"
+    # The bound the issue asks for: the same budget as ADD (before the fix DEL paid it twice, 7-8 s).
+    assert del_seconds < max(add_seconds, budget) + 1.0, f"DEL {del_seconds:.1f} s, ADD {add_seconds:.1f} s"
+    again = tl.call("DEL", network_config(pod.conflist, 0, prev_result=pod.result), pod.attachment)
+    assert again.ok, again  # once etcd answers, the runtime's retried DEL releases the rest
+    state = tl.datastore()
+    assert state.handles == [] and state.endpoints == []
 
 
 def test_del_of_an_attachment_never_added_changes_nothing(tl: TortieLab, path: str) -> None:
@@ -382,6 +423,8 @@ BAD_INPUT: dict[str, tuple[int, Callable[[TortieLab, Sandbox], Request]]] = {
     "ifname-exists-in-container": (4, _existing_ifname),
     "netns-does-not-exist": (3, lambda tl, box: _request(tl, box, netns=f"/run/netns/{tl.lab.name}-p00000000")),
     "name-missing": (7, _without("name")),
+    "type-missing": (7, _without("type")),
+    "type-not-a-string": (7, _conf(type=["tortie"])),
     "name-invalid": (7, lambda tl, box: _request(tl, box, config=network_config(tl.conflist(name="bad name!"), 0))),
     "mtu-string": (7, _conf(mtu="1450")),
     "mtu-float": (7, _conf(mtu=1450.5)),
@@ -436,6 +479,12 @@ def test_bad_input_gets_its_code_and_changes_nothing(tl: TortieLab, path: str, c
     assert_unchanged(before, after)
 
 
+@pytest.mark.parametrize("case", ["stdin-invalid-json", "agent_socket-not-absolute", "agent_socket-not-a-string",
+                                  "pool-unknown", "etcd-endpoint-unreachable"])
+def test_bad_input_through_either_front_end(tl: TortieLab, path: str, front_end: str, case: str) -> None:
+    test_bad_input_gets_its_code_and_changes_nothing(tl, path, case)
+
+
 def assert_unchanged(before: Footprint, after: Footprint) -> None:
     assert after.links == before.links
     changed = {k for k in before.datastore.kvs.keys() | after.datastore.kvs.keys()
@@ -449,14 +498,14 @@ def assert_unchanged(before: Footprint, after: Footprint) -> None:
 # STATUS and GC (spec 1.1.0)
 
 
-def test_version(tl: TortieLab) -> None:
+def test_version(tl: TortieLab, front_end: str) -> None:
     for asked in ("0.4.0", "1.1.0"):
         run = tl.call("VERSION", {"cniVersion": asked})
         assert run.ok, run
         assert run.output == {"cniVersion": asked, "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
 
 
-def test_status_ok(tl: TortieLab, path: str) -> None:
+def test_status_ok(tl: TortieLab, path: str, front_end: str) -> None:
     run = tl.call("STATUS", network_config(tl.conflist(version="1.1.0"), 0))
     assert run.ok and run.stdout == "", run
 
@@ -470,8 +519,25 @@ def test_status_unavailable(tl: TortieLab, path: str, overrides: dict[str, Any])
     assert run.returncode != 0 and run.code == 50, run
 
 
+@pytest.mark.parametrize("command", ["DEL", "CHECK", "STATUS", "GC"])
+def test_a_config_without_a_type_string_is_refused_by_every_command(tl: TortieLab, path: str, command: str) -> None:
+    """The spec requires ``type`` in every plugin object; ADD is among BAD_INPUT. Nothing is touched."""
+    pod = tl.add_pod("typed")
+    before = tl.footprint()
+    for plugin_type in (None, 7):
+        config = network_config(tl.conflist(version="1.1.0", type=plugin_type), 0, prev_result=pod.result,
+                                extra={"cni.dev/valid-attachments": []})
+        if plugin_type is None:
+            config.pop("type", None)
+        run = tl.call(command, config, pod.attachment)
+        assert run.returncode != 0 and run.code == 7, run
+        assert run.output is not None and "type" in run.output["msg"], run.output
+    assert_unchanged(before, tl.footprint())
+    assert tl.call_for(pod, "CHECK").ok
+
+
 @pytest.mark.parametrize("key", ["cni.dev/valid-attachments", "cni.dev/attachments"])
-def test_gc_keeps_the_listed_attachment_only(tl: TortieLab, path: str, key: str) -> None:
+def test_gc_keeps_the_listed_attachment_only(tl: TortieLab, path: str, key: str, front_end: str) -> None:
     conflist = tl.conflist(version="1.1.0")
     pods = [tl.add_pod(f"gc{n}", conflist) for n in range(3)]
     kept = pods[0]
@@ -560,7 +626,7 @@ def test_agent_start_keeps_live_pods_and_each_path_deletes_the_others(tl: Tortie
     tl.assert_clean()
 
 
-def test_a_dead_agents_stale_socket_means_in_process(tl: TortieLab, agent: None) -> None:
+def test_a_dead_agents_stale_socket_means_in_process(tl: TortieLab, agent: None, front_end: str) -> None:
     pid = tl.agent_pid()
     os.kill(pid, signal.SIGKILL)  # a crash: the socket file stays behind, nobody listens
     wait_for(lambda: not tl.lab.process_running(pid), 10, "the killed agent to exit")
@@ -577,7 +643,7 @@ def test_a_dead_agents_stale_socket_means_in_process(tl: TortieLab, agent: None)
 
 
 
-def test_both_paths_answer_a_request_the_same(tl: TortieLab) -> None:
+def test_both_paths_answer_a_request_the_same(tl: TortieLab, front_end: str) -> None:
     config = network_config(tl.conflist(etcd_endpoints=None, etcd_ca_cert_file=None, etcd_cert_file=None,
                                         etcd_key_file=None), 0)
     answers = {}
@@ -619,7 +685,7 @@ def test_delegates_to_another_ipam_plugin(tl: TortieLab, path: str) -> None:
 # concurrent calls on the agent (it serves each connection on its own thread)
 
 
-def test_concurrent_adds_and_dels_on_the_agent(tl: TortieLab, agent: None) -> None:
+def test_concurrent_adds_and_dels_on_the_agent(tl: TortieLab, agent: None, front_end: str) -> None:
     config = network_config(tl.conflist(), 0)
     with contextlib.ExitStack() as boxes:
         attachments = [Attachment(secrets.token_hex(32), boxes.enter_context(tl.sandbox()).path, "eth0",
@@ -640,7 +706,7 @@ def test_concurrent_adds_and_dels_on_the_agent(tl: TortieLab, agent: None) -> No
 # tortie-ipam under the reference ptp, relayed to the agent like tortie itself
 
 
-def test_tortie_ipam_under_ptp_is_served_by_the_agent(tl: TortieLab, agent: None) -> None:
+def test_tortie_ipam_under_ptp_is_served_by_the_agent(tl: TortieLab, agent: None, front_end: str) -> None:
     ptp = {"cniVersion": "1.0.0", "name": "ptp-relayed", "type": "ptp", "nodename": tl.node(1).name,
            "agent_socket": str(tl.socket()), "ipam": {"type": "tortie-ipam"}}  # no etcd_*: the env has them
     env = {"ETCD_ENDPOINTS": tl.env["ETCD_ENDPOINTS"], "ETCD_CA_CERT_FILE": tl.env["ETCD_CA_CERT_FILE"],

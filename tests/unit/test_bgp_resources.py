@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from datastore import codec
-from datastore.bgp import BGPConfiguration, BGPPeer, check_references
+from datastore.bgp import BGPConfiguration, BGPPeer
 from datastore.errors import ValidationError
 from datastore.model import Kind, Resource
+from datastore.references import check_references
 from datastore.resources import Node, kind_named
 
 

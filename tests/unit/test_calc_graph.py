@@ -164,6 +164,32 @@ def test_endpoint_labels_include_pcns_namespace_labels() -> None:
     assert endpoint(ds, "prod/web-1").ingress_policies == ()
 
 
+def _allow_from_namespace(name: str) -> dict[str, Any]:
+    source = {"namespaceSelector": f"kubernetes.io/metadata.name == '{name}'"}
+    return {"types": ["Ingress"], "ingress": [{"action": "Allow", "source": source}]}
+
+
+def test_every_namespace_is_labelled_with_its_name_even_without_a_profile() -> None:
+    """As the Kubernetes API server labels every namespace: scratch and lone have no kns profile."""
+    lone = wep("lone", "solo", ["10.244.0.9/32"], app="web")
+    ds = state(lone,
+               np("prod", "from-scratch", selector="app == 'web'", **_allow_from_namespace("scratch")),
+               np("prod", "from-dev", selector="app == 'db'", **_allow_from_namespace("dev")),
+               gnp("lone-by-name", selector="pcns.kubernetes.io/metadata.name == 'lone'", **ALLOW_FROM_CLIENTS))
+    assert members(ds, ingress_source(ds, "np/prod/from-scratch")) == {"10.244.2.4"}
+    assert members(ds, ingress_source(ds, "np/prod/from-dev")) == {"10.244.0.4", "10.244.2.3"}
+    assert endpoint(ds, "lone/solo").ingress_policies == ("gnp/lone-by-name",)
+    assert endpoint(ds, "dev/web-2").ingress_policies == ()
+
+
+def test_a_profile_cannot_rename_its_namespace() -> None:
+    renamed = profile("kns.dev", labelsToApply={"env": "dev", "kubernetes.io/metadata.name": "prod"})
+    ds = compute(Snapshot.of([r for r in base() if r.name != "kns.dev"] + [
+        renamed, np("prod", "from-prod", selector="app == 'web'", **_allow_from_namespace("prod"))]), NODE)
+    assert members(ds, ingress_source(ds, "np/prod/from-prod")) == {"10.244.0.2", "10.244.0.3", "10.244.1.2",
+                                                                      "10.244.2.2"}
+
+
 # ---- IP sets ------------------------------------------------------------------------------------
 
 

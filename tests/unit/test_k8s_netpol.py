@@ -251,3 +251,44 @@ def test_invalid_documents() -> None:
                    "extra": 1})
     with pytest.raises(ValidationError, match="too long"):
         translate(policy("{}", name="a" * 250))
+
+
+# ---- a podSelector sees the pod's own labels, never its namespace's ----------------------------
+
+
+POD_LABELS = {"app": "web", "tortie.dev/namespace": "shop"}
+# What an endpoint in namespace shop (labelled team=a) carries: its own labels and its namespace's.
+ENDPOINT_LABELS = {**POD_LABELS, "pcns.team": "a", "pcns.kubernetes.io/metadata.name": "shop"}
+
+
+@pytest.mark.parametrize(("selector", "selects"), [
+    ("{matchLabels: {pcns.team: a}}", False),
+    ("{matchLabels: {app: web, pcns.kubernetes.io/metadata.name: shop}}", False),
+    ("{matchExpressions: [{key: pcns.team, operator: Exists}]}", False),
+    ("{matchExpressions: [{key: pcns.team, operator: In, values: [a]}]}", False),
+    ("{matchExpressions: [{key: pcns.team, operator: DoesNotExist}]}", True),
+    ("{matchExpressions: [{key: pcns.team, operator: NotIn, values: [a]}], matchLabels: {app: web}}", True),
+    ("{matchExpressions: [{key: pcns.team, operator: DoesNotExist}], matchLabels: {app: db}}", False),
+    ("{matchLabels: {team: a}}", False),
+    ("{matchLabels: {app: web}}", True),
+])
+def test_pod_selector_matches_the_pods_own_labels_only(selector: str, selects: bool) -> None:
+    """Decided on the endpoint's labels, which include the namespace's: the answer must be the one
+    Kubernetes gives on the pod's own labels."""
+    text = f"podSelector: {selector}\ningress:\n- from:\n  - podSelector: {selector}\n"
+    spec = spec_of(policy(text))
+    peer = spec["ingress"][0]["source"]["selector"]
+    for translated in (spec["selector"], peer):
+        assert parse(translated).matches(ENDPOINT_LABELS) == selects, translated
+        assert parse(translated).matches(POD_LABELS) == selects, translated
+
+
+def test_namespace_selector_still_reaches_the_namespace_labels() -> None:
+    spec = spec_of(policy("""
+        podSelector: {}
+        ingress:
+        - from:
+          - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: front}}
+        """))
+    assert spec["ingress"][0]["source"] == {"namespaceSelector": "kubernetes.io/metadata.name == \"front\"",
+                                            "selector": "all()"}

@@ -224,3 +224,30 @@ def test_gc_plan_honours_the_grace_period_per_handle() -> None:
     plan = check.plan_gc(snap, grace_seconds=50, now=300)
     assert sorted(plan.owners.values()) == ["gone", "gone", "untimed"]
     assert plan.addresses[block.address(0)] == block.allocations[0].sequence
+
+
+# ---- namespaces ----------------------------------------------------------------------------------
+
+
+def test_a_namespace_profile_is_labelled_with_its_name_as_the_api_server_does() -> None:
+    text = """\
+apiVersion: tortie.dev/v1
+kind: Profile
+metadata: {name: kns.shop}
+spec:
+  labelsToApply: {team: a, kubernetes.io/metadata.name: elsewhere}
+---
+apiVersion: tortie.dev/v1
+kind: Profile
+metadata: {name: kns.empty}
+---
+apiVersion: tortie.dev/v1
+kind: Profile
+metadata: {name: net.shop}
+spec:
+  labelsToApply: {team: a}
+"""
+    shop, empty, other = resources_cmd.decode_all(text, "test.yaml")
+    assert shop.spec.labels_to_apply == {"team": "a", "kubernetes.io/metadata.name": "shop"}
+    assert empty.spec.labels_to_apply == {"kubernetes.io/metadata.name": "empty"}
+    assert other.spec.labels_to_apply == {"team": "a"}  # not a namespace's profile

@@ -24,7 +24,8 @@ from cryptography.x509.verification import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netctl import pki, pki_cmd
+import pki
+from netctl import pki_cmd
 from netctl.errors import UserError
 
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH

@@ -29,7 +29,7 @@ from cni_plugins.skel import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PYTHON = REPO / ".venv" / "bin" / "python"
+PYTHON = sys.executable  # the interpreter running the tests: no venv at a fixed path needed
 
 BASE_ENV = {
     "CNI_CONTAINERID": "0123456789abcdef",
@@ -274,6 +274,30 @@ def test_invalid_network_name(name: Any) -> None:
     if name is not None:
         config["name"] = name
     assert_error(run("ADD", config), errors.INVALID_CONFIG, "network name")
+
+
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "DEL", "STATUS", "GC"])
+@pytest.mark.parametrize("plugin_type", [None, "", 7, ["tortie"], {"name": "tortie"}, True])
+def test_missing_or_invalid_type_is_an_invalid_config(command: str, plugin_type: Any) -> None:
+    """The spec requires ``type`` in every plugin object: without it (or not a name) nothing runs."""
+    config = {k: v for k, v in CONFIG.items() if k != "type"}
+    config |= {"cniVersion": "1.1.0", "cni.dev/valid-attachments": []}
+    if plugin_type is not None:
+        config["type"] = plugin_type
+    doc = assert_error(run(command, config), errors.INVALID_CONFIG, "type")
+    assert "type" in doc["msg"]
+
+
+def test_version_needs_no_type() -> None:
+    call = run("VERSION", {"cniVersion": "1.0.0"})
+    assert call.rc == 0 and call.json["cniVersion"] == "1.0.0"
+
+
+@pytest.mark.parametrize("plugin_type", ["tortie", "tortie-ipam", "bridge"])
+def test_any_plugin_type_is_accepted(plugin_type: str) -> None:
+    """A delegated IPAM plugin gets the delegating plugin's configuration, whose type names that one."""
+    call = run("ADD", {**CONFIG, "type": plugin_type})
+    assert call.rc == 0 and call.seen[0].config["type"] == plugin_type
 
 
 # --- dispatch and output ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Shared fixtures: one real etcd with mutual TLS for the whole session (see netlab.etcd)."""
+"""Fixtures of the lab tests: one real etcd with mutual TLS for the whole session (see netlab.etcd)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,3 @@
+module tortie.dev/frontend
+
+go 1.19
