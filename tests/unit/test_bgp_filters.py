@@ -276,3 +276,28 @@ def test_a_peer_must_name_existing_filters() -> None:
         check_references(tor, Store())
     check_references(tor, Store(res("BGPFilter", "no-b", {})))
     check_references(tor, Store(), [res("BGPFilter", "no-b", {})])
+
+
+# -- a reflector applies the export filters of the session it reflects to ------------------------
+
+
+def test_reflected_routes_pass_the_export_filters_of_the_receiving_session() -> None:
+    from bgp.model import CLIENT
+    from bgp.reflector import Received, Reflector
+
+    me, n2, n3, n4 = "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14"
+    remote_b = flt("remote-b", exportV4=[{"action": "Reject", "matchOperator": "In", "cidr": "10.245.0.0/16",
+                                          "source": "RemotePeers"}])
+    peers = [Peer(n2, 64512, CLIENT), Peer(n3, 64512, CLIENT, options=PeerOptions(filters=(remote_b,))),
+             Peer(n4, 64512, CLIENT)]
+    rr = Reflector(me, me, 64512)
+    rr.set_peers(peers)
+    for p in peers:
+        rr.session_up(p.address, p.address)
+    [command] = rr.update(n2, "10.245.2.0/26", Received(n2))
+    assert command.startswith(f"neighbor {n4} announce route 10.245.2.0/26 ")  # n3's filter rejects it
+    [command] = rr.update(n2, "10.244.2.0/26", Received(n2))
+    assert command.startswith(f"neighbor {n3}, neighbor {n4} announce route 10.244.2.0/26 ")
+    # The filter removed: n3 gets what it was refused.
+    [command] = rr.set_peers([Peer(n2, 64512, CLIENT), Peer(n3, 64512, CLIENT), Peer(n4, 64512, CLIENT)])
+    assert command.startswith(f"neighbor {n3} announce route 10.245.2.0/26 ")
