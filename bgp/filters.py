@@ -18,22 +18,28 @@ max to 32/128); ``source: RemotePeers`` (a route learned from a BGP peer: every 
 and an exported route only when it is reflected, never this node's own blocks or services);
 ``interface`` (a route out of an interface matching the name, ``*`` as wildcard: this node
 announces no interface routes, so such a rule never matches an export, nor any import).
-Must not do I/O.
+Must not do I/O; imports no other module of ``bgp`` (``bgp.model`` holds these filters).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from bgp.model import network
 from datastore.bgp_filter import BGPFilterRule, BGPFilterSpec
 
 Direction = Literal["export", "import"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def network(prefix: str) -> Network:
+    """``prefix`` parsed (cached: a large table is filtered per peer and per change)."""
+    return ipaddress.ip_network(prefix, strict=False)
 
 
 @dataclass(frozen=True)

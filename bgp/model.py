@@ -6,10 +6,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # bgp.filters imports this module for ``network``
-    from bgp.filters import Filter
+from bgp.filters import Filter
 
 DEFAULT_ASN = 64512
 DEFAULT_PORT = 179
