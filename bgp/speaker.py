@@ -46,7 +46,7 @@ from typing import Any
 
 from bgp import exabgp, outbound
 from bgp.api_process import Channel, ExaBGPProcess
-from bgp.filters import accepts, has_direction
+from bgp.filters import Filter, accepts, has_direction
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.passwords import with_keys
 from bgp.reflector import Received, Reflector
@@ -82,7 +82,9 @@ class _PeerInfo:
     restart_time: int = 0
     families: tuple[str, ...] = exabgp.FAMILIES
     routes: dict[str, Received] = field(default_factory=dict)
-    rejected: set[str] = field(default_factory=set)  # announced, but refused by an import filter
+    # Every prefix the peer announces now, accepted or not (import filters, own prefixes): what
+    # changed import filters are applied to again, without asking the peer to send it again.
+    announced: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # -> (next hop, attrs)
 
 
 class Speaker:
@@ -155,9 +157,16 @@ class Speaker:
         with self._lock:
             old, self._exports = self._exports, new
             commands = outbound.changes(old, new, self._config.peers if self._config else (), self._established())
+            # A prefix that became (or stopped being) our own: peers' paths for it go (or come back).
+            changed = old.keys() ^ new.keys()
+            for address, info in self._peers.items() if changed else ():
+                filters, paths = self._import_filters(address), dict[str, Received]()
+                for prefix in changed & info.announced.keys():
+                    commands += self._admit(address, info, prefix, filters, paths)
             if self._reflector is not None:
                 commands += self._reflector.own(new)
             self._send(commands)
+        self._fire()
 
     def sessions(self) -> list[SessionStatus]:
         """Each session's state, with its filters and prefix counts (received, accepted, sent)."""
@@ -171,7 +180,7 @@ class Speaker:
                 up = status.state == "Established"
                 sent = len(outbound.for_peer(outbound.export_filters(p), self._exports)) if up else 0
                 out.append(replace(status, filters=tuple(f.name for f in p.options.filters),
-                                   received=len(info.routes) + len(info.rejected), accepted=len(info.routes),
+                                   received=len(info.announced), accepted=len(info.routes),
                                    sent=sent))
             out += [SessionStatus(a, self._key_kinds.get(a, ""), "Idle", _now(), problem)
                     for a, problem in self._key_problems.items()]
@@ -249,14 +258,22 @@ class Speaker:
         return [p for p, s in self._status.items() if s.state == "Established"]
 
     def _refilter(self, old: dict[str, Peer], new: Iterable[Peer]) -> None:
-        """Sessions that stay up while their export filters change get the difference."""
+        """Sessions that stay up while their filters change: they get the difference of what
+        we export, and what they announced is filtered again (no route refresh needed)."""
         up = set(self._established())
         commands: list[str] = []
         for peer in new:
             before = old.get(peer.address)
-            if peer.address in up and before is not None:
-                commands += outbound.refilter(self._exports, peer.address, outbound.export_filters(before),
-                                              outbound.export_filters(peer))
+            if peer.address not in up or before is None or before.options.filters == peer.options.filters:
+                continue
+            commands += outbound.refilter(self._exports, peer.address, outbound.export_filters(before),
+                                          outbound.export_filters(peer))
+            info = self._peers.get(peer.address)
+            if info is not None:
+                filters, paths = self._import_filters(peer.address), dict[str, Received]()
+                for prefix in list(info.announced):
+                    if (prefix in info.routes) != accepts(filters, "import", prefix, remote=True):
+                        commands += self._admit(peer.address, info, prefix, filters, paths)
         self._send(commands)
 
     def _set_reflector(self, config: SpeakerConfig) -> None:
@@ -291,7 +308,7 @@ class Speaker:
     def _session_down(self, peer: str, info: str) -> None:
         if peer in self._peers:
             self._peers[peer].routes = {}
-            self._peers[peer].rejected = set()
+            self._peers[peer].announced = {}
             if info.startswith("notification"):  # "notification sent (4,0)", "... received (6,2)"
                 self._peers[peer].restart_time = 0
         configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
@@ -349,10 +366,7 @@ class Speaker:
         info = self._peers.setdefault(peer, _PeerInfo())
         routes = info.routes
         looped = self._looped(peer, attrs)
-        configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
-        filters = configured.options.filters if configured is not None else ()
-        if not has_direction(filters, "import"):
-            filters = ()
+        filters = self._import_filters(peer)
         paths: dict[str, Received] = {}  # by next hop: one UPDATE shares its attributes
         withdrawn = list(event.withdrawn)
         commands: list[str] = []
@@ -361,30 +375,38 @@ class Speaker:
                 self._counts["looped"] += 1
                 withdrawn.append(prefix)
                 continue
-            if (filters and not accepts(filters, "import", prefix, remote=True)) or prefix in self._exports:
-                info.rejected.add(prefix)
-                if routes.pop(prefix, None) is not None:  # accepted before, refused now
-                    self._later(self.on_route, peer, prefix, None, True, {})
-                    if self._reflector is not None:
-                        commands += self._reflector.update(peer, prefix, None)
-                continue
-            info.rejected.discard(prefix)
-            path = paths.get(next_hop)
-            if path is None:
-                path = paths[next_hop] = Received.from_json(next_hop, attrs)
-            routes[prefix] = path
-            self._later(self.on_route, peer, prefix, next_hop, False, attrs)
-            if self._reflector is not None:
-                commands += self._reflector.update(peer, prefix, path)
+            info.announced[prefix] = (next_hop, attrs)
+            commands += self._admit(peer, info, prefix, filters, paths)
         for prefix in withdrawn:
-            if prefix in info.rejected:
-                info.rejected.discard(prefix)
-                continue
+            info.announced.pop(prefix, None)
             if routes.pop(prefix, None) is not None or not looped:
                 self._later(self.on_route, peer, prefix, None, True, {})
             if self._reflector is not None:
                 commands += self._reflector.update(peer, prefix, None)
         self._send(commands)
+
+    def _import_filters(self, peer: str) -> tuple[Filter, ...]:
+        configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
+        filters = configured.options.filters if configured is not None else ()
+        return filters if has_direction(filters, "import") else ()
+
+    def _admit(self, peer: str, info: _PeerInfo, prefix: str, filters: tuple[Filter, ...],
+               paths: dict[str, Received]) -> list[str]:
+        """Install (through ``on_route``) and reflect an announced path, unless the session's
+        import filters refuse it or the node announces that prefix itself: then it counts as
+        withdrawn."""
+        next_hop, attrs = info.announced[prefix]
+        if (filters and not accepts(filters, "import", prefix, remote=True)) or prefix in self._exports:
+            if info.routes.pop(prefix, None) is None:
+                return []
+            self._later(self.on_route, peer, prefix, None, True, {})  # accepted before, refused now
+            return self._reflector.update(peer, prefix, None) if self._reflector is not None else []
+        path = paths.get(next_hop)
+        if path is None:
+            path = paths[next_hop] = Received.from_json(next_hop, attrs)
+        info.routes[prefix] = path
+        self._later(self.on_route, peer, prefix, next_hop, False, attrs)
+        return self._reflector.update(peer, prefix, path) if self._reflector is not None else []
 
     def _looped(self, peer: str, attrs: dict[str, Any]) -> bool:
         config = self._config

@@ -12,7 +12,8 @@ kernel is asserted; nothing sleeps for a fixed time.
 - the communities of ``prefixAdvertisements`` on FRR and on BIRD;
 - ``serviceClusterIPs`` announced by both nodes, then withdrawn live when removed;
 - ``localASNumber``: FRR sees it as the nodes' AS;
-- ``netctl node status``: filters, prefixes received / accepted / sent.
+- ``netctl node status``: filters, prefixes received / accepted / sent;
+- the filter emptied while the sessions stay up: what it refused goes out and comes in.
 """
 
 from __future__ import annotations
@@ -177,5 +178,12 @@ def test_frr_and_bird_see_filters_communities_services_and_local_as() -> None:
             wait_for(lambda: SERVICES not in frr.routes(), CONVERGE, "FRR to lose the service CIDR",
                      describe=lambda: json.dumps(frr.routes()))
             assert BLOCK_A in frr.routes()
+
+            # The filter emptied, live: FRR gets pool B's block, the refused /24 reaches the kernel.
+            bgp.cluster.apply(json.dumps({"apiVersion": "tortie.dev/v1", "kind": "BGPFilter",
+                                          "metadata": {"name": "tor-policy"}, "spec": {}}) + "\n")
+            wait_for(lambda: BLOCK_B in frr.routes(), CONVERGE, "FRR to learn pool B's block once unfiltered",
+                     describe=lambda: json.dumps(frr.routes()))
+            bgp.wait_routes(1, {KEPT: frr_ip, REFUSED: frr_ip})
         finally:
             frr.stop()
