@@ -18,6 +18,13 @@ anything with the same tables): no I/O, no ExaBGP. :func:`speaker_config` follow
 - One session per peer address; the first source wins: mesh, BGPPeers for every node, BGPPeers
   for some nodes, reverse peerings (each in name order).
 - Between two nodes the one with the higher address is passive, so only one side connects.
+- A BGPPeer's per-session options (``localASNumber``, ``maxRestartTime``, ``filters``, ...) go
+  with the sessions it makes (``PeerOptions``); mesh sessions and reverse peerings have none but
+  the password. ``filters`` naming no existing BGPFilter are skipped (``netctl`` refuses them).
+
+:func:`exports` adds what ``BGPConfiguration`` asks every node to announce: the service CIDRs
+(``serviceClusterIPs``, ``serviceExternalIPs``, ``serviceLoadBalancerIPs``), and the communities
+of ``prefixAdvertisements`` on the routes inside each CIDR.
 
 IPv6 sessions are not made yet: ``SpeakerConfig`` has a single (IPv4) local address.
 """
@@ -30,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bgp.filters import Filter, compile_filter
 from bgp.model import (
     CLIENT,
     DEFAULT_ASN,
@@ -40,14 +48,19 @@ from bgp.model import (
     REFLECTOR,
     Export,
     Peer,
+    PeerOptions,
     SpeakerConfig,
+    network,
 )
 from datastore import keys, selector
 from datastore.bgp import DEFAULT_CONFIGURATION, BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec
+from datastore.bgp_filter import BGPFilter
 from datastore.model import Resource
 from ipam.block import Block
 
 log = logging.getLogger(__name__)
+
+NO_OPTIONS = PeerOptions()  # mesh sessions
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
@@ -99,14 +112,35 @@ class GlobalSettings:
     asn: int = DEFAULT_ASN
     mesh: bool = True
     port: int = DEFAULT_PORT
+    services: tuple[str, ...] = ()  # service CIDRs every node announces
+    communities: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (cidr, community values), in order
 
 
 def global_settings(source: Source) -> GlobalSettings:
     for r in source.tables.get(BGPConfiguration.KIND, {}).values():
         if r.name == DEFAULT_CONFIGURATION:
             spec: BGPConfigurationSpec = r.spec
-            return GlobalSettings(spec.asn or DEFAULT_ASN, spec.node_to_node_mesh_enabled, spec.listen_port)
+            return GlobalSettings(spec.asn or DEFAULT_ASN, spec.node_to_node_mesh_enabled, spec.listen_port,
+                                  tuple(spec.service_cidrs()),
+                                  tuple((cidr, tuple(values)) for cidr, values in spec.advertised_communities()))
     return GlobalSettings()
+
+
+def _filters(source: Source) -> dict[str, Filter]:
+    return {r.name: compile_filter(r.name, r.spec) for r in source.tables.get(BGPFilter.KIND, {}).values()}
+
+
+def peer_options(resource: Resource, filters: Mapping[str, Filter]) -> PeerOptions:
+    """The session options a BGPPeer gives the sessions it makes."""
+    spec: BGPPeerSpec = resource.spec
+    missing = [name for name in spec.filters if name not in filters]
+    if missing:
+        log.warning("BGPPeer %s: filter(s) %s do not exist; skipped", resource.name, ", ".join(missing))
+    return PeerOptions(
+        local_asn=spec.local_asn, keep_original_next_hop=spec.keep_original_next_hop,
+        restart_time=spec.restart_seconds, use_node_ip=spec.source_address != "None",
+        allowed_local_as=spec.num_allowed_local_as_numbers or 0, ttl_security=spec.ttl_security or 0,
+        password_file=spec.password_path, filters=tuple(filters[n] for n in spec.filters if n in filters))
 
 
 def bgp_nodes(source: Source, default_asn: int = DEFAULT_ASN) -> dict[str, BGPNode]:
@@ -166,13 +200,14 @@ class _Sessions:
         self.me, self.address, self.settings = me, me.ipv4, settings
         self.peers: dict[str, Peer] = {}
 
-    def add_node(self, other: BGPNode, origin: str, password: str | None = None) -> None:
+    def add_node(self, other: BGPNode, origin: str, options: PeerOptions = NO_OPTIONS) -> None:
         if other.name == self.me.name or other.ipv4 is None or other.ipv4 == self.address:
             return
         self._add(Peer(str(other.ipv4), other.asn, _kind(self.me, other, other.asn, origin), other.name,
-                       password, self.settings.port, passive=self.address > other.ipv4))
+                       None, self.settings.port, passive=self.address > other.ipv4, options=options))
 
-    def add_address(self, resource: Resource, origin: str, nodes: Mapping[str, BGPNode]) -> None:
+    def add_address(self, resource: Resource, origin: str, nodes: Mapping[str, BGPNode],
+                    options: PeerOptions) -> None:
         spec: BGPPeerSpec = resource.spec
         target = spec.address()
         assert target is not None and spec.asn is not None
@@ -185,10 +220,10 @@ class _Sessions:
         node = _node_at(address, spec.asn, nodes)
         if node is not None and port in (None, self.settings.port):
             # A BGPPeer naming one of our nodes by address: a session between two nodes.
-            self.add_node(node, origin, spec.password)
+            self.add_node(node, origin, options)
             return
         self._add(Peer(str(address), spec.asn, _kind(self.me, None, spec.asn, origin), resource.name,
-                       spec.password, port or DEFAULT_PORT))
+                       None, port or DEFAULT_PORT, options=options))
 
     def _add(self, peer: Peer) -> None:
         self.peers.setdefault(peer.address, peer)
@@ -212,16 +247,18 @@ def speaker_config(source: Source, node: str) -> SpeakerConfig | None:
                 sessions.add_node(other, MESH)
 
     peers = _peers(source)
+    filters = _filters(source)
     for r in peers:  # forward peerings: the BGPPeers that apply to this node
         spec: BGPPeerSpec = r.spec
         if me not in _local_side(spec, nodes):
             continue
         origin = EXTERNAL if spec.is_global else NODE_SPECIFIC
+        options = peer_options(r, filters)
         if spec.peer_selector:
             for other in _selected(spec.peer_selector, nodes):
-                sessions.add_node(other, origin, spec.password)
+                sessions.add_node(other, origin, options)
         else:
-            sessions.add_address(r, origin, nodes)
+            sessions.add_address(r, origin, nodes, options)
 
     for r in peers:  # reverse peerings: BGPPeers whose remote side is this node
         spec = r.spec
@@ -233,7 +270,7 @@ def speaker_config(source: Source, node: str) -> SpeakerConfig | None:
             remote = remote and port in (None, settings.port)
         if remote:
             for other in _local_side(spec, nodes):
-                sessions.add_node(other, NODE_SPECIFIC, spec.password)
+                sessions.add_node(other, NODE_SPECIFIC, PeerOptions(password_file=spec.password_path))
 
     return SpeakerConfig(node=me.name, router_id=str(me.ipv4), local_address=str(me.ipv4), asn=me.asn,
                          listen_port=settings.port, cluster_id=me.cluster_id, peers=sessions.sorted())
@@ -277,6 +314,25 @@ def exports(source: Source, node: str) -> frozenset[Export]:
                 skipped += 1
             else:
                 out.add(Export(prefix, hop))
+    settings = global_settings(source)
+    for cidr in settings.services:
+        hop = hops[network(cidr).version]
+        if hop is None:
+            skipped += 1
+        else:
+            out.add(Export(cidr, hop))
     if skipped:
         log.debug("node %s has no IPv6 address: %d IPv6 prefix(es) not announced", node, skipped)
+    if settings.communities:
+        return frozenset(_with_communities(e, settings.communities) for e in out)
     return frozenset(out)
+
+
+def _with_communities(export: Export, advertised: Iterable[tuple[str, tuple[str, ...]]]) -> Export:
+    prefix = network(export.prefix)
+    values: list[str] = []
+    for cidr, communities in advertised:
+        net = network(cidr)
+        if net.version == prefix.version and prefix.subnet_of(net):  # type: ignore[arg-type]
+            values += [c for c in communities if c not in values]
+    return Export(export.prefix, export.next_hop, tuple(values)) if values else export

@@ -103,6 +103,10 @@ def check(config: SpeakerConfig) -> None:
             raise ConfigError(f"peer {peer.address} is listed twice")
         seen.add(address)
         _asn(peer.asn, f"asn of peer {peer.address}")
+        if peer.options.local_asn is not None:
+            _asn(peer.options.local_asn, f"local asn of peer {peer.address}")
+        if not 0 <= peer.options.ttl_security <= 254:
+            raise ConfigError(f"ttl security of peer {peer.address}: {peer.options.ttl_security} is not 0 to 254 hops")
         _port(peer.port, f"port of peer {peer.address}")
 
 
@@ -111,10 +115,12 @@ def _neighbor(config: SpeakerConfig, peer: Peer) -> list[str]:
     head = f"neighbor {address} {{"
     if peer.name:
         head += f"  # {peer.kind}: {_comment(peer.name)}"
-    body = [
-        f"router-id {config.router_id};",
-        f"local-address {config.local_address};",
-        f"local-as {config.asn};",
+    options = peer.options
+    body = [f"router-id {config.router_id};"]
+    if options.use_node_ip:  # sourceAddress: None leaves the source address to the kernel
+        body.append(f"local-address {config.local_address};")
+    body += [
+        f"local-as {options.local_asn or config.asn};",
         f"peer-as {peer.asn};",
         f"hold-time {config.hold_time};",
         # The agent sends End-of-RIB itself, after re-announcing on session up: ExaBGP's own EOR
@@ -129,8 +135,12 @@ def _neighbor(config: SpeakerConfig, peer: Peer) -> list[str]:
         # base64 so that any password survives ExaBGP's tokenizer (quotes, spaces, '#', ';').
         encoded = base64.b64encode(peer.password.encode()).decode()
         body += [f"md5-password {encoded};", "md5-base64 true;"]
+    if options.ttl_security:
+        # GTSM (RFC 5082): send with TTL 255, accept nothing that crossed more than N hops.
+        body += ["outgoing-ttl 255;", f"incoming-ttl {256 - options.ttl_security};"]
+    restart = options.restart_time or config.graceful_restart
     if config.graceful_restart:
-        body += ["capability {", f"    graceful-restart {config.graceful_restart};", "}"]
+        body += ["capability {", f"    graceful-restart {restart};", "}"]
     body += ["family {", *(f"    {f};" for f in FAMILIES), "}"]
     body += [
         "api {",
@@ -283,17 +293,36 @@ def _nlri(entry: Any) -> str:
 BATCH = 250  # prefixes per `announce attributes ... nlri` command (reference: batching halves the time)
 
 
-def announce(prefixes_by_next_hop: Mapping[str, Sequence[str]], *, peer: str | None = None,
-             withdraw: bool = False) -> list[str]:
-    """`[neighbor P] announce|withdraw attributes next-hop NH nlri PFX...`, in batches."""
+def announce(prefixes_by_next_hop: Mapping[str, Sequence[str]] | Mapping[Route, Sequence[str]], *,
+             peer: str | Sequence[str] | None = None, withdraw: bool = False) -> list[str]:
+    """`[neighbor P[, neighbor Q]] announce|withdraw attributes next-hop NH [community [..]]
+    [large-community [..]] nlri PFX...`, in batches. Keys are a next hop, or a (next hop,
+    communities) pair for routes that carry communities."""
     verb = "withdraw" if withdraw else "announce"
-    head = f"neighbor {peer} {verb}" if peer else verb
+    peers = [peer] if isinstance(peer, str) else list(peer or [])
+    head = f"{', '.join(f'neighbor {p}' for p in peers)} {verb}" if peers else verb
     out = []
-    for next_hop, prefixes in sorted(prefixes_by_next_hop.items()):
+    for key, prefixes in sorted(prefixes_by_next_hop.items(), key=lambda kv: _route_key(kv[0])):
+        next_hop, communities = (key, ()) if isinstance(key, str) else key
+        attributes = f"next-hop {next_hop}{_communities(communities)}"
         ordered = sorted(prefixes)
         for i in range(0, len(ordered), BATCH):
-            out.append(f"{head} attributes next-hop {next_hop} nlri {' '.join(ordered[i:i + BATCH])}")
+            out.append(f"{head} attributes {attributes} nlri {' '.join(ordered[i:i + BATCH])}")
     return out
+
+
+Route = tuple[str, tuple[str, ...]]  # (next hop, communities): what one batch of prefixes shares
+
+
+def _route_key(key: str | Route) -> Route:
+    return (key, ()) if isinstance(key, str) else key
+
+
+def _communities(values: Sequence[str]) -> str:
+    standard = [c for c in values if c.count(":") == 1]
+    large = [c for c in values if c.count(":") == 2]
+    text = f" community [ {' '.join(standard)} ]" if standard else ""
+    return text + (f" large-community [ {' '.join(large)} ]" if large else "")
 
 
 def end_of_rib(peer: str, family: str) -> str:

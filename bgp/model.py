@@ -7,6 +7,8 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
+from bgp.filters import Filter
+
 DEFAULT_ASN = 64512
 DEFAULT_PORT = 179
 
@@ -19,6 +21,21 @@ NODE_SPECIFIC = "node specific"
 
 
 @dataclass(frozen=True)
+class PeerOptions:
+    """A ``BGPPeer``'s per-session options (Calico's names in the comments); the defaults are what
+    a mesh session uses."""
+
+    local_asn: int | None = None  # localASNumber: the AS we claim on this session (else the node's)
+    keep_original_next_hop: bool = False  # keepOriginalNextHop
+    restart_time: int | None = None  # maxRestartTime, seconds (else the speaker's graceful_restart)
+    use_node_ip: bool = True  # sourceAddress: UseNodeIP (else None: the kernel picks the source)
+    allowed_local_as: int = 0  # numAllowedLocalASNumbers: our AS this often in a received path is no loop
+    ttl_security: int = 0  # ttlSecurity: hops to the peer (GTSM); 0: off
+    password_file: str | None = None  # password.file.path: the TCP-MD5 key, read by the speaker
+    filters: tuple[Filter, ...] = ()  # filters, in order
+
+
+@dataclass(frozen=True)
 class Peer:
     address: str  # the peer's IP (IPv4 or IPv6)
     asn: int
@@ -27,6 +44,8 @@ class Peer:
     password: str | None = None  # TCP-MD5
     port: int = DEFAULT_PORT
     passive: bool = False  # wait for the peer to connect (the higher address of a mesh pair)
+    options: PeerOptions = PeerOptions()
+
 
 
 @dataclass(frozen=True)
@@ -46,8 +65,9 @@ class SpeakerConfig:
 class Export:
     """A prefix this node announces, with itself as next hop."""
 
-    prefix: str  # a confirmed block, or a /32 (/128) of an address held in a borrowed block
+    prefix: str  # a confirmed block, a /32 (/128) of an address held in a borrowed block, a service CIDR
     next_hop: str
+    communities: tuple[str, ...] = ()  # "aa:nn" and "aa:nn:mm" (large), from prefixAdvertisements
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,10 @@ class SessionStatus:
     state: str  # BGP's names: Idle, Connect, Active, OpenSent, OpenConfirm, Established
     since: str  # ISO time of the last state change
     info: str = ""
+    filters: tuple[str, ...] = ()  # the BGPFilter names applied, in order
+    received: int = 0  # prefixes the peer announces to us now
+    accepted: int = 0  # of those, the ones the import filters let through
+    sent: int = 0  # prefixes we announce to it now
 
 
 @functools.lru_cache(maxsize=1 << 15)

@@ -15,9 +15,12 @@ a stale path of a restarting peer only when there is nothing fresh) and advertis
 - NEXT_HOP, LOCAL_PREF, MED, AS_PATH and communities unchanged; ORIGINATOR_ID set (kept if there,
   else the sender's identifier); our cluster ID prepended to CLUSTER_LIST.
 
-eBGP peers take no part: their routes are not reflected (every node has its own external peers)
-and reflected routes are not sent to them. Loop check on receipt (``looped``): a path whose
-ORIGINATOR_ID is our router ID or whose CLUSTER_LIST holds our cluster ID is treated as withdrawn.
+A session's export filters (``BGPPeer.spec.filters``) apply to what is reflected to it, as to
+routes learned from remote peers (``source: RemotePeers`` matches them); import filters were
+applied before a path got here (``bgp.speaker``). eBGP peers take no part: their routes are not
+reflected (every node has its own external peers) and reflected routes are not sent to them. Loop
+check on receipt (``looped``): a path whose ORIGINATOR_ID is our router ID or whose CLUSTER_LIST
+holds our cluster ID is treated as withdrawn.
 Prefixes this node originates itself (``own``) are never reflected.
 """
 
@@ -28,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bgp.filters import Filter, accepts, has_direction
 from bgp.model import CLIENT, Peer
 
 _ORIGINS = {"igp": 0, "egp": 1, "incomplete": 2}
@@ -80,6 +84,7 @@ class Reflector:
         self._rib: dict[str, dict[str, Received]] = {}  # prefix -> sender -> path
         self._sent: dict[str, dict[str, str]] = {}  # peer -> prefix -> route text it holds from us
         self._own: frozenset[str] = frozenset()
+        self._filters: dict[str, tuple[Filter, ...]] = {}  # peer -> its export filters
 
     # -- inputs, each returning the commands to send ---------------------------------------------
 
@@ -89,7 +94,9 @@ class Reflector:
         peers = list(peers)
         self._ibgp = {p.address for p in peers if p.asn == self.asn}
         self._clients = {p.address for p in peers if p.asn == self.asn and p.kind == CLIENT}
-        touched: set[str] = set()
+        filters = {p.address: p.options.filters for p in peers if has_direction(p.options.filters, "export")}
+        touched: set[str] = set(self._rib) if filters != self._filters else set()
+        self._filters = filters
         for gone in [a for a in self._up if a not in self._ibgp]:
             del self._up[gone]
             self._sent.pop(gone, None)
@@ -188,11 +195,14 @@ class Reflector:
         return (p.stale_until is not None, -p.local_pref, len(p.as_path), _ORIGINS.get(p.origin, 3),
                 p.med or 0, len(p.cluster_list), _ip_key(originator), _ip_key(sender))
 
-    def _targets(self, sender: str, path: Received) -> set[str]:
+    def _targets(self, prefix: str, sender: str, path: Received) -> set[str]:
         originator = path.originator_id or self._up.get(sender, sender)
         out = set()
         for peer, identifier in self._up.items():
             if peer == sender or identifier == originator or peer == path.next_hop:
+                continue
+            filters = self._filters.get(peer)
+            if filters and not accepts(filters, "export", prefix, remote=True):
                 continue
             if sender in self._clients or peer in self._clients:
                 out.add(peer)
@@ -221,7 +231,7 @@ class Reflector:
             targets: set[str] = set()
             text = ""
             if chosen is not None:
-                targets = self._targets(*chosen)
+                targets = self._targets(prefix, *chosen)
                 text = self._text(prefix, *chosen)
             for peer in [only] if only else list(self._up):
                 sent = self._sent.setdefault(peer, {})

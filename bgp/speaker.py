@@ -5,13 +5,18 @@
 - ``configure(config)``: the first call starts ExaBGP; later ones re-render its configuration and
   ``reload`` it (ExaBGP touches only added, removed or changed neighbors); a new local address or
   listen port (ExaBGP's environment) restarts it.
-- ``announce(exports)``: only the difference is sent; a peer whose session comes up gets all of
-  them again (ExaBGP keeps no Adj-RIB-Out across sessions and gives API routes to no neighbor
-  added later), then End-of-RIB (``manual-eor``), after what a reflector reflects to it.
+- ``announce(exports)``: only the difference is sent, to each peer what its export filters
+  accept (``bgp.outbound``); a peer whose session comes up gets all of them again (ExaBGP keeps
+  no Adj-RIB-Out across sessions and gives API routes to no neighbor added later), then
+  End-of-RIB (``manual-eor``), after what a reflector reflects to it.
 - what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)``, session changes
   ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``. A looped path (our
   router ID as ORIGINATOR_ID, our cluster ID in CLUSTER_LIST, our AS in an eBGP AS_PATH) counts
-  as withdrawn. With ``cluster_id`` set the node reflects (``bgp.reflector``).
+  as withdrawn, and so does a path the session's import filters reject (``bgp.filters``; it
+  reaches neither the kernel nor the reflector) or one for a prefix this node announces itself
+  (a service CIDR every node announces must not become a route to another node). With
+  ``cluster_id`` set the node reflects (``bgp.reflector``).
+- TCP-MD5 keys are read from the files the peers name (``bgp.passwords``) on each ``configure``.
 - ExaBGP dying is noticed and it is started again after a backoff. It does not outlive a killed
   agent for long: its API process tears the sessions down (NOTIFICATION, so peers drop our
   routes) and stops it when no agent has come back within a few seconds (``bgp.api_process``).
@@ -39,9 +44,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bgp import exabgp
+from bgp import exabgp, outbound
 from bgp.api_process import Channel, ExaBGPProcess
+from bgp.filters import Filter, accepts, has_direction
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
+from bgp.passwords import with_keys
 from bgp.reflector import Received, Reflector
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,9 @@ class _PeerInfo:
     restart_time: int = 0
     families: tuple[str, ...] = exabgp.FAMILIES
     routes: dict[str, Received] = field(default_factory=dict)
+    # Every prefix the peer announces now, accepted or not (import filters, own prefixes): what
+    # changed import filters are applied to again, without asking the peer to send it again.
+    announced: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # -> (next hop, attrs)
 
 
 class Speaker:
@@ -92,6 +102,8 @@ class Speaker:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._config: SpeakerConfig | None = None
+        self._key_problems: dict[str, str] = {}  # peer -> why its key file cannot be used
+        self._key_kinds: dict[str, str] = {}
         self._env: dict[str, str] = {}
         self._exports: dict[str, Export] = {}
         self._status: dict[str, SessionStatus] = {}
@@ -110,13 +122,19 @@ class Speaker:
 
     def configure(self, config: SpeakerConfig) -> None:
         """Apply ``config``; ``exabgp.ConfigError`` for one ExaBGP would refuse."""
+        wanted = config
+        config, problems = with_keys(config)
         socket_path = self.state_dir / exabgp.SOCKET_FILE
         text = exabgp.render(config, socket_path=socket_path, python=self.python)
         env = exabgp.environment(config, self.state_dir)
         with self._lock:
             first = self._config is None
+            old_peers = {p.address: p for p in self._config.peers} if self._config else {}
             old_env, self._config, self._env = self._env, config, env
+            self._key_problems = {p.address: problems[p.address] for p in wanted.peers if p.address in problems}
+            self._key_kinds = {p.address: p.kind for p in wanted.peers if p.address in problems}
             self._set_peers(config.peers)
+            self._refilter(old_peers, config.peers)
             self._set_reflector(config)
             if first:
                 self._exabgp.prepare()
@@ -138,16 +156,35 @@ class Speaker:
         new = {_canonical(e.prefix): e for e in exports}
         with self._lock:
             old, self._exports = self._exports, new
-            gone = _by_next_hop(e for p, e in old.items() if p not in new)
-            added = _by_next_hop(e for p, e in new.items() if old.get(p) != e)
-            commands = exabgp.announce(gone, withdraw=True) + exabgp.announce(added)
+            commands = outbound.changes(old, new, self._config.peers if self._config else (), self._established())
+            # A prefix that became (or stopped being) our own: peers' paths for it go (or come back).
+            changed = old.keys() ^ new.keys()
+            for address, info in self._peers.items() if changed else ():
+                filters, paths = self._import_filters(address), dict[str, Received]()
+                for prefix in changed & info.announced.keys():
+                    commands += self._admit(address, info, prefix, filters, paths)
             if self._reflector is not None:
                 commands += self._reflector.own(new)
             self._send(commands)
+        self._fire()
 
     def sessions(self) -> list[SessionStatus]:
+        """Each session's state, with its filters and prefix counts (received, accepted, sent)."""
         with self._lock:
-            return [self._status[p.address] for p in self._config.peers] if self._config else []
+            if self._config is None:
+                return []
+            out = []
+            for p in self._config.peers:
+                status = self._status[p.address]
+                info = self._peers.get(p.address, _PeerInfo())
+                up = status.state == "Established"
+                sent = len(outbound.for_peer(outbound.export_filters(p), self._exports)) if up else 0
+                out.append(replace(status, filters=tuple(f.name for f in p.options.filters),
+                                   received=len(info.announced), accepted=len(info.routes),
+                                   sent=sent))
+            out += [SessionStatus(a, self._key_kinds.get(a, ""), "Idle", _now(), problem)
+                    for a, problem in self._key_problems.items()]
+            return out
 
     def restart_time(self, peer: str) -> int:
         """The graceful-restart time ``peer`` advertised (0: none): how long to keep its routes."""
@@ -185,7 +222,8 @@ class Speaker:
         no callbacks; otherwise withdraw everything first."""
         if not graceful:
             with self._lock:
-                commands = exabgp.announce(_by_next_hop(self._exports.values()), withdraw=True)
+                commands = outbound.changes(self._exports, {}, self._config.peers if self._config else (),
+                                            self._established())
                 sent = self._send(commands + (self._reflector.withdraw_all() if self._reflector else []))
             deadline = time.monotonic() + 3.0
             while sent and self._acks and time.monotonic() < deadline:
@@ -215,6 +253,28 @@ class Speaker:
             if old is None or old.kind != peer.kind:
                 state = old.state if old else ("Idle" if not self._exabgp.running() else _waiting(peer))
                 self._status[address] = SessionStatus(address, peer.kind, state, old.since if old else _now())
+
+    def _established(self) -> list[str]:
+        return [p for p, s in self._status.items() if s.state == "Established"]
+
+    def _refilter(self, old: dict[str, Peer], new: Iterable[Peer]) -> None:
+        """Sessions that stay up while their filters change: they get the difference of what
+        we export, and what they announced is filtered again (no route refresh needed)."""
+        up = set(self._established())
+        commands: list[str] = []
+        for peer in new:
+            before = old.get(peer.address)
+            if peer.address not in up or before is None or before.options.filters == peer.options.filters:
+                continue
+            commands += outbound.refilter(self._exports, peer.address, outbound.export_filters(before),
+                                          outbound.export_filters(peer))
+            info = self._peers.get(peer.address)
+            if info is not None:
+                filters, paths = self._import_filters(peer.address), dict[str, Received]()
+                for prefix in list(info.announced):
+                    if (prefix in info.routes) != accepts(filters, "import", prefix, remote=True):
+                        commands += self._admit(peer.address, info, prefix, filters, paths)
+        self._send(commands)
 
     def _set_reflector(self, config: SpeakerConfig) -> None:
         if self._reflector is not None and self._reflector.cluster_id != config.cluster_id:
@@ -248,6 +308,7 @@ class Speaker:
     def _session_down(self, peer: str, info: str) -> None:
         if peer in self._peers:
             self._peers[peer].routes = {}
+            self._peers[peer].announced = {}
             if info.startswith("notification"):  # "notification sent (4,0)", "... received (6,2)"
                 self._peers[peer].restart_time = 0
         configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
@@ -259,8 +320,10 @@ class Speaker:
         """Everything ``peer`` should have from us, then End-of-RIB per family it negotiated."""
         info = self._peers.setdefault(peer, _PeerInfo())
         families = {4 if f.startswith("ipv4") else 6 for f in info.families}
-        exports = (e for p, e in self._exports.items() if ipaddress.ip_network(p).version in families)
-        commands = exabgp.announce(_by_next_hop(exports), peer=peer)
+        configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
+        accepted = outbound.for_peer(outbound.export_filters(configured), self._exports)
+        exports = (e for p, e in accepted.items() if ipaddress.ip_network(p).version in families)
+        commands = exabgp.announce(outbound.by_route(exports), peer=peer)
         if self._reflector is not None:
             commands += self._reflector.session_up(peer, info.router_id)
         commands += [exabgp.end_of_rib(peer, f) for f in info.families if f in exabgp.FAMILIES]
@@ -300,8 +363,10 @@ class Speaker:
         self._counts["updates"] += 1
         self._last_update = time.time()
         peer, attrs = event.peer, dict(event.attrs)
-        routes = self._peers.setdefault(peer, _PeerInfo()).routes
+        info = self._peers.setdefault(peer, _PeerInfo())
+        routes = info.routes
         looped = self._looped(peer, attrs)
+        filters = self._import_filters(peer)
         paths: dict[str, Received] = {}  # by next hop: one UPDATE shares its attributes
         withdrawn = list(event.withdrawn)
         commands: list[str] = []
@@ -310,27 +375,51 @@ class Speaker:
                 self._counts["looped"] += 1
                 withdrawn.append(prefix)
                 continue
-            path = paths.get(next_hop)
-            if path is None:
-                path = paths[next_hop] = Received.from_json(next_hop, attrs)
-            routes[prefix] = path
-            self._later(self.on_route, peer, prefix, next_hop, False, attrs)
-            if self._reflector is not None:
-                commands += self._reflector.update(peer, prefix, path)
+            info.announced[prefix] = (next_hop, attrs)
+            commands += self._admit(peer, info, prefix, filters, paths)
         for prefix in withdrawn:
+            info.announced.pop(prefix, None)
             if routes.pop(prefix, None) is not None or not looped:
                 self._later(self.on_route, peer, prefix, None, True, {})
             if self._reflector is not None:
                 commands += self._reflector.update(peer, prefix, None)
         self._send(commands)
 
+    def _import_filters(self, peer: str) -> tuple[Filter, ...]:
+        configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
+        filters = configured.options.filters if configured is not None else ()
+        return filters if has_direction(filters, "import") else ()
+
+    def _admit(self, peer: str, info: _PeerInfo, prefix: str, filters: tuple[Filter, ...],
+               paths: dict[str, Received]) -> list[str]:
+        """Install (through ``on_route``) and reflect an announced path, unless the session's
+        import filters refuse it or the node announces that prefix itself: then it counts as
+        withdrawn."""
+        next_hop, attrs = info.announced[prefix]
+        if (filters and not accepts(filters, "import", prefix, remote=True)) or prefix in self._exports:
+            if info.routes.pop(prefix, None) is None:
+                return []
+            self._later(self.on_route, peer, prefix, None, True, {})  # accepted before, refused now
+            return self._reflector.update(peer, prefix, None) if self._reflector is not None else []
+        path = paths.get(next_hop)
+        if path is None:
+            path = paths[next_hop] = Received.from_json(next_hop, attrs)
+        info.routes[prefix] = path
+        self._later(self.on_route, peer, prefix, next_hop, False, attrs)
+        return self._reflector.update(peer, prefix, path) if self._reflector is not None else []
+
     def _looped(self, peer: str, attrs: dict[str, Any]) -> bool:
         config = self._config
         assert config is not None
         if attrs.get("originator-id") == config.router_id or config.cluster_id in attrs.get("cluster-list", []):
             return True
-        external = any(p.address == peer and p.asn != config.asn for p in config.peers)
-        return external and config.asn in Received.from_json("", attrs).as_path
+        configured = next((p for p in config.peers if p.address == peer), None)
+        if configured is None or configured.asn == config.asn:
+            return False
+        # eBGP: our AS in the path is a loop, unless numAllowedLocalASNumbers allows it that often.
+        ours = {config.asn, configured.options.local_asn or config.asn}
+        path = Received.from_json("", attrs).as_path
+        return sum(1 for asn in path if asn in ours) > configured.options.allowed_local_as
 
     def _on_hello(self, pid: int) -> bool:
         """An API process connected: take it if it is our ExaBGP's. A second one from the same
@@ -448,13 +537,6 @@ class Speaker:
 def _waiting(peer: Peer | None) -> str:
     """BGP's name for a session being attempted: Active while waiting for the peer to connect."""
     return "Active" if peer is not None and peer.passive else "Connect"
-
-
-def _by_next_hop(exports: Iterable[Export]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for e in exports:
-        out.setdefault(e.next_hop, []).append(_canonical(e.prefix))
-    return out
 
 
 def _canonical(prefix: str) -> str:

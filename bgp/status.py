@@ -1,7 +1,8 @@
 """BGP session status in etcd: the agent writes its sessions, ``netctl node status`` reads them.
 
 One key per node, ``/tortie/status/v1/bgp/<node>``, holding
-``{"node": ..., "updated": <ISO time>, "peers": [{"peer", "kind", "state", "since", "info"}, ...]}``.
+``{"node": ..., "updated": <ISO time>, "peers": [{"peer", "kind", "state", "since", "info", "filters",
+"received", "accepted", "sent"}, ...]}`` (the last four absent in what an older agent wrote).
 The agent writes it under its lease, so the key vanishes when the agent dies: no key means no
 agent running on that node (calicoctl's "Calico process is not running").
 """
@@ -65,7 +66,10 @@ def read_status(client: StatusClient, node: str) -> list[SessionStatus] | None:
     try:
         doc = json.loads(kv.value)
         return [SessionStatus(peer=str(p["peer"]), kind=str(p["kind"]), state=str(p["state"]),
-                              since=str(p.get("since", "")), info=str(p.get("info", "")))
+                              since=str(p.get("since", "")), info=str(p.get("info", "")),
+                              filters=tuple(str(f) for f in p.get("filters", [])),
+                              received=int(p.get("received", 0)), accepted=int(p.get("accepted", 0)),
+                              sent=int(p.get("sent", 0)))
                 for p in doc["peers"]]
     except (ValueError, KeyError, TypeError) as e:
         raise ValidationError(f"the BGP status of node {node} ({status_key(node)}) is corrupt: {e!r}") from None

@@ -1,9 +1,10 @@
-"""Calico v3's BGP kinds: ``BGPConfiguration`` and ``BGPPeer``, their validation and reference checks.
+"""Calico v3's BGP kinds: ``BGPConfiguration``, ``BGPPeer`` and ``BGPFilter``, their validation.
 
 Field names and meaning follow Calico's API (``api/pkg/apis/projectcalico/v3``): the
 ``BGPConfiguration`` named ``default`` holds the cluster's AS number, whether the node-to-node mesh
 is on and the BGP port; a ``BGPPeer`` says which nodes (``node``, ``nodeSelector``, or every node)
-peer with what (``peerIP`` + ``asNumber``, or the nodes ``peerSelector`` selects). Validation
+peer with what (``peerIP`` + ``asNumber``, or the nodes ``peerSelector`` selects) and with which
+per-session options and ``filters`` (``BGPFilter`` names, applied in order). Validation
 happens once, while a document is decoded, and names the field path of the problem; afterwards AS
 numbers are plain integers (asdot ``1.10`` converted) and peer addresses canonical.
 
@@ -19,9 +20,19 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from datastore import selector
+from datastore.bgp_filter import BGPFilter
+from datastore.bgp_options import (
+    Community,
+    PrefixAdvertisement,
+    ServiceCIDR,
+    check_duration,
+    check_filter_names,
+    check_services,
+    resolve_communities,
+)
 from datastore.errors import ValidationError
 from datastore.model import Kind, check_name, json_field
 
@@ -98,6 +109,11 @@ class BGPConfigurationSpec:
     node_to_node_mesh_enabled: bool = True
     listen_port: int = 179
     log_severity_screen: str = ""  # accepted for Calico files; the speaker logs through the agent
+    communities: list[Community] = field(default_factory=list)
+    prefix_advertisements: list[PrefixAdvertisement] = field(default_factory=list)
+    service_cluster_ips: list[ServiceCIDR] = json_field("serviceClusterIPs", default_factory=list)
+    service_external_ips: list[ServiceCIDR] = json_field("serviceExternalIPs", default_factory=list)
+    service_load_balancer_ips: list[ServiceCIDR] = json_field("serviceLoadBalancerIPs", default_factory=list)
 
     @property
     def asn(self) -> int | None:
@@ -108,6 +124,49 @@ class BGPConfigurationSpec:
             self.as_number = parse_asn(self.as_number, f"{where}.asNumber")
         if not 1 <= self.listen_port <= PORT_MAX:
             raise ValidationError(f"{where}.listenPort {self.listen_port} is out of range (1-{PORT_MAX})")
+        names: set[str] = set()
+        for i, c in enumerate(self.communities):
+            if c.name in names:
+                raise ValidationError(f"{where}.communities[{i}].name {c.name!r} is defined twice")
+            names.add(c.name)
+        for i, a in enumerate(self.prefix_advertisements):
+            resolve_communities(a.communities, self.communities, f"{where}.prefixAdvertisements[{i}].communities")
+        for name, cidrs in (("serviceClusterIPs", self.service_cluster_ips),
+                            ("serviceExternalIPs", self.service_external_ips),
+                            ("serviceLoadBalancerIPs", self.service_load_balancer_ips)):
+            check_services(cidrs, f"{where}.{name}")
+
+    def advertised_communities(self) -> list[tuple[str, list[str]]]:
+        """(cidr, community values) per ``prefixAdvertisements`` entry, names resolved."""
+        return [(a.cidr, resolve_communities(a.communities, self.communities, "")) for a in self.prefix_advertisements]
+
+    def service_cidrs(self) -> list[str]:
+        """Every service CIDR the nodes announce (cluster, external, load-balancer), in order."""
+        return [s.cidr for s in (*self.service_cluster_ips, *self.service_external_ips,
+                                 *self.service_load_balancer_ips)]
+
+
+@dataclass
+class BGPPasswordFile:
+    path: str
+
+
+@dataclass
+class BGPPassword:
+    """Where the TCP-MD5 key is: ``file.path`` on the node. Calico's ``secretKeyRef`` names a
+    Kubernetes secret, which Tortie does not have."""
+
+    file: BGPPasswordFile | None = None
+    secret_key_ref: dict[str, str] | None = None
+
+    def validate(self, where: str) -> None:
+        if self.secret_key_ref is not None:
+            raise ValidationError(f"{where}.secretKeyRef is not supported (no Kubernetes secrets): put the key in "
+                                  "a file on the nodes and give its path as password.file.path")
+        if self.file is None:
+            raise ValidationError(f"{where}.file is required (password: {{file: {{path: /path/to/key}}}})")
+        if not self.file.path.startswith("/"):
+            raise ValidationError(f"{where}.file.path {self.file.path!r} must be an absolute path")
 
 
 @dataclass
@@ -117,9 +176,30 @@ class BGPPeerSpec:
     as_number: int | float | str | None = None
     node_selector: str = ""
     peer_selector: str = ""
-    # Calico takes {secretKeyRef: ...}; Tortie has no secret store, so the TCP-MD5 key is given as is.
-    password: str | None = None
+    # Calico takes {secretKeyRef: ...}; Tortie has no secret store: the key is in a file on the
+    # nodes and only its path is in etcd. A plain string is refused by validate().
+    password: BGPPassword | str | None = None
     keep_original_next_hop: bool = False
+    local_as_number: int | float | str | None = json_field("localASNumber", default=None)
+    max_restart_time: str | None = None  # a duration, "120s"
+    source_address: str = "UseNodeIP"
+    num_allowed_local_as_numbers: int | None = json_field("numAllowedLocalASNumbers", default=None)
+    ttl_security: int | None = None  # hops (GTSM)
+    filters: list[str] = field(default_factory=list)
+
+    @property
+    def local_asn(self) -> int | None:
+        return None if self.local_as_number is None else int(self.local_as_number)
+
+    @property
+    def password_path(self) -> str | None:
+        if isinstance(self.password, BGPPassword) and self.password.file is not None:
+            return self.password.file.path
+        return None
+
+    @property
+    def restart_seconds(self) -> int | None:
+        return None if self.max_restart_time is None else check_duration(self.max_restart_time, "maxRestartTime")
 
     @property
     def asn(self) -> int | None:
@@ -163,8 +243,26 @@ class BGPPeerSpec:
                 raise ValidationError(f"{where}.asNumber is required with peerIP")
         if self.as_number is not None:
             self.as_number = parse_asn(self.as_number, f"{where}.asNumber")
-        if self.password is not None and not 1 <= len(self.password.encode()) <= TCP_MD5_KEY_MAX:
-            raise ValidationError(f"{where}.password must be 1-{TCP_MD5_KEY_MAX} bytes (a TCP-MD5 key)")
+        if isinstance(self.password, str):
+            raise ValidationError(
+                f"{where}.password must not hold the key itself (it would be stored in etcd): put it in a file "
+                "on the nodes and give password: {file: {path: /path/to/key}}")
+        if self.local_as_number is not None:
+            self.local_as_number = parse_asn(self.local_as_number, f"{where}.localASNumber")
+        if self.max_restart_time is not None:
+            seconds = check_duration(self.max_restart_time, f"{where}.maxRestartTime")
+            if not 1 <= seconds <= 4095:
+                raise ValidationError(f"{where}.maxRestartTime {self.max_restart_time!r} must be 1s to 4095s "
+                                      "(BGP's graceful-restart time is 12 bits)")
+        if self.source_address not in ("UseNodeIP", "None"):
+            raise ValidationError(f"{where}.sourceAddress {self.source_address!r} must be UseNodeIP or None")
+        if self.num_allowed_local_as_numbers is not None and not 0 <= self.num_allowed_local_as_numbers <= 10:
+            raise ValidationError(f"{where}.numAllowedLocalASNumbers {self.num_allowed_local_as_numbers} must be "
+                                  "0-10 (how often our own AS may appear in a received AS path)")
+        if self.ttl_security is not None and not 0 <= self.ttl_security <= 254:
+            raise ValidationError(f"{where}.ttlSecurity {self.ttl_security} must be 0-254 (the number of hops "
+                                  "to the peer; 0: off)")
+        check_filter_names(self.filters, f"{where}.filters")
 
 
 class BGPConfiguration(Kind):
@@ -183,7 +281,7 @@ class BGPPeer(Kind):
     SHORT_NAMES = ("bgppeer",)
     SPEC = BGPPeerSpec
     TABLE = (("PEERIP", "peerIP"), ("NODE", "node"), ("ASN", "asNumber"))
-    WIDE = TABLE + (("NODESELECTOR", "nodeSelector"), ("PEERSELECTOR", "peerSelector"))
+    WIDE = TABLE + (("NODESELECTOR", "nodeSelector"), ("PEERSELECTOR", "peerSelector"), ("FILTERS", "filters"))
 
 
-BGP_KINDS: tuple[type[Kind], ...] = (BGPConfiguration, BGPPeer)
+BGP_KINDS: tuple[type[Kind], ...] = (BGPConfiguration, BGPPeer, BGPFilter)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the etcd client (grpc) is imported by whoever makes one, no
 log = logging.getLogger(__name__)
 
 # The kinds whose changes can change this node's sessions or exports.
-INPUT_KINDS = frozenset({"IPPool", "Node", "Block", "Affinity", "BGPConfiguration", "BGPPeer"})
+INPUT_KINDS = frozenset({"IPPool", "Node", "Block", "Affinity", "BGPConfiguration", "BGPPeer", "BGPFilter"})
 STATUS_TTL = 15  # seconds: `node status` says "not running" this long after the agent dies
 STATUS_EVERY = 5.0
 

@@ -1,4 +1,5 @@
-"""`netctl node status`: a node's BGP sessions, as `calicoctl node status` shows them.
+"""`netctl node status`: a node's BGP sessions, as `calicoctl node status` shows them, plus per
+peer the BGPFilters applied and the prefixes received, accepted (by the import filters) and sent.
 
 Owns the arguments and the printing. The sessions are what the node's agent last wrote
 (`bgp.status`); no status key means the agent is not running there, which is an error (exit 1),
@@ -19,7 +20,7 @@ from bgp.model import SessionStatus
 from bgp.status import read_status
 from netctl.errors import UserError
 
-HEADERS = ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO")
+HEADERS = ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO", "FILTERS", "RECEIVED", "ACCEPTED", "SENT")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
@@ -52,14 +53,17 @@ def run_status(args: argparse.Namespace) -> int:
     peers = sorted(sessions or [], key=_order)
     if args.output == "json":
         print(json.dumps({"peers": [{"peerAddress": s.peer, "peerType": s.kind, "state": s.state,
-                                     "since": s.since, "info": s.info} for s in peers],
+                                     "since": s.since, "info": s.info, "filters": list(s.filters),
+                                     "prefixesReceived": s.received, "prefixesAccepted": s.accepted,
+                                     "prefixesSent": s.sent} for s in peers],
                           "node": node, "running": sessions is not None}, indent=2))
     if sessions is None:
         raise UserError(f"Tortie agent on node {node} is not running (it has no BGP status in the datastore)")
     if args.output == "table":
         out = [f"Tortie agent on node {node} is running.", ""]
         for version in (4, 6):
-            rows = [(s.peer, s.kind, s.state, s.since, s.info) for s in peers if _family(s) == version]
+            rows = [(s.peer, s.kind, s.state, s.since, s.info, ",".join(s.filters) or "-", str(s.received),
+                     str(s.accepted), str(s.sent)) for s in peers if _family(s) == version]
             out.append(f"IPv{version} BGP status")
             out.append(render_box(HEADERS, rows) if rows else f"No IPv{version} peers found.\n")
         sys.stdout.write("\n".join(out))

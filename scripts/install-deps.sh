@@ -14,6 +14,7 @@ apt_packages=(
   podman runc conmon uidmap busybox-static # podman 4.3 with its CNI backend, a busybox image
   qemu-system-x86 linux-image-amd64        # the VM that runs the IPIP tests (no ipip module here)
   bird2                                    # a BGP peer we did not write (external peer, reflector)
+  frr                                      # FRR 8.4's bgpd: a second external BGP peer (filters, communities)
   iperf3                                   # pod-to-pod throughput in bench/dataplane_bench.py
 )
 
@@ -31,6 +32,10 @@ if [ "${1:-}" != "--no-apt" ]; then
   # Debian starts an etcd on the default ports; Tortie's tests and labs run their own.
   if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
     systemctl stop etcd || true; systemctl disable etcd >/dev/null 2>&1 || true
+  fi
+  # Debian's frr service would run zebra in the root namespace; the lab runs its own bgpd per namespace.
+  if command -v systemctl >/dev/null && systemctl is-enabled --quiet frr 2>/dev/null; then
+    systemctl stop frr || true; systemctl disable frr >/dev/null 2>&1 || true
   fi
 fi
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bgp.learned import LearnedRoutes
-from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
+from bgp.model import Export, Peer, PeerOptions, SessionStatus, SpeakerConfig
 from bgp.speaker import Speaker
 from netlab.bird import RouteMonitor, kernel_routes
 from netlab.lab import Lab
@@ -40,7 +40,13 @@ PYTHON = sys.executable
 
 
 def config_from_json(doc: dict[str, Any]) -> SpeakerConfig:
-    return SpeakerConfig(**{**doc, "peers": tuple(Peer(**p) for p in doc.get("peers", ()))})
+    return SpeakerConfig(**{**doc, "peers": tuple(_peer(p) for p in doc.get("peers", ()))})
+
+
+def _peer(doc: dict[str, Any]) -> Peer:
+    options = dict(doc.get("options", {}))
+    assert not options.get("filters"), "the driver does not carry BGPFilters"
+    return Peer(**{**doc, "options": PeerOptions(**{**options, "filters": ()})})
 
 
 def config_to_json(config: SpeakerConfig) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -238,10 +239,12 @@ def test_route_reflectors_with_the_mesh_off() -> None:
 # -- 3. BIRD 2 as an external router, then as the reflector ---------------------------------------
 
 
-def test_bird_as_external_peer_and_as_route_reflector() -> None:
+def test_bird_as_external_peer_and_as_route_reflector(tmp_path: Path) -> None:
     bird_ip = "198.18.0.14"
     password = "tortie #1; secret"  # TCP-MD5, with characters ExaBGP's tokenizer would trip on
-    preamble = bgp_peer_yaml("tor", peerIP=bird_ip, asNumber=BIRD_ASN, password=password)
+    key = tmp_path / "tor.key"  # the key stays on the nodes: etcd holds only its path
+    key.write_text(password + "\n")
+    preamble = bgp_peer_yaml("tor", peerIP=bird_ip, asNumber=BIRD_ASN, password={"file": {"path": str(key)}})
     with BGPCluster("bgb", 4, agents=[1, 2, 3], preamble=preamble) as bgp:
         c = bgp.cluster
         nodes = [1, 2, 3]

@@ -31,9 +31,12 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 SESSIONS = [
     SessionStatus("10.0.0.3", MESH, "Active", "2024-05-01T10:00:03Z", "Connection refused"),
-    SessionStatus("10.0.0.2", REFLECTOR, "Established", "2024-05-01T10:00:02Z"),
+    SessionStatus("10.0.0.2", REFLECTOR, "Established", "2024-05-01T10:00:02Z", filters=("no-b", "edge"),
+                  received=5, accepted=4, sent=3),
     SessionStatus("fd00::2", CLIENT, "Established", "2024-05-01T10:00:04Z"),
 ]
+
+NOTHING = {"filters": [], "prefixesReceived": 0, "prefixesAccepted": 0, "prefixesSent": 0}
 
 
 @pytest.fixture
@@ -67,11 +70,12 @@ def test_json_shows_what_the_agent_wrote(netctl: Run, etcd_client: EtcdClient) -
         assert list(doc) == ["peers", "node", "running"]
         assert doc == {"node": "n1", "running": True, "peers": [
             {"peerAddress": "10.0.0.2", "peerType": "route reflector", "state": "Established",
-             "since": "2024-05-01T10:00:02Z", "info": ""},
+             "since": "2024-05-01T10:00:02Z", "info": "", "filters": ["no-b", "edge"], "prefixesReceived": 5,
+             "prefixesAccepted": 4, "prefixesSent": 3},
             {"peerAddress": "10.0.0.3", "peerType": "node-to-node mesh", "state": "Active",
-             "since": "2024-05-01T10:00:03Z", "info": "Connection refused"},
+             "since": "2024-05-01T10:00:03Z", "info": "Connection refused", **NOTHING},
             {"peerAddress": "fd00::2", "peerType": "rr client", "state": "Established",
-             "since": "2024-05-01T10:00:04Z", "info": ""}]}
+             "since": "2024-05-01T10:00:04Z", "info": "", **NOTHING}]}
     finally:
         lease.revoke()
 
@@ -89,11 +93,13 @@ def test_table_like_calicoctl(netctl: Run, etcd_client: EtcdClient) -> None:
         v6 = lines.index("IPv6 BGP status")
         v4_table = lines[v4 + 1:v6 - 1]
         assert [c.strip() for c in v4_table[1].strip("|").split("|")] == \
-            ["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"]
+            ["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO", "FILTERS", "RECEIVED", "ACCEPTED", "SENT"]
         assert v4_table[0].startswith("+--") and v4_table[2] == v4_table[0] == v4_table[-1]
         rows = [[c.strip() for c in line.strip("|").split("|")] for line in v4_table[3:-1]]
-        assert rows == [["10.0.0.2", "route reflector", "Established", "2024-05-01T10:00:02Z", ""],
-                        ["10.0.0.3", "node-to-node mesh", "Active", "2024-05-01T10:00:03Z", "Connection refused"]]
+        assert rows == [["10.0.0.2", "route reflector", "Established", "2024-05-01T10:00:02Z", "", "no-b,edge",
+                         "5", "4", "3"],
+                        ["10.0.0.3", "node-to-node mesh", "Active", "2024-05-01T10:00:03Z", "Connection refused",
+                         "-", "0", "0", "0"]]
         assert lines[v6 + 4].startswith("| fd00::2 ")
 
         write_status(etcd_client, "n1", [], lease)

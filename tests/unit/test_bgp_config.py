@@ -9,7 +9,7 @@ import itertools
 from typing import Any
 
 from bgp.config import exports, speaker_config
-from bgp.model import CLIENT, EXTERNAL, MESH, NODE_SPECIFIC, REFLECTOR, Export, Peer, SpeakerConfig
+from bgp.model import CLIENT, EXTERNAL, MESH, NODE_SPECIFIC, REFLECTOR, Export, Peer, PeerOptions, SpeakerConfig
 from datastore import codec
 from datastore.model import Resource
 from felix_agent.calc.snapshot import Affinity, Snapshot
@@ -200,10 +200,12 @@ def test_reflector_named_by_address_gets_the_reverse_sessions() -> None:
 
 
 def test_global_external_peer_applies_to_every_node() -> None:
-    cfgs = configs([*cluster(3), peer("tor", peerIP="10.0.0.254", asNumber=65000, password="s3cret")])
+    cfgs = configs([*cluster(3), peer("tor", peerIP="10.0.0.254", asNumber=65000,
+                                      password={"file": {"path": "/etc/tortie/tor.key"}})])
     for c in cfgs.values():
         tor = next(p for p in c.peers if p.address == "10.0.0.254")
-        assert tor == Peer("10.0.0.254", 65000, EXTERNAL, "tor", "s3cret", 179, passive=False)
+        assert tor == Peer("10.0.0.254", 65000, EXTERNAL, "tor", None, 179, passive=False,
+                           options=PeerOptions(password_file="/etc/tortie/tor.key"))
 
 
 def test_per_node_external_peer_with_port() -> None:

@@ -56,7 +56,8 @@ def test_as_numbers_plain_and_asdot(given: Any, asn: int) -> None:
 
 def test_valid_peers() -> None:
     tor = decode("BGPPeer", {"peerIP": "192.0.2.1:1790", "asNumber": 65000, "node": "node-1",
-                             "password": "s3cret", "keepOriginalNextHop": True}).spec
+                             "password": {"file": {"path": "/etc/tortie/tor.key"}},
+                             "keepOriginalNextHop": True}).spec
     assert (tor.address(), tor.is_global) == ((ipaddress.ip_address("192.0.2.1"), 1790), False)
     v6 = decode("BGPPeer", {"peerIP": "[FD00:0::1]:179", "asNumber": 65000}).spec
     assert v6.peer_ip == "[fd00::1]:179" and v6.is_global
@@ -74,7 +75,8 @@ def test_valid_peers() -> None:
     ("BGPConfiguration", {"asNumber": 1.1}, "write asdot numbers quoted ('1.10')"),
     ("BGPConfiguration", {"asNumber": "big"}, "spec.asNumber 'big' is not an AS number"),
     ("BGPConfiguration", {"listenPort": 70000}, "spec.listenPort 70000 is out of range"),
-    ("BGPConfiguration", {"serviceClusterIPs": []}, "spec has no field 'serviceClusterIPs'"),
+    ("BGPConfiguration", {"serviceClusterIPs": [{"cidr": "10.96.0.0/99"}]},
+     "spec.serviceClusterIPs[0].cidr '10.96.0.0/99' is not a CIDR"),
     ("BGPPeer", {"peerIP": "10.0.0.1", "asNumber": -5}, "spec.asNumber -5 is out of range"),
     ("BGPPeer", {"peerIP": "10.0.0.300", "asNumber": 65000}, "spec.peerIP '10.0.0.300' is not an IP address"),
     ("BGPPeer", {"peerIP": "router.example", "asNumber": 65000}, "spec.peerIP 'router.example' is not an IP"),
@@ -90,9 +92,10 @@ def test_valid_peers() -> None:
     ("BGPPeer", {"peerSelector": "rr == "}, "spec.peerSelector:"),
     ("BGPPeer", {"nodeSelector": "has(", "peerIP": "10.0.0.1", "asNumber": 1}, "spec.nodeSelector:"),
     ("BGPPeer", {"node": "Node_1", "peerIP": "10.0.0.1", "asNumber": 1}, "spec.node 'Node_1' is not a valid name"),
-    ("BGPPeer", {"peerIP": "10.0.0.1", "asNumber": 1, "password": "x" * 81}, "spec.password must be 1-80 bytes"),
+    ("BGPPeer", {"peerIP": "10.0.0.1", "asNumber": 1, "password": "s3cret"},
+     "spec.password must not hold the key itself (it would be stored in etcd)"),
     ("BGPPeer", {"peerIP": "10.0.0.1", "asNumber": 1, "password": {"secretKeyRef": {"name": "s", "key": "k"}}},
-     "spec.password must be a string"),
+     "spec.password.secretKeyRef is not supported"),
     ("Node", {"bgp": {"ipv4Address": "10.0.0.1/24", "routeReflectorClusterID": "rr-1"}},
      "spec.bgp.routeReflectorClusterID 'rr-1' must be an IPv4 address"),
     ("Node", {"bgp": {"ipv4Address": "10.0.0.1/24", "asNumber": 4294967296}}, "spec.bgp.asNumber 4294967296 is out"),
