@@ -29,9 +29,9 @@ from datastore import keys
 from datastore.errors import Conflict
 from datastore.kv import Delete, Unchanged
 from datastore.resources import Node, WorkloadEndpoint
-from ipam.allocator import IPAM, Handle
+from ipam.allocator import IPAM
 from ipam.block import Address, Block, Network
-from ipam.handles import attachment_handle, attachment_of, belongs_to, legacy_handle
+from ipam.handles import Handle, attachment_handle, attachment_of, belongs_to, legacy_handle
 from ipam.pools import Pool, pool_for_address
 
 if TYPE_CHECKING:

@@ -7,9 +7,9 @@ import ipaddress
 
 from datastore import keys
 from ipam import check
-from ipam.allocator import Handle
 from ipam.block import Block
 from ipam.check import EndpointRecord, Snapshot, analyse, plan_gc
+from ipam.handles import Handle
 from ipam.pools import Pool
 
 POOL = Pool("default-ipv4", ipaddress.ip_network("10.244.0.0/16"), 26, False, "all()", False)

@@ -14,8 +14,8 @@ import pytest
 from datastore.codec import decode
 from datastore.resources import IPPool, WorkloadEndpoint
 from ipam import check
-from ipam.allocator import Handle
 from ipam.block import Block
+from ipam.handles import Handle
 from ipam.pools import Pool
 from netctl import main as netctl_main
 from netctl import resources_cmd
