@@ -13,7 +13,8 @@ import pytest
 
 from cni_plugins.wiring import netns
 from felix_agent.dataplane import nfnetlink
-from felix_agent.dataplane.nftables import Chain, Hook, Map, NftTable, Rule, Ruleset, Set
+from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set
+from felix_agent.dataplane.nftables import NftTable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
