@@ -1,13 +1,14 @@
 """The nftables driver: one table, read back from the kernel and written in atomic nft transactions.
 
-Owns the table in the kernel; knows nothing about policy or pools. Its callers (*owners*: the
-policy manager, the NAT-outgoing manager) each declare the chains, sets and verdict maps they want
-(``felix_agent.dataplane.nft_ruleset``), by name; ``apply()`` merges the declarations, diffs them against what the kernel holds and writes the difference as one
-transaction: set and map elements are added or deleted without touching any rule; a chain whose
-rules changed is flushed and rewritten; objects nobody declares any more are deleted after the
-rules that referenced them. What it cannot diff (a set whose type changed, a base chain whose hook
-changed, a transaction the kernel refused) is repaired by recreating the whole table in one
-transaction, so the kernel never sees a half-written table.
+Owns the table in the kernel; knows nothing about policy or pools. Its callers (*owners*: the policy
+manager, the NAT-outgoing manager) each declare the chains, sets and verdict maps they want
+(``felix_agent.dataplane.nft_ruleset``), by name; ``apply()`` merges the declarations, diffs them
+against what the kernel holds and writes the difference as one transaction: set and map elements are
+added or deleted without touching any rule; a chain whose rules changed is flushed and rewritten;
+objects nobody declares any more are deleted after the rules that referenced them. What it cannot
+diff (a set whose type changed, a base chain whose hook changed, a transaction the kernel refused)
+is repaired by recreating the whole table in one transaction, so the kernel never sees a
+half-written table.
 
 The kernel is the record: every rule carries a comment starting with a hash of its text, so a
 restarted agent (or a periodic ``reload()``) recognises its own rules, and a rule edited or
