@@ -149,6 +149,8 @@ def top_functions(raw: Path, limit: int = 25) -> tuple[list[tuple[str, float]], 
 def main() -> int:
     from bench.prerequisites import require
     from netctl.install_cmd import install_plugins
+    from netlab.agent import Agent
+    from netlab.cni import tortie_plugin
     from netlab.lab import Lab
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -180,19 +182,15 @@ def main() -> int:
         cnibin.mkdir()
         install_plugins(cnibin)
         sock = work / "n1.sock"
-        conf = {"cniVersion": "1.0.0", "name": "bench", "type": "tortie", "nodename": "n1", "mtu": 1450,
-                "etcd_endpoints": env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"],
-                "etcd_cert_file": env["ETCD_CERT_FILE"], "etcd_key_file": env["ETCD_KEY_FILE"],
-                "agent_socket": str(sock), "ipam": {"type": "tortie-ipam"}}
-        pid = lab.start_process(node.netns, [str(BIN / "felix-agent"), "--nodename", "n1", "--cni-socket", str(sock),
-                                             "--state-dir", str(work / "state"), "--log-level", "warning"],
-                                work / "agent.log",
-                                {**env, "PYTHONPATH": str(args.source.resolve())} if args.source else env)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"felix-agent did not come up: {(work / 'agent.log').read_text()[-2000:]}")
-            time.sleep(0.05)
+        conf = {"cniVersion": "1.0.0", "name": "bench", **tortie_plugin("n1", env, sock, mtu=1450)}
+        agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log",
+                      env={**env, "PYTHONPATH": str(args.source.resolve())} if args.source else env,
+                      log_level="warning", node_ip=False)
+        pid = agent.start()
+        try:
+            agent.wait_socket(30)
+        except AssertionError as e:
+            raise SystemExit(f"felix-agent did not come up: {e}") from None
         cni_path = f"{cnibin}:{REFERENCE}"
         recorders: list[subprocess.Popen[bytes]] = []
         try:

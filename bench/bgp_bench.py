@@ -101,7 +101,7 @@ class RouteWatch:
     PROTOCOLS = {"bird": 12}
 
     def __init__(self, netns: str, proto: str, changed: threading.Condition) -> None:
-        from cni_plugins.wiring import netns as entered
+        from kernel.netns import netns as entered
 
         self.netns, self.proto, self.changed = netns, proto, changed
         self.added: dict[str, float] = {}
@@ -162,7 +162,7 @@ class RouteWatch:
         self._sock.close()
 
 
-def wait_for(changed: threading.Condition, ready: Callable[[], float | None], timeout: float, what: str) -> float:
+def wait_changed(changed: threading.Condition, ready: Callable[[], float | None], timeout: float, what: str) -> float:
     """Wait (on the watches' condition) until ``ready()`` returns a time; return it."""
     deadline = time.monotonic() + timeout
     with changed:
@@ -262,13 +262,13 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
             seen = [w.added.get(prefix) for w in others]
             return max(seen) if all(s is not None and s >= t0 for s in seen) else None  # type: ignore[type-var]
 
-        last = wait_for(changed, everywhere, CLAIM_TIMEOUT, f"{prefix} in the kernel of every node")
+        last = wait_changed(changed, everywhere, CLAIM_TIMEOUT, f"{prefix} in the kernel of every node")
         out.last.append(last - t0)
         out.first.append(min(w.added[prefix] for w in others) - t0)
         out.trigger.append(t1 - t0)
         if own is not None:
             watch = own[origin]
-            seen = wait_for(changed, lambda w=watch, p=prefix, t0=t0: (  # type: ignore[misc]
+            seen = wait_changed(changed, lambda w=watch, p=prefix, t0=t0: (  # type: ignore[misc]
                 w.added[p] if w.added.get(p, -1.0) >= t0 else None), CLAIM_TIMEOUT, f"{prefix} on its own node")
             out.origin.append(seen - t0)
     return out
@@ -575,20 +575,16 @@ def start_bird_again(bgp: Any, k: int, config: str, start: Callable[..., Any]) -
 
 
 def wait_for_bird(bird: Any, sessions: int, established: Callable[[Any], set[str]], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while len(established(bird)) < sessions:
-        if time.monotonic() > deadline:
-            raise BenchFailure(f"BIRD in {bird.netns} has not {sessions} sessions up after {timeout:g} s:\n"
-                               + bird.birdc("show", "protocols"))
-        time.sleep(0.2)
+    from netlab.wait import wait_for
+
+    wait_for(lambda: len(established(bird)) >= sessions, timeout, f"BIRD in {bird.netns} to have {sessions} sessions",
+             interval=0.2, describe=lambda: bird.birdc("show", "protocols"))
 
 
 def wait_path(path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise BenchFailure(f"{path} did not appear in {timeout:g} s")
-        time.sleep(0.05)
+    from netlab.wait import wait_for
+
+    wait_for(path.exists, timeout, f"{path} to appear")
 
 
 def kernel_count(netns: str, proto: str) -> int:
@@ -620,7 +616,7 @@ def bulk_transfer(netns: str, proto: str, source: Any, routes: Sequence[str], ch
                 times = [table.get(p) for p in wanted]
                 return max(times) if all(x is not None and x >= t0 for x in times) else None  # type: ignore[type-var]
 
-            done = wait_for(changed, complete, BULK_TIMEOUT, f"{len(wanted)} routes to be {verb}d in {netns}")
+            done = wait_changed(changed, complete, BULK_TIMEOUT, f"{len(wanted)} routes to be {verb}d in {netns}")
             out[key] = done - t0
             for name, read in cpu.items():
                 out[f"cpu {key} {name}"] = read() - cpu0[name]

@@ -108,6 +108,8 @@ def _cpu_seconds(pid: int) -> float:
 
 def main() -> int:
     from netctl.install_cmd import install_plugins
+    from netlab.agent import Agent
+    from netlab.cni import tortie_plugin
     from netlab.lab import Lab
 
     ap = argparse.ArgumentParser()
@@ -137,10 +139,7 @@ def main() -> int:
                   file=sys.stderr)
         install_plugins(pybin, "python")
         sock = work / "n1.sock"
-        tortie = {"cniVersion": "1.0.0", "name": "bench", "type": "tortie", "nodename": "n1", "mtu": 1450,
-                  "etcd_endpoints": env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"],
-                  "etcd_cert_file": env["ETCD_CERT_FILE"], "etcd_key_file": env["ETCD_KEY_FILE"],
-                  "agent_socket": str(sock), "ipam": {"type": "tortie-ipam"}}
+        tortie = {"cniVersion": "1.0.0", "name": "bench", **tortie_plugin("n1", env, sock, mtu=1450)}
         ptp = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "ipMasq": False, "mtu": 1450,
                "ipam": {"type": "host-local", "dataDir": str(work / "hl"),
                         "ranges": [[{"subnet": "10.216.0.0/16"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
@@ -164,13 +163,13 @@ def main() -> int:
         results = {"reference ptp+host-local": run("ref", REFERENCE / "ptp", ptp, str(REFERENCE)),
                    "tortie in-process (compiled)": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
         agent_log_level = os.environ.get("BENCH_AGENT_LOG", "warning")
-        pid = lab.start_process(node.netns, [str(BIN / "felix-agent"), "--nodename", "n1", "--cni-socket",
-                                             str(sock), "--log-level", agent_log_level], work / "agent.log", env)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"felix-agent did not come up: {(work / 'agent.log').read_text()[-2000:]}")
-            time.sleep(0.05)
+        agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log", env=env,
+                      log_level=agent_log_level, node_ip=False)
+        pid = agent.start()
+        try:
+            agent.wait_socket(30)
+        except AssertionError as e:
+            raise SystemExit(f"felix-agent did not come up: {e}") from None
         cycles = 3 + n + 4 * churn
         agent_cpu: dict[str, float] = {}
         for name, tag, binary in (("tortie delegated, compiled", "agent", cnibin),

@@ -133,8 +133,8 @@ def _in_set(name: str, ip: str) -> bool:
     5,000 endpoints nft takes ~10 ms to start, and it competes with the agent for the 2 cores)."""
     import ipaddress
 
-    from felix_agent.dataplane import nfnetlink
-    return ipaddress.ip_address(ip).packed in nfnetlink.set_keys("inet", "tortie", name)
+    from kernel import nfnl
+    return ipaddress.ip_address(ip).packed in nfnl.set_keys("inet", "tortie", name)
 
 
 def drive_relabel(total: int, changes: int, timeout: float) -> None:
@@ -178,8 +178,9 @@ def drive_relabel(total: int, changes: int, timeout: float) -> None:
 def drive_new(first: int, count: int, timeout: float) -> None:
     """Create endpoints first.. one at a time; time each from the write to both its chains holding rules."""
     from datastore import codec
-    from felix_agent.dataplane import nfnetlink
     from felix_agent.dataplane.policy import EGRESS, INGRESS, endpoint_chain
+    from kernel import nfnl
+    from kernel.netlink import KernelError
     store = _store()
     samples = []
     for i in range(first, first + count):
@@ -189,9 +190,9 @@ def drive_new(first: int, count: int, timeout: float) -> None:
         store.create(codec.decode(_endpoint_doc(i)))
         while True:
             try:
-                if all(nfnetlink.rule_tags("inet", "tortie", chains).values()):
+                if all(nfnl.rule_tags("inet", "tortie", chains).values()):
                     break
-            except nfnetlink.NetlinkError:
+            except KernelError:
                 pass  # not there yet
             if time.perf_counter() - started > timeout:
                 raise SystemExit(f"endpoint {i}: chains {chains} never appeared")
@@ -227,13 +228,14 @@ def _links(lab: Any, tmp: Path, op: str, first: int, count: int) -> None:
 AGENT_LOG_LEVEL = "info"
 
 
-def _start_agent(lab: Any, k: int, tmp: Path, env: dict[str, str]) -> int:
-    node = lab.node(k)
+def _start_agent(lab: Any, k: int, tmp: Path, env: dict[str, str]) -> Any:
+    from netlab.agent import Agent
+
     state = tmp / f"n{k}"
-    state.mkdir(exist_ok=True)
-    argv = [str(BIN / "felix-agent"), "--nodename", f"n{k}", "--node-ip", f"{node.address}/24",
-            "--cni-socket", str(state / "cni.sock"), "--state-dir", str(state), "--log-level", AGENT_LOG_LEVEL]
-    return int(lab.start_process(node.netns, argv, tmp / f"agent{k}.log", env))
+    agent = Agent(lab, lab.node(k), cni_socket=state / "cni.sock", state_dir=state, log=tmp / f"agent{k}.log",
+                  env=env, log_level=AGENT_LOG_LEVEL)
+    agent.start()
+    return agent
 
 
 def _iperf(lab: Any, server_ns: str, client_ns: str, address: str, seconds: int, tmp: Path, tag: str) -> float:
@@ -277,14 +279,15 @@ def _netctl(lab: Any, env: dict[str, str], *args: str) -> str:
 
 def run(quick: bool, keep_logs: Path | None = None) -> dict[str, Any]:
     from netlab import netns as ip_netns
-    from netlab.lab import Lab
+    from netlab.cni import tortie_plugin
+    from netlab.lab import Lab, unique_name
 
     cold_eps, cold_pols = (200, 100) if quick else (1000, 500)
     inc_eps, inc_pols = (1000, 100) if quick else (5000, 500)
     changes, new_eps, iperf_s, fwd_rules, fwd_rounds = 10, 5, 5, 1000, 3
     figures: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    name = f"dpb{secrets.token_hex(3)}"
+    name = unique_name("dpb")
     with tempfile.TemporaryDirectory() as tmpdir, Lab(name, nodes=2) as lab:
         tmp = Path(tmpdir)
         env = lab.etcd_env()
@@ -323,7 +326,7 @@ def run(quick: bool, keep_logs: Path | None = None) -> dict[str, Any]:
 
         # Reference for 1: restart the agent with nothing of ours left in the datastore.
         _driver(lab, env, "clear")
-        lab.stop_process(agent1)
+        agent1.stop()
         if keep_logs is not None:  # the restarted agent writes the same file
             keep_logs.mkdir(parents=True, exist_ok=True)
             (keep_logs / "agent1-loaded.log").write_bytes((tmp / "agent1.log").read_bytes())
@@ -347,22 +350,17 @@ def run(quick: bool, keep_logs: Path | None = None) -> dict[str, Any]:
         (tmp / "pools.yaml").write_text("apiVersion: tortie.dev/v1\nkind: IPPool\nmetadata: {name: p4}\n"
                                         "spec: {cidr: 10.244.0.0/16, vxlanMode: Always, natOutgoing: true}\n")
         _netctl(lab, env, "apply", "-f", str(tmp / "pools.yaml"))
-        _start_agent(lab, 2, tmp, env)
-        for k in (1, 2):
-            deadline = time.time() + 30
-            while not (tmp / f"n{k}" / "cni.sock").exists() and time.time() < deadline:
-                time.sleep(0.1)
+        agent2 = _start_agent(lab, 2, tmp, env)
+        for agent in (agent1, agent2):
+            agent.wait_socket(30)
         cnibin = tmp / "bin"
         cnibin.mkdir()
         for p in ("tortie", "tortie-ipam"):
             (cnibin / p).symlink_to(BIN / p)
 
         def conf(k: int) -> dict[str, Any]:
-            return {"cniVersion": "1.0.0", "name": "tnet", "plugins": [{
-                "type": "tortie", "nodename": f"n{k}", "mtu": 1400, "etcd_endpoints": env["ETCD_ENDPOINTS"],
-                "etcd_ca_cert_file": env["ETCD_CA_CERT_FILE"], "etcd_cert_file": env["ETCD_CERT_FILE"],
-                "etcd_key_file": env["ETCD_KEY_FILE"], "agent_socket": str(tmp / f"n{k}" / "cni.sock"),
-                "ipam": {"type": "tortie-ipam"}}]}
+            return {"cniVersion": "1.0.0", "name": "tnet",
+                    "plugins": [tortie_plugin(f"n{k}", env, tmp / f"n{k}" / "cni.sock", mtu=1400)]}
 
         pods = {k: lab.add_pod(k, f"iperf{k}", conf(k), cni_path=[cnibin, Path("/usr/lib/cni")],
                                labels={"app": "iperf"}) for k in (1, 2)}

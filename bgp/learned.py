@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bgp.model import SessionStatus, address, canonical, network
-from felix_agent.dataplane.ipip import IPIP_DEVICE
-from felix_agent.dataplane.netlink import KernelError, KernelRoute, write_each
+from kernel.netlink import KernelError
+from kernel.rtnl import IPIP_FALLBACK_DEVICE as IPIP_DEVICE
+from kernel.rtnl import KernelRoute, write_each
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ EncapFor = Callable[[str], str | None]  # prefix -> "ipip" | "ipip-cross-subnet"
 
 
 class RouteDriver(Protocol):
-    """What ``felix_agent.dataplane.netlink.Netlink`` offers (a fake in unit tests)."""
+    """What ``kernel.rtnl.RTNL`` offers (a fake in unit tests)."""
 
     def routes(self) -> list[KernelRoute]: ...
     def add_route(self, route: KernelRoute) -> None: ...
@@ -234,7 +235,7 @@ class LearnedRoutes:
             )
 
     def _write(self, ops: list[tuple[str, KernelRoute]]) -> None:
-        """Make the writes, in bulk when the driver can (``Netlink.write_routes``: many requests
+        """Make the writes, in bulk when the driver can (``RTNL.write_routes``: many requests
         per system call, ~60x faster than one round trip each), and record what they did."""
         if not ops:
             return

@@ -21,3 +21,7 @@ def host_ifname(network: str, container_id: str, ifname: str) -> str:
     """
     digest: str = sha1(f"{network}.{container_id}.{ifname}".encode()).hexdigest()
     return HOST_IF_PREFIX + digest[:11]
+
+# The route protocol of the routes Tortie's CNI wiring and agent program (CONTRACT, "Kernel
+# objects"); BGP-learned routes carry 81 (``bgp.learned``). The kernel layer knows neither.
+ROUTE_PROTOCOL = 80

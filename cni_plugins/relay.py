@@ -27,6 +27,11 @@ import _socket
 import posix  # built in; ``os`` is not loaded yet under -S and would cost ~1.5 ms of CPU
 import time  # built in
 
+# typing costs milliseconds at import and is only needed by the type checker (mypy reads this idiom).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 DEFAULT_SOCKET = "/run/tortie/cni.sock"
 # Seconds (environment: TORTIE_RELAY_ACCEPT_TIMEOUT, TORTIE_RELAY_ANSWER_TIMEOUT). A warm agent
 # accepts within a millisecond; an answer includes the policy wait (felix-agent --policy-timeout, 10 s).
@@ -162,13 +167,13 @@ def relay(plugin: str, data: bytes, environ: dict[str, str] | None = None) -> tu
     return answer
 
 
-def _read_until(sock: _socket.socket, got: bytes, deadline: float, enough: object) -> bytes:
+def _read_until(sock: _socket.socket, got: bytes, deadline: float, enough: "Callable[[bytes], bool]") -> bytes:
     """Read until ``enough(bytes so far)``, end of stream, or ``deadline``. At the deadline the
     connection is shut down both ways first (the agent's writes fail from then on, atomically), and
     what had already arrived is all there is."""
     chunks = [got]
     data = got
-    while not enough(data):  # type: ignore[operator]
+    while not enough(data):
         left = deadline - time.time()
         if left <= 0:
             sock.shutdown(_socket.SHUT_RDWR)

@@ -12,13 +12,13 @@ route and gets a table of its own, used for traffic from its addresses.
 "Host" means the namespace of the calling thread, so a lab can run all of this inside a namespace
 of its own. Must not touch anything but the attachment's own links, routes and sysctls (plus
 turning forwarding on in the host namespace), and keeps no state: the kernel is the record.
-Speaks rtnetlink through ``cni_plugins.rtnl`` (standard library only), so the in-process plugin
-does not pay for pyroute2's import and each request costs one system call.
+Speaks rtnetlink through ``kernel.rtnl`` and enters namespaces through ``kernel.netns`` (standard
+library only), so the in-process plugin does not pay for pyroute2's import and each request costs
+one system call.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import os
@@ -27,8 +27,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from cni_plugins.naming import HOST_IF_PREFIX
-from cni_plugins.rtnl import NUD_PERMANENT, RTNL, NetlinkError
+from cni_plugins.naming import HOST_IF_PREFIX, ROUTE_PROTOCOL
+from kernel import netns as namespaces
+from kernel.netlink import KernelError
+from kernel.rtnl import LOOPBACK_INDEX, RT_TABLE_MAIN, RTNL, RTPROT_BOOT, KernelRoute
 
 Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -36,20 +38,11 @@ HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"  # the EUI-64 link-local address HOST_MAC gives the host end
 GATEWAY = {4: GATEWAY_V4, 6: GATEWAY_V6}
-DEFAULT = {4: "0.0.0.0", 6: "::"}
-ROUTE_PROTOCOL = 80  # Tortie's agent (CONTRACT, "Kernel objects")
+DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 # A container's second and later attachments route their own addresses' traffic through a table
 # of their own, chosen by the interface's index in the container: ``from <address> lookup <table>``.
 SECONDARY_TABLE_BASE = 10000
 RULE_PRIORITY = 100
-RT_SCOPE_LINK = 253
-RT_TABLE_MAIN = 254
-RTPROT_BOOT = 3  # what `ip route add` and pyroute2 give a route by default
-IFA_F_NODAD = 0x02
-LOOPBACK_INDEX = 1  # the kernel gives every namespace's lo index 1
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class WiringError(Exception):
@@ -76,24 +69,15 @@ class Wired:
 
 
 @contextmanager
-def netns(path: str | int) -> Iterator[None]:
-    """Run the body with the calling thread in the network namespace ``path`` (a path or an open fd).
-
-    The thread always returns to the namespace it came from, even when the body raises. Only the
-    calling thread moves: the network namespace is a per-thread attribute.
-    """
-    target = _open_netns(path) if isinstance(path, str) else path
-    origin = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+def _inside(path: str | int) -> Iterator[None]:
+    """``kernel.netns.netns`` with its refusals as this module's errors (NetnsNotFound, WiringError)."""
     try:
-        _setns(target, path)
-        try:
+        with namespaces.netns(path):
             yield
-        finally:
-            _setns(origin, "this thread came from")
-    finally:
-        os.close(origin)
-        if isinstance(path, str):
-            os.close(target)
+    except namespaces.NetnsNotFound as e:
+        raise NetnsNotFound(str(e)) from None
+    except namespaces.NetnsError as e:
+        raise WiringError(str(e)) from None
 
 
 def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[Address]) -> Wired:
@@ -101,7 +85,7 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
     families: set[int] = {a.version for a in addresses}
     with ExitStack() as resources:
         host = resources.enter_context(RTNL())
-        with netns(netns_path):
+        with _inside(netns_path):
             container = resources.enter_context(RTNL())  # the socket stays in the container's namespace
         ns_fd = _open_netns(netns_path)
         resources.callback(os.close, ns_fd)
@@ -114,7 +98,7 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
                 try:
                     # The host end is created up; it has no carrier until the peer comes up, last.
                     host.add_veth(host_if, HOST_MAC, mtu, ifname, ns_fd)
-                except NetlinkError as e:
+                except KernelError as e:
                     if e.code == errno.EEXIST:  # lost a race with another ADD of the same name
                         raise InterfaceExists(f"{host_if} or {ifname} in {netns_path} appeared meanwhile") from e
                     raise
@@ -134,14 +118,13 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
                     raise WiringError(f"{ifname} in {netns_path} vanished while it was being configured")
                 index, mac = peer.index, peer.mac
                 if 6 in families:
-                    with netns(ns_fd):
+                    with _inside(ns_fd):
                         _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
-                container.set_up(LOOPBACK_INDEX)
-                container.set_up(index)
+                container.set_link(LOOPBACK_INDEX, up=True)
+                container.set_link(index, up=True)
                 for a in addresses:  # Calico's /32 and /128: everything is reached through the gateway
                     with _doing(f"adding the address {a.ip} to {ifname} in {netns_path}"):
-                        flags = IFA_F_NODAD if a.version == 6 else 0
-                        container.add_address(index, str(a.ip), a.max_prefixlen, flags)
+                        container.add_address(index, _host_cidr(a))  # IPv6 without DAD
                 # The gateway's MAC is fixed: a permanent entry means the pod never needs an ARP or
                 # NDP answer for it, so it works on a host with no route (proxy ARP needs one).
                 for version in sorted(families):
@@ -150,15 +133,14 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
                 for version in sorted(families):
                     if version not in taken:  # the container's first attachment: Calico's routes
                         if version == 4:
-                            container.add_route(GATEWAY_V4, 32, oif=index, scope=RT_SCOPE_LINK, protocol=RTPROT_BOOT)
-                        container.add_route(DEFAULT[version], 0, gateway=GATEWAY[version], oif=index,
-                                            protocol=RTPROT_BOOT)
+                            container.add_route(KernelRoute(f"{GATEWAY_V4}/32", scope="link", ifindex=index))
+                        container.add_route(KernelRoute(DEFAULT[version], gateway=GATEWAY[version], ifindex=index))
                         continue
                     # A further attachment: the main table's default route stays the first's; what is
                     # sent from this attachment's addresses leaves through it, by a table of its own.
                     table = secondary_table(index)
-                    container.add_route(DEFAULT[version], 0, gateway=GATEWAY[version], oif=index,
-                                        protocol=RTPROT_BOOT, table=table, onlink=True)
+                    container.add_route(KernelRoute(DEFAULT[version], gateway=GATEWAY[version], ifindex=index,
+                                                    proto=RTPROT_BOOT, table=table, onlink=True))
                     for a in addresses:
                         if a.version == version:
                             container.add_rule(str(a.ip), a.max_prefixlen, table, RULE_PRIORITY)
@@ -167,7 +149,7 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
                 for a in addresses:
                     _add_host_route(host, host_index, a)
             undo.pop_all()
-        return Wired(host_if, host_mac, ifname, mac, index)
+        return Wired(host_if, host_mac or "", ifname, mac or "", index)
 
 
 def secondary_table(container_index: int) -> int:
@@ -176,9 +158,7 @@ def secondary_table(container_index: int) -> int:
 
 def _families_with_default(container: RTNL) -> set[int]:
     """The address families for which the container already has a main-table default route."""
-    return {4 if r.family == socket.AF_INET else 6
-            for family in (socket.AF_INET, socket.AF_INET6)
-            for r in container.routes(family) if r.dst_len == 0 and r.table == RT_TABLE_MAIN and r.oif}
+    return {r.version for r in container.routes(indexes={}) if r.dst.endswith("/0") and r.ifindex}
 
 
 def forget_rules(netns_path: str, ifname: str) -> None:
@@ -189,7 +169,7 @@ def forget_rules(netns_path: str, ifname: str) -> None:
     except NetnsNotFound:
         return
     try:
-        with netns(ns_fd):
+        with _inside(ns_fd):
             container = RTNL()
     finally:
         os.close(ns_fd)
@@ -207,7 +187,7 @@ def forget_rules(netns_path: str, ifname: str) -> None:
 def check_free(netns_path: str, ifname: str) -> None:
     """Raise NetnsNotFound or InterfaceExists before any state is created: ADD checks this first
     so that a request it must refuse reserves nothing."""
-    with netns(netns_path), RTNL() as container, _doing(f"looking up {ifname} in {netns_path}"):
+    with _inside(netns_path), RTNL() as container, _doing(f"looking up {ifname} in {netns_path}"):
         if container.link(ifname) is not None:
             raise InterfaceExists(f"the container {netns_path} already has an interface named {ifname}")
 
@@ -227,17 +207,14 @@ def check(netns_path: str, ifname: str, host_if: str, addresses: list[Address]) 
             problems.append(f"the host interface {host_if} is missing")
         else:
             routed = _routes(host, found.index)
-            problems += [
-                f"the host route to {a.ip} via {host_if} is missing"
-                for a in addresses
-                if (str(a.ip), a.max_prefixlen) not in routed
-            ]
+            problems += [f"the host route to {a.ip} via {host_if} is missing"
+                         for a in addresses if _host_cidr(a) not in routed]
     try:
         ns_fd = _open_netns(netns_path)
     except NetnsNotFound as e:
         return [*problems, str(e)]
     try:
-        with netns(ns_fd):
+        with _inside(ns_fd):
             container = RTNL()
     finally:
         os.close(ns_fd)
@@ -245,14 +222,12 @@ def check(netns_path: str, ifname: str, host_if: str, addresses: list[Address]) 
         peer = container.link(ifname)
         if peer is None:
             return [*problems, f"the container interface {ifname} is missing"]
-        have = set(container.addresses(peer.index))
-        problems += [
-            f"the address {a.ip} is missing on {ifname}" for a in addresses if (str(a.ip), a.max_prefixlen) not in have
-        ]
+        have = container.addresses(peer.index)
+        problems += [f"the address {a.ip} is missing on {ifname}" for a in addresses if _host_cidr(a) not in have]
         gateways = _default_gateways(container, peer.index)
         rules = {(src, table) for family in (socket.AF_INET, socket.AF_INET6)
                  for src, _, table, _ in container.rules(family)}
-        neighbours = {(ip, mac) for ip, mac, state in container.neighbours(peer.index) if state & NUD_PERMANENT}
+        neighbours = {(n.ip, n.mac) for n in container.neighbours(peer.index) if n.permanent}
         for version, gateway in GATEWAY.items():
             if not any(a.version == version for a in addresses):
                 continue
@@ -275,15 +250,14 @@ def list_host_ifs(prefix: str = HOST_IF_PREFIX) -> list[str]:
 
 def _open_netns(path: str) -> int:
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NetnsNotFound(f"the network namespace {path} does not exist") from None
+        return namespaces.open_netns(path)
+    except namespaces.NetnsNotFound as e:
+        raise NetnsNotFound(str(e)) from None
 
 
-def _setns(fd: int, what: str | int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise WiringError(f"cannot enter the network namespace {what}: {os.strerror(code)}")
+def _host_cidr(a: Address) -> str:
+    """The attachment's address as a host prefix (Calico's /32 and /128), as the kernel reads it back."""
+    return f"{a.ip}/{a.max_prefixlen}"
 
 
 @contextmanager
@@ -291,7 +265,7 @@ def _doing(step: str) -> Iterator[None]:
     """Turn a kernel refusal during ``step`` into a one-line WiringError."""
     try:
         yield
-    except NetlinkError as e:
+    except KernelError as e:
         raise WiringError(f"{step}: {os.strerror(e.code)}") from e
     except OSError as e:
         raise WiringError(f"{step}: {e.strerror or e}") from e
@@ -330,7 +304,7 @@ def _remove_leftover(host: RTNL, host_if: str) -> None:
     """A veth with this name is what an earlier, interrupted ADD of this attachment left; anything else is not ours."""
     try:
         link = host.link(host_if)
-    except NetlinkError as e:
+    except KernelError as e:
         raise WiringError(f"looking up {host_if}: {os.strerror(e.code)}") from e
     if link is None:
         return
@@ -342,38 +316,33 @@ def _remove_leftover(host: RTNL, host_if: str) -> None:
 def _delete_link(host: RTNL, name: str) -> bool:
     try:
         return host.delete_link(name)
-    except NetlinkError as e:
+    except KernelError as e:
         raise WiringError(f"deleting {name}: {os.strerror(e.code)}") from e
 
 
 def _add_host_route(host: RTNL, index: int, a: Address) -> None:
-    scope = RT_SCOPE_LINK if a.version == 4 else 0
+    scope = "link" if a.version == 4 else "universe"
     try:
-        host.add_route(str(a.ip), a.max_prefixlen, oif=index, scope=scope, protocol=ROUTE_PROTOCOL)
-    except NetlinkError as e:
+        host.add_route(KernelRoute(_host_cidr(a), scope=scope, proto=ROUTE_PROTOCOL, ifindex=index))
+    except KernelError as e:
         if e.code != errno.EEXIST:
             raise
         # Tolerated when it is already ours (the agent may have been quicker); otherwise name the holder.
         route = host.route_to(str(a.ip))
-        if route.oif != index:
-            holder = next((link.name for link in host.links() if link.index == route.oif), f"index {route.oif}")
+        if route.ifindex != index:
+            holder = next((link.name for link in host.links() if link.index == route.ifindex),
+                          f"index {route.ifindex}")
             raise WiringError(f"{a.ip} is already routed to {holder}: run DEL for that attachment") from e
 
 
-def _routes(host: RTNL, index: int) -> set[tuple[str, int]]:
-    return {
-        (r.dst, r.dst_len)
-        for family in (socket.AF_INET, socket.AF_INET6)
-        for r in host.routes(family)
-        if r.oif == index and r.table == RT_TABLE_MAIN
-    }
+def _routes(host: RTNL, index: int) -> set[str]:
+    return {r.dst for r in host.routes(indexes={}) if r.ifindex == index}
 
 
 def _default_gateways(container: RTNL, index: int) -> set[tuple[int, str]]:
     """(table, gateway) of the default routes through the link ``index``, in any table."""
     return {
-        (r.table, r.gateway)
-        for family in (socket.AF_INET, socket.AF_INET6)
-        for r in container.routes(family)
-        if r.dst_len == 0 and r.oif == index and (r.table == RT_TABLE_MAIN or r.table >= SECONDARY_TABLE_BASE)
+        (r.table, r.gateway or "")
+        for r in container.routes(indexes={}, table=None)
+        if r.dst.endswith("/0") and r.ifindex == index and (r.table == RT_TABLE_MAIN or r.table >= SECONDARY_TABLE_BASE)
     }

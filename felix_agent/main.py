@@ -103,13 +103,12 @@ class _JSONFormatter(logging.Formatter):
 
 def detect_node_ip() -> str | None:
     """The first global IPv4 address of this namespace (what Calico's first-found does)."""
-    from pyroute2 import IPRoute
+    from kernel.rtnl import RTNL
 
-    with IPRoute() as ipr:
-        for addr in ipr.get_addr(family=socket.AF_INET):
-            ip = addr.get_attr("IFA_ADDRESS")
-            if ip and not ipaddress.ip_address(ip).is_loopback and addr["scope"] == 0:
-                return f"{ip}/{addr['prefixlen']}"
+    with RTNL() as rtnl:
+        for _, ip, prefixlen, scope in rtnl.address_list(socket.AF_INET):
+            if not ipaddress.ip_address(ip).is_loopback and scope == 0:
+                return f"{ip}/{prefixlen}"
     return None
 
 
@@ -195,7 +194,7 @@ class Agent:
             self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
-        if self.orphans is not None and any(u.kind == "WorkloadEndpoint" for u in updates):
+        if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
         if self.loop is not None:
             self.loop.kick()
@@ -229,13 +228,13 @@ class Agent:
         from felix_agent.dataplane.ipip import IPIPManager
         from felix_agent.dataplane.masq import MasqManager
         from felix_agent.dataplane.mtu import MTUManager
-        from felix_agent.dataplane.netlink import Netlink
         from felix_agent.dataplane.nftables import NftTable
         from felix_agent.dataplane.policy import PolicyManager
         from felix_agent.dataplane.routes import RouteManager
         from felix_agent.dataplane.vxlan import VXLANManager
+        from kernel.rtnl import RTNL
 
-        netlink = Netlink.open()
+        netlink = RTNL.open()
         table = NftTable()
         underlay = node_ip.split("/")[0] if node_ip else None
         # Order matters: policy first (a pod's ADD waits for it, not for the route work after it:
@@ -314,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{args.nodename}] %(name)s: %(message)s"))
     logging.basicConfig(level=str(args.log_level).upper(), handlers=[handler])
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # every netlink message at debug
     try:
         agent = Agent(args)
         for sig in (signal.SIGTERM, signal.SIGINT):

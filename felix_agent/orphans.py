@@ -45,7 +45,7 @@ from ipam.check import MissingInterface
 from ipam.errors import IPAMError
 
 if TYPE_CHECKING:
-    from felix_agent.dataplane.netlink import Netlink
+    from kernel.rtnl import RTNL
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +182,13 @@ class KernelHostLinks:
     by the sweep's thread only."""
 
     def __init__(self) -> None:
-        self._netlink: Netlink | None = None
+        self._netlink: RTNL | None = None
 
-    def _driver(self) -> Netlink:
+    def _driver(self) -> RTNL:
         if self._netlink is None:
-            from felix_agent.dataplane.netlink import Netlink
+            from kernel.rtnl import RTNL
 
-            self._netlink = Netlink.open()
+            self._netlink = RTNL.open()
         return self._netlink
 
     def names(self) -> set[str]:
@@ -239,13 +239,18 @@ class OrphanSweeper:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def pending(self) -> bool:
+        """Whether an endpoint is being watched for release: only then does an endpoint change
+        (deleted by a late DEL, say) need a look before the next notification or resync."""
+        return bool(self.tracker.missing_since or self.tracker.published)
+
     def kick(self) -> None:
-        """Look again soon (an endpoint changed); from any thread, never blocks."""
+        """Look again soon; from any thread, never blocks."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
-        from felix_agent.dataplane.netlink import EventsLost, LinkEvents
+        from kernel.rtnl import EventsLost, LinkEvents
 
         os.set_blocking(self._wake_w, False)
         with LinkEvents() as events:  # subscribed before the first read: nothing falls in between

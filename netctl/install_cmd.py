@@ -73,7 +73,7 @@ def install_plugins(bin_dir: Path, front_end: str = "auto") -> Installed:
     import compileall
 
     root = package_root()
-    for package in ("cni_plugins", "datastore", "ipam"):
+    for package in ("kernel", "cni_plugins", "datastore", "ipam"):
         compileall.compile_dir(str(root / package), quiet=1)
     build = frontend.ensure_built() if front_end != "python" else frontend.Build(None, "--front-end python")
     if build.binary is None and front_end == "compiled":

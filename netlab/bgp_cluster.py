@@ -8,7 +8,7 @@ node namespace (the datastore is only reachable there).
 Built by composition: ``ClusterLab`` (``netlab.cluster_lab``) does the agents, pods and probes,
 ``Bird`` and ``kernel_routes`` (``netlab.bird``) the BIRD process and the route table. IPv4 only:
 the lab's nodes have no IPv6 address, so no IPv6 session is made (``bgp.config``). Nothing here
-sleeps for a fixed time: ``wait_until`` polls.
+sleeps for a fixed time: ``wait_for`` polls.
 """
 
 from __future__ import annotations
@@ -24,16 +24,9 @@ from typing import Any
 
 from netlab import netns as ip_netns
 from netlab.bird import Bird, kernel_routes
-from netlab.cluster_lab import (
-    POOL_V6,
-    PYTHON,
-    TORTIE,
-    TORTIE_IPAM,
-    ClusterLab,
-    wait_until,
-)
-from netlab.cni import REFERENCE_PLUGINS
+from netlab.cluster_lab import POOL_V6, PYTHON, ClusterLab
 from netlab.lab import Pod
+from netlab.wait import wait_for
 
 ASN = 64512
 BIRD_ASN = 65001
@@ -101,31 +94,11 @@ class BGPCluster:
     def __init__(self, prefix: str, nodes: int, *, agents: Iterable[int] | None = None, pools: str | None = None,
                  preamble: str = "", agent_args: Sequence[str] = ()) -> None:
         self.cluster = ClusterLab(prefix, nodes, pools=pools if pools is not None else bgp_pools(),
-                                  agent_args=["--bgp", *agent_args])
+                                  agent_args=["--bgp", *agent_args], agents=agents, preamble=preamble)
         self.lab = self.cluster.lab
-        self.initial_agents = list(range(1, nodes + 1) if agents is None else agents)
-        self.preamble = preamble
 
     def __enter__(self) -> BGPCluster:
-        # What ClusterLab.__enter__ does, with the BGP resources first and a choice of nodes.
-        c = self.cluster
-        c.lab.create()
-        try:
-            c.work = c.lab.work_dir / "cluster"
-            c.bin_dir = c.work / "cnibin"
-            c.bin_dir.mkdir(parents=True)
-            for plugin in (TORTIE, TORTIE_IPAM):
-                (c.bin_dir / plugin.name).symlink_to(plugin)
-            c.cni_path = [c.bin_dir, REFERENCE_PLUGINS]
-            c.env = c.lab.etcd_env()
-            c.apply(documents(*[d for d in (c.pools, self.preamble) if d]))
-            for k in self.initial_agents:
-                c.start_agent(k)
-            for k in self.initial_agents:
-                c.wait_ready(k)
-        except BaseException:
-            c.close()
-            raise
+        self.cluster.__enter__()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -166,21 +139,22 @@ class BGPCluster:
             ok = want <= up and (not exactly or set(sessions) == want)
             return sessions if ok else None
 
-        found = wait_until(done, timeout, f"node {k}'s sessions to {sorted(want)} to be Established",
-                           interval=0.2, describe=lambda: json.dumps(self.status(k), indent=1))
+        what = f"node {k}'s sessions to {sorted(want)} to be Established"
+        found: dict[str, dict[str, Any]] | None = wait_for(
+            done, timeout, what, interval=0.2, describe=lambda: json.dumps(self.status(k), indent=1))
         assert found is not None
         return found
 
     def wait_peers(self, k: int, peers: Iterable[int | str], timeout: float = CONVERGE) -> None:
         """Until node ``k``'s sessions (in any state) are to ``peers`` and no other."""
         want = {self.address(p) if isinstance(p, int) else p for p in peers}
-        wait_until(lambda: set(self.sessions(k)) == want, timeout, f"node {k}'s sessions to be {sorted(want)}",
+        wait_for(lambda: set(self.sessions(k)) == want, timeout, f"node {k}'s sessions to be {sorted(want)}",
                    interval=0.2, describe=lambda: str(self.sessions(k)))
 
     def wait_down(self, k: int, peer: int | str, timeout: float) -> None:
         """Until node ``k``'s session to ``peer`` is not Established."""
         address = self.address(peer) if isinstance(peer, int) else peer
-        wait_until(lambda: address not in self.established(k), timeout,
+        wait_for(lambda: address not in self.established(k), timeout,
                    f"node {k}'s session to {address} to go down", interval=0.2,
                    describe=lambda: str(self.sessions(k)))
 
@@ -195,11 +169,11 @@ class BGPCluster:
             routes = self.bgp_routes(k)
             return routes == dict(want) if exactly else all(routes.get(d) == g for d, g in want.items())
 
-        wait_until(done, timeout, f"node {k}'s BGP routes {dict(want)}", interval=0.1,
+        wait_for(done, timeout, f"node {k}'s BGP routes {dict(want)}", interval=0.1,
                    describe=lambda: f"routes: {self.bgp_routes(k)}\nsessions: {self.sessions(k)}")
 
     def wait_no_route(self, k: int, prefix: str, timeout: float) -> None:
-        wait_until(lambda: prefix not in self.bgp_routes(k), timeout, f"{prefix} to leave node {k}'s kernel",
+        wait_for(lambda: prefix not in self.bgp_routes(k), timeout, f"{prefix} to leave node {k}'s kernel",
                    interval=0.05, describe=lambda: f"routes: {self.bgp_routes(k)}")
 
     # -- faults ---------------------------------------------------------------------------------
@@ -271,7 +245,7 @@ class PingRun:
     def wait_replies(self, more: int, timeout: float = 10.0) -> None:
         """Until ``more`` replies beyond those seen so far have come back."""
         base = len(self.replies())
-        wait_until(lambda: len(self.replies()) >= base + more, timeout, f"{more} more ping replies",
+        wait_for(lambda: len(self.replies()) >= base + more, timeout, f"{more} more ping replies",
                    interval=0.05, describe=lambda: self.log.read_text()[-1500:])
 
     def stop(self) -> tuple[int, list[int]]:

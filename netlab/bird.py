@@ -2,7 +2,8 @@
 
 Owns starting BIRD with a private configuration, control socket and PID file inside a lab node's
 namespace, asking it (``birdc``) for its best routes, stopping it by the PID it started, and
-reading a namespace's main routing table by route protocol. Used by the BGP lab tests and
+reading a namespace's main routing table by route protocol, and watching it change
+(``RouteMonitor``). Used by the BGP lab tests and
 ``bench.bgp_bench``. Must not touch anything outside the lab's namespaces and its own directory.
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
-from netlab.cluster_lab import wait_until
 from netlab.lab import Lab
+from netlab.wait import wait_for
 
 
 def kernel_routes(lab: Lab, netns: str, proto: int | None = 81) -> dict[str, str]:
@@ -49,7 +52,7 @@ class Bird:
         self.pid = self.lab.start_process(self.netns, ["bird", "-f", "-c", str(self.conf), "-s", str(self.sock),
                                                        "-P", str(self.dir / "bird.pid")],
                                           self.dir / "bird.out", {})
-        wait_until(lambda: self.sock.exists(), 10, "BIRD's control socket")
+        wait_for(lambda: self.sock.exists(), 10, "BIRD's control socket")
 
     def birdc(self, *command: str) -> str:
         return subprocess.run(["birdc", "-s", str(self.sock), *command], capture_output=True, text=True,
@@ -77,3 +80,46 @@ class Bird:
         if self.pid is not None:
             self.lab.stop_process(self.pid)
             self.pid = None
+
+
+class RouteMonitor:
+    """``ip -n NS monitor route`` in a thread: every protocol-81 route added or deleted in a
+    namespace, with the monotonic time it was seen (what the reference measured with)."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.events: list[tuple[float, bool, str]] = []  # (time, added, dst)
+        self._proc = subprocess.Popen(["ip", "-n", netns, "monitor", "route"], stdout=subprocess.PIPE, text=True,
+                                      bufsize=1)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.2)  # let it subscribe
+
+    def _run(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            now = time.monotonic()
+            if "proto 81" not in line:
+                continue
+            words = line.split()
+            deleted = words[0] == "Deleted"
+            self.events.append((now, not deleted, as_prefix(words[1] if deleted else words[0])))
+
+    def first(self, dst: str, added: bool, since: float) -> float | None:
+        return next((t for t, a, d in list(self.events) if d == dst and a == added and t >= since), None)
+
+    def wait_first(self, dst: str, added: bool, since: float, timeout: float) -> float:
+        seen = wait_for(lambda: self.first(dst, added, since), timeout, f"{dst} {'added' if added else 'deleted'}")
+        assert seen is not None
+        return seen
+
+    def deletions(self, dst: str, since: float) -> list[float]:
+        return [t for t, a, d in list(self.events) if d == dst and not a and t >= since]
+
+    def __enter__(self) -> RouteMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        self._proc.wait(5)
+        self._thread.join(5)

@@ -9,7 +9,9 @@ need, and ``down`` removes everything from any process, also after a crash or a 
 as it is made). ``stop_agent`` and ``restart_agent`` stop one node's agent and start it again with
 the command line ``up`` gave it, so that a user can watch what survives an agent's absence. Must
 not change the root namespace: every command it runs runs inside one of the lab's namespaces; it
-stops only processes the lab recorded or that live in its namespaces.
+stops only processes the lab recorded or that live in its namespaces. Over 450 lines because the
+whole ``netctl lab`` life cycle (up, agent stop and restart, status, down) shares ``cluster.json``'s
+records; the agent's command line is ``netlab.agent``'s.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pki
+from netlab import agent
 from netlab import netns as ip_netns
 from netlab.cni import REFERENCE_PLUGINS
 from netlab.etcd import EtcdServer
@@ -274,9 +277,8 @@ def resources(cluster: Cluster) -> str:
 
 def agent_argv(cluster: Cluster, node: NodeInfo) -> list[str]:
     """The felix-agent command line of ``node`` (``up`` and ``restart_agent`` give it the same)."""
-    return [str(BIN / "felix-agent"), "--nodename", node.name, "--node-ip", f"{node.address}/{UNDERLAY_LEN}",
-            "--cni-socket", str(node.cni_socket), "--state-dir", node.state_dir, "--log-level", "info",
-            *(["--bgp"] if cluster.bgp_speaker else [])]
+    return agent.agent_argv(node.name, node.address, cni_socket=node.cni_socket, state_dir=node.state_dir,
+                            extra=["--bgp"] if cluster.bgp_speaker else [])
 
 
 def _start_agents(lab: Lab, cluster: Cluster, report: Progress) -> None:
@@ -445,7 +447,7 @@ def bgp_sessions(cluster: Cluster, node: str) -> list[dict[str, str]]:
 def readiness(node: NodeInfo, timeout: float = 1.0) -> int:
     """The HTTP status of the node's agent's ``/readiness`` (0 when nothing answers), asked from
     inside the node's namespace."""
-    from cni_plugins.wiring import netns  # pyroute2: only when a lab is looked at
+    from kernel.netns import netns
 
     try:
         with netns(str(ip_netns.path(node.netns))):

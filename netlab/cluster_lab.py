@@ -1,14 +1,15 @@
 """A multi-node lab with felix-agent on every node, for the dataplane and BGP lab tests and the
-benchmarks: a `netlab` lab with an agent on every
-node, pods made through the real `tortie` plugin (delegated to the agent), and the observations the
-tests make — pings, TCP connections to a server inside a pod, UDP datagrams seen by a listener on
-the fabric, the agents' health and metrics pages, routes and nftables state in a node namespace.
+benchmarks: a `netlab` lab with an agent on every node (``netlab.agent``), pods made through the
+real `tortie` plugin (delegated to the agent), and the observations the tests make — pings, TCP
+connections to a server inside a pod, UDP datagrams seen by a listener on the fabric
+(``netlab.probes``), the agents' health and metrics pages, routes and nftables state in a node
+namespace.
 
 Everything runs inside the lab's namespaces (servers included: pod and fabric namespaces are the
 lab's own, so `Lab.start_process` starts and records them); `ClusterLab` tears the lab down on exit,
 even when a test fails (set TORTIE_LAB_KEEP_LOGS to a directory to keep the logs). Nothing here
-sleeps for a fixed time: `wait_until` polls. Over 450 lines, moved as it was from the lab tests:
-it becomes part of `netlab.cluster` when the lab harnesses are made one (issue 12).
+sleeps for a fixed time: `wait_for` polls. Must not decide what a test expects: it builds, probes
+and reports.
 """
 
 from __future__ import annotations
@@ -17,26 +18,36 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from netlab.cni import REFERENCE_PLUGINS
-from netlab.lab import GATEWAY, Lab, LabNode, Pod, PodError
+from netlab.agent import Agent
+from netlab.cni import REFERENCE_PLUGINS, tortie_plugin
+from netlab.lab import GATEWAY, Lab, LabNode, Pod, PodError, unique_name
+from netlab.probes import (
+    FABRIC_LISTENER,
+    HTTP_GET,
+    TCP_CLIENT,
+    TCP_SERVER,
+    UDP_SEND,
+    Check,
+    HTTPAnswer,
+    fabric_sources,
+    parse_metrics,
+)
+from netlab.wait import wait_for
+
+__all__ = ["Check", "ClusterLab", "fabric_sources", "unique_name"]
 
 VENV_BIN = Path(sys.executable).parent  # the virtual environment's scripts, as netlab.cluster finds them
 PYTHON = VENV_BIN / "python"
-FELIX_AGENT = VENV_BIN / "felix-agent"
 NETCTL = VENV_BIN / "netctl"
 TORTIE = VENV_BIN / "tortie"
 TORTIE_IPAM = VENV_BIN / "tortie-ipam"
@@ -54,28 +65,6 @@ AGENT_READY_TIMEOUT = 30.0
 KEEP_LOGS = "TORTIE_LAB_KEEP_LOGS"  # a directory: each lab's agent, server and etcd logs are copied there
 CONNECT_TIMEOUT = 1.0  # a dropped SYN costs this much; the lab answers in milliseconds otherwise
 
-T = TypeVar("T")
-
-
-def unique_name(prefix: str) -> str:
-    """A lab name: the prefix and 6 hex digits (lab names have at most 12 characters)."""
-    return f"{prefix}{secrets.token_hex(3)}"
-
-
-def wait_until(condition: Callable[[], T], timeout: float, what: str = "the condition",
-               interval: float = 0.1, describe: Callable[[], str] | None = None) -> T:
-    """Poll ``condition()`` until it returns something true and return that; fail naming ``what``
-    (and what ``describe()`` says about the state then) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f"\n{describe()}" if describe is not None else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last value {value!r}{detail}")
-        time.sleep(interval)
-
 
 def pools_yaml(*, vxlan: str = "Always", nat_v4: bool = True, nat_v6: bool = False) -> str:
     """The lab's two pools (IPv4 and IPv6), VXLAN-encapsulated."""
@@ -90,6 +79,27 @@ def pools_yaml(*, vxlan: str = "Always", nat_v4: bool = True, nat_v6: bool = Fal
         metadata: {{name: pool-v6}}
         spec: {{cidr: '{POOL_V6}', blockSize: {BLOCK_V6}, vxlanMode: {vxlan}, natOutgoing: {str(nat_v6).lower()}}}
         """)
+
+
+def netctl(lab: Lab, netns: str, env: Mapping[str, str], *args: str,
+           check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``netctl ARGS`` in ``netns`` of ``lab`` with the datastore settings ``env``; with ``check``,
+    an exit status other than 0 fails (AssertionError) with what netctl said."""
+    done = lab.exec(netns, "env", *[f"{k}={v}" for k, v in env.items()], str(NETCTL), *args, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"netctl {' '.join(args)} exited {done.returncode}: "
+                             f"{done.stderr.strip() or done.stdout.strip()}")
+    return done
+
+
+def copy_logs(work_dir: Path, keep: Path) -> None:
+    """Copy a lab's directory to ``keep`` for a post-mortem: regular files and links only (the
+    agents' CNI sockets and etcd's are not files ``copytree`` can copy)."""
+    def sockets(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if not (Path(folder, n).is_dir() or Path(folder, n).is_file()
+                                         or Path(folder, n).is_symlink())}
+
+    shutil.copytree(work_dir, keep, symlinks=True, ignore=sockets, dirs_exist_ok=True)
 
 
 def v4(pod: Pod) -> str:
@@ -110,109 +120,23 @@ def block_of(address: str) -> str:
     return str(ipaddress.ip_network(f"{address}/{size}", strict=False))
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format → ``{'name{labels}': value}`` (labels kept verbatim)."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-# A TCP server for a pod: dual-stack, answers every connection with "ok <peer address>".
-_TCP_SERVER = """
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", int(sys.argv[1])))
-s.listen(128)
-while True:
-    c, peer = s.accept()
-    try:
-        c.sendall(("ok " + peer[0].removeprefix("::ffff:") + "\\n").encode())
-    except OSError:
-        pass
-    c.close()
-"""
-
-# A TCP client: prints what the server answered, or nothing when the connection fails.
-_TCP_CLIENT = """
-import socket, sys
-try:
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-    print(s.recv(128).decode().strip())
-except OSError as e:
-    print("failed", type(e).__name__)
-"""
-
-# A listener on the fabric: prints the source of every UDP datagram and TCP connection it sees.
-_FABRIC_LISTENER = """
-import selectors, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind((host, port))
-tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind((host, port))
-tcp.listen(16)
-sel = selectors.DefaultSelector()
-sel.register(udp, selectors.EVENT_READ)
-sel.register(tcp, selectors.EVENT_READ)
-print("listener ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is udp:
-            data, peer = udp.recvfrom(2048)
-            print("udp", peer[0], data.decode(errors="replace"), flush=True)
-        else:
-            c, peer = tcp.accept()
-            print("tcp", peer[0], flush=True)
-            c.sendall(b"ok\\n")
-            c.close()
-"""
-
-_UDP_SEND = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
-"""
-
-_HTTP_GET = """
-import sys, urllib.error, urllib.request
-try:
-    r = urllib.request.urlopen(sys.argv[1], timeout=3)
-    code, body = r.status, r.read().decode()
-except urllib.error.HTTPError as e:
-    code, body = e.code, e.read().decode()
-except OSError as e:
-    code, body = 0, str(e)
-print(code)
-sys.stdout.write(body)
-"""
-
-
-@dataclass(frozen=True)
-class HTTPAnswer:
-    status: int  # 0 when nothing answered
-    body: str
-
-
 class ClusterLab:
-    """A lab of ``nodes`` nodes with the pools of ``pools`` applied and an agent per node.
+    """A lab of ``nodes`` nodes with the pools of ``pools`` (and then the YAML ``preamble``: BGP
+    resources, Nodes) applied, and an agent on each of the nodes ``agents`` (default: every node;
+    the others are free for a node that joins later, or for BIRD).
 
     Use it as a context manager (or call ``close()``): the lab, its agents, pods and servers are
     torn down on exit whatever happened."""
 
-    def __init__(self, prefix: str, nodes: int, *, pools: str | None = None,
-                 agent_args: Sequence[str] = ()) -> None:
+    def __init__(self, prefix: str, nodes: int, *, pools: str | None = None, agent_args: Sequence[str] = (),
+                 agents: Iterable[int] | None = None, preamble: str = "") -> None:
         self.lab = Lab(unique_name(prefix), nodes=nodes)
         self.pools = pools_yaml() if pools is None else pools
+        self.preamble = preamble
         self.agent_args = list(agent_args)
-        self.agents: dict[int, int] = {}  # node index → PID of its felix-agent
+        self.initial_agents = list(range(1, nodes + 1) if agents is None else agents)
+        self._agents: dict[int, Agent] = {}
         self._servers: dict[tuple[str, int], int] = {}  # (pod netns, port) → PID
-        self._log_offsets: dict[int, int] = {}
         self._files = 0
 
     # -- building and tearing down --------------------------------------------------------------
@@ -227,11 +151,12 @@ class ClusterLab:
                 (self.bin_dir / plugin.name).symlink_to(plugin)
             self.cni_path = [self.bin_dir, REFERENCE_PLUGINS]
             self.env = self.lab.etcd_env()
-            if self.pools:
-                self.apply(self.pools)
-            for k in range(1, len(self.lab.nodes) + 1):
+            resources = "---\n".join(d for d in (self.pools, self.preamble) if d)
+            if resources:
+                self.apply(resources)
+            for k in self.initial_agents:
                 self.start_agent(k)
-            for k in self.agents:
+            for k in self.initial_agents:
                 self.wait_ready(k)
         except BaseException:
             self.close()
@@ -243,10 +168,15 @@ class ClusterLab:
         self.close()
 
     def close(self) -> None:
+        """Tear the lab down; first, with TORTIE_LAB_KEEP_LOGS set, copy its directory there (its
+        logs, configurations and state for a post-mortem). A copy that fails does not stop the
+        teardown: it is reported once the lab is gone."""
         keep = os.environ.get(KEEP_LOGS)
-        if keep and self.lab.work_dir.exists():  # for post-mortems: the lab's directory goes with it
-            shutil.copytree(self.lab.work_dir, Path(keep) / self.lab.name, symlinks=True, dirs_exist_ok=True)
-        self.lab.destroy()
+        try:
+            if keep and self.lab.work_dir.exists():
+                copy_logs(self.lab.work_dir, Path(keep) / self.lab.name)
+        finally:
+            self.lab.destroy()
 
     # -- nodes and agents -----------------------------------------------------------------------
 
@@ -254,58 +184,53 @@ class ClusterLab:
     def name(self) -> str:
         return self.lab.name
 
+    @property
+    def agents(self) -> dict[int, int]:
+        """Node index → PID of its felix-agent, for the agents started and not stopped."""
+        return {k: a.pid for k, a in self._agents.items() if a.pid is not None}
+
     def node(self, k: int) -> LabNode:
         return self.lab.node(k)
 
     def node_dir(self, k: int) -> Path:
         return self.work / self.node(k).name
 
+    def agent(self, k: int) -> Agent:
+        """Node ``k``'s felix-agent (started or not): its socket, state directory and log in
+        ``node_dir(k)``, the lab's ``agent_args`` on its command line."""
+        if k not in self._agents:
+            state = self.node_dir(k)
+            self._agents[k] = Agent(self.lab, self.node(k), cni_socket=state / "cni.sock", state_dir=state,
+                                    log=state / "agent.log", env=self.env, args=self.agent_args)
+        return self._agents[k]
+
     def agent_log(self, k: int) -> Path:
-        return self.node_dir(k) / "agent.log"
+        return self.agent(k).log
 
     def start_agent(self, k: int, *extra: str, env: Mapping[str, str] | None = None) -> int:
         """Start felix-agent on node ``k`` (with the lab's ``agent_args`` and ``extra``, and the
         lab's datastore settings or ``env``); return its PID without waiting for it to be ready
         (see ``wait_ready``)."""
-        if k in self.agents and self.lab.process_running(self.agents[k]):
-            raise AssertionError(f"the agent of node {k} is already running")
-        node, state = self.node(k), self.node_dir(k)
-        state.mkdir(parents=True, exist_ok=True)
-        log = self.agent_log(k)
-        self._log_offsets[k] = log.stat().st_size if log.exists() else 0
-        argv = [str(FELIX_AGENT), "--nodename", node.name, "--node-ip", f"{node.address}/24",
-                "--cni-socket", str(state / "cni.sock"), "--state-dir", str(state), "--log-level", "info",
-                *self.agent_args, *extra]
-        pid = self.lab.start_process(node.netns, argv, log, self.env if env is None else env)
-        self.agents[k] = pid
-        return pid
+        return self.agent(k).start(extra, env)
 
     def stop_agent(self, k: int) -> None:
         """SIGTERM the agent of node ``k`` and wait until it has exited (the dataplane stays)."""
-        self.lab.stop_process(self.agents.pop(k))
+        self.agent(k).stop()
 
     def kill_agent(self, k: int) -> None:
         """SIGKILL the agent of node ``k``, as a crash would, and wait until it is gone."""
-        pid = self.agents.pop(k)
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not self.lab.process_running(pid), 10, f"agent {pid} to die")
-        self.lab.stop_process(pid)  # reaps it and forgets it; it is gone already
+        self.agent(k).kill()
 
     def agent_running(self, k: int) -> bool:
-        return k in self.agents and self.lab.process_running(self.agents[k])
+        return self.agent(k).running()
 
     def agent_output(self, k: int) -> str:
         """What node ``k``'s agent logged since its last start."""
-        log = self.agent_log(k)
-        if not log.exists():
-            return ""
-        with log.open("rb") as f:
-            f.seek(self._log_offsets.get(k, 0))
-            return f.read().decode(errors="replace")
+        return self.agent(k).output()
 
     def http(self, k: int, path: str, port: int = HEALTH_PORT) -> HTTPAnswer:
         """GET ``http://127.0.0.1:<port><path>`` inside node ``k``'s namespace."""
-        done = self.exec(k, str(PYTHON), "-c", _HTTP_GET, f"http://127.0.0.1:{port}{path}", check=False)
+        done = self.exec(k, str(PYTHON), "-c", HTTP_GET, f"http://127.0.0.1:{port}{path}", check=False)
         status, _, body = done.stdout.partition("\n")
         return HTTPAnswer(int(status) if status.strip().isdigit() else 0, body)
 
@@ -322,15 +247,7 @@ class ClusterLab:
         return parse_metrics(answer.body)
 
     def wait_ready(self, k: int, timeout: float = AGENT_READY_TIMEOUT) -> None:
-        pid = self.agents[k]
-
-        def ready() -> bool:
-            if not self.lab.process_running(pid):
-                raise AssertionError(f"felix-agent of node {k} exited:\n{self.agent_output(k)[-4000:]}")
-            return self.readiness(k) == 200
-
-        wait_until(ready, timeout, f"node {k}'s agent to become ready", interval=0.1,
-                   describe=lambda: self.agent_output(k)[-4000:])
+        self.agent(k).wait_ready(lambda: self.readiness(k), timeout)
 
     # -- commands inside the lab ----------------------------------------------------------------
 
@@ -339,12 +256,7 @@ class ClusterLab:
 
     def netctl(self, *args: str, node: int = 1, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``netctl ARGS`` in a node's namespace with the lab's datastore settings."""
-        env = [f"{k}={v}" for k, v in self.env.items()]
-        done = self.lab.exec(self.node(node).netns, "env", *env, str(NETCTL), *args, check=False)
-        if check and done.returncode != 0:
-            raise AssertionError(f"netctl {' '.join(args)} exited {done.returncode}: "
-                                 f"{done.stderr.strip() or done.stdout.strip()}")
-        return done
+        return netctl(self.lab, self.node(node).netns, self.env, *args, check=check)
 
     def apply(self, text: str) -> None:
         """``netctl apply -f`` of the YAML ``text``."""
@@ -376,12 +288,9 @@ class ClusterLab:
     # -- pods -----------------------------------------------------------------------------------
 
     def conflist(self, k: int) -> dict[str, Any]:
-        return {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [{
-            "type": "tortie", "nodename": self.node(k).name, "mtu": POD_MTU,
-            "etcd_endpoints": self.env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": self.env["ETCD_CA_CERT_FILE"],
-            "etcd_cert_file": self.env["ETCD_CERT_FILE"], "etcd_key_file": self.env["ETCD_KEY_FILE"],
-            "agent_socket": str(self.node_dir(k) / "cni.sock"),
-            "ipam": {"type": "tortie-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}}]}
+        return {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [tortie_plugin(
+            self.node(k).name, self.env, self.agent(k).cni_socket, mtu=POD_MTU,
+            ipam={"assign_ipv4": "true", "assign_ipv6": "true"})]}
 
     def add_pod(self, k: int, name: str, *, namespace: str = "default",
                 labels: Mapping[str, str] | None = None) -> Pod:
@@ -459,8 +368,8 @@ class ClusterLab:
         if key in self._servers:
             return
         log = self.work / "servers" / f"{pod.netns}-{port}.log"
-        self._servers[key] = self.lab.start_process(pod.netns, [str(PYTHON), "-c", _TCP_SERVER, str(port)], log, {})
-        wait_until(lambda: self.lab.exec(pod.netns, "ss", "-Hltn", f"sport = :{port}").stdout.strip(), 10,
+        self._servers[key] = self.lab.start_process(pod.netns, [str(PYTHON), "-c", TCP_SERVER, str(port)], log, {})
+        wait_for(lambda: self.lab.exec(pod.netns, "ss", "-Hltn", f"sport = :{port}").stdout.strip(), 10,
                    f"the server on port {port} of pod {pod.name}", interval=0.05)
 
     def tcp(self, a: Pod, b: Pod | str, port: int, family: int = 4, timeout: float = CONNECT_TIMEOUT) -> str:
@@ -471,7 +380,7 @@ class ClusterLab:
         else:
             self.serve_tcp(b, port)
             target = address_of(b, family)
-        done = self.lab.exec(a.netns, str(PYTHON), "-c", _TCP_CLIENT, target, str(port), f"{timeout:g}",
+        done = self.lab.exec(a.netns, str(PYTHON), "-c", TCP_CLIENT, target, str(port), f"{timeout:g}",
                              timeout=timeout + 30)
         return done.stdout.strip()
 
@@ -508,7 +417,7 @@ class ClusterLab:
             return "\n".join(f"  {c}: expected {'pass' if want else 'drop'}, got {'pass' if last[c] else 'drop'}"
                              for c, want in expected.items() if last.get(c) != want)
 
-        wait_until(matches, timeout, what or "the expected traffic", interval=0.2, describe=wrong)
+        wait_for(matches, timeout, what or "the expected traffic", interval=0.2, describe=wrong)
 
     # -- the fabric -----------------------------------------------------------------------------
 
@@ -516,33 +425,11 @@ class ClusterLab:
         """A UDP and TCP listener on the fabric's own address (198.18.0.1), outside every pool;
         returns its log, one line per datagram (``udp <source> <payload>``) or connection."""
         log = self.work / f"fabric-{port}.log"
-        self.lab.start_process(self.lab.fabric, [str(PYTHON), "-u", "-c", _FABRIC_LISTENER, FABRIC_HOST, str(port)],
+        self.lab.start_process(self.lab.fabric, [str(PYTHON), "-u", "-c", FABRIC_LISTENER, FABRIC_HOST, str(port)],
                                log, {})
         # (the log begins with the command line, which holds the script: match the whole line)
-        wait_until(lambda: log.exists() and "\nlistener ready\n" in log.read_text(), 10, "the fabric listener")
+        wait_for(lambda: log.exists() and "\nlistener ready\n" in log.read_text(), 10, "the fabric listener")
         return log
 
     def send_udp(self, pod: Pod, address: str, port: int, payload: str) -> None:
-        self.lab.exec(pod.netns, str(PYTHON), "-c", _UDP_SEND, address, str(port), payload)
-
-
-@dataclass(frozen=True, eq=False)  # compared by identity: a Pod is not hashable
-class Check:
-    """One probe: ping (``port`` None) or a TCP connection from ``src`` to ``dst``."""
-
-    src: Pod
-    dst: Pod | str
-    port: int | None = None
-    family: int = 4
-
-    def __str__(self) -> str:
-        dst = self.dst if isinstance(self.dst, str) else f"{self.dst.namespace}/{self.dst.name}"
-        what = "ping" if self.port is None else f"tcp:{self.port}"
-        return f"{self.src.namespace}/{self.src.name} -> {dst} {what} (IPv{self.family})"
-
-
-def fabric_sources(log: Path, payload: str) -> list[str]:
-    """The source addresses the fabric listener saw for datagrams carrying ``payload``."""
-    if not log.exists():
-        return []
-    return [m[1] for m in re.finditer(rf"^udp (\S+) {re.escape(payload)}$", log.read_text(), re.M)]
+        self.lab.exec(pod.netns, str(PYTHON), "-c", UDP_SEND, address, str(port), payload)

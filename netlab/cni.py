@@ -1,5 +1,7 @@
 """Exec'ing CNI plugins exactly as a runtime does: ``CNI_*`` variables, the configuration on
-stdin, the result (or error) JSON on stdout, optionally from inside a network namespace."""
+stdin, the result (or error) JSON on stdout, optionally from inside a network namespace; and the
+``tortie`` entry of the conflists the labs and benchmarks hand it. Must not start or stop processes
+other than the plugin it execs."""
 
 from __future__ import annotations
 
@@ -99,3 +101,14 @@ def network_config(conflist: Mapping[str, Any], index: int, *, prev_result: Mapp
         conf["prevResult"] = prev_result
     conf.update(extra or {})
     return conf
+
+
+def tortie_plugin(nodename: str, etcd_env: Mapping[str, str], agent_socket: Path | str, *,
+                  mtu: int | None = None, ipam: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``tortie`` entry of a conflist (CONTRACT.md) for node ``nodename``: the datastore
+    settings of ``etcd_env`` (ETCD_ENDPOINTS, ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE),
+    the agent's socket, and the ``tortie-ipam`` settings ``ipam``."""
+    return {"type": "tortie", "nodename": nodename, **({"mtu": mtu} if mtu is not None else {}),
+            "etcd_endpoints": etcd_env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": etcd_env["ETCD_CA_CERT_FILE"],
+            "etcd_cert_file": etcd_env["ETCD_CERT_FILE"], "etcd_key_file": etcd_env["ETCD_KEY_FILE"],
+            "agent_socket": str(agent_socket), "ipam": {"type": "tortie-ipam", **(ipam or {})}}

@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
@@ -265,12 +266,7 @@ class EtcdServer:
         if self.ca_cert.exists() and self.rogue_key.exists():
             return
         hosts = list(dict.fromkeys(["127.0.0.1", "::1", "localhost", self.host]))
-        ca, key = pki.init_ca(self.pki_dir, "ca", cn=f"{self.name}-ca", force=True)
-        # etcd 3.4's HTTP/JSON gateway dials its own client port with the server certificate, so
-        # with --client-cert-auth that certificate must be good for client auth too.
-        pki.issue(self.pki_dir, "server", ca_cert=ca, ca_key=key, profile="peer", cn=self.name, hosts=hosts)
-        pki.issue(self.pki_dir, "peer", ca_cert=ca, ca_key=key, profile="peer", cn=self.name, hosts=hosts)
-        pki.issue(self.pki_dir, "client", ca_cert=ca, ca_key=key, profile="client", cn="tortie-client")
+        make_pki(self.pki_dir, f"{self.name}-ca", {"server": (self.name, hosts), "peer": (self.name, hosts)})
         # The rogue client has the same CN: only the CA it chains to tells it apart.
         ca, key = pki.init_ca(self.pki_dir, "rogue-ca", cn="rogue-ca", force=True)
         pki.issue(self.pki_dir, "rogue-client", ca_cert=ca, ca_key=key, profile="client", cn="tortie-client")
@@ -327,6 +323,19 @@ class EtcdServer:
         except OSError as e:
             return f"no log at {self.log_path}: {e.strerror}"
         return f"last lines of {self.log_path}:\n" + "\n".join(_readable(line) for line in tail)
+
+
+def make_pki(pki_dir: Path, ca_cn: str, members: Mapping[str, tuple[str, list[str]]]) -> tuple[Path, Path]:
+    """The PKI of an etcd with mutual TLS, in ``pki_dir``: a CA named ``ca_cn``, a certificate per
+    ``members`` entry (file name → common name and host names) and ``client.pem`` for Tortie's
+    clients. Returns the CA's certificate and key. The members' certificates use the ``peer``
+    profile, good for server and client auth: etcd's HTTP/JSON gateway dials its own client port
+    with them, and with --client-cert-auth that needs client auth too."""
+    ca, key = pki.init_ca(pki_dir, "ca", cn=ca_cn, force=True)
+    for name, (cn, hosts) in members.items():
+        pki.issue(pki_dir, name, ca_cert=ca, ca_key=key, profile="peer", cn=cn, hosts=hosts)
+    pki.issue(pki_dir, "client", ca_cert=ca, ca_key=key, profile="client", cn="tortie-client")
+    return ca, key
 
 
 def _readable(line: str) -> str:

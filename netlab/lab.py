@@ -7,7 +7,8 @@ A lab named NAME owns the namespaces `NAME-fabric`, `NAME-etcdK`, `NAME-nK` and 
 Every namespace and process is written to `lab.json` before or as it is made, so `destroy()`, the
 `atexit` safety net or, after a crash, `destroy_by_name()` can take it all down again. Must not
 change the root namespace, send traffic out of its own namespaces, or stop a process it did not
-start.
+start. Over 450 lines because `EtcdCluster` lives beside `Lab`: its members are the lab's recorded
+processes in the lab's namespaces, started and stopped through it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import pki
 from netlab import netns as ip_netns
 from netlab.cni import Attachment, PluginRun, exec_plugin, network_config
-from netlab.etcd import ETCD, ETCDCTL, EtcdServer
+from netlab.etcd import ETCD, ETCDCTL, EtcdServer, make_pki
 
 STATE_ROOT = Path("/run/tortie-lab")
 STATE_FILE = "lab.json"
@@ -443,13 +443,8 @@ class EtcdCluster:
                 f"--peer-cert-file={cert}", f"--peer-key-file={key}"]
 
     def _make_pki(self) -> None:
-        ca, ca_key = pki.init_ca(self.pki_dir, "ca", cn=f"{self.lab.name}-etcd-ca", force=True)
-        for m in self.members:
-            # One certificate per member for clients and peers alike: the `peer` profile allows
-            # both server and client auth (etcd's gateway dials its own client port with it too).
-            pki.issue(self.pki_dir, m.name, ca_cert=ca, ca_key=ca_key, profile="peer", cn=m.name,
-                      hosts=[m.address, "127.0.0.1"])
-        pki.issue(self.pki_dir, "client", ca_cert=ca, ca_key=ca_key, profile="client", cn="tortie-client")
+        make_pki(self.pki_dir, f"{self.lab.name}-etcd-ca",
+                 {m.name: (m.name, [m.address, "127.0.0.1"]) for m in self.members})
 
 
 def record_process(name: str, pid: int, netns: str, argv: Sequence[str], state_root: Path = STATE_ROOT) -> None:
@@ -506,6 +501,11 @@ def _own_namespaces(name: str) -> list[str]:
     """This lab's namespaces by their exact name pattern: lab `a` never takes lab `a-b`'s."""
     own = re.compile(rf"{re.escape(name)}-(fabric|etcd\d+|n\d+|p[0-9a-f]{{8}})")
     return [ns for ns in ip_netns.names() if own.fullmatch(ns)]
+
+
+def unique_name(prefix: str) -> str:
+    """A lab name no other lab has: ``prefix`` and 6 hex digits (lab names have at most 12 characters)."""
+    return f"{prefix}{secrets.token_hex(3)}"
 
 
 def _check_name(name: str) -> None:

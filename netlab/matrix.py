@@ -37,6 +37,7 @@ from netlab import netns as ip_netns
 from netlab.cluster import BIN, Cluster, PodInfo, clean_env
 from netlab.etcd import ETCDCTL
 from netlab.lab import LabError
+from netlab.probes import TCP_CLIENT
 
 EPHEMERAL_PORT = 49152  # the source port ``explain`` assumes for TCP (clients pick one at random)
 CONNECT_TIMEOUT = 1.5
@@ -51,14 +52,6 @@ while True:
     c, _ = s.accept()
     c.sendall(b"ok\\n")
     c.close()
-"""
-_CLIENT = """
-import socket, sys
-try:
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-    print(s.recv(16).decode().strip())
-except OSError as e:
-    print("failed", type(e).__name__)
 """
 
 
@@ -111,7 +104,7 @@ def _try(p: Probe, a: PodInfo, b: PodInfo) -> bool:
     if p.port is None:  # two echo requests: allowed when either is answered
         argv = ["ping", "-q", "-n", "-c", "2", "-i", "0.2", "-W", "1", b.ip]
         return _run(a.netns, argv, 10).returncode == 0
-    argv = [str(BIN / "python"), "-c", _CLIENT, b.ip, str(p.port), f"{CONNECT_TIMEOUT:g}"]
+    argv = [str(BIN / "python"), "-c", TCP_CLIENT, b.ip, str(p.port), f"{CONNECT_TIMEOUT:g}"]
     return _run(a.netns, argv, CONNECT_TIMEOUT + 10).stdout.strip() == "ok"
 
 

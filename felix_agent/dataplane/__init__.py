@@ -1,5 +1,5 @@
 """The dataplane: one manager per concern (routes, VXLAN, IPIP, policy, NAT-outgoing) and the kernel
-drivers they use (``netlink``, ``nftables``).
+drivers they use (``nftables`` here; rtnetlink and nfnetlink from ``kernel``).
 
 A manager's ``on_update(state)`` records what the calculation graph wants and never touches the
 kernel; its ``apply()`` reads back (or trusts its driver's record of) what the kernel holds and

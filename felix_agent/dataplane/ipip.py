@@ -25,11 +25,12 @@ from typing import Literal, Protocol
 
 from felix_agent.calc.model import DesiredState
 from felix_agent.dataplane.mtu import IPIP_OVERHEAD, underlay_mtu
-from felix_agent.dataplane.netlink import KernelError, Link
+from kernel.netlink import KernelError
+from kernel.rtnl import IPIP_FALLBACK_DEVICE, Link
 
 log = logging.getLogger(__name__)
 
-IPIP_DEVICE = "tunl0"
+IPIP_DEVICE = IPIP_FALLBACK_DEVICE
 TUNNEL_ADDRESS_KEY = "ipip_tunnel_address"
 
 Status = Literal["disabled", "ok", "unsupported"]

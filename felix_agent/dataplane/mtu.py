@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from felix_agent.calc.model import DesiredState
-from felix_agent.dataplane.netlink import Link
+from kernel.rtnl import Link
 
 log = logging.getLogger(__name__)
 

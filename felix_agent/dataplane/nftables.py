@@ -27,8 +27,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from felix_agent.dataplane import libnft, nfnetlink
+from felix_agent.dataplane import libnft
 from felix_agent.dataplane.nft_ruleset import Chain, Map, Ruleset, Set
+from kernel import nfnl
+from kernel.netlink import KernelError
 
 log = logging.getLogger(__name__)
 # The agent may be started with a bare environment (a lab, a minimal unit file): find nft anyway.
@@ -80,7 +82,7 @@ class NftTable:
         direct: bool | None = None,
     ) -> None:
         self.family, self.name = family, name
-        # Talk nfnetlink ourselves for set elements and the rules' read-back (see nfnetlink): only in
+        # Talk nfnetlink ourselves for set elements and the rules' read-back (see kernel.nfnl): only in
         # our own namespace with the real nft, i.e. in the agent; tests with a runner or a netns do not.
         self._direct = (run is None and netns is None) if direct is None else direct
         if run is None and netns is None:  # our own namespace: the library, without a process per call
@@ -127,7 +129,7 @@ class NftTable:
                 try:
                     if not self._write_elements(want, self._view, script):
                         self._transact(script)
-                except (NftError, nfnetlink.NetlinkError) as err:
+                except (NftError, KernelError) as err:
                     log.warning("nft transaction refused, re-reading the table: %s", err)
                     continue
                 self._remember(want, sweep)
@@ -157,7 +159,7 @@ class NftTable:
 
     def _read_direct(self) -> _View:
         """``read()`` without ``nft list table``, whose listing of the rules takes tens of seconds at
-        300,000 rules: chains, sets and maps from ``nft -j list``, the rules' tags from nfnetlink."""
+        300,000 rules: chains, sets and maps from ``nft -j list``, the rules' tags from nfnl."""
         items: list[Any] = []
         for what in ("chains", "sets", "maps"):
             done = self._run(["-j", "list", what, self.family], None)
@@ -169,8 +171,8 @@ class NftTable:
                     items.append(item)
         view = _parse({"nftables": items})
         try:
-            tags = nfnetlink.rule_tags(self.family, self.name, view.chains)
-        except nfnetlink.NetlinkError as err:
+            tags = nfnl.rule_tags(self.family, self.name, view.chains)
+        except KernelError as err:
             raise NftError(f"reading the rules of {self.family} {self.name}: {err}") from err
         view.chains = {name: (hook, tuple(tags.get(name, ()))) for name, (hook, _) in view.chains.items()}
         return view
@@ -181,7 +183,7 @@ class NftTable:
         if not self._direct or not all(line.startswith(("add element ", "delete element "))
                                        for line in script[1:]):
             return False
-        changes: list[nfnetlink.Change] = []
+        changes: list[nfnl.Change] = []
         for m in want.maps.values():
             old_map = have.maps.get(m.name)
             if old_map is None or (old_map.elements is not m.elements and old_map.elements != m.elements):
@@ -198,8 +200,8 @@ class NftTable:
             if new := sorted(s.elements - old_set.elements):
                 changes.append(("add", s.name, s.type, interval, new))
         try:
-            nfnetlink.write_elements(self.family, self.name, changes)
-        except nfnetlink.Unsupported:
+            nfnl.write_elements(self.family, self.name, changes)
+        except nfnl.Unsupported:
             return False
         return True
 

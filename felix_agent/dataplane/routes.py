@@ -30,13 +30,16 @@ import errno
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from cni_plugins.naming import ROUTE_PROTOCOL
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
+from felix_agent.dataplane.errors import ApplyError
 from felix_agent.dataplane.ipip import IPIP_DEVICE
-from felix_agent.dataplane.netlink import ROUTE_PROTOCOL, ApplyError, KernelError, KernelRoute, write_each
 from felix_agent.dataplane.vxlan import VXLAN_DEVICE, vtep_link_local
+from kernel.netlink import KernelError
+from kernel.rtnl import KernelRoute, write_each
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +70,29 @@ def kernel_route(route: Route, peers: Mapping[str, VXLANPeer]) -> KernelRoute:
     if route.kind == "local":
         if not route.device:
             raise ValueError(f"local route {dst} has no device")
-        return KernelRoute(dst, device=route.device, scope="link" if version == 4 else "universe")
+        return KernelRoute(dst, device=route.device, scope="link" if version == 4 else "universe", proto=ROUTE_PROTOCOL)
     if route.kind == "blackhole":
-        return KernelRoute(dst, type="blackhole")
+        return KernelRoute(dst, type="blackhole", proto=ROUTE_PROTOCOL)
     if route.kind == "vxlan":
         device = route.device or VXLAN_DEVICE
         peer = peers.get(route.node or "")
         if version == 6 and (gateway is None or ipaddress.ip_address(gateway).version == 4):
             if peer is None:
                 raise ValueError(f"VXLAN route {dst}: no VTEP known for node {route.node!r}")
-            return KernelRoute(dst, gateway=vtep_link_local(peer.vtep_mac), device=device)
+            return KernelRoute(dst, gateway=vtep_link_local(peer.vtep_mac), device=device, proto=ROUTE_PROTOCOL)
         gateway = gateway or (peer.vtep_ip if peer else None)
         if gateway is None:
             raise ValueError(f"VXLAN route {dst}: no gateway and no VTEP known for node {route.node!r}")
         onlink = not ipaddress.ip_address(gateway).is_link_local
-        return KernelRoute(dst, gateway=gateway, device=device, onlink=onlink)
+        return KernelRoute(dst, gateway=gateway, device=device, onlink=onlink, proto=ROUTE_PROTOCOL)
     if route.kind == "ipip":
         if version != 4 or gateway is None:
             raise ValueError(f"IPIP route {dst}: IPIP carries IPv4 only, via the node's IPv4 address")
-        return KernelRoute(dst, gateway=gateway, device=route.device or IPIP_DEVICE, onlink=True)
+        return KernelRoute(dst, gateway=gateway, device=route.device or IPIP_DEVICE, onlink=True, proto=ROUTE_PROTOCOL)
     if route.kind == "direct":
         if gateway is None:
             raise ValueError(f"direct route {dst} has no gateway")
-        return KernelRoute(dst, gateway=gateway, device=route.device)
+        return KernelRoute(dst, gateway=gateway, device=route.device, proto=ROUTE_PROTOCOL)
     raise ValueError(f"route {dst}: unknown kind {route.kind!r}")
 
 
@@ -130,7 +133,7 @@ def plan(
         # A route of ours at the kernel's key (dst, default metric) is overwritten in place;
         # otherwise ``add``, which fails rather than overwrite someone else's route.
         in_place = any(r.metric is None for r in have)
-        ops.append(RouteOp("replace" if in_place else "add", replace(want, proto=protocol)))
+        ops.append(RouteOp("replace" if in_place else "add", want.replace(proto=protocol)))
         ops += [RouteOp("delete", r) for r in have if r.metric is not None]
     return ops
 
@@ -210,11 +213,11 @@ class RouteManager:
         return writes
 
     def _write(self, ops: Sequence[RouteOp], links: Mapping[str, int]) -> list[KernelError | None]:
-        """The writes in bulk when the driver can (``Netlink.write_routes``: many requests per
+        """The writes in bulk when the driver can (``RTNL.write_routes``: many requests per
         system call, raw netlink), each route with its device's index as just listed; else one by one."""
         bulk = getattr(self._driver, "write_routes", None)
         if bulk is not None:
-            return list(bulk([(op.action, replace(op.route, ifindex=links.get(op.route.device or "", op.route.ifindex)))
+            return list(bulk([(op.action, op.route.replace(ifindex=links.get(op.route.device or "", op.route.ifindex)))
                               for op in ops]))
         return write_each(self._driver, [(op.action, op.route) for op in ops])
 

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from felix_agent.calc.model import DesiredState, VXLANPeer
+from felix_agent.dataplane.errors import ApplyError
 from felix_agent.dataplane.mtu import VXLAN_OVERHEAD, underlay_mtu
-from felix_agent.dataplane.netlink import ApplyError, KernelError, Link, Neighbour
+from kernel.netlink import KernelError
+from kernel.rtnl import Link, Neighbour
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class VXLANDriver(Protocol):
     def set_link(
         self, index: int, *, mtu: int | None = None, mac: str | None = None, up: bool | None = None
     ) -> None: ...
-    def delete_link(self, index: int) -> None: ...
+    def delete_link(self, index: int) -> object: ...
     def addresses(self, index: int) -> set[str]: ...
     def add_address(self, index: int, cidr: str) -> None: ...
     def delete_address(self, index: int, cidr: str) -> None: ...

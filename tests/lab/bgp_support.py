@@ -1,6 +1,7 @@
 """Lab support for the BGP speaker tests: a driver that runs one ``Speaker`` (with its ExaBGP) and
-``LearnedRoutes`` inside a node namespace, the test's client for it, and BIRD 2 configurations
-(BIRD itself and reading a namespace's kernel routes are ``netlab.bird``'s).
+``LearnedRoutes`` inside a node namespace, the test's client for it, and the BIRD 2 configuration
+these tests use (BIRD itself, reading and watching a namespace's kernel routes are
+``netlab.bird``'s; waiting is ``netlab.wait``'s).
 
 The driver (``python -m tests.lab.bgp_support drive ...``) is started by ``Lab.start_process``
 inside the node's namespace, so ExaBGP (its child) runs there too. The test talks to it over a
@@ -15,11 +16,8 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,8 +25,11 @@ from typing import Any, TypeVar
 from bgp.learned import LearnedRoutes
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.speaker import Speaker
-from netlab.bird import as_prefix, kernel_routes
+from netlab.bird import RouteMonitor, kernel_routes
 from netlab.lab import Lab
+from netlab.wait import wait_for
+
+__all__ = ["Node", "RouteMonitor", "bird_config", "config_to_json", "drive"]
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -48,9 +49,9 @@ def config_to_json(config: SpeakerConfig) -> dict[str, Any]:
 
 class Driver:
     def __init__(self, state_dir: Path, control: Path, adopt: float | None) -> None:
-        from felix_agent.dataplane.netlink import Netlink
+        from kernel.rtnl import RTNL
 
-        self.learned = LearnedRoutes(Netlink.open(), resync_interval=5.0)
+        self.learned = LearnedRoutes(RTNL.open(), resync_interval=5.0)
         if adopt is not None:
             self.adopted = self.learned.adopt(adopt)
         self.attrs: dict[str, dict[str, Any]] = {}  # "peer prefix" -> attributes last received
@@ -153,7 +154,7 @@ class Node:
         argv += ["--adopt", str(adopt)] if adopt is not None else []
         env = {"PYTHONPATH": str(REPO), "HOME": "/root"}
         self.pid = self.lab.start_process(self.netns, argv, self.dir / "driver.log", env)
-        wait_until(lambda: self.control.exists(), 20, f"the driver of node {self.k} to listen")
+        wait_for(lambda: self.control.exists(), 20, f"the driver of node {self.k} to listen")
         self.request({"op": "configure", "config": config_to_json(config)})
         if exports is not None:
             self.announce(exports)
@@ -178,7 +179,7 @@ class Node:
         if self.pid is None:
             return
         self.request({"op": "stop", "graceful": graceful})
-        wait_until(lambda: not self.lab.process_running(self.pid or 0), 20, f"driver of node {self.k} to exit")
+        wait_for(lambda: not self.lab.process_running(self.pid or 0), 20, f"driver of node {self.k} to exit")
         self.lab.stop_process(self.pid)
         self.pid = None
 
@@ -200,73 +201,17 @@ class Node:
         def done() -> bool:
             return self.routes() == want and (sessions is None or len(self.established()) == sessions)
 
-        wait_until(done, timeout, f"node {self.k}'s BGP routes {want}",
+        wait_for(done, timeout, f"node {self.k}'s BGP routes {want}",
                    describe=lambda: f"{self.routes()} {self.status()['sessions']}")
 
     def wait_gone(self, prefix: str, timeout: float) -> None:
-        wait_until(lambda: prefix not in self.routes(), timeout, f"{prefix} to leave node {self.k}")
+        wait_for(lambda: prefix not in self.routes(), timeout, f"{prefix} to leave node {self.k}")
 
     def established(self) -> set[str]:
         return {s["peer"] for s in self.status()["sessions"] if s["state"] == "Established"}
 
     def routes(self, proto: int | None = 81) -> dict[str, str]:
         return kernel_routes(self.lab, self.netns, proto)
-
-
-class RouteMonitor:
-    """``ip -n NS monitor route`` in a thread: every protocol-81 route added or deleted in a
-    namespace, with the monotonic time it was seen (what the reference measured with)."""
-
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        self.events: list[tuple[float, bool, str]] = []  # (time, added, dst)
-        self._proc = subprocess.Popen(["ip", "-n", netns, "monitor", "route"], stdout=subprocess.PIPE, text=True,
-                                      bufsize=1)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        time.sleep(0.2)  # let it subscribe
-
-    def _run(self) -> None:
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            now = time.monotonic()
-            if "proto 81" not in line:
-                continue
-            words = line.split()
-            deleted = words[0] == "Deleted"
-            self.events.append((now, not deleted, as_prefix(words[1] if deleted else words[0])))
-
-    def first(self, dst: str, added: bool, since: float) -> float | None:
-        return next((t for t, a, d in list(self.events) if d == dst and a == added and t >= since), None)
-
-    def wait_first(self, dst: str, added: bool, since: float, timeout: float) -> float:
-        seen = wait_until(lambda: self.first(dst, added, since), timeout, f"{dst} {'added' if added else 'deleted'}")
-        assert seen is not None
-        return seen
-
-    def deletions(self, dst: str, since: float) -> list[float]:
-        return [t for t, a, d in list(self.events) if d == dst and not a and t >= since]
-
-    def __enter__(self) -> RouteMonitor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._proc.terminate()
-        self._proc.wait(5)
-        self._thread.join(5)
-
-
-def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05,
-               describe: Callable[[], str] | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f"\n{describe()}" if describe is not None else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 def bird_config(router_id: str, asn: int, neighbors: list[tuple[str, int]], services: list[str],

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from netlab.cluster_lab import PYTHON, ClusterLab, wait_until
+from netlab.cluster_lab import PYTHON, ClusterLab
 from netlab.lab import ETCD_CLIENT_PORT, Pod
+from netlab.wait import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -73,7 +74,7 @@ def _start_behind_relay(cluster: ClusterLab, k: int) -> None:
     once the agent answers /liveness."""
     env = dict(cluster.env, ETCD_ENDPOINTS=f"https://127.0.0.1:{PROXY_PORT}")
     cluster.start_agent(k, env=env)
-    wait_until(lambda: cluster.liveness(k) == 200, 15, f"node {k}'s agent to answer /liveness",
+    wait_for(lambda: cluster.liveness(k) == 200, 15, f"node {k}'s agent to answer /liveness",
                describe=lambda: cluster.agent_output(k)[-2000:])
 
 
@@ -137,7 +138,7 @@ def test_endpoint_gauge_counts_the_local_pods(cluster: ClusterLab, pods: dict[in
         assert cluster.metrics(2)["felix_active_local_endpoints"] == 2  # ADD answers after the apply
     finally:
         cluster.delete_pod(extra)
-    wait_until(lambda: cluster.metrics(2)["felix_active_local_endpoints"] == 1, 10, "node 2 to count one pod again")
+    wait_for(lambda: cluster.metrics(2)["felix_active_local_endpoints"] == 1, 10, "node 2 to count one pod again")
 
 
 def test_policy_and_set_gauges(cluster: ClusterLab, pods: dict[int, list[Pod]]) -> None:
@@ -161,14 +162,14 @@ spec:
     source: {selector: tortie.dev/name == 'b1'}
 """)
     try:
-        wait_until(lambda: cluster.metrics(1)["felix_active_policies"] == 2, 10, "node 1 to count the policy")
+        wait_for(lambda: cluster.metrics(1)["felix_active_policies"] == 2, 10, "node 1 to count the policy")
         m = cluster.metrics(1)
         assert m["felix_ipsets"] == 4
         assert m["felix_ipset_members"] == 2 * total_pods + 2  # b1's two addresses
         assert cluster.metrics(2)["felix_active_policies"] == 1
     finally:
         cluster.delete("gnp", "a1-from-b1")
-    wait_until(lambda: cluster.metrics(1)["felix_active_policies"] == 1, 10, "node 1 to drop the policy")
+    wait_for(lambda: cluster.metrics(1)["felix_active_policies"] == 1, 10, "node 1 to drop the policy")
 
 
 def test_route_gauge_matches_the_kernel(cluster: ClusterLab, pods: dict[int, list[Pod]]) -> None:
@@ -180,7 +181,7 @@ def test_route_gauge_matches_the_kernel(cluster: ClusterLab, pods: dict[int, lis
 
 def test_resync_and_error_counters(cluster: ClusterLab, pods: dict[int, list[Pod]]) -> None:
     first = cluster.metrics(1)["felix_resyncs_total"]
-    wait_until(lambda: cluster.metrics(1)["felix_resyncs_total"] >= first + 2, 10 * RESYNC + 5,
+    wait_for(lambda: cluster.metrics(1)["felix_resyncs_total"] >= first + 2, 10 * RESYNC + 5,
                "two more resyncs")
     for k in (1, 2):
         m = cluster.metrics(k)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from netlab.cni import REFERENCE_PLUGINS, Attachment, PluginRun, network_config
-from netlab.etcd import ETCD
+from netlab.cni import Attachment, PluginRun, network_config
 from netlab.lab import Pod
 from tests.lab.tortie_support import BLOCK_PREFIX, HANDLE_PREFIX, NETWORK, TortieLab, host_ifname
 
@@ -28,11 +26,7 @@ FURTHER_ADDS = 100
 
 @pytest.fixture(scope="module")
 def tl() -> Iterator[TortieLab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: labs build network namespaces")
-    if not ETCD.exists() or not (REFERENCE_PLUGINS / "portmap").exists():
-        pytest.skip("needs etcd-server and the reference CNI plugins (scripts/install-deps.sh)")
-    with TortieLab.create(prefix="ta") as tl:
+    with TortieLab.create(prefix="ta", plugins=["portmap"]) as tl:
         yield tl
 
 

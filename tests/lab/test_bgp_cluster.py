@@ -1,7 +1,7 @@
 """BGP between felix-agents (``felix-agent --bgp``) in real labs: the node-to-node mesh, Tortie
 route reflectors, BIRD 2 as an external router and as a reflector, borrowed addresses, and the bad
 configurations ``netctl`` refuses. Every claim is checked by traffic between pods or by kernel
-routes (protocol 81), with ``wait_until``; no fixed sleep.
+routes (protocol 81), with ``wait_for``; no fixed sleep.
 
 Pools have no encapsulation (routes between nodes come only from BGP). IPv4 only: the lab's nodes
 have no IPv6 address, so no IPv6 session is made. Each test builds its own lab (unique name) and
@@ -38,9 +38,10 @@ from netlab.bgp_cluster import (
     processes,
     start_bird,
 )
-from netlab.cluster_lab import NETCTL, Check, v4, wait_until
+from netlab.bird import RouteMonitor
+from netlab.cluster_lab import NETCTL, Check, v4
 from netlab.lab import Pod
-from tests.lab.bgp_support import RouteMonitor
+from netlab.wait import wait_for
 
 # Part of every run (about 3 minutes in all, on 2 CPUs). TORTIE_BGP_CLUSTER_TESTS=0 skips them, for a
 # quick local run on a machine without BIRD or ExaBGP.
@@ -102,7 +103,7 @@ def test_mesh_learns_blocks_survives_kill_cut_restart_and_nodes_joining_and_leav
             assert bgp.bgp_routes(k) == {blocks[j]: bgp.address(j) for j in (1, 2) if j != k}
         assert not c.can_ping(pods[1], pods[3])
         # Its ExaBGP does not outlive it: the API process stops it once the withdrawals are out.
-        wait_until(lambda: not processes(bgp, 3, "exabgp"), 15, "the killed agent's ExaBGP to exit",
+        wait_for(lambda: not processes(bgp, 3, "exabgp"), 15, "the killed agent's ExaBGP to exit",
                    describe=lambda: str(processes(bgp, 3, "exabgp")))
 
         c.start_agent(3)
@@ -253,7 +254,7 @@ def test_bird_as_external_peer_and_as_route_reflector() -> None:
                                                        password=password))
 
         want_bird = {blocks[k]: bgp.address(k) for k in nodes}
-        wait_until(lambda: {p: nh for p, nh in bird.routes().items() if p in want_bird} == want_bird, CONVERGE,
+        wait_for(lambda: {p: nh for p, nh in bird.routes().items() if p in want_bird} == want_bird, CONVERGE,
                    "BIRD to learn every block with its node as next hop",
                    describe=lambda: bird.birdc("show", "protocols") + bird.birdc("show", "route"))
         for k in nodes:
@@ -270,7 +271,7 @@ def test_bird_as_external_peer_and_as_route_reflector() -> None:
         for k in nodes:
             bgp.wait_peers(k, [bird_ip])  # the mesh sessions are gone
         bird = start_bird(bgp, 4, bird_reflector_config(bird_ip, [bgp.address(k) for k in nodes]))
-        wait_until(lambda: len(bird_established(bird)) == len(nodes), CONVERGE, "BIRD's sessions to every node",
+        wait_for(lambda: len(bird_established(bird)) == len(nodes), CONVERGE, "BIRD's sessions to every node",
                    describe=lambda: bird.birdc("show", "protocols"))
         for k in nodes:
             bgp.wait_established(k, [bird_ip])

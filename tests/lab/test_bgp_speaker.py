@@ -20,9 +20,10 @@ from contextlib import contextmanager
 import pytest
 
 from bgp.model import CLIENT, EXTERNAL, MESH, REFLECTOR, Peer, SpeakerConfig
-from netlab.bird import Bird
+from netlab.bird import Bird, RouteMonitor
 from netlab.lab import Lab
-from tests.lab.bgp_support import Node, RouteMonitor, bird_config, config_to_json, wait_until
+from netlab.wait import wait_for
+from tests.lab.bgp_support import Node, bird_config, config_to_json
 
 pytestmark = pytest.mark.lab
 
@@ -96,7 +97,7 @@ def test_mesh_learns_blocks_and_a_killed_node_is_withdrawn_within_the_hold_time(
         # ExaBGP dies under a running agent: it is started again and the routes come back.
         old = n2.status()["exabgp"]
         os.kill(old, signal.SIGKILL)
-        wait_until(lambda: n2.status()["exabgp"] not in (None, old), 10, "node 2's ExaBGP to be restarted")
+        wait_for(lambda: n2.status()["exabgp"] not in (None, old), 10, "node 2's ExaBGP to be restarted")
         for n in nodes:
             want = expected_mesh(nodes, nodes, n)
             n.wait_routes(want, CONVERGE, sessions=2)
@@ -144,7 +145,7 @@ def test_bird_learns_every_block_and_its_routes_are_installed_on_the_nodes() -> 
             n.start(mesh_config(lab, n.k, members, extra=(external,)), [(block(n.k), n.address)])
 
         want_bird = {block(n.k): n.address for n in nodes}
-        wait_until(lambda: {p: nh for p, nh in bird.routes().items() if p in want_bird} == want_bird, CONVERGE,
+        wait_for(lambda: {p: nh for p, nh in bird.routes().items() if p in want_bird} == want_bird, CONVERGE,
                    "BIRD to learn every block with its node as next hop",
                    describe=lambda: bird.birdc("show", "protocols") + bird.birdc("show", "route"))
         for n in nodes:
@@ -235,7 +236,7 @@ def test_graceful_restart_keeps_routes_on_both_sides() -> None:
 
             restarted = time.monotonic()
             n1.start(mesh_config(lab, 1, members, gr=GR), exports[1][:1], adopt=GR)
-            wait_until(lambda: {n2.address, n3.address} <= n1.established(), CONVERGE, "node 1's sessions")
+            wait_for(lambda: {n2.address, n3.address} <= n1.established(), CONVERGE, "node 1's sessions")
             # Node 1's End-of-RIB ends the peers' stale routes it no longer announces.
             n2.wait_gone(dropped_by_restart, CONVERGE)
             # Node 1 keeps what it had until re-learned; what was not re-learned goes after GR seconds.
@@ -257,4 +258,4 @@ def test_graceful_restart_keeps_routes_on_both_sides() -> None:
             n.wait_gone(block(1), HOLD)
         print(f"agent killed (graceful restart on): its routes gone from the peers after "
               f"{time.monotonic() - killed:.1f} s")
-        wait_until(lambda: not os.path.exists(f"/proc/{exabgp_pid}"), 10, "the orphaned ExaBGP to stop")
+        wait_for(lambda: not os.path.exists(f"/proc/{exabgp_pid}"), 10, "the orphaned ExaBGP to stop")

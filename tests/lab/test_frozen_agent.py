@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from cni_plugins import relay
-from netlab.cni import REFERENCE_PLUGINS
-from netlab.etcd import ETCD
-from tests.lab.tortie_support import NETWORK, TortieLab, host_ifname, wait_for
+from netlab.wait import wait_for
+from tests.lab.tortie_support import NETWORK, TortieLab, host_ifname
 
 pytestmark = pytest.mark.lab
 
@@ -25,11 +24,7 @@ BOUND = relay.ACCEPT_TIMEOUT + 8.0  # the accept deadline, then an in-process ca
 
 @pytest.fixture(scope="module")
 def tl() -> Iterator[TortieLab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: labs build network namespaces")
-    if not ETCD.exists() or not (REFERENCE_PLUGINS / "portmap").exists():
-        pytest.skip("needs etcd-server and the reference CNI plugins (scripts/install-deps.sh)")
-    with TortieLab.create(prefix="tf") as tl:
+    with TortieLab.create(prefix="tf", plugins=["portmap"]) as tl:
         yield tl
 
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from netlab.cni import REFERENCE_PLUGINS
-from netlab.etcd import ETCD
 from netlab.lab import Pod
 from tests.lab.tortie_support import HOST_MAC, TortieLab
 
@@ -25,11 +22,7 @@ GATEWAYS = {4: "169.254.1.1", 6: "fe80::ecee:eeff:feee:eeee"}
 
 @pytest.fixture(scope="module")
 def tl() -> Iterator[TortieLab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: labs build network namespaces")
-    if not ETCD.exists() or not (REFERENCE_PLUGINS / "portmap").exists():
-        pytest.skip("needs etcd-server and the reference CNI plugins (scripts/install-deps.sh)")
-    with TortieLab.create(prefix="tg") as tl:
+    with TortieLab.create(prefix="tg", plugins=["portmap"]) as tl:
         yield tl
 
 

@@ -33,9 +33,9 @@ from netlab.cluster_lab import (
     pools_yaml,
     v4,
     v6,
-    wait_until,
 )
 from netlab.lab import Pod
+from netlab.wait import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -80,7 +80,7 @@ def _sent_from(cluster: ClusterLab, pod: Pod, log: Path, port: int) -> str:
     """Send a datagram with a fresh token to the fabric host; the source address it arrived with."""
     token = secrets.token_hex(4)
     cluster.send_udp(pod, FABRIC_HOST, port, token)
-    found = wait_until(lambda: fabric_sources(log, token), 5, f"datagram {token} at the fabric host")
+    found = wait_for(lambda: fabric_sources(log, token), 5, f"datagram {token} at the fabric host")
     return found[0]
 
 
@@ -94,7 +94,7 @@ def test_nat_outgoing_shows_the_node_address(cluster: ClusterLab, pods: dict[int
     try:
         cluster.apply(pools_yaml(nat_v4=False))
         # The pool change reaches the agents asynchronously: send until one arrives un-NATed.
-        wait_until(lambda: _sent_from(cluster, pods[1], log, port) == v4(pods[1]), 15,
+        wait_for(lambda: _sent_from(cluster, pods[1], log, port) == v4(pods[1]), 15,
                    "a datagram from pod1 to arrive with the pod's own address")
         for pod in pods.values():
             assert _sent_from(cluster, pod, log, port) == v4(pod)
@@ -102,7 +102,7 @@ def test_nat_outgoing_shows_the_node_address(cluster: ClusterLab, pods: dict[int
     finally:
         cluster.apply(pools_yaml(nat_v4=True))
     for k, pod in pods.items():
-        wait_until(functools.partial(_natted, cluster, pod, log, port, cluster.node(k).address), 15,
+        wait_for(functools.partial(_natted, cluster, pod, log, port, cluster.node(k).address), 15,
                    f"NAT-outgoing on node {k} again")
 
 
@@ -128,7 +128,7 @@ def test_agent_restart_keeps_traffic_flowing(cluster: ClusterLab, pods: dict[int
     with out.open("w") as sink:
         ping = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: len(_replies(out)) >= 10, 10, "the ping to get going")
+        wait_for(lambda: len(_replies(out)) >= 10, 10, "the ping to get going")
         for k in (1, 2):
             cluster.stop_agent(k)
             # Stopped: the node keeps its routes and its policy table.
@@ -139,7 +139,7 @@ def test_agent_restart_keeps_traffic_flowing(cluster: ClusterLab, pods: dict[int
             cluster.wait_ready(k)
         # The ready agents' first applies are behind us once another 100 replies came back.
         last = max(_replies(out))
-        wait_until(lambda: max(_replies(out)) >= last + 100, 10, "100 more replies after the restarts")
+        wait_for(lambda: max(_replies(out)) >= last + 100, 10, "100 more replies after the restarts")
         assert ping.poll() is None, out.read_text()[-2000:]
     finally:
         if ping.poll() is None:
@@ -166,7 +166,7 @@ def test_resync_repairs_a_deleted_vxlan_route(cluster: ClusterLab, pods: dict[in
         assert before, f"node 1 has no route to {block}"
         cluster.exec(1, "ip", "route", "del", block)
         assert cluster.route_to(1, block) == ""
-        wait_until(functools.partial(_route_is, cluster, 1, block, before), REPAIR_TIMEOUT,
+        wait_for(functools.partial(_route_is, cluster, 1, block, before), REPAIR_TIMEOUT,
                    f"the resync to restore the route to {block}", interval=0.2)
     assert cluster.can_ping(pods[1], pods[2]) and cluster.can_ping(pods[1], pods[2], 6)
 
@@ -181,7 +181,7 @@ def test_resync_repairs_a_deleted_vxlan_neighbour(cluster: ClusterLab, pods: dic
     # The delete itself must succeed (check=True); whether the entry is still absent a moment later
     # depends on the 2 s resync, which may already have put it back: no assertion on that.
     cluster.exec(1, "bridge", "fdb", "del", mac, "dev", "vxlan.tortie", "dst", cluster.node(2).address)
-    wait_until(lambda: f"{mac} dst {cluster.node(2).address}" in fdb(), REPAIR_TIMEOUT,
+    wait_for(lambda: f"{mac} dst {cluster.node(2).address}" in fdb(), REPAIR_TIMEOUT,
                "the resync to restore the FDB entry", interval=0.2)
     assert cluster.can_ping(pods[1], pods[2])
 
@@ -215,7 +215,7 @@ spec:
         # The flush must succeed; the 2 s resync may restore the chain before we could look at it
         # empty, so only the restoration is asserted.
         cluster.nft(2, "flush", "chain", "inet", "tortie", chain[1])
-        wait_until(lambda: _chain_rules(cluster, 2, chain[1]) == rules, REPAIR_TIMEOUT,
+        wait_for(lambda: _chain_rules(cluster, 2, chain[1]) == rules, REPAIR_TIMEOUT,
                    f"the resync to restore chain {chain[1]}", interval=0.2)
         cluster.expect({Check(pods[1], pods[2]): False, Check(pods[3], pods[2], 8080): False,
                         Check(pods[2], pods[3]): True}, timeout=5, what="pod2 isolated again")
@@ -237,7 +237,7 @@ def test_resync_repairs_a_deleted_set_element(cluster: ClusterLab, pods: dict[in
         out = cluster.nft(2, "list", "set", "inet", "tortie", holding[0]).stdout
         return re.search(rf"\b{re.escape(v4(pods[1]))}\b", out) is not None
 
-    wait_until(restored, REPAIR_TIMEOUT, f"the resync to put {v4(pods[1])} back in {holding[0]}", interval=0.2)
+    wait_for(restored, REPAIR_TIMEOUT, f"the resync to put {v4(pods[1])} back in {holding[0]}", interval=0.2)
     assert cluster.can_tcp(pods[1], pods[2], 8080)
 
 
@@ -251,7 +251,7 @@ def test_resyncs_leave_foreign_state_alone(cluster: ClusterLab, pods: dict[int, 
     cluster.nft(1, "add", "rule", "inet", "foreign", "c", "counter")
     try:
         first = cluster.metrics(1)["felix_resyncs_total"]
-        wait_until(lambda: cluster.metrics(1)["felix_resyncs_total"] >= first + 2, 4 * RESYNC + 5, "two resyncs")
+        wait_for(lambda: cluster.metrics(1)["felix_resyncs_total"] >= first + 2, 4 * RESYNC + 5, "two resyncs")
         assert "proto static" in cluster.route_to(1, "203.0.113.0/24")
         assert "proto static" in cluster.route_to(1, "10.244.255.0/24")
         assert "counter" in cluster.nft(1, "list", "table", "inet", "foreign").stdout
@@ -264,7 +264,7 @@ def test_resyncs_leave_foreign_state_alone(cluster: ClusterLab, pods: dict[int, 
 def test_resync_repairs_a_deleted_table(cluster: ClusterLab, pods: dict[int, Pod]) -> None:
     """The whole ``inet tortie`` table deleted by hand: NAT-outgoing and policy come back."""
     cluster.nft(1, "delete", "table", "inet", "tortie")
-    wait_until(lambda: cluster.nft(1, "list", "chain", "inet", "tortie", "nat-postrouting", check=False).returncode
+    wait_for(lambda: cluster.nft(1, "list", "chain", "inet", "tortie", "nat-postrouting", check=False).returncode
                == 0, REPAIR_TIMEOUT, "the resync to restore the table", interval=0.2)
     log = cluster.fabric_listener(5556)
     assert _sent_from(cluster, pods[1], log, 5556) == cluster.node(1).address
@@ -280,13 +280,13 @@ def cross_subnet(cluster: ClusterLab, pods: dict[int, Pod]) -> Iterator[None]:
     """Both pools in vxlanMode CrossSubnet for the block (every node is on 198.18.0.0/24)."""
     cluster.apply(pools_yaml(vxlan="CrossSubnet"))
     try:
-        wait_until(lambda: "dev eth0" in cluster.route_to(1, block_of(v4(pods[2]))), 15,
+        wait_for(lambda: "dev eth0" in cluster.route_to(1, block_of(v4(pods[2]))), 15,
                    "node 1's route to node 2's IPv4 block to go native", describe=lambda: cluster.routes(1))
         yield
     finally:
         cluster.apply(pools_yaml())
         for k in (1, 2, 3):
-            wait_until(functools.partial(_routes_to, cluster, k, pods[k % 3 + 1], "vxlan.tortie"), 15,
+            wait_for(functools.partial(_routes_to, cluster, k, pods[k % 3 + 1], "vxlan.tortie"), 15,
                        f"node {k}'s routes back on VXLAN")
 
 
@@ -361,7 +361,7 @@ def test_removed_node_routes_disappear_from_the_others(cluster: ClusterLab, pods
         return not any(cluster.route_to(k, b) for b in blocks) and vtep_mac not in fdb and vtep_mac not in neigh
 
     for k in (1, 2):
-        wait_until(functools.partial(gone, k), 15, f"node {k} to forget node 3", interval=0.2,
+        wait_for(functools.partial(gone, k), 15, f"node {k} to forget node 3", interval=0.2,
                    describe=functools.partial(all_routes, k))
     assert not cluster.can_ping(pods[1], pods[3])
     # The survivors still reach each other.
@@ -411,7 +411,7 @@ def test_borrowed_address_gets_a_host_route() -> None:
         assert len(borrowed) == 1, [p.addresses for p in local]
         address = v4(borrowed[0])
         assert lab.route_to(2, str(node2_net)).startswith("blackhole"), lab.routes(2)
-        wait_until(lambda: "dev vxlan.tortie" in lab.route_to(2, f"{address}/32"), 10,
+        wait_for(lambda: "dev vxlan.tortie" in lab.route_to(2, f"{address}/32"), 10,
                    f"node 2's host route to the borrowed {address}", describe=lambda: lab.routes(2))
         assert lab.route_to(1, f"{address}/32").startswith(f"{address} dev tor")
         assert all(lab.reach([Check(remote, borrowed[0]), Check(borrowed[0], remote, 8080),

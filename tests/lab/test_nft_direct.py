@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from cni_plugins.wiring import netns
-from felix_agent.dataplane import nfnetlink
 from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set
 from felix_agent.dataplane.nftables import NftTable
+from kernel import nfnl
+from kernel.netlink import KernelError
+from kernel.netns import netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -73,7 +74,7 @@ def test_label_change_writes_elements_over_netlink_and_resync_sees_them(ns: str)
         for member in ("10.1.0.2", "10.1.0.3", "10.2.0.0/24", "10.3.0.0/16"):
             assert member in elements
         assert "10.9.0.2" in listed_elements("hosts-v4")
-        keys = nfnetlink.set_keys("inet", "tortie", "s-web-v4")
+        keys = nfnl.set_keys("inet", "tortie", "s-web-v4")
         assert bytes([10, 1, 0, 3]) in keys and bytes([10, 3, 0, 0]) in keys and bytes([10, 1, 0, 1]) not in keys
         # what the kernel holds reads back as exactly what was declared: a resync writes nothing
         table.reload()
@@ -102,8 +103,8 @@ def test_a_refused_element_batch_applies_nothing(ns: str) -> None:
         table.add_owner("policy")
         table.declare("policy", ruleset(frozenset({"10.1.0.1"})))
         table.apply()
-        with pytest.raises(nfnetlink.NetlinkError):
-            nfnetlink.write_elements("inet", "tortie", [
+        with pytest.raises(KernelError):
+            nfnl.write_elements("inet", "tortie", [
                 ("add", "s-web-v4", "ipv4_addr", True, ["10.1.0.7"]),
                 ("delete", "s-web-v4", "ipv4_addr", True, ["10.1.0.99"]),  # not there: the batch fails
             ])

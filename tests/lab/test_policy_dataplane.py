@@ -22,11 +22,11 @@ import pytest
 
 from cni_plugins import wiring
 from cni_plugins.naming import host_ifname
-from cni_plugins.wiring import netns
 from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMatch
 from felix_agent.dataplane.masq import MasqManager
 from felix_agent.dataplane.nftables import NftTable
 from felix_agent.dataplane.policy import EGRESS, INGRESS, PolicyManager, endpoint_chain
+from kernel.netns import netns
 
 pytestmark = pytest.mark.lab
 

@@ -24,9 +24,10 @@ from cni_plugins.naming import host_ifname
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
 from felix_agent.dataplane.ipip import IPIPManager
 from felix_agent.dataplane.mtu import MTUManager
-from felix_agent.dataplane.netlink import Netlink
 from felix_agent.dataplane.routes import RouteManager
 from felix_agent.dataplane.vxlan import VXLANManager, vtep_link_local
+from kernel.netns import netns
+from kernel.rtnl import RTNL
 from netlab.lab import Lab
 from tests.vm.probes import Capture, link_stats
 
@@ -54,7 +55,7 @@ class Node:
     k: int
     netns: str
     underlay: str
-    driver: Netlink
+    driver: RTNL
     mtu_file: Path
     pods: list[Pod] = field(default_factory=list)
 
@@ -140,7 +141,7 @@ class Fabric:
         sh("ip", "netns", "add", name)
         pod = Pod(name, host_ifname("rt", name, "eth0"), f"10.244.{node.k}.{j}", f"fd00:10:244:{node.k}::{j}")
         addresses = [ipaddress.ip_interface(f"{pod.v4}/26"), ipaddress.ip_interface(f"{pod.v6}/122")]
-        with wiring.netns(node.path):
+        with netns(node.path):
             wiring.setup(f"/run/netns/{name}", "eth0", pod.host_if, POD_MTU, addresses)
         return pod
 
@@ -168,7 +169,7 @@ def fabric(tmp_path: Path) -> Iterator[Fabric]:
     try:
         lab.create()
         for k, ln in enumerate(lab.nodes, 1):
-            nodes.append(Node(k, ln.netns, ln.address, Netlink.open(f"/run/netns/{ln.netns}"), tmp_path / f"mtu-{k}"))
+            nodes.append(Node(k, ln.netns, ln.address, RTNL.open(f"/run/netns/{ln.netns}"), tmp_path / f"mtu-{k}"))
         fab = Fabric(lab, nodes)
         for node in nodes:
             node.pods = [fab.add_pod(node, 2), fab.add_pod(node, 3)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -24,8 +23,6 @@ from typing import Any
 
 import pytest
 
-from netlab.cni import REFERENCE_PLUGINS
-from netlab.etcd import ETCD
 from netlab.runtimes import (
     Podman,
     RuntimeUnavailable,
@@ -44,12 +41,7 @@ BANDWIDTH = {"ingressRate": 8_000_000, "ingressBurst": 800_000, "egressRate": 8_
 
 @pytest.fixture(scope="module")
 def tl() -> Iterator[TortieLab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: labs build network namespaces")
-    missing = [p for p in ("portmap", "bandwidth") if not (REFERENCE_PLUGINS / p).exists()]
-    if not ETCD.exists() or missing:
-        pytest.skip(f"needs etcd-server and the reference CNI plugins {missing} (scripts/install-deps.sh)")
-    with TortieLab.create(prefix="tr") as tl:
+    with TortieLab.create(prefix="tr", plugins=["portmap", "bandwidth"]) as tl:
         yield tl
 
 

@@ -20,7 +20,9 @@ import pytest
 
 from cni_plugins import wiring
 from cni_plugins.naming import host_ifname
-from cni_plugins.wiring import InterfaceExists, NetnsNotFound, WiringError, netns
+from cni_plugins.wiring import InterfaceExists, NetnsNotFound, WiringError
+from kernel import netns as namespaces
+from kernel.netns import netns
 
 pytestmark = pytest.mark.lab
 
@@ -99,7 +101,7 @@ def test_netns_always_returns_to_the_original_namespace(lab: Lab) -> None:
         assert os.readlink("/proc/thread-self/ns/net") != before
         raise RuntimeError("boom")
     assert os.readlink("/proc/thread-self/ns/net") == before
-    with pytest.raises(NetnsNotFound), netns(lab.path("tw-nonexistent")):
+    with pytest.raises(namespaces.NetnsNotFound), netns(lab.path("tw-nonexistent")):
         pass
     assert os.readlink("/proc/thread-self/ns/net") == before
 

@@ -26,15 +26,17 @@ import pytest
 
 from netctl.install_cmd import install_plugins
 from netlab import netns as ip_netns
-from netlab.cni import REFERENCE_PLUGINS, Attachment, PluginRun, exec_plugin, network_config
-from netlab.etcd import ETCDCTL
-from netlab.lab import Lab, LabNode, Pod, PodError
+from netlab.agent import Agent
+from netlab.cluster import clean_env
+from netlab.cluster_lab import netctl
+from netlab.cni import REFERENCE_PLUGINS, Attachment, PluginRun, exec_plugin, network_config, tortie_plugin
+from netlab.etcd import ETCD, ETCDCTL
+from netlab.lab import Lab, LabNode, Pod, PodError, unique_name
 
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 TORTIE = VENV_BIN / "tortie"  # the compiled front end unless install-deps found no Go toolchain
 TORTIE_IPAM = VENV_BIN / "tortie-ipam"
 NETCTL = VENV_BIN / "netctl"
-FELIX_AGENT = VENV_BIN / "felix-agent"
 
 NETWORK = "tnet"
 POOL_V4 = "10.244.0.0/16"
@@ -46,11 +48,16 @@ AGENT_START_TIMEOUT = 30.0
 WEP_PREFIX = "/tortie/resources/v1/workloadendpoints/"
 HANDLE_PREFIX = "/tortie/ipam/v2/handle/"
 BLOCK_PREFIX = "/tortie/ipam/v2/assignment/"
-_PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "no_proxy"}
 
 
-def unique_name(prefix: str = "tt") -> str:
-    return f"{prefix}{secrets.token_hex(3)}"
+def require_lab(plugins: Sequence[str] = ()) -> None:
+    """Skip the test unless this machine can build a lab: root, etcd-server, the reference ``plugins``."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: labs build network namespaces")
+    missing = [p for p in plugins if not (REFERENCE_PLUGINS / p).exists()]
+    if not ETCD.exists() or missing:
+        pytest.skip(f"needs etcd-server and the reference CNI plugins {missing} (scripts/install-deps.sh)"
+                    if plugins else "needs etcd-server (scripts/install-deps.sh)")
 
 
 def resources_yaml(nodes: Sequence[LabNode]) -> str:
@@ -132,13 +139,14 @@ class TortieLab:
             (self.bin_dir / plugin.name).symlink_to(plugin)
         self.cni_path = [self.bin_dir, REFERENCE_PLUGINS]
         self.env = lab.etcd_env()
-        self._agents: dict[int, int] = {}  # node index → PID
-        self._log_offsets: dict[int, int] = {}
+        self._agents: dict[int, Agent] = {}
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls, nodes: int = 1, prefix: str = "tt") -> Iterator[TortieLab]:
-        """A new lab with the v4 and v6 pools applied; torn down on exit, even on failure."""
+    def create(cls, nodes: int = 1, prefix: str = "tt", *, plugins: Sequence[str] = ()) -> Iterator[TortieLab]:
+        """A new lab with the v4 and v6 pools applied; torn down on exit, even on failure. Skips
+        the test without root, etcd or the reference CNI ``plugins`` it needs."""
+        require_lab(plugins)
         with Lab(unique_name(prefix), nodes=nodes) as lab:
             tl = cls(lab)
             resources = tl.work / "resources.yaml"
@@ -178,17 +186,8 @@ class TortieLab:
     def plugin(self, node: int = 1, *, ipv6: bool = True, **overrides: Any) -> dict[str, Any]:
         """The `tortie` entry of a conflist for node `node`; `overrides` replace or add keys
         (a value of None removes the key)."""
-        entry: dict[str, Any] = {
-            "type": "tortie",
-            "nodename": self.node(node).name,
-            "mtu": MTU,
-            "etcd_endpoints": self.env["ETCD_ENDPOINTS"],
-            "etcd_ca_cert_file": self.env["ETCD_CA_CERT_FILE"],
-            "etcd_cert_file": self.env["ETCD_CERT_FILE"],
-            "etcd_key_file": self.env["ETCD_KEY_FILE"],
-            "agent_socket": str(self.socket(node)),
-            "ipam": {"type": "tortie-ipam", "assign_ipv4": "true", "assign_ipv6": "true" if ipv6 else "false"},
-        }
+        entry = tortie_plugin(self.node(node).name, self.env, self.socket(node), mtu=MTU,
+                              ipam={"assign_ipv4": "true", "assign_ipv6": "true" if ipv6 else "false"})
         for key, value in overrides.items():
             if value is None:
                 entry.pop(key, None)
@@ -203,53 +202,48 @@ class TortieLab:
 
     # -- the agent ------------------------------------------------------------------------------
 
+    def agent(self, node: int = 1) -> Agent:
+        """Node ``node``'s felix-agent (started or not), with the state directory of the lab's
+        work directory (the MTU file; never the host's /run/tortie)."""
+        if node not in self._agents:
+            name = self.node(node).name
+            self._agents[node] = Agent(self.lab, self.node(node), cni_socket=self.socket(node),
+                                       state_dir=self.work / f"state-{name}", log=self.work / f"agent-{name}.log",
+                                       env=clean_env(self.env))
+        return self._agents[node]
+
     def agent_log(self, node: int = 1) -> Path:
-        return self.work / f"agent-{self.node(node).name}.log"
+        return self.agent(node).log
 
     def start_agent(self, node: int = 1, extra_args: Sequence[str] = ()) -> int:
         """Start felix-agent in node `node`'s namespace (with `extra_args` added to its command
         line); return once its CNI socket exists (its start-up cleanup runs before the socket is made)."""
-        if node in self._agents:
+        agent = self.agent(node)
+        if agent.running():
             raise AssertionError(f"the agent of node {node} is already running")
-        sock = self.socket(node)
-        log = self.agent_log(node)
-        self._log_offsets[node] = log.stat().st_size if log.exists() else 0
-        sock.unlink(missing_ok=True)  # a crashed agent's: its presence must mean this agent is ready
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("ETCD_", "ETCDCTL_")) and k.lower() not in _PROXY_VARIABLES}
-        env.update(self.env)
-        state_dir = self.work / f"state-{self.node(node).name}"  # the MTU file; never the host's /run/tortie
-        argv = [str(FELIX_AGENT), "--nodename", self.node(node).name, "--node-ip", f"{self.node(node).address}/24",
-                "--cni-socket", str(sock), "--state-dir", str(state_dir), "--health-listen", "127.0.0.1:9099",
-                *extra_args]
-        pid = self.lab.start_process(self.node(node).netns, argv, log, env)
-        self._agents[node] = pid
-        deadline = time.monotonic() + AGENT_START_TIMEOUT
-        while not sock.exists():
-            if not self.lab.process_running(pid):
-                self._agents.pop(node)
-                raise AssertionError(f"felix-agent exited while starting:\n{self.agent_output(node)}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"felix-agent made no socket in {AGENT_START_TIMEOUT:.0f} s:\n"
-                                     f"{self.agent_output(node)}")
-            time.sleep(0.05)
+        self.socket(node).unlink(missing_ok=True)  # a crashed agent's: its presence must mean this agent is ready
+        pid = agent.start(extra_args)
+        try:
+            agent.wait_socket(AGENT_START_TIMEOUT)
+        except AssertionError:
+            agent.stop()
+            raise
         return pid
 
     def stop_agent(self, node: int = 1) -> None:
-        pid = self._agents.pop(node, None)
-        if pid is not None:
-            self.lab.stop_process(pid)
+        self.agent(node).stop()
 
     def agent_pid(self, node: int = 1) -> int:
-        return self._agents[node]
+        pid = self.agent(node).pid
+        assert pid is not None, f"the agent of node {node} is not running"
+        return pid
 
     def agent_running(self, node: int = 1) -> bool:
-        return node in self._agents and self.lab.process_running(self._agents[node])
+        return self.agent(node).running()
 
     def use_agent(self, running: bool, node: int = 1) -> None:
         """Make the delegated path (agent running) or the in-process path (no agent) current."""
         if running and not self.agent_running(node):
-            self._agents.pop(node, None)
             self.start_agent(node)
         elif not running:
             self.stop_agent(node)
@@ -264,12 +258,7 @@ class TortieLab:
 
     def agent_output(self, node: int = 1) -> str:
         """What the agent logged since its last start."""
-        log = self.agent_log(node)
-        if not log.exists():
-            return ""
-        with log.open("rb") as f:
-            f.seek(self._log_offsets.get(node, 0))
-            return f.read().decode(errors="replace")
+        return self.agent(node).output()
 
     # -- commands inside the lab ----------------------------------------------------------------
 
@@ -278,11 +267,7 @@ class TortieLab:
 
     def netctl(self, node: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """`netctl ARGS` in node `node`'s namespace with the lab's datastore settings."""
-        env = [f"{k}={v}" for k, v in self.env.items()]
-        done = self.lab.exec(self.node(node).netns, "env", *env, str(NETCTL), *args, check=False)
-        if check and done.returncode != 0:
-            raise AssertionError(f"netctl {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
-        return done
+        return netctl(self.lab, self.node(node).netns, self.env, *args, check=check)
 
     def etcdctl(self, *args: str) -> str:
         argv = [str(ETCDCTL), f"--endpoints={self.env['ETCD_ENDPOINTS']}", "--dial-timeout=3s",
@@ -406,12 +391,3 @@ class TortieLab:
             self.etcdctl("del", "--prefix", HANDLE_PREFIX)
         if state.allocations:
             self.netctl(node, "ipam", "gc", "--grace", "0")
-
-
-def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `condition()` until it is true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)

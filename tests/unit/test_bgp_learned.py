@@ -9,7 +9,8 @@ import pytest
 
 from bgp.learned import BGP_PROTOCOL, LearnedRoutes
 from bgp.model import MESH, SessionStatus
-from felix_agent.dataplane.netlink import KernelError, KernelRoute
+from kernel.netlink import KernelError
+from kernel.rtnl import KernelRoute
 
 UNDERLAY = KernelRoute(dst="198.18.0.0/24", device="eth0", scope="link", proto=2, ifindex=2)
 DEFAULT = KernelRoute(dst="0.0.0.0/0", gateway="198.18.0.1", device="eth0", proto=3, ifindex=2)

@@ -37,12 +37,7 @@ SIDEWAYS: Mapping[tuple[str, str], str] = {
 }
 
 # Module imports that run against the layers for now, each with the piece of work that removes it.
-EXCEPTIONS: Mapping[tuple[str, str], str] = {
-    # kernel layer pending: BGP's learned-route writer uses the agent's netlink driver until the
-    # rtnetlink codec moves into kernel/ (issue 12).
-    ("bgp.learned", "felix_agent.dataplane.netlink"): "kernel layer pending",
-    ("bgp.learned", "felix_agent.dataplane.ipip"): "kernel layer pending",
-}
+EXCEPTIONS: Mapping[tuple[str, str], str] = {}
 
 
 def product_modules() -> dict[str, Path]:

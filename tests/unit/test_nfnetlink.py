@@ -6,8 +6,9 @@ import struct
 
 import pytest
 
-from felix_agent.dataplane import nfnetlink
-from felix_agent.dataplane.nfnetlink import Unsupported, _keys, _messages, encode
+from kernel import nfnl
+from kernel.netlink import NLM_F_ACK, NLM_F_CREATE, messages
+from kernel.nfnl import Unsupported, _keys, encode
 
 
 def test_interval_elements_are_a_start_and_a_flagged_end_one_past_the_last_address() -> None:
@@ -30,12 +31,12 @@ def test_what_is_not_encoded_is_left_to_nft(literal: str, version: int, interval
 def test_a_batch_is_begin_messages_end_with_an_ack_asked_for_each_message() -> None:
     batch, acks = encode("inet", "tortie", [("delete", "s-a-v4", "ipv4_addr", True, ["10.0.0.1"]),
                                             ("add", "s-b-v4", "ipv4_addr", True, ["10.0.0.1"])])
-    kinds = [kind for kind, _, _ in _messages(batch)]
-    assert kinds == [nfnetlink.NFNL_MSG_BATCH_BEGIN, (10 << 8) | nfnetlink.NFT_MSG_DELSETELEM,
-                     (10 << 8) | nfnetlink.NFT_MSG_NEWSETELEM, nfnetlink.NFNL_MSG_BATCH_END]
-    assert [seq for _, seq, _ in _messages(batch)][1:3] == acks
+    kinds = [kind for kind, _, _, _ in messages(batch)]
+    assert kinds == [nfnl.NFNL_MSG_BATCH_BEGIN, (10 << 8) | nfnl.NFT_MSG_DELSETELEM,
+                     (10 << 8) | nfnl.NFT_MSG_NEWSETELEM, nfnl.NFNL_MSG_BATCH_END]
+    assert [seq for _, _, seq, _ in messages(batch)][1:3] == acks
     flags = [struct.unpack_from("=H", batch, offset + 6)[0] for offset in _offsets(batch)]
-    assert flags[1] & nfnetlink.NLM_F_ACK and flags[2] & nfnetlink.NLM_F_CREATE
+    assert flags[1] & NLM_F_ACK and flags[2] & NLM_F_CREATE
     with pytest.raises(Unsupported):
         encode("inet", "tortie", [("add", "np-x-v4", "ipv4_addr . inet_proto . inet_service", False, ["x"])])
 

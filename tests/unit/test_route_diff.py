@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import pytest
 
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
-from felix_agent.dataplane.netlink import ApplyError, KernelError, KernelRoute, Link
+from felix_agent.dataplane.errors import ApplyError
 from felix_agent.dataplane.routes import RouteManager, RouteOp, kernel_route, plan
 from felix_agent.dataplane.vxlan import vtep_link_local
+from kernel.netlink import KernelError
+from kernel.rtnl import KernelRoute, Link
 
+VX = "vxlan.tortie"
 PEER2 = VXLANPeer("n2", "198.18.0.12", "10.244.2.1", "66:74:6f:72:00:02")
 PEER3 = VXLANPeer("n3", "198.18.0.13", "10.244.3.1", "66:74:6f:72:00:03")
 
@@ -42,7 +45,7 @@ class FakeKernel:
         if r.type == "unicast" and r.device is not None:
             if r.device not in self.links_:
                 raise KernelError(f"route {r.dst}", errno.ENODEV)
-            return replace(r, ifindex=self.links_[r.device])
+            return r.replace(ifindex=self.links_[r.device])
         return r
 
     def _at_key(self, r: KernelRoute) -> list[KernelRoute]:
@@ -108,27 +111,22 @@ def manager(kernel: FakeKernel, *routes: Route) -> RouteManager:
 def test_each_kind_becomes_the_kernel_route_calico_programs() -> None:
     peers = {"n2": PEER2}
     assert kernel_route(Route("10.244.1.5/32", "local", device="torabc"), peers) == KernelRoute(
-        "10.244.1.5/32", device="torabc", scope="link"
-    )
+        "10.244.1.5/32", device="torabc", scope="link", proto=80)
     assert kernel_route(Route("fd00::5/128", "local", device="torabc"), peers) == KernelRoute(
-        "fd00::5/128", device="torabc"
-    )
-    assert kernel_route(BLOCK1, peers) == KernelRoute("10.244.1.0/26", type="blackhole")
+        "fd00::5/128", device="torabc", proto=80)
+    assert kernel_route(BLOCK1, peers) == KernelRoute("10.244.1.0/26", type="blackhole", proto=80)
     assert kernel_route(TO_N2, peers) == KernelRoute(
-        "10.244.2.0/26", gateway="10.244.2.1", device="vxlan.tortie", onlink=True
-    )
+        "10.244.2.0/26", gateway="10.244.2.1", device="vxlan.tortie", onlink=True, proto=80)
     # No gateway given: the VTEP of the route's node.
     assert kernel_route(Route("10.244.2.64/32", "vxlan", node="n2"), peers).gateway == "10.244.2.1"
     # IPv6 over the same device: via the peer VTEP's link-local address, derived from its MAC.
     v6 = kernel_route(Route("fd00:10:244:2::/122", "vxlan", gateway="10.244.2.1", node="n2"), peers)
-    assert v6 == KernelRoute("fd00:10:244:2::/122", gateway="fe80::6474:6fff:fe72:2", device="vxlan.tortie")
+    assert v6 == KernelRoute("fd00:10:244:2::/122", gateway="fe80::6474:6fff:fe72:2", device="vxlan.tortie", proto=80)
     assert vtep_link_local(PEER2.vtep_mac) == "fe80::6474:6fff:fe72:2"
     assert kernel_route(Route("10.244.3.0/26", "ipip", gateway="10.9.2.13"), peers) == KernelRoute(
-        "10.244.3.0/26", gateway="10.9.2.13", device="tunl0", onlink=True
-    )
+        "10.244.3.0/26", gateway="10.9.2.13", device="tunl0", onlink=True, proto=80)
     assert kernel_route(Route("10.244.3.0/26", "direct", gateway="198.18.0.13"), peers) == KernelRoute(
-        "10.244.3.0/26", gateway="198.18.0.13"
-    )
+        "10.244.3.0/26", gateway="198.18.0.13", proto=80)
     # Not canonical on input, canonical in the kernel's terms.
     assert kernel_route(Route("10.244.1.7/26", "blackhole"), peers).dst == "10.244.1.0/26"
 
@@ -153,15 +151,15 @@ def test_routes_that_cannot_be_made_are_rejected(route: Route) -> None:
 
 def test_plan_adds_replaces_and_removes_only_its_own_routes() -> None:
     desired = {
-        "10.244.1.0/26": KernelRoute("10.244.1.0/26", type="blackhole"),
-        "10.244.2.0/26": KernelRoute("10.244.2.0/26", gateway="10.244.2.1", device="vxlan.tortie", onlink=True),
-        "10.244.3.0/26": KernelRoute("10.244.3.0/26", gateway="10.244.3.1", device="vxlan.tortie", onlink=True),
+        "10.244.1.0/26": KernelRoute("10.244.1.0/26", type="blackhole", proto=80),
+        "10.244.2.0/26": KernelRoute("10.244.2.0/26", gateway="10.244.2.1", device=VX, onlink=True, proto=80),
+        "10.244.3.0/26": KernelRoute("10.244.3.0/26", gateway="10.244.3.1", device=VX, onlink=True, proto=80),
     }
     actual = [
         *FOREIGN,
-        KernelRoute("10.244.1.0/26", type="blackhole"),  # in sync
-        KernelRoute("10.244.2.0/26", gateway="10.244.2.99", device="vxlan.tortie", onlink=True, ifindex=3),  # wrong
-        KernelRoute("10.244.4.0/26", gateway="10.244.4.1", device="vxlan.tortie", onlink=True, ifindex=3),  # stale
+        KernelRoute("10.244.1.0/26", type="blackhole", proto=80),  # in sync
+        KernelRoute("10.244.2.0/26", gateway="10.244.2.99", device=VX, onlink=True, ifindex=3, proto=80),  # wrong
+        KernelRoute("10.244.4.0/26", gateway="10.244.4.1", device=VX, onlink=True, ifindex=3, proto=80),  # stale
     ]
     ops = plan(desired, actual)
     assert ops == [
@@ -173,23 +171,23 @@ def test_plan_adds_replaces_and_removes_only_its_own_routes() -> None:
 
 
 def test_plan_for_a_kernel_in_sync_is_empty() -> None:
-    desired = {"10.244.1.0/26": KernelRoute("10.244.1.0/26", type="blackhole")}
+    desired = {"10.244.1.0/26": KernelRoute("10.244.1.0/26", type="blackhole", proto=80)}
     # v6 blackholes hang on lo when read back; a device left to the kernel matches any.
-    actual = [*FOREIGN, KernelRoute("10.244.1.0/26", type="blackhole", device=None)]
+    actual = [*FOREIGN, KernelRoute("10.244.1.0/26", type="blackhole", device=None, proto=80)]
     assert plan(desired, actual) == []
-    direct = {"10.244.3.0/26": KernelRoute("10.244.3.0/26", gateway="198.18.0.13")}
-    assert plan(direct, [KernelRoute("10.244.3.0/26", gateway="198.18.0.13", device="eth0", ifindex=2)]) == []
+    direct = {"10.244.3.0/26": KernelRoute("10.244.3.0/26", gateway="198.18.0.13", proto=80)}
+    assert plan(direct, [KernelRoute("10.244.3.0/26", gateway="198.18.0.13", device="eth0", ifindex=2, proto=80)]) == []
 
 
 def test_plan_never_replaces_a_foreign_route_on_the_same_prefix() -> None:
-    want = KernelRoute("10.244.2.0/26", gateway="10.244.2.1", device="vxlan.tortie", onlink=True)
+    want = KernelRoute("10.244.2.0/26", gateway="10.244.2.1", device=VX, onlink=True, proto=80)
     foreign = KernelRoute("10.244.2.0/26", gateway="198.18.0.12", device="eth0", proto=81, ifindex=2)
     assert plan({want.dst: want}, [foreign]) == [RouteOp("add", want)]
 
 
 def test_plan_drops_an_extra_metric_of_its_own() -> None:
-    want = KernelRoute("fd00:1::/122", type="blackhole")
-    extra = KernelRoute("fd00:1::/122", type="blackhole", metric=100)
+    want = KernelRoute("fd00:1::/122", type="blackhole", proto=80)
+    extra = KernelRoute("fd00:1::/122", type="blackhole", metric=100, proto=80)
     assert plan({want.dst: want}, [want, extra]) == [RouteOp("delete", extra)]
     assert plan({want.dst: want}, [extra]) == [RouteOp("add", want), RouteOp("delete", extra)]
 
@@ -214,7 +212,7 @@ def test_a_route_deleted_out_of_band_is_restored_and_a_stale_one_removed() -> No
     m.apply()
     kernel.routes_ = [r for r in kernel.routes_ if r.dst != "10.244.2.0/26"]
     kernel.routes_.append(
-        KernelRoute("10.244.7.0/26", gateway="10.244.7.1", device="vxlan.tortie", onlink=True, ifindex=3)
+        KernelRoute("10.244.7.0/26", gateway="10.244.7.1", device="vxlan.tortie", onlink=True, ifindex=3, proto=80)
     )
     kernel.writes.clear()
     assert m.apply() == 2
@@ -238,7 +236,7 @@ def test_a_changed_route_is_replaced_in_place() -> None:
     kernel.writes.clear()
     m.on_update(state(BLOCK1, Route("10.244.2.0/26", "direct", gateway="198.18.0.12")))
     assert m.apply() == 1
-    assert kernel.writes == [("replace", KernelRoute("10.244.2.0/26", gateway="198.18.0.12"))]
+    assert kernel.writes == [("replace", KernelRoute("10.244.2.0/26", gateway="198.18.0.12", proto=80))]
 
 
 def test_the_cni_plugins_identical_local_route_is_left_alone() -> None:
@@ -246,7 +244,7 @@ def test_the_cni_plugins_identical_local_route_is_left_alone() -> None:
     kernel.link_up("tor1", 10)
     m = manager(kernel, BLOCK1, Route("10.244.1.5/32", "local", device="tor1"))
     assert m.apply() == 1  # the blackhole only
-    assert kernel.writes == [("add", KernelRoute("10.244.1.0/26", type="blackhole"))]
+    assert kernel.writes == [("add", KernelRoute("10.244.1.0/26", type="blackhole", proto=80))]
 
 
 def test_an_unknown_local_route_on_a_live_veth_is_kept_until_its_endpoint_is_known_gone() -> None:

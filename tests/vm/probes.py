@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from cni_plugins.wiring import netns
+from kernel.netns import netns
 
 ETH_P_ALL = 0x0003
 VXLAN_PORT = 4789

@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 
 from cni_plugins import wiring
-from felix_agent.dataplane.netlink import KernelRoute, Netlink
+from kernel.netns import netns
+from kernel.rtnl import RTNL, KernelRoute
 from tests.vm.probes import Capture, echo, link_stats
 from tests.vm.underlay import ns_path, underlay
 
@@ -63,7 +64,7 @@ class Node:
     underlay: str
     pod_netns: str
     work: Path
-    driver: Netlink
+    driver: RTNL
     proc: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
 
@@ -132,11 +133,11 @@ def nodes(tmp_path: Path) -> Iterator[list[Node]]:
     with underlay("ipb") as u:
         try:
             for host in u.hosts:
-                with wiring.netns(ns_path(host.netns)):
+                with netns(ns_path(host.netns)):
                     wiring.setup(ns_path(host.pod_netns), "eth0", f"tor{u.prefix[3:]}{host.k}", 1480,
                                  [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
                 built.append(Node(host.k, host.netns, host.underlay, host.pod_netns, tmp_path / f"n{host.k}",
-                                  Netlink.open(ns_path(host.netns))))
+                                  RTNL.open(ns_path(host.netns))))
 
             view = tmp_path / "view.json"
             view.write_text(json.dumps({

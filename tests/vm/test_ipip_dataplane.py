@@ -26,8 +26,9 @@ from cni_plugins import wiring
 from felix_agent.calc.model import DesiredState, Route
 from felix_agent.dataplane.ipip import TUNNEL_ADDRESS_KEY, IPIPManager
 from felix_agent.dataplane.mtu import MTUManager
-from felix_agent.dataplane.netlink import Netlink
 from felix_agent.dataplane.routes import RouteManager
+from kernel.netns import netns
+from kernel.rtnl import RTNL
 from tests.vm.probes import Capture, echo, link_stats
 from tests.vm.underlay import ns_path, underlay
 
@@ -56,7 +57,7 @@ class Node:
     subnet: str
     pod_netns: str
     pod_if: str
-    driver: Netlink
+    driver: RTNL
     mtu_file: Path
 
     def __post_init__(self) -> None:
@@ -119,11 +120,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         try:
             for host in u.hosts:
                 pod_if = f"tor{u.prefix[3:]}{host.k}"
-                with wiring.netns(ns_path(host.netns)):
+                with netns(ns_path(host.netns)):
                     wiring.setup(ns_path(host.pod_netns), "eth0", pod_if, 1480,
                                  [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
                 nodes.append(Node(host.k, host.netns, host.underlay, host.segment, host.pod_netns, pod_if,
-                                  Netlink.open(ns_path(host.netns)), tmp_path / f"mtu-{host.k}"))
+                                  RTNL.open(ns_path(host.netns)), tmp_path / f"mtu-{host.k}"))
             yield Cluster(u.prefix, nodes)
         finally:
             for node in nodes:

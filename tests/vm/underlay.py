@@ -19,7 +19,7 @@ from typing import Any
 
 from pyroute2.iproute.linux import IPRoute
 
-from cni_plugins import wiring
+from kernel.netns import netns
 
 NODES = ((1, 1), (2, 1), (3, 2))  # (k, subnet): n1, n2 on 10.9.1.0/24, n3 on 10.9.2.0/24
 
@@ -29,7 +29,7 @@ def ns_path(name: str) -> str:
 
 
 def write_sysctl(netns_name: str, key: str, value: str) -> None:
-    with wiring.netns(ns_path(netns_name)), open(f"/proc/sys/net/{key}", "w") as f:  # the thread's namespace
+    with netns(ns_path(netns_name)), open(f"/proc/sys/net/{key}", "w") as f:  # the thread's namespace
         f.write(value)
 
 
@@ -65,7 +65,7 @@ def underlay(tag: str) -> Iterator[Underlay]:
         subprocess.run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in names), check=True,
                        capture_output=True, text=True)
         for name in names:
-            with wiring.netns(ns_path(name)):
+            with netns(ns_path(name)):
                 handles[name] = IPRoute()
             handles[name].link("set", index=1, state="up")
         for br in ("br1", "br2"):
