@@ -1,4 +1,5 @@
-"""etcd clients for CNI work: opened per call in-process, kept open (warm) by the agent."""
+"""etcd clients for CNI work: opened per call in-process, kept open (warm) by the agent; a call the
+agent serves gets a view of them that also carries the agent's hooks (``cni_plugins.agent_call``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from datastore.kv import KV
 # typing costs milliseconds at import and is only needed by the type checker (mypy reads this idiom).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from cni_plugins.agent_call import AgentCall
     from datastore.etcd import EtcdClient
 
 
@@ -27,14 +29,18 @@ class Datastores:
         self.environment: Mapping[str, str] = os.environ if environment is None else environment
         # Where the node's agent writes the MTU of the encapsulation in use (its --state-dir).
         self.mtu_file = mtu_file
+        # The agent's hooks for the call this view serves; None in a plugin process.
+        self.call: AgentCall | None = None
         self._clients: dict[EtcdConfig, KV] = {}
         self._lock = threading.Lock()
         self._one_shot = threading.local()
 
-    def for_environment(self, environment: Mapping[str, str]) -> Datastores:
+    def for_environment(self, environment: Mapping[str, str], call: AgentCall | None = None) -> Datastores:
         """The same (warm) connections, with settings missing from a configuration taken from
-        ``environment``: the agent serves each relayed call with the caller's environment."""
+        ``environment``: the agent serves each relayed call with the caller's environment, and
+        its ``call`` hooks."""
         view = Datastores(keep_open=self.keep_open, environment=environment, mtu_file=self.mtu_file)
+        view.call = call
         view._clients, view._lock = self._clients, self._lock
         return view
 

@@ -3,7 +3,9 @@
 In the plugin process (no agent answered) :func:`run` serves the call with one-shot datastore
 connections; felix-agent serves relayed calls with :func:`serve_relayed` on its warm ones. Both
 run ``skel.plugin_main`` on the same environment and stdin, so a call gets the same answer
-whichever path serves it.
+whichever path serves it: the skeleton parses the call once and hands it to the operation, and the
+agent's part (the policy wait, the in-flight mark, the undo for the relay) reaches the operation
+in its ``Datastores`` view (``stores.call``), never through a callback into the agent.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import IO, Any
 
 from cni_plugins import relay
 from cni_plugins.datastores import Datastores
-from cni_plugins.errors import INVALID_CONFIG, CNIError
+from cni_plugins.errors import INTERNAL, INVALID_CONFIG, CNIError
 from cni_plugins.skel import CmdArgs, PluginFuncs, plugin_main
 from datastore.deadline import shared_budget
 
@@ -63,17 +65,28 @@ def run(plugin: str, stdin: IO[bytes] | None = None) -> int:
     return plugin_main(funcs(serve), about=ABOUT[plugin], stdin=stdin)
 
 
-def serve_relayed(plugin: str, environ: Mapping[str, str], data: bytes,
-                  serve: Callable[[CmdArgs], Any]) -> tuple[int, bytes]:
-    """The agent's side: run the skeleton on a relayed call with ``serve`` doing the work."""
+def serve_relayed(plugin: str, environ: Mapping[str, str], data: bytes, stores: Datastores) -> tuple[int, bytes]:
+    """The agent's side: run the skeleton on a relayed call, the plugin's operations doing the work
+    on ``stores`` (the agent's warm connections, the caller's environment, the agent's hooks)."""
     if plugin not in ABOUT:
         return 1, relay._error({}, INVALID_CONFIG, "unknown plugin", repr(plugin))
     out = io.StringIO()
+    ops = operations(plugin)
 
     def checked(args: CmdArgs) -> Any:
         check_agent_socket(args.config)
-        with shared_budget():  # as in run(): one retry budget for the whole call
-            return serve(args)
+        if stores.call is not None and stores.call.on_request is not None:
+            stores.call.on_request(args.command)
+        try:
+            with shared_budget():  # as in run(): one retry budget for the whole call
+                return ops[args.command](args, stores)
+        except CNIError:
+            raise
+        except Exception as e:  # never let one request take the agent's service down
+            import logging
+
+            logging.getLogger(__name__).exception("CNI %s for %s failed", args.command, args.container_id)
+            raise CNIError(INTERNAL, f"internal error during {args.command}: {type(e).__name__}: {e}") from None
 
     status = plugin_main(funcs(checked), about=ABOUT[plugin], env=environ, stdin=io.BytesIO(data), stdout=out)
     return status, out.getvalue().encode()

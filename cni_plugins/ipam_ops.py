@@ -222,13 +222,18 @@ def to_result(assigned: list[Assigned], conf: IPAMConf) -> Result:
 
 
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
-    return assign(args, stores)[0]
-
-
-def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
-    """ADD's work; also says whether the handle already held the addresses (a repeated ADD),
-    which the caller must then not release when its own later step fails."""
+    """The ``tortie-ipam`` plugin's ADD; a new attachment leaves its undo for the agent's relay."""
     conf = IPAMConf.parse(args.config, stores.environment)
+    result, repeated = assign(args, conf, stores)
+    if not repeated and stores.call is not None:
+        stores.call.undo = lambda: release(args, conf, stores)
+    return result
+
+
+def assign(args: CmdArgs, conf: IPAMConf, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
+    """ADD's work for the configuration ``conf`` (parsed once by the caller); also says whether
+    the handle already held the addresses (a repeated ADD), which the caller must then not release
+    when its own later step fails."""
     wanted = [ipaddress.ip_interface(ip).ip for ip in requested_ips(args)]
     attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname,
              "plugin": conf.plugin_type, "timestamp": str(int(time.time()))}
@@ -253,14 +258,14 @@ def assign(args: CmdArgs, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
-    release(args, stores)
+    release(args, IPAMConf.parse(args.config, stores.environment), stores)
 
 
-def release(args: CmdArgs, stores: Datastores = ONE_SHOT, *, also_read: Sequence[str] = (),
+def release(args: CmdArgs, conf: IPAMConf, stores: Datastores = ONE_SHOT, *, also_read: Sequence[str] = (),
             also_write: Callable[[Mapping[str, KeyValue]], Sequence[Op]] | None = None) -> None:
-    """DEL's work: the attachment's addresses, and in the same transaction what ``also_write``
-    makes of the ``also_read`` keys (see :meth:`IPAM.release_attachment`)."""
-    conf = IPAMConf.parse(args.config, stores.environment)
+    """DEL's work for ``conf`` (parsed once by the caller): the attachment's addresses, and in the
+    same transaction what ``also_write`` makes of the ``also_read`` keys (see
+    :meth:`IPAM.release_attachment`)."""
     with cni_errors(), _client(conf, stores) as client:
         handles, released = IPAM(client).release_attachment(conf.network, args.container_id, args.ifname,
                                                              node=conf.node, also_read=also_read,

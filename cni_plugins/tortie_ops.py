@@ -2,7 +2,10 @@
 
 The same functions run inside ``felix-agent`` (warm: etcd connection open) and in the plugin
 process when no agent answers. ADD arranges each undo before the step that needs it, so a
-failure at any point leaves nothing behind: no veth, no address, no endpoint.
+failure at any point leaves nothing behind: no veth, no address, no endpoint. Inside the agent
+the call's ``Datastores`` view carries the agent's hooks (``stores.call``): ADD waits through
+``after_add`` for the pod's policy (and undoes itself when that fails) and leaves its undo for
+the relay; each call on an attachment runs inside ``serving``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from cni_plugins import errors as codes
 from cni_plugins import ipam_ops, wiring
@@ -72,11 +77,10 @@ def endpoint_name(node: str, host_if: str) -> str:
     return f"{node}-{host_if}"
 
 
-def endpoint_key(args: CmdArgs) -> str:
-    """``<namespace>/<name>`` of the WorkloadEndpoint an ADD of ``args`` writes."""
-    node = ipam_ops.node_name(args.config)
-    host_if = host_ifname(str(args.config["name"]), args.container_id, args.ifname)
-    return f"{args.cni_args.get('K8S_POD_NAMESPACE') or 'default'}/{endpoint_name(node, host_if)}"
+def _serving(stores: Datastores, host_if: str) -> AbstractContextManager[None]:
+    """The agent's in-flight mark for the attachment of ``host_if`` (nothing in a plugin process)."""
+    call = stores.call
+    return call.serving(host_if) if call is not None and call.serving is not None else contextlib.nullcontext()
 
 
 # ---- IPAM delegation -----------------------------------------------------------------------------
@@ -92,12 +96,12 @@ def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
     return _exec_ipam(ipam_type, command, args)
 
 
-def _assign(args: CmdArgs, stores: Datastores) -> tuple[Result | None, bool]:
+def _assign(args: CmdArgs, ipam_conf: ipam_ops.IPAMConf, stores: Datastores) -> tuple[Result | None, bool]:
     """IPAM ADD, and whether the addresses were already the attachment's (then a failure of a
     later step must leave them: they belong to the live attachment a runtime is repeating)."""
     ipam_type = args.config["ipam"]["type"]
     if ipam_type == "tortie-ipam":
-        return ipam_ops.assign(args, stores)
+        return ipam_ops.assign(args, ipam_conf, stores)
     return _exec_ipam(ipam_type, "ADD", args), False
 
 
@@ -119,26 +123,44 @@ def _exec_ipam(ipam_type: str, command: str, args: CmdArgs) -> Result | None:
 
 
 # ---- operations ----------------------------------------------------------------------------------
-class Attached(NamedTuple):
-    """What an ADD made: the result, whether the addresses were already the attachment's (a
-    repeated ADD: the agent then must not take the attachment back when the caller cannot be
-    told the answer), and the WorkloadEndpoint as written (its ``resourceVersion`` the write's
-    revision), which the agent hands to its calculation without waiting for the watch."""
-
-    result: Result
-    repeated: bool
-    endpoint: Resource
-
-
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
-    return add_attachment(args, stores).result
-
-
-def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Attached:
-    """ADD, with what the agent needs beyond the result (see :class:`Attached`)."""
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
+    with _serving(stores, host_if):
+        started = time.perf_counter()
+        result, repeated, endpoint = _attach(args, stores, ipam_conf, conf, host_if)
+        call = stores.call
+        if call is None:
+            return result
+        if call.after_add is not None:
+            done = time.perf_counter()
+            try:
+                # The key of the endpoint as written, and the endpoint itself (its resourceVersion
+                # the write's revision): the agent hands it to its calculation without the watch.
+                call.after_add(f"{endpoint.namespace}/{endpoint.name}", endpoint, call.deadline)
+            except BaseException:
+                delete(args, stores)  # an ADD completes or leaves nothing
+                raise
+            log.debug("ADD %s: %.1f ms of work, %.1f ms until its policy was programmed",
+                      args.container_id, (done - started) * 1000, (time.perf_counter() - done) * 1000)
+        if not repeated:  # a repeated ADD's attachment is live: the relay must never take it back
+            call.undo = lambda: _undo_add(args, stores)
+        return result
+
+
+def _undo_add(args: CmdArgs, stores: Datastores) -> None:
+    """The relay's undo of an ADD whose answer could not be delivered."""
+    try:
+        delete(args, stores)
+    except Exception as e:  # noqa: BLE001 - logged: the start-up cleanup and the orphan sweep finish it
+        log.warning("undoing ADD %s/%s failed: %s", args.container_id, args.ifname, e)
+
+
+def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, conf: PluginConf,
+            host_if: str) -> tuple[Result, bool, Resource]:
+    """ADD's work: the result, whether the addresses were already the attachment's (a repeated
+    ADD), and the WorkloadEndpoint as written."""
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
     _check_free(args)
@@ -146,7 +168,7 @@ def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Attached:
         # A handle that already holds addresses belongs to an attachment made before (a runtime
         # repeating ADD, or a second interface of the container): its addresses are handed back,
         # and a failure here must not release them from under the live attachment.
-        assigned, repeated = _assign(args, stores)
+        assigned, repeated = _assign(args, ipam_conf, stores)
         if not repeated:
             undo.callback(_quietly, _ipam, "DEL", args, stores)
         if assigned is None or not assigned.ips:
@@ -160,7 +182,7 @@ def add_attachment(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Attached:
             endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
-    return Attached(_result(args, wired, host_if, addresses, conf), repeated, endpoint)
+    return _result(args, wired, host_if, addresses, conf), repeated, endpoint
 
 
 def _result(args: CmdArgs, wired: Any, host_if: str, addresses: list[Any], conf: PluginConf) -> Result:
@@ -223,6 +245,12 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
+    with _serving(stores, host_if):
+        _detach(args, stores, ipam_conf, conf, host_if)
+
+
+def _detach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, conf: PluginConf,
+            host_if: str) -> None:
     failure: CNIError | None = None
     # Deleting a veth waits for the kernel (an RCU grace period, ~20 ms, most of DEL's time): it
     # runs in a thread while this one does the datastore work. Every step runs whatever the others do.
@@ -232,7 +260,7 @@ def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     if conf.ipam_type == "tortie-ipam":
         # The usual case: the addresses and the endpoint go in one transaction, after one read.
         try:
-            ipam_ops.release(args, stores, also_read=[endpoint],
+            ipam_ops.release(args, ipam_conf, stores, also_read=[endpoint],
                              also_write=lambda values: _endpoint_deletion(values.get(endpoint), args.container_id))
         except CNIError as e:
             failure = e
@@ -307,6 +335,12 @@ def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
     ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
     conf = PluginConf.parse(args.config, ipam_conf.node, stores.mtu_file)
     host_if = host_ifname(conf.network, args.container_id, args.ifname)
+    with _serving(stores, host_if):
+        _check(args, stores, ipam_conf, conf, host_if)
+
+
+def _check(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, conf: PluginConf,
+           host_if: str) -> None:
     _ipam("CHECK", args, stores)
     with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
         namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"

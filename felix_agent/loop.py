@@ -1,31 +1,56 @@
 """The agent's main loop: syncer → calculation graph → dataplane managers.
 
+Owns when the dataplane is computed and applied, and telling the ADDs that wait for their policy
+when it is in the kernel; must not touch the kernel itself (the managers do) nor decide what the
+node needs (the calculation does).
+
 Updates from the syncer only mark the state dirty; one thread recomputes and applies, batching
-whatever arrived meanwhile. Nothing touches the kernel before the syncer's first "in sync". A
-periodic resync re-applies everything so that out-of-band changes are repaired by the same code
-path. Waiters (the CNI service's "no pod without its policy") are woken once an apply has put a
-given endpoint's chains in the kernel.
+whatever arrived meanwhile. Nothing touches the kernel before the syncer's first "in sync" (the
+``view`` callable returns None until then). A periodic resync re-applies everything so that
+out-of-band changes are repaired by the same code path. Waiters (the CNI service's "no pod without
+its policy") are woken once an apply has put a given endpoint's chains in the kernel.
+
+The manager contract (:class:`Manager`; every manager in ``felix_agent.dataplane`` follows it):
+
+- ``on_update(state)`` receives each computed :class:`DesiredState`, records what its concern
+  needs of it and returns; it does no I/O (no kernel, no file, no datastore) and does not raise for
+  a state it cannot program (``apply`` reports that).
+- ``apply(*, resync)`` reconciles its concern against the kernel from the last recorded state and
+  writes only the difference; ``resync=True`` (the periodic resync) means it must not trust what
+  it believes the kernel holds and reads it back first (a manager that reads the kernel back on
+  every apply ignores the flag). It raises when it could not do its work; the loop retries the
+  whole apply with a backoff. The value it returns is for tests and logs only.
+- The managers are applied in the order given, all of them after every ``on_update``. A manager
+  that programs endpoints is given a callback at construction (``PolicyManager``'s
+  ``on_programmed``, the loop's :meth:`ProgrammedEndpoints.publish`) and calls it when an apply has
+  put the endpoints in the kernel; the loop also publishes them after the last manager.
+
+Consumers of the datastore view itself (BGP's speaker: its configuration and exports come from the
+view, not from the desired state) are the loop's ``feeds``: called on the loop's thread with each
+view, after the calculation and before the managers; a failure fails the apply like a manager's.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
-from felix_agent.calc.model import DesiredState
+from felix_agent.calc.model import DesiredState, Endpoint
+from felix_agent.calc.snapshot import Snapshot
 from felix_agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class Manager(Protocol):
+    """One concern of the dataplane (see the module docstring for the contract)."""
+
     def on_update(self, state: DesiredState) -> None: ...
 
-    def apply(self) -> object: ...
+    def apply(self, *, resync: bool) -> object: ...
 
 
 class Gated:
@@ -45,11 +70,11 @@ class Gated:
         self._wanted = wanted
         self.manager.on_update(state)
 
-    def apply(self, resync: bool = False) -> object:
+    def apply(self, *, resync: bool = False) -> object:
         if self._wanted == self._applied and not resync:
             return None
         self._applied = _NEVER  # a failure below leaves it to be tried again
-        out = self.manager.apply(resync=True) if resync and _takes_resync(self.manager) else self.manager.apply()  # type: ignore[call-arg]
+        out = self.manager.apply(resync=resync)
         self._applied = self._wanted
         return out
 
@@ -63,24 +88,55 @@ def _name(manager: Manager) -> str:
     return type(inner).__name__
 
 
-def _takes_resync(manager: Manager) -> bool:
-    return "resync" in inspect.signature(manager.apply).parameters
+class ProgrammedEndpoints:
+    """The endpoints whose policy is in the kernel as of the last publication, and the ADDs
+    waiting for theirs. Published by the policy manager (through the callback it is given) and by
+    the loop after each apply; waited on by the CNI service."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._keys: frozenset[str] = frozenset()
+        self._from: object = None
+
+    def publish(self, endpoints: Collection[Endpoint]) -> None:
+        """Wake the ADDs whose endpoints are in ``endpoints``: their policy is in the kernel."""
+        with self._cond:
+            if endpoints is not self._from:  # the calculator keeps the same set when unchanged
+                self._keys = frozenset(e.key for e in endpoints)
+                self._from = endpoints
+            self._cond.notify_all()
+
+    def wait(self, endpoint_key: str, timeout: float) -> bool:
+        """Block until ``endpoint_key`` is published (True) or ``timeout`` passes."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while endpoint_key not in self._keys:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
 
 class DataplaneLoop:
-    def __init__(self, compute: Callable[[], DesiredState | None], managers: Sequence[Manager], metrics: Metrics,
-                 *, resync_interval: float = 90.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.compute = compute
+    """``view()`` is the datastore view to compute from (None: not in sync yet); ``calculate``
+    turns it into the desired state; ``feeds`` and ``managers`` act on them (module docstring)."""
+
+    def __init__(self, view: Callable[[], Snapshot | None], calculate: Callable[[Snapshot], DesiredState],
+                 managers: Sequence[Manager], metrics: Metrics, *, feeds: Sequence[Callable[[Snapshot], None]] = (),
+                 programmed: ProgrammedEndpoints | None = None, resync_interval: float = 90.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.view = view
+        self.calculate = calculate
         self.managers = list(managers)
+        self.feeds = list(feeds)
         self.metrics = metrics
+        self.programmed = programmed if programmed is not None else ProgrammedEndpoints(clock)
         self.resync_interval = resync_interval
         self.clock = clock
         self._dirty = threading.Event()
         self._stop = threading.Event()
-        self._cond = threading.Condition()
-        self._generation = 0  # bumped by every successful apply
-        self._programmed: frozenset[str] = frozenset()  # endpoint keys in the kernel as of the last apply
-        self._programmed_from: object = None
         self.first_apply = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,17 +156,10 @@ class DataplaneLoop:
 
     def wait_programmed(self, endpoint_key: str, timeout: float) -> bool:
         """Block until an apply has programmed ``endpoint_key`` (True) or ``timeout`` passes."""
-        deadline = self.clock() + timeout
         # One kick: the change that adds the endpoint kicks the loop itself; kicking on every
         # wake-up would recompute and re-apply for nothing until it arrives.
         self.kick()
-        with self._cond:
-            while endpoint_key not in self._programmed:
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+        return self.programmed.wait(endpoint_key, timeout)
 
     def _run(self) -> None:
         next_resync = self.clock() + self.resync_interval
@@ -135,37 +184,25 @@ class DataplaneLoop:
                 next_resync = self.clock() + self.resync_interval
 
     def _apply_once(self, resync: bool) -> None:
-        state = self.compute()
-        if state is None:  # not in sync yet: the kernel is left alone
+        view = self.view()
+        if view is None:  # not in sync yet: the kernel is left alone
             return
+        state = self.calculate(view)  # works on what changed since the last call
+        for feed in self.feeds:
+            feed(view)
         started = time.perf_counter()
         for manager in self.managers:
             manager.on_update(state)
         spent: list[tuple[str, float]] = []
         for manager in self.managers:
             before = time.perf_counter()
-            if resync and _takes_resync(manager):
-                manager.apply(resync=True)  # type: ignore[call-arg]  # re-read the kernel first
-            else:
-                manager.apply()
+            manager.apply(resync=resync)  # a resync re-reads the kernel first
             spent.append((_name(manager), time.perf_counter() - before))
-            if getattr(manager, "programs_endpoints", False):
-                self._publish(state)
         elapsed = time.perf_counter() - started
         self.metrics.observe_apply(elapsed, state, resync)
         # A slow apply delays every change queued behind it (and a pod's ADD): say where the time went.
         log.log(logging.INFO if elapsed > SLOW_APPLY else logging.DEBUG, "applied %d endpoints in %.1f ms%s: %s",
                 len(state.endpoints), elapsed * 1000, " (resync)" if resync else "",
                 ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in spent if seconds >= 0.001))
-        with self._cond:
-            self._generation += 1
-        self._publish(state)
+        self.programmed.publish(state.endpoints)
         self.first_apply.set()
-
-    def _publish(self, state: DesiredState) -> None:
-        """Wake the ADDs whose endpoints ``state`` has: their policy is in the kernel."""
-        with self._cond:
-            if state.endpoints is not self._programmed_from:  # the calculator keeps it when unchanged
-                self._programmed = frozenset(e.key for e in state.endpoints)
-                self._programmed_from = state.endpoints
-            self._cond.notify_all()

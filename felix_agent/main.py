@@ -5,7 +5,6 @@ health endpoints, release attachments whose runtime never said DEL, stop cleanly
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -17,11 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from cni_plugins import tortie_ops
 from cni_plugins.agent_protocol import DEFAULT_SOCKET
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
-from cni_plugins.skel import CmdArgs
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable
 from datastore.etcd import EtcdClient
@@ -30,12 +27,11 @@ from datastore.resources import Node, NodeBGPSpec, NodeSpec, WorkloadEndpoint
 from datastore.store import ResourceStore
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
-from felix_agent.calc.model import DesiredState
 from felix_agent.calc.snapshot import WORKLOAD_ENDPOINT, Snapshot, Update
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
-from felix_agent.loop import DataplaneLoop, Gated, Manager
+from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
 from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
 from felix_agent.orphans import OrphanSweeper
@@ -146,7 +142,9 @@ class Agent:
         self.bgp: BGPRunner | None = None
         self.loop: DataplaneLoop | None = None
         self.orphans: OrphanSweeper | None = None
-        self.calculator = Calculator(self.node)
+        # One owner per route: with BGP on, the peers' routes replace the remote ones outside VXLAN.
+        self.calculator = Calculator(self.node, bgp_owns_remote=args.bgp)
+        self.programmed = ProgrammedEndpoints()
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
@@ -157,12 +155,11 @@ class Agent:
     def render_metrics(self) -> str:
         return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
 
-    def wait_for_policy(self, args: CmdArgs, endpoint: Resource, deadline: float | None = None) -> None:
-        """No pod without its policy: answer ADD only once the endpoint's chains are in the kernel;
-        give up in time to answer before the caller's ``deadline`` (Unix seconds). The endpoint
-        just written goes straight to the calculation: waiting for etcd's watch to bring our own
-        write back costs its round trip, and its decoding, on every ADD."""
-        key = tortie_ops.endpoint_key(args)
+    def wait_for_policy(self, key: str, endpoint: Resource, deadline: float | None = None) -> None:
+        """No pod without its policy: answer ADD only once the endpoint ``key`` ("<namespace>/<name>")
+        has its chains in the kernel; give up in time to answer before the caller's ``deadline``
+        (Unix seconds). The endpoint just written goes straight to the calculation: waiting for
+        etcd's watch to bring our own write back costs its round trip, and its decoding, on every ADD."""
         assert self.loop is not None
         if self.syncer is not None and endpoint.metadata.resource_version:
             self.syncer.put_own(WORKLOAD_ENDPOINT, ResourceStore.key(WorkloadEndpoint, endpoint.name,
@@ -176,18 +173,12 @@ class Agent:
                            f"endpoint {key}: felix-agent on {self.node} did not apply it within "
                            f"{timeout:g}s")
 
-    def compute(self) -> DesiredState | None:
+    def view(self) -> Snapshot | None:
+        """The datastore view the dataplane loop computes from; None before the first "in sync"
+        (nothing touches the kernel before it)."""
         if self.syncer is None or not self.syncer.in_sync.is_set():
-            return None  # nothing touches the kernel before the first "in sync"
-        snapshot = self.syncer.copy_snapshot()
-        state = self.calculator.compute(snapshot)  # works on what changed since the last call
-        if self.bgp is not None:
-            self.bgp.update(snapshot)
-            # One owner per route: with BGP on, remote blocks outside VXLAN come from the peers
-            # (protocol 81, through tunl0 where the pool says IPIP), not from the affinities.
-            state = dataclasses.replace(state, routes=frozenset(
-                r for r in state.routes if r.kind not in ("direct", "ipip")))
-        return state
+            return None
+        return self.syncer.copy_snapshot()
 
     def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
         if self.bgp is not None and self.syncer is not None and self.syncer.in_sync.is_set():
@@ -241,7 +232,7 @@ class Agent:
         # the plugin routes its own pod), policy before NAT (same table), devices before the
         # routes through them. The netlink managers read the kernel back on every apply: run them
         # only when their part of the state moved (every one of them on the periodic resync).
-        return [PolicyManager(table), MasqManager(table),
+        return [PolicyManager(table, on_programmed=self.programmed.publish), MasqManager(table),
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
@@ -278,8 +269,9 @@ class Agent:
             if self.args.bgp:
                 self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
                 self.bgp.start()
-            self.loop = DataplaneLoop(self.compute, self.managers(node_ip), self.metrics,
-                                      resync_interval=self.args.resync_interval)
+            self.loop = DataplaneLoop(self.view, self.calculator.compute, self.managers(node_ip), self.metrics,
+                                      feeds=[self.bgp.update] if self.bgp is not None else [],
+                                      programmed=self.programmed, resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)
             self.orphans = OrphanSweeper(self.node, client, grace=self.args.orphan_grace,
                                          resync_interval=self.args.resync_interval,

@@ -63,16 +63,17 @@ from felix_agent.calc.workloads import Workloads
 _ROUTING_KINDS = (IPPOOL, NODE, BLOCK, AFFINITY)
 
 
-def compute(snapshot: Snapshot, node: str) -> DesiredState:
+def compute(snapshot: Snapshot, node: str, *, bgp_owns_remote: bool = False) -> DesiredState:
     """Everything ``node``'s dataplane must hold, computed from nothing."""
-    return Calculator(node).compute(snapshot)
+    return Calculator(node, bgp_owns_remote=bgp_owns_remote).compute(snapshot)
 
 
 class Calculator:
     """``compute(snapshot)`` again and again; each call costs what changed since the last one."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, bgp_owns_remote: bool = False) -> None:
         self.node = node
+        self.bgp_owns_remote = bgp_owns_remote  # see felix_agent.calc.routes
         self._clear({})
 
     def _clear(self, profiles: Mapping[str, Resource]) -> None:
@@ -127,7 +128,7 @@ class Calculator:
         ipsets = self._index.ipsets(self._rules.set_users, self._rules.take_dirty_sets())
         if self._routing_dirty or self._routing is None:
             addresses = [(a, e.interface) for e in self._resolver.output().all() for a in e.addresses]
-            self._routing = routing(snapshot, self.node, addresses)
+            self._routing = routing(snapshot, self.node, addresses, bgp_owns_remote=self.bgp_owns_remote)
             self._routing_dirty = False
         pools = list(snapshot.ippools.values())
         return DesiredState(

@@ -8,9 +8,13 @@ beats the owner's block route (and, on the owner, its blackhole). Everything is 
 current state, so a node that disappears takes its routes and its tunnel peer with it.
 
 Encapsulation toward a remote node, per pool: ``vxlanMode`` Always, or CrossSubnet with the node
-in another subnet → ``vxlan``; else ``ipipMode`` likewise → ``ipip``; else ``direct`` (BGP will
-take those over). IPv6 blocks cross VXLAN over the same IPv4-underlay device, through the remote
-VTEP's EUI-64 link-local address (derived from its MAC), since a Node has no IPv6 VTEP address.
+in another subnet → ``vxlan``; else ``ipipMode`` likewise → ``ipip``; else ``direct``. IPv6
+blocks cross VXLAN over the same IPv4-underlay device, through the remote VTEP's EUI-64 link-local
+address (derived from its MAC), since a Node has no IPv6 VTEP address.
+
+One owner per route: when this node runs BGP (``bgp_owns_remote``), the remote blocks outside
+VXLAN come from the peers (route protocol 81, through ``tunl0`` where the pool says IPIP, installed
+by ``bgp.learned``), so the ``direct`` and ``ipip`` routes are not computed for the agent to program.
 """
 
 from __future__ import annotations
@@ -93,8 +97,13 @@ class _Pools:
         return cidr, None
 
 
-def routing(snapshot: Snapshot, node: str, local_addresses: Iterable[tuple[str, str]]) -> Routing:
-    """Routes for ``node``; ``local_addresses`` are (address/prefix, veth) of its own endpoints."""
+BGP_OWNED_KINDS = frozenset({"direct", "ipip"})  # remote routes BGP installs when it runs
+
+
+def routing(snapshot: Snapshot, node: str, local_addresses: Iterable[tuple[str, str]], *,
+            bgp_owns_remote: bool = False) -> Routing:
+    """Routes for ``node``; ``local_addresses`` are (address/prefix, veth) of its own endpoints;
+    ``bgp_owns_remote``: this node runs BGP, which installs the remote routes outside VXLAN."""
     hosts = {h.name: h for h in map(Host.of, snapshot.nodes.values())}
     me = hosts.get(node)
     pools = _Pools(snapshot.ippools.values())
@@ -122,6 +131,8 @@ def routing(snapshot: Snapshot, node: str, local_addresses: Iterable[tuple[str, 
     local_vtep = me.vtep() if vxlan and me is not None else None
     peers = frozenset(p for h in hosts.values() if h.name != node and (p := h.vtep()) is not None) \
         if vxlan else frozenset()
+    if bgp_owns_remote:
+        routes = {r for r in routes if r.kind not in BGP_OWNED_KINDS}
     return Routing(frozenset(routes), peers, local_vtep, any(spec.ipip_mode != "Never" for spec in active))
 
 

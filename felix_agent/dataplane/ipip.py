@@ -66,8 +66,9 @@ class IPIPManager:
         self._enabled = state.ipip_enabled
         self._address = dict(state.extra).get(TUNNEL_ADDRESS_KEY) or self._configured_address
 
-    def apply(self) -> int:
-        """Reconcile tunl0; the number of writes. Never raises because the module is missing."""
+    def apply(self, *, resync: bool = False) -> int:
+        """Reconcile tunl0; the number of writes. Never raises because the module is missing. It reads
+        the device back every time, so ``resync`` asks nothing more."""
         link = self._driver.link(IPIP_DEVICE)
         if not self._enabled:
             return self._disable(link)

@@ -56,7 +56,7 @@ class MasqManager:
         if pools != self._pools:
             self._pools, self._dirty = pools, True
 
-    def apply(self, resync: bool = False) -> str:
+    def apply(self, *, resync: bool = False) -> str:
         """Reconcile the table; ``resync`` re-reads it first. Returns the transaction written ("" for none)."""
         if self._pools is None or not (self._dirty or resync):
             return ""

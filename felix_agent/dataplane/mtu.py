@@ -71,8 +71,9 @@ class MTUManager:
         overheads = [VXLAN_OVERHEAD] * (state.local_vtep is not None) + [IPIP_OVERHEAD] * state.ipip_enabled
         return underlay_mtu(self._driver, underlay) - max(overheads, default=0)
 
-    def apply(self) -> int:
-        """Write the file when its content differs; the number of writes (0 or 1)."""
+    def apply(self, *, resync: bool = False) -> int:
+        """Write the file when its content differs; the number of writes (0 or 1). It reads the file
+        back every time, so ``resync`` asks nothing more."""
         mtu = self.wanted()
         if mtu is None:
             return 0

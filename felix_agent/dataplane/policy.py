@@ -19,7 +19,7 @@ import hashlib
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -389,14 +389,16 @@ def render(state: DesiredState) -> Ruleset:
 
 
 class PolicyManager:
-    """Felix's policy manager: ``on_update`` records, ``apply`` writes the difference in one transaction."""
+    """Felix's policy manager: ``on_update`` records, ``apply`` writes the difference in one transaction.
 
-    # Once its apply returns, the state's endpoints have their chains and set memberships in the
-    # kernel: the loop releases the ADDs waiting for them then, not after the managers behind it.
-    programs_endpoints = True
+    ``on_programmed`` is called with the state's endpoints once an apply has put their chains and
+    set memberships in the kernel: the loop releases the ADDs waiting for them then, not after the
+    managers behind this one."""
 
-    def __init__(self, table: NftTable) -> None:
+    def __init__(self, table: NftTable, *,
+                 on_programmed: Callable[[frozenset[Endpoint]], None] | None = None) -> None:
         self._table = table
+        self._on_programmed = on_programmed
         self._renderer = _Renderer()
         self._state: DesiredState | None = None
         self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet]] | None = None
@@ -409,14 +411,18 @@ class PolicyManager:
         if seen != self._seen:
             self._state, self._seen, self._dirty = state, seen, True
 
-    def apply(self, resync: bool = False) -> str:
+    def apply(self, *, resync: bool = False) -> str:
         """Reconcile the kernel with the last state; ``resync`` re-reads the table first (out-of-band
         changes). Returns the transaction written ("" for none). Nothing happens before the first update."""
-        if self._state is None or not (self._dirty or resync):
+        if self._state is None:
             return ""
-        self._table.declare(OWNER, self._renderer.render(self._state))
-        if resync:
-            self._table.reload()
-        written = self._table.apply()
-        self._dirty = False
+        written = ""
+        if self._dirty or resync:
+            self._table.declare(OWNER, self._renderer.render(self._state))
+            if resync:
+                self._table.reload()
+            written = self._table.apply()
+            self._dirty = False
+        if self._on_programmed is not None:
+            self._on_programmed(self._state.endpoints)
         return written

@@ -177,8 +177,9 @@ class RouteManager:
         for key in wanted & set(self._retired):
             del self._retired[key]
 
-    def apply(self) -> int:
-        """Reconcile the kernel's protocol-80 routes with the last update; the number of writes.
+    def apply(self, *, resync: bool = False) -> int:
+        """Reconcile the kernel's protocol-80 routes with the last update; the number of writes. It
+        reads the routes back every time, so ``resync`` asks nothing more.
 
         Raises ``ApplyError`` (after making every other write) when some routes could not be written."""
         links = self._driver.link_indexes()

@@ -77,8 +77,9 @@ class VXLANManager:
         self._vtep = state.local_vtep
         self._peers = {p.node: p for p in sorted(state.vxlan_peers, key=lambda p: p.node) if p.node != state.node}
 
-    def apply(self) -> int:
-        """Reconcile the device, its addresses, FDB and neighbour entries; the number of writes.
+    def apply(self, *, resync: bool = False) -> int:
+        """Reconcile the device, its addresses, FDB and neighbour entries; the number of writes. It
+        reads them back every time, so ``resync`` asks nothing more.
 
         Raises ``ApplyError`` after doing everything else when some entries could not be written."""
         link = self._driver.link(self._device)

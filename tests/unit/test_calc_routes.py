@@ -157,3 +157,19 @@ def test_disabled_pools_count_only_while_they_hold_blocks() -> None:
     old = pool("old", "10.250.0.0/16", vxlanMode="Always", disabled=True)
     assert state([*NODES, old], []).local_vtep is None
     assert state([*NODES, old], [block("10.250.1.0/26", "node-b")]).local_vtep is not None
+
+
+def test_with_bgp_the_peers_own_the_remote_routes_outside_vxlan() -> None:
+    resources = [*NODES, pool("vx", "10.246.0.0/16", vxlanMode="CrossSubnet"),
+                 pool("ipip", "10.245.0.0/16", ipipMode="Always"), wep("pod-1", "10.245.0.5/32")]
+    blocks = [block("10.245.0.0/26", "node-a"), block("10.245.1.0/26", "node-b"),
+              block("10.246.1.0/26", "node-b"), block("10.246.2.0/26", "node-c")]
+    ds = compute(Snapshot.of(resources, blocks), ME, bgp_owns_remote=True)
+    assert routes_of(ds) == {
+        "10.245.0.0/26": Route("10.245.0.0/26", "blackhole", node="node-a"),
+        "10.245.0.5/32": Route("10.245.0.5/32", "local", device="torpod-1", node="node-a"),
+        "10.246.2.0/26": Route("10.246.2.0/26", "vxlan", "10.244.2.1", "vxlan.tortie", "node-c"),
+    }  # the ipip and direct routes to node-b come from BGP (protocol 81)
+    assert ds.ipip_enabled  # tunl0 is still needed: BGP's routes go through it
+    without = compute(Snapshot.of(resources, blocks), ME)
+    assert {r.kind for r in without.routes} == {"blackhole", "local", "vxlan", "ipip", "direct"}

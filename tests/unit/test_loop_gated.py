@@ -18,7 +18,7 @@ class Recorder:
     def on_update(self, state: DesiredState) -> None:
         self.updates.append(state)
 
-    def apply(self, resync: bool = False) -> int:
+    def apply(self, *, resync: bool = False) -> int:
         self.applies.append(resync)
         return 0
 
@@ -43,8 +43,8 @@ def test_gated_manager_sees_only_changes_of_its_part() -> None:
 
 def test_a_failed_apply_is_retried_with_the_next_update() -> None:
     class Failing(Recorder):
-        def apply(self, resync: bool = False) -> int:
-            super().apply(resync)
+        def apply(self, *, resync: bool = False) -> int:
+            super().apply(resync=resync)
             if len(self.applies) == 1:
                 raise OSError("kernel said no")
             return 0

@@ -1,0 +1,66 @@
+"""The dataplane loop and its managers' contract: nothing before "in sync", and a pod's ADD released
+as soon as the policy manager has put its endpoint in the kernel, not after the managers behind it."""
+
+from __future__ import annotations
+
+import threading
+
+from felix_agent.calc.model import DesiredState, Endpoint
+from felix_agent.calc.snapshot import Snapshot
+from felix_agent.dataplane.nftables import NftTable
+from felix_agent.dataplane.policy import PolicyManager
+from felix_agent.loop import DataplaneLoop, ProgrammedEndpoints
+from felix_agent.metrics import Metrics
+from tests.unit.test_nft_render import FakeNft
+
+POD = Endpoint("default/node-a-tor1", "tor1", ("10.244.0.3/32",))
+STATE = DesiredState(node="node-a", endpoints=frozenset({POD}))
+
+
+class Blocking:
+    """A manager behind the policy one whose apply takes until released (a slow route write)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_update(self, state: DesiredState) -> None:
+        pass
+
+    def apply(self, *, resync: bool = False) -> int:
+        self.entered.set()
+        assert self.release.wait(10)
+        return 0
+
+
+def test_an_add_is_released_once_its_policy_is_in_the_kernel() -> None:
+    nft = FakeNft()
+    programmed = ProgrammedEndpoints()
+    slow = Blocking()
+    loop = DataplaneLoop(lambda: Snapshot(), lambda view: STATE,
+                         [PolicyManager(NftTable(run=nft), on_programmed=programmed.publish), slow], Metrics(),
+                         programmed=programmed)
+    loop.start()
+    try:
+        assert loop.wait_programmed(POD.key, timeout=10)
+        assert any("tor1" in t for t in nft.transactions)  # its chains were written before the answer
+        assert slow.entered.wait(10) and not loop.first_apply.is_set()  # the routes are still being written
+    finally:
+        slow.release.set()
+        loop.stop()
+    assert loop.first_apply.is_set()
+
+
+def test_nothing_touches_the_kernel_before_in_sync() -> None:
+    nft = FakeNft()
+    programmed = ProgrammedEndpoints()
+    fed: list[Snapshot] = []
+    loop = DataplaneLoop(lambda: None, lambda view: STATE,
+                         [PolicyManager(NftTable(run=nft), on_programmed=programmed.publish)], Metrics(),
+                         feeds=[fed.append], programmed=programmed)
+    loop.start()
+    try:
+        assert not loop.wait_programmed(POD.key, timeout=0.2)
+    finally:
+        loop.stop()
+    assert nft.transactions == [] and nft.reads == 0 and fed == [] and not loop.first_apply.is_set()
