@@ -28,6 +28,13 @@
 
 Callbacks run in the API channel's thread (or the caller's, for ``configure``), in order, outside
 the speaker's lock; they must be quick. Must not touch kernel routes (``bgp.learned`` does).
+
+Why this module is over 450 lines: it is one state machine under one lock. The sessions, the
+exports, the reflector and ExaBGP's lifecycle change together (a session coming up replays the
+exports, ExaBGP exiting takes every session down, a reconnecting API process restarts ExaBGP), so
+a split would pass the lock and half the state between modules. What stands alone already lives
+beside it: the ExaBGP protocol (``bgp.exabgp``), the process and its API channel
+(``bgp.api_process``), reflection (``bgp.reflector``), the values (``bgp.model``).
 """
 
 from __future__ import annotations

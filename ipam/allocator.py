@@ -1,4 +1,9 @@
-"""Assigning and releasing addresses: Calico's algorithm, on etcd compare-and-swap.
+"""Assigning addresses: Calico's algorithm, on etcd compare-and-swap.
+
+Owns :class:`IPAM`, the IPAM client the CNI plugins, the agent and ``netctl`` hold: assignment
+(own blocks, claim, borrow; specific addresses; the per-node block cap) and the reads it needs. It
+must not touch the kernel; releasing lives in ``ipam.release`` (:class:`IPAM` extends its
+:class:`~ipam.release.Releaser`, so one client does both), consistency checks in ``ipam.check``.
 
 An assignment reads a snapshot (the handle, the pools, this node's affine blocks), plans which
 addresses to take, and commits every touched block together with the handle in ONE etcd
@@ -16,7 +21,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import random
 import threading
 import time
 import zlib
@@ -26,22 +30,18 @@ from dataclasses import dataclass, field
 from datastore import keys
 from datastore.codec import from_stored
 from datastore.errors import Conflict
-from datastore.kv import KV, Create, Delete, KeyValue, Op, Update
+from datastore.kv import KV, Create, KeyValue, Op, Update
 from datastore.resources import IPAMConfiguration, IPPool, Node
 from datastore.store import ResourceStore
 from ipam.block import Address, Block, Network
 from ipam.errors import AddressInUse, AddressNotInPool, PoolExhausted, TooManyConflicts
-from ipam.handles import attachment_handle, belongs_to, legacy_handle
+from ipam.handles import Handle, belongs_to
 from ipam.pools import Pool, pool_for_address, select_pools
+from ipam.release import BLOCK_HINTS, Releaser
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOCKS_PER_HOST = 20
-
-# node → the keys of the blocks it held at its last assignment in this process: read together
-# with the snapshot so that a warm caller (felix-agent) needs one round trip. Only a hint: the
-# affinities read in the same transaction decide which blocks are the node's.
-_BLOCK_HINTS: dict[str, frozenset[str]] = {}
 
 # node → the lock its assignments take in this process. Callers of one node all start from the
 # node's own blocks: run together they pick the same free address and all but one lose the
@@ -89,23 +89,6 @@ class Assigned:
     reused: bool = False  # the handle held it before this request (a repeated ADD)
 
 
-@dataclass
-class Handle:
-    """The secondary index of one attachment: how many of its addresses each block holds."""
-
-    blocks: dict[str, int]
-    node: str = ""
-    attrs: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Handle:
-        doc = json.loads(raw)
-        return cls(dict(doc.get("blocks") or {}), doc.get("node", ""), dict(doc.get("attrs") or {}))
-
-    def to_json(self) -> bytes:
-        return json.dumps({"blocks": self.blocks, "node": self.node, "attrs": self.attrs},
-                          separators=(",", ":"), sort_keys=True).encode()
-
 
 @dataclass
 class _Snapshot:
@@ -149,14 +132,12 @@ def _pool(kv: KeyValue) -> Pool:
     return pool
 
 
-class IPAM:
+class IPAM(Releaser):
     def __init__(self, client: KV, *, max_retries: int = 100,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.client = client
+        super().__init__(client, max_retries=max_retries, sleep=sleep)
         self.resources = ResourceStore(client)
-        self.max_retries = max_retries
         self.clock = clock
-        self.sleep = sleep
 
     # ---- reading -----------------------------------------------------------------------------
     def pools(self) -> list[Pool]:
@@ -175,7 +156,7 @@ class IPAM:
         pools, the node's affinities and the blocks it was last seen to hold, at one revision.
         A block the hint missed (claimed since, or by another process) costs a second read."""
         node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
-        hinted = sorted(_BLOCK_HINTS.get(node, ()))
+        hinted = sorted(BLOCK_HINTS.get(node, ()))
         legacy_keys = [keys.handle_key(legacy)] if legacy else []
         reading = self.client.read([keys.handle_key(handle), *legacy_keys, cfg_key, node_key, *hinted],
                                    [(_POOLS, False), (keys.affinity_prefix(node), True)])
@@ -194,7 +175,7 @@ class IPAM:
         missing = [k for k in block_keys if k not in found]
         if missing:
             found.update(self.client.get_many(missing))
-        _BLOCK_HINTS[node] = frozenset(block_keys)
+        BLOCK_HINTS[node] = frozenset(block_keys)
         blocks = {}
         for kv in found.values():
             block = Block.from_json(kv.value)
@@ -207,17 +188,6 @@ class IPAM:
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
         return {keys.cidr_from_key(kv.key) for kv in kvs}
-
-    def handle_addresses(self, handle: str) -> list[Address]:
-        kv = self.client.get(keys.handle_key(handle))
-        if kv is None:
-            return []
-        record = Handle.from_json(kv.value)
-        found: list[Address] = []
-        block_kvs = self.client.get_many([keys.block_key(ipaddress.ip_network(c)) for c in record.blocks])
-        for bkv in block_kvs.values():
-            found.extend(Block.from_json(bkv.value).addresses_of(handle))
-        return found
 
     # ---- assigning -----------------------------------------------------------------------------
     def assign(self, req: AssignRequest) -> list[Assigned]:
@@ -400,173 +370,3 @@ class IPAM:
         else:
             ops.append(Update(keys.handle_key(req.handle), handle.to_json(), snap.handle.mod_revision))
         self.client.commit(ops)
-
-    def _backoff(self, attempt: int) -> None:
-        self.sleep(random.uniform(0, min(0.05, 0.001 * (2 ** min(attempt, 6)))))
-
-    # ---- releasing -----------------------------------------------------------------------------
-    def attachment_handles(self, network: str, container_id: str, ifname: str) -> dict[str, KeyValue]:
-        """The handles holding one attachment's addresses, read in one round trip: its own, and a
-        handle of the older ``<network>.<container>`` form whose attributes name this interface."""
-        own, legacy = attachment_handle(network, container_id, ifname), legacy_handle(network, container_id)
-        kvs = self.client.get_many([keys.handle_key(own), keys.handle_key(legacy)])
-        found = {}
-        if keys.handle_key(own) in kvs:
-            found[own] = kvs[keys.handle_key(own)]
-        old = kvs.get(keys.handle_key(legacy))
-        if old is not None and belongs_to(Handle.from_json(old.value).attrs, network, container_id, ifname):
-            found[legacy] = old
-        return found
-
-    def attachment_addresses(self, network: str, container_id: str, ifname: str) -> list[Address]:
-        return [a for name in self.attachment_handles(network, container_id, ifname)
-                for a in self.handle_addresses(name)]
-
-    def release_attachment(self, network: str, container_id: str, ifname: str, *, node: str = "",
-                           also_read: Sequence[str] = (),
-                           also_write: Callable[[Mapping[str, KeyValue]], Sequence[Op]] | None = None,
-                           ) -> tuple[list[str], list[Address]]:
-        """Free every address of one attachment (DEL's IPAM work): (handle names, addresses).
-        Never touches another interface's handle of the same container.
-
-        Two round trips in the usual case: one read of the attachment's handles, the blocks
-        ``node`` was last seen to hold in this process (a hint, as for assign) and the caller's
-        ``also_read`` keys; then one transaction with the block updates, the handle deletions and
-        whatever ``also_write`` makes of what was read (the caller's own compare-and-swap
-        deletions, e.g. the attachment's endpoint), so that they land together or not at all.
-        A block the hint missed costs one more read; a lost comparison re-reads everything."""
-        own, legacy = attachment_handle(network, container_id, ifname), legacy_handle(network, container_id)
-        own_key, legacy_key = keys.handle_key(own), keys.handle_key(legacy)
-        hinted = sorted(_BLOCK_HINTS.get(node, ())) if node else []
-        for attempt in range(self.max_retries):
-            values = dict(self.client.get_many(list(dict.fromkeys([own_key, legacy_key, *also_read, *hinted]))))
-            found: dict[str, KeyValue] = {}
-            if own_key in values:
-                found[own] = values[own_key]
-            old = values.get(legacy_key)
-            if old is not None and belongs_to(Handle.from_json(old.value).attrs, network, container_id, ifname):
-                found[legacy] = old
-            block_keys = sorted({keys.block_key(ipaddress.ip_network(c)) for kv in found.values()
-                                 for c in Handle.from_json(kv.value).blocks})
-            missing = [k for k in block_keys if k not in values]
-            if missing:
-                values.update(self.client.get_many(missing))
-            ops: list[Op] = []
-            released: list[Address] = []
-            for key in block_keys:
-                kv = values.get(key)
-                if kv is None:
-                    continue  # a block that is gone holds nothing to release
-                block = Block.from_json(kv.value)
-                freed: list[Address] = []
-                for name in found:
-                    block, addresses = block.release_handle(name)
-                    freed += addresses
-                if freed:
-                    ops.append(Update(kv.key, block.to_json(), kv.mod_revision))
-                    released += freed
-            ops += [Delete(kv.key, kv.mod_revision) for kv in found.values()]
-            if also_write is not None:
-                ops += also_write(values)
-            if not ops:
-                return list(found), []
-            try:
-                self.client.commit(ops)
-                return list(found), released
-            except Conflict:
-                self._backoff(attempt)
-        raise TooManyConflicts(f"gave up releasing {own} after {self.max_retries} conflicts")
-
-    def release_handle(self, handle: str, *, expected_revision: int = 0, read: KeyValue | None = None) -> list[Address]:
-        """Free every address of an attachment and delete its handle; [] if it is already gone
-        (or, with ``expected_revision``, if the handle changed since it was read at that revision).
-        ``read``: the handle as the caller just read it, which saves the first round trip."""
-        for attempt in range(self.max_retries):
-            hkv, read = read or self.client.get(keys.handle_key(handle)), None
-            if hkv is None or (expected_revision and hkv.mod_revision != expected_revision):
-                return []
-            record = Handle.from_json(hkv.value)
-            block_kvs = self.client.get_many([keys.block_key(ipaddress.ip_network(c)) for c in record.blocks])
-            ops: list[Op] = []
-            released: list[Address] = []
-            for kv in block_kvs.values():
-                block, addresses = Block.from_json(kv.value).release_handle(handle)
-                if addresses:
-                    ops.append(Update(kv.key, block.to_json(), kv.mod_revision))
-                    released += addresses
-            ops.append(Delete(hkv.key, hkv.mod_revision))
-            try:
-                self.client.commit(ops)
-                return released
-            except Conflict:
-                self._backoff(attempt)
-        raise TooManyConflicts(f"gave up releasing {handle} after {self.max_retries} conflicts")
-
-    def release_addresses(self, addresses: Sequence[Address],
-                          expected_sequence: Mapping[Address, int] | None = None,
-                          *, orphaned: bool = False) -> list[Address]:
-        """Free specific addresses (and shrink their handles). With ``expected_sequence``, an
-        address re-allocated since it was read (its sequence number moved) is left alone.
-        ``orphaned`` says their handles were gone when they were read: a handle of the same name
-        that exists now is a new attachment's, and is not shrunk for addresses it never held.
-        Returns what was actually freed."""
-        for attempt in range(self.max_retries):
-            by_block: dict[str, list[Address]] = {}
-            for version in {a.version for a in addresses}:
-                kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
-                cidrs = [keys.cidr_from_key(kv.key) for kv in kvs]
-                for a in addresses:
-                    if a.version != version:
-                        continue
-                    cidr = next((c for c in cidrs if a in c), None)
-                    if cidr is not None:
-                        by_block.setdefault(keys.block_key(cidr), []).append(a)
-            block_kvs = self.client.get_many(list(by_block))
-            ops: list[Op] = []
-            freed: list[Address] = []
-            shrink: dict[tuple[str, str], int] = {}  # (handle, block) → addresses freed
-            for key, kv in block_kvs.items():
-                block = Block.from_json(kv.value)
-                wanted = by_block[key]
-                expected = None
-                if expected_sequence is not None:
-                    expected = {block.ordinal(a): expected_sequence[a] for a in wanted if a in expected_sequence}
-                new_block, per_handle = block.release([block.ordinal(a) for a in wanted], expected)
-                if not per_handle:
-                    continue
-                ops.append(Update(key, new_block.to_json(), kv.mod_revision))
-                freed += [a for a in wanted
-                          if block.allocation_of(a) is not None and new_block.allocation_of(a) is None]
-                for h, n in per_handle.items():
-                    shrink[(h, str(block.cidr))] = n
-            if not ops:
-                return []
-            if not orphaned:
-                ops += self._shrink_handles(shrink)
-            try:
-                self.client.commit(ops)
-                return freed
-            except Conflict:
-                self._backoff(attempt)
-        raise TooManyConflicts(f"gave up releasing addresses after {self.max_retries} conflicts")
-
-    def _shrink_handles(self, shrink: Mapping[tuple[str, str], int]) -> list[Op]:
-        """Handle updates matching freed addresses; a handle left with none is deleted."""
-        names = sorted({h for h, _ in shrink})
-        kvs = self.client.get_many([keys.handle_key(h) for h in names])
-        ops: list[Op] = []
-        for h in names:
-            kv = kvs.get(keys.handle_key(h))
-            if kv is None:
-                continue  # an address whose handle is already gone: nothing to shrink
-            record = Handle.from_json(kv.value)
-            for (name, cidr), n in shrink.items():
-                if name == h and cidr in record.blocks:
-                    record.blocks[cidr] -= n
-                    if record.blocks[cidr] <= 0:
-                        del record.blocks[cidr]
-            if record.blocks:
-                ops.append(Update(kv.key, record.to_json(), kv.mod_revision))
-            else:
-                ops.append(Delete(kv.key, kv.mod_revision))
-        return ops

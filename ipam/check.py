@@ -1,16 +1,16 @@
-"""IPAM consistency: what ``netctl ipam show | check | gc`` report and repair.
+"""IPAM consistency: what ``netctl ipam show | check`` report, read from one consistent snapshot.
+
+Owns reading the whole IPAM state (:func:`scan`) and judging it (:func:`analyse`: the problem kinds
+below, pool and block usage). It must not write: repairing is ``ipam.gc``'s, which plans from the
+same :class:`Snapshot`. It must not touch the kernel, and must not decide anything from workload
+endpoints: a handle record is what says an address is owned. What the kernel holds is known here
+only through what the node agents publish (:class:`MissingInterface`).
 
 :func:`scan` reads the whole IPAM state (blocks, affinities, handles) in ONE etcd range read, so
 the snapshot is consistent: every IPAM write is a single transaction, so a mismatch seen in it is
 real damage, not a write caught half-way. Pools and nodes are read after it, so a node or pool that
-existed before a block was claimed for it is always seen. :func:`analyse` and :func:`plan_gc` are
-pure functions of that snapshot; :func:`collect` performs a plan with compare-and-swap writes that
-leave alone anything that changed since the scan (Calico's sequence numbers for addresses, the
-revision read for handles and affinities).
-
-Must not touch the kernel, and must not decide anything from workload endpoints: a handle record
-is what says an address is owned. What the kernel holds is known here only through what the node
-agents publish (:class:`MissingInterface`).
+existed before a block was claimed for it is always seen. :func:`analyse` is a pure function of
+that snapshot.
 """
 
 from __future__ import annotations
@@ -20,22 +20,18 @@ import datetime
 import ipaddress
 import json
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from datastore import keys
-from datastore.errors import Conflict
-from datastore.kv import Delete, Unchanged
 from datastore.resources import Node, WorkloadEndpoint
-from ipam.allocator import IPAM, Handle
-from ipam.block import Address, Block, Network
-from ipam.handles import attachment_handle, attachment_of, belongs_to, legacy_handle
+from ipam.allocator import IPAM
+from ipam.block import Block, Network
+from ipam.handles import Handle, attachment_handle, attachment_of, belongs_to, legacy_handle
 from ipam.pools import Pool, pool_for_address
 
 if TYPE_CHECKING:
-    from datastore.etcd import EtcdClient  # imports gRPC; analyse and plan_gc are pure and need none
+    from datastore.etcd import EtcdClient  # imports gRPC; analyse is pure and needs none
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +313,7 @@ def analyse(snap: Snapshot) -> Report:
     for name, (handle, _) in sorted(snap.endpointless().items()):
         problems.append(Problem(ENDPOINTLESS_HANDLE, f"handle {name} holds addresses for container "
                                 f"{handle.attrs.get('containerID')}, which has no workload endpoint"))
-    for (node, cidr), _ in sorted(snap.affinities.items(), key=_by_affinity):
+    for (node, cidr), _ in sorted(snap.affinities.items(), key=by_affinity):
         if not snap.block_exists(cidr):
             problems.append(Problem(AFFINITY_WITHOUT_BLOCK, f"node {node} has an affinity for block {cidr}, "
                                                             "which does not exist"))
@@ -346,125 +342,6 @@ def check(client: EtcdClient) -> Report:
     return analyse(scan(client))
 
 
-# ---- garbage collection ----------------------------------------------------------------------
-
-
-@dataclass
-class GCPlan:
-    """What a collection would do, decided from one snapshot."""
-
-    # leaked addresses → the sequence number read, so a re-allocated address is left alone
-    addresses: dict[Address, int] = field(default_factory=dict)
-    owners: dict[Address, str] = field(default_factory=dict)  # leaked address → its (gone) handle
-    handles: dict[str, int] = field(default_factory=dict)  # empty handle → revision read
-    affinities: dict[tuple[str, Network], int] = field(default_factory=dict)  # blockless → revision read
-    endpointless: dict[str, int] = field(default_factory=dict)  # tortie handle without endpoint → revision
-    waiting: int = 0  # leaked addresses still within the grace period
-
-
-@dataclass
-class GCResult:
-    released: list[tuple[Address, str]] = field(default_factory=list)  # (address, handle it was leaked by)
-    deleted_handles: list[str] = field(default_factory=list)
-    deleted_affinities: list[tuple[str, Network]] = field(default_factory=list)
-    waiting: int = 0  # leaked addresses not released: within the grace period, or changed since the scan
-
-
-def plan_gc(snap: Snapshot, grace_seconds: float, now: float) -> GCPlan:
-    """Leaked addresses older than the grace period, empty handles and blockless affinities.
-
-    All-or-none per handle (as Calico): a leaked handle whose youngest address is still within the
-    grace period keeps all its addresses until the next run. An allocation without a timestamp is
-    taken to be old.
-    """
-    plan = GCPlan()
-    leaked: dict[str, list[tuple[Address, int, float]]] = {}
-    for block, _ in snap.blocks.values():
-        for ordinal, a in block.allocations.items():
-            if not snap.handle_exists(a.handle):
-                leaked.setdefault(a.handle, []).append((block.address(ordinal), a.sequence,
-                                                        _timestamp(a.attrs.get("timestamp"))))
-    for handle, found in leaked.items():
-        if any(now - stamp < grace_seconds for _, _, stamp in found):
-            plan.waiting += len(found)
-            continue
-        for address, sequence, _ in found:
-            plan.addresses[address] = sequence
-            plan.owners[address] = handle
-    held = {a.handle for block, _ in snap.blocks.values() for a in block.allocations.values()}
-    for name, (_, revision) in snap.handles.items():
-        if name not in held:
-            plan.handles[name] = revision
-    for affinity, revision in snap.affinities.items():
-        if not snap.block_exists(affinity[1]):
-            plan.affinities[affinity] = revision
-    for name, (record, revision) in snap.endpointless().items():
-        if now - _timestamp(record.attrs.get("timestamp")) < grace_seconds:
-            plan.waiting += sum(record.blocks.values())
-        else:
-            plan.endpointless[name] = revision
-    return plan
-
-
-def _timestamp(value: str | None) -> float:
-    try:
-        return float(value) if value else 0.0
-    except ValueError:
-        return 0.0
-
-
-def collect(client: EtcdClient, plan: GCPlan) -> GCResult:
-    """Perform ``plan``; whatever changed since it was made is left alone."""
-    result = GCResult(waiting=plan.waiting)
-    # Re-validate just before releasing: a handle re-created since the scan owns its addresses again.
-    handle_keys = sorted({keys.handle_key(h) for h in plan.owners.values()})
-    recreated = {kv.key[len(keys.HANDLES):] for kv in client.get_many(handle_keys).values()}
-    addresses = [a for a in sorted(plan.addresses, key=_by_address) if plan.owners[a] not in recreated]
-    if addresses:
-        freed = IPAM(client).release_addresses(addresses, expected_sequence=plan.addresses, orphaned=True)
-        result.released = [(a, plan.owners[a]) for a in sorted(freed, key=_by_address)]
-        for address, handle in result.released:
-            log.info("released leaked address %s (handle %s)", address, handle)
-    result.waiting += len(plan.addresses) - len(result.released)
-    for name, revision in sorted(plan.handles.items()):
-        try:
-            client.commit([Delete(keys.handle_key(name), revision)])
-        except Conflict:
-            log.info("handle %s changed since the scan; left alone", name)
-            continue
-        result.deleted_handles.append(name)
-        log.info("deleted handle %s, which held no addresses", name)
-    for (node, cidr), revision in sorted(plan.affinities.items(), key=_by_affinity):
-        try:
-            # Only while the block is still absent: a claim writes both together.
-            client.commit([Delete(keys.affinity_key(node, cidr), revision), Unchanged(keys.block_key(cidr), 0)])
-        except Conflict:
-            log.info("affinity of %s for %s changed since the scan; left alone", node, cidr)
-            continue
-        result.deleted_affinities.append((node, cidr))
-        log.info("deleted node %s's affinity for missing block %s", node, cidr)
-    if plan.endpointless:
-        # Re-validate: an endpoint written since the scan makes its handle live again.
-        live = endpoint_attachments(client)
-        ipam = IPAM(client)
-        for name, revision in sorted(plan.endpointless.items()):
-            kv = client.get(keys.handle_key(name))
-            if kv is None or kv.mod_revision != revision:
-                continue
-            record = Handle.from_json(kv.value)
-            if attachment_of(record.attrs) in live:
-                continue
-            for address in ipam.release_handle(name, expected_revision=revision):
-                result.released.append((address, name))
-                log.info("released %s of handle %s, which has no workload endpoint", address, name)
-    return result
-
-
-def gc(client: EtcdClient, grace_seconds: float, clock: Callable[[], float] = time.time) -> GCResult:
-    """Release leaked addresses older than ``grace_seconds`` and delete empty handle records."""
-    return collect(client, plan_gc(scan(client), grace_seconds, clock()))
-
-
 def _parse(cidr: str) -> Network | None:
     try:
         return ipaddress.ip_network(cidr)
@@ -480,11 +357,6 @@ def _by_cidr(item: tuple[Network, object]) -> tuple[int, int, int]:
     return _cidr_order(item[0])
 
 
-def _by_affinity(item: tuple[tuple[str, Network], object]) -> tuple[str, tuple[int, int, int]]:
+def by_affinity(item: tuple[tuple[str, Network], object]) -> tuple[str, tuple[int, int, int]]:
     (node, cidr), _ = item
     return node, _cidr_order(cidr)
-
-
-def _by_address(address: Address) -> tuple[int, int]:
-    return address.version, int(address)
-

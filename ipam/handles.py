@@ -1,15 +1,17 @@
-"""IPAM handle names: one handle per CNI attachment, which the spec defines as (network, container
-ID, interface name).
+"""IPAM handles: their names, one per CNI attachment, which the spec defines as (network, container
+ID, interface name), and the :class:`Handle` record stored under them.
 
 Handles written before the interface became part of the name are ``<network>.<containerID>``; one
 of those still belongs to exactly one attachment, the one whose ``ifname`` its attributes record,
-so DEL, CHECK, GC and the agent's clean-ups find it through :func:`belongs_to`. Pure names: must
-not read or write the datastore.
+so DEL, CHECK, GC and the agent's clean-ups find it through :func:`belongs_to`. Pure names and
+records: must not read or write the datastore.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 def attachment_handle(network: str, container_id: str, ifname: str) -> str:
@@ -32,3 +34,21 @@ def belongs_to(attrs: Mapping[str, str], network: str, container_id: str, ifname
 def attachment_of(attrs: Mapping[str, str]) -> tuple[str, str, str]:
     """(network, container ID, interface) a handle's attributes record; '' for what they lack."""
     return attrs.get("network", ""), attrs.get("containerID", ""), attrs.get("ifname", "")
+
+
+@dataclass
+class Handle:
+    """The secondary index of one attachment: how many of its addresses each block holds."""
+
+    blocks: dict[str, int]
+    node: str = ""
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Handle:
+        doc = json.loads(raw)
+        return cls(dict(doc.get("blocks") or {}), doc.get("node", ""), dict(doc.get("attrs") or {}))
+
+    def to_json(self) -> bytes:
+        return json.dumps({"blocks": self.blocks, "node": self.node, "attrs": self.attrs},
+                          separators=(",", ":"), sort_keys=True).encode()

@@ -1,7 +1,7 @@
 """`netctl ipam show | check | gc | release | configure`: IPAM as calicoctl shows it.
 
 Owns the arguments and the printing. The analysis, garbage collection and releases belong to
-`ipam.check` and `ipam.allocator`; the IPAMConfiguration resource to `datastore`. Errors are
+`ipam.check`, `ipam.gc` and `ipam.allocator`; the IPAMConfiguration resource to `datastore`. Errors are
 raised, never printed here; `ipam check` returns exit status 3 when it finds a problem.
 """
 
@@ -17,6 +17,7 @@ from datastore.model import API_VERSION
 from datastore.resources import IPAMConfiguration
 from datastore.store import ResourceStore
 from ipam import check as ipam_check
+from ipam import gc as ipam_gc
 from ipam.allocator import IPAM
 from ipam.block import Address
 from netctl.errors import UserError
@@ -117,7 +118,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
-    result = ipam_check.gc(args.connect(), args.grace)
+    result = ipam_gc.gc(args.connect(), args.grace)
     for address, handle in result.released:
         print(f"released {address} (handle {handle} is gone)")
     for handle in result.deleted_handles:

@@ -4,7 +4,7 @@ A rule never names endpoints: each ``selector``/``namespaceSelector``/``notSelec
 named port) becomes a :class:`SetSpec`, whose id is a hash of its canonical text and scope. The
 rule only references the id, so a label change alters the set's members, never the rules, and
 equal selectors in different policies share one set. Members are resolved separately
-(``felix_agent.calc.sets``).
+(``felix_agent.calc.selector_index``).
 
 Calico's scoping, as ``libcalico-go``'s rule conversion does it: when an entity gives a selector,
 a notSelector or a namespaceSelector, its positive match is ``<namespace scope> && selector``,

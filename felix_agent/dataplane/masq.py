@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 
 from felix_agent.calc.model import DesiredState
-from felix_agent.dataplane.nftables import Chain, Hook, NftTable, Rule, Ruleset, Set, address_elements
+from felix_agent.dataplane.nft_ruleset import Chain, Hook, Rule, Ruleset, Set, address_elements
+from felix_agent.dataplane.nftables import NftTable
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,14 @@
 """The nftables driver: one table, read back from the kernel and written in atomic nft transactions.
 
-Knows nothing about policy or pools. Its callers (*owners*: the policy manager, the NAT-outgoing
-manager) each declare the chains, sets and verdict maps they want, by name; ``apply()`` merges the
-declarations, diffs them against what the kernel holds and writes the difference as one
-transaction: set and map elements are added or deleted without touching any rule; a chain whose
-rules changed is flushed and rewritten; objects nobody declares any more are deleted after the
-rules that referenced them. What it cannot diff (a set whose type changed, a base chain whose hook
-changed, a transaction the kernel refused) is repaired by recreating the whole table in one
-transaction, so the kernel never sees a half-written table.
+Owns the table in the kernel; knows nothing about policy or pools. Its callers (*owners*: the policy
+manager, the NAT-outgoing manager) each declare the chains, sets and verdict maps they want
+(``felix_agent.dataplane.nft_ruleset``), by name; ``apply()`` merges the declarations, diffs them
+against what the kernel holds and writes the difference as one transaction: set and map elements are
+added or deleted without touching any rule; a chain whose rules changed is flushed and rewritten;
+objects nobody declares any more are deleted after the rules that referenced them. What it cannot
+diff (a set whose type changed, a base chain whose hook changed, a transaction the kernel refused)
+is repaired by recreating the whole table in one transaction, so the kernel never sees a
+half-written table.
 
 The kernel is the record: every rule carries a comment starting with a hash of its text, so a
 restarted agent (or a periodic ``reload()``) recognises its own rules, and a rule edited or
@@ -18,19 +19,16 @@ namespace it runs nft's commands through libnftables (see libnft), not one ``nft
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import json
 import logging
-import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from felix_agent.dataplane import libnft
+from felix_agent.dataplane.nft_ruleset import Chain, Map, Ruleset, Set
 from kernel import nfnl
 from kernel.netlink import KernelError
 
@@ -40,108 +38,11 @@ NFT = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:
 
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
 
-PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
-TAG_LEN = 12  # hex digits of a rule's hash in its comment
-MAX_COMMENT = 128  # nft refuses longer comments
 ELEMENT_CHUNK = 1000  # elements per "add element" line
 
 
 class NftError(Exception):
     """``nft`` refused a command; the message carries nft's own diagnosis (the offending line)."""
-
-
-@dataclass(frozen=True)
-class Hook:
-    """What makes a chain a base chain. ``priority`` is a standard name, optionally with an offset ("filter + 10")."""
-
-    hook: str
-    type: str = "filter"
-    priority: str = "filter"
-    policy: str = "accept"
-
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        name, _, offset = self.priority.partition(" ")
-        number = PRIORITIES[name] + (int(offset.replace(" ", "")) if offset else 0)
-        return (self.hook, self.type, number, self.policy)
-
-    def render(self) -> str:
-        return f"{{ type {self.type} hook {self.hook} priority {self.priority} ; policy {self.policy} ; }}"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One rule: ``body`` is nft syntax without a comment; the driver writes ``comment "<hash> <comment>"``."""
-
-    body: str
-    comment: str = ""
-
-    @cached_property
-    def tag(self) -> str:
-        return hashlib.sha256(f"{self.body}\0{self.comment}".encode()).hexdigest()[:TAG_LEN]
-
-    def render(self) -> str:
-        # one line per command in the transaction, and nft's string syntax has no escapes
-        text = re.sub(r"[\x00-\x1f\\]", " ", f"{self.tag} {self.comment}".strip()).replace('"', "'")
-        text = text.encode()[:MAX_COMMENT].decode(errors="ignore")  # nft counts bytes
-        return f'{self.body} comment "{text}"'
-
-
-@dataclass(frozen=True)
-class Chain:
-    name: str
-    rules: tuple[Rule, ...] = ()
-    hook: Hook | None = None
-
-    @cached_property
-    def signature(self) -> tuple[tuple[str, str, int, str] | None, tuple[str, ...]]:
-        return (self.hook.key if self.hook else None, tuple(r.tag for r in self.rules))
-
-
-@dataclass(frozen=True)
-class Set:
-    """A named set. ``elements`` are nft literals in the form nft prints them back (``10.0.0.1``,
-    ``10.1.0.0/16``, ``10.0.0.1 . tcp . 80``), so that a read-back compares equal."""
-
-    name: str
-    type: str  # "ipv4_addr", "ipv4_addr . inet_proto . inet_service"
-    flags: tuple[str, ...] = ()
-    elements: frozenset[str] = frozenset()
-
-    @property
-    def spec(self) -> tuple[str, tuple[str, ...]]:
-        return (self.type, tuple(sorted(self.flags)))
-
-    def render(self) -> str:
-        flags = f" flags {', '.join(self.flags)} ;" if self.flags else ""
-        return f"{{ type {self.type} ;{flags} }}"
-
-
-@dataclass(frozen=True)
-class Map:
-    """A named map, ``key_type : value_type``; ``elements`` maps a key literal (``"tor1a2b"``, quoted
-    as nft prints it) to a value literal (``goto to-1a2b``)."""
-
-    name: str
-    key_type: str
-    value_type: str = "verdict"
-    elements: frozenset[tuple[str, str]] = frozenset()
-
-    @property
-    def spec(self) -> tuple[str, tuple[str, ...]]:
-        return (f"{self.key_type} : {self.value_type}", ())
-
-    def render(self) -> str:
-        return f"{{ type {self.key_type} : {self.value_type} ; }}"
-
-
-@dataclass(frozen=True)
-class Ruleset:
-    """One owner's share of the table."""
-
-    chains: tuple[Chain, ...] = ()
-    sets: tuple[Set, ...] = ()
-    maps: tuple[Map, ...] = ()
 
 
 @dataclass
@@ -353,18 +254,6 @@ class NftTable:
         self._view = view
         # With a sweep the view's chains are now exactly these: next time, the same dict needs no look.
         self._synced_chains = want.chains if sweep else None
-
-
-def address_elements(nets: Iterable[str], version: int) -> list[str]:
-    """The elements of an interval set of addresses: one family's nets, merged (nft refuses overlapping
-    intervals) and written as nft prints them back (a host as a bare address)."""
-    parsed = [ipaddress.ip_network(n, strict=False) for n in nets]
-    merged: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
-    if version == 4:
-        merged = ipaddress.collapse_addresses(n for n in parsed if isinstance(n, ipaddress.IPv4Network))
-    else:
-        merged = ipaddress.collapse_addresses(n for n in parsed if isinstance(n, ipaddress.IPv6Network))
-    return [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in merged]
 
 
 def _diff(t: str, want: _Desired, have: _View, sweep: bool, chains_known: bool = False) -> list[str] | None:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMatch
-from felix_agent.dataplane.nftables import Chain, Hook, Map, NftTable, Rule, Ruleset, Set, address_elements
+from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set, address_elements
+from felix_agent.dataplane.nftables import NftTable
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from datastore.etcd import EtcdClient
 from datastore.resources import IPPool, kind_named
 from datastore.store import ResourceStore
 from ipam import check
+from ipam import gc as ipam_gc
 from ipam.allocator import IPAM, AssignRequest
 from ipam.block import Block
 from netlab.etcd import EtcdServer
@@ -392,13 +393,13 @@ def test_gc_leaves_an_address_reallocated_since_the_scan(client: EtcdClient) -> 
     ResourceStore(client).create(decode(POOL))
     leaked = _assign(client, "net.leaked")
     client.delete(keys.handle_key("net.leaked"))
-    plan = check.plan_gc(check.scan(client), 0, time.time())
+    plan = ipam_gc.plan_gc(check.scan(client), 0, time.time())
     assert plan.addresses and leaked in plan.addresses
     # Meanwhile someone frees the address and it is handed to a new workload.
     assert IPAM(client).release_addresses([leaked]) == [leaked]
     IPAM(client).assign(AssignRequest(handle="net.new", node="node-a", addresses=[leaked]))
 
-    result = check.collect(client, plan)
+    result = ipam_gc.collect(client, plan)
     assert result.released == [] and result.waiting == 1
     assert IPAM(client).handle_addresses("net.new") == [leaked]
 
@@ -407,10 +408,10 @@ def test_gc_leaves_the_addresses_of_a_handle_recreated_since_the_scan(client: Et
     ResourceStore(client).create(decode(POOL))
     old = _assign(client, "net.again")
     client.delete(keys.handle_key("net.again"))
-    plan = check.plan_gc(check.scan(client), 0, time.time())
+    plan = ipam_gc.plan_gc(check.scan(client), 0, time.time())
     new = _assign(client, "net.again")  # the runtime retried ADD with the same handle
 
-    result = check.collect(client, plan)
+    result = ipam_gc.collect(client, plan)
     assert result.released == []
     assert _block_of(client, old).allocation_of(old) is not None
     assert new in IPAM(client).handle_addresses("net.again")
@@ -418,10 +419,10 @@ def test_gc_leaves_the_addresses_of_a_handle_recreated_since_the_scan(client: Et
 
 def test_gc_keeps_a_handle_written_since_the_scan(client: EtcdClient) -> None:
     client.put(keys.handle_key("net.hollow"), b'{"blocks":{}}')
-    plan = check.plan_gc(check.scan(client), 0, time.time())
+    plan = ipam_gc.plan_gc(check.scan(client), 0, time.time())
     assert list(plan.handles) == ["net.hollow"]
     client.put(keys.handle_key("net.hollow"), b'{"blocks":{"10.244.0.0/26":1}}')
-    assert check.collect(client, plan).deleted_handles == []
+    assert ipam_gc.collect(client, plan).deleted_handles == []
     assert client.get(keys.handle_key("net.hollow")) is not None
 
 
@@ -431,7 +432,7 @@ def test_an_unreadable_handle_still_owns_its_addresses(client: EtcdClient) -> No
     client.put(keys.handle_key("net.c0"), b"not json")
     report = check.check(client)
     assert [p.kind for p in report.problems if p.kind != "unknown-node"] == ["invalid-record"]
-    assert check.gc(client, 0).released == []
+    assert ipam_gc.gc(client, 0).released == []
     assert _block_of(client, address).allocation_of(address) is not None
 
 

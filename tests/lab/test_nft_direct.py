@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from felix_agent.dataplane.nftables import Chain, Hook, Map, NftTable, Rule, Ruleset, Set
+from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set
+from felix_agent.dataplane.nftables import NftTable
 from kernel import nfnl
 from kernel.netlink import KernelError
 from kernel.netns import netns

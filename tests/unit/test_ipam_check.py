@@ -1,4 +1,4 @@
-"""``ipam check`` and ``ipam gc`` decided from a snapshot (ipam.check.analyse, plan_gc): pure
+"""``ipam check`` and ``ipam gc`` decided from a snapshot (ipam.check.analyse, ipam.gc.plan_gc): pure
 functions of a hand-built Snapshot, so every kind of damage is made here without etcd."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import ipaddress
 
 from datastore import keys
 from ipam import check
-from ipam.allocator import Handle
 from ipam.block import Block
-from ipam.check import EndpointRecord, Snapshot, analyse, plan_gc
+from ipam.check import EndpointRecord, Snapshot, analyse
+from ipam.gc import plan_gc
+from ipam.handles import Handle
 from ipam.pools import Pool
 
 POOL = Pool("default-ipv4", ipaddress.ip_network("10.244.0.0/16"), 26, False, "all()", False)

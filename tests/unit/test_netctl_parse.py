@@ -13,9 +13,9 @@ import pytest
 
 from datastore.codec import decode
 from datastore.resources import IPPool, WorkloadEndpoint
-from ipam import check
-from ipam.allocator import Handle
+from ipam import check, gc
 from ipam.block import Block
+from ipam.handles import Handle
 from ipam.pools import Pool
 from netctl import main as netctl_main
 from netctl import resources_cmd
@@ -218,10 +218,10 @@ def test_gc_plan_honours_the_grace_period_per_handle() -> None:
     kinds = sorted(p.kind for p in check.analyse(snap).problems)
     assert kinds == [check.HANDLE_WITHOUT_ADDRESSES, *[check.LEAKED_ADDRESS] * 3]
 
-    plan = check.plan_gc(snap, grace_seconds=50, now=220)  # one of "gone"'s addresses is still young
+    plan = gc.plan_gc(snap, grace_seconds=50, now=220)  # one of "gone"'s addresses is still young
     assert sorted(plan.owners.values()) == ["untimed"] and plan.waiting == 2
     assert plan.handles == {"hollow": 6}
-    plan = check.plan_gc(snap, grace_seconds=50, now=300)
+    plan = gc.plan_gc(snap, grace_seconds=50, now=300)
     assert sorted(plan.owners.values()) == ["gone", "gone", "untimed"]
     assert plan.addresses[block.address(0)] == block.allocations[0].sequence
 

@@ -14,7 +14,8 @@ import pytest
 from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMatch
 from felix_agent.dataplane import masq, policy
 from felix_agent.dataplane.masq import MasqManager
-from felix_agent.dataplane.nftables import Chain, Hook, Map, NftError, NftTable, Rule, Ruleset, Set
+from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set
+from felix_agent.dataplane.nftables import NftError, NftTable
 from felix_agent.dataplane.policy import (
     EGRESS,
     INGRESS,
