@@ -21,6 +21,8 @@ from datastore.errors import ValidationError
 from datastore.model import Kind, json_field
 
 DEFAULT_NAME = "default"
+# Calico calls its device wireguard.cali; "wireguard.tortie" would be 16 characters, one more than
+# an interface name may have (IFNAMSIZ 16 with the NUL), so the kernel refuses it with ERANGE.
 NODE_PREFIX = "node."
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or blanks
 
@@ -65,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "wireguard_mtu": 0,
     "wireguard_routing_rule_priority": 99,
     "wireguard_routing_table_index": 1,
-    "wireguard_interface_name": "wireguard.tortie",
+    "wireguard_interface_name": "wg.tortie",
     "wireguard_persistent_keepalive": 0,
 }
 

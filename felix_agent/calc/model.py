@@ -118,7 +118,7 @@ class WireGuard:
     the state is compared and logged; the manager holds the key."""
 
     enabled: bool = False
-    interface: str = "wireguard.tortie"
+    interface: str = "wg.tortie"
     listen_port: int = 51820
     mtu: int = 0  # 0: the underlay's MTU - 60
     rule_priority: int = 99

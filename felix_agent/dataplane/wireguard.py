@@ -1,11 +1,11 @@
-"""The WireGuard manager: owns the device ``wireguard.tortie`` (its key, port, mark, MTU, peers), the
+"""The WireGuard manager: owns the device ``wg.tortie`` (its key, port, mark, MTU, peers), the
 routes of the WireGuard routing table, and the rule that sends unmarked traffic to that table.
 
 Calico's design, which this follows: the overlay's own routes (VXLAN, IPIP, direct; the route
 manager's, in the main table) stay as they are. A rule ``not fwmark 0x100000/0x100000 lookup
 <table>`` at ``wireguardRoutingRulePriority`` (99, before the main table's 32766) sends every
 packet that is not WireGuard's own UDP to the WireGuard table, which holds only ``<cidr> dev
-wireguard.tortie scope link`` for each peer's allowed IPs. So pod traffic to a node that has a key
+wg.tortie scope link`` for each peer's allowed IPs. So pod traffic to a node that has a key
 enters the tunnel, whatever the pool's encapsulation; a destination the table does not hold falls
 through to the main table (the overlay, unencrypted: a node without a key); and the device marks its
 encrypted UDP with the same bit, so the rule skips it and it leaves through the main table's

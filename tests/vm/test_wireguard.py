@@ -148,10 +148,10 @@ def test_pod_traffic_between_nodes_is_only_wireguard_udp(cluster: Cluster) -> No
     everyone = {n.name for n in cluster.nodes}
     assert cluster.apply(everyone) > 0
     assert all(n.wg.status == "ok" for n in cluster.nodes)
-    link = n1.driver.link("wireguard.tortie")
+    link = n1.driver.link("wg.tortie")
     assert link is not None and link.kind == "wireguard" and link.up and link.mtu == 1500 - 60
     with netns(ns_path(n1.netns)), WireGuardFamily() as family:
-        device = family.device("wireguard.tortie")
+        device = family.device("wg.tortie")
     assert device.listen_port == PORT and device.fwmark == 0x100000
     assert device.public_key == n1.key.public
     assert {p.public_key: p.allowed_ips for p in device.peers} == {n2.key.public: (n2.block,),
@@ -182,12 +182,11 @@ def test_turning_wireguard_off_and_on_live(cluster: Cluster) -> None:
     cluster.apply(set())  # off everywhere: the managers delete the devices and rules
     for _ in range(5):
         lost += not echo(ns_path(n1.pod_netns), n3.pod_ip, timeout=1.0)
-    assert n1.driver.link("wireguard.tortie") is None
+    assert n1.driver.link("wg.tortie") is None
     with Capture(ns_path(n1.netns), "eth0") as cap:
         assert all_pairs_reach(cluster)
     tunnelled = {(p.inner_src, p.inner_dst) for p in cap.encapsulated("ipip")}
     assert (n1.pod_ip, n3.pod_ip) in tunnelled and (n3.pod_ip, n1.pod_ip) in tunnelled
-    assert not any(p.proto == 17 and PORT in () for p in cap.packets)
     print(f"WireGuard off: {lost} of 5 pings lost during the switch")
 
     started = time.monotonic()
@@ -206,7 +205,7 @@ def test_a_restarted_node_keeps_its_key_and_peers_reconnect(cluster: Cluster) ->
     before = n2.key.public
     key_file = n2.state_dir / "wireguard.key"
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-    n2.driver.delete_link("wireguard.tortie")  # the node's dataplane is gone (killed agent, rebooted node)
+    n2.driver.delete_link("wg.tortie")  # the node's dataplane is gone (killed agent, rebooted node)
     n2.restart()
     assert n2.key.public == before
     assert base64.b64decode(n2.key.public_b64) == before
