@@ -183,7 +183,10 @@ class Agent:
         return self.loop is not None and self.loop.first_apply.is_set()
 
     def render_metrics(self) -> str:
-        return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
+        from felix_agent.dataplane.wireguard import render_metrics
+
+        wireguard = render_metrics(self.wireguard.device) if self.wireguard is not None else ""
+        return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "") + wireguard
 
     def wait_for_policy(self, key: str, endpoint: Resource, deadline: float | None = None) -> None:
         """No pod without its policy: answer ADD only once the endpoint ``key`` ("<namespace>/<name>")

@@ -198,3 +198,21 @@ class WireGuardManager:
 def _same_peer(have: Peer | None, want: Peer) -> bool:
     return (have is not None and have.endpoint == want.endpoint and have.keepalive == want.keepalive
             and sorted(have.allowed_ips) == sorted(want.allowed_ips))
+
+
+def render_metrics(device: Device | None) -> str:
+    """Prometheus lines for the device as last read back: per peer, the last handshake (Unix seconds)
+    and the bytes received and sent (Calico's ``wireguard_*`` names)."""
+    if device is None:
+        return ""
+    lines = ["# HELP wireguard_latest_handshake_seconds Last handshake with the peer (Unix time, 0 = never).",
+             "# TYPE wireguard_latest_handshake_seconds gauge",
+             "# HELP wireguard_bytes_rcvd Bytes received from the peer.", "# TYPE wireguard_bytes_rcvd counter",
+             "# HELP wireguard_bytes_sent Bytes sent to the peer.", "# TYPE wireguard_bytes_sent counter"]
+    for peer in device.peers:
+        key = base64.b64encode(peer.public_key).decode()
+        labels = f'public_key="{key}",peer_endpoint="{peer.endpoint or ""}"'
+        lines += [f"wireguard_latest_handshake_seconds{{{labels}}} {peer.last_handshake:.0f}",
+                  f"wireguard_bytes_rcvd{{{labels}}} {peer.rx_bytes}",
+                  f"wireguard_bytes_sent{{{labels}}} {peer.tx_bytes}"]
+    return "\n".join(lines) + "\n"
