@@ -29,7 +29,7 @@ def decode(doc: Any, where: str = "document") -> Resource:
     if not isinstance(kind_name, str):
         raise ValidationError(f"{where}: kind is missing")
     kind = kind_named(kind_name)
-    unknown = sorted(set(doc) - {"apiVersion", "kind", "metadata", "spec"})
+    unknown = sorted(set(doc) - {"apiVersion", "kind", "metadata", "spec", *(("status",) if kind.STATUS else ())})
     if unknown:
         raise ValidationError(f"{where}: unknown top-level field {unknown[0]!r}")
     meta_doc = dict(doc.get("metadata") or {})
@@ -45,7 +45,8 @@ def decode(doc: Any, where: str = "document") -> Resource:
     elif metadata.namespace:
         raise ValidationError(f"{kind.KIND} is not namespaced; remove metadata.namespace")
     spec: Any = decode_fields(kind.SPEC, doc.get("spec"), "spec")
-    return Resource(kind, metadata, spec)
+    status: Any = decode_fields(kind.STATUS, doc["status"], "status") if kind.STATUS and doc.get("status") else None
+    return Resource(kind, metadata, spec, status)
 
 
 def load_documents(text: str, source: str = "input") -> Iterator[Any]:

@@ -195,6 +195,7 @@ class Kind:
     SPEC: ClassVar[type]
     TABLE: ClassVar[tuple[tuple[str, str], ...]] = ()  # (column, dotted spec path) for `get -o table`
     WIDE: ClassVar[tuple[tuple[str, str], ...]] = ()
+    STATUS: ClassVar[type | None] = None  # the kind's status dataclass (written by agents), if it has one
 
 
 @dataclass
@@ -204,6 +205,7 @@ class Resource:
     kind: type[Kind]
     metadata: Metadata
     spec: Any
+    status: Any = None  # an instance of ``kind.STATUS``, or None
 
     @property
     def name(self) -> str:
@@ -219,5 +221,7 @@ class Resource:
 
     def to_dict(self) -> dict[str, Any]:
         meta = encode_fields(self.metadata)
-        return {"apiVersion": API_VERSION, "kind": self.kind.KIND, "metadata": meta,
-                "spec": encode_fields(self.spec)}
+        doc = {"apiVersion": API_VERSION, "kind": self.kind.KIND, "metadata": meta, "spec": encode_fields(self.spec)}
+        if self.status is not None:
+            doc["status"] = encode_fields(self.status)
+        return doc

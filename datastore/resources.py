@@ -127,6 +127,26 @@ class NodeSpec:
 
 
 @dataclass
+class NodeStatus:
+    """What the node's agent reports about itself (Calico's ``NodeStatus``): its WireGuard public key,
+    base64, empty when WireGuard is off on that node. Written by the agent only, never the private key."""
+
+    wireguard_public_key: str = ""
+
+    def validate(self, where: str) -> None:
+        if self.wireguard_public_key:
+            import base64
+            import binascii
+
+            try:
+                raw = base64.b64decode(self.wireguard_public_key, validate=True)
+            except (binascii.Error, ValueError):
+                raw = b""
+            if len(raw) != 32:
+                raise ValidationError(f"{where}.wireguardPublicKey is not a base64 32-byte key")
+
+
+@dataclass
 class EndpointPort:
     name: str
     port: int
@@ -182,6 +202,7 @@ class Node(Kind):
     PLURAL = "nodes"
     SHORT_NAMES = ("node", "no")
     SPEC = NodeSpec
+    STATUS = NodeStatus
     TABLE = (("ASN", "bgp.asNumber"), ("IPV4", "bgp.ipv4Address"))
     WIDE = TABLE + (("IPV6", "bgp.ipv6Address"), ("RR-CLUSTER", "bgp.routeReflectorClusterID"))
 
@@ -228,9 +249,10 @@ def _load_all() -> None:
     # ~15 ms of CPU building their dataclasses.
     if "networkpolicy" not in KINDS:
         from datastore.bgp import BGP_KINDS
+        from datastore.felixconfig import FELIX_KINDS
         from datastore.policy import POLICY_KINDS
 
-        register(*POLICY_KINDS, *BGP_KINDS)
+        register(*POLICY_KINDS, *BGP_KINDS, *FELIX_KINDS)
 
 
 def kind_named(name: str) -> type[Kind]:

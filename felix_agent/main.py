@@ -23,11 +23,13 @@ from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable
 from datastore.etcd import EtcdClient
 from datastore.model import Metadata, Resource
-from datastore.resources import Node, NodeBGPSpec, NodeSpec, WorkloadEndpoint
+from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, WorkloadEndpoint
 from datastore.store import ResourceStore
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
+from felix_agent.calc.model import DesiredState
 from felix_agent.calc.snapshot import WORKLOAD_ENDPOINT, Snapshot, Update
+from felix_agent.calc.wireguard import settings, with_wireguard
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.health import HealthServer
@@ -37,8 +39,13 @@ from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
 from felix_agent.orphans import OrphanSweeper
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
+from felix_agent.wireguard_key import KeyFileError, load_or_create
 from ipam.allocator import IPAM
 from ipam.errors import IPAMError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from felix_agent.dataplane.wireguard import WireGuardManager
 
 log = logging.getLogger("felix_agent")
 
@@ -144,16 +151,42 @@ class Agent:
         self.orphans: OrphanSweeper | None = None
         # One owner per route: with BGP on, the peers' routes replace the remote ones outside VXLAN.
         self.calculator = Calculator(self.node, bgp_owns_remote=args.bgp)
+        self.wireguard_key = load_or_create(args.state_dir)  # made once; only its public half leaves the node
+        self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
 
+    def calculate(self, view: Snapshot) -> DesiredState:
+        """The calculation graph's state, with WireGuard's part (peers, settings) added."""
+        return with_wireguard(self.calculator.compute(view), view)
+
+    def publish_wireguard_key(self, view: Snapshot) -> None:
+        """Keep this Node's ``status.wireguardPublicKey`` = the public key while WireGuard is on here,
+        empty while it is off (Calico's rule: peers stop sending to a node that cleared its key).
+        Runs on the loop's thread with each view; writes only when the view disagrees."""
+        wanted = self.wireguard_key.public_b64 if settings(view, self.node).wireguard_enabled else ""
+        mine = next((r for r in view.nodes.values() if r.name == self.node), None)
+        if mine is None or getattr(mine.status, "wireguard_public_key", "") == wanted:
+            return
+        with self.stores.client(self.config) as client:
+            store = ResourceStore(client)
+            current = store.get(Node, self.node)
+            if current is None:
+                return
+            current.status = NodeStatus(wireguard_public_key=wanted)
+            store.update(current, current)
+        log.info("WireGuard public key %s in node %s's status", "published" if wanted else "withdrawn", self.node)
+
     def ready(self) -> bool:
         return self.loop is not None and self.loop.first_apply.is_set()
 
     def render_metrics(self) -> str:
-        return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "")
+        from felix_agent.dataplane.wireguard import render_metrics
+
+        wireguard = render_metrics(self.wireguard.device) if self.wireguard is not None else ""
+        return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "") + wireguard
 
     def wait_for_policy(self, key: str, endpoint: Resource, deadline: float | None = None) -> None:
         """No pod without its policy: answer ADD only once the endpoint ``key`` ("<namespace>/<name>")
@@ -223,9 +256,12 @@ class Agent:
         from felix_agent.dataplane.policy import PolicyManager
         from felix_agent.dataplane.routes import RouteManager
         from felix_agent.dataplane.vxlan import VXLANManager
+        from felix_agent.dataplane.wireguard import WireGuardManager
         from kernel.rtnl import RTNL
 
         netlink = RTNL.open()
+        self.wireguard = WireGuardManager(netlink, self.wireguard_key.private, underlay_ip=node_ip.split("/")[0]
+                                          if node_ip else None)
         table = NftTable()
         underlay = node_ip.split("/")[0] if node_ip else None
         # Order matters: policy first (a pod's ADD waits for it, not for the route work after it:
@@ -236,6 +272,7 @@ class Agent:
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
+                Gated(self.wireguard, lambda s: s.wireguard),
                 Gated(MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
                       lambda s: (s.local_vtep, s.ipip_enabled, s.mtu))]
 
@@ -269,8 +306,8 @@ class Agent:
             if self.args.bgp:
                 self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
                 self.bgp.start()
-            self.loop = DataplaneLoop(self.view, self.calculator.compute, self.managers(node_ip), self.metrics,
-                                      feeds=[self.bgp.update] if self.bgp is not None else [],
+            self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,
+                                      feeds=[self.publish_wireguard_key, *([self.bgp.update] if self.bgp else [])],
                                       programmed=self.programmed, resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)
             self.orphans = OrphanSweeper(self.node, client, grace=self.args.orphan_grace,
@@ -310,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: agent.stopping.set())
         return agent.run()
-    except (ConfigError, DatastoreError) as e:
+    except (ConfigError, DatastoreError, KeyFileError) as e:
         print(f"felix-agent: {e}", file=sys.stderr)
         return 1
     except OSError as e:

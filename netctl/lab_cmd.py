@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--mode", choices=("vxlan", "ipip", "bgp", "bgp-rr"), default="vxlan",
                    help="routing between nodes; sets the default pool's encapsulation (default: vxlan)")
     p.add_argument("--etcd", type=int, choices=(1, 3), default=1, help="etcd members (default: 1)")
+    p.add_argument("--wireguard", action="store_true",
+                   help="encrypt pod traffic between nodes (FelixConfiguration wireguardEnabled: true)")
     p.add_argument("--pods-per-node", type=int, default=2, metavar="K", help="pods on each node (default: 2)")
     p.add_argument("--namespaces", default="default", metavar="NS1,NS2",
                    help="namespaces the pods are spread over, in turn (default: default)")
@@ -139,7 +141,8 @@ def run_up(args: argparse.Namespace) -> int:
     with _lab_errors():
         lab = cluster.up(args.name, nodes=args.nodes, mode=args.mode, etcd=args.etcd,
                          pods_per_node=args.pods_per_node, progress=ProgressBars(sys.stderr),
-                         namespaces=tuple(n for n in args.namespaces.split(",") if n) or ("default",))
+                         namespaces=tuple(n for n in args.namespaces.split(",") if n) or ("default",),
+                         wireguard=args.wireguard)
     more = _also(args.name)
     print(f"lab {lab.name} is up: {len(lab.nodes)} nodes ({lab.mode}), {len(lab.pods)} pods, "
           f"etcd {lab.etcd['ETCD_ENDPOINTS']}")

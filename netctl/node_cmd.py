@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore
     p = commands.add_parser("status", parents=[datastore], help="the BGP sessions of a node (this one by default)")
     p.add_argument("--node", metavar="NAME", help="the node (default: $NODENAME, else the host name)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("--wireguard-interface", default="wg.tortie", metavar="NAME",
+                   help="the WireGuard device whose peers are shown, when this host has it (default %(default)s)")
     p.set_defaults(func=run_status)
 
 
@@ -51,12 +53,15 @@ def run_status(args: argparse.Namespace) -> int:
     node = args.node or os.environ.get("NODENAME") or socket.gethostname()
     sessions = read_status(args.connect(), node)
     peers = sorted(sessions or [], key=_order)
+    wireguard = wireguard_rows(args.wireguard_interface)
     if args.output == "json":
         print(json.dumps({"peers": [{"peerAddress": s.peer, "peerType": s.kind, "state": s.state,
                                      "since": s.since, "info": s.info, "filters": list(s.filters),
                                      "prefixesReceived": s.received, "prefixesAccepted": s.accepted,
                                      "prefixesSent": s.sent} for s in peers],
-                          "node": node, "running": sessions is not None}, indent=2))
+                          "node": node, "running": sessions is not None,
+                          "wireguard": [dict(zip(WG_HEADERS, row, strict=True)) for row in wireguard]
+                          if wireguard is not None else None}, indent=2))
     if sessions is None:
         raise UserError(f"Tortie agent on node {node} is not running (it has no BGP status in the datastore)")
     if args.output == "table":
@@ -66,8 +71,36 @@ def run_status(args: argparse.Namespace) -> int:
                      str(s.accepted), str(s.sent)) for s in peers if _family(s) == version]
             out.append(f"IPv{version} BGP status")
             out.append(render_box(HEADERS, rows) if rows else f"No IPv{version} peers found.\n")
+        if wireguard is not None:
+            out.append("WireGuard status")
+            out.append(render_box(WG_HEADERS, wireguard) if wireguard else "No WireGuard peers found.\n")
         sys.stdout.write("\n".join(out))
     return 0
+
+
+WG_HEADERS = ("PEER ENDPOINT", "PUBLIC KEY", "LAST HANDSHAKE", "RECEIVED", "SENT")
+
+
+def wireguard_rows(interface: str) -> list[tuple[str, str, str, str, str]] | None:
+    """This host's WireGuard peers, read from the kernel (generic netlink), or None when the host has
+    no such device (WireGuard off, or another host's status was asked for)."""
+    import base64
+    import time
+
+    from kernel.netlink import KernelError
+    from kernel.wireguard import WireGuard
+
+    try:
+        with WireGuard() as family:
+            device = family.device(interface)
+    except (KernelError, OSError):
+        return None
+    rows = []
+    for peer in sorted(device.peers, key=lambda p: p.endpoint or ""):
+        ago = f"{time.time() - peer.last_handshake:.0f}s ago" if peer.last_handshake else "never"
+        rows.append((peer.endpoint or "", base64.b64encode(peer.public_key).decode(), ago, f"{peer.rx_bytes} B",
+                     f"{peer.tx_bytes} B"))
+    return rows
 
 
 def render_box(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

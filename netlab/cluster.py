@@ -198,7 +198,8 @@ class Cluster:
 
 
 def up(name: str, nodes: int = 3, mode: str = "vxlan", etcd: int = 1, pods_per_node: int = 2,
-       progress: Progress | None = None, namespaces: tuple[str, ...] = (NAMESPACE,)) -> Cluster:
+       progress: Progress | None = None, namespaces: tuple[str, ...] = (NAMESPACE,),
+       wireguard: bool = False) -> Cluster:
     """Build lab ``name`` and leave it running; on failure (or Ctrl-C) take down what was built."""
     report = progress or (lambda phase, done, total, note: None)
     if mode not in MODES:
@@ -211,6 +212,10 @@ def up(name: str, nodes: int = 3, mode: str = "vxlan", etcd: int = 1, pods_per_n
         raise LabError(f"--mode ipip needs the kernel's ipip module, which this kernel ({os.uname().release}) "
                        f"does not have; run it inside the VM, which has it: {IPIP_VM} '{BIN / 'netctl'} lab up "
                        f"--mode ipip && {BIN / 'netctl'} lab matrix && {BIN / 'netctl'} lab down'")
+    if wireguard and not wireguard_available():
+        raise LabError(f"--wireguard needs the kernel's wireguard module, which this kernel ({os.uname().release}) "
+                       f"does not have; run it inside the VM, which has it: {IPIP_VM} '{BIN / 'netctl'} lab up "
+                       f"--wireguard && {BIN / 'netctl'} lab matrix && {BIN / 'netctl'} lab down'")
     lab = Lab(name, nodes=nodes, etcd_members=etcd)
     report("etcd", 0, 1, f"fabric, {etcd} member(s) with mutual TLS")
     lab.create()
@@ -220,7 +225,9 @@ def up(name: str, nodes: int = 3, mode: str = "vxlan", etcd: int = 1, pods_per_n
         cluster = Cluster(name, mode, etcd, {k: env[k] for k in ("ETCD_ENDPOINTS", "ETCD_CA_CERT_FILE")},
                           bgp_speaker=mode.startswith("bgp") and bgp_speaker_available())
         _issue_certificates(lab, cluster, Path(env["ETCD_CA_CERT_FILE"]), report)
-        (cluster.work_dir / "resources.yaml").write_text(resources(cluster))
+        wireguard_doc = ("---\napiVersion: tortie.dev/v1\nkind: FelixConfiguration\nmetadata: {name: default}\n"
+                         "spec: {wireguardEnabled: true}\n") if wireguard else ""
+        (cluster.work_dir / "resources.yaml").write_text(resources(cluster) + wireguard_doc)
         done = cluster.netctl("apply", "-f", str(cluster.work_dir / "resources.yaml"))
         if done.returncode != 0:
             raise LabError(f"netctl apply of the lab's resources failed: {done.stderr.strip()}")
@@ -482,6 +489,15 @@ def ipip_available() -> bool:
         return True
     with contextlib.suppress(OSError):
         return subprocess.run(["modprobe", "-n", "ipip"], capture_output=True).returncode == 0
+    return False
+
+
+def wireguard_available() -> bool:
+    """Whether this kernel has the wireguard module (loaded, or loadable)."""
+    if Path("/sys/module/wireguard").exists():
+        return True
+    with contextlib.suppress(OSError):
+        return subprocess.run(["modprobe", "-n", "wireguard"], capture_output=True).returncode == 0
     return False
 
 

@@ -103,6 +103,32 @@ class VXLANPeer:
 
 
 @dataclass(frozen=True)
+class WireGuardPeer:
+    """A remote node that published a WireGuard key: where its tunnel listens and what it carries."""
+
+    node: str
+    public_key: str  # base64
+    endpoint: str  # "underlay-ip:port"
+    allowed_ips: tuple[str, ...]  # its blocks and borrowed addresses, sorted
+
+
+@dataclass(frozen=True)
+class WireGuard:
+    """This node's WireGuard settings (FelixConfiguration, merged) and peers. Never the private key:
+    the state is compared and logged; the manager holds the key."""
+
+    enabled: bool = False
+    interface: str = "wg.tortie"
+    listen_port: int = 51820
+    mtu: int = 0  # 0: the underlay's MTU - 60
+    rule_priority: int = 99
+    table: int = 1
+    fwmark: int = 0x100000
+    keepalive: int = 0
+    peers: frozenset[WireGuardPeer] = frozenset()
+
+
+@dataclass(frozen=True)
 class DesiredState:
     """Everything this node's dataplane must hold, as computed from one consistent datastore view."""
 
@@ -118,3 +144,4 @@ class DesiredState:
     all_pools: frozenset[str] = frozenset()  # CIDRs of every pool (NAT-outgoing exempts them)
     mtu: int | None = None  # for the CNI plugin's MTU file
     extra: tuple[tuple[str, str], ...] = field(default=())
+    wireguard: WireGuard = WireGuard()

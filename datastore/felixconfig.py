@@ -1,0 +1,102 @@
+"""Calico v3's ``FelixConfiguration`` kind: the agents' settings, cluster-wide and per node.
+
+The resource named ``default`` holds the cluster's settings; one named ``node.<nodename>`` holds a
+node's, and each field it sets overrides the default's (Calico's rule; other names are stored but
+read by no agent). Every field is optional: unset means "inherit", and :func:`effective` fills in
+the default value of what nobody set. Adding a setting is one field on :class:`FelixConfigurationSpec`
+plus its default in :data:`DEFAULTS` (and its check in ``validate``).
+
+Imports only the model and the errors: ``datastore.resources`` imports this module to register the
+kind, never the other way round. What an agent does with the settings is not this module's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from datastore.errors import ValidationError
+from datastore.model import Kind, json_field
+
+DEFAULT_NAME = "default"
+# Calico calls its device wireguard.cali; "wireguard.tortie" would be 16 characters, one more than
+# an interface name may have (IFNAMSIZ 16 with the NUL), so the kernel refuses it with ERANGE.
+NODE_PREFIX = "node."
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or blanks
+
+
+@dataclass
+class FelixConfigurationSpec:
+    wireguard_enabled: bool | None = None
+    wireguard_listening_port: int | None = None
+    wireguard_mtu: int | None = json_field("wireguardMTU", default=None)  # 0 or unset: host MTU - 60
+    wireguard_routing_rule_priority: int | None = None
+    wireguard_routing_table_index: int | None = None
+    wireguard_interface_name: str | None = None
+    wireguard_persistent_keepalive: int | None = None  # seconds, 0 = off (Calico takes a duration)
+
+    def validate(self, where: str) -> None:
+        port = self.wireguard_listening_port
+        if port is not None and not 1 <= port <= 65535:
+            raise ValidationError(f"{where}.wireguardListeningPort {port} is out of range (1-65535)")
+        mtu = self.wireguard_mtu
+        if mtu is not None and mtu != 0 and not 1280 <= mtu <= 65535:  # IPv6's minimum: the tunnel may carry it
+            raise ValidationError(f"{where}.wireguardMTU {mtu} must be 0 (host MTU - 60) or 1280-65535")
+        priority = self.wireguard_routing_rule_priority
+        if priority is not None and not 1 <= priority <= 32765:  # below the main table's rule (32766)
+            raise ValidationError(f"{where}.wireguardRoutingRulePriority {priority} is out of range (1-32765)")
+        table = self.wireguard_routing_table_index
+        if table is not None and (not 1 <= table <= 0xFFFFFFFF or table in (253, 254, 255)):
+            raise ValidationError(f"{where}.wireguardRoutingTableIndex {table} must be a table number other than "
+                                  "default (253), main (254) and local (255)")
+        name = self.wireguard_interface_name
+        if name is not None and not _IFNAME.match(name):
+            raise ValidationError(f"{where}.wireguardInterfaceName {name!r} is not an interface name "
+                                  "(1-15 letters, digits, '.', '-', '_')")
+        keepalive = self.wireguard_persistent_keepalive
+        if keepalive is not None and not 0 <= keepalive <= 65535:
+            raise ValidationError(f"{where}.wireguardPersistentKeepalive {keepalive} is out of range (0-65535)")
+
+
+# What an unset field means (Calico's defaults; the routing table index is Calico's former default).
+DEFAULTS: dict[str, Any] = {
+    "wireguard_enabled": False,
+    "wireguard_listening_port": 51820,
+    "wireguard_mtu": 0,
+    "wireguard_routing_rule_priority": 99,
+    "wireguard_routing_table_index": 1,
+    "wireguard_interface_name": "wg.tortie",
+    "wireguard_persistent_keepalive": 0,
+}
+
+
+class FelixConfiguration(Kind):
+    KIND = "FelixConfiguration"
+    PLURAL = "felixconfigurations"
+    SHORT_NAMES = ("felixconfiguration", "felixconfig", "felixconfigs")
+    SPEC = FelixConfigurationSpec
+    TABLE = (("WIREGUARD", "wireguardEnabled"), ("PORT", "wireguardListeningPort"))
+    WIDE = TABLE + (("MTU", "wireguardMTU"), ("INTERFACE", "wireguardInterfaceName"))
+
+
+FELIX_KINDS: tuple[type[Kind], ...] = (FelixConfiguration,)
+
+
+def node_name(node: str) -> str:
+    """The name of ``node``'s own FelixConfiguration."""
+    return NODE_PREFIX + node
+
+
+def effective(default: FelixConfigurationSpec | None, node: FelixConfigurationSpec | None) -> FelixConfigurationSpec:
+    """Every field set: the node's value, else the default resource's, else :data:`DEFAULTS`."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(FelixConfigurationSpec):
+        value = None
+        for source in (node, default):
+            if source is not None and getattr(source, f.name) is not None:
+                value = getattr(source, f.name)
+                break
+        values[f.name] = DEFAULTS[f.name] if value is None else value
+    return FelixConfigurationSpec(**values)

@@ -1,0 +1,61 @@
+"""WireGuard's part of the desired state: the merged FelixConfiguration and the peers (Calico's
+wireguard calculation, without its incremental bookkeeping).
+
+A peer is every other node that has published a public key (``status.wireguardPublicKey``; an
+agent clears its key when WireGuard is off on its node) and an IPv4 underlay address; it carries the
+blocks that node owns and the addresses it borrowed from other nodes' blocks. A node without a key
+gets no peer: traffic to it stays on the overlay, unencrypted, as in Calico. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+from datastore.felixconfig import DEFAULT_NAME, FelixConfigurationSpec, effective, node_name
+from felix_agent.calc.model import DesiredState, WireGuard, WireGuardPeer
+from felix_agent.calc.snapshot import FELIX_CONFIGURATION, Snapshot
+
+FWMARK = 0x100000  # the bit WireGuard's own UDP carries (Calico takes one of its iptables mark bits)
+
+
+def settings(snapshot: Snapshot, node: str) -> FelixConfigurationSpec:
+    """The FelixConfiguration in force on ``node``: its own resource's fields over the default's."""
+    by_name = {r.name: r.spec for r in snapshot.tables.get(FELIX_CONFIGURATION, {}).values()}
+    return effective(by_name.get(DEFAULT_NAME), by_name.get(node_name(node)))
+
+
+def wireguard(snapshot: Snapshot, node: str) -> WireGuard:
+    config = settings(snapshot, node)
+    if not config.wireguard_enabled:
+        return WireGuard(enabled=False, interface=str(config.wireguard_interface_name))
+    allowed: dict[str, set[str]] = {}
+    for block in snapshot.blocks.values():
+        if block.cidr.version != 4:
+            continue  # wireguardEnabled is IPv4 (Calico's wireguardEnabledV6 is not built)
+        if block.node and block.node != node:
+            allowed.setdefault(block.node, set()).add(str(block.cidr))
+        for ordinal, allocation in block.allocations.items():
+            holder = allocation.attrs.get("node")
+            if holder and holder not in (block.node, node):
+                allowed.setdefault(holder, set()).add(f"{block.address(ordinal)}/32")
+    peers = set()
+    port = int(config.wireguard_listening_port or 51820)
+    for resource in snapshot.nodes.values():
+        status = resource.status
+        key = getattr(status, "wireguard_public_key", "") if status is not None else ""
+        bgp = resource.spec.bgp
+        if resource.name == node or not key or bgp is None or not bgp.ipv4_address:
+            continue
+        underlay = ipaddress.ip_interface(bgp.ipv4_address).ip
+        peers.add(WireGuardPeer(resource.name, key, f"{underlay}:{port}",
+                                tuple(sorted(allowed.get(resource.name, ()),
+                                             key=lambda c: ipaddress.ip_network(c)))))
+    return WireGuard(True, str(config.wireguard_interface_name), port, int(config.wireguard_mtu or 0),
+                     int(config.wireguard_routing_rule_priority or 99), int(config.wireguard_routing_table_index or 1),
+                     FWMARK, int(config.wireguard_persistent_keepalive or 0), frozenset(peers))
+
+
+def with_wireguard(state: DesiredState, snapshot: Snapshot) -> DesiredState:
+    """``state`` with its WireGuard part computed from ``snapshot`` (the agent's hook after the graph)."""
+    return replace(state, wireguard=wireguard(snapshot, state.node))

@@ -1,0 +1,121 @@
+"""WireGuard without a kernel: the key file (made once, 0600, survives restarts, never in the Node
+document but its public half), FelixConfiguration documents (defaults, node over default, the
+messages that name a bad field), the peers the calculation derives, and the generic netlink codec."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datastore import codec
+from datastore.errors import ValidationError
+from datastore.felixconfig import FelixConfiguration, FelixConfigurationSpec, effective
+from datastore.model import Metadata, Resource
+from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, kind_named
+from felix_agent.calc.snapshot import Snapshot
+from felix_agent.calc.wireguard import wireguard
+from felix_agent.wireguard_key import KEY_FILE, KeyFileError, load_or_create, public_key
+from ipam.block import Allocation, Block
+from kernel import wireguard as kwg
+from kernel.netlink import attrs
+
+
+def test_the_key_is_made_once_kept_0600_and_read_back(tmp_path: Path) -> None:
+    first = load_or_create(tmp_path / "state")
+    path = tmp_path / "state" / KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_or_create(tmp_path / "state")
+    assert again.private == first.private and again.public == first.public
+    assert public_key(first.private) == first.public and len(first.public) == 32
+    assert base64.b64encode(first.private).decode() not in repr(first)
+    path.unlink()  # rotation: remove the file, restart
+    assert load_or_create(tmp_path / "state").public != first.public
+
+
+def test_a_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / KEY_FILE).write_text("not a key\n")
+    with pytest.raises(KeyFileError, match="remove it to make a new one"):
+        load_or_create(tmp_path)
+
+
+def test_the_node_document_carries_the_public_key_only(tmp_path: Path) -> None:
+    pair = load_or_create(tmp_path)
+    node = Resource(Node, Metadata(name="n1"), NodeSpec(bgp=NodeBGPSpec(ipv4_address="10.9.1.11/24")),
+                    NodeStatus(wireguard_public_key=pair.public_b64))
+    stored = codec.stored_bytes(node)
+    assert json.loads(stored)["status"] == {"wireguardPublicKey": pair.public_b64}
+    assert base64.b64encode(pair.private) not in stored
+    back = codec.from_stored(stored, 7, "/tortie/resources/v3/nodes/n1")
+    assert back.status.wireguard_public_key == pair.public_b64
+
+
+def doc(spec: dict[str, Any], name: str = "default") -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration", "metadata": {"name": name},
+            "spec": spec}
+
+
+def test_felixconfiguration_defaults_and_node_over_default() -> None:
+    assert kind_named("felixconfig") is FelixConfiguration
+    default = codec.decode(doc({"wireguardEnabled": True, "wireguardListeningPort": 51821})).spec
+    node = codec.decode(doc({"wireguardListeningPort": 51999, "wireguardMTU": 1400}, "node.n1")).spec
+    merged = effective(default, node)
+    assert merged.wireguard_enabled is True
+    assert merged.wireguard_listening_port == 51999 and merged.wireguard_mtu == 1400
+    assert merged.wireguard_routing_rule_priority == 99
+    assert merged.wireguard_interface_name == "wg.tortie"
+    assert effective(None, None).wireguard_enabled is False
+    assert codec.to_document(codec.decode(doc({"wireguardMTU": 1400})))["spec"] == {"wireguardMTU": 1400}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"wireguardListeningPort": 0}, "wireguardListeningPort 0 is out of range"),
+    ({"wireguardMTU": 500}, "wireguardMTU 500"),
+    ({"wireguardRoutingRulePriority": 32766}, "wireguardRoutingRulePriority"),
+    ({"wireguardRoutingTableIndex": 254}, r"main \(254\)"),
+    ({"wireguardInterfaceName": "a/b"}, "wireguardInterfaceName"),
+    ({"wireguardEnabled": "yes"}, "wireguardEnabled"),
+    ({"wireguardColour": 1}, "no field 'wireguardColour'"),
+])
+def test_bad_felixconfiguration_fields_are_named(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        codec.decode(doc(spec))
+
+
+def node(name: str, ip: str, key: str = "") -> Resource:
+    return Resource(Node, Metadata(name=name), NodeSpec(bgp=NodeBGPSpec(ipv4_address=ip)), NodeStatus(key) if key
+                    else None)
+
+
+def test_peers_are_the_nodes_with_keys_carrying_their_blocks_and_borrowed_addresses(tmp_path: Path) -> None:
+    k2 = base64.b64encode(bytes(range(32))).decode()
+    k3 = base64.b64encode(bytes(range(1, 33))).decode()
+    b1 = Block.empty(ipaddress.ip_network("10.244.1.0/26"), "n1")
+    b1 = Block(b1.cidr, b1.affinity, {5: Allocation("h", 1, {"node": "n3"})}, b1.free)
+    b2 = Block.empty(ipaddress.ip_network("10.244.2.0/26"), "n2")
+    b4 = Block.empty(ipaddress.ip_network("10.244.4.0/26"), "n4")  # n4: no key, no peer (stays on the overlay)
+    config = Resource(FelixConfiguration, Metadata(name="default"), FelixConfigurationSpec(wireguard_enabled=True))
+    snap = Snapshot.of([config, node("n1", "10.9.1.11/24"), node("n2", "10.9.1.12/24", k2),
+                        node("n3", "10.9.2.13/24", k3), node("n4", "10.9.2.14/24")], [b1, b2, b4])
+    wg = wireguard(snap, "n1")
+    assert wg.enabled and wg.listen_port == 51820 and wg.rule_priority == 99
+    assert {(p.node, p.endpoint, p.allowed_ips) for p in wg.peers} == {
+        ("n2", "10.9.1.12:51820", ("10.244.2.0/26",)), ("n3", "10.9.2.13:51820", ("10.244.1.5/32",))}
+    off = Resource(FelixConfiguration, Metadata(name="node.n1"), FelixConfigurationSpec(wireguard_enabled=False))
+    assert not wireguard(Snapshot.of([config, off, node("n2", "10.9.1.12/24", k2)], [b2]), "n1").enabled
+
+
+def test_the_set_device_message_round_trips_through_the_parser() -> None:
+    peer = kwg.Peer(bytes(range(32)), "10.9.1.12:51820", ("10.244.2.0/26", "10.244.1.5/32"), 25)
+    parsed = kwg.parse_peer(kwg.peer_attrs(peer))
+    assert parsed.public_key == peer.public_key and parsed.endpoint == peer.endpoint
+    assert parsed.allowed_ips == peer.allowed_ips and parsed.keepalive == 25
+    rule = kwg.MarkRule(99, 1, 0x100000, 0x100000, invert=True)
+    body = kwg._rule_body(rule)
+    found = attrs(body, kwg._RULE.size)
+    assert found[kwg.FRA_FWMARK] == (0x100000).to_bytes(4, "little")
