@@ -10,7 +10,8 @@
   no Adj-RIB-Out across sessions and gives API routes to no neighbor added later), then
   End-of-RIB (``manual-eor``), after what a reflector reflects to it.
 - what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)``, session changes
-  ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``. A looped path (our
+  ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``; ``on_batch()``
+  follows the callbacks of each read of ExaBGP's output (where the kernel is written at once). A looped path (our
   router ID as ORIGINATOR_ID, our cluster ID in CLUSTER_LIST, our AS in an eBGP AS_PATH) counts
   as withdrawn, and so does a path the session's import filters reject (``bgp.filters``; it
   reaches neither the kernel nor the reflector) or one for a prefix this node announces itself
@@ -80,11 +81,13 @@ class SpeakerMetrics:
 class Speaker(Announcements):
     def __init__(self, state_dir: str | Path, *, on_route: RouteCallback | None = None,
                  on_session: SessionCallback | None = None, on_end_of_rib: EndOfRibCallback | None = None,
-                 exabgp_bin: str | None = None, python: str | None = None) -> None:
+                 on_batch: Callable[[], None] | None = None, exabgp_bin: str | None = None,
+                 python: str | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.on_route = on_route or (lambda *a: None)
         self.on_session = on_session or (lambda s: None)
         self.on_end_of_rib = on_end_of_rib or (lambda p, f: None)
+        self.on_batch = on_batch or (lambda: None)
         self.python = python or sys.executable
         self._exabgp = ExaBGPProcess(exabgp_bin or str(Path(sys.executable).parent / "exabgp"), self.state_dir,
                                      self.state_dir / exabgp.CONFIG_FILE, self.state_dir / exabgp.PID_FILE,
@@ -128,7 +131,7 @@ class Speaker(Announcements):
             self._set_reflector(config)
             if first:
                 self._exabgp.prepare()
-                self._channel = Channel(socket_path, self._on_line, self._on_hello, self._on_lost)
+                self._channel = Channel(socket_path, self._on_line, self._on_hello, self._on_lost, self._on_batch)
             changed = self._exabgp.write_config(text)
             if first:
                 self._supervisor = threading.Thread(target=self._supervise, name="bgp-exabgp", daemon=True)
@@ -299,6 +302,12 @@ class Speaker(Announcements):
                 if self._reflector is not None:
                     self._send(self._reflector.end_of_rib(event.peer))
         self._fire()
+
+    def _on_batch(self) -> None:
+        try:
+            self.on_batch()
+        except Exception:
+            log.exception("BGP callback on_batch failed")
 
     def _on_hello(self, pid: int) -> bool:
         """An API process connected: take it if it is our ExaBGP's. A second one from the same
