@@ -181,14 +181,28 @@ def serve_claims(socket_path: str) -> int:
     """The claimer (``python -m bench.bgp_bench claimer SOCKET``), run inside a node namespace:
     one JSON request per connection, ``{"node", "address"}``; it assigns the address to a new
     handle for that node (claiming the block it is in) and answers with the monotonic times
-    before and after the call."""
+    before and after the call, and when the transaction that created the block returned (``tc``:
+    the block is committed in etcd; what an agent watching the blocks can see from then on)."""
+    from datastore import keys
     from datastore.config import EtcdConfig
     from datastore.etcd import EtcdClient
+    from datastore.kv import Create
     from ipam.allocator import IPAM, AssignRequest
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with EtcdClient(EtcdConfig.from_env()) as client:
+        committed: list[float] = []
+        commit = client.commit
+        blocks = keys.block_key(ipaddress.ip_network(POOL)).rsplit("/", 1)[0] + "/"
+
+        def timed_commit(ops: Any) -> int:
+            revision = commit(ops)
+            if any(isinstance(op, Create) and op.key.startswith(blocks) for op in ops):
+                committed.append(time.monotonic())
+            return revision
+
+        client.commit = timed_commit  # type: ignore[method-assign]
         ipam = IPAM(client)
         ipam.pools()  # the connection is up before the first timed call
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -204,18 +218,22 @@ def serve_claims(socket_path: str) -> int:
                 continue
             with conn:
                 request = json.loads(conn.makefile("rb").readline())
+                committed.clear()
                 t0 = time.monotonic()
                 try:
                     ipam.assign(AssignRequest(f"bench-{secrets.token_hex(6)}", request["node"], num_v4=0,
                                               addresses=[ipaddress.ip_address(request["address"])]))
-                    answer: dict[str, Any] = {"t0": t0, "t1": time.monotonic()}
+                    t1 = time.monotonic()
+                    if not committed:
+                        raise RuntimeError("no block was created: the address's block existed already")
+                    answer: dict[str, Any] = {"t0": t0, "t1": t1, "tc": committed[0]}
                 except Exception as e:  # the benchmark wants to see it, not a dead claimer
                     answer = {"error": f"{type(e).__name__}: {e}"}
                 conn.sendall(json.dumps(answer).encode() + b"\n")
     return 0
 
 
-def claim(socket_path: Path, node: str, address: str) -> tuple[float, float]:
+def claim(socket_path: Path, node: str, address: str) -> tuple[float, float, float]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(30)
         sock.connect(str(socket_path))
@@ -223,7 +241,7 @@ def claim(socket_path: Path, node: str, address: str) -> tuple[float, float]:
         answer = json.loads(sock.makefile("rb").readline())
     if "error" in answer:
         raise BenchFailure(f"claiming the block of {address} for {node} failed: {answer['error']}")
-    return answer["t0"], answer["t1"]
+    return answer["t0"], answer["t1"], answer["tc"]
 
 
 def block(base: str, j: int) -> str:
@@ -237,26 +255,31 @@ def block(base: str, j: int) -> str:
 @dataclass
 class Convergence:
     """One series of claims: per claim, the time until the route was in every other node's kernel
-    (``last``), in the first one (``first``), and what the trigger (IPAM call, birdc) took."""
+    (``last``), in the first one (``first``), and what the trigger (IPAM call, birdc) took; all from
+    the trigger's start. ``committed``: to every other node from the commit of the block in etcd
+    (Tortie; BIRD has no such moment, its figure is from the start of ``birdc enable``)."""
 
     last: list[float] = field(default_factory=list)
+    committed: list[float] = field(default_factory=list)
+    commit_times: list[float] = field(default_factory=list)  # tc - t0: where in the call the commit was
     first: list[float] = field(default_factory=list)
     trigger: list[float] = field(default_factory=list)
     origin: list[float] = field(default_factory=list)  # Tortie: the origin's own blackhole (protocol 80)
 
 
 def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: threading.Condition,
-             prefixes: Iterable[str], trigger: Callable[[int, str], tuple[float, float]],
+             prefixes: Iterable[str], trigger: Callable[[int, str], tuple[float, float, float]],
              own: dict[int, RouteWatch] | None = None) -> Convergence:
     """For each prefix (origin node rotating over ``origins``): ``trigger(origin, prefix)`` (which
-    returns when it started and ended), then wait until every other watched node has the route
-    and, with ``own``, until the origin has its own route (Tortie's agent programs a blackhole for
-    its block in the same pass as it announces it: when its agent had taken the claim in)."""
+    returns when it started and ended, and when the block was committed), then wait until every
+    other watched node has the route and, with ``own``, until the origin has its own route
+    (Tortie's agent programs a blackhole for its block in the same pass as it announces it: when
+    its agent had taken the claim in)."""
     out = Convergence()
     for i, prefix in enumerate(prefixes):
         origin = origins[i % len(origins)]
         others = [w for k, w in watches.items() if k != origin]
-        t0, t1 = trigger(origin, prefix)
+        t0, t1, tc = trigger(origin, prefix)
 
         def everywhere(others: list[RouteWatch] = others, prefix: str = prefix, t0: float = t0) -> float | None:
             seen = [w.added.get(prefix) for w in others]
@@ -264,6 +287,8 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
 
         last = wait_changed(changed, everywhere, CLAIM_TIMEOUT, f"{prefix} in the kernel of every node")
         out.last.append(last - t0)
+        out.committed.append(last - tc)
+        out.commit_times.append(tc - t0)
         out.first.append(min(w.added[prefix] for w in others) - t0)
         out.trigger.append(t1 - t0)
         if own is not None:
@@ -275,17 +300,29 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
 
 
 def convergence_figures(label: str, tortie: Convergence, bird: Convergence) -> list[Figure]:
+    """Tortie from the commit of the block (the target's figure) and from the start of the claim
+    call, each divided by BIRD's from the start of ``birdc enable``."""
     figures = []
     for stat, fn in (("p50", statistics.median), ("max", max)):
         b = fn(bird.last) * 1000
+        reference = f"{label}: BIRD, enable → every node {stat}"
+        figures.append(Figure(reference, b, "ms"))
+        t = fn(tortie.committed) * 1000
+        figures.append(Figure(f"{label}: Tortie, commit → every node {stat}", t, "ms", reference,
+                              t / b if b else None))
         t = fn(tortie.last) * 1000
-        figures.append(Figure(f"{label}: BIRD, to every node {stat}", b, "ms"))
-        figures.append(Figure(f"{label}: Tortie, to every node {stat}", t, "ms",
-                              f"{label}: BIRD, to every node {stat}", t / b if b else None))
-    figures.append(Figure(f"{label}: Tortie, to the first node p50", statistics.median(tortie.first) * 1000, "ms"))
+        figures.append(Figure(f"{label}: Tortie, claim start → every node {stat}", t, "ms", reference,
+                              t / b if b else None))
+    # Where the time goes, from the commit: the origin's agent has taken the block in (its own
+    # blackhole), the first other node has the route, every other node has it.
+    since_commit = [f - c for f, c in zip(tortie.first, tortie.commit_times, strict=True)]
+    figures.append(Figure(f"{label}: Tortie, commit → first node p50", statistics.median(since_commit) * 1000, "ms"))
     if tortie.origin:
-        figures.append(Figure(f"{label}: Tortie, origin agent's own blackhole p50", statistics.median(tortie.origin)
-                              * 1000, "ms"))
+        own = [o - c for o, c in zip(tortie.origin, tortie.commit_times, strict=True)]
+        figures.append(Figure(f"{label}: Tortie, commit → origin agent's own blackhole p50",
+                              statistics.median(own) * 1000, "ms"))
+    figures.append(Figure(f"{label}: Tortie, claim start → block commit p50 (included above)",
+                          statistics.median(tortie.commit_times) * 1000, "ms"))
     figures.append(Figure(f"{label}: Tortie, IPAM claim call p50 (included)",
                           statistics.median(tortie.trigger) * 1000, "ms"))
     figures.append(Figure(f"{label}: BIRD, birdc enable p50 (included)", statistics.median(bird.trigger) * 1000,
@@ -463,11 +500,11 @@ def run(scale: Scale, quick: bool) -> dict[str, Any]:
             def tortie_claim(origin: int, prefix: str) -> tuple[float, float]:
                 return claim(claimer, f"n{origin}", str(ipaddress.ip_network(prefix)[1]))
 
-            def bird_claim(origin: int, prefix: str) -> tuple[float, float]:
+            def bird_claim(origin: int, prefix: str) -> tuple[float, float, float]:
                 i = next(i for i, p in by_origin[origin].items() if p == prefix)
                 t0 = time.monotonic()
                 birds[origin].birdc("enable", f"c{i}")
-                return t0, time.monotonic()
+                return t0, time.monotonic(), t0
 
             tortie_mesh = converge(TORTIE, bgp_watch, changed, [block("10.244", 512 + i) for i in range(scale.claims)],
                                    tortie_claim, own_watch)

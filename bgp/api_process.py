@@ -253,15 +253,17 @@ class Channel:
     """The agent's end: listens on ``path`` (mode 0600), takes the connection of the API process
     that ``on_hello(exabgp_pid)`` accepts, hands every line ExaBGP wrote to ``on_line`` (in this
     channel's thread, in order) and sends command lines back. ``on_lost`` hears of output the relay
-    had to drop."""
+    had to drop. ``on_batch`` is called after the lines of one read were handed over: what they
+    changed can be acted on at once, in this thread, without waiting for another one."""
 
     TICK = 0.5
     SEND_TIMEOUT = 10.0
 
     def __init__(self, path: Path, on_line: Callable[[str], None], on_hello: Callable[[int], bool],
-                 on_lost: Callable[[int], None]) -> None:
+                 on_lost: Callable[[int], None], on_batch: Callable[[], None] | None = None) -> None:
         self.path = path
         self.on_line, self.on_hello, self.on_lost = on_line, on_hello, on_lost
+        self.on_batch = on_batch or (lambda: None)
         self._conn: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._closing = False
@@ -331,6 +333,8 @@ class Channel:
                 *lines, buffers[sock] = (buffers[sock] + data).split(b"\n")
                 for raw in lines:
                     self._line(sock, raw.decode(errors="replace"))
+                if lines and sock is self._conn:
+                    self.on_batch()
         for sock in buffers:
             sock.close()
         selector.close()

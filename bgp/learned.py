@@ -110,6 +110,7 @@ class LearnedRoutes:
         self._kernel: _Kernel | None = None  # None: read back at the next apply
         self._failed: set[str] = set()
         self._lock = threading.Lock()
+        self._applying = threading.Lock()  # one apply at a time: each writes from what the last recorded
         self._wake = threading.Condition(self._lock)
         self._dirty = True
         self._changed: set[str] = set()  # prefixes whose paths changed since the last apply
@@ -195,7 +196,15 @@ class LearnedRoutes:
 
     def apply(self, resync: bool = False) -> None:
         """Write what changed since the last apply; with ``resync`` (and the first time) read the
-        kernel back and reconcile every prefix."""
+        kernel back and reconcile every prefix. Any thread may call it, one at a time: felix-agent
+        calls it in the speaker's thread right after each read of UPDATEs (``on_batch``), so a
+        learned route reaches the kernel without a hand-over to the installer thread (which
+        waited for the GIL behind the speaker's thread); the installer thread still does stale
+        deadlines and resyncs."""
+        with self._applying:
+            self._apply(resync)
+
+    def _apply(self, resync: bool) -> None:
         with self._lock:
             full = resync or self._kernel is None
             changed, self._changed, self._dirty = self._changed, set(), False

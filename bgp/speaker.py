@@ -10,7 +10,8 @@
   no Adj-RIB-Out across sessions and gives API routes to no neighbor added later), then
   End-of-RIB (``manual-eor``), after what a reflector reflects to it.
 - what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)``, session changes
-  ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``. A looped path (our
+  ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``; ``on_batch()``
+  follows the callbacks of each read of ExaBGP's output (where the kernel is written at once). A looped path (our
   router ID as ORIGINATOR_ID, our cluster ID in CLUSTER_LIST, our AS in an eBGP AS_PATH) counts
   as withdrawn, and so does a path the session's import filters reject (``bgp.filters``; it
   reaches neither the kernel nor the reflector) or one for a prefix this node announces itself
@@ -26,6 +27,10 @@
   session ended with a NOTIFICATION, sent or received (hold timer expired, peer torn down), which
   ends graceful restart (RFC 4724): then 0, its routes go at once.
 
+The speaker is split by concept: this module has the sessions, configuration reloads and ExaBGP
+the process; ``bgp.announced`` the announce/withdraw bookkeeping of our own prefixes;
+``bgp.received`` what peers send (loop checks, import filters).
+
 Callbacks run in the API channel's thread (or the caller's, for ``configure``), in order, outside
 the speaker's lock; they must be quick. Must not touch kernel routes (``bgp.learned`` does).
 
@@ -39,28 +44,27 @@ beside it: the ExaBGP protocol (``bgp.exabgp``), the process and its API channel
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bgp import exabgp, outbound
+from bgp.announced import Announcements
 from bgp.api_process import Channel, ExaBGPProcess
-from bgp.filters import Filter, accepts, has_direction
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.passwords import with_keys
-from bgp.reflector import Received, Reflector
+from bgp.received import PeerInfo, RouteCallback
+from bgp.reflector import Reflector
 
 log = logging.getLogger(__name__)
 
-RouteCallback = Callable[[str, str, str | None, bool, dict[str, Any]], None]
 SessionCallback = Callable[[SessionStatus], None]
 EndOfRibCallback = Callable[[str, str], None]
 
@@ -81,27 +85,16 @@ class SpeakerMetrics:
     looped: int  # paths dropped by the loop check
 
 
-@dataclass
-class _PeerInfo:
-    """What a peer told us in its OPEN, and the paths it sent us in this session."""
-
-    router_id: str | None = None
-    restart_time: int = 0
-    families: tuple[str, ...] = exabgp.FAMILIES
-    routes: dict[str, Received] = field(default_factory=dict)
-    # Every prefix the peer announces now, accepted or not (import filters, own prefixes): what
-    # changed import filters are applied to again, without asking the peer to send it again.
-    announced: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # -> (next hop, attrs)
-
-
-class Speaker:
+class Speaker(Announcements):
     def __init__(self, state_dir: str | Path, *, on_route: RouteCallback | None = None,
                  on_session: SessionCallback | None = None, on_end_of_rib: EndOfRibCallback | None = None,
-                 exabgp_bin: str | None = None, python: str | None = None) -> None:
+                 on_batch: Callable[[], None] | None = None, exabgp_bin: str | None = None,
+                 python: str | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.on_route = on_route or (lambda *a: None)
         self.on_session = on_session or (lambda s: None)
         self.on_end_of_rib = on_end_of_rib or (lambda p, f: None)
+        self.on_batch = on_batch or (lambda: None)
         self.python = python or sys.executable
         self._exabgp = ExaBGPProcess(exabgp_bin or str(Path(sys.executable).parent / "exabgp"), self.state_dir,
                                      self.state_dir / exabgp.CONFIG_FILE, self.state_dir / exabgp.PID_FILE,
@@ -114,7 +107,7 @@ class Speaker:
         self._env: dict[str, str] = {}
         self._exports: dict[str, Export] = {}
         self._status: dict[str, SessionStatus] = {}
-        self._peers: dict[str, _PeerInfo] = {}
+        self._peers: dict[str, PeerInfo] = {}
         self._reflector: Reflector | None = None
         self._hello_from: int | None = None  # the ExaBGP whose API process has connected
         self._channel: Channel | None = None
@@ -145,7 +138,7 @@ class Speaker:
             self._set_reflector(config)
             if first:
                 self._exabgp.prepare()
-                self._channel = Channel(socket_path, self._on_line, self._on_hello, self._on_lost)
+                self._channel = Channel(socket_path, self._on_line, self._on_hello, self._on_lost, self._on_batch)
             changed = self._exabgp.write_config(text)
             if first:
                 self._supervisor = threading.Thread(target=self._supervise, name="bgp-exabgp", daemon=True)
@@ -158,23 +151,6 @@ class Speaker:
         self._wake.set()
         self._fire()
 
-    def announce(self, exports: Iterable[Export]) -> None:
-        """This node's prefixes (blocks, borrowed /32s) as they should be announced now."""
-        new = {_canonical(e.prefix): e for e in exports}
-        with self._lock:
-            old, self._exports = self._exports, new
-            commands = outbound.changes(old, new, self._config.peers if self._config else (), self._established())
-            # A prefix that became (or stopped being) our own: peers' paths for it go (or come back).
-            changed = old.keys() ^ new.keys()
-            for address, info in self._peers.items() if changed else ():
-                filters, paths = self._import_filters(address), dict[str, Received]()
-                for prefix in changed & info.announced.keys():
-                    commands += self._admit(address, info, prefix, filters, paths)
-            if self._reflector is not None:
-                commands += self._reflector.own(new)
-            self._send(commands)
-        self._fire()
-
     def sessions(self) -> list[SessionStatus]:
         """Each session's state, with its filters and prefix counts (received, accepted, sent)."""
         with self._lock:
@@ -183,7 +159,7 @@ class Speaker:
             out = []
             for p in self._config.peers:
                 status = self._status[p.address]
-                info = self._peers.get(p.address, _PeerInfo())
+                info = self._peers.get(p.address, PeerInfo())
                 up = status.state == "Established"
                 sent = len(outbound.for_peer(outbound.export_filters(p), self._exports)) if up else 0
                 out.append(replace(status, filters=tuple(f.name for f in p.options.filters),
@@ -252,7 +228,7 @@ class Speaker:
         wanted = {p.address: p for p in peers}
         for address in [a for a in self._status if a not in wanted]:
             status = self._status.pop(address)
-            for prefix in self._peers.pop(address, _PeerInfo()).routes:
+            for prefix in self._peers.pop(address, PeerInfo()).routes:
                 self._later(self.on_route, address, prefix, None, True, {})
             self._later(self.on_session, replace(status, state="Idle", since=_now(), info="removed"))
         for address, peer in wanted.items():
@@ -263,25 +239,6 @@ class Speaker:
 
     def _established(self) -> list[str]:
         return [p for p, s in self._status.items() if s.state == "Established"]
-
-    def _refilter(self, old: dict[str, Peer], new: Iterable[Peer]) -> None:
-        """Sessions that stay up while their filters change: they get the difference of what
-        we export, and what they announced is filtered again (no route refresh needed)."""
-        up = set(self._established())
-        commands: list[str] = []
-        for peer in new:
-            before = old.get(peer.address)
-            if peer.address not in up or before is None or before.options.filters == peer.options.filters:
-                continue
-            commands += outbound.refilter(self._exports, peer.address, outbound.export_filters(before),
-                                          outbound.export_filters(peer))
-            info = self._peers.get(peer.address)
-            if info is not None:
-                filters, paths = self._import_filters(peer.address), dict[str, Received]()
-                for prefix in list(info.announced):
-                    if (prefix in info.routes) != accepts(filters, "import", prefix, remote=True):
-                        commands += self._admit(peer.address, info, prefix, filters, paths)
-        self._send(commands)
 
     def _set_reflector(self, config: SpeakerConfig) -> None:
         if self._reflector is not None and self._reflector.cluster_id != config.cluster_id:
@@ -298,9 +255,9 @@ class Speaker:
         commands = reflector.set_peers(config.peers)
         up = [p for p, s in self._status.items() if s.state == "Established"]
         for peer in up:
-            commands += reflector.session_up(peer, self._peers.get(peer, _PeerInfo()).router_id)
+            commands += reflector.session_up(peer, self._peers.get(peer, PeerInfo()).router_id)
         for peer in up:
-            for prefix, path in self._peers.get(peer, _PeerInfo()).routes.items():
+            for prefix, path in self._peers.get(peer, PeerInfo()).routes.items():
                 commands += reflector.update(peer, prefix, path)
         self._send(commands)
 
@@ -323,19 +280,6 @@ class Speaker:
         if self._reflector is not None:
             self._send(self._reflector.session_down(peer, self.restart_time(peer), time.monotonic()))
 
-    def _replay(self, peer: str) -> None:
-        """Everything ``peer`` should have from us, then End-of-RIB per family it negotiated."""
-        info = self._peers.setdefault(peer, _PeerInfo())
-        families = {4 if f.startswith("ipv4") else 6 for f in info.families}
-        configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
-        accepted = outbound.for_peer(outbound.export_filters(configured), self._exports)
-        exports = (e for p, e in accepted.items() if ipaddress.ip_network(p).version in families)
-        commands = exabgp.announce(outbound.by_route(exports), peer=peer)
-        if self._reflector is not None:
-            commands += self._reflector.session_up(peer, info.router_id)
-        commands += [exabgp.end_of_rib(peer, f) for f in info.families if f in exabgp.FAMILIES]
-        self._send(commands)
-
     # -- what ExaBGP reports --------------------------------------------------------------------
 
     def _on_line(self, line: str) -> None:
@@ -357,7 +301,7 @@ class Speaker:
                 elif event.state == "down":
                     self._session_down(event.peer, event.reason)
             elif isinstance(event, exabgp.OpenEvent):
-                self._peers[event.peer] = _PeerInfo(event.router_id, event.restart_time, event.families)
+                self._peers[event.peer] = PeerInfo(event.router_id, event.restart_time, event.families)
             elif isinstance(event, exabgp.UpdateEvent):
                 self._on_update(event)
             elif isinstance(event, exabgp.EndOfRib):
@@ -366,67 +310,11 @@ class Speaker:
                     self._send(self._reflector.end_of_rib(event.peer))
         self._fire()
 
-    def _on_update(self, event: exabgp.UpdateEvent) -> None:
-        self._counts["updates"] += 1
-        self._last_update = time.time()
-        peer, attrs = event.peer, dict(event.attrs)
-        info = self._peers.setdefault(peer, _PeerInfo())
-        routes = info.routes
-        looped = self._looped(peer, attrs)
-        filters = self._import_filters(peer)
-        paths: dict[str, Received] = {}  # by next hop: one UPDATE shares its attributes
-        withdrawn = list(event.withdrawn)
-        commands: list[str] = []
-        for prefix, next_hop in event.announced:
-            if looped:
-                self._counts["looped"] += 1
-                withdrawn.append(prefix)
-                continue
-            info.announced[prefix] = (next_hop, attrs)
-            commands += self._admit(peer, info, prefix, filters, paths)
-        for prefix in withdrawn:
-            info.announced.pop(prefix, None)
-            if routes.pop(prefix, None) is not None or not looped:
-                self._later(self.on_route, peer, prefix, None, True, {})
-            if self._reflector is not None:
-                commands += self._reflector.update(peer, prefix, None)
-        self._send(commands)
-
-    def _import_filters(self, peer: str) -> tuple[Filter, ...]:
-        configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
-        filters = configured.options.filters if configured is not None else ()
-        return filters if has_direction(filters, "import") else ()
-
-    def _admit(self, peer: str, info: _PeerInfo, prefix: str, filters: tuple[Filter, ...],
-               paths: dict[str, Received]) -> list[str]:
-        """Install (through ``on_route``) and reflect an announced path, unless the session's
-        import filters refuse it or the node announces that prefix itself: then it counts as
-        withdrawn."""
-        next_hop, attrs = info.announced[prefix]
-        if (filters and not accepts(filters, "import", prefix, remote=True)) or prefix in self._exports:
-            if info.routes.pop(prefix, None) is None:
-                return []
-            self._later(self.on_route, peer, prefix, None, True, {})  # accepted before, refused now
-            return self._reflector.update(peer, prefix, None) if self._reflector is not None else []
-        path = paths.get(next_hop)
-        if path is None:
-            path = paths[next_hop] = Received.from_json(next_hop, attrs)
-        info.routes[prefix] = path
-        self._later(self.on_route, peer, prefix, next_hop, False, attrs)
-        return self._reflector.update(peer, prefix, path) if self._reflector is not None else []
-
-    def _looped(self, peer: str, attrs: dict[str, Any]) -> bool:
-        config = self._config
-        assert config is not None
-        if attrs.get("originator-id") == config.router_id or config.cluster_id in attrs.get("cluster-list", []):
-            return True
-        configured = next((p for p in config.peers if p.address == peer), None)
-        if configured is None or configured.asn == config.asn:
-            return False
-        # eBGP: our AS in the path is a loop, unless numAllowedLocalASNumbers allows it that often.
-        ours = {config.asn, configured.options.local_asn or config.asn}
-        path = Received.from_json("", attrs).as_path
-        return sum(1 for asn in path if asn in ours) > configured.options.allowed_local_as
+    def _on_batch(self) -> None:
+        try:
+            self.on_batch()
+        except Exception:
+            log.exception("BGP callback on_batch failed")
 
     def _on_hello(self, pid: int) -> bool:
         """An API process connected: take it if it is our ExaBGP's. A second one from the same
@@ -544,10 +432,6 @@ class Speaker:
 def _waiting(peer: Peer | None) -> str:
     """BGP's name for a session being attempted: Active while waiting for the peer to connect."""
     return "Active" if peer is not None and peer.passive else "Connect"
-
-
-def _canonical(prefix: str) -> str:
-    return str(ipaddress.ip_network(prefix, strict=False))
 
 
 def _now() -> str:

@@ -22,6 +22,7 @@ from bgp.status import write_status
 from datastore.errors import DatastoreError
 from datastore.resources import IPPoolSpec
 from felix_agent.calc.snapshot import Snapshot
+from kernel.netlink import KernelError
 from kernel.rtnl import RTNL
 
 if TYPE_CHECKING:  # the etcd client (grpc) is imported by whoever makes one, not here
@@ -47,7 +48,7 @@ class BGPRunner:
         self._status_dirty = threading.Event()
         self.learned = LearnedRoutes(RTNL.open(), encap_for=self.encap_for)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
-                               on_end_of_rib=self.learned.on_end_of_rib)
+                               on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install)
         self._lease: Lease | None = None
         self._thread = threading.Thread(target=self._publish, name="bgp-status", daemon=True)
 
@@ -99,6 +100,13 @@ class BGPRunner:
                 self._config = config
             self.speaker.announce(exports(snapshot, self.node))
             self._revision = snapshot.revision
+
+    def _install(self) -> None:
+        """What the last read of ExaBGP's output changed, into the kernel now (the speaker's thread)."""
+        try:
+            self.learned.apply()
+        except KernelError as e:  # the installer thread's resync retries
+            log.warning("installing learned routes failed: %s", e)
 
     def _on_session(self, status: SessionStatus) -> None:
         self.learned.on_session(status, self.speaker.restart_time(status.peer))
