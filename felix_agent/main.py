@@ -99,9 +99,9 @@ class _JSONFormatter(logging.Formatter):
 
 def detect_node_ip() -> str | None:
     """The first global IPv4 address of this namespace (what Calico's first-found does)."""
-    from kernel.rtnl import RTNL
+    from kernel.rtnl_bulk import BulkRTNL
 
-    with RTNL() as rtnl:
+    with BulkRTNL() as rtnl:
         for _, ip, prefixlen, scope in rtnl.address_list(socket.AF_INET):
             if not ipaddress.ip_address(ip).is_loopback and scope == 0:
                 return f"{ip}/{prefixlen}"
@@ -223,9 +223,9 @@ class Agent:
         from felix_agent.dataplane.policy import PolicyManager
         from felix_agent.dataplane.routes import RouteManager
         from felix_agent.dataplane.vxlan import VXLANManager
-        from kernel.rtnl import RTNL
+        from kernel.rtnl_bulk import BulkRTNL
 
-        netlink = RTNL.open()
+        netlink = BulkRTNL.open()
         table = NftTable()
         underlay = node_ip.split("/")[0] if node_ip else None
         # Order matters: policy first (a pod's ADD waits for it, not for the route work after it:

@@ -45,7 +45,7 @@ from ipam.check import MissingInterface
 from ipam.errors import IPAMError
 
 if TYPE_CHECKING:
-    from kernel.rtnl import RTNL
+    from kernel.rtnl_bulk import BulkRTNL
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +190,13 @@ class KernelHostLinks:
     by the sweep's thread only."""
 
     def __init__(self) -> None:
-        self._netlink: RTNL | None = None
+        self._netlink: BulkRTNL | None = None
 
-    def _driver(self) -> RTNL:
+    def _driver(self) -> BulkRTNL:
         if self._netlink is None:
-            from kernel.rtnl import RTNL
+            from kernel.rtnl_bulk import BulkRTNL
 
-            self._netlink = RTNL.open()
+            self._netlink = BulkRTNL.open()
         return self._netlink
 
     def names(self) -> set[str]:
@@ -259,7 +259,7 @@ class OrphanSweeper:
             os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
-        from kernel.rtnl import EventsLost, LinkEvents
+        from kernel.rtnl_bulk import EventsLost, LinkEvents
 
         os.set_blocking(self._wake_w, False)
         with LinkEvents() as events:  # subscribed before the first read: nothing falls in between

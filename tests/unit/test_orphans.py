@@ -16,7 +16,8 @@ from felix_agent.cni_service import InFlight
 from felix_agent.main import parse_args
 from felix_agent.orphans import LocalAttachment, OrphanTracker, decide
 from ipam.check import ENDPOINT_WITHOUT_INTERFACE, EndpointRecord, MissingInterface, Snapshot, analyse
-from kernel.rtnl import RTM_DELLINK, RTM_NEWLINK, parse_link_events
+from kernel.rtnl import RTM_DELLINK, RTM_NEWLINK
+from kernel.rtnl_bulk import parse_link_events
 
 GRACE = 10.0
 
