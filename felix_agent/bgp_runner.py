@@ -23,7 +23,7 @@ from datastore.errors import DatastoreError
 from datastore.resources import IPPoolSpec
 from felix_agent.calc.snapshot import Snapshot
 from kernel.netlink import KernelError
-from kernel.rtnl import RTNL
+from kernel.rtnl_bulk import BulkRTNL
 
 if TYPE_CHECKING:  # the etcd client (grpc) is imported by whoever makes one, not here
     from datastore.etcd import EtcdClient, Lease
@@ -46,7 +46,7 @@ class BGPRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._status_dirty = threading.Event()
-        self.learned = LearnedRoutes(RTNL.open(), encap_for=self.encap_for)
+        self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
                                on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install)
         self._lease: Lease | None = None

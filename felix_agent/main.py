@@ -28,7 +28,8 @@ from datastore.store import ResourceStore
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
-from felix_agent.calc.snapshot import WORKLOAD_ENDPOINT, Snapshot, Update
+from felix_agent.calc.routes import block_routing_key
+from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
 from felix_agent.calc.wireguard import settings, with_wireguard
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
@@ -106,9 +107,9 @@ class _JSONFormatter(logging.Formatter):
 
 def detect_node_ip() -> str | None:
     """The first global IPv4 address of this namespace (what Calico's first-found does)."""
-    from kernel.rtnl import RTNL
+    from kernel.rtnl_bulk import BulkRTNL
 
-    with RTNL() as rtnl:
+    with BulkRTNL() as rtnl:
         for _, ip, prefixlen, scope in rtnl.address_list(socket.AF_INET):
             if not ipaddress.ip_address(ip).is_loopback and scope == 0:
                 return f"{ip}/{prefixlen}"
@@ -154,6 +155,7 @@ class Agent:
         self.wireguard_key = load_or_create(args.state_dir)  # made once; only its public half leaves the node
         self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
+        self._block_routing: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
@@ -220,8 +222,27 @@ class Agent:
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
         if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
-        if self.loop is not None:
+        if self.loop is not None and (self._moves_state(updates) or self.bgp is not None):
             self.loop.kick()
+
+    def _moves_state(self, updates: list[Update]) -> bool:
+        """Whether the batch can change the desired state: False only for block updates that leave
+        what routing reads of each block as it was (an ADD's or DEL's own assignment or release).
+        Skipping the loop's pass for them saves a recomputation and an apply per pod; the next kick
+        computes from the newer view anyway. (BGP's feed reads the view itself: always kicked then.)"""
+        moved = False
+        for update in updates:  # every block update is looked at, so that the table stays current
+            if update.kind != BLOCK:
+                moved = True
+                continue
+            key = block_routing_key(update.value) if update.value is not None else None
+            if self._block_routing.get(update.key) != key or key is None:
+                moved = True
+            if key is None:
+                self._block_routing.pop(update.key, None)
+            else:
+                self._block_routing[update.key] = key
+        return moved
 
     def _kick_when_in_sync(self) -> None:
         """The syncer hands over its listing a moment before it says "in sync": an apply that ran
@@ -257,9 +278,9 @@ class Agent:
         from felix_agent.dataplane.routes import RouteManager
         from felix_agent.dataplane.vxlan import VXLANManager
         from felix_agent.dataplane.wireguard import WireGuardManager
-        from kernel.rtnl import RTNL
+        from kernel.rtnl_bulk import BulkRTNL
 
-        netlink = RTNL.open()
+        netlink = BulkRTNL.open()
         self.wireguard = WireGuardManager(netlink, self.wireguard_key.private, underlay_ip=node_ip.split("/")[0]
                                           if node_ip else None)
         table = NftTable()

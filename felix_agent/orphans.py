@@ -45,7 +45,7 @@ from ipam.check import MissingInterface
 from ipam.errors import IPAMError
 
 if TYPE_CHECKING:
-    from kernel.rtnl import RTNL
+    from kernel.rtnl_bulk import BulkRTNL
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,19 @@ class OrphanTracker:
     def relist(self, names: Iterable[str]) -> None:
         self.links = set(names)
 
-    def link_event(self, name: str, present: bool) -> None:
+    def link_event(self, name: str, present: bool) -> bool:
+        """Record a notification; whether it can change a decision: a link that went away, or one
+        that appeared while an endpoint is watched as missing (the many notifications of a pod's
+        ADD, for links already known or never missed, change nothing)."""
         if present:
+            if name in self.links:
+                return False
             self.links.add(name)
-        else:
-            self.links.discard(name)
+            return bool(self.missing_since or self.published)
+        if name not in self.links:
+            return False
+        self.links.discard(name)
+        return True
 
     def restore(self, markers: Iterable[MissingInterface]) -> None:
         """Take over what a previous run of the agent published."""
@@ -182,13 +190,13 @@ class KernelHostLinks:
     by the sweep's thread only."""
 
     def __init__(self) -> None:
-        self._netlink: RTNL | None = None
+        self._netlink: BulkRTNL | None = None
 
-    def _driver(self) -> RTNL:
+    def _driver(self) -> BulkRTNL:
         if self._netlink is None:
-            from kernel.rtnl import RTNL
+            from kernel.rtnl_bulk import BulkRTNL
 
-            self._netlink = RTNL.open()
+            self._netlink = BulkRTNL.open()
         return self._netlink
 
     def names(self) -> set[str]:
@@ -225,6 +233,7 @@ class OrphanSweeper:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
+        self._recheck = False  # the last sweep skipped a missing interface because its call ran
         self.released = 0  # attachments released since start
 
     def start(self) -> None:
@@ -250,7 +259,7 @@ class OrphanSweeper:
             os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
-        from kernel.rtnl import EventsLost, LinkEvents
+        from kernel.rtnl_bulk import EventsLost, LinkEvents
 
         os.set_blocking(self._wake_w, False)
         with LinkEvents() as events:  # subscribed before the first read: nothing falls in between
@@ -258,6 +267,7 @@ class OrphanSweeper:
             relist = True
             next_resync = 0.0
             next_at: float | None = None
+            look = True  # whether anything since the last sweep can change its decision
             while not self._stop.is_set():
                 now = self.clock()
                 try:
@@ -265,7 +275,10 @@ class OrphanSweeper:
                         self.tracker.relist(self.links.names())
                         next_resync = now + self.resync_interval
                         relist = False
-                    next_at = self.sweep(now)
+                        look = True
+                    if look or (next_at is not None and now >= next_at):
+                        look = False
+                        next_at = self.sweep(now)
                 except (DatastoreError, IPAMError, OSError) as e:
                     log.warning("orphan sweep failed; trying again in %gs: %s", RETRY_DELAY, e)
                     next_at = now + RETRY_DELAY
@@ -275,12 +288,14 @@ class OrphanSweeper:
                 deadline = min(next_resync, next_at) if next_at is not None else next_resync
                 ready, _, _ = select.select([events.fileno(), self._wake_r], [], [], max(0.0, deadline - self.clock()))
                 if self._wake_r in ready:
+                    look = True
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                 if events.fileno() in ready:
+                    look |= self._recheck  # an interface missing while its call ran: look once it ended
                     try:
                         for event in events.receive():
-                            self.tracker.link_event(event.name, event.present)
+                            look |= self.tracker.link_event(event.name, event.present)
                     except EventsLost:
                         relist = True
         if isinstance(self.links, KernelHostLinks) and self._own_links:
@@ -307,7 +322,10 @@ class OrphanSweeper:
             return now + RETRY_DELAY  # not in sync yet
         attachments = local_attachments(endpoints, self.node)
         tracker = self.tracker
-        decision = tracker.decide(attachments, self.in_flight.busy(), now)
+        busy = self.in_flight.busy()
+        decision = tracker.decide(attachments, busy, now)
+        self._recheck = bool(busy) and any(a.interface in busy and a.interface not in tracker.links
+                                           for a in attachments.values())
         for key in decision.cleared:
             if key in tracker.published:
                 namespace, name = key.split("/", 1)

@@ -1,16 +1,16 @@
-"""rtnetlink: links, addresses, routes, FDB and neighbour entries, rules and link events.
+"""rtnetlink: links, addresses, routes, neighbour entries and rules (the common set).
 
 Owns the rtnetlink messages: one parser per object (a link, an address, a route, a neighbour, a
-rule), one builder per request, route writes one at a time or in bulk (many requests per
-``sendmsg``), strict dumps (the kernel filters by table and protocol), and the link notifications
-the orphan sweep listens to. Reads return plain values; writes do exactly what they are told and
-report a refusal as ``KernelError`` naming the request. Must not know any Tortie concept (pools,
-endpoints, Tortie's route protocols: callers say which protocol they write and read).
-Standard library only and cheap to import: the in-process CNI path loads it on every call. pyroute2
-is not used: it costs ~330 ms to import and parsed a link in ~1.5 ms.
+rule), one builder per request, and the requests the CNI wiring makes (``RTNL``). Reads return
+plain values; writes do exactly what they are told and report a refusal as ``KernelError`` naming
+the request. Must not know any Tortie concept (pools, endpoints, Tortie's route protocols: callers
+say which protocol they write and read). Standard library only and cheap to import: the in-process
+CNI path loads it on every call, so what only long-lived drivers use (bulk route writes, VXLAN and
+IPIP devices, FDB entries, the underlay's lookups, link notifications) lives in ``kernel.rtnl_bulk``,
+on top of these parsers. pyroute2 is not used: it costs ~330 ms to import and parsed a link in ~1.5 ms.
 
-An ``RTNL`` works in the network namespace its socket was opened in: ``RTNL.open(path)`` opens it
-inside that namespace, ``RTNL()`` in the calling thread's. Not thread-safe: one per thread.
+An ``RTNL`` works in the network namespace its socket was opened in: ``RTNL()`` in the calling
+thread's (``BulkRTNL.open(path)`` opens one inside another namespace). Not thread-safe: one per thread.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import struct
 
 from kernel.netlink import (
     NLA_F_NESTED,
-    NLM_F_APPEND,
     NLM_F_CREATE,
     NLM_F_EXCL,
     NLM_F_REPLACE,
@@ -30,10 +29,8 @@ from kernel.netlink import (
     Socket,
     attr,
     attrs,
-    messages,
     u32,
 )
-from kernel.netns import netns
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -138,15 +135,6 @@ class Neighbour(_Value):
         self.ip, self.mac, self.permanent = ip, mac, permanent
 
 
-class LinkEvent(_Value):
-    """A link appeared or changed (``present``), or was deleted."""
-
-    __slots__ = ("name", "index", "present")
-
-    def __init__(self, name: str, index: int, present: bool) -> None:
-        self.name, self.index, self.present = name, index, present
-
-
 class KernelRoute(_Value):
     """A route as written and read back. ``dst`` is a canonical CIDR; ``device`` a link name (None:
     let the kernel choose); ``scope`` "universe" or "link"; ``metric`` None means the family's
@@ -166,10 +154,6 @@ class KernelRoute(_Value):
         return 6 if ":" in self.dst else 4
 
 
-class EventsLost(Exception):
-    """The kernel dropped notifications (the receive buffer was full): re-read the links."""
-
-
 class RTNL:
     """One rtnetlink socket and the typed requests made over it."""
 
@@ -177,15 +161,6 @@ class RTNL:
         # strict: dump headers filter (table, protocol), so a route dump skips the local table's
         # routes and other protocols in the kernel: at 5,000 veths ~45,000 of ~50,000 routes.
         self._sock = Socket(NETLINK_ROUTE, strict=strict, cap_ack=strict, timeout=timeout)
-
-    @classmethod
-    def open(cls, netns_path: str | None = None) -> RTNL:
-        """A long-lived socket (strict dumps, bulk writes) for ``netns_path`` (a /run/netns path),
-        or for the calling thread's namespace."""
-        if netns_path is None:
-            return cls(strict=True, timeout=10.0)
-        with netns(netns_path):
-            return cls(strict=True, timeout=10.0)  # the socket stays in the namespace it was opened in
 
     def close(self) -> None:
         self._sock.close()
@@ -215,9 +190,6 @@ class RTNL:
     def link(self, name: str) -> Link | None:
         return self._get_link(_NO_LINK + _name(name), name)
 
-    def link_by_index(self, index: int) -> Link | None:
-        return self._get_link(_IFINFO.pack(0, 0, index, 0, 0), f"index {index}")
-
     def _get_link(self, request: bytes, key: str) -> Link | None:
         try:
             (payload,) = self._sock.get(RTM_GETLINK, request, f"looking up link {key}")
@@ -227,21 +199,6 @@ class RTNL:
             raise
         return _link(payload)
 
-    def address_link(self, address: str) -> Link | None:
-        """The link that holds ``address`` (the node's underlay interface), if any."""
-        wanted = ipaddress.ip_address(address)
-        for index, ip, _, _ in self.address_list():
-            if ipaddress.ip_address(ip) == wanted:
-                return self.link_by_index(index)
-        return None
-
-    def default_route_link(self) -> Link | None:
-        """The link of the IPv4 default route, if there is one."""
-        for r in self.routes(indexes={}, family=socket.AF_INET):
-            if r.dst == "0.0.0.0/0" and r.ifindex:
-                return self.link_by_index(r.ifindex)
-        return None
-
     def add_veth(self, name: str, mac: str, mtu: int, peer: str, peer_netns_fd: int) -> None:
         """Create a veth pair, ``name`` here and up, ``peer`` in the namespace ``peer_netns_fd`` (down)."""
         peer_msg = _NO_LINK + _name(peer) + attr(IFLA_MTU, u32(mtu)) + attr(IFLA_NET_NS_FD, u32(peer_netns_fd))
@@ -250,27 +207,6 @@ class RTNL:
                            _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(name) + attr(IFLA_ADDRESS, _mac(mac))
                            + attr(IFLA_MTU, u32(mtu)) + attr(IFLA_LINKINFO | NLA_F_NESTED, info),
                            f"creating the veth pair {name}/{peer}")
-
-    def add_vxlan(self, name: str, *, vni: int, port: int, local: str, mac: str, mtu: int) -> None:
-        ip = ipaddress.ip_address(local)
-        data = (attr(IFLA_VXLAN_ID, u32(vni)) + attr(IFLA_VXLAN_PORT, struct.pack(">H", port))
-                + attr(IFLA_VXLAN_LOCAL if ip.version == 4 else IFLA_VXLAN_LOCAL6, ip.packed)
-                + attr(IFLA_VXLAN_LEARNING, b"\0"))
-        info = attr(IFLA_INFO_KIND, b"vxlan") + attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
-        self._sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                           _NO_LINK + _name(name) + attr(IFLA_ADDRESS, _mac(mac)) + attr(IFLA_MTU, u32(mtu))
-                           + attr(IFLA_LINKINFO | NLA_F_NESTED, info), f"creating {name}")
-
-    def add_ipip(self, name: str) -> None:
-        """Create ``name`` as an IPIP device; asking for it loads the module, which makes the fallback
-        ``tunl0`` in every namespace, so EEXIST for ``tunl0`` means success. EOPNOTSUPP: no module."""
-        try:
-            self._sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                               _NO_LINK + _name(name) + attr(IFLA_LINKINFO | NLA_F_NESTED,
-                                                             attr(IFLA_INFO_KIND, b"ipip")), f"creating {name}")
-        except KernelError as e:
-            if e.code != errno.EEXIST:
-                raise
 
     def set_link(self, index: int, *, mtu: int | None = None, mac: str | None = None, up: bool | None = None) -> None:
         body = _IFINFO.pack(0, 0, index, IFF_UP if up else 0, IFF_UP if up is not None else 0)
@@ -393,35 +329,6 @@ class RTNL:
             oif = link.index
         self._sock.request(kind, flags, _route_body(route, oif), f"{verb} route {_describe(route)}")
 
-    def write_routes(self, ops: Sequence[tuple[str, KernelRoute]]) -> list[KernelError | None]:
-        """Many route writes (``("add" | "replace" | "delete", route)``) at once: the requests go
-        to the kernel many per ``sendmsg`` and their acknowledgements are read afterwards, instead of
-        one round trip each. One result per op, in order: None, or the KernelError that ``add_route``
-        etc. would have raised (deleting a route that is gone is a success, as in ``delete_route``)."""
-        names: dict[str, int] | None = None
-        requests: list[tuple[int, int, bytes] | None] = []
-        for action, route in ops:
-            oif = route.ifindex
-            if route.type == "unicast" and oif is None and route.device is not None:
-                if names is None:
-                    names = self.link_indexes()
-                oif = names.get(route.device)
-                if oif is None:
-                    requests.append(None)
-                    continue
-            _, kind, flags = _COMMANDS[action]
-            requests.append((kind, flags, _route_body(route, oif)))
-        codes = self._sock.batch(requests)
-        out: list[KernelError | None] = []
-        for (action, route), request, code in zip(ops, requests, codes, strict=True):
-            if request is None:
-                code = errno.ENODEV
-            if code == 0 or (action == "delete" and code in (errno.ESRCH, errno.ENOENT)):
-                out.append(None)
-            else:
-                out.append(KernelError(f"{_COMMANDS[action][0]} route {_describe(route)}", code))
-        return out
-
     # -- FDB and neighbours --------------------------------------------------------------------
 
     def _neighbours(self, family: int, index: int) -> list[tuple[str, str | None, int]]:
@@ -438,26 +345,6 @@ class RTNL:
                 found.append((str(ipaddress.ip_address(a[NDA_DST])), _mac_text(lladdr) if lladdr else None, state))
         return found
 
-    def fdb(self, index: int) -> set[tuple[str, str]]:
-        """The (MAC, remote address) entries of a VXLAN device."""
-        return {(mac, dst) for dst, mac, _ in self._neighbours(AF_BRIDGE, index) if mac}
-
-    def add_fdb(self, index: int, mac: str, dst: str) -> None:
-        """A permanent entry on the device itself (``bridge fdb append ... self permanent``)."""
-        try:
-            self._sock.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, _fdb_body(index, mac, dst),
-                               f"adding the FDB entry {mac} dst {dst}")
-        except KernelError as e:
-            if e.code != errno.EEXIST:
-                raise
-
-    def delete_fdb(self, index: int, mac: str, dst: str) -> None:
-        try:
-            self._sock.request(RTM_DELNEIGH, 0, _fdb_body(index, mac, dst), f"deleting the FDB entry {mac} dst {dst}")
-        except KernelError as e:
-            if e.code not in (errno.ENOENT, errno.ENODEV):
-                raise
-
     def neighbours(self, index: int) -> list[Neighbour]:
         return [Neighbour(ip, mac, bool(state & NUD_PERMANENT)) for ip, mac, state in self._neighbours(0, index)]
 
@@ -468,16 +355,6 @@ class RTNL:
         self._sock.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
                            _NDMSG.pack(family, index, NUD_PERMANENT, 0, 0) + attr(NDA_DST, address.packed)
                            + attr(NDA_LLADDR, _mac(mac)), f"setting the neighbour {ip} lladdr {mac}")
-
-    def delete_neighbour(self, index: int, ip: str) -> None:
-        address = ipaddress.ip_address(ip)
-        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-        try:
-            self._sock.request(RTM_DELNEIGH, 0, _NDMSG.pack(family, index, 0, 0, 0) + attr(NDA_DST, address.packed),
-                               f"deleting the neighbour {ip}")
-        except KernelError as e:
-            if e.code not in (errno.ENOENT, errno.ENODEV):
-                raise
 
     # -- policy routing rules ------------------------------------------------------------------
 
@@ -502,56 +379,6 @@ class RTNL:
     def delete_rule(self, src: str, src_len: int, table: int, priority: int) -> None:
         self._sock.request(RTM_DELRULE, 0, _rule_body(src, src_len, table, priority),
                            f"deleting the rule from {src}/{src_len} lookup {table}")
-
-
-class LinkEvents:
-    """The link notifications (``RTMGRP_LINK``) of the namespace it was opened in, through a
-    non-blocking socket that a caller waits on with ``select`` (``fileno``) and drains with
-    ``receive``."""
-
-    RCVBUF = 4 << 20  # a namespace's worth of veths going at once (one message is ~1.5 kB)
-
-    def __init__(self) -> None:
-        self._sock = Socket(NETLINK_ROUTE, groups=RTMGRP_LINK, rcvbuf=self.RCVBUF)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> LinkEvents:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def receive(self) -> list[LinkEvent]:
-        """Every notification queued now, oldest first ([] when none); EventsLost on an overflow
-        (the notifications before it are lost with it: the caller re-reads the links)."""
-        events: list[LinkEvent] = []
-        while True:
-            try:
-                data = self._sock.recv()
-            except BlockingIOError:
-                return events
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    raise EventsLost("link notifications were dropped by the kernel") from None
-                raise
-            events += parse_link_events(data)
-
-
-def parse_link_events(data: bytes) -> list[LinkEvent]:
-    """The RTM_NEWLINK/RTM_DELLINK messages in one datagram of ``LinkEvents``."""
-    events = []
-    for kind, _, _, payload in messages(data):
-        if kind in (RTM_NEWLINK, RTM_DELLINK):
-            name = attrs(payload, _IFINFO.size, until=IFLA_IFNAME).get(IFLA_IFNAME)
-            if name is not None:
-                events.append(LinkEvent(name.rstrip(b"\0").decode(), _IFINFO.unpack_from(payload)[2],
-                                        kind == RTM_NEWLINK))
-    return events
 
 
 def write_each(driver: Any, ops: Sequence[tuple[str, KernelRoute]]) -> list[KernelError | None]:
@@ -663,11 +490,6 @@ def _route_body(route: KernelRoute, oif: int | None) -> bytes:
     if route.type == "unicast" and oif is not None:
         body += attr(RTA_OIF, u32(oif))
     return body
-
-
-def _fdb_body(index: int, mac: str, dst: str) -> bytes:
-    return (_NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF, 0) + attr(NDA_LLADDR, _mac(mac))
-            + attr(NDA_DST, ipaddress.ip_address(dst).packed))
 
 
 def _rule_body(src: str, src_len: int, table: int, priority: int) -> bytes:

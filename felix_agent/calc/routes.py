@@ -27,6 +27,7 @@ from datastore.model import Resource
 from datastore.resources import IPPoolSpec
 from felix_agent.calc.model import Route, VXLANPeer
 from felix_agent.calc.snapshot import Snapshot
+from ipam.block import Block
 
 VXLAN_DEVICE = "vxlan.tortie"
 IPIP_DEVICE = "tunl0"
@@ -134,6 +135,15 @@ def routing(snapshot: Snapshot, node: str, local_addresses: Iterable[tuple[str, 
     if bgp_owns_remote:
         routes = {r for r in routes if r.kind not in BGP_OWNED_KINDS}
     return Routing(frozenset(routes), peers, local_vtep, any(spec.ipip_mode != "Never" for spec in active))
+
+
+def block_routing_key(block: Block) -> tuple[object, ...]:
+    """What :func:`routing` reads of a block: its CIDR, its owner and its borrowed addresses with
+    their holders. Two versions of a block with the same key give the same routes (an assignment or
+    release of the owner's own addresses, the usual ADD and DEL, leaves it as it was)."""
+    borrowed = frozenset((ordinal, holder) for ordinal, allocation in block.allocations.items()
+                         if (holder := allocation.attrs.get("node")) and holder != block.node)
+    return block.cidr, block.node, borrowed
 
 
 def _add(routes: set[Route], route: Route | None) -> None:

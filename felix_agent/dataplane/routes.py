@@ -214,7 +214,7 @@ class RouteManager:
         return writes
 
     def _write(self, ops: Sequence[RouteOp], links: Mapping[str, int]) -> list[KernelError | None]:
-        """The writes in bulk when the driver can (``RTNL.write_routes``: many requests per
+        """The writes in bulk when the driver can (``BulkRTNL.write_routes``: many requests per
         system call, raw netlink), each route with its device's index as just listed; else one by one."""
         bulk = getattr(self._driver, "write_routes", None)
         if bulk is not None:

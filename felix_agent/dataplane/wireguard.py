@@ -35,7 +35,8 @@ from felix_agent.dataplane.mtu import underlay_mtu
 from felix_agent.wireguard_key import public_key
 from kernel.netlink import KernelError
 from kernel.netns import netns
-from kernel.rtnl import RTNL, KernelRoute
+from kernel.rtnl import KernelRoute
+from kernel.rtnl_bulk import BulkRTNL
 from kernel.wireguard import Device, MarkRule, MarkRules, Peer, create_link
 from kernel.wireguard import WireGuard as WireGuardFamily
 
@@ -48,7 +49,7 @@ Status = Literal["disabled", "ok", "unsupported"]
 class WireGuardManager:
     """``private_key``: 32 raw bytes; ``netns_path``: the namespace to work in (None: the thread's)."""
 
-    def __init__(self, rtnl: RTNL, private_key: bytes, *, underlay_ip: str | None = None,
+    def __init__(self, rtnl: BulkRTNL, private_key: bytes, *, underlay_ip: str | None = None,
                  netns_path: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self._rtnl = rtnl
         self._private = private_key

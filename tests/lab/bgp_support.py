@@ -55,9 +55,9 @@ def config_to_json(config: SpeakerConfig) -> dict[str, Any]:
 
 class Driver:
     def __init__(self, state_dir: Path, control: Path, adopt: float | None) -> None:
-        from kernel.rtnl import RTNL
+        from kernel.rtnl_bulk import BulkRTNL
 
-        self.learned = LearnedRoutes(RTNL.open(), resync_interval=5.0)
+        self.learned = LearnedRoutes(BulkRTNL.open(), resync_interval=5.0)
         if adopt is not None:
             self.adopted = self.learned.adopt(adopt)
         self.attrs: dict[str, dict[str, Any]] = {}  # "peer prefix" -> attributes last received

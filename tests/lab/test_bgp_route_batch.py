@@ -1,4 +1,4 @@
-"""``RTNL.write_routes``, the bulk writer learned BGP routes go through, in a real namespace: it
+"""``BulkRTNL.write_routes``, the bulk writer learned BGP routes go through, in a real namespace: it
 does what ``add_route``/``replace_route``/``delete_route`` one at a time do, errors included, for
 thousands of routes in one call.
 """
@@ -13,13 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from kernel.rtnl import RTNL, KernelRoute
+from kernel.rtnl import KernelRoute
+from kernel.rtnl_bulk import BulkRTNL
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture
-def netlink() -> Iterator[RTNL]:
+def netlink() -> Iterator[BulkRTNL]:
     if os.geteuid() != 0:
         pytest.skip("needs root: builds a network namespace")
     name = f"nlb{secrets.token_hex(3)}"
@@ -29,17 +30,17 @@ def netlink() -> Iterator[RTNL]:
             "link add d0 type veth peer name d1", "link set d0 up", "link set d1 up",
             "addr add 10.1.0.1/24 dev d0", "addr add fd01::1/64 dev d0 nodad"))
         subprocess.run(["ip", "-n", name, "-batch", "-"], input=batch, check=True, text=True)
-        with RTNL.open(f"/run/netns/{name}") as driver:
+        with BulkRTNL.open(f"/run/netns/{name}") as driver:
             yield driver
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def ours(driver: RTNL) -> dict[str, KernelRoute]:
+def ours(driver: BulkRTNL) -> dict[str, KernelRoute]:
     return {r.dst: r for r in driver.routes() if r.proto == 81}
 
 
-def test_thousands_of_routes_added_replaced_and_deleted_in_one_call(netlink: RTNL) -> None:
+def test_thousands_of_routes_added_replaced_and_deleted_in_one_call(netlink: BulkRTNL) -> None:
     routes = [KernelRoute(dst=f"10.100.{i // 250}.{i % 250 + 1}/32", gateway="10.1.0.2", proto=81)
               for i in range(5000)]
     assert netlink.write_routes([("add", r) for r in routes]) == [None] * len(routes)
@@ -55,7 +56,7 @@ def test_thousands_of_routes_added_replaced_and_deleted_in_one_call(netlink: RTN
     assert ours(netlink) == {}
 
 
-def test_each_write_gets_its_own_result(netlink: RTNL) -> None:
+def test_each_write_gets_its_own_result(netlink: BulkRTNL) -> None:
     existing = KernelRoute(dst="10.200.0.0/24", gateway="10.1.0.2", proto=81)
     netlink.add_route(existing)
     onlink = KernelRoute(dst="10.201.0.0/26", gateway="192.0.2.7", device="d0", onlink=True, proto=81)

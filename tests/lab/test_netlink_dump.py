@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kernel.rtnl import RTNL
+from kernel.rtnl_bulk import BulkRTNL
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -49,7 +49,7 @@ def ip_json(ns: str, *args: str) -> list[dict[str, object]]:
 
 
 def test_listings_read_what_iproute2_reads(ns: str) -> None:
-    with RTNL.open(ns) as rtnl:
+    with BulkRTNL.open(ns) as rtnl:
         links = {link.name: link for link in rtnl.links()}
         for shown in ip_json(ns, "-d", "link", "show"):
             link = links[str(shown["ifname"])]
@@ -80,7 +80,7 @@ def test_listings_read_what_iproute2_reads(ns: str) -> None:
 
 
 def test_writes_are_what_iproute2_reads_back(ns: str) -> None:
-    with RTNL.open(ns) as rtnl:
+    with BulkRTNL.open(ns) as rtnl:
         rtnl.add_vxlan("vx2", vni=7, port=4790, local="10.1.1.1", mac="66:74:6f:72:00:07", mtu=1400)
         (shown,) = ip_json(ns, "-d", "link", "show", "vx2")
         data = shown["linkinfo"]["info_data"]  # type: ignore[index]

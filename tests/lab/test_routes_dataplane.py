@@ -27,7 +27,7 @@ from felix_agent.dataplane.mtu import MTUManager
 from felix_agent.dataplane.routes import RouteManager
 from felix_agent.dataplane.vxlan import VXLANManager, vtep_link_local
 from kernel.netns import netns
-from kernel.rtnl import RTNL
+from kernel.rtnl_bulk import BulkRTNL
 from netlab.lab import Lab
 from tests.vm.probes import Capture, link_stats
 
@@ -55,7 +55,7 @@ class Node:
     k: int
     netns: str
     underlay: str
-    driver: RTNL
+    driver: BulkRTNL
     mtu_file: Path
     pods: list[Pod] = field(default_factory=list)
 
@@ -169,7 +169,7 @@ def fabric(tmp_path: Path) -> Iterator[Fabric]:
     try:
         lab.create()
         for k, ln in enumerate(lab.nodes, 1):
-            nodes.append(Node(k, ln.netns, ln.address, RTNL.open(f"/run/netns/{ln.netns}"), tmp_path / f"mtu-{k}"))
+            nodes.append(Node(k, ln.netns, ln.address, BulkRTNL.open(f"/run/netns/{ln.netns}"), tmp_path / f"mtu-{k}"))
         fab = Fabric(lab, nodes)
         for node in nodes:
             node.pods = [fab.add_pod(node, 2), fab.add_pod(node, 3)]

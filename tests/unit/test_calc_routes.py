@@ -11,7 +11,7 @@ from datastore import codec
 from datastore.model import Resource
 from felix_agent.calc.graph import compute
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
-from felix_agent.calc.routes import link_local
+from felix_agent.calc.routes import block_routing_key, link_local
 from felix_agent.calc.snapshot import Snapshot
 from ipam.block import Block
 
@@ -173,3 +173,20 @@ def test_with_bgp_the_peers_own_the_remote_routes_outside_vxlan() -> None:
     assert ds.ipip_enabled  # tunl0 is still needed: BGP's routes go through it
     without = compute(Snapshot.of(resources, blocks), ME)
     assert {r.kind for r in without.routes} == {"blackhole", "local", "vxlan", "ipip", "direct"}
+
+
+def test_a_block_whose_routing_key_stays_gives_the_same_routes() -> None:
+    """The agent skips the dataplane's pass for block updates that keep ``block_routing_key``: an
+    owner's own assignments and releases must leave the routes as they were, a borrowed address not."""
+    resources = [*NODES, pool("vx", "10.244.0.0/16", vxlanMode="Always"), wep("pod-1", "10.244.1.5/32")]
+    for owner in ("node-a", "node-b"):
+        before = block("10.244.1.0/26", owner, {"10.244.1.9": "node-c"})
+        own, _ = before.assign(3, "h.own", {"node": owner, "pod": "x"})
+        unattributed, _ = own.assign(1, "h.none", {})
+        released, _ = unattributed.release_handle("h.own")
+        for after in (own, unattributed, released):
+            assert block_routing_key(after) == block_routing_key(before)
+            assert state(resources, [after]).routes == state(resources, [before]).routes
+        lent = before.assign_address(ipaddress.ip_address("10.244.1.20"), "h.lent", {"node": "node-c"})
+        assert block_routing_key(lent) != block_routing_key(before)
+        assert state(resources, [lent]).routes != state(resources, [before]).routes

@@ -4,6 +4,7 @@ an agent publishes."""
 
 from __future__ import annotations
 
+import random
 import struct
 import threading
 
@@ -15,7 +16,8 @@ from felix_agent.cni_service import InFlight
 from felix_agent.main import parse_args
 from felix_agent.orphans import LocalAttachment, OrphanTracker, decide
 from ipam.check import ENDPOINT_WITHOUT_INTERFACE, EndpointRecord, MissingInterface, Snapshot, analyse
-from kernel.rtnl import RTM_DELLINK, RTM_NEWLINK, parse_link_events
+from kernel.rtnl import RTM_DELLINK, RTM_NEWLINK
+from kernel.rtnl_bulk import parse_link_events
 
 GRACE = 10.0
 
@@ -189,3 +191,25 @@ def test_orphan_grace_option(monkeypatch: pytest.MonkeyPatch, tmp_path: object) 
     assert parse_args(["--nodename", "n", "--config", str(config)]).orphan_grace == 7.0
     with pytest.raises(SystemExit):
         parse_args(["--nodename", "n", "--orphan-grace", "-1"])
+
+
+def test_a_notification_said_to_change_nothing_leaves_the_decision_as_it_was() -> None:
+    """The sweep skips a look after notifications ``link_event`` calls idle (a pod's ADD makes many):
+    for each of those, the decision must be what it was before."""
+    rng = random.Random(7)
+    atts = [attachment(i) for i in range(6)]
+    names = [a.interface for a in atts] + ["eth0", "tortieothers"]
+    for _ in range(200):
+        tracker = OrphanTracker(GRACE, publish_delay=1.0)
+        tracker.relist(rng.sample(names, rng.randrange(len(names) + 1)))
+        live = by_key(*rng.sample(atts, rng.randrange(len(atts) + 1)))
+        now = 5.0
+        for _ in range(10):
+            before = tracker.decide(live, set(), now)
+            for a in before.started:  # what the sweep records after a look
+                tracker.missing_since[a.key] = now
+            for key in before.cleared:
+                tracker.forget(key)
+            before = tracker.decide(live, set(), now)
+            if not tracker.link_event(rng.choice(names), rng.random() < 0.6):
+                assert tracker.decide(live, set(), now) == before

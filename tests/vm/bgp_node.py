@@ -31,7 +31,7 @@ from felix_agent.calc.snapshot import Snapshot
 from felix_agent.dataplane.ipip import IPIPManager
 from felix_agent.dataplane.routes import RouteManager
 from ipam.block import Block
-from kernel.rtnl import RTNL
+from kernel.rtnl_bulk import BulkRTNL
 
 
 def load_view(path: Path) -> Snapshot:
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     state = compute(snapshot, args.node)
     # One owner per route (felix_agent.main): with BGP on, remote blocks come from the peers.
     state = dataclasses.replace(state, routes=frozenset(r for r in state.routes if r.kind not in ("direct", "ipip")))
-    netlink = RTNL.open()
+    netlink = BulkRTNL.open()
     ipip, routes = IPIPManager(netlink, underlay_ip=args.underlay), RouteManager(netlink)
     for manager in (ipip, routes):
         manager.on_update(state)

@@ -32,7 +32,8 @@ import pytest
 
 from cni_plugins import wiring
 from kernel.netns import netns
-from kernel.rtnl import RTNL, KernelRoute
+from kernel.rtnl import KernelRoute
+from kernel.rtnl_bulk import BulkRTNL
 from tests.vm.probes import Capture, echo, link_stats
 from tests.vm.underlay import ns_path, underlay
 
@@ -64,7 +65,7 @@ class Node:
     underlay: str
     pod_netns: str
     work: Path
-    driver: RTNL
+    driver: BulkRTNL
     proc: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
 
@@ -137,7 +138,7 @@ def nodes(tmp_path: Path) -> Iterator[list[Node]]:
                     wiring.setup(ns_path(host.pod_netns), "eth0", f"tor{u.prefix[3:]}{host.k}", 1480,
                                  [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
                 built.append(Node(host.k, host.netns, host.underlay, host.pod_netns, tmp_path / f"n{host.k}",
-                                  RTNL.open(ns_path(host.netns))))
+                                  BulkRTNL.open(ns_path(host.netns))))
 
             view = tmp_path / "view.json"
             view.write_text(json.dumps({

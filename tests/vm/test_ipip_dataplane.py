@@ -28,7 +28,7 @@ from felix_agent.dataplane.ipip import TUNNEL_ADDRESS_KEY, IPIPManager
 from felix_agent.dataplane.mtu import MTUManager
 from felix_agent.dataplane.routes import RouteManager
 from kernel.netns import netns
-from kernel.rtnl import RTNL
+from kernel.rtnl_bulk import BulkRTNL
 from tests.vm.probes import Capture, echo, link_stats
 from tests.vm.underlay import ns_path, underlay
 
@@ -57,7 +57,7 @@ class Node:
     subnet: str
     pod_netns: str
     pod_if: str
-    driver: RTNL
+    driver: BulkRTNL
     mtu_file: Path
 
     def __post_init__(self) -> None:
@@ -124,7 +124,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                     wiring.setup(ns_path(host.pod_netns), "eth0", pod_if, 1480,
                                  [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
                 nodes.append(Node(host.k, host.netns, host.underlay, host.segment, host.pod_netns, pod_if,
-                                  RTNL.open(ns_path(host.netns)), tmp_path / f"mtu-{host.k}"))
+                                  BulkRTNL.open(ns_path(host.netns)), tmp_path / f"mtu-{host.k}"))
             yield Cluster(u.prefix, nodes)
         finally:
             for node in nodes:
