@@ -28,7 +28,7 @@ from felix_agent.dataplane.routes import RouteManager
 from felix_agent.dataplane.wireguard import WireGuardManager
 from felix_agent.wireguard_key import KeyPair, load_or_create
 from kernel.netns import netns
-from kernel.rtnl import RTNL
+from kernel.rtnl_bulk import BulkRTNL
 from kernel.wireguard import WireGuard as WireGuardFamily
 from tests.vm.probes import Capture, echo
 from tests.vm.underlay import ns_path, underlay
@@ -53,7 +53,7 @@ class Node:
     underlay: str
     pod_netns: str
     pod_if: str
-    driver: RTNL
+    driver: BulkRTNL
     state_dir: Path
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                     wiring.setup(ns_path(host.pod_netns), "eth0", pod_if, 1420,
                                  [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
                 nodes.append(Node(host.k, host.netns, host.underlay, host.pod_netns, pod_if,
-                                  RTNL.open(ns_path(host.netns)), tmp_path / f"state-{host.k}"))
+                                  BulkRTNL.open(ns_path(host.netns)), tmp_path / f"state-{host.k}"))
             yield Cluster(nodes)
         finally:
             for node in nodes:
