@@ -52,7 +52,16 @@ class Bird:
         self.pid = self.lab.start_process(self.netns, ["bird", "-f", "-c", str(self.conf), "-s", str(self.sock),
                                                        "-P", str(self.dir / "bird.pid")],
                                           self.dir / "bird.out", {})
-        wait_for(lambda: self.sock.exists(), 10, "BIRD's control socket")
+        # The socket file appears a moment before BIRD answers on it (on a loaded machine, long
+        # enough for a first `birdc` to be refused): ready means answering.
+        wait_for(self.answers, 15, "BIRD to answer on its control socket")
+
+    def answers(self) -> bool:
+        if not self.sock.exists():
+            return False
+        done = subprocess.run(["birdc", "-s", str(self.sock), "show", "status"], capture_output=True, text=True,
+                              check=False, timeout=30)
+        return done.returncode == 0
 
     def birdc(self, *command: str) -> str:
         return subprocess.run(["birdc", "-s", str(self.sock), *command], capture_output=True, text=True,
