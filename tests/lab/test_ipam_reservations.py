@@ -16,10 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from datastore import codec, keys
+from datastore.config import EtcdConfig
+from datastore.errors import Conflict
 from datastore.etcd import EtcdClient
+from datastore.gateway import GatewayClient
+from datastore.kv import Create, NothingNewer
 from datastore.resources import IPReservation
 from datastore.store import ResourceStore
 from ipam import check
+from netlab.etcd import EtcdServer
 from tests.lab.ipam_support import add_pool, allocated, ipam, net_config
 
 pytestmark = pytest.mark.lab
@@ -164,3 +169,20 @@ def test_netctl_shows_reservations_and_check_reports_an_address_inside_one(etcd_
     deleted = netctl("delete", "ipreservation", "after")
     assert deleted.returncode == 0, deleted.stderr
     assert json.loads(netctl("ipam", "show", "-o", "json").stdout)["pools"][0]["reserved"] == 0
+
+
+def test_nothing_newer_fails_a_commit_once_a_key_under_the_prefix_is_written(etcd_client: EtcdClient,
+                                                                            etcd_server: EtcdServer) -> None:
+    """The condition an assignment's commit carries, on both clients: a reservation created or
+    changed after the snapshot makes the transaction fail (and say which prefix moved)."""
+    prefix = "/tortie/resources/v1/ipreservations/"
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as gw:
+        for i, client in enumerate((etcd_client, gw)):
+            _, revision = client.list(prefix)
+            client.commit([Create(f"/tortie/x{i}a", b"1"), NothingNewer(prefix, revision)])  # nothing there: passes
+            etcd_client.create(f"{prefix}r{i}", b"{}")
+            with pytest.raises(Conflict) as lost:
+                client.commit([Create(f"/tortie/x{i}b", b"1"), NothingNewer(prefix, revision)])
+            assert lost.value.key == prefix and etcd_client.get(f"/tortie/x{i}b") is None
+            _, revision = client.list(prefix)
+            client.commit([Create(f"/tortie/x{i}b", b"1"), NothingNewer(prefix, revision)])
