@@ -21,6 +21,7 @@ code  name                    meaning / what the user can do
 102   ADDRESS_IN_USE          a requested address is already assigned to another workload
 103   ADDRESS_NOT_IN_POOL     a requested address lies in no configured pool
 104   RESERVATION_MISSING     CHECK: the attachment's addresses are no longer reserved
+105   ADDRESS_RESERVED        a requested address is covered by an IPReservation
 199   INTERNAL                a bug in Tortie; the plugin log at debug level has the traceback
 ====  ======================  ===============================================================
 """
@@ -48,6 +49,7 @@ NO_SUITABLE_POOL = 101
 ADDRESS_IN_USE = 102
 ADDRESS_NOT_IN_POOL = 103
 RESERVATION_MISSING = 104
+ADDRESS_RESERVED = 105
 INTERNAL = 199
 
 

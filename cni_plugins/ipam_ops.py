@@ -161,6 +161,8 @@ def cni_errors() -> Iterator[None]:
         raise CNIError(codes.NO_SUITABLE_POOL, "no suitable IP pool", str(e)) from None
     except ipam_errors.AddressInUse as e:
         raise CNIError(codes.ADDRESS_IN_USE, "requested address in use", str(e)) from None
+    except ipam_errors.AddressReserved as e:
+        raise CNIError(codes.ADDRESS_RESERVED, "requested address is reserved", str(e)) from None
     except ipam_errors.AddressNotInPool as e:
         raise CNIError(codes.ADDRESS_NOT_IN_POOL, "requested address not in any pool", str(e)) from None
     except (ConfigError, ValidationError) as e:

@@ -45,9 +45,10 @@ from datastore.errors import (
     DatastoreUnavailable,
     is_transient,
 )
-from datastore.kv import Create, Delete, KeyValue, Op, Reading, Unchanged, Update, Writes, prefix_end
+from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Reading, Unchanged, Update, Writes, prefix_end
 
-__all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "Op", "Reading", "Unchanged", "Update", "prefix_end"]
+__all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "NothingNewer", "Op", "Reading", "Unchanged", "Update",
+           "prefix_end"]
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +294,15 @@ class EtcdClient(Writes):
                 if op.mod_revision:
                     compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
                 writes.append(rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)))
+            elif isinstance(op, NothingNewer):
+                compares.append(C(key=key, range_end=prefix_end(op.key), target=C.MOD, result=C.LESS,
+                                  mod_revision=op.revision + 1))
             else:
                 compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
         # On failure, read back the compared keys so we can say which one moved.
-        failure = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key)) for c in compares]
+        failure = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key, range_end=c.range_end,
+                                                                        keys_only=bool(c.range_end)))
+                   for c in compares]
         req = rpc_pb2.TxnRequest(compare=compares, success=writes, failure=failure)
         resp = self._retrying("transaction", lambda ch, t: self._kv(ch).Txn(req, timeout=t))
         if resp.succeeded:

@@ -36,7 +36,7 @@ from datastore.errors import (
     DatastoreUnavailable,
     is_transient,
 )
-from datastore.kv import Create, Delete, KeyValue, Op, Reading, Update, Writes, prefix_end
+from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Reading, Update, Writes, prefix_end
 
 _MAX_RESPONSE = 64 * 1024 * 1024
 
@@ -320,9 +320,13 @@ class GatewayClient(Writes):
                     compares.append({"key": key, "target": "MOD", "result": "EQUAL",
                                      "mod_revision": str(op.mod_revision)})
                 writes.append({"request_delete_range": {"key": key}})
+            elif isinstance(op, NothingNewer):
+                compares.append({"key": key, "range_end": _b64(prefix_end(op.key)), "target": "MOD",
+                                 "result": "LESS", "mod_revision": str(op.revision + 1)})
             else:
                 compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
-        failure = [{"request_range": {"key": c["key"]}} for c in compares]
+        failure = [{"request_range": {k: v for k, v in c.items() if k in ("key", "range_end")}
+                    | ({"keys_only": True} if "range_end" in c else {})} for c in compares]
         resp = self._call("transaction", "/v3/kv/txn", {"compare": compares, "success": writes, "failure": failure})
         if resp.get("succeeded"):
             return int(resp.get("header", {}).get("revision", 0))

@@ -94,7 +94,16 @@ class Unchanged:
     mod_revision: int
 
 
-Op = Create | Update | Delete | Unchanged
+@dataclass(frozen=True)
+class NothingNewer:
+    """Write nothing, but fail the transaction if any key under the prefix ``key`` was written after
+    ``revision`` (a key created since included; a key deleted since is not seen)."""
+
+    key: str  # a prefix
+    revision: int
+
+
+Op = Create | Update | Delete | Unchanged | NothingNewer
 
 
 def op_bytes(op: Op) -> int:
@@ -166,6 +175,10 @@ class Writes:
     def conflict(ops: Sequence[Op], current: dict[str, int]) -> Conflict:
         """The conflict of a failed transaction, given each compared key's revision now (absent: 0)."""
         for op in ops:
+            if isinstance(op, NothingNewer):
+                if any(k.startswith(op.key) and rev > op.revision for k, rev in current.items()):
+                    return Conflict(op.key)
+                continue
             expected = 0 if isinstance(op, Create) else op.mod_revision
             if isinstance(op, Delete) and not op.mod_revision:
                 continue

@@ -187,6 +187,24 @@ class IPAMConfigurationSpec:
             raise ValidationError(f"{where}.maxBlocksPerHost must be 0 (no limit) or more")
 
 
+@dataclass
+class IPReservationSpec:
+    """Addresses IPAM must not hand out (Calico's ``IPReservation``): CIDRs or single addresses, v4 or
+    v6, kept as written. Host bits set in a CIDR are refused, as an IPPool's are."""
+
+    reserved_cidrs: list[str] = json_field("reservedCIDRs", default_factory=list)
+
+    def validate(self, where: str) -> None:
+        for i, value in enumerate(self.reserved_cidrs):
+            if not isinstance(value, str):
+                raise ValidationError(f"{where}.reservedCIDRs[{i}] {value!r} is not a CIDR or an address")
+            parse_cidr(value.strip(), f"{where}.reservedCIDRs[{i}]")
+            self.reserved_cidrs[i] = value.strip()
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c) for c in self.reserved_cidrs]
+
+
 class IPPool(Kind):
     KIND = "IPPool"
     PLURAL = "ippools"
@@ -225,6 +243,14 @@ class IPAMConfiguration(Kind):
     TABLE = (("MAXBLOCKSPERHOST", "maxBlocksPerHost"),)
 
 
+class IPReservation(Kind):
+    KIND = "IPReservation"
+    PLURAL = "ipreservations"
+    SHORT_NAMES = ("ipreservation",)
+    SPEC = IPReservationSpec
+    TABLE = (("RESERVEDCIDRS", "reservedCIDRs"),)
+
+
 KINDS: dict[str, type[Kind]] = {}
 
 
@@ -234,7 +260,7 @@ def register(*kinds: type[Kind]) -> None:
             KINDS[alias.lower()] = kind
 
 
-register(IPPool, Node, WorkloadEndpoint, IPAMConfiguration)
+register(IPPool, Node, WorkloadEndpoint, IPAMConfiguration, IPReservation)
 
 
 def all_kinds() -> dict[str, type[Kind]]:

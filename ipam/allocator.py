@@ -11,6 +11,11 @@ transaction conditioned on the revisions it read. Losing that race means someone
 block first: re-read and re-plan. Because the handle is written in the same transaction, a retry
 after an ambiguous failure finds its own earlier success instead of allocating twice.
 
+Reserved addresses (``IPReservation``) are read in the same snapshot as the blocks, passed over
+by automatic assignment and borrowing, and refused to a specific-address request; the commit is
+conditioned on no reservation having been written since the snapshot, so one applied concurrently
+is never slipped past (the assignment re-reads and plans again).
+
 Order of preference (Calico's): this node's affine blocks; then claim a free block for the node
 (one transaction creates the block and its affinity together, so no half-claimed state can be left
 by a crash); then, unless the pool has ``strictAffinity``, borrow from another node's block.
@@ -30,14 +35,15 @@ from dataclasses import dataclass, field
 from datastore import keys
 from datastore.codec import from_stored
 from datastore.errors import Conflict
-from datastore.kv import KV, Create, KeyValue, Op, Update
-from datastore.resources import IPAMConfiguration, IPPool, Node
+from datastore.kv import KV, Create, KeyValue, NothingNewer, Op, Update
+from datastore.resources import IPAMConfiguration, IPPool, IPReservation, Node
 from datastore.store import ResourceStore
 from ipam.block import Address, Block, Network
-from ipam.errors import AddressInUse, AddressNotInPool, PoolExhausted, TooManyConflicts
+from ipam.errors import AddressInUse, AddressNotInPool, AddressReserved, PoolExhausted, TooManyConflicts
 from ipam.handles import Handle, belongs_to
 from ipam.pools import Pool, pool_for_address, select_pools
 from ipam.release import BLOCK_HINTS, Releaser
+from ipam.reservations import Reservations
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,7 @@ def node_lock(node: str) -> threading.RLock:
             lock = _NODE_LOCKS[node] = threading.RLock()
         return lock
 _POOLS = keys.resource_prefix(IPPool.PLURAL)
+_RESERVATIONS = keys.resource_prefix(IPReservation.PLURAL)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,8 @@ class _Snapshot:
     node_labels: dict[str, str]
     max_blocks: int
     blocks: dict[Network, tuple[Block, int]]  # block → (content, mod revision); affine or fetched
+    reservations: Reservations = Reservations()
+    revision: int = 0  # the revision the reservations were read at (the commit's condition)
 
 
 class _Retry(Exception):
@@ -159,7 +168,7 @@ class IPAM(Releaser):
         hinted = sorted(BLOCK_HINTS.get(node, ()))
         legacy_keys = [keys.handle_key(legacy)] if legacy else []
         reading = self.client.read([keys.handle_key(handle), *legacy_keys, cfg_key, node_key, *hinted],
-                                   [(_POOLS, False), (keys.affinity_prefix(node), True)])
+                                   [(_POOLS, False), (keys.affinity_prefix(node), True), (_RESERVATIONS, False)])
         singles = reading.values
         labels: dict[str, str] = {}
         node_kv = singles.get(node_key)
@@ -183,7 +192,8 @@ class IPAM(Releaser):
                 blocks[block.cidr] = (block, kv.mod_revision)
         pools = [_pool(kv) for kv in reading.lists[_POOLS]]
         return _Snapshot(singles.get(keys.handle_key(handle)), singles.get(keys.handle_key(legacy)) if legacy else None,
-                         pools, labels, max_blocks, blocks)
+                         pools, labels, max_blocks, blocks, Reservations.from_kvs(reading.lists[_RESERVATIONS]),
+                         reading.revision)
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
@@ -254,7 +264,9 @@ class IPAM(Releaser):
                 block, rev = changed.get(cidr) or snap.blocks[cidr]
                 if len(results) == count or not block.free:
                     continue
-                block, got = block.assign(count - len(results), req.handle, attrs)
+                block, got = block.assign(count - len(results), req.handle, attrs, snap.reservations.ordinals(cidr))
+                if not got:
+                    continue
                 changed[cidr] = (block, rev)
                 results += [Assigned(a, cidr, pool.name, pool_prefix=pool.cidr.prefixlen) for a in got]
         if len(results) == count:
@@ -264,14 +276,14 @@ class IPAM(Releaser):
         if not snap.max_blocks or own < snap.max_blocks:
             existing = self._existing_blocks(version)
             for pool in pools:
-                free = self._free_block(pool, req.node, existing)
+                free = self._free_block(pool, req.node, existing, snap.reservations)
                 if free is not None:
                     claims.append((free, req.node))
                     return []
         # 3. borrow from other nodes' blocks, where the pool allows it
         borrowable = [p for p in pools if not p.strict_affinity]
         if borrowable:
-            results += self._plan_borrow(version, count - len(results), borrowable, req, changed, attrs)
+            results += self._plan_borrow(version, count - len(results), borrowable, req, snap, changed, attrs)
         if len(results) < count:
             names = ", ".join(p.name for p in pools)
             why = "" if borrowable else " (strict affinity: this node's blocks are full and no block is free)"
@@ -280,16 +292,26 @@ class IPAM(Releaser):
             raise PoolExhausted(f"no free IPv{version} address in pool(s) {names}{why}")
         return results
 
-    def _free_block(self, pool: Pool, node: str, existing: set[Network]) -> Network | None:
+    def _free_block(self, pool: Pool, node: str, existing: set[Network],
+                    reservations: Reservations | None = None) -> Network | None:
         """A block-sized CIDR of the pool that no block occupies, starting at a node-specific place
-        so that nodes claiming at the same time tend to pick different blocks."""
+        so that nodes claiming at the same time tend to pick different blocks. A block whose every
+        address is reserved is passed over: claiming it would only use up one of the node's blocks."""
         n = pool.block_count
         start = _order(node, n)
         in_pool = sum(1 for c in existing if _within(c, pool))
-        for i in range(min(n, in_pool + 1)):
+        passed = 0
+        i = 0
+        # Look at one more candidate than there are blocks (and fully reserved ones) in the way.
+        while i < min(n, in_pool + passed + 1):
             cidr = pool.block_at((start + i) % n)
-            if cidr not in existing:
-                return cidr
+            i += 1
+            if cidr in existing:
+                continue
+            if reservations and reservations.covers_all(cidr):
+                passed += 1
+                continue
+            return cidr
         return None
 
     def _claim(self, cidr: Network, node: str | None) -> None:
@@ -309,21 +331,24 @@ class IPAM(Releaser):
         except Conflict:
             log.debug("block %s was created by someone else first", cidr)
 
-    def _plan_borrow(self, version: int, count: int, pools: list[Pool], req: AssignRequest,
+    def _plan_borrow(self, version: int, count: int, pools: list[Pool], req: AssignRequest, snap: _Snapshot,
                      changed: dict[Network, tuple[Block, int]], attrs: Mapping[str, str]) -> list[Assigned]:
         kvs, _ = self.client.list(keys.block_prefix(version))
         candidates = []
         for kv in kvs:
             block = Block.from_json(kv.value)
             pool = next((p for p in pools if _within(block.cidr, p)), None)
-            if pool is not None and block.node != req.node and block.free:
+            if pool is not None and block.node != req.node and block.assignable(snap.reservations.ordinals(block.cidr)):
                 candidates.append((zlib.crc32(f"{req.node}/{block.cidr}".encode()), block, kv.mod_revision, pool))
         results: list[Assigned] = []
         for _, block, rev, pool in sorted(candidates, key=lambda c: c[0]):
             if len(results) == count:
                 break
             block, rev = changed.get(block.cidr) or (block, rev)
-            block, got = block.assign(count - len(results), req.handle, {**attrs, "borrowed": "true"})
+            block, got = block.assign(count - len(results), req.handle, {**attrs, "borrowed": "true"},
+                                      snap.reservations.ordinals(block.cidr))
+            if not got:
+                continue
             changed[block.cidr] = (block, rev)
             results += [Assigned(a, block.cidr, pool.name, borrowed=True, pool_prefix=pool.cidr.prefixlen)
                         for a in got]
@@ -337,6 +362,8 @@ class IPAM(Releaser):
             pool = pool_for_address(snap.pools, address)
             if pool is None:
                 raise AddressNotInPool(f"{address} is not in any IP pool")
+            if snap.reservations.covers(address):
+                raise AddressReserved(f"{address} is reserved by an IPReservation; IPAM does not hand it out")
             cidr = pool.block_of(address)
             current = changed.get(cidr) or snap.blocks.get(cidr)
             if current is None:
@@ -369,4 +396,7 @@ class IPAM(Releaser):
             ops.append(Create(keys.handle_key(req.handle), handle.to_json()))
         else:
             ops.append(Update(keys.handle_key(req.handle), handle.to_json(), snap.handle.mod_revision))
+        if snap.revision:
+            # A reservation written since the snapshot may cover what was planned: re-plan then.
+            ops.append(NothingNewer(_RESERVATIONS, snap.revision))
         self.client.commit(ops)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,15 +95,29 @@ class Block:
         return counts
 
     # ---- changes (each returns a new block) ----------------------------------------------------
-    def assign(self, count: int, handle: str, attrs: Mapping[str, str]) -> tuple[Block, list[Address]]:
-        """Take ``count`` addresses from the head of the free list (fewer if the block runs out)."""
-        taken = self.free[:count]
+    def assign(self, count: int, handle: str, attrs: Mapping[str, str],
+               reserved: AbstractSet[int] = frozenset()) -> tuple[Block, list[Address]]:
+        """Take ``count`` addresses from the head of the free list (fewer if the block runs out),
+        passing over ``reserved`` ordinals: they keep their place in the list, so an address whose
+        reservation is lifted is reused in the order it was freed."""
+        if reserved:
+            taken = tuple(o for o in self.free if o not in reserved)[:count]
+            chosen = set(taken)
+            rest = tuple(o for o in self.free if o not in chosen)
+        else:
+            taken, rest = self.free[:count], self.free[count:]
+        if not taken:
+            return self, []
         seq = self.sequence + 1
         allocations = dict(self.allocations)
         for ordinal in taken:
             allocations[ordinal] = Allocation(handle, seq, dict(attrs))
-        block = replace(self, allocations=allocations, free=self.free[len(taken):], sequence=seq)
+        block = replace(self, allocations=allocations, free=rest, sequence=seq)
         return block, [self.address(o) for o in taken]
+
+    def assignable(self, reserved: AbstractSet[int] = frozenset()) -> int:
+        """How many free addresses are not reserved."""
+        return sum(1 for o in self.free if o not in reserved) if reserved else len(self.free)
 
     def assign_address(self, address: Address, handle: str, attrs: Mapping[str, str]) -> Block:
         """Take one specific address; ValueError if it is not free."""

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from datastore import keys
-from datastore.resources import Node, WorkloadEndpoint
+from datastore.resources import IPReservation, Node, WorkloadEndpoint
 from ipam.allocator import IPAM
 from ipam.block import Block, Network
 from ipam.handles import Handle, attachment_handle, attachment_of, belongs_to, legacy_handle
 from ipam.pools import Pool, pool_for_address
+from ipam.reservations import Reservations
 
 if TYPE_CHECKING:
     from datastore.etcd import EtcdClient  # imports gRPC; analyse is pure and needs none
@@ -54,6 +55,9 @@ ADDRESS_NOT_ON_ENDPOINT = "address-not-on-endpoint"
 # a workload endpoint whose host interface its node's agent found gone (the runtime never sent DEL);
 # the agent releases it after its --orphan-grace
 ENDPOINT_WITHOUT_INTERFACE = "endpoint-without-interface"
+# an allocation inside an IPReservation: made before the reservation existed (Calico leaves such
+# addresses to their holders), or by hand; released, it is not handed out again
+ADDRESS_IN_RESERVATION = "address-in-reservation"
 TORTIE_PLUGIN = "tortie"
 
 
@@ -107,14 +111,17 @@ class PoolUsage:
     cidr: Network
     total: int  # the pool's size
     in_use: int  # allocations in blocks within the pool
+    reserved: int = 0  # addresses of the pool an IPReservation covers (in use or not)
+    reserved_in_use: int = 0  # of those, how many are allocated all the same
 
     @property
     def free(self) -> int:
-        return self.total - self.in_use
+        """What automatic assignment can still hand out (Calico's IPS FREE)."""
+        return self.total - self.in_use - (self.reserved - self.reserved_in_use)
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "cidr": str(self.cidr), "total": self.total, "inUse": self.in_use,
-                "free": self.free}
+                "free": self.free, "reserved": self.reserved}
 
 
 @dataclass(frozen=True)
@@ -124,14 +131,16 @@ class BlockUsage:
     affinity: str | None  # "host:<node>", or None when no node owns the block
     total: int
     in_use: int
+    reserved: int = 0
+    reserved_in_use: int = 0
 
     @property
     def free(self) -> int:
-        return self.total - self.in_use
+        return self.total - self.in_use - (self.reserved - self.reserved_in_use)
 
     def to_dict(self) -> dict[str, object]:
         return {"cidr": str(self.cidr), "pool": self.pool, "affinity": self.affinity, "total": self.total,
-                "inUse": self.in_use, "free": self.free}
+                "inUse": self.in_use, "free": self.free, "reserved": self.reserved}
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,7 @@ class Snapshot:
     endpoints: dict[tuple[str, str, str], EndpointRecord] = field(default_factory=dict)
     # endpoints whose node's agent found their host interface gone, as it published them
     missing_interfaces: list[MissingInterface] = field(default_factory=list)
+    reservations: Reservations = Reservations()
 
     def endpointless(self) -> dict[str, tuple[Handle, int]]:
         """Handles of the tortie plugin's attachments that have no WorkloadEndpoint."""
@@ -200,6 +210,8 @@ def scan(client: EtcdClient) -> Snapshot:
     node_kvs, _ = client.list(keys.resource_prefix(Node.PLURAL), keys_only=True)
     snap.nodes = {kv.key.rsplit("/", 1)[1] for kv in node_kvs}
     snap.endpoints = endpoint_attachments(client)
+    reservation_kvs, _ = client.list(keys.resource_prefix(IPReservation.PLURAL))
+    snap.reservations = Reservations.from_kvs(reservation_kvs)
     orphan_kvs, _ = client.list(keys.ORPHANS)
     for kv in orphan_kvs:
         try:
@@ -286,6 +298,9 @@ def analyse(snap: Snapshot) -> Report:
             if not snap.handle_exists(a.handle):
                 problems.append(Problem(LEAKED_ADDRESS, f"{block.address(ordinal)} in block {cidr} belongs to "
                                                         f"handle {a.handle}, which does not exist"))
+            if snap.reservations.covers(block.address(ordinal)):
+                problems.append(Problem(ADDRESS_IN_RESERVATION, f"{block.address(ordinal)} (handle {a.handle}) "
+                                        "lies inside an IPReservation"))
         if _pool_of(snap.pools, cidr) is None:
             problems.append(Problem(BLOCK_OUTSIDE_POOLS, f"block {cidr} lies outside every IP pool"))
         if block.node is not None and (block.node, cidr) not in snap.affinities:
@@ -325,8 +340,11 @@ def analyse(snap: Snapshot) -> Report:
 def _pool_usage(snap: Snapshot) -> list[PoolUsage]:
     out = []
     for pool in sorted(snap.pools, key=lambda p: (p.version, p.name)):
-        in_use = sum(len(b.allocations) for c, (b, _) in snap.blocks.items() if _pool_of([pool], c))
-        out.append(PoolUsage(pool.name, pool.cidr, pool.cidr.num_addresses, in_use))
+        blocks = [(c, b) for c, (b, _) in snap.blocks.items() if _pool_of([pool], c)]
+        in_use = sum(len(b.allocations) for _, b in blocks)
+        reserved_in_use = sum(_reserved_in_use(snap.reservations, c, b) for c, b in blocks)
+        out.append(PoolUsage(pool.name, pool.cidr, pool.cidr.num_addresses, in_use,
+                             snap.reservations.count_in(pool.cidr), reserved_in_use))
     return out
 
 
@@ -334,8 +352,16 @@ def _block_usage(snap: Snapshot) -> list[BlockUsage]:
     out = []
     for cidr, (block, _) in sorted(snap.blocks.items(), key=_by_cidr):
         pool = _pool_of(snap.pools, cidr)
-        out.append(BlockUsage(cidr, pool.name if pool else "", block.affinity, block.size, len(block.allocations)))
+        out.append(BlockUsage(cidr, pool.name if pool else "", block.affinity, block.size, len(block.allocations),
+                              snap.reservations.count_in(cidr), _reserved_in_use(snap.reservations, cidr, block)))
     return out
+
+
+def _reserved_in_use(reservations: Reservations, cidr: Network, block: Block) -> int:
+    if not reservations:
+        return 0
+    reserved = reservations.ordinals(cidr)
+    return sum(1 for o in block.allocations if o in reserved)
 
 
 def check(client: EtcdClient) -> Report:

@@ -20,6 +20,10 @@ class AddressInUse(IPAMError):
     """A specific address was requested but another attachment holds it."""
 
 
+class AddressReserved(IPAMError):
+    """A specific address was requested that an IPReservation covers."""
+
+
 class AddressNotInPool(IPAMError):
     """A specific address was requested that lies outside every pool."""
 

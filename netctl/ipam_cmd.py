@@ -84,20 +84,22 @@ def run_show(args: argparse.Namespace) -> int:
         doc = {"pools": [p.to_dict() for p in report.pools], "blocks": [b.to_dict() for b in report.blocks]}
         print(json.dumps(doc, indent=2))
         return 0
-    headers = ["NAME", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"]
+    # Calico's columns: RESERVED counts the addresses IPReservations cover (some may be in use
+    # all the same); FREE is what automatic assignment can still hand out.
+    headers = ["NAME", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS RESERVED", "IPS FREE"]
     rows: list[list[str]] = []
     for pool in report.pools:
         row = [pool.name, str(pool.cidr), str(pool.total), _share(pool.in_use, pool.total),
-               _share(pool.free, pool.total)]
+               _share(pool.reserved, pool.total), _share(pool.free, pool.total)]
         rows.append(["IP Pool", *row, ""] if args.show_blocks else row)
         if args.show_blocks:
             for b in (b for b in report.blocks if b.pool == pool.name):
                 rows.append(["Block", b.pool, str(b.cidr), str(b.total), _share(b.in_use, b.total),
-                             _share(b.free, b.total), b.affinity or "none"])
+                             _share(b.reserved, b.total), _share(b.free, b.total), b.affinity or "none"])
     if args.show_blocks:
         headers = ["GROUPING", *headers, "AFFINITY"]
         rows += [["Block", "(no pool)", str(b.cidr), str(b.total), _share(b.in_use, b.total),
-                  _share(b.free, b.total), b.affinity or "none"]
+                  _share(b.reserved, b.total), _share(b.free, b.total), b.affinity or "none"]
                  for b in report.blocks if not b.pool]
     sys.stdout.write(render_table(headers, rows))
     return 0

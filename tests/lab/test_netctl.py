@@ -313,15 +313,17 @@ def test_ipam_show_release_and_configure(netctl: Run, client: EtcdClient) -> Non
     shown = json.loads(ok(netctl("ipam", "show", "-o", "json")))
     assert set(shown) == {"pools", "blocks"}
     assert shown["pools"] == [{"name": "default-ipv4", "cidr": "10.244.0.0/16", "total": 65536, "inUse": 3,
-                               "free": 65533}]
+                               "free": 65533, "reserved": 0}]
     assert shown["blocks"] == [{"cidr": str(block), "pool": "default-ipv4", "affinity": "host:node-a",
-                                "total": 64, "inUse": 3, "free": 61}]
+                                "total": 64, "inUse": 3, "free": 61, "reserved": 0}]
     table = ok(netctl("ipam", "show")).splitlines()
-    assert table[0].split() == ["NAME", "CIDR", "IPS", "TOTAL", "IPS", "IN", "USE", "IPS", "FREE"]
-    assert table[1].split() == ["default-ipv4", "10.244.0.0/16", "65536", "3", "(0%)", "65533", "(100%)"]
+    assert table[0].split() == ["NAME", "CIDR", "IPS", "TOTAL", "IPS", "IN", "USE", "IPS", "RESERVED", "IPS",
+                                 "FREE"]
+    assert table[1].split() == ["default-ipv4", "10.244.0.0/16", "65536", "3", "(0%)", "0", "(0%)", "65533",
+                                 "(100%)"]
     blocks = ok(netctl("ipam", "show", "--show-blocks")).splitlines()
-    assert blocks[2].split() == ["Block", "default-ipv4", str(block), "64", "3", "(5%)", "61", "(95%)",
-                                 "host:node-a"]
+    assert blocks[2].split() == ["Block", "default-ipv4", str(block), "64", "3", "(5%)", "0", "(0%)", "61",
+                                 "(95%)", "host:node-a"]
 
     checked = netctl("ipam", "check")
     assert checked.returncode == 0 and "Check complete; found 0 problems." in checked.stdout

@@ -205,9 +205,9 @@ def test_a_consistent_state_has_no_problems_and_counts_usage() -> None:
     report = check.analyse(_snapshot(block, {"h1": Handle({str(BLOCK): 3}, "n1")}, {"n1"}))
     assert report.problems == []
     assert [p.to_dict() for p in report.pools] == [{"name": "p", "cidr": "10.0.0.0/16", "total": 65536,
-                                                    "inUse": 3, "free": 65533}]
+                                                    "inUse": 3, "free": 65533, "reserved": 0}]
     assert [b.to_dict() for b in report.blocks] == [{"cidr": "10.0.0.0/26", "pool": "p", "affinity": "host:n1",
-                                                     "total": 64, "inUse": 3, "free": 61}]
+                                                     "total": 64, "inUse": 3, "free": 61, "reserved": 0}]
 
 
 def test_gc_plan_honours_the_grace_period_per_handle() -> None:
