@@ -5,14 +5,20 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from datastore import selector
 from datastore.errors import ValidationError
 from datastore.model import Resource
 from datastore.resources import IPPoolSpec
 from ipam.errors import NoSuitablePool
 
+if TYPE_CHECKING:
+    from datastore import selector
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The default node selector: every node. Known without the selector parser, which a one-shot
+# plugin process would otherwise import for it (~2.7 ms of CPU).
+EVERY_NODE = "all()"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Pool:
         return ipaddress.ip_network(f"{address}/{self.block_size}", strict=False)
 
     def selects(self, node_labels: Mapping[str, str]) -> bool:
+        if self.node_selector.strip() == EVERY_NODE:
+            return True
         return _parsed(self.node_selector).matches(node_labels)
 
 
@@ -58,6 +66,8 @@ _SELECTORS: dict[str, selector.Selector] = {}
 def _parsed(text: str) -> selector.Selector:
     found = _SELECTORS.get(text)
     if found is None:
+        from datastore import selector
+
         if len(_SELECTORS) > 1024:
             _SELECTORS.clear()
         found = _SELECTORS[text] = selector.parse(text)
