@@ -55,13 +55,14 @@ def run_status(args: argparse.Namespace) -> int:
     peers = sorted(sessions or [], key=_order)
     wireguard = wireguard_rows(args.wireguard_interface)
     if args.output == "json":
-        print(json.dumps({"peers": [{"peerAddress": s.peer, "peerType": s.kind, "state": s.state,
-                                     "since": s.since, "info": s.info, "filters": list(s.filters),
-                                     "prefixesReceived": s.received, "prefixesAccepted": s.accepted,
-                                     "prefixesSent": s.sent} for s in peers],
-                          "node": node, "running": sessions is not None,
-                          "wireguard": [dict(zip(WG_HEADERS, row, strict=True)) for row in wireguard]
-                          if wireguard is not None else None}, indent=2))
+        doc: dict[str, object] = {
+            "peers": [{"peerAddress": s.peer, "peerType": s.kind, "state": s.state, "since": s.since,
+                       "info": s.info, "filters": list(s.filters), "prefixesReceived": s.received,
+                       "prefixesAccepted": s.accepted, "prefixesSent": s.sent} for s in peers],
+            "node": node, "running": sessions is not None}
+        if wireguard is not None:  # only where this host has a WireGuard device
+            doc["wireguard"] = [dict(zip(WG_HEADERS, row, strict=True)) for row in wireguard]
+        print(json.dumps(doc, indent=2))
     if sessions is None:
         raise UserError(f"Tortie agent on node {node} is not running (it has no BGP status in the datastore)")
     if args.output == "table":
