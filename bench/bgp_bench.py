@@ -48,8 +48,8 @@ from types import FrameType
 from typing import Any
 
 from bench.prerequisites import require
+from bench.report import finish
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 TORTIE = list(range(1, 11))  # n1..n10: felix-agent --bgp
@@ -497,7 +497,7 @@ def run(scale: Scale, quick: bool) -> dict[str, Any]:
             log(f"  sessions up: Tortie {len(TORTIE) * (len(TORTIE) - 1) // 2}, "
                 f"BIRD {len(BIRD_MESH) * (len(BIRD_MESH) - 1) // 2}")
 
-            def tortie_claim(origin: int, prefix: str) -> tuple[float, float]:
+            def tortie_claim(origin: int, prefix: str) -> tuple[float, float, float]:
                 return claim(claimer, f"n{origin}", str(ipaddress.ip_network(prefix)[1]))
 
             def bird_claim(origin: int, prefix: str) -> tuple[float, float, float]:
@@ -722,19 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     figures = [Figure(**f) for f in report["figures"]]
     m = report["machine"]
-    print(f"BGP benchmark, {report['mode']} run, {m['date']}: {m['host']}, {m['nproc']} CPUs ({m['cpu']}), "
-          f"kernel {m['kernel']}, Python {m['python']}, BIRD {m['bird']}, {m['exabgp']}")
-    print(f"load average (1/5/15 min) at start {' '.join(f'{x:.2f}' for x in m['loadavg_start'])}, "
-          f"at end {' '.join(f'{x:.2f}' for x in m['loadavg_end'])}; {report['seconds']} s in all "
-          f"({', '.join(f'{name} {s} s' for name, s in report['phase_seconds'].items())})")
-    print(f"convergence over {report['scale']['claims']} claims per series; scale {report['scale']['routes']} routes")
-    print(table(figures))
-    for check in report["checks"]:
-        print(f"check: {check}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"bgp-{m['date'].replace(':', '').replace('-', '')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {path}")
+    finish(report, "bgp",
+           f"BGP benchmark, {report['mode']} run, {m['date']}: {m['host']}, {m['nproc']} CPUs ({m['cpu']}), "
+           f"kernel {m['kernel']}, Python {m['python']}, BIRD {m['bird']}, {m['exabgp']}",
+           f"convergence over {report['scale']['claims']} claims per series; scale {report['scale']['routes']} routes",
+           table(figures))
     return 0
 
 

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.prerequisites import require
+from bench.report import RESULTS
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
+
 NAMESPACE = "bench"
 APPS, TIERS = 20, 5  # endpoint i: app=a{i % APPS}, tier=t{(i // APPS) % TIERS}
 HEALTH = "http://127.0.0.1:9099/readiness"

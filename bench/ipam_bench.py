@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import json
 import math
 import os
 import platform
@@ -40,6 +39,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from bench.prerequisites import require
+from bench.report import finish
 from datastore import codec, keys
 from datastore.config import EtcdConfig
 from datastore.errors import Conflict, DatastoreError
@@ -56,7 +56,6 @@ T = TypeVar("T")
 VENV_BIN = Path(sys.prefix) / "bin"
 TORTIE_IPAM = VENV_BIN / "tortie-ipam"
 HOST_LOCAL = REFERENCE_PLUGINS / "host-local"
-RESULTS = Path(__file__).resolve().parent / "results"
 NODES = ("node-1", "node-2", "node-3")
 THREADS_PER_NODE = 8
 POOL_CIDR = "10.244.0.0/16"
@@ -529,20 +528,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     figures = [Figure(**f) for f in report["figures"]]
     m = report["machine"]
-    print(f"IPAM benchmark, {report['mode']} run, {m['date']}: {m['host']}, {m['nproc']} CPUs ({m['cpu']}), "
-          f"kernel {m['kernel']}, Python {m['python']}, etcd {m['etcd']}")
-    print(f"load average (1/5/15 min) at start {' '.join(f'{x:.2f}' for x in m['loadavg_start'])}, "
-          f"at end {' '.join(f'{x:.2f}' for x in m['loadavg_end'])}; {report['seconds']} s in all "
-          f"({', '.join(f'{name} {s} s' for name, s in report['phase_seconds'].items())})")
-    print(f"concurrency: {len(NODES)} nodes x {THREADS_PER_NODE} threads or callers; library and CAS: "
-          f"{report['threads']['clients']}; executable: one process per call")
-    print(table(figures))
-    for check in report["checks"]:
-        print(f"check: {check}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"ipam-{m['date'].replace(':', '').replace('-', '')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {path}")
+    finish(report, "ipam",
+           f"IPAM benchmark, {report['mode']} run, {m['date']}: {m['host']}, {m['nproc']} CPUs ({m['cpu']}), "
+           f"kernel {m['kernel']}, Python {m['python']}, etcd {m['etcd']}",
+           f"concurrency: {len(NODES)} nodes x {THREADS_PER_NODE} threads or callers; library and CAS: "
+           f"{report['threads']['clients']}; executable: one process per call",
+           table(figures))
     return 0
 
 
