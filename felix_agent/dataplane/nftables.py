@@ -95,6 +95,7 @@ class NftTable:
         self._merged_chains: tuple[tuple[tuple[Chain, ...], ...], dict[str, Chain]] | None = None
         # The merged chains dict the view is known to hold exactly (None: compare chain by chain).
         self._synced_chains: dict[str, Chain] | None = None
+        self.reloads = 0  # how many times the table was read back by reload(): owners share a resync's read
 
     def add_owner(self, owner: str) -> None:
         """Announce an owner: until every announced owner has declared, objects nobody declares are kept
@@ -109,6 +110,7 @@ class NftTable:
         """Read the kernel back now, so that the next ``apply()`` repairs out-of-band changes."""
         self._view = self.read()
         self._synced_chains = None
+        self.reloads += 1
 
     def apply(self, rewrite: bool = False) -> str:
         """Write the difference between the declarations and the kernel in one transaction; return its text
