@@ -104,3 +104,16 @@ def test_a_pod_that_arrives_during_a_resync_does_not_wait_for_the_rest_of_it() -
         first.release.set()
         last.release.set()
         loop.stop()
+
+
+def test_a_resync_read_back_on_a_thread_repairs_in_the_apply_it_wakes() -> None:
+    nft = FakeNft()
+    woken = threading.Event()
+    policy = PolicyManager(NftTable(run=nft), wake=woken.set)
+    policy.on_update(STATE)
+    assert "tor1" in policy.apply(resync=False)
+    nft.listing = {"nftables": [{"table": {"family": "inet", "name": "tortie"}}]}  # emptied by hand
+    assert policy.apply(resync=False) == ""  # between resyncs the driver trusts what it wrote
+    policy.apply(resync=True)  # starts the read-back and returns: a new pod need not wait for it
+    assert woken.wait(10)
+    assert "tor1" in policy.apply(resync=False)  # the read-back found the chains gone: written again
