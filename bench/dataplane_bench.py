@@ -239,7 +239,8 @@ def drive_new(first: int, count: int, timeout: float, resync_interval: float) ->
         time.sleep(0.1)
     during = [any(end - length <= wall <= end for end, length in resyncs.items()) for wall, _ in samples]
     print(json.dumps({"seconds": [s for _, s in samples], "during_resync": during,
-                      "resync_seconds": [resyncs[e] for e in sorted(resyncs) if e]}))
+                      # only resyncs that ended after the first write (not one of the loading before)
+                      "resync_seconds": [resyncs[e] for e in sorted(resyncs) if e > samples[0][0]]}))
 
 
 # ---- the orchestrator (root namespace: builds the lab, starts agents, never touches host links) --
