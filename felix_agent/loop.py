@@ -187,14 +187,18 @@ class DataplaneLoop:
         view = self.view()
         if view is None:  # not in sync yet: the kernel is left alone
             return
-        state = self.calculate(view)  # works on what changed since the last call
-        for feed in self.feeds:
-            feed(view)
+        state = self._update(view)
         started = time.perf_counter()
-        for manager in self.managers:
-            manager.on_update(state)
         spent: list[tuple[str, float]] = []
         for manager in self.managers:
+            if resync and self._dirty.is_set():
+                # A change arrived during this resync (a new pod waits for its policy): apply it to
+                # every manager first, then resync the remaining ones against the newer state.
+                self._dirty.clear()
+                state = self._update(self.view() or view)
+                for each in self.managers:
+                    each.apply(resync=False)
+                self.programmed.publish(state.endpoints)
             before = time.perf_counter()
             manager.apply(resync=resync)  # a resync re-reads the kernel first
             spent.append((_name(manager), time.perf_counter() - before))
@@ -206,3 +210,11 @@ class DataplaneLoop:
                 ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in spent if seconds >= 0.001))
         self.programmed.publish(state.endpoints)
         self.first_apply.set()
+
+    def _update(self, view: Snapshot) -> DesiredState:
+        state = self.calculate(view)  # works on what changed since the last call
+        for feed in self.feeds:
+            feed(view)
+        for manager in self.managers:
+            manager.on_update(state)
+        return state

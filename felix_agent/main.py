@@ -244,6 +244,11 @@ class Agent:
                 self._block_routing[update.key] = key
         return moved
 
+    def _kick(self) -> None:
+        """Ask the loop for an apply (the policy manager's read-back of a resync has finished)."""
+        if self.loop is not None:
+            self.loop.kick()
+
     def _kick_when_in_sync(self) -> None:
         """The syncer hands over its listing a moment before it says "in sync": an apply that ran
         in between did nothing, and nothing else would kick the loop until the next change or
@@ -289,7 +294,7 @@ class Agent:
         # the plugin routes its own pod), policy before NAT (same table), devices before the
         # routes through them. The netlink managers read the kernel back on every apply: run them
         # only when their part of the state moved (every one of them on the periodic resync).
-        return [PolicyManager(table, on_programmed=self.programmed.publish), MasqManager(table),
+        return [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick), MasqManager(table),
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from felix_agent.calc.model import DesiredState
@@ -24,12 +25,18 @@ class Metrics:
     ipset_members: int = 0
     routes: int = 0
     cni_requests: dict[str, int] = field(default_factory=dict)
+    # The last periodic resync: how long it took and when it ended (Unix time), so that a benchmark
+    # can tell which of its samples ran into one.
+    last_resync_seconds: float = 0.0
+    last_resync_end: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def observe_apply(self, seconds: float, state: DesiredState, resync: bool) -> None:
         with self._lock:
             self.applies += 1
             self.resyncs += int(resync)
+            if resync:
+                self.last_resync_seconds, self.last_resync_end = seconds, time.time()
             self.apply_seconds_sum += seconds
             for i, bound in enumerate(BUCKETS):
                 if seconds <= bound:
@@ -63,6 +70,9 @@ class Metrics:
                 ("felix_ipsets", self.ipsets, "IP sets (per family) in the dataplane."),
                 ("felix_ipset_members", self.ipset_members, "Members across all IP sets."),
                 ("felix_routes", self.routes, "Routes this node programs."),
+                ("felix_last_resync_seconds", f"{self.last_resync_seconds:.6f}", "Length of the last periodic resync."),
+                ("felix_last_resync_end_time_seconds", f"{self.last_resync_end:.6f}",
+                 "When the last periodic resync ended (Unix time; 0: none yet)."),
             ):
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
             for name, value, text in (("felix_resyncs_total", self.resyncs, "Periodic full resyncs."),

@@ -48,6 +48,7 @@ class MasqManager:
         self._table = table
         self._pools: tuple[frozenset[str], frozenset[str]] | None = None
         self._dirty = False
+        self._reloads_seen = table.reloads  # the table's reload count at this manager's last resync
         table.add_owner(OWNER)
 
     def on_update(self, state: DesiredState) -> None:
@@ -61,8 +62,12 @@ class MasqManager:
         if self._pools is None or not (self._dirty or resync):
             return ""
         self._table.declare(OWNER, render(*self._pools))
-        if resync:
+        if resync and self._table.reloads == self._reloads_seen:
+            # Nobody read the table back since this manager's last resync. Usually the policy manager
+            # has, moments ago in the same resync, and its apply wrote every owner's difference: a
+            # second read of the whole shared table (seconds at 5,000 endpoints) would find nothing.
             self._table.reload()
+        self._reloads_seen = self._table.reloads
         written = self._table.apply()
         if written:
             log.info("NAT-outgoing updated", extra={"nat_pools": sorted(self._pools[0])})

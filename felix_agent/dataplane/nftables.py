@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,9 @@ class NftTable:
         self._merged_chains: tuple[tuple[tuple[Chain, ...], ...], dict[str, Chain]] | None = None
         # The merged chains dict the view is known to hold exactly (None: compare chain by chain).
         self._synced_chains: dict[str, Chain] | None = None
+        self.reloads = 0  # read-backs begun (reload, reload_async): owners share one resync's read
+        self._writes = 0  # successful transactions: a read-back begun before one may have missed it
+        self._pending: _Read | None = None
 
     def add_owner(self, owner: str) -> None:
         """Announce an owner: until every announced owner has declared, objects nobody declares are kept
@@ -109,6 +113,41 @@ class NftTable:
         """Read the kernel back now, so that the next ``apply()`` repairs out-of-band changes."""
         self._view = self.read()
         self._synced_chains = None
+        self.reloads += 1
+
+    def reload_async(self, done: Callable[[], None]) -> None:
+        """Start reading the kernel back on a thread and call ``done`` (from it) when finished;
+        :meth:`adopt_reload` then makes it the view. At 5,000 endpoints the read takes seconds, which
+        a new pod's transaction need not wait for."""
+        if self._pending is not None and not self._pending.finished.is_set():
+            return  # one read at a time
+        job = self._pending = _Read(self._writes)
+        self.reloads += 1
+
+        def run() -> None:
+            try:
+                job.view = self.read()
+            except Exception as err:  # reported by adopt_reload's caller: the next resync tries again
+                job.error = err
+            job.finished.set()
+            done()
+
+        threading.Thread(target=run, name="nft-read", daemon=True).start()
+
+    def read_finished(self) -> bool:
+        return self._pending is not None and self._pending.finished.is_set()
+
+    def adopt_reload(self) -> bool:
+        """Take a finished background read as the view: True, unless it failed or a transaction of
+        ours ran while it read (it may hold half of it): then it is dropped (False) and the caller reads again."""
+        job, self._pending = self._pending, None
+        if job is None or not job.finished.is_set() or job.view is None or job.writes != self._writes:
+            if job is not None and job.error is not None:
+                log.warning("reading the table back failed: %s", job.error)
+            return False
+        self._view = job.view
+        self._synced_chains = None
+        return True
 
     def apply(self, rewrite: bool = False) -> str:
         """Write the difference between the declarations and the kernel in one transaction; return its text
@@ -237,6 +276,7 @@ class NftTable:
 
     def _remember(self, want: _Desired, sweep: bool) -> None:
         """After a successful transaction the kernel holds ``want`` (and, without a sweep, the leftovers)."""
+        self._writes += 1
         view = self._view if self._view is not None else _View()
         chains_known = want.chains is self._synced_chains
         if sweep:
@@ -254,6 +294,16 @@ class NftTable:
         self._view = view
         # With a sweep the view's chains are now exactly these: next time, the same dict needs no look.
         self._synced_chains = want.chains if sweep else None
+
+
+@dataclass
+class _Read:
+    """A read-back running on a thread; ``writes``: the table's transaction count when it began."""
+
+    writes: int
+    finished: threading.Event = field(default_factory=threading.Event)
+    view: _View | None = None
+    error: Exception | None = None
 
 
 def _diff(t: str, want: _Desired, have: _View, sweep: bool, chains_known: bool = False) -> list[str] | None:

@@ -30,6 +30,7 @@ from felix_agent.dataplane.nftables import NftTable
 log = logging.getLogger(__name__)
 
 OWNER = "policy"
+READ_TRIES = 3  # background read-backs of a resync overtaken by a write before one blocks the loop
 INGRESS, EGRESS = "in", "out"
 WORKLOADS = '"tor*"'
 PASS_MARK = 0x02000000  # set by a Pass rule: skip the remaining policies, go to the profiles
@@ -393,12 +394,17 @@ class PolicyManager:
 
     ``on_programmed`` is called with the state's endpoints once an apply has put their chains and
     set memberships in the kernel: the loop releases the ADDs waiting for them then, not after the
-    managers behind this one."""
+    managers behind this one. With ``wake`` (the loop's kick), a resync reads the table back on a
+    thread and the apply after the read repairs (``wake`` is called when the read is done); without
+    it, the resync's apply reads back first and repairs itself."""
 
     def __init__(self, table: NftTable, *,
-                 on_programmed: Callable[[frozenset[Endpoint]], None] | None = None) -> None:
+                 on_programmed: Callable[[frozenset[Endpoint]], None] | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
         self._table = table
         self._on_programmed = on_programmed
+        self._wake = wake
+        self._read_tries = 0
         self._renderer = _Renderer()
         self._state: DesiredState | None = None
         self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet]] | None = None
@@ -417,9 +423,23 @@ class PolicyManager:
         if self._state is None:
             return ""
         written = ""
-        if self._dirty or resync:
+        repair = False
+        if resync and self._wake is not None:
+            # Read back on a thread; the apply that follows its end (``wake`` asks the loop for one)
+            # repairs. Meanwhile new pods' transactions go through on what the driver last wrote.
+            self._read_tries = 0
+            self._table.reload_async(self._wake)
+        elif self._wake is not None and self._table.read_finished():
+            repair = self._table.adopt_reload()
+            if not repair and self._read_tries < READ_TRIES:  # overtaken by our own write: read again
+                self._read_tries += 1
+                self._table.reload_async(self._wake)
+            elif not repair:  # churn never left the read a quiet moment: read while the loop waits
+                self._table.reload()
+                repair = True
+        if self._dirty or repair or (resync and self._wake is None):
             self._table.declare(OWNER, self._renderer.render(self._state))
-            if resync:
+            if resync and self._wake is None:
                 self._table.reload()
             written = self._table.apply()
             self._dirty = False

@@ -64,3 +64,56 @@ def test_nothing_touches_the_kernel_before_in_sync() -> None:
     finally:
         loop.stop()
     assert nft.transactions == [] and nft.reads == 0 and fed == [] and not loop.first_apply.is_set()
+
+
+class SlowResync:
+    """A manager whose resync takes until released (a kernel read-back of a large table)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_update(self, state: DesiredState) -> None:
+        pass
+
+    def apply(self, *, resync: bool = False) -> int:
+        if resync:
+            self.entered.set()
+            assert self.release.wait(10)
+        return 0
+
+
+def test_a_pod_that_arrives_during_a_resync_does_not_wait_for_the_rest_of_it() -> None:
+    nft = FakeNft()
+    programmed = ProgrammedEndpoints()
+    first, last = SlowResync(), SlowResync()
+    states = [DesiredState(node="node-a")]
+    loop = DataplaneLoop(lambda: Snapshot(), lambda view: states[-1],
+                         [first, PolicyManager(NftTable(run=nft), on_programmed=programmed.publish), last],
+                         Metrics(), programmed=programmed, resync_interval=0.05)
+    loop.start()
+    try:
+        assert first.entered.wait(10)  # a resync runs
+        states.append(STATE)  # the pod's endpoint arrives meanwhile
+        loop.kick()
+        first.release.set()
+        assert last.entered.wait(10)  # the resync's last manager is still busy ...
+        assert programmed.wait(POD.key, timeout=10)  # ... and the pod's policy is already in
+        assert any("tor1" in t for t in nft.transactions)
+    finally:
+        first.release.set()
+        last.release.set()
+        loop.stop()
+
+
+def test_a_resync_read_back_on_a_thread_repairs_in_the_apply_it_wakes() -> None:
+    nft = FakeNft()
+    woken = threading.Event()
+    policy = PolicyManager(NftTable(run=nft), wake=woken.set)
+    policy.on_update(STATE)
+    assert "tor1" in policy.apply(resync=False)
+    nft.listing = {"nftables": [{"table": {"family": "inet", "name": "tortie"}}]}  # emptied by hand
+    assert policy.apply(resync=False) == ""  # between resyncs the driver trusts what it wrote
+    policy.apply(resync=True)  # starts the read-back and returns: a new pod need not wait for it
+    assert woken.wait(10)
+    assert "tor1" in policy.apply(resync=False)  # the read-back found the chains gone: written again
