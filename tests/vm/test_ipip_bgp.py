@@ -16,7 +16,6 @@ Runs inside the VM (``test_ipip_in_vm.py``), or directly on a host whose kernel 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import signal
@@ -30,12 +29,10 @@ from typing import Any
 
 import pytest
 
-from cni_plugins import wiring
-from kernel.netns import netns
 from kernel.rtnl import KernelRoute
 from kernel.rtnl_bulk import BulkRTNL
 from tests.vm.probes import Capture, echo, link_stats
-from tests.vm.underlay import ns_path, underlay
+from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +56,7 @@ def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class Node:
+class Node(PodNode):
     k: int
     netns: str
     underlay: str
@@ -68,18 +65,6 @@ class Node:
     driver: BulkRTNL
     proc: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return f"n{self.k}"
-
-    @property
-    def block(self) -> str:
-        return f"10.244.{self.k}.0/26"
-
-    @property
-    def pod_ip(self) -> str:
-        return f"10.244.{self.k}.2"
 
     @property
     def ready_file(self) -> Path:
@@ -134,9 +119,7 @@ def nodes(tmp_path: Path) -> Iterator[list[Node]]:
     with underlay("ipb") as u:
         try:
             for host in u.hosts:
-                with netns(ns_path(host.netns)):
-                    wiring.setup(ns_path(host.pod_netns), "eth0", f"tor{u.prefix[3:]}{host.k}", 1480,
-                                 [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
+                wire_pod(u, host, 1480)
                 built.append(Node(host.k, host.netns, host.underlay, host.pod_netns, tmp_path / f"n{host.k}",
                                   BulkRTNL.open(ns_path(host.netns))))
 

@@ -12,7 +12,6 @@ module on a host would add ``tunl0`` to the root namespace.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import subprocess
 import time
@@ -22,15 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugins import wiring
 from felix_agent.calc.model import DesiredState, Route
 from felix_agent.dataplane.ipip import TUNNEL_ADDRESS_KEY, IPIPManager
 from felix_agent.dataplane.mtu import MTUManager
 from felix_agent.dataplane.routes import RouteManager
-from kernel.netns import netns
 from kernel.rtnl_bulk import BulkRTNL
 from tests.vm.probes import Capture, echo, link_stats
-from tests.vm.underlay import ns_path, underlay
+from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 
@@ -50,7 +47,7 @@ def sh(*argv: str) -> str:
 
 
 @dataclass
-class Node:
+class Node(PodNode):
     k: int
     netns: str
     underlay: str
@@ -64,14 +61,6 @@ class Node:
         self.routes = RouteManager(self.driver)
         self.ipip = IPIPManager(self.driver, underlay_ip=self.underlay)
         self.mtu = MTUManager(self.driver, self.mtu_file, underlay_ip=self.underlay)
-
-    @property
-    def block(self) -> str:
-        return f"10.244.{self.k}.0/26"
-
-    @property
-    def pod_ip(self) -> str:
-        return f"10.244.{self.k}.2"
 
     def apply(self, state: DesiredState) -> int:
         writes = 0
@@ -119,10 +108,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with underlay("ipv") as u:
         try:
             for host in u.hosts:
-                pod_if = f"tor{u.prefix[3:]}{host.k}"
-                with netns(ns_path(host.netns)):
-                    wiring.setup(ns_path(host.pod_netns), "eth0", pod_if, 1480,
-                                 [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
+                pod_if = wire_pod(u, host, 1480)
                 nodes.append(Node(host.k, host.netns, host.underlay, host.segment, host.pod_netns, pod_if,
                                   BulkRTNL.open(ns_path(host.netns)), tmp_path / f"mtu-{host.k}"))
             yield Cluster(u.prefix, nodes)

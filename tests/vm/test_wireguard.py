@@ -12,7 +12,6 @@ managers (what a live FelixConfiguration change does to a running agent).
 from __future__ import annotations
 
 import base64
-import ipaddress
 import os
 import time
 from collections.abc import Iterator
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugins import wiring
 from felix_agent.calc.model import DesiredState, Route, WireGuard, WireGuardPeer
 from felix_agent.dataplane.ipip import IPIPManager
 from felix_agent.dataplane.routes import RouteManager
@@ -31,7 +29,7 @@ from kernel.netns import netns
 from kernel.rtnl_bulk import BulkRTNL
 from kernel.wireguard import WireGuard as WireGuardFamily
 from tests.vm.probes import Capture, echo
-from tests.vm.underlay import ns_path, underlay
+from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 PORT = 51820
@@ -47,7 +45,7 @@ pytestmark = [
 
 
 @dataclass
-class Node:
+class Node(PodNode):
     k: int
     netns: str
     underlay: str
@@ -62,18 +60,6 @@ class Node:
         self.ipip = IPIPManager(self.driver, underlay_ip=self.underlay)
         self.wg = WireGuardManager(self.driver, self.key.private, underlay_ip=self.underlay,
                                    netns_path=ns_path(self.netns))
-
-    @property
-    def name(self) -> str:
-        return f"n{self.k}"
-
-    @property
-    def block(self) -> str:
-        return f"10.244.{self.k}.0/26"
-
-    @property
-    def pod_ip(self) -> str:
-        return f"10.244.{self.k}.2"
 
     def restart(self) -> None:
         """A new agent process: key read back from the state directory, fresh managers and sockets."""
@@ -112,10 +98,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with underlay("wgv") as u:
         try:
             for host in u.hosts:
-                pod_if = f"tor{u.prefix[3:]}{host.k}"
-                with netns(ns_path(host.netns)):
-                    wiring.setup(ns_path(host.pod_netns), "eth0", pod_if, 1420,
-                                 [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
+                pod_if = wire_pod(u, host, 1420)
                 nodes.append(Node(host.k, host.netns, host.underlay, host.pod_netns, pod_if,
                                   BulkRTNL.open(ns_path(host.netns)), tmp_path / f"state-{host.k}"))
             yield Cluster(nodes)

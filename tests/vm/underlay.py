@@ -48,6 +48,35 @@ class Host:
         return f"10.9.{self.subnet}.0/24"
 
 
+class PodNode:
+    """Names and addresses of node ``k`` and its one pod (mixed into each test file's node)."""
+
+    k: int
+
+    @property
+    def name(self) -> str:
+        return f"n{self.k}"
+
+    @property
+    def block(self) -> str:
+        return f"10.244.{self.k}.0/26"
+
+    @property
+    def pod_ip(self) -> str:
+        return f"10.244.{self.k}.2"
+
+
+def wire_pod(u: Underlay, host: Host, mtu: int) -> str:
+    """Wire ``host``'s pod with the CNI plugin's own code (its /26 address); the host end's name."""
+    from cni_plugins import wiring
+
+    pod_if = f"tor{u.prefix[3:]}{host.k}"
+    with netns(ns_path(host.netns)):
+        wiring.setup(ns_path(host.pod_netns), "eth0", pod_if, mtu,
+                     [ipaddress.ip_interface(f"10.244.{host.k}.2/26")])
+    return pod_if
+
+
 @dataclass(frozen=True)
 class Underlay:
     prefix: str  # every namespace's name starts with it
