@@ -147,6 +147,16 @@ def echo(netns_path: str, address: str, timeout: float = 2.0) -> bool:
     return False
 
 
+def ping_until(netns_path: str, address: str, timeout: float) -> bool:
+    """Echo requests until one is answered, for at most ``timeout`` seconds (a fresh path's first
+    packets may wait for neighbour resolution or a tunnel's handshake)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if echo(netns_path, address, timeout=min(1.0, timeout)):
+            return True
+    return False
+
+
 def _checksum(data: bytes) -> int:
     data += b"\0" * (len(data) % 2)
     total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))

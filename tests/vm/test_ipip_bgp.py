@@ -31,7 +31,7 @@ import pytest
 
 from kernel.rtnl import KernelRoute
 from kernel.rtnl_bulk import BulkRTNL
-from tests.vm.probes import Capture, echo, link_stats
+from tests.vm.probes import Capture, link_stats, ping_until
 from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
@@ -153,12 +153,7 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str,
 
 
 def ping(pod_ns: str, address: str, timeout: float = 10.0) -> bool:
-    """Pings until one answer (the first packets of a fresh path may go to neighbour resolution)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if echo(ns_path(pod_ns), address, timeout=min(1.0, timeout)):
-            return True
-    return False
+    return ping_until(ns_path(pod_ns), address, timeout)
 
 
 def tunnel_route(node: Node) -> KernelRoute:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from felix_agent.dataplane.ipip import TUNNEL_ADDRESS_KEY, IPIPManager
 from felix_agent.dataplane.mtu import MTUManager
 from felix_agent.dataplane.routes import RouteManager
 from kernel.rtnl_bulk import BulkRTNL
-from tests.vm.probes import Capture, echo, link_stats
+from tests.vm.probes import Capture, link_stats, ping_until
 from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
@@ -118,12 +117,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def ping(pod_ns: str, address: str, timeout: float = 8.0) -> bool:
-    """Pings until one answer (the first packets of a fresh path may go to neighbour resolution)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if echo(ns_path(pod_ns), address, timeout=min(1.0, timeout)):
-            return True
-    return False
+    return ping_until(ns_path(pod_ns), address, timeout)
 
 
 def test_ipip_always_encapsulates_everything_between_nodes(cluster: Cluster) -> None:

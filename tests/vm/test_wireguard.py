@@ -28,7 +28,7 @@ from felix_agent.wireguard_key import KeyPair, load_or_create
 from kernel.netns import netns
 from kernel.rtnl_bulk import BulkRTNL
 from kernel.wireguard import WireGuard as WireGuardFamily
-from tests.vm.probes import Capture, echo
+from tests.vm.probes import Capture, echo, ping_until
 from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
 
 IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
@@ -109,12 +109,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def ping(pod_ns: str, address: str, timeout: float = 8.0) -> bool:
-    """Pings until one answer (a fresh tunnel's first packet waits for the handshake)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if echo(ns_path(pod_ns), address, timeout=min(1.0, timeout)):
-            return True
-    return False
+    return ping_until(ns_path(pod_ns), address, timeout)
 
 
 def pod_addresses_in_clear(cap: Capture, cluster: Cluster) -> list[object]:
