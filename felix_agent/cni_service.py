@@ -75,8 +75,8 @@ class InFlight:
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     # Calls queue here while nobody accepts: a burst of ADDs, or a re-exec's hand-over (socketserver's
-    # 5 would refuse the sixth caller at once).
-    request_queue_size = 128
+    # 5 would refuse the sixth caller at once: EAGAIN, and the front end serves it in-process).
+    request_queue_size = 1024  # the kernel caps it at net.core.somaxconn (4096 by default)
 
 
 class CNIService:

@@ -173,10 +173,11 @@ class DataplaneLoop:
         with self._schedule_lock:
             if managers is None:
                 self.resync_interval = seconds
+            now = self.clock()
             for i in chosen:
                 self._intervals[i] = seconds
                 if i < len(self._next):  # else the loop has not started: it schedules from the periods
-                    self._next[i] = self.clock() + self._period(i)
+                    self._next[i] = now + self._period(i)
         self._dirty.set()  # the loop's wait is cut short, to wait for the new schedule
 
     def _period(self, i: int) -> float:
@@ -184,8 +185,9 @@ class DataplaneLoop:
         return seconds if seconds > 0 else math.inf
 
     def _run(self) -> None:
-        with self._schedule_lock:
-            self._next = [self.clock() + self._period(i) for i in range(len(self.managers))]
+        start = self.clock()
+        with self._schedule_lock:  # one clock reading: managers of one period resync in one apply
+            self._next = [start + self._period(i) for i in range(len(self.managers))]
         backoff = 0.05
         while not self._stop.is_set():
             with self._schedule_lock:
@@ -207,9 +209,10 @@ class DataplaneLoop:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._dirty.set()
+            ended = self.clock()
             with self._schedule_lock:
                 for i in due:
-                    self._next[i] = self.clock() + self._period(i)
+                    self._next[i] = ended + self._period(i)
 
     def _apply_once(self, due: Collection[int] = ()) -> None:
         """One apply; the managers at the indexes ``due`` resync (read the kernel back) this time."""

@@ -139,6 +139,17 @@ def _replies(out: Path) -> list[int]:
     return [int(n) for n in re.findall(r"icmp_seq=(\d+) ttl=", out.read_text())]
 
 
+def _handover_gap(output: str) -> float:
+    """Seconds from the old image's last accept (it stops to re-execute) to the new one's first."""
+    def at(words: str) -> float:
+        found = re.search(r"^\S+ (\d+):(\d+):(\d+),(\d+) .*" + re.escape(words), output, re.M)
+        assert found, words
+        h, m, sec, ms = (int(g) for g in found.groups())
+        return h * 3600 + m * 60 + sec + ms / 1000
+
+    return at("adopted its listening socket") - at("to re-execute")
+
+
 class SocketProbe:
     """Connects to a CNI socket every few milliseconds until stopped; counts the refusals."""
 
@@ -151,7 +162,7 @@ class SocketProbe:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.02):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(1.0)
                 try:
@@ -191,6 +202,8 @@ def test_a_port_change_re_executes_the_agent_without_losing_a_ping(cluster: Clus
         assert cluster.http(1, "/liveness").status == 0  # nothing listens on 9099 any more
         probe.stop()
         assert probe.tries > 0 and probe.refused == [], probe.refused[:5]
+        print(f"CNI socket not accepting for {_handover_gap(output):.2f} s across the re-exec; "
+              f"{probe.tries} connects, none refused")
         late = cluster.add_pod(1, "after-reexec")
         assert cluster.can_ping(late, pods[2])
         last = max(_replies(out))
