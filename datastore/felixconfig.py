@@ -2,8 +2,9 @@
 
 The resource named ``default`` holds the cluster's settings; one named ``node.<nodename>`` holds a
 node's, and each field it sets overrides the default's (Calico's rule; other names are stored but
-read by no agent). Every field is optional: unset means "inherit", and :func:`effective` fills in
-the default value of what nobody set. Adding a setting is one field on :class:`FelixConfigurationSpec`
+read by no agent). Every field is optional: unset means "inherit", and :data:`DEFAULTS` holds the
+value of what nobody set (``felix_agent.calc.settings`` layers the two resources, the environment
+and the agent's flags). Adding a setting is one field on :class:`FelixConfigurationSpec`
 plus its default in :data:`DEFAULTS` (and its check in ``validate``).
 
 Imports only the model and the errors: ``datastore.resources`` imports this module to register the
@@ -12,7 +13,6 @@ kind, never the other way round. What an agent does with the settings is not thi
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -153,16 +153,3 @@ FELIX_KINDS: tuple[type[Kind], ...] = (FelixConfiguration,)
 def node_name(node: str) -> str:
     """The name of ``node``'s own FelixConfiguration."""
     return NODE_PREFIX + node
-
-
-def effective(default: FelixConfigurationSpec | None, node: FelixConfigurationSpec | None) -> FelixConfigurationSpec:
-    """Every field set: the node's value, else the default resource's, else :data:`DEFAULTS`."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(FelixConfigurationSpec):
-        value = None
-        for source in (node, default):
-            if source is not None and getattr(source, f.name) is not None:
-                value = getattr(source, f.name)
-                break
-        values[f.name] = DEFAULTS[f.name] if value is None else value
-    return FelixConfigurationSpec(**values)

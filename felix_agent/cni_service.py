@@ -24,6 +24,8 @@ from cni_plugins.datastores import Datastores
 
 log = logging.getLogger(__name__)
 
+POLL = 0.05  # seconds: how often the accept loop looks whether it was told to stop
+
 
 class InFlight:
     """The host interfaces of the attachments being served now (ADD, DEL, CHECK), by interface
@@ -143,7 +145,10 @@ class CNIService:
             finally:
                 os.umask(old)
             os.chmod(self.path, 0o600)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="cni-service", daemon=True)
+        # A short poll: shutdown() (a stop, a re-exec's hand-over) waits up to one poll for the
+        # accept loop to notice, and callers queue meanwhile.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": POLL},
+                                        name="cni-service", daemon=True)
         self._thread.start()
         log.info("CNI service listening on %s", self.path)
 

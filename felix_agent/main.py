@@ -447,14 +447,17 @@ class Agent:
                 self.handover_fd = self.cni.handover()  # keeps listening: callers queue for the next image
             else:
                 self.cni.stop()
+            steps = time.monotonic()
             self.orphans.stop()
             self.syncer.stop()
             self.loop.stop()
+            log.debug("orphans, syncer and loop stopped in %.0f ms", (time.monotonic() - steps) * 1000)
             if self.bgp is not None:
                 self.bgp.stop()
-        self.health.stop()
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
+        if not self.reexec:  # an exec closes the listeners at once (not inheritable); stopping them waits a poll
+            self.health.stop()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
         self.stores.close()
         return 0
 
