@@ -187,6 +187,10 @@ def test_a_port_change_re_executes_the_agent_without_losing_a_ping(cluster: Clus
         probe = SocketProbe(cluster.agent(1).cni_socket)
         before = cluster.agent_output(1).count("felix-agent started on node")
         cluster.apply(felixconfig(node_config(cluster, 1), healthPort=9199))
+        # An ADD sent while the agent re-executes: queued on the handed-over socket, then served.
+        during: list[Pod] = []
+        adding = threading.Thread(target=lambda: during.append(cluster.add_pod(1, "during-reexec")))
+        adding.start()
         wait_for(lambda: cluster.agent_output(1).count("felix-agent started on node") > before, 30,
                  "node 1's agent to start again", describe=lambda: cluster.agent_output(1)[-3000:])
         # Same PID, a new process image: it bound the new port, adopted the CNI socket, and a pod
@@ -204,8 +208,11 @@ def test_a_port_change_re_executes_the_agent_without_losing_a_ping(cluster: Clus
         assert probe.tries > 0 and probe.refused == [], probe.refused[:5]
         print(f"CNI socket not accepting for {_handover_gap(output):.2f} s across the re-exec; "
               f"{probe.tries} connects, none refused")
+        adding.join(60)
+        assert during, "the ADD sent during the re-exec failed"
         late = cluster.add_pod(1, "after-reexec")
-        assert cluster.can_ping(late, pods[2])
+        for new in (during[0], late):  # a fresh pod's first echo may go to its neighbour resolution
+            wait_for(lambda new=new: cluster.can_ping(new, pods[2]), 10, f"{new.name} to reach pod2")
         last = max(_replies(out))
         wait_for(lambda: max(_replies(out)) >= last + 100, 15, "100 more replies after the re-exec")
     finally:

@@ -227,3 +227,14 @@ def test_each_manager_resyncs_on_its_own_period_set_live() -> None:
     finally:
         loop.stop()
     assert never.resyncs == 0
+
+
+def test_a_bad_override_stops_the_agent_with_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from felix_agent.main import main
+
+    monkeypatch.setenv("FELIX_NFTABLESREFRESHINTERVAL", "1 minute")
+    assert main(["--nodename", "n1", "--state-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("felix-agent: FELIX_NFTABLESREFRESHINTERVAL='1 minute': nftablesRefreshInterval")
+    assert len(err.strip().splitlines()) == 1
