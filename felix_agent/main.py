@@ -1,6 +1,7 @@
 """``felix-agent``: start, register this node, repair crashed ADDs, serve the CNI socket and the
 health endpoints, release attachments whose runtime never said DEL, stop cleanly on SIGTERM
-(leaving the dataplane in place)."""
+(leaving the dataplane in place), and re-execute itself when a setting that needs a restart
+changes (``felix_agent.live_config`` decides which; the CNI socket is handed over)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from cni_plugins.agent_protocol import DEFAULT_SOCKET
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
 from datastore.config import EtcdConfig
@@ -33,9 +33,6 @@ from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
 from felix_agent.calc.routes import block_routing_key
 from felix_agent.calc.settings import (
-    Layer,
-    check_value,
-    environment_layer,
     nftables_refresh_seconds,
     route_refresh_seconds,
     settings,
@@ -44,11 +41,11 @@ from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
 from felix_agent.calc.wireguard import with_wireguard
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
+from felix_agent.command_line import listen_address, override_layers, parse_args
 from felix_agent.health import HealthServer
 from felix_agent.live_config import CACHE_NAME, Hooks, LiveConfig, python_level
 from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
-from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
 from felix_agent.orphans import OrphanSweeper
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
@@ -63,106 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("felix_agent")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    env = os.environ
-    p = argparse.ArgumentParser(prog="felix-agent", description="Tortie's per-node agent.")
-    p.add_argument("--nodename", default=env.get("NODENAME") or env.get("FELIX_NODENAME") or socket.gethostname())
-    p.add_argument("--node-ip", default=env.get("FELIX_NODEIP"), help="this node's address/prefix (default: detected)")
-    p.add_argument("--cni-socket", default=env.get("FELIX_CNISOCKET", DEFAULT_SOCKET))
-    p.add_argument("--health-listen", help="ADDR:PORT (default 127.0.0.1 and FelixConfiguration healthPort)")
-    p.add_argument("--metrics-listen",
-                   help="ADDR:PORT (default 127.0.0.1 and FelixConfiguration prometheusMetricsPort)")
-    p.add_argument("--state-dir", type=Path, default=Path(env.get("FELIX_STATEDIR", "/run/tortie")),
-                   help="where the MTU file for the CNI plugin is written")
-    p.add_argument("--policy-timeout", type=float, default=float(env.get("FELIX_POLICYTIMEOUT", "10")),
-                   help="seconds an ADD waits for the pod's policy to be programmed before it fails")
-    p.add_argument("--bgp", action=argparse.BooleanOptionalAction,
-                   default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
-                   help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
-    p.add_argument("--resync-interval", type=float, metavar="SECONDS",
-                   help="both periodic resyncs (FelixConfiguration routeRefreshInterval, nftablesRefreshInterval)")
-    p.add_argument("--orphan-grace", type=float, default=env.get("FELIX_ORPHANGRACE", str(DEFAULT_ORPHAN_GRACE)),
-                   metavar="SECONDS", help="release a local attachment whose host veth has been gone this long "
-                   "(the runtime never sent DEL); default %(default)s")
-    p.add_argument("--endpoints", help="etcd endpoints (ETCD_ENDPOINTS)")
-    p.add_argument("--ca-cert", help="etcd CA certificate (ETCD_CA_CERT_FILE)")
-    p.add_argument("--cert", help="client certificate (ETCD_CERT_FILE)")
-    p.add_argument("--key", help="client key (ETCD_KEY_FILE)")
-    p.add_argument("--config", type=Path, help="a YAML or JSON file of the same options")
-    p.add_argument("--log-level", help="FelixConfiguration logSeverityScreen (default Info)")
-    p.add_argument("--log-format", choices=("text", "json"), default=env.get("FELIX_LOGFORMAT", "text"))
-    args = p.parse_args(argv)
-    # Where each flag that overrides a FelixConfiguration field got its value (felix_agent.calc.settings
-    # layers them): the command line, the --config file, or the flag's own environment variable.
-    args.given = {attr: f"flag --{attr.replace('_', '-')}" for attr in _LAYERED_FLAGS
-                  if getattr(args, attr) is not None}
-    if args.config:
-        import yaml
-
-        try:
-            values = yaml.safe_load(args.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            p.error(f"cannot read {args.config}: {e}")
-        for key, value in values.items():
-            attr = key.replace("-", "_")
-            if not hasattr(args, attr):
-                p.error(f"{args.config}: unknown option {key!r}")
-            setattr(args, attr, value)
-            if attr in _LAYERED_FLAGS:
-                args.given[attr] = f"{args.config} ({key})"
-    args.legacy_env = {}
-    for attr, variable in _LAYERED_FLAGS.items():
-        if attr not in args.given and env.get(variable):
-            setattr(args, attr, env[variable])
-            args.legacy_env[attr] = f"env {variable}"
-    try:
-        args.resync_interval = float(args.resync_interval) if args.resync_interval is not None else None
-    except ValueError:
-        p.error(f"--resync-interval: {args.resync_interval!r} is not a number of seconds")
-    try:
-        args.orphan_grace = float(args.orphan_grace)
-    except (TypeError, ValueError):
-        p.error(f"--orphan-grace: {args.orphan_grace!r} is not a number of seconds")
-    if not args.orphan_grace >= 0:
-        p.error("--orphan-grace cannot be negative")
-    return args
-
-
-# Flags (attribute → its own environment variable) that override FelixConfiguration fields.
-_LAYERED_FLAGS = {"log_level": "FELIX_LOGLEVEL", "resync_interval": "FELIX_RESYNCINTERVAL",
-                  "health_listen": "FELIX_HEALTHLISTEN", "metrics_listen": "FELIX_METRICSLISTEN"}
 HANDOVER_FD = "TORTIE_CNI_LISTEN_FD"  # the CNI socket handed across a re-exec (CNIService.handover)
-
-
-def override_layers(args: argparse.Namespace, environ: Mapping[str, str]) -> list[Layer]:
-    """The layers above the datastore, lowest first: the flags' own environment variables (the
-    names Tortie had before FelixConfiguration), Calico's FELIX_<FIELDNAME>, the flags. Raises
-    ValidationError naming the flag or variable of a value its field refuses."""
-    def layer(origins: Mapping[str, str]) -> Layer:
-        values: dict[str, Any] = {}
-        where: dict[str, str] = {}
-        for attr, origin in origins.items():
-            raw = getattr(args, attr)
-            if attr == "log_level":
-                raw = {"warn": "Warning", "critical": "Fatal"}.get(str(raw).lower(), raw)
-                fields = {"log_severity_screen": raw}
-            elif attr == "resync_interval":
-                fields = {"route_refresh_interval": f"{raw:g}s", "nftables_refresh_interval": f"{raw:g}s"}
-            else:
-                port = str(raw).rpartition(":")[2]
-                fields = {"health_port" if attr == "health_listen" else "prometheus_metrics_port": port}
-            for name, value in fields.items():
-                values[name] = check_value(name, value, origin)
-                where[name] = origin
-        return Layer(values, where)
-
-    return [layer(args.legacy_env), environment_layer(environ), layer(args.given)]
-
-
-def _listen(flag: str | None, port: int) -> str:
-    """ADDR:PORT: the flag's address (default 127.0.0.1) with the port in force."""
-    host = flag.rpartition(":")[0] if flag and ":" in flag else "127.0.0.1"
-    return f"{host}:{port}"
 
 
 class _JSONFormatter(logging.Formatter):
@@ -485,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     live = LiveConfig(args.nodename, layers, args.state_dir / CACHE_NAME)
     # Before the datastore answers: the last FelixConfiguration seen (cached), under env and flags.
     start = live.started.spec
-    args.health_listen = _listen(args.health_listen, int(start.health_port or 9099))
-    args.metrics_listen = _listen(args.metrics_listen, int(start.prometheus_metrics_port or 9091))
+    args.health_listen = listen_address(args.health_listen, int(start.health_port or 9099))
+    args.metrics_listen = listen_address(args.metrics_listen, int(start.prometheus_metrics_port or 9091))
     handler = logging.StreamHandler()
     if args.log_format == "json":
         handler.setFormatter(_JSONFormatter())

@@ -29,9 +29,9 @@ from felix_agent.calc.settings import (
     route_refresh_seconds,
 )
 from felix_agent.calc.snapshot import Snapshot
+from felix_agent.command_line import override_layers, parse_args
 from felix_agent.live_config import CACHE_NAME, Hooks, LiveConfig, python_level
 from felix_agent.loop import DataplaneLoop
-from felix_agent.main import override_layers, parse_args
 from felix_agent.metrics import Metrics
 
 
