@@ -8,6 +8,7 @@ health page answers on, pings between pods, and connections to the CNI socket ac
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -133,6 +134,32 @@ def test_env_beats_node_and_default_and_the_start_up_line_says_so(cluster: Clust
         cluster.start_agent(1)  # without the variable again
         cluster.wait_ready(1)
     wait_for(lambda: vxlan_mtu(cluster, 1) == 1450, 15, "node 1's MTU back to the underlay's")
+
+
+def block_of(address: str) -> str:
+    return str(ipaddress.ip_network(f"{address}/26", strict=False))
+
+
+def test_refresh_intervals_applied_live(cluster: ClusterLab, pods: dict[int, Pod]) -> None:
+    """The agents start with Calico's periods (90 s routes, 180 s nftables): set to 1 s live, an
+    out-of-band deletion of a route and of the whole table is repaired within seconds."""
+    pid = cluster.agents[1]
+    try:
+        cluster.apply(felixconfig("default", routeRefreshInterval="1s", nftablesRefreshInterval="1s"))
+        wait_for(lambda: "nftablesRefreshInterval = '1s'" in cluster.agent_output(1), 15, "the change on node 1")
+        block = block_of(v4(pods[2]))
+        route = cluster.route_to(1, block)
+        assert "vxlan.tortie" in route
+        cluster.exec(1, "ip", "route", "del", block)
+        wait_for(lambda: cluster.route_to(1, block) == route, 10, "the route resync to restore the route",
+                 interval=0.2)
+        cluster.nft(1, "delete", "table", "inet", "tortie")
+        wait_for(lambda: cluster.nft(1, "list", "table", "inet", "tortie", check=False).returncode == 0, 10,
+                 "the nftables resync to restore the table", interval=0.2)
+        assert cluster.agents[1] == pid
+    finally:
+        _delete(cluster, "default")
+    wait_for(lambda: cluster.can_ping(pods[1], pods[2]), 10, "pod1 to reach pod2")
 
 
 def _replies(out: Path) -> list[int]:
