@@ -36,6 +36,7 @@ from felix_agent.calc.settings import (
     nftables_refresh_seconds,
     route_refresh_seconds,
     settings,
+    use_overrides,
 )
 from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
 from felix_agent.calc.wireguard import with_wireguard
@@ -104,6 +105,7 @@ class Agent:
     def __init__(self, args: argparse.Namespace, live: LiveConfig | None = None) -> None:
         self.args = args
         self.live = live if live is not None else LiveConfig(args.nodename, [], args.state_dir / CACHE_NAME)
+        use_overrides(self.live.layers)  # every settings(snapshot, node) reader gets env and flags
         self.live.hooks = Hooks(log_level=logging.getLogger().setLevel, resync=self._set_resync,
                                 restart=self._restart)
         self.reexec = False  # set when a setting that needs a restart changed: run() ends for an exec

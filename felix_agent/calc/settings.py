@@ -11,7 +11,9 @@ setting does to the agent (and whether a change needs a restart) is ``felix_agen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,10 @@ from datastore.model import decode_fields, json_name
 from felix_agent.calc.snapshot import FELIX_CONFIGURATION, Snapshot
 
 ENV_PREFIX = "FELIX_"
+# This process's layers above the datastore (environment, flags), set once at the agent's start
+# (:func:`use_overrides`): every ``settings(snapshot, node)`` caller (a calculation reading its
+# field) gets them without being handed them. Empty in tests and tools.
+_overrides: tuple[Layer, ...] = ()
 FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(FelixConfigurationSpec)
 JSON_NAMES: dict[str, str] = {f.name: json_name(f) for f in FIELDS}  # field → its document name
 BUILT_IN = "built-in default"
@@ -56,6 +62,12 @@ class Settings:
         return self.sources.get(name, BUILT_IN)
 
 
+def use_overrides(layers: Sequence[Layer]) -> None:
+    """Make ``layers`` this process's overrides (the agent, once, before its loop starts)."""
+    global _overrides
+    _overrides = tuple(layers)
+
+
 def env_name(name: str) -> str:
     """The environment variable of field ``name`` (``log_severity_screen`` → FELIX_LOGSEVERITYSCREEN)."""
     return ENV_PREFIX + JSON_NAMES[name].upper()
@@ -77,14 +89,25 @@ def environment_layer(environ: Mapping[str, str]) -> Layer:
 
 
 def check_value(name: str, raw: Any, where: str) -> Any:
-    """``raw`` decoded as field ``name`` takes it and validated; errors name ``where``."""
+    """``raw`` decoded as field ``name`` takes it and validated; errors name ``where``. A string
+    for a list or mapping field may be JSON, or (Calico's environment format for lists) a
+    comma-separated list: each reading is tried, the first one's error is reported."""
     document = JSON_NAMES[name]
-    try:
-        spec = decode_fields(FelixConfigurationSpec, {document: raw}, "spec")
-        spec.validate("spec")
-    except ValidationError as e:
-        raise ValidationError(f"{where}={raw!r}: {str(e).removeprefix('spec.')}") from None
-    return getattr(spec, name)
+    readings: list[Any] = [raw]
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError):
+            readings.append(json.loads(raw))
+        readings.append([part.strip() for part in raw.split(",") if part.strip()])
+    first: ValidationError | None = None
+    for reading in readings:
+        try:
+            spec = decode_fields(FelixConfigurationSpec, {document: reading}, "spec")
+            spec.validate("spec")
+            return getattr(spec, name)
+        except ValidationError as e:
+            first = first or e
+    assert first is not None
+    raise ValidationError(f"{where}={raw!r}: {str(first).removeprefix('spec.')}") from None
 
 
 def resolve(default: FelixConfigurationSpec | None, node: FelixConfigurationSpec | None, nodename: str,
@@ -108,7 +131,7 @@ def resolve(default: FelixConfigurationSpec | None, node: FelixConfigurationSpec
             if len(setters) > 1:
                 beaten[f.name] = tuple(label for label, _ in reversed(setters[:-1]))
         else:
-            values[f.name] = DEFAULTS[f.name]
+            values[f.name] = DEFAULTS.get(f.name)
     return Settings(FelixConfigurationSpec(**values), sources, beaten)
 
 
@@ -118,12 +141,14 @@ def resources(snapshot: Snapshot, nodename: str) -> tuple[FelixConfigurationSpec
     return by_name.get(DEFAULT_NAME), by_name.get(node_name(nodename))
 
 
-def from_snapshot(snapshot: Snapshot, nodename: str, layers: Sequence[Layer] = ()) -> Settings:
-    return resolve(*resources(snapshot, nodename), nodename, layers)
+def from_snapshot(snapshot: Snapshot, nodename: str, layers: Sequence[Layer] | None = None) -> Settings:
+    """The settings in force on ``nodename``; ``layers`` None: this process's overrides."""
+    return resolve(*resources(snapshot, nodename), nodename, _overrides if layers is None else layers)
 
 
-def settings(snapshot: Snapshot, nodename: str, layers: Sequence[Layer] = ()) -> FelixConfigurationSpec:
-    """The FelixConfiguration in force on ``nodename`` (every field set)."""
+def settings(snapshot: Snapshot, nodename: str, layers: Sequence[Layer] | None = None) -> FelixConfigurationSpec:
+    """The FelixConfiguration in force on ``nodename`` (every field set), with this process's
+    environment and flag overrides unless ``layers`` are given."""
     return from_snapshot(snapshot, nodename, layers).spec
 
 

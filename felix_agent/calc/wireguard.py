@@ -23,8 +23,8 @@ FWMARK = 0x100000  # the bit WireGuard's own UDP carries (Calico takes one of it
 __all__ = ["FWMARK", "settings", "wireguard", "with_wireguard"]  # settings: its home is calc.settings
 
 
-def wireguard(snapshot: Snapshot, node: str, layers: Sequence[Layer] = ()) -> WireGuard:
-    """The WireGuard part of ``node``'s state; ``layers``: the environment and flag overrides."""
+def wireguard(snapshot: Snapshot, node: str, layers: Sequence[Layer] | None = None) -> WireGuard:
+    """The WireGuard part of ``node``'s state; ``layers``: the overrides (None: this process's)."""
     config = settings(snapshot, node, layers)
     if not config.wireguard_enabled:
         return WireGuard(enabled=False, interface=str(config.wireguard_interface_name))
@@ -55,6 +55,6 @@ def wireguard(snapshot: Snapshot, node: str, layers: Sequence[Layer] = ()) -> Wi
                      FWMARK, int(config.wireguard_persistent_keepalive or 0), frozenset(peers))
 
 
-def with_wireguard(state: DesiredState, snapshot: Snapshot, layers: Sequence[Layer] = ()) -> DesiredState:
+def with_wireguard(state: DesiredState, snapshot: Snapshot, layers: Sequence[Layer] | None = None) -> DesiredState:
     """``state`` with its WireGuard part computed from ``snapshot`` (the agent's hook after the graph)."""
     return replace(state, wireguard=wireguard(snapshot, state.node, layers))

@@ -238,3 +238,17 @@ def test_a_bad_override_stops_the_agent_with_one_line(monkeypatch: pytest.Monkey
     err = capsys.readouterr().err
     assert err.startswith("felix-agent: FELIX_NFTABLESREFRESHINTERVAL='1 minute': nftablesRefreshInterval")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_process_overrides_reach_every_settings_reader() -> None:
+    from felix_agent.calc.settings import settings, use_overrides
+    from felix_agent.calc.wireguard import wireguard
+
+    snap = Snapshot.of([config("default", wireguard_enabled=False, vxlan_mtu=1400)], [])
+    try:
+        use_overrides([environment_layer({"FELIX_WIREGUARDENABLED": "true", "FELIX_VXLANMTU": "1300"})])
+        assert settings(snap, "n1").vxlan_mtu == 1300 and wireguard(snap, "n1").enabled
+        assert settings(snap, "n1", []).vxlan_mtu == 1400  # explicit layers: only those
+    finally:
+        use_overrides([])
+    assert not wireguard(snap, "n1").enabled
