@@ -148,6 +148,11 @@ class Agent:
             self.loop.set_resync_interval(routes)
             self.loop.set_resync_interval(nftables, self._nft_managers)
 
+    def terminate(self) -> None:
+        """SIGTERM or SIGINT: stop, and do not re-execute even if a restart was pending."""
+        self.reexec = False
+        self.stopping.set()
+
     def _restart(self, fields: Sequence[str]) -> None:
         """A setting that needs a restart changed: end run() so that main() re-executes the agent."""
         self.reexec = True
@@ -396,10 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         agent = Agent(args, live)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: agent.stopping.set())
+            signal.signal(sig, lambda *_: agent.terminate())
         code = agent.run()
         if agent.reexec:
             reexec(agent.handover_fd)
+        if agent.handover_fd is not None:  # told to stop while it was handing over: stop as asked
+            os.close(agent.handover_fd)
+            Path(args.cni_socket).unlink(missing_ok=True)
         return code
     except (ConfigError, DatastoreError, KeyFileError) as e:
         print(f"felix-agent: {e}", file=sys.stderr)
