@@ -155,6 +155,8 @@ class Agent:
 
     def _restart(self, fields: Sequence[str]) -> None:
         """A setting that needs a restart changed: end run() so that main() re-executes the agent."""
+        if self.stopping.is_set():
+            return  # stopping anyway (SIGTERM): a new image is not wanted
         self.reexec = True
         self.stopping.set()
 
