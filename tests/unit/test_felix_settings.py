@@ -252,3 +252,52 @@ def test_the_process_overrides_reach_every_settings_reader() -> None:
     finally:
         use_overrides([])
     assert not wireguard(snap, "n1").enabled
+
+
+class Underlay:
+    """The MTU managers' view of the kernel: one underlay interface, and tunl0 to be sized."""
+
+    def __init__(self, mtu: int = 1500) -> None:
+        from kernel.rtnl import Link
+
+        self.eth0 = Link(2, "eth0", None, mtu, None, True)
+        self.tunl0 = Link(3, "tunl0", "ipip", 1480, None, True)
+        self.set_mtus: list[int] = []
+
+    def address_link(self, address: str) -> Any:
+        return self.eth0
+
+    def default_route_link(self) -> Any:
+        return self.eth0
+
+    def link(self, name: str) -> Any:
+        return self.tunl0 if name == "tunl0" else None
+
+    def set_link(self, index: int, *, mtu: int | None = None, mac: str | None = None, up: bool | None = None) -> None:
+        if mtu is not None:
+            self.set_mtus.append(mtu)
+
+    def addresses(self, index: int) -> set[str]:
+        return set()
+
+
+def test_tunnel_mtus_size_the_devices_and_the_cni_file(tmp_path: Path) -> None:
+    from felix_agent.calc.model import VXLANPeer
+    from felix_agent.dataplane.ipip import IPIPManager
+    from felix_agent.dataplane.mtu import MTUManager
+
+    vtep = VXLANPeer("n1", "198.18.0.11", "10.244.0.0", "66:00:00:00:00:01")
+    kernel = Underlay()
+    mtu = MTUManager(kernel, path=tmp_path / "mtu")
+    for state, want in ((DesiredState("n1", local_vtep=vtep), 1450),  # 1500 - VXLAN's 50
+                        (DesiredState("n1", local_vtep=vtep, vxlan_mtu=1400), 1400),
+                        (DesiredState("n1", local_vtep=vtep, ipip_enabled=True, vxlan_mtu=1400), 1400),
+                        (DesiredState("n1", local_vtep=vtep, ipip_enabled=True, vxlan_mtu=1460, ipip_mtu=1300), 1300),
+                        (DesiredState("n1", ipip_enabled=True), 1480)):
+        mtu.on_update(state)
+        mtu.apply()
+        assert int((tmp_path / "mtu").read_text()) == want, state
+    ipip = IPIPManager(kernel, underlay_ip="198.18.0.11")
+    ipip.on_update(DesiredState("n1", ipip_enabled=True, ipip_mtu=1400))
+    ipip.apply()
+    assert kernel.set_mtus == [1400]
