@@ -100,6 +100,24 @@ class LiveConfig:
         self._announced = False
         self._restarting = False
 
+    def needs_restart(self, default: FelixConfigurationSpec | None, node: FelixConfigurationSpec | None) -> list[str]:
+        """The datastore's resources, read once at start before anything is served: cache them, and
+        return the fields whose value differs from what this process bound (its cache was missing
+        or stale), so that the agent re-executes before it serves or programs anything."""
+        if (default, node) != self._stored:
+            try:
+                write_cache(self.cache, default, node)
+                self._stored = (default, node)
+            except OSError as e:
+                log.warning("could not cache the FelixConfiguration in %s: %s", self.cache, e)
+                return []  # a re-exec would start from the same stale values: keep what is bound
+        now = resolve(default, node, self.node, self.layers)
+        restart = [name for name in RESTART if getattr(now.spec, name) != getattr(self.started.spec, name)]
+        for name in restart:
+            log.warning("felix configuration: %s, but %r is bound (no cached configuration yet): re-executing "
+                        "before serving", describe(now, name), getattr(self.started.spec, name))
+        return restart
+
     def resolve(self, view: Snapshot) -> Settings:
         """The settings ``view`` puts in force (pure: for the calculation hook)."""
         return resolve(*resources(view, self.node), self.node, self.layers)

@@ -25,6 +25,7 @@ from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable, ValidationError
 from datastore.etcd import EtcdClient
+from datastore.felixconfig import DEFAULT_NAME, FelixConfiguration, node_name
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, WorkloadEndpoint
 from datastore.store import ResourceStore
@@ -302,6 +303,16 @@ class Agent:
                 Gated(MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
                       lambda s: (s.local_vtep, s.ipip_enabled, s.mtu, s.vxlan_mtu, s.ipip_mtu))]
 
+    def _bound_differently(self, store: ResourceStore) -> bool:
+        """Whether the datastore's FelixConfiguration moves a port this process has bound (a first
+        start, or a change while the agent was down): then run() ends for a re-exec at once."""
+        default, mine = (store.get(FelixConfiguration, name) for name in (DEFAULT_NAME, node_name(self.node)))
+        if not self.live.needs_restart(default.spec if default else None, mine.spec if mine else None):
+            return False
+        self.reexec = True
+        self.handover_fd = self.cni.inherited_fd  # not adopted yet: the next image adopts it
+        return True
+
     def _start_up(self, client: EtcdClient, node_ip: str | None) -> bool:
         """Register the node and repair crashed ADDs, waiting (live, not ready) for a datastore that
         is not there yet, as Felix does. False when told to stop meanwhile."""
@@ -310,6 +321,8 @@ class Agent:
             try:
                 store = ResourceStore(client)
                 register_node(store, self.node, node_ip)
+                if self._bound_differently(store):
+                    return False
                 ensure_vtep(IPAM(client), store, self.node)
                 cleanup(client, self.node)
                 return True

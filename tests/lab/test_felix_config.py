@@ -255,6 +255,26 @@ def test_a_port_change_re_executes_the_agent_without_losing_a_ping(cluster: Clus
     assert cluster.agents[1] == pid
 
 
+def test_a_port_set_while_the_agent_was_down_re_executes_before_serving(cluster: ClusterLab) -> None:
+    """No cached configuration (a first start), a healthPort in the datastore: the agent re-executes
+    once, right after reading it, before its CNI socket or dataplane, and answers on that port."""
+    name = node_config(cluster, 2)
+    cluster.stop_agent(2)
+    try:
+        (cluster.node_dir(2) / "felixconfig.json").unlink(missing_ok=True)
+        cluster.apply(felixconfig(name, healthPort=9299))
+        pid = cluster.start_agent(2)
+        wait_for(lambda: cluster.http(2, "/readiness", port=9299).status == 200, 30, "readiness on 9299",
+                 describe=lambda: cluster.agent_output(2)[-3000:])
+        output = cluster.agent_output(2)
+        assert cluster.agents[2] == pid and output.count("re-executing felix-agent") == 1
+        assert output.index("re-executing felix-agent") < output.index("CNI service listening")
+        assert output.count("felix-agent started on node") == 1
+    finally:
+        _delete(cluster, name)
+    wait_for(lambda: cluster.readiness(2) == 200, 30, "readiness on 9099 again")
+
+
 def test_netctl_get_apply_delete_and_one_line_errors(cluster: ClusterLab) -> None:
     name = node_config(cluster, 2)
     try:
