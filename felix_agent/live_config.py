@@ -130,7 +130,7 @@ class LiveConfig:
             try:
                 write_cache(self.cache, *stored)
                 self._stored = stored
-            except OSError as e:  # the next re-exec starts from older values, then restarts once more
+            except OSError as e:
                 log.warning("could not cache the FelixConfiguration in %s: %s", self.cache, e)
         old, self.current = self.current, new
         if not self._announced:
@@ -143,6 +143,11 @@ class LiveConfig:
         restart = [name for name in RESTART if getattr(new.spec, name) != getattr(self.started.spec, name)]
         if restart and not self._restarting and self.hooks is not None:
             self._restarting = True
+            if stored != self._stored:  # uncached: a new image would bind the old port and re-exec again
+                log.error("felix configuration: %s needs a restart, but the configuration could not be "
+                          "cached in %s: restart the agent once the state directory is writable",
+                          ", ".join(describe(new, name) for name in restart), self.cache)
+                return
             for name in restart:
                 log.warning("felix configuration: %s changed from %r; it needs a restart (%s): re-executing",
                             describe(new, name), getattr(self.started.spec, name), RESTART[name])

@@ -301,3 +301,12 @@ def test_tunnel_mtus_size_the_devices_and_the_cni_file(tmp_path: Path) -> None:
     ipip.on_update(DesiredState("n1", ipip_enabled=True, ipip_mtu=1400))
     ipip.apply()
     assert kernel.set_mtus == [1400]
+
+
+def test_no_re_exec_when_the_configuration_cannot_be_cached(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    seen = Recorder()
+    live = LiveConfig("n1", [], blocker / CACHE_NAME, seen.hooks())  # the cache's directory is a file
+    live.on_view(Snapshot.of([config("default", health_port=9199)], []))
+    assert seen.restarts == []  # a new image would bind 9099 again and re-exec for ever
