@@ -57,7 +57,8 @@ from typing import Any
 
 from bgp import exabgp, outbound
 from bgp.announced import Announcements
-from bgp.api_process import Channel, ExaBGPProcess
+from bgp.api_process import ExaBGPProcess
+from bgp.channel import Channel
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.passwords import with_keys
 from bgp.received import PeerInfo, RouteCallback
