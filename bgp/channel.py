@@ -96,6 +96,7 @@ class Channel:
         self.on_line, self.on_hello, self.on_lost = on_line, on_hello, on_lost
         self.on_batch = on_batch or (lambda: None)
         self._conn: _Conn | None = None
+        self.read_at = 0.0  # monotonic time the read being handed over returned (bgp.trace)
         self._send_lock = threading.Lock()
         self._closing = False
         self._selector = selectors.DefaultSelector()
@@ -175,6 +176,7 @@ class Channel:
             data, fds, _, _ = socket.recv_fds(conn.sock, CHUNK, 2)
         except OSError:
             data, fds = b"", []
+        self.read_at = time.monotonic()
         conn.fds += fds
         if not data:
             self._gone(conn, conns)
@@ -231,6 +233,7 @@ class Channel:
             return
         except OSError:
             data = b""
+        self.read_at = time.monotonic()
         if not data:  # ExaBGP closed it: it or its API process is gone
             self._gone(conn, conns)
             return

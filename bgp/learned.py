@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bgp import trace
 from bgp.model import SessionStatus, address, canonical, network
 from kernel.netlink import KernelError
 from kernel.rtnl import IPIP_FALLBACK_DEVICE as IPIP_DEVICE
@@ -253,6 +254,8 @@ class LearnedRoutes:
         with self._lock:
             for (action, route), error in zip(ops, errors, strict=True):
                 self._record(action, route, error)
+        if trace.on():
+            trace.mark("kernel", [r.dst for (a, r), e in zip(ops, errors, strict=True) if a != "delete" and e is None])
 
     def _record(self, action: str, route: KernelRoute, error: KernelError | None) -> None:
         """What one write did (under ``_lock``)."""

@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bgp import exabgp, outbound
+from bgp import exabgp, outbound, trace
 from bgp.announced import Announcements
 from bgp.api_process import ExaBGPProcess
 from bgp.channel import Channel
@@ -305,6 +305,10 @@ class Speaker(Announcements):
                 self._peers[event.peer] = PeerInfo(event.router_id, event.restart_time, event.families)
             elif isinstance(event, exabgp.UpdateEvent):
                 self._on_update(event)
+                if trace.on() and self._channel is not None:
+                    prefixes = [p for p, _ in event.announced]
+                    trace.mark("read", prefixes, self._channel.read_at)
+                    trace.mark("parsed", prefixes)
             elif isinstance(event, exabgp.EndOfRib):
                 self._later(self.on_end_of_rib, event.peer, event.family)
                 if self._reflector is not None:

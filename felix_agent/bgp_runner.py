@@ -10,10 +10,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bgp import trace
 from bgp.config import exports, speaker_config
 from bgp.learned import LearnedRoutes
 from bgp.model import SessionStatus, SpeakerConfig, network
@@ -37,8 +39,10 @@ STATUS_EVERY = 5.0
 
 
 class BGPRunner:
-    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None) -> None:
+    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None, trace_dir: Path | None = None) -> None:
         self.node = node
+        if trace_dir is not None:
+            trace.enable(trace_dir, node)
         self.client = client
         self._pools: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = ()  # cidr, ipipMode
         self._revision = -1  # of the newest datastore view applied
@@ -79,9 +83,9 @@ class BGPRunner:
         now, rather than after the dataplane loop has applied whatever it was applying (a policy
         transaction can take tens of milliseconds). The loop's ``update`` later sees nothing new."""
         if not INPUT_KINDS.isdisjoint(kinds):
-            self.update(snapshot)
+            self.update(snapshot, seen_at=time.monotonic())
 
-    def update(self, snapshot: Snapshot) -> None:
+    def update(self, snapshot: Snapshot, seen_at: float | None = None) -> None:
         """A new datastore view: reconfigure the speaker when its sessions change, announce the
         difference in this node's exports. A view no newer than one already applied is ignored:
         the dataplane loop's copy after the syncer's thread applied the same revision (nothing to
@@ -98,7 +102,7 @@ class BGPRunner:
             if config != self._config:
                 self.speaker.configure(config)
                 self._config = config
-            self.speaker.announce(exports(snapshot, self.node))
+            self.speaker.announce(exports(snapshot, self.node), seen_at)
             self._revision = snapshot.revision
 
     def _install(self) -> None:

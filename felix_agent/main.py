@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bgp", action=argparse.BooleanOptionalAction,
                    default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
                    help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
+    p.add_argument("--bgp-trace", type=Path, metavar="DIR", default=None,
+                   help="append per-step BGP timestamps to DIR/<node>.trace (bgp.trace; for the benchmark)")
     p.add_argument("--resync-interval", type=float, default=float(env.get("FELIX_RESYNCINTERVAL", "90")))
     p.add_argument("--orphan-grace", type=float, default=env.get("FELIX_ORPHANGRACE", str(DEFAULT_ORPHAN_GRACE)),
                    metavar="SECONDS", help="release a local attachment whose host veth has been gone this long "
@@ -330,7 +332,7 @@ class Agent:
             if not self._start_up(client, node_ip):
                 return 0
             if self.args.bgp:
-                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
+                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace)
                 self.bgp.start()
             self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,
                                       feeds=[self.publish_wireguard_key, *([self.bgp.update] if self.bgp else [])],
