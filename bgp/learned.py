@@ -32,12 +32,12 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bgp import trace
-from bgp.model import SessionStatus, address, canonical, network
+from bgp.model import SessionStatus, address, canonical, ipv4_prefix, network
 from kernel.netlink import KernelError
 from kernel.rtnl import IPIP_FALLBACK_DEVICE as IPIP_DEVICE
 from kernel.rtnl import KernelRoute, write_each
@@ -124,16 +124,28 @@ class LearnedRoutes:
 
     def on_route(self, peer: str, prefix: str, next_hop: str | None, withdrawn: bool,
                  attrs: Mapping[str, Any]) -> None:
-        prefix = canonical(prefix)
+        self.on_routes([(peer, prefix, next_hop, withdrawn, attrs)])
+
+    def on_routes(self, changes: Iterable[tuple[str, str, str | None, bool, Mapping[str, Any]]]) -> None:
+        """``on_route`` for many: one lock and one wake-up for the paths of a read of UPDATEs
+        (``Speaker(on_routes=...)``), and one look at each UPDATE's attributes."""
+        ranks: dict[int, tuple[int, int]] = {}  # id(attrs) -> (local pref, AS path length)
         with self._lock:
-            paths = self._paths.setdefault(prefix, {})
-            if withdrawn or next_hop is None:
-                paths.pop(peer, None)
-            else:
-                paths[peer] = Path(next_hop, int(attrs.get("local-preference", 100)), _as_path_len(attrs))
-            if not paths:
-                del self._paths[prefix]
-            self._touch(prefix)
+            for peer, prefix, next_hop, withdrawn, attrs in changes:
+                prefix = canonical(prefix)
+                paths = self._paths.setdefault(prefix, {})
+                if withdrawn or next_hop is None:
+                    paths.pop(peer, None)
+                else:
+                    rank = ranks.get(id(attrs))
+                    if rank is None:
+                        rank = ranks[id(attrs)] = (int(attrs.get("local-preference", 100)), _as_path_len(attrs))
+                    paths[peer] = Path(next_hop, *rank)
+                if not paths:
+                    del self._paths[prefix]
+                self._changed.add(prefix)
+                self._failed.discard(prefix)  # a new path may well be installable
+            self._touch()
 
     def on_session(self, status: SessionStatus, restart_time: int = 0) -> None:
         """A session changed state; ``restart_time`` is the restart time the peer advertised in
@@ -289,7 +301,7 @@ class LearnedRoutes:
             nh = address(next_hop)
         except ValueError:
             return None
-        if nh.version != network(prefix).version:
+        if nh.version != (6 if ":" in prefix else 4):
             return None  # a next hop of the other family (RFC 5549) is not supported
         link = next((c for c in connected if nh in c.network), None)
         encap = self.encap_for(prefix)
@@ -398,6 +410,11 @@ def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
 
 
 def _in_underlay(prefix: str, connected: list[_Connected]) -> bool:
+    parsed = ipv4_prefix(prefix)
+    if parsed is not None:  # without ipaddress: called for every prefix of a large table
+        value, length = parsed
+        return any(c.network.version == 4 and length >= (bits := c.network.prefixlen)
+                   and value >> (32 - bits) == int(c.network.network_address) >> (32 - bits) for c in connected)
     net = network(prefix)
     return any(net.version == c.network.version and net.subnet_of(c.network) for c in connected)  # type: ignore[arg-type]
 

@@ -9,7 +9,8 @@
   accept (``bgp.outbound``); a peer whose session comes up gets all of them again (ExaBGP keeps
   no Adj-RIB-Out across sessions and gives API routes to no neighbor added later), then
   End-of-RIB (``manual-eor``), after what a reflector reflects to it.
-- what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)``, session changes
+- what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)`` (or, given
+  ``on_routes``, one call with the list of those of a read of ExaBGP's output), session changes
   ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``; ``on_batch()``
   follows the callbacks of each read of ExaBGP's output (where the kernel is written at once). A looped path (our
   router ID as ORIGINATOR_ID, our cluster ID in CLUSTER_LIST, our AS in an eBGP AS_PATH) counts
@@ -67,6 +68,7 @@ from bgp.reflector import Reflector
 log = logging.getLogger(__name__)
 
 SessionCallback = Callable[[SessionStatus], None]
+RoutesCallback = Callable[[list[tuple[Any, ...]]], None]  # [(peer, prefix, next hop, withdrawn, attrs)]
 EndOfRibCallback = Callable[[str, str], None]
 
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
@@ -89,13 +91,15 @@ class SpeakerMetrics:
 class Speaker(Announcements):
     def __init__(self, state_dir: str | Path, *, on_route: RouteCallback | None = None,
                  on_session: SessionCallback | None = None, on_end_of_rib: EndOfRibCallback | None = None,
-                 on_batch: Callable[[], None] | None = None, exabgp_bin: str | None = None,
+                 on_batch: Callable[[], None] | None = None, on_routes: RoutesCallback | None = None,
+                 exabgp_bin: str | None = None,
                  python: str | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.on_route = on_route or (lambda *a: None)
         self.on_session = on_session or (lambda s: None)
         self.on_end_of_rib = on_end_of_rib or (lambda p, f: None)
         self.on_batch = on_batch or (lambda: None)
+        self.on_routes = on_routes
         self.python = python or sys.executable
         self._exabgp = ExaBGPProcess(exabgp_bin or str(Path(sys.executable).parent / "exabgp"), self.state_dir,
                                      self.state_dir / exabgp.CONFIG_FILE, self.state_dir / exabgp.PID_FILE,
@@ -420,6 +424,13 @@ class Speaker(Announcements):
     # -- callbacks: queued under the lock, made outside it, in order ----------------------------
 
     def _later(self, fn: Callable[..., None], *args: Any) -> None:
+        if fn is self.on_route and self.on_routes is not None:
+            # One call for the routes of a read of UPDATEs, not one per prefix (10,000 of them).
+            if self._pending and self._pending[-1][0] is self.on_routes:
+                self._pending[-1][1][0].append(args)
+            else:
+                self._pending.append((self.on_routes, ([args],)))
+            return
         self._pending.append((fn, args))
 
     def _fire(self) -> None:

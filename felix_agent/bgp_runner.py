@@ -52,7 +52,8 @@ class BGPRunner:
         self._status_dirty = threading.Event()
         self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
-                               on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install)
+                               on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install,
+                               on_routes=self.learned.on_routes)
         self._lease: Lease | None = None
         self._thread = threading.Thread(target=self._publish, name="bgp-status", daemon=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bgp import exabgp
-from bgp.api_process import Channel, relay_message
+from bgp.channel import Channel, relay_message
 from bgp.exabgp import ConfigError, EndOfRib, OpenEvent, StateEvent, UpdateEvent
 from bgp.model import CLIENT, EXTERNAL, MESH, REFLECTOR, Peer, SpeakerConfig
 from bgp.reflector import Received, Reflector
