@@ -167,6 +167,8 @@ class Speaker(Announcements):
                 info = self._peers.get(p.address, PeerInfo())
                 up = status.state == "Established"
                 sent = len(outbound.for_peer(outbound.export_filters(p), self._exports)) if up else 0
+                if up and self._reflector is not None:  # what we reflect to it is sent too
+                    sent += self._reflector.sent_count(p.address)
                 out.append(replace(status, filters=tuple(f.name for f in p.options.filters),
                                    received=len(info.announced), accepted=len(info.routes),
                                    sent=sent))
