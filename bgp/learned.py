@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bgp import trace
-from bgp.model import SessionStatus, address, canonical, ipv4_prefix, network
+from bgp.model import SessionStatus, address, canonical, ipv4_prefix, ipv4_within, network
 from kernel.netlink import KernelError
 from kernel.rtnl import IPIP_FALLBACK_DEVICE as IPIP_DEVICE
 from kernel.rtnl import KernelRoute, write_each
@@ -412,9 +412,7 @@ def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
 def _in_underlay(prefix: str, connected: list[_Connected]) -> bool:
     parsed = ipv4_prefix(prefix)
     if parsed is not None:  # without ipaddress: called for every prefix of a large table
-        value, length = parsed
-        return any(c.network.version == 4 and length >= (bits := c.network.prefixlen)
-                   and value >> (32 - bits) == int(c.network.network_address) >> (32 - bits) for c in connected)
+        return any(ipv4_within(parsed, c.network) for c in connected)
     net = network(prefix)
     return any(net.version == c.network.version and net.subnet_of(c.network) for c in connected)  # type: ignore[arg-type]
 

@@ -112,6 +112,13 @@ def ipv4_prefix(prefix: str) -> tuple[int, int] | None:
     return int.from_bytes(socket.inet_aton(text)), int(length)
 
 
+def ipv4_within(parsed: tuple[int, int], net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Whether the prefix ``ipv4_prefix`` gave is inside ``net``."""
+    value, length = parsed
+    bits = net.prefixlen
+    return net.version == 4 and length >= bits and value >> (32 - bits) == int(net.network_address) >> (32 - bits)
+
+
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4_PREFIX = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}/(?:3[0-2]|[12]?[0-9])", re.ASCII)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from bgp import trace
 from bgp.config import exports, speaker_config
 from bgp.learned import LearnedRoutes
-from bgp.model import SessionStatus, SpeakerConfig, network
+from bgp.model import SessionStatus, SpeakerConfig, ipv4_prefix, ipv4_within, network
 from bgp.speaker import Speaker
 from bgp.status import write_status
 from datastore.errors import DatastoreError
@@ -73,6 +73,12 @@ class BGPRunner:
             self._lease.revoke()
 
     def encap_for(self, prefix: str) -> str | None:
+        parsed = ipv4_prefix(prefix)
+        if parsed is not None:  # without ipaddress: asked for every prefix of a large table
+            for cidr, mode in self._pools:
+                if ipv4_within(parsed, cidr):
+                    return {"Always": "ipip", "CrossSubnet": "ipip-cross-subnet"}.get(mode)
+            return None
         net = network(prefix)
         for cidr, mode in self._pools:
             if cidr.version == net.version and net.subnet_of(cidr):  # type: ignore[arg-type]
