@@ -100,11 +100,18 @@ class _Kernel:
 
 class LearnedRoutes:
     def __init__(self, driver: RouteDriver, *, encap_for: EncapFor | None = None,
-                 clock: Callable[[], float] = time.monotonic, resync_interval: float = RESYNC_INTERVAL) -> None:
+                 clock: Callable[[], float] = time.monotonic, resync_interval: float = RESYNC_INTERVAL,
+                 change_delay: float = 0.0) -> None:
         self.driver = driver
         self.encap_for = encap_for or (lambda prefix: None)
         self.clock = clock
         self.resync_interval = resync_interval
+        # How long the installer thread leaves a change to whoever recorded it (felix-agent applies
+        # in the speaker's thread right after each read): the two racing for one apply cost a
+        # wake-up and a GIL hand-over per read, and on a busy machine the installer thread could
+        # hold the apply while descheduled (tens of ms). Changes nobody applies go in this late.
+        self.change_delay = change_delay
+        self._dirty_since: float | None = 0.0  # when the first change not yet applied came
         self._failed_writes = 0
         self._writes = 0
         self._paths: dict[str, dict[str, Path]] = {}  # prefix -> peer -> path
@@ -220,7 +227,7 @@ class LearnedRoutes:
     def _apply(self, resync: bool) -> None:
         with self._lock:
             full = resync or self._kernel is None
-            changed, self._changed, self._dirty = self._changed, set(), False
+            changed, self._changed, self._dirty, self._dirty_since = self._changed, set(), False, None
         kernel = self._read_kernel() if full else None
         with self._lock:
             if kernel is not None:
@@ -358,7 +365,8 @@ class LearnedRoutes:
     # -- the installer thread -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Apply in a thread of its own: at once after a change, at stale deadlines, and a full
+        """Apply in a thread of its own: after a change (``change_delay`` later, unless it was
+        applied meanwhile), at stale deadlines, and a full
         resync (read-back) every ``resync_interval`` seconds."""
         self._thread = threading.Thread(target=self._run, name="bgp-learned", daemon=True)
         self._thread.start()
@@ -373,16 +381,14 @@ class LearnedRoutes:
 
     def _run(self) -> None:
         while True:
-            deadline = self.next_deadline()
             with self._lock:
-                now = self.clock()
-                wake_at = self._last_resync + self.resync_interval
-                if deadline is not None:
-                    wake_at = min(wake_at, deadline)
-                if not self._dirty and not self._stopping and wake_at > now:
-                    self._wake.wait(wake_at - now)
+                wake_at = self._wake_at()
+                if not self._stopping and wake_at > self.clock():
+                    self._wake.wait(wake_at - self.clock())  # a first change or a stop notifies
                 if self._stopping:
                     return
+                if self._wake_at() > self.clock():
+                    continue  # woken by a change that is not due yet, or applied meanwhile
                 resync = self.clock() >= self._last_resync + self.resync_interval
             try:
                 self.apply(resync=resync)
@@ -390,12 +396,24 @@ class LearnedRoutes:
                 log.warning("reading the kernel's routes failed: %s", e)
                 time.sleep(1.0)
 
+    def _wake_at(self) -> float:
+        """When the installer thread has work (under ``_lock``): a resync, a stale deadline, or a
+        change left unapplied for ``change_delay``."""
+        wake_at = self._last_resync + self.resync_interval
+        if self._earliest is not None:
+            wake_at = min(wake_at, self._earliest)
+        if self._dirty and self._dirty_since is not None:
+            wake_at = min(wake_at, self._dirty_since + self.change_delay)
+        return wake_at
+
     def _touch(self, prefix: str | None = None) -> None:
         if prefix is not None:
             self._changed.add(prefix)
             self._failed.discard(prefix)  # a new path may well be installable
         self._dirty = True
-        self._wake.notify_all()
+        if self._dirty_since is None:  # only the first change wakes the installer thread
+            self._dirty_since = self.clock()
+            self._wake.notify_all()
 
 
 def _same(desired: KernelRoute, actual: KernelRoute) -> bool:

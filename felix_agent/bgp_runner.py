@@ -50,7 +50,9 @@ class BGPRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._status_dirty = threading.Event()
-        self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for)
+        # Changes are applied in the speaker's thread (on_batch): the installer thread only catches
+        # what no read of UPDATEs follows (a peer removed, ExaBGP gone), 50 ms later.
+        self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for, change_delay=0.05)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
                                on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install,
                                on_routes=self.learned.on_routes)
