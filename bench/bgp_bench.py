@@ -354,7 +354,8 @@ STEPS = (
     ("pipe → first node's agent reads the UPDATE (2 ExaBGPs, TCP)", "sent", "read first"),
     ("pipe → last node's agent reads it", "sent", "read last"),
     ("agent: read → parsed (per node)", "read", "parsed"),
-    ("agent: parsed → kernel write acked (per node)", "parsed", "kernel"),
+    ("agent: parsed → kernel write sent (per node)", "parsed", "write"),
+    ("agent: kernel write sent → acked (per node)", "write", "kernel"),
     ("kernel write acked → route event seen (per node)", "kernel", "seen"),
 )
 
@@ -371,8 +372,8 @@ def trace_figures(label: str, tortie: Convergence, traces: dict[int, dict[tuple[
             return min(times) if times else None
         at: dict[str, float | None] = {"commit": tc, "datastore": first(origin, "datastore"),
                                        "sent": first(origin, "sent")}
-        per_node = {k: {"read": first(k, "read"), "parsed": first(k, "parsed"), "kernel": first(k, "kernel"),
-                        "seen": s} for k, s in seen.items()}
+        per_node = {k: {"read": first(k, "read"), "parsed": first(k, "parsed"), "write": first(k, "write"),
+                        "kernel": first(k, "kernel"), "seen": s} for k, s in seen.items()}
         reads = [n["read"] for n in per_node.values() if n["read"] is not None]
         at["read first"], at["read last"] = (min(reads), max(reads)) if reads else (None, None)
         for name, a, b in STEPS:

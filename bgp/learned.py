@@ -268,6 +268,8 @@ class LearnedRoutes:
         per system call, ~60x faster than one round trip each), and record what they did."""
         if not ops:
             return
+        if trace.on():
+            trace.mark("write", [r.dst for a, r in ops if a != "delete"])
         bulk = getattr(self.driver, "write_routes", None)
         errors: list[KernelError | None] = bulk(ops) if bulk is not None else write_each(self.driver, ops)
         with self._lock:

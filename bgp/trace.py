@@ -10,6 +10,7 @@ benchmark's own clocks: the commit, the kernel's route events) line up. Steps, i
 - ``sent``: its announce command is in ExaBGP's input pipe;
 - ``read``: on a receiving node, the read of ExaBGP's output that carried the UPDATE returned;
 - ``parsed``: the speaker has the route (after the JSON, the loop check and the import filters);
+- ``write``: its kernel write is about to be sent (``bgp.learned``);
 - ``kernel``: its kernel write was acknowledged (``bgp.learned``).
 
 Must not change what it observes: it only appends lines, buffered, flushed per call site batch.
