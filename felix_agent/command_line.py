@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bgp", action=argparse.BooleanOptionalAction,
                    default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
                    help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
+    p.add_argument("--bgp-trace", type=Path, metavar="DIR", default=None,
+                   help="append per-step BGP timestamps to DIR/<node>.trace (bgp.trace; for the benchmark)")
     p.add_argument("--resync-interval", type=float, metavar="SECONDS",
                    help="both periodic resyncs (FelixConfiguration routeRefreshInterval, nftablesRefreshInterval)")
     p.add_argument("--orphan-grace", type=float, default=env.get("FELIX_ORPHANGRACE", str(DEFAULT_ORPHAN_GRACE)),
