@@ -152,11 +152,13 @@ class HostEndpoint:
     profiles: tuple[str, ...] = ()
 
     def policy_refs(self) -> frozenset[tuple[str, str]]:
-        """(policy or profile id, "in"|"out"): the policy chains this endpoint's chains jump to."""
-        ins = (*self.ingress_policies, *self.forward_ingress_policies, *self.pre_dnat_policies,
-               *self.untracked_ingress_policies, *self.profiles)
-        outs = (*self.egress_policies, *self.forward_egress_policies, *self.untracked_egress_policies, *self.profiles)
-        return frozenset([*((p, "in") for p in ins), *((p, "out") for p in outs)])
+        """(policy or profile id, "in"|"out"|"in-nt"|"out-nt"): the policy chains this endpoint's chains
+        jump to ("-nt": the untracked form, for doNotTrack policies)."""
+        ins = (*self.ingress_policies, *self.forward_ingress_policies, *self.pre_dnat_policies, *self.profiles)
+        outs = (*self.egress_policies, *self.forward_egress_policies, *self.profiles)
+        return frozenset([*((p, "in") for p in ins), *((p, "out") for p in outs),
+                          *((p, "in-nt") for p in self.untracked_ingress_policies),
+                          *((p, "out-nt") for p in self.untracked_egress_policies)])
 
 
 @dataclass(frozen=True)
