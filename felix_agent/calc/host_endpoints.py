@@ -52,7 +52,8 @@ class HostEndpoints:
     def release(self) -> None:
         """Withdraw every use told to ActiveRules (before the policies they name change)."""
         for pid, count in self._uses.items():
-            self._rules.use(pid, -count)
+            for _ in range(count):  # one at a time: ActiveRules counts a policy's sets by its 0 ↔ 1 steps
+                self._rules.use(pid, -1)
         self._uses = Counter()
 
     def update(self, snapshot: Snapshot) -> None:

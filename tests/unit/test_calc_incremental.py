@@ -162,7 +162,7 @@ def test_a_profile_change_recomputes_namespace_labels() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(change, min_size=1, max_size=25))
+@given(st.lists(host_change, min_size=1, max_size=25))
 def test_the_policy_renderer_kept_between_states_renders_what_a_fresh_one_does(
         changes: list[tuple[str, Resource]]) -> None:
     """The renderer reuses each endpoint's share of the table while the endpoint object is the same;
