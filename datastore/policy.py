@@ -333,7 +333,8 @@ class GlobalNetworkPolicySpec(PolicySpec):
             raise ValidationError(f"{where}: preDNAT and doNotTrack cannot both be true")
         for name, value in (("doNotTrack", self.do_not_track), ("preDNAT", self.pre_dnat)):
             if value and not self.apply_on_forward:
-                raise ValidationError(f"{where}.{name} needs applyOnForward: true (it applies to forwarded traffic too)")
+                raise ValidationError(
+                    f"{where}.{name} needs applyOnForward: true (it applies to forwarded traffic too)")
         if self.pre_dnat and "Egress" in self.types:
             raise ValidationError(f"{where}: a preDNAT policy applies to ingress only; remove Egress from types "
                                   "and the egress rules")

@@ -275,6 +275,7 @@ class Agent:
             log.warning("could not set up this node's VXLAN tunnel endpoint: %s", e)
 
     def managers(self, node_ip: str | None) -> list[Manager]:
+        from felix_agent.dataplane.host_policy import HostPolicyManager
         from felix_agent.dataplane.ipip import IPIPManager
         from felix_agent.dataplane.masq import MasqManager
         from felix_agent.dataplane.mtu import MTUManager
@@ -294,7 +295,8 @@ class Agent:
         # the plugin routes its own pod), policy before NAT (same table), devices before the
         # routes through them. The netlink managers read the kernel back on every apply: run them
         # only when their part of the state moved (every one of them on the periodic resync).
-        return [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick), MasqManager(table),
+        return [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick),
+                HostPolicyManager(table), MasqManager(table),
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),

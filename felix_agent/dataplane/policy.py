@@ -300,7 +300,8 @@ def endpoint_to_host_chain(action: str) -> Chain:
     return Chain(WL_TO_HOST, rules, Hook("input", priority="filter + 5"))
 
 
-def host_policy_refs(host_endpoints: frozenset[HostEndpoint], known: Mapping[str, Policy]) -> frozenset[tuple[str, str]]:
+def host_policy_refs(host_endpoints: frozenset[HostEndpoint],
+                     known: Mapping[str, Policy]) -> frozenset[tuple[str, str]]:
     """The policy chains (id, direction) the host endpoints' chains jump to."""
     return frozenset(ref for hep in host_endpoints for ref in hep.policy_refs() if ref[0] in known)
 
@@ -444,7 +445,8 @@ class PolicyManager:
         self._read_tries = 0
         self._renderer = _Renderer()
         self._state: DesiredState | None = None
-        self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet], frozenset[HostEndpoint], str] | None = None
+        self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet], frozenset[HostEndpoint],
+                          str] | None = None
         self._dirty = False
         table.add_owner(OWNER)
 
