@@ -5,6 +5,7 @@ health endpoints, release attachments whose runtime never said DEL, stop cleanly
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -14,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cni_plugins.agent_protocol import DEFAULT_SOCKET
@@ -25,6 +27,7 @@ from datastore.etcd import EtcdClient
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, WorkloadEndpoint
 from datastore.store import ResourceStore
+from felix_agent.auto_host_endpoint import AutoHostEndpoint
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
@@ -76,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--key", help="client key (ETCD_KEY_FILE)")
     p.add_argument("--config", type=Path, help="a YAML or JSON file of the same options")
     p.add_argument("--log-level", default=env.get("FELIX_LOGLEVEL", "info"))
+    # --- i14-hep: automatic host endpoints (unset: FelixConfiguration's autoHostEndpoints decides) ---
+    auto = env.get("FELIX_AUTOHOSTENDPOINTS", "").strip().lower()
+    p.add_argument("--auto-host-endpoints", action=argparse.BooleanOptionalAction,
+                   default={"true": True, "enabled": True, "false": False, "disabled": False}.get(auto),
+                   help="keep <node>-auto-hep (interfaceName '*', the node's labels and addresses) in the datastore")
     p.add_argument("--log-format", choices=("text", "json"), default=env.get("FELIX_LOGFORMAT", "text"))
     args = p.parse_args(argv)
     if args.config:
@@ -155,6 +163,7 @@ class Agent:
         self.wireguard_key = load_or_create(args.state_dir)  # made once; only its public half leaves the node
         self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
+        self.auto_host_endpoint = AutoHostEndpoint(self.node, args.auto_host_endpoints, self._resource_store)
         self._block_routing: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
@@ -180,6 +189,11 @@ class Agent:
             current.status = NodeStatus(wireguard_public_key=wanted)
             store.update(current, current)
         log.info("WireGuard public key %s in node %s's status", "published" if wanted else "withdrawn", self.node)
+
+    @contextlib.contextmanager
+    def _resource_store(self) -> Iterator[ResourceStore]:
+        with self.stores.client(self.config) as client:
+            yield ResourceStore(client)
 
     def ready(self) -> bool:
         return self.loop is not None and self.loop.first_apply.is_set()
@@ -335,7 +349,8 @@ class Agent:
                 self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
                 self.bgp.start()
             self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,
-                                      feeds=[self.publish_wireguard_key, *([self.bgp.update] if self.bgp else [])],
+                                      feeds=[self.publish_wireguard_key, self.auto_host_endpoint,
+                                             *([self.bgp.update] if self.bgp else [])],
                                       programmed=self.programmed, resync_interval=self.args.resync_interval)
             self.syncer = Syncer(client, on_update=self.on_update)
             self.orphans = OrphanSweeper(self.node, client, grace=self.args.orphan_grace,

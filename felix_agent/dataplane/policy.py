@@ -11,6 +11,10 @@ change is set elements only.
 Why two forward chains: ``accept`` ends a packet's walk through one base chain only, so a policy's
 Allow can be a plain ``accept`` and the destination's ingress still runs in the later chain.
 Only traffic on ``tor*`` interfaces is looked at; everything else on the host passes untouched.
+It also renders the policy chains host endpoints use (their endpoint chains are
+``felix_agent.dataplane.host_policy``'s) and the ``input-wl-to-host`` chain of
+defaultEndpointToHostAction. Over 450 lines since host endpoints (i14-hep): the rule renderer could
+move to a module of its own, left for the merge with the other helpers editing this file.
 """
 
 from __future__ import annotations
