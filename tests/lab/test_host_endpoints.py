@@ -82,6 +82,11 @@ def etcd_reachable(bgp: BGPCluster, k: int) -> bool:
     return done.returncode == 0 and "n1" in done.stdout
 
 
+def remove(bgp: BGPCluster, kind: str, name: str) -> None:
+    """Delete a resource if it is there (cleanup after a test, whatever it reached)."""
+    bgp.cluster.netctl("delete", kind, name, check=False)
+
+
 def hep_yaml(name: str, node: str, interface: str, labels: dict[str, str], profiles: list[str] | None = None) -> str:
     return json.dumps({"apiVersion": "projectcalico.org/v3", "kind": "HostEndpoint",
                        "metadata": {"name": name, "labels": labels},
@@ -165,8 +170,8 @@ def test_all_interfaces_host_endpoint_with_apply_on_forward_filters_forwarded_tr
         c.delete("globalnetworkpolicy", "no-8080-through-n1")
         wait_for(lambda: c.can_tcp(pods[2], pods[1], 8080), APPLY_TIMEOUT, "forwarded 8080 to pass again")
     finally:
-        c.delete("hostendpoint", "n1-star")
-        c.delete("globalnetworkpolicy", "no-8080-through-n1")
+        remove(bgp, "hostendpoint", "n1-star")
+        remove(bgp, "globalnetworkpolicy", "no-8080-through-n1")
         for pod in pods.values():
             c.delete_pod(pod)
 
@@ -200,8 +205,56 @@ def test_default_endpoint_to_host_action_is_applied_live(bgp: BGPCluster) -> Non
         c.apply(felix_yaml(defaultEndpointToHostAction="Accept"))
         verdict(True, "pod → its host allowed again (Accept)")
     finally:
-        c.delete("felixconfiguration", "default")
-        c.delete("hostendpoint", "n1-return")
-        c.delete("globalnetworkpolicy", "ret-no-9090")
+        remove(bgp, "felixconfiguration", "default")
+        remove(bgp, "hostendpoint", "n1-return")
+        remove(bgp, "globalnetworkpolicy", "ret-no-9090")
         for p in (pod, peer):
             c.delete_pod(p)
+
+
+def hep_labels(bgp: BGPCluster, name: str) -> dict[str, str] | None:
+    done = bgp.cluster.netctl("get", "hostendpoint", name, "-o", "json", check=False)
+    if done.returncode != 0:
+        return None
+    labels: dict[str, str] = json.loads(done.stdout)["metadata"].get("labels", {})
+    return labels
+
+
+def relabel_node(bgp: BGPCluster, node: str, labels: dict[str, str]) -> None:
+    doc = json.loads(bgp.cluster.netctl("get", "node", node, "-o", "json").stdout)
+    doc["metadata"]["labels"] = labels
+    for field in ("resourceVersion", "uid", "creationTimestamp"):
+        doc["metadata"].pop(field, None)
+    doc.pop("status", None)
+    bgp.cluster.apply(json.dumps(doc) + "\n")
+
+
+def test_automatic_host_endpoints_follow_node_labels(bgp: BGPCluster) -> None:
+    c = bgp.cluster
+    n2 = ns(bgp, 2)
+    try:
+        c.apply(felix_yaml(autoHostEndpoints="Enabled")
+                + "---\n" + gnp_yaml("blue-no-9090", selector="zone == 'blue'", ingress=[
+                    {"action": "Deny", "protocol": "TCP", "destination": {"ports": [9090]}}, {"action": "Allow"}]))
+        for k in (1, 2, 3):
+            wait_for(lambda k=k: hep_labels(bgp, f"n{k}-auto-hep") is not None, APPLY_TIMEOUT,
+                     f"n{k}-auto-hep to be created")
+        # default-allow profile: switching it on changes no traffic
+        expect(bgp, {(n2, 1, 9090): True, (n2, 3, 9090): True}, "auto host endpoints allow by default")
+        relabel_node(bgp, "n1", {"zone": "blue"})
+        wait_for(lambda: (hep_labels(bgp, "n1-auto-hep") or {}).get("zone") == "blue", APPLY_TIMEOUT,
+                 "n1-auto-hep to take n1's new label")
+        expect(bgp, {(n2, 1, 9090): False, (n2, 1, 8080): True, (n2, 3, 9090): True},
+               "the policy selecting zone == blue applies to n1 only")
+        relabel_node(bgp, "n1", {})
+        wait_for(lambda: hep_labels(bgp, "n1-auto-hep") == {}, APPLY_TIMEOUT, "n1-auto-hep to lose the label")
+        expect(bgp, {(n2, 1, 9090): True}, "n1 open again")
+        c.apply(felix_yaml(autoHostEndpoints="Disabled"))
+        for k in (1, 2, 3):
+            wait_for(lambda k=k: hep_labels(bgp, f"n{k}-auto-hep") is None, APPLY_TIMEOUT,
+                     f"n{k}-auto-hep to be deleted once switched off")
+    finally:
+        remove(bgp, "felixconfiguration", "default")
+        remove(bgp, "globalnetworkpolicy", "blue-no-9090")
+        for k in (1, 2, 3):
+            remove(bgp, "hostendpoint", f"n{k}-auto-hep")
