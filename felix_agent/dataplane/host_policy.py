@@ -11,11 +11,13 @@ an Allow is ``notrack accept``); and per host endpoint its chains ``hin-``/``hou
 they jump to, and the IP sets, are the policy manager's (one owner for each policy's chain).
 
 Order inside each base chain, Calico's: loopback passes; failsafe ports pass before any policy (so
-no policy can remove them); workload interfaces (``tor*``) are not host endpoints: traffic from a
-workload to the host passes (defaultEndpointToHostAction Accept; Drop dropped it earlier) or, with
-Return, meets the "*" host endpoint's ingress policy; then a named host endpoint's interface; then,
-for "*", every other interface. Without any host endpoint the manager declares nothing: the host is
-not protected, as in Calico. Must not render policy rules (``felix_agent.dataplane.policy`` does).
+no policy can remove them), and so does the overlay between nodes (VXLAN, IPIP, WireGuard from and
+to the other nodes' underlay addresses, as Felix allows them); workload interfaces (``tor*``) are
+not host endpoints: traffic from a workload to the host passes (defaultEndpointToHostAction Accept;
+Drop dropped it earlier) or, with Return, meets the "*" host endpoint's ingress policy; then a named
+host endpoint's interface; then, for "*", every other interface. Without any host endpoint the
+manager declares nothing: the host is not protected, as in Calico. Must not render policy rules
+(``felix_agent.dataplane.policy`` does).
 """
 
 from __future__ import annotations
@@ -59,6 +61,28 @@ def _failsafe(ports: tuple[FailsafePort, ...], inbound: bool) -> list[Rule]:
     return rules
 
 
+def overlay_rules(state: DesiredState) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
+    """Inbound and outbound accepts for the overlay between nodes (VXLAN, IPIP, WireGuard), from
+    and to the other nodes' underlay addresses only: as Felix does, before any host endpoint policy,
+    so that protecting a host never cuts its pods off."""
+    peers: dict[str, set[str]] = {"vxlan": {p.underlay_ip for p in state.vxlan_peers},
+                                  "ipip": {r.gateway for r in state.routes if r.kind == "ipip" and r.gateway},
+                                  "wireguard": {p.endpoint.rpartition(":")[0].strip("[]")
+                                                for p in state.wireguard.peers} if state.wireguard.enabled else set()}
+    matches = {"vxlan": "udp dport 4789", "ipip": "meta l4proto 4",
+               "wireguard": f"udp dport {state.wireguard.listen_port}"}
+    ins: list[Rule] = []
+    outs: list[Rule] = []
+    for kind in ("vxlan", "ipip", "wireguard"):
+        for ip, addresses in (("ip", sorted(a for a in peers[kind] if ":" not in a)),
+                              ("ip6", sorted(a for a in peers[kind] if ":" in a))):
+            if addresses:
+                nodes = addresses[0] if len(addresses) == 1 else "{ " + ", ".join(addresses) + " }"
+                ins.append(Rule(f"{ip} saddr {nodes} {matches[kind]} accept", f"{kind} from another node"))
+                outs.append(Rule(f"{ip} daddr {nodes} {matches[kind]} accept", f"{kind} to another node"))
+    return tuple(ins), tuple(outs)
+
+
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', "") + '"'
 
@@ -66,7 +90,8 @@ def _quoted(name: str) -> str:
 class _Render:
     """One rendering of the host part of the table."""
 
-    def __init__(self, heps: frozenset[HostEndpoint], host: HostProtection, known: Mapping[str, Policy]) -> None:
+    def __init__(self, heps: frozenset[HostEndpoint], host: HostProtection, known: Mapping[str, Policy],
+                 overlay: tuple[tuple[Rule, ...], tuple[Rule, ...]] = ((), ())) -> None:
         ordered = sorted(heps, key=lambda h: h.key)
         named: dict[str, HostEndpoint] = {}
         for hep in ordered:
@@ -83,6 +108,7 @@ class _Render:
         self.wild = wild[0] if wild else None
         self.host = host
         self.known = known
+        self.overlay = overlay
         self.chains: list[Chain] = []
 
     def ruleset(self) -> Ruleset:
@@ -100,9 +126,10 @@ class _Render:
             from_workload = Rule(f"iifname {WORKLOADS} goto {host_chain('hin', self.wild.key)}",
                                  "workload to host: defaultEndpointToHostAction Return, the '*' host endpoint decides")
         self._base("host-input", Hook("input", priority="filter + 10"), "iifname",
-                   [Rule(f"iifname {LOOPBACK} accept"), untracked, *fs_in, from_workload], "hin", set(heps))
+                   [Rule(f"iifname {LOOPBACK} accept"), untracked, *fs_in, *self.overlay[0], from_workload], "hin",
+                   set(heps))
         self._base("host-output", Hook("output", priority="filter + 10"), "oifname",
-                   [Rule(f"oifname {LOOPBACK} accept"), untracked, *fs_out,
+                   [Rule(f"oifname {LOOPBACK} accept"), untracked, *fs_out, *self.overlay[1],
                     Rule(f"oifname {WORKLOADS} accept", "host to workload: the workload's ingress decides")],
                    "hout", set(heps))
         # forwarded traffic: only endpoints with applyOnForward policies in that direction have a chain
@@ -168,7 +195,8 @@ class _Render:
 
 def render(state: DesiredState) -> Ruleset:
     """The host endpoint part of the table for ``state`` (pure: no kernel I/O)."""
-    return _Render(state.host_endpoints, state.host, {p.id: p for p in state.policies}).ruleset()
+    return _Render(state.host_endpoints, state.host, {p.id: p for p in state.policies},
+                   overlay_rules(state) if state.host_endpoints else ((), ())).ruleset()
 
 
 class HostPolicyManager:
@@ -185,7 +213,8 @@ class HostPolicyManager:
         policy manager, applied first, then writes the policy chains and the host chains that jump
         to them in one transaction, never a host chain whose policy chain is gone or not yet there."""
         seen = (state.host_endpoints, state.host,
-                frozenset(p.id for p in state.policies) if state.host_endpoints else None)
+                frozenset(p.id for p in state.policies) if state.host_endpoints else None,
+                overlay_rules(state) if state.host_endpoints else None)
         if seen != self._seen:
             self._seen, self._dirty = seen, True
             self._table.declare(OWNER, render(state))

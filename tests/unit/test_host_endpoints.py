@@ -188,3 +188,17 @@ def test_automatic_host_endpoint_follows_the_node() -> None:
     assert not switched_on(None, snap, NODE) and switched_on(True, snap, NODE)
     on = res("FelixConfiguration", "default", {"autoHostEndpoints": "Enabled"})
     assert switched_on(None, Snapshot.of([node, on]), NODE) and not switched_on(False, Snapshot.of([on]), NODE)
+
+
+def test_overlay_between_nodes_passes_before_host_policy() -> None:
+    from dataclasses import replace
+
+    from felix_agent.calc.model import VXLANPeer
+
+    state = compute(Snapshot.of([hep("star", "*")]), NODE)
+    state = replace(state, vxlan_peers=frozenset({VXLANPeer("node-b", "198.18.0.12", "10.244.1.0", "aa:bb:cc:dd:ee:ff"),
+                                                  VXLANPeer("node-c", "198.18.0.13", "10.244.2.0", "aa:bb:cc:dd:ee:fe")}))
+    table = chains(state)
+    rule = "ip saddr { 198.18.0.12, 198.18.0.13 } udp dport 4789 accept"
+    assert table["host-input"].index(rule) < table["host-input"].index(f"goto {host_policy.host_chain('hin', 'star')}")
+    assert "ip daddr { 198.18.0.12, 198.18.0.13 } udp dport 4789 accept" in table["host-output"]
