@@ -196,8 +196,9 @@ def test_overlay_between_nodes_passes_before_host_policy() -> None:
     from felix_agent.calc.model import VXLANPeer
 
     state = compute(Snapshot.of([hep("star", "*")]), NODE)
-    state = replace(state, vxlan_peers=frozenset({VXLANPeer("node-b", "198.18.0.12", "10.244.1.0", "aa:bb:cc:dd:ee:ff"),
-                                                  VXLANPeer("node-c", "198.18.0.13", "10.244.2.0", "aa:bb:cc:dd:ee:fe")}))
+    peers = {VXLANPeer("node-b", "198.18.0.12", "10.244.1.0", "aa:bb:cc:dd:ee:ff"),
+             VXLANPeer("node-c", "198.18.0.13", "10.244.2.0", "aa:bb:cc:dd:ee:fe")}
+    state = replace(state, vxlan_peers=frozenset(peers))
     table = chains(state)
     rule = "ip saddr { 198.18.0.12, 198.18.0.13 } udp dport 4789 accept"
     assert table["host-input"].index(rule) < table["host-input"].index(f"goto {host_policy.host_chain('hin', 'star')}")
