@@ -193,10 +193,16 @@ class _Render:
         self.chains.append(Chain(name, tuple(rules), hook))
 
 
-def render(state: DesiredState) -> Ruleset:
-    """The host endpoint part of the table for ``state`` (pure: no kernel I/O)."""
+Overlay = tuple[tuple[Rule, ...], tuple[Rule, ...]]
+
+
+def render(state: DesiredState, overlay: Overlay | None = None) -> Ruleset:
+    """The host endpoint part of the table for ``state`` (pure: no kernel I/O); ``overlay``: the
+    state's :func:`overlay_rules`, when the caller has them."""
+    if not state.host_endpoints:
+        return Ruleset()
     return _Render(state.host_endpoints, state.host, {p.id: p for p in state.policies},
-                   overlay_rules(state) if state.host_endpoints else ((), ())).ruleset()
+                   overlay if overlay is not None else overlay_rules(state)).ruleset()
 
 
 class HostPolicyManager:
@@ -205,6 +211,7 @@ class HostPolicyManager:
     def __init__(self, table: NftTable) -> None:
         self._table = table
         self._seen: tuple[object, ...] | None = None
+        self._overlay: tuple[tuple[object, ...], Overlay] | None = None
         self._dirty = False
         table.add_owner(OWNER)
 
@@ -212,12 +219,17 @@ class HostPolicyManager:
         """Declare the host part to the driver (no kernel I/O). Declared here, not in ``apply``: the
         policy manager, applied first, then writes the policy chains and the host chains that jump
         to them in one transaction, never a host chain whose policy chain is gone or not yet there."""
-        seen = (state.host_endpoints, state.host,
-                frozenset(p.id for p in state.policies) if state.host_endpoints else None,
-                overlay_rules(state) if state.host_endpoints else None)
+        if not state.host_endpoints:
+            seen: tuple[object, ...] = (state.host_endpoints,)
+        else:
+            inputs = (state.vxlan_peers, state.routes, state.wireguard)
+            if self._overlay is None or any(a is not b for a, b in zip(self._overlay[0], inputs, strict=True)):
+                self._overlay = (inputs, overlay_rules(state))  # the routes can be thousands: only when they moved
+            seen = (state.host_endpoints, state.host, frozenset(p.id for p in state.policies), self._overlay[1])
         if seen != self._seen:
             self._seen, self._dirty = seen, True
-            self._table.declare(OWNER, render(state))
+            self._table.declare(OWNER, render(state, self._overlay[1] if self._overlay and state.host_endpoints
+                                              else None))
 
     def apply(self, *, resync: bool = False) -> str:
         """Write what the policy manager's apply did not already write (the driver diffs: usually
