@@ -47,7 +47,7 @@ from typing import Any
 
 from datastore.model import Resource
 from felix_agent.calc.active_rules import ActiveRules
-from felix_agent.calc.host_endpoints import HostEndpoints, protection
+from felix_agent.calc.host_endpoints import HostEndpoints, as_workload, protection
 from felix_agent.calc.model import DesiredState, HostProtection
 from felix_agent.calc.policy_resolver import PolicyResolver
 from felix_agent.calc.routes import Routing, routing
@@ -106,6 +106,8 @@ class Calculator:
         # Endpoints first: a policy added after them finds its selector's matches in the label index.
         for key in changed.get(WORKLOAD_ENDPOINT, ()):
             self._set_workload(key, snapshot.endpoints.get(key))
+        for key in changed.get(HOST_ENDPOINT, ()):
+            self._set_host_endpoint(key, snapshot.host_endpoints.get(key))
         hosts_dirty = bool(changed.get(HOST_ENDPOINT) or changed.get(GLOBAL_NETWORK_POLICY))
         if hosts_dirty:
             self._hosts.release()  # before the policies its uses name are replaced
@@ -138,6 +140,15 @@ class Calculator:
                 old is None or new is None or old.local != new.local or old.addresses != new.addresses
                 or old.resource.spec.interface_name != new.resource.spec.interface_name):
             self._routing_dirty = True
+
+    def _set_host_endpoint(self, key: str, resource: Resource | None) -> None:
+        """A host endpoint, of any node, as rule selectors see it (its expectedIPs and ports)."""
+        workloads = self._workloads.by_key
+        workloads.pop(key, None)
+        new = as_workload(key, resource, self._workloads.profiles) if resource is not None else None
+        if new is not None:
+            workloads[key] = new
+        self._index.set_workload(key, new)
 
     # ---- the output -------------------------------------------------------------------------------
     def _state(self, snapshot: Snapshot) -> DesiredState:

@@ -30,6 +30,29 @@ from felix_agent.calc.model import FailsafePort, HostEndpoint, HostProtection, P
 from felix_agent.calc.policy import SetTable, convert, policy_id
 from felix_agent.calc.snapshot import GLOBAL_NETWORK_POLICY, HOST_ENDPOINT, Snapshot
 from felix_agent.calc.wireguard import settings
+from felix_agent.calc.workloads import _PROTOCOL_NAMES, HOST_NAMESPACE, Workload, address
+
+
+def host_labels(resource: Resource, profiles: Mapping[str, Resource]) -> dict[str, str]:
+    """A host endpoint's labels: its own over those its profiles apply."""
+    labels: dict[str, str] = {}
+    for name in resource.spec.profiles:
+        profile = profiles.get(name)
+        if profile is not None:
+            labels.update(profile.spec.labels_to_apply)
+    labels.update(resource.metadata.labels)
+    return labels
+
+
+def as_workload(key: str, resource: Resource, profiles: Mapping[str, Resource]) -> Workload:
+    """A host endpoint (any node's) as the selector index sees endpoints: so that rule selectors
+    and named ports resolve to its ``expectedIPs`` and ``ports``, as in Calico. Never local: the
+    policy resolver's local endpoints are workloads."""
+    addresses = tuple(address(ip) for ip in resource.spec.expected_ips)
+    ports = tuple((p.name, *_PROTOCOL_NAMES[p.protocol.lower()], p.port) for p in resource.spec.ports)
+    return Workload(key, HOST_NAMESPACE, resource, host_labels(resource, profiles), addresses,
+                    tuple(m for v, m, _ in addresses if v == 4), tuple(m for v, m, _ in addresses if v == 6),
+                    ports, False)
 
 
 def default_allow(sets: SetTable) -> Policy:
@@ -77,18 +100,14 @@ class HostEndpoints:
 
     def _endpoint(self, resource: Resource, policies: list[Resource]) -> HostEndpoint:
         spec = resource.spec
-        labels: dict[str, str] = {}
-        for name in spec.profiles:
-            profile = self._profiles.get(name)
-            if profile is not None:
-                labels.update(profile.spec.labels_to_apply)
-        labels.update(resource.metadata.labels)
+        labels = host_labels(resource, self._profiles)
         roles: dict[str, list[str]] = {role: [] for role in (
             "in", "out", "fwd-in", "fwd-out", "pre", "raw-in", "raw-out")}
         for policy in policies:
             p = policy.spec
-            if p.namespace_selector or not parsed(canonical(p.selector)).matches(labels):
-                continue  # a namespaceSelector selects namespaced endpoints only
+            if (p.namespace_selector and canonical(p.namespace_selector) != "global()") or not parsed(
+                    canonical(p.selector)).matches(labels):
+                continue  # a namespaceSelector other than global() selects namespaced endpoints only
             pid = policy_id(policy)
             ingress, egress = p.applies_to("Ingress"), p.applies_to("Egress")
             if p.pre_dnat:

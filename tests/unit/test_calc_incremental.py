@@ -48,7 +48,8 @@ def policy(i: int, ns: str | None, sel: str, src: str, order: int, named: bool, 
 
 
 def host_endpoint(i: int, app: str, node: str, interface: str, profiles: list[str]) -> Resource:
-    spec = {"node": node, "interfaceName": interface, "expectedIPs": [f"198.18.0.{10 + i}"], "profiles": profiles}
+    spec = {"node": node, "interfaceName": interface, "expectedIPs": [f"198.18.0.{10 + i}"], "profiles": profiles,
+            "ports": [{"name": "http", "port": 8080}] if i % 2 else []}
     return res("HostEndpoint", f"hep-{i}", spec, labels={"app": app})
 
 

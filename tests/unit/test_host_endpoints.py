@@ -203,3 +203,23 @@ def test_overlay_between_nodes_passes_before_host_policy() -> None:
     rule = "ip saddr { 198.18.0.12, 198.18.0.13 } udp dport 4789 accept"
     assert table["host-input"].index(rule) < table["host-input"].index(f"goto {host_policy.host_chain('hin', 'star')}")
     assert "ip daddr { 198.18.0.12, 198.18.0.13 } udp dport 4789 accept" in table["host-output"]
+
+
+def test_rule_selectors_and_named_ports_resolve_to_host_endpoints() -> None:
+    gw = res("HostEndpoint", "gw", {"node": "node-b", "interfaceName": "eth0", "expectedIPs": ["198.18.0.12"],
+                                    "ports": [{"name": "admin", "port": 9000}]}, labels={"role": "gw"})
+    snap = Snapshot.of([
+        gw, hep("mine", "eth0", role="edge"),
+        wep("default", "pod", ["10.244.0.5/32"], app="web"),
+        gnp("from-gw", selector="app == 'web' || role == 'edge'", ingress=[
+            {"action": "Allow", "source": {"selector": "role == 'gw'"}},
+            {"action": "Allow", "protocol": "TCP", "destination": {"selector": "role == 'gw'", "ports": ["admin"]}}]),
+        np("default", "ns-only", selector="app == 'web'", egress=[{"action": "Allow", "destination": {
+            "selector": "role == 'gw'"}}], types=["Egress"]),
+    ])
+    state = compute(snap, NODE)
+    members = {(s.id, s.version): s.members for s in state.ipsets}
+    v4 = [m for (set_id, version), m in members.items() if version == 4]
+    assert frozenset({"198.18.0.12"}) in v4  # the GlobalNetworkPolicy's selector: the host endpoint's address
+    assert frozenset({"198.18.0.12,tcp:9000"}) in v4  # its named port
+    assert frozenset() in v4  # the NetworkPolicy's selector sees its own namespace only
