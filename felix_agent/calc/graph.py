@@ -35,7 +35,8 @@ The calculators, in Calico's terms (Felix spreads the same work over the same pi
 - ``felix_agent.calc.host_endpoints``: this node's HostEndpoints, the global policies selecting them
   by role (local, applyOnForward, preDNAT, doNotTrack), their profiles; and the host's protection
   settings (failsafe ports, defaultEndpointToHostAction) from FelixConfiguration. Re-evaluated as a
-  whole when host endpoints or global policies change (a node has a handful).
+  whole when host endpoints or global policies change (a node has a handful). Every node's host
+  endpoints also enter the selector index, one by one, like endpoints of no namespace.
 - ``felix_agent.calc.routes``: routes and tunnels, NAT-outgoing pools, whether IPIP is used;
   recomputed only when pools, nodes, blocks, affinities or the local endpoints' addresses change.
 """

@@ -8,7 +8,9 @@ never select a host endpoint, as in Calico), their profiles (``projectcalico-def
 synthesised when not stored: Calico gives it to automatic host endpoints), and the
 :class:`~felix_agent.calc.model.HostEndpoint` s handed out. It tells
 :class:`~felix_agent.calc.active_rules.ActiveRules` which policies and profiles its endpoints use, so
-that their rules and IP sets are output like a workload's. A node has a handful of host endpoints:
+that their rules and IP sets are output like a workload's; and every node's host endpoint as the
+selector index sees it (:func:`as_workload`: its expectedIPs and named ports, no namespace), so
+that rule selectors resolve to it. A node has a handful of host endpoints:
 any change of host endpoints or global policies re-evaluates all of them (``release`` before the
 policies change, ``update`` after), which the graph keeps equal to a computation from nothing.
 Pure: no I/O. Must not render rules (``felix_agent.dataplane.host_policy`` does).
