@@ -116,6 +116,9 @@ def test_underlay_host_endpoint_allows_only_8080_from_the_other_node_and_keeps_f
            "n1's own egress denied (no egress policy) but n2 open to n3")
     assert etcd_reachable(bgp, 1), "n1 lost etcd"
     assert sessions_since(bgp, 1) == before, "n1's BGP sessions were re-established (or lost)"
+    table = c.netctl("get", "heps", "-o", "wide").stdout
+    assert "n1-eth0" in table and "eth0" in table, table
+    assert "interfaceName: eth0" in c.get_yaml("hostendpoint", "n1-eth0")
     # The node still takes part in the cluster: a change made elsewhere reaches its kernel.
     c.apply(gnp_yaml("n1-8080-from-n2", selector="hep == 'n1-eth0'", ingress=[
         {"action": "Allow", "protocol": "TCP", "source": {"nets": [f"{bgp.address(3)}/32"]},

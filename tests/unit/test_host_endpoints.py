@@ -40,6 +40,13 @@ def test_a_calico_host_endpoint_decodes_unchanged() -> None:
     assert codec.to_document(r)["spec"]["expectedIPs"] == ["198.18.0.11"]
 
 
+def test_host_endpoint_kind_names() -> None:
+    from datastore.hostendpoint import HostEndpoint
+    from datastore.resources import kind_named
+
+    assert all(kind_named(name) is HostEndpoint for name in ("HostEndpoint", "hostendpoints", "hep", "HEPS"))
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"interfaceName": "eth0"}, "spec.node is required"),
     ({"node": "n1"}, "spec.interfaceName is required"),
