@@ -261,3 +261,33 @@ def test_automatic_host_endpoints_follow_node_labels(bgp: BGPCluster) -> None:
         remove(bgp, "globalnetworkpolicy", "blue-no-9090")
         for k in (1, 2, 3):
             remove(bgp, "hostendpoint", f"n{k}-auto-hep")
+
+
+def test_pre_dnat_and_untracked_policies(bgp: BGPCluster) -> None:
+    c = bgp.cluster
+    n2, n3 = ns(bgp, 2), ns(bgp, 3)
+    n3_net = f"{bgp.address(3)}/32"
+    try:
+        # preDNAT: deny 8080 from n3 before anything else; normal policy allows everything.
+        c.apply(hep_yaml("n1-pre", "n1", "*", {"pre": "n1"}, ["projectcalico-default-allow"])
+                + "---\n" + gnp_yaml("pre-no-8080-from-n3", selector="pre == 'n1'", preDNAT=True, applyOnForward=True,
+                                     ingress=[{"action": "Deny", "protocol": "TCP", "source": {"nets": [n3_net]},
+                                               "destination": {"ports": [8080]}}]))
+        expect(bgp, {(n3, 1, 8080): False, (n3, 1, 9090): True, (n2, 1, 8080): True},
+               "preDNAT denies 8080 from n3 only; what it does not decide goes on")
+        remove(bgp, "globalnetworkpolicy", "pre-no-8080-from-n3")
+        # doNotTrack: 9090 allowed untracked both ways; a normal deny-all closes the rest.
+        c.apply(gnp_yaml("nt-9090", selector="pre == 'n1'", doNotTrack=True, applyOnForward=True,
+                         types=["Ingress", "Egress"],
+                         ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [9090]}}],
+                         egress=[{"action": "Allow", "protocol": "TCP", "source": {"ports": [9090]}}])
+                + "---\n" + gnp_yaml("deny-rest", selector="pre == 'n1'", ingress=[{"action": "Deny"}]))
+        expect(bgp, {(n2, 1, 9090): True, (n2, 1, 8080): False, (n2, 1, 22): True},
+               "untracked 9090 passes the normal deny-all; failsafe 22 too")
+        assert "notrack" in c.nft(1, "list", "table", "inet", "tortie").stdout
+    finally:
+        remove(bgp, "globalnetworkpolicy", "pre-no-8080-from-n3")
+        remove(bgp, "globalnetworkpolicy", "nt-9090")
+        remove(bgp, "globalnetworkpolicy", "deny-rest")
+        remove(bgp, "hostendpoint", "n1-pre")
+    expect(bgp, {(n2, 1, 8080): True, (n3, 1, 8080): True}, "n1 open again")
