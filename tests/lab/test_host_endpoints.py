@@ -1,6 +1,7 @@
 """Issue 14, host endpoints, end to end on three BGP nodes: HostEndpoint policy on a node's own
 traffic, the failsafe ports no policy removes, applyOnForward on forwarded traffic,
-defaultEndpointToHostAction applied live, and automatic host endpoints following a node's labels.
+defaultEndpointToHostAction applied live, automatic host endpoints following a node's labels, and
+preDNAT and doNotTrack policies.
 
 One lab for the module (building it is most of the cost); every test removes what it applied. The
 probes are listeners started in a node's namespace (port 22 needs a listener, not sshd) and a TCP
