@@ -230,3 +230,15 @@ def test_rule_selectors_and_named_ports_resolve_to_host_endpoints() -> None:
     assert frozenset({"198.18.0.12"}) in v4  # the GlobalNetworkPolicy's selector: the host endpoint's address
     assert frozenset({"198.18.0.12,tcp:9000"}) in v4  # its named port
     assert frozenset() in v4  # the NetworkPolicy's selector sees its own namespace only
+
+
+def test_a_named_host_endpoint_takes_its_interface_out_of_the_all_interfaces_one() -> None:
+    snap = Snapshot.of([hep("star", "*", role="x"), hep("eth0", "eth0", role="y"),
+                        gnp("fwd", selector="role == 'x'", applyOnForward=True, ingress=[{"action": "Allow"}])])
+    table = chains(compute(snap, NODE))
+    inp = table["host-input"]
+    named = inp.index(f'iifname "eth0" goto {host_policy.host_chain("hin", "eth0")}')
+    assert named < inp.index(f'goto {host_policy.host_chain("hin", "star")}')
+    # eth0 has no applyOnForward policy: its forwarded traffic passes rather than meeting star's policy
+    fwd = table["host-forward-in"]
+    assert fwd.index('iifname "eth0" accept') < fwd.index(f'goto {host_policy.host_chain("hfin", "star")}')
