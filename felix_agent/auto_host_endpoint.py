@@ -4,9 +4,10 @@ Calico has this in kube-controllers (``autoCreate``); Tortie has no controller, 
 its own node's: ``interfaceName: "*"``, the Node's labels, ``expectedIPs`` from the Node (its BGP
 addresses, its other addresses, its VXLAN tunnel address) and Calico's ``projectcalico-default-allow``
 profile, so that switching it on changes no traffic until a policy selects the endpoint. The switch
-is the agent's ``--auto-host-endpoints`` flag when given, else FelixConfiguration's
-``autoHostEndpoints`` (``Enabled``/``Disabled``, default Disabled). Switched off, the agent deletes
-the endpoint it made (recognised by its annotation), never one an operator wrote under that name.
+is FelixConfiguration's ``autoHostEndpoints`` (``Enabled``/``Disabled``, default Disabled), under
+the agent's ``--auto-host-endpoints`` flag and ``FELIX_AUTOHOSTENDPOINTS`` (the settings' layers).
+Switched off, the agent deletes the endpoint it made (recognised by its annotation), never one an
+operator wrote under that name.
 
 Owns the wanted resource and the writes that make the datastore agree with it; runs as one of the
 dataplane loop's feeds (with each view). A datastore failure is logged and retried with the next
@@ -24,8 +25,8 @@ from datastore.errors import DatastoreError
 from datastore.hostendpoint import ALL_INTERFACES, DEFAULT_ALLOW_PROFILE, HostEndpoint, HostEndpointSpec, auto_name
 from datastore.model import Metadata, Resource
 from datastore.store import ResourceStore
+from felix_agent.calc.settings import settings
 from felix_agent.calc.snapshot import Snapshot
-from felix_agent.calc.wireguard import settings
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,8 @@ MANAGED_BY = "tortie.dev/managed-by"  # annotation on the endpoints an agent mad
 AGENT = "felix-agent"
 
 
-def switched_on(flag: bool | None, view: Snapshot, node: str) -> bool:
-    """The flag when given, else the merged FelixConfiguration's ``autoHostEndpoints``."""
-    if flag is not None:
-        return flag
+def switched_on(view: Snapshot, node: str) -> bool:
+    """``autoHostEndpoints`` in force on ``node`` (FelixConfiguration, environment, flag)."""
     return settings(view, node).auto_host_endpoints == "Enabled"
 
 
@@ -72,17 +71,15 @@ def _same(a: Resource, b: Resource) -> bool:
 class AutoHostEndpoint:
     """A loop feed: with each view, create, update or delete ``<node>-auto-hep`` where the view disagrees."""
 
-    def __init__(self, node: str, flag: bool | None,
-                 store: Callable[[], AbstractContextManager[ResourceStore]]) -> None:
+    def __init__(self, node: str, store: Callable[[], AbstractContextManager[ResourceStore]]) -> None:
         self.node = node
-        self.flag = flag
         self._store = store
         self._written: tuple[str, int] | None = None  # what we last wrote, and its revision
 
     def __call__(self, view: Snapshot) -> None:
         name = auto_name(self.node)
         have = next((r for r in view.host_endpoints.values() if r.name == name), None)
-        want = wanted(view, self.node) if switched_on(self.flag, view, self.node) else None
+        want = wanted(view, self.node) if switched_on(view, self.node) else None
         if want is None:
             if have is None or have.metadata.annotations.get(MANAGED_BY) != AGENT:
                 return

@@ -30,8 +30,8 @@ from felix_agent.calc.active_rules import ActiveRules
 from felix_agent.calc.labels import canonical, parsed
 from felix_agent.calc.model import FailsafePort, HostEndpoint, HostProtection, Policy, RuleMatch
 from felix_agent.calc.policy import SetTable, convert, policy_id
+from felix_agent.calc.settings import settings
 from felix_agent.calc.snapshot import GLOBAL_NETWORK_POLICY, HOST_ENDPOINT, Snapshot
-from felix_agent.calc.wireguard import settings
 from felix_agent.calc.workloads import _PROTOCOL_NAMES, HOST_NAMESPACE, Workload, address
 
 

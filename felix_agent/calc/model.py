@@ -192,6 +192,8 @@ class DesiredState:
     nat_pools: frozenset[str] = frozenset()  # CIDRs of pools with natOutgoing
     all_pools: frozenset[str] = frozenset()  # CIDRs of every pool (NAT-outgoing exempts them)
     mtu: int | None = None  # for the CNI plugin's MTU file
+    vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU for vxlan.tortie; 0: the underlay's MTU - 50
+    ipip_mtu: int = 0  # FelixConfiguration ipipMTU for tunl0; 0: the underlay's MTU - 20
     extra: tuple[tuple[str, str], ...] = field(default=())
     wireguard: WireGuard = WireGuard()
     host_endpoints: frozenset[HostEndpoint] = frozenset()

@@ -192,9 +192,21 @@ def test_automatic_host_endpoint_follows_the_node() -> None:
     assert auto.spec.interface_name == "*" and auto.spec.expected_ips == ["198.18.0.11"]
     assert auto.metadata.labels == {"zone": "a"} and auto.metadata.annotations[MANAGED_BY] == "felix-agent"
     assert auto.spec.profiles == [DEFAULT_ALLOW_PROFILE]
-    assert not switched_on(None, snap, NODE) and switched_on(True, snap, NODE)
+    assert not switched_on(snap, NODE)
     on = res("FelixConfiguration", "default", {"autoHostEndpoints": "Enabled"})
-    assert switched_on(None, Snapshot.of([node, on]), NODE) and not switched_on(False, Snapshot.of([on]), NODE)
+    assert switched_on(Snapshot.of([node, on]), NODE)
+
+
+def test_the_auto_host_endpoints_flag_and_variable_beat_felix_configuration() -> None:
+    from felix_agent.calc.settings import settings
+    from felix_agent.command_line import override_layers, parse_args
+
+    on = Snapshot.of([res("FelixConfiguration", "default", {"autoHostEndpoints": "Enabled"})])
+    args = parse_args(["--nodename", NODE, "--no-auto-host-endpoints"])
+    assert settings(on, NODE, override_layers(args, {})).auto_host_endpoints == "Disabled"
+    args = parse_args(["--nodename", NODE])
+    layers = override_layers(args, {"FELIX_AUTOHOSTENDPOINTS": "true"})
+    assert settings(Snapshot.of([]), NODE, layers).auto_host_endpoints == "Enabled"
 
 
 def test_overlay_between_nodes_passes_before_host_policy() -> None:
