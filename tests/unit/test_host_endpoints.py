@@ -254,3 +254,14 @@ def test_a_named_host_endpoint_takes_its_interface_out_of_the_all_interfaces_one
     # eth0 has no applyOnForward policy: its forwarded traffic passes rather than meeting star's policy
     fwd = table["host-forward-in"]
     assert fwd.index('iifname "eth0" accept') < fwd.index(f'goto {host_policy.host_chain("hfin", "star")}')
+
+
+def test_the_agents_configuration_cache_keeps_failsafe_ports(tmp_path: Any) -> None:
+    """The re-exec's cache (felix_agent.live_config) gives back what it was given, nested ports included."""
+    from felix_agent.live_config import read_cache, write_cache
+
+    spec = codec.decode(doc("FelixConfiguration", {"failsafeInboundHostPorts": [{"port": 22}],
+                                                   "failsafeOutboundHostPorts": "none", "healthPort": 9100},
+                            name="default")).spec
+    write_cache(tmp_path / "cache.json", spec, None)
+    assert read_cache(tmp_path / "cache.json") == (spec, None)
