@@ -27,6 +27,57 @@ NODE_PREFIX = "node."
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or blanks
 
 
+# --- host endpoints (i14-hep) ------------------------------------------------------------------
+NO_PORTS = "none"
+ENDPOINT_TO_HOST_ACTIONS = ("Drop", "Accept", "Return")
+_FAILSAFE_PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+@dataclass
+class ProtoPort:
+    """One failsafe port (Calico's ``ProtoPort``): inbound it is the host's port and ``net`` the
+    peer's network; outbound, the remote port and network. An empty ``net`` means anywhere."""
+
+    port: int
+    protocol: str = "TCP"
+    net: str = ""
+
+    def check(self, where: str) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValidationError(f"{where}.port {self.port} is out of range (0-65535)")
+        found = next((p for p in _FAILSAFE_PROTOCOLS if p.lower() == self.protocol.lower()), None)
+        if found is None:
+            raise ValidationError(f"{where}.protocol {self.protocol!r} must be one of {', '.join(_FAILSAFE_PROTOCOLS)}")
+        self.protocol = found
+        if self.net:
+            import ipaddress
+
+            try:
+                self.net = str(ipaddress.ip_network(self.net.strip(), strict=False))
+            except ValueError:
+                raise ValidationError(f"{where}.net {self.net!r} is not a CIDR") from None
+
+
+def _ports(*pairs: tuple[str, int]) -> tuple[ProtoPort, ...]:
+    return tuple(ProtoPort(port, protocol) for protocol, port in pairs)
+
+
+# Calico's defaults: SSH, DHCP, BGP, etcd, Typha and the Kubernetes API, and (out) DNS.
+FAILSAFE_INBOUND = _ports(("TCP", 22), ("UDP", 68), ("TCP", 179), ("TCP", 2379), ("TCP", 2380), ("TCP", 5473),
+                          ("TCP", 6443), ("TCP", 6666), ("TCP", 6667))
+FAILSAFE_OUTBOUND = _ports(("UDP", 53), ("UDP", 67), ("TCP", 179), ("TCP", 2379), ("TCP", 2380), ("TCP", 5473),
+                           ("TCP", 6443), ("TCP", 6666), ("TCP", 6667))
+
+
+def failsafe_ports(value: list[ProtoPort] | str | None, inbound: bool) -> tuple[ProtoPort, ...]:
+    """The failsafe ports an effective field value means: unset → Calico's defaults, "none" → none."""
+    if value is None:
+        return FAILSAFE_INBOUND if inbound else FAILSAFE_OUTBOUND
+    if isinstance(value, str):
+        return ()
+    return tuple(value)
+
+
 @dataclass
 class FelixConfigurationSpec:
     wireguard_enabled: bool | None = None
@@ -45,10 +96,16 @@ class FelixConfigurationSpec:
     ipip_mtu: int | None = json_field("ipipMTU", default=None)  # 0 or unset: underlay MTU - 20
     health_port: int | None = None
     prometheus_metrics_port: int | None = None
+    # --- host endpoints (i14-hep): failsafe ports, workload-to-host action, automatic host endpoints ---
+    failsafe_inbound_host_ports: list[ProtoPort] | str | None = None  # a list, or "none"
+    failsafe_outbound_host_ports: list[ProtoPort] | str | None = None
+    default_endpoint_to_host_action: str | None = None  # Drop | Accept | Return
+    auto_host_endpoints: str | None = None  # Enabled | Disabled (Calico: kube-controllers' autoCreate)
 
     def validate(self, where: str) -> None:
         self._validate_wireguard(where)
         self._validate_agent(where)
+        self._validate_host_endpoint_fields(where)
 
     def _validate_agent(self, where: str) -> None:
         level = self.log_severity_screen
@@ -93,6 +150,36 @@ class FelixConfigurationSpec:
         if keepalive is not None and not 0 <= keepalive <= 65535:
             raise ValidationError(f"{where}.wireguardPersistentKeepalive {keepalive} is out of range (0-65535)")
 
+    def _validate_host_endpoint_fields(self, where: str) -> None:
+        for attr, json in (("failsafe_inbound_host_ports", "failsafeInboundHostPorts"),
+                           ("failsafe_outbound_host_ports", "failsafeOutboundHostPorts")):
+            value = getattr(self, attr)
+            if isinstance(value, str):
+                if value.strip().lower() != "none":
+                    raise ValidationError(f"{where}.{json} {value!r} must be a list of {{protocol, port, net}} "
+                                          "or 'none'")
+                setattr(self, attr, NO_PORTS)
+            elif isinstance(value, list):
+                for i, entry in enumerate(value):
+                    entry.check(f"{where}.{json}[{i}]")
+                if not value:  # an empty list would not survive encoding (empty values are left out)
+                    setattr(self, attr, NO_PORTS)
+        action = self.default_endpoint_to_host_action
+        if action is not None:
+            found = next((a for a in ENDPOINT_TO_HOST_ACTIONS if a.lower() == action.strip().lower()), None)
+            if found is None:
+                raise ValidationError(f"{where}.defaultEndpointToHostAction {action!r} must be one of "
+                                      f"{', '.join(ENDPOINT_TO_HOST_ACTIONS)}")
+            self.default_endpoint_to_host_action = found
+        auto = self.auto_host_endpoints
+        if auto is not None:
+            # (true/false too: FELIX_AUTOHOSTENDPOINTS=true reads naturally)
+            word = {"true": "enabled", "false": "disabled"}.get(auto.strip().lower(), auto.strip().lower())
+            found = next((a for a in ("Enabled", "Disabled") if a.lower() == word), None)
+            if found is None:
+                raise ValidationError(f"{where}.autoHostEndpoints {auto!r} must be Enabled or Disabled")
+            self.auto_host_endpoints = found
+
 
 # What an unset field means (Calico's defaults; the routing table index is Calico's former default).
 DEFAULTS: dict[str, Any] = {
@@ -111,6 +198,12 @@ DEFAULTS: dict[str, Any] = {
     "ipip_mtu": 0,
     "health_port": 9099,
     "prometheus_metrics_port": 9091,
+    "failsafe_inbound_host_ports": None,  # None: FAILSAFE_INBOUND (a list default would be shared)
+    "failsafe_outbound_host_ports": None,
+    # Calico's own default is Drop; its Kubernetes manifests set ACCEPT, and Tortie has always let a
+    # workload reach its host once its egress policy allowed it: Accept keeps that (README, "Protecting hosts").
+    "default_endpoint_to_host_action": "Accept",
+    "auto_host_endpoints": "Disabled",
 }
 
 # logSeverityScreen's values, lower case (Calico compares them case-insensitively).

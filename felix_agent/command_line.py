@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="a YAML or JSON file of the same options")
     p.add_argument("--log-level", help="FelixConfiguration logSeverityScreen (default Info)")
     p.add_argument("--log-format", choices=("text", "json"), default=env.get("FELIX_LOGFORMAT", "text"))
+    p.add_argument("--auto-host-endpoints", action=argparse.BooleanOptionalAction,  # i14-hep
+                   help="keep <node>-auto-hep in the datastore (FelixConfiguration autoHostEndpoints)")
     args = p.parse_args(argv)
     # Where each flag that overrides a FelixConfiguration field got its value (felix_agent.calc.settings
     # layers them): the command line, the --config file, or the flag's own environment variable.
@@ -88,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # Flags (attribute → its own environment variable) that override FelixConfiguration fields.
 _LAYERED_FLAGS = {"log_level": "FELIX_LOGLEVEL", "resync_interval": "FELIX_RESYNCINTERVAL",
-                  "health_listen": "FELIX_HEALTHLISTEN", "metrics_listen": "FELIX_METRICSLISTEN"}
+                  "health_listen": "FELIX_HEALTHLISTEN", "metrics_listen": "FELIX_METRICSLISTEN",
+                  "auto_host_endpoints": "FELIX_AUTOHOSTENDPOINTS"}
 
 
 def override_layers(args: argparse.Namespace, environ: Mapping[str, str]) -> list[Layer]:
@@ -103,6 +106,9 @@ def override_layers(args: argparse.Namespace, environ: Mapping[str, str]) -> lis
             if attr == "log_level":
                 raw = {"warn": "Warning", "critical": "Fatal"}.get(str(raw).lower(), raw)
                 fields = {"log_severity_screen": raw}
+            elif attr == "auto_host_endpoints":  # a flag (bool), or the variable's text
+                raw = ("Enabled" if raw else "Disabled") if isinstance(raw, bool) else raw
+                fields = {"auto_host_endpoints": raw}
             elif attr == "resync_interval":
                 fields = {"route_refresh_interval": f"{raw:g}s", "nftables_refresh_interval": f"{raw:g}s"}
             else:

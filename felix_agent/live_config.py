@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from datastore.errors import ValidationError
 from datastore.felixconfig import FelixConfigurationSpec
+from datastore.model import decode_fields
 from felix_agent.calc.settings import (
     JSON_NAMES,
     Layer,
@@ -71,9 +73,11 @@ def read_cache(path: Path) -> tuple[FelixConfigurationSpec | None, FelixConfigur
     unreadable: the start-up path then uses the layers above the datastore alone)."""
     try:
         data = json.loads(path.read_text())
-        return tuple(FelixConfigurationSpec(**data[k]) if data.get(k) is not None else None  # type: ignore[return-value]
+        # decoded as documents are, so that nested values (failsafe ports) come back as dataclasses
+        return tuple(decode_fields(FelixConfigurationSpec, {JSON_NAMES[n]: v for n, v in data[k].items()}, "cache")
+                     if data.get(k) is not None else None  # type: ignore[return-value]
                      for k in ("default", "node"))
-    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, ValidationError):
         return None, None
 
 

@@ -6,6 +6,7 @@ changes (``felix_agent.live_config`` decides which; the CNI socket is handed ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -15,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -29,6 +30,7 @@ from datastore.felixconfig import DEFAULT_NAME, FelixConfiguration, node_name
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, WorkloadEndpoint
 from datastore.store import ResourceStore
+from felix_agent.auto_host_endpoint import AutoHostEndpoint
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
@@ -131,6 +133,7 @@ class Agent:
         self.wireguard_key = load_or_create(args.state_dir)  # made once; only its public half leaves the node
         self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
+        self.auto_host_endpoint = AutoHostEndpoint(self.node, self._resource_store)
         self._block_routing: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
@@ -177,6 +180,11 @@ class Agent:
             current.status = NodeStatus(wireguard_public_key=wanted)
             store.update(current, current)
         log.info("WireGuard public key %s in node %s's status", "published" if wanted else "withdrawn", self.node)
+
+    @contextlib.contextmanager
+    def _resource_store(self) -> Iterator[ResourceStore]:
+        with self.stores.client(self.config) as client:
+            yield ResourceStore(client)
 
     def ready(self) -> bool:
         return self.loop is not None and self.loop.first_apply.is_set()
@@ -272,6 +280,7 @@ class Agent:
             log.warning("could not set up this node's VXLAN tunnel endpoint: %s", e)
 
     def managers(self, node_ip: str | None) -> list[Manager]:
+        from felix_agent.dataplane.host_policy import HostPolicyManager
         from felix_agent.dataplane.ipip import IPIPManager
         from felix_agent.dataplane.masq import MasqManager
         from felix_agent.dataplane.mtu import MTUManager
@@ -294,7 +303,7 @@ class Agent:
         # nftablesRefreshInterval paces the resync of the managers of the nftables table;
         # routeRefreshInterval the others' (they all read the kernel back through netlink).
         self._nft_managers = [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick),
-                              MasqManager(table)]
+                              HostPolicyManager(table), MasqManager(table)]
         return [*self._nft_managers,
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers, s.vxlan_mtu)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra, s.ipip_mtu)),
@@ -347,7 +356,7 @@ class Agent:
                 self.bgp.start()
             started = self.live.started
             self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,
-                                      feeds=[self.live.on_view, self.publish_wireguard_key,
+                                      feeds=[self.live.on_view, self.publish_wireguard_key, self.auto_host_endpoint,
                                              *([self.bgp.update] if self.bgp else [])],
                                       programmed=self.programmed, resync_interval=route_refresh_seconds(started))
             self.loop.set_resync_interval(nftables_refresh_seconds(started), self._nft_managers)
