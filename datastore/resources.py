@@ -282,6 +282,9 @@ def _load_all() -> None:
         from datastore.policy import POLICY_KINDS
 
         register(*POLICY_KINDS, *BGP_KINDS, *FELIX_KINDS)
+        from datastore.netsets import NETSET_KINDS  # GlobalNetworkSet, NetworkSet
+
+        register(*NETSET_KINDS)
 
 
 def kind_named(name: str) -> type[Kind]:

@@ -30,6 +30,8 @@ The calculators, in Calico's terms (Felix spreads the same work over the same pi
   direction (Calico's default deny). An operator who wants another default stores a Profile named
   ``net.<network>``: it replaces the synthesised one (one without rules makes the network closed by
   default).
+- ``felix_agent.calc.netsets``: every GlobalNetworkSet and NetworkSet, which the selector index
+  holds beside the endpoints: a rule's selector matching one puts its nets in the IP set.
 - ``felix_agent.calc.active_rules`` (ActiveRulesCalculator): only policies that apply to some local
   endpoint, and the IP sets their rules reference, are output.
 - ``felix_agent.calc.routes``: routes and tunnels, NAT-outgoing pools, whether IPIP is used;
@@ -44,6 +46,7 @@ from typing import Any
 from datastore.model import Resource
 from felix_agent.calc.active_rules import ActiveRules
 from felix_agent.calc.model import DesiredState
+from felix_agent.calc.netsets import build as build_netset
 from felix_agent.calc.policy_resolver import PolicyResolver
 from felix_agent.calc.routes import Routing, routing
 from felix_agent.calc.selector_index import SelectorIndex
@@ -51,8 +54,10 @@ from felix_agent.calc.snapshot import (
     AFFINITY,
     BLOCK,
     GLOBAL_NETWORK_POLICY,
+    GLOBAL_NETWORK_SET,
     IPPOOL,
     NETWORK_POLICY,
+    NETWORK_SET,
     NODE,
     PROFILE,
     WORKLOAD_ENDPOINT,
@@ -97,6 +102,11 @@ class Calculator:
         # Endpoints first: a policy added after them finds its selector's matches in the label index.
         for key in changed.get(WORKLOAD_ENDPOINT, ()):
             self._set_workload(key, snapshot.endpoints.get(key))
+        for kind in (GLOBAL_NETWORK_SET, NETWORK_SET):
+            table = snapshot.tables[kind]
+            for key in changed.get(kind, ()):
+                resource = table.get(key)
+                self._index.set_netset(key, build_netset(key, resource, self._workloads) if resource else None)
         for kind in (NETWORK_POLICY, GLOBAL_NETWORK_POLICY):
             for key in changed.get(kind, ()):
                 self._resolver.set_policy(key, snapshot.tables[kind].get(key))
@@ -120,6 +130,10 @@ class Calculator:
                 old is None or new is None or old.local != new.local or old.addresses != new.addresses
                 or old.resource.spec.interface_name != new.resource.spec.interface_name):
             self._routing_dirty = True
+
+    def set_sources(self, set_id: str, address: str) -> list[str]:
+        """The snapshot keys of what put ``address`` in IP set ``set_id`` (for explaining a verdict)."""
+        return self._index.sources(set_id, address)
 
     # ---- the output -------------------------------------------------------------------------------
     def _state(self, snapshot: Snapshot) -> DesiredState:
