@@ -20,8 +20,8 @@ elements: an nftables interval set refuses them).
 
 from __future__ import annotations
 
-from collections import Counter
 import ipaddress
+from collections import Counter
 from collections.abc import Mapping
 from itertools import chain
 from typing import Protocol

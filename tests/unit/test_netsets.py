@@ -158,3 +158,20 @@ def test_the_calculator_names_the_set_that_put_an_address_in() -> None:
         k for kind in ("GlobalNetworkSet", "NetworkSet") for k in snap.tables[kind])
     assert calc.set_sources(set_id, "198.51.100.99") == list(snap.tables["NetworkSet"])
     assert calc.set_sources(set_id, "192.0.2.1") == []
+
+
+def test_explain_names_the_network_set_that_decided_a_verdict() -> None:
+    from netlab.matrix import Packet, evaluate
+
+    snap = Snapshot.of([*BASE, gnp("out", selector="app == 'web'", **EGRESS_TO_DB),
+                        gns("db-global", ["10.244.0.0/30", "198.51.100.0/28"], role="db")])
+    calc = Calculator(NODE)
+    ds = calc.compute(snap)
+    ping = Packet("10.244.0.4", "10.244.0.2", 1, icmp_type=8, icmp_code=0)  # web-2 → web-1
+    allowed = evaluate(ds, "dev/web-2", "egress", ping, snap, calc.set_sources)
+    assert allowed.allowed and allowed.policy == "gnp/out" and allowed.rule == 0
+    assert allowed.network_sets == ("GlobalNetworkSet db-global (10.244.0.2 in 10.244.0.0/30)",)
+    assert "matched through GlobalNetworkSet db-global" in allowed.reason
+    web_1 = Packet("10.244.0.2", "10.244.0.4", 1, icmp_type=8, icmp_code=0)  # outside the set: default deny
+    denied = evaluate(ds, "prod/web-1", "egress", web_1, snap, calc.set_sources)
+    assert not denied.allowed and denied.network_sets == ()
