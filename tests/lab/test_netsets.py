@@ -10,6 +10,7 @@ NAT-outgoing, as traffic to any address outside the pools does.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import textwrap
@@ -146,3 +147,43 @@ def test_a_namespaced_network_set_through_a_network_policy_of_its_namespace(
             """):
         cluster.expect(reaches(pods["client"], False, True, external), what="front's partner set only")
     cluster.expect(reaches(pods["client"], True, True, external), what="policy and sets deleted")
+
+
+def test_lab_matrix_explain_names_the_network_set_that_decided() -> None:
+    """``netctl lab matrix --explain``: pod1's egress is allowed only to a GlobalNetworkSet holding pod2's
+    address; the explanation of pod1 -> pod2 names the set, and the matrix agrees with it."""
+    from netlab.lab import STATE_ROOT, destroy_by_name
+    from tests.lab.test_netctl_lab import matrix, netctl, wait_until
+
+    name = f"ns{secrets.token_hex(3)}"
+    try:
+        netctl("lab", "up", "--name", name, "--nodes", "2", "--mode", "vxlan", "--pods-per-node", "1")
+        pod2 = next(p for p in json.loads(netctl("lab", "status", "--name", name, "-o", "json").stdout)["pods"]
+                    if p["name"] == "pod2")
+        address = pod2["addresses"][0].split("/")[0]
+        resources = STATE_ROOT / name / "netsets.yaml"
+        resources.write_text(textwrap.dedent(f"""\
+            apiVersion: projectcalico.org/v3
+            kind: GlobalNetworkSet
+            metadata: {{name: to-pod2, labels: {{role: allowed}}}}
+            spec: {{nets: ['{address}/32']}}
+            ---
+            apiVersion: projectcalico.org/v3
+            kind: GlobalNetworkPolicy
+            metadata: {{name: pod1-out}}
+            spec:
+              selector: tortie.dev/name == 'pod1'
+              types: [Egress]
+              egress:
+              - action: Allow
+                destination: {{selector: role == 'allowed'}}
+            """))
+        netctl("lab", "exec", "--name", name, "n1", "--", "netctl", "apply", "-f", str(resources))
+        wait_until(lambda: matrix(name)["results"]["icmp"]["pod1"]["pod2"], 20, "pod1 to reach pod2")
+        icmp = json.loads(netctl("lab", "matrix", "--name", name, "--explain", "pod1", "pod2", "-o", "json").stdout)[0]
+        assert icmp["allowed"] and icmp["egress"]["policy"] == "gnp/pod1-out"
+        assert icmp["egress"]["networkSets"] == [f"GlobalNetworkSet to-pod2 ({address} in {address}/32)"]
+        text = netctl("lab", "matrix", "--name", name, "--explain", "pod1", "pod2").stdout
+        assert "matched through GlobalNetworkSet to-pod2" in text
+    finally:
+        destroy_by_name(name)
