@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 
+from datastore.model import Resource
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.snapshot import Snapshot, Update
 from felix_agent.dataplane.masq import MasqManager
@@ -27,14 +28,14 @@ pytestmark = pytest.mark.lab
 NODE = "lab"
 
 
-def pod(lab: Lab, name: str) -> object:
+def pod(lab: Lab, name: str) -> Resource:
     v4, v6 = PODS[name]
     spec = {"node": NODE, "interfaceName": lab.iface(name), "containerID": name, "network": "net",
             "ipNetworks": [f"{v4}/32", f"{v6}/128"]}
     return res("WorkloadEndpoint", name, spec, "t", {"app": name, "tortie.dev/network": "net"})
 
 
-def ext(nets: list[str]) -> object:
+def ext(nets: list[str]) -> Resource:
     return res("GlobalNetworkSet", "ext", {"nets": nets}, labels={"role": "ext"})
 
 

@@ -30,7 +30,7 @@ def netset(ns: str, name: str, nets: list[str], **labels: str) -> Resource:
 
 
 def test_a_calico_document_is_accepted_unchanged() -> None:
-    doc = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+    doc: dict[str, Any] = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
            "metadata": {"name": "a-name-for-the-set", "labels": {"role": "external-database"}},
            "spec": {"nets": ["198.51.100.0/28", "203.0.113.0/24", "2001:db8::/64"]}}
     r = codec.decode(doc)
