@@ -284,6 +284,9 @@ def _load_all() -> None:
 
         register(*POLICY_KINDS, *BGP_KINDS, *FELIX_KINDS)
         register(*HOST_ENDPOINT_KINDS)
+        from datastore.netsets import NETSET_KINDS  # GlobalNetworkSet, NetworkSet
+
+        register(*NETSET_KINDS)
 
 
 def kind_named(name: str) -> type[Kind]:

@@ -30,6 +30,8 @@ The calculators, in Calico's terms (Felix spreads the same work over the same pi
   direction (Calico's default deny). An operator who wants another default stores a Profile named
   ``net.<network>``: it replaces the synthesised one (one without rules makes the network closed by
   default).
+- ``felix_agent.calc.netsets``: every GlobalNetworkSet and NetworkSet, which the selector index
+  holds beside the endpoints: a rule's selector matching one puts its nets in the IP set.
 - ``felix_agent.calc.active_rules`` (ActiveRulesCalculator): only policies that apply to some local
   endpoint, and the IP sets their rules reference, are output.
 - ``felix_agent.calc.host_endpoints``: this node's HostEndpoints, the global policies selecting them
@@ -50,6 +52,7 @@ from datastore.model import Resource
 from felix_agent.calc.active_rules import ActiveRules
 from felix_agent.calc.host_endpoints import HostEndpoints, as_workload, protection
 from felix_agent.calc.model import DesiredState, HostProtection
+from felix_agent.calc.netsets import build as build_netset
 from felix_agent.calc.policy_resolver import PolicyResolver
 from felix_agent.calc.routes import Routing, routing
 from felix_agent.calc.selector_index import SelectorIndex
@@ -58,9 +61,11 @@ from felix_agent.calc.snapshot import (
     BLOCK,
     FELIX_CONFIGURATION,
     GLOBAL_NETWORK_POLICY,
+    GLOBAL_NETWORK_SET,
     HOST_ENDPOINT,
     IPPOOL,
     NETWORK_POLICY,
+    NETWORK_SET,
     NODE,
     PROFILE,
     WORKLOAD_ENDPOINT,
@@ -109,6 +114,11 @@ class Calculator:
             self._set_workload(key, snapshot.endpoints.get(key))
         for key in changed.get(HOST_ENDPOINT, ()):
             self._set_host_endpoint(key, snapshot.host_endpoints.get(key))
+        for kind in (GLOBAL_NETWORK_SET, NETWORK_SET):
+            table = snapshot.tables[kind]
+            for key in changed.get(kind, ()):
+                resource = table.get(key)
+                self._index.set_netset(key, build_netset(key, resource, self._workloads) if resource else None)
         hosts_dirty = bool(changed.get(HOST_ENDPOINT) or changed.get(GLOBAL_NETWORK_POLICY))
         if hosts_dirty:
             self._hosts.release()  # before the policies its uses name are replaced
@@ -150,6 +160,10 @@ class Calculator:
         if new is not None:
             workloads[key] = new
         self._index.set_workload(key, new)
+
+    def set_sources(self, set_id: str, address: str) -> list[str]:
+        """The snapshot keys of what put ``address`` in IP set ``set_id`` (for explaining a verdict)."""
+        return self._index.sources(set_id, address)
 
     # ---- the output -------------------------------------------------------------------------------
     def _state(self, snapshot: Snapshot) -> DesiredState:

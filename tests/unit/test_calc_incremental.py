@@ -77,12 +77,25 @@ endpoints = st.builds(endpoint, st.integers(0, 7), st.sampled_from(NAMESPACES), 
                       st.sampled_from([None, 80, 8080]))
 policies = st.builds(policy, st.integers(0, 5), st.sampled_from([None, *NAMESPACES]), st.sampled_from(SELECTORS),
                      st.sampled_from(SELECTORS), st.integers(0, 3), st.booleans(),
-                     st.sampled_from([None, "env == 'prod'", "all()"]))
+                     st.sampled_from([None, "env == 'prod'", "all()", "global()"]))
+NETS = ("198.51.100.0/28", "198.51.100.0/24", "10.244.0.0/30", "10.244.0.6", "2001:db8::/64", "fd00::3")
+
+
+def network_set(i: int, ns: str | None, app: str, tier: str | None, nets: list[str]) -> Resource:
+    """A GlobalNetworkSet (``ns`` None) or NetworkSet labelled as endpoints are, so the same selectors
+    reach both; its nets overlap each other and the endpoints' addresses."""
+    labels = {"app": app} | ({"tier": tier} if tier else {})
+    return res("NetworkSet" if ns else "GlobalNetworkSet", f"set-{i}", {"nets": nets}, ns, labels)
+
+
+netsets = st.builds(network_set, st.integers(0, 3), st.sampled_from([None, *NAMESPACES]), st.sampled_from(APPS),
+                    st.sampled_from([None, "a", "b"]), st.lists(st.sampled_from(NETS), max_size=3))
 profiles = st.builds(lambda ns, env: profile(f"kns.{ns}", labelsToApply={"env": env}),
                      st.sampled_from(NAMESPACES), st.sampled_from(["prod", "dev"]))
-change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]), st.one_of(endpoints, policies, profiles))
+change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]),
+                   st.one_of(endpoints, policies, profiles, netsets))
 host_change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]),
-                        st.one_of(endpoints, policies, profiles, host_endpoints, host_policies))
+                        st.one_of(endpoints, policies, profiles, netsets, host_endpoints, host_policies))
 
 
 @settings(max_examples=150, deadline=None)
