@@ -50,7 +50,7 @@ from types import FrameType
 from typing import Any
 
 from bench.prerequisites import require
-from bench.report import finish
+from bench.report import Figure, figure_table, finish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,13 +69,6 @@ BULK_TIMEOUT = 300.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    reference: str | None = None  # the BIRD figure this one is divided by
-    ratio: float | None = None
 
 
 class BenchFailure(RuntimeError):
@@ -767,14 +760,6 @@ def machine() -> dict[str, Any]:
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def table(figures: Sequence[Figure]) -> str:
-    width = max(len(f.name) for f in figures)
-    lines = [f"{'figure':<{width}}  {'value':>9}  {'unit':<6} ratio to BIRD", "-" * (width + 36)]
-    for f in figures:
-        value = f"{f.value:9.1f}" if f.value >= 100 else f"{f.value:9.2f}"
-        ratio_text = f"{f.ratio:.3g}" if f.ratio is not None else ""
-        lines.append(f"{f.name:<{width}}  {value}  {f.unit:<6} {ratio_text}".rstrip())
-    return "\n".join(lines)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -810,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            f"BGP benchmark, {report['mode']} run, {m['date']}: {m['host']}, {m['nproc']} CPUs ({m['cpu']}), "
            f"kernel {m['kernel']}, Python {m['python']}, BIRD {m['bird']}, {m['exabgp']}",
            f"convergence over {report['scale']['claims']} claims per series; scale {report['scale']['routes']} routes",
-           table(figures))
+           figure_table(figures, unit_width=6, ratio_heading="ratio to BIRD", name_reference=False))
     return 0
 
 

@@ -331,18 +331,9 @@ def _start_agent(lab: Any, k: int, tmp: Path, env: dict[str, str]) -> Any:
 
 
 def _iperf(lab: Any, server_ns: str, client_ns: str, address: str, seconds: int, tmp: Path, tag: str) -> float:
-    pid = lab.start_process(server_ns, ["iperf3", "-s", "-B", address], tmp / f"iperf-{tag}.log",
-                            {"PATH": "/usr/bin:/bin"})
-    try:
-        time.sleep(0.5)
-        done = lab.exec(client_ns, "iperf3", "-c", address, "-t", str(seconds), "-J", check=False,
-                        timeout=seconds + 30)
-        data = json.loads(done.stdout)
-        if "error" in data:
-            raise RuntimeError(f"iperf3 {tag}: {data['error']}")
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
-    finally:
-        lab.stop_process(pid)
+    from netlab.throughput import iperf3_gbps
+
+    return iperf3_gbps(lab, server_ns, client_ns, address, seconds, tmp / f"iperf-{tag}.log")
 
 
 def _policy_rules_yaml(rules: int) -> str:

@@ -94,23 +94,10 @@ def _driver(cluster: Any, *args: str, timeout: float = 600) -> dict[str, Any]:
 
 
 def _iperf(cluster: Any, server: Any, client: Any, seconds: int, tag: str) -> float:
-    from netlab.wait import wait_for
+    from netlab.throughput import iperf3_gbps
 
-    lab = cluster.lab
-    address = server.ips[0]
-    pid = lab.start_process(server.netns, ["iperf3", "-s", "-B", address], cluster.work / f"iperf-{tag}.log",
-                            {"PATH": "/usr/bin:/bin"})
-    try:
-        wait_for(lambda: lab.exec(server.netns, "ss", "-Hltn", "sport = :5201").stdout.strip(), 10,
-                 "the iperf3 server", interval=0.05)
-        done = lab.exec(client.netns, "iperf3", "-c", address, "-t", str(seconds), "-J", check=False,
-                        timeout=seconds + 30)
-        data = json.loads(done.stdout)
-        if "error" in data:
-            raise RuntimeError(f"iperf3 {tag}: {data['error']}")
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
-    finally:
-        lab.stop_process(pid)
+    return iperf3_gbps(cluster.lab, server.netns, client.netns, server.ips[0], seconds,
+                       cluster.work / f"iperf-{tag}.log")
 
 
 def _chain_present(cluster: Any, k: int, present: bool) -> None:

@@ -39,7 +39,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from bench.prerequisites import require
-from bench.report import finish
+from bench.report import Figure, figure_table, finish
 from datastore import codec, keys
 from datastore.config import EtcdConfig
 from datastore.errors import Conflict, DatastoreError
@@ -86,13 +86,6 @@ QUICK = Scale(cas_single=400, cas_per_thread=40, lib_single=200, lib_per_thread=
               exec_single=20, exec_per_caller=3, version_calls=5)
 
 
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    reference: str | None = None  # the figure this one is divided by
-    ratio: float | None = None
 
 
 class BenchFailure(RuntimeError):
@@ -439,14 +432,6 @@ def add_ratios(figures: list[Figure]) -> None:
             f.ratio = f.value / by_name[f.reference].value
 
 
-def table(figures: Sequence[Figure]) -> str:
-    width = max(len(f.name) for f in figures)
-    lines = [f"{'figure':<{width}}  {'value':>9}  {'unit':<9} ratio  (to)", "-" * (width + 60)]
-    for f in figures:
-        value = f"{f.value:9.1f}" if f.value >= 100 else f"{f.value:9.2f}"
-        ratio = f"{f.ratio:<6.3g} ({f.reference})" if f.ratio is not None else ""
-        lines.append(f"{f.name:<{width}}  {value}  {f.unit:<9} {ratio}".rstrip())
-    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
@@ -533,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            f"kernel {m['kernel']}, Python {m['python']}, etcd {m['etcd']}",
            f"concurrency: {len(NODES)} nodes x {THREADS_PER_NODE} threads or callers; library and CAS: "
            f"{report['threads']['clients']}; executable: one process per call",
-           table(figures))
+           figure_table(figures))
     return 0
 
 

@@ -7,6 +7,8 @@ and where the report is written; the figures' table and the first line are each 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,30 @@ def finish(report: dict[str, Any], kind: str, heading: str, details: str, table:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {path}")
     return path
+
+
+@dataclass
+class Figure:
+    """One measured figure; ``ratio`` is its value divided by that of the figure named ``reference``."""
+
+    name: str
+    value: float
+    unit: str
+    reference: str | None = None
+    ratio: float | None = None
+
+
+def figure_table(figures: Sequence[Figure], *, unit_width: int = 9, ratio_heading: str = "ratio  (to)",
+                 name_reference: bool = True) -> str:
+    """The figures one per line: name, value, unit and ratio (with the reference's name, unless
+    every ratio is to the same kind of reference, e.g. BIRD's, that ``ratio_heading`` names)."""
+    width = max(len(f.name) for f in figures)
+    lines = [f"{'figure':<{width}}  {'value':>9}  {'unit':<{unit_width}} {ratio_heading}",
+             "-" * (width + 27 + unit_width + (24 if name_reference else 3))]
+    for f in figures:
+        value = f"{f.value:9.1f}" if f.value >= 100 else f"{f.value:9.2f}"
+        ratio = ""
+        if f.ratio is not None:
+            ratio = f"{f.ratio:<6.3g} ({f.reference})" if name_reference else f"{f.ratio:.3g}"
+        lines.append(f"{f.name:<{width}}  {value}  {f.unit:<{unit_width}} {ratio}".rstrip())
+    return "\n".join(lines)
