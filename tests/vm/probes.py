@@ -17,7 +17,7 @@ import struct
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 from kernel.netns import netns
@@ -37,6 +37,8 @@ class Packet:
     inner_src: str | None = None
     inner_dst: str | None = None
     inner_proto: int | None = None
+    dport: int | None = None  # UDP/TCP destination port of the outer packet
+    at: float = 0.0  # time.monotonic() when the capture read it
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Capture:
                 return
             packet = decode_frame(frame)
             if packet is not None:
-                self.packets.append(packet)
+                self.packets.append(replace(packet, at=time.monotonic()))
 
     def encapsulated(self, encap: str) -> list[Packet]:
         return [p for p in self.packets if p.encap == encap]
@@ -105,15 +107,16 @@ def decode_ip(data: bytes, ethertype: int) -> Packet | None:
         payload = data[40:]
     else:
         return None
-    if proto == 17 and len(payload) >= 8 + 8 + 14 and struct.unpack("!H", payload[2:4])[0] == VXLAN_PORT:
+    dport = struct.unpack("!H", payload[2:4])[0] if proto in (6, 17) and len(payload) >= 4 else None
+    if proto == 17 and len(payload) >= 8 + 8 + 14 and dport == VXLAN_PORT:
         inner = decode_frame(payload[16:])
         if inner is not None:
-            return Packet(src, dst, proto, "vxlan", inner.src, inner.dst, inner.proto)
+            return Packet(src, dst, proto, "vxlan", inner.src, inner.dst, inner.proto, dport)
     if proto == 4:
         inner = decode_ip(payload, 0x0800)
         if inner is not None:
             return Packet(src, dst, proto, "ipip", inner.src, inner.dst, inner.proto)
-    return Packet(src, dst, proto)
+    return Packet(src, dst, proto, dport=dport)
 
 
 def link_stats(netns_name: str, ifname: str) -> tuple[int, int]:
