@@ -2,7 +2,7 @@
 wireguard module; this host's has none), as ``test_ipip_in_vm.py`` does for the IPIP files: a
 failure, not a skip, under ``CI=true`` when the VM cannot run.
 
-One boot runs both ``test_wireguard.py`` (the managers on a hand-built underlay, three tests) and
+One boot runs both ``test_wireguard.py`` (the managers on a hand-built underlay, four tests) and
 ``test_wireguard_agents.py`` (three felix-agents with etcd, pods through the plugin, five tests):
 under TCG an agent takes a minute to start, so the VM is booted once. The inner figures (pings lost
 in a live switch, the rotation gap, the time to the first encrypted packet) are printed here.
@@ -26,7 +26,7 @@ FIGURES = ("WireGuard on", "WireGuard off", "key rotation:", "killed and restart
 
 @pytest.mark.timeout(TIMEOUT + 120)
 def test_wireguard_inside_a_vm(tmp_path: Path) -> None:
-    out = run_inside_a_vm(tmp_path, FILES, tests=3 + 5, memory_mb=MEMORY_MB, timeout=TIMEOUT, show_output=True)
+    out = run_inside_a_vm(tmp_path, FILES, tests=4 + 5, memory_mb=MEMORY_MB, timeout=TIMEOUT, show_output=True)
     for line in out.splitlines():
         marks = [line.find(m) for m in FIGURES if m in line]
         if marks:
