@@ -68,7 +68,9 @@ class FirstWireGuardPacket:
         self._socks: list[socket.socket] = []
         for port in ports:
             with netns(f"/run/netns/{fabric_netns}"):
-                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+                # ETH_P_ALL: a bridge port's frames reach only the taps for every protocol; the
+                # bridge consumes them before per-protocol sockets would see them.
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
             sock.bind((port, 0))
             sock.settimeout(0.1)
             self._socks.append(sock)
@@ -85,7 +87,7 @@ class FirstWireGuardPacket:
             except OSError:
                 return
             ip = frame[14:]
-            if len(ip) < 28 or ip[9] != 17:
+            if frame[12:14] != b"\x08\x00" or len(ip) < 28 or ip[9] != 17:
                 continue
             udp = ip[(ip[0] & 0x0F) * 4:]
             if struct.unpack("!H", udp[2:4])[0] == PORT:

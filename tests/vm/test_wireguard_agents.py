@@ -96,21 +96,27 @@ class Cluster:
 
     def encrypting(self, k: int) -> bool:
         """Whether node ``k`` has a peer for each other node and sends their pods into the tunnel
-        (the kernel's route lookup for each lands in the WireGuard table: rule and routes are in)."""
+        (the kernel's route lookup for each leaves through the device: rule and routes are in)."""
         peers = self.device_peers(k)
         if peers is None or len(peers) != len(self.nodes) - 1:
             return False
         with netns(ns_path(self.lab.node(k).netns)):
             rtnl = RTNL()
         with rtnl:
-            return all(rtnl.route_to(pod.ips[0]).table == 1 for pod in self.pods.values() if pod.node.name != f"n{k}")
+            device = rtnl.link(DEVICE)
+            return device is not None and all(rtnl.route_to(pod.ips[0]).ifindex == device.index
+                                              for pod in self.pods.values() if pod.node.name != f"n{k}")
 
     def wait_wireguard(self, enabled: bool) -> None:
         """Until every node encrypts to every other node (or has no device any more)."""
         def done() -> bool:
             return all(self.encrypting(k) if enabled else self.device_peers(k) is None for k in self.nodes)
 
-        wait_for(done, SETTLE, f"WireGuard {'on' if enabled else 'off'} on every node", interval=0.2)
+        def state() -> str:
+            return "; ".join(f"n{k}: {len(peers)} peers, encrypting {self.encrypting(k)}" if peers is not None
+                             else f"n{k}: no device" for k in self.nodes for peers in [self.device_peers(k)])
+
+        wait_for(done, SETTLE, f"WireGuard {'on' if enabled else 'off'} on every node", interval=0.2, describe=state)
 
     def pairs(self) -> list[tuple[Pod, Pod]]:
         return [(a, b) for a in self.pods.values() for b in self.pods.values() if a is not b]
