@@ -270,9 +270,12 @@ def in_vm(argv: list[str]) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     inner = (f"TORTIE_IN_VM=1 {shlex.quote(sys.executable)} -m bench.wireguard_bench "
              + " ".join(shlex.quote(a) for a in argv))
-    log(f"no wireguard module here: running inside the VM ({runner})")
-    return subprocess.run([str(runner), "-C", str(ROOT), "-w", str(RESULTS), "-m", str(VM_MEMORY_MB),
-                           "-t", str(VM_TIMEOUT), inner]).returncode
+    log(f"no wireguard module here: running inside the VM ({runner}); host load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    status = subprocess.run([str(runner), "-C", str(ROOT), "-w", str(RESULTS), "-m", str(VM_MEMORY_MB),
+                             "-t", str(VM_TIMEOUT), inner]).returncode
+    log("host load average at the end " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
