@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -133,7 +133,10 @@ def echo(netns_path: str, address: str, timeout: float = 2.0) -> bool:
     with netns(netns_path):
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     with sock:
-        ident, seq = os.getpid() & 0xFFFF, int(time.monotonic() * 1000) & 0xFFFF
+        # A fresh identifier each time, as a new `ping` process would have: conntrack keys ICMP echo
+        # on it, and one identifier reused would keep an "established" entry alive that lets
+        # requests through a policy that now denies them.
+        ident, seq = secrets.randbits(16), int(time.monotonic() * 1000) & 0xFFFF
         body = struct.pack("!HH", ident, seq) + b"tortie-probe"
         header = struct.pack("!BBH", 8, 0, 0) + body
         sock.sendto(struct.pack("!BBH", 8, 0, _checksum(header)) + body, (address, 0))

@@ -129,8 +129,11 @@ class Cluster:
         return [Capture(ns_path(self.lab.lab.fabric), f"v{k}") for k in self.nodes]
 
     def node_status_keys(self) -> dict[str, str]:
-        """Node name → ``status.wireguardPublicKey`` as the datastore holds it."""
-        doc = json.loads(self.lab.netctl("get", "node", "-o", "json").stdout)
+        """Node name → ``status.wireguardPublicKey`` as the datastore holds it (netctl is retried:
+        under TCG on a loaded host its etcd deadline is sometimes missed right after an agent start)."""
+        done = wait_for(lambda: (d := self.lab.netctl("get", "node", "-o", "json", check=False)).returncode == 0 and d,
+                        60, "netctl get node to answer", interval=1.0)
+        doc = json.loads(done.stdout)
         items = doc.get("items", [doc]) if isinstance(doc, dict) else doc
         return {i["metadata"]["name"]: (i.get("status") or {}).get("wireguardPublicKey", "") for i in items}
 
