@@ -131,9 +131,11 @@ class Cluster:
     def node_status_keys(self) -> dict[str, str]:
         """Node name → ``status.wireguardPublicKey`` as the datastore holds it (netctl is retried:
         under TCG on a loaded host its etcd deadline is sometimes missed right after an agent start)."""
-        done = wait_for(lambda: (d := self.lab.netctl("get", "node", "-o", "json", check=False)).returncode == 0 and d,
-                        60, "netctl get node to answer", interval=1.0)
-        doc = json.loads(done.stdout)
+        def answered() -> str | None:
+            done = self.lab.netctl("get", "node", "-o", "json", check=False)
+            return done.stdout if done.returncode == 0 else None
+
+        doc = json.loads(wait_for(answered, 60, "netctl get node to answer", interval=1.0) or "{}")
         items = doc.get("items", [doc]) if isinstance(doc, dict) else doc
         return {i["metadata"]["name"]: (i.get("status") or {}).get("wireguardPublicKey", "") for i in items}
 
