@@ -184,8 +184,9 @@ def run(seconds: int) -> dict[str, Any]:
         logs, pids = [], []
         for a, b in pairs:
             out = lab.work / f"ping-{tag}-{a.name}-{b.name}.log"
-            pids.append(lab.lab.start_process(a.netns, ["ping", "-n", "-O", "-i", str(PING_INTERVAL), "-W", "1",
-                                                        b.ips[0]], out, {"PATH": "/usr/bin:/bin"}))
+            # line-buffered: the log is read while ping runs, and SIGTERM would drop a full buffer
+            pids.append(lab.lab.start_process(a.netns, ["stdbuf", "-oL", "ping", "-n", "-O", "-i", str(PING_INTERVAL),
+                                                        "-W", "1", b.ips[0]], out, {"PATH": "/usr/bin:/bin"}))
             logs.append(out)
         try:
             yield logs

@@ -309,8 +309,10 @@ def test_policy_applies_over_wireguard(cluster: Cluster) -> None:
     with _captures(cluster) as caps:
         wait_for(lambda: echo(ns_path(client.netns), srv, 1.0), SETTLE, "the labelled client to be allowed")
         assert not ping(other, srv, 3.0), "the unlabelled pod on another node got through"
-        # the server's own egress is not governed, and the replies to it are let back in
-        assert ping(pods["srv"], client.ips[0]) and ping(pods["srv"], other.ips[0])
+        # the server's own egress is not governed (the replies to it are let back in), but deny-all
+        # selects the client too: only a pod outside the namespace answers it
+        assert ping(pods["srv"], cluster.pods["p1"].ips[0]) and ping(pods["srv"], cluster.pods["p3"].ips[0])
+        assert not ping(pods["srv"], client.ips[0], 3.0), "deny-all let the server into the client"
     assert not in_clear(cluster, caps), "policy-tested traffic crossed the fabric in clear"
 
 
