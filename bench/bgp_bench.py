@@ -34,11 +34,13 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -265,6 +267,8 @@ class Convergence:
     first: list[float] = field(default_factory=list)
     trigger: list[float] = field(default_factory=list)
     origin: list[float] = field(default_factory=list)  # Tortie: the origin's own blackhole (protocol 80)
+    claims: list[tuple[str, int, float]] = field(default_factory=list)  # (prefix, origin, commit time)
+    seen: list[dict[int, float]] = field(default_factory=list)  # per claim: node -> route in its kernel
 
 
 def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: threading.Condition,
@@ -291,6 +295,8 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
         out.commit_times.append(tc - t0)
         out.first.append(min(w.added[prefix] for w in others) - t0)
         out.trigger.append(t1 - t0)
+        out.claims.append((prefix, origin, tc))
+        out.seen.append({k: w.added[prefix] for k, w in watches.items() if k != origin})
         if own is not None:
             watch = own[origin]
             seen = wait_changed(changed, lambda w=watch, p=prefix, t0=t0: (  # type: ignore[misc]
@@ -330,7 +336,68 @@ def convergence_figures(label: str, tortie: Convergence, bird: Convergence) -> l
     return figures
 
 
+def read_traces(directory: Path) -> dict[int, dict[tuple[str, str], list[float]]]:
+    """``bgp.trace`` files: node -> (step, prefix) -> times."""
+    out: dict[int, dict[tuple[str, str], list[float]]] = {}
+    for path in directory.glob("n*.trace"):
+        steps: dict[tuple[str, str], list[float]] = {}
+        for line in path.read_text().splitlines():
+            when, step, prefix = line.split()
+            steps.setdefault((step, prefix), []).append(float(when))
+        out[int(path.stem[1:])] = steps
+    return out
+
+
+STEPS = (
+    ("commit → origin agent has it", "commit", "datastore"),
+    ("origin agent: → command in ExaBGP's pipe", "datastore", "sent"),
+    ("pipe → first node's agent reads the UPDATE (2 ExaBGPs, TCP)", "sent", "read first"),
+    ("pipe → last node's agent reads it", "sent", "read last"),
+    ("agent: read → parsed (per node)", "read", "parsed"),
+    ("agent: parsed → kernel write sent (per node)", "parsed", "write"),
+    ("agent: kernel write sent → acked (per node)", "write", "kernel"),
+    ("kernel write acked → route event seen (per node)", "kernel", "seen"),
+)
+
+
+def trace_figures(label: str, tortie: Convergence, traces: dict[int, dict[tuple[str, str], list[float]]]
+                  ) -> list[Figure]:
+    """Where the time from the commit to every node goes, step by step (``bgp.trace``): p50 over
+    the claims (over the claims and nodes for the per-node steps). Each time is the first of its
+    step after the commit."""
+    spans: dict[str, list[float]] = {name: [] for name, _, _ in STEPS}
+    for (prefix, origin, tc), seen in zip(tortie.claims, tortie.seen, strict=True):
+        def first(k: int, step: str, after: float = tc, p: str = prefix) -> float | None:
+            times = [t for t in traces.get(k, {}).get((step, p), []) if t >= after - 0.5]
+            return min(times) if times else None
+        at: dict[str, float | None] = {"commit": tc, "datastore": first(origin, "datastore"),
+                                       "sent": first(origin, "sent")}
+        per_node = {k: {"read": first(k, "read"), "parsed": first(k, "parsed"), "write": first(k, "write"),
+                        "kernel": first(k, "kernel"), "seen": s} for k, s in seen.items()}
+        reads = [n["read"] for n in per_node.values() if n["read"] is not None]
+        at["read first"], at["read last"] = (min(reads), max(reads)) if reads else (None, None)
+        for name, a, b in STEPS:
+            if a in at:
+                start, end = at[a], at.get(b)
+                if start is not None and end is not None:
+                    spans[name].append(end - start)
+            else:
+                for n in per_node.values():
+                    start, end = n[a], n[b]
+                    if start is not None and end is not None:
+                        spans[name].append(end - start)
+    return [Figure(f"{label}: Tortie trace, {name} p50", statistics.median(v) * 1000, "ms")
+            for name, v in spans.items() if v]
+
+
 # ---- CPU ----------------------------------------------------------------------------------------
+
+
+def cluster_cpu(c: Any) -> dict[str, float]:
+    """CPU seconds so far of every Tortie node's agent, and of their ExaBGPs with API processes."""
+    agents = [c.agents[k] for k in TORTIE]
+    return {"agents": sum(map(cpu_seconds, agents)),
+            "ExaBGPs and API processes": sum(cpu_seconds(p) for a in agents for p in descendants(a))}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -437,7 +504,7 @@ FULL = Scale(claims=50, routes=10_000)
 QUICK = Scale(claims=10, routes=10_000)
 
 
-def run(scale: Scale, quick: bool) -> dict[str, Any]:
+def run(scale: Scale, quick: bool, trace: bool = False) -> dict[str, Any]:
     # Imported here: the claimer (run inside a node) needs none of it.
     from netlab.bgp_cluster import (
         BGPCluster,
@@ -465,7 +532,9 @@ def run(scale: Scale, quick: bool) -> dict[str, Any]:
         phases[name] = round(time.perf_counter() - since, 1)
         log(f"  ({phases[name]} s)")
 
-    with BGPCluster("bgpb", NODES, agents=TORTIE, pools=bgp_pools(POOL, 26)) as bgp:
+    trace_dir = Path(tempfile.mkdtemp(prefix="tortie-bgp-trace-"))
+    with BGPCluster("bgpb", NODES, agents=TORTIE, pools=bgp_pools(POOL, 26),
+                    agent_args=["--bgp-trace", str(trace_dir)] if trace else ()) as bgp:
         try:
             c, lab = bgp.cluster, bgp.lab
             t = time.perf_counter()
@@ -506,10 +575,20 @@ def run(scale: Scale, quick: bool) -> dict[str, Any]:
                 birds[origin].birdc("enable", f"c{i}")
                 return t0, time.monotonic(), t0
 
+            cpu_before = cluster_cpu(c)
             tortie_mesh = converge(TORTIE, bgp_watch, changed, [block("10.244", 512 + i) for i in range(scale.claims)],
                                    tortie_claim, own_watch)
+            cpu_after = cluster_cpu(c)
             bird_mesh = converge(BIRD_MESH, bird_watch, changed, list(mesh_claims.values()), bird_claim)
             figures += convergence_figures("mesh, 10 nodes", tortie_mesh, bird_mesh)
+            # The CPU the 10 nodes spend per claim, on 2 shared cores: what competes with the
+            # UPDATE's way (every agent takes the new block in from its watch; every ExaBGP
+            # decodes the UPDATE and writes its JSON).
+            for what in ("agents", "ExaBGPs and API processes"):
+                figures.append(Figure(f"mesh, 10 nodes: Tortie CPU per claim, all 10 {what}",
+                                      (cpu_after[what] - cpu_before[what]) / scale.claims * 1000, "CPU ms"))
+            if trace:
+                figures += trace_figures("mesh, 10 nodes", tortie_mesh, read_traces(trace_dir))
             checks.append(f"mesh: {scale.claims} Tortie blocks and {scale.claims} BIRD routes reached all 9 "
                           "other nodes' kernels")
             phase("mesh", t)
@@ -537,6 +616,8 @@ def run(scale: Scale, quick: bool) -> dict[str, Any]:
                                  [block("10.244", 768 + i) for i in range(scale.claims)], tortie_claim, own_watch)
             bird_rr = converge(clients, bird_watch, changed, list(rr_claims.values()), bird_claim)
             figures += convergence_figures("2 reflectors", tortie_rr, bird_rr)
+            if trace:
+                figures += trace_figures("2 reflectors", tortie_rr, read_traces(trace_dir))
             checks.append(f"reflectors: {scale.claims} claims on clients reached all 9 other nodes' kernels, "
                           "both speakers")
             phase("reflectors", t)
@@ -592,6 +673,7 @@ def run(scale: Scale, quick: bool) -> dict[str, Any]:
         finally:
             for w in watches:
                 w.close()
+            shutil.rmtree(trace_dir, ignore_errors=True)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     raw = {"mesh": {"tortie": asdict(tortie_mesh), "bird": asdict(bird_mesh)},
            "reflectors": {"tortie": asdict(tortie_rr), "bird": asdict(bird_rr)},
@@ -706,6 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bgp_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK.claims} claims per series instead of "
                         f"{FULL.claims}")
+    parser.add_argument("--trace", action="store_true", help="agents write per-step timestamps (bgp.trace): "
+                        "the table shows where the time from the commit goes (adds a little work to the agents)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         log("the BGP benchmark builds network namespaces: run it as root")
@@ -713,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     require("BGP benchmark", "ip", "etcd", "bird", "birdc")
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        report = run(QUICK if args.quick else FULL, args.quick)
+        report = run(QUICK if args.quick else FULL, args.quick, args.trace)
     except KeyboardInterrupt:
         log("interrupted; the lab is torn down")
         return 130

@@ -6,7 +6,10 @@ first two parts are written straight into etcd (no real pods) by a driver proces
 module inside node n1's namespace (the lab's etcd is reachable only from there); the third part
 makes two real pods through the tortie CNI plugin and runs iperf3 between them, alternating
 without and with the rules so that a neighbour's load on the shared cores falls on both sides.
-After the label changes a few new endpoints are timed to their chains in the kernel.
+After the label changes, a GlobalNetworkSet matched by an egress rule of a policy selecting one
+app's endpoints has its ``nets`` edited, timed from the write to the new address in the kernel set
+(the network-set figure, measured as the label-change one is); then a few new endpoints are timed
+to their chains in the kernel.
 
     .venv/bin/python -m bench.dataplane_bench [--quick] [--keep-logs DIR] [--agent-log-level debug]
 
@@ -174,6 +177,50 @@ def drive_relabel(total: int, changes: int, timeout: float) -> None:
     expected = sets_b if tier == 1 else sets_a
     print(json.dumps({"seconds": samples, "polls": polls, "sets_ok": final == expected,
                       "target_sets": into}))
+
+
+NETSET_ADDRESS = "198.51.100.{}"
+
+
+def drive_netset(changes: int, timeout: float) -> None:
+    """A GlobalNetworkSet and a GlobalNetworkPolicy (egress of app a0 allowed to it); then replace the
+    set's only net ``changes`` times and time each write to the new address in the kernel set."""
+    from datastore import codec
+    from datastore.netsets import GlobalNetworkSet
+    from datastore.policy import GlobalNetworkPolicy
+    store = _store()
+
+    def gns(k: int) -> Any:
+        return codec.decode({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+                             "metadata": {"name": "bench-ext", "labels": {"role": "bench-ext"}},
+                             "spec": {"nets": [f"{NETSET_ADDRESS.format(k)}/32"]}})
+
+    store.create(gns(1))
+    store.create(codec.decode({
+        "apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy", "metadata": {"name": "bench-ext"},
+        "spec": {"selector": "app == 'a0'", "types": ["Egress"],
+                 "egress": [{"action": "Allow", "destination": {"selector": "role == 'bench-ext'"}}]}}))
+    deadline = time.time() + timeout
+    while not (found := _sets_holding(NETSET_ADDRESS.format(1))):
+        if time.time() > deadline:
+            raise SystemExit(f"the network set's address never reached a set in {timeout:.0f} s")
+        time.sleep(0.2)
+    (target,) = found
+    samples, stale = [], 0
+    for k in range(2, changes + 2):
+        current = store.get(GlobalNetworkSet, "bench-ext")
+        current.spec = gns(k).spec
+        started = time.perf_counter()
+        store.update(current)
+        while not _in_set(target, NETSET_ADDRESS.format(k)):
+            if time.perf_counter() - started > timeout:
+                raise SystemExit(f"change {k}: {NETSET_ADDRESS.format(k)} never reached set {target}")
+        samples.append(time.perf_counter() - started)
+        stale += _in_set(target, NETSET_ADDRESS.format(k - 1))  # the replaced net must be gone too
+        time.sleep(0.3)
+    store.delete(GlobalNetworkPolicy, "bench-ext")
+    store.delete(GlobalNetworkSet, "bench-ext")
+    print(json.dumps({"seconds": samples, "stale": stale, "set": target}))
 
 
 def _resync_metrics() -> tuple[int, float, float]:
@@ -364,6 +411,10 @@ def run(quick: bool, keep_logs: Path | None = None) -> dict[str, Any]:
         ms = [s * 1000 for s in rel["seconds"]]
         figures.update(incremental_p50_ms=statistics.median(ms), incremental_max_ms=max(ms),
                        incremental_samples_ms=ms, incremental_polls=rel["polls"], incremental_sets_ok=rel["sets_ok"])
+        nset = _driver(lab, env, "netset", str(changes), "300")
+        nset_ms = [s * 1000 for s in nset["seconds"]]
+        figures.update(netset_p50_ms=statistics.median(nset_ms), netset_max_ms=max(nset_ms),
+                       netset_samples_ms=nset_ms, netset_stale=nset["stale"])
         new = _driver(lab, env, "new", str(inc_eps), str(new_eps), "120", repr(RESYNC_INTERVAL),
                       timeout=600 + 6 * new_eps * RESYNC_INTERVAL)
         new_ms = [x * 1000 for x in new["seconds"]]
@@ -475,6 +526,10 @@ def table(res: dict[str, Any], load: tuple[tuple[float, ...], tuple[float, ...]]
          f"{c['changes']} changes)", f"{f['incremental_p50_ms']:.1f} ms", "target < 50 ms"),
         ("label change -> nft set, max", f"{f['incremental_max_ms']:.1f} ms",
          f"sets correct after: {f['incremental_sets_ok']}"),
+        (f"network-set nets change -> nft set, p50 ({c['inc_endpoints']} eps, {c['changes']} changes)",
+         f"{f['netset_p50_ms']:.1f} ms", f"label change p50 {f['incremental_p50_ms']:.1f} ms in the same run"),
+        ("network-set nets change -> nft set, max", f"{f['netset_max_ms']:.1f} ms",
+         f"replaced net still in the set after: {f['netset_stale']} of {c['changes']}"),
         (f"new endpoint -> its chains in the kernel, p50 / max of {len(f['new_endpoint_samples_ms'])}",
          f"{f['new_endpoint_p50_ms']:.1f} ms", f"max {f['new_endpoint_max_ms']:.1f} ms (targets 50 / 500 ms)"),
         (f"  of which arrived during a resync: {sum(f['new_endpoint_during_resync'])}, p50 / max",
@@ -515,6 +570,8 @@ def main() -> None:
             drive_ready(float(rest[0]), float(rest[1]))
         elif cmd == "relabel":
             drive_relabel(int(rest[0]), int(rest[1]), float(rest[2]))
+        elif cmd == "netset":
+            drive_netset(int(rest[0]), float(rest[1]))
         elif cmd == "new":
             drive_new(int(rest[0]), int(rest[1]), float(rest[2]), float(rest[3]))
         return

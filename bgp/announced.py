@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from bgp import exabgp, outbound
+from bgp import exabgp, outbound, trace
 from bgp.filters import accepts
 from bgp.model import Export, Peer, SessionStatus
 from bgp.received import PeerInfo, ReceivedRoutes
@@ -32,8 +32,9 @@ class Announcements(ReceivedRoutes):
         def _established(self) -> list[str]: ...
         def _fire(self) -> None: ...
 
-    def announce(self, exports: Iterable[Export]) -> None:
-        """This node's prefixes (blocks, borrowed /32s) as they should be announced now."""
+    def announce(self, exports: Iterable[Export], seen_at: float | None = None) -> None:
+        """This node's prefixes (blocks, borrowed /32s) as they should be announced now;
+        ``seen_at``: when the agent had the change (``bgp.trace``)."""
         new = {_canonical(e.prefix): e for e in exports}
         with self._lock:
             old, self._exports = self._exports, new
@@ -47,6 +48,9 @@ class Announcements(ReceivedRoutes):
             if self._reflector is not None:
                 commands += self._reflector.own(new)
             self._send(commands)
+        if trace.on() and new.keys() - old.keys():
+            trace.mark("datastore", new.keys() - old.keys(), seen_at)
+            trace.mark("sent", new.keys() - old.keys())
         self._fire()
 
     def _refilter(self, old: dict[str, Peer], new: Iterable[Peer]) -> None:

@@ -1,16 +1,21 @@
-"""The processes around ExaBGP: ExaBGP itself as the agent's child (``ExaBGPProcess``), the API
-process it runs (``process tortie { run python -m bgp.api_process SOCKET; }``), and the agent's
-end of that process's socket (``Channel``). Plumbing only: what the lines mean is ``bgp.exabgp``'s
+"""The processes around ExaBGP: ExaBGP itself as the agent's child (``ExaBGPProcess``) and the API
+process it runs (``process tortie { run python -m bgp.api_process SOCKET; }``); the agent's end of
+that process's socket is ``bgp.channel``. Plumbing only: what the lines mean is ``bgp.exabgp``'s
 and ``bgp.speaker``'s business. Standard library only.
 
-The API process is a relay and nothing else: ExaBGP's JSON lines (its stdin) go to the agent's
-unix socket, the agent's command lines come back and go to ExaBGP (its stdout). It holds no BGP
-state but the set of prefixes announced through it (for the dead man's switch below), so that an
-agent restart or a respawn by ExaBGP loses nothing but the connection.
+The API process hands ExaBGP's pipes to the agent and stands by. With its hello it sends its stdin
+(ExaBGP's JSON) and stdout (ExaBGP's commands) to the agent (SCM_RIGHTS), after the output it had
+read before the agent was there (``"direct": N`` bytes, then nothing more on the socket): the agent
+reads and writes ExaBGP's pipes itself, with no process between them on an UPDATE's way. The agent
+copies each command it writes to the socket, so that this process still knows what was announced.
+With ``TORTIE_BGP_RELAYED=1`` in its environment it relays instead (the older way, for
+comparisons): ExaBGP's lines to the agent's unix socket, the agent's command lines back to ExaBGP.
+It holds no BGP state but the set of prefixes announced through it (for the dead man's switch
+below), so that an agent restart or a respawn by ExaBGP loses nothing but the connection.
 
 - It never blocks on one side while the other has data: every descriptor is non-blocking and
   buffered, so a burst of updates and a burst of commands cannot deadlock each other.
-- Agent gone (socket closed or refused): it keeps reading ExaBGP's output into a bounded buffer
+- Agent gone (socket closed or refused): it takes the pipes back, keeps reading ExaBGP's output into a bounded buffer
   and reconnects every ``RETRY`` seconds; once connected it sends a hello line (its PID and
   ExaBGP's) and, if the buffer overflowed meanwhile, a ``lost`` line so the agent resyncs.
 - ExaBGP gone (EOF on stdin): it exits.
@@ -35,9 +40,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 RETRY = 0.2  # seconds between connection attempts to the agent
@@ -65,10 +69,11 @@ class Relay:
         self.lost = 0  # bytes dropped while disconnected, reported on reconnect
         self.mid_line = False  # the agent has received part of the first line in to_agent
         self.next_attempt = 0.0
+        self.hand_over = os.environ.get("TORTIE_BGP_RELAYED") != "1"
+        self.handed = False  # the connected agent has the pipes: nothing to read or forward here
         self.selector = selectors.DefaultSelector()
         os.set_blocking(stdin, False)
         os.set_blocking(stdout, False)
-        self.selector.register(stdin, selectors.EVENT_READ)
 
     def run(self) -> int:
         while True:
@@ -130,15 +135,28 @@ class Relay:
             sock.close()
             self.next_attempt = time.monotonic() + RETRY
             return
+        hello: dict[str, object] = {"tortie": "hello", "pid": os.getpid(), "exabgp": os.getppid()}
+        head = b""
+        if self.lost:
+            head = json.dumps({"tortie": "lost", "bytes": self.lost}).encode() + b"\n"
+        if self.hand_over:
+            # What was read before the agent came goes first, on the socket; then the pipes.
+            hello["direct"] = len(head) + len(self.to_agent)
+            try:
+                sock.settimeout(RETRY)
+                socket.send_fds(sock, [json.dumps(hello).encode() + b"\n"], [self.stdin, self.stdout])
+            except OSError:
+                sock.close()
+                self.next_attempt = time.monotonic() + RETRY
+                return
+            self.handed = True
+        else:
+            head = json.dumps(hello).encode() + b"\n" + head
+        self.lost = 0
         sock.setblocking(False)
         self.sock = sock
         self.agent_gone = 0.0
         self.selector.register(sock, selectors.EVENT_READ)
-        hello = {"tortie": "hello", "pid": os.getpid(), "exabgp": os.getppid()}
-        head = json.dumps(hello).encode() + b"\n"
-        if self.lost:
-            head += json.dumps({"tortie": "lost", "bytes": self.lost}).encode() + b"\n"
-            self.lost = 0
         self.to_agent[:0] = head
 
     def _read_agent(self) -> None:
@@ -152,8 +170,9 @@ class Relay:
         if not data:
             self._disconnect()
             return
-        self.to_exabgp += data
-        self._write_exabgp()
+        if not self.handed:  # handed: the agent wrote them into ExaBGP's pipe itself; this is a copy
+            self.to_exabgp += data
+            self._write_exabgp()
         *lines, self.commands_tail = (self.commands_tail + data).split(b"\n")
         for line in lines:
             self._remember(line.split())
@@ -193,6 +212,10 @@ class Relay:
         self.sock.close()
         self.sock = None
         self.agent_gone = time.monotonic()
+        # The pipes are ours again (the agent's copies died with it). An agent that reconnects is
+        # the same one (a new agent stops this ExaBGP): it sees a second hello from it and
+        # restarts ExaBGP, so a line it had half read does not matter.
+        self.handed = False
         # The tail of a line cut in half by the agent going away means nothing to the next one.
         if self.mid_line:
             cut = self.to_agent.find(b"\n") + 1 or len(self.to_agent)
@@ -216,6 +239,7 @@ class Relay:
         self.next_attempt = now + RETRY
 
     def _update_interest(self) -> None:
+        self._watch(self.stdin, 0 if self.handed else selectors.EVENT_READ)
         self._watch(self.stdout, selectors.EVENT_WRITE if self.to_exabgp else 0)
         if self.sock is not None:
             self._watch(self.sock.fileno(), selectors.EVENT_READ | (selectors.EVENT_WRITE if self.to_agent else 0))
@@ -233,124 +257,6 @@ class Relay:
             self.selector.modify(fd, events)
         else:
             self.selector.register(fd, events)
-
-
-# -- the agent's end -----------------------------------------------------------------------------
-
-
-def relay_message(line: str) -> tuple[str, int] | None:
-    """A line the relay itself wrote: ("hello", ExaBGP's PID) or ("lost", bytes); else None."""
-    if not line.startswith('{"tortie"'):
-        return None
-    try:
-        msg = json.loads(line)
-        return ("hello", int(msg["exabgp"])) if msg["tortie"] == "hello" else ("lost", int(msg["bytes"]))
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-class Channel:
-    """The agent's end: listens on ``path`` (mode 0600), takes the connection of the API process
-    that ``on_hello(exabgp_pid)`` accepts, hands every line ExaBGP wrote to ``on_line`` (in this
-    channel's thread, in order) and sends command lines back. ``on_lost`` hears of output the relay
-    had to drop. ``on_batch`` is called after the lines of one read were handed over: what they
-    changed can be acted on at once, in this thread, without waiting for another one."""
-
-    TICK = 0.5
-    SEND_TIMEOUT = 10.0
-
-    def __init__(self, path: Path, on_line: Callable[[str], None], on_hello: Callable[[int], bool],
-                 on_lost: Callable[[int], None], on_batch: Callable[[], None] | None = None) -> None:
-        self.path = path
-        self.on_line, self.on_hello, self.on_lost = on_line, on_hello, on_lost
-        self.on_batch = on_batch or (lambda: None)
-        self._conn: socket.socket | None = None
-        self._send_lock = threading.Lock()
-        self._closing = False
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        os.chmod(path, 0o600)
-        self._listener.listen(4)
-        self._thread = threading.Thread(target=self._serve, name="bgp-api", daemon=True)
-        self._thread.start()
-
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None
-
-    def send(self, lines: list[str]) -> bool:
-        """False when no API process is connected; raises OSError (and drops the connection)
-        when it cannot take them within SEND_TIMEOUT."""
-        conn = self._conn
-        if conn is None:
-            return False
-        with self._send_lock:
-            try:
-                conn.sendall(("\n".join(lines) + "\n").encode())
-            except OSError:
-                self.drop()
-                raise
-        return True
-
-    def drop(self) -> None:
-        """Forget the current connection (its ExaBGP is gone); its lines are ignored from now on."""
-        self._conn = None
-
-    def close(self) -> None:
-        self._closing = True
-        self._thread.join()
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    def _serve(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._listener, selectors.EVENT_READ)
-        buffers: dict[socket.socket, bytes] = {}
-        while not self._closing:
-            for key, _ in selector.select(self.TICK):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if sock is self._listener:
-                    conn, _ = sock.accept()
-                    conn.settimeout(self.SEND_TIMEOUT)
-                    selector.register(conn, selectors.EVENT_READ)
-                    buffers[conn] = b""
-                    continue
-                try:
-                    data = sock.recv(1 << 20)
-                except OSError:
-                    data = b""
-                if not data:
-                    selector.unregister(sock)
-                    del buffers[sock]
-                    if sock is self._conn:
-                        self._conn = None
-                    sock.close()
-                    continue
-                *lines, buffers[sock] = (buffers[sock] + data).split(b"\n")
-                for raw in lines:
-                    self._line(sock, raw.decode(errors="replace"))
-                if lines and sock is self._conn:
-                    self.on_batch()
-        for sock in buffers:
-            sock.close()
-        selector.close()
-
-    def _line(self, sock: socket.socket, line: str) -> None:
-        relay = relay_message(line)
-        if relay is not None and relay[0] == "hello":
-            if self.on_hello(relay[1]):
-                self._conn = sock
-            else:
-                sock.shutdown(socket.SHUT_RDWR)  # not our ExaBGP's: EOF ends it here
-        elif sock is self._conn:
-            if relay is not None:
-                self.on_lost(relay[1])
-            else:
-                self.on_line(line)
 
 
 # -- ExaBGP, the agent's child ---------------------------------------------------------------------

@@ -32,11 +32,12 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bgp.model import SessionStatus, address, canonical, network
+from bgp import trace
+from bgp.model import SessionStatus, address, canonical, ipv4_prefix, ipv4_within, network
 from kernel.netlink import KernelError
 from kernel.rtnl import IPIP_FALLBACK_DEVICE as IPIP_DEVICE
 from kernel.rtnl import KernelRoute, write_each
@@ -99,11 +100,18 @@ class _Kernel:
 
 class LearnedRoutes:
     def __init__(self, driver: RouteDriver, *, encap_for: EncapFor | None = None,
-                 clock: Callable[[], float] = time.monotonic, resync_interval: float = RESYNC_INTERVAL) -> None:
+                 clock: Callable[[], float] = time.monotonic, resync_interval: float = RESYNC_INTERVAL,
+                 change_delay: float = 0.0) -> None:
         self.driver = driver
         self.encap_for = encap_for or (lambda prefix: None)
         self.clock = clock
         self.resync_interval = resync_interval
+        # How long the installer thread leaves a change to whoever recorded it (felix-agent applies
+        # in the speaker's thread right after each read): the two racing for one apply cost a
+        # wake-up and a GIL hand-over per read, and on a busy machine the installer thread could
+        # hold the apply while descheduled (tens of ms). Changes nobody applies go in this late.
+        self.change_delay = change_delay
+        self._dirty_since: float | None = 0.0  # when the first change not yet applied came
         self._failed_writes = 0
         self._writes = 0
         self._paths: dict[str, dict[str, Path]] = {}  # prefix -> peer -> path
@@ -123,16 +131,28 @@ class LearnedRoutes:
 
     def on_route(self, peer: str, prefix: str, next_hop: str | None, withdrawn: bool,
                  attrs: Mapping[str, Any]) -> None:
-        prefix = canonical(prefix)
+        self.on_routes([(peer, prefix, next_hop, withdrawn, attrs)])
+
+    def on_routes(self, changes: Iterable[tuple[str, str, str | None, bool, Mapping[str, Any]]]) -> None:
+        """``on_route`` for many: one lock and one wake-up for the paths of a read of UPDATEs
+        (``Speaker(on_routes=...)``), and one look at each UPDATE's attributes."""
+        ranks: dict[int, tuple[int, int]] = {}  # id(attrs) -> (local pref, AS path length)
         with self._lock:
-            paths = self._paths.setdefault(prefix, {})
-            if withdrawn or next_hop is None:
-                paths.pop(peer, None)
-            else:
-                paths[peer] = Path(next_hop, int(attrs.get("local-preference", 100)), _as_path_len(attrs))
-            if not paths:
-                del self._paths[prefix]
-            self._touch(prefix)
+            for peer, prefix, next_hop, withdrawn, attrs in changes:
+                prefix = canonical(prefix)
+                paths = self._paths.setdefault(prefix, {})
+                if withdrawn or next_hop is None:
+                    paths.pop(peer, None)
+                else:
+                    rank = ranks.get(id(attrs))
+                    if rank is None:
+                        rank = ranks[id(attrs)] = (int(attrs.get("local-preference", 100)), _as_path_len(attrs))
+                    paths[peer] = Path(next_hop, *rank)
+                if not paths:
+                    del self._paths[prefix]
+                self._changed.add(prefix)
+                self._failed.discard(prefix)  # a new path may well be installable
+            self._touch()
 
     def on_session(self, status: SessionStatus, restart_time: int = 0) -> None:
         """A session changed state; ``restart_time`` is the restart time the peer advertised in
@@ -207,7 +227,7 @@ class LearnedRoutes:
     def _apply(self, resync: bool) -> None:
         with self._lock:
             full = resync or self._kernel is None
-            changed, self._changed, self._dirty = self._changed, set(), False
+            changed, self._changed, self._dirty, self._dirty_since = self._changed, set(), False, None
         kernel = self._read_kernel() if full else None
         with self._lock:
             if kernel is not None:
@@ -248,11 +268,15 @@ class LearnedRoutes:
         per system call, ~60x faster than one round trip each), and record what they did."""
         if not ops:
             return
+        if trace.on():
+            trace.mark("write", [r.dst for a, r in ops if a != "delete"])
         bulk = getattr(self.driver, "write_routes", None)
         errors: list[KernelError | None] = bulk(ops) if bulk is not None else write_each(self.driver, ops)
         with self._lock:
             for (action, route), error in zip(ops, errors, strict=True):
                 self._record(action, route, error)
+        if trace.on():
+            trace.mark("kernel", [r.dst for (a, r), e in zip(ops, errors, strict=True) if a != "delete" and e is None])
 
     def _record(self, action: str, route: KernelRoute, error: KernelError | None) -> None:
         """What one write did (under ``_lock``)."""
@@ -286,7 +310,7 @@ class LearnedRoutes:
             nh = address(next_hop)
         except ValueError:
             return None
-        if nh.version != network(prefix).version:
+        if nh.version != (6 if ":" in prefix else 4):
             return None  # a next hop of the other family (RFC 5549) is not supported
         link = next((c for c in connected if nh in c.network), None)
         encap = self.encap_for(prefix)
@@ -343,7 +367,8 @@ class LearnedRoutes:
     # -- the installer thread -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Apply in a thread of its own: at once after a change, at stale deadlines, and a full
+        """Apply in a thread of its own: after a change (``change_delay`` later, unless it was
+        applied meanwhile), at stale deadlines, and a full
         resync (read-back) every ``resync_interval`` seconds."""
         self._thread = threading.Thread(target=self._run, name="bgp-learned", daemon=True)
         self._thread.start()
@@ -358,16 +383,14 @@ class LearnedRoutes:
 
     def _run(self) -> None:
         while True:
-            deadline = self.next_deadline()
             with self._lock:
-                now = self.clock()
-                wake_at = self._last_resync + self.resync_interval
-                if deadline is not None:
-                    wake_at = min(wake_at, deadline)
-                if not self._dirty and not self._stopping and wake_at > now:
-                    self._wake.wait(wake_at - now)
+                wake_at = self._wake_at()
+                if not self._stopping and wake_at > self.clock():
+                    self._wake.wait(wake_at - self.clock())  # a first change or a stop notifies
                 if self._stopping:
                     return
+                if self._wake_at() > self.clock():
+                    continue  # woken by a change that is not due yet, or applied meanwhile
                 resync = self.clock() >= self._last_resync + self.resync_interval
             try:
                 self.apply(resync=resync)
@@ -375,12 +398,24 @@ class LearnedRoutes:
                 log.warning("reading the kernel's routes failed: %s", e)
                 time.sleep(1.0)
 
+    def _wake_at(self) -> float:
+        """When the installer thread has work (under ``_lock``): a resync, a stale deadline, or a
+        change left unapplied for ``change_delay``."""
+        wake_at = self._last_resync + self.resync_interval
+        if self._earliest is not None:
+            wake_at = min(wake_at, self._earliest)
+        if self._dirty and self._dirty_since is not None:
+            wake_at = min(wake_at, self._dirty_since + self.change_delay)
+        return wake_at
+
     def _touch(self, prefix: str | None = None) -> None:
         if prefix is not None:
             self._changed.add(prefix)
             self._failed.discard(prefix)  # a new path may well be installable
         self._dirty = True
-        self._wake.notify_all()
+        if self._dirty_since is None:  # only the first change wakes the installer thread
+            self._dirty_since = self.clock()
+            self._wake.notify_all()
 
 
 def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
@@ -395,6 +430,9 @@ def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
 
 
 def _in_underlay(prefix: str, connected: list[_Connected]) -> bool:
+    parsed = ipv4_prefix(prefix)
+    if parsed is not None:  # without ipaddress: called for every prefix of a large table
+        return any(ipv4_within(parsed, c.network) for c in connected)
     net = network(prefix)
     return any(net.version == c.network.version and net.subnet_of(c.network) for c in connected)  # type: ignore[arg-type]
 

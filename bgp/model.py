@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
+import socket
 from dataclasses import dataclass
 
 from bgp.filters import Filter
@@ -92,8 +94,33 @@ def network(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 @functools.lru_cache(maxsize=1 << 15)
 def canonical(prefix: str) -> str:
-    """``prefix`` in its canonical text form (as ``network`` parses it), cached likewise."""
+    """``prefix`` in its canonical text form (as ``network`` parses it), cached likewise. An IPv4
+    prefix that is canonical already (what ExaBGP writes) is recognised without ``ipaddress``:
+    a table of 10,000 new prefixes cost ~0.25 s of parsing otherwise."""
+    parsed = ipv4_prefix(prefix)
+    if parsed is not None and parsed[0] & ~(0xFFFFFFFF << (32 - parsed[1])) == 0:
+        return prefix
     return str(network(prefix))
+
+
+def ipv4_prefix(prefix: str) -> tuple[int, int] | None:
+    """A canonical-looking IPv4 prefix ``a.b.c.d/n`` (no leading zeros) as (address, length), or
+    None for anything else (IPv6, odd spellings: those go through ``ipaddress``)."""
+    if _IPV4_PREFIX.fullmatch(prefix) is None:
+        return None
+    text, _, length = prefix.partition("/")
+    return int.from_bytes(socket.inet_aton(text)), int(length)
+
+
+def ipv4_within(parsed: tuple[int, int], net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Whether the prefix ``ipv4_prefix`` gave is inside ``net``."""
+    value, length = parsed
+    bits = net.prefixlen
+    return net.version == 4 and length >= bits and value >> (32 - bits) == int(net.network_address) >> (32 - bits)
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4_PREFIX = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}/(?:3[0-2]|[12]?[0-9])", re.ASCII)
 
 
 @functools.lru_cache(maxsize=1 << 10)

@@ -177,6 +177,10 @@ class Reflector:
         self._sent = {peer: {} for peer in self._sent}
         return commands
 
+    def sent_count(self, peer: str) -> int:
+        """How many routes ``peer`` holds from us by reflection."""
+        return len(self._sent.get(peer, {}))
+
     def reflected(self) -> dict[str, dict[str, str]]:
         """peer -> prefix -> route text currently sent (for tests and status)."""
         return {peer: dict(sent) for peer, sent in self._sent.items()}

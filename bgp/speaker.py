@@ -9,7 +9,8 @@
   accept (``bgp.outbound``); a peer whose session comes up gets all of them again (ExaBGP keeps
   no Adj-RIB-Out across sessions and gives API routes to no neighbor added later), then
   End-of-RIB (``manual-eor``), after what a reflector reflects to it.
-- what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)``, session changes
+- what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)`` (or, given
+  ``on_routes``, one call with the list of those of a read of ExaBGP's output), session changes
   ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``; ``on_batch()``
   follows the callbacks of each read of ExaBGP's output (where the kernel is written at once). A looped path (our
   router ID as ORIGINATOR_ID, our cluster ID in CLUSTER_LIST, our AS in an eBGP AS_PATH) counts
@@ -55,9 +56,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bgp import exabgp, outbound
+from bgp import exabgp, outbound, trace
 from bgp.announced import Announcements
-from bgp.api_process import Channel, ExaBGPProcess
+from bgp.api_process import ExaBGPProcess
+from bgp.channel import Channel
 from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.passwords import with_keys
 from bgp.received import PeerInfo, RouteCallback
@@ -66,6 +68,7 @@ from bgp.reflector import Reflector
 log = logging.getLogger(__name__)
 
 SessionCallback = Callable[[SessionStatus], None]
+RoutesCallback = Callable[[list[tuple[Any, ...]]], None]  # [(peer, prefix, next hop, withdrawn, attrs)]
 EndOfRibCallback = Callable[[str, str], None]
 
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
@@ -88,13 +91,15 @@ class SpeakerMetrics:
 class Speaker(Announcements):
     def __init__(self, state_dir: str | Path, *, on_route: RouteCallback | None = None,
                  on_session: SessionCallback | None = None, on_end_of_rib: EndOfRibCallback | None = None,
-                 on_batch: Callable[[], None] | None = None, exabgp_bin: str | None = None,
+                 on_batch: Callable[[], None] | None = None, on_routes: RoutesCallback | None = None,
+                 exabgp_bin: str | None = None,
                  python: str | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.on_route = on_route or (lambda *a: None)
         self.on_session = on_session or (lambda s: None)
         self.on_end_of_rib = on_end_of_rib or (lambda p, f: None)
         self.on_batch = on_batch or (lambda: None)
+        self.on_routes = on_routes
         self.python = python or sys.executable
         self._exabgp = ExaBGPProcess(exabgp_bin or str(Path(sys.executable).parent / "exabgp"), self.state_dir,
                                      self.state_dir / exabgp.CONFIG_FILE, self.state_dir / exabgp.PID_FILE,
@@ -162,6 +167,8 @@ class Speaker(Announcements):
                 info = self._peers.get(p.address, PeerInfo())
                 up = status.state == "Established"
                 sent = len(outbound.for_peer(outbound.export_filters(p), self._exports)) if up else 0
+                if up and self._reflector is not None:  # what we reflect to it is sent too
+                    sent += self._reflector.sent_count(p.address)
                 out.append(replace(status, filters=tuple(f.name for f in p.options.filters),
                                    received=len(info.announced), accepted=len(info.routes),
                                    sent=sent))
@@ -304,6 +311,10 @@ class Speaker(Announcements):
                 self._peers[event.peer] = PeerInfo(event.router_id, event.restart_time, event.families)
             elif isinstance(event, exabgp.UpdateEvent):
                 self._on_update(event)
+                if trace.on() and self._channel is not None:
+                    prefixes = [p for p, _ in event.announced]
+                    trace.mark("read", prefixes, self._channel.read_at)
+                    trace.mark("parsed", prefixes)
             elif isinstance(event, exabgp.EndOfRib):
                 self._later(self.on_end_of_rib, event.peer, event.family)
                 if self._reflector is not None:
@@ -415,6 +426,13 @@ class Speaker(Announcements):
     # -- callbacks: queued under the lock, made outside it, in order ----------------------------
 
     def _later(self, fn: Callable[..., None], *args: Any) -> None:
+        if fn is self.on_route and self.on_routes is not None:
+            # One call for the routes of a read of UPDATEs, not one per prefix (10,000 of them).
+            if self._pending and self._pending[-1][0] is self.on_routes:
+                self._pending[-1][1][0].append(args)
+            else:
+                self._pending.append((self.on_routes, ([args],)))
+            return
         self._pending.append((fn, args))
 
     def _fire(self) -> None:

@@ -7,7 +7,7 @@ document is decoded, and names the field path of the problem; afterwards the val
 filled in) and the calculation graph can trust them.
 
 What Tortie does not implement (tiers other than ``default``, service accounts, services, HTTP
-match, ``doNotTrack``/``preDNAT``) is rejected with a message rather than silently ignored.
+match) is rejected with a message rather than silently ignored.
 
 Imports only the model, the selector grammar and the errors: ``datastore.resources`` imports this
 module to register the kinds, never the other way round.
@@ -320,16 +320,24 @@ class NetworkPolicySpec(PolicySpec):
 @dataclass
 class GlobalNetworkPolicySpec(PolicySpec):
     namespace_selector: str = ""
+    # Host endpoint settings (datastore.hostendpoint): they change nothing for workload endpoints.
     do_not_track: bool | None = None
     pre_dnat: bool | None = json_field("preDNAT", default=None)
-    # Only changes how host endpoints treat forwarded traffic; Tortie's endpoints are workloads,
-    # so it is accepted and has no effect.
     apply_on_forward: bool | None = None
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        _reject_unsupported(where, {"doNotTrack": self.do_not_track, "preDNAT": self.pre_dnat},
-                            "it applies to host endpoints, which Tortie does not have")
+        # Calico's validator: untracked and pre-DNAT policy see all forwarded traffic, so they must say
+        # applyOnForward; pre-DNAT is ingress only; the two cannot be combined.
+        if self.do_not_track and self.pre_dnat:
+            raise ValidationError(f"{where}: preDNAT and doNotTrack cannot both be true")
+        for name, value in (("doNotTrack", self.do_not_track), ("preDNAT", self.pre_dnat)):
+            if value and not self.apply_on_forward:
+                raise ValidationError(
+                    f"{where}.{name} needs applyOnForward: true (it applies to forwarded traffic too)")
+        if self.pre_dnat and "Egress" in self.types:
+            raise ValidationError(f"{where}: a preDNAT policy applies to ingress only; remove Egress from types "
+                                  "and the egress rules")
         self.namespace_selector = self.namespace_selector.strip()
         if self.namespace_selector:
             _check_selector(self.namespace_selector, f"{where}.namespaceSelector")

@@ -279,9 +279,14 @@ def _load_all() -> None:
     if "networkpolicy" not in KINDS:
         from datastore.bgp import BGP_KINDS
         from datastore.felixconfig import FELIX_KINDS
+        from datastore.hostendpoint import HOST_ENDPOINT_KINDS
         from datastore.policy import POLICY_KINDS
 
         register(*POLICY_KINDS, *BGP_KINDS, *FELIX_KINDS)
+        register(*HOST_ENDPOINT_KINDS)
+        from datastore.netsets import NETSET_KINDS  # GlobalNetworkSet, NetworkSet
+
+        register(*NETSET_KINDS)
 
 
 def kind_named(name: str) -> type[Kind]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bgp import trace
 from bgp.config import exports, speaker_config
 from bgp.learned import LearnedRoutes
-from bgp.model import SessionStatus, SpeakerConfig, network
+from bgp.model import SessionStatus, SpeakerConfig, ipv4_prefix, ipv4_within, network
 from bgp.speaker import Speaker
 from bgp.status import write_status
 from datastore.errors import DatastoreError
@@ -37,8 +39,10 @@ STATUS_EVERY = 5.0
 
 
 class BGPRunner:
-    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None) -> None:
+    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None, trace_dir: Path | None = None) -> None:
         self.node = node
+        if trace_dir is not None:
+            trace.enable(trace_dir, node)
         self.client = client
         self._pools: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = ()  # cidr, ipipMode
         self._revision = -1  # of the newest datastore view applied
@@ -46,9 +50,12 @@ class BGPRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._status_dirty = threading.Event()
-        self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for)
+        # Changes are applied in the speaker's thread (on_batch): the installer thread only catches
+        # what no read of UPDATEs follows (a peer removed, ExaBGP gone), 50 ms later.
+        self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for, change_delay=0.05)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
-                               on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install)
+                               on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install,
+                               on_routes=self.learned.on_routes)
         self._lease: Lease | None = None
         self._thread = threading.Thread(target=self._publish, name="bgp-status", daemon=True)
 
@@ -68,6 +75,12 @@ class BGPRunner:
             self._lease.revoke()
 
     def encap_for(self, prefix: str) -> str | None:
+        parsed = ipv4_prefix(prefix)
+        if parsed is not None:  # without ipaddress: asked for every prefix of a large table
+            for cidr, mode in self._pools:
+                if ipv4_within(parsed, cidr):
+                    return {"Always": "ipip", "CrossSubnet": "ipip-cross-subnet"}.get(mode)
+            return None
         net = network(prefix)
         for cidr, mode in self._pools:
             if cidr.version == net.version and net.subnet_of(cidr):  # type: ignore[arg-type]
@@ -79,9 +92,9 @@ class BGPRunner:
         now, rather than after the dataplane loop has applied whatever it was applying (a policy
         transaction can take tens of milliseconds). The loop's ``update`` later sees nothing new."""
         if not INPUT_KINDS.isdisjoint(kinds):
-            self.update(snapshot)
+            self.update(snapshot, seen_at=time.monotonic())
 
-    def update(self, snapshot: Snapshot) -> None:
+    def update(self, snapshot: Snapshot, seen_at: float | None = None) -> None:
         """A new datastore view: reconfigure the speaker when its sessions change, announce the
         difference in this node's exports. A view no newer than one already applied is ignored:
         the dataplane loop's copy after the syncer's thread applied the same revision (nothing to
@@ -98,7 +111,7 @@ class BGPRunner:
             if config != self._config:
                 self.speaker.configure(config)
                 self._config = config
-            self.speaker.announce(exports(snapshot, self.node))
+            self.speaker.announce(exports(snapshot, self.node), seen_at)
             self._revision = snapshot.revision
 
     def _install(self) -> None:

@@ -24,6 +24,8 @@ from cni_plugins.datastores import Datastores
 
 log = logging.getLogger(__name__)
 
+POLL = 0.05  # seconds: how often the accept loop looks whether it was told to stop
+
 
 class InFlight:
     """The host interfaces of the attachments being served now (ADD, DEL, CHECK), by interface
@@ -74,6 +76,9 @@ class InFlight:
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # Calls queue here while nobody accepts: a burst of ADDs, or a re-exec's hand-over (socketserver's
+    # 5 would refuse the sixth caller at once: EAGAIN, and the front end serves it in-process).
+    request_queue_size = 1024  # the kernel caps it at net.core.somaxconn (4096 by default)
 
 
 class CNIService:
@@ -81,7 +86,7 @@ class CNIService:
     connections, each with the caller's environment."""
 
     def __init__(self, path: Path, stores: Datastores, after_add: AfterAdd | None = None,
-                 on_request: Callable[[str], None] | None = None) -> None:
+                 on_request: Callable[[str], None] | None = None, inherited_fd: int | None = None) -> None:
         self.on_request = on_request
         self.in_flight = InFlight()
         self.path = path
@@ -92,6 +97,11 @@ class CNIService:
         self.after_add = after_add
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        # The listening socket a previous process of this agent handed over across its re-exec
+        # (``handover``): adopted instead of binding afresh, so that no caller is ever refused.
+        self.inherited_fd = inherited_fd
+        self._calls = threading.Condition()
+        self._active = 0
 
     def serve(self, request: agent_protocol.Request) -> agent_protocol.Reply:
         """One relayed call: the CNI skeleton on the caller's environment and stdin, the operations
@@ -105,24 +115,81 @@ class CNIService:
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self.path.unlink()  # a stale socket of a previous run
         service = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 conn: socket.socket = self.request
-                agent_protocol.serve_one(conn, service.serve)
+                with service._calls:
+                    service._active += 1
+                try:
+                    agent_protocol.serve_one(conn, service.serve)
+                finally:
+                    with service._calls:
+                        service._active -= 1
+                        service._calls.notify_all()
 
-        old = os.umask(0o177)
-        try:
-            self._server = _Server(str(self.path), Handler)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="cni-service", daemon=True)
+        inherited = self._adopt()
+        if inherited is not None:
+            self._server = _Server(str(self.path), Handler, bind_and_activate=False)
+            self._server.socket.close()
+            self._server.socket = inherited
+            inherited.listen(_Server.request_queue_size)
+            log.info("CNI service adopted its listening socket %s from before the re-exec", self.path)
+        else:
+            if self.path.exists():
+                self.path.unlink()  # a stale socket of a previous run
+            old = os.umask(0o177)
+            try:
+                self._server = _Server(str(self.path), Handler)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+        # A short poll: shutdown() (a stop, a re-exec's hand-over) waits up to one poll for the
+        # accept loop to notice, and callers queue meanwhile.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": POLL},
+                                        name="cni-service", daemon=True)
         self._thread.start()
         log.info("CNI service listening on %s", self.path)
+
+    def _adopt(self) -> socket.socket | None:
+        """The inherited listening socket, if it is a listening unix socket at our path."""
+        fd, self.inherited_fd = self.inherited_fd, None
+        if fd is None:
+            return None
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            log.warning("CNI service: inherited descriptor %d is not a socket (%s); binding afresh", fd, e)
+            return None
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if sock.family == socket.AF_UNIX and listening and sock.getsockname() == str(self.path):
+                sock.set_inheritable(False)
+                return sock
+        except OSError:
+            pass
+        log.warning("CNI service: inherited descriptor %d is not listening on %s; binding afresh", fd, self.path)
+        sock.close()
+        return None
+
+    def handover(self, timeout: float = 30.0) -> int | None:
+        """Stop taking calls but keep listening, for this agent's next process image: wait (at most
+        ``timeout``) for the calls being served to answer, then return the listening socket's
+        descriptor, inheritable, with its path in place. Callers that connect meanwhile wait in the
+        socket's queue and are served by the next process (or, past their accept deadline, serve
+        themselves in-process), never refused. None when there is no socket to hand over."""
+        server, self._server = self._server, None
+        if server is None:
+            return None
+        server.shutdown()  # no more accept(); the socket still listens
+        with self._calls:
+            if not self._calls.wait_for(lambda: self._active == 0, timeout):
+                log.warning("CNI service: %d call(s) still running after %gs; handing the socket over anyway",
+                            self._active, timeout)
+        fd = server.socket.detach()
+        os.set_inheritable(fd, True)
+        return fd
 
     def stop(self) -> None:
         if self._server is not None:

@@ -33,6 +33,7 @@ view, after the calculation and before the managers; a failure fails the apply l
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -133,7 +134,10 @@ class DataplaneLoop:
         self.feeds = list(feeds)
         self.metrics = metrics
         self.programmed = programmed if programmed is not None else ProgrammedEndpoints(clock)
-        self.resync_interval = resync_interval
+        self.resync_interval = resync_interval  # every manager's, unless set apart (set_resync_interval)
+        self._intervals: dict[int, float] = {}  # manager index → its own period
+        self._schedule_lock = threading.Lock()
+        self._next: list[float] = []  # manager index → when its next resync is due (clock time)
         self.clock = clock
         self._dirty = threading.Event()
         self._stop = threading.Event()
@@ -161,17 +165,42 @@ class DataplaneLoop:
         self.kick()
         return self.programmed.wait(endpoint_key, timeout)
 
+    def set_resync_interval(self, seconds: float, managers: Collection[Manager] | None = None) -> None:
+        """The period of the periodic resync of ``managers`` (default: all of them; 0 or less: none),
+        from any thread; the next resync of each comes ``seconds`` from now (FelixConfiguration's
+        routeRefreshInterval and nftablesRefreshInterval, applied live)."""
+        chosen = [i for i, m in enumerate(self.managers) if managers is None or any(m is c for c in managers)]
+        with self._schedule_lock:
+            if managers is None:
+                self.resync_interval = seconds
+            now = self.clock()
+            for i in chosen:
+                self._intervals[i] = seconds
+                if i < len(self._next):  # else the loop has not started: it schedules from the periods
+                    self._next[i] = now + self._period(i)
+        self._dirty.set()  # the loop's wait is cut short, to wait for the new schedule
+
+    def _period(self, i: int) -> float:
+        seconds = self._intervals.get(i, self.resync_interval)
+        return seconds if seconds > 0 else math.inf
+
     def _run(self) -> None:
-        next_resync = self.clock() + self.resync_interval
+        start = self.clock()
+        with self._schedule_lock:  # one clock reading: managers of one period resync in one apply
+            self._next = [start + self._period(i) for i in range(len(self.managers))]
         backoff = 0.05
         while not self._stop.is_set():
-            self._dirty.wait(timeout=max(0.0, next_resync - self.clock()))
+            with self._schedule_lock:
+                first = min(self._next, default=math.inf)
+            self._dirty.wait(timeout=None if first == math.inf else max(0.0, first - self.clock()))
             if self._stop.is_set():
                 return
-            resync = self.clock() >= next_resync
+            now = self.clock()
+            with self._schedule_lock:
+                due = frozenset(i for i, t in enumerate(self._next) if now >= t)
             self._dirty.clear()
             try:
-                self._apply_once(resync)
+                self._apply_once(due)
                 backoff = 0.05
             except Exception:  # one failed apply must not kill the loop; the next one retries
                 log.exception("dataplane apply failed; retrying in %.2fs", backoff)
@@ -180,17 +209,21 @@ class DataplaneLoop:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._dirty.set()
-            if resync:
-                next_resync = self.clock() + self.resync_interval
+            ended = self.clock()
+            with self._schedule_lock:
+                for i in due:
+                    self._next[i] = ended + self._period(i)
 
-    def _apply_once(self, resync: bool) -> None:
+    def _apply_once(self, due: Collection[int] = ()) -> None:
+        """One apply; the managers at the indexes ``due`` resync (read the kernel back) this time."""
+        resync = bool(due)
         view = self.view()
         if view is None:  # not in sync yet: the kernel is left alone
             return
         state = self._update(view)
         started = time.perf_counter()
         spent: list[tuple[str, float]] = []
-        for manager in self.managers:
+        for i, manager in enumerate(self.managers):
             if resync and self._dirty.is_set():
                 # A change arrived during this resync (a new pod waits for its policy): apply it to
                 # every manager first, then resync the remaining ones against the newer state.
@@ -200,7 +233,7 @@ class DataplaneLoop:
                     each.apply(resync=False)
                 self.programmed.publish(state.endpoints)
             before = time.perf_counter()
-            manager.apply(resync=resync)  # a resync re-reads the kernel first
+            manager.apply(resync=i in due)  # a resync re-reads the kernel first
             spent.append((_name(manager), time.perf_counter() - before))
         elapsed = time.perf_counter() - started
         self.metrics.observe_apply(elapsed, state, resync)

@@ -1,10 +1,12 @@
 """``felix-agent``: start, register this node, repair crashed ADDs, serve the CNI socket and the
 health endpoints, release attachments whose runtime never said DEL, stop cleanly on SIGTERM
-(leaving the dataplane in place)."""
+(leaving the dataplane in place), and re-execute itself when a setting that needs a restart
+changes (``felix_agent.live_config`` decides which; the CNI socket is handed over)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -14,29 +16,40 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
-from cni_plugins.agent_protocol import DEFAULT_SOCKET
 from cni_plugins.datastores import Datastores
 from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
 from datastore.config import EtcdConfig
-from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable
+from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable, ValidationError
 from datastore.etcd import EtcdClient
+from datastore.felixconfig import DEFAULT_NAME, FelixConfiguration, node_name
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, WorkloadEndpoint
 from datastore.store import ResourceStore
+from felix_agent.auto_host_endpoint import AutoHostEndpoint
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
 from felix_agent.calc.routes import block_routing_key
+from felix_agent.calc.settings import (
+    nftables_refresh_seconds,
+    route_refresh_seconds,
+    settings,
+    use_overrides,
+)
 from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
-from felix_agent.calc.wireguard import settings, with_wireguard
+from felix_agent.calc.wireguard import with_wireguard
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
+from felix_agent.command_line import listen_address, override_layers, parse_args
 from felix_agent.health import HealthServer
+from felix_agent.live_config import CACHE_NAME, Hooks, LiveConfig, python_level
 from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
-from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
 from felix_agent.orphans import OrphanSweeper
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
@@ -51,52 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("felix_agent")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    env = os.environ
-    p = argparse.ArgumentParser(prog="felix-agent", description="Tortie's per-node agent.")
-    p.add_argument("--nodename", default=env.get("NODENAME") or env.get("FELIX_NODENAME") or socket.gethostname())
-    p.add_argument("--node-ip", default=env.get("FELIX_NODEIP"), help="this node's address/prefix (default: detected)")
-    p.add_argument("--cni-socket", default=env.get("FELIX_CNISOCKET", DEFAULT_SOCKET))
-    p.add_argument("--health-listen", default=env.get("FELIX_HEALTHLISTEN", "127.0.0.1:9099"))
-    p.add_argument("--metrics-listen", default=env.get("FELIX_METRICSLISTEN", "127.0.0.1:9091"))
-    p.add_argument("--state-dir", type=Path, default=Path(env.get("FELIX_STATEDIR", "/run/tortie")),
-                   help="where the MTU file for the CNI plugin is written")
-    p.add_argument("--policy-timeout", type=float, default=float(env.get("FELIX_POLICYTIMEOUT", "10")),
-                   help="seconds an ADD waits for the pod's policy to be programmed before it fails")
-    p.add_argument("--bgp", action=argparse.BooleanOptionalAction,
-                   default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
-                   help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
-    p.add_argument("--resync-interval", type=float, default=float(env.get("FELIX_RESYNCINTERVAL", "90")))
-    p.add_argument("--orphan-grace", type=float, default=env.get("FELIX_ORPHANGRACE", str(DEFAULT_ORPHAN_GRACE)),
-                   metavar="SECONDS", help="release a local attachment whose host veth has been gone this long "
-                   "(the runtime never sent DEL); default %(default)s")
-    p.add_argument("--endpoints", help="etcd endpoints (ETCD_ENDPOINTS)")
-    p.add_argument("--ca-cert", help="etcd CA certificate (ETCD_CA_CERT_FILE)")
-    p.add_argument("--cert", help="client certificate (ETCD_CERT_FILE)")
-    p.add_argument("--key", help="client key (ETCD_KEY_FILE)")
-    p.add_argument("--config", type=Path, help="a YAML or JSON file of the same options")
-    p.add_argument("--log-level", default=env.get("FELIX_LOGLEVEL", "info"))
-    p.add_argument("--log-format", choices=("text", "json"), default=env.get("FELIX_LOGFORMAT", "text"))
-    args = p.parse_args(argv)
-    if args.config:
-        import yaml
-
-        try:
-            values = yaml.safe_load(args.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            p.error(f"cannot read {args.config}: {e}")
-        for key, value in values.items():
-            attr = key.replace("-", "_")
-            if not hasattr(args, attr):
-                p.error(f"{args.config}: unknown option {key!r}")
-            setattr(args, attr, value)
-    try:
-        args.orphan_grace = float(args.orphan_grace)
-    except (TypeError, ValueError):
-        p.error(f"--orphan-grace: {args.orphan_grace!r} is not a number of seconds")
-    if not args.orphan_grace >= 0:
-        p.error("--orphan-grace cannot be negative")
-    return args
+HANDOVER_FD = "TORTIE_CNI_LISTEN_FD"  # the CNI socket handed across a re-exec (CNIService.handover)
 
 
 class _JSONFormatter(logging.Formatter):
@@ -131,20 +99,30 @@ def register_node(store: ResourceStore, name: str, node_ip: str | None) -> None:
         log.info("updated node %s address to %s", name, node_ip)
 
 
+ORPHAN_SWEEP = 90.0  # seconds between orphan sweeps when routeRefreshInterval turns the resync off
 # Seconds kept, of a caller's deadline, for undoing an ADD and writing the answer.
 ANSWER_MARGIN = 1.0
 
 
 class Agent:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, live: LiveConfig | None = None) -> None:
         self.args = args
+        self.live = live if live is not None else LiveConfig(args.nodename, [], args.state_dir / CACHE_NAME)
+        use_overrides(self.live.layers)  # every settings(snapshot, node) reader gets env and flags
+        self.live.hooks = Hooks(log_level=logging.getLogger().setLevel, resync=self._set_resync,
+                                restart=self._restart)
+        self.reexec = False  # set when a setting that needs a restart changed: run() ends for an exec
+        self.handover_fd: int | None = None  # the CNI socket, kept listening for the next process image
+        self._nft_managers: list[Manager] = []
+        inherited = os.environ.pop(HANDOVER_FD, None)
         self.node = args.nodename
         self.config = EtcdConfig.from_env(endpoints=args.endpoints, ca_cert_file=args.ca_cert,
                                           cert_file=args.cert, key_file=args.key)
         self.stores = Datastores(keep_open=True, environment={}, mtu_file=str(args.state_dir / "mtu"))
         self.metrics = Metrics()
         self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.wait_for_policy,
-                              on_request=self.metrics.count_cni)
+                              on_request=self.metrics.count_cni,
+                              inherited_fd=int(inherited) if inherited and inherited.isdigit() else None)
         self.stopping = threading.Event()
         self.syncer: Syncer | None = None
         self.bgp: BGPRunner | None = None
@@ -155,20 +133,42 @@ class Agent:
         self.wireguard_key = load_or_create(args.state_dir)  # made once; only its public half leaves the node
         self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
+        self.auto_host_endpoint = AutoHostEndpoint(self.node, self._resource_store)
         self._block_routing: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
 
     def calculate(self, view: Snapshot) -> DesiredState:
-        """The calculation graph's state, with WireGuard's part (peers, settings) added."""
-        return with_wireguard(self.calculator.compute(view), view)
+        """The calculation graph's state, with WireGuard's part (peers, settings) and the tunnel
+        MTUs of the FelixConfiguration in force added."""
+        config = self.live.resolve(view).spec
+        state = with_wireguard(self.calculator.compute(view), view, self.live.layers)
+        return replace(state, vxlan_mtu=int(config.vxlan_mtu or 0), ipip_mtu=int(config.ipip_mtu or 0))
+
+    def _set_resync(self, routes: float, nftables: float) -> None:
+        """The periodic resync periods in force (FelixConfiguration, applied live)."""
+        if self.loop is not None:
+            self.loop.set_resync_interval(routes)
+            self.loop.set_resync_interval(nftables, self._nft_managers)
+
+    def terminate(self) -> None:
+        """SIGTERM or SIGINT: stop, and do not re-execute even if a restart was pending."""
+        self.reexec = False
+        self.stopping.set()
+
+    def _restart(self, fields: Sequence[str]) -> None:
+        """A setting that needs a restart changed: end run() so that main() re-executes the agent."""
+        if self.stopping.is_set():
+            return  # stopping anyway (SIGTERM): a new image is not wanted
+        self.reexec = True
+        self.stopping.set()
 
     def publish_wireguard_key(self, view: Snapshot) -> None:
         """Keep this Node's ``status.wireguardPublicKey`` = the public key while WireGuard is on here,
         empty while it is off (Calico's rule: peers stop sending to a node that cleared its key).
         Runs on the loop's thread with each view; writes only when the view disagrees."""
-        wanted = self.wireguard_key.public_b64 if settings(view, self.node).wireguard_enabled else ""
+        wanted = self.wireguard_key.public_b64 if settings(view, self.node, self.live.layers).wireguard_enabled else ""
         mine = next((r for r in view.nodes.values() if r.name == self.node), None)
         if mine is None or getattr(mine.status, "wireguard_public_key", "") == wanted:
             return
@@ -180,6 +180,11 @@ class Agent:
             current.status = NodeStatus(wireguard_public_key=wanted)
             store.update(current, current)
         log.info("WireGuard public key %s in node %s's status", "published" if wanted else "withdrawn", self.node)
+
+    @contextlib.contextmanager
+    def _resource_store(self) -> Iterator[ResourceStore]:
+        with self.stores.client(self.config) as client:
+            yield ResourceStore(client)
 
     def ready(self) -> bool:
         return self.loop is not None and self.loop.first_apply.is_set()
@@ -275,6 +280,7 @@ class Agent:
             log.warning("could not set up this node's VXLAN tunnel endpoint: %s", e)
 
     def managers(self, node_ip: str | None) -> list[Manager]:
+        from felix_agent.dataplane.host_policy import HostPolicyManager
         from felix_agent.dataplane.ipip import IPIPManager
         from felix_agent.dataplane.masq import MasqManager
         from felix_agent.dataplane.mtu import MTUManager
@@ -294,13 +300,27 @@ class Agent:
         # the plugin routes its own pod), policy before NAT (same table), devices before the
         # routes through them. The netlink managers read the kernel back on every apply: run them
         # only when their part of the state moved (every one of them on the periodic resync).
-        return [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick), MasqManager(table),
-                Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
-                Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
+        # nftablesRefreshInterval paces the resync of the managers of the nftables table;
+        # routeRefreshInterval the others' (they all read the kernel back through netlink).
+        self._nft_managers = [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick),
+                              HostPolicyManager(table), MasqManager(table)]
+        return [*self._nft_managers,
+                Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers, s.vxlan_mtu)),
+                Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra, s.ipip_mtu)),
                 Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
                 Gated(self.wireguard, lambda s: s.wireguard),
                 Gated(MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
-                      lambda s: (s.local_vtep, s.ipip_enabled, s.mtu))]
+                      lambda s: (s.local_vtep, s.ipip_enabled, s.mtu, s.vxlan_mtu, s.ipip_mtu))]
+
+    def _bound_differently(self, store: ResourceStore) -> bool:
+        """Whether the datastore's FelixConfiguration moves a port this process has bound (a first
+        start, or a change while the agent was down): then run() ends for a re-exec at once."""
+        default, mine = (store.get(FelixConfiguration, name) for name in (DEFAULT_NAME, node_name(self.node)))
+        if not self.live.needs_restart(default.spec if default else None, mine.spec if mine else None):
+            return False
+        self.reexec = True
+        self.handover_fd = self.cni.inherited_fd  # not adopted yet: the next image adopts it
+        return True
 
     def _start_up(self, client: EtcdClient, node_ip: str | None) -> bool:
         """Register the node and repair crashed ADDs, waiting (live, not ready) for a datastore that
@@ -310,6 +330,8 @@ class Agent:
             try:
                 store = ResourceStore(client)
                 register_node(store, self.node, node_ip)
+                if self._bound_differently(store):
+                    return False
                 ensure_vtep(IPAM(client), store, self.node)
                 cleanup(client, self.node)
                 return True
@@ -330,14 +352,17 @@ class Agent:
             if not self._start_up(client, node_ip):
                 return 0
             if self.args.bgp:
-                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client)
+                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace)
                 self.bgp.start()
+            started = self.live.started
             self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,
-                                      feeds=[self.publish_wireguard_key, *([self.bgp.update] if self.bgp else [])],
-                                      programmed=self.programmed, resync_interval=self.args.resync_interval)
+                                      feeds=[self.live.on_view, self.publish_wireguard_key, self.auto_host_endpoint,
+                                             *([self.bgp.update] if self.bgp else [])],
+                                      programmed=self.programmed, resync_interval=route_refresh_seconds(started))
+            self.loop.set_resync_interval(nftables_refresh_seconds(started), self._nft_managers)
             self.syncer = Syncer(client, on_update=self.on_update)
             self.orphans = OrphanSweeper(self.node, client, grace=self.args.orphan_grace,
-                                         resync_interval=self.args.resync_interval,
+                                         resync_interval=route_refresh_seconds(started) or ORPHAN_SWEEP,
                                          endpoints=self.local_endpoints, in_flight=self.cni.in_flight)
             self.loop.start()
             self.syncer.start()
@@ -346,33 +371,68 @@ class Agent:
             self.cni.start()
             log.info("felix-agent started on node %s (%s)", self.node, node_ip)
             self.stopping.wait()
-            log.info("stopping (the dataplane stays in place)")
-            self.cni.stop()
+            log.info("stopping (the dataplane stays in place)%s", " to re-execute" if self.reexec else "")
+            if self.reexec:
+                self.handover_fd = self.cni.handover()  # keeps listening: callers queue for the next image
+            else:
+                self.cni.stop()
+            steps = time.monotonic()
             self.orphans.stop()
             self.syncer.stop()
             self.loop.stop()
+            log.debug("orphans, syncer and loop stopped in %.0f ms", (time.monotonic() - steps) * 1000)
             if self.bgp is not None:
                 self.bgp.stop()
-        self.health.stop()
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
+        if not self.reexec:  # an exec closes the listeners at once (not inheritable); stopping them waits a poll
+            self.health.stop()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
         self.stores.close()
         return 0
 
 
+def reexec(handover_fd: int | None) -> NoReturn:
+    """Replace this process image with a fresh one of the same command line, same PID, under the
+    virtual environment's interpreter (the console script is argv[0]). Only the CNI socket's
+    descriptor crosses (every other descriptor Python opened is close-on-exec); the dataplane
+    stays as programmed and the new image adopts it through its start-up resync."""
+    if handover_fd is not None:
+        os.environ[HANDOVER_FD] = str(handover_fd)
+    log.warning("re-executing felix-agent (pid %d): %s", os.getpid(), " ".join(sys.argv))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        layers = override_layers(args, os.environ)
+    except ValidationError as e:
+        print(f"felix-agent: {e}", file=sys.stderr)
+        return 2
+    live = LiveConfig(args.nodename, layers, args.state_dir / CACHE_NAME)
+    # Before the datastore answers: the last FelixConfiguration seen (cached), under env and flags.
+    start = live.started.spec
+    args.health_listen = listen_address(args.health_listen, int(start.health_port or 9099))
+    args.metrics_listen = listen_address(args.metrics_listen, int(start.prometheus_metrics_port or 9091))
     handler = logging.StreamHandler()
     if args.log_format == "json":
         handler.setFormatter(_JSONFormatter())
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{args.nodename}] %(name)s: %(message)s"))
-    logging.basicConfig(level=str(args.log_level).upper(), handlers=[handler])
+    logging.basicConfig(level=python_level(str(start.log_severity_screen)), handlers=[handler])
     try:
-        agent = Agent(args)
+        agent = Agent(args, live)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: agent.stopping.set())
-        return agent.run()
+            signal.signal(sig, lambda *_: agent.terminate())
+        code = agent.run()
+        if agent.reexec:
+            reexec(agent.handover_fd)
+        if agent.handover_fd is not None:  # told to stop while it was handing over: stop as asked
+            os.close(agent.handover_fd)
+            Path(args.cni_socket).unlink(missing_ok=True)
+        return code
     except (ConfigError, DatastoreError, KeyFileError) as e:
         print(f"felix-agent: {e}", file=sys.stderr)
         return 1

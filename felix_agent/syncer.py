@@ -33,7 +33,8 @@ from ipam.block import Block
 log = logging.getLogger(__name__)
 
 _RESOURCE_PLURALS = ("ippools", "nodes", "workloadendpoints", "networkpolicies", "globalnetworkpolicies",
-                     "profiles", "felixconfigurations", "bgpconfigurations", "bgppeers", "bgpfilters")
+                     "profiles", "felixconfigurations", "bgpconfigurations", "bgppeers", "bgpfilters",
+                     "hostendpoints", "globalnetworksets", "networksets")
 # Resource kinds the agent reads (felixconfigurations once the kind exists), then IPAM blocks and affinities.
 DEFAULT_PREFIXES: tuple[str, ...] = (
     *(keys.resource_prefix(plural) for plural in _RESOURCE_PLURALS if plural in all_kinds()),

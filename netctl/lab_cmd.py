@@ -315,7 +315,8 @@ def run_matrix(args: argparse.Namespace) -> int:
 
 def _explanation_json(e: Explanation) -> dict[str, Any]:
     def verdict(v: Verdict) -> dict[str, Any]:
-        return {"allowed": v.allowed, "endpoint": v.endpoint, "policy": v.policy, "rule": v.rule, "reason": v.reason}
+        return {"allowed": v.allowed, "endpoint": v.endpoint, "policy": v.policy, "rule": v.rule, "reason": v.reason,
+                "networkSets": list(v.network_sets)}
 
     return {"from": e.src, "to": e.dst, "probe": str(e.probe), "allowed": e.allowed,
             "ingress": verdict(e.ingress), "egress": verdict(e.egress)}

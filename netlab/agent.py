@@ -23,12 +23,14 @@ START_TIMEOUT = 30.0  # a healthy agent makes its socket or answers /readiness i
 
 
 def agent_argv(nodename: str, address: str | None, *, cni_socket: Path | str, state_dir: Path | str,
-               log_level: str = "info", extra: Sequence[str] = ()) -> list[str]:
+               log_level: str | None = "info", extra: Sequence[str] = ()) -> list[str]:
     """The felix-agent command line for node ``nodename`` at fabric ``address`` (None: let the agent
-    detect it), with its CNI socket and state directory (never the host's /run/tortie)."""
+    detect it), with its CNI socket and state directory (never the host's /run/tortie). ``log_level``
+    None leaves the level to FelixConfiguration (a flag would override its logSeverityScreen)."""
     return [str(FELIX_AGENT), "--nodename", nodename,
             *(["--node-ip", f"{address}/{UNDERLAY_LEN}"] if address is not None else []),
-            "--cni-socket", str(cni_socket), "--state-dir", str(state_dir), "--log-level", log_level, *extra]
+            "--cni-socket", str(cni_socket), "--state-dir", str(state_dir),
+            *(["--log-level", log_level] if log_level is not None else []), *extra]
 
 
 class Agent:
@@ -37,7 +39,7 @@ class Agent:
     ``args`` are added to every start's command line; ``start`` may add more for one run."""
 
     def __init__(self, lab: Lab, node: LabNode, *, cni_socket: Path, state_dir: Path, log: Path,
-                 env: Mapping[str, str], args: Sequence[str] = (), log_level: str = "info",
+                 env: Mapping[str, str], args: Sequence[str] = (), log_level: str | None = "info",
                  node_ip: bool = True) -> None:
         self.lab, self.node = lab, node
         self.cni_socket, self.state_dir, self.log = cni_socket, state_dir, log

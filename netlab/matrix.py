@@ -7,7 +7,9 @@ a one-shot listing of the datastore with the agent's own code: ``felix_agent.syn
 the values, ``felix_agent.calc.graph.compute`` for each endpoint's ordered policies, profiles and
 IP sets, then the endpoint chains walked as ``felix_agent.dataplane.policy`` renders them (policies
 in order, a Pass skips to the profiles, default deny once a policy selects the endpoint, then the
-profiles, then drop). Drawing the matrix (a terminal table, an SVG picture) is ``netctl lab``'s.
+profiles, then drop). When the deciding rule matched an address through a network set (a
+GlobalNetworkSet or NetworkSet whose nets the rule's selector put in its IP set), the verdict names
+it. Drawing the matrix (a terminal table, an SVG picture) is ``netctl lab``'s.
 
 Everything runs inside the lab's namespaces; the servers are recorded in the lab's directory so
 that a killed run's servers are stopped by the next run (and ``lab down`` stops them in any case).
@@ -20,17 +22,17 @@ import ipaddress
 import json
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from datastore.keys import ROOT
 from datastore.model import Resource, encode_fields
 from datastore.policy import PORT_PROTOCOLS, PROTOCOLS, Rule
-from felix_agent.calc.graph import compute
+from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState, IPSet, RuleMatch
 from felix_agent.calc.policy import NETWORK_LABEL, policy_id
-from felix_agent.calc.snapshot import Snapshot
+from felix_agent.calc.snapshot import GLOBAL_NETWORK_SET, NETWORK_SET, Snapshot
 from felix_agent.dataplane.policy import rule_families
 from felix_agent.syncer import DEFAULT_PREFIXES, decode
 from netlab import netns as ip_netns
@@ -192,6 +194,7 @@ class Verdict:
     reason: str
     policy: str | None = None  # the deciding policy's or profile's id, e.g. "np/default/web"
     rule: int | None = None
+    network_sets: tuple[str, ...] = ()  # "GlobalNetworkSet <name>", "NetworkSet <ns>/<name>" the rule matched through
 
 
 @dataclass(frozen=True)
@@ -248,12 +251,13 @@ def explain(cluster: Cluster, a: str, b: str, port: int | None = None,
     src, dst = cluster.pod(a), cluster.pod(b)
     snap = snapshot or read_snapshot(cluster)
     src_key, dst_key = _endpoint_key(snap, src), _endpoint_key(snap, dst)
-    src_state, dst_state = compute(snap, src.node), compute(snap, dst.node)
+    src_calc, dst_calc = Calculator(src.node), Calculator(dst.node)
+    src_state, dst_state = src_calc.compute(snap), dst_calc.compute(snap)
     explanations = []
     for p in probes_for(port):
         packet = Packet.of(p, src.ip, dst.ip)
-        egress = evaluate(src_state, src_key, "egress", packet, snap)
-        ingress = evaluate(dst_state, dst_key, "ingress", packet, snap)
+        egress = evaluate(src_state, src_key, "egress", packet, snap, src_calc.set_sources)
+        ingress = evaluate(dst_state, dst_key, "ingress", packet, snap, dst_calc.set_sources)
         explanations.append(Explanation(a, b, p, replace(egress, endpoint=f"{a} ({src_key} on {src.node})"),
                                         replace(ingress, endpoint=f"{b} ({dst_key} on {dst.node})")))
     return explanations
@@ -266,8 +270,13 @@ def _endpoint_key(snapshot: Snapshot, pod: PodInfo) -> str:
     raise LabError(f"pod {pod.name} has no WorkloadEndpoint in the datastore (was it deleted?)")
 
 
-def evaluate(state: DesiredState, key: str, direction: str, packet: Packet, snapshot: Snapshot) -> Verdict:
-    """Walk endpoint ``key``'s chain for ``direction`` as the dataplane renders it."""
+SetSources = Callable[[str, str], list[str]]  # (set id, address) → snapshot keys (Calculator.set_sources)
+
+
+def evaluate(state: DesiredState, key: str, direction: str, packet: Packet, snapshot: Snapshot,
+             sources: SetSources | None = None) -> Verdict:
+    """Walk endpoint ``key``'s chain for ``direction`` as the dataplane renders it; with ``sources``
+    (the calculator that computed ``state``), a verdict reached through a network set names it."""
     endpoint = next((e for e in state.endpoints if e.key == key), None)
     if endpoint is None:
         raise LabError(f"endpoint {key} is not on node {state.node} in the datastore")
@@ -277,7 +286,14 @@ def evaluate(state: DesiredState, key: str, direction: str, packet: Packet, snap
     side = "destination" if direction == "ingress" else "source"
 
     def verdict(allowed: bool, reason: str, pid: str | None = None, rule: int | None = None) -> Verdict:
-        return Verdict(allowed, direction, key, reason, pid, rule)
+        if pid is None or rule is None or sources is None or pid not in known:
+            return Verdict(allowed, direction, key, reason, pid, rule)
+        rules = known[pid].ingress if direction == "ingress" else known[pid].egress
+        deciding = next((r for r in rules if r.comment.rsplit(" ", 1)[-1] == str(rule)), None)
+        named = _network_sets(deciding, packet, snapshot, sources) if deciding is not None else ()
+        if named:
+            reason += "; matched through " + ", ".join(named)
+        return Verdict(allowed, direction, key, reason, pid, rule, named)
 
     passed = ""
     for pid in policies:
@@ -363,6 +379,23 @@ def matches(rule: RuleMatch, p: Packet, sets: Mapping[tuple[str, int], IPSet]) -
         if p.icmp_type == rule.not_icmp_type and rule.not_icmp_code in (None, p.icmp_code):
             return False
     return True
+
+
+def _network_sets(rule: RuleMatch, p: Packet, snapshot: Snapshot, sources: SetSources) -> tuple[str, ...]:
+    """The network sets that put the packet's source or destination into the rule's (or its
+    notSelector's) IP sets, with the nets that hold the address."""
+    found: list[str] = []
+    for addr, set_ids in ((p.src, (*rule.src_sets, *rule.src_not_sets)), (p.dst, (*rule.dst_sets, *rule.dst_not_sets))):
+        for set_id in set_ids:
+            for key in sources(set_id, addr):
+                for kind, label in ((GLOBAL_NETWORK_SET, "GlobalNetworkSet"), (NETWORK_SET, "NetworkSet")):
+                    r = snapshot.tables[kind].get(key)
+                    if r is None:
+                        continue
+                    name = f"{r.namespace}/{r.name}" if r.namespace else r.name
+                    nets = [n for n in r.spec.nets if _in_nets(addr, [n])]
+                    found.append(f"{label} {name} ({addr} in {', '.join(nets)})")
+    return tuple(dict.fromkeys(found))
 
 
 def _members(sets: Mapping[tuple[str, int], IPSet], set_id: str, version: int) -> frozenset[str]:

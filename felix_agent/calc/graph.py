@@ -30,8 +30,15 @@ The calculators, in Calico's terms (Felix spreads the same work over the same pi
   direction (Calico's default deny). An operator who wants another default stores a Profile named
   ``net.<network>``: it replaces the synthesised one (one without rules makes the network closed by
   default).
+- ``felix_agent.calc.netsets``: every GlobalNetworkSet and NetworkSet, which the selector index
+  holds beside the endpoints: a rule's selector matching one puts its nets in the IP set.
 - ``felix_agent.calc.active_rules`` (ActiveRulesCalculator): only policies that apply to some local
   endpoint, and the IP sets their rules reference, are output.
+- ``felix_agent.calc.host_endpoints``: this node's HostEndpoints, the global policies selecting them
+  by role (local, applyOnForward, preDNAT, doNotTrack), their profiles; and the host's protection
+  settings (failsafe ports, defaultEndpointToHostAction) from FelixConfiguration. Re-evaluated as a
+  whole when host endpoints or global policies change (a node has a handful). Every node's host
+  endpoints also enter the selector index, one by one, like endpoints of no namespace.
 - ``felix_agent.calc.routes``: routes and tunnels, NAT-outgoing pools, whether IPIP is used;
   recomputed only when pools, nodes, blocks, affinities or the local endpoints' addresses change.
 """
@@ -43,16 +50,22 @@ from typing import Any
 
 from datastore.model import Resource
 from felix_agent.calc.active_rules import ActiveRules
-from felix_agent.calc.model import DesiredState
+from felix_agent.calc.host_endpoints import HostEndpoints, as_workload, protection
+from felix_agent.calc.model import DesiredState, HostProtection
+from felix_agent.calc.netsets import build as build_netset
 from felix_agent.calc.policy_resolver import PolicyResolver
 from felix_agent.calc.routes import Routing, routing
 from felix_agent.calc.selector_index import SelectorIndex
 from felix_agent.calc.snapshot import (
     AFFINITY,
     BLOCK,
+    FELIX_CONFIGURATION,
     GLOBAL_NETWORK_POLICY,
+    GLOBAL_NETWORK_SET,
+    HOST_ENDPOINT,
     IPPOOL,
     NETWORK_POLICY,
+    NETWORK_SET,
     NODE,
     PROFILE,
     WORKLOAD_ENDPOINT,
@@ -85,6 +98,8 @@ class Calculator:
         self._resolver = PolicyResolver(self._workloads, self._index, self._rules)
         self._routing: Routing | None = None
         self._routing_dirty = True
+        self._hosts = HostEndpoints(self.node, profiles, self._rules)
+        self._protection: HostProtection | None = None
 
     # ---- the one entry point ----------------------------------------------------------------------
     def compute(self, snapshot: Snapshot) -> DesiredState:
@@ -97,9 +112,25 @@ class Calculator:
         # Endpoints first: a policy added after them finds its selector's matches in the label index.
         for key in changed.get(WORKLOAD_ENDPOINT, ()):
             self._set_workload(key, snapshot.endpoints.get(key))
+        for key in changed.get(HOST_ENDPOINT, ()):
+            self._set_host_endpoint(key, snapshot.host_endpoints.get(key))
+        for kind in (GLOBAL_NETWORK_SET, NETWORK_SET):
+            table = snapshot.tables[kind]
+            for key in changed.get(kind, ()):
+                resource = table.get(key)
+                self._index.set_netset(key, build_netset(key, resource, self._workloads) if resource else None)
+        hosts_dirty = bool(changed.get(HOST_ENDPOINT) or changed.get(GLOBAL_NETWORK_POLICY))
+        if hosts_dirty:
+            self._hosts.release()  # before the policies its uses name are replaced
         for kind in (NETWORK_POLICY, GLOBAL_NETWORK_POLICY):
             for key in changed.get(kind, ()):
                 self._resolver.set_policy(key, snapshot.tables[kind].get(key))
+        if hosts_dirty:
+            self._hosts.update(snapshot)
+        if changed.get(FELIX_CONFIGURATION) or self._protection is None:
+            found = protection(snapshot, self.node)
+            if found != self._protection:
+                self._protection = found
         if any(changed.get(kind) for kind in _ROUTING_KINDS):
             self._routing_dirty = True
         return self._state(snapshot)
@@ -120,6 +151,19 @@ class Calculator:
                 old is None or new is None or old.local != new.local or old.addresses != new.addresses
                 or old.resource.spec.interface_name != new.resource.spec.interface_name):
             self._routing_dirty = True
+
+    def _set_host_endpoint(self, key: str, resource: Resource | None) -> None:
+        """A host endpoint, of any node, as rule selectors see it (its expectedIPs and ports)."""
+        workloads = self._workloads.by_key
+        workloads.pop(key, None)
+        new = as_workload(key, resource, self._workloads.profiles) if resource is not None else None
+        if new is not None:
+            workloads[key] = new
+        self._index.set_workload(key, new)
+
+    def set_sources(self, set_id: str, address: str) -> list[str]:
+        """The snapshot keys of what put ``address`` in IP set ``set_id`` (for explaining a verdict)."""
+        return self._index.sources(set_id, address)
 
     # ---- the output -------------------------------------------------------------------------------
     def _state(self, snapshot: Snapshot) -> DesiredState:
@@ -143,6 +187,8 @@ class Calculator:
             nat_pools=frozenset(p.spec.cidr for p in pools if p.spec.nat_outgoing),
             all_pools=frozenset(p.spec.cidr for p in pools),
             mtu=None,
+            host_endpoints=self._hosts.endpoints(),
+            host=self._protection or HostProtection(),
         )
 
 

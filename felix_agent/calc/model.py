@@ -132,6 +132,55 @@ class WireGuard:
 
 
 @dataclass(frozen=True)
+class HostEndpoint:
+    """A host endpoint of this node (``interface`` a name, or "*": every non-workload interface) and
+    the policies that apply to it, in evaluation order, by kind of traffic:
+
+    - ``ingress_policies`` / ``egress_policies``: traffic to and from the host's own processes
+      (every policy selecting it but preDNAT and doNotTrack ones); default deny once any applies,
+      then the profiles, then drop: a host endpoint with neither denies (failsafe aside);
+    - ``forward_*``: the applyOnForward ones, for traffic the host forwards; none → allowed;
+    - ``pre_dnat_policies``: ingress, before DNAT; ``untracked_*``: doNotTrack, before conntrack.
+      For both, traffic no rule decides goes on to the other policies."""
+
+    key: str  # the HostEndpoint's name
+    interface: str
+    ingress_policies: tuple[str, ...] = ()
+    egress_policies: tuple[str, ...] = ()
+    forward_ingress_policies: tuple[str, ...] = ()
+    forward_egress_policies: tuple[str, ...] = ()
+    pre_dnat_policies: tuple[str, ...] = ()
+    untracked_ingress_policies: tuple[str, ...] = ()
+    untracked_egress_policies: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ()
+
+    def policy_refs(self) -> frozenset[tuple[str, str]]:
+        """(policy or profile id, "in"|"out"|"in-nt"|"out-nt"): the policy chains this endpoint's chains
+        jump to ("-nt": the untracked form, for doNotTrack policies)."""
+        ins = (*self.ingress_policies, *self.forward_ingress_policies, *self.pre_dnat_policies, *self.profiles)
+        outs = (*self.egress_policies, *self.forward_egress_policies, *self.profiles)
+        return frozenset([*((p, "in") for p in ins), *((p, "out") for p in outs),
+                          *((p, "in-nt") for p in self.untracked_ingress_policies),
+                          *((p, "out-nt") for p in self.untracked_egress_policies)])
+
+
+@dataclass(frozen=True)
+class FailsafePort:
+    protocol: int  # IANA number
+    port: int
+    net: str = ""  # the peer's network; "" for anywhere
+
+
+@dataclass(frozen=True)
+class HostProtection:
+    """The FelixConfiguration settings for the host's own traffic (merged default and node.<name>)."""
+
+    failsafe_inbound: tuple[FailsafePort, ...] = ()
+    failsafe_outbound: tuple[FailsafePort, ...] = ()
+    endpoint_to_host_action: str = "Accept"  # Drop | Accept | Return
+
+
+@dataclass(frozen=True)
 class DesiredState:
     """Everything this node's dataplane must hold, as computed from one consistent datastore view."""
 
@@ -146,5 +195,9 @@ class DesiredState:
     nat_pools: frozenset[str] = frozenset()  # CIDRs of pools with natOutgoing
     all_pools: frozenset[str] = frozenset()  # CIDRs of every pool (NAT-outgoing exempts them)
     mtu: int | None = None  # for the CNI plugin's MTU file
+    vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU for vxlan.tortie; 0: the underlay's MTU - 50
+    ipip_mtu: int = 0  # FelixConfiguration ipipMTU for tunl0; 0: the underlay's MTU - 20
     extra: tuple[tuple[str, str], ...] = field(default=())
     wireguard: WireGuard = WireGuard()
+    host_endpoints: frozenset[HostEndpoint] = frozenset()
+    host: HostProtection = HostProtection()

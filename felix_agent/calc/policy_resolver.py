@@ -39,6 +39,7 @@ class _PolicyEntry:
     namespace_selector: str | None  # a GlobalNetworkPolicy's, canonical
     ingress: bool
     egress: bool
+    host_only: bool = False  # preDNAT and doNotTrack policies apply to host endpoints only (Calico)
     selected: set[str] = field(default_factory=set)  # snapshot keys of local workloads
 
 
@@ -68,7 +69,7 @@ class PolicyResolver:
         """A local endpoint appeared (or changed: after :meth:`drop_local`)."""
         local = _Local(set(), self._profiles_of(w))
         for entry in self._entries.values():
-            if key in self._index.matches(entry.selector) and self._policy_scope(entry, w):
+            if not entry.host_only and key in self._index.matches(entry.selector) and self._policy_scope(entry, w):
                 entry.selected.add(key)
                 local.policies.add(entry.pid)
         self._local[key] = local
@@ -126,11 +127,12 @@ class PolicyResolver:
             namespace=(resource.namespace or "") if namespaced else None,
             namespace_selector=canonical(spec.namespace_selector)
             if not namespaced and spec.namespace_selector else None,
-            ingress=spec.applies_to("Ingress"), egress=spec.applies_to("Egress"))
+            ingress=spec.applies_to("Ingress"), egress=spec.applies_to("Egress"),
+            host_only=bool(getattr(spec, "pre_dnat", None) or getattr(spec, "do_not_track", None)))
         self._entries[key] = self._by_pid[pid] = entry
         self._index.register_selector(entry.selector)
         workloads = self._workloads.by_key
-        for k in self._index.matches(entry.selector):
+        for k in () if entry.host_only else self._index.matches(entry.selector):
             if k in self._local and self._policy_scope(entry, workloads[k]):
                 entry.selected.add(k)
                 self._local[k].policies.add(pid)

@@ -8,20 +8,47 @@ the :class:`~felix_agent.calc.policy.SetSpec` s in use with every endpoint's sha
 decide which policies apply to an endpoint (``policy_resolver``) or which sets are active
 (``active_rules`` says, by counting the active policies that use each): it only resolves members.
 Pure: no I/O. An endpoint's change re-evaluates the selectors for that endpoint only.
+
+Network sets (``felix_agent.calc.netsets``) are members as endpoints are: a selector in a rule
+matches them by their labels and their nets join the set, within the rule's scope (an unscoped
+selector reaches every network set, ``ns:<namespace>`` the NetworkSets of that namespace, a
+namespace selector the NetworkSets of the namespaces it matches, and ``global()`` the
+GlobalNetworkSets). A change of a network set's nets re-evaluates that one set, so it reaches the
+kernel as element updates. A set with network-set members is written collapsed (no overlapping
+elements: an nftables interval set refuses them).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Mapping
 from itertools import chain
+from typing import Protocol
 
 from felix_agent.calc.labels import LabelIndex, parsed
 from felix_agent.calc.model import IPSet
+from felix_agent.calc.netsets import NetSet
 from felix_agent.calc.policy import ALL_NAMESPACES, SetSpec
-from felix_agent.calc.workloads import Workload, Workloads
+from felix_agent.calc.workloads import Workloads
 
-Members = tuple[tuple[str, ...], tuple[str, ...]]  # one endpoint's share of a set: IPv4, IPv6 members
+Members = tuple[tuple[str, ...], tuple[str, ...]]  # one member's share of a set: IPv4, IPv6 members
+GLOBAL = "global()"
+
+
+class Member(Protocol):
+    """What a selector sees of a Workload or a NetSet."""
+
+    @property
+    def namespace(self) -> str | None: ...  # None: not namespaced (a GlobalNetworkSet)
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def v4(self) -> tuple[str, ...]: ...
+    @property
+    def v6(self) -> tuple[str, ...]: ...
+    @property
+    def ports(self) -> tuple[tuple[str, int, str, int], ...]: ...
 
 
 class SelectorIndex:
@@ -29,6 +56,7 @@ class SelectorIndex:
 
     def __init__(self, workloads: Workloads) -> None:
         self._workloads = workloads
+        self.netsets: dict[str, NetSet] = {}  # by snapshot key
         self._index: LabelIndex[str] = LabelIndex()
         self._selectors: dict[str, set[str]] = {}  # canonical selector → workload keys it matches
         self._selector_refs: Counter[str] = Counter()
@@ -40,9 +68,17 @@ class SelectorIndex:
         self._ipsets: frozenset[IPSet] = frozenset()
 
     # ---- endpoints ------------------------------------------------------------------------------
-    def set_workload(self, key: str, new: Workload | None) -> None:
-        """The endpoint at ``key`` is now ``new`` (None: deleted): re-evaluate it against every
-        selector and set in use."""
+    def set_netset(self, key: str, new: NetSet | None) -> None:
+        """The network set at ``key`` is now ``new`` (None: deleted)."""
+        if new is None:
+            self.netsets.pop(key, None)
+        else:
+            self.netsets[key] = new
+        self.set_workload(key, new)
+
+    def set_workload(self, key: str, new: Member | None) -> None:
+        """The endpoint (or network set) at ``key`` is now ``new`` (None: deleted): re-evaluate it
+        against every selector and set in use."""
         if new is None:
             self._index.remove(key)
         else:
@@ -83,8 +119,7 @@ class SelectorIndex:
         if not self._spec_refs[set_id]:
             self.register_selector(spec.selector)
             self._specs[set_id] = spec
-            workloads = self._workloads.by_key
-            found = ((k, self._share(spec, k, workloads[k])) for k in self._selectors[spec.selector])
+            found = ((k, self._share(spec, k, self._member(k))) for k in self._selectors[spec.selector])
             self._members[set_id] = {k: share for k, share in found if share is not None}
             self.dirty_sets.add(set_id)
         self._spec_refs[set_id] += 1
@@ -96,7 +131,11 @@ class SelectorIndex:
             del self._spec_refs[set_id], self._members[set_id]
             self.dirty_sets.add(set_id)
 
-    def _share(self, spec: SetSpec, key: str, w: Workload) -> Members | None:
+    def _member(self, key: str) -> Member:
+        found = self._workloads.by_key.get(key)
+        return found if found is not None else self.netsets[key]
+
+    def _share(self, spec: SetSpec, key: str, w: Member) -> Members | None:
         """What ``w`` puts in the set (None: nothing, it is not selected)."""
         if key not in self._selectors[spec.selector] or not self._in_scope(spec.scope, w):
             return None
@@ -109,10 +148,12 @@ class SelectorIndex:
             return None
         return tuple(f"{a},{p}" for p in ports for a in w.v4), tuple(f"{a},{p}" for p in ports for a in w.v6)
 
-    def _in_scope(self, scope: str, w: Workload) -> bool:
+    def _in_scope(self, scope: str, w: Member) -> bool:
         if scope == ALL_NAMESPACES:
             return True
         kind, _, value = scope.partition(":")
+        if w.namespace is None:  # a GlobalNetworkSet: only a namespaceSelector of global() reaches it
+            return kind == "nssel" and value == GLOBAL
         return w.namespace == value if kind == "ns" else self._workloads.in_namespaces(value, w.namespace)
 
     # ---- the output -------------------------------------------------------------------------------
@@ -140,6 +181,33 @@ class SelectorIndex:
     def _ipset_pair(self, set_id: str) -> tuple[IPSet, IPSet]:
         """The set's members, one IPSet per IP family (both always exist, so rules can name them)."""
         kind = "named-port" if self._specs[set_id].named_port else "net"
-        shares = self._members[set_id].values()
-        return (IPSet(set_id, 4, kind, frozenset(chain.from_iterable(v4 for v4, _ in shares))),
-                IPSet(set_id, 6, kind, frozenset(chain.from_iterable(v6 for _, v6 in shares))))
+        members = self._members[set_id]
+        shares = members.values()
+        v4 = frozenset(chain.from_iterable(v4 for v4, _ in shares))
+        v6 = frozenset(chain.from_iterable(v6 for _, v6 in shares))
+        if self.netsets and any(k in self.netsets for k in members):
+            v4, v6 = _collapsed(v4), _collapsed(v6)
+        return IPSet(set_id, 4, kind, v4), IPSet(set_id, 6, kind, v6)
+
+    def sources(self, set_id: str, address: str) -> list[str]:
+        """The snapshot keys of the members (endpoints, network sets) that put ``address`` in the set
+        (whatever its activity), sorted; empty for a set not in use."""
+        ip = ipaddress.ip_address(address)
+        found = []
+        for key, (v4, v6) in self._members.get(set_id, {}).items():
+            for text in v4 if ip.version == 4 else v6:
+                if ip in ipaddress.ip_network(text.split(",", 1)[0]):
+                    found.append(key)
+                    break
+        return sorted(found)
+
+
+def _collapsed(members: frozenset[str]) -> frozenset[str]:
+    """The members with no element inside or beside another (``10.0.0.0/24`` swallows ``10.0.0.7``),
+    full-length prefixes written as bare addresses."""
+    if len(members) < 2:
+        return members
+    parsed = [ipaddress.ip_network(m) for m in members]  # one family: the caller splits them
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = list(
+        ipaddress.collapse_addresses(parsed))  # type: ignore[type-var]
+    return frozenset(str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in nets)

@@ -28,8 +28,11 @@ PROFILE = "Profile"
 FELIX_CONFIGURATION = "FelixConfiguration"
 BLOCK = "Block"
 AFFINITY = "Affinity"
+HOST_ENDPOINT = "HostEndpoint"
+GLOBAL_NETWORK_SET = "GlobalNetworkSet"
+NETWORK_SET = "NetworkSet"
 KINDS = (IPPOOL, NODE, WORKLOAD_ENDPOINT, NETWORK_POLICY, GLOBAL_NETWORK_POLICY, PROFILE,
-         FELIX_CONFIGURATION, BLOCK, AFFINITY)
+         FELIX_CONFIGURATION, BLOCK, AFFINITY, HOST_ENDPOINT, GLOBAL_NETWORK_SET, NETWORK_SET)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ class Snapshot:
     @property
     def profiles(self) -> dict[str, Resource]:
         return self.tables[PROFILE]
+
+    @property
+    def host_endpoints(self) -> dict[str, Resource]:
+        return self.tables[HOST_ENDPOINT]
 
     @property
     def blocks(self) -> dict[str, Block]:

@@ -12,23 +12,22 @@ route, so that it leaves the WireGuard table for the main one. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import replace
 
-from datastore.felixconfig import DEFAULT_NAME, FelixConfigurationSpec, effective, node_name
 from felix_agent.calc.model import DesiredState, WireGuard, WireGuardPeer
-from felix_agent.calc.snapshot import FELIX_CONFIGURATION, Snapshot
+from felix_agent.calc.settings import Layer, settings
+from felix_agent.calc.snapshot import Snapshot
 
 FWMARK = 0x100000  # the bit WireGuard's own UDP carries (Calico takes one of its iptables mark bits)
 
 
-def settings(snapshot: Snapshot, node: str) -> FelixConfigurationSpec:
-    """The FelixConfiguration in force on ``node``: its own resource's fields over the default's."""
-    by_name = {r.name: r.spec for r in snapshot.tables.get(FELIX_CONFIGURATION, {}).values()}
-    return effective(by_name.get(DEFAULT_NAME), by_name.get(node_name(node)))
+__all__ = ["FWMARK", "settings", "wireguard", "with_wireguard"]  # settings: its home is calc.settings
 
 
-def wireguard(snapshot: Snapshot, node: str) -> WireGuard:
-    config = settings(snapshot, node)
+def wireguard(snapshot: Snapshot, node: str, layers: Sequence[Layer] | None = None) -> WireGuard:
+    """The WireGuard part of ``node``'s state; ``layers``: the overrides (None: this process's)."""
+    config = settings(snapshot, node, layers)
     if not config.wireguard_enabled:
         return WireGuard(enabled=False, interface=str(config.wireguard_interface_name))
     allowed: dict[str, set[str]] = {}
@@ -67,6 +66,6 @@ def wireguard(snapshot: Snapshot, node: str) -> WireGuard:
                      FWMARK, int(config.wireguard_persistent_keepalive or 0), frozenset(peers), tuple(throw))
 
 
-def with_wireguard(state: DesiredState, snapshot: Snapshot) -> DesiredState:
+def with_wireguard(state: DesiredState, snapshot: Snapshot, layers: Sequence[Layer] | None = None) -> DesiredState:
     """``state`` with its WireGuard part computed from ``snapshot`` (the agent's hook after the graph)."""
-    return replace(state, wireguard=wireguard(snapshot, state.node))
+    return replace(state, wireguard=wireguard(snapshot, state.node, layers))

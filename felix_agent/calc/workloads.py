@@ -24,6 +24,7 @@ from felix_agent.calc.labels import parsed
 NAMESPACE_PROFILE = namespaces.PROFILE_PREFIX
 NAMESPACE_LABEL_PREFIX = namespaces.LABEL_PREFIX
 NETWORK_PROFILE = "net."
+HOST_NAMESPACE = ""  # a host endpoint's: no namespace has an empty name
 _PROTOCOL_NAMES = {name.lower(): (number, name.lower()) for name, number in PROTOCOLS.items()}
 
 
@@ -90,10 +91,13 @@ class Workloads:
 
     def in_namespaces(self, selector: str, namespace: str) -> bool:
         """Whether the namespace's labels match ``selector``; ``global()`` means non-namespaced
-        endpoints: none here."""
+        endpoints: host endpoints (namespace :data:`HOST_NAMESPACE`)."""
         found = self._ns_scope.get((selector, namespace))
         if found is None:
             sel = parsed(selector)
-            found = str(sel) != "global()" and sel.matches(self.namespace_labels(namespace))
+            if namespace == HOST_NAMESPACE:  # a host endpoint: only global() selects it
+                found = str(sel) == "global()"
+            else:
+                found = str(sel) != "global()" and sel.matches(self.namespace_labels(namespace))
             self._ns_scope[(selector, namespace)] = found
         return found

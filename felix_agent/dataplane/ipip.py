@@ -57,6 +57,7 @@ class IPIPManager:
         self._underlay_ip = underlay_ip
         self._configured_address = tunnel_address
         self._enabled = False
+        self._mtu = 0
         self._address: str | None = None
         self._node = ""
         self.status: Status = "disabled"
@@ -64,6 +65,7 @@ class IPIPManager:
     def on_update(self, state: DesiredState) -> None:
         self._node = state.node
         self._enabled = state.ipip_enabled
+        self._mtu = state.ipip_mtu  # FelixConfiguration ipipMTU; 0: from the underlay
         self._address = dict(state.extra).get(TUNNEL_ADDRESS_KEY) or self._configured_address
 
     def apply(self, *, resync: bool = False) -> int:
@@ -92,7 +94,7 @@ class IPIPManager:
             log.info("%s: %s is ready", self._node, IPIP_DEVICE)
         self.status = "ok"
         writes = 0
-        mtu = underlay_mtu(self._driver, self._underlay_ip) - IPIP_OVERHEAD
+        mtu = self._mtu or underlay_mtu(self._driver, self._underlay_ip) - IPIP_OVERHEAD
         if link.mtu != mtu:
             self._driver.set_link(link.index, mtu=mtu)
             writes += 1

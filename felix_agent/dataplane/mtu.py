@@ -1,8 +1,9 @@
 """The MTU manager: owns the file the CNI plugin reads its MTU from (``/run/tortie/mtu``).
 
 The value is the underlay interface's MTU less the overhead of the encapsulation in use: 50 for
-VXLAN (outer IPv4 + UDP + VXLAN + inner Ethernet), 20 for IPIP (outer IPv4), the smaller when
-both are used (as Felix does), unchanged without one. An explicit ``DesiredState.mtu`` wins.
+VXLAN (outer IPv4 + UDP + VXLAN + inner Ethernet), 20 for IPIP (outer IPv4), or the tunnel MTU
+FelixConfiguration sets (``vxlanMTU``, ``ipipMTU``); the smaller when both are used (as Felix
+does), unchanged without one. An explicit ``DesiredState.mtu`` wins.
 Writes nothing but that file (atomically, only when its content differs); it also hosts the
 underlay look-up the VXLAN and IPIP managers size their devices with.
 """
@@ -68,8 +69,12 @@ class MTUManager:
         if state.mtu is not None:
             return state.mtu
         underlay = state.local_vtep.underlay_ip if state.local_vtep else self._underlay_ip
-        overheads = [VXLAN_OVERHEAD] * (state.local_vtep is not None) + [IPIP_OVERHEAD] * state.ipip_enabled
-        return underlay_mtu(self._driver, underlay) - max(overheads, default=0)
+        host = underlay_mtu(self._driver, underlay)
+        # Each tunnel's device MTU (configured, else the underlay's less its overhead): the pods'
+        # packets must fit the smallest of the tunnels in use, as Felix computes it.
+        tunnels = ([state.vxlan_mtu or host - VXLAN_OVERHEAD] * (state.local_vtep is not None)
+                   + [state.ipip_mtu or host - IPIP_OVERHEAD] * state.ipip_enabled)
+        return min(tunnels, default=host)
 
     def apply(self, *, resync: bool = False) -> int:
         """Write the file when its content differs; the number of writes (0 or 1). It reads the file

@@ -11,6 +11,10 @@ change is set elements only.
 Why two forward chains: ``accept`` ends a packet's walk through one base chain only, so a policy's
 Allow can be a plain ``accept`` and the destination's ingress still runs in the later chain.
 Only traffic on ``tor*`` interfaces is looked at; everything else on the host passes untouched.
+It also renders the policy chains host endpoints use (their endpoint chains are
+``felix_agent.dataplane.host_policy``'s) and the ``input-wl-to-host`` chain of
+defaultEndpointToHostAction. Over 450 lines since host endpoints (i14-hep): the rule renderer could
+move to a module of its own, left for the merge with the other helpers editing this file.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 
-from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMatch
+from felix_agent.calc.model import DesiredState, Endpoint, HostEndpoint, IPSet, Policy, RuleMatch
 from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set, address_elements
 from felix_agent.dataplane.nftables import NftTable
 
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 OWNER = "policy"
 READ_TRIES = 3  # background read-backs of a resync overtaken by a write before one blocks the loop
 INGRESS, EGRESS = "in", "out"
+UNTRACKED = "-nt"  # suffix of a direction whose policy chains are the untracked (doNotTrack) form
 WORKLOADS = '"tor*"'
 PASS_MARK = 0x02000000  # set by a Pass rule: skip the remaining policies, go to the profiles
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
@@ -87,9 +92,9 @@ def _protocol(number: int) -> str:
     return PROTOCOLS.get(number, str(number))
 
 
-def _verdict(action: str, log_prefix: str) -> str:
+def _verdict(action: str, log_prefix: str, allow: str = "accept") -> str:
     if action == "Allow":
-        return "accept"
+        return allow
     if action == "Deny":
         return "drop"
     if action == "Log":
@@ -112,10 +117,11 @@ def rule_families(rule: RuleMatch) -> list[int]:
     return sorted(versions)
 
 
-def render_rule(rule: RuleMatch, log_prefix: str = "tortie") -> tuple[list[Rule], list[Set]]:
+def render_rule(rule: RuleMatch, log_prefix: str = "tortie", allow: str = "accept") -> tuple[list[Rule], list[Set]]:
     """One Calico rule as nft rules (one per family where addresses differ, one per named-port
-    alternative) and the named sets they use (selector sets empty: their members come from the IP sets)."""
-    verdict = _verdict(rule.action, log_prefix)
+    alternative) and the named sets they use (selector sets empty: their members come from the IP sets).
+    ``allow`` is what Allow does (an untracked policy's Allow also says ``notrack``)."""
+    verdict = _verdict(rule.action, log_prefix, allow)
     sets: list[Set] = []
     bodies: dict[int, list[list[str]]] = {}
     for version in rule_families(rule):
@@ -181,12 +187,14 @@ def render_rule(rule: RuleMatch, log_prefix: str = "tortie") -> tuple[list[Rule]
 
 
 def render_policy(policy: Policy, direction: str) -> tuple[Chain, list[Set]]:
-    """A policy's (or profile's) chain for one direction; it ends by returning to the endpoint chain."""
+    """A policy's (or profile's) chain for one direction; it ends by returning to the endpoint chain.
+    ``direction`` "in-nt" / "out-nt" is the untracked (doNotTrack) form: its Allow is ``notrack accept``."""
     rules: list[Rule] = []
     sets: list[Set] = []
     prefix = re.sub(r"[^A-Za-z0-9/._: -]", "_", f"tortie {policy.id} {direction}")
-    for rule in policy.ingress if direction == INGRESS else policy.egress:
-        more_rules, more_sets = render_rule(rule, prefix)
+    allow = "notrack accept" if direction.endswith(UNTRACKED) else "accept"
+    for rule in policy.ingress if direction.startswith(INGRESS) else policy.egress:
+        more_rules, more_sets = render_rule(rule, prefix, allow)
         rules += more_rules
         sets += more_sets
     return Chain(policy_chain(policy.id, direction), tuple(rules)), sets
@@ -195,8 +203,17 @@ def render_policy(policy: Policy, direction: str) -> tuple[Chain, list[Set]]:
 def render_endpoint(endpoint: Endpoint, direction: str, known: Mapping[str, Policy]) -> Chain:
     """Conntrack first; then the policies in order (a Pass skips the rest), default deny once any
     policy applies; then the profiles; then drop. A policy or profile we do not have fails closed."""
-    rules = [Rule("ct state established,related accept"), Rule("ct state invalid drop")]
     policies = endpoint.ingress_policies if direction == INGRESS else endpoint.egress_policies
+    return render_policy_list(endpoint_chain(endpoint.key, direction), direction, policies, endpoint.profiles, known)
+
+
+def render_policy_list(name: str, direction: str, policies: tuple[str, ...], profiles: tuple[str, ...],
+                       known: Mapping[str, Policy], *, conntrack: bool = True, default_deny: bool = True,
+                       end: str | None = "drop") -> Chain:
+    """An endpoint chain: ``render_endpoint``'s shape, also for host endpoints, whose pre-DNAT and
+    untracked chains have no default deny and no end (what no rule decides goes on), and whose
+    untracked chains come before conntrack."""
+    rules = [Rule("ct state established,related accept"), Rule("ct state invalid drop")] if conntrack else []
     not_passed = f"meta mark & {PASS_MARK:#010x} == 0 "
     if policies:
         rules.append(Rule(f"meta mark set meta mark & {~PASS_MARK & 0xFFFFFFFF:#010x}", "clear the pass mark"))
@@ -204,13 +221,14 @@ def render_endpoint(endpoint: Endpoint, direction: str, known: Mapping[str, Poli
         guard = not_passed if index else ""
         target = f"jump {policy_chain(pid, direction)}" if pid in known else "drop"
         rules.append(Rule(guard + target, f"policy {pid}" + ("" if pid in known else " is missing")))
-    if policies:
+    if policies and default_deny:
         rules.append(Rule(not_passed + "drop", "default deny: no policy allowed the packet"))
-    for pid in endpoint.profiles:
+    for pid in profiles:
         target = f"jump {policy_chain(pid, direction)}" if pid in known else "drop"
         rules.append(Rule(target, f"profile {pid}" + ("" if pid in known else " is missing")))
-    rules.append(Rule("drop", "no profile allowed the packet"))
-    return Chain(endpoint_chain(endpoint.key, direction), tuple(rules))
+    if end is not None:
+        rules.append(Rule(end, "no profile allowed the packet"))
+    return Chain(name, tuple(rules))
 
 
 def render_ipset(ipset: IPSet) -> Set:
@@ -271,6 +289,27 @@ BASE_CHAINS = (
 )
 
 
+WL_TO_HOST = "input-wl-to-host"
+
+
+def endpoint_to_host_chain(action: str) -> Chain:
+    """defaultEndpointToHostAction, after the workload's egress policy allowed a packet to the host: in
+    a base chain of its own, since the egress chain's ``accept`` ends only its base chain. Accept and
+    Return add nothing here: the host endpoint manager's input chain, later on the hook, lets
+    workload traffic through (Accept) or hands it to the "*" host endpoint's policy (Return)."""
+    rules: tuple[Rule, ...] = ()
+    if action == "Drop":
+        rules = (Rule(f"iifname {WORKLOADS} icmpv6 type {NDP_TYPES} accept", "neighbour discovery to the host"),
+                 Rule(f"iifname {WORKLOADS} drop", "defaultEndpointToHostAction Drop"))
+    return Chain(WL_TO_HOST, rules, Hook("input", priority="filter + 5"))
+
+
+def host_policy_refs(host_endpoints: frozenset[HostEndpoint],
+                     known: Mapping[str, Policy]) -> frozenset[tuple[str, str]]:
+    """The policy chains (id, direction) the host endpoints' chains jump to."""
+    return frozenset(ref for hep in host_endpoints for ref in hep.policy_refs() if ref[0] in known)
+
+
 @dataclass(frozen=True)
 class _Endpoints:
     """The endpoint half of the table: per-endpoint chains, the dispatch maps, the policy chains used."""
@@ -290,20 +329,23 @@ class _Renderer:
         self._last: tuple[frozenset[Endpoint], frozenset[str], _Endpoints] | None = None
         self._policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
         self._ipsets: dict[IPSet, Set] = {}
-        self._chains: tuple[frozenset[Endpoint], frozenset[Policy], tuple[Chain, ...], dict[str, Set]] | None = None
+        self._chains: tuple[frozenset[Endpoint], frozenset[Policy], tuple[Chain, ...], dict[str, Set],
+                            frozenset[HostEndpoint], str] | None = None
         self._sets: tuple[frozenset[IPSet], dict[str, Set], tuple[Set, ...]] | None = None
 
     def render(self, state: DesiredState) -> Ruleset:
         known = {p.id: p for p in state.policies}
-        if self._chains is not None and self._chains[0] is state.endpoints and self._chains[1] is state.policies:
+        action = state.host.endpoint_to_host_action
+        if (self._chains is not None and self._chains[0] is state.endpoints and self._chains[1] is state.policies
+                and self._chains[4] is state.host_endpoints and self._chains[5] == action):
             chains, rule_sets = self._chains[2], self._chains[3]
             part = self._last[2] if self._last is not None else self._endpoint_part(state.endpoints, known)
         else:
             part = self._endpoint_part(state.endpoints, known)
-            chain_list = [*BASE_CHAINS, *part.chains]
+            chain_list = [*BASE_CHAINS, endpoint_to_host_chain(action), *part.chains]
             rule_sets = {}
             policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
-            for pid, direction in sorted(part.wanted):
+            for pid, direction in sorted(part.wanted | host_policy_refs(state.host_endpoints, known)):
                 key = (known[pid], direction)
                 policies[key] = self._policies.get(key) or render_policy(*key)
                 chain_list.append(policies[key][0])
@@ -312,7 +354,7 @@ class _Renderer:
                         rule_sets[s.name] = s
             self._policies = policies
             chains = tuple(chain_list)
-            self._chains = (state.endpoints, state.policies, chains, rule_sets)
+            self._chains = (state.endpoints, state.policies, chains, rule_sets, state.host_endpoints, action)
         if self._sets is None or self._sets[0] is not state.ipsets or self._sets[1] is not rule_sets:
             self._ipsets = {ipset: self._ipsets.get(ipset) or render_ipset(ipset) for ipset in state.ipsets}
             sets = dict(rule_sets)
@@ -407,13 +449,14 @@ class PolicyManager:
         self._read_tries = 0
         self._renderer = _Renderer()
         self._state: DesiredState | None = None
-        self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet]] | None = None
+        self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet], frozenset[HostEndpoint],
+                          str] | None = None
         self._dirty = False
         table.add_owner(OWNER)
 
     def on_update(self, state: DesiredState) -> None:
         """Remember the state; no kernel I/O. Only endpoints, policies and IP sets concern this manager."""
-        seen = (state.endpoints, state.policies, state.ipsets)
+        seen = (state.endpoints, state.policies, state.ipsets, state.host_endpoints, state.host.endpoint_to_host_action)
         if seen != self._seen:
             self._state, self._seen, self._dirty = state, seen, True
 

@@ -68,6 +68,7 @@ class VXLANManager:
         self._vni = vni
         self._port = port
         self._vtep: VXLANPeer | None = None
+        self._mtu = 0
         self._peers: dict[str, VXLANPeer] = {}
         self._node = ""
         self._ipv6_warned = False
@@ -75,6 +76,7 @@ class VXLANManager:
     def on_update(self, state: DesiredState) -> None:
         self._node = state.node
         self._vtep = state.local_vtep
+        self._mtu = state.vxlan_mtu  # FelixConfiguration vxlanMTU; 0: from the underlay
         self._peers = {p.node: p for p in sorted(state.vxlan_peers, key=lambda p: p.node) if p.node != state.node}
 
     def apply(self, *, resync: bool = False) -> int:
@@ -101,7 +103,7 @@ class VXLANManager:
 
     def _ensure_device(self, link: Link | None, vtep: VXLANPeer) -> tuple[int, Link]:
         writes = 0
-        mtu = underlay_mtu(self._driver, vtep.underlay_ip) - VXLAN_OVERHEAD
+        mtu = self._mtu or underlay_mtu(self._driver, vtep.underlay_ip) - VXLAN_OVERHEAD
         attrs = link.vxlan if link else None
         if link is not None and (
             attrs is None

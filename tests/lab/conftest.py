@@ -1,4 +1,5 @@
-"""Fixtures of the lab tests: one real etcd with mutual TLS for the whole session (see netlab.etcd)."""
+"""Fixtures of the lab tests: one real etcd with mutual TLS for the whole session (see netlab.etcd), and
+one build of the libcni client (see netlab.runtimes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from datastore.config import EtcdConfig
 from datastore.etcd import EtcdClient
 from netlab.etcd import ETCD, EtcdServer
+from netlab.runtimes import RuntimeUnavailable, build_libcni_client
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +44,13 @@ def etcd_client(etcd_server: EtcdServer) -> Iterator[EtcdClient]:
     finally:
         client.delete_prefix("/tortie/")
         client.close()
+
+
+@pytest.fixture(scope="session")
+def cnic() -> Iterator[Path]:
+    """The libcni client (a small Go program on Debian's libcni), built once for the session."""
+    with tempfile.TemporaryDirectory(prefix="tortie-cnic-") as out:
+        try:
+            yield build_libcni_client(Path(out))
+        except RuntimeUnavailable as exc:
+            pytest.skip(str(exc))

@@ -14,6 +14,9 @@ kernel is asserted; nothing sleeps for a fixed time.
 - ``localASNumber``: FRR sees it as the nodes' AS;
 - ``netctl node status``: filters, prefixes received / accepted / sent;
 - the filter emptied while the sessions stay up: what it refused goes out and comes in.
+
+A second lab: a Tortie route reflector whose session to FRR (an iBGP client) carries the filter:
+it applies to reflected routes both ways, as Calico documents.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from netlab.bgp_cluster import (
     bgp_peer_yaml,
     bird_external_config,
     documents,
+    node_yaml,
     start_bird,
 )
 from netlab.cluster_lab import POOL_V6
@@ -185,5 +189,72 @@ def test_frr_and_bird_see_filters_communities_services_and_local_as() -> None:
             wait_for(lambda: BLOCK_B in frr.routes(), CONVERGE, "FRR to learn pool B's block once unfiltered",
                      describe=lambda: json.dumps(frr.routes()))
             bgp.wait_routes(1, {KEPT: frr_ip, REFUSED: frr_ip})
+        finally:
+            frr.stop()
+
+
+# -- route reflectors with filters ----------------------------------------------------------------
+
+
+def test_a_reflector_applies_the_filters_of_a_clients_session_to_reflected_routes() -> None:
+    """Calico's BGPFilter on a route reflector (``BGPPeer.spec.filters`` of a session to a client):
+    its export rules apply to what the reflector sends that client, reflected routes of other
+    clients included, and its import rules to what that client sends, so a refused route is
+    neither installed on the reflector nor reflected to the other clients.
+
+    n1 reflects (``routeReflectorClusterID``, mesh off); n2 is a Tortie client and holds a block
+    of each pool; FRR on n3 is an iBGP client of n1 through a BGPPeer carrying the filter (export:
+    reject pool B; import: reject one of FRR's two /24s)."""
+    frr_ip, cluster_id = "198.18.0.13", "224.0.0.7"
+    preamble = documents(
+        json.dumps({"apiVersion": "tortie.dev/v1", "kind": "BGPConfiguration", "metadata": {"name": "default"},
+                    "spec": {"asNumber": ASN, "nodeToNodeMeshEnabled": False}}) + "\n",
+        node_yaml("n1", "198.18.0.11", labels={"rr": "true"}, cluster_id=cluster_id),
+        bgp_filter(),
+        bgp_peer_yaml("to-reflector", nodeSelector="all()", peerSelector="rr == 'true'"),
+        bgp_peer_yaml("frr-client", node="n1", peerIP=frr_ip, asNumber=ASN, filters=["tor-policy"]))
+    with BGPCluster("bgr", 3, agents=[1, 2], pools=pools(), preamble=preamble) as bgp:
+        assert (bgp.address(1), bgp.address(3)) == ("198.18.0.11", frr_ip)
+        frr = Frr(bgp.lab, 3)
+        try:
+            frr.start(frr_config(frr_ip, ASN, {bgp.address(1): ASN}, networks=[KEPT, REFUSED]))
+            bgp.assign(1, "h-a", "n2", addresses=["10.244.0.5"])
+            bgp.assign(1, "h-b", "n2", addresses=["10.245.0.5"])
+            bgp.wait_established(1, [2, frr_ip], timeout=CONVERGE)
+            assert bgp.sessions(1)[frr_ip]["peerType"] == "rr client"
+
+            # Export side: the reflector has both of n2's blocks, and reflects only pool A's to FRR,
+            # with n2 as next hop and the reflection attributes (originator n2, our cluster ID).
+            bgp.wait_routes(1, {BLOCK_A: bgp.address(2), BLOCK_B: bgp.address(2)})
+            wait_for(lambda: BLOCK_A in frr.routes(), CONVERGE, "FRR to get pool A's block reflected",
+                     describe=lambda: json.dumps(frr.routes()))
+            path = frr.route(BLOCK_A)["paths"][0]
+            assert path["nexthops"][0]["ip"] == bgp.address(2), path
+            assert path.get("originatorId") == bgp.address(2), path
+            assert [c for c in path.get("clusterList", {}).get("list", [])] == [cluster_id], path
+
+            def frr_sent() -> Any:
+                return bgp.sessions(1)[frr_ip].get("prefixesSent")
+            wait_for(lambda: frr_sent() == 1, CONVERGE, "the reflector to count what it sends FRR",
+                     describe=lambda: json.dumps(bgp.sessions(1)[frr_ip]))
+            assert BLOCK_B not in frr.routes()
+
+            # Import side: FRR's kept /24 is installed on the reflector and reflected to n2; the
+            # refused one reaches neither kernel.
+            bgp.wait_routes(1, {KEPT: frr_ip})
+            bgp.wait_routes(2, {KEPT: frr_ip})
+            wait_for(lambda: bgp.sessions(1)[frr_ip].get("prefixesReceived") == 2, CONVERGE,
+                     "the reflector to count FRR's routes", describe=lambda: json.dumps(bgp.sessions(1)[frr_ip]))
+            assert bgp.sessions(1)[frr_ip]["prefixesAccepted"] == 1
+            for k in (1, 2):
+                assert REFUSED not in bgp.bgp_routes(k)
+
+            # The filter emptied, live: the reflector reflects pool B's block to FRR, and the
+            # refused /24 to n2.
+            bgp.cluster.apply(json.dumps({"apiVersion": "tortie.dev/v1", "kind": "BGPFilter",
+                                          "metadata": {"name": "tor-policy"}, "spec": {}}) + "\n")
+            wait_for(lambda: BLOCK_B in frr.routes(), CONVERGE, "FRR to get pool B's block once unfiltered",
+                     describe=lambda: json.dumps(frr.routes()))
+            bgp.wait_routes(2, {KEPT: frr_ip, REFUSED: frr_ip})
         finally:
             frr.stop()

@@ -115,6 +115,13 @@ KINDS: dict[str, tuple[dict[str, Any], str, Any, str]] = {
     "IPAMConfiguration": (doc("IPAMConfiguration", "default", {"maxBlocksPerHost": 5}), "maxBlocksPerHost", 7,
                           "ipamconfiguration"),
 }
+# Network sets (issue 14): by Calico's short names.
+KINDS.update({
+    "GlobalNetworkSet": (doc("GlobalNetworkSet", "external-db", {"nets": ["198.51.100.0/28"]}), "nets",
+                         ["198.51.100.0/28", "2001:db8::/64"], "gns"),
+    "NetworkSet": (doc("NetworkSet", "partner", {"nets": ["203.0.113.0/24"]}, namespace="web"), "nets",
+                   ["203.0.113.7/32"], "netsets"),
+})
 
 
 # ---- resources ---------------------------------------------------------------------------------
@@ -155,6 +162,14 @@ def test_apply_get_replace_delete_round_trip(netctl: Run, tmp_path: Path, kind: 
     assert "does not exist" in one_line_error(netctl("delete", cli_kind, name, *ns))
     assert ok(netctl("create", "-f", str(path))) == f"{shown} created\n"
     assert ok(netctl("delete", cli_kind, name, *ns)) == f"{shown} deleted\n"
+
+
+def test_a_bad_network_set_is_refused_in_one_line_and_writes_nothing(netctl: Run, client: EtcdClient) -> None:
+    before = state(client)
+    bad = doc("GlobalNetworkSet", "bad", {"nets": ["198.51.100.0/28", "198.51.100.0/33"]})
+    message = one_line_error(netctl("apply", "-f", "-", stdin=render([bad], "yaml")))
+    assert "spec.nets[1] '198.51.100.0/33' is not a CIDR or an IP address" in message
+    assert state(client) == before
 
 
 def test_every_output_format(netctl: Run, client: EtcdClient) -> None:

@@ -26,8 +26,6 @@ import pytest
 from netlab.cni import REFERENCE_PLUGINS
 from netlab.runtimes import (
     Podman,
-    RuntimeUnavailable,
-    build_libcni_client,
     libcni,
     path_without_ip6tables,
     run_two_containers_and_ping,
@@ -77,15 +75,6 @@ def lab() -> Iterator[Lab]:
         finally:
             for ns in (lab.container, lab.host):
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def cnic() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="tortie-cnic-") as out:
-        try:
-            yield build_libcni_client(Path(out))
-        except RuntimeUnavailable as exc:
-            pytest.skip(str(exc))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,8 +25,6 @@ import pytest
 
 from netlab.runtimes import (
     Podman,
-    RuntimeUnavailable,
-    build_libcni_client,
     libcni,
     path_without_ip6tables,
     run_two_containers_and_ping,
@@ -49,15 +47,6 @@ def tl() -> Iterator[TortieLab]:
 def empty_node(tl: TortieLab) -> Iterator[None]:
     yield
     tl.reset()
-
-
-@pytest.fixture(scope="module")
-def cnic() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="tortie-cnic-") as out:
-        try:
-            yield build_libcni_client(Path(out))
-        except RuntimeUnavailable as exc:
-            pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module", params=["agent", "in-process"])

@@ -5,11 +5,12 @@ that read them."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from pathlib import Path
 
-from bgp.api_process import Channel
+from bgp.channel import Channel
 
 
 def test_on_batch_follows_the_lines_of_a_read(tmp_path: Path) -> None:
@@ -48,3 +49,43 @@ def test_no_batch_for_a_process_that_is_not_ours(tmp_path: Path) -> None:
         assert batches == []
     finally:
         channel.close()
+
+
+def test_direct_pipes_take_over_after_what_the_process_had_read(tmp_path: Path) -> None:
+    """The API process hands over ExaBGP's pipes with its hello: the output it had read before
+    comes first (on the socket), then the pipe's, in order; commands go into ExaBGP's input pipe
+    and a copy to the socket."""
+    lines: list[str] = []
+    got = threading.Event()
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 3:
+            got.set()
+
+    exabgp_out_r, exabgp_out_w = os.pipe()  # ExaBGP -> agent
+    exabgp_in_r, exabgp_in_w = os.pipe()  # agent -> ExaBGP
+    channel = Channel(tmp_path / "api.sock", on_line, lambda pid: pid == 4242, lambda size: None)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as relay:
+            relay.connect(str(tmp_path / "api.sock"))
+            early = b'{"early": 1}\n{"early"'
+            hello = json.dumps({"tortie": "hello", "pid": 1, "exabgp": 4242, "direct": len(early)})
+            socket.send_fds(relay, [hello.encode() + b"\n"], [exabgp_out_r, exabgp_in_w])
+            os.write(exabgp_out_w, b': 2}\n{"late": 3}\n')  # written before the early bytes arrive
+            relay.sendall(early)
+            assert got.wait(10)
+            assert lines == ['{"early": 1}', '{"early": 2}', '{"late": 3}']
+            assert channel.direct
+            assert channel.send(["announce route 10.0.0.0/26 next-hop self"])
+            assert os.read(exabgp_in_r, 100) == b"announce route 10.0.0.0/26 next-hop self\n"
+            assert relay.recv(100) == b"announce route 10.0.0.0/26 next-hop self\n"  # the copy
+            os.close(exabgp_out_w)  # ExaBGP gone: the channel lets the connection go
+            exabgp_out_w = -1
+            assert relay.recv(100) == b""
+        assert not channel.connected
+    finally:
+        channel.close()
+        for fd in (exabgp_out_r, exabgp_in_r, exabgp_in_w, exabgp_out_w):
+            if fd >= 0:
+                os.close(fd)

@@ -4,6 +4,7 @@ what is never touched, and graceful restart's stale paths with a fake clock."""
 from __future__ import annotations
 
 import errno
+import time
 
 import pytest
 
@@ -235,3 +236,27 @@ def test_a_refused_route_is_counted_and_retried_on_resync() -> None:
     refuse = False
     learned.apply(resync=True)
     assert "10.96.0.0/24" in kernel.ours()
+
+
+def test_the_installer_thread_leaves_a_change_to_the_caller_that_applies_it_and_installs_one_nobody_applies(
+) -> None:
+    """With ``change_delay`` (felix-agent applies in the speaker's thread after each read), the
+    installer thread does not race the caller for the apply; a change nobody applies (a peer
+    removed outside a read) is still installed, after the delay."""
+    kernel = FakeKernel(UNDERLAY, DEFAULT)
+    learned = LearnedRoutes(kernel, change_delay=0.2)
+    learned.apply()
+    learned.start()
+    try:
+        for i in range(50):  # the caller applies each change itself, at once
+            learned.on_route(N2, f"10.244.{i}.0/26", N2, False, {})
+            learned.apply()
+        assert len(kernel.ours()) == 50
+        assert kernel.writes.count(("add", "10.244.0.0/26")) == 1
+        learned.on_route(N2, "10.244.0.0/26", None, True, {})  # nobody applies this one
+        deadline = time.monotonic() + 10
+        while "10.244.0.0/26" in kernel.ours():
+            assert time.monotonic() < deadline, "the installer thread never applied the withdrawal"
+            time.sleep(0.01)
+    finally:
+        learned.stop()

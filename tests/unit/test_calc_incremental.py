@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from datastore.model import Resource
 from felix_agent.calc.graph import Calculator, compute
 from felix_agent.calc.snapshot import Snapshot, Update
-from tests.unit.test_calc_graph import NODE, gnp, np, profile, wep
+from tests.unit.test_calc_graph import NODE, gnp, np, profile, res, wep
 
 NAMESPACES = ("prod", "dev", "scratch")
 APPS = ("web", "db", "client")
@@ -47,20 +47,72 @@ def policy(i: int, ns: str | None, sel: str, src: str, order: int, named: bool, 
     return np(ns, f"pol-{i}", **spec) if ns else gnp(f"gpol-{i}", **spec)
 
 
+def host_endpoint(i: int, app: str, node: str, interface: str, profiles: list[str]) -> Resource:
+    spec = {"node": node, "interfaceName": interface, "expectedIPs": [f"198.18.0.{10 + i}"], "profiles": profiles,
+            "ports": [{"name": "http", "port": 8080}] if i % 2 else []}
+    return res("HostEndpoint", f"hep-{i}", spec, labels={"app": app})
+
+
+def host_policy(i: int, sel: str, flavour: str, egress: bool) -> Resource:
+    spec: dict[str, Any] = {"order": i, "selector": sel,
+                            "ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": [8080]}},
+                                        {"action": "Deny", "source": {"selector": "app == 'db'"}}]}
+    if flavour != "preDNAT" and egress:
+        spec["egress"] = [{"action": "Allow", "destination": {"selector": sel}}]
+        spec["types"] = ["Ingress", "Egress"]
+    if flavour != "local":
+        spec["applyOnForward"] = True
+    if flavour in ("preDNAT", "doNotTrack"):
+        spec[flavour] = True
+    return gnp(f"hpol-{i}", **spec)
+
+
+host_endpoints = st.builds(host_endpoint, st.integers(0, 3), st.sampled_from(APPS), st.sampled_from([NODE, "node-b"]),
+                           st.sampled_from(["eth0", "*"]),
+                           st.sampled_from([[], ["projectcalico-default-allow"], ["kns.prod"]]))
+host_policies = st.builds(host_policy, st.integers(0, 3), st.sampled_from(SELECTORS),
+                          st.sampled_from(["local", "applyOnForward", "preDNAT", "doNotTrack"]), st.booleans())
 endpoints = st.builds(endpoint, st.integers(0, 7), st.sampled_from(NAMESPACES), st.sampled_from(APPS),
                       st.sampled_from([None, "a", "b"]), st.sampled_from([NODE, "node-b"]),
                       st.sampled_from([None, 80, 8080]))
 policies = st.builds(policy, st.integers(0, 5), st.sampled_from([None, *NAMESPACES]), st.sampled_from(SELECTORS),
                      st.sampled_from(SELECTORS), st.integers(0, 3), st.booleans(),
-                     st.sampled_from([None, "env == 'prod'", "all()"]))
+                     st.sampled_from([None, "env == 'prod'", "all()", "global()"]))
+NETS = ("198.51.100.0/28", "198.51.100.0/24", "10.244.0.0/30", "10.244.0.6", "2001:db8::/64", "fd00::3")
+
+
+def network_set(i: int, ns: str | None, app: str, tier: str | None, nets: list[str]) -> Resource:
+    """A GlobalNetworkSet (``ns`` None) or NetworkSet labelled as endpoints are, so the same selectors
+    reach both; its nets overlap each other and the endpoints' addresses."""
+    labels = {"app": app} | ({"tier": tier} if tier else {})
+    return res("NetworkSet" if ns else "GlobalNetworkSet", f"set-{i}", {"nets": nets}, ns, labels)
+
+
+netsets = st.builds(network_set, st.integers(0, 3), st.sampled_from([None, *NAMESPACES]), st.sampled_from(APPS),
+                    st.sampled_from([None, "a", "b"]), st.lists(st.sampled_from(NETS), max_size=3))
 profiles = st.builds(lambda ns, env: profile(f"kns.{ns}", labelsToApply={"env": env}),
                      st.sampled_from(NAMESPACES), st.sampled_from(["prod", "dev"]))
-change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]), st.one_of(endpoints, policies, profiles))
+change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]),
+                   st.one_of(endpoints, policies, profiles, netsets))
+host_change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]),
+                        st.one_of(endpoints, policies, profiles, netsets, host_endpoints, host_policies))
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(change, min_size=1, max_size=25))
 def test_incremental_results_equal_a_fresh_computation(changes: list[tuple[str, Resource]]) -> None:
+    snap = Snapshot.of([profile("kns.prod", labelsToApply={"env": "prod"})])
+    calc = Calculator(NODE)
+    for op, resource in changes:
+        kind, key = key_of(resource)
+        snap.apply(Update(kind, key, resource if op == "put" else None))
+        assert calc.compute(snap) == compute(snap, NODE)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(host_change, min_size=1, max_size=25))
+def test_incremental_results_with_host_endpoints_equal_a_fresh_computation(
+        changes: list[tuple[str, Resource]]) -> None:
     snap = Snapshot.of([profile("kns.prod", labelsToApply={"env": "prod"})])
     calc = Calculator(NODE)
     for op, resource in changes:
@@ -124,7 +176,7 @@ def test_a_profile_change_recomputes_namespace_labels() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(change, min_size=1, max_size=25))
+@given(st.lists(host_change, min_size=1, max_size=25))
 def test_the_policy_renderer_kept_between_states_renders_what_a_fresh_one_does(
         changes: list[tuple[str, Resource]]) -> None:
     """The renderer reuses each endpoint's share of the table while the endpoint object is the same;

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bgp import exabgp
-from bgp.api_process import Channel, relay_message
+from bgp.channel import Channel, relay_message
 from bgp.exabgp import ConfigError, EndOfRib, OpenEvent, StateEvent, UpdateEvent
 from bgp.model import CLIENT, EXTERNAL, MESH, REFLECTOR, Peer, SpeakerConfig
 from bgp.reflector import Received, Reflector
@@ -239,7 +239,10 @@ def test_own_prefixes_are_never_reflected_and_withdraw_all_clears_everything() -
 # -- the API process (the relay between ExaBGP and the agent) --------------------------------------
 
 
-def test_the_relay_passes_lines_both_ways_reconnects_and_exits_with_exabgp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("relayed", [False, True], ids=["pipes handed over", "relayed"])
+def test_the_relay_passes_lines_both_ways_reconnects_and_exits_with_exabgp(tmp_path: Path, relayed: bool) -> None:
+    """ExaBGP's lines reach the agent and its commands reach ExaBGP, whether the API process hands
+    its pipes over (the default) or relays every line (``TORTIE_BGP_RELAYED=1``)."""
     path = tmp_path / "api.sock"
     lines: list[str] = []
     hellos: list[int] = []
@@ -249,13 +252,15 @@ def test_the_relay_passes_lines_both_ways_reconnects_and_exits_with_exabgp(tmp_p
         return True
 
     channel = Channel(path, lines.append, hello, lambda size: None)
+    env = {**os.environ, "TORTIE_BGP_RELAYED": "1" if relayed else "0"}
     relay = subprocess.Popen([sys.executable, "-m", "bgp.api_process", str(path)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, bufsize=1)
+                             stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
     assert relay.stdin is not None and relay.stdout is not None
     try:
         relay.stdin.write('{ "exabgp": "5.0.0", "type": "state" }\n')
         _until(lambda: lines == ['{ "exabgp": "5.0.0", "type": "state" }'])
         assert hellos == [os.getpid()]  # the relay's parent: ExaBGP in real life
+        assert channel.direct is not relayed
         assert channel.send(["announce route 10.244.1.0/26 next-hop 198.18.0.11"])
         assert relay.stdout.readline() == "announce route 10.244.1.0/26 next-hop 198.18.0.11\n"
 

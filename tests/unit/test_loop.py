@@ -18,18 +18,21 @@ STATE = DesiredState(node="node-a", endpoints=frozenset({POD}))
 
 
 class Blocking:
-    """A manager behind the policy one whose apply takes until released (a slow route write)."""
+    """A manager whose apply takes until released: every apply (a slow route write), or with
+    ``resync_only`` only a resync's (a kernel read-back of a large table)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, resync_only: bool = False) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.resync_only = resync_only
 
     def on_update(self, state: DesiredState) -> None:
         pass
 
     def apply(self, *, resync: bool = False) -> int:
-        self.entered.set()
-        assert self.release.wait(10)
+        if resync or not self.resync_only:
+            self.entered.set()
+            assert self.release.wait(10)
         return 0
 
 
@@ -66,27 +69,10 @@ def test_nothing_touches_the_kernel_before_in_sync() -> None:
     assert nft.transactions == [] and nft.reads == 0 and fed == [] and not loop.first_apply.is_set()
 
 
-class SlowResync:
-    """A manager whose resync takes until released (a kernel read-back of a large table)."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def on_update(self, state: DesiredState) -> None:
-        pass
-
-    def apply(self, *, resync: bool = False) -> int:
-        if resync:
-            self.entered.set()
-            assert self.release.wait(10)
-        return 0
-
-
 def test_a_pod_that_arrives_during_a_resync_does_not_wait_for_the_rest_of_it() -> None:
     nft = FakeNft()
     programmed = ProgrammedEndpoints()
-    first, last = SlowResync(), SlowResync()
+    first, last = Blocking(resync_only=True), Blocking(resync_only=True)
     states = [DesiredState(node="node-a")]
     loop = DataplaneLoop(lambda: Snapshot(), lambda view: states[-1],
                          [first, PolicyManager(NftTable(run=nft), on_programmed=programmed.publish), last],

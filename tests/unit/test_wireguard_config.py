@@ -15,9 +15,10 @@ import pytest
 
 from datastore import codec
 from datastore.errors import ValidationError
-from datastore.felixconfig import FelixConfiguration, FelixConfigurationSpec, effective
+from datastore.felixconfig import FelixConfiguration, FelixConfigurationSpec
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, kind_named
+from felix_agent.calc.settings import resolve
 from felix_agent.calc.snapshot import Snapshot
 from felix_agent.calc.wireguard import wireguard
 from felix_agent.wireguard_key import KEY_FILE, KeyFileError, load_or_create, public_key
@@ -64,12 +65,12 @@ def test_felixconfiguration_defaults_and_node_over_default() -> None:
     assert kind_named("felixconfig") is FelixConfiguration
     default = codec.decode(doc({"wireguardEnabled": True, "wireguardListeningPort": 51821})).spec
     node = codec.decode(doc({"wireguardListeningPort": 51999, "wireguardMTU": 1400}, "node.n1")).spec
-    merged = effective(default, node)
+    merged = resolve(default, node, "n1").spec
     assert merged.wireguard_enabled is True
     assert merged.wireguard_listening_port == 51999 and merged.wireguard_mtu == 1400
     assert merged.wireguard_routing_rule_priority == 99
     assert merged.wireguard_interface_name == "wg.tortie"
-    assert effective(None, None).wireguard_enabled is False
+    assert resolve(None, None, "n1").spec.wireguard_enabled is False
     assert codec.to_document(codec.decode(doc({"wireguardMTU": 1400})))["spec"] == {"wireguardMTU": 1400}
 
 
