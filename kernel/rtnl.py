@@ -65,7 +65,7 @@ RTNH_F_ONLINK = 0x4
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
-RTN_UNICAST, RTN_LOCAL, RTN_BLACKHOLE = 1, 2, 6
+RTN_UNICAST, RTN_LOCAL, RTN_BLACKHOLE, RTN_THROW = 1, 2, 6, 9
 RTPROT_KERNEL, RTPROT_BOOT = 2, 3  # connected subnets; what `ip route add` gives a route
 DEFAULT_METRIC = {4: 0, 6: 1024}  # what the kernel gives a route added without one
 IPIP_FALLBACK_DEVICE = "tunl0"  # the device the ipip module creates in every namespace
@@ -78,7 +78,7 @@ _NDMSG = struct.Struct("=BxxxiHBB")  # family, index, state, flags, type
 _RULE = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, res1, res2, action, flags
 _U32 = struct.Struct("=I")
 _SCOPES = {"universe": RT_SCOPE_UNIVERSE, "link": RT_SCOPE_LINK}
-_TYPES = {"unicast": RTN_UNICAST, "blackhole": RTN_BLACKHOLE}
+_TYPES = {"unicast": RTN_UNICAST, "blackhole": RTN_BLACKHOLE, "throw": RTN_THROW}
 _COMMANDS = {  # action -> (verb in messages, message type, flags)
     "add": ("add", RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL),
     "replace": ("replace", RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE),
@@ -145,7 +145,7 @@ class KernelRoute(_Value):
     """A route as written and read back. ``dst`` is a canonical CIDR; ``device`` a link name (None:
     let the kernel choose); ``scope`` "universe" or "link"; ``metric`` None means the family's
     default; ``ifindex``, read back: which incarnation of ``device`` holds it (written: it wins over
-    ``device``); ``type`` "unicast" or "blackhole" (read back: also "local", ...)."""
+    ``device``); ``type`` "unicast", "blackhole" or "throw" (read back: also "local", ...)."""
 
     __slots__ = ("dst", "type", "gateway", "device", "onlink", "scope", "proto", "metric", "ifindex", "table")
 
@@ -445,7 +445,7 @@ def _link(payload: bytes) -> Link:
     )
 
 
-_TYPE_NAMES = {RTN_UNICAST: "unicast", RTN_LOCAL: "local", RTN_BLACKHOLE: "blackhole"}
+_TYPE_NAMES = {RTN_UNICAST: "unicast", RTN_LOCAL: "local", RTN_BLACKHOLE: "blackhole", RTN_THROW: "throw"}
 
 
 def _route(payload: bytes, names: Mapping[int, str]) -> KernelRoute:
@@ -455,7 +455,7 @@ def _route(payload: bytes, names: Mapping[int, str]) -> KernelRoute:
     if RTA_TABLE in a:
         (table,) = _U32.unpack(a[RTA_TABLE])
     version = 4 if family == socket.AF_INET else 6
-    blackhole = kind == RTN_BLACKHOLE
+    blackhole = kind in (RTN_BLACKHOLE, RTN_THROW)  # neither has a device
     if RTA_DST in a:
         dst = f"{ipaddress.ip_address(a[RTA_DST])}/{dst_len}"
         if dst_len != (32 if version == 4 else 128):  # a network: canonical (host bits cleared)

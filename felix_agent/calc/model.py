@@ -126,6 +126,9 @@ class WireGuard:
     fwmark: int = 0x100000
     keepalive: int = 0
     peers: frozenset[WireGuardPeer] = frozenset()
+    # Addresses inside a peer's allowed IPs that must not enter the tunnel: this node's own pods on
+    # addresses borrowed from a peer's block, and pods of nodes without a key (Calico's throw routes).
+    throw: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

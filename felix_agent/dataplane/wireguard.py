@@ -1,5 +1,5 @@
 """The WireGuard manager: owns the device ``wg.tortie`` (its key, port, mark, MTU, peers), the
-routes of the WireGuard routing table, and the rule that sends unmarked traffic to that table.
+routes of the WireGuard routing table (and its throw routes), and the rule that sends unmarked traffic to that table.
 
 Calico's design, which this follows: the overlay's own routes (VXLAN, IPIP, direct; the route
 manager's, in the main table) stay as they are. A rule ``not fwmark 0x100000/0x100000 lookup
@@ -130,10 +130,12 @@ class WireGuardManager:
     def _routes(self, wanted: WireGuard, index: int) -> int:
         want = {cidr: KernelRoute(cidr, device=wanted.interface, ifindex=index, scope="link", proto=ROUTE_PROTOCOL,
                                   table=wanted.table) for p in wanted.peers for cidr in p.allowed_ips}
+        # A borrowed address whose holder is not a peer: out of this table, back to the main one.
+        want |= {cidr: KernelRoute(cidr, type="throw", proto=ROUTE_PROTOCOL, table=wanted.table)
+                 for cidr in wanted.throw}
         have = {r.dst: r for r in self._rtnl.routes(ROUTE_PROTOCOL, {}, table=wanted.table, family=socket.AF_INET)}
         ops: list[tuple[str, KernelRoute]] = [("delete", r) for dst, r in have.items() if dst not in want]
-        ops += [("replace", r) for dst, r in want.items()
-                if dst not in have or have[dst].ifindex != index or have[dst].scope != "link"]
+        ops += [("replace", r) for dst, r in want.items() if dst not in have or not _same_route(have[dst], r, index)]
         failed = [e for e in self._rtnl.write_routes(ops) if e is not None]
         if failed:
             raise failed[0]
@@ -194,6 +196,12 @@ class WireGuardManager:
             if sock is not None:
                 sock.close()
         self._family = self._rules = None
+
+
+def _same_route(have: KernelRoute, want: KernelRoute, index: int) -> bool:
+    if want.type == "throw":
+        return have.type == "throw"
+    return have.type == want.type and have.ifindex == index and have.scope == "link"
 
 
 def _same_peer(have: Peer | None, want: Peer) -> bool:

@@ -111,6 +111,23 @@ def test_peers_are_the_nodes_with_keys_carrying_their_blocks_and_borrowed_addres
     assert not wireguard(Snapshot.of([config, off, node("n2", "10.9.1.12/24", k2)], [b2]), "n1").enabled
 
 
+def test_borrowed_addresses_of_non_peers_inside_a_peers_block_get_throw_routes() -> None:
+    k2 = base64.b64encode(bytes(range(32))).decode()
+    b2 = Block.empty(ipaddress.ip_network("10.244.2.0/26"), "n2")
+    b2 = Block(b2.cidr, b2.affinity, {7: Allocation("mine", 1, {"node": "n1"}),  # n1's own pod
+                                      8: Allocation("keyless", 1, {"node": "n4"}),  # n4 has no key
+                                      9: Allocation("n2s", 1, {"node": "n2"})}, b2.free)
+    b4 = Block.empty(ipaddress.ip_network("10.244.4.0/26"), "n4")
+    b4 = Block(b4.cidr, b4.affinity, {3: Allocation("peer", 1, {"node": "n2"})}, b4.free)
+    config = Resource(FelixConfiguration, Metadata(name="default"), FelixConfigurationSpec(wireguard_enabled=True))
+    snap = Snapshot.of([config, node("n1", "10.9.1.11/24"), node("n2", "10.9.1.12/24", k2),
+                        node("n4", "10.9.2.14/24")], [b2, b4])
+    wg = wireguard(snap, "n1")
+    assert {(p.node, p.allowed_ips) for p in wg.peers} == {("n2", ("10.244.2.0/26", "10.244.4.3/32"))}
+    # n1's pod and n4's pod sit in n2's block but must not be sent to n2 through the tunnel.
+    assert wg.throw == ("10.244.2.7/32", "10.244.2.8/32")
+
+
 def test_the_set_device_message_round_trips_through_the_parser() -> None:
     peer = kwg.Peer(bytes(range(32)), "10.9.1.12:51820", ("10.244.2.0/26", "10.244.1.5/32"), 25)
     parsed = kwg.parse_peer(kwg.peer_attrs(peer))

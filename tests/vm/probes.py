@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
+import secrets
 import socket
 import struct
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 from kernel.netns import netns
@@ -37,6 +37,8 @@ class Packet:
     inner_src: str | None = None
     inner_dst: str | None = None
     inner_proto: int | None = None
+    dport: int | None = None  # UDP/TCP destination port of the outer packet
+    at: float = 0.0  # time.monotonic() when the capture read it
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Capture:
                 return
             packet = decode_frame(frame)
             if packet is not None:
-                self.packets.append(packet)
+                self.packets.append(replace(packet, at=time.monotonic()))
 
     def encapsulated(self, encap: str) -> list[Packet]:
         return [p for p in self.packets if p.encap == encap]
@@ -105,15 +107,16 @@ def decode_ip(data: bytes, ethertype: int) -> Packet | None:
         payload = data[40:]
     else:
         return None
-    if proto == 17 and len(payload) >= 8 + 8 + 14 and struct.unpack("!H", payload[2:4])[0] == VXLAN_PORT:
+    dport = struct.unpack("!H", payload[2:4])[0] if proto in (6, 17) and len(payload) >= 4 else None
+    if proto == 17 and len(payload) >= 8 + 8 + 14 and dport == VXLAN_PORT:
         inner = decode_frame(payload[16:])
         if inner is not None:
-            return Packet(src, dst, proto, "vxlan", inner.src, inner.dst, inner.proto)
+            return Packet(src, dst, proto, "vxlan", inner.src, inner.dst, inner.proto, dport)
     if proto == 4:
         inner = decode_ip(payload, 0x0800)
         if inner is not None:
             return Packet(src, dst, proto, "ipip", inner.src, inner.dst, inner.proto)
-    return Packet(src, dst, proto)
+    return Packet(src, dst, proto, dport=dport)
 
 
 def link_stats(netns_name: str, ifname: str) -> tuple[int, int]:
@@ -130,7 +133,10 @@ def echo(netns_path: str, address: str, timeout: float = 2.0) -> bool:
     with netns(netns_path):
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     with sock:
-        ident, seq = os.getpid() & 0xFFFF, int(time.monotonic() * 1000) & 0xFFFF
+        # A fresh identifier each time, as a new `ping` process would have: conntrack keys ICMP echo
+        # on it, and one identifier reused would keep an "established" entry alive that lets
+        # requests through a policy that now denies them.
+        ident, seq = secrets.randbits(16), int(time.monotonic() * 1000) & 0xFFFF
         body = struct.pack("!HH", ident, seq) + b"tortie-probe"
         header = struct.pack("!BBH", 8, 0, 0) + body
         sock.sendto(struct.pack("!BBH", 8, 0, _checksum(header)) + body, (address, 0))

@@ -41,8 +41,11 @@ def test_ipip_over_bgp_inside_a_vm(tmp_path: Path) -> None:
     run_inside_a_vm(tmp_path, "tests/vm/test_ipip_bgp.py", tests=1)
 
 
-def run_inside_a_vm(tmp_path: Path, inner_file: str, tests: int) -> None:
-    """Run the pytest file ``inner_file`` in the VM; every one of its ``tests`` tests must pass."""
+def run_inside_a_vm(tmp_path: Path, inner_file: str, tests: int, *, memory_mb: int | None = None,
+                    timeout: int = VM_TIMEOUT, show_output: bool = False) -> str:
+    """Run the pytest file ``inner_file`` (or several, space-separated) in the VM; every one of its
+    ``tests`` tests must pass. ``memory_mb``: the guest's RAM (the runner's default otherwise);
+    ``show_output``: the inner tests' prints (their figures) come back in the returned stdout."""
     decision = decide(os.environ, euid=os.geteuid(), host_has_ipip=os.path.exists("/sys/module/ipip"))
     if decision.action == "skip":
         pytest.skip(decision.reason)
@@ -57,15 +60,17 @@ def run_inside_a_vm(tmp_path: Path, inner_file: str, tests: int) -> None:
             shlex.quote(sys.executable),
             "-m pytest -q",
             "-p pytest_timeout -p no:cacheprovider --noconftest",
+            "-s" if show_output else "",
             inner_file,
             f"--junitxml={shlex.quote(str(junit))}",
         ]
     )
-    argv = [str(runner(os.environ)), "-C", str(REPO), "-w", str(tmp_path), "-t", str(VM_TIMEOUT), inner]
+    argv = [str(runner(os.environ)), "-C", str(REPO), "-w", str(tmp_path), "-t", str(timeout),
+            *(["-m", str(memory_mb)] if memory_mb else []), inner]
     kernel = guest_kernel(os.environ)
     assert kernel is not None  # decide() ran the VM only with one
     started = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=VM_TIMEOUT + 60,
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 60,
                           env={**os.environ, "VM_KVER": kernel})
     elapsed = time.monotonic() - started
     print(f"IPIP VM run of {inner_file} (guest kernel {kernel}): {elapsed:.1f} s wall, exit status {done.returncode}")
@@ -80,3 +85,4 @@ def run_inside_a_vm(tmp_path: Path, inner_file: str, tests: int) -> None:
     # All of them ran: a skip inside the VM (no ipip after all) must not pass for a success.
     ok = counts["tests"] >= tests and counts["failures"] == counts["errors"] == counts["skipped"] == 0
     assert ok, (counts, report)
+    return done.stdout

@@ -195,3 +195,33 @@ def test_a_restarted_node_keeps_its_key_and_peers_reconnect(cluster: Cluster) ->
     assert ping(n1.pod_netns, n2.pod_ip, timeout=40)
     print(f"restarted node: its peer n1 reached it again after {time.monotonic() - started:.1f} s")
     assert ping(n2.pod_netns, n3.pod_ip, timeout=5) and ping(n3.pod_netns, n2.pod_ip, timeout=5)
+
+
+def test_a_borrowed_address_whose_holder_is_not_a_peer_leaves_the_wireguard_table(cluster: Cluster) -> None:
+    """A throw route in table 1 for an address inside n2's block that n2 does not hold (this node's
+    own pod, or a keyless node's): the lookup falls back to the main table instead of the tunnel."""
+    from dataclasses import replace
+
+    from kernel.rtnl import RTNL
+
+    n1, n2, _ = cluster.nodes
+    everyone = {n.name for n in cluster.nodes}
+    cluster.apply(everyone)
+    borrowed = "10.244.2.9"  # in n2's 10.244.2.0/26
+
+    def into_the_tunnel() -> bool:
+        with netns(ns_path(n1.netns)):
+            rtnl = RTNL()
+        with rtnl:
+            device = rtnl.link("wg.tortie")
+            return device is not None and rtnl.route_to(borrowed).ifindex == device.index
+
+    assert into_the_tunnel()  # n2's /26 in the WireGuard table
+    state = cluster.state(n1, everyone)
+    with_throw = replace(state, wireguard=replace(state.wireguard, throw=(f"{borrowed}/32",)))
+    n1.wg.on_update(with_throw)
+    assert n1.wg.apply() == 1
+    assert n1.wg.apply() == 0  # read back and found equal: nothing to write
+    assert not into_the_tunnel()  # thrown back to the main table (n2's block through tunl0)
+    n1.wg.on_update(state)
+    assert n1.wg.apply() == 1 and into_the_tunnel()
