@@ -169,6 +169,8 @@ class Agent:
         empty while it is off (Calico's rule: peers stop sending to a node that cleared its key).
         Runs on the loop's thread with each view; writes only when the view disagrees."""
         wanted = self.wireguard_key.public_b64 if settings(view, self.node, self.live.layers).wireguard_enabled else ""
+        if wanted and (self.wireguard is None or not self.wireguard.holds_key):
+            return  # not before the device holds the private key: the manager kicks the loop once it does
         mine = next((r for r in view.nodes.values() if r.name == self.node), None)
         if mine is None or getattr(mine.status, "wireguard_public_key", "") == wanted:
             return
@@ -293,7 +295,7 @@ class Agent:
 
         netlink = BulkRTNL.open()
         self.wireguard = WireGuardManager(netlink, self.wireguard_key.private, underlay_ip=node_ip.split("/")[0]
-                                          if node_ip else None)
+                                          if node_ip else None, on_key_ready=self._kick)
         table = NftTable()
         underlay = node_ip.split("/")[0] if node_ip else None
         # Order matters: policy first (a pod's ADD waits for it, not for the route work after it:

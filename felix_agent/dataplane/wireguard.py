@@ -50,8 +50,10 @@ class WireGuardManager:
     """``private_key``: 32 raw bytes; ``netns_path``: the namespace to work in (None: the thread's)."""
 
     def __init__(self, rtnl: BulkRTNL, private_key: bytes, *, underlay_ip: str | None = None,
-                 netns_path: str | None = None, clock: Callable[[], float] = time.time) -> None:
+                 netns_path: str | None = None, clock: Callable[[], float] = time.time,
+                 on_key_ready: Callable[[], None] | None = None) -> None:
         self._rtnl = rtnl
+        self._on_key_ready = on_key_ready
         self._private = private_key
         self._public = public_key(private_key)
         self._underlay_ip = underlay_ip
@@ -63,6 +65,14 @@ class WireGuardManager:
         self._stale_interface: str | None = None
         self.status: Status = "disabled"
         self.device: Device | None = None  # as last read back (handshakes, counters: observability)
+
+    @property
+    def holds_key(self) -> bool:
+        """Whether the device, as last read back, has this node's private key: only then may the
+        public key be published. Peers that learn a key before the device holds it handshake, are
+        refused, and retry only after WireGuard's rekey timeout (5 s): a rotation's whole gap."""
+        device = self.device
+        return device is not None and device.private_key_set and device.public_key == self._public
 
     def on_update(self, state: DesiredState) -> None:
         if state.wireguard.interface != self._wanted.interface and self._wanted.enabled:
@@ -124,7 +134,10 @@ class WireGuardManager:
             log.info("WireGuard %s: %d peers set, %d removed%s", wanted.interface, len(changed), len(stale),
                      "" if key_ok else ", key set")
             device = family.device(wanted.interface)
+        had_key = self.holds_key
         self.device = device
+        if self.holds_key and not had_key and self._on_key_ready is not None:
+            self._on_key_ready()  # the key may be published now (the owner's next pass)
         return len(changed) + len(stale) + int(not (key_ok and port_ok and mark_ok))
 
     def _routes(self, wanted: WireGuard, index: int) -> int:
