@@ -33,23 +33,15 @@ from kernel.rtnl import KernelRoute
 from kernel.rtnl_bulk import BulkRTNL
 from tests.vm.probes import Capture, link_stats, ping_until
 from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
+from tests.vm.vm_prerequisites import inner_file_marks
 
-IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 REPO = Path(__file__).resolve().parents[2]
 BGP = 81
 # Generous: under the VM's emulated CPU each node program and its ExaBGP take tens of seconds to
 # import before the first session can come up.
 CONVERGE = 300.0
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces"),
-    pytest.mark.skipif(
-        not IN_VM and not os.path.exists("/sys/module/ipip"),
-        reason="no ipip module loaded on this kernel (loading one would add tunl0 to the root namespace): "
-        "tests/vm/test_ipip_in_vm.py runs this file inside a VM",
-    ),
-]
+pytestmark = inner_file_marks("ipip", "tests/vm/test_ipip_in_vm.py")
 
 def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "tortie.dev/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}

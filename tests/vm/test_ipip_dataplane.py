@@ -12,7 +12,6 @@ module on a host would add ``tunl0`` to the root namespace.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,18 +26,9 @@ from felix_agent.dataplane.routes import RouteManager
 from kernel.rtnl_bulk import BulkRTNL
 from tests.vm.probes import Capture, link_stats, ping_until
 from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
+from tests.vm.vm_prerequisites import inner_file_marks
 
-IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
-
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces"),
-    pytest.mark.skipif(
-        not IN_VM and not os.path.exists("/sys/module/ipip"),
-        reason="no ipip module loaded on this kernel (loading one would add tunl0 to the root namespace): "
-        "tests/vm/test_ipip_in_vm.py runs this file inside a VM",
-    ),
-]
+pytestmark = inner_file_marks("ipip", "tests/vm/test_ipip_in_vm.py")
 
 
 def sh(*argv: str) -> str:

@@ -12,7 +12,6 @@ managers (what a live FelixConfiguration change does to a running agent).
 from __future__ import annotations
 
 import base64
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,18 +29,11 @@ from kernel.rtnl_bulk import BulkRTNL
 from kernel.wireguard import WireGuard as WireGuardFamily
 from tests.vm.probes import Capture, echo, ping_until
 from tests.vm.underlay import PodNode, ns_path, underlay, wire_pod
+from tests.vm.vm_prerequisites import inner_file_marks
 
-IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 PORT = 51820
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces"),
-    pytest.mark.skipif(
-        not IN_VM and not os.path.exists("/sys/module/wireguard"),
-        reason="no wireguard module on this kernel: tests/vm/test_wireguard_in_vm.py runs this file inside a VM",
-    ),
-]
+pytestmark = inner_file_marks("wireguard", "tests/vm/test_wireguard_in_vm.py")
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import textwrap
 import threading
 import time
@@ -34,8 +33,8 @@ from netlab.lab import Pod
 from netlab.wait import wait_for
 from tests.vm.probes import Capture, echo, ping_until
 from tests.vm.underlay import ns_path
+from tests.vm.vm_prerequisites import inner_file_marks
 
-IN_VM = os.environ.get("TORTIE_IN_VM") == "1"
 PORT = 51820
 DEVICE = "wg.tortie"
 # Under TCG (and six helpers sharing two cores) an agent needs a minute or two to import and start.
@@ -43,14 +42,7 @@ READY_TIMEOUT = 600.0
 SETTLE = 120.0  # a FelixConfiguration change reaches every agent's dataplane in seconds; generous for TCG
 POLICY_NS = "wgpol"
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces"),
-    pytest.mark.skipif(
-        not IN_VM and not os.path.exists("/sys/module/wireguard"),
-        reason="no wireguard module on this kernel: tests/vm/test_wireguard_in_vm.py runs this file inside a VM",
-    ),
-]
+pytestmark = inner_file_marks("wireguard", "tests/vm/test_wireguard_in_vm.py")
 
 
 class WireGuardLab(ClusterLab):

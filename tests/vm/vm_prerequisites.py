@@ -9,11 +9,14 @@ tested without root or a VM. Must not start anything.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT, MODULES = Path("/boot"), Path("/lib/modules")
@@ -96,3 +99,19 @@ def decide(env: Mapping[str, str], *, euid: int, host_has_ipip: bool, boot: Path
         return Decision("fail", f"CI=true and the IPIP VM tests cannot run: {reason} (scripts/install-deps.sh "
                                 "installs qemu-system-x86 linux-image-amd64 busybox-static)")
     return Decision("skip", reason)
+
+
+# Why a module is not simply loaded on the host to run the file there.
+_NOT_LOADED_BECAUSE = {"ipip": " loaded (loading one would add tunl0 to the root namespace)"}
+
+
+def inner_file_marks(module: str, driver: str) -> list[pytest.MarkDecorator]:
+    """The marks of a file that runs inside the VM (``TORTIE_IN_VM=1``), or directly on a host whose
+    kernel has ``module`` loaded: root, and a skip naming ``driver``, the file that boots the VM for it."""
+    in_vm = os.environ.get("TORTIE_IN_VM") == "1"
+    why = f"no {module} module{_NOT_LOADED_BECAUSE.get(module, '')} on this kernel: {driver} runs this file inside a VM"
+    return [
+        pytest.mark.lab,
+        pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds network namespaces"),
+        pytest.mark.skipif(not in_vm and not os.path.exists(f"/sys/module/{module}"), reason=why),
+    ]
