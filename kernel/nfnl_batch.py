@@ -79,7 +79,8 @@ def _bitwise(mask: int) -> bytes:
 
 
 def _cmp(op: int, value: int) -> bytes:
-    return _expr("cmp", attr(1, _be32(NFT_REG_1)) + attr(2, _be32(op)) + attr(3 | NLA_F_NESTED, _value(_HOST32.pack(value))))
+    return _expr("cmp", attr(1, _be32(NFT_REG_1)) + attr(2, _be32(op))
+                 + attr(3 | NLA_F_NESTED, _value(_HOST32.pack(value))))
 
 
 def _meta_load(key: int) -> bytes:
@@ -88,7 +89,8 @@ def _meta_load(key: int) -> bytes:
 
 def _verdict(words: Sequence[str]) -> bytes:
     if len(words) == 1 and words[0] in ("accept", "drop", "return"):
-        return _expr("immediate", attr(1, _be32(NFT_REG_VERDICT)) + attr(2 | NLA_F_NESTED, _verdict_data(words[0], None)))
+        return _expr("immediate", attr(1, _be32(NFT_REG_VERDICT))
+                     + attr(2 | NLA_F_NESTED, _verdict_data(words[0], None)))
     if len(words) == 2 and words[0] in ("jump", "goto") and re.fullmatch(_CHAIN_NAME, words[1]):
         return _expr("immediate", attr(1, _be32(NFT_REG_VERDICT))
                      + attr(2 | NLA_F_NESTED, _verdict_data(words[0], words[1])))

@@ -50,11 +50,15 @@ class Rule:
     def tag(self) -> str:
         return hashlib.sha256(f"{self.body}\0{self.comment}".encode()).hexdigest()[:TAG_LEN]
 
-    def render(self) -> str:
+    @cached_property
+    def comment_text(self) -> str:
+        """The comment as written to the kernel: the hash tag, then ``comment``."""
         # one line per command in the transaction, and nft's string syntax has no escapes
         text = re.sub(r"[\x00-\x1f\\]", " ", f"{self.tag} {self.comment}".strip()).replace('"', "'")
-        text = text.encode()[:MAX_COMMENT].decode(errors="ignore")  # nft counts bytes
-        return f'{self.body} comment "{text}"'
+        return text.encode()[:MAX_COMMENT].decode(errors="ignore")  # nft counts bytes
+
+    def render(self) -> str:
+        return f'{self.body} comment "{self.comment_text}"'
 
 
 @dataclass(frozen=True)
