@@ -85,13 +85,14 @@ class Node:
     def vtep(self) -> VXLANPeer:
         return VXLANPeer(self.name, self.underlay, f"10.244.{self.k}.1", f"66:74:6f:72:00:{self.k:02x}")
 
-    def apply(self, state: DesiredState) -> int:
-        """One batch, in the order the agent runs its managers: devices before the routes through them."""
+    def apply(self, state: DesiredState, resync: bool = False) -> int:
+        """One batch, in the order the agent runs its managers: devices before the routes through them.
+        ``resync``: the periodic resync's pass, which reads the kernel back (repairs out-of-band changes)."""
         writes = 0
         for manager in (self.vxlan, self.ipip, self.routes, self.mtu):
             manager.on_update(state)
         for manager in (self.vxlan, self.ipip, self.routes, self.mtu):
-            writes += manager.apply()
+            writes += manager.apply(resync=resync)
         return writes
 
     def ip(self, *argv: str) -> str:
@@ -132,9 +133,9 @@ class Fabric:
             local_vtep=node.vtep if mode == "vxlan" else None,
         )
 
-    def apply_all(self, mode: str = "vxlan", members: list[Node] | None = None) -> int:
+    def apply_all(self, mode: str = "vxlan", members: list[Node] | None = None, resync: bool = False) -> int:
         members = self.nodes if members is None else members
-        return sum(n.apply(self.state(n, mode, members)) for n in members)
+        return sum(n.apply(self.state(n, mode, members), resync) for n in members)
 
     def add_pod(self, node: Node, j: int) -> Pod:
         name = f"{self.lab.name}-p{secrets.token_hex(4)}"  # the lab's pod pattern: destroy() takes it too
@@ -288,7 +289,7 @@ def test_out_of_band_changes_are_repaired_and_foreign_routes_left_alone(fabric: 
     )
     assert not ping(n1.pods[0], n2.pods[0].v4, count=1)
 
-    assert fabric.apply_all() == 4  # the two routes, the FDB entry and the neighbour
+    assert fabric.apply_all(resync=True) == 4  # the two routes, the FDB entry and the neighbour
     assert eventually_pings(n1.pods[0], n2.pods[0].v4)
     assert eventually_pings(n1.pods[0], n2.pods[0].v6)
     after = n1.ip("route") + n1.ip("-6", "route")
