@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
@@ -110,12 +110,26 @@ class Map:
 
 
 @dataclass(frozen=True)
+class ChainDelta:
+    """How a declaration's chains differ from the owner's earlier ``base`` tuple: the chains added or
+    replaced, and the names of those removed. A hint that lets the driver diff only these chains
+    (at 11,000 chains a walk of all of them is tens of ms per new endpoint); it is ignored unless
+    ``base`` is the very tuple the owner declared last."""
+
+    base: tuple[Chain, ...]
+    upserted: tuple[Chain, ...] = ()
+    removed: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Ruleset:
-    """One owner's share of the table."""
+    """One owner's share of the table. ``delta`` (optional, not part of equality): how ``chains``
+    differs from the owner's previous declaration."""
 
     chains: tuple[Chain, ...] = ()
     sets: tuple[Set, ...] = ()
     maps: tuple[Map, ...] = ()
+    delta: ChainDelta | None = field(default=None, compare=False)
 
 
 def address_elements(nets: Iterable[str], version: int) -> list[str]:

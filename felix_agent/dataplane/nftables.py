@@ -24,12 +24,13 @@ import logging
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from felix_agent.dataplane import libnft
-from felix_agent.dataplane.nft_ruleset import Chain, Map, Ruleset, Set
+from felix_agent.dataplane.nft_diff import _Desired, _plan, _recreate, _View
+from felix_agent.dataplane.nft_ruleset import Chain, ChainDelta, Map, Ruleset, Set
 from kernel import nfnl, nfnl_batch
 from kernel.netlink import KernelError
 
@@ -39,27 +40,10 @@ NFT = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:
 
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
 
-ELEMENT_CHUNK = 1000  # elements per "add element" line
 
 
 class NftError(Exception):
     """``nft`` refused a command; the message carries nft's own diagnosis (the offending line)."""
-
-
-@dataclass
-class _View:
-    """What the kernel holds (as read back, or as last written): chain signatures, sets, maps."""
-
-    chains: dict[str, tuple[tuple[str, str, int, str] | None, tuple[str, ...]]] = field(default_factory=dict)
-    sets: dict[str, Set] = field(default_factory=dict)
-    maps: dict[str, Map] = field(default_factory=dict)
-
-
-@dataclass
-class _Desired:
-    chains: dict[str, Chain] = field(default_factory=dict)
-    sets: dict[str, Set] = field(default_factory=dict)
-    maps: dict[str, Map] = field(default_factory=dict)
 
 
 def nft_runner(netns: str | None = None) -> Runner:
@@ -94,8 +78,11 @@ class NftTable:
         self._view: _View | None = None  # None: read the kernel before the next diff
         # The owners' chain tuples merged last time, and the merged dict (reused while they are the same).
         self._merged_chains: tuple[tuple[tuple[Chain, ...], ...], dict[str, Chain]] | None = None
-        # The merged chains dict the view is known to hold exactly (None: compare chain by chain).
+        # The merged chains dict the view is known to hold exactly (None: compare chain by chain), but for
+        # the chains named in _dirty_chains: an owner's ChainDelta changed them in that dict in place.
         self._synced_chains: dict[str, Chain] | None = None
+        self._dirty_chains: set[str] = set()
+        self._chain_owner: dict[str, str] = {}  # merged chain name -> the owner declaring it
         self.reloads = 0  # read-backs begun (reload, reload_async): owners share one resync's read
         self._writes = 0  # successful transactions: a read-back begun before one may have missed it
         self._pending: _Read | None = None
@@ -160,7 +147,8 @@ class NftTable:
                 if self._view is None or attempt:
                     self._view = self.read()
                     self._synced_chains = None
-                planned = _plan(self._prefix, want, self._view, sweep, want.chains is self._synced_chains)
+                known = want.chains is self._synced_chains
+                planned = _plan(self._prefix, want, self._view, sweep, known, self._dirty_chains if known else None)
                 if planned is None:
                     break  # something the diff cannot express: fall back to recreating the table
                 script, ops = planned
@@ -239,8 +227,9 @@ class NftTable:
         declared = [(owner, ruleset) for owner, ruleset in self._owners.items() if ruleset is not None]
         chain_tuples = tuple(ruleset.chains for _, ruleset in declared)
         cached = self._merged_chains
-        same_chains = cached is not None and len(cached[0]) == len(chain_tuples) and all(
-            a is b for a, b in zip(cached[0], chain_tuples, strict=True))
+        same_chains = cached is not None and len(cached[0]) == len(chain_tuples) and (
+            all(a is b for a, b in zip(cached[0], chain_tuples, strict=True)) or self._merge_deltas(declared))
+        owners: dict[str, str] = {}
         for owner, ruleset in declared:
             kinds = (("sets", ruleset.sets), ("maps", ruleset.maps))
             for kind, items in kinds if same_chains else (("chains", ruleset.chains), *kinds):
@@ -249,11 +238,43 @@ class NftTable:
                     if item.name in table:
                         raise ValueError(f"{kind[:-1]} {item.name} declared twice (again by {owner})")
                     table[item.name] = item
-        if same_chains and cached is not None:
-            want.chains = cached[1]  # the very dict of last time: the diff can skip the chains
+                    if kind == "chains":
+                        owners[item.name] = owner
+        if same_chains and self._merged_chains is not None:
+            want.chains = self._merged_chains[1]  # the very dict of last time: the diff can skip the chains
         else:
             self._merged_chains = (chain_tuples, want.chains)
+            self._chain_owner = owners
         return want
+
+    def _merge_deltas(self, declared: Sequence[tuple[str, Ruleset]]) -> bool:
+        """Bring the merged chains up to ``declared`` in place when every owner whose chains changed
+        says how (``Ruleset.delta`` from the tuple merged last time), noting the changed names for the
+        diff; False (nothing touched) when one does not: then all chains are merged again."""
+        assert self._merged_chains is not None
+        before, merged = self._merged_chains
+        deltas: list[tuple[str, ChainDelta]] = []
+        for (owner, ruleset), old in zip(declared, before, strict=True):
+            if ruleset.chains is old:
+                continue
+            if ruleset.delta is None or ruleset.delta.base is not old:
+                return False
+            deltas.append((owner, ruleset.delta))
+        for owner, delta in deltas:
+            for chain in delta.upserted:
+                if self._chain_owner.get(chain.name, owner) != owner:
+                    raise ValueError(f"chain {chain.name} declared twice (again by {owner})")
+        for owner, delta in deltas:
+            for name in delta.removed:
+                if self._chain_owner.get(name) == owner:
+                    del merged[name], self._chain_owner[name]
+                    self._dirty_chains.add(name)
+            for chain in delta.upserted:
+                merged[chain.name] = chain
+                self._chain_owner[chain.name] = owner
+                self._dirty_chains.add(chain.name)
+        self._merged_chains = (tuple(ruleset.chains for _, ruleset in declared), merged)
+        return True
 
     def _transact(self, script: list[str]) -> None:
         done = self._run(["-f", "-"], "\n".join(script) + "\n")
@@ -275,6 +296,14 @@ class NftTable:
             for name, chain in want.chains.items():
                 if view.chains.get(name) is not chain.signature:
                     view.chains[name] = chain.signature
+        else:
+            for name in self._dirty_chains:
+                declared = want.chains.get(name)
+                if declared is not None:
+                    view.chains[name] = declared.signature
+                elif sweep:
+                    view.chains.pop(name, None)
+        self._dirty_chains = set()
         view.sets.update(want.sets)
         view.maps.update(want.maps)
         self._view = view
@@ -290,101 +319,6 @@ class _Read:
     finished: threading.Event = field(default_factory=threading.Event)
     view: _View | None = None
     error: Exception | None = None
-
-
-def _diff(t: str, want: _Desired, have: _View, sweep: bool, chains_known: bool = False) -> list[str] | None:
-    """The transaction that turns ``have`` into ``want``, in an order nft accepts; None when only
-    recreating the table can do it. ``chains_known``: ``have`` holds exactly ``want``'s chains."""
-    planned = _plan(t, want, have, sweep, chains_known)
-    return None if planned is None else planned[0]
-
-
-def _plan(t: str, want: _Desired, have: _View, sweep: bool,
-          chains_known: bool = False) -> tuple[list[str], list[nfnl_batch.Op | None]] | None:
-    """``_diff``'s script, and the same transaction as nfnetlink operations in the same order (None
-    for a command only nft writes: a set, a map, a base chain), for :meth:`NftTable._write_direct`."""
-    make: list[str] = []
-    elements_out: list[str] = []
-    elements_in: list[str] = []
-    rules: list[str] = []
-    make_ops: list[nfnl_batch.Op | None] = []
-    out_ops: list[nfnl_batch.Op | None] = []
-    in_ops: list[nfnl_batch.Op | None] = []
-    rule_ops: list[nfnl_batch.Op | None] = []
-    for s in want.sets.values():
-        old_set = have.sets.get(s.name)
-        if old_set is not None and old_set.spec != s.spec:
-            return None
-        if old_set is None:
-            make.append(f"add set {t} {s.name} {s.render()}")
-            make_ops.append(None)
-        if old_set is None or old_set.elements is not s.elements:
-            old_elements = old_set.elements if old_set is not None else frozenset()
-            interval = "interval" in s.flags
-            if gone := sorted(old_elements - s.elements):
-                elements_out += _elements("delete", t, s.name, gone)
-                out_ops.append(nfnl_batch.SetElements(("delete", s.name, s.type, interval, gone)))
-            if new := sorted(s.elements - old_elements):
-                elements_in += _elements("add", t, s.name, new)
-                in_ops.append(nfnl_batch.SetElements(("add", s.name, s.type, interval, new)))
-    for m in want.maps.values():
-        old_map = have.maps.get(m.name)
-        if old_map is not None and old_map.spec != m.spec:
-            return None
-        if old_map is None:
-            make.append(f"add map {t} {m.name} {m.render()}")
-            make_ops.append(None)
-        if old_map is None or old_map.elements is not m.elements:
-            old_pairs = old_map.elements if old_map is not None else frozenset()
-            direct = m.key_type == "ifname" and m.value_type == "verdict"
-            if gone_pairs := sorted(old_pairs - m.elements):
-                elements_out += _elements("delete", t, m.name, [k for k, _ in gone_pairs])
-                out_ops.append(nfnl_batch.MapElements("delete", m.name, tuple(gone_pairs)) if direct else None)
-            if new_pairs := sorted(m.elements - old_pairs):
-                elements_in += _elements("add", t, m.name, [f"{k} : {v}" for k, v in new_pairs])
-                in_ops.append(nfnl_batch.MapElements("add", m.name, tuple(new_pairs)) if direct else None)
-    for c in () if chains_known else want.chains.values():
-        old_chain = have.chains.get(c.name)
-        if old_chain is c.signature:
-            continue  # the common case: the very chain written last time
-        if old_chain is not None and old_chain[0] != c.signature[0]:
-            return None
-        if old_chain == c.signature:
-            continue
-        if old_chain is None:
-            make.append(f"add chain {t} {c.name}" + (f" {c.hook.render()}" if c.hook else ""))
-            make_ops.append(None if c.hook else nfnl_batch.AddChain(c.name))
-        elif old_chain[1]:
-            rules.append(f"flush chain {t} {c.name}")
-            rule_ops.append(nfnl_batch.FlushChain(c.name))
-        rules += (f"add rule {t} {c.name} {r.render()}" for r in c.rules)
-        rule_ops += (nfnl_batch.AddRule(c.name, r.body, r.comment_text) for r in c.rules)
-    drop: list[str] = []
-    drop_ops: list[nfnl_batch.Op | None] = []
-    if sweep:
-        gone_chains = [] if chains_known else [name for name in have.chains if name not in want.chains]
-        # rules first (they reference sets, maps and chains), then sets and maps (maps reference chains)
-        drop += [f"flush chain {t} {name}" for name in gone_chains]
-        drop_ops += [nfnl_batch.FlushChain(name) for name in gone_chains]
-        drop += [f"delete set {t} {name}" for name in have.sets if name not in want.sets]
-        drop += [f"delete map {t} {name}" for name in have.maps if name not in want.maps]
-        drop_ops += [None] * (len(drop) - len(drop_ops))
-        drop += [f"delete chain {t} {name}" for name in gone_chains]
-        drop_ops += [nfnl_batch.DeleteChain(name) for name in gone_chains]
-    body = make + elements_out + elements_in + rules + drop
-    ops = make_ops + out_ops + in_ops + rule_ops + drop_ops
-    return ([f"add table {t}", *body], ops) if body else ([], [])
-
-
-def _recreate(t: str, want: _Desired) -> list[str]:
-    script = [f"add table {t}", f"delete table {t}"]
-    script += _diff(t, want, _View(), False) or [f"add table {t}"]
-    return script
-
-
-def _elements(verb: str, t: str, name: str, items: Sequence[str]) -> Iterator[str]:
-    for start in range(0, len(items), ELEMENT_CHUNK):
-        yield f"{verb} element {t} {name} {{ {', '.join(items[start : start + ELEMENT_CHUNK])} }}"
 
 
 def _parse(document: dict[str, Any]) -> _View:
