@@ -109,8 +109,8 @@ def _plan(t: str, want: _Desired, have: _View, sweep: bool, chains_known: bool =
     drop_ops: list[nfnl_batch.Op | None] = []
     if sweep:
         if chains_known:
-            gone = {name for name in only or () if name not in want.chains and name in have.chains}
-            gone_chains = [name for name in have.chains if name in gone] if gone else []  # in the view's order
+            leaving = {name for name in only or () if name not in want.chains and name in have.chains}
+            gone_chains = [name for name in have.chains if name in leaving] if leaving else []  # in the view's order
         else:
             gone_chains = [name for name in have.chains if name not in want.chains]
         # rules first (they reference sets, maps and chains), then sets and maps (maps reference chains)

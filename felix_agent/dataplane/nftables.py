@@ -125,13 +125,17 @@ class NftTable:
         return self._pending is not None and self._pending.finished.is_set()
 
     def adopt_reload(self) -> bool:
-        """Take a finished background read as the view: True, unless it failed or a transaction of
-        ours ran while it read (it may hold half of it): then it is dropped (False) and the caller reads again."""
+        """Take a finished background read as the view: True, unless it failed (then the caller reads
+        again). A transaction of ours that ran while it read (a new pod during a resync) may be half
+        in it: what that transaction wrote (its journal) overrides the read, so that the read is not
+        thrown away for it (at 5,000 endpoints it takes seconds, and churn would overtake every one)."""
         job, self._pending = self._pending, None
-        if job is None or not job.finished.is_set() or job.view is None or job.writes != self._writes:
+        if job is None or not job.finished.is_set() or job.view is None:
             if job is not None and job.error is not None:
                 log.warning("reading the table back failed: %s", job.error)
             return False
+        if job.writes != self._writes:
+            job.journal.replay(job.view)
         self._view = job.view
         self._synced_chains = None
         return True
@@ -285,17 +289,27 @@ class NftTable:
         """After a successful transaction the kernel holds ``want`` (and, without a sweep, the leftovers)."""
         self._writes += 1
         view = self._view if self._view is not None else _View()
+        journal = self._pending.journal if self._pending is not None else None  # a read runs: note what changed
         chains_known = want.chains is self._synced_chains
         if sweep:
             if not chains_known:
                 for name in [n for n in view.chains if n not in want.chains]:
                     del view.chains[name]
-            view.sets = {n: s for n, s in view.sets.items() if n in want.sets}
-            view.maps = {n: m for n, m in view.maps.items() if n in want.maps}
+                    if journal is not None:
+                        journal.chains[name] = None
+            for kind, wanted in (("sets", want.sets), ("maps", want.maps)):
+                held: dict[str, Any] = getattr(view, kind)
+                gone = [n for n in held if n not in wanted]
+                for name in gone:
+                    del held[name]
+                if journal is not None:
+                    getattr(journal, kind).update(dict.fromkeys(gone))
         if not chains_known:
             for name, chain in want.chains.items():
                 if view.chains.get(name) is not chain.signature:
                     view.chains[name] = chain.signature
+                    if journal is not None:
+                        journal.chains[name] = chain.signature
         else:
             for name in self._dirty_chains:
                 declared = want.chains.get(name)
@@ -303,12 +317,36 @@ class NftTable:
                     view.chains[name] = declared.signature
                 elif sweep:
                     view.chains.pop(name, None)
+                if journal is not None and (declared is not None or sweep):
+                    journal.chains[name] = declared.signature if declared is not None else None
         self._dirty_chains = set()
-        view.sets.update(want.sets)
-        view.maps.update(want.maps)
+        for kind, wanted in (("sets", want.sets), ("maps", want.maps)):
+            held = getattr(view, kind)
+            if journal is not None:
+                getattr(journal, kind).update((n, x) for n, x in wanted.items() if held.get(n) is not x)
+            held.update(wanted)
         self._view = view
         # With a sweep the view's chains are now exactly these: next time, the same dict needs no look.
         self._synced_chains = want.chains if sweep else None
+
+
+@dataclass
+class _Journal:
+    """What our transactions wrote while a read-back ran, by name (None: deleted)."""
+
+    chains: dict[str, tuple[tuple[str, str, int, str] | None, tuple[str, ...]] | None] = field(default_factory=dict)
+    sets: dict[str, Set | None] = field(default_factory=dict)
+    maps: dict[str, Map | None] = field(default_factory=dict)
+
+    def replay(self, view: _View) -> None:
+        """Make ``view`` (read while these writes ran) hold what they wrote."""
+        for kind in ("chains", "sets", "maps"):
+            held: dict[str, Any] = getattr(view, kind)
+            for name, value in getattr(self, kind).items():
+                if value is None:
+                    held.pop(name, None)
+                else:
+                    held[name] = value
 
 
 @dataclass
@@ -317,6 +355,7 @@ class _Read:
 
     writes: int
     finished: threading.Event = field(default_factory=threading.Event)
+    journal: _Journal = field(default_factory=_Journal)
     view: _View | None = None
     error: Exception | None = None
 

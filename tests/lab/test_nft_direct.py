@@ -204,3 +204,27 @@ def test_a_refused_direct_transaction_is_rewritten_by_nft(ns: str) -> None:
         table.apply()  # refused over netlink -> re-read -> nft writes the difference
         assert '"torb" : goto ep-b' in nft("list", "map", "inet", "tortie", "to-wl")
         assert "ep-b" in nft("list", "chains", "inet")
+
+
+def test_a_read_back_overtaken_by_our_own_transaction_is_kept_and_still_repairs(ns: str) -> None:
+    import threading
+
+    with netns(ns):
+        table = NftTable()
+        table.add_owner("policy")
+        table.declare("policy", _with_endpoints(["a"]))
+        table.apply()
+        handles = nft("-a", "list", "chain", "inet", "tortie", "to-1")
+        handle = next(line.rsplit("# handle ", 1)[1] for line in handles.splitlines() if "from web" in line)
+        nft("delete", "rule", "inet", "tortie", "to-1", "handle", handle.strip())  # out of band
+        done = threading.Event()
+        table.reload_async(done.set)
+        assert done.wait(10)
+        # a new endpoint's transaction lands after the read: the read does not hold it
+        table.declare("policy", _with_endpoints(["a", "b"]))
+        assert "add chain inet tortie ep-b" in table.apply()
+        assert table.adopt_reload()  # kept, with our own write replayed onto it
+        repaired = table.apply()
+        assert "flush chain inet tortie to-1" in repaired and "ep-b" not in repaired
+        assert "@s-web-v4" in nft("list", "chain", "inet", "tortie", "to-1")
+        assert table.apply() == ""
