@@ -306,9 +306,10 @@ class NftTable:
                     getattr(journal, kind).update(dict.fromkeys(gone))
         if not chains_known:
             for name, chain in want.chains.items():
-                if view.chains.get(name) is not chain.signature:
+                old = view.chains.get(name)
+                if old is not chain.signature:
                     view.chains[name] = chain.signature
-                    if journal is not None:
+                    if journal is not None and old != chain.signature:  # an equal one was not written
                         journal.chains[name] = chain.signature
         else:
             for name in self._dirty_chains:
@@ -323,7 +324,8 @@ class NftTable:
         for kind, wanted in (("sets", want.sets), ("maps", want.maps)):
             held = getattr(view, kind)
             if journal is not None:
-                getattr(journal, kind).update((n, x) for n, x in wanted.items() if held.get(n) is not x)
+                getattr(journal, kind).update((n, x) for n, x in wanted.items()
+                                              if held.get(n) is not x and held.get(n) != x)
             held.update(wanted)
         self._view = view
         # With a sweep the view's chains are now exactly these: next time, the same dict needs no look.
