@@ -32,6 +32,7 @@ view, after the calculation and before the managers; a failure fails the apply l
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -138,6 +139,7 @@ class DataplaneLoop:
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self.first_apply = threading.Event()
+        self._frozen = False
         self._thread: threading.Thread | None = None
 
     def kick(self) -> None:
@@ -180,8 +182,20 @@ class DataplaneLoop:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._dirty.set()
+            if resync or not self._frozen:
+                self._freeze()
             if resync:
                 next_resync = self.clock() + self.resync_interval
+
+    def _freeze(self) -> None:
+        """Move what the agent holds so far out of the cyclic garbage collector's sight. At 5,000
+        endpoints it tracks millions of objects (rendered chains, rules, sets): a collection of the
+        oldest generation then stops the loop for ~100 ms every dozen new pods, more as they grow.
+        Those objects live as long as their endpoints do; refcounting still frees them."""
+        if self.first_apply.is_set():
+            gc.collect(1)  # the young garbage first (cheap): what is frozen is never collected
+            gc.freeze()
+            self._frozen = True
 
     def _apply_once(self, resync: bool) -> None:
         view = self.view()
