@@ -72,7 +72,8 @@ class Gated:
         self.manager.on_update(state)
 
     def apply(self, *, resync: bool = False) -> object:
-        if self._wanted == self._applied and not resync:
+        # ``wants_apply``: the manager has work of its own (a background read-back to adopt).
+        if self._wanted == self._applied and not resync and not getattr(self.manager, "wants_apply", False):
             return None
         self._applied = _NEVER  # a failure below leaves it to be tried again
         out = self.manager.apply(resync=resync)

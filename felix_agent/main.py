@@ -297,7 +297,8 @@ class Agent:
         return [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick), MasqManager(table),
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra)),
-                Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
+                Gated(RouteManager(netlink, reader=BulkRTNL.open, wake=self._kick),
+                      lambda s: (s.routes, s.vxlan_peers)),
                 Gated(self.wireguard, lambda s: s.wireguard),
                 Gated(MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
                       lambda s: (s.local_vtep, s.ipip_enabled, s.mtu))]

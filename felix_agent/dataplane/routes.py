@@ -38,12 +38,13 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from cni_plugins.naming import ROUTE_PROTOCOL
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
 from felix_agent.dataplane.errors import ApplyError
 from felix_agent.dataplane.ipip import IPIP_DEVICE
+from felix_agent.dataplane.route_read import BackgroundRead
 from felix_agent.dataplane.vxlan import VXLAN_DEVICE, vtep_link_local
 from kernel.netlink import KernelError
 from kernel.rtnl import KernelRoute, Link, write_each
@@ -152,9 +153,14 @@ def plan(
 
 class RouteManager:
     def __init__(
-        self, driver: RouteDriver, *, protocol: int = ROUTE_PROTOCOL, host_if_prefix: str = HOST_IF_PREFIX
+        self, driver: RouteDriver, *, protocol: int = ROUTE_PROTOCOL, host_if_prefix: str = HOST_IF_PREFIX,
+        reader: Callable[[], Any] | None = None, wake: Callable[[], None] | None = None,
     ) -> None:
+        """With ``reader`` (opens a driver of its own for another thread) and ``wake`` (the loop's
+        kick), a resync reads the kernel on a thread and a later apply adopts it (``route_read``)."""
         self._driver = driver
+        self._reader, self._wake = reader, wake
+        self._read: BackgroundRead | None = None
         self._protocol = protocol
         self._prefix = host_if_prefix
         self._node = ""
@@ -210,17 +216,39 @@ class RouteManager:
         whose desired route changed are written (see the module docstring).
 
         Raises ``ApplyError`` (after making every other write) when some routes could not be written."""
-        if not resync and self._kernel is not None:
+        read = None
+        if self._read is not None and self._read.finished.is_set():
+            read, self._read = self._read.adopt(), None
+        elif resync and self._reader is not None and self._wake is not None and self._kernel is not None:
+            if self._read is None:  # one read at a time: its end wakes the loop for the apply that adopts it
+                self._read = BackgroundRead(self._reader, self._protocol, self._wake)
+            resync = False  # this apply goes on from the view; the read's adoption repairs
+        if not resync and read is None and self._kernel is not None:
             try:
                 return self._apply_changes(self._kernel)
             except _NeedsRead:
                 log.debug("%s: the route view cannot settle a change: reading the kernel", self._node)
         self._kernel = None  # a failure below leaves the next apply to read again
-        return self._apply_all()
+        if read is None:
+            self._read = None  # reading now: a read still running would be older than this one
+        return self._apply_all(read)
 
-    def _apply_all(self) -> int:
-        links = self._driver.link_indexes()
-        actual = self._driver.routes(protocol=self._protocol, indexes=links)  # only ours: see plan()
+    @property
+    def wants_apply(self) -> bool:
+        """A background read has ended and waits for an apply to adopt it (see ``loop.Gated``)."""
+        return self._read is not None and self._read.finished.is_set()
+
+    def _apply_all(self, read: tuple[dict[str, int], list[KernelRoute]] | None = None) -> int:
+        if read is not None:
+            links, actual = read
+            for want in self._desired.values():  # a device made since the read (a new pod's veth)
+                if want.device is not None and want.device not in links:
+                    link = self._driver.link(want.device)
+                    if link is not None:
+                        links[want.device] = link.index
+        else:
+            links = self._driver.link_indexes()
+            actual = self._driver.routes(protocol=self._protocol, indexes=links)  # only ours: see plan()
         # A route through a device that does not exist yet (a veth being wired, vxlan.tortie before
         # the VXLAN manager's first apply, tunl0 without the ipip module) waits for the next apply.
         desired = {dst: r for dst, r in self._desired.items() if r.device is None or r.device in links}
@@ -307,6 +335,8 @@ class RouteManager:
                 if link is None:
                     continue  # waits for its device, as in a full apply
                 self._links[want.device] = link.index
+                if self._read is not None:
+                    self._read.note_link(want.device, link.index)
             desired[dst] = want
         actual = [r for dst in changed for r in view.get(dst, ())]
         ops = []
@@ -317,6 +347,8 @@ class RouteManager:
                     raise _NeedsRead  # the link was made again: its route may be a new pod's
                 if link is None:  # the link went, and the kernel took its routes with it
                     self._links.pop(op.route.device, None)
+                    if self._read is not None:
+                        self._read.note_link(op.route.device, None)
                     view[op.route.dst] = [r for r in view.get(op.route.dst, []) if r != op.route]
                     self._retired.pop((op.route.dst, op.route.device), None)
                     continue
@@ -347,6 +379,9 @@ class RouteManager:
             else:
                 failures.append(e)
                 unsettled.add(op.route.dst)
+        if self._read is not None:  # a read runs: what it saw of these may be from before our writes
+            for dst in changed:
+                self._read.note_routes(dst, view.get(dst, ()))
         for dst in changed - unsettled:
             if dst in desired:
                 self._applied[dst] = desired[dst]

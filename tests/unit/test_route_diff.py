@@ -360,3 +360,39 @@ def test_between_resyncs_a_foreign_route_on_a_new_prefix_is_still_a_conflict() -
     m.on_update(state(BLOCK1, TO_N3))
     assert m.apply() == 0
     assert foreign in kernel.routes_ and not any(r.dst == "10.244.3.0/26" and r.proto == 80 for r in kernel.routes_)
+
+
+def test_a_resync_reads_on_a_thread_and_a_later_apply_adopts_it_with_the_writes_made_meanwhile() -> None:
+    import contextlib
+    import threading
+
+    kernel = FakeKernel(list(FOREIGN))
+    read_done = threading.Event()
+    m = RouteManager(kernel, reader=lambda: contextlib.nullcontext(kernel), wake=read_done.set)
+    m.on_update(state(BLOCK1, TO_N2))
+    m.apply()
+    kernel.routes_ = [r for r in kernel.routes_ if r.dst != "10.244.2.0/26"]  # out of band
+    assert m.apply(resync=True) == 0  # the read runs on its thread; nothing waits for it
+    assert read_done.wait(5) and m.wants_apply
+    kernel.link_up("tor1", 10)  # a new pod while the read waits to be adopted: not in the read
+    kernel.writes.clear()
+    m.on_update(state(BLOCK1, TO_N2, Route("10.244.1.5/32", "local", device="tor1")))
+    assert m.apply() == 2  # the adoption: the deleted route is repaired, the new pod's route made
+    made = sorted((action, r.dst) for action, r in kernel.writes)
+    assert made == [("add", "10.244.1.5/32"), ("add", "10.244.2.0/26")]
+    assert not m.wants_apply and m.apply() == 0
+
+    # a read overtaken by a write: the write stands, the read repairs the rest
+    read_done.clear()
+    kernel.routes_ = [r for r in kernel.routes_ if r.dst != "10.244.2.0/26"]
+    assert m.apply(resync=True) == 0
+    assert read_done.wait(5)
+    kernel.link_up("tor2", 11)
+    assert m._read is not None  # as if the manager had written this route during the read:
+    m._read.note_routes("10.244.1.6/32", [local("10.244.1.6/32", "tor2", 11)])
+    kernel.routes_.append(local("10.244.1.6/32", "tor2", 11))
+    m.on_update(state(BLOCK1, TO_N2, Route("10.244.1.5/32", "local", device="tor1"),
+                      Route("10.244.1.6/32", "local", device="tor2")))
+    kernel.writes.clear()
+    assert m.apply() == 1
+    assert [(action, r.dst) for action, r in kernel.writes] == [("add", "10.244.2.0/26")]
