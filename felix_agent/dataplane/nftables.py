@@ -121,6 +121,10 @@ class NftTable:
 
         threading.Thread(target=run, name="nft-read", daemon=True).start()
 
+    def reading(self) -> bool:
+        """A background read-back is running or waits to be adopted: whoever adopts it repairs."""
+        return self._pending is not None
+
     def read_finished(self) -> bool:
         return self._pending is not None and self._pending.finished.is_set()
 
