@@ -76,7 +76,8 @@ class EndpointChains:
         ids = frozenset(known)
         last = self._last
         if last is not None and (last[0] is endpoints or last[0] == endpoints) and last[1] == ids:
-            part = last[2] if last[2].upserted == () else replace(last[2], upserted=(), removed=frozenset())
+            quiet = last[2].upserted == () and not last[2].removed
+            part = last[2] if quiet else replace(last[2], upserted=(), removed=frozenset())
             self._last = (endpoints, ids, part)
             return part  # the common case of a label change: no endpoint changed
         if last is not None and last[1] == ids and not self._clashed:
