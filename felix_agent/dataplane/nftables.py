@@ -14,7 +14,11 @@ The kernel is the record: every rule carries a comment starting with a hash of i
 restarted agent (or a periodic ``reload()``) recognises its own rules, and a rule edited or
 deleted by hand shows up as a chain to rewrite. Between reloads the driver trusts its own view of
 what it last wrote, so an apply costs one ``nft`` transaction, not a read and a write. In its own
-namespace it runs nft's commands through libnftables (see libnft), not one ``nft`` process each.
+namespace it runs nft's commands through libnftables (see libnft), not one ``nft`` process each,
+and a transaction of elements, regular chains and simple rules (a label change, a new or deleted
+pod) straight over nfnetlink (``kernel.nfnl_batch``): libnftables loads its cache of the whole
+ruleset first. An owner's ``Ruleset.delta`` lets it merge, diff and remember only the chains that
+changed; a background read overtaken by our own transactions is kept, those replayed onto it.
 """
 
 from __future__ import annotations
