@@ -343,3 +343,25 @@ def test_ipip_on_a_kernel_without_the_module_is_reported_not_fatal(fabric: Fabri
     assert n1.ipip.status == "unsupported"
     assert "10.244.9.0/26" not in n1.ip("route")
     assert n1.mtu_file.read_text() == "1480\n"
+
+
+def test_a_resync_read_on_a_thread_repairs_while_a_new_pod_is_routed(fabric: Fabric) -> None:
+    """The agent's route manager: the resync reads on a thread of its own (own socket in the node's
+    namespace) and a later apply adopts the read; a pod added meanwhile is routed at once."""
+    import threading
+
+    n1, n2, _ = fabric.nodes
+    fabric.apply_all()
+    read_done = threading.Event()
+    routes = RouteManager(n1.driver, reader=lambda: BulkRTNL.open(n1.path), wake=read_done.set)
+    routes.on_update(fabric.state(n1))
+    routes.apply(resync=True)  # the first apply reads on the loop: there is no view yet
+    n1.ip("route", "del", n2.block4, "proto", "80")  # out of band
+    assert routes.apply(resync=True) == 0 and read_done.wait(10)
+    fresh = fabric.add_pod(n1, 11)  # a new pod while the read waits: the plugin routed it already
+    routes.on_update(fabric.state(n1, extra_pods=[fresh]))
+    assert routes.apply() == 1  # the adoption: the deleted block route, and nothing of the new pod's
+    assert f"{n2.block4} via" in n1.ip("route")
+    assert f"{fresh.v4} dev {fresh.host_if} proto 80 scope link" in n1.ip("route")
+    assert eventually_pings(n1.pods[0], n2.pods[0].v4)
+    assert routes.apply() == 0 and routes.apply(resync=True) == 0
