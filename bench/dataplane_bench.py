@@ -312,7 +312,7 @@ def _links(lab: Any, tmp: Path, op: str, first: int, count: int) -> None:
     lines = [line(i) for i in range(first, first + count)]
     batch = tmp / f"links-{op}-{first}.batch"
     batch.write_text("\n".join(lines) + "\n")
-    lab.exec(lab.node(1).netns, "ip", "-batch", str(batch), timeout=300)
+    lab.exec(lab.node(1).netns, "ip", "-batch", str(batch), timeout=1200)  # 5,000 veths on a loaded machine
 
 
 AGENT_LOG_LEVEL = "info"
@@ -416,6 +416,10 @@ def run(quick: bool, keep_logs: Path | None = None) -> dict[str, Any]:
                        new_endpoint_in_resync_max_ms=max(hit) if hit else None,
                        resync_samples_s=new["resync_seconds"])
         seconds["incremental"] = time.perf_counter() - t0
+        # said now: a later step (the reference restart, iperf) failing must not lose these figures
+        log("new endpoint -> chains (ms): " + json.dumps({k: v for k, v in figures.items() if k.startswith("new_")})
+            + f"; resyncs (s): {json.dumps(new['resync_seconds'])}; label change p50/max "
+            f"{figures['incremental_p50_ms']:.1f}/{figures['incremental_max_ms']:.1f} ms; load {os.getloadavg()}")
 
         # Reference for 1: restart the agent with nothing of ours left in the datastore.
         _driver(lab, env, "clear")

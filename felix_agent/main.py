@@ -304,12 +304,13 @@ class Agent:
         # only when their part of the state moved (every one of them on the periodic resync).
         # nftablesRefreshInterval paces the resync of the managers of the nftables table;
         # routeRefreshInterval the others' (they all read the kernel back through netlink).
+        routes = RouteManager(netlink, reader=BulkRTNL.open, wake=self._kick)
         self._nft_managers = [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick),
                               HostPolicyManager(table), MasqManager(table)]
         return [*self._nft_managers,
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers, s.vxlan_mtu)),
                 Gated(IPIPManager(netlink, underlay_ip=underlay), lambda s: (s.ipip_enabled, s.extra, s.ipip_mtu)),
-                Gated(RouteManager(netlink), lambda s: (s.routes, s.vxlan_peers)),
+                Gated(routes, lambda s: (s.routes, s.vxlan_peers), pending=lambda: routes.wants_apply),
                 Gated(self.wireguard, lambda s: s.wireguard),
                 Gated(MTUManager(netlink, path=self.args.state_dir / "mtu", underlay_ip=underlay),
                       lambda s: (s.local_vtep, s.ipip_enabled, s.mtu, s.vxlan_mtu, s.ipip_mtu))]

@@ -11,8 +11,9 @@ elements) a one-address label change costs ~100 ms of ``nft`` start-up, and list
   chain and the first word of its comment;
 - :func:`set_keys` dumps one set's keys.
 
-Owns these nfnetlink messages only; everything else (creating objects, rules, maps) goes through
-nft's own parser. Must not know what the sets and rules mean (no policy, no Tortie concept). Uses
+Owns these nfnetlink messages and the batch framing; ``kernel.nfnl_batch`` adds chains, rules
+and map elements of a small rule grammar (a new endpoint) on the same framing; everything else
+goes through nft's own parser. Must not know what the sets and rules mean (no policy, no Tortie concept). Uses
 ``kernel.netlink``'s header, attributes and errors; runs in the caller's network namespace.
 """
 
@@ -101,33 +102,57 @@ def _family(family: str) -> int:
     return fam
 
 
+def element_messages(family: int, table: str, change: Change) -> list[tuple[bytes, int]]:
+    """One change's messages for a batch, each with the sequence number to wait for its
+    acknowledgement; Unsupported when this module does not encode it."""
+    verb, name, key_type, interval, elements = change
+    version = ADDRESS_TYPES.get(key_type)
+    if version is None:
+        raise Unsupported(f"set {name} of type {key_type}")
+    names = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if verb == "add" else NFT_MSG_DELSETELEM)
+    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if verb == "add" else 0)
+    items = list(elements)
+    out = []
+    for start in range(0, len(items), CHUNK):
+        listed = b"".join(_element(key, end) for literal in items[start:start + CHUNK]
+                          for key, end in _keys(literal, version, interval))
+        payload = names + attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0") + \
+            attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, listed)
+        seq = next(_seq)
+        out.append((message_for(kind, flags, seq, family, payload), seq))
+    return out
+
+
+def message_for(kind: int, flags: int, seq: int, family: int, payload: bytes) -> bytes:
+    """One nftables message of a batch (nfgenmsg header, then ``payload``)."""
+    return _message(kind, flags, seq, family, payload)
+
+
+def next_seq() -> int:
+    return next(_seq)
+
+
+def batch(messages_with_seq: Iterable[tuple[bytes, int]]) -> tuple[bytes, list[int]]:
+    """Messages framed as one atomic batch (begin ... end), and the sequence numbers to wait for;
+    Unsupported when it would not fit one send."""
+    parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, next(_seq), 0, b"", NFNL_SUBSYS_NFTABLES)]
+    acks = []
+    for data, seq in messages_with_seq:
+        parts.append(data)
+        acks.append(seq)
+    parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, next(_seq), 0, b"", NFNL_SUBSYS_NFTABLES))
+    data = b"".join(parts)
+    if len(data) > MAX_BATCH:
+        raise Unsupported(f"a batch of {len(data)} bytes")
+    return data, acks
+
+
 def encode(family: str, table: str, changes: Iterable[Change]) -> tuple[bytes, list[int]]:
     """The batch for ``changes`` (deletions should come first, as in nft's scripts) and the sequence
     numbers whose acknowledgement to wait for. Raises Unsupported for what it cannot encode."""
     fam = _family(family)
-    parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, next(_seq), 0, b"", NFNL_SUBSYS_NFTABLES)]
-    acks = []
-    names = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-    for verb, name, key_type, interval, elements in changes:
-        version = ADDRESS_TYPES.get(key_type)
-        if version is None:
-            raise Unsupported(f"set {name} of type {key_type}")
-        kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if verb == "add" else NFT_MSG_DELSETELEM)
-        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if verb == "add" else 0)
-        items = list(elements)
-        for start in range(0, len(items), CHUNK):
-            listed = b"".join(_element(key, end) for literal in items[start:start + CHUNK]
-                              for key, end in _keys(literal, version, interval))
-            payload = names + attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0") + \
-                attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, listed)
-            seq = next(_seq)
-            acks.append(seq)
-            parts.append(_message(kind, flags, seq, fam, payload))
-    parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, next(_seq), 0, b"", NFNL_SUBSYS_NFTABLES))
-    batch = b"".join(parts)
-    if len(batch) > MAX_BATCH:
-        raise Unsupported(f"a batch of {len(batch)} bytes")
-    return batch, acks
+    return batch(m for change in changes for m in element_messages(fam, table, change))
 
 
 def _socket() -> Socket:
@@ -137,20 +162,25 @@ def _socket() -> Socket:
 def write_elements(family: str, table: str, changes: Iterable[Change]) -> None:
     """Apply ``changes`` in one atomic batch; KernelError when the kernel refused it (nothing applied)
     or the socket failed."""
-    batch, acks = encode(family, table, changes)
+    send_batch(*encode(family, table, changes), "nfnetlink refused the set elements")
+
+
+def send_batch(data: bytes, acks: Sequence[int], doing: str) -> None:
+    """Send one batch and wait for every acknowledgement; KernelError (``doing``) when the kernel
+    refused it (then nothing of it applied) or the socket failed."""
     if not acks:
         return
     waiting = set(acks)
     try:
         with _socket() as sock:
-            sock.send(batch)
+            sock.send(data)
             while waiting:
                 for kind, _, seq, payload in messages(sock.recv()):
                     if kind != NLMSG_ERROR:
                         continue
                     code = error_code(payload)
                     if code:
-                        raise KernelError("nfnetlink refused the set elements", code)
+                        raise KernelError(doing, code)
                     waiting.discard(seq)
     except OSError as err:
         raise KernelError("nfnetlink", err.errno or errno.EIO) from err

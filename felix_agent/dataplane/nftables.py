@@ -14,7 +14,11 @@ The kernel is the record: every rule carries a comment starting with a hash of i
 restarted agent (or a periodic ``reload()``) recognises its own rules, and a rule edited or
 deleted by hand shows up as a chain to rewrite. Between reloads the driver trusts its own view of
 what it last wrote, so an apply costs one ``nft`` transaction, not a read and a write. In its own
-namespace it runs nft's commands through libnftables (see libnft), not one ``nft`` process each.
+namespace it runs nft's commands through libnftables (see libnft), not one ``nft`` process each,
+and a transaction of elements, regular chains and simple rules (a label change, a new or deleted
+pod) straight over nfnetlink (``kernel.nfnl_batch``): libnftables loads its cache of the whole
+ruleset first. An owner's ``Ruleset.delta`` lets it merge, diff and remember only the chains that
+changed; a background read overtaken by our own transactions is kept, those replayed onto it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import logging
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from felix_agent.dataplane import libnft
-from felix_agent.dataplane.nft_ruleset import Chain, Map, Ruleset, Set
-from kernel import nfnl
+from felix_agent.dataplane.nft_diff import _Desired, _plan, _recreate, _View
+from felix_agent.dataplane.nft_ruleset import Chain, ChainDelta, Map, Ruleset, Set
+from kernel import nfnl, nfnl_batch
 from kernel.netlink import KernelError
 
 log = logging.getLogger(__name__)
@@ -39,27 +44,10 @@ NFT = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:
 
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
 
-ELEMENT_CHUNK = 1000  # elements per "add element" line
 
 
 class NftError(Exception):
     """``nft`` refused a command; the message carries nft's own diagnosis (the offending line)."""
-
-
-@dataclass
-class _View:
-    """What the kernel holds (as read back, or as last written): chain signatures, sets, maps."""
-
-    chains: dict[str, tuple[tuple[str, str, int, str] | None, tuple[str, ...]]] = field(default_factory=dict)
-    sets: dict[str, Set] = field(default_factory=dict)
-    maps: dict[str, Map] = field(default_factory=dict)
-
-
-@dataclass
-class _Desired:
-    chains: dict[str, Chain] = field(default_factory=dict)
-    sets: dict[str, Set] = field(default_factory=dict)
-    maps: dict[str, Map] = field(default_factory=dict)
 
 
 def nft_runner(netns: str | None = None) -> Runner:
@@ -94,8 +82,11 @@ class NftTable:
         self._view: _View | None = None  # None: read the kernel before the next diff
         # The owners' chain tuples merged last time, and the merged dict (reused while they are the same).
         self._merged_chains: tuple[tuple[tuple[Chain, ...], ...], dict[str, Chain]] | None = None
-        # The merged chains dict the view is known to hold exactly (None: compare chain by chain).
+        # The merged chains dict the view is known to hold exactly (None: compare chain by chain), but for
+        # the chains named in _dirty_chains: an owner's ChainDelta changed them in that dict in place.
         self._synced_chains: dict[str, Chain] | None = None
+        self._dirty_chains: set[str] = set()
+        self._chain_owner: dict[str, str] = {}  # merged chain name -> the owner declaring it
         self.reloads = 0  # read-backs begun (reload, reload_async): owners share one resync's read
         self._writes = 0  # successful transactions: a read-back begun before one may have missed it
         self._pending: _Read | None = None
@@ -134,17 +125,25 @@ class NftTable:
 
         threading.Thread(target=run, name="nft-read", daemon=True).start()
 
+    def reading(self) -> bool:
+        """A background read-back is running or waits to be adopted: whoever adopts it repairs."""
+        return self._pending is not None
+
     def read_finished(self) -> bool:
         return self._pending is not None and self._pending.finished.is_set()
 
     def adopt_reload(self) -> bool:
-        """Take a finished background read as the view: True, unless it failed or a transaction of
-        ours ran while it read (it may hold half of it): then it is dropped (False) and the caller reads again."""
+        """Take a finished background read as the view: True, unless it failed (then the caller reads
+        again). A transaction of ours that ran while it read (a new pod during a resync) may be half
+        in it: what that transaction wrote (its journal) overrides the read, so that the read is not
+        thrown away for it (at 5,000 endpoints it takes seconds, and churn would overtake every one)."""
         job, self._pending = self._pending, None
-        if job is None or not job.finished.is_set() or job.view is None or job.writes != self._writes:
+        if job is None or not job.finished.is_set() or job.view is None:
             if job is not None and job.error is not None:
                 log.warning("reading the table back failed: %s", job.error)
             return False
+        if job.writes != self._writes:
+            job.journal.replay(job.view)
         self._view = job.view
         self._synced_chains = None
         return True
@@ -160,13 +159,15 @@ class NftTable:
                 if self._view is None or attempt:
                     self._view = self.read()
                     self._synced_chains = None
-                script = _diff(self._prefix, want, self._view, sweep, want.chains is self._synced_chains)
-                if script is None:
+                known = want.chains is self._synced_chains
+                planned = _plan(self._prefix, want, self._view, sweep, known, self._dirty_chains if known else None)
+                if planned is None:
                     break  # something the diff cannot express: fall back to recreating the table
+                script, ops = planned
                 if not script:
                     return ""
                 try:
-                    if not self._write_elements(want, self._view, script):
+                    if not self._write_direct(ops):
                         self._transact(script)
                 except (NftError, KernelError) as err:
                     log.warning("nft transaction refused, re-reading the table: %s", err)
@@ -216,30 +217,15 @@ class NftTable:
         view.chains = {name: (hook, tuple(tags.get(name, ()))) for name, (hook, _) in view.chains.items()}
         return view
 
-    def _write_elements(self, want: _Desired, have: _View, script: list[str]) -> bool:
-        """Write a transaction that only adds and deletes address-set elements straight over nfnetlink
-        (what a label change is); False when the transaction is something else: nft must write it."""
-        if not self._direct or not all(line.startswith(("add element ", "delete element "))
-                                       for line in script[1:]):
+    def _write_direct(self, ops: Sequence[nfnl_batch.Op | None]) -> bool:
+        """Write the transaction straight over nfnetlink when every command of it can be (set and
+        map elements, regular chains and the rules of ``kernel.nfnl_batch``'s grammar: a label
+        change, a new or deleted endpoint); False when nft must write it. libnftables would first
+        load its cache of the whole ruleset: 50-150 ms at 5,000 endpoints."""
+        if not self._direct or not ops or any(op is None for op in ops):
             return False
-        changes: list[nfnl.Change] = []
-        for m in want.maps.values():
-            old_map = have.maps.get(m.name)
-            if old_map is None or (old_map.elements is not m.elements and old_map.elements != m.elements):
-                return False
-        for s in want.sets.values():
-            old_set = have.sets.get(s.name)
-            if old_set is None:
-                return False
-            if old_set.elements is s.elements:
-                continue
-            interval = "interval" in s.flags
-            if gone := sorted(old_set.elements - s.elements):
-                changes.insert(0, ("delete", s.name, s.type, interval, gone))
-            if new := sorted(s.elements - old_set.elements):
-                changes.append(("add", s.name, s.type, interval, new))
         try:
-            nfnl.write_elements(self.family, self.name, changes)
+            nfnl_batch.write(self.family, self.name, [op for op in ops if op is not None])
         except nfnl.Unsupported:
             return False
         return True
@@ -253,8 +239,9 @@ class NftTable:
         declared = [(owner, ruleset) for owner, ruleset in self._owners.items() if ruleset is not None]
         chain_tuples = tuple(ruleset.chains for _, ruleset in declared)
         cached = self._merged_chains
-        same_chains = cached is not None and len(cached[0]) == len(chain_tuples) and all(
-            a is b for a, b in zip(cached[0], chain_tuples, strict=True))
+        same_chains = cached is not None and len(cached[0]) == len(chain_tuples) and (
+            all(a is b for a, b in zip(cached[0], chain_tuples, strict=True)) or self._merge_deltas(declared))
+        owners: dict[str, str] = {}
         for owner, ruleset in declared:
             kinds = (("sets", ruleset.sets), ("maps", ruleset.maps))
             for kind, items in kinds if same_chains else (("chains", ruleset.chains), *kinds):
@@ -263,11 +250,43 @@ class NftTable:
                     if item.name in table:
                         raise ValueError(f"{kind[:-1]} {item.name} declared twice (again by {owner})")
                     table[item.name] = item
-        if same_chains and cached is not None:
-            want.chains = cached[1]  # the very dict of last time: the diff can skip the chains
+                    if kind == "chains":
+                        owners[item.name] = owner
+        if same_chains and self._merged_chains is not None:
+            want.chains = self._merged_chains[1]  # the very dict of last time: the diff can skip the chains
         else:
             self._merged_chains = (chain_tuples, want.chains)
+            self._chain_owner = owners
         return want
+
+    def _merge_deltas(self, declared: Sequence[tuple[str, Ruleset]]) -> bool:
+        """Bring the merged chains up to ``declared`` in place when every owner whose chains changed
+        says how (``Ruleset.delta`` from the tuple merged last time), noting the changed names for the
+        diff; False (nothing touched) when one does not: then all chains are merged again."""
+        assert self._merged_chains is not None
+        before, merged = self._merged_chains
+        deltas: list[tuple[str, ChainDelta]] = []
+        for (owner, ruleset), old in zip(declared, before, strict=True):
+            if ruleset.chains is old:
+                continue
+            if ruleset.delta is None or ruleset.delta.base is not old:
+                return False
+            deltas.append((owner, ruleset.delta))
+        for owner, delta in deltas:
+            for chain in delta.upserted:
+                if self._chain_owner.get(chain.name, owner) != owner:
+                    raise ValueError(f"chain {chain.name} declared twice (again by {owner})")
+        for owner, delta in deltas:
+            for name in delta.removed:
+                if self._chain_owner.get(name) == owner:
+                    del merged[name], self._chain_owner[name]
+                    self._dirty_chains.add(name)
+            for chain in delta.upserted:
+                merged[chain.name] = chain
+                self._chain_owner[chain.name] = owner
+                self._dirty_chains.add(chain.name)
+        self._merged_chains = (tuple(ruleset.chains for _, ruleset in declared), merged)
+        return True
 
     def _transact(self, script: list[str]) -> None:
         done = self._run(["-f", "-"], "\n".join(script) + "\n")
@@ -278,22 +297,66 @@ class NftTable:
         """After a successful transaction the kernel holds ``want`` (and, without a sweep, the leftovers)."""
         self._writes += 1
         view = self._view if self._view is not None else _View()
+        journal = self._pending.journal if self._pending is not None else None  # a read runs: note what changed
         chains_known = want.chains is self._synced_chains
         if sweep:
             if not chains_known:
                 for name in [n for n in view.chains if n not in want.chains]:
                     del view.chains[name]
-            view.sets = {n: s for n, s in view.sets.items() if n in want.sets}
-            view.maps = {n: m for n, m in view.maps.items() if n in want.maps}
+                    if journal is not None:
+                        journal.chains[name] = None
+            for kind, wanted in (("sets", want.sets), ("maps", want.maps)):
+                held: dict[str, Any] = getattr(view, kind)
+                gone = [n for n in held if n not in wanted]
+                for name in gone:
+                    del held[name]
+                if journal is not None:
+                    getattr(journal, kind).update(dict.fromkeys(gone))
         if not chains_known:
             for name, chain in want.chains.items():
-                if view.chains.get(name) is not chain.signature:
+                old = view.chains.get(name)
+                if old is not chain.signature:
                     view.chains[name] = chain.signature
-        view.sets.update(want.sets)
-        view.maps.update(want.maps)
+                    if journal is not None and old != chain.signature:  # an equal one was not written
+                        journal.chains[name] = chain.signature
+        else:
+            for name in self._dirty_chains:
+                declared = want.chains.get(name)
+                if declared is not None:
+                    view.chains[name] = declared.signature
+                elif sweep:
+                    view.chains.pop(name, None)
+                if journal is not None and (declared is not None or sweep):
+                    journal.chains[name] = declared.signature if declared is not None else None
+        self._dirty_chains = set()
+        for kind, wanted in (("sets", want.sets), ("maps", want.maps)):
+            held = getattr(view, kind)
+            if journal is not None:
+                getattr(journal, kind).update((n, x) for n, x in wanted.items()
+                                              if held.get(n) is not x and held.get(n) != x)
+            held.update(wanted)
         self._view = view
         # With a sweep the view's chains are now exactly these: next time, the same dict needs no look.
         self._synced_chains = want.chains if sweep else None
+
+
+@dataclass
+class _Journal:
+    """What our transactions wrote while a read-back ran, by name (None: deleted)."""
+
+    chains: dict[str, tuple[tuple[str, str, int, str] | None, tuple[str, ...]] | None] = field(default_factory=dict)
+    sets: dict[str, Set | None] = field(default_factory=dict)
+    maps: dict[str, Map | None] = field(default_factory=dict)
+
+    def replay(self, view: _View) -> None:
+        """Make ``view`` (read while these writes ran) hold what they wrote."""
+        for kind in ("chains", "sets", "maps"):
+            held: dict[str, Any] = getattr(view, kind)
+            for name, value in getattr(self, kind).items():
+                if value is None:
+                    held.pop(name, None)
+                else:
+                    held[name] = value
 
 
 @dataclass
@@ -302,71 +365,9 @@ class _Read:
 
     writes: int
     finished: threading.Event = field(default_factory=threading.Event)
+    journal: _Journal = field(default_factory=_Journal)
     view: _View | None = None
     error: Exception | None = None
-
-
-def _diff(t: str, want: _Desired, have: _View, sweep: bool, chains_known: bool = False) -> list[str] | None:
-    """The transaction that turns ``have`` into ``want``, in an order nft accepts; None when only
-    recreating the table can do it. ``chains_known``: ``have`` holds exactly ``want``'s chains."""
-    make: list[str] = []
-    elements_out: list[str] = []
-    elements_in: list[str] = []
-    rules: list[str] = []
-    for s in want.sets.values():
-        old_set = have.sets.get(s.name)
-        if old_set is not None and old_set.spec != s.spec:
-            return None
-        if old_set is None:
-            make.append(f"add set {t} {s.name} {s.render()}")
-        if old_set is None or old_set.elements is not s.elements:
-            old_elements = old_set.elements if old_set is not None else frozenset()
-            elements_out += _elements("delete", t, s.name, sorted(old_elements - s.elements))
-            elements_in += _elements("add", t, s.name, sorted(s.elements - old_elements))
-    for m in want.maps.values():
-        old_map = have.maps.get(m.name)
-        if old_map is not None and old_map.spec != m.spec:
-            return None
-        if old_map is None:
-            make.append(f"add map {t} {m.name} {m.render()}")
-        if old_map is None or old_map.elements is not m.elements:
-            old_pairs = old_map.elements if old_map is not None else frozenset()
-            elements_out += _elements("delete", t, m.name, sorted(k for k, _ in old_pairs - m.elements))
-            elements_in += _elements("add", t, m.name, sorted(f"{k} : {v}" for k, v in m.elements - old_pairs))
-    for c in () if chains_known else want.chains.values():
-        old_chain = have.chains.get(c.name)
-        if old_chain is c.signature:
-            continue  # the common case: the very chain written last time
-        if old_chain is not None and old_chain[0] != c.signature[0]:
-            return None
-        if old_chain == c.signature:
-            continue
-        if old_chain is None:
-            make.append(f"add chain {t} {c.name}" + (f" {c.hook.render()}" if c.hook else ""))
-        elif old_chain[1]:
-            rules.append(f"flush chain {t} {c.name}")
-        rules += (f"add rule {t} {c.name} {r.render()}" for r in c.rules)
-    drop: list[str] = []
-    if sweep:
-        gone = [] if chains_known else [name for name in have.chains if name not in want.chains]
-        # rules first (they reference sets, maps and chains), then sets and maps (maps reference chains)
-        drop += [f"flush chain {t} {name}" for name in gone]
-        drop += [f"delete set {t} {name}" for name in have.sets if name not in want.sets]
-        drop += [f"delete map {t} {name}" for name in have.maps if name not in want.maps]
-        drop += [f"delete chain {t} {name}" for name in gone]
-    body = make + elements_out + elements_in + rules + drop
-    return [f"add table {t}", *body] if body else []
-
-
-def _recreate(t: str, want: _Desired) -> list[str]:
-    script = [f"add table {t}", f"delete table {t}"]
-    script += _diff(t, want, _View(), False) or [f"add table {t}"]
-    return script
-
-
-def _elements(verb: str, t: str, name: str, items: Sequence[str]) -> Iterator[str]:
-    for start in range(0, len(items), ELEMENT_CHUNK):
-        yield f"{verb} element {t} {name} {{ {', '.join(items[start : start + ELEMENT_CHUNK])} }}"
 
 
 def _parse(document: dict[str, Any]) -> _View:

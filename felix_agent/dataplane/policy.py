@@ -25,10 +25,18 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 
 from felix_agent.calc.model import DesiredState, Endpoint, HostEndpoint, IPSet, Policy, RuleMatch
-from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set, address_elements
+from felix_agent.dataplane.endpoint_chains import EndpointChains, EndpointPart
+from felix_agent.dataplane.nft_ruleset import (
+    Chain,
+    ChainDelta,
+    Hook,
+    Rule,
+    Ruleset,
+    Set,
+    address_elements,
+)
 from felix_agent.dataplane.nftables import NftTable
 
 log = logging.getLogger(__name__)
@@ -310,120 +318,76 @@ def host_policy_refs(host_endpoints: frozenset[HostEndpoint],
     return frozenset(ref for hep in host_endpoints for ref in hep.policy_refs() if ref[0] in known)
 
 
-@dataclass(frozen=True)
-class _Endpoints:
-    """The endpoint half of the table: per-endpoint chains, the dispatch maps, the policy chains used."""
-
-    chains: tuple[Chain, ...]
-    maps: tuple[Map, Map]
-    wanted: frozenset[tuple[str, str]]  # (policy id, direction)
+def _render_pair(endpoint: Endpoint, known: Mapping[str, Policy]) -> tuple[Chain, Chain]:
+    return render_endpoint(endpoint, INGRESS, known), render_endpoint(endpoint, EGRESS, known)
 
 
 class _Renderer:
     """``render`` with memory: unchanged endpoints, policies and IP sets reuse the objects rendered
-    last time, and when only IP sets changed (a label change) the chains and maps are handed on as
-    the very tuples of last time, so the driver skips them without looking inside."""
+    last time; when only IP sets changed (a label change) the chains and maps are handed on as the
+    very tuples of last time, so the driver skips them without looking inside; when a few endpoints
+    changed (a new pod) the endpoint half is updated from them alone (``EndpointChains``) and the
+    ruleset says which chains changed (``Ruleset.delta``), so the driver diffs only those."""
 
     def __init__(self) -> None:
-        self._endpoints: dict[str, _Share] = {}
-        self._last: tuple[frozenset[Endpoint], frozenset[str], _Endpoints] | None = None
+        self._endpoint_half = EndpointChains(_render_pair, INGRESS, EGRESS)
+        self._part: EndpointPart | None = None
         self._policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
+        # the policy chains as last rendered: for (wanted, policies), the chains by name and their sets
+        self._policy_part: tuple[frozenset[tuple[str, str]], frozenset[Policy], dict[str, Chain],
+                                 dict[str, Set]] | None = None
         self._ipsets: dict[IPSet, Set] = {}
         self._chains: tuple[frozenset[Endpoint], frozenset[Policy], tuple[Chain, ...], dict[str, Set],
-                            frozenset[HostEndpoint], str] | None = None
+                            ChainDelta | None, frozenset[HostEndpoint], str] | None = None
         self._sets: tuple[frozenset[IPSet], dict[str, Set], tuple[Set, ...]] | None = None
 
     def render(self, state: DesiredState) -> Ruleset:
         known = {p.id: p for p in state.policies}
         action = state.host.endpoint_to_host_action
-        if (self._chains is not None and self._chains[0] is state.endpoints and self._chains[1] is state.policies
-                and self._chains[4] is state.host_endpoints and self._chains[5] == action):
-            chains, rule_sets = self._chains[2], self._chains[3]
-            part = self._last[2] if self._last is not None else self._endpoint_part(state.endpoints, known)
+        last = self._chains
+        if (last is not None and self._part is not None and last[0] is state.endpoints and last[1] is state.policies
+                and last[5] is state.host_endpoints and last[6] == action):
+            chains, rule_sets, delta = last[2], last[3], last[4]
+            part = self._part
         else:
-            part = self._endpoint_part(state.endpoints, known)
-            chain_list = [*BASE_CHAINS, endpoint_to_host_chain(action), *part.chains]
-            rule_sets = {}
-            policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
-            for pid, direction in sorted(part.wanted | host_policy_refs(state.host_endpoints, known)):
-                key = (known[pid], direction)
-                policies[key] = self._policies.get(key) or render_policy(*key)
-                chain_list.append(policies[key][0])
-                for s in policies[key][1]:  # selector sets come empty from the rules: the IP sets fill them below
-                    if s.elements or s.name not in rule_sets:
-                        rule_sets[s.name] = s
-            self._policies = policies
-            chains = tuple(chain_list)
-            self._chains = (state.endpoints, state.policies, chains, rule_sets, state.host_endpoints, action)
+            part = self._part = self._endpoint_half.update(state.endpoints, known)
+            wanted = part.wanted | host_policy_refs(state.host_endpoints, known)
+            before = self._policy_part
+            if before is not None and before[0] == wanted and before[1] is state.policies:
+                policy_chains, rule_sets = before[2], before[3]
+            else:
+                policy_chains, rule_sets = self._policy_chains(wanted, known)
+                self._policy_part = (wanted, state.policies, policy_chains, rule_sets)
+            chains = (*BASE_CHAINS, endpoint_to_host_chain(action), *part.chains, *policy_chains.values())
+            delta = None
+            # Only endpoint and policy chains moved (the workload-to-host chain did not): say which.
+            if part.upserted is not None and last is not None and before is not None and last[6] == action:
+                old = before[2]
+                changed = tuple(c for name, c in policy_chains.items() if old.get(name) is not c)
+                delta = ChainDelta(last[2], part.upserted + changed,
+                                   part.removed | (old.keys() - policy_chains.keys()))
+            self._chains = (state.endpoints, state.policies, chains, rule_sets, delta, state.host_endpoints, action)
         if self._sets is None or self._sets[0] is not state.ipsets or self._sets[1] is not rule_sets:
             self._ipsets = {ipset: self._ipsets.get(ipset) or render_ipset(ipset) for ipset in state.ipsets}
             sets = dict(rule_sets)
             sets.update((s.name, s) for s in self._ipsets.values())
             self._sets = (state.ipsets, rule_sets, tuple(sets[name] for name in sorted(sets)))
-        return Ruleset(chains, self._sets[2], part.maps)
+        return Ruleset(chains, self._sets[2], part.maps, delta)
 
-    def _endpoint_part(self, endpoints: frozenset[Endpoint], known: Mapping[str, Policy]) -> _Endpoints:
-        ids = frozenset(known)
-        if self._last and (self._last[0] is endpoints or self._last[0] == endpoints) and self._last[1] == ids:
-            return self._last[2]  # the common case of a label change: no endpoint changed
-        same_ids = self._last is not None and self._last[1] == ids
-        # Every endpoint is visited (the order and the clash check need them all), but an endpoint
-        # object seen last time brings its whole share (chains, map elements, policies used) from
-        # the cache: at 5,000 endpoints a new pod then costs a few ms here, not ~60.
-        chains: list[Chain] = []
-        to_wl: list[tuple[str, str]] = []
-        from_wl: list[tuple[str, str]] = []
-        wanted: set[tuple[str, str]] = set()
-        rendered: dict[str, _Share] = {}
-        interfaces: set[str] = set()
-        for ep in sorted(endpoints, key=_ORDER):
-            if ep.interface in interfaces or ep.key in rendered:
-                log.warning("endpoint %s on %s clashes with another endpoint: skipped", ep.key, ep.interface)
-                continue
-            interfaces.add(ep.interface)
-            share = self._endpoints.get(ep.key)
-            if share is None or share.endpoint is not ep or not same_ids:
-                share = self._share(ep, known, share)
-            rendered[ep.key] = share
-            chains += share.chains
-            to_wl.append(share.to_wl)
-            from_wl.append(share.from_wl)
-            wanted |= share.wanted
-        self._endpoints = rendered
-        maps = (
-            Map("to-wl", "ifname", elements=frozenset(to_wl)),
-            Map("from-wl", "ifname", elements=frozenset(from_wl)),
-        )
-        part = _Endpoints(tuple(chains), maps, frozenset(wanted))
-        self._last = (endpoints, ids, part)
-        return part
-
-    @staticmethod
-    def _share(ep: Endpoint, known: Mapping[str, Policy], cached: _Share | None) -> _Share:
-        refs = frozenset(pid for pid in ep.ingress_policies + ep.egress_policies + ep.profiles if pid in known)
-        if cached is not None and cached.endpoint == ep and cached.refs == refs:
-            pair = cached.chains
-        else:
-            pair = (render_endpoint(ep, INGRESS, known), render_endpoint(ep, EGRESS, known))
-        wanted = frozenset([*((pid, INGRESS) for pid in ep.ingress_policies + ep.profiles if pid in known),
-                            *((pid, EGRESS) for pid in ep.egress_policies + ep.profiles if pid in known)])
-        return _Share(ep, refs, pair, (f'"{ep.interface}"', f"goto {pair[0].name}"),
-                      (f'"{ep.interface}"', f"goto {pair[1].name}"), wanted)
-
-
-@dataclass(frozen=True)
-class _Share:
-    """One endpoint's share of the table, kept while the endpoint object is the same."""
-
-    endpoint: Endpoint
-    refs: frozenset[str]  # the policies and profiles it uses that exist
-    chains: tuple[Chain, Chain]  # ingress, egress
-    to_wl: tuple[str, str]  # its element of each dispatch map
-    from_wl: tuple[str, str]
-    wanted: frozenset[tuple[str, str]]  # the policy chains it jumps to
-
-
-_ORDER = attrgetter("key", "interface")
+    def _policy_chains(self, wanted: frozenset[tuple[str, str]],
+                       known: Mapping[str, Policy]) -> tuple[dict[str, Chain], dict[str, Set]]:
+        chains: dict[str, Chain] = {}
+        rule_sets: dict[str, Set] = {}
+        policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
+        for pid, direction in sorted(wanted):
+            key = (known[pid], direction)
+            policies[key] = self._policies.get(key) or render_policy(*key)
+            chains[policies[key][0].name] = policies[key][0]
+            for s in policies[key][1]:  # selector sets come empty from the rules: the IP sets fill them below
+                if s.elements or s.name not in rule_sets:
+                    rule_sets[s.name] = s
+        self._policies = policies
+        return chains, rule_sets
 
 
 def render(state: DesiredState) -> Ruleset:

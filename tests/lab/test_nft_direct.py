@@ -141,3 +141,90 @@ def test_libnftables_runs_what_nft_runs_and_refuses_what_it_refuses(ns: str) -> 
         finally:
             lib.close()
     assert "probe" not in nft("list", "tables")  # the context was in the lab's namespace, not ours
+
+
+def _endpoint_chain(name: str, policy: str = "pol-1-in") -> Chain:
+    """An endpoint chain as the policy manager renders one (every rule form it uses)."""
+    return Chain(name, (Rule("ct state established,related accept"), Rule("ct state invalid drop"),
+                        Rule("meta mark set meta mark & 0xfdffffff", "clear the pass mark"),
+                        Rule(f"jump {policy}", "policy a"),
+                        Rule(f"meta mark & 0x02000000 == 0 jump {policy}", "policy b"),
+                        Rule("meta mark & 0x02000000 == 0 drop", "default deny"), Rule("drop", "no profile")))
+
+
+def _with_endpoints(names: list[str]) -> Ruleset:
+    base = ruleset(frozenset({"10.1.0.1"}))
+    to_wl = Map("to-wl", "ifname", elements=frozenset({('"tor1"', "goto to-1"),
+                                                         *((f'"tor{n}"', f"goto ep-{n}") for n in names)}))
+    return Ruleset((*base.chains, Chain("pol-1-in", (Rule("accept"),)), *(_endpoint_chain(f"ep-{n}") for n in names)),
+                   base.sets, (to_wl,))
+
+
+def test_a_new_endpoint_is_written_over_netlink_as_nft_would_write_it(ns: str) -> None:
+    calls: list[list[str]] = []
+    with netns(ns):
+        table = NftTable()
+        real_run = table._run
+        table._run = lambda args, stdin: calls.append(list(args)) or real_run(args, stdin)
+        table.add_owner("policy")
+        table.declare("policy", _with_endpoints(["a"]))
+        table.apply()  # the first write creates the table: nft
+        assert calls
+        by_nft = nft("list", "chain", "inet", "tortie", "ep-a")
+        calls.clear()
+        table.declare("policy", _with_endpoints(["a", "b"]))
+        written = table.apply()
+        assert "add chain inet tortie ep-b" in written and calls == []  # no nft: straight over nfnetlink
+        assert nft("list", "chain", "inet", "tortie", "ep-b") == by_nft.replace("ep-a", "ep-b")
+        assert '"torb" : goto ep-b' in nft("list", "map", "inet", "tortie", "to-wl")
+        table.reload()  # the kernel reads back as declared: the tags are the ones nft would write
+        assert table.apply() == ""
+        calls.clear()  # the read-back lists chains, sets and maps with nft
+        # the endpoint goes: its map element, its rules and its chain, still without nft
+        table.declare("policy", _with_endpoints(["b"]))
+        assert "delete chain inet tortie ep-a" in table.apply() and calls == []
+        assert "ep-a" not in nft("list", "table", "inet", "tortie")
+        # a rule outside the grammar: nft writes the whole transaction
+        extra = _with_endpoints(["b"])
+        table.declare("policy", Ruleset((*extra.chains, Chain("ep-c", (Rule("meta l4proto tcp accept"),))),
+                                        extra.sets, extra.maps))
+        table.apply()
+        assert calls and "meta l4proto tcp accept" in nft("list", "chain", "inet", "tortie", "ep-c")
+
+
+def test_a_refused_direct_transaction_is_rewritten_by_nft(ns: str) -> None:
+    with netns(ns):
+        table = NftTable()
+        table.add_owner("policy")
+        table.declare("policy", _with_endpoints(["a"]))
+        table.apply()
+        nft("flush", "chain", "inet", "tortie", "forward")
+        nft("delete", "map", "inet", "tortie", "to-wl")  # out of band: the direct batch will be refused
+        table.declare("policy", _with_endpoints(["a", "b"]))
+        table.apply()  # refused over netlink -> re-read -> nft writes the difference
+        assert '"torb" : goto ep-b' in nft("list", "map", "inet", "tortie", "to-wl")
+        assert "ep-b" in nft("list", "chains", "inet")
+
+
+def test_a_read_back_overtaken_by_our_own_transaction_is_kept_and_still_repairs(ns: str) -> None:
+    import threading
+
+    with netns(ns):
+        table = NftTable()
+        table.add_owner("policy")
+        table.declare("policy", _with_endpoints(["a"]))
+        table.apply()
+        handles = nft("-a", "list", "chain", "inet", "tortie", "to-1")
+        handle = next(line.rsplit("# handle ", 1)[1] for line in handles.splitlines() if "from web" in line)
+        nft("delete", "rule", "inet", "tortie", "to-1", "handle", handle.strip())  # out of band
+        done = threading.Event()
+        table.reload_async(done.set)
+        assert done.wait(10)
+        # a new endpoint's transaction lands after the read: the read does not hold it
+        table.declare("policy", _with_endpoints(["a", "b"]))
+        assert "add chain inet tortie ep-b" in table.apply()
+        assert table.adopt_reload()  # kept, with our own write replayed onto it
+        repaired = table.apply()
+        assert "flush chain inet tortie to-1" in repaired and "ep-b" not in repaired
+        assert "@s-web-v4" in nft("list", "chain", "inet", "tortie", "to-1")
+        assert table.apply() == ""

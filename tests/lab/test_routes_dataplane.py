@@ -85,13 +85,14 @@ class Node:
     def vtep(self) -> VXLANPeer:
         return VXLANPeer(self.name, self.underlay, f"10.244.{self.k}.1", f"66:74:6f:72:00:{self.k:02x}")
 
-    def apply(self, state: DesiredState) -> int:
-        """One batch, in the order the agent runs its managers: devices before the routes through them."""
+    def apply(self, state: DesiredState, resync: bool = False) -> int:
+        """One batch, in the order the agent runs its managers: devices before the routes through them.
+        ``resync``: the periodic resync's pass, which reads the kernel back (repairs out-of-band changes)."""
         writes = 0
         for manager in (self.vxlan, self.ipip, self.routes, self.mtu):
             manager.on_update(state)
         for manager in (self.vxlan, self.ipip, self.routes, self.mtu):
-            writes += manager.apply()
+            writes += manager.apply(resync=resync)
         return writes
 
     def ip(self, *argv: str) -> str:
@@ -132,9 +133,9 @@ class Fabric:
             local_vtep=node.vtep if mode == "vxlan" else None,
         )
 
-    def apply_all(self, mode: str = "vxlan", members: list[Node] | None = None) -> int:
+    def apply_all(self, mode: str = "vxlan", members: list[Node] | None = None, resync: bool = False) -> int:
         members = self.nodes if members is None else members
-        return sum(n.apply(self.state(n, mode, members)) for n in members)
+        return sum(n.apply(self.state(n, mode, members), resync) for n in members)
 
     def add_pod(self, node: Node, j: int) -> Pod:
         name = f"{self.lab.name}-p{secrets.token_hex(4)}"  # the lab's pod pattern: destroy() takes it too
@@ -288,7 +289,7 @@ def test_out_of_band_changes_are_repaired_and_foreign_routes_left_alone(fabric: 
     )
     assert not ping(n1.pods[0], n2.pods[0].v4, count=1)
 
-    assert fabric.apply_all() == 4  # the two routes, the FDB entry and the neighbour
+    assert fabric.apply_all(resync=True) == 4  # the two routes, the FDB entry and the neighbour
     assert eventually_pings(n1.pods[0], n2.pods[0].v4)
     assert eventually_pings(n1.pods[0], n2.pods[0].v6)
     after = n1.ip("route") + n1.ip("-6", "route")
@@ -342,3 +343,25 @@ def test_ipip_on_a_kernel_without_the_module_is_reported_not_fatal(fabric: Fabri
     assert n1.ipip.status == "unsupported"
     assert "10.244.9.0/26" not in n1.ip("route")
     assert n1.mtu_file.read_text() == "1480\n"
+
+
+def test_a_resync_read_on_a_thread_repairs_while_a_new_pod_is_routed(fabric: Fabric) -> None:
+    """The agent's route manager: the resync reads on a thread of its own (own socket in the node's
+    namespace) and a later apply adopts the read; a pod added meanwhile is routed at once."""
+    import threading
+
+    n1, n2, _ = fabric.nodes
+    fabric.apply_all()
+    read_done = threading.Event()
+    routes = RouteManager(n1.driver, reader=lambda: BulkRTNL.open(n1.path), wake=read_done.set)
+    routes.on_update(fabric.state(n1))
+    routes.apply(resync=True)  # the first apply reads on the loop: there is no view yet
+    n1.ip("route", "del", n2.block4, "proto", "80")  # out of band
+    assert routes.apply(resync=True) == 0 and read_done.wait(10)
+    fresh = fabric.add_pod(n1, 11)  # a new pod while the read waits: the plugin routed it already
+    routes.on_update(fabric.state(n1, extra_pods=[fresh]))
+    assert routes.apply() == 1  # the adoption: the deleted block route, and nothing of the new pod's
+    assert f"{n2.block4} via" in n1.ip("route")
+    assert f"{fresh.v4} dev {fresh.host_if} proto 80 scope link" in n1.ip("route")
+    assert eventually_pings(n1.pods[0], n2.pods[0].v4)
+    assert routes.apply() == 0 and routes.apply(resync=True) == 0

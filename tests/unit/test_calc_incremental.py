@@ -191,3 +191,28 @@ def test_the_policy_renderer_kept_between_states_renders_what_a_fresh_one_does(
         kind, key = key_of(resource)
         snap.apply(Update(kind, key, resource if op == "put" else None))
         assert renderer.render(calc.compute(snap)) == render(compute(snap, NODE))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(change, min_size=1, max_size=25))
+def test_the_chain_delta_the_renderer_hands_on_turns_the_last_chains_into_the_new_ones(
+        changes: list[tuple[str, Resource]]) -> None:
+    """Ruleset.delta lets the nftables driver diff only the chains it names: whatever the changes,
+    the last chains with the delta applied are exactly the new chains."""
+    from felix_agent.dataplane.policy import _Renderer
+
+    snap = world()
+    calc = Calculator(NODE)
+    renderer = _Renderer()
+    last = renderer.render(calc.compute(snap)).chains
+    for op, resource in changes:
+        kind, key = key_of(resource)
+        snap.apply(Update(kind, key, resource if op == "put" else None))
+        ruleset = renderer.render(calc.compute(snap))
+        if ruleset.chains is not last and ruleset.delta is not None and ruleset.delta.base is last:
+            patched = {c.name: c for c in last}
+            for name in ruleset.delta.removed:
+                del patched[name]
+            patched.update((c.name, c) for c in ruleset.delta.upserted)
+            assert patched == {c.name: c for c in ruleset.chains}
+        last = ruleset.chains

@@ -47,3 +47,21 @@ def _offsets(batch: bytes) -> list[int]:
         offsets.append(offset)
         offset += (struct.unpack_from("=I", batch, offset)[0] + 3) & ~3
     return offsets
+
+
+@pytest.mark.parametrize("body", [
+    "meta l4proto tcp accept", "ip saddr @s-x-v4 accept", "ct state bogus accept", "jump",
+    "meta mark & 0x1 == 0x2 drop", "log prefix \"x\"", "meta mark set meta mark | 0x02000000 return",
+])
+def test_rules_outside_the_direct_grammar_are_left_to_nft(body: str) -> None:
+    from kernel.nfnl_batch import compile_rule
+    with pytest.raises(Unsupported):
+        compile_rule(body)
+
+
+def test_interface_wildcards_and_long_names_are_left_to_nft() -> None:
+    from kernel.nfnl_batch import MapElements
+    from kernel.nfnl_batch import encode as encode_ops
+    for key in ('"tor*"', '"' + "x" * 16 + '"'):
+        with pytest.raises(Unsupported):
+            encode_ops("inet", "tortie", [MapElements("add", "to-wl", ((key, "goto c"),))])

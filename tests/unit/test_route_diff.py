@@ -31,15 +31,29 @@ class FakeKernel:
     routes_: list[KernelRoute] = field(default_factory=list)
     links_: dict[str, int] = field(default_factory=lambda: {"lo": 1, "eth0": 2, "vxlan.tortie": 3})
     writes: list[tuple[str, KernelRoute]] = field(default_factory=list)
+    reads: int = 0  # full listings of the links (every full apply starts with one)
 
     def links(self) -> list[Link]:
         return [Link(i, n, None, 1500, None, True) for n, i in self.links_.items()]
 
     def link_indexes(self) -> dict[str, int]:
+        self.reads += 1
         return dict(self.links_)
+
+    def link(self, name: str) -> Link | None:
+        return Link(self.links_[name], name, None, 1500, None, True) if name in self.links_ else None
 
     def routes(self, protocol: int | None = None, indexes: Mapping[str, int] | None = None) -> list[KernelRoute]:
         return [r for r in self.routes_ if protocol is None or r.proto == protocol]
+
+    def route_at(self, address: str) -> KernelRoute:
+        """The entry with the longest prefix holding ``address`` (``ip route get fibmatch``), device by index."""
+        import ipaddress
+        found = [r for r in self.routes_ if ipaddress.ip_address(address) in ipaddress.ip_network(r.dst)]
+        if not found:
+            raise KernelError("route get", errno.ENETUNREACH)
+        best = max(found, key=lambda r: ipaddress.ip_network(r.dst).prefixlen)
+        return best.replace(device=None)
 
     def _resolve(self, r: KernelRoute) -> KernelRoute:
         if r.type == "unicast" and r.device is not None:
@@ -215,7 +229,8 @@ def test_a_route_deleted_out_of_band_is_restored_and_a_stale_one_removed() -> No
         KernelRoute("10.244.7.0/26", gateway="10.244.7.1", device="vxlan.tortie", onlink=True, ifindex=3, proto=80)
     )
     kernel.writes.clear()
-    assert m.apply() == 2
+    assert m.apply() == 0  # between resyncs the manager trusts its view: out-of-band changes wait
+    assert m.apply(resync=True) == 2
     assert [w[0] for w in kernel.writes] == ["delete", "add"]
     assert {r.dst for r in kernel.routes_ if r.proto == 80} == {"10.244.1.0/26", "10.244.2.0/26", "10.244.3.0/26"}
 
@@ -309,3 +324,75 @@ def test_a_foreign_route_on_a_desired_prefix_is_a_conflict_not_an_error() -> Non
 
 def _refuse(route: KernelRoute) -> None:
     raise KernelError(f"add route {route.dst}", errno.ENETUNREACH)
+
+
+def test_between_resyncs_a_new_endpoint_costs_no_listing_and_a_resync_reads_again() -> None:
+    kernel = FakeKernel(list(FOREIGN))
+    m = manager(kernel, BLOCK1, TO_N2)
+    m.apply()
+    assert kernel.reads == 1
+    kernel.link_up("tor1", 10)  # a new pod's veth, and the CNI plugin's own route on it
+    kernel.routes_.append(local("10.244.1.5/32", "tor1", 10))
+    kernel.link_up("tor2", 11)  # another, whose route the agent writes
+    kernel.writes.clear()
+    m.on_update(state(BLOCK1, TO_N2, Route("10.244.1.5/32", "local", device="tor1"),
+                      Route("10.244.1.6/32", "local", device="tor2")))
+    assert m.apply() == 1
+    # tor1's add is refused (the plugin's route is there already: a lookup settles it), tor2's is made
+    assert [(action, r.dst) for action, r in kernel.writes] == [("add", "10.244.1.5/32"), ("add", "10.244.1.6/32")]
+    assert local("10.244.1.6/32", "tor2", 11) in kernel.routes_
+    assert kernel.reads == 1  # no listing of links or routes
+    m.on_update(state(BLOCK1, TO_N2, Route("10.244.1.5/32", "local", device="tor1")))  # tor2's pod goes
+    assert m.apply() == 1 and "10.244.1.6/32" not in {r.dst for r in kernel.routes_}
+    kernel.link_down("tor1")  # tor1's pod is deleted with its veth: the kernel took the route
+    m.on_update(state(BLOCK1, TO_N2))
+    assert m.apply() == 0 and kernel.reads == 1
+    assert m.apply(resync=True) == 0 and kernel.reads == 2
+    assert {r.dst for r in kernel.routes_ if r.proto == 80} == {"10.244.1.0/26", "10.244.2.0/26"}
+
+
+def test_between_resyncs_a_foreign_route_on_a_new_prefix_is_still_a_conflict() -> None:
+    kernel = FakeKernel(list(FOREIGN))
+    m = manager(kernel, BLOCK1)
+    m.apply()
+    foreign = KernelRoute("10.244.3.0/26", gateway="198.18.0.13", device="eth0", proto=81, ifindex=2)
+    kernel.routes_.append(foreign)
+    m.on_update(state(BLOCK1, TO_N3))
+    assert m.apply() == 0
+    assert foreign in kernel.routes_ and not any(r.dst == "10.244.3.0/26" and r.proto == 80 for r in kernel.routes_)
+
+
+def test_a_resync_reads_on_a_thread_and_a_later_apply_adopts_it_with_the_writes_made_meanwhile() -> None:
+    import contextlib
+    import threading
+
+    kernel = FakeKernel(list(FOREIGN))
+    read_done = threading.Event()
+    m = RouteManager(kernel, reader=lambda: contextlib.nullcontext(kernel), wake=read_done.set)
+    m.on_update(state(BLOCK1, TO_N2))
+    m.apply()
+    kernel.routes_ = [r for r in kernel.routes_ if r.dst != "10.244.2.0/26"]  # out of band
+    assert m.apply(resync=True) == 0  # the read runs on its thread; nothing waits for it
+    assert read_done.wait(5) and m.wants_apply
+    kernel.link_up("tor1", 10)  # a new pod while the read waits to be adopted: not in the read
+    kernel.writes.clear()
+    m.on_update(state(BLOCK1, TO_N2, Route("10.244.1.5/32", "local", device="tor1")))
+    assert m.apply() == 2  # the adoption: the deleted route is repaired, the new pod's route made
+    made = sorted((action, r.dst) for action, r in kernel.writes)
+    assert made == [("add", "10.244.1.5/32"), ("add", "10.244.2.0/26")]
+    assert not m.wants_apply and m.apply() == 0
+
+    # a read overtaken by a write: the write stands, the read repairs the rest
+    read_done.clear()
+    kernel.routes_ = [r for r in kernel.routes_ if r.dst != "10.244.2.0/26"]
+    assert m.apply(resync=True) == 0
+    assert read_done.wait(5)
+    kernel.link_up("tor2", 11)
+    assert m._read is not None  # as if the manager had written this route during the read:
+    m._read.note_routes("10.244.1.6/32", [local("10.244.1.6/32", "tor2", 11)])
+    kernel.routes_.append(local("10.244.1.6/32", "tor2", 11))
+    m.on_update(state(BLOCK1, TO_N2, Route("10.244.1.5/32", "local", device="tor1"),
+                      Route("10.244.1.6/32", "local", device="tor2")))
+    kernel.writes.clear()
+    assert m.apply() == 1
+    assert [(action, r.dst) for action, r in kernel.writes] == [("add", "10.244.2.0/26")]
