@@ -22,8 +22,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -264,6 +265,26 @@ class ClusterLab:
         path = self.work / f"apply-{self._files}.yaml"
         path.write_text(text)
         self.netctl("apply", "-f", str(path))
+
+    @contextmanager
+    def applied(self, text: str) -> Iterator[None]:
+        """The resources of the YAML ``text`` (dedented) in the datastore for the duration of the
+        block, deleted after it even when it fails. A Kubernetes NetworkPolicy is deleted under the
+        name netctl stores it by (``knp.default.<name>``)."""
+        import yaml
+
+        text = textwrap.dedent(text)
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        self.apply(text)
+        try:
+            yield
+        finally:
+            for doc in docs:
+                meta = doc["metadata"]
+                if str(doc.get("apiVersion", "")).startswith("networking.k8s.io/"):
+                    self.delete("NetworkPolicy", f"knp.default.{meta['name']}", meta.get("namespace", "default"))
+                else:
+                    self.delete(doc["kind"], meta["name"], meta.get("namespace"))
 
     def delete(self, kind: str, name: str, namespace: str | None = None, *, missing_ok: bool = True) -> None:
         args = ["delete", kind, name, *(["-n", namespace] if namespace else [])]

@@ -9,7 +9,6 @@ NAT-outgoing, as traffic to any address outside the pools does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -17,7 +16,6 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
 from netlab import netns as ip_netns
 from netlab.cluster_lab import FABRIC_HOST, PYTHON, Check, ClusterLab
@@ -63,16 +61,6 @@ def pods(cluster: ClusterLab) -> dict[str, Pod]:
             "other": cluster.add_pod(1, "other", namespace="back", labels={"app": "other"})}
 
 
-@contextlib.contextmanager
-def applied(cluster: ClusterLab, text: str) -> Iterator[None]:
-    text = textwrap.dedent(text)
-    docs = [d for d in yaml.safe_load_all(text) if d]
-    cluster.apply(text)
-    try:
-        yield
-    finally:
-        for doc in docs:
-            cluster.delete(doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace"))
 
 
 def reaches(pod: Pod, fabric: bool, external: bool, ext: str) -> dict[Check, bool]:
@@ -105,7 +93,7 @@ def test_egress_only_to_a_global_network_set_and_editing_nets_flips_it(cluster: 
           - action: Allow
             destination: {selector: role == 'allowed'}
         """
-    with applied(cluster, textwrap.dedent(gns.format(net=f"{FABRIC_HOST}/32")) + "---\n" + textwrap.dedent(policy)):
+    with cluster.applied(textwrap.dedent(gns.format(net=f"{FABRIC_HOST}/32")) + "---\n" + textwrap.dedent(policy)):
         cluster.expect({**reaches(pods["client"], True, False, external),
                         **reaches(pods["other"], True, True, external)}, what="only the fabric host allowed")
         handles = cluster.rule_handles(1)
@@ -122,7 +110,7 @@ def test_a_namespaced_network_set_through_a_network_policy_of_its_namespace(
         cluster: ClusterLab, pods: dict[str, Pod], external: str) -> None:
     """The NetworkSet in ``front`` is matched by front's policy; the one in ``back`` with the same label,
     holding the fabric host, is not (a NetworkPolicy's selector sees its own namespace only)."""
-    with applied(cluster, f"""
+    with cluster.applied(f"""
             apiVersion: projectcalico.org/v3
             kind: NetworkSet
             metadata: {{name: partner, namespace: front, labels: {{role: partner}}}}

@@ -13,13 +13,11 @@ flows again, so that the next one starts from the network's default: open within
 
 from __future__ import annotations
 
-import contextlib
 import os
 import textwrap
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
 from netlab.cluster_lab import FABRIC_HOST, POOL_V4, Check, ClusterLab, block_of, v4, v6
 from netlab.lab import Pod
@@ -73,21 +71,6 @@ def back_to_default_allow(cluster: ClusterLab, pods: dict[str, Pod]) -> Iterator
                    what="default allow after the test's policies were deleted")
 
 
-@contextlib.contextmanager
-def applied(cluster: ClusterLab, text: str) -> Iterator[None]:
-    """The policies of ``text`` in the datastore for the duration of the block."""
-    text = textwrap.dedent(text)
-    docs = [d for d in yaml.safe_load_all(text) if d]
-    cluster.apply(text)
-    try:
-        yield
-    finally:
-        for doc in docs:
-            meta = doc["metadata"]
-            if doc["apiVersion"].startswith("networking.k8s.io/"):
-                cluster.delete("NetworkPolicy", f"knp.default.{meta['name']}", meta.get("namespace", "default"))
-            else:
-                cluster.delete(doc["kind"], meta["name"], meta.get("namespace"))
 
 
 def both_ways(pods: dict[str, Pod], a: str, b: str, forward: bool, backward: bool,
@@ -109,7 +92,7 @@ def test_deny_all_ingress(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     expected = {**both_ways(pods, "api", "db", False, True), **both_ways(pods, "web", "db", False, True),
                 **both_ways(pods, "api", "db", False, True, port=None),
                 **both_ways(pods, "web", "db", False, True, family=6)}
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: GlobalNetworkPolicy
             metadata: {name: deny-db-ingress}
@@ -122,7 +105,7 @@ def test_deny_all_ingress(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
 
 def test_allow_by_label(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """Only pods labelled app=api (in db's namespace) reach db."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: NetworkPolicy
             metadata: {name: db-from-api, namespace: back}
@@ -142,7 +125,7 @@ def test_allow_by_label(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
 def test_allow_by_port_and_protocol(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """db admits TCP to port 8080 from anyone; another port and ICMP are dropped. db's own
     traffic to the others, on any port and ICMP, passes."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: NetworkPolicy
             metadata: {name: db-tcp-8080, namespace: back}
@@ -164,7 +147,7 @@ def test_allow_by_port_and_protocol(cluster: ClusterLab, pods: dict[str, Pod]) -
 def test_egress_deny_to_a_net(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """web may not send to db's IPv4 address (a /32 net); everything else, db's IPv6 address
     included, is allowed, and db still reaches web (the replies are not new egress)."""
-    with applied(cluster, f"""
+    with cluster.applied(f"""
             apiVersion: tortie.dev/v1
             kind: GlobalNetworkPolicy
             metadata: {{name: web-not-to-db}}
@@ -189,7 +172,7 @@ def test_egress_deny_to_a_net_outside_the_pools(cluster: ClusterLab, pods: dict[
     port = 5557
     cluster.fabric_listener(port)
     assert cluster.can_tcp(pods["web"], FABRIC_HOST, port) and cluster.can_ping(pods["web"], FABRIC_HOST)
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: GlobalNetworkPolicy
             metadata: {name: web-not-to-fabric}
@@ -210,7 +193,7 @@ def test_egress_deny_to_a_net_outside_the_pools(cluster: ClusterLab, pods: dict[
 def test_namespace_isolation(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """back admits only its own namespace (selected by the namespace's labels): front's pods are
     dropped on the way in, while back's pods still reach front."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: NetworkPolicy
             metadata: {name: back-only, namespace: back}
@@ -253,10 +236,10 @@ DENY_POLICY = """
 def test_pass_and_order(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """A Deny at order 20 drops everything to db; a Pass at order 10 hands api's traffic on to the
     profiles (which allow it) before the Deny is reached; moved to order 30 it comes too late."""
-    with applied(cluster, DENY_POLICY):
+    with cluster.applied(DENY_POLICY):
         cluster.expect({**both_ways(pods, "api", "db", False, True), **both_ways(pods, "batch", "db", False, True)},
                        what="the Deny alone")
-        with applied(cluster, PASS_POLICY.format(order=10)):
+        with cluster.applied(PASS_POLICY.format(order=10)):
             cluster.expect({**both_ways(pods, "api", "db", True, True),
                             **both_ways(pods, "api", "db", True, True, port=None, family=6),
                             **both_ways(pods, "batch", "db", False, True), **both_ways(pods, "web", "db", False, True)},
@@ -270,7 +253,7 @@ def test_label_change_takes_effect_without_restart(cluster: ClusterLab, pods: di
     """batch relabelled app=api (its WorkloadEndpoint edited and re-applied) is let into db, and
     shut out again when the label goes back; the agents are the same processes throughout."""
     agents = dict(cluster.agents)
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: NetworkPolicy
             metadata: {name: db-from-api, namespace: back}
@@ -306,7 +289,7 @@ def test_kubernetes_network_policy_example(cluster: ClusterLab, pods: dict[str, 
     redis, egress_port = 6379, 5978
     except_block = block_of(v4(pods["batch"]))  # node 1's block: web, api and batch
     assert block_of(v4(pods["api"])) == except_block
-    with applied(cluster, f"""
+    with cluster.applied(f"""
             apiVersion: networking.k8s.io/v1
             kind: NetworkPolicy
             metadata:
@@ -367,7 +350,7 @@ def test_kubernetes_network_policy_example(cluster: ClusterLab, pods: dict[str, 
 def test_port_range_and_not_ports(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """A port range with a hole (notPorts): 8080 inside it passes, 8081 in the hole and 9090
     outside it are dropped."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: NetworkPolicy
             metadata: {name: db-range, namespace: back}
@@ -387,7 +370,7 @@ def test_port_range_and_not_ports(cluster: ClusterLab, pods: dict[str, Pod]) -> 
 def test_policy_namespace_selector_and_not_selector(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """A GlobalNetworkPolicy scoped by namespaceSelector to front's pods, admitting everyone but
     app=batch (notSelector): batch is dropped on its way to front only."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: GlobalNetworkPolicy
             metadata: {name: front-not-from-batch}
@@ -408,7 +391,7 @@ def test_namespace_label_change_takes_effect(cluster: ClusterLab, pods: dict[str
     """A namespaceSelector follows the namespace's labels: front admitted into back once the
     kns.front profile says team=back, and shut out again when it no longer does."""
     relabelled = NAMESPACES.replace("{team: front, project: myproject}", "{team: back, project: myproject}")
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: NetworkPolicy
             metadata: {name: back-only, namespace: back}
@@ -434,7 +417,7 @@ def test_new_pod_is_isolated_from_its_first_packet(cluster: ClusterLab, pods: di
     """No pod without its policy: a pod created while a policy isolates it (its ADD answers only
     once the policy is in the kernel) drops the very first packet sent to it, while its
     unselected twin, created alongside, answers at once."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: GlobalNetworkPolicy
             metadata: {name: isolate-sealed}
@@ -461,7 +444,7 @@ def test_new_pod_is_isolated_from_its_first_packet(cluster: ClusterLab, pods: di
 
 def test_icmp_type(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """db admits echo requests only (ICMP type 8, ICMPv6 type 128): pings pass, TCP is dropped."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: NetworkPolicy
             metadata: {name: db-echo-only, namespace: back}
@@ -494,7 +477,7 @@ def test_named_port(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
 
     declare(PORT)
     try:
-        with applied(cluster, """
+        with cluster.applied("""
                 apiVersion: tortie.dev/v1
                 kind: NetworkPolicy
                 metadata: {name: db-redis, namespace: back}
@@ -520,7 +503,7 @@ def test_named_port(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
 def test_selector_grammar(cluster: ClusterLab, pods: dict[str, Pod]) -> None:
     """Calico's selector operators end to end: ``in``, ``has()``, ``&&``, ``||``, ``!``,
     ``starts with``, ``contains``, parentheses."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: tortie.dev/v1
             kind: GlobalNetworkPolicy
             metadata: {name: grammar}
@@ -543,7 +526,7 @@ def test_kubernetes_default_deny_with_port_range(cluster: ClusterLab, pods: dict
     """Kubernetes' "default-deny-ingress" for namespace back, plus a policy admitting TCP
     8000-8100 (port and endPort) to db: policies add up, so db answers on 8080 only and back's
     other pods answer nothing; front is not affected."""
-    with applied(cluster, """
+    with cluster.applied("""
             apiVersion: networking.k8s.io/v1
             kind: NetworkPolicy
             metadata: {name: default-deny-ingress, namespace: back}
@@ -572,7 +555,7 @@ def test_kubernetes_pod_selector_never_reaches_namespace_labels(cluster: Cluster
     """back's pods carry team=back only through their namespace (kns.back, pcns.team on the
     endpoints): a podSelector naming that label, bare or with the pcns. prefix, admits none of them.
     Only a namespaceSelector reaches a namespace's labels. A pod's own label still works."""
-    with applied(cluster, f"""
+    with cluster.applied(f"""
             apiVersion: networking.k8s.io/v1
             kind: NetworkPolicy
             metadata: {{name: db-from-team-back, namespace: back}}
@@ -601,7 +584,7 @@ def test_kubernetes_namespace_selector_by_name(cluster: ClusterLab, pods: dict[s
     lone = cluster.add_pod(2, "solo", namespace="lone", labels={"app": "solo"})  # no kns.lone profile
     try:
         everyone = {**pods, "solo": lone}
-        with applied(cluster, f"""
+        with cluster.applied(f"""
                 apiVersion: networking.k8s.io/v1
                 kind: NetworkPolicy
                 metadata: {{name: db-from-{namespace}, namespace: back}}
