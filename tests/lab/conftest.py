@@ -1,5 +1,6 @@
 """Fixtures of the lab tests: one real etcd with mutual TLS for the whole session (see netlab.etcd), and
-one build of the libcni client (see netlab.runtimes)."""
+one build of the libcni client (see netlab.runtimes), and the choice of path (agent or in-process) for
+the modules that build a TortieLab as ``tl``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from datastore.config import EtcdConfig
 from datastore.etcd import EtcdClient
 from netlab.etcd import ETCD, EtcdServer
 from netlab.runtimes import RuntimeUnavailable, build_libcni_client
+from tests.lab.tortie_support import TortieLab
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +56,19 @@ def cnic() -> Iterator[Path]:
             yield build_libcni_client(Path(out))
         except RuntimeUnavailable as exc:
             pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module", params=["agent", "in-process"])
+def path_mode(request: pytest.FixtureRequest) -> str:
+    """Module-scoped, so that pytest groups a module's tests by path and its agent starts once per group."""
+    return str(request.param)
+
+
+@pytest.fixture
+def path(tl: TortieLab, path_mode: str) -> str:
+    """Which way a TortieLab module's plugin work is done (its ``tl`` fixture): "agent" (delegated)
+    or "in-process" (on a node whose agent is not running and whose dataplane is not in place)."""
+    tl.use_agent(path_mode == "agent")
+    if path_mode == "in-process":
+        tl.remove_dataplane()
+    return path_mode

@@ -30,17 +30,10 @@ def tl() -> Iterator[TortieLab]:
         yield tl
 
 
-@pytest.fixture(scope="module", params=["agent", "in-process"])
-def path_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture(autouse=True)
-def path(tl: TortieLab, path_mode: str) -> Iterator[str]:
-    tl.use_agent(path_mode == "agent")
-    if path_mode == "in-process":
-        tl.remove_dataplane()
-    yield path_mode
+def each_path(tl: TortieLab, path: str) -> Iterator[str]:
+    """Every test on both paths (conftest's ``path``), on an emptied node after."""
+    yield path
     tl.reset()
 
 

@@ -65,22 +65,6 @@ def empty_node(tl: TortieLab) -> Iterator[None]:
     tl.reset()
 
 
-@pytest.fixture(scope="module", params=["agent", "in-process"])
-def path_mode(request: pytest.FixtureRequest) -> str:
-    # Module-scoped so that pytest groups the tests of each path and the agent starts once per group.
-    return str(request.param)
-
-
-@pytest.fixture
-def path(tl: TortieLab, path_mode: str) -> str:
-    """Which way the plugin's work is done: "agent" (delegated) or "in-process" (on a node whose
-    agent is not running and whose dataplane is not in place)."""
-    tl.use_agent(path_mode == "agent")
-    if path_mode == "in-process":
-        tl.remove_dataplane()
-    return path_mode
-
-
 @pytest.fixture
 def agent(tl: TortieLab) -> None:
     tl.use_agent(True)
@@ -242,8 +226,6 @@ def test_check_passes_after_add_and_catches_damage(tl: TortieLab, path: str, bro
     assert damaged.returncode != 0, f"CHECK missed the damage ({broken})"
     assert damaged.output is not None, f"not the spec's error JSON: {damaged.stdout!r} {damaged.stderr!r}"
     assert isinstance(damaged.code, int) and damaged.code > 0 and damaged.output.get("msg"), damaged.output
-
-
 
 
 def test_a_failed_repeated_add_leaves_the_live_attachment_alone(tl: TortieLab, path: str) -> None:
@@ -601,7 +583,6 @@ def test_chained_before_portmap_and_tuning(tl: TortieLab, path: str) -> None:
     assert tl.count_handles() == 0 and tl.endpoints() == []
 
 
-
 # --------------------------------------------------------------------------------------------
 # the two paths together: an agent (re)start keeps live pods; either path deletes what the other made
 
@@ -639,8 +620,6 @@ def test_a_dead_agents_stale_socket_means_in_process(tl: TortieLab, agent: None,
     wait_for(lambda: tl.lab.ping(pod.netns, tl.node(1).address), 15, "the pod to reach the host")
     tl.lab.delete_pod(pod)
     tl.assert_clean()
-
-
 
 
 def test_both_paths_answer_a_request_the_same(tl: TortieLab, front_end: str) -> None:

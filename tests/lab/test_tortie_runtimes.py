@@ -49,21 +49,6 @@ def empty_node(tl: TortieLab) -> Iterator[None]:
     tl.reset()
 
 
-@pytest.fixture(scope="module", params=["agent", "in-process"])
-def path_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def path(tl: TortieLab, path_mode: str) -> str:
-    """"agent" (delegated) or "in-process" (on a node whose agent is not running and whose
-    dataplane is not in place)."""
-    tl.use_agent(path_mode == "agent")
-    if path_mode == "in-process":
-        tl.remove_dataplane()
-    return path_mode
-
-
 def nat_rules(tl: TortieLab) -> str:
     return tl.exec(1, "iptables", "-w", "-t", "nat", "-S").stdout
 
