@@ -1,5 +1,6 @@
-"""WireGuard between three nodes through the WireGuard, route and IPIP managers (needs the wireguard
-and ipip modules: ``test_wireguard_in_vm.py`` runs this file inside the VM).
+"""WireGuard between three nodes through the WireGuard, route and IPIP managers, over an IPIP pool and
+over one without encapsulation (needs the wireguard and ipip modules: ``test_wireguard_in_vm.py``
+runs this file inside the VM).
 
 The underlay of ``tests.vm.underlay``: n1 and n2 on 10.9.1.0/24, n3 behind a router that knows no
 pod routes. The overlay is IPIP Always (the route manager's routes in the main table); WireGuard's
@@ -62,15 +63,22 @@ class Node(PodNode):
 @dataclass
 class Cluster:
     nodes: list[Node]
+    # The pool's mode: "ipip" (Always) or "direct" (no encapsulation: a route to a node of the same
+    # subnet only; the router between the subnets knows no pods, and no BGP tells it).
+    mode: str = "ipip"
 
     def state(self, node: Node, enabled: set[str]) -> DesiredState:
         routes = {Route(node.block, "blackhole", node=node.name),
                   Route(f"{node.pod_ip}/32", "local", device=node.pod_if, node=node.name)}
-        routes |= {Route(o.block, "ipip", gateway=o.underlay, node=o.name) for o in self.nodes if o is not node}
+        if self.mode == "ipip":
+            routes |= {Route(o.block, "ipip", gateway=o.underlay, node=o.name) for o in self.nodes if o is not node}
+        else:
+            routes |= {Route(o.block, "direct", gateway=o.underlay, node=o.name) for o in self.nodes
+                       if o is not node and same_subnet(o, node)}
         # A node publishes its key only while WireGuard is on there (Calico clears it otherwise).
         peers = frozenset(WireGuardPeer(o.name, o.key.public_b64, f"{o.underlay}:{PORT}", (o.block,))
                           for o in self.nodes if o is not node and o.name in enabled)
-        return DesiredState(node=node.name, routes=frozenset(routes), ipip_enabled=True,
+        return DesiredState(node=node.name, routes=frozenset(routes), ipip_enabled=self.mode == "ipip",
                             wireguard=WireGuard(enabled=node.name in enabled, listen_port=PORT, peers=peers))
 
     def apply(self, enabled: set[str]) -> int:
@@ -98,6 +106,10 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             for node in nodes:
                 node.wg.close()
                 node.driver.close()
+
+
+def same_subnet(a: Node, b: Node) -> bool:
+    return a.underlay.rsplit(".", 1)[0] == b.underlay.rsplit(".", 1)[0]  # the underlay's /24s
 
 
 def ping(pod_ns: str, address: str, timeout: float = 8.0) -> bool:
@@ -165,6 +177,23 @@ def test_turning_wireguard_off_and_on_live(cluster: Cluster) -> None:
         assert all_pairs_reach(cluster)
     print(f"WireGuard on again: every pair answered {time.monotonic() - started:.2f} s after the apply began")
     assert not pod_addresses_in_clear(cap, cluster) and not cap.encapsulated("ipip")
+
+
+def test_without_encapsulation_wireguard_carries_pod_traffic_the_main_table_cannot(cluster: Cluster) -> None:
+    """A pool without encapsulation: n1 and n2 (one subnet) route each other's blocks directly, and
+    nothing routes n3's (the router knows no pods). WireGuard's table does not need the overlay: with
+    it on, every pair answers, n3 included, and only WireGuard's UDP crosses the underlay."""
+    cluster.mode = "direct"
+    n1, n2, n3 = cluster.nodes
+    cluster.apply(set())
+    assert ping(n1.pod_netns, n2.pod_ip) and ping(n2.pod_netns, n1.pod_ip)
+    assert not echo(ns_path(n1.pod_netns), n3.pod_ip, timeout=1.0)  # no route without WireGuard
+    cluster.apply({n.name for n in cluster.nodes})
+    with Capture(ns_path(n1.netns), "eth0") as cap:
+        assert all_pairs_reach(cluster)
+    assert not pod_addresses_in_clear(cap, cluster) and not cap.encapsulated("ipip")
+    assert {("10.9.1.11", "10.9.2.13"), ("10.9.1.11", "10.9.1.12")} <= {(p.src, p.dst) for p in cap.packets
+                                                                        if p.proto == 17}
 
 
 def test_a_restarted_node_keeps_its_key_and_peers_reconnect(cluster: Cluster) -> None:
