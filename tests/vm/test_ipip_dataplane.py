@@ -51,12 +51,12 @@ class Node(PodNode):
         self.ipip = IPIPManager(self.driver, underlay_ip=self.underlay)
         self.mtu = MTUManager(self.driver, self.mtu_file, underlay_ip=self.underlay)
 
-    def apply(self, state: DesiredState) -> int:
+    def apply(self, state: DesiredState, resync: bool = False) -> int:
         writes = 0
         for m in (self.ipip, self.routes, self.mtu):
             m.on_update(state)
         for m in (self.ipip, self.routes, self.mtu):
-            writes += m.apply()
+            writes += m.apply(resync=resync)
         return writes
 
     def ip(self, *argv: str) -> str:
@@ -86,8 +86,10 @@ class Cluster:
         extra = ((TUNNEL_ADDRESS_KEY, f"10.244.{node.k}.1"),) if tunnel_addresses else ()
         return DesiredState(node=f"n{node.k}", routes=frozenset(routes), ipip_enabled=mode != "never", extra=extra)
 
-    def apply(self, mode: str, tunnel_addresses: bool = False) -> int:
-        return sum(n.apply(self.state(n, mode, tunnel_addresses)) for n in self.nodes)
+    def apply(self, mode: str, tunnel_addresses: bool = False, resync: bool = False) -> int:
+        """Every node's managers on the state of ``mode``; ``resync``: each re-reads the kernel first
+        (the periodic resync, which is what repairs out-of-band changes between pods' applies)."""
+        return sum(n.apply(self.state(n, mode, tunnel_addresses), resync) for n in self.nodes)
 
 
 @pytest.fixture
@@ -168,8 +170,8 @@ def test_ipip_crosssubnet_tunnels_only_between_subnets(cluster: Cluster) -> None
 def test_turning_ipip_off_removes_its_routes_and_address(cluster: Cluster) -> None:
     n1 = cluster.nodes[0]
     cluster.apply("always", tunnel_addresses=True)
-    n1.ip("route", "del", "10.244.3.0/26", "proto", "80")  # out of band: repaired by the next apply
-    assert cluster.apply("always", tunnel_addresses=True) == 1
+    n1.ip("route", "del", "10.244.3.0/26", "proto", "80")  # out of band: repaired by the next resync
+    assert cluster.apply("always", tunnel_addresses=True, resync=True) == 1
     cluster.apply("never")
     assert n1.ipip.status == "disabled"
     tunl = n1.ip("link", "show", "tunl0")
