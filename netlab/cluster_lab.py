@@ -29,6 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import yaml
+
 from netlab.agent import Agent
 from netlab.cni import REFERENCE_PLUGINS, tortie_plugin
 from netlab.lab import GATEWAY, Lab, LabNode, Pod, PodError, unique_name
@@ -268,23 +270,15 @@ class ClusterLab:
 
     @contextmanager
     def applied(self, text: str) -> Iterator[None]:
-        """The resources of the YAML ``text`` (dedented) in the datastore for the duration of the
-        block, deleted after it even when it fails. A Kubernetes NetworkPolicy is deleted under the
-        name netctl stores it by (``knp.default.<name>``)."""
-        import yaml
-
-        text = textwrap.dedent(text)
-        docs = [d for d in yaml.safe_load_all(text) if d]
-        self.apply(text)
+        """The resources of the YAML ``text`` in the datastore for the block, deleted after it."""
+        self.apply(text := textwrap.dedent(text))
         try:
             yield
         finally:
-            for doc in docs:
-                meta = doc["metadata"]
-                if str(doc.get("apiVersion", "")).startswith("networking.k8s.io/"):
-                    self.delete("NetworkPolicy", f"knp.default.{meta['name']}", meta.get("namespace", "default"))
-                else:
-                    self.delete(doc["kind"], meta["name"], meta.get("namespace"))
+            for doc in (d for d in yaml.safe_load_all(text) if d):  # a k8s policy: as netctl stores it
+                meta, k8s = doc["metadata"], str(doc.get("apiVersion", "")).startswith("networking.k8s.io/")
+                self.delete("NetworkPolicy" if k8s else doc["kind"], f"knp.default.{meta['name']}" if k8s
+                            else meta["name"], meta.get("namespace", "default" if k8s else None))
 
     def delete(self, kind: str, name: str, namespace: str | None = None, *, missing_ok: bool = True) -> None:
         args = ["delete", kind, name, *(["-n", namespace] if namespace else [])]
