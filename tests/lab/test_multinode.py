@@ -59,9 +59,9 @@ def pods(cluster: ClusterLab) -> dict[int, Pod]:
 def test_pods_on_different_nodes_reach_each_other(cluster: ClusterLab, pods: dict[int, Pod]) -> None:
     checks = [Check(pods[a], pods[b], port, family)
               for a in pods for b in pods if a != b for family in (4, 6) for port in (None, 8080)]
-    results = cluster.reach(checks)
-    failed = [str(c) for c, ok in results.items() if not ok]
-    assert not failed, f"dropped across VXLAN: {failed}"
+    # Waited for, not sampled once: a fresh pod's first IPv6 packets wait for neighbour discovery
+    # across VXLAN, which can take longer than one echo's second on a loaded machine.
+    cluster.expect(dict.fromkeys(checks, True), timeout=20, what="every pod reaching every other across VXLAN")
     # The peer a server sees is the pod itself: pod-to-pod traffic is neither NATed nor proxied.
     assert cluster.tcp(pods[1], pods[2], 8080) == f"ok {v4(pods[1])}"
     assert cluster.tcp(pods[1], pods[3], 8080, family=6) == f"ok {v6(pods[1])}"

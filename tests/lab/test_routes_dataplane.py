@@ -152,8 +152,9 @@ def ping(pod: Pod, address: str, count: int = 2) -> bool:
     return subprocess.run(argv, capture_output=True).returncode == 0
 
 
-def eventually_pings(pod: Pod, address: str, timeout: float = 5.0) -> bool:
-    """The first packets of a fresh path may be lost to neighbour resolution on the pod side."""
+def eventually_pings(pod: Pod, address: str, timeout: float = 15.0) -> bool:
+    """The first packets of a fresh path may be lost to neighbour resolution on the pod side (one
+    echo waits up to 2 s: the bound leaves a loaded machine several tries)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ping(pod, address, count=1):
