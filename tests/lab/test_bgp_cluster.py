@@ -148,6 +148,33 @@ def test_mesh_learns_blocks_survives_kill_cut_restart_and_nodes_joining_and_leav
             assert on_n1.deletions(blocks[2], restarted) == [] and on_n1.deletions(blocks[3], restarted) == []
             assert on_n2.deletions(blocks[1], restarted) == []
 
+        # A port change in FelixConfiguration re-executes the agent (same PID, a new image). Its
+        # ExaBGP restarts as on SIGTERM, and graceful restart keeps every route on both sides: no
+        # echo is lost, and the sessions come back.
+        node1 = f"node.{c.node(1).name}"
+        with RouteMonitor(c.node(1).netns) as on_n1, RouteMonitor(c.node(2).netns) as on_n2:
+            ping = PingRun.start(bgp, pods[1], v4(pods[2]), "reexec")
+            ping.wait_replies(20)
+            pid, starts = c.agents[1], c.agent_output(1).count("felix-agent started on node")
+            reexec = time.monotonic()
+            c.apply(json.dumps({"apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
+                                "metadata": {"name": node1}, "spec": {"healthPort": 9199}}))
+            wait_for(lambda: c.agent_output(1).count("felix-agent started on node") > starts, 30,
+                     "node 1's agent to start again", describe=lambda: c.agent_output(1)[-3000:])
+            assert c.agents[1] == pid and f"re-executing felix-agent (pid {pid})" in c.agent_output(1)
+            wait_for(lambda: c.http(1, "/readiness", port=9199).status == 200, 30, "readiness on port 9199")
+            bgp.wait_established(1, [2, 3], kind=MESH)
+            bgp.wait_routes(1, {blocks[j]: bgp.address(j) for j in (2, 3)}, exactly=True)
+            ping.wait_replies(40)
+            sent, lost = ping.stop()
+            print(f"re-exec with --bgp: {sent} echo requests over {time.monotonic() - reexec:.1f} s, {len(lost)} lost")
+            assert lost == [], f"echo requests lost across the re-exec: {lost}"
+            assert on_n1.deletions(blocks[2], reexec) == [] and on_n1.deletions(blocks[3], reexec) == []
+            assert on_n2.deletions(blocks[1], reexec) == []
+        c.netctl("delete", "felixconfiguration", node1)
+        wait_for(lambda: c.readiness(1) == 200, 30, "readiness on port 9099 again")
+        assert c.agents[1] == pid
+
         # A fourth node joins: it peers with everyone, and the sessions already up stay up.
         before = {k: bgp.established(k) for k in (1, 2, 3)}
         assert all(len(s) == 2 for s in before.values()), before
