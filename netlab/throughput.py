@@ -17,15 +17,17 @@ from netlab.wait import wait_for
 PORT = 5201  # iperf3's default
 
 
-def iperf3_gbps(lab: Lab, server_ns: str, client_ns: str, address: str, seconds: int, log: Path) -> float:
+def iperf3_gbps(lab: Lab, server_ns: str, client_ns: str, address: str, seconds: int, log: Path, *,
+                listen_timeout: float = 10, slack: float = 30) -> float:
     """Gbit/s received by the server at ``address`` (in ``server_ns``) from a ``seconds``-long
-    iperf3 run of a client in ``client_ns``; the server's output goes to ``log``."""
+    iperf3 run of a client in ``client_ns``; the server's output goes to ``log``. ``listen_timeout``
+    bounds the wait for the server and ``slack`` the client beyond ``seconds`` (longer in a VM)."""
     pid = lab.start_process(server_ns, ["iperf3", "-s", "-B", address], log, {"PATH": "/usr/bin:/bin"})
     try:
-        wait_for(lambda: lab.exec(server_ns, "ss", "-Hltn", f"sport = :{PORT}").stdout.strip(), 10,
+        wait_for(lambda: lab.exec(server_ns, "ss", "-Hltn", f"sport = :{PORT}").stdout.strip(), listen_timeout,
                  "the iperf3 server", interval=0.05)
         done = lab.exec(client_ns, "iperf3", "-c", address, "-t", str(seconds), "-J", check=False,
-                        timeout=seconds + 30)
+                        timeout=seconds + slack)
         data = json.loads(done.stdout)
         if "error" in data:
             raise RuntimeError(f"iperf3 to {address}: {data['error']}")
