@@ -41,7 +41,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 RETRY = 0.2  # seconds between connection attempts to the agent
@@ -263,12 +263,13 @@ class Relay:
 
 
 class ExaBGPProcess:
-    """``exabgp server CONFIG`` with the given environment, output to ``<state_dir>/exabgp.out``."""
+    """``exabgp server CONFIG`` with the given environment, output to ``<state_dir>/exabgp.out``.
+    ``exabgp`` is the command that stands for ``exabgp`` (``[path]``, or an interpreter and a module)."""
 
     STOP_TIMEOUT = 10.0
 
-    def __init__(self, exabgp_bin: str, state_dir: Path, config: Path, pid_file: Path, pipename: str) -> None:
-        self.exabgp_bin, self.state_dir, self.config, self.pid_file = exabgp_bin, state_dir, config, pid_file
+    def __init__(self, exabgp: Sequence[str], state_dir: Path, config: Path, pid_file: Path, pipename: str) -> None:
+        self.exabgp, self.state_dir, self.config, self.pid_file = list(exabgp), state_dir, config, pid_file
         self.pipename = pipename
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -303,7 +304,7 @@ class ExaBGPProcess:
         self._stop_leftover()
         clean = {k: v for k, v in os.environ.items() if not k.lower().startswith("exabgp")}
         with open(self.state_dir / "exabgp.out", "ab") as out:
-            self.proc = subprocess.Popen([self.exabgp_bin, "server", str(self.config)], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([*self.exabgp, "server", str(self.config)], stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, env=clean | dict(env),
                                          cwd=self.state_dir, start_new_session=True)
 

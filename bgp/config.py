@@ -143,9 +143,13 @@ def peer_options(resource: Resource, filters: Mapping[str, Filter]) -> PeerOptio
         password_file=spec.password_path, filters=tuple(filters[n] for n in spec.filters if n in filters))
 
 
-def bgp_nodes(source: Source, default_asn: int = DEFAULT_ASN) -> dict[str, BGPNode]:
+def bgp_nodes(source: Source, default_asn: int = DEFAULT_ASN, only: str | None = None) -> dict[str, BGPNode]:
+    """Every node, or the one named ``only`` (exports need just their own: they run on every
+    agent for every block change, and parsing each node's addresses was most of their cost)."""
     nodes: dict[str, BGPNode] = {}
     for r in source.nodes.values():
+        if only is not None and r.name != only:
+            continue
         bgp = r.spec.bgp
         ipv4 = ipv6 = None
         asn, cluster_id = default_asn, None
@@ -291,7 +295,7 @@ def exports(source: Source, node: str) -> frozenset[Export]:
     The next hop is the node's IPv4 address, or its IPv6 address for IPv6 prefixes; IPv6 prefixes
     are left out when the node has no IPv6 address. Pools with ``disableBGPExport`` are left out.
     """
-    me = bgp_nodes(source).get(node)
+    me = bgp_nodes(source, only=node).get(node)
     if me is None or me.ipv4 is None:
         return frozenset()
     hops: dict[int, str | None] = {4: str(me.ipv4), 6: str(me.ipv6) if me.ipv6 else None}

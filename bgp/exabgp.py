@@ -81,6 +81,12 @@ def environment(config: SpeakerConfig, state_dir: str | Path) -> dict[str, str]:
         "exabgp.api.pipename": PIPENAME,
         "exabgp.api.ack": "true",
         "exabgp.api.encoder": "json",
+        # The reactor's idle poll timeout is speed/100 s: at the default (1.0) every ExaBGP wakes
+        # 100 times a second and walks all its peers, ~23 ms of CPU a second each (ten of them
+        # took a fifth of a core in the benchmark's lab, idle). Routes do not wait for it: the
+        # poll returns at once for a peer's socket or our command pipe. What waits up to 0.1 s
+        # is what the reactor only checks per turn: an incoming connection, timers, signals.
+        "exabgp.reactor.speed": "10.0",
     }
 
 

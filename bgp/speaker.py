@@ -101,7 +101,9 @@ class Speaker(Announcements):
         self.on_batch = on_batch or (lambda: None)
         self.on_routes = on_routes
         self.python = python or sys.executable
-        self._exabgp = ExaBGPProcess(exabgp_bin or str(Path(sys.executable).parent / "exabgp"), self.state_dir,
+        # Not the `exabgp` script: the same ExaBGP with its poller repaired (bgp.exabgp_reactor).
+        self._exabgp = ExaBGPProcess([exabgp_bin] if exabgp_bin else [self.python, "-m", "bgp.exabgp_reactor"],
+                                     self.state_dir,
                                      self.state_dir / exabgp.CONFIG_FILE, self.state_dir / exabgp.PID_FILE,
                                      exabgp.PIPENAME)
         self._lock = threading.RLock()

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # The kinds whose changes can change this node's sessions or exports.
 INPUT_KINDS = frozenset({"IPPool", "Node", "Block", "Affinity", "BGPConfiguration", "BGPPeer", "BGPFilter"})
+# The kinds that change only the exports: a batch of nothing else leaves the sessions as they were.
+EXPORT_ONLY_KINDS = frozenset({"Block", "Affinity"})
 STATUS_TTL = 15  # seconds: `node status` says "not running" this long after the agent dies
 STATUS_EVERY = 5.0
 
@@ -91,16 +93,23 @@ class BGPRunner:
         """A batch of datastore changes, from the syncer's thread with its live snapshot: announce
         now, rather than after the dataplane loop has applied whatever it was applying (a policy
         transaction can take tens of milliseconds). The loop's ``update`` later sees nothing new."""
+        kinds = frozenset(kinds)
         if not INPUT_KINDS.isdisjoint(kinds):
-            self.update(snapshot, seen_at=time.monotonic())
+            self.update(snapshot, seen_at=time.monotonic(), sessions=not kinds <= EXPORT_ONLY_KINDS)
 
-    def update(self, snapshot: Snapshot, seen_at: float | None = None) -> None:
+    def update(self, snapshot: Snapshot, seen_at: float | None = None, sessions: bool = True) -> None:
         """A new datastore view: reconfigure the speaker when its sessions change, announce the
         difference in this node's exports. A view no newer than one already applied is ignored:
         the dataplane loop's copy after the syncer's thread applied the same revision (nothing to
-        do), or an older one (which would undo a newer announcement)."""
+        do), or an older one (which would undo a newer announcement). ``sessions=False``: the
+        caller knows that only blocks or affinities changed since the last view (a claim, on
+        every agent): the sessions and pools are not derived again."""
         with self._lock:
             if snapshot.revision <= self._revision:
+                return
+            if not sessions and self._config is not None:
+                self.speaker.announce(exports(snapshot, self.node), seen_at)
+                self._revision = snapshot.revision
                 return
             pools: list[IPPoolSpec] = [p.spec for p in snapshot.ippools.values()]
             self._pools = tuple((spec.network(), spec.ipip_mode) for spec in pools)

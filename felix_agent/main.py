@@ -229,14 +229,16 @@ class Agent:
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
         if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
-        if self.loop is not None and (self._moves_state(updates) or self.bgp is not None):
+        # BGP needs no pass of its own: the speaker announces from this thread (above) and learned
+        # routes go to the kernel from the speaker's; the loop's bgp feed only backs them up.
+        if self.loop is not None and self._moves_state(updates):
             self.loop.kick()
 
     def _moves_state(self, updates: list[Update]) -> bool:
         """Whether the batch can change the desired state: False only for block updates that leave
         what routing reads of each block as it was (an ADD's or DEL's own assignment or release).
         Skipping the loop's pass for them saves a recomputation and an apply per pod; the next kick
-        computes from the newer view anyway. (BGP's feed reads the view itself: always kicked then.)"""
+        computes from the newer view anyway."""
         moved = False
         for update in updates:  # every block update is looked at, so that the table stays current
             if update.kind != BLOCK:

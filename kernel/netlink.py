@@ -114,7 +114,7 @@ class Socket:
     of the request, so that a batch's acks fit the receive buffer. ``groups``: multicast groups to
     listen to (then the socket is non-blocking)."""
 
-    CHUNK = 128  # requests per sendmsg in a batch; their acks are read before the next chunk
+    CHUNK = 512  # requests per sendmsg in a batch; the next chunk waits for the kernel's answer to it
 
     def __init__(self, protocol: int, *, strict: bool = False, cap_ack: bool = False, groups: int = 0,
                  rcvbuf: int = 1 << 20, sndbuf: int = 0, timeout: float | None = None) -> None:
@@ -199,31 +199,44 @@ class Socket:
         return self.replies(self._send(kind, NLM_F_DUMP, payload), doing)
 
     def batch(self, requests: Sequence[tuple[int, int, bytes] | None]) -> list[int]:
-        """Many (type, flags, payload) requests, ``CHUNK`` per ``sendmsg``, each acknowledged: the
-        errno of each (0: done). None requests are skipped (their code is -1). The kernel handles
-        them in order; a socket failure counts as the failure of every request not yet answered."""
+        """Many (type, flags, payload) requests, ``CHUNK`` per ``sendmsg``: the errno of each (0:
+        done). None requests are skipped (their code is -1). Only the last request of a chunk asks
+        for an acknowledgement: the kernel answers a failed request whatever its flags and handles
+        a chunk in order, so that ack says every earlier one is done, each failure reported before
+        it (10,000 routes: no 10,000 acks to queue and parse). A socket failure counts as the
+        failure of every request of the chunk not known to have failed already."""
         codes = [-1] * len(requests)
         todo = [i for i, r in enumerate(requests) if r is not None]
         for start in range(0, len(todo), self.CHUNK):
+            chunk = todo[start:start + self.CHUNK]
             by_seq: dict[int, int] = {}
             data = bytearray()
-            for i in todo[start:start + self.CHUNK]:
+            seq = 0
+            for n, i in enumerate(chunk):
                 request = requests[i]
                 assert request is not None
                 kind, flags, payload = request
                 seq = self.next_seq()
                 by_seq[seq] = i
-                data += HEADER.pack(HEADER.size + len(payload), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+                ack = NLM_F_ACK if n == len(chunk) - 1 else 0
+                data += HEADER.pack(HEADER.size + len(payload), kind, flags | NLM_F_REQUEST | ack, seq, 0)
                 data += payload
+            last, answered = seq, False
             try:
                 self._sock.sendall(data)
-                while by_seq:
+                while not answered:
                     for kind, _, seq, payload in messages(self._sock.recv(1 << 16)):
                         if kind == NLMSG_ERROR and seq in by_seq:
-                            codes[by_seq.pop(seq)] = error_code(payload)
-            except OSError as e:  # acks lost (ENOBUFS) or none coming: those writes count as failed
-                for i in by_seq.values():
-                    codes[i] = e.errno or errno.EIO
+                            codes[by_seq[seq]] = error_code(payload)
+                            answered = answered or seq == last
+            except OSError as e:  # the ack lost (ENOBUFS) or none coming: what is not known counts as failed
+                for i in chunk:
+                    if codes[i] == -1:
+                        codes[i] = e.errno or errno.EIO
+                continue
+            for i in chunk:
+                if codes[i] == -1:
+                    codes[i] = 0
         return codes
 
     def __enter__(self) -> Socket:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kernel.netlink import Socket
 from kernel.rtnl import KernelRoute
 from kernel.rtnl_bulk import BulkRTNL
 
@@ -84,3 +85,19 @@ def test_each_write_gets_its_own_result(netlink: BulkRTNL) -> None:
     netlink.delete_route(have["10.201.0.0/26"])
     netlink.replace_route(onlink)
     assert ours(netlink)["10.201.0.0/26"] == have["10.201.0.0/26"]
+
+
+def test_failures_land_on_their_own_writes_across_chunks(netlink: BulkRTNL) -> None:
+    """Only the last write of each sendmsg asks the kernel for an ack: failures anywhere in a chunk
+    (its first, its last, the very last write) still come back on the right write, and the others
+    are done."""
+    size = Socket.CHUNK
+    routes = [KernelRoute(dst=f"10.110.{i // 250}.{i % 250 + 1}/32", gateway="10.1.0.2", proto=81)
+              for i in range(2 * size + 77)]
+    clashing = {0, size - 1, size, size + 100, len(routes) - 1}
+    for i in clashing:
+        netlink.add_route(routes[i])
+    errors = netlink.write_routes([("add", r) for r in routes])
+    assert {i for i, e in enumerate(errors) if e is not None} == clashing
+    assert {e.code for e in errors if e is not None} == {errno.EEXIST}
+    assert set(ours(netlink)) == {r.dst for r in routes}
