@@ -52,14 +52,20 @@ class ClosedDescriptorsDropped:
 
 
 def patch_reactor() -> None:
-    """Give every ExaBGP reactor made from now on the repaired poller."""
-    from exabgp.reactor.loop import Reactor
+    """Give every ExaBGP reactor made from now on the repaired poller. An ExaBGP whose reactor is
+    shaped otherwise (another 5.x release) runs as it is: the repair is for speed, never needed."""
+    try:
+        from exabgp.reactor.loop import Reactor
+    except ImportError:
+        return
 
     made = Reactor.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         made(self, *args, **kwargs)
-        self._poller = ClosedDescriptorsDropped(self._poller)
+        poller = getattr(self, "_poller", None)
+        if poller is not None and hasattr(poller, "poll"):
+            self._poller = ClosedDescriptorsDropped(poller)
 
     Reactor.__init__ = __init__
 
