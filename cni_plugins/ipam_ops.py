@@ -33,7 +33,7 @@ from datastore.errors import (
 )
 from datastore.kv import KV, KeyValue, Op
 from ipam import errors as ipam_errors
-from ipam.allocator import IPAM, Assigned, AssignRequest, node_lock
+from ipam.allocator import IPAM, AlsoWrite, Assigned, AssignRequest, node_lock
 from ipam.handles import attachment_handle, attachment_of, legacy_handle
 from ipam.pools import select_pools
 
@@ -226,16 +226,19 @@ def to_result(assigned: list[Assigned], conf: IPAMConf) -> Result:
 def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
     """The ``tortie-ipam`` plugin's ADD; a new attachment leaves its undo for the agent's relay."""
     conf = IPAMConf.parse(args.config, stores.environment)
-    result, repeated = assign(args, conf, stores)
+    result, repeated, _ = assign(args, conf, stores)
     if not repeated and stores.call is not None:
         stores.call.undo = lambda: release(args, conf, stores)
     return result
 
 
-def assign(args: CmdArgs, conf: IPAMConf, stores: Datastores = ONE_SHOT) -> tuple[Result, bool]:
+def assign(args: CmdArgs, conf: IPAMConf, stores: Datastores = ONE_SHOT, *, also_read: Sequence[str] = (),
+           also_write: AlsoWrite | None = None) -> tuple[Result, bool, int]:
     """ADD's work for the configuration ``conf`` (parsed once by the caller); also says whether
     the handle already held the addresses (a repeated ADD), which the caller must then not release
-    when its own later step fails."""
+    when its own later step fails, and the revision the assignment was written at (0: nothing
+    written). ``also_read``/``also_write``: the caller's own writes in the same transaction (see
+    :meth:`IPAM.assign`)."""
     wanted = [ipaddress.ip_interface(ip).ip for ip in requested_ips(args)]
     attrs = {"network": conf.network, "containerID": args.container_id, "ifname": args.ifname,
              "plugin": conf.plugin_type, "timestamp": str(int(time.time()))}
@@ -254,9 +257,10 @@ def assign(args: CmdArgs, conf: IPAMConf, stores: Datastores = ONE_SHOT) -> tupl
         attrs=attrs,
     )
     with cni_errors(), _node_lock(conf.node), _client(conf, stores) as client:
-        assigned = IPAM(client).assign(request)
+        ipam = IPAM(client)
+        assigned = ipam.assign(request, also_read=also_read, also_write=also_write)
     log.info("assigned %s to %s", ", ".join(str(a.address) for a in assigned), request.handle)
-    return to_result(assigned, conf), any(a.reused for a in assigned)
+    return to_result(assigned, conf), any(a.reused for a in assigned), ipam.revision
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

@@ -96,6 +96,9 @@ class Assigned:
     reused: bool = False  # the handle held it before this request (a repeated ADD)
 
 
+# (the ``also_read`` keys that exist, the addresses planned) -> operations for the same transaction
+AlsoWrite = Callable[[Mapping[str, KeyValue], list[Assigned]], Sequence[Op]]
+
 
 @dataclass
 class _Snapshot:
@@ -107,6 +110,7 @@ class _Snapshot:
     blocks: dict[Network, tuple[Block, int]]  # block → (content, mod revision); affine or fetched
     reservations: Reservations = Reservations()
     revision: int = 0  # the revision the reservations were read at (the commit's condition)
+    also: dict[str, KeyValue] = field(default_factory=dict)  # the caller's ``also_read`` keys that exist
 
 
 class _Retry(Exception):
@@ -147,6 +151,7 @@ class IPAM(Releaser):
         super().__init__(client, max_retries=max_retries, sleep=sleep)
         self.resources = ResourceStore(client)
         self.clock = clock
+        self.revision = 0  # the revision the last assignment's transaction wrote at (0: none written)
 
     # ---- reading -----------------------------------------------------------------------------
     def pools(self) -> list[Pool]:
@@ -160,14 +165,15 @@ class IPAM(Releaser):
         kvs, _ = self.client.list(keys.HANDLES)
         return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
 
-    def _snapshot(self, handle: str, node: str, legacy: str = "") -> _Snapshot:
+    def _snapshot(self, handle: str, node: str, legacy: str = "", also_read: Sequence[str] = ()) -> _Snapshot:
         """One round trip in the usual case: the handle, the IPAM configuration, the node, the
         pools, the node's affinities and the blocks it was last seen to hold, at one revision.
         A block the hint missed (claimed since, or by another process) costs a second read."""
         node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
         hinted = sorted(BLOCK_HINTS.get(node, ()))
         legacy_keys = [keys.handle_key(legacy)] if legacy else []
-        reading = self.client.read([keys.handle_key(handle), *legacy_keys, cfg_key, node_key, *hinted],
+        wanted = list(dict.fromkeys([keys.handle_key(handle), *legacy_keys, cfg_key, node_key, *hinted, *also_read]))
+        reading = self.client.read(wanted,
                                    [(_POOLS, False), (keys.affinity_prefix(node), True), (_RESERVATIONS, False)])
         singles = reading.values
         labels: dict[str, str] = {}
@@ -193,22 +199,30 @@ class IPAM(Releaser):
         pools = [_pool(kv) for kv in reading.lists[_POOLS]]
         return _Snapshot(singles.get(keys.handle_key(handle)), singles.get(keys.handle_key(legacy)) if legacy else None,
                          pools, labels, max_blocks, blocks, Reservations.from_kvs(reading.lists[_RESERVATIONS]),
-                         reading.revision)
+                         reading.revision, {k: singles[k] for k in also_read if k in singles})
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
         return {keys.cidr_from_key(kv.key) for kv in kvs}
 
     # ---- assigning -----------------------------------------------------------------------------
-    def assign(self, req: AssignRequest) -> list[Assigned]:
+    def assign(self, req: AssignRequest, *, also_read: Sequence[str] = (),
+               also_write: AlsoWrite | None = None) -> list[Assigned]:
         """Addresses for one attachment; an existing handle gets its addresses back (idempotent).
-        One at a time per node in this process (see ``_NODE_LOCKS``)."""
-        with node_lock(req.node):
-            return self._assign(req)
+        One at a time per node in this process (see ``_NODE_LOCKS``).
 
-    def _assign(self, req: AssignRequest) -> list[Assigned]:
+        ``also_read`` keys are read in the snapshot, and what ``also_write`` makes of those that
+        exist and of the planned addresses is committed in the assignment's own transaction (ADD's
+        WorkloadEndpoint: one round trip fewer, and never an endpoint without its addresses). It is
+        not called when the handle already held addresses (a repeated ADD: nothing is written).
+        :attr:`revision` is then the revision the transaction wrote at."""
+        with node_lock(req.node):
+            return self._assign(req, also_read, also_write)
+
+    def _assign(self, req: AssignRequest, also_read: Sequence[str] = (),
+                also_write: AlsoWrite | None = None) -> list[Assigned]:
         for attempt in range(self.max_retries):
-            snap = self._snapshot(req.handle, req.node, req.legacy_handle)
+            snap = self._snapshot(req.handle, req.node, req.legacy_handle, also_read)
             if snap.handle is not None:
                 existing = self._existing(req.handle, snap)
                 if existing:
@@ -237,7 +251,7 @@ class IPAM(Releaser):
                     for cidr, owner in claims:
                         self._claim(cidr, owner)
                     raise _Retry(f"claimed {', '.join(str(c) for c, _ in claims)}")
-                self._commit(req, snap, changed, results)
+                self._commit(req, snap, changed, results, also_write)
                 log.debug("assigned %s to %s", [str(r.address) for r in results], req.handle)
                 return results
             except (_Retry, Conflict) as why:
@@ -385,7 +399,7 @@ class IPAM(Releaser):
         return results
 
     def _commit(self, req: AssignRequest, snap: _Snapshot, changed: dict[Network, tuple[Block, int]],
-                results: list[Assigned]) -> None:
+                results: list[Assigned], also_write: AlsoWrite | None = None) -> None:
         counts: dict[str, int] = {}
         for r in results:
             counts[str(r.block)] = counts.get(str(r.block), 0) + 1
@@ -399,4 +413,6 @@ class IPAM(Releaser):
         if snap.revision:
             # A reservation written since the snapshot may cover what was planned: re-plan then.
             ops.append(NothingNewer(_RESERVATIONS, snap.revision))
-        self.client.commit(ops)
+        if also_write is not None:
+            ops += also_write(snap.also, results)
+        self.revision = self.client.commit(ops)
