@@ -28,13 +28,11 @@ from cni_plugins.errors import CNIError
 from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
-from datastore.codec import stored_bytes
 from datastore.errors import AlreadyExists, NotFound
-from datastore.kv import Create, Delete, KeyValue, Op
+from datastore.kv import Delete, KeyValue
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
-from ipam.allocator import AlsoWrite
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +96,13 @@ def _ipam(command: str, args: CmdArgs, stores: Datastores) -> Result | None:
     return _exec_ipam(ipam_type, command, args)
 
 
-def _assign(args: CmdArgs, ipam_conf: ipam_ops.IPAMConf, stores: Datastores, endpoint_key: str,
-            endpoint_ops: AlsoWrite) -> tuple[Result | None, bool, int]:
-    """IPAM ADD; whether the addresses were already the attachment's (then a failure of a later
-    step must leave them: they belong to the live attachment a runtime is repeating); and, with
-    tortie-ipam, the revision of the transaction that also wrote what ``endpoint_ops`` made (0:
-    nothing written, or another IPAM plugin: the endpoint is then written after the wiring)."""
+def _assign(args: CmdArgs, ipam_conf: ipam_ops.IPAMConf, stores: Datastores) -> tuple[Result | None, bool]:
+    """IPAM ADD, and whether the addresses were already the attachment's (then a failure of a
+    later step must leave them: they belong to the live attachment a runtime is repeating)."""
     ipam_type = args.config["ipam"]["type"]
     if ipam_type == "tortie-ipam":
-        return ipam_ops.assign(args, ipam_conf, stores, also_read=[endpoint_key], also_write=endpoint_ops)
-    return _exec_ipam(ipam_type, "ADD", args), False, 0
+        return ipam_ops.assign(args, ipam_conf, stores)
+    return _exec_ipam(ipam_type, "ADD", args), False
 
 
 def _exec_ipam(ipam_type: str, command: str, args: CmdArgs) -> Result | None:
@@ -168,68 +163,40 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
     ADD), and the WorkloadEndpoint as written.
 
     The addresses are assigned (in a thread) while the veth pair is made: neither needs the other.
-    With tortie-ipam the endpoint is written in the assignment's own transaction (its MAC chosen
-    beforehand), so the agent may program the pod's policy while the wiring finishes; a failure
-    after it releases both together, as DEL does."""
+    The endpoint is written last, once the attachment is whole: an endpoint is never an ADD
+    half-way (the agent's start-up cleanup and orphan sweep rely on it)."""
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
     _check_free(args)
-    namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
-    key = ResourceStore.key(WorkloadEndpoint, endpoint_name(conf.node, host_if), namespace)
-    mac = wiring.random_mac()
-    planned: list[Resource] = []  # the endpoint the IPAM transaction wrote (none: it is written after the wiring)
-
-    def endpoint_ops(existing: Mapping[str, KeyValue], assigned: list[Any]) -> list[Op]:
-        planned.clear()
-        if key in existing:  # a repeated ADD, or a stale endpoint of an earlier container: replaced later
-            return []
-        resource = _endpoint(args, conf, host_if, mac, [_host_interface(a.address) for a in assigned])
-        ResourceStore.identify(resource)
-        planned.append(resource)
-        return [Create(key, stored_bytes(resource))]
-
-    assigning = _Background(_assign, args, ipam_conf, stores, key, endpoint_ops, name="assign")
+    assigning = _Background(_assign, args, ipam_conf, stores, name="assign")
     with contextlib.ExitStack() as undo:
-        undo.callback(_unassign_on_failure, assigning, args, stores, key)
+        undo.callback(_unassign_on_failure, assigning, args, stores)
         with _wiring_errors(codes.IO_FAILURE, "could not wire the container"), \
-                wiring.create(args.netns, args.ifname, host_if, conf.mtu, mac) as pair:
-            assigned, repeated, revision = assigning.result()  # an IPAM error removes the pair
+                wiring.create(args.netns, args.ifname, host_if, conf.mtu) as pair:
+            assigned, repeated = assigning.result()  # an IPAM error removes the pair
             if assigned is None or not assigned.ips:
                 raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
-            addresses = [_host_interface(ipaddress.ip_interface(ip.address).ip) for ip in assigned.ips]
+            addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
+            addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
             wired = pair.configure(addresses)
-            if planned and revision:
-                endpoint = planned[-1]
-                endpoint.metadata.resource_version = str(revision)
-            else:
-                with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-                    endpoint = _write_endpoint(ResourceStore(client), _endpoint(args, conf, host_if,
-                                                                               wired.container_mac, addresses))
+            with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+                endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
     return _result(args, wired, host_if, addresses, conf), repeated, endpoint
 
 
-def _host_interface(address: Any) -> Any:
-    """An assigned address as the container holds it: /32 or /128, Calico's way."""
-    return ipaddress.ip_interface(f"{address}/{address.max_prefixlen}")
-
-
-def _unassign_on_failure(assigning: _Background, args: CmdArgs, stores: Datastores, endpoint_key: str) -> None:
-    """ADD's undo of the IPAM step: once the assignment has finished, release what it made new
-    (and the endpoint written with it); nothing when it failed or handed back a live attachment's."""
+def _unassign_on_failure(assigning: _Background, args: CmdArgs, stores: Datastores) -> None:
+    """ADD's undo of the IPAM step: once the assignment has finished, release what it made new;
+    nothing when it failed. A handle that already held addresses belongs to an attachment made
+    before (a runtime repeating ADD, or a second interface of the container): its addresses were
+    handed back, and a failure must not release them from under the live attachment."""
     try:
-        _, repeated, _ = assigning.result()
+        _, repeated = assigning.result()
     except Exception:  # noqa: BLE001 - nothing was assigned; its error (or the wiring's) is the caller's
         return
-    if repeated:
-        return
-    if args.config["ipam"]["type"] != "tortie-ipam":
+    if not repeated:
         _quietly(_ipam, "DEL", args, stores)
-        return
-    ipam_conf = ipam_ops.IPAMConf.parse(args.config, stores.environment)
-    _quietly(ipam_ops.release, args, ipam_conf, stores, [endpoint_key],
-             lambda values: _endpoint_deletion(values.get(endpoint_key), args.container_id))
 
 
 def _result(args: CmdArgs, wired: Any, host_if: str, addresses: list[Any], conf: PluginConf) -> Result:
@@ -268,7 +235,8 @@ def _quietly(fn: Any, *a: Any) -> None:
         log.warning("undo %s failed: %s", getattr(fn, "__name__", fn), e)
 
 
-def _endpoint(args: CmdArgs, conf: PluginConf, host_if: str, mac: str, addresses: list[Any]) -> Resource:
+def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_if: str, wired: Any,
+                    addresses: list[Any]) -> Resource:
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
     endpoint_labels = {**labels(args), LABEL_NAMESPACE: namespace, LABEL_NETWORK: conf.network}
     resource = Resource(
@@ -278,12 +246,8 @@ def _endpoint(args: CmdArgs, conf: PluginConf, host_if: str, mac: str, addresses
             node=conf.node, interface_name=host_if, container_id=args.container_id,
             workload=args.cni_args.get("K8S_POD_NAME", args.container_id[:12]),
             pod=args.cni_args.get("K8S_POD_NAME", ""), endpoint=args.ifname, network=conf.network,
-            mac=mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
+            mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
     )
-    return resource
-
-
-def _write_endpoint(store: ResourceStore, resource: Resource) -> Resource:
     try:
         return store.create(resource)  # the usual case: one round trip
     except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container

@@ -80,23 +80,14 @@ def _inside(path: str | int) -> Iterator[None]:
         raise WiringError(str(e)) from None
 
 
-def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[Address],
-          container_mac: str | None = None) -> Wired:
+def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[Address]) -> Wired:
     """Create and configure the veth pair of one attachment; on any failure leave nothing behind."""
-    with create(netns_path, ifname, host_if, mtu, container_mac) as pair:
+    with create(netns_path, ifname, host_if, mtu) as pair:
         return pair.configure(addresses)
 
 
-def random_mac() -> str:
-    """A random locally administered unicast MAC (what the kernel would pick for the container
-    end): chosen before the pair exists, so ADD can write it into the WorkloadEndpoint meanwhile."""
-    raw = bytearray(os.urandom(6))
-    raw[0] = (raw[0] & 0xFE) | 0x02
-    return ":".join(f"{b:02x}" for b in raw)
-
-
 @contextmanager
-def create(netns_path: str, ifname: str, host_if: str, mtu: int, container_mac: str | None = None) -> Iterator[Pair]:
+def create(netns_path: str, ifname: str, host_if: str, mtu: int) -> Iterator[Pair]:
     """The veth pair of one attachment, created but not configured: the part of the wiring that
     needs no address, which ADD runs while its addresses are being assigned. The pair is removed
     again when the block ends without :meth:`Pair.configure` having succeeded (an exception, or
@@ -115,7 +106,7 @@ def create(netns_path: str, ifname: str, host_if: str, mtu: int, container_mac: 
             with _doing(f"creating the veth pair {host_if}/{ifname}"):
                 try:
                     # The host end is created up; it has no carrier until the peer comes up, last.
-                    host.add_veth(host_if, HOST_MAC, mtu, ifname, ns_fd, peer_mac=container_mac)
+                    host.add_veth(host_if, HOST_MAC, mtu, ifname, ns_fd)
                 except KernelError as e:
                     if e.code == errno.EEXIST:  # lost a race with another ADD of the same name
                         raise InterfaceExists(f"{host_if} or {ifname} in {netns_path} appeared meanwhile") from e

@@ -64,7 +64,7 @@ class ResourceStore:
         return op_bytes(Create(key, stored_bytes(resource))) + _IDENTITY_BYTES
 
     @staticmethod
-    def identify(resource: Resource) -> None:
+    def _identify(resource: Resource) -> None:
         """Give a new resource its identity, unless it has one."""
         resource.metadata.uid = resource.metadata.uid or new_uid()
         resource.metadata.creation_timestamp = resource.metadata.creation_timestamp or (
@@ -84,7 +84,7 @@ class ResourceStore:
         for resource, current in changes:
             key = self.key(resource.kind, resource.name, resource.namespace)
             if current is None:
-                self.identify(resource)
+                self._identify(resource)
                 ops.append(Create(key, stored_bytes(resource)))
                 outcomes.append("created")
                 continue
@@ -132,7 +132,7 @@ class ResourceStore:
 
     def create(self, resource: Resource) -> Resource:
         key = self.key(resource.kind, resource.name, resource.namespace)
-        self.identify(resource)
+        self._identify(resource)
         try:
             rev = self.client.create(key, stored_bytes(resource))
         except AlreadyExists:

@@ -208,13 +208,9 @@ class RTNL:
             raise
         return _link(payload)
 
-    def add_veth(self, name: str, mac: str, mtu: int, peer: str, peer_netns_fd: int,
-                 peer_mac: str | None = None) -> None:
-        """Create a veth pair, ``name`` here and up, ``peer`` in the namespace ``peer_netns_fd`` (down;
-        with ``peer_mac``, else a MAC the kernel picks)."""
+    def add_veth(self, name: str, mac: str, mtu: int, peer: str, peer_netns_fd: int) -> None:
+        """Create a veth pair, ``name`` here and up, ``peer`` in the namespace ``peer_netns_fd`` (down)."""
         peer_msg = _NO_LINK + _name(peer) + attr(IFLA_MTU, u32(mtu)) + attr(IFLA_NET_NS_FD, u32(peer_netns_fd))
-        if peer_mac is not None:
-            peer_msg += attr(IFLA_ADDRESS, _mac(peer_mac))
         info = attr(IFLA_INFO_KIND, b"veth") + attr(IFLA_INFO_DATA | NLA_F_NESTED, attr(VETH_INFO_PEER, peer_msg))
         self._sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                            _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(name) + attr(IFLA_ADDRESS, _mac(mac))
