@@ -7,6 +7,9 @@ compare-and-swap that replaces it has succeeded.
 Free ordinals form a FIFO (take from the head, return to the tail), so the address freed longest
 ago is reused first. Every write bumps ``sequence`` and stamps the allocations it makes with it; a
 release that names a sequence number only frees the address if it was not re-allocated since.
+
+Also keeps the blocks decoded per stored version (:func:`decoded_block`), so that a snapshot of a
+node's blocks decodes only those that changed.
 """
 
 from __future__ import annotations
