@@ -33,7 +33,8 @@ from datastore.errors import (
 )
 from datastore.kv import KV, KeyValue, Op
 from ipam import errors as ipam_errors
-from ipam.allocator import IPAM, Assigned, AssignRequest, node_lock
+from ipam.allocator import IPAM, Assigned, AssignRequest
+from ipam.batch import node_lock
 from ipam.handles import attachment_handle, attachment_of, legacy_handle
 from ipam.pools import select_pools
 
@@ -175,12 +176,12 @@ _LOCK_FILES: dict[str, int] = {}  # node → the open lock file: a warm agent op
 
 @contextlib.contextmanager
 def _node_lock(node: str) -> Iterator[None]:
-    """Serialise this node's assignments across processes, as Calico's host-wide IPAM lock file
+    """Serialise this node's IPAM writes across processes, as Calico's host-wide IPAM lock file
     does: callers on one node (the agent, in-process plugins, tortie-ipam under bridge) would
-    otherwise all pick the same block and lose each other's compare-and-swap. Within a process
-    the library's per-node lock is taken first (flock does not exclude threads sharing one open
-    file). Best effort (CAS is what keeps addresses unique): without a lock directory we go on
-    unlocked."""
+    otherwise all pick the same block and lose each other's compare-and-swap. Entered by the
+    batch that runs the call (``ipam.batch``), inside the library's per-node lock (flock does not
+    exclude threads sharing one open file). Best effort (CAS is what keeps addresses unique):
+    without a lock directory we go on unlocked."""
     import fcntl
 
     with node_lock(node):
@@ -253,8 +254,8 @@ def assign(args: CmdArgs, conf: IPAMConf, stores: Datastores = ONE_SHOT) -> tupl
         addresses=wanted,
         attrs=attrs,
     )
-    with cni_errors(), _node_lock(conf.node), _client(conf, stores) as client:
-        assigned = IPAM(client).assign(request)
+    with cni_errors(), _client(conf, stores) as client:
+        assigned = IPAM(client).assign(request, exclusive=lambda: _node_lock(conf.node))
     log.info("assigned %s to %s", ", ".join(str(a.address) for a in assigned), request.handle)
     return to_result(assigned, conf), any(a.reused for a in assigned)
 
@@ -271,7 +272,8 @@ def release(args: CmdArgs, conf: IPAMConf, stores: Datastores = ONE_SHOT, *, als
     with cni_errors(), _client(conf, stores) as client:
         handles, released = IPAM(client).release_attachment(conf.network, args.container_id, args.ifname,
                                                              node=conf.node, also_read=also_read,
-                                                             also_write=also_write)
+                                                             also_write=also_write,
+                                                             exclusive=lambda: _node_lock(conf.node))
     log.info("released %s of %s", ", ".join(map(str, released)) or "nothing",
              ", ".join(handles) or conf.handle(args.container_id, args.ifname))
 

@@ -160,29 +160,43 @@ def _undo_add(args: CmdArgs, stores: Datastores) -> None:
 def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, conf: PluginConf,
             host_if: str) -> tuple[Result, bool, Resource]:
     """ADD's work: the result, whether the addresses were already the attachment's (a repeated
-    ADD), and the WorkloadEndpoint as written."""
+    ADD), and the WorkloadEndpoint as written.
+
+    The addresses are assigned (in a thread) while the veth pair is made: neither needs the other.
+    The endpoint is written last, once the attachment is whole: an endpoint is never an ADD
+    half-way (the agent's start-up cleanup and orphan sweep rely on it)."""
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
     _check_free(args)
+    assigning = _Background(_assign, args, ipam_conf, stores, name="assign")
     with contextlib.ExitStack() as undo:
-        # A handle that already holds addresses belongs to an attachment made before (a runtime
-        # repeating ADD, or a second interface of the container): its addresses are handed back,
-        # and a failure here must not release them from under the live attachment.
-        assigned, repeated = _assign(args, ipam_conf, stores)
-        if not repeated:
-            undo.callback(_quietly, _ipam, "DEL", args, stores)
-        if assigned is None or not assigned.ips:
-            raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
-        addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
-        addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
-        with _wiring_errors(codes.IO_FAILURE, "could not wire the container"):
-            wired = wiring.setup(args.netns, args.ifname, host_if, conf.mtu, addresses)
-        undo.callback(_quietly, wiring.teardown, host_if)
-        with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-            endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
+        undo.callback(_unassign_on_failure, assigning, args, stores)
+        with _wiring_errors(codes.IO_FAILURE, "could not wire the container"), \
+                wiring.create(args.netns, args.ifname, host_if, conf.mtu) as pair:
+            assigned, repeated = assigning.result()  # an IPAM error removes the pair
+            if assigned is None or not assigned.ips:
+                raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
+            addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
+            addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
+            wired = pair.configure(addresses)
+            with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+                endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
     return _result(args, wired, host_if, addresses, conf), repeated, endpoint
+
+
+def _unassign_on_failure(assigning: _Background, args: CmdArgs, stores: Datastores) -> None:
+    """ADD's undo of the IPAM step: once the assignment has finished, release what it made new;
+    nothing when it failed. A handle that already held addresses belongs to an attachment made
+    before (a runtime repeating ADD, or a second interface of the container): its addresses were
+    handed back, and a failure must not release them from under the live attachment."""
+    try:
+        _, repeated = assigning.result()
+    except Exception:  # noqa: BLE001 - nothing was assigned; its error (or the wiring's) is the caller's
+        return
+    if not repeated:
+        _quietly(_ipam, "DEL", args, stores)
 
 
 def _result(args: CmdArgs, wired: Any, host_if: str, addresses: list[Any], conf: PluginConf) -> Result:
@@ -309,7 +323,8 @@ def _unwire(netns_path: str, ifname: str, host_if: str) -> None:
 class _Background:
     """``fn(*a)`` in a thread of its own; ``result()`` waits and re-raises its exception."""
 
-    def __init__(self, fn: Any, *a: Any) -> None:
+    def __init__(self, fn: Any, *a: Any, name: str = "teardown") -> None:
+        import contextvars
         import threading
 
         self._error: BaseException | None = None
@@ -321,7 +336,9 @@ class _Background:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 self._error = e
 
-        self._thread = threading.Thread(target=run, name="teardown", daemon=True)
+        # In a copy of the caller's context: its etcd requests share the call's retry budget.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(run,), name=name, daemon=True)
         self._thread.start()
 
     def result(self) -> Any:

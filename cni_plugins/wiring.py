@@ -82,7 +82,16 @@ def _inside(path: str | int) -> Iterator[None]:
 
 def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[Address]) -> Wired:
     """Create and configure the veth pair of one attachment; on any failure leave nothing behind."""
-    families: set[int] = {a.version for a in addresses}
+    with create(netns_path, ifname, host_if, mtu) as pair:
+        return pair.configure(addresses)
+
+
+@contextmanager
+def create(netns_path: str, ifname: str, host_if: str, mtu: int) -> Iterator[Pair]:
+    """The veth pair of one attachment, created but not configured: the part of the wiring that
+    needs no address, which ADD runs while its addresses are being assigned. The pair is removed
+    again when the block ends without :meth:`Pair.configure` having succeeded (an exception, or
+    an IPAM failure meanwhile)."""
     with ExitStack() as resources:
         host = resources.enter_context(RTNL())
         with _inside(netns_path):
@@ -104,52 +113,71 @@ def setup(netns_path: str, ifname: str, host_if: str, mtu: int, addresses: list[
                     raise
             # Registered as soon as the veth is ours: every later step's failure removes it (and its peer).
             undo.callback(_delete_link, host, host_if)
+            pair = Pair(netns_path, ifname, host_if, host, container, ns_fd)
+            yield pair
+            if pair.wired is not None:
+                undo.pop_all()
 
-            with _doing(f"configuring the host end {host_if}"):
-                link = host.link(host_if)
-                if link is None:
-                    raise WiringError(f"{host_if} vanished while it was being configured")
-                host_index, host_mac = link.index, link.mac
-                _host_sysctls(host_if, families)
 
-            with _doing(f"configuring {ifname} in {netns_path}"):
-                peer = container.link(ifname)
-                if peer is None:
-                    raise WiringError(f"{ifname} in {netns_path} vanished while it was being configured")
-                index, mac = peer.index, peer.mac
-                if 6 in families:
-                    with _inside(ns_fd):
-                        _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
-                container.set_link(LOOPBACK_INDEX, up=True)
-                container.set_link(index, up=True)
-                for a in addresses:  # Calico's /32 and /128: everything is reached through the gateway
-                    with _doing(f"adding the address {a.ip} to {ifname} in {netns_path}"):
-                        container.add_address(index, _host_cidr(a))  # IPv6 without DAD
-                # The gateway's MAC is fixed: a permanent entry means the pod never needs an ARP or
-                # NDP answer for it, so it works on a host with no route (proxy ARP needs one).
-                for version in sorted(families):
-                    container.set_neighbour(index, GATEWAY[version], HOST_MAC)
-                taken = _families_with_default(container)
-                for version in sorted(families):
-                    if version not in taken:  # the container's first attachment: Calico's routes
-                        if version == 4:
-                            container.add_route(KernelRoute(f"{GATEWAY_V4}/32", scope="link", ifindex=index))
-                        container.add_route(KernelRoute(DEFAULT[version], gateway=GATEWAY[version], ifindex=index))
-                        continue
-                    # A further attachment: the main table's default route stays the first's; what is
-                    # sent from this attachment's addresses leaves through it, by a table of its own.
-                    table = secondary_table(index)
-                    container.add_route(KernelRoute(DEFAULT[version], gateway=GATEWAY[version], ifindex=index,
-                                                    proto=RTPROT_BOOT, table=table, onlink=True))
-                    for a in addresses:
-                        if a.version == version:
-                            container.add_rule(str(a.ip), a.max_prefixlen, table, RULE_PRIORITY)
+class Pair:
+    """A veth pair :func:`create` made; :meth:`configure` gives it its addresses and routes."""
 
-            with _doing(f"adding the host routes via {host_if}"):
+    def __init__(self, netns_path: str, ifname: str, host_if: str, host: RTNL, container: RTNL, ns_fd: int) -> None:
+        self.netns_path, self.ifname, self.host_if = netns_path, ifname, host_if
+        self._host, self._container, self._ns_fd = host, container, ns_fd
+        self.wired: Wired | None = None
+
+    def configure(self, addresses: list[Address]) -> Wired:
+        """The host end's sysctls, the container end's addresses, neighbours and routes, the host
+        routes; a failure leaves the pair to be removed by :func:`create`."""
+        families: set[int] = {a.version for a in addresses}
+        host, container, ns_fd = self._host, self._container, self._ns_fd
+        netns_path, ifname, host_if = self.netns_path, self.ifname, self.host_if
+        with _doing(f"configuring the host end {host_if}"):
+            link = host.link(host_if)
+            if link is None:
+                raise WiringError(f"{host_if} vanished while it was being configured")
+            host_index, host_mac = link.index, link.mac
+            _host_sysctls(host_if, families)
+
+        with _doing(f"configuring {ifname} in {netns_path}"):
+            peer = container.link(ifname)
+            if peer is None:
+                raise WiringError(f"{ifname} in {netns_path} vanished while it was being configured")
+            index, mac = peer.index, peer.mac
+            if 6 in families:
+                with _inside(ns_fd):
+                    _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
+            container.set_link(LOOPBACK_INDEX, up=True)
+            container.set_link(index, up=True)
+            for a in addresses:  # Calico's /32 and /128: everything is reached through the gateway
+                with _doing(f"adding the address {a.ip} to {ifname} in {netns_path}"):
+                    container.add_address(index, _host_cidr(a))  # IPv6 without DAD
+            # The gateway's MAC is fixed: a permanent entry means the pod never needs an ARP or
+            # NDP answer for it, so it works on a host with no route (proxy ARP needs one).
+            for version in sorted(families):
+                container.set_neighbour(index, GATEWAY[version], HOST_MAC)
+            taken = _families_with_default(container)
+            for version in sorted(families):
+                if version not in taken:  # the container's first attachment: Calico's routes
+                    if version == 4:
+                        container.add_route(KernelRoute(f"{GATEWAY_V4}/32", scope="link", ifindex=index))
+                    container.add_route(KernelRoute(DEFAULT[version], gateway=GATEWAY[version], ifindex=index))
+                    continue
+                # A further attachment: the main table's default route stays the first's; what is
+                # sent from this attachment's addresses leaves through it, by a table of its own.
+                table = secondary_table(index)
+                container.add_route(KernelRoute(DEFAULT[version], gateway=GATEWAY[version], ifindex=index,
+                                                proto=RTPROT_BOOT, table=table, onlink=True))
                 for a in addresses:
-                    _add_host_route(host, host_index, a)
-            undo.pop_all()
-        return Wired(host_if, host_mac or "", ifname, mac or "", index)
+                    if a.version == version:
+                        container.add_rule(str(a.ip), a.max_prefixlen, table, RULE_PRIORITY)
+
+        with _doing(f"adding the host routes via {host_if}"):
+            for a in addresses:
+                _add_host_route(host, host_index, a)
+        self.wired = Wired(host_if, host_mac or "", ifname, mac or "", index)
+        return self.wired
 
 
 def secondary_table(container_index: int) -> int:

@@ -7,7 +7,8 @@ must not touch the kernel; releasing lives in ``ipam.release`` (:class:`IPAM` ex
 
 An assignment reads a snapshot (the handle, the pools, this node's affine blocks), plans which
 addresses to take, and commits every touched block together with the handle in ONE etcd
-transaction conditioned on the revisions it read. Losing that race means someone else changed a
+transaction conditioned on the revisions it read (with the node's other assignments and releases
+waiting at the same time: ``ipam.batch``). Losing that race means someone else changed a
 block first: re-read and re-plan. Because the handle is written in the same transaction, a retry
 after an ambiguous failure finds its own earlier success instead of allocating twice.
 
@@ -26,10 +27,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from datastore import keys
@@ -38,8 +39,8 @@ from datastore.errors import Conflict
 from datastore.kv import KV, Create, KeyValue, NothingNewer, Op, Update
 from datastore.resources import IPAMConfiguration, IPPool, IPReservation, Node
 from datastore.store import ResourceStore
-from ipam.block import Address, Block, Network
-from ipam.errors import AddressInUse, AddressNotInPool, AddressReserved, PoolExhausted, TooManyConflicts
+from ipam.block import Address, Block, Network, decoded_block
+from ipam.errors import AddressInUse, AddressNotInPool, AddressReserved, PoolExhausted
 from ipam.handles import Handle, belongs_to
 from ipam.pools import Pool, pool_for_address, select_pools
 from ipam.release import BLOCK_HINTS, Releaser
@@ -49,24 +50,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOCKS_PER_HOST = 20
 
-# node → the lock its assignments take in this process. Callers of one node all start from the
-# node's own blocks: run together they pick the same free address and all but one lose the
-# compare-and-swap, re-read and back off (measured: 2.2 lost CAS per assignment at 8 threads per
-# node). Serialised, each commits at its first try. Releases never take it: they touch only their
-# own handle's addresses, and a lost CAS there costs one re-read. Other processes of the node are
-# kept out by the CNI plugins' host-wide lock file (``cni_plugins.ipam_ops``), as Calico does.
-_NODE_LOCKS: dict[str, threading.RLock] = {}
-_NODE_LOCKS_GUARD = threading.Lock()
-
-
-def node_lock(node: str) -> threading.RLock:
-    """The in-process lock that serialises ``node``'s assignments (re-entrant: the CNI plugins take
-    it around the host-wide lock file, then assign takes it again)."""
-    with _NODE_LOCKS_GUARD:
-        lock = _NODE_LOCKS.get(node)
-        if lock is None:
-            lock = _NODE_LOCKS[node] = threading.RLock()
-        return lock
 _POOLS = keys.resource_prefix(IPPool.PLURAL)
 _RESERVATIONS = keys.resource_prefix(IPReservation.PLURAL)
 
@@ -96,7 +79,6 @@ class Assigned:
     reused: bool = False  # the handle held it before this request (a repeated ADD)
 
 
-
 @dataclass
 class _Snapshot:
     handle: KeyValue | None
@@ -107,10 +89,7 @@ class _Snapshot:
     blocks: dict[Network, tuple[Block, int]]  # block → (content, mod revision); affine or fetched
     reservations: Reservations = Reservations()
     revision: int = 0  # the revision the reservations were read at (the commit's condition)
-
-
-class _Retry(Exception):
-    """The plan changed the world (a block was claimed): re-read and plan again."""
+    also: dict[str, KeyValue] = field(default_factory=dict)  # the ``also_read`` keys that exist (handles)
 
 
 def _same_attachment(held: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
@@ -160,14 +139,15 @@ class IPAM(Releaser):
         kvs, _ = self.client.list(keys.HANDLES)
         return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
 
-    def _snapshot(self, handle: str, node: str, legacy: str = "") -> _Snapshot:
-        """One round trip in the usual case: the handle, the IPAM configuration, the node, the
-        pools, the node's affinities and the blocks it was last seen to hold, at one revision.
-        A block the hint missed (claimed since, or by another process) costs a second read."""
+    def snapshot(self, node: str, also_read: Sequence[str] = ()) -> _Snapshot:
+        """One round trip in the usual case: the ``also_read`` keys (the handles of the requests
+        being planned, their callers' keys), the IPAM configuration, the node, the pools, the
+        node's affinities and the blocks it was last seen to hold, at one revision. A block the
+        hint missed (claimed since, or by another process) costs a second read."""
         node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
         hinted = sorted(BLOCK_HINTS.get(node, ()))
-        legacy_keys = [keys.handle_key(legacy)] if legacy else []
-        reading = self.client.read([keys.handle_key(handle), *legacy_keys, cfg_key, node_key, *hinted],
+        wanted = list(dict.fromkeys([*also_read, cfg_key, node_key, *hinted]))
+        reading = self.client.read(wanted,
                                    [(_POOLS, False), (keys.affinity_prefix(node), True), (_RESERVATIONS, False)])
         singles = reading.values
         labels: dict[str, str] = {}
@@ -187,63 +167,77 @@ class IPAM(Releaser):
         BLOCK_HINTS[node] = frozenset(block_keys)
         blocks = {}
         for kv in found.values():
-            block = Block.from_json(kv.value)
+            block = decoded_block(kv.key, kv.mod_revision, kv.value)
             if block.node == node:
                 blocks[block.cidr] = (block, kv.mod_revision)
         pools = [_pool(kv) for kv in reading.lists[_POOLS]]
-        return _Snapshot(singles.get(keys.handle_key(handle)), singles.get(keys.handle_key(legacy)) if legacy else None,
-                         pools, labels, max_blocks, blocks, Reservations.from_kvs(reading.lists[_RESERVATIONS]),
-                         reading.revision)
+        reservations = Reservations.from_kvs(reading.lists[_RESERVATIONS])
+        also = {k: singles[k] for k in also_read if k in singles}
+        return _Snapshot(None, None, pools, labels, max_blocks, blocks, reservations, reading.revision, also)
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
         return {keys.cidr_from_key(kv.key) for kv in kvs}
 
     # ---- assigning -----------------------------------------------------------------------------
-    def assign(self, req: AssignRequest) -> list[Assigned]:
+    def assign(self, req: AssignRequest, *,
+               exclusive: Callable[[], AbstractContextManager[object]] | None = None) -> list[Assigned]:
         """Addresses for one attachment; an existing handle gets its addresses back (idempotent).
-        One at a time per node in this process (see ``_NODE_LOCKS``)."""
-        with node_lock(req.node):
-            return self._assign(req)
+        Concurrent assignments and releases of one node in this process are planned and committed
+        together, one batch at a time (``ipam.batch``); ``exclusive`` is entered around each batch
+        (the CNI plugins' host-wide lock file, which keeps the node's other processes out)."""
+        from ipam import batch
 
-    def _assign(self, req: AssignRequest) -> list[Assigned]:
-        for attempt in range(self.max_retries):
-            snap = self._snapshot(req.handle, req.node, req.legacy_handle)
-            if snap.handle is not None:
-                existing = self._existing(req.handle, snap)
-                if existing:
-                    return existing
-            elif snap.legacy is not None and _same_attachment(Handle.from_json(snap.legacy.value).attrs, req.attrs):
-                existing = self._existing(req.legacy_handle, snap)
-                if existing:
-                    return existing
-            try:
-                changed: dict[Network, tuple[Block, int]] = {}
-                # Blocks to create before the plan can complete. Claims wait until every family
-                # has been planned, so a request that fails (a v6 pool exhausted after a v4
-                # block was needed) leaves the datastore as it found it.
-                claims: list[tuple[Network, str | None]] = []
-                results: list[Assigned] = []
-                attrs = {"node": req.node, "timestamp": str(int(self.clock())), **req.attrs}
-                specific: dict[int, list[Address]] = {4: [a for a in req.addresses if a.version == 4],
-                            6: [a for a in req.addresses if a.version == 6]}
-                for version, count, requested in ((4, req.num_v4, req.pools_v4), (6, req.num_v6, req.pools_v6)):
-                    if specific[version]:
-                        results += self._plan_specific(specific[version], req, snap, changed, attrs, claims)
-                    elif count:
-                        pools = select_pools(snap.pools, version, requested, req.node, snap.node_labels)
-                        results += self._plan_auto(version, count, pools, req, snap, changed, attrs, claims)
-                if claims:
-                    for cidr, owner in claims:
-                        self._claim(cidr, owner)
-                    raise _Retry(f"claimed {', '.join(str(c) for c, _ in claims)}")
-                self._commit(req, snap, changed, results)
-                log.debug("assigned %s to %s", [str(r.address) for r in results], req.handle)
-                return results
-            except (_Retry, Conflict) as why:
-                log.debug("assign %s: %s; retrying", req.handle, why)
-                self._backoff(attempt)
-        raise TooManyConflicts(f"gave up assigning for {req.handle} after {self.max_retries} conflicts")
+        job = batch.AssignJob(req)
+        batch.submit(self, req.node, job, exclusive)
+        return job.assigned
+
+    def release_attachment(self, network: str, container_id: str, ifname: str, *, node: str = "",
+                           also_read: Sequence[str] = (),
+                           also_write: Callable[[Mapping[str, KeyValue]], Sequence[Op]] | None = None,
+                           exclusive: Callable[[], AbstractContextManager[object]] | None = None,
+                           ) -> tuple[list[str], list[Address]]:
+        """:meth:`Releaser.release_attachment`; with ``node``, in that node's batches (as assign),
+        so that a DEL never loses its compare-and-swap to an ADD of this process."""
+        if not node:
+            return super().release_attachment(network, container_id, ifname, also_read=also_read,
+                                              also_write=also_write)
+        from ipam import batch
+
+        job = batch.ReleaseJob(network, container_id, ifname, also_read, also_write)
+        batch.submit(self, node, job, exclusive)
+        return job.handles, job.released
+
+    def handed_back(self, req: AssignRequest, snap: _Snapshot) -> list[Assigned]:
+        """The addresses the request's handle (or its legacy one, for the same attachment) already
+        holds: a repeated ADD gets them back; [] when it holds none."""
+        if snap.handle is not None:
+            return self._existing(req.handle, snap)
+        if snap.legacy is not None and _same_attachment(Handle.from_json(snap.legacy.value).attrs, req.attrs):
+            return self._existing(req.legacy_handle, snap)
+        return []
+
+    def plan(self, req: AssignRequest, snap: _Snapshot, changed: dict[Network, tuple[Block, int]],
+             claims: list[tuple[Network, str | None]]) -> list[Assigned]:
+        """Plan one request's addresses on ``snap``, the blocks it changes put in ``changed``
+        (which holds what the batch changed before it). Blocks that must be created first are put
+        in ``claims``; claims wait until every family has been planned, so a request that fails (a
+        v6 pool exhausted after a v4 block was needed) leaves the datastore as it found it."""
+        results: list[Assigned] = []
+        attrs = {"node": req.node, "timestamp": str(int(self.clock())), **req.attrs}
+        specific: dict[int, list[Address]] = {4: [a for a in req.addresses if a.version == 4],
+                                              6: [a for a in req.addresses if a.version == 6]}
+        for version, count, requested in ((4, req.num_v4, req.pools_v4), (6, req.num_v6, req.pools_v6)):
+            if specific[version]:
+                results += self._plan_specific(specific[version], req, snap, changed, attrs, claims)
+            elif count:
+                pools = select_pools(snap.pools, version, requested, req.node, snap.node_labels)
+                results += self._plan_auto(version, count, pools, req, snap, changed, attrs, claims)
+        return results
+
+    def claim(self, claims: Sequence[tuple[Network, str | None]]) -> None:
+        for cidr, owner in claims:
+            self._claim(cidr, owner)
 
     def _existing(self, handle: str, snap: _Snapshot) -> list[Assigned]:
         out = []
@@ -384,19 +378,16 @@ class IPAM(Releaser):
                                     pool_prefix=pool.cidr.prefixlen))
         return results
 
-    def _commit(self, req: AssignRequest, snap: _Snapshot, changed: dict[Network, tuple[Block, int]],
-                results: list[Assigned]) -> None:
+    def reservations_unchanged(self, snap: _Snapshot) -> list[Op]:
+        """A reservation written since the snapshot may cover what was planned: re-plan then."""
+        return [NothingNewer(_RESERVATIONS, snap.revision)] if snap.revision else []
+
+    def handle_op(self, req: AssignRequest, snap: _Snapshot, results: list[Assigned]) -> Op:
+        """The handle record of a planned request, written in the same transaction as its blocks."""
         counts: dict[str, int] = {}
         for r in results:
             counts[str(r.block)] = counts.get(str(r.block), 0) + 1
         handle = Handle(counts, req.node, {k: v for k, v in req.attrs.items()})
-        ops: list[Op] = [Update(keys.block_key(cidr), block.to_json(), rev)
-                         for cidr, (block, rev) in changed.items()]
         if snap.handle is None:
-            ops.append(Create(keys.handle_key(req.handle), handle.to_json()))
-        else:
-            ops.append(Update(keys.handle_key(req.handle), handle.to_json(), snap.handle.mod_revision))
-        if snap.revision:
-            # A reservation written since the snapshot may cover what was planned: re-plan then.
-            ops.append(NothingNewer(_RESERVATIONS, snap.revision))
-        self.client.commit(ops)
+            return Create(keys.handle_key(req.handle), handle.to_json())
+        return Update(keys.handle_key(req.handle), handle.to_json(), snap.handle.mod_revision)

@@ -7,6 +7,9 @@ compare-and-swap that replaces it has succeeded.
 Free ordinals form a FIFO (take from the head, return to the tail), so the address freed longest
 ago is reused first. Every write bumps ``sequence`` and stamps the allocations it makes with it; a
 release that names a sequence number only frees the address if it was not re-allocated since.
+
+Also keeps the blocks decoded per stored version (:func:`decoded_block`), so that a snapshot of a
+node's blocks decodes only those that changed.
 """
 
 from __future__ import annotations
@@ -162,3 +165,27 @@ class Block:
 
     def with_affinity(self, node: str | None) -> Block:
         return replace(self, affinity=f"host:{node}" if node else None, sequence=self.sequence + 1)
+
+
+# block key → (mod revision, stored bytes, the block decoded): every snapshot reads all of a
+# node's blocks, most of them unchanged since the last one. Blocks are immutable, so one decoded
+# block can be handed to every reader; checked against the bytes too (one process may talk to
+# several etcd clusters: tests).
+_BLOCK_CACHE: dict[str, tuple[int, bytes, Block]] = {}
+
+
+def decoded_block(key: str, mod_revision: int, value: bytes) -> Block:
+    """The block stored at ``key`` as read (its revision and bytes), decoded once per version."""
+    cached = _BLOCK_CACHE.get(key)
+    if cached is not None and cached[0] == mod_revision and cached[1] == value:
+        return cached[2]
+    block = Block.from_json(value)
+    remember_block(key, mod_revision, value, block)
+    return block
+
+
+def remember_block(key: str, mod_revision: int, value: bytes, block: Block) -> None:
+    """``block`` is what ``key`` holds at ``mod_revision`` (read, or written by this process)."""
+    if len(_BLOCK_CACHE) > 4096:
+        _BLOCK_CACHE.clear()
+    _BLOCK_CACHE[key] = (mod_revision, value, block)

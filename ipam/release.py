@@ -3,8 +3,9 @@
 Owns freeing what an attachment or an operator's plan holds: the blocks' allocations and the
 handle records that index them, updated together in one transaction conditioned on the revisions
 read, re-read and retried on conflict. It must not assign or claim blocks (``ipam.allocator``, whose
-:class:`~ipam.allocator.IPAM` extends :class:`Releaser`), and never takes the node's assignment
-lock: a release touches only its own handle's addresses, and a lost CAS costs one re-read.
+:class:`~ipam.allocator.IPAM` extends :class:`Releaser`). :class:`~ipam.allocator.IPAM` sends
+an attachment's release on a given node (DEL's) to that node's batches instead (``ipam.batch``,
+which plans it the same way); the releases here take no lock: a lost CAS costs one re-read.
 """
 
 from __future__ import annotations

@@ -705,3 +705,19 @@ def test_tortie_ipam_under_ptp_is_served_by_the_agent(tl: TortieLab, agent: None
                                cni_path=tl.cni_path, in_netns=tl.node(1).netns, extra_env=env)
             assert done.ok, done.stdout + done.stderr
     assert tl.count_handles() == 0
+
+
+@pytest.mark.parametrize("delegated", [True, False], ids=["agent", "in-process"])
+def test_an_add_whose_address_is_refused_takes_its_veth_back(tl: TortieLab, delegated: bool) -> None:
+    """ADD makes the veth pair while IPAM assigns: when IPAM refuses (an address outside every
+    pool), the pair is removed again and nothing is left in the datastore."""
+    tl.use_agent(delegated)
+    with tl.sandbox() as box:
+        before = tl.datastore()
+        config = network_config(tl.conflist(), 0, extra={"args": {"cni": {"ips": ["10.99.0.5"]}}})
+        run = tl.call("ADD", config, Attachment(secrets.token_hex(32), box.path))
+        assert not run.ok and run.output["code"] == 103, run  # ADDRESS_NOT_IN_POOL
+        assert tl.tor_links() == []
+        after = tl.datastore()
+        assert after.handles == before.handles and after.endpoints == before.endpoints
+        assert box.exec("ip", "-o", "link", "show", "eth0", check=False).returncode != 0
