@@ -30,7 +30,7 @@ from datastore.errors import Conflict
 from datastore.kv import Delete, KeyValue, Op, Update
 from ipam.block import Address, Block, Network, decoded_block, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
-from ipam.handles import Handle, attachment_handle, belongs_to, legacy_handle
+from ipam.handles import Handle, attachment_handles_in, attachment_keys
 
 # The allocator's IPAM (it imports this module: typed loosely here, so no import circle).
 IPAM = Any
@@ -74,8 +74,7 @@ class ReleaseJob(_Job):
     released: list[Address] = field(default_factory=list, init=False)
 
     def wanted(self) -> list[str]:
-        return [keys.handle_key(attachment_handle(self.network, self.container_id, self.ifname)),
-                keys.handle_key(legacy_handle(self.network, self.container_id)), *self.also_read]
+        return [*attachment_keys(self.network, self.container_id, self.ifname), *self.also_read]
 
 
 class _Queue:
@@ -219,7 +218,7 @@ def _blocks_of_releases(ipam: IPAM, blocks: Mapping[Network, tuple[Block, int]],
     an address was borrowed from, a block the hint missed): one more read, rarely needed."""
     missing: set[str] = set()
     for job in releases:
-        for kv in _attachment_handles(job, values).values():
+        for kv in attachment_handles_in(values, job.network, job.container_id, job.ifname).values():
             for cidr in Handle.from_json(kv.value).blocks:
                 if ipaddress.ip_network(cidr) not in blocks:
                     missing.add(keys.block_key(ipaddress.ip_network(cidr)))
@@ -230,23 +229,11 @@ def _blocks_of_releases(ipam: IPAM, blocks: Mapping[Network, tuple[Block, int]],
             for kv in found.values()}
 
 
-def _attachment_handles(job: ReleaseJob, values: Mapping[str, KeyValue]) -> dict[str, KeyValue]:
-    own, legacy = attachment_handle(job.network, job.container_id, job.ifname), legacy_handle(job.network,
-                                                                                              job.container_id)
-    found: dict[str, KeyValue] = {}
-    if keys.handle_key(own) in values:
-        found[own] = values[keys.handle_key(own)]
-    old = values.get(keys.handle_key(legacy))
-    if old is not None and belongs_to(Handle.from_json(old.value).attrs, job.network, job.container_id, job.ifname):
-        found[legacy] = old
-    return found
-
-
 def _plan_release(job: ReleaseJob, values: Mapping[str, KeyValue], blocks: Mapping[Network, tuple[Block, int]],
                   extra: Mapping[Network, tuple[Block, int]], changed: dict[Network, tuple[Block, int]]) -> list[Op]:
     """What releasing one attachment writes (as ``Releaser.release_attachment`` plans it), its
     blocks' changes put in ``changed``."""
-    found = _attachment_handles(job, values)
+    found = attachment_handles_in(values, job.network, job.container_id, job.ifname)
     released: list[Address] = []
     cidrs = sorted({ipaddress.ip_network(c) for kv in found.values() for c in Handle.from_json(kv.value).blocks},
                    key=str)
@@ -254,13 +241,9 @@ def _plan_release(job: ReleaseJob, values: Mapping[str, KeyValue], blocks: Mappi
         current = changed.get(cidr) or blocks.get(cidr) or extra.get(cidr)
         if current is None:
             continue  # a block that is gone holds nothing to release
-        block, rev = current
-        freed: list[Address] = []
-        for name in found:
-            block, addresses = block.release_handle(name)
-            freed += addresses
+        block, freed = current[0].release_handles(found)
         if freed:
-            changed[cidr] = (block, rev)
+            changed[cidr] = (block, current[1])
             released += freed
     ops: list[Op] = [Delete(kv.key, kv.mod_revision) for kv in found.values()]
     if job.also_write is not None:

@@ -163,6 +163,14 @@ class Block:
         block, _ = self.release(ordinals)
         return block, [self.address(o) for o in ordinals]
 
+    def release_handles(self, handles: Iterable[str]) -> tuple[Block, list[Address]]:
+        """``release_handle`` of each of ``handles``: the block after, and every address freed."""
+        block, freed = self, []
+        for handle in handles:
+            block, addresses = block.release_handle(handle)
+            freed += addresses
+        return block, freed
+
     def with_affinity(self, node: str | None) -> Block:
         return replace(self, affinity=f"host:{node}" if node else None, sequence=self.sequence + 1)
 

@@ -13,6 +13,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from datastore import keys
+from datastore.kv import KeyValue
+
 
 def attachment_handle(network: str, container_id: str, ifname: str) -> str:
     """The handle an ADD of this attachment writes."""
@@ -52,3 +55,24 @@ class Handle:
     def to_json(self) -> bytes:
         return json.dumps({"blocks": self.blocks, "node": self.node, "attrs": self.attrs},
                           separators=(",", ":"), sort_keys=True).encode()
+
+
+def attachment_handles_in(values: Mapping[str, KeyValue], network: str, container_id: str,
+                          ifname: str) -> dict[str, KeyValue]:
+    """The handles holding one attachment's addresses among ``values`` (what was read, by key): its
+    own, and a handle of the older ``<network>.<container>`` form whose attributes name this
+    interface. Read ``attachment_keys`` to find them."""
+    own, legacy = attachment_handle(network, container_id, ifname), legacy_handle(network, container_id)
+    found: dict[str, KeyValue] = {}
+    if (kv := values.get(keys.handle_key(own))) is not None:
+        found[own] = kv
+    old = values.get(keys.handle_key(legacy))
+    if old is not None and belongs_to(Handle.from_json(old.value).attrs, network, container_id, ifname):
+        found[legacy] = old
+    return found
+
+
+def attachment_keys(network: str, container_id: str, ifname: str) -> list[str]:
+    """The datastore keys of the handles that can hold one attachment's addresses."""
+    return [keys.handle_key(attachment_handle(network, container_id, ifname)),
+            keys.handle_key(legacy_handle(network, container_id))]

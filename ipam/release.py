@@ -19,7 +19,7 @@ from datastore.errors import Conflict
 from datastore.kv import KV, Delete, KeyValue, Op, Update
 from ipam.block import Address, Block
 from ipam.errors import TooManyConflicts
-from ipam.handles import Handle, attachment_handle, belongs_to, legacy_handle
+from ipam.handles import Handle, attachment_handles_in, attachment_keys
 
 # node → the keys of the blocks it held at its last assignment in this process: read together
 # with the snapshot so that a warm caller (felix-agent) needs one round trip. Only a hint: the
@@ -53,15 +53,8 @@ class Releaser:
     def attachment_handles(self, network: str, container_id: str, ifname: str) -> dict[str, KeyValue]:
         """The handles holding one attachment's addresses, read in one round trip: its own, and a
         handle of the older ``<network>.<container>`` form whose attributes name this interface."""
-        own, legacy = attachment_handle(network, container_id, ifname), legacy_handle(network, container_id)
-        kvs = self.client.get_many([keys.handle_key(own), keys.handle_key(legacy)])
-        found = {}
-        if keys.handle_key(own) in kvs:
-            found[own] = kvs[keys.handle_key(own)]
-        old = kvs.get(keys.handle_key(legacy))
-        if old is not None and belongs_to(Handle.from_json(old.value).attrs, network, container_id, ifname):
-            found[legacy] = old
-        return found
+        return attachment_handles_in(self.client.get_many(attachment_keys(network, container_id, ifname)),
+                                     network, container_id, ifname)
 
     def attachment_addresses(self, network: str, container_id: str, ifname: str) -> list[Address]:
         return [a for name in self.attachment_handles(network, container_id, ifname)
@@ -80,17 +73,11 @@ class Releaser:
         whatever ``also_write`` makes of what was read (the caller's own compare-and-swap
         deletions, e.g. the attachment's endpoint), so that they land together or not at all.
         A block the hint missed costs one more read; a lost comparison re-reads everything."""
-        own, legacy = attachment_handle(network, container_id, ifname), legacy_handle(network, container_id)
-        own_key, legacy_key = keys.handle_key(own), keys.handle_key(legacy)
+        handle_keys = attachment_keys(network, container_id, ifname)
         hinted = sorted(BLOCK_HINTS.get(node, ())) if node else []
         for attempt in range(self.max_retries):
-            values = dict(self.client.get_many(list(dict.fromkeys([own_key, legacy_key, *also_read, *hinted]))))
-            found: dict[str, KeyValue] = {}
-            if own_key in values:
-                found[own] = values[own_key]
-            old = values.get(legacy_key)
-            if old is not None and belongs_to(Handle.from_json(old.value).attrs, network, container_id, ifname):
-                found[legacy] = old
+            values = dict(self.client.get_many(list(dict.fromkeys([*handle_keys, *also_read, *hinted]))))
+            found = attachment_handles_in(values, network, container_id, ifname)
             block_keys = sorted({keys.block_key(ipaddress.ip_network(c)) for kv in found.values()
                                  for c in Handle.from_json(kv.value).blocks})
             missing = [k for k in block_keys if k not in values]
@@ -102,11 +89,7 @@ class Releaser:
                 kv = values.get(key)
                 if kv is None:
                     continue  # a block that is gone holds nothing to release
-                block = Block.from_json(kv.value)
-                freed: list[Address] = []
-                for name in found:
-                    block, addresses = block.release_handle(name)
-                    freed += addresses
+                block, freed = Block.from_json(kv.value).release_handles(found)
                 if freed:
                     ops.append(Update(kv.key, block.to_json(), kv.mod_revision))
                     released += freed
@@ -120,7 +103,7 @@ class Releaser:
                 return list(found), released
             except Conflict:
                 self._backoff(attempt)
-        raise TooManyConflicts(f"gave up releasing {own} after {self.max_retries} conflicts")
+        raise TooManyConflicts(f"gave up releasing {handle_keys[0]} after {self.max_retries} conflicts")
 
     def release_handle(self, handle: str, *, expected_revision: int = 0, read: KeyValue | None = None) -> list[Address]:
         """Free every address of an attachment and delete its handle; [] if it is already gone
