@@ -40,7 +40,8 @@ The calculators, in Calico's terms (Felix spreads the same work over the same pi
   whole when host endpoints or global policies change (a node has a handful). Every node's host
   endpoints also enter the selector index, one by one, like endpoints of no namespace.
 - ``felix_agent.calc.routes``: routes and tunnels, NAT-outgoing pools, whether IPIP is used;
-  recomputed only when pools, nodes, blocks, affinities or the local endpoints' addresses change.
+  recomputed only when pools, nodes, blocks or affinities change. The local endpoints' host routes
+  are kept apart, endpoint by endpoint (a new pod costs its own routes, not a pass over all).
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ from typing import Any
 from datastore.model import Resource
 from felix_agent.calc.active_rules import ActiveRules
 from felix_agent.calc.host_endpoints import HostEndpoints, as_workload, protection
-from felix_agent.calc.model import DesiredState, HostProtection
+from felix_agent.calc.model import DesiredState, HostProtection, Route
 from felix_agent.calc.netsets import build as build_netset
 from felix_agent.calc.policy_resolver import PolicyResolver
-from felix_agent.calc.routes import Routing, routing
+from felix_agent.calc.routes import LocalRoutes, Routing, local_routes, routing
 from felix_agent.calc.selector_index import SelectorIndex
 from felix_agent.calc.snapshot import (
     AFFINITY,
@@ -96,8 +97,11 @@ class Calculator:
         self._index = SelectorIndex(self._workloads)
         self._rules = ActiveRules(self._index)
         self._resolver = PolicyResolver(self._workloads, self._index, self._rules)
-        self._routing: Routing | None = None
+        self._routing: Routing | None = None  # of blocks, pools and nodes: see felix_agent.calc.routes
         self._routing_dirty = True
+        self._local_routes = LocalRoutes()  # of the local endpoints, kept endpoint by endpoint
+        self._local_routes_moved = False
+        self._routes: frozenset[Route] = frozenset()  # both
         self._hosts = HostEndpoints(self.node, profiles, self._rules)
         self._protection: HostProtection | None = None
 
@@ -146,11 +150,13 @@ class Calculator:
             self._resolver.drop_local(key)
         if new is not None and new.local:
             self._resolver.add_local(key, new)
-        # a local endpoint's addresses and interface are routes: came, went, moved or renamed
-        if ((old is not None and old.local) or (new is not None and new.local)) and (
-                old is None or new is None or old.local != new.local or old.addresses != new.addresses
-                or old.resource.spec.interface_name != new.resource.spec.interface_name):
-            self._routing_dirty = True
+        # a local endpoint's addresses on its veth are its host routes: came, went, moved or renamed
+        if (old is not None and old.local) or (new is not None and new.local):
+            routes = local_routes(self.node, new.resource.spec.interface_name,
+                                  (dst for _, _, dst in new.addresses)) \
+                if new is not None and new.local else frozenset()
+            removed, added = self._local_routes.set(key, routes)
+            self._local_routes_moved |= bool(removed or added)
 
     def _set_host_endpoint(self, key: str, resource: Resource | None) -> None:
         """A host endpoint, of any node, as rule selectors see it (its expectedIPs and ports)."""
@@ -171,16 +177,19 @@ class Calculator:
         policies = self._rules.policies()
         ipsets = self._index.ipsets(self._rules.set_users, self._rules.take_dirty_sets())
         if self._routing_dirty or self._routing is None:
-            addresses = [(a, e.interface) for e in self._resolver.output().all() for a in e.addresses]
-            self._routing = routing(snapshot, self.node, addresses, bgp_owns_remote=self.bgp_owns_remote)
+            self._routing = routing(snapshot, self.node, bgp_owns_remote=self.bgp_owns_remote)
             self._routing_dirty = False
+            self._routes = self._routing.routes | self._local_routes.values
+        elif self._local_routes_moved:  # the same object when nothing moved: see outputs
+            self._routes = self._routing.routes | self._local_routes.values
+        self._local_routes_moved = False
         pools = list(snapshot.ippools.values())
         return DesiredState(
             node=self.node,
             endpoints=endpoints,
             policies=policies,
             ipsets=ipsets,
-            routes=self._routing.routes,
+            routes=self._routes,
             vxlan_peers=self._routing.vxlan_peers,
             local_vtep=self._routing.local_vtep,
             ipip_enabled=self._routing.ipip_enabled,
