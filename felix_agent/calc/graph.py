@@ -179,10 +179,12 @@ class Calculator:
         if self._routing_dirty or self._routing is None:
             self._routing = routing(snapshot, self.node, bgp_owns_remote=self.bgp_owns_remote)
             self._routing_dirty = False
-            self._routes = self._routing.routes | self._local_routes.values
-        elif self._local_routes_moved:  # the same object when nothing moved: see outputs
-            self._routes = self._routing.routes | self._local_routes.values
-        self._local_routes_moved = False
+            self._local_routes_moved = True
+        if self._local_routes_moved:
+            routes = self._routing.routes | self._local_routes.values
+            if routes != self._routes:  # else the same object: see felix_agent.calc.outputs
+                self._routes = routes
+            self._local_routes_moved = False
         pools = list(snapshot.ippools.values())
         return DesiredState(
             node=self.node,
