@@ -109,6 +109,11 @@ def kernel_route(route: Route, peers: Mapping[str, VXLANPeer]) -> KernelRoute:
     raise ValueError(f"route {dst}: unknown kind {route.kind!r}")
 
 
+def _precedence(route: Route) -> tuple[str, str, str, str]:
+    """Of several routes for one destination, the first in this order is programmed."""
+    return route.dst, route.kind, route.gateway or "", route.device or ""
+
+
 def satisfies(have: KernelRoute, want: KernelRoute) -> bool:
     """Whether ``have`` (read back) is the route ``want`` asks for; a device left to the kernel matches any."""
     return (
@@ -175,40 +180,74 @@ class RouteManager:
         self._kernel: dict[str, list[KernelRoute]] | None = None
         self._links: dict[str, int] = {}
         self._applied: dict[str, KernelRoute] = {}
-        self._made: dict[Route, KernelRoute] = {}  # kernel_route() per desired route, while the peers stand
+        # What on_update works from: the last state's routes, kernel_route() of each while the peers
+        # stand (the same object for an unchanged route: the incremental apply finds the changed
+        # destinations by identity), and the routes asking for each kernel destination.
+        self._routes: frozenset[Route] = frozenset()
+        self._made: dict[Route, KernelRoute] = {}
+        self._by_dst: dict[str, dict[Route, KernelRoute]] = {}
         self._made_for: frozenset[VXLANPeer] | None = None
+        self._peers: dict[str, VXLANPeer] = {}
 
     def on_update(self, state: DesiredState) -> None:
-        """Record the routes ``state`` asks for; no kernel I/O."""
+        """Record the routes ``state`` asks for; no kernel I/O. Proportional to the change: only the
+        routes that came or went since the last update are turned into kernel routes (a new pod must
+        not cost a pass over the 5,000 routes of the others); a change of the VXLAN peers, whose
+        VTEPs are in the kernel form of their routes, makes every one again."""
         self._node = state.node
-        peers = {p.node: p for p in state.vxlan_peers}
+        routes = state.routes
+        affected: set[str] = set()  # kernel destinations whose desired route is to be chosen again
         if state.vxlan_peers != self._made_for:
-            self._made, self._made_for = {}, state.vxlan_peers
-        # The same KernelRoute object for an unchanged route: the incremental apply finds the changed
-        # destinations by identity, and 5,000 routes are not parsed again for one new endpoint.
-        made = {r: k for r, k in self._made.items() if r in state.routes}
-        desired: dict[str, KernelRoute] = {}
-        for route in sorted(state.routes, key=lambda r: (r.dst, r.kind, r.gateway or "", r.device or "")):
+            self._made_for, self._peers = state.vxlan_peers, {p.node: p for p in state.vxlan_peers}
+            self._made, self._by_dst = {}, {}
+            affected.update(self._desired)
+            added: Iterable[Route] = routes
+        elif routes is self._routes:
+            return
+        else:
+            for route in self._routes - routes:
+                k = self._made.pop(route, None)
+                if k is not None:
+                    asking = self._by_dst[k.dst]
+                    del asking[route]
+                    if not asking:
+                        del self._by_dst[k.dst]
+                    affected.add(k.dst)
+            added = routes - self._routes
+        self._routes = routes
+        for route in added:
             try:
-                k = made.get(route) or kernel_route(route, peers)
-                made[route] = k
+                k = kernel_route(route, self._peers)
             except ValueError as e:
                 if route not in self._rejected:
                     log.warning("%s: %s", self._node, e)
                 self._rejected.add(route)
                 continue
-            if k.dst in desired:
-                log.warning("%s: two routes for %s, keeping %s", self._node, k.dst, desired[k.dst])
-                continue
-            desired[k.dst] = k
-        self._rejected &= state.routes
-        self._made = made
-        self._desired = desired
-        wanted = self._local_keys(desired.values())
-        for key in set(self._programmed) - wanted:
-            self._retired[key] = self._programmed.pop(key)
-        for key in wanted & set(self._retired):
-            del self._retired[key]
+            self._made[route] = k
+            self._by_dst.setdefault(k.dst, {})[route] = k
+            affected.add(k.dst)
+        if self._rejected:
+            self._rejected &= routes
+        for dst in affected:
+            old = self._desired.pop(dst, None)
+            candidates = self._by_dst.get(dst)
+            new = None
+            if candidates:
+                new = candidates[min(candidates, key=_precedence)]
+                self._desired[dst] = new
+                if len(candidates) > 1:
+                    log.warning("%s: %d routes for %s, keeping %s", self._node, len(candidates), dst, new)
+            self._settle_local(old, new)
+
+    def _settle_local(self, old: KernelRoute | None, new: KernelRoute | None) -> None:
+        """A destination's desired route went from ``old`` to ``new``: a local route no longer desired
+        is retired (its endpoint is gone, see the module docstring), one desired again is not."""
+        old_key = next(iter(self._local_keys([old])), None) if old is not None else None
+        new_key = next(iter(self._local_keys([new])), None) if new is not None else None
+        if old_key is not None and old_key != new_key and old_key in self._programmed:
+            self._retired[old_key] = self._programmed.pop(old_key)
+        if new_key is not None:
+            self._retired.pop(new_key, None)
 
     def apply(self, *, resync: bool = False) -> int:
         """Reconcile the kernel's protocol-80 routes with the last update; the number of writes.
