@@ -71,7 +71,8 @@ def measure(endpoints: int, policies: int, count: int) -> dict[str, Any]:
         return codec.decode({"apiVersion": "tortie.dev/v1", "kind": kind, "metadata": {"name": name}, "spec": spec})
 
     world = [doc("IPPool", "p4", {"cidr": "10.244.0.0/16", "vxlanMode": "Always", "natOutgoing": True})]
-    world += [doc("Node", f"n{k}", {"bgp": {"ipv4Address": f"198.18.0.{k}/24"}, "ipv4VXLANTunnelAddr": f"10.244.{200 + k}.0",
+    world += [doc("Node", f"n{k}", {"bgp": {"ipv4Address": f"198.18.0.{k}/24"},
+                                    "ipv4VXLANTunnelAddr": f"10.244.{200 + k}.0",
                                     "vxlanTunnelMACAddr": f"66:00:00:00:00:0{k}"}) for k in (1, 2)]
     world += [codec.decode(_endpoint_doc(i)) for i in range(endpoints)]
     world += [codec.decode(_policy_doc(j)) for j in range(policies)]

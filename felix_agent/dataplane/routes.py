@@ -1,6 +1,7 @@
 """The route manager: owns the main-table routes with protocol 80, IPv4 and IPv6.
 
-Kinds (``Route.kind``) and the kernel routes they become:
+Kinds (``Route.kind``) and the kernel routes they become (``route_desired``, which keeps the wanted
+kernel routes from one state to the next, change by change):
 
 - local:     ``<addr> dev tor… scope link`` (IPv6: scope universe, as the kernel reports it)
 - blackhole: ``blackhole <block>``
@@ -41,11 +42,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from cni_plugins.naming import ROUTE_PROTOCOL
-from felix_agent.calc.model import DesiredState, Route, VXLANPeer
+from felix_agent.calc.model import DesiredState
 from felix_agent.dataplane.errors import ApplyError
-from felix_agent.dataplane.ipip import IPIP_DEVICE
+from felix_agent.dataplane.route_desired import DesiredRoutes
 from felix_agent.dataplane.route_read import BackgroundRead
-from felix_agent.dataplane.vxlan import VXLAN_DEVICE, vtep_link_local
 from kernel.netlink import KernelError
 from kernel.rtnl import KernelRoute, Link, write_each
 
@@ -73,45 +73,6 @@ class RouteDriver(Protocol):
 class RouteOp:
     action: Literal["add", "replace", "delete"]
     route: KernelRoute
-
-
-def kernel_route(route: Route, peers: Mapping[str, VXLANPeer]) -> KernelRoute:
-    """The kernel route for one desired route; ValueError when it cannot be made."""
-    dst = str(ipaddress.ip_network(route.dst, strict=False))
-    version = ipaddress.ip_network(dst).version
-    gateway = str(ipaddress.ip_address(route.gateway)) if route.gateway else None
-    if route.kind == "local":
-        if not route.device:
-            raise ValueError(f"local route {dst} has no device")
-        return KernelRoute(dst, device=route.device, scope="link" if version == 4 else "universe", proto=ROUTE_PROTOCOL)
-    if route.kind == "blackhole":
-        return KernelRoute(dst, type="blackhole", proto=ROUTE_PROTOCOL)
-    if route.kind == "vxlan":
-        device = route.device or VXLAN_DEVICE
-        peer = peers.get(route.node or "")
-        if version == 6 and (gateway is None or ipaddress.ip_address(gateway).version == 4):
-            if peer is None:
-                raise ValueError(f"VXLAN route {dst}: no VTEP known for node {route.node!r}")
-            return KernelRoute(dst, gateway=vtep_link_local(peer.vtep_mac), device=device, proto=ROUTE_PROTOCOL)
-        gateway = gateway or (peer.vtep_ip if peer else None)
-        if gateway is None:
-            raise ValueError(f"VXLAN route {dst}: no gateway and no VTEP known for node {route.node!r}")
-        onlink = not ipaddress.ip_address(gateway).is_link_local
-        return KernelRoute(dst, gateway=gateway, device=device, onlink=onlink, proto=ROUTE_PROTOCOL)
-    if route.kind == "ipip":
-        if version != 4 or gateway is None:
-            raise ValueError(f"IPIP route {dst}: IPIP carries IPv4 only, via the node's IPv4 address")
-        return KernelRoute(dst, gateway=gateway, device=route.device or IPIP_DEVICE, onlink=True, proto=ROUTE_PROTOCOL)
-    if route.kind == "direct":
-        if gateway is None:
-            raise ValueError(f"direct route {dst} has no gateway")
-        return KernelRoute(dst, gateway=gateway, device=route.device, proto=ROUTE_PROTOCOL)
-    raise ValueError(f"route {dst}: unknown kind {route.kind!r}")
-
-
-def _precedence(route: Route) -> tuple[str, str, str, str]:
-    """Of several routes for one destination, the first in this order is programmed."""
-    return route.dst, route.kind, route.gateway or "", route.device or ""
 
 
 def satisfies(have: KernelRoute, want: KernelRoute) -> bool:
@@ -169,10 +130,10 @@ class RouteManager:
         self._protocol = protocol
         self._prefix = host_if_prefix
         self._node = ""
-        self._desired: dict[str, KernelRoute] = {}
+        self._wanted = DesiredRoutes()
+        self._desired = self._wanted.by_dst  # the kernel routes wanted, by destination (kept up to date in place)
         self._programmed: dict[LocalKey, int] = {}  # desired local routes seen in the kernel -> ifindex
         self._retired: dict[LocalKey, int] = {}  # ... and no longer desired: the endpoint is gone
-        self._rejected: set[Route] = set()
         self._conflicts: set[str] = set()
         # The incremental path's view (None: read the kernel on the next apply): our routes by dst as
         # last read plus our writes since, the links' indexes as last read plus lookups since, and the
@@ -180,63 +141,12 @@ class RouteManager:
         self._kernel: dict[str, list[KernelRoute]] | None = None
         self._links: dict[str, int] = {}
         self._applied: dict[str, KernelRoute] = {}
-        # What on_update works from: the last state's routes, kernel_route() of each while the peers
-        # stand (the same object for an unchanged route: the incremental apply finds the changed
-        # destinations by identity), and the routes asking for each kernel destination.
-        self._routes: frozenset[Route] = frozenset()
-        self._made: dict[Route, KernelRoute] = {}
-        self._by_dst: dict[str, dict[Route, KernelRoute]] = {}
-        self._made_for: frozenset[VXLANPeer] | None = None
-        self._peers: dict[str, VXLANPeer] = {}
 
     def on_update(self, state: DesiredState) -> None:
-        """Record the routes ``state`` asks for; no kernel I/O. Proportional to the change: only the
-        routes that came or went since the last update are turned into kernel routes (a new pod must
-        not cost a pass over the 5,000 routes of the others); a change of the VXLAN peers, whose
-        VTEPs are in the kernel form of their routes, makes every one again."""
+        """Record the routes ``state`` asks for; no kernel I/O. Proportional to the change
+        (``route_desired``): a new pod must not cost a pass over the 5,000 routes of the others."""
         self._node = state.node
-        routes = state.routes
-        affected: set[str] = set()  # kernel destinations whose desired route is to be chosen again
-        if state.vxlan_peers != self._made_for:
-            self._made_for, self._peers = state.vxlan_peers, {p.node: p for p in state.vxlan_peers}
-            self._made, self._by_dst = {}, {}
-            affected.update(self._desired)
-            added: Iterable[Route] = routes
-        elif routes is self._routes:
-            return
-        else:
-            for route in self._routes - routes:
-                k = self._made.pop(route, None)
-                if k is not None:
-                    asking = self._by_dst[k.dst]
-                    del asking[route]
-                    if not asking:
-                        del self._by_dst[k.dst]
-                    affected.add(k.dst)
-            added = routes - self._routes
-        self._routes = routes
-        for route in added:
-            try:
-                k = kernel_route(route, self._peers)
-            except ValueError as e:
-                if route not in self._rejected:
-                    log.warning("%s: %s", self._node, e)
-                self._rejected.add(route)
-                continue
-            self._made[route] = k
-            self._by_dst.setdefault(k.dst, {})[route] = k
-            affected.add(k.dst)
-        if self._rejected:
-            self._rejected &= routes
-        for dst in affected:
-            old = self._desired.pop(dst, None)
-            candidates = self._by_dst.get(dst)
-            new = None
-            if candidates:
-                new = candidates[min(candidates, key=_precedence)]
-                self._desired[dst] = new
-                if len(candidates) > 1:
-                    log.warning("%s: %d routes for %s, keeping %s", self._node, len(candidates), dst, new)
+        for old, new in self._wanted.update(state.routes, state.vxlan_peers, state.node):
             self._settle_local(old, new)
 
     def _settle_local(self, old: KernelRoute | None, new: KernelRoute | None) -> None:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
 from felix_agent.dataplane.errors import ApplyError
-from felix_agent.dataplane.routes import RouteManager, RouteOp, kernel_route, plan, satisfies
+from felix_agent.dataplane.route_desired import kernel_route
+from felix_agent.dataplane.routes import RouteManager, RouteOp, plan, satisfies
 from felix_agent.dataplane.vxlan import vtep_link_local
 from kernel.netlink import KernelError
 from kernel.rtnl import KernelRoute, Link
