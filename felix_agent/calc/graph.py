@@ -40,7 +40,8 @@ The calculators, in Calico's terms (Felix spreads the same work over the same pi
   whole when host endpoints or global policies change (a node has a handful). Every node's host
   endpoints also enter the selector index, one by one, like endpoints of no namespace.
 - ``felix_agent.calc.routes``: routes and tunnels, NAT-outgoing pools, whether IPIP is used;
-  recomputed only when pools, nodes, blocks or affinities change. The local endpoints' host routes
+  recomputed only when pools, nodes or affinities change, or what it reads of a block (its owner,
+  its borrowed addresses: not the owner's own assignments, every pod's ADD and DEL). The local endpoints' host routes
   are kept apart, endpoint by endpoint (a new pod costs its own routes, not a pass over all).
 """
 
@@ -55,7 +56,7 @@ from felix_agent.calc.host_endpoints import HostEndpoints, as_workload, protecti
 from felix_agent.calc.model import DesiredState, HostProtection, Route
 from felix_agent.calc.netsets import build as build_netset
 from felix_agent.calc.policy_resolver import PolicyResolver
-from felix_agent.calc.routes import LocalRoutes, Routing, local_routes, routing
+from felix_agent.calc.routes import LocalRoutes, Routing, block_routing_key, local_routes, routing
 from felix_agent.calc.selector_index import SelectorIndex
 from felix_agent.calc.snapshot import (
     AFFINITY,
@@ -73,8 +74,9 @@ from felix_agent.calc.snapshot import (
     Snapshot,
 )
 from felix_agent.calc.workloads import Workloads
+from ipam.block import Block
 
-_ROUTING_KINDS = (IPPOOL, NODE, BLOCK, AFFINITY)
+_ROUTING_KINDS = (IPPOOL, NODE, AFFINITY)  # and blocks, when what routing reads of one moved
 
 
 def compute(snapshot: Snapshot, node: str, *, bgp_owns_remote: bool = False) -> DesiredState:
@@ -99,6 +101,7 @@ class Calculator:
         self._resolver = PolicyResolver(self._workloads, self._index, self._rules)
         self._routing: Routing | None = None  # of blocks, pools and nodes: see felix_agent.calc.routes
         self._routing_dirty = True
+        self._blocks: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
         self._local_routes = LocalRoutes()  # of the local endpoints, kept endpoint by endpoint
         self._local_routes_moved = False
         self._routes: frozenset[Route] = frozenset()  # both
@@ -137,6 +140,8 @@ class Calculator:
                 self._protection = found
         if any(changed.get(kind) for kind in _ROUTING_KINDS):
             self._routing_dirty = True
+        for key in changed.get(BLOCK, ()):
+            self._set_block(key, snapshot.blocks.get(key))
         return self._state(snapshot)
 
     def _set_workload(self, key: str, resource: Resource | None) -> None:
@@ -157,6 +162,17 @@ class Calculator:
                 if new is not None and new.local else frozenset()
             removed, added = self._local_routes.set(key, routes)
             self._local_routes_moved |= bool(removed or added)
+
+    def _set_block(self, key: str, block: Block | None) -> None:
+        """A block changed: routing is recomputed only when its routes may have moved (every pod's ADD
+        and DEL assigns or releases an address of its node's block, which leaves them as they were)."""
+        found = block_routing_key(block) if block is not None else None
+        if self._blocks.get(key) != found or found is None:
+            self._routing_dirty = True
+        if found is None:
+            self._blocks.pop(key, None)
+        else:
+            self._blocks[key] = found
 
     def _set_host_endpoint(self, key: str, resource: Resource | None) -> None:
         """A host endpoint, of any node, as rule selectors see it (its expectedIPs and ports)."""

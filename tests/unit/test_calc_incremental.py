@@ -308,3 +308,23 @@ def test_a_route_two_endpoints_share_stays_until_both_are_gone() -> None:
     assert calc.compute(snap).routes is shared
     snap.apply(Update(*key_of(new), None))
     assert calc.compute(snap).routes == frozenset()
+
+
+def test_an_assignment_in_the_nodes_own_block_leaves_the_routes_as_they_were() -> None:
+    """Every pod's ADD assigns an address of its node's block: the routes stay the very object
+    handed out before; an address borrowed by another node moves them."""
+    block = routing_block("10.244.0.0/26", NODE, {})
+    snap = Snapshot.of([routing_node(NODE, 0, True), routing_node("node-b", 0, True),
+                        routing_pool("10.244.0.0/16", ("Always", "Never"), False)], [block])
+    calc = Calculator(NODE)
+    before = calc.compute(snap)
+    assigned = block.assign_address(block.address(5), "h.5", {"node": NODE})
+    snap.apply(Update(BLOCK, keys.block_key(block.cidr), assigned))
+    after = calc.compute(snap)
+    assert after == compute(snap, NODE)
+    assert after.routes is before.routes
+    borrowed = assigned.assign_address(block.address(6), "h.6", {"node": "node-b"})
+    snap.apply(Update(BLOCK, keys.block_key(block.cidr), borrowed))
+    moved = calc.compute(snap)
+    assert moved == compute(snap, NODE)
+    assert {r.dst for r in moved.routes - after.routes} == {"10.244.0.6/32"}
