@@ -3,9 +3,10 @@ and 500 policies, stage by stage, beside a base revision measured in the same ru
 
 No lab, no root, no kernel: the datastore view is built in memory from the very documents
 ``bench.dataplane_bench`` writes (endpoints ``app=a{i % 20}``, ``tier=t{...}``, on node n1; policies
-selecting an app, with tier and app selectors in their rules), with one VXLAN pool and two nodes.
-Then endpoints are added one at a time, each through what the agent's loop runs for it before any
-kernel write, and the process CPU time of each stage is summed:
+selecting an app, with tier and app selectors in their rules), with one VXLAN pool, two nodes and
+node n1's /26 blocks holding the endpoints' addresses. Then endpoints are added one at a time as an
+ADD adds them (its address assigned in its block, then its endpoint written), each through what the
+agent's loop runs for it before any kernel write, and the process CPU time of each stage is summed:
 
 - ``view``: the syncer's copy of its snapshot (``Syncer.copy_snapshot``);
 - ``calc``: the calculation graph (``Calculator.compute``);
@@ -40,12 +41,15 @@ STAGES = ("view", "calc", "agent", "routes", "policy")
 
 def measure(endpoints: int, policies: int, count: int) -> dict[str, Any]:
     """Run in the process whose ``sys.path`` picks the revision under test; per-stage CPU ms per endpoint."""
-    from bench.dataplane_bench import _endpoint_doc, _policy_doc
+    import ipaddress
+
+    from bench.dataplane_bench import _endpoint_doc, _ip, _policy_doc
     from datastore import codec, keys
     from felix_agent.calc.graph import Calculator
-    from felix_agent.calc.snapshot import WORKLOAD_ENDPOINT, Snapshot, Update
+    from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
     from felix_agent.calc.wireguard import settings, with_wireguard
     from felix_agent.dataplane.routes import RouteManager
+    from ipam.block import Block
 
     try:
         from felix_agent.dataplane.policy import _Renderer
@@ -76,7 +80,18 @@ def measure(endpoints: int, policies: int, count: int) -> dict[str, Any]:
                                     "vxlanTunnelMACAddr": f"66:00:00:00:00:0{k}"}) for k in (1, 2)]
     world += [codec.decode(_endpoint_doc(i)) for i in range(endpoints)]
     world += [codec.decode(_policy_doc(j)) for j in range(policies)]
-    snapshot = Snapshot.of(world)
+    blocks: dict[Any, Block] = {}
+
+    def assign(i: int) -> Block:
+        address = ipaddress.ip_address(_ip(i))
+        cidr = ipaddress.ip_network(f"{address}/26", strict=False)
+        block = blocks.get(cidr) or Block.empty(cidr, "n1")
+        blocks[cidr] = block = block.assign_address(address, f"h{i}", {"node": "n1"})
+        return block
+
+    for i in range(endpoints):
+        assign(i)
+    snapshot = Snapshot.of(world, blocks.values())
     calc = Calculator("n1")
     routes = RouteManager(NoKernel())  # type: ignore[arg-type]
     started = time.process_time()
@@ -90,7 +105,9 @@ def measure(endpoints: int, policies: int, count: int) -> dict[str, Any]:
     new = [codec.decode(_endpoint_doc(i)) for i in range(endpoints, endpoints + count + 5)]
     spent = dict.fromkeys(STAGES, 0.0)
     for n, resource in enumerate(new):
+        block = assign(endpoints + n)
         clock = time.process_time()
+        snapshot.apply(Update(BLOCK, keys.block_key(block.cidr), block))
         snapshot.apply(Update(WORKLOAD_ENDPOINT, keys.resource_key("workloadendpoints", resource.name, "bench"),
                               resource))
         times = [clock]
