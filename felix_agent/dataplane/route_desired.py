@@ -25,7 +25,7 @@ from kernel.rtnl import KernelRoute
 
 log = logging.getLogger(__name__)
 
-Change = tuple[KernelRoute | None, KernelRoute | None]  # a destination's wanted route before and after
+Change = tuple[str, KernelRoute | None, KernelRoute | None]  # a destination, its wanted route before and after
 
 
 def kernel_route(route: Route, peers: Mapping[str, VXLANPeer]) -> KernelRoute:
@@ -124,5 +124,5 @@ class DesiredRoutes:
                 self.by_dst[dst] = new
                 if len(candidates) > 1:
                     log.warning("%s: %d routes for %s, keeping %s", node, len(candidates), dst, new)
-            changes.append((old, new))
+            changes.append((dst, old, new))
         return changes

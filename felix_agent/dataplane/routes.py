@@ -141,13 +141,17 @@ class RouteManager:
         self._kernel: dict[str, list[KernelRoute]] | None = None
         self._links: dict[str, int] = {}
         self._applied: dict[str, KernelRoute] = {}
+        # Every destination whose desired route may not be the one last settled (a superset): the
+        # incremental apply looks at these, not at all 5,000.
+        self._moved: set[str] = set()
 
     def on_update(self, state: DesiredState) -> None:
         """Record the routes ``state`` asks for; no kernel I/O. Proportional to the change
         (``route_desired``): a new pod must not cost a pass over the 5,000 routes of the others."""
         self._node = state.node
-        for old, new in self._wanted.update(state.routes, state.vxlan_peers, state.node):
+        for dst, old, new in self._wanted.update(state.routes, state.vxlan_peers, state.node):
             self._settle_local(old, new)
+            self._moved.add(dst)
 
     def _settle_local(self, old: KernelRoute | None, new: KernelRoute | None) -> None:
         """A destination's desired route went from ``old`` to ``new``: a local route no longer desired
@@ -228,6 +232,7 @@ class RouteManager:
         self._links = dict(links)
         self._kernel = self._view_after(actual, ops, deleted)
         self._applied = dict(desired)
+        self._moved = {dst for dst, r in self._desired.items() if desired.get(dst) is not r}
         return writes
 
     def _view_after(self, actual: Iterable[KernelRoute], ops: Sequence[RouteOp],
@@ -270,8 +275,7 @@ class RouteManager:
 
     def _apply_changes(self, view: dict[str, list[KernelRoute]]) -> int:
         """The incremental apply: only the dsts whose desired route is not the one last settled."""
-        changed = {dst for dst, r in self._desired.items() if self._applied.get(dst) is not r}
-        changed |= self._applied.keys() - self._desired.keys()
+        changed = self._moved = {dst for dst in self._moved if self._applied.get(dst) is not self._desired.get(dst)}
         if not changed:
             return 0
         desired: dict[str, KernelRoute] = {}
@@ -339,6 +343,7 @@ class RouteManager:
                     self._programmed[(dst, want.device or "")] = self._links[want.device or ""]
             elif dst not in self._desired:
                 self._applied.pop(dst, None)
+        self._moved = {dst for dst in changed if self._applied.get(dst) is not self._desired.get(dst)}
         if failures:
             self._kernel = None
             raise ApplyError(f"route manager on {self._node}", failures)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
@@ -413,6 +413,7 @@ UNIVERSE = (
     Route("10.244.3.0/26", "vxlan", gateway="10.244.3.1", node="n3"),
     Route("10.244.3.0/26", "direct", gateway="198.18.0.13", node="n3"),  # the same dst, another kind
     Route("10.244.4.0/26", "vxlan", node="n4"),  # never a peer: rejected
+    LATE := Route("10.244.1.7/32", "local", device="torc", node="n1"),  # its veth appears along the way
 )
 
 
@@ -432,18 +433,22 @@ def wanted(routes: frozenset[Route], peers: frozenset[VXLANPeer]) -> dict[str, K
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.frozensets(st.sampled_from(UNIVERSE)),
                           st.sampled_from([frozenset({PEER2, PEER3}), frozenset({PEER3}), frozenset()]),
-                          st.booleans()), min_size=1, max_size=12))
+                          st.booleans()), min_size=1, max_size=12), st.integers(0, 12))
+@example(states=[(frozenset({LATE}), frozenset(), False)] * 2, veth_at=1)
 def test_the_kernel_holds_what_each_state_asks_whatever_came_before(
-        states: list[tuple[frozenset[Route], frozenset[VXLANPeer], bool]]) -> None:
+        states: list[tuple[frozenset[Route], frozenset[VXLANPeer], bool]], veth_at: int) -> None:
+    """A route waits for its veth (made at step ``veth_at``), and is written by the first apply after."""
     kernel = FakeKernel(list(FOREIGN))
     kernel.link_up("tora", 10)
     kernel.link_up("torb", 11)
     m = RouteManager(kernel)
-    for routes, peers, resync in states:
+    for step, (routes, peers, resync) in enumerate(states):
+        if step == veth_at:
+            kernel.link_up("torc", 12)
         m.on_update(state(*routes, peers=peers))
         m.apply(resync=resync)
         ours = {r.dst: r for r in kernel.routes_ if r.proto == 80}
-        want = wanted(routes, peers)
+        want = {dst: k for dst, k in wanted(routes, peers).items() if k.device in (None, *kernel.links_)}
         assert ours.keys() == want.keys()
         assert all(satisfies(ours[dst], k) for dst, k in want.items())
         assert [r for r in kernel.routes_ if r.proto != 80] == FOREIGN  # nothing of anyone else's touched
