@@ -10,12 +10,12 @@ agent's loop runs for it before any kernel write, and the process CPU time of ea
 
 - ``view``: the syncer's copy of its snapshot (``Syncer.copy_snapshot``);
 - ``calc``: the calculation graph (``Calculator.compute``);
-- ``agent``: the agent's additions to the state (the FelixConfiguration in force, WireGuard's part);
+- ``agent``: the agent's additions to the state (WireGuard's part, on with ``--wireguard``);
 - ``routes``: the route manager's ``on_update`` (a driver that never touches a kernel);
 - ``policy``: rendering the nftables table from the state (the policy manager's apply, before its
   transaction), when the revision has the renderer this benchmark knows.
 
-    .venv/bin/python -m bench.calc_bench [--endpoints 5000] [--policies 500] [--count 50] [--base REV]
+    .venv/bin/python -m bench.calc_bench [--endpoints 5000] [--policies 500] [--count 50] [--base REV] [--wireguard]
 
 ``--base REV`` (a git revision of this repository, e.g. ``main``) is measured too, alternately with
 the working tree (A B A B), each in its own process, so that a neighbour's load falls on both.
@@ -39,18 +39,25 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("view", "calc", "agent", "routes", "policy")
 
 
-def measure(endpoints: int, policies: int, count: int) -> dict[str, Any]:
+def measure(endpoints: int, policies: int, count: int, wireguard_on: bool = False) -> dict[str, Any]:
     """Run in the process whose ``sys.path`` picks the revision under test; per-stage CPU ms per endpoint."""
     import ipaddress
 
     from bench.dataplane_bench import _endpoint_doc, _ip, _policy_doc
     from datastore import codec, keys
     from felix_agent.calc.graph import Calculator
+    from felix_agent.calc.settings import environment_layer
     from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
-    from felix_agent.calc.wireguard import settings, with_wireguard
+    from felix_agent.calc.wireguard import with_wireguard
     from felix_agent.dataplane.routes import RouteManager
     from ipam.block import Block
 
+    layers = [environment_layer({"FELIX_WIREGUARDENABLED": "true" if wireguard_on else "false"})]
+    try:  # the agent's, where the revision has it
+        from felix_agent.calc.wireguard import WireGuardState
+        add_wireguard: Any = WireGuardState().with_wireguard
+    except ImportError:
+        add_wireguard = with_wireguard
     try:
         from felix_agent.dataplane.policy import _Renderer
         render: Any = _Renderer().render
@@ -115,8 +122,7 @@ def measure(endpoints: int, policies: int, count: int) -> dict[str, Any]:
         times.append(time.process_time())
         state = calc.compute(view)
         times.append(time.process_time())
-        settings(view, "n1", [])
-        state = with_wireguard(state, view, [])
+        state = add_wireguard(state, view, layers)
         times.append(time.process_time())
         routes.on_update(state)
         times.append(time.process_time())
@@ -132,8 +138,9 @@ def measure(endpoints: int, policies: int, count: int) -> dict[str, Any]:
 
 def _run(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
-    done = subprocess.run([sys.executable, "-c", "import sys, json; from bench.calc_bench import measure; "
-                           f"print(json.dumps(measure({args.endpoints}, {args.policies}, {args.count})))"],
+    call = f"measure({args.endpoints}, {args.policies}, {args.count}, {args.wireguard})"
+    script = f"import json; from bench.calc_bench import measure; print(json.dumps({call}))"
+    done = subprocess.run([sys.executable, "-c", script],
                           env=env, cwd=tree, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"measuring {tree} failed:\n{done.stderr[-3000:]}")
@@ -147,6 +154,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=50, help="new endpoints timed (after 5 that warm up)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each tree, alternating")
     p.add_argument("--base", help="a git revision measured alternately with the working tree")
+    p.add_argument("--wireguard", action="store_true", help="WireGuard on (FELIX_WIREGUARDENABLED)")
     a = p.parse_args()
     load = [os.getloadavg()]
     runs: dict[str, list[dict[str, Any]]] = {"tree": []}
@@ -163,7 +171,8 @@ def main() -> None:
             for name, tree in trees.items():
                 runs[name].append(_run(tree, a))
     load.append(os.getloadavg())
-    print(f"CPU per new endpoint at {a.endpoints} endpoints, {a.policies} policies ({a.count} endpoints, "
+    print(f"CPU per new endpoint at {a.endpoints} endpoints, {a.policies} policies, WireGuard "
+          f"{'on' if a.wireguard else 'off'} ({a.count} endpoints, "
           f"median of {a.rounds} runs each); load average {' '.join(f'{x:.2f}' for x in load[0])} -> "
           f"{' '.join(f'{x:.2f}' for x in load[1])}")
     print(f"{'stage':<8}" + "".join(f"{name:>22}" for name in runs) + ("   ratio" if a.base else ""))

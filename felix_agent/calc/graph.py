@@ -160,8 +160,7 @@ class Calculator:
             routes = local_routes(self.node, new.resource.spec.interface_name,
                                   (dst for _, _, dst in new.addresses)) \
                 if new is not None and new.local else frozenset()
-            removed, added = self._local_routes.set(key, routes)
-            self._local_routes_moved |= bool(removed or added)
+            self._local_routes_moved |= self._local_routes.set(key, routes)
 
     def _set_block(self, key: str, block: Block | None) -> None:
         """A block changed: routing is recomputed only when its routes may have moved (every pod's ADD

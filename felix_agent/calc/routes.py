@@ -155,31 +155,40 @@ class LocalRoutes:
     veth, while a pod is being replaced), and the route stays while either does."""
 
     def __init__(self) -> None:
-        self.values: frozenset[Route] = frozenset()
+        self._values: frozenset[Route] = frozenset()
         self._by_key: dict[str, frozenset[Route]] = {}
         self._count: Counter[Route] = Counter()
+        # Routes that entered (True) or left (False) since :attr:`values` was last made: it is made
+        # once per computation, not once per endpoint (a start-up's 5,000 would copy it 5,000 times).
+        self._pending: dict[Route, bool] = {}
 
-    def set(self, key: str, routes: frozenset[Route]) -> tuple[list[Route], list[Route]]:
-        """Endpoint ``key`` now asks for ``routes`` (empty: it went or is not local); the routes
-        that left :attr:`values` and those that entered it."""
+    @property
+    def values(self) -> frozenset[Route]:
+        if self._pending:
+            gone = [route for route, present in self._pending.items() if not present]
+            came = [route for route, present in self._pending.items() if present]
+            self._values, self._pending = self._values.difference(gone).union(came), {}
+        return self._values
+
+    def set(self, key: str, routes: frozenset[Route]) -> bool:
+        """Endpoint ``key`` now asks for ``routes`` (empty: it went or is not local); whether
+        :attr:`values` moved."""
         old = self._by_key.pop(key, frozenset())
         if routes:
             self._by_key[key] = routes
         if old == routes:
-            return [], []
-        removed, added = [], []
+            return False
+        moved = False
         for route in old - routes:
             self._count[route] -= 1
             if not self._count[route]:
                 del self._count[route]
-                removed.append(route)
+                self._pending[route], moved = False, True
         for route in routes - old:
             self._count[route] += 1
             if self._count[route] == 1:
-                added.append(route)
-        if removed or added:
-            self.values = self.values.difference(removed).union(added)
-        return removed, added
+                self._pending[route], moved = True, True
+        return moved
 
 
 def block_routing_key(block: Block) -> tuple[object, ...]:
