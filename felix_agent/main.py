@@ -42,7 +42,7 @@ from felix_agent.calc.settings import (
     use_overrides,
 )
 from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
-from felix_agent.calc.wireguard import with_wireguard
+from felix_agent.calc.wireguard import WireGuardState
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
 from felix_agent.command_line import listen_address, override_layers, parse_args
@@ -130,6 +130,7 @@ class Agent:
         self.orphans: OrphanSweeper | None = None
         # One owner per route: with BGP on, the peers' routes replace the remote ones outside VXLAN.
         self.calculator = Calculator(self.node, bgp_owns_remote=args.bgp)
+        self.wireguard_state = WireGuardState()  # WireGuard's part, worked out again only when its inputs move
         self.wireguard_key = load_or_create(args.state_dir)  # made once; only its public half leaves the node
         self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
@@ -143,7 +144,7 @@ class Agent:
         """The calculation graph's state, with WireGuard's part (peers, settings) and the tunnel
         MTUs of the FelixConfiguration in force added."""
         config = self.live.resolve(view).spec
-        state = with_wireguard(self.calculator.compute(view), view, self.live.layers)
+        state = self.wireguard_state.with_wireguard(self.calculator.compute(view), view, self.live.layers)
         return replace(state, vxlan_mtu=int(config.vxlan_mtu or 0), ipip_mtu=int(config.ipip_mtu or 0))
 
     def _set_resync(self, routes: float, nftables: float) -> None:

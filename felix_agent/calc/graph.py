@@ -40,7 +40,9 @@ The calculators, in Calico's terms (Felix spreads the same work over the same pi
   whole when host endpoints or global policies change (a node has a handful). Every node's host
   endpoints also enter the selector index, one by one, like endpoints of no namespace.
 - ``felix_agent.calc.routes``: routes and tunnels, NAT-outgoing pools, whether IPIP is used;
-  recomputed only when pools, nodes, blocks, affinities or the local endpoints' addresses change.
+  recomputed only when pools, nodes or affinities change, or what it reads of a block (its owner,
+  its borrowed addresses: not the owner's own assignments, every pod's ADD and DEL). The local endpoints' host routes
+  are kept apart, endpoint by endpoint (a new pod costs its own routes, not a pass over all).
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ from typing import Any
 from datastore.model import Resource
 from felix_agent.calc.active_rules import ActiveRules
 from felix_agent.calc.host_endpoints import HostEndpoints, as_workload, protection
-from felix_agent.calc.model import DesiredState, HostProtection
+from felix_agent.calc.model import DesiredState, HostProtection, Route
 from felix_agent.calc.netsets import build as build_netset
 from felix_agent.calc.policy_resolver import PolicyResolver
-from felix_agent.calc.routes import Routing, routing
+from felix_agent.calc.routes import LocalRoutes, Routing, block_routing_key, local_routes, routing
 from felix_agent.calc.selector_index import SelectorIndex
 from felix_agent.calc.snapshot import (
     AFFINITY,
@@ -72,8 +74,9 @@ from felix_agent.calc.snapshot import (
     Snapshot,
 )
 from felix_agent.calc.workloads import Workloads
+from ipam.block import Block
 
-_ROUTING_KINDS = (IPPOOL, NODE, BLOCK, AFFINITY)
+_ROUTING_KINDS = (IPPOOL, NODE, AFFINITY)  # and blocks, when what routing reads of one moved
 
 
 def compute(snapshot: Snapshot, node: str, *, bgp_owns_remote: bool = False) -> DesiredState:
@@ -96,8 +99,12 @@ class Calculator:
         self._index = SelectorIndex(self._workloads)
         self._rules = ActiveRules(self._index)
         self._resolver = PolicyResolver(self._workloads, self._index, self._rules)
-        self._routing: Routing | None = None
+        self._routing: Routing | None = None  # of blocks, pools and nodes: see felix_agent.calc.routes
         self._routing_dirty = True
+        self._blocks: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
+        self._local_routes = LocalRoutes()  # of the local endpoints, kept endpoint by endpoint
+        self._local_routes_moved = False
+        self._routes: frozenset[Route] = frozenset()  # both
         self._hosts = HostEndpoints(self.node, profiles, self._rules)
         self._protection: HostProtection | None = None
 
@@ -133,6 +140,8 @@ class Calculator:
                 self._protection = found
         if any(changed.get(kind) for kind in _ROUTING_KINDS):
             self._routing_dirty = True
+        for key in changed.get(BLOCK, ()):
+            self._set_block(key, snapshot.blocks.get(key))
         return self._state(snapshot)
 
     def _set_workload(self, key: str, resource: Resource | None) -> None:
@@ -146,11 +155,23 @@ class Calculator:
             self._resolver.drop_local(key)
         if new is not None and new.local:
             self._resolver.add_local(key, new)
-        # a local endpoint's addresses and interface are routes: came, went, moved or renamed
-        if ((old is not None and old.local) or (new is not None and new.local)) and (
-                old is None or new is None or old.local != new.local or old.addresses != new.addresses
-                or old.resource.spec.interface_name != new.resource.spec.interface_name):
+        # a local endpoint's addresses on its veth are its host routes: came, went, moved or renamed
+        if (old is not None and old.local) or (new is not None and new.local):
+            routes = local_routes(self.node, new.resource.spec.interface_name,
+                                  (dst for _, _, dst in new.addresses)) \
+                if new is not None and new.local else frozenset()
+            self._local_routes_moved |= self._local_routes.set(key, routes)
+
+    def _set_block(self, key: str, block: Block | None) -> None:
+        """A block changed: routing is recomputed only when its routes may have moved (every pod's ADD
+        and DEL assigns or releases an address of its node's block, which leaves them as they were)."""
+        found = block_routing_key(block) if block is not None else None
+        if self._blocks.get(key) != found or found is None:
             self._routing_dirty = True
+        if found is None:
+            self._blocks.pop(key, None)
+        else:
+            self._blocks[key] = found
 
     def _set_host_endpoint(self, key: str, resource: Resource | None) -> None:
         """A host endpoint, of any node, as rule selectors see it (its expectedIPs and ports)."""
@@ -171,16 +192,21 @@ class Calculator:
         policies = self._rules.policies()
         ipsets = self._index.ipsets(self._rules.set_users, self._rules.take_dirty_sets())
         if self._routing_dirty or self._routing is None:
-            addresses = [(a, e.interface) for e in self._resolver.output().all() for a in e.addresses]
-            self._routing = routing(snapshot, self.node, addresses, bgp_owns_remote=self.bgp_owns_remote)
+            self._routing = routing(snapshot, self.node, bgp_owns_remote=self.bgp_owns_remote)
             self._routing_dirty = False
+            self._local_routes_moved = True
+        if self._local_routes_moved:
+            routes = self._routing.routes | self._local_routes.values
+            if routes != self._routes:  # else the same object: see felix_agent.calc.outputs
+                self._routes = routes
+            self._local_routes_moved = False
         pools = list(snapshot.ippools.values())
         return DesiredState(
             node=self.node,
             endpoints=endpoints,
             policies=policies,
             ipsets=ipsets,
-            routes=self._routing.routes,
+            routes=self._routes,
             vxlan_peers=self._routing.vxlan_peers,
             local_vtep=self._routing.local_vtep,
             ipip_enabled=self._routing.ipip_enabled,

@@ -1,5 +1,11 @@
 """Routes and VXLAN tunnel peers from IPAM blocks, pools and nodes (Calico's L3RouteResolver and
-VXLANResolver, without their incremental bookkeeping).
+VXLANResolver), and the local endpoints' host routes.
+
+Two parts, kept apart because they change at different rates: :func:`routing` derives the routes
+of blocks, borrowed addresses and tunnels from the pools, nodes and blocks (a handful of changes a
+day, each recomputed whole), and :class:`LocalRoutes` keeps the /32 and /128 of every local
+endpoint on its veth, updated endpoint by endpoint (a new pod must not cost a pass over the 5,000
+routes of the others).
 
 For every block: a blackhole when this node owns it; otherwise a route to the owner, by the
 encapsulation of the pool containing the block. For every allocation whose ``node`` attribute
@@ -20,6 +26,7 @@ by ``bgp.learned``), so the ``direct`` and ``ipip`` routes are not computed for 
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -101,14 +108,13 @@ class _Pools:
 BGP_OWNED_KINDS = frozenset({"direct", "ipip"})  # remote routes BGP installs when it runs
 
 
-def routing(snapshot: Snapshot, node: str, local_addresses: Iterable[tuple[str, str]], *,
-            bgp_owns_remote: bool = False) -> Routing:
-    """Routes for ``node``; ``local_addresses`` are (address/prefix, veth) of its own endpoints;
+def routing(snapshot: Snapshot, node: str, *, bgp_owns_remote: bool = False) -> Routing:
+    """Routes for ``node`` from the blocks, pools and nodes (not its endpoints': :class:`LocalRoutes`);
     ``bgp_owns_remote``: this node runs BGP, which installs the remote routes outside VXLAN."""
     hosts = {h.name: h for h in map(Host.of, snapshot.nodes.values())}
     me = hosts.get(node)
     pools = _Pools(snapshot.ippools.values())
-    routes: set[Route] = {Route(dst, "local", device=device, node=node) for dst, device in local_addresses}
+    routes: set[Route] = set()
 
     used: set[Network] = set()  # pools that hold blocks
     for block in snapshot.blocks.values():
@@ -135,6 +141,54 @@ def routing(snapshot: Snapshot, node: str, local_addresses: Iterable[tuple[str, 
     if bgp_owns_remote:
         routes = {r for r in routes if r.kind not in BGP_OWNED_KINDS}
     return Routing(frozenset(routes), peers, local_vtep, any(spec.ipip_mode != "Never" for spec in active))
+
+
+def local_routes(node: str, device: str, destinations: Iterable[str]) -> frozenset[Route]:
+    """The host routes of one local endpoint: each of its addresses (``a.b.c.d/32``, ``…/128``) on its veth."""
+    return frozenset(Route(dst, "local", device=device, node=node) for dst in destinations)
+
+
+class LocalRoutes:
+    """The local endpoints' host routes, endpoint by endpoint, and all of them as one frozenset.
+
+    Counted, not just collected: two endpoints may ask for the very same route (one address on one
+    veth, while a pod is being replaced), and the route stays while either does."""
+
+    def __init__(self) -> None:
+        self._values: frozenset[Route] = frozenset()
+        self._by_key: dict[str, frozenset[Route]] = {}
+        self._count: Counter[Route] = Counter()
+        # Routes that entered (True) or left (False) since :attr:`values` was last made: it is made
+        # once per computation, not once per endpoint (a start-up's 5,000 would copy it 5,000 times).
+        self._pending: dict[Route, bool] = {}
+
+    @property
+    def values(self) -> frozenset[Route]:
+        if self._pending:
+            gone = [route for route, present in self._pending.items() if not present]
+            came = [route for route, present in self._pending.items() if present]
+            self._values, self._pending = self._values.difference(gone).union(came), {}
+        return self._values
+
+    def set(self, key: str, routes: frozenset[Route]) -> bool:
+        """Endpoint ``key`` now asks for ``routes`` (empty: it went or is not local); whether
+        :attr:`values` moved."""
+        old = self._by_key.pop(key, frozenset())
+        if routes:
+            self._by_key[key] = routes
+        if old == routes:
+            return False
+        moved = False
+        for route in old - routes:
+            self._count[route] -= 1
+            if not self._count[route]:
+                del self._count[route]
+                self._pending[route], moved = False, True
+        for route in routes - old:
+            self._count[route] += 1
+            if self._count[route] == 1:
+                self._pending[route], moved = True, True
+        return moved
 
 
 def block_routing_key(block: Block) -> tuple[object, ...]:

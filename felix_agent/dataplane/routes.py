@@ -1,6 +1,7 @@
 """The route manager: owns the main-table routes with protocol 80, IPv4 and IPv6.
 
-Kinds (``Route.kind``) and the kernel routes they become:
+Kinds (``Route.kind``) and the kernel routes they become (``route_desired``, which keeps the wanted
+kernel routes from one state to the next, change by change):
 
 - local:     ``<addr> dev tor… scope link`` (IPv6: scope universe, as the kernel reports it)
 - blackhole: ``blackhole <block>``
@@ -41,11 +42,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from cni_plugins.naming import ROUTE_PROTOCOL
-from felix_agent.calc.model import DesiredState, Route, VXLANPeer
+from felix_agent.calc.model import DesiredState
 from felix_agent.dataplane.errors import ApplyError
-from felix_agent.dataplane.ipip import IPIP_DEVICE
+from felix_agent.dataplane.route_desired import DesiredRoutes
 from felix_agent.dataplane.route_read import BackgroundRead
-from felix_agent.dataplane.vxlan import VXLAN_DEVICE, vtep_link_local
 from kernel.netlink import KernelError
 from kernel.rtnl import KernelRoute, Link, write_each
 
@@ -73,40 +73,6 @@ class RouteDriver(Protocol):
 class RouteOp:
     action: Literal["add", "replace", "delete"]
     route: KernelRoute
-
-
-def kernel_route(route: Route, peers: Mapping[str, VXLANPeer]) -> KernelRoute:
-    """The kernel route for one desired route; ValueError when it cannot be made."""
-    dst = str(ipaddress.ip_network(route.dst, strict=False))
-    version = ipaddress.ip_network(dst).version
-    gateway = str(ipaddress.ip_address(route.gateway)) if route.gateway else None
-    if route.kind == "local":
-        if not route.device:
-            raise ValueError(f"local route {dst} has no device")
-        return KernelRoute(dst, device=route.device, scope="link" if version == 4 else "universe", proto=ROUTE_PROTOCOL)
-    if route.kind == "blackhole":
-        return KernelRoute(dst, type="blackhole", proto=ROUTE_PROTOCOL)
-    if route.kind == "vxlan":
-        device = route.device or VXLAN_DEVICE
-        peer = peers.get(route.node or "")
-        if version == 6 and (gateway is None or ipaddress.ip_address(gateway).version == 4):
-            if peer is None:
-                raise ValueError(f"VXLAN route {dst}: no VTEP known for node {route.node!r}")
-            return KernelRoute(dst, gateway=vtep_link_local(peer.vtep_mac), device=device, proto=ROUTE_PROTOCOL)
-        gateway = gateway or (peer.vtep_ip if peer else None)
-        if gateway is None:
-            raise ValueError(f"VXLAN route {dst}: no gateway and no VTEP known for node {route.node!r}")
-        onlink = not ipaddress.ip_address(gateway).is_link_local
-        return KernelRoute(dst, gateway=gateway, device=device, onlink=onlink, proto=ROUTE_PROTOCOL)
-    if route.kind == "ipip":
-        if version != 4 or gateway is None:
-            raise ValueError(f"IPIP route {dst}: IPIP carries IPv4 only, via the node's IPv4 address")
-        return KernelRoute(dst, gateway=gateway, device=route.device or IPIP_DEVICE, onlink=True, proto=ROUTE_PROTOCOL)
-    if route.kind == "direct":
-        if gateway is None:
-            raise ValueError(f"direct route {dst} has no gateway")
-        return KernelRoute(dst, gateway=gateway, device=route.device, proto=ROUTE_PROTOCOL)
-    raise ValueError(f"route {dst}: unknown kind {route.kind!r}")
 
 
 def satisfies(have: KernelRoute, want: KernelRoute) -> bool:
@@ -164,10 +130,10 @@ class RouteManager:
         self._protocol = protocol
         self._prefix = host_if_prefix
         self._node = ""
-        self._desired: dict[str, KernelRoute] = {}
+        self._wanted = DesiredRoutes()
+        self._desired = self._wanted.by_dst  # the kernel routes wanted, by destination (kept up to date in place)
         self._programmed: dict[LocalKey, int] = {}  # desired local routes seen in the kernel -> ifindex
         self._retired: dict[LocalKey, int] = {}  # ... and no longer desired: the endpoint is gone
-        self._rejected: set[Route] = set()
         self._conflicts: set[str] = set()
         # The incremental path's view (None: read the kernel on the next apply): our routes by dst as
         # last read plus our writes since, the links' indexes as last read plus lookups since, and the
@@ -175,40 +141,27 @@ class RouteManager:
         self._kernel: dict[str, list[KernelRoute]] | None = None
         self._links: dict[str, int] = {}
         self._applied: dict[str, KernelRoute] = {}
-        self._made: dict[Route, KernelRoute] = {}  # kernel_route() per desired route, while the peers stand
-        self._made_for: frozenset[VXLANPeer] | None = None
+        # Every destination whose desired route may not be the one last settled (a superset): the
+        # incremental apply looks at these, not at all 5,000.
+        self._moved: set[str] = set()
 
     def on_update(self, state: DesiredState) -> None:
-        """Record the routes ``state`` asks for; no kernel I/O."""
+        """Record the routes ``state`` asks for; no kernel I/O. Proportional to the change
+        (``route_desired``): a new pod must not cost a pass over the 5,000 routes of the others."""
         self._node = state.node
-        peers = {p.node: p for p in state.vxlan_peers}
-        if state.vxlan_peers != self._made_for:
-            self._made, self._made_for = {}, state.vxlan_peers
-        # The same KernelRoute object for an unchanged route: the incremental apply finds the changed
-        # destinations by identity, and 5,000 routes are not parsed again for one new endpoint.
-        made = {r: k for r, k in self._made.items() if r in state.routes}
-        desired: dict[str, KernelRoute] = {}
-        for route in sorted(state.routes, key=lambda r: (r.dst, r.kind, r.gateway or "", r.device or "")):
-            try:
-                k = made.get(route) or kernel_route(route, peers)
-                made[route] = k
-            except ValueError as e:
-                if route not in self._rejected:
-                    log.warning("%s: %s", self._node, e)
-                self._rejected.add(route)
-                continue
-            if k.dst in desired:
-                log.warning("%s: two routes for %s, keeping %s", self._node, k.dst, desired[k.dst])
-                continue
-            desired[k.dst] = k
-        self._rejected &= state.routes
-        self._made = made
-        self._desired = desired
-        wanted = self._local_keys(desired.values())
-        for key in set(self._programmed) - wanted:
-            self._retired[key] = self._programmed.pop(key)
-        for key in wanted & set(self._retired):
-            del self._retired[key]
+        for dst, old, new in self._wanted.update(state.routes, state.vxlan_peers, state.node):
+            self._settle_local(old, new)
+            self._moved.add(dst)
+
+    def _settle_local(self, old: KernelRoute | None, new: KernelRoute | None) -> None:
+        """A destination's desired route went from ``old`` to ``new``: a local route no longer desired
+        is retired (its endpoint is gone, see the module docstring), one desired again is not."""
+        old_key = next(iter(self._local_keys([old])), None) if old is not None else None
+        new_key = next(iter(self._local_keys([new])), None) if new is not None else None
+        if old_key is not None and old_key != new_key and old_key in self._programmed:
+            self._retired[old_key] = self._programmed.pop(old_key)
+        if new_key is not None:
+            self._retired.pop(new_key, None)
 
     def apply(self, *, resync: bool = False) -> int:
         """Reconcile the kernel's protocol-80 routes with the last update; the number of writes.
@@ -279,6 +232,7 @@ class RouteManager:
         self._links = dict(links)
         self._kernel = self._view_after(actual, ops, deleted)
         self._applied = dict(desired)
+        self._moved = {dst for dst, r in self._desired.items() if desired.get(dst) is not r}
         return writes
 
     def _view_after(self, actual: Iterable[KernelRoute], ops: Sequence[RouteOp],
@@ -321,8 +275,7 @@ class RouteManager:
 
     def _apply_changes(self, view: dict[str, list[KernelRoute]]) -> int:
         """The incremental apply: only the dsts whose desired route is not the one last settled."""
-        changed = {dst for dst, r in self._desired.items() if self._applied.get(dst) is not r}
-        changed |= self._applied.keys() - self._desired.keys()
+        changed = self._moved = {dst for dst in self._moved if self._applied.get(dst) is not self._desired.get(dst)}
         if not changed:
             return 0
         desired: dict[str, KernelRoute] = {}
@@ -390,6 +343,7 @@ class RouteManager:
                     self._programmed[(dst, want.device or "")] = self._links[want.device or ""]
             elif dst not in self._desired:
                 self._applied.pop(dst, None)
+        self._moved = {dst for dst in changed if self._applied.get(dst) is not self._desired.get(dst)}
         if failures:
             self._kernel = None
             raise ApplyError(f"route manager on {self._node}", failures)

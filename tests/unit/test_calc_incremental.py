@@ -3,14 +3,17 @@ a fresh computation answers, and what a change did not touch is handed on as the
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datastore import keys
 from datastore.model import Resource
 from felix_agent.calc.graph import Calculator, compute
-from felix_agent.calc.snapshot import Snapshot, Update
+from felix_agent.calc.snapshot import BLOCK, Snapshot, Update
+from ipam.block import Block
 from tests.unit.test_calc_graph import NODE, gnp, np, profile, res, wep
 
 NAMESPACES = ("prod", "dev", "scratch")
@@ -216,3 +219,112 @@ def test_the_chain_delta_the_renderer_hands_on_turns_the_last_chains_into_the_ne
             patched.update((c.name, c) for c in ruleset.delta.upserted)
             assert patched == {c.name: c for c in ruleset.chains}
         last = ruleset.chains
+
+
+# ---- routes: the local endpoints' host routes are kept endpoint by endpoint, the blocks' as a whole ----
+def routed_endpoint(i: int, veth: int, address: int, node: str, v6: bool) -> Resource:
+    """An endpoint whose veth and addresses other endpoints may share (a pod being replaced keeps
+    both while its old endpoint is still there), on this node or another."""
+    ips = [f"10.244.0.{address}/32"] + ([f"fd00:244::{address}/128"] if v6 else [])
+    spec = {"node": node, "interfaceName": f"tor{veth:011x}", "containerID": f"c{i}", "network": "tnet",
+            "ipNetworks": ips}
+    return res("WorkloadEndpoint", f"pod-{i}", spec, "prod")
+
+
+def routing_node(name: str, subnet: int, vtep: bool) -> Resource:
+    spec: dict[str, Any] = {"bgp": {"ipv4Address": f"10.0.{subnet}.{1 + len(name)}/24"}}
+    if vtep:
+        spec |= {"ipv4VXLANTunnelAddr": f"10.244.{len(name)}.1",
+                 "vxlanTunnelMACAddr": f"66:00:00:00:00:{len(name):02x}"}
+    return res("Node", name, spec)
+
+
+def routing_pool(cidr: str, modes: tuple[str, str], disabled: bool) -> Resource:
+    vxlan, ipip = modes
+    if ":" in cidr:
+        ipip = "Never"  # IPIP carries IPv4 only
+    name = "pool-" + cidr.replace("/", "-").replace(":", "x")
+    return res("IPPool", name, {"cidr": cidr, "vxlanMode": vxlan, "ipipMode": ipip, "disabled": disabled})
+
+
+def routing_block(cidr: str, owner: str | None, borrowed: dict[int, str]) -> Block:
+    b = Block.empty(ipaddress.ip_network(cidr), owner)
+    for ordinal, holder in borrowed.items():
+        b = b.assign_address(b.address(ordinal), f"h.{ordinal}", {"node": holder})
+    return b
+
+
+ROUTING_NODES = (NODE, "node-b", "node-cc")
+routed_endpoints = st.builds(routed_endpoint, st.integers(0, 2), st.integers(0, 1), st.integers(1, 2),
+                             st.sampled_from(ROUTING_NODES), st.booleans())
+routing_nodes = st.builds(routing_node, st.sampled_from(ROUTING_NODES), st.integers(0, 1), st.booleans())
+routing_pools = st.builds(routing_pool, st.sampled_from(["10.244.0.0/16", "10.244.0.0/24", "fd00:244::/48"]),
+                          st.sampled_from([("Never", "Never"), ("Always", "Never"), ("CrossSubnet", "Never"),
+                                           ("Never", "Always"), ("Never", "CrossSubnet")]), st.booleans())
+routing_blocks = st.builds(routing_block, st.sampled_from(["10.244.0.0/26", "10.244.0.64/26", "fd00:244::/122"]),
+                           st.sampled_from([*ROUTING_NODES, None]),
+                           st.dictionaries(st.integers(1, 6), st.sampled_from(ROUTING_NODES), max_size=2))
+routing_change = st.tuples(st.sampled_from(["put", "put", "put", "delete"]),
+                           st.one_of(routed_endpoints, routed_endpoints, routing_nodes, routing_pools, routing_blocks))
+
+
+def routing_key_of(value: Resource | Block) -> tuple[str, str]:
+    if isinstance(value, Block):
+        return BLOCK, keys.block_key(value.cidr)
+    return key_of(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(routing_change, min_size=1, max_size=30), st.booleans())
+def test_incremental_routes_equal_a_fresh_computation(changes: list[tuple[str, Resource | Block]],
+                                                      bgp: bool) -> None:
+    """Endpoints that come, go, move between nodes and share a veth or an address with another,
+    among changes of the blocks, pools and nodes: the routes are always those computed from nothing,
+    and a change that moves no route hands on the same routes object."""
+    snap = Snapshot.of()
+    calc = Calculator(NODE, bgp_owns_remote=bgp)
+    last = calc.compute(snap)
+    for op, value in changes:
+        kind, key = routing_key_of(value)
+        snap.apply(Update(kind, key, value if op == "put" else None))
+        state = calc.compute(snap)
+        assert state == compute(snap, NODE, bgp_owns_remote=bgp)
+        if state.routes == last.routes:
+            assert state.routes is last.routes
+        last = state
+
+
+def test_a_route_two_endpoints_share_stays_until_both_are_gone() -> None:
+    """A pod replaced under the same veth and address: the old endpoint's removal keeps the route
+    the new one needs; the route goes with the last of them."""
+    snap = Snapshot.of()
+    calc = Calculator(NODE)
+    old, new = routed_endpoint(0, 0, 1, NODE, False), routed_endpoint(1, 0, 1, NODE, False)
+    for resource in (old, new):
+        snap.apply(Update(*key_of(resource), resource))
+    shared = calc.compute(snap).routes
+    assert {r.dst for r in shared} == {"10.244.0.1/32"}
+    snap.apply(Update(*key_of(old), None))
+    assert calc.compute(snap).routes is shared
+    snap.apply(Update(*key_of(new), None))
+    assert calc.compute(snap).routes == frozenset()
+
+
+def test_an_assignment_in_the_nodes_own_block_leaves_the_routes_as_they_were() -> None:
+    """Every pod's ADD assigns an address of its node's block: the routes stay the very object
+    handed out before; an address borrowed by another node moves them."""
+    block = routing_block("10.244.0.0/26", NODE, {})
+    snap = Snapshot.of([routing_node(NODE, 0, True), routing_node("node-b", 0, True),
+                        routing_pool("10.244.0.0/16", ("Always", "Never"), False)], [block])
+    calc = Calculator(NODE)
+    before = calc.compute(snap)
+    assigned = block.assign_address(block.address(5), "h.5", {"node": NODE})
+    snap.apply(Update(BLOCK, keys.block_key(block.cidr), assigned))
+    after = calc.compute(snap)
+    assert after == compute(snap, NODE)
+    assert after.routes is before.routes
+    borrowed = assigned.assign_address(block.address(6), "h.6", {"node": "node-b"})
+    snap.apply(Update(BLOCK, keys.block_key(block.cidr), borrowed))
+    moved = calc.compute(snap)
+    assert moved == compute(snap, NODE)
+    assert {r.dst for r in moved.routes - after.routes} == {"10.244.0.6/32"}

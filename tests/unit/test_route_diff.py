@@ -11,10 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from felix_agent.calc.model import DesiredState, Route, VXLANPeer
 from felix_agent.dataplane.errors import ApplyError
-from felix_agent.dataplane.routes import RouteManager, RouteOp, kernel_route, plan
+from felix_agent.dataplane.route_desired import kernel_route
+from felix_agent.dataplane.routes import RouteManager, RouteOp, plan, satisfies
 from felix_agent.dataplane.vxlan import vtep_link_local
 from kernel.netlink import KernelError
 from kernel.rtnl import KernelRoute, Link
@@ -396,3 +399,56 @@ def test_a_resync_reads_on_a_thread_and_a_later_apply_adopts_it_with_the_writes_
     kernel.writes.clear()
     assert m.apply() == 1
     assert [(action, r.dst) for action, r in kernel.writes] == [("add", "10.244.2.0/26")]
+
+
+# ---- on_update works on what changed: whatever the sequence, the kernel ends as the state asks ----
+UNIVERSE = (
+    Route("10.244.1.5/32", "local", device="tora", node="n1"),
+    Route("10.244.1.5/32", "local", device="torb", node="n1"),  # one address on two veths: one wins
+    Route("10.244.1.6/32", "local", device="torb", node="n1"),
+    Route("fd00:244::6/128", "local", device="torb", node="n1"),
+    Route("10.244.1.0/26", "blackhole", node="n1"),
+    Route("10.244.2.0/26", "vxlan", node="n2"),  # made from n2's VTEP: only while n2 is a peer
+    Route("fd00:244:2::/122", "vxlan", node="n2"),
+    Route("10.244.3.0/26", "vxlan", gateway="10.244.3.1", node="n3"),
+    Route("10.244.3.0/26", "direct", gateway="198.18.0.13", node="n3"),  # the same dst, another kind
+    Route("10.244.4.0/26", "vxlan", node="n4"),  # never a peer: rejected
+    LATE := Route("10.244.1.7/32", "local", device="torc", node="n1"),  # its veth appears along the way
+)
+
+
+def wanted(routes: frozenset[Route], peers: frozenset[VXLANPeer]) -> dict[str, KernelRoute]:
+    """By destination, the first route in (dst, kind, gateway, device) order that can be made."""
+    by_node = {p.node: p for p in peers}
+    found: dict[str, KernelRoute] = {}
+    for route in sorted(routes, key=lambda r: (r.dst, r.kind, r.gateway or "", r.device or "")):
+        try:
+            k = kernel_route(route, by_node)
+        except ValueError:
+            continue
+        found.setdefault(k.dst, k)
+    return found
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.frozensets(st.sampled_from(UNIVERSE)),
+                          st.sampled_from([frozenset({PEER2, PEER3}), frozenset({PEER3}), frozenset()]),
+                          st.booleans()), min_size=1, max_size=12), st.integers(0, 12))
+@example(states=[(frozenset({LATE}), frozenset(), False)] * 2, veth_at=1)
+def test_the_kernel_holds_what_each_state_asks_whatever_came_before(
+        states: list[tuple[frozenset[Route], frozenset[VXLANPeer], bool]], veth_at: int) -> None:
+    """A route waits for its veth (made at step ``veth_at``), and is written by the first apply after."""
+    kernel = FakeKernel(list(FOREIGN))
+    kernel.link_up("tora", 10)
+    kernel.link_up("torb", 11)
+    m = RouteManager(kernel)
+    for step, (routes, peers, resync) in enumerate(states):
+        if step == veth_at:
+            kernel.link_up("torc", 12)
+        m.on_update(state(*routes, peers=peers))
+        m.apply(resync=resync)
+        ours = {r.dst: r for r in kernel.routes_ if r.proto == 80}
+        want = {dst: k for dst, k in wanted(routes, peers).items() if k.device in (None, *kernel.links_)}
+        assert ours.keys() == want.keys()
+        assert all(satisfies(ours[dst], k) for dst, k in want.items())
+        assert [r for r in kernel.routes_ if r.proto != 80] == FOREIGN  # nothing of anyone else's touched

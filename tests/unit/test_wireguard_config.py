@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from datastore import codec
+from datastore import codec, keys
 from datastore.errors import ValidationError
 from datastore.felixconfig import FelixConfiguration, FelixConfigurationSpec
 from datastore.model import Metadata, Resource
 from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, kind_named
 from felix_agent.calc.settings import resolve
-from felix_agent.calc.snapshot import Snapshot
-from felix_agent.calc.wireguard import wireguard
+from felix_agent.calc.snapshot import BLOCK, Snapshot, Update
+from felix_agent.calc.wireguard import WireGuardState, wireguard
 from felix_agent.wireguard_key import KEY_FILE, KeyFileError, load_or_create, public_key
 from ipam.block import Allocation, Block
 from kernel import wireguard as kwg
@@ -137,3 +139,40 @@ def test_the_set_device_message_round_trips_through_the_parser() -> None:
     body = kwg._rule_body(rule)
     found = attrs(body, kwg._RULE.size)
     assert found[kwg.FRA_FWMARK] == (0x100000).to_bytes(4, "little")
+
+
+# ---- the agent's WireGuard part, worked out again only when its inputs move ----
+KEYS = {"n2": base64.b64encode(bytes(range(32))).decode(), "n3": base64.b64encode(bytes(range(1, 33))).decode()}
+wg_nodes = st.builds(lambda name, keyed, subnet: node(name, f"10.9.{subnet}.{name[1:]}/24", KEYS.get(name, "") if keyed
+                                                      else ""),
+                     st.sampled_from(["n1", "n2", "n3", "n4"]), st.booleans(), st.integers(1, 2))
+wg_blocks = st.builds(lambda cidr, owner, held: Block(ipaddress.ip_network(cidr), f"host:{owner}" if owner else None,
+                                                      {o: Allocation(f"h{o}", 1, {"node": h}) for o, h in held.items()},
+                                                      ()),
+                      st.sampled_from(["10.244.1.0/26", "10.244.2.0/26", "fd00:244::/122"]),
+                      st.sampled_from(["n1", "n2", "n3", None]),
+                      st.dictionaries(st.integers(1, 5), st.sampled_from(["n1", "n2", "n3", "n4"]), max_size=3))
+wg_configs = st.builds(lambda on, port: Resource(FelixConfiguration, Metadata(name="default"), FelixConfigurationSpec(
+    wireguard_enabled=on, wireguard_listening_port=port)), st.booleans(), st.sampled_from([None, 51821]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "put", "delete"]), st.one_of(wg_nodes, wg_blocks, wg_configs)),
+                min_size=1, max_size=20))
+def test_the_agents_wireguard_state_is_the_one_computed_from_nothing(changes: list[tuple[str, Any]]) -> None:
+    """Blocks that change owner, lend and take back addresses (or only assign their owner's), nodes
+    that publish or clear keys, WireGuard turned on and off: the state kept between views answers
+    what ``wireguard`` answers from nothing, and hands on the same object while nothing it reads moved."""
+    state = WireGuardState()
+    snap = Snapshot.of()
+    last = state.wireguard(snap, "n1", [])
+    for op, value in changes:
+        if isinstance(value, Block):
+            kind, key = BLOCK, keys.block_key(value.cidr)
+        else:
+            kind, key = value.kind.KIND, next(iter(Snapshot.of([value]).tables[value.kind.KIND]))
+        snap.apply(Update(kind, key, value if op == "put" else None))
+        got = state.wireguard(snap, "n1", [])
+        assert got == wireguard(snap, "n1", [])
+        last = got
+    assert state.wireguard(snap, "n1", []) is last  # the same view again: the same object
