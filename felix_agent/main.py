@@ -230,8 +230,7 @@ class Agent:
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
         if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
-        # BGP needs no pass of its own: the speaker announces from this thread (above) and learned
-        # routes go to the kernel from the speaker's; the loop's bgp feed only backs them up.
+        # No pass for BGP's sake: the speaker announces from this thread, learned routes go in from its own.
         if self.loop is not None and self._moves_state(updates):
             self.loop.kick()
 
