@@ -38,12 +38,7 @@ from felix_agent.dataplane.nft_ruleset import (
     address_elements,
 )
 from felix_agent.dataplane.nftables import NftTable
-from felix_agent.dataplane.policy_lists import (
-    INGRESS,
-    PASS_MARK,
-    policy_chain,
-    short_hash,
-)
+from felix_agent.dataplane.policy_lists import INGRESS, PASS_MARK, policy_chain, short_hash
 
 log = logging.getLogger(__name__)
 
