@@ -10,7 +10,8 @@ which validates the table). Interfaces need not exist: the dispatch maps are key
 
     .venv/bin/python -m bench.policy_commit [--endpoints 5000] [--policies 500] [--new 20]
 
-Runs the code it imports: ``PYTHONPATH=<other checkout>`` measures another version the same way.
+It measures the code it imports: ``<other checkout>/.venv/bin/python <this checkout>/bench/policy_commit.py``
+measures another version the same way (``code`` in the output says which was run).
 Needs root (a network namespace, removed at the end).
 """
 
