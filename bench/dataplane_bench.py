@@ -293,6 +293,7 @@ def drive_new(first: int, count: int, timeout: float, resync_interval: float) ->
         time.sleep(0.1)
     during = [any(end - length <= wall <= end for end, length in resyncs.items()) for wall, _ in samples]
     print(json.dumps({"seconds": [s for _, s in samples], "during_resync": during,
+                      "written_at": [wall for wall, _ in samples],  # Unix time: to line up with the agent's log
                       # only resyncs that ended after the first write (not one of the loading before)
                       "resync_seconds": [resyncs[e] for e in sorted(resyncs) if e > samples[0][0]]}))
 
@@ -420,7 +421,7 @@ def run(quick: bool, keep_logs: Path | None = None) -> dict[str, Any]:
                        new_endpoint_samples_ms=new_ms, new_endpoint_during_resync=new["during_resync"],
                        new_endpoint_in_resync_p50_ms=statistics.median(hit) if hit else None,
                        new_endpoint_in_resync_max_ms=max(hit) if hit else None,
-                       resync_samples_s=new["resync_seconds"])
+                       new_endpoint_written_at=new["written_at"], resync_samples_s=new["resync_seconds"])
         seconds["incremental"] = time.perf_counter() - t0
         # said now: a later step (the reference restart, iperf) failing must not lose these figures
         log("new endpoint -> chains (ms): " + json.dumps({k: v for k, v in figures.items() if k.startswith("new_")})
