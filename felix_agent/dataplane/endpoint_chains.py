@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from felix_agent.calc.model import Endpoint, Policy
 from felix_agent.dataplane.nft_ruleset import Chain, Map
@@ -89,7 +89,7 @@ class EndpointChains:
         last = self._last
         if last is not None and (last[0] is endpoints or last[0] == endpoints) and last[1] == ids:
             quiet = last[2].upserted == () and not last[2].removed
-            part = last[2] if quiet else self._part((), frozenset())
+            part = last[2] if quiet else replace(last[2], upserted=(), removed=frozenset())
             self._last = (endpoints, ids, part)
             return part  # the common case of a label change: no endpoint changed
         if last is not None and last[1] == ids and not self._clashed:
