@@ -233,16 +233,27 @@ def _resync_metrics() -> tuple[int, float, float]:
             float(found.get("felix_last_resync_end_time_seconds", "0")))
 
 
+def _dispatched(ifname: bytes) -> bool:
+    """Both dispatch maps send the interface to a chain, and both chains hold rules (the chains
+    are shared by the endpoints with the same policy lists, so a chain may be there before)."""
+    from kernel import nfnl
+    from kernel.netlink import KernelError
+    try:
+        targets = [nfnl.map_verdict("inet", "tortie", m, ifname) for m in ("to-wl", "from-wl")]
+        chains = [t.removeprefix("goto ") for t in targets if t is not None and t.startswith("goto ")]
+        return len(chains) == 2 and all(nfnl.rule_tags("inet", "tortie", chains).values())
+    except KernelError:
+        return False  # not there yet
+
+
 def drive_new(first: int, count: int, timeout: float, resync_interval: float) -> None:
-    """Create endpoints first.. one at a time; time each from the write to both its chains holding rules.
+    """Create endpoints first.. one at a time; time each from the write to both dispatch maps sending its
+    interface to a chain that holds rules.
     Every other one is aimed into a periodic resync: after one ends, the next starts ``resync_interval``
     later (the loop schedules it from the end), so the write waits for that moment plus a part of the
     last resync's length. Which samples did arrive during a resync is decided afterwards from the
     resyncs' own (end, length) that the agent's /metrics reported."""
     from datastore import codec
-    from felix_agent.dataplane.policy import EGRESS, INGRESS, endpoint_chain
-    from kernel import nfnl
-    from kernel.netlink import KernelError
     store = _store()
     samples: list[tuple[float, float]] = []  # (write's Unix time, seconds to the chains)
     resyncs: dict[float, float] = {}  # end (Unix time) -> length
@@ -264,18 +275,13 @@ def drive_new(first: int, count: int, timeout: float, resync_interval: float) ->
             resyncs[ended] = length
             time.sleep(max(0.0, ended + resync_interval + offsets[aimed % len(offsets)] * length - time.time()))
             aimed += 1
-        key = f"{NAMESPACE}/n1-tor{i:011x}"
-        chains = [endpoint_chain(key, INGRESS), endpoint_chain(key, EGRESS)]
+        ifname = f"tor{i:011x}".encode()
+        ifname += bytes(16 - len(ifname))  # as the kernel holds an ifname key
         wall, started = time.time(), time.perf_counter()
         store.create(codec.decode(_endpoint_doc(i)))
-        while True:
-            try:
-                if all(nfnl.rule_tags("inet", "tortie", chains).values()):
-                    break
-            except KernelError:
-                pass  # not there yet
+        while not _dispatched(ifname):
             if time.perf_counter() - started > timeout:
-                raise SystemExit(f"endpoint {i}: chains {chains} never appeared")
+                raise SystemExit(f"endpoint {i}: its dispatch map elements and their chains never appeared")
         samples.append((wall, time.perf_counter() - started))
         time.sleep(0.3)
     deadline = time.time() + 3 * resync_interval + timeout
@@ -287,6 +293,7 @@ def drive_new(first: int, count: int, timeout: float, resync_interval: float) ->
         time.sleep(0.1)
     during = [any(end - length <= wall <= end for end, length in resyncs.items()) for wall, _ in samples]
     print(json.dumps({"seconds": [s for _, s in samples], "during_resync": during,
+                      "written_at": [wall for wall, _ in samples],  # Unix time: to line up with the agent's log
                       # only resyncs that ended after the first write (not one of the loading before)
                       "resync_seconds": [resyncs[e] for e in sorted(resyncs) if e > samples[0][0]]}))
 
@@ -414,7 +421,7 @@ def run(quick: bool, keep_logs: Path | None = None) -> dict[str, Any]:
                        new_endpoint_samples_ms=new_ms, new_endpoint_during_resync=new["during_resync"],
                        new_endpoint_in_resync_p50_ms=statistics.median(hit) if hit else None,
                        new_endpoint_in_resync_max_ms=max(hit) if hit else None,
-                       resync_samples_s=new["resync_seconds"])
+                       new_endpoint_written_at=new["written_at"], resync_samples_s=new["resync_seconds"])
         seconds["incremental"] = time.perf_counter() - t0
         # said now: a later step (the reference restart, iperf) failing must not lose these figures
         log("new endpoint -> chains (ms): " + json.dumps({k: v for k, v in figures.items() if k.startswith("new_")})

@@ -9,7 +9,8 @@ elements) a one-address label change costs ~100 ms of ``nft`` start-up, and list
   atomic batch (a label change), the same messages ``nft`` itself sends;
 - :func:`rule_tags` dumps the table's rules and keeps only what a caller compares: each rule's
   chain and the first word of its comment;
-- :func:`set_keys` dumps one set's keys.
+- :func:`set_keys` dumps one set's keys;
+- :func:`map_verdict` gets one element of a verdict map (where a key jumps or goes to).
 
 Owns these nfnetlink messages and the batch framing; ``kernel.nfnl_batch`` adds chains, rules
 and map elements of a small rule grammar (a new endpoint) on the same framing; everything else
@@ -50,6 +51,8 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_GETRULE, NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 7, 12, 13, 14
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_FLAGS, NFTA_DATA_VALUE = 1, 1, 3, 1
+NFTA_SET_ELEM_DATA, NFTA_DATA_VERDICT, NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 2, 2, 1, 2
+VERDICT_WORDS = {0: "drop", 1: "accept", -1: "continue", -2: "break", -3: "jump", -4: "goto", -5: "return"}
 NFT_SET_ELEM_INTERVAL_END = 1
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_USERDATA = 1, 2, 7
 NFTNL_UDATA_RULE_COMMENT = 0
@@ -222,6 +225,36 @@ def set_keys(family: str, table: str, name: str) -> set[bytes]:
                 if key is not None and not flags & NFT_SET_ELEM_INTERVAL_END:
                     keys.add(key)
     return keys
+
+
+def map_verdict(family: str, table: str, name: str, key: bytes) -> str | None:
+    """The verdict of the element ``key`` of verdict map ``name`` as nft prints it (``goto to-1a2b``),
+    or None when the map has no such element: one element asked for, not a dump of the map (for
+    tests and benchmarks that wait for one). ``key`` as the kernel holds it (an ifname padded to 16
+    bytes)."""
+    fam = _family(family)
+    element = attr(NFTA_LIST_ELEM | NLA_F_NESTED, attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, attr(NFTA_DATA_VALUE, key)))
+    request = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + attr(
+        NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0") + attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, element)
+    with _socket() as sock:
+        seq = next(_seq)
+        sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST, seq, fam, request))
+        try:
+            replies = list(sock.replies(seq, "nfnetlink element get"))
+        except KernelError as err:
+            if err.code == errno.ENOENT:
+                return None
+            raise
+    for payload in replies:
+        for found in attr_list(attrs(payload, _NFGENMSG.size).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+            verdict = attrs(attrs(attrs(found).get(NFTA_SET_ELEM_DATA, b"")).get(NFTA_DATA_VERDICT, b""))
+            if NFTA_VERDICT_CODE not in verdict:
+                continue
+            code = struct.unpack(">i", verdict[NFTA_VERDICT_CODE])[0]
+            word = VERDICT_WORDS.get(code, str(code))
+            chain = verdict.get(NFTA_VERDICT_CHAIN)
+            return word if chain is None else f"{word} {chain.rstrip(bytes(1)).decode()}"
+    return None
 
 
 def _tag(payload: bytes) -> str:

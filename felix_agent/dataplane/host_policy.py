@@ -28,14 +28,8 @@ from collections.abc import Mapping
 from felix_agent.calc.model import DesiredState, FailsafePort, HostEndpoint, HostProtection, Policy
 from felix_agent.dataplane.nft_ruleset import Chain, Hook, Rule, Ruleset
 from felix_agent.dataplane.nftables import NftTable
-from felix_agent.dataplane.policy import (
-    EGRESS,
-    INGRESS,
-    UNTRACKED,
-    WORKLOADS,
-    render_policy_list,
-    short_hash,
-)
+from felix_agent.dataplane.policy import UNTRACKED, WORKLOADS
+from felix_agent.dataplane.policy_lists import EGRESS, INGRESS, render_policy_list, short_hash
 
 log = logging.getLogger(__name__)
 

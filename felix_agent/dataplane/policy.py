@@ -3,23 +3,23 @@
 Owns, in the shared table (through the nftables driver): the base chains ``forward`` (workload
 egress, priority filter), ``forward-to-wl`` (workload ingress, filter + 10) and ``input``
 (workload → host runs the endpoint's egress); the verdict maps ``from-wl`` / ``to-wl`` keyed by
-interface name; per endpoint the chains ``from-<h>`` (egress) and ``to-<h>`` (ingress); per policy or
-profile and direction ``pol-<h>-in|out`` / ``pro-<h>-in|out``; the IP sets ``s-<id>-v4|v6`` and
-named-port sets ``np-<id>-v4|v6``. A new endpoint is two map elements and its own chains; a label
-change is set elements only.
+interface name, each element a ``goto`` to the chain of the endpoint's policy list, ``to-<h>``
+(ingress) / ``from-<h>`` (egress), one per distinct list and shared by the endpoints that have it
+(``felix_agent.dataplane.policy_lists``); per policy or profile and direction ``pol-<h>-in|out`` /
+``pro-<h>-in|out``; the IP sets ``s-<id>-v4|v6`` and named-port sets ``np-<id>-v4|v6``. A new
+endpoint is two map elements, and a chain only when its list is new; a label change is set
+elements only.
 
 Why two forward chains: ``accept`` ends a packet's walk through one base chain only, so a policy's
 Allow can be a plain ``accept`` and the destination's ingress still runs in the later chain.
 Only traffic on ``tor*`` interfaces is looked at; everything else on the host passes untouched.
 It also renders the policy chains host endpoints use (their endpoint chains are
 ``felix_agent.dataplane.host_policy``'s) and the ``input-wl-to-host`` chain of
-defaultEndpointToHostAction. Over 450 lines since host endpoints (i14-hep): the rule renderer could
-move to a module of its own, left for the merge with the other helpers editing this file.
+defaultEndpointToHostAction.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import re
@@ -38,15 +38,14 @@ from felix_agent.dataplane.nft_ruleset import (
     address_elements,
 )
 from felix_agent.dataplane.nftables import NftTable
+from felix_agent.dataplane.policy_lists import INGRESS, PASS_MARK, policy_chain, short_hash
 
 log = logging.getLogger(__name__)
 
 OWNER = "policy"
 READ_TRIES = 3  # background read-backs of a resync overtaken by a write before one blocks the loop
-INGRESS, EGRESS = "in", "out"
 UNTRACKED = "-nt"  # suffix of a direction whose policy chains are the untracked (doNotTrack) form
 WORKLOADS = '"tor*"'
-PASS_MARK = 0x02000000  # set by a Pass rule: skip the remaining policies, go to the profiles
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
 PORT_PROTOCOLS = "{ tcp, udp, sctp, udplite }"  # ports mean nothing to other protocols
 NAMED_NETS_ABOVE = 16  # longer net lists go to a named set instead of an anonymous one
@@ -66,19 +65,6 @@ FAMILIES = {
     4: _Family("ip", "icmp", "ipv4", "ipv4_addr"),
     6: _Family("ip6", "icmpv6", "ipv6", "ipv6_addr"),
 }
-
-
-def short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def endpoint_chain(key: str, direction: str) -> str:
-    return ("to-" if direction == INGRESS else "from-") + short_hash(key)
-
-
-def policy_chain(policy_id: str, direction: str) -> str:
-    kind = "pro" if policy_id.startswith("pro/") else "pol"
-    return f"{kind}-{short_hash(policy_id)}-{direction}"
 
 
 def set_name(set_id: str, version: int, named_port: bool = False) -> str:
@@ -208,37 +194,6 @@ def render_policy(policy: Policy, direction: str) -> tuple[Chain, list[Set]]:
     return Chain(policy_chain(policy.id, direction), tuple(rules)), sets
 
 
-def render_endpoint(endpoint: Endpoint, direction: str, known: Mapping[str, Policy]) -> Chain:
-    """Conntrack first; then the policies in order (a Pass skips the rest), default deny once any
-    policy applies; then the profiles; then drop. A policy or profile we do not have fails closed."""
-    policies = endpoint.ingress_policies if direction == INGRESS else endpoint.egress_policies
-    return render_policy_list(endpoint_chain(endpoint.key, direction), direction, policies, endpoint.profiles, known)
-
-
-def render_policy_list(name: str, direction: str, policies: tuple[str, ...], profiles: tuple[str, ...],
-                       known: Mapping[str, Policy], *, conntrack: bool = True, default_deny: bool = True,
-                       end: str | None = "drop") -> Chain:
-    """An endpoint chain: ``render_endpoint``'s shape, also for host endpoints, whose pre-DNAT and
-    untracked chains have no default deny and no end (what no rule decides goes on), and whose
-    untracked chains come before conntrack."""
-    rules = [Rule("ct state established,related accept"), Rule("ct state invalid drop")] if conntrack else []
-    not_passed = f"meta mark & {PASS_MARK:#010x} == 0 "
-    if policies:
-        rules.append(Rule(f"meta mark set meta mark & {~PASS_MARK & 0xFFFFFFFF:#010x}", "clear the pass mark"))
-    for index, pid in enumerate(policies):
-        guard = not_passed if index else ""
-        target = f"jump {policy_chain(pid, direction)}" if pid in known else "drop"
-        rules.append(Rule(guard + target, f"policy {pid}" + ("" if pid in known else " is missing")))
-    if policies and default_deny:
-        rules.append(Rule(not_passed + "drop", "default deny: no policy allowed the packet"))
-    for pid in profiles:
-        target = f"jump {policy_chain(pid, direction)}" if pid in known else "drop"
-        rules.append(Rule(target, f"profile {pid}" + ("" if pid in known else " is missing")))
-    if end is not None:
-        rules.append(Rule(end, "no profile allowed the packet"))
-    return Chain(name, tuple(rules))
-
-
 def render_ipset(ipset: IPSet) -> Set:
     fam = FAMILIES[ipset.version]
     if ipset.kind != "named-port" and ipset.version == 4 and all("/" not in m and ":" not in m
@@ -318,10 +273,6 @@ def host_policy_refs(host_endpoints: frozenset[HostEndpoint],
     return frozenset(ref for hep in host_endpoints for ref in hep.policy_refs() if ref[0] in known)
 
 
-def _render_pair(endpoint: Endpoint, known: Mapping[str, Policy]) -> tuple[Chain, Chain]:
-    return render_endpoint(endpoint, INGRESS, known), render_endpoint(endpoint, EGRESS, known)
-
-
 class _Renderer:
     """``render`` with memory: unchanged endpoints, policies and IP sets reuse the objects rendered
     last time; when only IP sets changed (a label change) the chains and maps are handed on as the
@@ -330,7 +281,7 @@ class _Renderer:
     ruleset says which chains changed (``Ruleset.delta``), so the driver diffs only those."""
 
     def __init__(self) -> None:
-        self._endpoint_half = EndpointChains(_render_pair, INGRESS, EGRESS)
+        self._endpoint_half = EndpointChains()
         self._part: EndpointPart | None = None
         self._policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
         # the policy chains as last rendered: for (wanted, policies), the chains by name and their sets

@@ -228,3 +228,37 @@ def test_a_read_back_overtaken_by_our_own_transaction_is_kept_and_still_repairs(
         assert "flush chain inet tortie to-1" in repaired and "ep-b" not in repaired
         assert "@s-web-v4" in nft("list", "chain", "inet", "tortie", "to-1")
         assert table.apply() == ""
+
+
+def test_a_new_endpoint_on_a_shared_chain_is_two_map_elements_over_netlink(ns: str) -> None:
+    """Endpoints with the same policy lists share one chain: a new one only points its interface at it."""
+    calls: list[list[str]] = []
+
+    def ruleset_for(interfaces: list[str]) -> Ruleset:
+        base = ruleset(frozenset({"10.1.0.1"}))
+        to_wl = Map("to-wl", "ifname", elements=frozenset({('"tor1"', "goto to-1"),
+                                                             *((f'"{i}"', "goto ep-shared") for i in interfaces)}))
+        return Ruleset((*base.chains, Chain("pol-1-in", (Rule("accept"),)), _endpoint_chain("ep-shared")),
+                       base.sets, (to_wl,))
+
+    def key(interface: str) -> bytes:
+        return interface.encode() + bytes(16 - len(interface))
+
+    with netns(ns):
+        table = NftTable()
+        real_run = table._run
+        table._run = lambda args, stdin: calls.append(list(args)) or real_run(args, stdin)
+        table.add_owner("policy")
+        table.declare("policy", ruleset_for(["tora"]))
+        table.apply()
+        assert nfnl.map_verdict("inet", "tortie", "to-wl", key("tora")) == "goto ep-shared"
+        assert nfnl.map_verdict("inet", "tortie", "to-wl", key("torb")) is None
+        calls.clear()
+        table.declare("policy", ruleset_for(["tora", "torb"]))
+        assert table.apply().splitlines()[1:] == ['add element inet tortie to-wl { "torb" : goto ep-shared }']
+        assert calls == []  # straight over nfnetlink
+        assert nfnl.map_verdict("inet", "tortie", "to-wl", key("torb")) == "goto ep-shared"
+        table.declare("policy", ruleset_for(["torb"]))
+        assert table.apply().splitlines()[1:] == ['delete element inet tortie to-wl { "tora" }']
+        assert nfnl.map_verdict("inet", "tortie", "to-wl", key("tora")) is None
+        assert "ep-shared" in nft("list", "chains", "inet")  # still used by torb

@@ -8,6 +8,7 @@ lab's host namespace only; the root namespace's ruleset is checked to be unchang
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from cni_plugins.naming import host_ifname
 from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMatch
 from felix_agent.dataplane.masq import MasqManager
 from felix_agent.dataplane.nftables import NftTable
-from felix_agent.dataplane.policy import EGRESS, INGRESS, PolicyManager, endpoint_chain
+from felix_agent.dataplane.policy import PolicyManager
 from kernel.netns import netns
 
 pytestmark = pytest.mark.lab
@@ -118,6 +119,24 @@ class Lab:
             listener.close()
         for name in reversed(self.made):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+    # --- the table ---------------------------------------------------------------------------------------------
+
+    def dispatch(self, pod: str, direction: str) -> str | None:
+        """The chain the kernel's dispatch map sends the pod's interface to (``to-wl``: its ingress,
+        ``from-wl``: its egress), or None when the map has no element for it."""
+        listing = json.loads(sh("ip", "netns", "exec", self.ns("host"), "nft", "-j", "list", "map", "inet", "tortie",
+                                "to-wl" if direction == "ingress" else "from-wl"))
+        elements = next(item["map"] for item in listing["nftables"] if "map" in item).get("elem", [])
+        return next((verdict["goto"]["target"] for key, verdict in elements if key == self.iface(pod)), None)
+
+    def unused_chains(self) -> set[str]:
+        """The endpoint-list chains of the table that no dispatch map element goes to."""
+        listing = json.loads(sh("ip", "netns", "exec", self.ns("host"), "nft", "-j", "list", "table", "inet", "tortie"))
+        chains = {item["chain"]["name"] for item in listing["nftables"] if "chain" in item}
+        targets = {verdict["goto"]["target"] for item in listing["nftables"] if "map" in item
+                   for _, verdict in item["map"].get("elem", [])}
+        return {c for c in chains if c.startswith(("to-", "from-")) and c != "forward-to-wl"} - targets
 
     # --- traffic -----------------------------------------------------------------------------------------------
 
@@ -236,9 +255,14 @@ def test_default_allow_through_the_profile_and_drop_without_one(lab: Lab) -> Non
     agent.apply(all_pods(agent, c3=agent.endpoint("c3", profiles=())))
     assert not lab.reaches("c1", "c3") and not lab.reaches("c3", "c1")
     assert not lab.ping("c3", NODE_V4)
-    # an endpoint that is gone: its interface has no map entry, and an unknown tor* interface is dropped
-    written = agent.apply([agent.endpoint("c1"), agent.endpoint("c2")])
-    assert f"delete chain inet tortie {endpoint_chain('t/c3', INGRESS)}" in written
+    # c1 and c2 have the same policy lists: one chain per direction serves both; c3's are its own
+    assert lab.dispatch("c1", "ingress") == lab.dispatch("c2", "ingress") != lab.dispatch("c3", "ingress")
+    assert lab.dispatch("c1", "egress") == lab.dispatch("c2", "egress") != lab.dispatch("c3", "egress")
+    # an endpoint that is gone: its interface has no map entry, and an unknown tor* interface is dropped;
+    # the chains no endpoint uses any more are gone too
+    agent.apply([agent.endpoint("c1"), agent.endpoint("c2")])
+    assert lab.dispatch("c3", "ingress") is None and lab.dispatch("c3", "egress") is None
+    assert lab.unused_chains() == set()
     assert not lab.reaches("c1", "c3") and not lab.reaches("c3", "c1")
     assert lab.reaches("c1", "c2")
 
@@ -354,11 +378,14 @@ def test_a_restart_writes_nothing_and_a_resync_repairs_hand_edits(lab: Lab) -> N
     assert not lab.reaches("c1", "c2")
 
     host = ["ip", "netns", "exec", lab.ns("host"), "nft"]
-    to_c2 = endpoint_chain("t/c2", INGRESS)
+    to_c2 = lab.dispatch("c2", "ingress")
+    assert to_c2 is not None
     sh(*host, "flush", "chain", "inet", "tortie", to_c2)  # someone empties c2's ingress chain ...
     sh(*host, "delete", "element", "inet", "tortie", "from-wl", f'{{ "{lab.iface("c1")}" }}')  # ... and unhooks c1
     assert lab.reaches("c1", "c3") is False  # c1's interface is unknown now: dropped
     assert restarted.policy.apply(resync=True) != ""
     assert lab.reaches("c1", "c3") and not lab.reaches("c1", "c2")
-    listing = sh(*host, "list", "chain", "inet", "tortie", endpoint_chain("t/c1", EGRESS))
+    from_c1 = lab.dispatch("c1", "egress")
+    assert from_c1 is not None
+    listing = sh(*host, "list", "chain", "inet", "tortie", from_c1)
     assert "jump pro-" in listing

@@ -16,15 +16,14 @@ from felix_agent.dataplane import masq, policy
 from felix_agent.dataplane.masq import MasqManager
 from felix_agent.dataplane.nft_ruleset import Chain, Hook, Map, Rule, Ruleset, Set
 from felix_agent.dataplane.nftables import NftError, NftTable
-from felix_agent.dataplane.policy import (
+from felix_agent.dataplane.policy import PolicyManager, render_rule
+from felix_agent.dataplane.policy_lists import (
     EGRESS,
     INGRESS,
     PASS_MARK,
-    PolicyManager,
     endpoint_chain,
     policy_chain,
     render_endpoint,
-    render_rule,
 )
 
 T = "inet tortie"
@@ -193,7 +192,7 @@ STATE = DesiredState(
 def test_endpoint_chain_runs_policies_in_order_then_default_deny_then_profiles() -> None:
     known = {p.id: p for p in STATE.policies}
     chain = render_endpoint(WEB, INGRESS, known)
-    assert chain.name == endpoint_chain("shop/web", INGRESS) and chain.name.startswith("to-")
+    assert chain.name.startswith("to-") and render_endpoint(WEB, EGRESS, known).name.startswith("from-")
     a, b, pro = (policy_chain(pid, INGRESS) for pid in ("np/shop/a", "np/shop/b", "pro/net"))
     assert [r.body for r in chain.rules] == [
         "ct state established,related accept",
@@ -235,8 +234,8 @@ def test_dispatch_through_verdict_maps_on_workload_interfaces_only() -> None:
         "ifname",
         elements=frozenset(
             {
-                ('"tor00000000001"', f"goto {endpoint_chain('shop/web', INGRESS)}"),
-                ('"tor00000000002"', f"goto {endpoint_chain('shop/db', INGRESS)}"),
+                ('"tor00000000001"', f"goto {endpoint_chain(WEB, INGRESS)}"),
+                ('"tor00000000002"', f"goto {endpoint_chain(DB, INGRESS)}"),
             }
         ),
     )
@@ -289,40 +288,78 @@ def test_a_label_change_is_only_set_element_updates() -> None:
     assert nft.transactions[-1] == text + "\n" and nft.reads == 1
 
 
-def test_a_new_endpoint_is_map_elements_plus_its_own_chains() -> None:
+def test_a_new_endpoint_with_a_new_policy_list_adds_its_list_chains_and_map_elements() -> None:
     pm, _ = manager()
     pm.on_update(replace(STATE, endpoints=frozenset({WEB})))
     pm.apply()
     pm.on_update(STATE)
     text = commands(pm.apply())
-    db_in, db_out = endpoint_chain("shop/db", INGRESS), endpoint_chain("shop/db", EGRESS)
+    db_in, db_out = endpoint_chain(DB, INGRESS), endpoint_chain(DB, EGRESS)
     touched = {line.split()[4] for line in text if line.startswith(("add rule", "flush chain"))}
     assert touched == {db_in, db_out, policy_chain("np/shop/b", EGRESS)}  # no existing chain rewritten
     assert f'add element {T} to-wl {{ "tor00000000002" : goto {db_in} }}' in text
     assert f'add element {T} from-wl {{ "tor00000000002" : goto {db_out} }}' in text
 
 
-def test_a_removed_endpoint_removes_its_chains_and_map_entries() -> None:
+# DB's twin: the same policies and profiles, so the same chains
+DB2 = replace(DB, key="shop/db-2", interface="tor00000000003", addresses=("10.244.0.4/32",))
+
+
+def test_endpoints_with_the_same_policy_lists_share_one_chain_per_direction() -> None:
+    ruleset = policy.render(replace(STATE, endpoints=frozenset({WEB, DB, DB2})))
+    chains = {c.name: c for c in ruleset.chains}
+    maps = {m.name: dict(m.elements) for m in ruleset.maps}
+    for name, direction in (("to-wl", INGRESS), ("from-wl", EGRESS)):
+        targets = {ifname: verdict.removeprefix("goto ") for ifname, verdict in maps[name].items()}
+        assert targets['"tor00000000002"'] == targets['"tor00000000003"'] != targets['"tor00000000001"']
+        for ifname, ep in (('"tor00000000001"', WEB), ('"tor00000000002"', DB), ('"tor00000000003"', DB2)):
+            # every element goes to a chain of the table that runs that endpoint's policies
+            assert chains[targets[ifname]] == render_endpoint(ep, direction, {p.id: p for p in STATE.policies})
+    assert len([n for n in chains if n.startswith(("to-", "from-"))]) == 4  # WEB's two, DB and DB2's two
+
+
+def test_a_new_endpoint_whose_lists_exist_is_two_map_elements_and_no_chain() -> None:
     pm, _ = manager()
     pm.on_update(STATE)
     pm.apply()
+    pm.on_update(replace(STATE, endpoints=frozenset({WEB, DB, DB2})))
+    assert commands(pm.apply()) == [
+        f'add element {T} to-wl {{ "tor00000000003" : goto {endpoint_chain(DB, INGRESS)} }}',
+        f'add element {T} from-wl {{ "tor00000000003" : goto {endpoint_chain(DB, EGRESS)} }}',
+    ]
+
+
+def test_a_shared_chain_stays_until_its_last_endpoint_goes() -> None:
+    pm, _ = manager()
+    pm.on_update(replace(STATE, endpoints=frozenset({WEB, DB, DB2})))
+    pm.apply()
+    pm.on_update(STATE)  # DB2 goes: DB still uses the chains
+    assert commands(pm.apply()) == [
+        f'delete element {T} to-wl {{ "tor00000000003" }}',
+        f'delete element {T} from-wl {{ "tor00000000003" }}',
+    ]
     pm.on_update(replace(STATE, endpoints=frozenset({WEB})))
     text = commands(pm.apply())
-    db_in, db_out, b_out = (
-        endpoint_chain("shop/db", INGRESS),
-        endpoint_chain("shop/db", EGRESS),
-        policy_chain("np/shop/b", EGRESS),
-    )
-    assert text == [
+    db_in, db_out, b_out = endpoint_chain(DB, INGRESS), endpoint_chain(DB, EGRESS), policy_chain("np/shop/b", EGRESS)
+    assert text[:2] == [
         f'delete element {T} to-wl {{ "tor00000000002" }}',
         f'delete element {T} from-wl {{ "tor00000000002" }}',
-        f"flush chain {T} {db_in}",
-        f"flush chain {T} {db_out}",
-        f"flush chain {T} {b_out}",  # DENY_ALL's egress chain was DB's alone
-        f"delete chain {T} {db_in}",
-        f"delete chain {T} {db_out}",
-        f"delete chain {T} {b_out}",
     ]
+    # DENY_ALL's egress chain was DB's list's alone; every chain flushed before any is deleted
+    assert set(text[2:5]) == {f"flush chain {T} {name}" for name in (db_in, db_out, b_out)}
+    assert set(text[5:]) == {f"delete chain {T} {name}" for name in (db_in, db_out, b_out)}
+
+
+def test_a_missing_policy_fails_closed_until_it_arrives_then_its_list_chain_is_rewritten_in_place() -> None:
+    pm, _ = manager()
+    pm.on_update(replace(STATE, policies=STATE.policies - {DENY_ALL}))
+    pm.apply()
+    db_out = endpoint_chain(DB, EGRESS)
+    pm.on_update(STATE)
+    text = commands(pm.apply())
+    assert f"flush chain {T} {db_out}" in text  # the same chain: no map element moves
+    assert not any(" element " in line for line in text)
+    assert f"add rule {T} {db_out} jump {policy_chain('np/shop/b', EGRESS)}" in " ".join(text)
 
 
 def test_a_policy_edit_rewrites_only_that_policy_chain() -> None:
