@@ -20,6 +20,7 @@ defaultEndpointToHostAction.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -255,6 +256,7 @@ BASE_CHAINS = (
 WL_TO_HOST = "input-wl-to-host"
 
 
+@functools.cache  # three actions; a render miss (a new pod) then hands on the very chain of last time
 def endpoint_to_host_chain(action: str) -> Chain:
     """defaultEndpointToHostAction, after the workload's egress policy allowed a packet to the host: in
     a base chain of its own, since the egress chain's ``accept`` ends only its base chain. Accept and
