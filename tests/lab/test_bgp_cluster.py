@@ -174,6 +174,10 @@ def test_mesh_learns_blocks_survives_kill_cut_restart_and_nodes_joining_and_leav
         c.netctl("delete", "felixconfiguration", node1)
         wait_for(lambda: c.readiness(1) == 200, 30, "readiness on port 9099 again")
         assert c.agents[1] == pid
+        # That was one more re-exec: its sessions come back before the next step counts them.
+        bgp.wait_established(1, [2, 3], kind=MESH)
+        for k in (2, 3):
+            bgp.wait_established(k, [1], exactly=False)
 
         # A fourth node joins: it peers with everyone, and the sessions already up stay up.
         before = {k: bgp.established(k) for k in (1, 2, 3)}
