@@ -2,7 +2,8 @@
 
 ``Capture``: what crossed one interface of a namespace, VXLAN and IPIP decoded; an AF_PACKET
 socket (both directions, like ``tcpdump -i IF``) opened while the thread is inside the namespace,
-read by a background thread until the ``with`` block ends (the test machines have no tcpdump).
+read by a background thread until the ``with`` block ends and what the socket still queues is read
+(in the slow VM the reader lags the traffic; the test machines have no tcpdump).
 ``echo``: one IPv4 ping from inside a namespace through a raw socket, without exec'ing ``ping``
 (each exec costs ~0.1 s in the TCG VM). ``link_stats``: counters, through ``ip -s -j``.
 """
@@ -69,10 +70,12 @@ class Capture:
 
     def _read(self) -> None:
         assert self._sock is not None
-        while not self._stop.is_set():
+        while True:
             try:
                 frame = self._sock.recv(65535)
             except TimeoutError:
+                if self._stop.is_set():
+                    return  # the socket's queue is drained: the block's last packets are counted too
                 continue
             except OSError:
                 return
