@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -48,6 +48,20 @@ def ruleset(selected: frozenset[str], hosts: frozenset[str] = frozenset({"10.9.0
     return Ruleset(chains, (sel, plain), (to_wl,))
 
 
+def recording_table(calls: list[list[str]]) -> NftTable:
+    """A table with the owner "policy" whose nft runs are appended to ``calls`` (nfnetlink writes are not)."""
+    table = NftTable()
+    real_run = table._run
+
+    def run(args: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+        calls.append(list(args))
+        return real_run(args, stdin)
+
+    table._run = run
+    table.add_owner("policy")
+    return table
+
+
 def listed_elements(name: str) -> str:
     return nft("list", "set", "inet", "tortie", name).split("elements", 1)[-1]
 
@@ -55,10 +69,7 @@ def listed_elements(name: str) -> str:
 def test_label_change_writes_elements_over_netlink_and_resync_sees_them(ns: str) -> None:
     calls: list[list[str]] = []
     with netns(ns):
-        table = NftTable()
-        real_run = table._run
-        table._run = lambda args, stdin: calls.append(list(args)) or real_run(args, stdin)
-        table.add_owner("policy")
+        table = recording_table(calls)
         table.declare("policy", ruleset(frozenset({"10.1.0.1", "10.1.0.2", "10.2.0.0/24"})))
         created = table.apply()
         assert "add chain inet tortie to-1" in created
@@ -163,10 +174,7 @@ def _with_endpoints(names: list[str]) -> Ruleset:
 def test_a_new_endpoint_is_written_over_netlink_as_nft_would_write_it(ns: str) -> None:
     calls: list[list[str]] = []
     with netns(ns):
-        table = NftTable()
-        real_run = table._run
-        table._run = lambda args, stdin: calls.append(list(args)) or real_run(args, stdin)
-        table.add_owner("policy")
+        table = recording_table(calls)
         table.declare("policy", _with_endpoints(["a"]))
         table.apply()  # the first write creates the table: nft
         assert calls
@@ -245,10 +253,7 @@ def test_a_new_endpoint_on_a_shared_chain_is_two_map_elements_over_netlink(ns: s
         return interface.encode() + bytes(16 - len(interface))
 
     with netns(ns):
-        table = NftTable()
-        real_run = table._run
-        table._run = lambda args, stdin: calls.append(list(args)) or real_run(args, stdin)
-        table.add_owner("policy")
+        table = recording_table(calls)
         table.declare("policy", ruleset_for(["tora"]))
         table.apply()
         assert nfnl.map_verdict("inet", "tortie", "to-wl", key("tora")) == "goto ep-shared"
