@@ -1,0 +1,147 @@
+"""The BGP benchmark's scale part alone (part 3 of ``bench.bgp_bench``), repeated: 10,000 /32s from
+an external BIRD router (eBGP) to one Tortie node and, in turn, to a BIRD node, installed and
+withdrawn, ``--rounds`` times in one lab, each Tortie round beside a BIRD round. For working on
+that path: it takes ~30 s instead of the full benchmark's minutes, and the rounds show the noise.
+
+With ``--profile DIR`` each Tortie round is also sampled by py-spy (if installed), the agent and
+its ExaBGP separately (``DIR/<round>-<install|withdraw>-<agent|exabgp>.txt``, collapsed stacks),
+which slows both a little: the figures of a profiled run are not the ones to quote.
+
+Run as root from the repository root: ``.venv/bin/python -m bench.bgp_bulk [--rounds 3]``. It
+prints one line per transfer and a summary (medians); it asserts no time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.bgp_bench import (
+    BIRD_NODE,
+    POOL,
+    SOURCE,
+    SOURCE_ASN,
+    BenchFailure,
+    bird_address,
+    bird_node_config,
+    bulk_routes,
+    bulk_transfer,
+    cpu_seconds,
+    descendants,
+    log,
+    source_config,
+    wait_for_bird,
+)
+from bench.prerequisites import require
+
+TORTIE_NODE = 3  # the node source_config's "tortie" protocol peers with
+
+
+class Profiler:
+    """py-spy sampling a process until stopped (nothing when py-spy is not installed)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self._proc: subprocess.Popen[bytes] | None = None
+        if Path(spy).exists():
+            self._proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "500", "--format", "raw",
+                                           "--nonblocking", "--output", str(out)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGINT)
+            self._proc.wait(30)
+
+
+def exabgp_pid(agent: int) -> int:
+    for pid in descendants(agent):
+        try:
+            if b"exabgp_reactor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    raise BenchFailure("the agent's ExaBGP is not running")
+
+
+def run(rounds: int, profile: Path | None) -> dict[str, list[float]]:
+    from netlab.bgp_cluster import BGPCluster, bgp_peer_yaml, bgp_pools, bird_established, start_bird
+
+    out: dict[str, list[float]] = {}
+    changed = threading.Condition()
+    routes = bulk_routes(10_000)
+    with BGPCluster("bgpk", BIRD_NODE, agents=[TORTIE_NODE], pools=bgp_pools(POOL, 26)) as bgp:
+        c = bgp.cluster
+        source = start_bird(bgp, SOURCE, source_config(routes))
+        bird_node = start_bird(bgp, BIRD_NODE, bird_node_config())
+        c.apply(bgp_peer_yaml("bench-tor", node=f"n{TORTIE_NODE}", peerIP=bird_address(SOURCE), asNumber=SOURCE_ASN))
+        agent = c.agents[TORTIE_NODE]
+        assert bird_node.pid is not None
+        bird_pid = bird_node.pid
+        for r in range(rounds):
+            source.birdc("enable", "tortie")
+            bgp.wait_established(TORTIE_NODE, [bird_address(SOURCE)], exactly=False, timeout=60)
+            exa = exabgp_pid(agent)
+            spies: list[Profiler] = []
+            cpu = {"agent": lambda: cpu_seconds(agent), "exabgp": lambda: cpu_seconds(exa),
+                   "rest": lambda: sum(cpu_seconds(p) for p in descendants(agent) if p != exa)}
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                spies = [Profiler(agent, profile / f"{r}-agent.txt"), Profiler(exa, profile / f"{r}-exabgp.txt")]
+            try:
+                tortie = bulk_transfer(c.node(TORTIE_NODE).netns, "81", source, routes, changed, cpu)
+            finally:
+                for spy in spies:
+                    spy.stop()
+            source.birdc("disable", "tortie")
+            source.birdc("enable", "birdnode")
+            wait_for_bird(bird_node, 1, bird_established)
+            bird = bulk_transfer(c.node(BIRD_NODE).netns, "bird", source, routes, changed,
+                                 {"BIRD": lambda: cpu_seconds(bird_pid)})
+            source.birdc("disable", "birdnode")
+            row = {
+                "install": tortie["install"], "install BIRD": bird["install"],
+                "install ratio": tortie["install"] / bird["install"],
+                "withdraw": tortie["withdraw"], "withdraw BIRD": bird["withdraw"],
+                "withdraw ratio": tortie["withdraw"] / bird["withdraw"],
+                **{k: v for k, v in tortie.items() if k.startswith("cpu")},
+                "cpu install BIRD": bird["cpu install BIRD"], "cpu withdraw BIRD": bird["cpu withdraw BIRD"],
+                "load": os.getloadavg()[0],
+            }
+            log(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+            for k, v in row.items():
+                out.setdefault(k, []).append(v)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bgp_bulk", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", type=Path, help="py-spy the agent and its ExaBGP into this directory")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        log("the BGP benchmark builds network namespaces: run it as root")
+        return 1
+    require("BGP bulk benchmark", "ip", "etcd", "bird", "birdc")
+    try:
+        out: dict[str, Any] = run(args.rounds, args.profile)
+    except (BenchFailure, AssertionError) as e:
+        log(f"benchmark failed: {e}")
+        return 1
+    print(f"median of {args.rounds} rounds:")
+    for k, v in out.items():
+        print(f"  {k:32s} {statistics.median(v):8.3f}   ({' '.join(f'{x:.3f}' for x in v)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
