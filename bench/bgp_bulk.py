@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from bench.bgp_bench import (
     SOURCE,
     SOURCE_ASN,
     BenchFailure,
+    RouteWatch,
     bird_address,
     bird_node_config,
     bulk_routes,
@@ -73,7 +75,18 @@ def exabgp_pid(agent: int) -> int:
     raise BenchFailure("the agent's ExaBGP is not running")
 
 
-def run(rounds: int, profile: Path | None) -> dict[str, list[float]]:
+def timeline(watch: RouteWatch, deleted: bool, since: float) -> str:
+    """How many routes a watch saw added (or deleted) after ``since``, per 25 ms."""
+    times = sorted(t - since for t in (watch.deleted if deleted else watch.added).values() if t >= since)
+    if not times:
+        return "-"
+    buckets: dict[int, int] = {}
+    for t in times:
+        buckets[int(t / 0.025)] = buckets.get(int(t / 0.025), 0) + 1
+    return " ".join(f"{k * 25}:{v}" for k, v in sorted(buckets.items()))
+
+
+def run(rounds: int, profile: Path | None, show_timeline: bool = False) -> dict[str, list[float]]:
     from netlab.bgp_cluster import BGPCluster, bgp_peer_yaml, bgp_pools, bird_established, start_bird
 
     out: dict[str, list[float]] = {}
@@ -97,11 +110,17 @@ def run(rounds: int, profile: Path | None) -> dict[str, list[float]]:
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
                 spies = [Profiler(agent, profile / f"{r}-agent.txt"), Profiler(exa, profile / f"{r}-exabgp.txt")]
+            watch = RouteWatch(c.node(TORTIE_NODE).netns, "81", changed) if show_timeline else None
+            t0 = time.monotonic()
             try:
                 tortie = bulk_transfer(c.node(TORTIE_NODE).netns, "81", source, routes, changed, cpu)
             finally:
                 for spy in spies:
                     spy.stop()
+                if watch is not None:
+                    watch.close()
+                    log(f"  install timeline (ms:routes): {timeline(watch, False, t0)}")
+                    log(f"  withdraw timeline (ms:routes): {timeline(watch, True, t0 + tortie['install'])}")
             source.birdc("disable", "tortie")
             source.birdc("enable", "birdnode")
             wait_for_bird(bird_node, 1, bird_established)
@@ -126,6 +145,7 @@ def run(rounds: int, profile: Path | None) -> dict[str, list[float]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bgp_bulk", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeline", action="store_true", help="when the routes came, per 25 ms")
     parser.add_argument("--profile", type=Path, help="py-spy the agent and its ExaBGP into this directory")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -133,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     require("BGP bulk benchmark", "ip", "etcd", "bird", "birdc")
     try:
-        out: dict[str, Any] = run(args.rounds, args.profile)
+        out: dict[str, Any] = run(args.rounds, args.profile, args.timeline)
     except (BenchFailure, AssertionError) as e:
         log(f"benchmark failed: {e}")
         return 1

@@ -132,6 +132,9 @@ def _neighbor(config: SpeakerConfig, peer: Peer) -> list[str]:
         # The agent sends End-of-RIB itself, after re-announcing on session up: ExaBGP's own EOR
         # would go out before those routes and make a GR peer flush ours (reference, gotcha 10).
         "manual-eor true;",
+        # No Adj-RIB-In in ExaBGP: it would copy every received path into a cache of its own (a
+        # fifth of its CPU for a large table) that nothing reads; the agent keeps what peers sent.
+        "adj-rib-in false;",
     ]
     if peer.passive:
         body.append("passive true;")

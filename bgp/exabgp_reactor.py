@@ -11,6 +11,12 @@ UPDATE such an ExaBGP sends or receives then waits for that sleep: measured in t
 lab, two of ten ExaBGPs in that state after start-up, their routes 60-80 ms behind the others'
 (speed 10) or ~10 ms (speed 1). Here a descriptor reported closed is unregistered, and the rest of
 what ``poll()`` reported is returned as usual; ExaBGP registers a new connection's socket itself.
+
+Two more, for a large table received (10,000 routes from an external peer), where ExaBGP's CPU
+per NLRI is on the route's way: debug log calls return at once when debug logging is off (ExaBGP
+makes one per received NLRI and walked its logger to drop it), and a received UPDATE's JSON is
+written by ``fast_update_json``: the same text ExaBGP's encoder writes, character for character,
+without building a ``Family`` and walking the generic encoder for every plain unicast NLRI.
 """
 
 from __future__ import annotations
@@ -70,8 +76,96 @@ def patch_reactor() -> None:
     Reactor.__init__ = __init__
 
 
+def quiet_debug() -> None:
+    """ExaBGP's ``log.debug`` returns at once while debug logging is off (``option.logit``, set
+    from ``exabgp.log.level`` once ExaBGP has read its environment): it is called per received
+    NLRI. With debug on, it logs as before."""
+    try:
+        from exabgp.logger import _log
+        from exabgp.logger.option import option
+    except ImportError:
+        return
+    made = _log.debug
+
+    def debug(cls: Any, message: Any, source: str = "", level: str = "DEBUG") -> None:
+        if option.logit.get("DEBUG", False):
+            made(message, source, level)
+
+    _log.debug = classmethod(debug)  # type: ignore[assignment]
+
+
+def fast_update_json() -> None:
+    """ExaBGP's JSON for an UPDATE (``JSON._update``), written the same but quicker for plain
+    unicast NLRIs (class ``INET`` without a path ID): their text is ``{ "nlri": "<prefix>" }``,
+    the family and next hop keys are taken once per object, not rebuilt per NLRI. Anything else
+    (add-path, labels, VPN, flow, an EOR) goes through ExaBGP's own ``json()`` as before."""
+    try:
+        from exabgp.bgp.message import Action
+        from exabgp.bgp.message.update.nlri.inet import INET
+        from exabgp.bgp.message.update.nlri.qualifier.path import PathInfo
+        from exabgp.reactor.api.response.json import JSON
+    except ImportError:
+        return
+    announce, withdraw = Action.ANNOUNCE, Action.WITHDRAW
+
+    def _update(self: Any, update: Any) -> dict[str, Any]:
+        nlris = update.nlris
+        plus: dict[str, dict[str, list[str]]] = {}
+        minus: dict[str, list[str]] = {}
+        families: dict[tuple[int, int], str] = {}
+        hops: dict[int, str] = {}
+        nopath, compact = PathInfo.NOPATH, self.compact
+        for nlri in nlris:
+            action = nlri.action
+            if action != announce and action != withdraw:
+                continue
+            key = (id(nlri.afi), id(nlri.safi))
+            family = families.get(key)
+            if family is None:
+                afi, safi = nlri.family().afi_safi()
+                family = families[key] = f"{afi} {safi}"
+            if type(nlri) is INET and nlri.path_info is nopath:
+                text = f'{{ "nlri": "{nlri.cidr.prefix()}" }}' if not compact else f'"{nlri.cidr.prefix()}"'
+            else:
+                text = nlri.json(compact=compact)
+            if action == announce:
+                hop = hops.get(id(nlri.nexthop))
+                if hop is None:
+                    try:
+                        hop = str(nlri.nexthop)
+                    except Exception:
+                        hop = "null"
+                    hops[id(nlri.nexthop)] = hop
+                plus.setdefault(family, {}).setdefault(hop, []).append(text)
+            else:
+                minus.setdefault(family, []).append(text)
+        if not plus and not minus and nlris:  # an EOR, whose json() is already an object
+            return {"message": self._json(nlris[0].json())}
+        add = ", ".join(f'"{family}": {{ '
+                        + ", ".join(f'"{hop}": [ {", ".join(texts)} ]' for hop, texts in by_hop.items()) + " }"
+                        for family, by_hop in plus.items())
+        remove = ", ".join(f'"{family}": [ {", ".join(texts)} ]' for family, texts in minus.items())
+        nlri_text = ""
+        if add:
+            nlri_text += f'"announce": {{ {add} }}'
+        if add and remove:
+            nlri_text += ", "
+        if remove:
+            nlri_text += f'"withdraw": {{ {remove} }}'
+        attributes = "" if not update.attributes else f'"attribute": {{ {update.attributes.json()} }}'
+        if not attributes or not nlri_text:
+            body = f'"update": {{ {attributes}{nlri_text} }}'
+        else:
+            body = f'"update": {{ {attributes}, {nlri_text} }}'
+        return {"message": self._json(f"{{ {body} }}")}
+
+    JSON._update = _update
+
+
 def main() -> int:
     patch_reactor()
+    quiet_debug()
+    fast_update_json()
     from exabgp.application.main import main as exabgp_main
 
     # ExaBGP runs `sys.executable sys.argv[0]` for its CLI pipe helper: the plain `exabgp` script
