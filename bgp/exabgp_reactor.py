@@ -91,7 +91,7 @@ def quiet_debug() -> None:
         if option.logit.get("DEBUG", False):
             made(message, source, level)
 
-    _log.debug = classmethod(debug)  # type: ignore[assignment]
+    _log.debug = classmethod(debug)
 
 
 def fast_update_json() -> None:
