@@ -29,6 +29,7 @@ from typing import Any
 
 from bench.bgp_bench import (
     BIRD_NODE,
+    CLK_TCK,
     POOL,
     SOURCE,
     SOURCE_ASN,
@@ -66,6 +67,26 @@ class Profiler:
             self._proc.wait(30)
 
 
+def system_seconds(pid: int) -> float:
+    """stime of ``pid``: the part of its CPU spent in the kernel (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return int(fields[12]) / CLK_TCK
+
+
+class Strace(Profiler):
+    """strace -f of a process's reads, writes and polls until stopped, with timestamps."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self._proc = subprocess.Popen(["strace", "-f", "-ttt", "-e", "trace=read,write,recvfrom,sendto,sendmsg,"
+                                       "recvmsg,poll,epoll_wait,select,pselect6", "-e", "abbrev=all", "-s", "0",
+                                       "-o", str(out), "-p", str(pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # attached (a bench helper, not a test: nothing to wait on)
+
+
 def exabgp_pid(agent: int) -> int:
     for pid in descendants(agent):
         try:
@@ -87,7 +108,8 @@ def timeline(watch: RouteWatch, deleted: bool, since: float) -> str:
     return " ".join(f"{k * 25}:{v}" for k, v in sorted(buckets.items()))
 
 
-def run(rounds: int, profile: Path | None, show_timeline: bool = False) -> dict[str, list[float]]:
+def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: bool = False
+        ) -> dict[str, list[float]]:
     from netlab.bgp_cluster import BGPCluster, bgp_peer_yaml, bgp_pools, bird_established, start_bird
 
     out: dict[str, list[float]] = {}
@@ -107,10 +129,12 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False) -> dict[
             exa = exabgp_pid(agent)
             spies: list[Profiler] = []
             cpu: dict[str, Callable[[], float]] = {"agent": lambda: cpu_seconds(agent),
+                                                   "agent system": lambda: system_seconds(agent),
                                                    "exabgp": functools.partial(cpu_seconds, exa)}
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
-                spies = [Profiler(agent, profile / f"{r}-agent.txt"), Profiler(exa, profile / f"{r}-exabgp.txt")]
+                spy: type[Profiler] = Strace if strace else Profiler
+                spies = [spy(agent, profile / f"{r}-agent.txt"), spy(exa, profile / f"{r}-exabgp.txt")]
             watch = RouteWatch(c.node(TORTIE_NODE).netns, "81", changed) if show_timeline else None
             t0 = time.monotonic()
             try:
@@ -146,6 +170,7 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False) -> dict[
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bgp_bulk", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--strace", action="store_true", help="with --profile: strace instead of py-spy")
     parser.add_argument("--timeline", action="store_true", help="when the routes came, per 25 ms")
     parser.add_argument("--profile", type=Path, help="py-spy the agent and its ExaBGP into this directory")
     args = parser.parse_args(argv)
@@ -154,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     require("BGP bulk benchmark", "ip", "etcd", "bird", "birdc")
     try:
-        out: dict[str, Any] = run(args.rounds, args.profile, args.timeline)
+        out: dict[str, Any] = run(args.rounds, args.profile, args.timeline, args.strace)
     except (BenchFailure, AssertionError) as e:
         log(f"benchmark failed: {e}")
         return 1

@@ -292,6 +292,18 @@ def _update(peer: str, message: Mapping[str, Any]) -> UpdateEvent | EndOfRib | N
     return UpdateEvent(peer, announced, withdrawn, dict(update.get("attribute", {})))
 
 
+def as_path_length(attrs: Mapping[str, Any]) -> int:
+    """AS_PATH length from ExaBGP 5's JSON: {"0": {"element": "as-sequence", "value": [...]}}
+    (an AS_SET counts as one)."""
+    path = attrs.get("as-path")
+    if isinstance(path, dict):
+        return sum(len(seg.get("value", [])) if seg.get("element") == "as-sequence" else 1
+                   for seg in path.values() if isinstance(seg, dict))
+    if isinstance(path, list):
+        return len(path)
+    return 0
+
+
 def _nlri(entry: Any) -> str:
     text = entry["nlri"] if isinstance(entry, dict) else entry
     return canonical(str(text))
