@@ -133,8 +133,8 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
                                                    "exabgp": functools.partial(cpu_seconds, exa)}
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
-                spy: type[Profiler] = Strace if strace else Profiler
-                spies = [spy(agent, profile / f"{r}-agent.txt"), spy(exa, profile / f"{r}-exabgp.txt")]
+                kind: type[Profiler] = Strace if strace else Profiler
+                spies = [kind(agent, profile / f"{r}-agent.txt"), kind(exa, profile / f"{r}-exabgp.txt")]
             watch = RouteWatch(c.node(TORTIE_NODE).netns, "81", changed) if show_timeline else None
             t0 = time.monotonic()
             try:
