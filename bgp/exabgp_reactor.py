@@ -162,10 +162,60 @@ def fast_update_json() -> None:
     JSON._update = _update
 
 
+def fast_nlri_decoding() -> None:
+    """Less work per received NLRI in ExaBGP's decoder, the same objects out:
+
+    - ``NLRI.unpack_nlri`` finds the class of a family once, not per NLRI (it made two family
+      objects, a debug record and a "ipv4/unicast" key for each), while debug logging is off;
+    - ``AFI.create`` / ``SAFI.create`` return the cached object without first building the one
+      they return only on a miss;
+    - ``Peer.id`` (its log tag, made for a debug call per received NLRI) is made once per
+      neighbor object."""
+    try:
+        from exabgp.bgp.message.update.nlri.nlri import NLRI
+        from exabgp.logger.option import option
+        from exabgp.protocol.family import _AFI, _SAFI, AFI, SAFI
+        from exabgp.reactor.peer import Peer
+    except ImportError:
+        return
+    made = NLRI.unpack_nlri.__func__
+    classes: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+
+    def unpack_nlri(cls: Any, afi: Any, safi: Any, data: bytes, action: Any, addpath: Any) -> Any:
+        found = classes.get((afi, safi))
+        if found is None or option.logit.get("DEBUG", False):
+            nlri = made(cls, afi, safi, data, action, addpath)  # raises for a family nobody decodes
+            a, s = AFI.create(afi), SAFI.create(safi)
+            classes[(afi, safi)] = (NLRI.registered_nlri[f"{a}/{s}"], a, s)
+            return nlri
+        klass, a, s = found
+        return klass.unpack_nlri(a, s, data, action, addpath)
+
+    NLRI.unpack_nlri = classmethod(unpack_nlri)
+
+    def cached(cache: dict[int, Any], make: Any) -> Any:
+        def create(cls: Any, value: int) -> Any:
+            found = cache.get(value)
+            return found if found is not None else make(value)
+        return classmethod(create)
+
+    AFI.create = cached(AFI.cache, _AFI)
+    SAFI.create = cached(SAFI.cache, _SAFI)
+
+    def peer_id(self: Any) -> str:
+        tag: tuple[Any, str] | None = self.__dict__.get("_tortie_id")
+        if tag is None or tag[0] is not self.neighbor:
+            tag = self.__dict__["_tortie_id"] = (self.neighbor, f"peer-{self.neighbor.uid}")
+        return tag[1]
+
+    Peer.id = peer_id
+
+
 def main() -> int:
     patch_reactor()
     quiet_debug()
     fast_update_json()
+    fast_nlri_decoding()
     from exabgp.application.main import main as exabgp_main
 
     # ExaBGP runs `sys.executable sys.argv[0]` for its CLI pipe helper: the plain `exabgp` script

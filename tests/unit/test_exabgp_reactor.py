@@ -9,7 +9,7 @@ import select
 
 import pytest
 
-from bgp.exabgp_reactor import ClosedDescriptorsDropped, fast_update_json
+from bgp.exabgp_reactor import ClosedDescriptorsDropped, fast_nlri_decoding, fast_update_json, quiet_debug
 
 MASK = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLNVAL | select.POLLERR
 
@@ -94,3 +94,51 @@ def test_the_fast_update_json_is_exabgps_own_text(monkeypatch: pytest.MonkeyPatc
     encoder.compact = True  # exabgp.api.compact: a plain NLRI is its prefix alone, as ExaBGP writes it
     compact = encoder._update(updates[0])["message"]
     assert '"192.0.2.1": [ "10.0.0.0/24", { "nlri": "10.0.2.0/24", "path-information": "0.0.0.7" }' in compact
+
+
+# -- a received UPDATE's NLRIs -----------------------------------------------------------------------
+
+
+def _decode(data: bytes, afi: int, safi: int, addpath: bool) -> list[tuple[object, ...]] | tuple[int, int]:
+    """NLRIs as ExaBGP's UPDATE decoder takes them apart (``NLRI.unpack_nlri`` until the data is
+    used up), or the (code, subcode) of the NOTIFICATION it would send."""
+    from exabgp.bgp.message import Action
+    from exabgp.bgp.message.notification import Notify
+    from exabgp.bgp.message.update.nlri.nlri import NLRI
+    from exabgp.protocol.family import AFI, SAFI
+
+    out: list[tuple[object, ...]] = []
+    try:
+        while data:
+            nlri, data = NLRI.unpack_nlri(AFI.create(afi), SAFI.create(safi), data, Action.ANNOUNCE, addpath)
+            out.append((type(nlri), nlri.afi, nlri.safi, nlri.action, nlri.cidr, nlri.path_info.json(),
+                        nlri.nexthop, sorted(vars(nlri))))
+    except Notify as e:
+        return e.code, e.subcode
+    return out
+
+
+def test_fast_nlri_decoding_makes_the_same_nlris_and_refuses_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.bgp.message.update.nlri.nlri import NLRI
+    from exabgp.logger import _log
+    from exabgp.protocol.family import AFI, SAFI
+    from exabgp.reactor.peer import Peer
+
+    v4 = b"".join(bytes([32, 10, 100, i // 250, i % 250 + 1]) for i in range(500)) + bytes([26, 10, 244, 1, 64])
+    v6 = bytes([64, 0xFD, 0, 0, 0x10, 0, 0x44, 0, 0]) + bytes([128, *range(16)])
+    cases = [
+        (v4, 1, 1, False), (v6, 2, 1, False), (v4, 1, 2, False),  # unicast, IPv6, multicast
+        (b"\0\0\0\7" + bytes([24, 10, 0, 0]), 1, 1, True),  # add-path
+        (bytes([33, 10, 0, 0, 0, 0]), 1, 1, False),  # a mask longer than IPv4
+        (bytes([24, 10, 0]), 1, 1, False),  # truncated
+        (bytes([8, 10]), 99, 1, False),  # a family nobody decodes
+        (bytes([8, 10]) * 3, 1, 1, False),  # asked again, once the family is known
+    ]
+    for cls, name in ((NLRI, "unpack_nlri"), (AFI, "create"), (SAFI, "create"), (Peer, "id"), (_log, "debug")):
+        monkeypatch.setattr(cls, name, cls.__dict__[name])  # put back after the test
+    quiet_debug()  # ExaBGP's logger is not set up here: its debug calls must not reach it
+    theirs = [_decode(*case) for case in cases]
+    fast_nlri_decoding()
+    assert [_decode(*case) for case in cases] == theirs
+    assert [_decode(*case) for case in cases] == theirs  # with every family's class cached
+    assert AFI.create(1) is AFI.ipv4 and SAFI.create(1) is SAFI.unicast and AFI.create(77) == 77
