@@ -44,6 +44,7 @@ from bench.bgp_bench import (
     log,
     source_config,
     wait_for_bird,
+    warm_source,
 )
 from bench.prerequisites import require
 
@@ -108,8 +109,8 @@ def timeline(watch: RouteWatch, deleted: bool, since: float) -> str:
     return " ".join(f"{k * 25}:{v}" for k, v in sorted(buckets.items()))
 
 
-def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: bool = False
-        ) -> dict[str, list[float]]:
+def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: bool = False,
+        bird_first: bool = False, cold: bool = False) -> dict[str, list[float]]:
     from netlab.bgp_cluster import BGPCluster, bgp_peer_yaml, bgp_pools, bird_established, start_bird
 
     out: dict[str, list[float]] = {}
@@ -118,12 +119,25 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
     with BGPCluster("bgpk", BIRD_NODE, agents=[TORTIE_NODE], pools=bgp_pools(POOL, 26)) as bgp:
         c = bgp.cluster
         source = start_bird(bgp, SOURCE, source_config(routes))
+        if not cold:
+            warm_source(source, len(routes))
         bird_node = start_bird(bgp, BIRD_NODE, bird_node_config())
         c.apply(bgp_peer_yaml("bench-tor", node=f"n{TORTIE_NODE}", peerIP=bird_address(SOURCE), asNumber=SOURCE_ASN))
         agent = c.agents[TORTIE_NODE]
         assert bird_node.pid is not None
         bird_pid = bird_node.pid
+        def bird_round() -> dict[str, float]:
+            source.birdc("enable", "birdnode")
+            wait_for_bird(bird_node, 1, bird_established)
+            done = bulk_transfer(c.node(BIRD_NODE).netns, "bird", source, routes, changed,
+                                 {"BIRD": lambda: cpu_seconds(bird_pid)})
+            source.birdc("disable", "birdnode")
+            return done
+
+        if bird_first:
+            source.birdc("disable", "tortie")
         for r in range(rounds):
+            bird = bird_round() if bird_first else {}
             source.birdc("enable", "tortie")
             bgp.wait_established(TORTIE_NODE, [bird_address(SOURCE)], exactly=False, timeout=60)
             exa = exabgp_pid(agent)
@@ -147,11 +161,8 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
                     log(f"  install timeline (ms:routes): {timeline(watch, False, t0)}")
                     log(f"  withdraw timeline (ms:routes): {timeline(watch, True, t0 + tortie['install'])}")
             source.birdc("disable", "tortie")
-            source.birdc("enable", "birdnode")
-            wait_for_bird(bird_node, 1, bird_established)
-            bird = bulk_transfer(c.node(BIRD_NODE).netns, "bird", source, routes, changed,
-                                 {"BIRD": lambda: cpu_seconds(bird_pid)})
-            source.birdc("disable", "birdnode")
+            if not bird_first:
+                bird = bird_round()
             row = {
                 "install": tortie["install"], "install BIRD": bird["install"],
                 "install ratio": tortie["install"] / bird["install"],
@@ -170,6 +181,10 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bgp_bulk", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bird-first", action="store_true", help="each round: BIRD's transfer before Tortie's "
+                        "(the external router's first table goes to BIRD)")
+    parser.add_argument("--cold", action="store_true", help="no untimed first table through the external router "
+                        "(bench.bgp_bench.warm_source): the first transfer pays for BIRD filling its table")
     parser.add_argument("--strace", action="store_true", help="with --profile: strace instead of py-spy")
     parser.add_argument("--timeline", action="store_true", help="when the routes came, per 25 ms")
     parser.add_argument("--profile", type=Path, help="py-spy the agent and its ExaBGP into this directory")
@@ -179,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     require("BGP bulk benchmark", "ip", "etcd", "bird", "birdc")
     try:
-        out: dict[str, Any] = run(args.rounds, args.profile, args.timeline, args.strace)
+        out: dict[str, Any] = run(args.rounds, args.profile, args.timeline, args.strace, args.bird_first, args.cold)
     except (BenchFailure, AssertionError) as e:
         log(f"benchmark failed: {e}")
         return 1
