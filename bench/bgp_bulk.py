@@ -110,7 +110,7 @@ def timeline(watch: RouteWatch, deleted: bool, since: float) -> str:
 
 
 def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: bool = False,
-        bird_first: bool = False, cold: bool = False) -> dict[str, list[float]]:
+        bird_first: bool = False, cold: bool = False, warm_bird: bool = False) -> dict[str, list[float]]:
     from netlab.bgp_cluster import BGPCluster, bgp_peer_yaml, bgp_pools, bird_established, start_bird
 
     out: dict[str, list[float]] = {}
@@ -134,8 +134,10 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
             source.birdc("disable", "birdnode")
             return done
 
-        if bird_first:
+        if bird_first or warm_bird:
             source.birdc("disable", "tortie")
+        if warm_bird:
+            bird_round()  # untimed: the router's BGP export, not only its table, has run once
         for r in range(rounds):
             bird = bird_round() if bird_first else {}
             source.birdc("enable", "tortie")
@@ -185,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(the external router's first table goes to BIRD)")
     parser.add_argument("--cold", action="store_true", help="no untimed first table through the external router "
                         "(bench.bgp_bench.warm_source): the first transfer pays for BIRD filling its table")
+    parser.add_argument("--warm-bird", action="store_true", help="an untimed transfer to the BIRD node first")
     parser.add_argument("--strace", action="store_true", help="with --profile: strace instead of py-spy")
     parser.add_argument("--timeline", action="store_true", help="when the routes came, per 25 ms")
     parser.add_argument("--profile", type=Path, help="py-spy the agent and its ExaBGP into this directory")
@@ -194,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     require("BGP bulk benchmark", "ip", "etcd", "bird", "birdc")
     try:
-        out: dict[str, Any] = run(args.rounds, args.profile, args.timeline, args.strace, args.bird_first, args.cold)
+        out: dict[str, Any] = run(args.rounds, args.profile, args.timeline, args.strace, args.bird_first, args.cold,
+                                  args.warm_bird)
     except (BenchFailure, AssertionError) as e:
         log(f"benchmark failed: {e}")
         return 1
