@@ -142,3 +142,19 @@ def test_fast_nlri_decoding_makes_the_same_nlris_and_refuses_the_same(monkeypatc
     assert [_decode(*case) for case in cases] == theirs
     assert [_decode(*case) for case in cases] == theirs  # with every family's class cached
     assert AFI.create(1) is AFI.ipv4 and SAFI.create(1) is SAFI.unicast and AFI.create(77) == 77
+
+
+def test_debug_calls_are_dropped_while_debug_is_off_and_logged_when_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.logger import _log, log
+    from exabgp.logger.option import option
+
+    logged: list[str] = []
+    monkeypatch.setattr(_log, "debug", _log.__dict__["debug"])  # put back after the test
+    monkeypatch.setattr(option, "logit", {"DEBUG": False})
+    monkeypatch.setattr(log, "logger", lambda logger, message, source, level: logged.append(message()))
+    monkeypatch.setattr(option, "logger", type("Logger", (), {"debug": None})())
+    quiet_debug()
+    log.debug(lambda: "dropped", "parser")
+    option.logit["DEBUG"] = True
+    log.debug(lambda: "kept", "parser")
+    assert logged == ["kept"]
