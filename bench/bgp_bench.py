@@ -16,7 +16,8 @@ One run builds one ``netlab`` lab (etcd, 22 node namespaces on one fabric) and m
 3. scale: a BIRD router announces 10,000 /32 routes (eBGP) to one Tortie node; the time until
    the last is in that node's kernel, and the CPU the agent and its ExaBGP (with the API relay)
    used meanwhile (``/proc/<pid>/stat``); then the time to withdraw them. Beside it, the same
-   router and the same routes to a BIRD node.
+   router and the same routes to a BIRD node. The router fills and empties its table once,
+   untimed, before either (``warm_source``).
 
 Kernel routes are timed by ``ip monitor route`` in each namespace (the same monotonic clock).
 It prints a table and writes it as JSON under ``bench/results/``. Run it as root, from the
@@ -702,9 +703,10 @@ def wait_path(path: Path, timeout: float = 30) -> None:
 
 def warm_source(source: Any, count: int, timeout: float = 60) -> None:
     """The external router takes its table in and drops it once, before any transfer is timed,
-    with no session up to send it on: its first ``enable bulk`` takes ~0.2 s longer than the
-    later ones whichever node it feeds (BIRD filling its own table for the first time; measured
-    by ``bench.bgp_bulk --bird-first``), and part 3 always gave that first one to Tortie."""
+    with no session up to send it on: its first ``enable bulk`` took ~0.2 s longer than the
+    later ones whichever node it fed (``bench.bgp_bulk --bird-first``), and part 3 always gave
+    that first one to Tortie. This warms BIRD's table, not its BGP export, whose first run is
+    still in the first transfer (``bench.bgp_bulk --warm-bird`` warms both, through the BIRD node)."""
     from netlab.wait import wait_for
 
     def routes() -> str:
