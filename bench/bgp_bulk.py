@@ -33,6 +33,7 @@ from bench.bgp_bench import (
     POOL,
     SOURCE,
     SOURCE_ASN,
+    WARM_SINK,
     BenchFailure,
     RouteWatch,
     bird_address,
@@ -44,6 +45,7 @@ from bench.bgp_bench import (
     log,
     source_config,
     wait_for_bird,
+    warm_sink_config,
     warm_source,
 )
 from bench.prerequisites import require
@@ -116,11 +118,13 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
     out: dict[str, list[float]] = {}
     changed = threading.Condition()
     routes = bulk_routes(10_000)
-    with BGPCluster("bgpk", BIRD_NODE, agents=[TORTIE_NODE], pools=bgp_pools(POOL, 26)) as bgp:
+    with BGPCluster("bgpk", max(BIRD_NODE, WARM_SINK), agents=[TORTIE_NODE], pools=bgp_pools(POOL, 26)) as bgp:
         c = bgp.cluster
         source = start_bird(bgp, SOURCE, source_config(routes))
         if not cold:
-            warm_source(source, len(routes))
+            sink = start_bird(bgp, WARM_SINK, warm_sink_config())
+            warm_source(source, sink, len(routes))
+            sink.stop()
         bird_node = start_bird(bgp, BIRD_NODE, bird_node_config())
         c.apply(bgp_peer_yaml("bench-tor", node=f"n{TORTIE_NODE}", peerIP=bird_address(SOURCE), asNumber=SOURCE_ASN))
         agent = c.agents[TORTIE_NODE]
@@ -186,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bird-first", action="store_true", help="each round: BIRD's transfer before Tortie's "
                         "(the external router's first table goes to BIRD)")
     parser.add_argument("--cold", action="store_true", help="no untimed first table through the external router "
-                        "(bench.bgp_bench.warm_source): the first transfer pays for BIRD filling its table")
+                        "(bench.bgp_bench.warm_source): the first transfer pays for the router's first table")
     parser.add_argument("--warm-bird", action="store_true", help="an untimed transfer to the BIRD node first")
     parser.add_argument("--strace", action="store_true", help="with --profile: strace instead of py-spy")
     parser.add_argument("--timeline", action="store_true", help="when the routes came, per 25 ms")
