@@ -2,9 +2,13 @@
 an external BIRD router (eBGP) to one Tortie node and, in turn, to a BIRD node, installed and
 withdrawn, ``--rounds`` times in one lab, each Tortie round beside a BIRD round. For working on
 that path: it takes ~30 s instead of the full benchmark's minutes, and the rounds show the noise.
+The router's first table goes to a third BIRD first, untimed, as in the full benchmark
+(``bgp_bench.warm_source``; ``--cold`` leaves it out, ``--bird-first`` and ``--warm-bird`` change
+the order: how the cold start was found).
 
-With ``--profile DIR`` each Tortie round is also sampled by py-spy (if installed), the agent and
-its ExaBGP separately (``DIR/<round>-<install|withdraw>-<agent|exabgp>.txt``, collapsed stacks),
+With ``--profile DIR`` each Tortie round is also sampled by py-spy (if installed; it is not in
+``scripts/install-deps.sh``: ``.venv/bin/pip install py-spy``), the agent and its ExaBGP separately
+(``DIR/<round>-<agent|exabgp>.txt``, raw collapsed stacks; ``--strace`` for strace's timestamps),
 which slows both a little: the figures of a profiled run are not the ones to quote.
 
 Run as root from the repository root: ``.venv/bin/python -m bench.bgp_bulk [--rounds 3]``. It
