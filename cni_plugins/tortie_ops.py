@@ -179,8 +179,9 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
             addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
             wired = pair.configure(addresses)
-            with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-                endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
+            endpoint = _endpoint(args, conf, host_if, wired, addresses)
+            with _provisional(stores, endpoint), ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+                _write_endpoint(ResourceStore(client), endpoint)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
     return _result(args, wired, host_if, addresses, conf), repeated, endpoint
@@ -235,11 +236,11 @@ def _quietly(fn: Any, *a: Any) -> None:
         log.warning("undo %s failed: %s", getattr(fn, "__name__", fn), e)
 
 
-def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_if: str, wired: Any,
-                    addresses: list[Any]) -> Resource:
+def _endpoint(args: CmdArgs, conf: PluginConf, host_if: str, wired: Any, addresses: list[Any]) -> Resource:
+    """The attachment's WorkloadEndpoint, as ADD writes it."""
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
     endpoint_labels = {**labels(args), LABEL_NAMESPACE: namespace, LABEL_NETWORK: conf.network}
-    resource = Resource(
+    return Resource(
         WorkloadEndpoint,
         Metadata(name=endpoint_name(conf.node, host_if), namespace=namespace, labels=endpoint_labels),
         WorkloadEndpointSpec(
@@ -248,10 +249,31 @@ def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_
             pod=args.cni_args.get("K8S_POD_NAME", ""), endpoint=args.ifname, network=conf.network,
             mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
     )
+
+
+@contextlib.contextmanager
+def _provisional(stores: Datastores, endpoint: Resource) -> Iterator[None]:
+    """The agent programs the endpoint's policy while the body writes it (nothing in a plugin
+    process); a failure of the write takes it back before the veth goes."""
+    call = stores.call
+    if call is None or call.before_write is None:
+        yield
+        return
+    withdraw = call.before_write(f"{endpoint.namespace}/{endpoint.name}", endpoint, call.deadline)
     try:
-        return store.create(resource)  # the usual case: one round trip
+        yield
+    except BaseException:
+        if withdraw is not None:
+            withdraw()
+        raise
+
+
+def _write_endpoint(store: ResourceStore, resource: Resource) -> None:
+    """Stores ``resource``; its resourceVersion becomes the write's revision."""
+    try:
+        store.create(resource)  # the usual case: one round trip
     except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
-        return store.update(resource)
+        store.update(resource)
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

@@ -149,6 +149,10 @@ class DataplaneLoop:
         self.first_apply = threading.Event()
         self._frozen = False
         self._thread: threading.Thread | None = None
+        # Passes numbered as they take their view; the last one to finish (see pass_ticket).
+        self._passes = threading.Condition()
+        self._viewed = 0
+        self._finished = 0
 
     def kick(self) -> None:
         """Something changed: recompute and apply soon (from any thread; never blocks)."""
@@ -170,6 +174,31 @@ class DataplaneLoop:
         # wake-up would recompute and re-apply for nothing until it arrives.
         self.kick()
         return self.programmed.wait(endpoint_key, timeout)
+
+    # ---- waiting for a pass that saw a change (felix_agent.pod_policy) ---------------------------
+    def pass_ticket(self) -> int:
+        """The number of the first pass that will see every change made to the view before this
+        call; kicks the loop for it. :meth:`wait_passed` waits until that pass has applied."""
+        with self._passes:
+            ticket = self._viewed + 1
+        self.kick()
+        return ticket
+
+    def wait_passed(self, ticket: int, timeout: float) -> bool:
+        """Block until the pass numbered ``ticket``, or a later one, has applied (True) or ``timeout`` passes."""
+        with self._passes:
+            return self._passes.wait_for(lambda: self._finished >= ticket, max(timeout, 0.0))
+
+    def _take_view(self) -> tuple[int, Snapshot | None]:
+        with self._passes:
+            self._viewed += 1
+            number = self._viewed
+        return number, self.view()
+
+    def _passed(self, number: int) -> None:
+        with self._passes:
+            self._finished = max(self._finished, number)
+            self._passes.notify_all()
 
     def set_resync_interval(self, seconds: float, managers: Collection[Manager] | None = None) -> None:
         """The period of the periodic resync of ``managers`` (default: all of them; 0 or less: none),
@@ -235,8 +264,9 @@ class DataplaneLoop:
     def _apply_once(self, due: Collection[int] = ()) -> None:
         """One apply; the managers at the indexes ``due`` resync (read the kernel back) this time."""
         resync = bool(due)
-        view = self.view()
+        number, view = self._take_view()
         if view is None:  # not in sync yet: the kernel is left alone
+            self._passed(number)
             return
         state = self._update(view)
         started = time.perf_counter()
@@ -261,6 +291,7 @@ class DataplaneLoop:
                 ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in spent if seconds >= 0.001))
         self.programmed.publish(state.endpoints)
         self.first_apply.set()
+        self._passed(number)
 
     def _update(self, view: Snapshot) -> DesiredState:
         state = self.calculate(view)  # works on what changed since the last call

@@ -132,9 +132,44 @@ class Syncer:
         ``on_update`` runs for it. False when the value was not taken (not in sync yet: the listing
         brings it; or the snapshot already holds that revision or a newer one)."""
         with self._lock:
-            if not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision:
+            # Past ``mod_revision`` the watch has handled the write and whatever followed it (a
+            # concurrent DEL's deletion, say): handing it over again would bring back what went.
+            if (not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision
+                    or mod_revision <= self.snapshot.revision):
                 return False
             self.snapshot.apply(Update(kind, key, value), mod_revision)
+            return True
+
+    # ---- a pod's endpoint ahead of its write (felix_agent.pod_policy) ---------------------------
+    def put_provisional(self, kind: str, key: str, value: Any) -> bool:
+        """``value``, about to be written at ``key`` by this agent, held at revision 0 so that its
+        policy is programmed while the write is in flight. Anything the watch brings for the key
+        replaces it; :meth:`confirm_provisional` stamps the write's revision on it,
+        :meth:`withdraw_provisional` takes it back when the write failed. False (not taken) before
+        "in sync" or when the key is held already (a repeated ADD: the held value stays the truth)."""
+        with self._lock:
+            if not self.in_sync.is_set() or key in self.snapshot.mod_revisions:
+                return False
+            self.snapshot.apply(Update(kind, key, value), 0)
+            return True
+
+    def confirm_provisional(self, kind: str, key: str, value: Any, mod_revision: int) -> bool:
+        """The write of the provisional ``value`` succeeded at ``mod_revision``: True when the very
+        value is still held provisionally (then only its revision changes: the calculation has
+        nothing new to see); False when something replaced or removed it meanwhile."""
+        with self._lock:
+            if self.snapshot.tables[kind].get(key) is not value or self.snapshot.mod_revisions.get(key) != 0:
+                return False
+            self.snapshot.mod_revisions[key] = mod_revision
+            return True
+
+    def withdraw_provisional(self, kind: str, key: str, value: Any) -> bool:
+        """The write of the provisional ``value`` failed: remove it, if it is still what is held
+        (whatever the watch brought instead is the datastore's truth and stays)."""
+        with self._lock:
+            if self.snapshot.tables[kind].get(key) is not value or self.snapshot.mod_revisions.get(key) != 0:
+                return False
+            self.snapshot.apply(Update(kind, key, None))
             return True
 
     @property
