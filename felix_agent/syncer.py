@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from datastore import keys
-from datastore.codec import from_stored
+from datastore.codec import from_stored, stored_bytes
 from datastore.errors import DatastoreError, ValidationError
 from datastore.etcd import EtcdClient, KeyValue, Resync, Watch, WatchEvent
 from datastore.resources import all_kinds
@@ -101,6 +101,7 @@ class Syncer:
         self._watch: Watch | None = None
         self._events: queue.Queue[Any] = queue.Queue()
         self._listed: dict[str, int] = {}  # prefix → revision of its listing (replayed events ≤ it are stale)
+        self._provisional: dict[str, tuple[str, Any]] = {}  # key → (kind, value) held ahead of its write
         self._thread: threading.Thread | None = None
         self._pump: threading.Thread | None = None
 
@@ -151,6 +152,7 @@ class Syncer:
             if not self.in_sync.is_set() or key in self.snapshot.mod_revisions:
                 return False
             self.snapshot.apply(Update(kind, key, value), 0)
+            self._provisional[key] = (kind, value)
             return True
 
     def confirm_provisional(self, kind: str, key: str, value: Any, mod_revision: int) -> bool:
@@ -158,7 +160,10 @@ class Syncer:
         value is still held provisionally (then only its revision changes: the calculation has
         nothing new to see); False when something replaced or removed it meanwhile."""
         with self._lock:
-            if self.snapshot.tables[kind].get(key) is not value or self.snapshot.mod_revisions.get(key) != 0:
+            self._provisional.pop(key, None)
+            # The watch may have confirmed it already (its copy of the write: see _own_write).
+            if self.snapshot.tables[kind].get(key) is not value or (
+                    self.snapshot.mod_revisions.get(key) not in (0, mod_revision)):
                 return False
             self.snapshot.mod_revisions[key] = mod_revision
             return True
@@ -167,10 +172,24 @@ class Syncer:
         """The write of the provisional ``value`` failed: remove it, if it is still what is held
         (whatever the watch brought instead is the datastore's truth and stays)."""
         with self._lock:
+            self._provisional.pop(key, None)
             if self.snapshot.tables[kind].get(key) is not value or self.snapshot.mod_revisions.get(key) != 0:
                 return False
             self.snapshot.apply(Update(kind, key, None))
             return True
+
+    def _own_write(self, kv: KeyValue, deleted: bool) -> bool:
+        """Whether the event is the write of the value held provisionally at its key (then only its
+        revision is stamped: the calculation has the very value already, and nothing is delivered).
+        Compared as stored, so that the watch's copy costs no decoding."""
+        held = self._provisional.pop(kv.key, None)
+        if held is None or deleted:
+            return False
+        kind, value = held
+        if self.snapshot.tables[kind].get(kv.key) is not value or stored_bytes(value) != kv.value:
+            return False
+        self.snapshot.mod_revisions[kv.key] = kv.mod_revision
+        return True
 
     @property
     def alive(self) -> bool:
@@ -258,6 +277,8 @@ class Syncer:
                 continue
             if self.snapshot.mod_revisions.get(kv.key, 0) >= kv.mod_revision:
                 continue  # already held: the agent's own write, handed over by put_own
+            if self._provisional and self._own_write(kv, item.deleted):
+                continue
             if item.deleted:
                 kind = self.snapshot.kind_of(kv.key)
                 if kind is not None:
@@ -286,6 +307,7 @@ class Syncer:
         updates += [Update(kind, key, None) for kind, table in old.tables.items() for key in table
                     if key not in fresh.mod_revisions]
         self._listed = {}
+        self._provisional.clear()  # each is gone (not in etcd yet) or replaced by what etcd holds
         self.snapshot = fresh
         return updates
 
