@@ -26,6 +26,7 @@ from datastore import keys
 from datastore.codec import from_stored, stored_bytes
 from datastore.errors import DatastoreError, ValidationError
 from datastore.etcd import EtcdClient, KeyValue, Resync, Watch, WatchEvent
+from datastore.model import Resource
 from datastore.resources import all_kinds
 from felix_agent.calc.snapshot import AFFINITY, BLOCK, Affinity, Snapshot, Update
 from ipam.block import Block
@@ -101,7 +102,7 @@ class Syncer:
         self._watch: Watch | None = None
         self._events: queue.Queue[Any] = queue.Queue()
         self._listed: dict[str, int] = {}  # prefix → revision of its listing (replayed events ≤ it are stale)
-        self._provisional: dict[str, tuple[str, Any]] = {}  # key → (kind, value) held ahead of its write
+        self._provisional: dict[str, tuple[str, Resource]] = {}  # key → (kind, value) held ahead of its write
         self._thread: threading.Thread | None = None
         self._pump: threading.Thread | None = None
 
@@ -142,7 +143,7 @@ class Syncer:
             return True
 
     # ---- a pod's endpoint ahead of its write (felix_agent.pod_policy) ---------------------------
-    def put_provisional(self, kind: str, key: str, value: Any) -> bool:
+    def put_provisional(self, kind: str, key: str, value: Resource) -> bool:
         """``value``, about to be written at ``key`` by this agent, held at revision 0 so that its
         policy is programmed while the write is in flight. Anything the watch brings for the key
         replaces it; :meth:`confirm_provisional` stamps the write's revision on it,
@@ -186,7 +187,7 @@ class Syncer:
         if held is None or deleted:
             return False
         kind, value = held
-        if self.snapshot.tables[kind].get(kv.key) is not value or stored_bytes(value) != kv.value:
+        if stored_bytes(value) != kv.value or self.snapshot.tables[kind].get(kv.key) is not value:
             return False
         self.snapshot.mod_revisions[kv.key] = kv.mod_revision
         return True
