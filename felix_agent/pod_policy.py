@@ -96,11 +96,14 @@ class PodPolicy:
             # endpoint of the same key, still published, cannot answer for this one.
             loop.wait_passed(ticket, budget)
             programmed = loop.programmed.wait(key, max(budget - (time.monotonic() - started), 0.0))
+        elif syncer is not None and revision and not syncer.put_own(WORKLOAD_ENDPOINT, etcd_key, endpoint, revision):
+            # Not taken: the syncer's thread delivered the key already (the watch's copy of the
+            # write, or a listing), and that delivery kicked the loop; another kick would only
+            # cost a pass that changes nothing.
+            programmed = loop.programmed.wait(key, max(budget - (time.monotonic() - started), 0.0))
         else:
-            if syncer is not None and revision:
-                # The endpoint just written goes straight to the calculation: waiting for etcd's
-                # watch to bring our own write back costs its round trip, and its decoding.
-                syncer.put_own(WORKLOAD_ENDPOINT, etcd_key, endpoint, revision)
+            # The endpoint just written goes straight to the calculation: waiting for etcd's watch
+            # to bring our own write back costs its round trip, and its decoding.
             programmed = loop.wait_programmed(key, max(budget - (time.monotonic() - started), 0.0))
         if not programmed:
             raise CNIError(TRY_AGAIN_LATER, "the pod's policy was not programmed in time",
