@@ -162,7 +162,8 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
     """ADD's work: the result, whether the addresses were already the attachment's (a repeated
     ADD), and the WorkloadEndpoint as written.
 
-    The addresses are assigned (in a thread) while the veth pair is made: neither needs the other.
+    The addresses are assigned (in a thread) while the veth pair is made and prepared (everything
+    of its configuration that needs no address): neither needs the other.
     The endpoint is written last, once the attachment is whole: an endpoint is never an ADD
     half-way (the agent's start-up cleanup and orphan sweep rely on it)."""
     if not os.path.exists(args.netns):
@@ -173,6 +174,8 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
         undo.callback(_unassign_on_failure, assigning, args, stores)
         with _wiring_errors(codes.IO_FAILURE, "could not wire the container"), \
                 wiring.create(args.netns, args.ifname, host_if, conf.mtu) as pair:
+            if conf.ipam_type == "tortie-ipam":  # its families are known before its answer
+                pair.prepare({v for v, wanted in ((4, ipam_conf.assign_ipv4), (6, ipam_conf.assign_ipv6)) if wanted})
             assigned, repeated = assigning.result()  # an IPAM error removes the pair
             if assigned is None or not assigned.ips:
                 raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
