@@ -276,10 +276,12 @@ class DataplaneLoop:
                 # A change arrived during this resync (a new pod waits for its policy): apply it to
                 # every manager first, then resync the remaining ones against the newer state.
                 self._dirty.clear()
-                state = self._update(self.view() or view)
+                number, fresh = self._take_view()
+                state = self._update(fresh or view)
                 for each in self.managers:
                     each.apply(resync=False)
                 self.programmed.publish(state.endpoints)
+                self._passed(number)  # a pass of its own for pass_ticket's waiters
             before = time.perf_counter()
             manager.apply(resync=i in due)  # a resync re-reads the kernel first
             spent.append((_name(manager), time.perf_counter() - before))

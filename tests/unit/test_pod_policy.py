@@ -7,6 +7,7 @@ of them after a failed write, no change from the watch's copy of the pod's own w
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -275,3 +276,44 @@ def test_nothing_is_provisional_before_in_sync() -> None:
     pod = endpoint("tor1", "10.244.0.1")
     assert not syncer.put_provisional("WorkloadEndpoint", etcd_key(pod), pod)
     assert etcd_key(pod) not in syncer.snapshot.endpoints
+
+
+class SlowResync:
+    """A manager whose resync (a kernel read-back) takes until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_update(self, state: DesiredState) -> None:
+        pass
+
+    def apply(self, *, resync: bool = False) -> None:
+        if resync:
+            self.entered.set()
+            assert self.release.wait(10)
+
+
+def test_a_pod_handed_over_during_a_resync_answers_without_waiting_for_its_budget() -> None:
+    agent = Agent()
+    slow = SlowResync()
+    agent.loop = DataplaneLoop(agent.syncer.copy_snapshot, Calculator(NODE).compute, [slow, agent.kernel], Metrics(),
+                               programmed=agent.kernel.programmed, resync_interval=0)
+    agent.loop.start()
+    try:
+        agent.loop.kick()
+        assert agent.loop.wait_passed(agent.loop.pass_ticket(), 5)
+        agent.loop.set_resync_interval(0.01)
+        assert slow.entered.wait(5)  # a resync is running
+        agent.loop.set_resync_interval(0)
+        pod = endpoint("tor1", "10.244.0.1")
+        agent.pods.before_write("default/node-a-tor1", pod, None)
+        agent.written(pod)
+        slow.release.set()
+        started = time.monotonic()
+        agent.pods.after_add("default/node-a-tor1", pod, None)
+        assert time.monotonic() - started < agent.pods.timeout / 2
+        assert agent.kernel.interfaces == {"tor1"}
+    finally:
+        slow.release.set()
+        agent.loop.stop()
