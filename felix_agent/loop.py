@@ -104,6 +104,8 @@ class ProgrammedEndpoints:
         self._cond = threading.Condition()
         self._keys: frozenset[str] = frozenset()
         self._from: object = None
+        self._pass = 0  # the loop's pass being applied (DataplaneLoop numbers them as they take their view)
+        self._published_pass = 0  # the pass of the last publication
 
     def publish(self, endpoints: Collection[Endpoint]) -> None:
         """Wake the ADDs whose endpoints are in ``endpoints``: their policy is in the kernel."""
@@ -111,7 +113,25 @@ class ProgrammedEndpoints:
             if endpoints is not self._from:  # the calculator keeps the same set when unchanged
                 self._keys = frozenset(e.key for e in endpoints)
                 self._from = endpoints
+            self._published_pass = max(self._published_pass, self._pass)
             self._cond.notify_all()
+
+    def begin_pass(self, number: int) -> None:
+        """The loop's pass ``number`` took its view: what is published from now on is its state."""
+        with self._cond:
+            self._pass = number
+
+    def wait_since(self, endpoint_key: str, ticket: int, timeout: float) -> bool:
+        """Block until a pass numbered ``ticket`` or later has published ``endpoint_key`` (True),
+        or ``timeout`` passes (see :meth:`DataplaneLoop.pass_ticket`)."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while self._published_pass < ticket or endpoint_key not in self._keys:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
     def wait(self, endpoint_key: str, timeout: float) -> bool:
         """Block until ``endpoint_key`` is published (True) or ``timeout`` passes."""
@@ -178,7 +198,8 @@ class DataplaneLoop:
     # ---- waiting for a pass that saw a change (felix_agent.pod_policy) ---------------------------
     def pass_ticket(self) -> int:
         """The number of the first pass that will see every change made to the view before this
-        call; kicks the loop for it. :meth:`wait_passed` waits until that pass has applied."""
+        call; kicks the loop for it. :meth:`wait_passed` waits until that pass has applied,
+        ``programmed.wait_since`` until it has published an endpoint's policy."""
         with self._passes:
             ticket = self._viewed + 1
         self.kick()
@@ -193,6 +214,7 @@ class DataplaneLoop:
         with self._passes:
             self._viewed += 1
             number = self._viewed
+        self.programmed.begin_pass(number)
         return number, self.view()
 
     def _passed(self, number: int) -> None:

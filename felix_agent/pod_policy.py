@@ -92,10 +92,9 @@ class PodPolicy:
         if (syncer is not None and ticket is not None and revision
                 and syncer.confirm_provisional(WORKLOAD_ENDPOINT, etcd_key, endpoint, revision)):
             # Held since before the write: the pass of the ticket computes from it (no kick: the
-            # hand-over kicked). Waiting for that pass, not just for the key, means an earlier
-            # endpoint of the same key, still published, cannot answer for this one.
-            loop.wait_passed(ticket, budget)
-            programmed = loop.programmed.wait(key, max(budget - (time.monotonic() - started), 0.0))
+            # hand-over kicked). Waiting for that pass's publication, not just for the key, means
+            # an earlier endpoint of the same key, still published, cannot answer for this one.
+            programmed = loop.programmed.wait_since(key, ticket, budget)
         elif syncer is not None and revision and not syncer.put_own(WORKLOAD_ENDPOINT, etcd_key, endpoint, revision):
             # Not taken: the syncer's thread delivered the key already (the watch's copy of the
             # write, or a listing), and that delivery kicked the loop; another kick would only

@@ -317,3 +317,38 @@ def test_a_pod_handed_over_during_a_resync_answers_without_waiting_for_its_budge
     finally:
         slow.release.set()
         agent.loop.stop()
+
+
+class SlowRoutes:
+    """A manager behind the policy whose every apply takes until released (a slow route write)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_update(self, state: DesiredState) -> None:
+        pass
+
+    def apply(self, *, resync: bool = False) -> None:
+        self.entered.set()
+        assert self.release.wait(10)
+
+
+def test_a_provisional_add_does_not_wait_for_the_managers_behind_the_policy() -> None:
+    agent = Agent()
+    slow = SlowRoutes()
+    agent.loop = DataplaneLoop(agent.syncer.copy_snapshot, Calculator(NODE).compute, [agent.kernel, slow], Metrics(),
+                               programmed=agent.kernel.programmed, resync_interval=0)
+    agent.loop.start()
+    try:
+        pod = endpoint("tor1", "10.244.0.1")
+        agent.pods.before_write("default/node-a-tor1", pod, None)
+        agent.written(pod)
+        started = time.monotonic()
+        agent.pods.after_add("default/node-a-tor1", pod, None)  # answers with the routes still being written
+        assert time.monotonic() - started < agent.pods.timeout / 2  # not after its budget either
+        assert agent.kernel.interfaces == {"tor1"}
+        assert slow.entered.wait(5) and not slow.release.is_set()
+    finally:
+        slow.release.set()
+        agent.loop.stop()
