@@ -3,9 +3,11 @@
 The same functions run inside ``felix-agent`` (warm: etcd connection open) and in the plugin
 process when no agent answers. ADD arranges each undo before the step that needs it, so a
 failure at any point leaves nothing behind: no veth, no address, no endpoint. Inside the agent
-the call's ``Datastores`` view carries the agent's hooks (``stores.call``): ADD waits through
-``after_add`` for the pod's policy (and undoes itself when that fails) and leaves its undo for
-the relay; each call on an attachment runs inside ``serving``.
+the call's ``Datastores`` view carries the agent's hooks (``stores.call``): ADD hands the endpoint
+it is about to write to ``before_write`` (the agent programs its policy meanwhile, and takes it
+back when the write fails), waits through ``after_add`` for the pod's policy (and undoes itself
+when that fails) and leaves its undo for the relay; each call on an attachment runs inside
+``serving``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ Updates from the syncer only mark the state dirty; one thread recomputes and app
 whatever arrived meanwhile. Nothing touches the kernel before the syncer's first "in sync" (the
 ``view`` callable returns None until then). A periodic resync re-applies everything so that
 out-of-band changes are repaired by the same code path. Waiters (the CNI service's "no pod without
-its policy") are woken once an apply has put a given endpoint's chains in the kernel.
+its policy") are woken once an apply has put a given endpoint's chains in the kernel. Passes are
+numbered as they take their view, so that a waiter can ask for one that saw its change
+(:meth:`DataplaneLoop.pass_ticket`: a provisional endpoint, or its withdrawal).
 
 The manager contract (:class:`Manager`; every manager in ``felix_agent.dataplane`` follows it):
 
