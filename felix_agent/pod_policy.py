@@ -96,9 +96,9 @@ class PodPolicy:
             # an earlier endpoint of the same key, still published, cannot answer for this one.
             programmed = loop.programmed.wait_since(key, ticket, budget)
         elif syncer is not None and revision and not syncer.put_own(WORKLOAD_ENDPOINT, etcd_key, endpoint, revision):
-            # Not taken: the syncer's thread delivered the key already (the watch's copy of the
-            # write, or a listing), and that delivery kicked the loop; another kick would only
-            # cost a pass that changes nothing.
+            # Not taken: the syncer's thread delivers the key (the watch's copy of the write came
+            # first, or a listing brings it), and that delivery kicks the loop; another kick would
+            # only cost a pass that changes nothing.
             programmed = loop.programmed.wait(key, max(budget - (time.monotonic() - started), 0.0))
         else:
             # The endpoint just written goes straight to the calculation: waiting for etcd's watch
