@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cni_plugins import agent_protocol, dispatch
-from cni_plugins.agent_call import AfterAdd, AgentCall
+from cni_plugins.agent_call import AfterAdd, AgentCall, BeforeWrite
 from cni_plugins.datastores import Datastores
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ class CNIService:
     connections, each with the caller's environment."""
 
     def __init__(self, path: Path, stores: Datastores, after_add: AfterAdd | None = None,
-                 on_request: Callable[[str], None] | None = None, inherited_fd: int | None = None) -> None:
+                 on_request: Callable[[str], None] | None = None, inherited_fd: int | None = None,
+                 before_write: BeforeWrite | None = None) -> None:
         self.on_request = on_request
         self.in_flight = InFlight()
         self.path = path
@@ -95,6 +96,7 @@ class CNIService:
         # to its calculation and waits until its policy is in the kernel ("no pod without its
         # policy"), at most until the caller's deadline. May raise CNIError (see ``AgentCall``).
         self.after_add = after_add
+        self.before_write = before_write  # the endpoint about to be written (``AgentCall.before_write``)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         # The listening socket a previous process of this agent handed over across its re-exec
@@ -108,7 +110,7 @@ class CNIService:
         given this agent's hooks. An ADD that made a new attachment comes back with its undo, for
         when the caller cannot be told."""
         call = AgentCall(deadline=request.answer_by, after_add=self.after_add, serving=self.in_flight.serving,
-                         on_request=self.on_request)
+                         on_request=self.on_request, before_write=self.before_write)
         stores = self.stores.for_environment(request.environ, call)
         status, output = dispatch.serve_relayed(request.plugin, request.environ, request.stdin, stores)
         return agent_protocol.Reply(status, output, call.undo if status == 0 else None)

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from cni_plugins.datastores import Datastores
-from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable, ValidationError
 from datastore.etcd import EtcdClient
 from datastore.felixconfig import DEFAULT_NAME, FelixConfiguration, node_name
 from datastore.model import Metadata, Resource
-from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, WorkloadEndpoint
+from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus
 from datastore.store import ResourceStore
 from felix_agent.auto_host_endpoint import AutoHostEndpoint
 from felix_agent.bgp_runner import BGPRunner
@@ -41,7 +40,7 @@ from felix_agent.calc.settings import (
     settings,
     use_overrides,
 )
-from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
+from felix_agent.calc.snapshot import BLOCK, Snapshot, Update
 from felix_agent.calc.wireguard import WireGuardState
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
@@ -51,6 +50,7 @@ from felix_agent.live_config import CACHE_NAME, Hooks, LiveConfig, python_level
 from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
 from felix_agent.orphans import OrphanSweeper
+from felix_agent.pod_policy import PodPolicy
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
 from felix_agent.wireguard_key import KeyFileError, load_or_create
@@ -100,8 +100,6 @@ def register_node(store: ResourceStore, name: str, node_ip: str | None) -> None:
 
 
 ORPHAN_SWEEP = 90.0  # seconds between orphan sweeps when routeRefreshInterval turns the resync off
-# Seconds kept, of a caller's deadline, for undoing an ADD and writing the answer.
-ANSWER_MARGIN = 1.0
 
 
 class Agent:
@@ -120,8 +118,9 @@ class Agent:
                                           cert_file=args.cert, key_file=args.key)
         self.stores = Datastores(keep_open=True, environment={}, mtu_file=str(args.state_dir / "mtu"))
         self.metrics = Metrics()
-        self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.wait_for_policy,
-                              on_request=self.metrics.count_cni,
+        self.pod_policy = PodPolicy(lambda: self.syncer, lambda: self.loop, args.policy_timeout, args.nodename)
+        self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.pod_policy.after_add,
+                              before_write=self.pod_policy.before_write, on_request=self.metrics.count_cni,
                               inherited_fd=int(inherited) if inherited and inherited.isdigit() else None)
         self.stopping = threading.Event()
         self.syncer: Syncer | None = None
@@ -197,24 +196,6 @@ class Agent:
 
         wireguard = render_metrics(self.wireguard.device) if self.wireguard is not None else ""
         return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "") + wireguard
-
-    def wait_for_policy(self, key: str, endpoint: Resource, deadline: float | None = None) -> None:
-        """No pod without its policy: answer ADD only once the endpoint ``key`` ("<namespace>/<name>")
-        has its chains in the kernel; give up in time to answer before the caller's ``deadline``
-        (Unix seconds). The endpoint just written goes straight to the calculation: waiting for
-        etcd's watch to bring our own write back costs its round trip, and its decoding, on every ADD."""
-        assert self.loop is not None
-        if self.syncer is not None and endpoint.metadata.resource_version:
-            self.syncer.put_own(WORKLOAD_ENDPOINT, ResourceStore.key(WorkloadEndpoint, endpoint.name,
-                                                                     endpoint.namespace),
-                                endpoint, int(endpoint.metadata.resource_version))
-        timeout = self.args.policy_timeout
-        if deadline is not None:
-            timeout = max(min(timeout, deadline - time.time() - ANSWER_MARGIN), 0.0)
-        if not self.loop.wait_programmed(key, timeout):
-            raise CNIError(TRY_AGAIN_LATER, "the pod's policy was not programmed in time",
-                           f"endpoint {key}: felix-agent on {self.node} did not apply it within "
-                           f"{timeout:g}s")
 
     def view(self) -> Snapshot | None:
         """The datastore view the dataplane loop computes from; None before the first "in sync"

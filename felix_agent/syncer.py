@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from datastore import keys
-from datastore.codec import from_stored
+from datastore.codec import from_stored, stored_bytes
 from datastore.errors import DatastoreError, ValidationError
 from datastore.etcd import EtcdClient, KeyValue, Resync, Watch, WatchEvent
+from datastore.model import Resource
 from datastore.resources import all_kinds
 from felix_agent.calc.snapshot import AFFINITY, BLOCK, Affinity, Snapshot, Update
 from ipam.block import Block
@@ -101,6 +102,7 @@ class Syncer:
         self._watch: Watch | None = None
         self._events: queue.Queue[Any] = queue.Queue()
         self._listed: dict[str, int] = {}  # prefix → revision of its listing (replayed events ≤ it are stale)
+        self._provisional: dict[str, tuple[str, Resource]] = {}  # key → (kind, value) held ahead of its write
         self._thread: threading.Thread | None = None
         self._pump: threading.Thread | None = None
 
@@ -132,10 +134,63 @@ class Syncer:
         ``on_update`` runs for it. False when the value was not taken (not in sync yet: the listing
         brings it; or the snapshot already holds that revision or a newer one)."""
         with self._lock:
-            if not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision:
+            # Past ``mod_revision`` the watch has handled the write and whatever followed it (a
+            # concurrent DEL's deletion, say): handing it over again would bring back what went.
+            if (not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision
+                    or mod_revision <= self.snapshot.revision):
                 return False
             self.snapshot.apply(Update(kind, key, value), mod_revision)
             return True
+
+    # ---- a pod's endpoint ahead of its write (felix_agent.pod_policy) ---------------------------
+    def put_provisional(self, kind: str, key: str, value: Resource) -> bool:
+        """``value``, about to be written at ``key`` by this agent, held at revision 0 so that its
+        policy is programmed while the write is in flight. Anything the watch brings for the key
+        replaces it; :meth:`confirm_provisional` stamps the write's revision on it,
+        :meth:`withdraw_provisional` takes it back when the write failed. False (not taken) before
+        "in sync" or when the key is held already (a repeated ADD: the held value stays the truth)."""
+        with self._lock:
+            if not self.in_sync.is_set() or key in self.snapshot.mod_revisions:
+                return False
+            self.snapshot.apply(Update(kind, key, value), 0)
+            self._provisional[key] = (kind, value)
+            return True
+
+    def confirm_provisional(self, kind: str, key: str, value: Any, mod_revision: int) -> bool:
+        """The write of the provisional ``value`` succeeded at ``mod_revision``: True when the very
+        value is still held provisionally (then only its revision changes: the calculation has
+        nothing new to see); False when something replaced or removed it meanwhile."""
+        with self._lock:
+            self._provisional.pop(key, None)
+            # The watch may have confirmed it already (its copy of the write: see _own_write).
+            if self.snapshot.tables[kind].get(key) is not value or (
+                    self.snapshot.mod_revisions.get(key) not in (0, mod_revision)):
+                return False
+            self.snapshot.mod_revisions[key] = mod_revision
+            return True
+
+    def withdraw_provisional(self, kind: str, key: str, value: Any) -> bool:
+        """The write of the provisional ``value`` failed: remove it, if it is still what is held
+        (whatever the watch brought instead is the datastore's truth and stays)."""
+        with self._lock:
+            self._provisional.pop(key, None)
+            if self.snapshot.tables[kind].get(key) is not value or self.snapshot.mod_revisions.get(key) != 0:
+                return False
+            self.snapshot.apply(Update(kind, key, None))
+            return True
+
+    def _own_write(self, kv: KeyValue, deleted: bool) -> bool:
+        """Whether the event is the write of the value held provisionally at its key (then only its
+        revision is stamped: the calculation has the very value already, and nothing is delivered).
+        Compared as stored, so that the watch's copy costs no decoding."""
+        held = self._provisional.pop(kv.key, None)
+        if held is None or deleted:
+            return False
+        kind, value = held
+        if stored_bytes(value) != kv.value or self.snapshot.tables[kind].get(kv.key) is not value:
+            return False
+        self.snapshot.mod_revisions[kv.key] = kv.mod_revision
+        return True
 
     @property
     def alive(self) -> bool:
@@ -223,6 +278,8 @@ class Syncer:
                 continue
             if self.snapshot.mod_revisions.get(kv.key, 0) >= kv.mod_revision:
                 continue  # already held: the agent's own write, handed over by put_own
+            if self._provisional and self._own_write(kv, item.deleted):
+                continue
             if item.deleted:
                 kind = self.snapshot.kind_of(kv.key)
                 if kind is not None:
@@ -251,6 +308,7 @@ class Syncer:
         updates += [Update(kind, key, None) for kind, table in old.tables.items() for key in table
                     if key not in fresh.mod_revisions]
         self._listed = {}
+        self._provisional.clear()  # each is gone (not in etcd yet) or replaced by what etcd holds
         self.snapshot = fresh
         return updates
 
