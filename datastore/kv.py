@@ -51,6 +51,22 @@ class KeyValue:
 
 
 @dataclass(frozen=True)
+class WatchEvent:
+    """A key was put (``deleted`` False) or deleted; ``kv.mod_revision`` is the event's revision."""
+
+    kv: KeyValue
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Resync:
+    """The watch fell behind a compaction: here is the whole prefix again, as of ``revision``."""
+
+    kvs: list[KeyValue]
+    revision: int
+
+
+@dataclass(frozen=True)
 class Reading:
     """What :meth:`EtcdClient.read` found: the single keys that exist, each prefix's keys."""
 
