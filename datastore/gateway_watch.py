@@ -64,13 +64,21 @@ class GatewayWatch:
                 raw.shutdown(socket.SHUT_RDWR)
 
     def __iter__(self) -> Iterator[WatchEvent | Resync]:
+        for batch in self.batches():
+            if isinstance(batch, Resync):
+                yield batch
+            else:
+                yield from batch
+
+    def batches(self) -> Iterator[list[WatchEvent] | Resync]:
+        """The same, one list per answer of etcd (the events of one transaction come together)."""
         delay = 0.1
         while not self._cancelled.is_set():
             try:
-                for item in self._stream():
+                for batch in self._stream():
                     delay = 0.1
-                    yield item
-                    if isinstance(item, Resync):
+                    yield batch
+                    if isinstance(batch, Resync):
                         break  # etcd cancelled the old watch; a new one starts after the listing
             except Exception as e:  # noqa: BLE001 - any failure of the stream: resume from next_revision
                 if self._cancelled.is_set():
@@ -130,7 +138,7 @@ class GatewayWatch:
                 if line.strip():
                     yield json.loads(line)
 
-    def _stream(self) -> Iterator[WatchEvent | Resync]:
+    def _stream(self) -> Iterator[list[WatchEvent] | Resync]:
         sock = self._open()
         for message in self._messages(sock):
             if "error" in message:
@@ -145,12 +153,13 @@ class GatewayWatch:
                     yield Resync(kvs, rev)
                     return
                 raise _StreamEnded(f"etcd cancelled the watch: {result.get('cancel_reason', 'no reason given')}")
-            events = result.get("events") or []
-            for event in events:
-                kv = KeyValue.from_gateway(event.get("kv") or {})
-                self.next_revision = kv.mod_revision + 1
-                yield WatchEvent(kv, deleted=event.get("type") == "DELETE")
+            events = [WatchEvent(KeyValue.from_gateway(event.get("kv") or {}), deleted=event.get("type") == "DELETE")
+                      for event in result.get("events") or []]
+            if events:
+                self.next_revision = events[-1].kv.mod_revision + 1
+                yield events
+                continue
             revision = int((result.get("header") or {}).get("revision", 0))
-            if not events and revision >= self.next_revision:
+            if revision >= self.next_revision:
                 # a progress notification: nothing under the prefix changed up to here
                 self.next_revision = revision + 1
