@@ -1,9 +1,10 @@
 """What etcd clients exchange with their callers: key-values, readings, transaction operations,
 and :class:`KV`, the interface the IPAM and the resource store need.
 
-Two clients implement it: ``datastore.etcd.EtcdClient`` (gRPC: watches, leases; what long-lived
-processes use) and ``datastore.gateway.GatewayClient`` (etcd's JSON gateway over HTTPS, standard
-library only: what a one-shot CNI call uses, because importing gRPC costs ~100 ms of CPU).
+Two clients implement it: ``datastore.etcd.EtcdClient`` (gRPC: leases; what long-lived processes
+use; its watch reads etcd's JSON gateway, ``datastore.gateway_watch``) and
+``datastore.gateway.GatewayClient`` (etcd's JSON gateway over HTTPS, standard library only: what a
+one-shot CNI call uses, because importing gRPC costs ~100 ms of CPU).
 This module imports neither.
 """
 

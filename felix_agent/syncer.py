@@ -151,7 +151,7 @@ class Syncer:
             return
         # The watch is read on this thread, one batch per answer of etcd: a reader thread of its
         # own handed each answer over through a queue, a thread wake-up each (three per pod's ADD
-        # and DEL: its own writes come back), which cost the agent more CPU than reading them.
+        # and DEL, whose own writes come back), and a wake-up costs a GIL hand-over on busy cores.
         try:
             for batch in self._watch.batches():
                 with self._lock:
