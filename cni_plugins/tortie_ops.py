@@ -30,6 +30,7 @@ from cni_plugins.errors import CNIError
 from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
+from cni_plugins.workers import Workers
 from datastore.errors import AlreadyExists, NotFound
 from datastore.kv import Delete, KeyValue
 from datastore.model import Metadata, Resource
@@ -348,7 +349,8 @@ def _unwire(netns_path: str, ifname: str, host_if: str) -> None:
 
 
 class _Background:
-    """``fn(*a)`` in a thread of its own; ``result()`` waits and re-raises its exception."""
+    """``fn(*a)`` on a thread of its own (a kept one: ``cni_plugins.workers``); ``result()`` waits
+    and re-raises its exception. ``name`` says what it is, for a reader of this code."""
 
     def __init__(self, fn: Any, *a: Any, name: str = "teardown") -> None:
         import contextvars
@@ -356,23 +358,28 @@ class _Background:
 
         self._error: BaseException | None = None
         self._value: Any = None
+        self._done = threading.Event()
 
         def run() -> None:
             try:
                 self._value = fn(*a)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 self._error = e
+            finally:
+                self._done.set()
 
         # In a copy of the caller's context: its etcd requests share the call's retry budget.
         context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(run,), name=name, daemon=True)
-        self._thread.start()
+        BACKGROUND.submit(lambda: context.run(run))
 
     def result(self) -> Any:
-        self._thread.join()
+        self._done.wait()
         if self._error is not None:
             raise self._error
         return self._value
+
+
+BACKGROUND = Workers("background")
 
 
 def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

@@ -17,10 +17,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cni_plugins import agent_protocol, dispatch
 from cni_plugins.agent_call import AfterAdd, AgentCall, BeforeWrite
 from cni_plugins.datastores import Datastores
+from cni_plugins.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,13 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # Calls queue here while nobody accepts: a burst of ADDs, or a re-exec's hand-over (socketserver's
     # 5 would refuse the sixth caller at once: EAGAIN, and the front end serves it in-process).
     request_queue_size = 1024  # the kernel caps it at net.core.somaxconn (4096 by default)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # On a kept thread, not a new one per call (``cni_plugins.workers``: ~50 µs of CPU less).
+        CALLS.submit(lambda: self.process_request_thread(request, client_address))
+
+
+CALLS = Workers("cni-call")
 
 
 class CNIService:
