@@ -226,7 +226,7 @@ class Agent:
 
     def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
         if self.bgp is not None and self.syncer is not None and self.syncer.in_sync.is_set():
-            self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
+            self.bgp.on_datastore(updates, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
         if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
