@@ -402,6 +402,21 @@ def cluster_cpu(c: Any) -> dict[str, float]:
             "ExaBGPs and API processes": sum(cpu_seconds(p) for a in agents for p in descendants(a))}
 
 
+def priorities(c: Any) -> str:
+    """The nice values the agents and their ExaBGPs (and API processes) run at (``--bgp-nice``)."""
+    agents = [c.agents[k] for k in TORTIE]
+    agent = sorted({n for a in agents if (n := nice_of(a)) is not None})
+    children = sorted({n for a in agents for p in descendants(a) if (n := nice_of(p)) is not None})
+    return f"agents at nice {agent}, their ExaBGPs and API processes at {children} (felix-agent --bgp-nice)"
+
+
+def nice_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` (0 when it is gone)."""
     try:
@@ -578,6 +593,7 @@ def run(scale: Scale, quick: bool, trace: bool = False) -> dict[str, Any]:
                 return t0, time.monotonic(), t0, t0
 
             cpu_before = cluster_cpu(c)
+            checks.append(f"priority: {priorities(c)}")
             tortie_mesh = converge(TORTIE, bgp_watch, changed, [block("10.244", 512 + i) for i in range(scale.claims)],
                                    tortie_claim, own_watch)
             cpu_after = cluster_cpu(c)

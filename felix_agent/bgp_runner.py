@@ -42,7 +42,8 @@ STATUS_EVERY = 5.0
 
 
 class BGPRunner:
-    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None, trace_dir: Path | None = None) -> None:
+    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None, trace_dir: Path | None = None,
+                 nice: int = 0) -> None:
         self.node = node
         if trace_dir is not None:
             trace.enable(trace_dir, node)
@@ -59,7 +60,7 @@ class BGPRunner:
         self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for, change_delay=0.05)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
                                on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install,
-                               on_routes=self.learned.on_routes)
+                               on_routes=self.learned.on_routes, nice=nice)
         self._lease: Lease | None = None
         self._thread = threading.Thread(target=self._publish, name="bgp-status", daemon=True)
 

@@ -339,7 +339,8 @@ class Agent:
             if not self._start_up(client, node_ip):
                 return 0
             if self.args.bgp:
-                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace)
+                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace,
+                                     self.args.bgp_nice)
                 self.bgp.start()
             started = self.live.started
             self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,
