@@ -521,7 +521,8 @@ FULL = Scale(claims=50, routes=10_000)
 QUICK = Scale(claims=10, routes=10_000)
 
 
-def run(scale: Scale, quick: bool, trace: bool = False) -> dict[str, Any]:
+def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = None,
+        bird_nice: int = 0) -> dict[str, Any]:
     # Imported here: the claimer (run inside a node) needs none of it.
     from netlab.bgp_cluster import (
         BGPCluster,
@@ -531,7 +532,9 @@ def run(scale: Scale, quick: bool, trace: bool = False) -> dict[str, Any]:
         bird_established,
         documents,
         node_yaml,
-        start_bird,
+    )
+    from netlab.bgp_cluster import (
+        start_bird as start_bird_plain,
     )
     from netlab.bird import Bird
 
@@ -549,9 +552,17 @@ def run(scale: Scale, quick: bool, trace: bool = False) -> dict[str, Any]:
         phases[name] = round(time.perf_counter() - since, 1)
         log(f"  ({phases[name]} s)")
 
+    def start_bird(*args: Any, **kwargs: Any) -> Bird:
+        """BIRD at ``--bird-nice`` (default 0: as deployed), to compare like with like."""
+        bird = start_bird_plain(*args, **kwargs)
+        if bird_nice and bird.pid is not None:
+            os.setpriority(os.PRIO_PROCESS, bird.pid, bird_nice)
+        return bird
+
     trace_dir = Path(tempfile.mkdtemp(prefix="tortie-bgp-trace-"))
-    with BGPCluster("bgpb", NODES, agents=TORTIE, pools=bgp_pools(POOL, 26),
-                    agent_args=["--bgp-trace", str(trace_dir)] if trace else ()) as bgp:
+    agent_args = (["--bgp-trace", str(trace_dir)] if trace else []) + \
+        (["--bgp-nice", str(bgp_nice)] if bgp_nice is not None else [])
+    with BGPCluster("bgpb", NODES, agents=TORTIE, pools=bgp_pools(POOL, 26), agent_args=agent_args) as bgp:
         try:
             c, lab = bgp.cluster, bgp.lab
             t = time.perf_counter()
@@ -593,7 +604,7 @@ def run(scale: Scale, quick: bool, trace: bool = False) -> dict[str, Any]:
                 return t0, time.monotonic(), t0, t0
 
             cpu_before = cluster_cpu(c)
-            checks.append(f"priority: {priorities(c)}")
+            checks.append(f"priority: {priorities(c)}; BIRD at nice {bird_nice}")
             tortie_mesh = converge(TORTIE, bgp_watch, changed, [block("10.244", 512 + i) for i in range(scale.claims)],
                                    tortie_claim, own_watch)
             cpu_after = cluster_cpu(c)
@@ -800,6 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{FULL.claims}")
     parser.add_argument("--trace", action="store_true", help="agents write per-step timestamps (bgp.trace): "
                         "the table shows where the time from the commit goes (adds a little work to the agents)")
+    parser.add_argument("--bgp-nice", type=int, metavar="N", help="the agents' --bgp-nice (default: theirs, -5)")
+    parser.add_argument("--bird-nice", type=int, metavar="N", default=0,
+                        help="BIRD's nice value (default 0, as deployed; -5 gives it ExaBGP's)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         log("the BGP benchmark builds network namespaces: run it as root")
@@ -807,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     require("BGP benchmark", "ip", "etcd", "bird", "birdc")
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        report = run(QUICK if args.quick else FULL, args.quick, args.trace)
+        report = run(QUICK if args.quick else FULL, args.quick, args.trace, args.bgp_nice, args.bird_nice)
     except KeyboardInterrupt:
         log("interrupted; the lab is torn down")
         return 130
