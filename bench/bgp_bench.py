@@ -811,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{FULL.claims}")
     parser.add_argument("--trace", action="store_true", help="agents write per-step timestamps (bgp.trace): "
                         "the table shows where the time from the commit goes (adds a little work to the agents)")
-    parser.add_argument("--bgp-nice", type=int, metavar="N", help="the agents' --bgp-nice (default: theirs, -5)")
+    parser.add_argument("--bgp-nice", type=int, metavar="N", help="the agents' --bgp-nice (default: theirs, 0)")
     parser.add_argument("--bird-nice", type=int, metavar="N", default=0,
                         help="BIRD's nice value (default 0, as deployed; -5 gives it ExaBGP's)")
     args = parser.parse_args(argv)

@@ -266,9 +266,9 @@ class ExaBGPProcess:
     """``exabgp server CONFIG`` with the given environment, output to ``<state_dir>/exabgp.out``.
     ``exabgp`` is the command that stands for ``exabgp`` (``[path]``, or an interpreter and a module).
 
-    ``nice``: ExaBGP's nice value relative to the agent's (felix-agent ``--bgp-nice``, default -5:
-    ahead of the agent's datastore work; see the flag). Without the right to raise a priority
-    (no CAP_SYS_NICE) ExaBGP runs at the agent's, and the agent says so once."""
+    ``nice``: ExaBGP's nice value relative to the agent's (felix-agent ``--bgp-nice``, default 0).
+    Without the right to raise a priority (no CAP_SYS_NICE) ExaBGP runs at the agent's, and the
+    agent says so once."""
 
     STOP_TIMEOUT = 10.0
 
