@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -278,6 +279,7 @@ class ExaBGPProcess:
         self.pipename = pipename
         self.nice = nice
         self.nice_refused = ""  # why ExaBGP runs at the agent's priority instead (empty: it does not)
+        self._prioritised = False  # the agent's reader thread has ExaBGP's priority
         self.proc: subprocess.Popen[bytes] | None = None
 
     def prepare(self) -> None:
@@ -321,6 +323,15 @@ class ExaBGPProcess:
                 os.setpriority(os.PRIO_PROCESS, self.proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
             except OSError as e:
                 self.nice_refused = f"ExaBGP runs at the agent's priority, not {self.nice:+d}: {e.strerror}"
+
+    def prioritise_thread(self) -> None:
+        """Give the calling thread (the agent's reader of ExaBGP's output) ExaBGP's priority, once:
+        an UPDATE's way goes through both. Linux keeps a nice value per thread."""
+        if not self.nice or self._prioritised:
+            return
+        self._prioritised = True
+        with contextlib.suppress(OSError):  # refused: ExaBGP's own start says so
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
 
     def stop(self) -> int | None:
         """SIGTERM (ExaBGP's clean shutdown), SIGKILL after STOP_TIMEOUT; its exit status."""

@@ -332,6 +332,7 @@ class Speaker(Announcements):
     def _on_hello(self, pid: int) -> bool:
         """An API process connected: take it if it is our ExaBGP's. A second one from the same
         ExaBGP (respawned by it) may have missed events: ExaBGP is restarted to resync."""
+        self._exabgp.prioritise_thread()  # this thread reads ExaBGP's UPDATEs: ExaBGP's priority
         with self._lock:
             if not self._exabgp.running() or pid != self._exabgp.pid:
                 return False
