@@ -33,14 +33,14 @@ from felix_agent.auto_host_endpoint import AutoHostEndpoint
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
-from felix_agent.calc.routes import block_routing_key
+from felix_agent.calc.moves import StateMoves
 from felix_agent.calc.settings import (
     nftables_refresh_seconds,
     route_refresh_seconds,
     settings,
     use_overrides,
 )
-from felix_agent.calc.snapshot import BLOCK, Snapshot, Update
+from felix_agent.calc.snapshot import Snapshot, Update
 from felix_agent.calc.wireguard import WireGuardState
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
@@ -134,7 +134,8 @@ class Agent:
         self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
         self.auto_host_endpoint = AutoHostEndpoint(self.node, self._resource_store)
-        self._block_routing: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
+        self.moves = StateMoves(self.node, bgp_owns_remote=args.bgp, wireguard_on=lambda view: bool(settings(
+            view, self.node, self.live.layers).wireguard_enabled))  # which batches need a dataplane pass
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
@@ -206,33 +207,14 @@ class Agent:
 
     def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
         if self.bgp is not None and self.syncer is not None and self.syncer.in_sync.is_set():
-            self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
+            self.bgp.on_datastore(updates, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
         if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
         # No pass for BGP's sake: the speaker announces from this thread, learned routes go in from its own.
-        if self.loop is not None and self._moves_state(updates):
+        if self.loop is not None and self.moves.moves(updates, snapshot):
             self.loop.kick()
-
-    def _moves_state(self, updates: list[Update]) -> bool:
-        """Whether the batch can change the desired state: False only for block updates that leave
-        what routing reads of each block as it was (an ADD's or DEL's own assignment or release).
-        Skipping the loop's pass for them saves a recomputation and an apply per pod; the next kick
-        computes from the newer view anyway."""
-        moved = False
-        for update in updates:  # every block update is looked at, so that the table stays current
-            if update.kind != BLOCK:
-                moved = True
-                continue
-            key = block_routing_key(update.value) if update.value is not None else None
-            if self._block_routing.get(update.key) != key or key is None:
-                moved = True
-            if key is None:
-                self._block_routing.pop(update.key, None)
-            else:
-                self._block_routing[update.key] = key
-        return moved
 
     def _kick(self) -> None:
         """Ask the loop for an apply (the policy manager's read-back of a resync has finished)."""
@@ -338,7 +320,8 @@ class Agent:
             if not self._start_up(client, node_ip):
                 return 0
             if self.args.bgp:
-                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace)
+                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace,
+                                     self.args.bgp_nice)
                 self.bgp.start()
             started = self.live.started
             self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,
