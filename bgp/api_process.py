@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -264,13 +265,21 @@ class Relay:
 
 class ExaBGPProcess:
     """``exabgp server CONFIG`` with the given environment, output to ``<state_dir>/exabgp.out``.
-    ``exabgp`` is the command that stands for ``exabgp`` (``[path]``, or an interpreter and a module)."""
+    ``exabgp`` is the command that stands for ``exabgp`` (``[path]``, or an interpreter and a module).
+
+    ``nice``: ExaBGP's nice value relative to the agent's (felix-agent ``--bgp-nice``, default 0).
+    Without the right to raise a priority (no CAP_SYS_NICE) ExaBGP runs at the agent's, and the
+    agent says so once."""
 
     STOP_TIMEOUT = 10.0
 
-    def __init__(self, exabgp: Sequence[str], state_dir: Path, config: Path, pid_file: Path, pipename: str) -> None:
+    def __init__(self, exabgp: Sequence[str], state_dir: Path, config: Path, pid_file: Path, pipename: str,
+                 nice: int = 0) -> None:
         self.exabgp, self.state_dir, self.config, self.pid_file = list(exabgp), state_dir, config, pid_file
         self.pipename = pipename
+        self.nice = nice
+        self.nice_refused = ""  # why ExaBGP runs at the agent's priority instead (empty: it does not)
+        self._prioritised = False  # the agent's reader thread has ExaBGP's priority
         self.proc: subprocess.Popen[bytes] | None = None
 
     def prepare(self) -> None:
@@ -307,6 +316,22 @@ class ExaBGPProcess:
             self.proc = subprocess.Popen([*self.exabgp, "server", str(self.config)], stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, env=clean | dict(env),
                                          cwd=self.state_dir, start_new_session=True)
+        if self.nice:
+            # By PID, right after the start: preexec_fn is not safe in a process with threads. The
+            # API process ExaBGP forks later inherits it.
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
+            except OSError as e:
+                self.nice_refused = f"ExaBGP runs at the agent's priority, not {self.nice:+d}: {e.strerror}"
+
+    def prioritise_thread(self) -> None:
+        """Give the calling thread (the agent's reader of ExaBGP's output) ExaBGP's priority, once:
+        an UPDATE's way goes through both. Linux keeps a nice value per thread."""
+        if not self.nice or self._prioritised:
+            return
+        self._prioritised = True
+        with contextlib.suppress(OSError):  # refused: ExaBGP's own start says so
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
 
     def stop(self) -> int | None:
         """SIGTERM (ExaBGP's clean shutdown), SIGKILL after STOP_TIMEOUT; its exit status."""

@@ -93,7 +93,7 @@ class Speaker(Announcements):
                  on_session: SessionCallback | None = None, on_end_of_rib: EndOfRibCallback | None = None,
                  on_batch: Callable[[], None] | None = None, on_routes: RoutesCallback | None = None,
                  exabgp_bin: str | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, nice: int = 0) -> None:
         self.state_dir = Path(state_dir)
         self.on_route = on_route or (lambda *a: None)
         self.on_session = on_session or (lambda s: None)
@@ -105,7 +105,7 @@ class Speaker(Announcements):
         self._exabgp = ExaBGPProcess([exabgp_bin] if exabgp_bin else [self.python, "-m", "bgp.exabgp_reactor"],
                                      self.state_dir,
                                      self.state_dir / exabgp.CONFIG_FILE, self.state_dir / exabgp.PID_FILE,
-                                     exabgp.PIPENAME)
+                                     exabgp.PIPENAME, nice=nice)
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._config: SpeakerConfig | None = None
@@ -332,6 +332,7 @@ class Speaker(Announcements):
     def _on_hello(self, pid: int) -> bool:
         """An API process connected: take it if it is our ExaBGP's. A second one from the same
         ExaBGP (respawned by it) may have missed events: ExaBGP is restarted to resync."""
+        self._exabgp.prioritise_thread()  # this thread reads ExaBGP's UPDATEs: ExaBGP's priority
         with self._lock:
             if not self._exabgp.running() or pid != self._exabgp.pid:
                 return False
@@ -397,6 +398,8 @@ class Speaker(Announcements):
                     self._exabgp.start(self._env)
                     self._reload = False  # it reads the configuration as it is now
                     self._counts["starts"] += 1
+                    if self._exabgp.nice_refused and self._counts["starts"] == 1:
+                        log.warning("%s", self._exabgp.nice_refused)
                     for peer in self._config.peers if self._config else ():
                         self._set_state(peer.address, _waiting(peer))
                 self._fire()

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 # (endpoint key "<namespace>/<name>", the WorkloadEndpoint as written, the caller's deadline in
 # Unix seconds or None) -> None; raises CNIError when the pod's policy was not programmed in time.
 AfterAdd = Callable[[str, "Resource", "float | None"], None]
+# (endpoint key, the WorkloadEndpoint about to be written, the caller's deadline) -> what takes it
+# back when the write fails, or None when the agent did not take it.
+BeforeWrite = Callable[[str, "Resource", "float | None"], "Callable[[], None] | None"]
 
 
 @dataclass
@@ -29,6 +32,11 @@ class AgentCall:
     # After a successful ADD of ``tortie``, before the answer: the agent hands the endpoint to its
     # calculation and waits until its policy is in the kernel ("no pod without its policy").
     after_add: AfterAdd | None = None
+    # Right before ADD writes the endpoint: the agent starts programming its policy while the
+    # write is in flight (``felix_agent.pod_policy``); the withdrawal runs when the write fails,
+    # before the veth goes. The object handed over is the one written: never changed afterwards
+    # except for the identity the write stamps on it (uid, creationTimestamp, resourceVersion).
+    before_write: BeforeWrite | None = None
     # Entered around the work on one attachment, by its host interface: the orphan sweep leaves
     # an attachment alone while a call for it runs (``felix_agent.cni_service.InFlight``).
     serving: Callable[[str], AbstractContextManager[None]] | None = None

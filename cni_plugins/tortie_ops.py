@@ -3,9 +3,11 @@
 The same functions run inside ``felix-agent`` (warm: etcd connection open) and in the plugin
 process when no agent answers. ADD arranges each undo before the step that needs it, so a
 failure at any point leaves nothing behind: no veth, no address, no endpoint. Inside the agent
-the call's ``Datastores`` view carries the agent's hooks (``stores.call``): ADD waits through
-``after_add`` for the pod's policy (and undoes itself when that fails) and leaves its undo for
-the relay; each call on an attachment runs inside ``serving``.
+the call's ``Datastores`` view carries the agent's hooks (``stores.call``): ADD hands the endpoint
+it is about to write to ``before_write`` (the agent programs its policy meanwhile, and takes it
+back when the write fails), waits through ``after_add`` for the pod's policy (and undoes itself
+when that fails) and leaves its undo for the relay; each call on an attachment runs inside
+``serving``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cni_plugins.errors import CNIError
 from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
+from cni_plugins.workers import Workers
 from datastore.errors import AlreadyExists, NotFound
 from datastore.kv import Delete, KeyValue
 from datastore.model import Metadata, Resource
@@ -162,7 +165,8 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
     """ADD's work: the result, whether the addresses were already the attachment's (a repeated
     ADD), and the WorkloadEndpoint as written.
 
-    The addresses are assigned (in a thread) while the veth pair is made: neither needs the other.
+    The addresses are assigned (in a thread) while the veth pair is made and prepared (everything
+    of its configuration that needs no address): neither needs the other.
     The endpoint is written last, once the attachment is whole: an endpoint is never an ADD
     half-way (the agent's start-up cleanup and orphan sweep rely on it)."""
     if not os.path.exists(args.netns):
@@ -173,14 +177,17 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
         undo.callback(_unassign_on_failure, assigning, args, stores)
         with _wiring_errors(codes.IO_FAILURE, "could not wire the container"), \
                 wiring.create(args.netns, args.ifname, host_if, conf.mtu) as pair:
+            if conf.ipam_type == "tortie-ipam":  # its families are known before its answer
+                pair.prepare({v for v, wanted in ((4, ipam_conf.assign_ipv4), (6, ipam_conf.assign_ipv6)) if wanted})
             assigned, repeated = assigning.result()  # an IPAM error removes the pair
             if assigned is None or not assigned.ips:
                 raise CNIError(codes.INTERNAL, "the IPAM plugin returned no address", conf.ipam_type)
             addresses = [ipaddress.ip_interface(ip.address) for ip in assigned.ips]
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
             wired = pair.configure(addresses)
-            with ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-                endpoint = _write_endpoint(ResourceStore(client), args, conf, host_if, wired, addresses)
+            endpoint = _endpoint(args, conf, host_if, wired, addresses)
+            with _provisional(stores, endpoint), ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
+                _write_endpoint(ResourceStore(client), endpoint)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
     return _result(args, wired, host_if, addresses, conf), repeated, endpoint
@@ -235,11 +242,11 @@ def _quietly(fn: Any, *a: Any) -> None:
         log.warning("undo %s failed: %s", getattr(fn, "__name__", fn), e)
 
 
-def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_if: str, wired: Any,
-                    addresses: list[Any]) -> Resource:
+def _endpoint(args: CmdArgs, conf: PluginConf, host_if: str, wired: Any, addresses: list[Any]) -> Resource:
+    """The attachment's WorkloadEndpoint, as ADD writes it."""
     namespace = args.cni_args.get("K8S_POD_NAMESPACE") or "default"
     endpoint_labels = {**labels(args), LABEL_NAMESPACE: namespace, LABEL_NETWORK: conf.network}
-    resource = Resource(
+    return Resource(
         WorkloadEndpoint,
         Metadata(name=endpoint_name(conf.node, host_if), namespace=namespace, labels=endpoint_labels),
         WorkloadEndpointSpec(
@@ -248,10 +255,31 @@ def _write_endpoint(store: ResourceStore, args: CmdArgs, conf: PluginConf, host_
             pod=args.cni_args.get("K8S_POD_NAME", ""), endpoint=args.ifname, network=conf.network,
             mac=wired.container_mac, ip_networks=[str(a) for a in addresses], profiles=[f"kns.{namespace}"]),
     )
+
+
+@contextlib.contextmanager
+def _provisional(stores: Datastores, endpoint: Resource) -> Iterator[None]:
+    """The agent programs the endpoint's policy while the body writes it (nothing in a plugin
+    process); a failure of the write takes it back before the veth goes."""
+    call = stores.call
+    if call is None or call.before_write is None:
+        yield
+        return
+    withdraw = call.before_write(f"{endpoint.namespace}/{endpoint.name}", endpoint, call.deadline)
     try:
-        return store.create(resource)  # the usual case: one round trip
+        yield
+    except BaseException:
+        if withdraw is not None:
+            withdraw()
+        raise
+
+
+def _write_endpoint(store: ResourceStore, resource: Resource) -> None:
+    """Stores ``resource``; its resourceVersion becomes the write's revision."""
+    try:
+        store.create(resource)  # the usual case: one round trip
     except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
-        return store.update(resource)
+        store.update(resource)
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:
@@ -321,7 +349,8 @@ def _unwire(netns_path: str, ifname: str, host_if: str) -> None:
 
 
 class _Background:
-    """``fn(*a)`` in a thread of its own; ``result()`` waits and re-raises its exception."""
+    """``fn(*a)`` on a thread of its own (a kept one: ``cni_plugins.workers``); ``result()`` waits
+    and re-raises its exception. ``name`` says what it is, for a reader of this code."""
 
     def __init__(self, fn: Any, *a: Any, name: str = "teardown") -> None:
         import contextvars
@@ -329,23 +358,28 @@ class _Background:
 
         self._error: BaseException | None = None
         self._value: Any = None
+        self._done = threading.Event()
 
         def run() -> None:
             try:
                 self._value = fn(*a)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 self._error = e
+            finally:
+                self._done.set()
 
         # In a copy of the caller's context: its etcd requests share the call's retry budget.
         context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(run,), name=name, daemon=True)
-        self._thread.start()
+        BACKGROUND.submit(lambda: context.run(run))
 
     def result(self) -> Any:
-        self._thread.join()
+        self._done.wait()
         if self._error is not None:
             raise self._error
         return self._value
+
+
+BACKGROUND = Workers("background")
 
 
 def check(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

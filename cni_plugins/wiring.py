@@ -126,37 +126,56 @@ class Pair:
         self.netns_path, self.ifname, self.host_if = netns_path, ifname, host_if
         self._host, self._container, self._ns_fd = host, container, ns_fd
         self.wired: Wired | None = None
+        self._prepared: set[int] = set()  # the address families prepare() has done
+        self._host_link: tuple[int, str] | None = None
+        self._peer: tuple[int, str] | None = None
 
-    def configure(self, addresses: list[Address]) -> Wired:
-        """The host end's sysctls, the container end's addresses, neighbours and routes, the host
-        routes; a failure leaves the pair to be removed by :func:`create`."""
-        families: set[int] = {a.version for a in addresses}
+    def prepare(self, families: set[int]) -> None:
+        """The part of :meth:`configure` that needs the address families but no address: the host
+        end's sysctls, both ends up, the gateway's neighbour entries. ADD runs it while its
+        addresses are being assigned (the assignment's etcd round trips are the longer wait)."""
+        families = families - self._prepared
+        if not families:
+            return
         host, container, ns_fd = self._host, self._container, self._ns_fd
         netns_path, ifname, host_if = self.netns_path, self.ifname, self.host_if
         with _doing(f"configuring the host end {host_if}"):
             link = host.link(host_if)
             if link is None:
                 raise WiringError(f"{host_if} vanished while it was being configured")
-            host_index, host_mac = link.index, link.mac
+            self._host_link = (link.index, link.mac or "")
             _host_sysctls(host_if, families)
 
         with _doing(f"configuring {ifname} in {netns_path}"):
             peer = container.link(ifname)
             if peer is None:
                 raise WiringError(f"{ifname} in {netns_path} vanished while it was being configured")
-            index, mac = peer.index, peer.mac
+            self._peer = (peer.index, peer.mac or "")
             if 6 in families:
                 with _inside(ns_fd):
-                    _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
-            container.set_link(LOOPBACK_INDEX, up=True)
-            container.set_link(index, up=True)
-            for a in addresses:  # Calico's /32 and /128: everything is reached through the gateway
-                with _doing(f"adding the address {a.ip} to {ifname} in {netns_path}"):
-                    container.add_address(index, _host_cidr(a))  # IPv6 without DAD
+                    _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")  # before any address: no DAD
+            if not self._prepared:
+                container.set_link(LOOPBACK_INDEX, up=True)
+                container.set_link(peer.index, up=True)
             # The gateway's MAC is fixed: a permanent entry means the pod never needs an ARP or
             # NDP answer for it, so it works on a host with no route (proxy ARP needs one).
             for version in sorted(families):
-                container.set_neighbour(index, GATEWAY[version], HOST_MAC)
+                container.set_neighbour(peer.index, GATEWAY[version], HOST_MAC)
+        self._prepared |= families
+
+    def configure(self, addresses: list[Address]) -> Wired:
+        """What :meth:`prepare` does (unless done) and the container end's addresses and routes,
+        the host routes; a failure leaves the pair to be removed by :func:`create`."""
+        families: set[int] = {a.version for a in addresses}
+        self.prepare(families)
+        assert self._host_link is not None and self._peer is not None
+        container = self._container
+        netns_path, ifname, host_if = self.netns_path, self.ifname, self.host_if
+        (host_index, host_mac), (index, mac) = self._host_link, self._peer
+        with _doing(f"configuring {ifname} in {netns_path}"):
+            for a in addresses:  # Calico's /32 and /128: everything is reached through the gateway
+                with _doing(f"adding the address {a.ip} to {ifname} in {netns_path}"):
+                    container.add_address(index, _host_cidr(a))  # IPv6 without DAD
             taken = _families_with_default(container)
             for version in sorted(families):
                 if version not in taken:  # the container's first attachment: Calico's routes
@@ -175,8 +194,8 @@ class Pair:
 
         with _doing(f"adding the host routes via {host_if}"):
             for a in addresses:
-                _add_host_route(host, host_index, a)
-        self.wired = Wired(host_if, host_mac or "", ifname, mac or "", index)
+                _add_host_route(self._host, host_index, a)
+        self.wired = Wired(host_if, host_mac, ifname, mac, index)
         return self.wired
 
 

@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 # gRPC's C core logs TLS and connection failures straight to stderr; we report them ourselves.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc  # noqa: E402
-from pyetcd.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from pyetcd.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
 from datastore.config import Endpoint, EtcdConfig
 from datastore.deadline import gave_up, request_deadline, retrying
@@ -45,10 +43,24 @@ from datastore.errors import (
     DatastoreUnavailable,
     is_transient,
 )
-from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Reading, Unchanged, Update, Writes, prefix_end
+from datastore.gateway_watch import GatewayWatch
+from datastore.kv import (
+    Create,
+    Delete,
+    KeyValue,
+    NothingNewer,
+    Op,
+    Reading,
+    Resync,
+    Unchanged,
+    Update,
+    WatchEvent,
+    Writes,
+    prefix_end,
+)
 
-__all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "NothingNewer", "Op", "Reading", "Unchanged", "Update",
-           "prefix_end"]
+__all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "NothingNewer", "Op", "Reading", "Resync", "Unchanged",
+           "Update", "Watch", "WatchEvent", "prefix_end"]
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +75,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """A key was put (``deleted`` False) or deleted; ``kv.mod_revision`` is the event's revision."""
-
-    kv: KeyValue
-    deleted: bool
-
-
-@dataclass(frozen=True)
-class Resync:
-    """The watch fell behind a compaction: here is the whole prefix again, as of ``revision``."""
-
-    kvs: list[KeyValue]
-    revision: int
 
 
 # What gRPC's messages say when the TLS handshake itself failed. ("tcp handshaker shutdown" is
@@ -333,9 +329,10 @@ class EtcdClient(Writes):
             log.warning("could not revoke lease %x: %s (it expires by itself)", lease_id, e)
 
     # ---- watch --------------------------------------------------------------------------------
-    def watch(self, prefix: str, start_revision: int) -> Watch:
-        """Events under ``prefix`` from ``start_revision`` on; see :class:`Watch`."""
-        return Watch(self, prefix, start_revision)
+    def watch(self, prefix: str, start_revision: int) -> GatewayWatch:
+        """Events under ``prefix`` from ``start_revision`` on, read from etcd's JSON gateway (not
+        gRPC: see :mod:`datastore.gateway_watch`); a compaction re-lists through this client."""
+        return GatewayWatch(self.config, prefix, start_revision, self.list)
 
     def compact(self, revision: int) -> None:
         self._retrying("compact", lambda ch, t: self._kv(ch).Compact(
@@ -375,74 +372,5 @@ class Lease:
         self.client._lease_revoke(self.id)
 
 
-class Watch:
-    """An iterator of :class:`WatchEvent` and :class:`Resync` under a prefix.
-
-    It resumes from the last revision it delivered after any error (with backoff), and when that
-    revision has been compacted away it re-lists the prefix and yields a :class:`Resync`.
-    :meth:`cancel` (from any thread) ends the iteration.
-    """
-
-    def __init__(self, client: EtcdClient, prefix: str, start_revision: int) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.next_revision = start_revision
-        self._cancelled = threading.Event()
-        self._call: Any = None
-        self._requests: queue.Queue[Any] = queue.Queue()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        self._requests.put(None)
-        call = self._call
-        if call is not None:
-            call.cancel()
-
-    def _request_stream(self) -> Iterator[Any]:
-        create = rpc_pb2.WatchCreateRequest(key=self.prefix.encode(), range_end=prefix_end(self.prefix),
-                                            start_revision=self.next_revision, progress_notify=True)
-        yield rpc_pb2.WatchRequest(create_request=create)
-        # Keep the stream open until cancelled.
-        while self._requests.get() is not None:
-            pass
-
-    def __iter__(self) -> Iterator[WatchEvent | Resync]:
-        delay = 0.1
-        while not self._cancelled.is_set():
-            try:
-                self._requests = queue.Queue()
-                self._call = rpc_pb2_grpc.WatchStub(self.client._channel()).Watch(self._request_stream())
-                for resp in self._call:
-                    delay = 0.1
-                    if resp.created:
-                        continue  # its header revision says nothing about replayed events yet
-                    if resp.compact_revision and resp.canceled:
-                        kvs, rev = self.client.list(self.prefix)
-                        self.next_revision = rev + 1
-                        yield Resync(kvs, rev)
-                        break
-                    if resp.canceled:
-                        raise grpc.RpcError(resp.cancel_reason)
-                    for ev in resp.events:
-                        kv = KeyValue.from_pb(ev.kv)
-                        self.next_revision = kv.mod_revision + 1
-                        yield WatchEvent(kv, deleted=ev.type == kv_pb2.Event.DELETE)
-                    if not resp.events and resp.header.revision >= self.next_revision:
-                        # progress notification: nothing under the prefix changed up to here
-                        self.next_revision = resp.header.revision + 1
-                else:
-                    if self._cancelled.is_set():
-                        return
-            except grpc.RpcError as err:
-                if self._cancelled.is_set():
-                    return
-                log.warning("watch of %s interrupted (%s); resuming from revision %d",
-                            self.prefix, _describe(err), self.next_revision)
-                self.client._current += 1
-            except DatastoreError as err:
-                log.warning("watch of %s could not re-list: %s", self.prefix, err)
-            finally:
-                self._requests.put(None)
-            if self._cancelled.wait(delay):
-                return
-            delay = min(delay * 2, 2.0)
+# The agent's syncer names the watch's type by this name.
+Watch = GatewayWatch

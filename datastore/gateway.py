@@ -8,8 +8,9 @@ per call, transient failures retried within the budget (shared by the requests o
 ``datastore.deadline.shared_budget`` block) rotating endpoints, one
 :class:`DatastoreUnavailable` naming the endpoint and cause, a request etcd refuses reported at
 once as :class:`DatastoreRejected`, a refused TLS handshake at once as :class:`DatastoreRefused`,
-conditional writes). No watches or leases: for those, long-lived
-processes use the gRPC client. HTTP/1.1 is spoken by hand over one kept-alive connection:
+conditional writes). No leases: for those, long-lived processes use the gRPC client; watches
+are ``datastore.gateway_watch``'s, on this client's connection handling. HTTP/1.1 is spoken by
+hand over one kept-alive connection:
 ``http.client`` would import the ``email`` package (~30 ms) for header parsing we do not need,
 and TLS is spoken through ``_ssl`` (the C half of ``ssl``): the ``ssl`` package's enum
 conversions cost ~8 ms of CPU per process for constants we never look at.

@@ -1,9 +1,10 @@
 """What etcd clients exchange with their callers: key-values, readings, transaction operations,
 and :class:`KV`, the interface the IPAM and the resource store need.
 
-Two clients implement it: ``datastore.etcd.EtcdClient`` (gRPC: watches, leases; what long-lived
-processes use) and ``datastore.gateway.GatewayClient`` (etcd's JSON gateway over HTTPS, standard
-library only: what a one-shot CNI call uses, because importing gRPC costs ~100 ms of CPU).
+Two clients implement it: ``datastore.etcd.EtcdClient`` (gRPC: leases; what long-lived processes
+use; its watch reads etcd's JSON gateway, ``datastore.gateway_watch``) and
+``datastore.gateway.GatewayClient`` (etcd's JSON gateway over HTTPS, standard library only: what a
+one-shot CNI call uses, because importing gRPC costs ~100 ms of CPU).
 This module imports neither.
 """
 
@@ -48,6 +49,22 @@ class KeyValue:
         return cls(a2b_base64(kv.get("key", "")).decode(), a2b_base64(kv.get("value", "")),
                    int(kv.get("mod_revision", 0)), int(kv.get("create_revision", 0)), int(kv.get("version", 0)),
                    int(kv.get("lease", 0)))
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """A key was put (``deleted`` False) or deleted; ``kv.mod_revision`` is the event's revision."""
+
+    kv: KeyValue
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Resync:
+    """The watch fell behind a compaction: here is the whole prefix again, as of ``revision``."""
+
+    kvs: list[KeyValue]
+    revision: int
 
 
 @dataclass(frozen=True)

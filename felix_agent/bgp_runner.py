@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 
 from bgp import trace
 from bgp.config import exports, speaker_config
+from bgp.export_inputs import ExportInputs
 from bgp.learned import LearnedRoutes
 from bgp.model import SessionStatus, SpeakerConfig, ipv4_prefix, ipv4_within, network
 from bgp.speaker import Speaker
 from bgp.status import write_status
 from datastore.errors import DatastoreError
 from datastore.resources import IPPoolSpec
-from felix_agent.calc.snapshot import Snapshot
+from felix_agent.calc.snapshot import Snapshot, Update
 from kernel.netlink import KernelError
 from kernel.rtnl_bulk import BulkRTNL
 
@@ -41,7 +42,8 @@ STATUS_EVERY = 5.0
 
 
 class BGPRunner:
-    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None, trace_dir: Path | None = None) -> None:
+    def __init__(self, node: str, state_dir: Path, client: EtcdClient | None, trace_dir: Path | None = None,
+                 nice: int = 0) -> None:
         self.node = node
         if trace_dir is not None:
             trace.enable(trace_dir, node)
@@ -50,6 +52,7 @@ class BGPRunner:
         self._pools: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = ()
         self._revision = -1  # of the newest datastore view applied
         self._config: SpeakerConfig | None = None
+        self._export_inputs = ExportInputs(node)  # which block/affinity batches can move our exports
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._status_dirty = threading.Event()
@@ -58,7 +61,7 @@ class BGPRunner:
         self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for, change_delay=0.05)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
                                on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install,
-                               on_routes=self.learned.on_routes)
+                               on_routes=self.learned.on_routes, nice=nice)
         self._lease: Lease | None = None
         self._thread = threading.Thread(target=self._publish, name="bgp-status", daemon=True)
 
@@ -92,26 +95,34 @@ class BGPRunner:
                 return {"Always": "ipip", "CrossSubnet": "ipip-cross-subnet"}.get(mode)
         return None
 
-    def on_datastore(self, kinds: Iterable[str], snapshot: Snapshot) -> None:
+    def on_datastore(self, updates: Iterable[Update], snapshot: Snapshot) -> None:
         """A batch of datastore changes, from the syncer's thread with its live snapshot: announce
         now, rather than after the dataplane loop has applied whatever it was applying (a policy
         transaction can take tens of milliseconds). The loop's ``update`` later sees nothing new."""
-        kinds = frozenset(kinds)
+        updates = list(updates)
+        kinds = frozenset(u.kind for u in updates)
         if not INPUT_KINDS.isdisjoint(kinds):
-            self.update(snapshot, seen_at=time.monotonic(), sessions=not kinds <= EXPORT_ONLY_KINDS)
+            self.update(snapshot, seen_at=time.monotonic(), sessions=not kinds <= EXPORT_ONLY_KINDS,
+                        changes=[(u.kind, u.key, u.value) for u in updates])
 
-    def update(self, snapshot: Snapshot, seen_at: float | None = None, sessions: bool = True) -> None:
+    def update(self, snapshot: Snapshot, seen_at: float | None = None, sessions: bool = True,
+               changes: list[tuple[str, str, object]] | None = None) -> None:
         """A new datastore view: reconfigure the speaker when its sessions change, announce the
         difference in this node's exports. A view no newer than one already applied is ignored:
         the dataplane loop's copy after the syncer's thread applied the same revision (nothing to
         do), or an older one (which would undo a newer announcement). ``sessions=False``: the
         caller knows that only blocks or affinities changed since the last view (a claim, on
-        every agent): the sessions and pools are not derived again."""
+        every agent): the sessions and pools are not derived again. ``changes``: the syncer's batch
+        (kind, key, value); the exports are not worked out again for one that cannot move them
+        (``bgp.export_inputs``: no block or affinity of this node's in it)."""
         with self._lock:
+            # Before the revision test: every batch of the syncer's goes through, in order.
+            moved = self._export_inputs.moves(changes) if changes is not None else True
             if snapshot.revision <= self._revision:
                 return
             if not sessions and self._config is not None:
-                self.speaker.announce(exports(snapshot, self.node), seen_at)
+                if moved:
+                    self._announce(snapshot, seen_at)
                 self._revision = snapshot.revision
                 return
             pools: list[IPPoolSpec] = [p.spec for p in snapshot.ippools.values()]
@@ -125,8 +136,13 @@ class BGPRunner:
             if config != self._config:
                 self.speaker.configure(config)
                 self._config = config
-            self.speaker.announce(exports(snapshot, self.node), seen_at)
+            self._announce(snapshot, seen_at)
             self._revision = snapshot.revision
+
+    def _announce(self, snapshot: Snapshot, seen_at: float | None) -> None:
+        if not self._export_inputs.seeded:
+            self._export_inputs.reset(snapshot.blocks)
+        self.speaker.announce(exports(snapshot, self.node), seen_at)
 
     def _install(self) -> None:
         """What the last read of ExaBGP's output changed, into the kernel now (the speaker's thread)."""

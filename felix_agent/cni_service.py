@@ -17,10 +17,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cni_plugins import agent_protocol, dispatch
-from cni_plugins.agent_call import AfterAdd, AgentCall
+from cni_plugins.agent_call import AfterAdd, AgentCall, BeforeWrite
 from cni_plugins.datastores import Datastores
+from cni_plugins.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +82,21 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # 5 would refuse the sixth caller at once: EAGAIN, and the front end serves it in-process).
     request_queue_size = 1024  # the kernel caps it at net.core.somaxconn (4096 by default)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # On a kept thread, not a new one per call (``cni_plugins.workers``: ~50 µs of CPU less).
+        CALLS.submit(lambda: self.process_request_thread(request, client_address))
+
+
+CALLS = Workers("cni-call")
+
 
 class CNIService:
     """Serves relayed ``tortie`` and ``tortie-ipam`` calls on ``path`` (mode 0600) with warm etcd
     connections, each with the caller's environment."""
 
     def __init__(self, path: Path, stores: Datastores, after_add: AfterAdd | None = None,
-                 on_request: Callable[[str], None] | None = None, inherited_fd: int | None = None) -> None:
+                 on_request: Callable[[str], None] | None = None, inherited_fd: int | None = None,
+                 before_write: BeforeWrite | None = None) -> None:
         self.on_request = on_request
         self.in_flight = InFlight()
         self.path = path
@@ -95,6 +105,7 @@ class CNIService:
         # to its calculation and waits until its policy is in the kernel ("no pod without its
         # policy"), at most until the caller's deadline. May raise CNIError (see ``AgentCall``).
         self.after_add = after_add
+        self.before_write = before_write  # the endpoint about to be written (``AgentCall.before_write``)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         # The listening socket a previous process of this agent handed over across its re-exec
@@ -108,7 +119,7 @@ class CNIService:
         given this agent's hooks. An ADD that made a new attachment comes back with its undo, for
         when the caller cannot be told."""
         call = AgentCall(deadline=request.answer_by, after_add=self.after_add, serving=self.in_flight.serving,
-                         on_request=self.on_request)
+                         on_request=self.on_request, before_write=self.before_write)
         stores = self.stores.for_environment(request.environ, call)
         status, output = dispatch.serve_relayed(request.plugin, request.environ, request.stdin, stores)
         return agent_protocol.Reply(status, output, call.undo if status == 0 else None)

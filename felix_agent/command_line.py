@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bgp", action=argparse.BooleanOptionalAction,
                    default=env.get("FELIX_BGP", "false").lower() in ("1", "true", "yes"),
                    help="run the BGP speaker (ExaBGP): announce this node's blocks, install learned routes")
+    p.add_argument("--bgp-nice", type=int, metavar="N", default=env.get("FELIX_BGPNICE", "0"),
+                   help="ExaBGP's nice value relative to the agent's (default %(default)s: the agent's priority; "
+                   "-5 puts its UPDATEs ahead of the agent's datastore work on busy cores: no gain measured yet)")
     p.add_argument("--bgp-trace", type=Path, metavar="DIR", default=None,
                    help="append per-step BGP timestamps to DIR/<node>.trace (bgp.trace; for the benchmark)")
     p.add_argument("--resync-interval", type=float, metavar="SECONDS",

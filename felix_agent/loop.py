@@ -8,7 +8,9 @@ Updates from the syncer only mark the state dirty; one thread recomputes and app
 whatever arrived meanwhile. Nothing touches the kernel before the syncer's first "in sync" (the
 ``view`` callable returns None until then). A periodic resync re-applies everything so that
 out-of-band changes are repaired by the same code path. Waiters (the CNI service's "no pod without
-its policy") are woken once an apply has put a given endpoint's chains in the kernel.
+its policy") are woken once an apply has put a given endpoint's chains in the kernel. Passes are
+numbered as they take their view, so that a waiter can ask for one that saw its change
+(:meth:`DataplaneLoop.pass_ticket`: a provisional endpoint, or its withdrawal).
 
 The manager contract (:class:`Manager`; every manager in ``felix_agent.dataplane`` follows it):
 
@@ -104,6 +106,8 @@ class ProgrammedEndpoints:
         self._cond = threading.Condition()
         self._keys: frozenset[str] = frozenset()
         self._from: object = None
+        self._pass = 0  # the loop's pass being applied (DataplaneLoop numbers them as they take their view)
+        self._published_pass = 0  # the pass of the last publication
 
     def publish(self, endpoints: Collection[Endpoint]) -> None:
         """Wake the ADDs whose endpoints are in ``endpoints``: their policy is in the kernel."""
@@ -111,7 +115,25 @@ class ProgrammedEndpoints:
             if endpoints is not self._from:  # the calculator keeps the same set when unchanged
                 self._keys = frozenset(e.key for e in endpoints)
                 self._from = endpoints
+            self._published_pass = max(self._published_pass, self._pass)
             self._cond.notify_all()
+
+    def begin_pass(self, number: int) -> None:
+        """The loop's pass ``number`` took its view: what is published from now on is its state."""
+        with self._cond:
+            self._pass = number
+
+    def wait_since(self, endpoint_key: str, ticket: int, timeout: float) -> bool:
+        """Block until a pass numbered ``ticket`` or later has published ``endpoint_key`` (True),
+        or ``timeout`` passes (see :meth:`DataplaneLoop.pass_ticket`)."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while self._published_pass < ticket or endpoint_key not in self._keys:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
     def wait(self, endpoint_key: str, timeout: float) -> bool:
         """Block until ``endpoint_key`` is published (True) or ``timeout`` passes."""
@@ -149,6 +171,10 @@ class DataplaneLoop:
         self.first_apply = threading.Event()
         self._frozen = False
         self._thread: threading.Thread | None = None
+        # Passes numbered as they take their view; the last one to finish (see pass_ticket).
+        self._passes = threading.Condition()
+        self._viewed = 0
+        self._finished = 0
 
     def kick(self) -> None:
         """Something changed: recompute and apply soon (from any thread; never blocks)."""
@@ -170,6 +196,33 @@ class DataplaneLoop:
         # wake-up would recompute and re-apply for nothing until it arrives.
         self.kick()
         return self.programmed.wait(endpoint_key, timeout)
+
+    # ---- waiting for a pass that saw a change (felix_agent.pod_policy) ---------------------------
+    def pass_ticket(self) -> int:
+        """The number of the first pass that will see every change made to the view before this
+        call; kicks the loop for it. :meth:`wait_passed` waits until that pass has applied,
+        ``programmed.wait_since`` until it has published an endpoint's policy."""
+        with self._passes:
+            ticket = self._viewed + 1
+        self.kick()
+        return ticket
+
+    def wait_passed(self, ticket: int, timeout: float) -> bool:
+        """Block until the pass numbered ``ticket``, or a later one, has applied (True) or ``timeout`` passes."""
+        with self._passes:
+            return self._passes.wait_for(lambda: self._finished >= ticket, max(timeout, 0.0))
+
+    def _take_view(self) -> tuple[int, Snapshot | None]:
+        with self._passes:
+            self._viewed += 1
+            number = self._viewed
+        self.programmed.begin_pass(number)
+        return number, self.view()
+
+    def _passed(self, number: int) -> None:
+        with self._passes:
+            self._finished = max(self._finished, number)
+            self._passes.notify_all()
 
     def set_resync_interval(self, seconds: float, managers: Collection[Manager] | None = None) -> None:
         """The period of the periodic resync of ``managers`` (default: all of them; 0 or less: none),
@@ -235,8 +288,9 @@ class DataplaneLoop:
     def _apply_once(self, due: Collection[int] = ()) -> None:
         """One apply; the managers at the indexes ``due`` resync (read the kernel back) this time."""
         resync = bool(due)
-        view = self.view()
+        number, view = self._take_view()
         if view is None:  # not in sync yet: the kernel is left alone
+            self._passed(number)
             return
         state = self._update(view)
         started = time.perf_counter()
@@ -246,10 +300,12 @@ class DataplaneLoop:
                 # A change arrived during this resync (a new pod waits for its policy): apply it to
                 # every manager first, then resync the remaining ones against the newer state.
                 self._dirty.clear()
-                state = self._update(self.view() or view)
+                number, fresh = self._take_view()
+                state = self._update(fresh or view)
                 for each in self.managers:
                     each.apply(resync=False)
                 self.programmed.publish(state.endpoints)
+                self._passed(number)  # a pass of its own for pass_ticket's waiters
             before = time.perf_counter()
             manager.apply(resync=i in due)  # a resync re-reads the kernel first
             spent.append((_name(manager), time.perf_counter() - before))
@@ -261,6 +317,7 @@ class DataplaneLoop:
                 ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in spent if seconds >= 0.001))
         self.programmed.publish(state.endpoints)
         self.first_apply.set()
+        self._passed(number)
 
     def _update(self, view: Snapshot) -> DesiredState:
         state = self.calculate(view)  # works on what changed since the last call

@@ -22,26 +22,25 @@ from pathlib import Path
 from typing import NoReturn
 
 from cni_plugins.datastores import Datastores
-from cni_plugins.errors import TRY_AGAIN_LATER, CNIError
 from datastore.config import EtcdConfig
 from datastore.errors import ConfigError, DatastoreError, DatastoreRefused, DatastoreUnavailable, ValidationError
 from datastore.etcd import EtcdClient
 from datastore.felixconfig import DEFAULT_NAME, FelixConfiguration, node_name
 from datastore.model import Metadata, Resource
-from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus, WorkloadEndpoint
+from datastore.resources import Node, NodeBGPSpec, NodeSpec, NodeStatus
 from datastore.store import ResourceStore
 from felix_agent.auto_host_endpoint import AutoHostEndpoint
 from felix_agent.bgp_runner import BGPRunner
 from felix_agent.calc.graph import Calculator
 from felix_agent.calc.model import DesiredState
-from felix_agent.calc.routes import block_routing_key
+from felix_agent.calc.moves import StateMoves
 from felix_agent.calc.settings import (
     nftables_refresh_seconds,
     route_refresh_seconds,
     settings,
     use_overrides,
 )
-from felix_agent.calc.snapshot import BLOCK, WORKLOAD_ENDPOINT, Snapshot, Update
+from felix_agent.calc.snapshot import Snapshot, Update
 from felix_agent.calc.wireguard import WireGuardState
 from felix_agent.cleanup import cleanup
 from felix_agent.cni_service import CNIService
@@ -51,6 +50,7 @@ from felix_agent.live_config import CACHE_NAME, Hooks, LiveConfig, python_level
 from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
 from felix_agent.orphans import OrphanSweeper
+from felix_agent.pod_policy import PodPolicy
 from felix_agent.syncer import Syncer
 from felix_agent.tunnels import ensure_vtep
 from felix_agent.wireguard_key import KeyFileError, load_or_create
@@ -100,8 +100,6 @@ def register_node(store: ResourceStore, name: str, node_ip: str | None) -> None:
 
 
 ORPHAN_SWEEP = 90.0  # seconds between orphan sweeps when routeRefreshInterval turns the resync off
-# Seconds kept, of a caller's deadline, for undoing an ADD and writing the answer.
-ANSWER_MARGIN = 1.0
 
 
 class Agent:
@@ -120,8 +118,9 @@ class Agent:
                                           cert_file=args.cert, key_file=args.key)
         self.stores = Datastores(keep_open=True, environment={}, mtu_file=str(args.state_dir / "mtu"))
         self.metrics = Metrics()
-        self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.wait_for_policy,
-                              on_request=self.metrics.count_cni,
+        self.pod_policy = PodPolicy(lambda: self.syncer, lambda: self.loop, args.policy_timeout, args.nodename)
+        self.cni = CNIService(Path(args.cni_socket), self.stores, after_add=self.pod_policy.after_add,
+                              before_write=self.pod_policy.before_write, on_request=self.metrics.count_cni,
                               inherited_fd=int(inherited) if inherited and inherited.isdigit() else None)
         self.stopping = threading.Event()
         self.syncer: Syncer | None = None
@@ -135,7 +134,8 @@ class Agent:
         self.wireguard: WireGuardManager | None = None  # set with the other managers
         self.programmed = ProgrammedEndpoints()
         self.auto_host_endpoint = AutoHostEndpoint(self.node, self._resource_store)
-        self._block_routing: dict[str, tuple[object, ...]] = {}  # block key → what routing reads of it
+        self.moves = StateMoves(self.node, bgp_owns_remote=args.bgp, wireguard_on=lambda view: bool(settings(
+            view, self.node, self.live.layers).wireguard_enabled))  # which batches need a dataplane pass
         self.health = HealthServer(args.health_listen, self.ready, self.render_metrics)
         self.metrics_server = (HealthServer(args.metrics_listen, self.ready, self.render_metrics)
                                if args.metrics_listen != args.health_listen else None)
@@ -198,24 +198,6 @@ class Agent:
         wireguard = render_metrics(self.wireguard.device) if self.wireguard is not None else ""
         return self.metrics.render(self.ready()) + (self.bgp.metrics() if self.bgp is not None else "") + wireguard
 
-    def wait_for_policy(self, key: str, endpoint: Resource, deadline: float | None = None) -> None:
-        """No pod without its policy: answer ADD only once the endpoint ``key`` ("<namespace>/<name>")
-        has its chains in the kernel; give up in time to answer before the caller's ``deadline``
-        (Unix seconds). The endpoint just written goes straight to the calculation: waiting for
-        etcd's watch to bring our own write back costs its round trip, and its decoding, on every ADD."""
-        assert self.loop is not None
-        if self.syncer is not None and endpoint.metadata.resource_version:
-            self.syncer.put_own(WORKLOAD_ENDPOINT, ResourceStore.key(WorkloadEndpoint, endpoint.name,
-                                                                     endpoint.namespace),
-                                endpoint, int(endpoint.metadata.resource_version))
-        timeout = self.args.policy_timeout
-        if deadline is not None:
-            timeout = max(min(timeout, deadline - time.time() - ANSWER_MARGIN), 0.0)
-        if not self.loop.wait_programmed(key, timeout):
-            raise CNIError(TRY_AGAIN_LATER, "the pod's policy was not programmed in time",
-                           f"endpoint {key}: felix-agent on {self.node} did not apply it within "
-                           f"{timeout:g}s")
-
     def view(self) -> Snapshot | None:
         """The datastore view the dataplane loop computes from; None before the first "in sync"
         (nothing touches the kernel before it)."""
@@ -225,33 +207,14 @@ class Agent:
 
     def on_update(self, updates: list[Update], snapshot: Snapshot) -> None:
         if self.bgp is not None and self.syncer is not None and self.syncer.in_sync.is_set():
-            self.bgp.on_datastore({u.kind for u in updates}, snapshot)  # announce without waiting for the loop
+            self.bgp.on_datastore(updates, snapshot)  # announce without waiting for the loop
         if any(u.kind == "IPPool" for u in updates) and self.syncer is not None and self.syncer.in_sync.is_set():
             threading.Thread(target=self._ensure_vtep, name="vtep", daemon=True).start()
         if self.orphans is not None and self.orphans.pending() and any(u.kind == "WorkloadEndpoint" for u in updates):
             self.orphans.kick()
         # No pass for BGP's sake: the speaker announces from this thread, learned routes go in from its own.
-        if self.loop is not None and self._moves_state(updates):
+        if self.loop is not None and self.moves.moves(updates, snapshot):
             self.loop.kick()
-
-    def _moves_state(self, updates: list[Update]) -> bool:
-        """Whether the batch can change the desired state: False only for block updates that leave
-        what routing reads of each block as it was (an ADD's or DEL's own assignment or release).
-        Skipping the loop's pass for them saves a recomputation and an apply per pod; the next kick
-        computes from the newer view anyway."""
-        moved = False
-        for update in updates:  # every block update is looked at, so that the table stays current
-            if update.kind != BLOCK:
-                moved = True
-                continue
-            key = block_routing_key(update.value) if update.value is not None else None
-            if self._block_routing.get(update.key) != key or key is None:
-                moved = True
-            if key is None:
-                self._block_routing.pop(update.key, None)
-            else:
-                self._block_routing[update.key] = key
-        return moved
 
     def _kick(self) -> None:
         """Ask the loop for an apply (the policy manager's read-back of a resync has finished)."""
@@ -357,7 +320,8 @@ class Agent:
             if not self._start_up(client, node_ip):
                 return 0
             if self.args.bgp:
-                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace)
+                self.bgp = BGPRunner(self.node, self.args.state_dir / "bgp", client, self.args.bgp_trace,
+                                     self.args.bgp_nice)
                 self.bgp.start()
             started = self.live.started
             self.loop = DataplaneLoop(self.view, self.calculate, self.managers(node_ip), self.metrics,

@@ -54,6 +54,7 @@ DEFAULT_GRACE = 300.0  # seconds (CONTRACT: felix-agent --orphan-grace)
 # the endpoint, and that must not cost two etcd writes or show in `ipam check`.
 PUBLISH_DELAY = 1.0
 RETRY_DELAY = 1.0  # after a release that failed (datastore unreachable): try again this much later
+LINK_BATCH = 0.5  # seconds: how often at most the link notifications are read (OrphanSweeper._run)
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,11 @@ class OrphanSweeper:
             next_resync = 0.0
             next_at: float | None = None
             look = True  # whether anything since the last sweep can change its decision
+            # Link notifications are read at most every LINK_BATCH seconds, all that queued at once:
+            # each pod's ADD and DEL make several, and waking this thread for each one cost the agent
+            # as much CPU as the sweep's work (a wake-up is a GIL hand-over on busy cores). The
+            # socket's buffer holds thousands; an overflow re-reads the links (EventsLost).
+            events_from = 0.0  # time.monotonic() from which the notifications are waited on again
             while not self._stop.is_set():
                 now = self.clock()
                 try:
@@ -286,12 +292,18 @@ class OrphanSweeper:
                     log.exception("orphan sweep failed; trying again in %gs", RETRY_DELAY)
                     next_at = now + RETRY_DELAY
                 deadline = min(next_resync, next_at) if next_at is not None else next_resync
-                ready, _, _ = select.select([events.fileno(), self._wake_r], [], [], max(0.0, deadline - self.clock()))
+                timeout = max(0.0, deadline - self.clock())
+                pause = events_from - time.monotonic()
+                if pause > 0:
+                    ready, _, _ = select.select([self._wake_r], [], [], min(timeout, pause))
+                else:
+                    ready, _, _ = select.select([events.fileno(), self._wake_r], [], [], timeout)
                 if self._wake_r in ready:
                     look = True
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                 if events.fileno() in ready:
+                    events_from = time.monotonic() + LINK_BATCH
                     look |= self._recheck  # an interface missing while its call ran: look once it ended
                     try:
                         for event in events.receive():

@@ -3,8 +3,8 @@
 
 One thread lists every prefix, hands the whole listing to ``on_update`` as the first batch and
 sets ``in_sync``; then a single watch of ``/tortie/`` (one stream, whatever the number of
-prefixes) feeds it events, which it decodes into typed :class:`Update` values and hands over in
-batches: everything that arrived while the previous batch was being handled. The watch resumes by
+prefixes), read on the same thread, feeds it events, which it decodes into typed :class:`Update`
+values and hands over in batches: one per answer of etcd (a transaction's events together). The watch resumes by
 itself after errors; when it fell behind a compaction it re-lists (:class:`Resync`) and the syncer
 replaces its snapshot wholesale, reporting what changed, deletions of vanished keys included.
 
@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from datastore import keys
-from datastore.codec import from_stored
+from datastore.codec import from_stored, stored_bytes
 from datastore.errors import DatastoreError, ValidationError
 from datastore.etcd import EtcdClient, KeyValue, Resync, Watch, WatchEvent
+from datastore.model import Resource
 from datastore.resources import all_kinds
 from felix_agent.calc.snapshot import AFFINITY, BLOCK, Affinity, Snapshot, Update
-from ipam.block import Block
+from ipam.block import decoded_block
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,8 @@ DEFAULT_PREFIXES: tuple[str, ...] = (
     keys.BLOCKS,
     keys.AFFINITIES,
 )
-MAX_BATCH = 5000  # events handed over at once at most, so a flood still yields regular batches
 
 OnUpdate = Callable[[list[Update], Snapshot], None]
-_END = object()
 
 
 def decode(key: str, value: bytes, mod_revision: int) -> Update:
@@ -68,7 +66,7 @@ def _decode(key: str, value: bytes, mod_revision: int) -> Update:
             raise ValueError(f"{key} holds a {resource.kind.KIND}, not a {kind.KIND}")
         return Update(kind.KIND, key, resource)
     if key.startswith(keys.BLOCKS):
-        return Update(BLOCK, key, Block.from_json(value))
+        return Update(BLOCK, key, decoded_block(key, mod_revision, value))  # this agent's own commits: known
     if key.startswith(keys.AFFINITIES):
         doc = json.loads(value)
         state = str(doc.get("state", "confirmed")) if isinstance(doc, dict) else "confirmed"
@@ -99,10 +97,9 @@ class Syncer:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # held while the snapshot changes (see copy_snapshot)
         self._watch: Watch | None = None
-        self._events: queue.Queue[Any] = queue.Queue()
         self._listed: dict[str, int] = {}  # prefix → revision of its listing (replayed events ≤ it are stale)
+        self._provisional: dict[str, tuple[str, Resource]] = {}  # key → (kind, value) held ahead of its write
         self._thread: threading.Thread | None = None
-        self._pump: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,10 +111,8 @@ class Syncer:
         self._stop.set()
         if self._watch is not None:
             self._watch.cancel()
-        self._events.put(_END)
-        for thread in (self._thread, self._pump):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def copy_snapshot(self) -> Snapshot:
         """A consistent copy of the current snapshot, from any thread (shallow: under 1 ms per 10,000 values)."""
@@ -132,10 +127,63 @@ class Syncer:
         ``on_update`` runs for it. False when the value was not taken (not in sync yet: the listing
         brings it; or the snapshot already holds that revision or a newer one)."""
         with self._lock:
-            if not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision:
+            # Past ``mod_revision`` the watch has handled the write and whatever followed it (a
+            # concurrent DEL's deletion, say): handing it over again would bring back what went.
+            if (not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision
+                    or mod_revision <= self.snapshot.revision):
                 return False
             self.snapshot.apply(Update(kind, key, value), mod_revision)
             return True
+
+    # ---- a pod's endpoint ahead of its write (felix_agent.pod_policy) ---------------------------
+    def put_provisional(self, kind: str, key: str, value: Resource) -> bool:
+        """``value``, about to be written at ``key`` by this agent, held at revision 0 so that its
+        policy is programmed while the write is in flight. Anything the watch brings for the key
+        replaces it; :meth:`confirm_provisional` stamps the write's revision on it,
+        :meth:`withdraw_provisional` takes it back when the write failed. False (not taken) before
+        "in sync" or when the key is held already (a repeated ADD: the held value stays the truth)."""
+        with self._lock:
+            if not self.in_sync.is_set() or key in self.snapshot.mod_revisions:
+                return False
+            self.snapshot.apply(Update(kind, key, value), 0)
+            self._provisional[key] = (kind, value)
+            return True
+
+    def confirm_provisional(self, kind: str, key: str, value: Any, mod_revision: int) -> bool:
+        """The write of the provisional ``value`` succeeded at ``mod_revision``: True when the very
+        value is still held provisionally (then only its revision changes: the calculation has
+        nothing new to see); False when something replaced or removed it meanwhile."""
+        with self._lock:
+            self._provisional.pop(key, None)
+            # The watch may have confirmed it already (its copy of the write: see _own_write).
+            if self.snapshot.tables[kind].get(key) is not value or (
+                    self.snapshot.mod_revisions.get(key) not in (0, mod_revision)):
+                return False
+            self.snapshot.mod_revisions[key] = mod_revision
+            return True
+
+    def withdraw_provisional(self, kind: str, key: str, value: Any) -> bool:
+        """The write of the provisional ``value`` failed: remove it, if it is still what is held
+        (whatever the watch brought instead is the datastore's truth and stays)."""
+        with self._lock:
+            self._provisional.pop(key, None)
+            if self.snapshot.tables[kind].get(key) is not value or self.snapshot.mod_revisions.get(key) != 0:
+                return False
+            self.snapshot.apply(Update(kind, key, None))
+            return True
+
+    def _own_write(self, kv: KeyValue, deleted: bool) -> bool:
+        """Whether the event is the write of the value held provisionally at its key (then only its
+        revision is stamped: the calculation has the very value already, and nothing is delivered).
+        Compared as stored, so that the watch's copy costs no decoding."""
+        held = self._provisional.pop(kv.key, None)
+        if held is None or deleted:
+            return False
+        kind, value = held
+        if stored_bytes(value) != kv.value or self.snapshot.tables[kind].get(kv.key) is not value:
+            return False
+        self.snapshot.mod_revisions[kv.key] = kv.mod_revision
+        return True
 
     @property
     def alive(self) -> bool:
@@ -156,22 +204,18 @@ class Syncer:
         self._watch = self.client.watch(keys.ROOT, start)
         if self._stop.is_set():  # stop() ran before the watch existed
             return
-        self._pump = threading.Thread(target=self._read_watch, args=(self._watch,), name="syncer-watch",
-                                      daemon=True)
-        self._pump.start()
-        while not self._stop.is_set():
-            batch = [self._events.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._events.get_nowait())
-                except queue.Empty:
+        # The watch is read on this thread, one batch per answer of etcd: a reader thread of its
+        # own handed each answer over through a queue, a thread wake-up each (three per pod's ADD
+        # and DEL, whose own writes come back), and a wake-up costs a GIL hand-over on busy cores.
+        try:
+            for batch in self._watch.batches():
+                with self._lock:
+                    updates = self._handle([batch] if isinstance(batch, Resync) else batch)
+                self._deliver(updates)
+                if self._stop.is_set():
                     break
-            ended = any(item is _END for item in batch)
-            with self._lock:
-                updates = self._handle([item for item in batch if item is not _END])
-            self._deliver(updates)
-            if ended:
-                break
+        except Exception:  # a bug in the watch must not leave a half-read batch behind unnoticed
+            log.exception("the datastore watch failed")
 
     # ---- listing ------------------------------------------------------------------------------
     def _list(self) -> int | None:
@@ -200,15 +244,6 @@ class Syncer:
         return first + 1
 
     # ---- watching -----------------------------------------------------------------------------
-    def _read_watch(self, watch: Watch) -> None:
-        try:
-            for item in watch:
-                self._events.put(item)
-        except Exception:  # a bug in the watch must not leave the syncer waiting forever
-            log.exception("the datastore watch failed")
-        finally:
-            self._events.put(_END)
-
     def _handle(self, items: Iterable[WatchEvent | Resync]) -> list[Update]:
         updates: list[Update] = []
         for item in items:
@@ -223,6 +258,8 @@ class Syncer:
                 continue
             if self.snapshot.mod_revisions.get(kv.key, 0) >= kv.mod_revision:
                 continue  # already held: the agent's own write, handed over by put_own
+            if self._provisional and self._own_write(kv, item.deleted):
+                continue
             if item.deleted:
                 kind = self.snapshot.kind_of(kv.key)
                 if kind is not None:
@@ -251,6 +288,7 @@ class Syncer:
         updates += [Update(kind, key, None) for kind, table in old.tables.items() for key in table
                     if key not in fresh.mod_revisions]
         self._listed = {}
+        self._provisional.clear()  # each is gone (not in etcd yet) or replaced by what etcd holds
         self.snapshot = fresh
         return updates
 

@@ -200,6 +200,31 @@ def block_routing_key(block: Block) -> tuple[object, ...]:
     return block.cidr, block.node, borrowed
 
 
+def adds_no_route(key: tuple[object, ...] | None, snapshot: Snapshot, node: str, *,
+                  bgp_owns_remote: bool = False) -> bool:
+    """Whether a block whose :func:`block_routing_key` is ``key`` (None: no block) adds nothing to
+    :func:`routing` for ``node`` in ``snapshot``: no route (a remote owner's block whose route BGP
+    installs, or whose owner is unknown) and no pool that starts or stops counting as in use (only
+    a disabled pool's use matters). Conservative: a block this node owns, or with borrowed
+    addresses, adds something. A block that changes from one such key to another leaves the routing
+    as it was: the agent skips the dataplane pass for it (``felix_agent.calc.moves``)."""
+    if key is None:
+        return True
+    cidr, owner, borrowed = key
+    if borrowed or owner == node or not isinstance(cidr, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return False
+    _, pool = _Pools(snapshot.ippools.values()).containing(cidr)
+    if pool is not None and pool.disabled:
+        return False
+    if owner is None:
+        return True
+    hosts = {r.name: r for r in snapshot.nodes.values() if r.name in (owner, node)}
+    remote = Host.of(hosts[owner]) if owner in hosts else None
+    me = Host.of(hosts[node]) if node in hosts else None
+    route = _remote(cidr, remote, pool, me)
+    return route is None or (bgp_owns_remote and route.kind in BGP_OWNED_KINDS)
+
+
 def _add(routes: set[Route], route: Route | None) -> None:
     if route is not None:
         routes.add(route)

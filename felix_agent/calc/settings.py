@@ -113,7 +113,27 @@ def check_value(name: str, raw: Any, where: str) -> Any:
 def resolve(default: FelixConfigurationSpec | None, node: FelixConfigurationSpec | None, nodename: str,
             layers: Sequence[Layer] = ()) -> Settings:
     """Each field from the highest layer that sets it: ``layers`` (last wins) over the node's
-    resource over the default resource over :data:`DEFAULTS`."""
+    resource over the default resource over :data:`DEFAULTS`. The same objects in give the same
+    Settings out (treat it as read-only)."""
+    global _last
+    last = _last
+    if (last is not None and last[0] is default and last[1] is node and last[2] == nodename
+            and len(last[3]) == len(layers) and all(a is b for a, b in zip(last[3], layers, strict=True))):
+        return last[4]
+    settings = _resolve(default, node, nodename, layers)
+    _last = (default, node, nodename, tuple(layers), settings)
+    return settings
+
+
+# The last resolve()'s inputs and result: the agent's loop asks several times per pass (the
+# calculation, the live configuration, WireGuard) with the very same resources, and each answer
+# walks every field of every layer. Resources are replaced, never changed, when the datastore moves.
+_Inputs = tuple[FelixConfigurationSpec | None, FelixConfigurationSpec | None, str, tuple[Layer, ...], Settings]
+_last: _Inputs | None = None
+
+
+def _resolve(default: FelixConfigurationSpec | None, node: FelixConfigurationSpec | None, nodename: str,
+             layers: Sequence[Layer]) -> Settings:
     stack: list[tuple[str, Mapping[str, Any]]] = []
     for label, spec in ((f"FelixConfiguration {DEFAULT_NAME}", default),
                         (f"FelixConfiguration {node_name(nodename)}", node)):

@@ -9,7 +9,7 @@ from typing import Any
 from datastore import codec
 from datastore.model import Resource
 from felix_agent.bgp_runner import BGPRunner
-from felix_agent.calc.snapshot import Snapshot
+from felix_agent.calc.snapshot import Snapshot, Update
 
 
 def pool(name: str, cidr: str, ipip: str) -> Resource:
@@ -39,11 +39,12 @@ def test_encapsulation_follows_the_pool_of_the_prefix(tmp_path: Path) -> None:
 def test_an_older_view_never_undoes_a_newer_one(tmp_path: Path) -> None:
     runner = BGPRunner("n1", tmp_path, client=None)
     # The syncer's thread applies revision 7; the dataplane loop then brings its copy of revision 6.
-    runner.on_datastore({"IPPool"}, view(7, pool("a", "10.244.0.0/16", "Always")))
+    runner.on_datastore([Update("IPPool", "a", None)], view(7, pool("a", "10.244.0.0/16", "Always")))
     runner.update(view(6, pool("a", "10.244.0.0/16", "Never")))
     assert runner.encap_for("10.244.1.0/26") == "ipip"
     runner.update(view(7, pool("a", "10.244.0.0/16", "Always")))  # the same view again: fine
-    runner.on_datastore({"WorkloadEndpoint"}, view(8, pool("a", "10.244.0.0/16", "Never")))  # not a BGP input
+    runner.on_datastore([Update("WorkloadEndpoint", "w", None)],  # not a BGP input
+                        view(8, pool("a", "10.244.0.0/16", "Never")))
     assert runner.encap_for("10.244.1.0/26") == "ipip"
     runner.update(view(9, pool("a", "10.244.0.0/16", "Never")))
     assert runner.encap_for("10.244.1.0/26") is None
