@@ -132,6 +132,9 @@ def _neighbor(config: SpeakerConfig, peer: Peer) -> list[str]:
         # The agent sends End-of-RIB itself, after re-announcing on session up: ExaBGP's own EOR
         # would go out before those routes and make a GR peer flush ours (reference, gotcha 10).
         "manual-eor true;",
+        # No Adj-RIB-In in ExaBGP: it would copy every received path into a cache of its own (a
+        # fifth of its CPU for a large table) that nothing reads; the agent keeps what peers sent.
+        "adj-rib-in false;",
     ]
     if peer.passive:
         body.append("passive true;")
@@ -287,6 +290,18 @@ def _update(peer: str, message: Mapping[str, Any]) -> UpdateEvent | EndOfRib | N
         _nlri(n) for family, nlris in update.get("withdraw", {}).items() if family in FAMILIES for n in nlris
     )
     return UpdateEvent(peer, announced, withdrawn, dict(update.get("attribute", {})))
+
+
+def as_path_length(attrs: Mapping[str, Any]) -> int:
+    """AS_PATH length from ExaBGP 5's JSON: {"0": {"element": "as-sequence", "value": [...]}}
+    (an AS_SET counts as one)."""
+    path = attrs.get("as-path")
+    if isinstance(path, dict):
+        return sum(len(seg.get("value", [])) if seg.get("element") == "as-sequence" else 1
+                   for seg in path.values() if isinstance(seg, dict))
+    if isinstance(path, list):
+        return len(path)
+    return 0
 
 
 def _nlri(entry: Any) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bgp import trace
+from bgp.exabgp import as_path_length
 from bgp.model import SessionStatus, address, canonical, ipv4_prefix, ipv4_within, network
 from kernel.netlink import KernelError
 from kernel.rtnl import IPIP_FALLBACK_DEVICE as IPIP_DEVICE
@@ -51,6 +52,7 @@ ESTABLISHED = "Established"
 RESYNC_INTERVAL = 60.0
 
 EncapFor = Callable[[str], str | None]  # prefix -> "ipip" | "ipip-cross-subnet" | None
+_Hop = tuple[str, int, "_Connected | None"]  # a next hop's canonical text, IP version, connected subnet
 
 
 class RouteDriver(Protocol):
@@ -146,7 +148,7 @@ class LearnedRoutes:
                 else:
                     rank = ranks.get(id(attrs))
                     if rank is None:
-                        rank = ranks[id(attrs)] = (int(attrs.get("local-preference", 100)), _as_path_len(attrs))
+                        rank = ranks[id(attrs)] = (int(attrs.get("local-preference", 100)), as_path_length(attrs))
                     paths[peer] = Path(next_hop, *rank)
                 if not paths:
                     del self._paths[prefix]
@@ -239,8 +241,9 @@ class LearnedRoutes:
             changed |= self._expire()
             prefixes = set(self._paths) | set(current.ours) if full else changed
             ops: list[tuple[str, KernelRoute]] = []
+            hops: dict[str, _Hop | None] = {}  # next hop -> what its routes share: found once per apply
             for prefix in prefixes:
-                route = self._desired(prefix, current)
+                route = self._desired(prefix, current, hops)
                 have = current.ours.get(prefix)
                 if route is None:
                     if have is not None:
@@ -298,28 +301,27 @@ class LearnedRoutes:
         else:
             self._kernel.ours[route.dst] = route
 
-    def _desired(self, prefix: str, kernel: _Kernel) -> KernelRoute | None:
+    def _desired(self, prefix: str, kernel: _Kernel, hops: dict[str, _Hop | None]) -> KernelRoute | None:
         paths = self._paths.get(prefix)
         if not paths or prefix in kernel.foreign or _in_underlay(prefix, kernel.connected):
             return None
-        peer = min(paths, key=lambda p: paths[p].rank(p))
-        return self._route(prefix, paths[peer].next_hop, kernel.connected)
+        # Most prefixes have one peer's path: no ranking.
+        path = next(iter(paths.values())) if len(paths) == 1 else paths[min(paths, key=lambda p: paths[p].rank(p))]
+        next_hop = path.next_hop
+        return self._route(prefix, hops[next_hop] if next_hop in hops else
+                           hops.setdefault(next_hop, _hop(next_hop, kernel.connected)))
 
-    def _route(self, prefix: str, next_hop: str, connected: list[_Connected]) -> KernelRoute | None:
-        try:
-            nh = address(next_hop)
-        except ValueError:
-            return None
-        if nh.version != (6 if ":" in prefix else 4):
+    def _route(self, prefix: str, hop: _Hop | None) -> KernelRoute | None:
+        if hop is None or hop[1] != (6 if ":" in prefix else 4):
             return None  # a next hop of the other family (RFC 5549) is not supported
-        link = next((c for c in connected if nh in c.network), None)
+        gateway, _, link = hop
         encap = self.encap_for(prefix)
         if encap == "ipip" or (encap == "ipip-cross-subnet" and link is None):
-            return KernelRoute(dst=prefix, gateway=str(nh), device=IPIP_DEVICE, onlink=True, proto=BGP_PROTOCOL)
+            return KernelRoute(dst=prefix, gateway=gateway, device=IPIP_DEVICE, onlink=True, proto=BGP_PROTOCOL)
         if link is not None:
-            return KernelRoute(dst=prefix, gateway=str(nh), device=link.device, proto=BGP_PROTOCOL,
+            return KernelRoute(dst=prefix, gateway=gateway, device=link.device, proto=BGP_PROTOCOL,
                                ifindex=link.ifindex)
-        return KernelRoute(dst=prefix, gateway=str(nh), proto=BGP_PROTOCOL)
+        return KernelRoute(dst=prefix, gateway=gateway, proto=BGP_PROTOCOL)
 
     def _expire(self) -> set[str]:
         """Drop stale paths past their deadline; the prefixes that lost one."""
@@ -368,8 +370,7 @@ class LearnedRoutes:
 
     def start(self) -> None:
         """Apply in a thread of its own: after a change (``change_delay`` later, unless it was
-        applied meanwhile), at stale deadlines, and a full
-        resync (read-back) every ``resync_interval`` seconds."""
+        applied meanwhile), at stale deadlines, and a full resync every ``resync_interval`` s."""
         self._thread = threading.Thread(target=self._run, name="bgp-learned", daemon=True)
         self._thread.start()
 
@@ -418,6 +419,15 @@ class LearnedRoutes:
             self._wake.notify_all()
 
 
+def _hop(next_hop: str, connected: list[_Connected]) -> _Hop | None:
+    """What every route through ``next_hop`` shares (None: it is no address)."""
+    try:
+        nh = address(next_hop)
+    except ValueError:
+        return None
+    return str(nh), nh.version, next((c for c in connected if nh in c.network), None)
+
+
 def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
     """Whether the kernel's route is the one desired (the kernel fills in what we left open)."""
     if desired.device is None:
@@ -436,13 +446,3 @@ def _in_underlay(prefix: str, connected: list[_Connected]) -> bool:
     net = network(prefix)
     return any(net.version == c.network.version and net.subnet_of(c.network) for c in connected)  # type: ignore[arg-type]
 
-
-def _as_path_len(attrs: Mapping[str, Any]) -> int:
-    """AS_PATH length from ExaBGP 5's JSON: {"0": {"element": "as-sequence", "value": [...]}}."""
-    path = attrs.get("as-path")
-    if isinstance(path, dict):
-        return sum(len(seg.get("value", [])) if seg.get("element") == "as-sequence" else 1
-                   for seg in path.values() if isinstance(seg, dict))
-    if isinstance(path, list):
-        return len(path)
-    return 0

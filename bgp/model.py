@@ -103,9 +103,11 @@ def canonical(prefix: str) -> str:
     return str(network(prefix))
 
 
+@functools.lru_cache(maxsize=1 << 15)
 def ipv4_prefix(prefix: str) -> tuple[int, int] | None:
     """A canonical-looking IPv4 prefix ``a.b.c.d/n`` (no leading zeros) as (address, length), or
-    None for anything else (IPv6, odd spellings: those go through ``ipaddress``)."""
+    None for anything else (IPv6, odd spellings: those go through ``ipaddress``). Cached: each
+    prefix of a large table is asked about by ``canonical``, the underlay check and the pools."""
     if _IPV4_PREFIX.fullmatch(prefix) is None:
         return None
     text, _, length = prefix.partition("/")

@@ -48,7 +48,8 @@ class BGPRunner:
         if trace_dir is not None:
             trace.enable(trace_dir, node)
         self.client = client
-        self._pools: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = ()  # cidr, ipipMode
+        # (cidr, ipipMode) of the pools that encapsulate (Always, CrossSubnet)
+        self._pools: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = ()
         self._revision = -1  # of the newest datastore view applied
         self._config: SpeakerConfig | None = None
         self._export_inputs = ExportInputs(node)  # which block/affinity batches can move our exports
@@ -80,6 +81,8 @@ class BGPRunner:
             self._lease.revoke()
 
     def encap_for(self, prefix: str) -> str | None:
+        if not self._pools:  # no pool encapsulates: asked for every prefix of a large table
+            return None
         parsed = ipv4_prefix(prefix)
         if parsed is not None:  # without ipaddress: asked for every prefix of a large table
             for cidr, mode in self._pools:
@@ -123,7 +126,9 @@ class BGPRunner:
                 self._revision = snapshot.revision
                 return
             pools: list[IPPoolSpec] = [p.spec for p in snapshot.ippools.values()]
-            self._pools = tuple((spec.network(), spec.ipip_mode) for spec in pools)
+            # Only the pools that encapsulate: a route in any other needs no answer but None.
+            self._pools = tuple((spec.network(), spec.ipip_mode) for spec in pools
+                                if spec.ipip_mode in ("Always", "CrossSubnet"))
             config = speaker_config(snapshot, self.node)
             if config is None:
                 self._revision = snapshot.revision

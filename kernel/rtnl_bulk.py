@@ -34,6 +34,7 @@ from kernel.rtnl import (
     _IFINFO,
     _NDMSG,
     _NO_LINK,
+    _RTMSG,
     AF_BRIDGE,
     IFLA_ADDRESS,
     IFLA_IFNAME,
@@ -51,6 +52,7 @@ from kernel.rtnl import (
     NETLINK_ROUTE,
     NTF_SELF,
     NUD_PERMANENT,
+    RTA_DST,
     RTM_DELLINK,
     RTM_DELNEIGH,
     RTM_NEWLINK,
@@ -60,6 +62,7 @@ from kernel.rtnl import (
     KernelRoute,
     Link,
     _describe,
+    _destination,
     _mac,
     _name,
     _route_body,
@@ -151,6 +154,7 @@ class BulkRTNL(RTNL):
         etc. would have raised (deleting a route that is gone is a success, as in ``delete_route``)."""
         names: dict[str, int] | None = None
         requests: list[tuple[int, int, bytes] | None] = []
+        bodies = RouteBodies()
         for action, route in ops:
             oif = route.ifindex
             if route.type == "unicast" and oif is None and route.device is not None:
@@ -161,7 +165,7 @@ class BulkRTNL(RTNL):
                     requests.append(None)
                     continue
             _, kind, flags = _COMMANDS[action]
-            requests.append((kind, flags, _route_body(route, oif)))
+            requests.append((kind, flags, bodies.body(route, oif)))
         codes = self._sock.batch(requests)
         out: list[KernelError | None] = []
         for (action, route), request, code in zip(ops, requests, codes, strict=True):
@@ -204,6 +208,31 @@ class BulkRTNL(RTNL):
         except KernelError as e:
             if e.code not in (errno.ENOENT, errno.ENODEV):
                 raise
+
+
+class RouteBodies:
+    """``_route_body`` for many routes that differ in their destination only (a BGP table: one
+    next hop, one device, 10,000 prefixes): the bytes around the destination are made once per
+    shape of route and prefix length, not once per route (a third of the Python work of writing a
+    large table). Must produce exactly what ``_route_body`` does."""
+
+    def __init__(self) -> None:
+        self._shapes: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
+
+    def body(self, route: KernelRoute, oif: int | None) -> bytes:
+        version, prefixlen, packed = _destination(route.dst)
+        if not prefixlen:
+            return _route_body(route, oif)  # no RTA_DST at all: rare, not worth a shape
+        key = (version, prefixlen, route.type, route.scope, route.proto, route.table, route.metric, route.gateway,
+               route.onlink, oif)
+        shape = self._shapes.get(key)
+        if shape is None:
+            whole = _route_body(route, oif)
+            head = _RTMSG.size + 8  # rtmsg, then RTA_TABLE (4 + 4)
+            dst = attr(RTA_DST, packed)
+            assert whole[head:head + len(dst)] == dst
+            shape = self._shapes[key] = (whole[:head] + dst[:4], whole[head + len(dst):])
+        return shape[0] + packed + shape[1]
 
 
 class LinkEvents:
