@@ -501,19 +501,10 @@ def source_config(routes: Sequence[str]) -> str:
     ]) + "\n"
 
 
-def warm_sink_config() -> str:
-    """A BIRD that takes what the external router sends into its own kernel, as a node does."""
-    me = bird_address(WARM_SINK)
-    return "\n".join([
-        LOG, f"router id {me};", "protocol device { scan time 10; }",
-        "protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }",
-        f"protocol bgp upstream {{ local {me} as {ASN}; neighbor {bird_address(SOURCE)} as {SOURCE_ASN}; "
-        "hold time 9; ipv4 { import all; export none; }; }",
-    ]) + "\n"
-
-
-def bird_node_config() -> str:
-    me = bird_address(BIRD_NODE)
+def receiving_bird_config(index: int) -> str:
+    """A BIRD at ``bird_address(index)`` that takes what the external router sends into its own
+    kernel, as a node does: the measured one (``BIRD_NODE``) and the warm-up's sink (``WARM_SINK``)."""
+    me = bird_address(index)
     return "\n".join([
         LOG, f"router id {me};", "protocol device { scan time 10; }",
         "protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }",
@@ -674,10 +665,10 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
             log(f"part 3: {scale.routes} routes from an external router")
             routes = bulk_routes(scale.routes)
             source = start_bird(bgp, SOURCE, source_config(routes))
-            sink = start_bird_again(bgp, WARM_SINK, warm_sink_config(), start_bird)
+            sink = start_bird_again(bgp, WARM_SINK, receiving_bird_config(WARM_SINK), start_bird)
             warm_source(source, sink, len(routes))  # n3 has no BGPPeer yet: no session to it
             sink.stop()
-            bird_node = start_bird(bgp, BIRD_NODE, bird_node_config())
+            bird_node = start_bird(bgp, BIRD_NODE, receiving_bird_config(BIRD_NODE))
             c.apply(bgp_peer_yaml("bench-tor", node="n3", peerIP=bird_address(SOURCE), asNumber=SOURCE_ASN))
             bgp.wait_established(3, [bird_address(SOURCE)], exactly=False, timeout=60)
             agent = c.agents[3]
@@ -754,7 +745,7 @@ def wait_path(path: Path, timeout: float = 30) -> None:
 
 def warm_source(source: Any, sink: Any, count: int, timeout: float = 60) -> None:
     """The external router sends its table once, untimed, to a BIRD that is neither measured
-    node and puts it in its kernel (``warm_sink_config``), then withdraws it. The first transfer
+    node and puts it in its kernel (``receiving_bird_config(WARM_SINK)``), then withdraws it. The first transfer
     took ~0.2 s longer than the later ones whichever node it fed (``bench.bgp_bulk
     --bird-first``), and part 3 always gave it to Tortie. Filling the router's table without a
     session warmed part of it; a sink without a kernel protocol more; one that writes its kernel

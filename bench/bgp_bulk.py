@@ -41,15 +41,14 @@ from bench.bgp_bench import (
     BenchFailure,
     RouteWatch,
     bird_address,
-    bird_node_config,
     bulk_routes,
     bulk_transfer,
     cpu_seconds,
     descendants,
     log,
+    receiving_bird_config,
     source_config,
     wait_for_bird,
-    warm_sink_config,
     warm_source,
 )
 from bench.prerequisites import require
@@ -126,10 +125,10 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
         c = bgp.cluster
         source = start_bird(bgp, SOURCE, source_config(routes))
         if not cold:
-            sink = start_bird(bgp, WARM_SINK, warm_sink_config())
+            sink = start_bird(bgp, WARM_SINK, receiving_bird_config(WARM_SINK))
             warm_source(source, sink, len(routes))
             sink.stop()
-        bird_node = start_bird(bgp, BIRD_NODE, bird_node_config())
+        bird_node = start_bird(bgp, BIRD_NODE, receiving_bird_config(BIRD_NODE))
         c.apply(bgp_peer_yaml("bench-tor", node=f"n{TORTIE_NODE}", peerIP=bird_address(SOURCE), asNumber=SOURCE_ASN))
         agent = c.agents[TORTIE_NODE]
         assert bird_node.pid is not None

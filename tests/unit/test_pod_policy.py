@@ -278,10 +278,12 @@ def test_nothing_is_provisional_before_in_sync() -> None:
     assert etcd_key(pod) not in syncer.snapshot.endpoints
 
 
-class SlowResync:
-    """A manager whose resync (a kernel read-back) takes until released."""
+class HeldApply:
+    """A manager whose applies take until released: every one (a slow route write behind the
+    policy), or only a resync's (a slow kernel read-back)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, resync_only: bool) -> None:
+        self.resync_only = resync_only
         self.entered = threading.Event()
         self.release = threading.Event()
 
@@ -289,14 +291,14 @@ class SlowResync:
         pass
 
     def apply(self, *, resync: bool = False) -> None:
-        if resync:
+        if resync or not self.resync_only:
             self.entered.set()
             assert self.release.wait(10)
 
 
 def test_a_pod_handed_over_during_a_resync_answers_without_waiting_for_its_budget() -> None:
     agent = Agent()
-    slow = SlowResync()
+    slow = HeldApply(resync_only=True)
     agent.loop = DataplaneLoop(agent.syncer.copy_snapshot, Calculator(NODE).compute, [slow, agent.kernel], Metrics(),
                                programmed=agent.kernel.programmed, resync_interval=0)
     agent.loop.start()
@@ -319,24 +321,9 @@ def test_a_pod_handed_over_during_a_resync_answers_without_waiting_for_its_budge
         agent.loop.stop()
 
 
-class SlowRoutes:
-    """A manager behind the policy whose every apply takes until released (a slow route write)."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def on_update(self, state: DesiredState) -> None:
-        pass
-
-    def apply(self, *, resync: bool = False) -> None:
-        self.entered.set()
-        assert self.release.wait(10)
-
-
 def test_a_provisional_add_does_not_wait_for_the_managers_behind_the_policy() -> None:
     agent = Agent()
-    slow = SlowRoutes()
+    slow = HeldApply(resync_only=False)
     agent.loop = DataplaneLoop(agent.syncer.copy_snapshot, Calculator(NODE).compute, [agent.kernel, slow], Metrics(),
                                programmed=agent.kernel.programmed, resync_interval=0)
     agent.loop.start()
