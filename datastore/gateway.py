@@ -46,15 +46,15 @@ class _Transient(Exception):
     """A failure worth retrying on the next endpoint."""
 
 
-def _b64(data: bytes | str) -> str:
+def b64(data: bytes | str) -> str:
     return b2a_base64(data.encode() if isinstance(data, str) else data, newline=False).decode()
 
 
 def _range(key: str, range_end: bytes | None = None, *, keys_only: bool = False,
            count_only: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key)}
+    body: dict[str, Any] = {"key": b64(key)}
     if range_end is not None:
-        body["range_end"] = _b64(range_end)
+        body["range_end"] = b64(range_end)
     if keys_only:
         body["keys_only"] = True
     if count_only:
@@ -126,7 +126,11 @@ class GatewayClient(Writes):
     def endpoint(self) -> Endpoint:
         return self.config.endpoints[self._current % len(self.config.endpoints)]
 
-    def _connect(self, endpoint: Endpoint, timeout: float) -> Any:
+    def next_endpoint(self) -> None:
+        """Turn to the next endpoint (the same one when there is only one): this one failed."""
+        self._current += 1
+
+    def connect(self, endpoint: Endpoint, timeout: float) -> Any:
         if self._sock is not None and self._sock_endpoint == endpoint:
             return self._sock
         self.close()
@@ -162,13 +166,13 @@ class GatewayClient(Writes):
         if len(self._buffer) > _MAX_RESPONSE:
             raise _Transient("an oversized answer")
 
-    def _read_until(self, sock: Any, marker: bytes) -> bytes:
+    def read_until(self, sock: Any, marker: bytes) -> bytes:
         while marker not in self._buffer:
             self._fill(sock)
         head, _, self._buffer = self._buffer.partition(marker)
         return head
 
-    def _read_exactly(self, sock: Any, n: int) -> bytes:
+    def read_exactly(self, sock: Any, n: int) -> bytes:
         while len(self._buffer) < n:
             self._fill(sock)
         data, self._buffer = self._buffer[:n], self._buffer[n:]
@@ -177,7 +181,7 @@ class GatewayClient(Writes):
     def _exchange(self, sock: Any, endpoint: Endpoint, path: str, body: bytes) -> tuple[int, bytes]:
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {endpoint.target}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        head = self._read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
+        head = self.read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
         status = int(head[0].split(" ", 2)[1])
         headers = {}
         for line in head[1:]:
@@ -186,15 +190,15 @@ class GatewayClient(Writes):
         if "chunked" in headers.get("transfer-encoding", ""):
             parts = []
             while True:
-                size = int(self._read_until(sock, b"\r\n").split(b";")[0], 16)
+                size = int(self.read_until(sock, b"\r\n").split(b";")[0], 16)
                 if size == 0:
-                    self._read_until(sock, b"\r\n")
+                    self.read_until(sock, b"\r\n")
                     break
-                parts.append(self._read_exactly(sock, size))
-                self._read_exactly(sock, 2)
+                parts.append(self.read_exactly(sock, size))
+                self.read_exactly(sock, 2)
             payload = b"".join(parts)
         else:
-            payload = self._read_exactly(sock, int(headers.get("content-length", "0")))
+            payload = self.read_exactly(sock, int(headers.get("content-length", "0")))
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, payload
@@ -212,7 +216,7 @@ class GatewayClient(Writes):
             # sign of trouble, and is retried at once on a new connection (once).
             reused = self._sock is not None and self._sock_endpoint == endpoint
             try:
-                sock = self._connect(endpoint, timeout)
+                sock = self.connect(endpoint, timeout)
                 sock.settimeout(timeout)
                 status, payload = self._exchange(sock, endpoint, path, data)
                 answer = json.loads(payload) if payload else {}
@@ -244,7 +248,7 @@ class GatewayClient(Writes):
                 retrying(deadline)
                 if time.monotonic() + delay >= deadline:
                     raise gave_up(DatastoreUnavailable(str(endpoint), cause)) from None
-                self._current += 1  # try the next endpoint, if there is one
+                self.next_endpoint()  # try the next endpoint, if there is one
                 self._sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
 
@@ -288,14 +292,14 @@ class GatewayClient(Writes):
         if mod_revision:
             self.commit([Delete(key, mod_revision)])
             return True
-        return bool(int(self._call("delete", "/v3/kv/deleterange", {"key": _b64(key)}).get("deleted", 0)))
+        return bool(int(self._call("delete", "/v3/kv/deleterange", {"key": b64(key)}).get("deleted", 0)))
 
     def delete_prefix(self, prefix: str) -> int:
-        body = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))}
+        body = {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}
         return int(self._call("delete", "/v3/kv/deleterange", body).get("deleted", 0))
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
         if lease:
             body["lease"] = str(lease)
         return int(self._call("put", "/v3/kv/put", body).get("header", {}).get("revision", 0))
@@ -306,23 +310,23 @@ class GatewayClient(Writes):
         compares: list[dict[str, Any]] = []
         writes: list[dict[str, Any]] = []
         for op in ops:
-            key = _b64(op.key)
+            key = b64(op.key)
             if isinstance(op, Create):
                 compares.append({"key": key, "target": "VERSION", "result": "EQUAL", "version": "0"})
-                put: dict[str, Any] = {"key": key, "value": _b64(op.value)}
+                put: dict[str, Any] = {"key": key, "value": b64(op.value)}
                 if op.lease:
                     put["lease"] = str(op.lease)
                 writes.append({"request_put": put})
             elif isinstance(op, Update):
                 compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
-                writes.append({"request_put": {"key": key, "value": _b64(op.value)}})
+                writes.append({"request_put": {"key": key, "value": b64(op.value)}})
             elif isinstance(op, Delete):
                 if op.mod_revision:
                     compares.append({"key": key, "target": "MOD", "result": "EQUAL",
                                      "mod_revision": str(op.mod_revision)})
                 writes.append({"request_delete_range": {"key": key}})
             elif isinstance(op, NothingNewer):
-                compares.append({"key": key, "range_end": _b64(prefix_end(op.key)), "target": "MOD",
+                compares.append({"key": key, "range_end": b64(prefix_end(op.key)), "target": "MOD",
                                  "result": "LESS", "mod_revision": str(op.revision + 1)})
             else:
                 compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})

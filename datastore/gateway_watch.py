@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from datastore.config import EtcdConfig
-from datastore.gateway import GatewayClient, _b64
+from datastore.gateway import GatewayClient, b64
 from datastore.kv import KeyValue, Resync, WatchEvent, prefix_end
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class GatewayWatch:
                     return
                 log.warning("watch of %s interrupted (%s); resuming from revision %d", self.prefix,
                             str(e) or type(e).__name__, self.next_revision)
-                self._conn._current += 1  # the next endpoint, if there is one
+                self._conn.next_endpoint()
             finally:
                 self._drop()
             if self._cancelled.wait(delay):
@@ -100,7 +100,7 @@ class GatewayWatch:
     def _open(self) -> Any:
         conn = self._conn
         endpoint = conn.endpoint
-        sock = conn._connect(endpoint, _CONNECT_TIMEOUT)
+        sock = conn.connect(endpoint, _CONNECT_TIMEOUT)
         raw: socket.socket = getattr(sock, "_sock", sock)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in _KEEPALIVE:
@@ -109,12 +109,12 @@ class GatewayWatch:
             self._raw = raw
         if self._cancelled.is_set():  # cancel() ran before the socket was there to shut down
             raise _StreamEnded("cancelled")
-        create = {"key": _b64(self.prefix), "range_end": _b64(prefix_end(self.prefix)),
+        create = {"key": b64(self.prefix), "range_end": b64(prefix_end(self.prefix)),
                   "start_revision": str(self.next_revision), "progress_notify": True}
         body = json.dumps({"create_request": create}).encode()
         sock.sendall(f"POST /v3/watch HTTP/1.1\r\nHost: {endpoint.target}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        head = conn._read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
+        head = conn.read_until(sock, b"\r\n\r\n").decode("latin-1").split("\r\n")
         status = int(head[0].split(" ", 2)[1])
         chunked = any(line.lower().startswith("transfer-encoding:") and "chunked" in line.lower() for line in head)
         if status != 200 or not chunked:
@@ -128,11 +128,11 @@ class GatewayWatch:
         conn = self._conn
         pending = b""
         while True:
-            size = int(conn._read_until(sock, b"\r\n").split(b";")[0], 16)
+            size = int(conn.read_until(sock, b"\r\n").split(b";")[0], 16)
             if size == 0:
                 raise _StreamEnded("etcd ended the watch stream")
-            pending += conn._read_exactly(sock, size)
-            conn._read_exactly(sock, 2)
+            pending += conn.read_exactly(sock, size)
+            conn.read_exactly(sock, 2)
             while b"\n" in pending:
                 line, _, pending = pending.partition(b"\n")
                 if line.strip():
