@@ -1,0 +1,239 @@
+"""felix-agent SIGKILLed while an ADD's endpoint write is in flight, its pod already programmed
+provisionally (``felix_agent.pod_policy``): after the restarted agent's start-up cleanup and
+`netctl ipam gc --grace 0`, the kernel holds no map element, chain reference or route of the pod
+unless etcd holds its endpoint (then the attachment is whole), no address is assigned without an
+endpoint, and the runtime was answered with an error, never a success.
+
+The CNI operations reach etcd through the conflist's ``etcd_endpoints``, which here name a proxy
+the test runs inside the node's namespace (the agent's own syncer talks to etcd directly). The
+proxy holds every request for HOLD seconds before it forwards it, so an endpoint write is still
+in the proxy when the pod's provisional map element appears. The test then either cuts the held
+requests (the write never reaches etcd) or SIGKILLs the agent and lets them go on (the write
+lands after the agent died). Only the lab's own etcd and namespaces are involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pytest
+
+from netlab.cni import Attachment, PluginRun, network_config
+from netlab.lab import Pod
+from netlab.wait import wait_for
+from tests.lab.test_tortie_provisional import agent_routes, map_interfaces
+from tests.lab.tortie_support import NETWORK, TortieLab, host_ifname
+
+pytestmark = pytest.mark.lab
+
+HOLD = 0.4  # seconds each request to etcd spends in the proxy: the ADD's endpoint write with them
+CLONE_NEWNET = 0x40000000
+TRY_AGAIN_LATER = 11
+
+
+class HoldProxy:
+    """A TCP proxy listening on 127.0.0.1 inside a namespace, forwarding to ``upstream`` with every
+    client → server chunk held ``hold`` seconds first. ``cut()`` throws away what is held and
+    forwards nothing more (the upstream connections are closed: etcd never sees a partial request)."""
+
+    def __init__(self, netns: str, upstream: tuple[str, int], hold: float) -> None:
+        self.upstream, self.hold = upstream, hold
+        self._cut = threading.Event()
+        self._closing = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        ready = threading.Event()
+        self.port = 0
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                # Sockets belong to the namespace of the thread that makes them, and threads
+                # started from here inherit it.
+                fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+                try:
+                    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns {netns}")
+                finally:
+                    os.close(fd)
+                listener = socket.create_server(("127.0.0.1", 0))
+                self._track(listener)
+                self.port = listener.getsockname()[1]
+            except BaseException as e:  # noqa: BLE001 - reported to the constructor
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            while not self._closing.is_set():
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True, name=f"hold-proxy-{netns}").start()
+        ready.wait(10)
+        if failure or not self.port:
+            raise RuntimeError(f"the proxy did not start in {netns}: {failure}")
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+
+    def _connect(self, client: socket.socket) -> None:
+        self._track(client)
+        if self._cut.is_set():
+            client.close()
+            return
+        server = socket.create_connection(self.upstream, timeout=10)
+        server.settimeout(None)
+        self._track(server)
+        threading.Thread(target=self._pump_back, args=(server, client), daemon=True).start()
+        while True:
+            try:
+                chunk = client.recv(65536)
+            except OSError:
+                chunk = b""
+            # Held whatever happens to the client meanwhile: a request sent is a request etcd gets,
+            # unless the test cuts it.
+            due = time.monotonic() + self.hold
+            while not self._cut.is_set() and time.monotonic() < due:
+                self._cut.wait(max(due - time.monotonic(), 0.0))
+            if self._cut.is_set() or not chunk:
+                with contextlib.suppress(OSError):
+                    server.close()
+                return
+            try:
+                server.sendall(chunk)
+            except OSError:
+                return
+
+    @staticmethod
+    def _pump_back(server: socket.socket, client: socket.socket) -> None:
+        while True:
+            try:
+                chunk = server.recv(65536)
+                if not chunk:
+                    break
+                client.sendall(chunk)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            client.close()
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._cut.set()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+@pytest.fixture(scope="module")
+def tl() -> Iterator[TortieLab]:
+    with TortieLab.create(prefix="tq") as tl:
+        tl.use_agent(True)
+        yield tl
+
+
+@pytest.fixture
+def proxy(tl: TortieLab) -> Iterator[HoldProxy]:
+    url = urlsplit(tl.env["ETCD_ENDPOINTS"].split(",")[0])
+    assert url.hostname is not None and url.port is not None
+    held = HoldProxy(tl.node(1).netns, (url.hostname, url.port), HOLD)
+    try:
+        yield held
+    finally:
+        held.close()
+        if not tl.agent_running():
+            tl.start_agent()
+        tl.reset()
+
+
+def ruleset(tl: TortieLab) -> str:
+    return tl.exec(1, "nft", "list", "ruleset").stdout
+
+
+def endpoint_stored(tl: TortieLab, host_if: str) -> bool:
+    """Whether etcd holds the endpoint, asked in etcd's own namespace (not through the node)."""
+    assert tl.lab.etcd is not None
+    key = f"/tortie/resources/v1/workloadendpoints/default/{tl.node(1).name}-{host_if}"
+    return bool(tl.lab.etcd.etcdctl("get", key, "--keys-only").strip())
+
+
+def handles_and_allocations(tl: TortieLab) -> tuple[list[str], list[str]]:
+    state = tl.datastore()
+    return state.handles, sorted(state.allocations.values())
+
+
+@pytest.mark.parametrize("write", ["cut", "lands"])
+def test_agent_killed_with_the_endpoint_write_in_flight_leaks_nothing(tl: TortieLab, proxy: HoldProxy,
+                                                                      write: str) -> None:
+    live: Pod = tl.add_pod("live")
+    live_if = host_ifname(live.container_id)
+    routes_before = agent_routes(tl)
+    handles_before, allocations_before = handles_and_allocations(tl)
+    held = tl.conflist(etcd_endpoints=f"https://127.0.0.1:{proxy.port}")
+    with tl.sandbox() as box, ThreadPoolExecutor(1) as pool:
+        container_id = secrets.token_hex(32)
+        host_if = host_ifname(container_id)
+        attachment = Attachment(container_id, box.path)
+        adding = pool.submit(tl.call, "ADD", network_config(held, 0), attachment)
+        # The pod's element appears while its endpoint write sits in the proxy.
+        wait_for(lambda: adding.done() or host_if in map_interfaces(tl, "from-wl"), 30,
+                 "the pod's provisional map element", interval=0.01)
+        assert not adding.done(), adding.result()
+        if write == "cut":
+            proxy.cut()
+            tl.agent(1).kill()
+        else:
+            tl.agent(1).kill()
+            wait_for(lambda: endpoint_stored(tl, host_if), 10, "the held endpoint write to land")
+        programmed_before_write = write == "lands" or not endpoint_stored(tl, host_if)
+        answer: PluginRun = adding.result(timeout=60)
+        # The runtime was told the ADD failed (the agent's connection closed after it took the call).
+        assert not answer.ok and answer.code == TRY_AGAIN_LATER, answer
+
+        # What the dead agent left: the pod's element in the kernel, its veth, its addresses.
+        assert host_if in ruleset(tl) and host_if in tl.tor_links()
+        assert f"{NETWORK}.{container_id}.eth0" in handles_and_allocations(tl)[0]
+
+        tl.start_agent()  # its start-up cleanup runs before its socket appears
+        tl.netctl(1, "ipam", "gc", "--grace", "0")
+        landed = endpoint_stored(tl, host_if)
+        print(f"\n{write}: endpoint write landed={landed}, element seen before the write={programmed_before_write}")
+        if landed:
+            # A whole attachment the agent cannot tell from a running pod: consistent, programmed.
+            assert host_if in tl.tor_links()
+            wait_for(lambda: host_if in map_interfaces(tl, "to-wl"), 30, "the kept pod's element")
+            check = tl.call("CHECK", network_config(tl.conflist(), 0), attachment)
+            assert check.ok, check.output
+            handles, _ = handles_and_allocations(tl)
+            assert f"{NETWORK}.{container_id}.eth0" in handles
+            # The runtime DELs after a failed ADD.
+            assert tl.call("DEL", network_config(tl.conflist(), 0), attachment).ok
+        else:
+            assert write == "cut"
+        # Nothing of the pod is left: no element, no chain reference, no route, no address.
+        wait_for(lambda: host_if not in ruleset(tl), 30, "the restarted agent's dataplane to drop the pod",
+                 describe=lambda: ruleset(tl))
+        assert live_if in map_interfaces(tl, "from-wl") and live_if in map_interfaces(tl, "to-wl")
+        assert host_if not in tl.tor_links()
+        assert agent_routes(tl) == routes_before
+        assert not endpoint_stored(tl, host_if)
+        assert handles_and_allocations(tl) == (handles_before, allocations_before)
+    checked = tl.ipam_check()
+    assert checked.returncode == 0, checked.stdout + checked.stderr
