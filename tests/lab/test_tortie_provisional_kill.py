@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import socket
@@ -30,7 +31,7 @@ import pytest
 from netlab.cni import Attachment, PluginRun, network_config
 from netlab.lab import Pod
 from netlab.wait import wait_for
-from tests.lab.test_tortie_provisional import agent_routes, map_interfaces
+from tests.lab.test_tortie_provisional import agent_routes, corrupt_endpoint_key, map_interfaces
 from tests.lab.tortie_support import NETWORK, TortieLab, host_ifname
 
 pytestmark = pytest.mark.lab
@@ -43,11 +44,14 @@ TRY_AGAIN_LATER = 11
 class HoldProxy:
     """A TCP proxy listening on 127.0.0.1 inside a namespace, forwarding to ``upstream`` with every
     client → server chunk held ``hold`` seconds first. ``cut()`` throws away what is held and
-    forwards nothing more (the upstream connections are closed: etcd never sees a partial request)."""
+    forwards nothing more (the upstream connections are closed: etcd never sees a partial request);
+    ``pause()`` keeps what is held, and what comes, until ``resume()``."""
 
     def __init__(self, netns: str, upstream: tuple[str, int], hold: float) -> None:
         self.upstream, self.hold = upstream, hold
         self._cut = threading.Event()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._closing = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -108,6 +112,8 @@ class HoldProxy:
             due = time.monotonic() + self.hold
             while not self._cut.is_set() and time.monotonic() < due:
                 self._cut.wait(max(due - time.monotonic(), 0.0))
+            while not self._cut.is_set() and not self._flowing.wait(0.05):
+                pass
             if self._cut.is_set() or not chunk:
                 with contextlib.suppress(OSError):
                     server.close()
@@ -129,6 +135,12 @@ class HoldProxy:
                 break
         with contextlib.suppress(OSError):
             client.close()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def cut(self) -> None:
         self._cut.set()
@@ -237,3 +249,50 @@ def test_agent_killed_with_the_endpoint_write_in_flight_leaks_nothing(tl: Tortie
         assert handles_and_allocations(tl) == (handles_before, allocations_before)
     checked = tl.ipam_check()
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_pod_reachable_while_provisional_is_not_once_its_write_failed(tl: TortieLab, proxy: HoldProxy) -> None:
+    """The agent survives, the endpoint write fails (a stale, undecodable value at its key, as in
+    test_tortie_provisional): traffic the pod's policy let through while it was provisional stops."""
+    live: Pod = tl.add_pod("live")
+    routes_before = agent_routes(tl)
+    handles_before, allocations_before = handles_and_allocations(tl)
+    held = tl.conflist(etcd_endpoints=f"https://127.0.0.1:{proxy.port}")
+    with tl.sandbox() as box, ThreadPoolExecutor(1) as pool:
+        container_id = secrets.token_hex(32)
+        host_if = host_ifname(container_id)
+        key = corrupt_endpoint_key(tl, container_id)
+        try:
+            adding = pool.submit(tl.call, "ADD", network_config(held, 0), Attachment(container_id, box.path))
+            wait_for(lambda: adding.done() or host_if in map_interfaces(tl, "to-wl"), 30,
+                     "the pod's provisional map element", interval=0.01)
+            proxy.pause()  # the endpoint write stays in flight while the pod is pinged
+            assert not adding.done(), adding.result()
+            address = wait_for(lambda: box_ipv4(box.exec("ip", "-j", "-4", "addr", "show", "dev", "eth0").stdout),
+                               5, "the pod's address")
+            # Reachable while its write is held: the policy (the default profile's allow) is programmed.
+            assert wait_for(lambda: adding.done() or tl.lab.ping(live.netns, address, timeout=0.5), 5,
+                            "a ping to the provisional pod")
+            assert not adding.done(), "the write answered before the ping went through"
+            proxy.resume()
+            answer: PluginRun = adding.result(timeout=60)
+            assert not answer.ok, answer
+            # Once the error is answered, the pod's policy, route and address are gone.
+            assert not tl.lab.ping(live.netns, address, count=3, timeout=1)
+            assert host_if not in ruleset(tl)
+            assert agent_routes(tl) == routes_before
+            assert host_if not in tl.tor_links()
+            assert handles_and_allocations(tl) == (handles_before, allocations_before)
+        finally:
+            tl.etcdctl("del", key)
+    # The agent goes on: the next pod is reachable.
+    again = tl.add_pod("again")
+    assert tl.lab.ping(live.netns, next(ip for ip in again.ips if ":" not in ip))
+
+
+def box_ipv4(listing: str) -> str | None:
+    """The first IPv4 address of an `ip -j addr` listing, without its prefix length."""
+    for link in json.loads(listing or "[]"):
+        for info in link.get("addr_info", []):
+            return str(info["local"])
+    return None
