@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -294,13 +295,42 @@ def test_agent_killed_with_the_endpoint_write_in_flight_leaks_nothing(tl: Tortie
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_a_pod_reachable_while_provisional_is_not_once_its_write_failed(tl: TortieLab, proxy: HoldProxy) -> None:
+ALLOW_ICMP = """\
+apiVersion: tortie.dev/v1
+kind: GlobalNetworkPolicy
+metadata: {name: held-allow-icmp}
+spec:
+  selector: role == 'held'
+  types: [Ingress]
+  ingress:
+  - action: Allow
+    protocol: ICMP
+"""
+
+
+def to_wl_chain(tl: TortieLab, host_if: str) -> str | None:
+    """The chain the ``to-wl`` verdict map sends ``host_if``'s traffic to."""
+    listing = tl.exec(1, "nft", "list", "map", "inet", "tortie", "to-wl").stdout
+    found = re.search(rf'"{host_if}" : goto (\S+?)[,\s]', listing)
+    return found[1] if found else None
+
+
+@pytest.mark.parametrize("policy", ["profile", "allow-icmp"])
+def test_a_pod_reachable_while_provisional_is_not_once_its_write_failed(tl: TortieLab, proxy: HoldProxy,
+                                                                         policy: str) -> None:
     """The agent survives, the endpoint write fails (a stale, undecodable value at its key, as in
-    test_tortie_provisional): traffic the pod's policy let through while it was provisional stops."""
+    test_tortie_provisional): traffic the pod's policy let through while it was provisional stops.
+    ``policy``: the profile's default allow, or a GlobalNetworkPolicy of the pod's own (its chain
+    then is the pod's alone, and must go with it)."""
     live: Pod = tl.add_pod("live")
     routes_before = agent_routes(tl)
     handles_before, allocations_before = handles_and_allocations(tl)
-    held = tl.conflist(etcd_endpoints=f"https://127.0.0.1:{proxy.port}")
+    held = tl.conflist(etcd_endpoints=f"https://127.0.0.1:{proxy.port}",
+                       args={"cni": {"labels": [{"key": "role", "value": "held"}]}})
+    if policy == "allow-icmp":
+        applied = tl.work / "held-allow-icmp.yaml"
+        applied.write_text(ALLOW_ICMP)
+        tl.netctl(1, "apply", "-f", str(applied))
     with tl.sandbox() as box, ThreadPoolExecutor(1) as pool:
         container_id = secrets.token_hex(32)
         host_if = host_ifname(container_id)
@@ -311,6 +341,9 @@ def test_a_pod_reachable_while_provisional_is_not_once_its_write_failed(tl: Tort
                      "the pod's provisional map element", interval=0.01)
             proxy.pause()  # the endpoint write stays in flight while the pod is pinged
             assert not adding.done(), adding.result()
+            chain = to_wl_chain(tl, host_if)
+            own_chain = chain is not None and chain != to_wl_chain(tl, host_ifname(live.container_id))
+            assert own_chain == (policy == "allow-icmp"), (chain, policy)
             address = str(wait_for(lambda: box_ipv4(box.exec("ip", "-j", "-4", "addr", "show", "dev", "eth0").stdout),
                                    5, "the pod's address"))
             # Reachable while its write is held: the policy (the default profile's allow) is programmed.
@@ -323,11 +356,15 @@ def test_a_pod_reachable_while_provisional_is_not_once_its_write_failed(tl: Tort
             # Once the error is answered, the pod's policy, route and address are gone.
             assert not tl.lab.ping(live.netns, address, count=3, timeout=1)
             assert host_if not in ruleset(tl)
+            if own_chain:
+                assert f"chain {chain} " not in ruleset(tl), f"the pod's chain {chain} is left"
             assert agent_routes(tl) == routes_before
             assert host_if not in tl.tor_links()
             assert handles_and_allocations(tl) == (handles_before, allocations_before)
         finally:
             tl.etcdctl("del", key)
+            if policy == "allow-icmp":
+                tl.netctl(1, "delete", "gnp", "held-allow-icmp", check=False)
     # The agent goes on: the next pod is reachable.
     again = tl.add_pod("again")
     assert tl.lab.ping(live.netns, next(ip for ip in again.ips if ":" not in ip))
