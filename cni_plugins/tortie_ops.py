@@ -31,8 +31,9 @@ from cni_plugins.naming import host_ifname
 from cni_plugins.result import DNS, Interface, IPConfig, Result, Route, parse_result
 from cni_plugins.skel import LABEL_NAMESPACE, CmdArgs, gc_valid_attachments, labels
 from cni_plugins.workers import Workers
-from datastore.errors import AlreadyExists, NotFound
-from datastore.kv import Delete, KeyValue
+from datastore import keys
+from datastore.errors import AlreadyExists, Conflict, NotFound
+from datastore.kv import Delete, KeyValue, Present
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
@@ -186,8 +187,11 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
             addresses = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
             wired = pair.configure(addresses)
             endpoint = _endpoint(args, conf, host_if, wired, addresses)
+            # The endpoint of an assignment this ADD made is written only while its handle exists.
+            handle = (keys.handle_key(ipam_conf.handle(args.container_id, args.ifname))
+                      if conf.ipam_type == "tortie-ipam" and not repeated else None)
             with _provisional(stores, endpoint), ipam_ops.cni_errors(), stores.client(ipam_conf.etcd) as client:
-                _write_endpoint(ResourceStore(client), endpoint)
+                _write_endpoint(ResourceStore(client), endpoint, handle)
         undo.pop_all()
     log.info("ADD %s: %s on %s", args.container_id, ", ".join(map(str, addresses)), host_if)
     return _result(args, wired, host_if, addresses, conf), repeated, endpoint
@@ -274,12 +278,21 @@ def _provisional(stores: Datastores, endpoint: Resource) -> Iterator[None]:
         raise
 
 
-def _write_endpoint(store: ResourceStore, resource: Resource) -> None:
-    """Stores ``resource``; its resourceVersion becomes the write's revision."""
+def _write_endpoint(store: ResourceStore, resource: Resource, handle_key: str | None) -> None:
+    """Stores ``resource``; its resourceVersion becomes the write's revision. With ``handle_key`` (of
+    the addresses this ADD assigned) only while that handle exists: if a restarted agent cleaned
+    the half-made attachment up and `ipam gc` released it, the addresses may be another pod's."""
+    requires = [Present(handle_key)] if handle_key else []
     try:
-        store.create(resource)  # the usual case: one round trip
-    except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
-        store.update(resource)
+        try:
+            store.create(resource, requires)  # the usual case: one round trip
+        except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
+            store.update(resource, requires=requires)
+    except Conflict as e:
+        if handle_key is None or e.key != handle_key:
+            raise
+        raise CNIError(codes.TRY_AGAIN_LATER, "the attachment's addresses were released while it was being set up",
+                       f"IPAM handle {handle_key} is gone; the endpoint was not written") from None
 
 
 def delete(args: CmdArgs, stores: Datastores = ONE_SHOT) -> None:

@@ -50,6 +50,7 @@ from datastore.kv import (
     KeyValue,
     NothingNewer,
     Op,
+    Present,
     Reading,
     Resync,
     Unchanged,
@@ -59,8 +60,8 @@ from datastore.kv import (
     prefix_end,
 )
 
-__all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "NothingNewer", "Op", "Reading", "Resync", "Unchanged",
-           "Update", "Watch", "WatchEvent", "prefix_end"]
+__all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "NothingNewer", "Op", "Present", "Reading", "Resync",
+           "Unchanged", "Update", "Watch", "WatchEvent", "prefix_end"]
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,8 @@ class EtcdClient(Writes):
                 if op.mod_revision:
                     compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
                 writes.append(rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)))
+            elif isinstance(op, Present):
+                compares.append(C(key=key, target=C.VERSION, result=C.GREATER, version=0))
             elif isinstance(op, NothingNewer):
                 compares.append(C(key=key, range_end=prefix_end(op.key), target=C.MOD, result=C.LESS,
                                   mod_revision=op.revision + 1))

@@ -37,7 +37,7 @@ from datastore.errors import (
     DatastoreUnavailable,
     is_transient,
 )
-from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Reading, Update, Writes, prefix_end
+from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Present, Reading, Update, Writes, prefix_end
 
 _MAX_RESPONSE = 64 * 1024 * 1024
 
@@ -325,6 +325,8 @@ class GatewayClient(Writes):
                     compares.append({"key": key, "target": "MOD", "result": "EQUAL",
                                      "mod_revision": str(op.mod_revision)})
                 writes.append({"request_delete_range": {"key": key}})
+            elif isinstance(op, Present):
+                compares.append({"key": key, "target": "VERSION", "result": "GREATER", "version": "0"})
             elif isinstance(op, NothingNewer):
                 compares.append({"key": key, "range_end": b64(prefix_end(op.key)), "target": "MOD",
                                  "result": "LESS", "mod_revision": str(op.revision + 1)})

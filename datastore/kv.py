@@ -112,6 +112,13 @@ class Unchanged:
 
 
 @dataclass(frozen=True)
+class Present:
+    """Write nothing, but fail the transaction if ``key`` does not exist (whatever its revision)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class NothingNewer:
     """Write nothing, but fail the transaction if any key under the prefix ``key`` was written after
     ``revision`` (a key created since included; a key deleted since is not seen)."""
@@ -120,7 +127,7 @@ class NothingNewer:
     revision: int
 
 
-Op = Create | Update | Delete | Unchanged | NothingNewer
+Op = Create | Update | Delete | Unchanged | Present | NothingNewer
 
 
 def op_bytes(op: Op) -> int:
@@ -194,6 +201,10 @@ class Writes:
         for op in ops:
             if isinstance(op, NothingNewer):
                 if any(k.startswith(op.key) and rev > op.revision for k, rev in current.items()):
+                    return Conflict(op.key)
+                continue
+            if isinstance(op, Present):
+                if not current.get(op.key, 0):
                     return Conflict(op.key)
                 continue
             expected = 0 if isinstance(op, Create) else op.mod_revision

@@ -12,7 +12,7 @@ from typing import Literal
 from datastore import keys
 from datastore.codec import from_stored, stored_bytes
 from datastore.errors import AlreadyExists, Conflict, NotFound
-from datastore.kv import KV, Create, Delete, Op, Unchanged, Update, op_bytes
+from datastore.kv import KV, Create, Delete, Op, Present, Unchanged, Update, op_bytes
 from datastore.model import Kind, Resource
 
 Outcome = Literal["created", "configured", "unchanged"]
@@ -130,18 +130,27 @@ class ResourceStore:
                     resource.describe())
         return error
 
-    def create(self, resource: Resource) -> Resource:
+    def create(self, resource: Resource, requires: Sequence[Present] = ()) -> Resource:
+        """Store a new resource. Each of ``requires`` names a key that must exist for the write to
+        happen: its absence is a :class:`Conflict` naming that key (no resource is written)."""
         key = self.key(resource.kind, resource.name, resource.namespace)
         self._identify(resource)
         try:
-            rev = self.client.create(key, stored_bytes(resource))
-        except AlreadyExists:
+            if requires:
+                rev = self.client.commit([Create(key, stored_bytes(resource)), *requires])
+            else:
+                rev = self.client.create(key, stored_bytes(resource))
+        except Conflict as e:
+            if requires and e.key != key:
+                raise
             raise AlreadyExists(resource.describe()) from None
         resource.metadata.resource_version = str(rev)
         return resource
 
-    def update(self, resource: Resource, current: Resource | None = None) -> Resource:
-        """Replace the stored resource; a set ``resourceVersion`` must still be current."""
+    def update(self, resource: Resource, current: Resource | None = None,
+               requires: Sequence[Present] = ()) -> Resource:
+        """Replace the stored resource; a set ``resourceVersion`` must still be current, and each of
+        ``requires`` names a key that must exist (as for :meth:`create`)."""
         key = self.key(resource.kind, resource.name, resource.namespace)
         current = current or self.get(resource.kind, resource.name, resource.namespace)
         if current is None:
@@ -153,8 +162,14 @@ class ResourceStore:
         resource.metadata.uid = current.metadata.uid
         resource.metadata.creation_timestamp = current.metadata.creation_timestamp
         try:
-            rev = self.client.update(key, stored_bytes(resource), int(current.metadata.resource_version))
-        except Conflict:
+            if requires:
+                rev = self.client.commit([Update(key, stored_bytes(resource), int(current.metadata.resource_version)),
+                                          *requires])
+            else:
+                rev = self.client.update(key, stored_bytes(resource), int(current.metadata.resource_version))
+        except Conflict as e:
+            if requires and e.key != key:
+                raise
             raise Conflict(resource.describe()) from None
         resource.metadata.resource_version = str(rev)
         return resource

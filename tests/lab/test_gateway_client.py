@@ -11,7 +11,7 @@ from datastore.config import EtcdConfig
 from datastore.errors import AlreadyExists, Conflict, DatastoreRefused, DatastoreUnavailable
 from datastore.etcd import EtcdClient
 from datastore.gateway import GatewayClient
-from datastore.kv import Create, Delete, Unchanged, Update
+from datastore.kv import Create, Delete, Present, Unchanged, Update
 from netlab.etcd import EtcdServer
 
 pytestmark = pytest.mark.lab
@@ -78,3 +78,20 @@ def test_a_kept_alive_connection_closed_under_it_is_replaced_at_once(etcd_client
         kv = gw.get(key)
         assert kv is not None and kv.value == b"v"
         assert slept == []
+
+
+def test_present_fails_a_commit_once_its_key_is_gone(etcd_client: EtcdClient, etcd_server: EtcdServer) -> None:
+    """The condition an ADD's endpoint write carries, on both clients: the write lands only while
+    the required key (the attachment's IPAM handle) exists, and a failure names that key."""
+    base = f"/tortie/test/present-{uuid.uuid4().hex}"
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as gw:
+        for i, client in enumerate((etcd_client, gw)):
+            required, written = f"{base}/handle{i}", f"{base}/endpoint{i}"
+            etcd_client.create(required, b"{}")
+            client.commit([Create(written, b"1"), Present(required)])
+            assert etcd_client.get(written) is not None
+            etcd_client.delete(written)
+            etcd_client.delete(required)
+            with pytest.raises(Conflict) as lost:
+                client.commit([Create(written, b"1"), Present(required)])
+            assert lost.value.key == required and etcd_client.get(written) is None
