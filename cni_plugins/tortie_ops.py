@@ -173,7 +173,7 @@ def _attach(args: CmdArgs, stores: Datastores, ipam_conf: ipam_ops.IPAMConf, con
     if not os.path.exists(args.netns):
         raise CNIError(codes.UNKNOWN_CONTAINER, "network namespace not found", args.netns)
     _check_free(args)
-    assigning = _Background(_assign, args, ipam_conf, stores, name="assign")
+    assigning = _Background(_assign, args, ipam_conf, stores)
     with contextlib.ExitStack() as undo:
         undo.callback(_unassign_on_failure, assigning, args, stores)
         with _wiring_errors(codes.IO_FAILURE, "could not wire the container"), \
@@ -363,9 +363,9 @@ def _unwire(netns_path: str, ifname: str, host_if: str) -> None:
 
 class _Background:
     """``fn(*a)`` on a thread of its own (a kept one: ``cni_plugins.workers``); ``result()`` waits
-    and re-raises its exception. ``name`` says what it is, for a reader of this code."""
+    and re-raises its exception."""
 
-    def __init__(self, fn: Any, *a: Any, name: str = "teardown") -> None:
+    def __init__(self, fn: Any, *a: Any) -> None:
         import contextvars
         import threading
 

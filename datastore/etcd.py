@@ -61,7 +61,7 @@ from datastore.kv import (
 )
 
 __all__ = ["Create", "Delete", "EtcdClient", "KeyValue", "NothingNewer", "Op", "Present", "Reading", "Resync",
-           "Unchanged", "Update", "Watch", "WatchEvent", "prefix_end"]
+           "Unchanged", "Update", "WatchEvent", "prefix_end"]
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,3 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=2)
         self.client._lease_revoke(self.id)
-
-
-# The agent's syncer names the watch's type by this name.
-Watch = GatewayWatch

@@ -24,7 +24,8 @@ from typing import Any
 from datastore import keys
 from datastore.codec import from_stored, stored_bytes
 from datastore.errors import DatastoreError, ValidationError
-from datastore.etcd import EtcdClient, KeyValue, Resync, Watch, WatchEvent
+from datastore.etcd import EtcdClient, KeyValue, Resync, WatchEvent
+from datastore.gateway_watch import GatewayWatch
 from datastore.model import Resource
 from datastore.resources import all_kinds
 from felix_agent.calc.snapshot import AFFINITY, BLOCK, Affinity, Snapshot, Update
@@ -96,7 +97,7 @@ class Syncer:
         self.resyncs = 0  # re-listings after a compaction (a metric)
         self._stop = threading.Event()
         self._lock = threading.Lock()  # held while the snapshot changes (see copy_snapshot)
-        self._watch: Watch | None = None
+        self._watch: GatewayWatch | None = None
         self._listed: dict[str, int] = {}  # prefix → revision of its listing (replayed events ≤ it are stale)
         self._provisional: dict[str, tuple[str, Resource]] = {}  # key → (kind, value) held ahead of its write
         self._thread: threading.Thread | None = None
