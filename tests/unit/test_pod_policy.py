@@ -199,7 +199,12 @@ def test_a_write_that_fails_before_its_pass_ran_leaves_nothing_either(agent: Age
     withdraw = agent.pods.before_write("default/node-a-tor2", failed, None)
     assert withdraw is not None
     done = threading.Event()
-    thread = threading.Thread(target=lambda: (withdraw(), done.set()))
+
+    def withdraw_then_signal() -> None:
+        withdraw()
+        done.set()
+
+    thread = threading.Thread(target=withdraw_then_signal)
     thread.start()
     agent.kernel.gate.set()
     assert done.wait(5)
