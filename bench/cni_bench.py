@@ -30,6 +30,7 @@ from bench.prerequisites import require
 
 BIN = Path(sys.executable).parent
 REFERENCE = Path("/usr/lib/cni")
+ROUNDS = 5  # full run: churn in 5 alternating rounds per plugin of the pair measured side by side
 
 
 # ---- the driver (runs inside the node namespace) -------------------------------------------------
@@ -49,49 +50,78 @@ def _netns(name: str, add: bool) -> None:
     subprocess.run(["ip", "netns", "add" if add else "del", name], check=True, capture_output=True)
 
 
+def _cycle(plugin: Path, conf: Mapping[str, Any], cni_path: str, cid: str) -> tuple[float, float]:
+    """One pod's ADD then DEL, in a fresh container namespace made and removed outside the timing."""
+    ns = f"bn-{cid}"
+    _netns(ns, True)
+    try:
+        a = _call(plugin, "ADD", conf, cid, f"/run/netns/{ns}", cni_path)
+        d = _call(plugin, "DEL", conf, cid, f"/run/netns/{ns}", cni_path)
+    finally:
+        _netns(ns, False)
+    return a * 1000, d * 1000
+
+
+def _churn(plugin: Path, conf: Mapping[str, Any], cni_path: str, tag: str, callers: int,
+           per_caller: int) -> tuple[int, float]:
+    """``callers`` threads each doing ``per_caller`` ADD+DEL cycles: (cycles done, seconds)."""
+    done = [0]
+    lock = threading.Lock()
+
+    def caller(k: int) -> None:
+        for j in range(per_caller):
+            _cycle(plugin, conf, cni_path, f"{tag}-c{k}-{j}")
+            with lock:
+                done[0] += 1
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done[0], time.perf_counter() - started
+
+
 def driver(spec: dict[str, Any]) -> dict[str, Any]:
     """Latency (sequential ADD then DEL per pod) and churn (concurrent callers) for one plugin, or
-    only VERSION calls (``spec["version"]``: the exec of the front end, no datastore work)."""
+    only VERSION calls (``spec["version"]``: the exec of the front end, no datastore work), or
+    several plugins interleaved (``spec["plugins"]``, :func:`interleaved`)."""
+    if "plugins" in spec:
+        return interleaved(spec)
     plugin, conf, cni_path, tag = Path(spec["plugin"]), spec["conf"], spec["cni_path"], spec["tag"]
     if spec.get("version"):
         times = [_call(plugin, "VERSION", conf, tag, "", cni_path) * 1000 for _ in range(spec["warmup"] + spec["n"])]
         return {"version": times[spec["warmup"]:]}
     adds, dels = [], []
     for i in range(spec["warmup"] + spec["n"]):
-        ns = f"bn-{tag}-{i}"
-        _netns(ns, True)
-        try:
-            a = _call(plugin, "ADD", conf, f"{tag}-{i}", f"/run/netns/{ns}", cni_path)
-            d = _call(plugin, "DEL", conf, f"{tag}-{i}", f"/run/netns/{ns}", cni_path)
-        finally:
-            _netns(ns, False)
+        a, d = _cycle(plugin, conf, cni_path, f"{tag}-{i}")
         if i >= spec["warmup"]:
-            adds.append(a * 1000)
-            dels.append(d * 1000)
-    # churn: `callers` threads each doing ADD+DEL cycles on their own namespaces
-    done = [0]
-    lock = threading.Lock()
+            adds.append(a)
+            dels.append(d)
+    done, seconds = _churn(plugin, conf, cni_path, tag, spec["callers"], spec["churn_per_caller"])
+    return {"add": adds, "del": dels, "churn": done / seconds}
 
-    def caller(k: int) -> None:
-        for j in range(spec["churn_per_caller"]):
-            ns = f"bc-{tag}-{k}-{j}"
-            _netns(ns, True)
-            try:
-                _call(plugin, "ADD", conf, f"{tag}-c{k}-{j}", f"/run/netns/{ns}", cni_path)
-                _call(plugin, "DEL", conf, f"{tag}-c{k}-{j}", f"/run/netns/{ns}", cni_path)
-            finally:
-                _netns(ns, False)
-            with lock:
-                done[0] += 1
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(spec["callers"])]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    churn = done[0] / (time.perf_counter() - started)
-    return {"add": adds, "del": dels, "churn": churn}
+def interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """Several plugins measured side by side, so that a change of the machine's load reaches
+    them alike: pod by pod (each takes its turn at ADD+DEL, the first place alternating), then
+    churn in ``rounds`` alternating rounds whose cycles and seconds are summed per plugin."""
+    plugins = spec["plugins"]
+    out: dict[str, dict[str, Any]] = {p["tag"]: {"add": [], "del": [], "done": 0, "seconds": 0.0} for p in plugins}
+    for i in range(spec["warmup"] + spec["n"]):
+        for p in plugins if i % 2 == 0 else plugins[::-1]:
+            a, d = _cycle(Path(p["plugin"]), p["conf"], p["cni_path"], f"{p['tag']}-{i}")
+            if i >= spec["warmup"]:
+                out[p["tag"]]["add"].append(a)
+                out[p["tag"]]["del"].append(d)
+    for r in range(spec["rounds"]):
+        for p in plugins if r % 2 == 0 else plugins[::-1]:
+            done, seconds = _churn(Path(p["plugin"]), p["conf"], p["cni_path"], f"{p['tag']}-r{r}",
+                                   spec["callers"], spec["churn_per_caller"] // spec["rounds"])
+            out[p["tag"]]["done"] += done
+            out[p["tag"]]["seconds"] += seconds
+    return {tag: {"add": r["add"], "del": r["del"], "churn": r["done"] / r["seconds"]} for tag, r in out.items()}
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------
@@ -144,11 +174,9 @@ def main() -> int:
                "ipam": {"type": "host-local", "dataDir": str(work / "hl"),
                         "ranges": [[{"subnet": "10.216.0.0/16"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
 
-        def run(tag: str, plugin: Path, conf: dict[str, Any], path: str, version: bool = False) -> dict[str, Any]:
+        def drive(tag: str, spec: dict[str, Any]) -> dict[str, Any]:
             spec_file = work / f"{tag}.json"
-            spec_file.write_text(json.dumps({"plugin": str(plugin), "conf": conf, "cni_path": path, "tag": tag,
-                                             "n": n * 5 if version else n, "warmup": 3, "callers": 4,
-                                             "churn_per_caller": churn, "version": version}))
+            spec_file.write_text(json.dumps({"warmup": 3, "callers": 4, "churn_per_caller": churn, **spec}))
             print(f"  measuring {tag} ...", file=sys.stderr, flush=True)
             # nsenter, not `ip netns exec`: the driver's `ip netns add` must happen in the machine's
             # mount namespace, where the agent (in its own) can see the new namespaces' mounts.
@@ -160,7 +188,11 @@ def main() -> int:
                 raise SystemExit(f"{tag} failed: {out.stderr[-3000:]}\nagent log: {log}")
             return dict(json.loads(out.stdout))
 
-        results = {"reference ptp+host-local": run("ref", REFERENCE / "ptp", ptp, str(REFERENCE)),
+        def run(tag: str, plugin: Path, conf: dict[str, Any], path: str, version: bool = False) -> dict[str, Any]:
+            return drive(tag, {"plugin": str(plugin), "conf": conf, "cni_path": path, "tag": tag,
+                               "n": n * 5 if version else n, "version": version})
+
+        results = {"reference ptp+host-local": {},
                    "tortie in-process (compiled)": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
         agent_log_level = os.environ.get("BENCH_AGENT_LOG", "warning")
         agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log", env=env,
@@ -172,11 +204,18 @@ def main() -> int:
             raise SystemExit(f"felix-agent did not come up: {e}") from None
         cycles = 3 + n + 4 * churn
         agent_cpu: dict[str, float] = {}
-        for name, tag, binary in (("tortie delegated, compiled", "agent", cnibin),
-                                  ("tortie delegated, Python relay", "agentpy", pybin)):
-            cpu_before = _cpu_seconds(pid)
-            results[name] = run(tag, binary / "tortie", tortie, f"{binary}:{REFERENCE}")
-            agent_cpu[name] = (_cpu_seconds(pid) - cpu_before) / cycles * 1000
+        # The targets' rows side by side (the reference's cycles in between cost the agent only
+        # the link notifications of its node's namespace: counted against Tortie here).
+        cpu_before = _cpu_seconds(pid)
+        pair = drive("ref+agent", {"n": n, "rounds": ROUNDS if not args.quick else 1, "plugins": [
+            {"tag": "ref", "plugin": str(REFERENCE / "ptp"), "conf": ptp, "cni_path": str(REFERENCE)},
+            {"tag": "agent", "plugin": str(cnibin / "tortie"), "conf": tortie, "cni_path": f"{cnibin}:{REFERENCE}"}]})
+        agent_cpu["tortie delegated, compiled"] = (_cpu_seconds(pid) - cpu_before) / cycles * 1000
+        results["reference ptp+host-local"] = pair["ref"]
+        results["tortie delegated, compiled"] = pair["agent"]
+        cpu_before = _cpu_seconds(pid)
+        results["tortie delegated, Python relay"] = run("agentpy", pybin / "tortie", tortie, f"{pybin}:{REFERENCE}")
+        agent_cpu["tortie delegated, Python relay"] = (_cpu_seconds(pid) - cpu_before) / cycles * 1000
         # The exec of each front end alone: VERSION is relayed to the agent (which answers it
         # without any datastore work); the reference answers it itself.
         version = {"reference ptp": run("vref", REFERENCE / "ptp", ptp, str(REFERENCE), version=True),
@@ -188,7 +227,9 @@ def main() -> int:
     ref = results["reference ptp+host-local"]
     rows = []
     print(f"\nCNI benchmark: {n} ADD+DEL per plugin after 3 warm-ups, churn = 4 callers x {churn} ADD+DEL;"
-          f" {os.cpu_count()} CPUs, load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}\n")
+          f" {os.cpu_count()} CPUs, load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"reference and compiled delegated side by side: pod by pod, churn in {1 if args.quick else ROUNDS}"
+          " alternating rounds\n")
     print(f"{'plugin':34} {'ADD p50':>9} {'ADD p95':>9} {'DEL p50':>9} {'DEL p95':>9} {'churn/s':>9}"
           f" {'ADD p50 x':>10} {'DEL p50 x':>10} {'churn x':>8}")
     for name, r in results.items():
