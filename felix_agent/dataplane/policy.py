@@ -24,11 +24,13 @@ import functools
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from felix_agent.calc.model import DesiredState, Endpoint, HostEndpoint, IPSet, Policy, RuleMatch
 from felix_agent.dataplane.endpoint_chains import EndpointChains, EndpointPart
+from felix_agent.dataplane.linger import Alarm, Linger
 from felix_agent.dataplane.nft_ruleset import (
     Chain,
     ChainDelta,
@@ -282,7 +284,8 @@ class _Renderer:
     changed (a new pod) the endpoint half is updated from them alone (``EndpointChains``) and the
     ruleset says which chains changed (``Ruleset.delta``), so the driver diffs only those."""
 
-    def __init__(self) -> None:
+    def __init__(self, linger: Linger[Policy] | None = None) -> None:
+        self._linger: Linger[Policy] = linger if linger is not None else Linger(0.0)
         self._endpoint_half = EndpointChains()
         self._part: EndpointPart | None = None
         self._policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
@@ -299,12 +302,15 @@ class _Renderer:
         action = state.host.endpoint_to_host_action
         last = self._chains
         if (last is not None and self._part is not None and last[0] is state.endpoints and last[1] is state.policies
-                and last[5] is state.host_endpoints and last[6] == action):
+                and last[5] is state.host_endpoints and last[6] == action and not self._linger.expired()):
             chains, rule_sets, delta = last[2], last[3], last[4]
             part = self._part
         else:
             part = self._part = self._endpoint_half.update(state.endpoints, known)
             wanted = part.wanted | host_policy_refs(state.host_endpoints, known)
+            if kept := self._linger.keep(wanted, known):  # chains unused a moment ago stay a while
+                wanted |= kept.keys()
+                known = {**{pid: policy for (pid, _), policy in kept.items()}, **known}
             before = self._policy_part
             if before is not None and before[0] == wanted and before[1] is state.policies:
                 policy_chains, rule_sets = before[2], before[3]
@@ -359,12 +365,15 @@ class PolicyManager:
 
     def __init__(self, table: NftTable, *,
                  on_programmed: Callable[[frozenset[Endpoint]], None] | None = None,
-                 wake: Callable[[], None] | None = None) -> None:
+                 wake: Callable[[], None] | None = None, linger: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._table = table
         self._on_programmed = on_programmed
         self._wake = wake
         self._read_tries = 0
-        self._renderer = _Renderer()
+        self._linger: Linger[Policy] = Linger(linger, clock)  # see felix_agent.dataplane.linger
+        self._alarm = Alarm(wake, clock) if wake is not None and linger > 0 else None
+        self._renderer = _Renderer(self._linger)
         self._state: DesiredState | None = None
         self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet], frozenset[HostEndpoint],
                           str] | None = None
@@ -384,6 +393,8 @@ class PolicyManager:
             return ""
         written = ""
         repair = False
+        if self._linger.expired():
+            self._dirty = True  # a lingering chain's time is up: declare the table without it
         if resync and self._wake is not None:
             # Read back on a thread; the apply that follows its end (``wake`` asks the loop for one)
             # repairs. Meanwhile new pods' transactions go through on what the driver last wrote.
@@ -403,6 +414,8 @@ class PolicyManager:
                 self._table.reload()
             written = self._table.apply()
             self._dirty = False
+            if self._alarm is not None:
+                self._alarm.at(self._linger.due())
         if self._on_programmed is not None:
             self._on_programmed(self._state.endpoints)
         return written
