@@ -1,0 +1,117 @@
+"""Lingering policy chains against a real kernel (``felix_agent.dataplane.linger``): a profile's chains
+and selector set outlive its node's last pod for the linger, reachable from nothing (no rule jumps to
+them, the set is empty), serve the profile's next pod unchanged, and are gone once the linger is
+over; what is allowed and dropped is what it was without the linger.
+
+Reuses the lab of ``test_policy_dataplane`` (a host namespace, three pods, an outside namespace). The
+states are what the calculation sends: the profile ``pro/web`` and its selector set only while a
+local pod uses it. The manager's clock is a fake one, moved by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMatch
+from felix_agent.dataplane.nftables import NftTable
+from felix_agent.dataplane.policy import PolicyManager, set_name
+from felix_agent.dataplane.policy_lists import policy_chain
+from tests.lab.test_policy_dataplane import PODS, PROFILE, Lab, root_ruleset, sh
+
+pytestmark = pytest.mark.lab
+
+WEB = Policy("pro/web", ingress=(RuleMatch("Allow", src_sets=("web",)),), egress=(RuleMatch("Allow"),))
+WEB_CHAINS = {policy_chain(WEB.id, "in"), policy_chain(WEB.id, "out")}
+WEB_SETS = {set_name("web", 4), set_name("web", 6)}
+LINGER = 30.0
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: builds network namespaces and nftables tables in them")
+    before = root_ruleset()
+    lab = Lab()
+    try:
+        lab.build()
+        yield lab
+    finally:
+        lab.delete()
+        assert root_ruleset() == before, "the root namespace's ruleset changed"
+
+
+class Node:
+    """The policy manager with a linger, on the lab's host namespace, fed the calculation's states."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.now = 0.0
+        self.manager = PolicyManager(NftTable(netns=lab.ns("host")), linger=LINGER, clock=lambda: self.now)
+
+    def endpoint(self, pod: str, profile: str) -> Endpoint:
+        v4, v6 = PODS[pod]
+        return Endpoint(f"t/{pod}", self.lab.iface(pod), (f"{v4}/32", f"{v6}/128"), profiles=(profile,))
+
+    def apply(self, web: tuple[str, ...], web_members: tuple[str, ...] = ("c2",)) -> str:
+        """c1 (when in ``web``) under ``pro/web``, which allows ingress from the ``web`` set; the others
+        under the allow-all ``pro/net``. The ``web`` set holds ``web_members`` while a pod uses it."""
+        endpoints = [self.endpoint(p, WEB.id if p in web else PROFILE.id) for p in ("c1", "c2", "c3")
+                     if p in web or p != "c1"]
+        used = any(e.profiles == (WEB.id,) for e in endpoints)
+        ipsets = [IPSet("web", 4, members=frozenset(f"{PODS[p][0]}/32" for p in web_members)),
+                  IPSet("web", 6, members=frozenset(f"{PODS[p][1]}/128" for p in web_members))] if used else []
+        state = DesiredState(node="lab", endpoints=frozenset(endpoints),
+                             policies=frozenset([PROFILE, WEB] if used else [PROFILE]), ipsets=frozenset(ipsets))
+        self.manager.on_update(state)
+        return self.manager.apply()
+
+    def table(self) -> tuple[set[str], dict[str, list[object]], str]:
+        """The table's chains, its sets with their elements, and every rule's text."""
+        listing = json.loads(sh("ip", "netns", "exec", self.lab.ns("host"), "nft", "-j", "list", "table", "inet",
+                                "tortie"))["nftables"]
+        chains = {item["chain"]["name"] for item in listing if "chain" in item}
+        sets = {item["set"]["name"]: item["set"].get("elem", []) for item in listing if "set" in item}
+        rules = sh("ip", "netns", "exec", self.lab.ns("host"), "nft", "list", "table", "inet", "tortie")
+        return chains, sets, rules
+
+
+def made_or_deleted(script: str, names: set[str]) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith(("add chain", "delete chain", "add set",
+                                                                     "delete set")) and line.split()[4] in names]
+
+
+def test_a_profiles_chains_linger_unreferenced_then_go(lab: Lab) -> None:
+    node = Node(lab)
+    node.apply(web=("c1",))
+    assert lab.reaches("c2", "c1") and not lab.reaches("c3", "c1")
+
+    node.now += 1
+    left = node.apply(web=())  # c1, the profile's last pod on the node, is deleted
+    chains, sets, rules = node.table()
+    assert chains >= WEB_CHAINS and sets.keys() >= WEB_SETS  # lingering ...
+    assert all(not sets[name] for name in WEB_SETS)  # ... the selector sets emptied ...
+    assert not any(f"jump {name}" in rules or f"goto {name}" in rules for name in WEB_CHAINS)  # ... and unreachable
+    assert made_or_deleted(left, WEB_CHAINS | WEB_SETS) == []
+    assert lab.reaches("c2", "c3") and lab.reaches("c3", "c2")
+
+    node.now += 10
+    back = node.apply(web=("c1",), web_members=("c3",))  # the profile's next pod, within the linger
+    assert made_or_deleted(back, WEB_CHAINS | WEB_SETS) == []  # elements, a list chain and map elements only
+    assert lab.reaches("c3", "c1") and not lab.reaches("c2", "c1")  # the set was refilled in the same transaction
+
+    node.now += 1
+    node.apply(web=())
+    node.now += LINGER - 0.5
+    assert node.apply(web=()) == ""
+    node.now += 0.5
+    gone = node.apply(web=())  # nothing changed but the time
+    assert sorted(made_or_deleted(gone, WEB_CHAINS | WEB_SETS)) == sorted(
+        [f"delete chain inet tortie {name}" for name in WEB_CHAINS] + [f"delete set inet tortie {name}"
+                                                                        for name in WEB_SETS])
+    chains, sets, rules = node.table()
+    assert not WEB_CHAINS & chains and not WEB_SETS & sets.keys()
+    assert lab.reaches("c2", "c3") and lab.reaches("c3", "c2")
