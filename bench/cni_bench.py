@@ -8,7 +8,7 @@ a lab node's namespace, with a fresh container namespace made outside the timed 
 timing loop itself runs inside the node namespace (a driver process), so that every plugin is
 exec'd the same direct way.
 
-    .venv/bin/python -m bench.cni_bench [--quick]
+    .venv/bin/python -m bench.cni_bench [--quick] [--source /path/to/other/checkout]
 """
 
 from __future__ import annotations
@@ -33,15 +33,32 @@ REFERENCE = Path("/usr/lib/cni")
 
 
 # ---- the driver (runs inside the node namespace) -------------------------------------------------
+_exec_cpu = [0.0]  # CPU seconds of every exec so far (the plugin and what it exec'd and waited for)
+_exec_cpu_lock = threading.Lock()
+
+
 def _call(plugin: Path, command: str, conf: Mapping[str, Any], cid: str, netns: str, cni_path: str) -> float:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
            "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": cni_path}
     data = json.dumps(conf).encode()
     started = time.perf_counter()
-    proc = subprocess.run([str(plugin)], input=data, capture_output=True, env=env)
+    proc = subprocess.Popen([str(plugin)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(data)
+    proc.stdin.close()
+    out, err = proc.stdout.read(), proc.stderr.read()  # a plugin's stderr is a line at most: no deadlock
+    # wait4, not communicate's wait: the child's own rusage, which holds the descendants it waited for
+    # (ptp's host-local), so that the reference's CPU per cycle is counted as Tortie's is.
+    _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    proc.stderr.close()
+    with _exec_cpu_lock:
+        _exec_cpu[0] += usage.ru_utime + usage.ru_stime
     if proc.returncode != 0:
-        raise RuntimeError(f"{plugin.name} {command} {cid}: {proc.stdout.decode()} {proc.stderr.decode()}")
+        raise RuntimeError(f"{plugin.name} {command} {cid}: {out.decode()} {err.decode()}")
     return elapsed
 
 
@@ -91,7 +108,8 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
     for t in threads:
         t.join()
     churn = done[0] / (time.perf_counter() - started)
-    return {"add": adds, "del": dels, "churn": churn}
+    return {"add": adds, "del": dels, "churn": churn, "exec_cpu": _exec_cpu[0],
+            "cycles": spec["warmup"] + spec["n"] + spec["callers"] * spec["churn_per_caller"]}
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------
@@ -111,9 +129,12 @@ def main() -> int:
     from netlab.agent import Agent
     from netlab.cni import tortie_plugin
     from netlab.lab import Lab
+    from netlab.netns import pids as netns_pids
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--source", type=Path, help="run the agent from another checkout of Tortie (e.g. a worktree of "
+                    "main), to compare two versions under the same load (as bench/agent_cpu.py does)")
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
@@ -144,6 +165,9 @@ def main() -> int:
                "ipam": {"type": "host-local", "dataDir": str(work / "hl"),
                         "ranges": [[{"subnet": "10.216.0.0/16"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
 
+        etcd_pid = netns_pids(lab.etcd_members[0].netns)[0]
+        etcd_cpu: dict[str, float] = {}  # ms per cycle, by run
+
         def run(tag: str, plugin: Path, conf: dict[str, Any], path: str, version: bool = False) -> dict[str, Any]:
             spec_file = work / f"{tag}.json"
             spec_file.write_text(json.dumps({"plugin": str(plugin), "conf": conf, "cni_path": path, "tag": tag,
@@ -152,18 +176,23 @@ def main() -> int:
             print(f"  measuring {tag} ...", file=sys.stderr, flush=True)
             # nsenter, not `ip netns exec`: the driver's `ip netns add` must happen in the machine's
             # mount namespace, where the agent (in its own) can see the new namespaces' mounts.
+            etcd_before = _cpu_seconds(etcd_pid)
             out = subprocess.run(["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m",
                                   "bench.cni_bench", "--driver", str(spec_file)],
                                  capture_output=True, text=True, timeout=3600, cwd=Path(__file__).parents[1])
             if out.returncode != 0:
                 log = (work / "agent.log").read_text()[-3000:] if (work / "agent.log").exists() else ""
                 raise SystemExit(f"{tag} failed: {out.stderr[-3000:]}\nagent log: {log}")
-            return dict(json.loads(out.stdout))
+            result = dict(json.loads(out.stdout))
+            if not version:
+                etcd_cpu[tag] = (_cpu_seconds(etcd_pid) - etcd_before) / result["cycles"] * 1000
+            return result
 
         results = {"reference ptp+host-local": run("ref", REFERENCE / "ptp", ptp, str(REFERENCE)),
                    "tortie in-process (compiled)": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
         agent_log_level = os.environ.get("BENCH_AGENT_LOG", "warning")
-        agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log", env=env,
+        agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log",
+                      env={**env, "PYTHONPATH": str(args.source.resolve())} if args.source else env,
                       log_level=agent_log_level, node_ip=False)
         pid = agent.start()
         try:
@@ -204,6 +233,20 @@ def main() -> int:
     print(f"\nfelix-agent CPU per ADD+DEL cycle (utime+stime over the run / {cycles} cycles):")
     for name, ms in agent_cpu.items():
         print(f"  {name:32} {ms:6.1f} ms")
+    # Every process's share of a cycle: the execs (front end, delegated plugins), the agent, etcd. Kernel
+    # work is in these where it runs in their system calls; softirq and kworker time is in none.
+    print("\nCPU per ADD+DEL cycle, all processes (the execs' rusage, agent and etcd from /proc), each whole run:")
+    tags = {"reference ptp+host-local": "ref", "tortie in-process (compiled)": "inproc",
+            "tortie delegated, compiled": "agent", "tortie delegated, Python relay": "agentpy"}
+    cpu_rows = {}
+    for name, tag in tags.items():
+        execs = results[name]["exec_cpu"] / results[name]["cycles"] * 1000
+        total = execs + agent_cpu.get(name, 0.0) + etcd_cpu[tag]
+        cpu_rows[name] = {"execs": execs, "agent": agent_cpu.get(name, 0.0), "etcd": etcd_cpu[tag], "total": total}
+    ref_total = cpu_rows["reference ptp+host-local"]["total"]
+    for name, c in cpu_rows.items():
+        print(f"  {name:32} execs {c['execs']:5.1f} + agent {c['agent']:5.1f} + etcd {c['etcd']:5.1f}"
+              f" = {c['total']:5.1f} ms  {c['total'] / ref_total:5.2f}x")
     ref_version = statistics.median(version["reference ptp"]["version"])
     print("\nexec time alone, CNI_COMMAND=VERSION (tortie: relayed to the agent):")
     version_rows = []
@@ -216,6 +259,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     (out_dir / f"cni-{stamp}.json").write_text(json.dumps({"n": n, "churn_per_caller": churn, "rows": rows,
                                                            "agent_cpu_ms_per_cycle": agent_cpu,
+                                                           "cpu_ms_per_cycle": cpu_rows,
                                                            "version": version_rows,
                                                            "load": [load_start, os.getloadavg()]}, indent=2))
     return 0
