@@ -77,30 +77,32 @@ class Linger(Generic[P]):
 
 class Alarm:
     """Calls ``wake`` (from its own thread) once the time given to :meth:`at` comes. One kept thread,
-    started on first use; a later time replaces an earlier one without waking it (it looks again when
-    it wakes), so a linger pushed back by every pod of a churn costs no wake-up per pod."""
+    started on first use. It is woken only for a time earlier than the one it sleeps until: a time
+    pushed back or withdrawn (the profile used again, then left again: every pod of a churn) is seen
+    when it wakes, so a churn costs it a wake-up per linger, not one per pod."""
 
     def __init__(self, wake: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
         self._wake = wake
         self._clock = clock
         self._cond = threading.Condition()
         self._when = math.inf
+        self._sleeping_until = math.inf  # what the thread waits for now
         self._thread: threading.Thread | None = None
 
     def at(self, when: float) -> None:
         with self._cond:
-            earlier = when < self._when
             self._when = when
             if self._thread is None and when < math.inf:
                 self._thread = threading.Thread(target=self._run, name="policy-linger", daemon=True)
                 self._thread.start()
-            elif earlier:
+            elif when < self._sleeping_until:
                 self._cond.notify()
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while (left := self._when - self._clock()) > 0:
+                    self._sleeping_until = self._when
                     self._cond.wait(None if left == math.inf else left)
-                self._when = math.inf
+                self._sleeping_until = self._when = math.inf
             self._wake()
