@@ -4,16 +4,19 @@ A rolling deployment's pods of one namespace come and go: the last pod of a prof
 next arrives a second later. Removing the profile's chains and selector sets when the last one
 leaves, and making them again for the next, costs a transaction through libnftables each way
 (making or deleting a set is not in ``kernel.nfnl_batch``'s grammar, and libnftables first loads its
-cache of the whole ruleset: ~11 netlink dumps). Kept a while, the next pod's ADD and DEL are map
-elements and list chains only, straight over nfnetlink.
+cache of the whole ruleset: ~11 netlink dumps). The endpoint half's list chains (``to-<h>`` /
+``from-<h>``, shared by the endpoints of one policy list) linger the same way. Kept a while, the next
+pod's ADD is two dispatch-map elements and its set elements, straight over nfnetlink, and its DEL
+the same, deleted: no chain made or deleted, no rule added or flushed.
 
-A lingering chain is reachable from no base chain (no list chain jumps to it: those go with their
-last endpoint), so it allows or drops nothing; its selector sets stay declared, emptied of members
-once the calculation stops asking for them. After ``seconds`` unused it is no longer declared and the
-next apply removes it the usual way, rules before sets and chains.
+A lingering chain is reachable from no base chain: no dispatch-map element goes to a lingering list
+chain, and only lingering list chains jump to a lingering policy chain. So it allows or drops
+nothing; its selector sets stay declared, emptied of members once the calculation stops asking for
+them. After ``seconds`` unused it is no longer declared and the next apply removes it the usual
+way, rules before sets and chains.
 
-Owns which (policy id, direction) chains linger and until when, and the one timer thread that wakes
-the dataplane loop when the earliest of them is due. Must not render chains or touch the kernel
+Owns which (policy id, direction) chains and which list chains linger and until when, and the one
+timer thread that wakes the dataplane loop when the earliest of them is due. Must not render chains or touch the kernel
 (``felix_agent.dataplane.policy`` does).
 """
 
@@ -24,6 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Generic, TypeVar
+
+from felix_agent.dataplane.nft_ruleset import Chain
 
 Ref = tuple[str, str]  # (policy id, direction)
 P = TypeVar("P")  # the policy a chain renders from (felix_agent.calc.model.Policy)
@@ -44,10 +49,11 @@ class Linger(Generic[P]):
         self._since: dict[Ref, float] = {}  # lingering ref -> when it left `wanted`
         self._kept: dict[Ref, P] = {}
 
-    def keep(self, wanted: frozenset[Ref], known: Mapping[str, P]) -> Mapping[Ref, P]:
+    def keep(self, wanted: frozenset[Ref], known: Mapping[str, P], now: float | None = None) -> Mapping[Ref, P]:
+        """``now``: the render's clock reading (the list chains' linger is decided on the same one)."""
         if self.seconds <= 0:
             return {}
-        now = self.clock()
+        now = self.clock() if now is None else now
         if wanted != self._last:
             for ref in self._last - wanted:
                 policy = known.get(ref[0]) or self._last_known.get(ref[0])
@@ -73,6 +79,43 @@ class Linger(Generic[P]):
     @property
     def lingering(self) -> Collection[Ref]:
         return self._since.keys()
+
+
+class ChainLinger:
+    """``keep(chains)`` → the endpoint half's list chains (``to-<h>``/``from-<h>``) that left
+    ``chains`` less than ``seconds`` ago, by name. Such a chain jumps to policy chains: those leave
+    :class:`Linger`'s ``wanted`` in the same render as the chain's last list, or later, so with the same
+    ``seconds`` and one clock reading per render for both, a list chain never outlives a chain it jumps
+    to (their removals may share a transaction, which flushes every chain before deleting any)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self._chains: tuple[Chain, ...] = ()
+        self._names: frozenset[str] = frozenset()
+        self._since: dict[str, tuple[float, Chain]] = {}
+
+    def keep(self, chains: tuple[Chain, ...], now: float | None = None) -> dict[str, Chain]:
+        if self.seconds <= 0:
+            return {}
+        now = self.clock() if now is None else now
+        if chains is not self._chains:  # the endpoint half hands on the same tuple while no list moved
+            names = frozenset(c.name for c in chains)
+            for chain in self._chains:
+                if chain.name not in names and chain.name not in self._since:
+                    self._since[chain.name] = (now, chain)
+            for name in [n for n in self._since if n in names]:
+                del self._since[name]
+            self._chains, self._names = chains, names
+        for name in [n for n, (since, _) in self._since.items() if now - since >= self.seconds]:
+            del self._since[name]
+        return {name: chain for name, (_, chain) in self._since.items()}
+
+    def due(self) -> float:
+        return min(since for since, _ in self._since.values()) + self.seconds if self._since else math.inf
+
+    def expired(self) -> bool:
+        return self.clock() >= self.due()
 
 
 class Alarm:

@@ -55,30 +55,30 @@ def apply(pm: PolicyManager, s: DesiredState) -> list[str]:
     return [line for line in pm.apply().splitlines() if line != "add table inet tortie"]
 
 
-def objects(lines: list[str]) -> list[str]:
-    """The lines of a transaction that make or delete a chain or a set (not elements, not rules)."""
-    return [line for line in lines if line.startswith(("add chain", "delete chain", "add set", "delete set"))]
+def elements_only(lines: list[str]) -> bool:
+    """The transaction adds or deletes elements only: no chain, set or rule made, flushed or deleted."""
+    return all(line.startswith(("add element", "delete element")) for line in lines)
 
 
-def test_last_pod_leaving_and_next_arriving_touch_no_policy_chain_or_set() -> None:
+def test_last_pod_leaving_and_next_arriving_write_elements_only() -> None:
     pm, _, clock = manager(linger=30)
     first = apply(pm, state(1))
     assert f"add set inet tortie {SET} {{ type ipv4_addr ; flags interval ; }}" in first
-    assert f"add chain inet tortie {IN}" in first
+    assert f"add chain inet tortie {IN}" in first and any(line.startswith("add chain inet tortie to-")
+                                                         for line in first)
 
     clock.now += 1
     gone = apply(pm, state())
-    # The pod's own list chains and map elements go; the profile's chains and set stay, the set emptied.
-    assert [line for line in objects(gone) if IN in line or OUT in line or SET in line] == []
+    # The pod's map elements and set element go; its list chains, the profile's chains and its set stay.
+    assert gone and elements_only(gone), gone
     assert f"delete element inet tortie {SET} {{ 10.244.0.1 }}" in gone
-    assert not any(f"jump {IN}" in line or f"jump {OUT}" in line for line in gone)
-    assert any(line.startswith("delete chain inet tortie to-") for line in gone)
+    assert sum(line.startswith(("delete element inet tortie to-wl", "delete element inet tortie from-wl"))
+               for line in gone) == 2
 
     clock.now += 20
-    back = apply(pm, state(2))  # within the linger: map elements, a list chain and a set element only
-    assert [line for line in objects(back) if IN in line or OUT in line or SET in line] == []
+    back = apply(pm, state(2))  # within the linger: the same, added
+    assert back and elements_only(back), back
     assert f"add element inet tortie {SET} {{ 10.244.0.2 }}" in back
-    assert any(f"jump {IN}" in line for line in back)
 
 
 def test_removed_after_the_linger_and_never_referenced_while_gone() -> None:
@@ -92,9 +92,12 @@ def test_removed_after_the_linger_and_never_referenced_while_gone() -> None:
     removed = apply(pm, state())  # the same state: the linger's end alone makes the apply write
     assert f"delete chain inet tortie {IN}" in removed and f"delete chain inet tortie {OUT}" in removed
     assert f"delete set inet tortie {SET}" in removed
-    # flushed before the set goes (its rule references the set), deleted after
-    assert removed.index(f"flush chain inet tortie {IN}") < removed.index(f"delete set inet tortie {SET}") \
-        < removed.index(f"delete chain inet tortie {IN}")
+    lists = [line.split()[-1] for line in removed if line.startswith(("delete chain inet tortie to-",
+                                                                      "delete chain inet tortie from-"))]
+    assert len(lists) == 2  # the pod's list chains, which jump to the profile's, go in the same transaction
+    # every chain flushed (the list chains' jumps, the profile's rule on the set) before anything is deleted
+    first_delete = min(i for i, line in enumerate(removed) if line.startswith("delete"))
+    assert all(f"flush chain inet tortie {name}" in removed[:first_delete] for name in [IN, OUT, *lists])
     # every transaction so far: no rule outside the profile's own chains ever referenced them after they left
     written = "\n".join(nft.transactions)
     assert written.count(f"jump {IN}") == 1
