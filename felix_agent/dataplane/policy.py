@@ -8,7 +8,9 @@ interface name, each element a ``goto`` to the chain of the endpoint's policy li
 (``felix_agent.dataplane.policy_lists``); per policy or profile and direction ``pol-<h>-in|out`` /
 ``pro-<h>-in|out``; the IP sets ``s-<id>-v4|v6`` and named-port sets ``np-<id>-v4|v6``. A new
 endpoint is two map elements, and a chain only when its list is new; a label change is set
-elements only.
+elements only. Chains and sets no endpoint uses any more stay a while (``linger``, the agent's
+``--policy-linger``; ``felix_agent.dataplane.linger``), so that the next pod of a list or profile is
+elements only too.
 
 Why two forward chains: ``accept`` ends a packet's walk through one base chain only, so a policy's
 Allow can be a plain ``accept`` and the destination's ingress still runs in the later chain.
