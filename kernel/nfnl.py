@@ -15,8 +15,8 @@ elements) a one-address label change costs ~100 ms of ``nft`` start-up, and list
 A batch goes over a socket of its own, or over a :class:`KeptSocket` (the agent's: closing a
 netfilter socket after a batch that deleted something waits for the kernel's grace period).
 
-Owns these nfnetlink messages, the batch framing and its sockets; ``kernel.nfnl_batch`` adds chains, rules
-and map elements of a small rule grammar (a new endpoint) on the same framing; everything else
+Owns these nfnetlink messages, the batch framing and its sockets; ``kernel.nfnl_batch`` adds chains,
+rules and map elements of a small rule grammar (a new endpoint) on the same framing; everything else
 goes through nft's own parser. Must not know what the sets and rules mean (no policy, no Tortie concept). Uses
 ``kernel.netlink``'s header, attributes and errors; runs in the caller's network namespace.
 """

@@ -16,8 +16,8 @@ them. After ``seconds`` unused it is no longer declared and the next apply remov
 way, rules before sets and chains.
 
 Owns which (policy id, direction) chains and which list chains linger and until when, and the one
-timer thread that wakes the dataplane loop when the earliest of them is due. Must not render chains or touch the kernel
-(``felix_agent.dataplane.policy`` does).
+timer thread that wakes the dataplane loop when the earliest of them is due. Must not render chains
+or touch the kernel (``felix_agent.dataplane.policy`` does).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 from felix_agent.dataplane.nft_ruleset import Chain
@@ -76,10 +76,6 @@ class Linger(Generic[P]):
         """A lingering chain is due: the next render must drop it."""
         return self.clock() >= self.due()
 
-    @property
-    def lingering(self) -> Collection[Ref]:
-        return self._since.keys()
-
 
 class ChainLinger:
     """``keep(chains)`` → the endpoint half's list chains (``to-<h>``/``from-<h>``) that left
@@ -92,7 +88,6 @@ class ChainLinger:
         self.seconds = seconds
         self.clock = clock
         self._chains: tuple[Chain, ...] = ()
-        self._names: frozenset[str] = frozenset()
         self._since: dict[str, tuple[float, Chain]] = {}
 
     def keep(self, chains: tuple[Chain, ...], now: float | None = None) -> dict[str, Chain]:
@@ -106,7 +101,7 @@ class ChainLinger:
                     self._since[chain.name] = (now, chain)
             for name in [n for n in self._since if n in names]:
                 del self._since[name]
-            self._chains, self._names = chains, names
+            self._chains = chains
         for name in [n for n, (since, _) in self._since.items() if now - since >= self.seconds]:
             del self._since[name]
         return {name: chain for name, (_, chain) in self._since.items()}
