@@ -182,3 +182,38 @@ def test_list_chains_never_outlive_the_policy_chains_they_jump_to(lab: Lab) -> N
     assert not ({lists["c2"], allow_chain} | WEB_CHAINS) & chains and not WEB_SETS & sets.keys()
     assert not any("delete table" in script for script in written)
     assert not lab.reaches("c3", "c2") and not lab.reaches("c2", "c3")  # c2 is gone: its interface is dropped
+
+
+def test_the_agent_removes_lingering_chains_on_its_own_once_the_linger_is_over() -> None:
+    """A real agent with ``--policy-linger 1``: a pod's list chains and its profile's chains and sets
+    outlive its DEL, unreachable, serve the next pod of the profile as they are (its dispatch elements
+    go to the same chain), then go without anything else happening (the linger's timer wakes the
+    loop)."""
+    from netlab.wait import wait_for
+    from tests.lab.tortie_support import TortieLab, host_ifname
+
+    with TortieLab.create(nodes=1, prefix="tpl") as tl:
+        tl.start_agent(extra_args=["--policy-linger", "1"])
+
+        def table() -> tuple[set[str], dict[str, str]]:
+            listing = json.loads(tl.exec(1, "nft", "-j", "list", "table", "inet", "tortie").stdout)["nftables"]
+            chains = {item["chain"]["name"] for item in listing if "chain" in item}
+            sets = {item["set"]["name"] for item in listing if "set" in item}
+            to_wl = next(item["map"] for item in listing if "map" in item and item["map"]["name"] == "to-wl")
+            targets = {key: verdict["goto"]["target"] for key, verdict in to_wl.get("elem", [])}
+            return chains | sets, targets
+
+        first = tl.add_pod("web-1")
+        objects, targets = table()
+        target = targets[host_ifname(first.container_id)]
+        pod_objects = {name for name in objects if name.startswith(("to-", "from-", "pro-", "s-"))
+                       and name != "forward-to-wl"}
+        assert target in pod_objects and any(name.startswith("pro-") for name in pod_objects)
+        tl.lab.delete_pod(first)
+        objects, targets = table()
+        assert pod_objects <= objects and target not in targets.values()  # lingering, unreachable
+        second = tl.add_pod("web-2")
+        assert table()[1][host_ifname(second.container_id)] == target  # the same list chain again
+        tl.lab.delete_pod(second)
+        wait_for(lambda: not pod_objects & table()[0], 15, "the lingering chains and sets to go", interval=0.2)
+        tl.assert_clean()
