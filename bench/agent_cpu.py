@@ -68,6 +68,45 @@ class CycleCost:
                 f" ({self.cycles / self.wall_s:.1f} cycles/s)")
 
 
+@dataclass(frozen=True)
+class ThreadUse:
+    """One thread's CPU seconds and context switches so far (``/proc/<pid>/task/<tid>``)."""
+
+    cpu: float
+    switches: int
+
+    @classmethod
+    def all_of(cls, pid: int) -> dict[int, ThreadUse]:
+        found = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                status = (task / "status").read_text()
+            except OSError:
+                continue  # the thread ended meanwhile
+            switches = sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+            found[int(task.name)] = cls((int(fields[11]) + int(fields[12])) / TICKS, switches)
+        return found
+
+
+def thread_names(pid: int, spy: str | None) -> dict[int, str]:
+    """Python thread names by native id, from ``py-spy dump`` (CPython does not name OS threads)."""
+    if spy is None:
+        return {}
+    out = subprocess.run([spy, "dump", "--pid", str(pid), "--nonblocking", "--json"], capture_output=True, text=True)
+    try:
+        return {int(t["os_thread_id"]): f'{t.get("thread_name") or "?"} ({_top_frame(t)})'
+                for t in json.loads(out.stdout) if t.get("os_thread_id")}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _top_frame(thread: Mapping[str, Any]) -> str:
+    """The thread's outermost Tortie frame: what it runs (Workers threads all share one name)."""
+    frames = [f for f in thread.get("frames", []) if "/threading.py" not in f.get("filename", "")]
+    return frames[-1]["name"] if frames else "-"
+
+
 # ---- the driver (runs inside the node namespace) -------------------------------------------------
 def _call(plugin: str, command: str, conf: Mapping[str, Any], cid: str, netns: str, cni_path: str) -> None:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
@@ -181,6 +220,8 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, help="record the measured cycles with py-spy into this directory")
     ap.add_argument("--source", type=Path, help="run the agent from another checkout of Tortie (e.g. a worktree of "
                     "main), to compare two versions under the same load")
+    ap.add_argument("--threads", action="store_true", help="also print CPU and context switches per cycle by thread "
+                    "(named through py-spy dump when py-spy is found)")
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
@@ -236,8 +277,11 @@ def main() -> int:
             time.sleep(IDLE_SECONDS)  # what the agent spends doing nothing (keepalives, its loop's timers)
             idle_after = CPU.of(pid)
             idle = (idle_after.user + idle_after.system - idle_before.user - idle_before.system) / IDLE_SECONDS
+            threads_before = ThreadUse.all_of(pid)
             cost = agent_cpu_per_cycle(pid, node.netns, work, cnibin / "tortie", conf, cni_path,
                                        cycles=args.cycles, warmup=0, callers=args.callers)
+            threads_after = ThreadUse.all_of(pid)
+            names = thread_names(pid, _py_spy()) if args.threads else {}
         finally:
             for recorder in recorders:
                 recorder.send_signal(signal.SIGINT)
@@ -247,6 +291,15 @@ def main() -> int:
     print(cost.line())
     print(f"idle agent: {1000 * idle:.1f} ms of CPU per second (over {IDLE_SECONDS:g} s before the cycles): "
           f"{1000 * idle * cost.wall_s / cost.cycles:.2f} ms of each cycle's figure")
+    if args.threads:
+        print("\nby thread, per cycle (threads that began and ended within the cycles are not counted):")
+        rows = sorted(((after.cpu - threads_before[tid].cpu, after.switches - threads_before[tid].switches, tid)
+                       for tid, after in threads_after.items() if tid in threads_before), reverse=True)
+        for cpu_s, switches, tid in rows:
+            if cpu_s or switches:
+                print(f"  {1000 * cpu_s / cost.cycles:6.2f} ms {switches / cost.cycles:6.1f} switches  {tid:>7}"
+                      f"  {names.get(tid, '')}")
+        print(f"  total {sum(r[1] for r in rows) / cost.cycles:.1f} context switches per cycle")
     if spy is not None and (args.profile / "agent.txt").exists():
         own, inclusive = top_functions(args.profile / "agent.txt")
         print("\npy-spy --gil, the agent's Python time, own time per function:")

@@ -8,7 +8,7 @@ a lab node's namespace, with a fresh container namespace made outside the timed 
 timing loop itself runs inside the node namespace (a driver process), so that every plugin is
 exec'd the same direct way.
 
-    .venv/bin/python -m bench.cni_bench [--quick]
+    .venv/bin/python -m bench.cni_bench [--quick] [--source /path/to/other/checkout]
 """
 
 from __future__ import annotations
@@ -34,15 +34,33 @@ ROUNDS = 5  # full run: churn in 5 alternating rounds per plugin of the pair mea
 
 
 # ---- the driver (runs inside the node namespace) -------------------------------------------------
-def _call(plugin: Path, command: str, conf: Mapping[str, Any], cid: str, netns: str, cni_path: str) -> float:
+_exec_cpu: dict[str, float] = {}  # tag → CPU seconds of its execs so far (each plugin and what it waited for)
+_exec_cpu_lock = threading.Lock()
+
+
+def _call(plugin: Path, command: str, conf: Mapping[str, Any], cid: str, netns: str, cni_path: str,
+          tag: str = "") -> float:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
            "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": cni_path}
     data = json.dumps(conf).encode()
     started = time.perf_counter()
-    proc = subprocess.run([str(plugin)], input=data, capture_output=True, env=env)
+    proc = subprocess.Popen([str(plugin)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(data)
+    proc.stdin.close()
+    out, err = proc.stdout.read(), proc.stderr.read()  # a plugin's stderr is a line at most: no deadlock
+    # wait4, not communicate's wait: the child's own rusage, which holds the descendants it waited for
+    # (ptp's host-local), so that the reference's CPU per cycle is counted as Tortie's is.
+    _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    proc.stderr.close()
+    with _exec_cpu_lock:
+        _exec_cpu[tag] = _exec_cpu.get(tag, 0.0) + usage.ru_utime + usage.ru_stime
     if proc.returncode != 0:
-        raise RuntimeError(f"{plugin.name} {command} {cid}: {proc.stdout.decode()} {proc.stderr.decode()}")
+        raise RuntimeError(f"{plugin.name} {command} {cid}: {out.decode()} {err.decode()}")
     return elapsed
 
 
@@ -50,27 +68,27 @@ def _netns(name: str, add: bool) -> None:
     subprocess.run(["ip", "netns", "add" if add else "del", name], check=True, capture_output=True)
 
 
-def _cycle(plugin: Path, conf: Mapping[str, Any], cni_path: str, cid: str) -> tuple[float, float]:
+def _cycle(plugin: Path, conf: Mapping[str, Any], cni_path: str, cid: str, tag: str) -> tuple[float, float]:
     """One pod's ADD then DEL, in a fresh container namespace made and removed outside the timing."""
     ns = f"bn-{cid}"
     _netns(ns, True)
     try:
-        a = _call(plugin, "ADD", conf, cid, f"/run/netns/{ns}", cni_path)
-        d = _call(plugin, "DEL", conf, cid, f"/run/netns/{ns}", cni_path)
+        a = _call(plugin, "ADD", conf, cid, f"/run/netns/{ns}", cni_path, tag)
+        d = _call(plugin, "DEL", conf, cid, f"/run/netns/{ns}", cni_path, tag)
     finally:
         _netns(ns, False)
     return a * 1000, d * 1000
 
 
 def _churn(plugin: Path, conf: Mapping[str, Any], cni_path: str, tag: str, callers: int,
-           per_caller: int) -> tuple[int, float]:
+           per_caller: int, round_: str = "") -> tuple[int, float]:
     """``callers`` threads each doing ``per_caller`` ADD+DEL cycles: (cycles done, seconds)."""
     done = [0]
     lock = threading.Lock()
 
     def caller(k: int) -> None:
         for j in range(per_caller):
-            _cycle(plugin, conf, cni_path, f"{tag}-c{k}-{j}")
+            _cycle(plugin, conf, cni_path, f"{tag}{round_}-c{k}-{j}", tag)
             with lock:
                 done[0] += 1
 
@@ -95,12 +113,13 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
         return {"version": times[spec["warmup"]:]}
     adds, dels = [], []
     for i in range(spec["warmup"] + spec["n"]):
-        a, d = _cycle(plugin, conf, cni_path, f"{tag}-{i}")
+        a, d = _cycle(plugin, conf, cni_path, f"{tag}-{i}", tag)
         if i >= spec["warmup"]:
             adds.append(a)
             dels.append(d)
     done, seconds = _churn(plugin, conf, cni_path, tag, spec["callers"], spec["churn_per_caller"])
-    return {"add": adds, "del": dels, "churn": done / seconds}
+    return {"add": adds, "del": dels, "churn": done / seconds, "exec_cpu": _exec_cpu.get(tag, 0.0),
+            "cycles": spec["warmup"] + spec["n"] + done}
 
 
 def interleaved(spec: dict[str, Any]) -> dict[str, Any]:
@@ -111,17 +130,19 @@ def interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {p["tag"]: {"add": [], "del": [], "done": 0, "seconds": 0.0} for p in plugins}
     for i in range(spec["warmup"] + spec["n"]):
         for p in plugins if i % 2 == 0 else plugins[::-1]:
-            a, d = _cycle(Path(p["plugin"]), p["conf"], p["cni_path"], f"{p['tag']}-{i}")
+            a, d = _cycle(Path(p["plugin"]), p["conf"], p["cni_path"], f"{p['tag']}-{i}", p["tag"])
             if i >= spec["warmup"]:
                 out[p["tag"]]["add"].append(a)
                 out[p["tag"]]["del"].append(d)
     for r in range(spec["rounds"]):
         for p in plugins if r % 2 == 0 else plugins[::-1]:
-            done, seconds = _churn(Path(p["plugin"]), p["conf"], p["cni_path"], f"{p['tag']}-r{r}",
-                                   spec["callers"], spec["churn_per_caller"] // spec["rounds"])
+            done, seconds = _churn(Path(p["plugin"]), p["conf"], p["cni_path"], p["tag"],
+                                   spec["callers"], spec["churn_per_caller"] // spec["rounds"], f"-r{r}")
             out[p["tag"]]["done"] += done
             out[p["tag"]]["seconds"] += seconds
-    return {tag: {"add": r["add"], "del": r["del"], "churn": r["done"] / r["seconds"]} for tag, r in out.items()}
+    return {tag: {"add": r["add"], "del": r["del"], "churn": r["done"] / r["seconds"],
+                  "exec_cpu": _exec_cpu.get(tag, 0.0), "cycles": spec["warmup"] + spec["n"] + r["done"]}
+            for tag, r in out.items()}
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------
@@ -141,9 +162,12 @@ def main() -> int:
     from netlab.agent import Agent
     from netlab.cni import tortie_plugin
     from netlab.lab import Lab
+    from netlab.netns import pids as netns_pids
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--source", type=Path, help="run the agent from another checkout of Tortie (e.g. a worktree of "
+                    "main), to compare two versions under the same load (as bench/agent_cpu.py does)")
     ap.add_argument("--driver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
@@ -174,18 +198,23 @@ def main() -> int:
                "ipam": {"type": "host-local", "dataDir": str(work / "hl"),
                         "ranges": [[{"subnet": "10.216.0.0/16"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
 
+        etcd_pid = netns_pids(lab.etcd_members[0].netns)[0]
+        etcd_cpu: dict[str, float] = {}  # tag → etcd's CPU seconds over its run
+
         def drive(tag: str, spec: dict[str, Any]) -> dict[str, Any]:
             spec_file = work / f"{tag}.json"
             spec_file.write_text(json.dumps({"warmup": 3, "callers": 4, "churn_per_caller": churn, **spec}))
             print(f"  measuring {tag} ...", file=sys.stderr, flush=True)
             # nsenter, not `ip netns exec`: the driver's `ip netns add` must happen in the machine's
             # mount namespace, where the agent (in its own) can see the new namespaces' mounts.
+            etcd_before = _cpu_seconds(etcd_pid)
             out = subprocess.run(["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m",
                                   "bench.cni_bench", "--driver", str(spec_file)],
                                  capture_output=True, text=True, timeout=3600, cwd=Path(__file__).parents[1])
             if out.returncode != 0:
                 log = (work / "agent.log").read_text()[-3000:] if (work / "agent.log").exists() else ""
                 raise SystemExit(f"{tag} failed: {out.stderr[-3000:]}\nagent log: {log}")
+            etcd_cpu[tag] = _cpu_seconds(etcd_pid) - etcd_before
             return dict(json.loads(out.stdout))
 
         def run(tag: str, plugin: Path, conf: dict[str, Any], path: str, version: bool = False) -> dict[str, Any]:
@@ -195,7 +224,8 @@ def main() -> int:
         results = {"reference ptp+host-local": {},
                    "tortie in-process (compiled)": run("inproc", cnibin / "tortie", tortie, f"{cnibin}:{REFERENCE}")}
         agent_log_level = os.environ.get("BENCH_AGENT_LOG", "warning")
-        agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log", env=env,
+        agent = Agent(lab, node, cni_socket=sock, state_dir=work / "state", log=work / "agent.log",
+                      env={**env, "PYTHONPATH": str(args.source.resolve())} if args.source else env,
                       log_level=agent_log_level, node_ip=False)
         pid = agent.start()
         try:
@@ -213,6 +243,9 @@ def main() -> int:
         agent_cpu["tortie delegated, compiled"] = (_cpu_seconds(pid) - cpu_before) / cycles * 1000
         results["reference ptp+host-local"] = pair["ref"]
         results["tortie delegated, compiled"] = pair["agent"]
+        # etcd's CPU over the pair is all counted as Tortie's: the reference never calls it (run alone
+        # it cost etcd ~0.1 ms per cycle, idling).
+        etcd_cpu["agent"], etcd_cpu["ref"] = etcd_cpu.pop("ref+agent"), 0.0
         cpu_before = _cpu_seconds(pid)
         results["tortie delegated, Python relay"] = run("agentpy", pybin / "tortie", tortie, f"{pybin}:{REFERENCE}")
         agent_cpu["tortie delegated, Python relay"] = (_cpu_seconds(pid) - cpu_before) / cycles * 1000
@@ -245,6 +278,21 @@ def main() -> int:
     print(f"\nfelix-agent CPU per ADD+DEL cycle (utime+stime over the run / {cycles} cycles):")
     for name, ms in agent_cpu.items():
         print(f"  {name:32} {ms:6.1f} ms")
+    # Every process's share of a cycle: the execs (front end, delegated plugins), the agent, etcd. Kernel
+    # work is in these where it runs in their system calls; softirq and kworker time is in none.
+    print("\nCPU per ADD+DEL cycle, all processes (the execs' rusage, agent and etcd from /proc), each whole run:")
+    tags = {"reference ptp+host-local": "ref", "tortie in-process (compiled)": "inproc",
+            "tortie delegated, compiled": "agent", "tortie delegated, Python relay": "agentpy"}
+    cpu_rows = {}
+    for name, tag in tags.items():
+        per = 1000 / results[name]["cycles"]
+        execs, etcd = results[name]["exec_cpu"] * per, etcd_cpu[tag] * per
+        total = execs + agent_cpu.get(name, 0.0) + etcd
+        cpu_rows[name] = {"execs": execs, "agent": agent_cpu.get(name, 0.0), "etcd": etcd, "total": total}
+    ref_total = cpu_rows["reference ptp+host-local"]["total"]
+    for name, c in cpu_rows.items():
+        print(f"  {name:32} execs {c['execs']:5.1f} + agent {c['agent']:5.1f} + etcd {c['etcd']:5.1f}"
+              f" = {c['total']:5.1f} ms  {c['total'] / ref_total:5.2f}x")
     ref_version = statistics.median(version["reference ptp"]["version"])
     print("\nexec time alone, CNI_COMMAND=VERSION (tortie: relayed to the agent):")
     version_rows = []
@@ -257,6 +305,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     (out_dir / f"cni-{stamp}.json").write_text(json.dumps({"n": n, "churn_per_caller": churn, "rows": rows,
                                                            "agent_cpu_ms_per_cycle": agent_cpu,
+                                                           "cpu_ms_per_cycle": cpu_rows,
                                                            "version": version_rows,
                                                            "load": [load_start, os.getloadavg()]}, indent=2))
     return 0

@@ -18,6 +18,8 @@ from cni_plugins.agent_protocol import DEFAULT_SOCKET
 from felix_agent.calc.settings import Layer, check_value, environment_layer
 from felix_agent.orphans import DEFAULT_GRACE as DEFAULT_ORPHAN_GRACE
 
+DEFAULT_POLICY_LINGER = 30.0  # seconds: felix_agent.dataplane.linger
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ
@@ -45,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--orphan-grace", type=float, default=env.get("FELIX_ORPHANGRACE", str(DEFAULT_ORPHAN_GRACE)),
                    metavar="SECONDS", help="release a local attachment whose host veth has been gone this long "
                    "(the runtime never sent DEL); default %(default)s")
+    p.add_argument("--policy-linger", type=float, default=env.get("FELIX_POLICYLINGER", str(DEFAULT_POLICY_LINGER)),
+                   metavar="SECONDS", help="keep a policy's or profile's chains and sets this long after the node's "
+                   "last endpoint using them left (the next such pod is then cheaper to set up); default %(default)s")
     p.add_argument("--endpoints", help="etcd endpoints (ETCD_ENDPOINTS)")
     p.add_argument("--ca-cert", help="etcd CA certificate (ETCD_CA_CERT_FILE)")
     p.add_argument("--cert", help="client certificate (ETCD_CERT_FILE)")
@@ -88,6 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--orphan-grace: {args.orphan_grace!r} is not a number of seconds")
     if not args.orphan_grace >= 0:
         p.error("--orphan-grace cannot be negative")
+    try:
+        args.policy_linger = float(args.policy_linger)
+    except (TypeError, ValueError):
+        p.error(f"--policy-linger: {args.policy_linger!r} is not a number of seconds")
+    if not args.policy_linger >= 0:
+        p.error("--policy-linger cannot be negative")
     return args
 
 

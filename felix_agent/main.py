@@ -270,7 +270,8 @@ class Agent:
         # nftablesRefreshInterval paces the resync of the managers of the nftables table;
         # routeRefreshInterval the others' (they all read the kernel back through netlink).
         routes = RouteManager(netlink, reader=BulkRTNL.open, wake=self._kick)
-        self._nft_managers = [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick),
+        self._nft_managers = [PolicyManager(table, on_programmed=self.programmed.publish, wake=self._kick,
+                                            linger=self.args.policy_linger),
                               HostPolicyManager(table), MasqManager(table)]
         return [*self._nft_managers,
                 Gated(VXLANManager(netlink), lambda s: (s.local_vtep, s.vxlan_peers, s.vxlan_mtu)),

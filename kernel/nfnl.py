@@ -12,8 +12,11 @@ elements) a one-address label change costs ~100 ms of ``nft`` start-up, and list
 - :func:`set_keys` dumps one set's keys;
 - :func:`map_verdict` gets one element of a verdict map (where a key jumps or goes to).
 
-Owns these nfnetlink messages and the batch framing; ``kernel.nfnl_batch`` adds chains, rules
-and map elements of a small rule grammar (a new endpoint) on the same framing; everything else
+A batch goes over a socket of its own, or over a :class:`KeptSocket` (the agent's: closing a
+netfilter socket after a batch that deleted something waits for the kernel's grace period).
+
+Owns these nfnetlink messages, the batch framing and its sockets; ``kernel.nfnl_batch`` adds chains,
+rules and map elements of a small rule grammar (a new endpoint) on the same framing; everything else
 goes through nft's own parser. Must not know what the sets and rules mean (no policy, no Tortie concept). Uses
 ``kernel.netlink``'s header, attributes and errors; runs in the caller's network namespace.
 """
@@ -26,6 +29,7 @@ import itertools
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 
 from kernel.netlink import (
@@ -168,25 +172,71 @@ def write_elements(family: str, table: str, changes: Iterable[Change]) -> None:
     send_batch(*encode(family, table, changes), "nfnetlink refused the set elements")
 
 
-def send_batch(data: bytes, acks: Sequence[int], doing: str) -> None:
+def send_batch(data: bytes, acks: Sequence[int], doing: str, kept: KeptSocket | None = None) -> None:
     """Send one batch and wait for every acknowledgement; KernelError (``doing``) when the kernel
-    refused it (then nothing of it applied) or the socket failed."""
+    refused it (then nothing of it applied) or the socket failed. ``kept``: send it on that socket
+    (when it serves the caller's namespace) instead of one opened and closed for this batch."""
     if not acks:
         return
-    waiting = set(acks)
+    if kept is not None and kept.send_batch(data, acks, doing):
+        return
     try:
         with _socket() as sock:
-            sock.send(data)
-            while waiting:
-                for kind, _, seq, payload in messages(sock.recv()):
-                    if kind != NLMSG_ERROR:
-                        continue
-                    code = error_code(payload)
-                    if code:
-                        raise KernelError(doing, code)
-                    waiting.discard(seq)
+            _exchange(sock, data, acks, doing)
     except OSError as err:
         raise KernelError("nfnetlink", err.errno or errno.EIO) from err
+
+
+def _exchange(sock: Socket, data: bytes, acks: Sequence[int], doing: str) -> None:
+    waiting = set(acks)
+    sock.send(data)
+    while waiting:
+        for kind, _, seq, payload in messages(sock.recv()):
+            # Only this batch's answers: on a kept socket, those left by a refused batch may still be queued.
+            if kind != NLMSG_ERROR or seq not in waiting:
+                continue
+            code = error_code(payload)
+            if code:
+                raise KernelError(doing, code)
+            waiting.discard(seq)
+
+
+class KeptSocket:
+    """One nfnetlink socket kept open for batches, in the network namespace of its first use.
+
+    Closing a netfilter socket waits until nf_tables has destroyed what earlier batches deleted (it
+    flushes that deferred work, which waits for an RCU grace period: 8-16 ms on the 2-CPU test
+    machines), so a socket per batch made every transaction that deleted an element, a rule or a chain
+    block its caller that long; nft's library keeps its socket, and so does the agent with this. Used
+    from any thread (one batch at a time); in another namespace than its own it declines (the caller
+    opens a socket there), so a kept socket never writes into the wrong namespace."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: Socket | None = None
+        self._netns: tuple[int, int] | None = None
+
+    def send_batch(self, data: bytes, acks: Sequence[int], doing: str) -> bool:
+        """False (nothing sent) when the caller is in another namespace than the socket's."""
+        here = _netns_id()
+        with self._lock:
+            if self._netns is not None and self._netns != here:
+                return False
+            try:
+                if self._sock is None:
+                    self._sock, self._netns = _socket(), here
+                _exchange(self._sock, data, acks, doing)
+            except OSError as err:
+                if self._sock is not None:  # a timeout or a broken socket: the next batch opens a fresh one
+                    self._sock.close()
+                self._sock = None
+                raise KernelError("nfnetlink", err.errno or errno.EIO) from err
+            return True
+
+
+def _netns_id() -> tuple[int, int]:
+    st = os.stat("/proc/thread-self/ns/net")
+    return (st.st_dev, st.st_ino)
 
 
 def _dump(sock: Socket, kind: int, family: int, payload: bytes, doing: str) -> list[bytes]:

@@ -245,8 +245,9 @@ def _map_messages(family: int, table: str, op: MapElements) -> list[tuple[bytes,
     return out
 
 
-def write(family: str, table: str, ops: Sequence[Op]) -> None:
+def write(family: str, table: str, ops: Sequence[Op], kept: nfnl.KeptSocket | None = None) -> None:
     """Do ``ops`` in one atomic batch: all or nothing. Unsupported (before anything is sent) for
-    what this module does not encode; KernelError when the kernel refused the batch."""
+    what this module does not encode; KernelError when the kernel refused the batch. ``kept``: the
+    socket to send it on (``nfnl.KeptSocket``)."""
     data, acks = encode(family, table, ops)
-    nfnl.send_batch(data, acks, "nfnetlink refused the transaction")
+    nfnl.send_batch(data, acks, "nfnetlink refused the transaction", kept)

@@ -90,6 +90,10 @@ class NftTable:
         self.reloads = 0  # read-backs begun (reload, reload_async): owners share one resync's read
         self._writes = 0  # successful transactions: a read-back begun before one may have missed it
         self._pending: _Read | None = None
+        # One nfnetlink socket for every direct transaction: closing one after a transaction that
+        # deleted something waits ~10 ms for the kernel (kernel.nfnl.KeptSocket), which the loop and
+        # the ADDs waiting for it would pay on every pod's removal.
+        self._socket = nfnl.KeptSocket() if self._direct else None
 
     def add_owner(self, owner: str) -> None:
         """Announce an owner: until every announced owner has declared, objects nobody declares are kept
@@ -225,7 +229,7 @@ class NftTable:
         if not self._direct or not ops or any(op is None for op in ops):
             return False
         try:
-            nfnl_batch.write(self.family, self.name, [op for op in ops if op is not None])
+            nfnl_batch.write(self.family, self.name, [op for op in ops if op is not None], self._socket)
         except nfnl.Unsupported:
             return False
         return True

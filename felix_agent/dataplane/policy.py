@@ -8,7 +8,9 @@ interface name, each element a ``goto`` to the chain of the endpoint's policy li
 (``felix_agent.dataplane.policy_lists``); per policy or profile and direction ``pol-<h>-in|out`` /
 ``pro-<h>-in|out``; the IP sets ``s-<id>-v4|v6`` and named-port sets ``np-<id>-v4|v6``. A new
 endpoint is two map elements, and a chain only when its list is new; a label change is set
-elements only.
+elements only. Chains and sets no endpoint uses any more stay a while (``linger``, the agent's
+``--policy-linger``; ``felix_agent.dataplane.linger``), so that the next pod of a list or profile is
+elements only too.
 
 Why two forward chains: ``accept`` ends a packet's walk through one base chain only, so a policy's
 Allow can be a plain ``accept`` and the destination's ingress still runs in the later chain.
@@ -24,11 +26,13 @@ import functools
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from felix_agent.calc.model import DesiredState, Endpoint, HostEndpoint, IPSet, Policy, RuleMatch
 from felix_agent.dataplane.endpoint_chains import EndpointChains, EndpointPart
+from felix_agent.dataplane.linger import Alarm, ChainLinger, Linger
 from felix_agent.dataplane.nft_ruleset import (
     Chain,
     ChainDelta,
@@ -282,7 +286,10 @@ class _Renderer:
     changed (a new pod) the endpoint half is updated from them alone (``EndpointChains``) and the
     ruleset says which chains changed (``Ruleset.delta``), so the driver diffs only those."""
 
-    def __init__(self) -> None:
+    def __init__(self, linger: Linger[Policy] | None = None, list_linger: ChainLinger | None = None) -> None:
+        self._linger: Linger[Policy] = linger if linger is not None else Linger(0.0)
+        self._list_linger = list_linger if list_linger is not None else ChainLinger(0.0)
+        self._lingering: dict[str, Chain] = {}  # list chains kept in the last render
         self._endpoint_half = EndpointChains()
         self._part: EndpointPart | None = None
         self._policies: dict[tuple[Policy, str], tuple[Chain, list[Set]]] = {}
@@ -299,26 +306,36 @@ class _Renderer:
         action = state.host.endpoint_to_host_action
         last = self._chains
         if (last is not None and self._part is not None and last[0] is state.endpoints and last[1] is state.policies
-                and last[5] is state.host_endpoints and last[6] == action):
+                and last[5] is state.host_endpoints and last[6] == action and not self._linger.expired()
+                and not self._list_linger.expired()):
             chains, rule_sets, delta = last[2], last[3], last[4]
             part = self._part
         else:
             part = self._part = self._endpoint_half.update(state.endpoints, known)
+            now = self._linger.clock()  # one reading for both lingers: see ChainLinger
+            lingering, lingered = self._list_linger.keep(part.chains, now), self._lingering
+            self._lingering = lingering
             wanted = part.wanted | host_policy_refs(state.host_endpoints, known)
+            if kept := self._linger.keep(wanted, known, now):  # chains unused a moment ago stay a while
+                wanted |= kept.keys()
+                known = {**{pid: policy for (pid, _), policy in kept.items()}, **known}
             before = self._policy_part
             if before is not None and before[0] == wanted and before[1] is state.policies:
                 policy_chains, rule_sets = before[2], before[3]
             else:
                 policy_chains, rule_sets = self._policy_chains(wanted, known)
                 self._policy_part = (wanted, state.policies, policy_chains, rule_sets)
-            chains = (*BASE_CHAINS, endpoint_to_host_chain(action), *part.chains, *policy_chains.values())
+            chains = (*BASE_CHAINS, endpoint_to_host_chain(action), *part.chains, *lingering.values(),
+                      *policy_chains.values())
             delta = None
             # Only endpoint and policy chains moved (the workload-to-host chain did not): say which.
             if part.upserted is not None and last is not None and before is not None and last[6] == action:
                 old = before[2]
                 changed = tuple(c for name, c in policy_chains.items() if old.get(name) is not c)
-                delta = ChainDelta(last[2], part.upserted + changed,
-                                   part.removed | (old.keys() - policy_chains.keys()))
+                # a list chain that began to linger stays as it was; one whose linger ended goes
+                expired = frozenset(lingered.keys() - lingering.keys() - frozenset(c.name for c in part.upserted))
+                delta = ChainDelta(last[2], part.upserted + changed, (part.removed - lingering.keys()) | expired
+                                   | (old.keys() - policy_chains.keys()))
             self._chains = (state.endpoints, state.policies, chains, rule_sets, delta, state.host_endpoints, action)
         if self._sets is None or self._sets[0] is not state.ipsets or self._sets[1] is not rule_sets:
             self._ipsets = {ipset: self._ipsets.get(ipset) or render_ipset(ipset) for ipset in state.ipsets}
@@ -359,12 +376,16 @@ class PolicyManager:
 
     def __init__(self, table: NftTable, *,
                  on_programmed: Callable[[frozenset[Endpoint]], None] | None = None,
-                 wake: Callable[[], None] | None = None) -> None:
+                 wake: Callable[[], None] | None = None, linger: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._table = table
         self._on_programmed = on_programmed
         self._wake = wake
         self._read_tries = 0
-        self._renderer = _Renderer()
+        self._linger: Linger[Policy] = Linger(linger, clock)  # see felix_agent.dataplane.linger
+        self._list_linger = ChainLinger(linger, clock)
+        self._alarm = Alarm(wake, clock) if wake is not None and linger > 0 else None
+        self._renderer = _Renderer(self._linger, self._list_linger)
         self._state: DesiredState | None = None
         self._seen: tuple[frozenset[Endpoint], frozenset[Policy], frozenset[IPSet], frozenset[HostEndpoint],
                           str] | None = None
@@ -384,6 +405,8 @@ class PolicyManager:
             return ""
         written = ""
         repair = False
+        if self._linger.expired() or self._list_linger.expired():
+            self._dirty = True  # a lingering chain's time is up: declare the table without it
         if resync and self._wake is not None:
             # Read back on a thread; the apply that follows its end (``wake`` asks the loop for one)
             # repairs. Meanwhile new pods' transactions go through on what the driver last wrote.
@@ -403,6 +426,8 @@ class PolicyManager:
                 self._table.reload()
             written = self._table.apply()
             self._dirty = False
+            if self._alarm is not None:
+                self._alarm.at(min(self._linger.due(), self._list_linger.due()))
         if self._on_programmed is not None:
             self._on_programmed(self._state.endpoints)
         return written

@@ -267,3 +267,37 @@ def test_a_new_endpoint_on_a_shared_chain_is_two_map_elements_over_netlink(ns: s
         assert table.apply().splitlines()[1:] == ['delete element inet tortie to-wl { "tora" }']
         assert nfnl.map_verdict("inet", "tortie", "to-wl", key("tora")) is None
         assert "ep-shared" in nft("list", "chains", "inet")  # still used by torb
+
+
+def test_a_kept_socket_writes_in_its_own_namespace_only_and_survives_a_refused_batch(ns: str) -> None:
+    """The agent's batches share one socket (``nfnl.KeptSocket``): a batch the kernel refused leaves
+    nothing that confuses the next one, and a caller in another namespace gets its batch written
+    there, never into the socket's namespace."""
+    other = f"tnd-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    kept = nfnl.KeptSocket()
+    table = "inet tortie"
+    try:
+        for path in (ns, f"/run/netns/{other}"):
+            with netns(path):
+                script = f"add table {table}\nadd set {table} s {{ type ipv4_addr ; }}\n"
+                subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
+
+        def write(path: str, *changes: nfnl.Change) -> None:
+            with netns(path):
+                nfnl.send_batch(*nfnl.encode("inet", "tortie", changes), "test batch", kept)
+
+        write(ns, ("add", "s", "ipv4_addr", False, ["10.7.0.1", "10.7.0.2"]))
+        with pytest.raises(KernelError):  # the second message fails: the kernel answers both
+            write(ns, ("add", "s", "ipv4_addr", False, ["10.7.0.3"]),
+                  ("delete", "s", "ipv4_addr", False, ["10.7.0.99"]))
+        write(ns, ("delete", "s", "ipv4_addr", False, ["10.7.0.1"]))
+        write(f"/run/netns/{other}", ("add", "s", "ipv4_addr", False, ["10.8.0.1"]))
+        with netns(ns):
+            here = nft("list", "set", "inet", "tortie", "s")
+        with netns(f"/run/netns/{other}"):
+            there = nft("list", "set", "inet", "tortie", "s")
+        assert "10.7.0.2" in here and "10.7.0.1" not in here and "10.7.0.3" not in here and "10.8.0.1" not in here
+        assert "10.8.0.1" in there and "10.7.0.2" not in there
+    finally:
+        subprocess.run(["ip", "netns", "del", other], check=False)

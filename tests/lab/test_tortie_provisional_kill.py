@@ -45,6 +45,7 @@ pytestmark = pytest.mark.lab
 HOLD = 0.4  # seconds each request to etcd spends in the proxy: the ADD's endpoint write with them
 CLONE_NEWNET = 0x40000000
 TRY_AGAIN_LATER = 11
+LINGER = 2.0  # the agents' --policy-linger: a pod's chain outlives it, unreachable, this long
 
 
 class HoldProxy:
@@ -164,6 +165,7 @@ class HoldProxy:
 @pytest.fixture(scope="module")
 def tl() -> Iterator[TortieLab]:
     with TortieLab.create(prefix="tq") as tl:
+        tl.agent(1).args += ["--policy-linger", str(LINGER)]  # every start of it, restarts included
         tl.use_agent(True)
         yield tl
 
@@ -344,8 +346,10 @@ def test_a_pod_reachable_while_provisional_is_not_once_its_write_failed(tl: Tort
             # Once the error is answered, the pod's policy, route and address are gone.
             assert not tl.lab.ping(live.netns, address, count=3, timeout=1)
             assert host_if not in ruleset(tl)
-            if own_chain:
-                assert f"chain {chain} " not in ruleset(tl), f"the pod's chain {chain} is left"
+            if own_chain:  # unreachable at once (no element goes to it), then gone after its linger
+                assert f"goto {chain}" not in ruleset(tl) and f"jump {chain}" not in ruleset(tl)
+                wait_for(lambda: f"chain {chain} " not in ruleset(tl), LINGER + 15, f"the pod's chain {chain} to go",
+                         interval=0.2)
             assert agent_routes(tl) == routes_before
             assert host_if not in tl.tor_links()
             assert handles_and_allocations(tl) == (handles_before, allocations_before)
