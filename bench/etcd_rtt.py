@@ -169,6 +169,67 @@ def run(cycles: int, blocks: int) -> dict[str, Any]:
     return {"load_start": load, "load_end": os.getloadavg(), "results": results, "host_local": reference}
 
 
+def follower_reads(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The driver of ``--members 3`` (inside a node's namespace): the IPAM snapshot read against
+    each member (``spec["endpoints"]``: name → endpoint), linearizable and serializable in
+    alternating blocks: wall p50, client CPU, and etcd's CPU summed over every member."""
+    out: dict[str, Any] = {}
+    pids = spec["pids"]
+    with GatewayClient(EtcdConfig.from_env(spec["env"])) as client:  # from inside the lab: its addresses
+        ResourceStore(client).create(codec.decode({
+            "apiVersion": "tortie.dev/v1", "kind": "IPPool",
+            "metadata": {"name": "rtt"}, "spec": {"cidr": "10.244.0.0/16"}}))
+    for name, endpoint in spec["endpoints"].items():
+        config = EtcdConfig.from_env({**spec["env"], "ETCD_ENDPOINTS": endpoint})
+        with GatewayClient(config) as client:
+            ipam = IPAM(client)
+            samples: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+            for b in range(2 * spec["blocks"] + 1):
+                serializable = b % 2 == 1
+                for _ in range(spec["n"] // spec["blocks"]):
+                    e0, c0, w0 = sum(etcd_cpu_ns(p) for p in pids), time.thread_time(), time.perf_counter()
+                    ipam.snapshot(NODE, [keys.handle_key("x")], serializable=serializable)
+                    wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+                    if b:  # the first block warms the connection up
+                        samples[serializable].append((wall * 1e3, cpu * 1e3,
+                                                      (sum(etcd_cpu_ns(p) for p in pids) - e0) / 1e6))
+            for serializable, rows in samples.items():
+                out[f"{name} {'serializable' if serializable else 'linearizable'}"] = (
+                    len(rows), statistics.median(r[0] for r in rows), statistics.mean(r[1] for r in rows),
+                    statistics.mean(r[2] for r in rows))
+    return out
+
+
+def run_members(n: int, blocks: int) -> str:
+    """The snapshot read on a 3-member cluster (a lab: one namespace per member, a fabric bridge)."""
+    import subprocess
+
+    from netlab.lab import Lab, unique_name
+    from netlab.netns import exec_argv
+
+    load = os.getloadavg()
+    with Lab(unique_name("rtt"), nodes=1, etcd_members=3) as lab, tempfile.TemporaryDirectory() as tmp:
+        cluster: Any = lab.etcd
+        status = json.loads(cluster.etcdctl("endpoint", "status", "-w", "json"))
+        leader = status[0]["Status"]["leader"]
+        names = {s["Endpoint"]: ("leader" if s["Status"]["header"]["member_id"] == leader else "follower")
+                 for s in status}
+        endpoints = {f"{role} ({ep})": ep for ep, role in sorted(names.items(), key=lambda e: e[1])}
+        env = lab.etcd_env()
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps({"endpoints": endpoints, "env": env, "n": n, "blocks": blocks,
+                                         "pids": list(cluster.pids.values())}))
+        done = subprocess.run(exec_argv(lab.node(1).netns, [sys.executable, "-m", "bench.etcd_rtt",
+                                                            "--driver", str(spec_path)]),
+                              capture_output=True, text=True, check=True)
+        rows = json.loads(done.stdout)
+    lines = [f"3-member cluster (lab namespaces on one bridge), load {load[0]:.2f} -> {os.getloadavg()[0]:.2f}",
+             f"{'snapshot read against':<44}{'n':>5}{'wall p50':>10}{'client CPU':>11}{'etcd CPU (3)':>13}"]
+    for label, (count, wall, cpu, ecpu) in rows.items():
+        lines.append(f"{label:<44}{count:>5}{wall:>10.2f}{cpu:>11.3f}{ecpu:>13.3f}")
+    return "\n".join(lines)
+
+
 def report(data: Mapping[str, Any]) -> str:
     lines = [f"load {data['load_start'][0]:.2f} -> {data['load_end'][0]:.2f}",
              f"{'round trip':<26}{'mode':<14}{'n':>5}{'wall p50':>10}{'wall mean':>10}{'client CPU':>11}"
@@ -199,9 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--cycles", type=int, default=400, help="ADD+DEL cycles per mode (default 400)")
     ap.add_argument("--blocks", type=int, default=8, help="alternate the two modes this many times")
+    ap.add_argument("--members", type=int, choices=(1, 3), default=1,
+                    help="3: only the snapshot read, against the leader and a follower of a 3-member cluster")
+    ap.add_argument("--driver", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    require("etcd round-trip benchmark", "etcd")
-    print(report(run(args.cycles, args.blocks)))
+    if args.driver:
+        print(json.dumps(follower_reads(json.loads(Path(args.driver).read_text()))))
+        return 0
+    require("etcd round-trip benchmark", "etcd", "ip")
+    print(run_members(args.cycles, args.blocks) if args.members == 3 else report(run(args.cycles, args.blocks)))
     return 0
 
 

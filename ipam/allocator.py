@@ -5,7 +5,8 @@ Owns :class:`IPAM`, the IPAM client the CNI plugins, the agent and ``netctl`` ho
 must not touch the kernel; releasing lives in ``ipam.release`` (:class:`IPAM` extends its
 :class:`~ipam.release.Releaser`, so one client does both), consistency checks in ``ipam.check``.
 
-An assignment reads a snapshot (the handle, the pools, this node's affine blocks), plans which
+An assignment reads a snapshot (the handle, the pools, this node's affine blocks; or plans on the
+one this process kept, ``ipam.kept_snapshot``), plans which
 addresses to take, and commits every touched block together with the handle in ONE etcd
 transaction conditioned on the revisions it read (with the node's other assignments and releases
 waiting at the same time: ``ipam.batch``). Losing that race means someone else changed a

@@ -8,6 +8,13 @@ transaction conditioned on every revision read. The others wait for their turn a
 job done. Callers of one node used to take turns with a round trip or two each, and a DEL racing
 an ADD on the node's one block lost its compare-and-swap and backed off.
 
+The read is serializable (no ReadIndex: on a follower, one round trip to the leader less), and a
+batch of assignments alone does not read at all when this process kept the node's last snapshot
+(``ipam.kept_snapshot``): a warm agent's ADD then costs IPAM one round trip, its commit. Both may
+be stale; the commit compares everything the plan used, so staleness only loses the
+compare-and-swap, and what is decided without a commit is decided on a linearizable read (see
+:func:`_once`).
+
 Each job is planned as alone (``IPAM.plan``, ``Releaser``'s planning of an attachment): the same
 addresses, reservations and handle records as one at a time. A job that fails (a pool exhausted,
 an address in use) fails alone and writes nothing; a lost comparison re-plans the whole batch; a
