@@ -11,13 +11,18 @@ pod, on one kept-alive JSON-gateway connection as the agent holds them:
 
 Every request is timed (wall, and the calling thread's CPU from ``time.thread_time``) and etcd's
 CPU is read around it from ``/proc/<etcd>/task/*/schedstat`` (nanoseconds, every thread). It runs
-twice, the IPAM snapshot read linearizable (etcd confirms with the leader, a ReadIndex) and
-serializable (answered from the member's own state), alternately in blocks so that both see the
-same load. Beside it, what ``host-local`` pays for its store per ADD and DEL: a lock file's flock,
-a file created and written (ADD) or found and removed (DEL), measured from Python (an upper bound
-of the Go plugin's syscalls).
+two IPAM clients, each on a node of its own, alternately in blocks so that both see the same load:
+"read each time" (every batch reads its snapshot linearizably: etcd confirms with the leader, a
+ReadIndex) and "kept/serial." (the node's kept snapshot, else a serializable read answered from
+the member's own state: ``ipam.batch``). Beside it, what ``host-local`` pays for its store per
+ADD and DEL: a lock file's flock, a file created and written (ADD) or found and removed (DEL),
+measured from Python (an upper bound of the Go plugin's syscalls).
 
-    .venv/bin/python -m bench.etcd_rtt [--cycles N]
+``--members 3`` measures only the snapshot read, against the leader and each follower of a
+3-member etcd in a lab (one namespace per member), linearizable against serializable, from a driver
+inside the lab's node namespace.
+
+    .venv/bin/python -m bench.etcd_rtt [--cycles N] [--blocks N] [--members 3]
 """
 
 from __future__ import annotations
