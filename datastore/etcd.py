@@ -223,12 +223,18 @@ class EtcdClient(Writes):
         """Several keys read at one revision, in one round trip."""
         return self.read(keys, []).values if keys else {}
 
-    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]]) -> Reading:
+    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]], *,
+             serializable: bool = False) -> Reading:
         """Single keys and whole prefixes (``(prefix, keys_only)``) read at one revision in ONE
-        round trip: what a caller that needs several of them pays once instead of per read."""
-        ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode())) for k in keys]
+        round trip: what a caller that needs several of them pays once instead of per read.
+        ``serializable``: answered by the member from its own state, without confirming with the
+        cluster's leader that it is current (no ReadIndex): possibly stale, for callers whose
+        writes are conditioned on every revision they read."""
+        ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode(), serializable=serializable))
+               for k in keys]
         ops += [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(
-            key=p.encode(), range_end=prefix_end(p), keys_only=keys_only)) for p, keys_only in prefixes]
+            key=p.encode(), range_end=prefix_end(p), keys_only=keys_only, serializable=serializable))
+            for p, keys_only in prefixes]
         resp = self._retrying("get", lambda ch, t: self._kv(ch).Txn(
             rpc_pb2.TxnRequest(success=ops), timeout=t))
         singles: dict[str, KeyValue] = {}
@@ -285,7 +291,9 @@ class EtcdClient(Writes):
                 writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value,
                                                                                lease=op.lease)))
             elif isinstance(op, Update):
-                compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+                compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected)
+                                if op.expected is not None else
+                                C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
                 writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value)))
             elif isinstance(op, Delete):
                 if op.mod_revision:

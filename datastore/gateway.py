@@ -51,7 +51,7 @@ def b64(data: bytes | str) -> str:
 
 
 def _range(key: str, range_end: bytes | None = None, *, keys_only: bool = False,
-           count_only: bool = False) -> dict[str, Any]:
+           count_only: bool = False, serializable: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"key": b64(key)}
     if range_end is not None:
         body["range_end"] = b64(range_end)
@@ -59,6 +59,8 @@ def _range(key: str, range_end: bytes | None = None, *, keys_only: bool = False,
         body["keys_only"] = True
     if count_only:
         body["count_only"] = True
+    if serializable:
+        body["serializable"] = True
     return body
 
 
@@ -262,9 +264,11 @@ class GatewayClient(Writes):
             return {}
         return self.read(keys, []).values
 
-    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]]) -> Reading:
-        ops = [{"request_range": _range(k)} for k in keys]
-        ops += [{"request_range": _range(p, prefix_end(p), keys_only=keys_only)} for p, keys_only in prefixes]
+    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]], *,
+             serializable: bool = False) -> Reading:
+        ops = [{"request_range": _range(k, serializable=serializable)} for k in keys]
+        ops += [{"request_range": _range(p, prefix_end(p), keys_only=keys_only, serializable=serializable)}
+                for p, keys_only in prefixes]
         resp = self._call("get", "/v3/kv/txn", {"success": ops})
         responses = [r.get("response_range") or {} for r in resp.get("responses") or []]
         if len(responses) != len(ops):
@@ -318,7 +322,9 @@ class GatewayClient(Writes):
                     put["lease"] = str(op.lease)
                 writes.append({"request_put": put})
             elif isinstance(op, Update):
-                compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
+                compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)}
+                                if op.expected is not None else
+                                {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
                 writes.append({"request_put": {"key": key, "value": b64(op.value)}})
             elif isinstance(op, Delete):
                 if op.mod_revision:

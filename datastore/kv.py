@@ -88,11 +88,15 @@ class Create:
 
 @dataclass(frozen=True)
 class Update:
-    """Put ``key`` only if its modification revision is still ``mod_revision``."""
+    """Put ``key`` only if its modification revision is still ``mod_revision``; with ``expected``,
+    only if its value is still exactly those bytes instead (whatever the revision: a plan made on
+    a value this process kept stays right however the value came back, even into a cluster
+    restored from a backup, whose revision numbers repeat)."""
 
     key: str
     value: bytes
     mod_revision: int
+    expected: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,8 @@ def op_bytes(op: Op) -> int:
     """
     key = len(op.key.encode())
     value = len(op.value) if isinstance(op, Create | Update) else 0
+    if isinstance(op, Update) and op.expected is not None:
+        value += len(op.expected)
     return 3 * key + value + 48
 
 
@@ -222,7 +228,8 @@ class KV(Protocol):
 
     def get_many(self, keys: Sequence[str]) -> dict[str, KeyValue]: ...
 
-    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]]) -> Reading: ...
+    def read(self, keys: Sequence[str], prefixes: Sequence[tuple[str, bool]], *,
+             serializable: bool = False) -> Reading: ...
 
     def list(self, prefix: str, *, keys_only: bool = False) -> tuple[list[KeyValue], int]: ...
 

@@ -5,7 +5,8 @@ Owns :class:`IPAM`, the IPAM client the CNI plugins, the agent and ``netctl`` ho
 must not touch the kernel; releasing lives in ``ipam.release`` (:class:`IPAM` extends its
 :class:`~ipam.release.Releaser`, so one client does both), consistency checks in ``ipam.check``.
 
-An assignment reads a snapshot (the handle, the pools, this node's affine blocks), plans which
+An assignment reads a snapshot (the handle, the pools, this node's affine blocks; or plans on the
+one this process kept, ``ipam.kept_snapshot``), plans which
 addresses to take, and commits every touched block together with the handle in ONE etcd
 transaction conditioned on the revisions it read (with the node's other assignments and releases
 waiting at the same time: ``ipam.batch``). Losing that race means someone else changed a
@@ -90,6 +91,11 @@ class _Snapshot:
     reservations: Reservations = Reservations()
     revision: int = 0  # the revision the reservations were read at (the commit's condition)
     also: dict[str, KeyValue] = field(default_factory=dict)  # the ``also_read`` keys that exist (handles)
+    # What a plan on this snapshot depends on beyond the blocks it writes, for a commit planned on
+    # it once it is no longer fresh (``ipam.kept_snapshot``): the node, the IPAM configuration,
+    # each pool and affinity key → its modification revision (0: absent); each block's stored bytes.
+    depends: dict[str, int] = field(default_factory=dict)
+    stored: dict[Network, bytes] = field(default_factory=dict)
 
 
 def _same_attachment(held: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
@@ -122,10 +128,14 @@ def _pool(kv: KeyValue) -> Pool:
 
 class IPAM(Releaser):
     def __init__(self, client: KV, *, max_retries: int = 100,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 serializable_snapshot: bool = True) -> None:
         super().__init__(client, max_retries=max_retries, sleep=sleep)
         self.resources = ResourceStore(client)
         self.clock = clock
+        # A batch's first snapshot is a serializable read (``ipam.batch`` says why that is safe);
+        # False: every snapshot is linearizable (the benchmark's comparison).
+        self.serializable_snapshot = serializable_snapshot
 
     # ---- reading -----------------------------------------------------------------------------
     def pools(self) -> list[Pool]:
@@ -139,16 +149,20 @@ class IPAM(Releaser):
         kvs, _ = self.client.list(keys.HANDLES)
         return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
 
-    def snapshot(self, node: str, also_read: Sequence[str] = ()) -> _Snapshot:
+    def snapshot(self, node: str, also_read: Sequence[str] = (), *, serializable: bool = False) -> _Snapshot:
         """One round trip in the usual case: the ``also_read`` keys (the handles of the requests
         being planned, their callers' keys), the IPAM configuration, the node, the pools, the
         node's affinities and the blocks it was last seen to hold, at one revision. A block the
-        hint missed (claimed since, or by another process) costs a second read."""
+        hint missed (claimed since, or by another process) costs a second read.
+
+        ``serializable``: etcd answers from the member's own state, without a ReadIndex (see
+        ``ipam.batch`` for why a plan may start from it): possibly stale."""
         node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
         hinted = sorted(BLOCK_HINTS.get(node, ()))
         wanted = list(dict.fromkeys([*also_read, cfg_key, node_key, *hinted]))
         reading = self.client.read(wanted,
-                                   [(_POOLS, False), (keys.affinity_prefix(node), True), (_RESERVATIONS, False)])
+                                   [(_POOLS, False), (keys.affinity_prefix(node), True), (_RESERVATIONS, False)],
+                                   serializable=serializable)
         singles = reading.values
         labels: dict[str, str] = {}
         node_kv = singles.get(node_key)
@@ -165,15 +179,19 @@ class IPAM(Releaser):
         if missing:
             found.update(self.client.get_many(missing))
         BLOCK_HINTS[node] = frozenset(block_keys)
-        blocks = {}
+        blocks, stored = {}, {}
         for kv in found.values():
             block = decoded_block(kv.key, kv.mod_revision, kv.value)
             if block.node == node:
                 blocks[block.cidr] = (block, kv.mod_revision)
+                stored[block.cidr] = kv.value
         pools = [_pool(kv) for kv in reading.lists[_POOLS]]
         reservations = Reservations.from_kvs(reading.lists[_RESERVATIONS])
         also = {k: singles[k] for k in also_read if k in singles}
-        return _Snapshot(None, None, pools, labels, max_blocks, blocks, reservations, reading.revision, also)
+        depends = {k: singles[k].mod_revision if k in singles else 0 for k in (node_key, cfg_key)}
+        depends.update((kv.key, kv.mod_revision) for kv in [*reading.lists[_POOLS], *affinities])
+        return _Snapshot(None, None, pools, labels, max_blocks, blocks, reservations, reading.revision, also,
+                         depends, stored)
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)

@@ -8,6 +8,13 @@ transaction conditioned on every revision read. The others wait for their turn a
 job done. Callers of one node used to take turns with a round trip or two each, and a DEL racing
 an ADD on the node's one block lost its compare-and-swap and backed off.
 
+The read is serializable (no ReadIndex: on a follower, one round trip to the leader less), and a
+batch of assignments alone does not read at all when this process kept the node's last snapshot
+(``ipam.kept_snapshot``): a warm agent's ADD then costs IPAM one round trip, its commit. Both may
+be stale; the commit compares everything the plan used, so staleness only loses the
+compare-and-swap, and what is decided without a commit is decided on a linearizable read (see
+:func:`_once`).
+
 Each job is planned as alone (``IPAM.plan``, ``Releaser``'s planning of an attachment): the same
 addresses, reservations and handle records as one at a time. A job that fails (a pool exhausted,
 an address in use) fails alone and writes nothing; a lost comparison re-plans the whole batch; a
@@ -27,7 +34,8 @@ from typing import Any
 
 from datastore import keys
 from datastore.errors import Conflict
-from datastore.kv import Delete, KeyValue, Op, Update
+from datastore.kv import Delete, KeyValue, NothingNewer, Op, Unchanged, Update
+from ipam import kept_snapshot
 from ipam.block import Address, Block, Network, decoded_block, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
 from ipam.handles import Handle, attachment_handles_in, attachment_keys
@@ -133,21 +141,36 @@ def submit(ipam: IPAM, node: str, job: _Job, exclusive: Exclusive | None = None)
         raise job.error
 
 
+# The most jobs one transaction carries: each writes or compares up to ~5 keys (its handles, its
+# caller's key, blocks), and etcd takes at most 128 operations in one transaction (--max-txn-ops).
+MAX_JOBS = 24
+
+# What one plan-and-commit of a batch came to.
+_DONE, _LOST, _DOUBTFUL = "done", "lost", "doubtful"
+
+
 def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
     pending = list(jobs)
     attempt = 0
+    # The first plan starts from a serializable read when the IPAM allows it; any plan after one
+    # that lost its compare-and-swap, claimed a block or could not trust its read is linearizable.
+    fresh = not ipam.serializable_snapshot
     while pending:
         # Jobs sharing a key (the same attachment twice) go in different batches, in order.
         batch: list[_Job] = []
         taken: set[str] = set()
         for job in pending:
             wanted = set(job.wanted())
-            if not wanted & taken:
+            if not wanted & taken and len(batch) < MAX_JOBS:
                 batch.append(job)
             taken |= wanted
-        if _once(ipam, node, batch):
-            pending = [j for j in pending if not j.done]
+        outcome = _once(ipam, node, batch, fresh)
+        pending = [j for j in pending if not j.done]  # a repeated ADD handed back its addresses
+        if outcome == _DONE:
             continue
+        fresh = True
+        if outcome == _DOUBTFUL:
+            continue  # nothing was lost: read again at once, from the leader
         attempt += 1
         if attempt >= ipam.max_retries:
             for job in batch:
@@ -157,14 +180,29 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
         ipam._backoff(attempt)
 
 
-def _once(ipam: IPAM, node: str, batch: list[_Job]) -> bool:
-    """Plan and commit ``batch``: True when every job of it is done, False to plan again."""
-    snap = ipam.snapshot(node, [k for job in batch for k in job.wanted()])
+def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
+    """Plan and commit ``batch``: _DONE when every job of it is done, _LOST to plan again (a lost
+    compare-and-swap, or blocks claimed), _DOUBTFUL to plan again from a linearizable read.
+
+    A plan on a serializable snapshot (``fresh`` False: etcd's member answered from its own state,
+    which on a follower may lag the leader) is as safe as one on a linearizable snapshot because
+    of what the commit compares: every block it writes at the revision read, each handle it creates
+    as absent, and every key the jobs read (their handles, their callers' keys) at the revision read
+    or as absent (:func:`_read_unchanged`). A stale read then only loses the compare-and-swap.
+    What would not be compared is not decided on it: a job that fails (a pool exhausted, an
+    address in use), a block claim, and a batch that would write nothing are _DOUBTFUL and planned
+    again on a linearizable read; addresses a repeated ADD gets back are read afresh
+    (``IPAM.handed_back``)."""
+    kept = None
+    if not fresh and all(isinstance(j, AssignJob) for j in batch):
+        kept = kept_snapshot.take(ipam.client, node)  # planned on without a read (see its module)
+    snap = kept or ipam.snapshot(node, [k for job in batch for k in job.wanted()], serializable=not fresh)
     releases = [j for j in batch if isinstance(j, ReleaseJob)]
     extra = _blocks_of_releases(ipam, snap.blocks, snap.also, releases)
     changed: dict[Network, tuple[Block, int]] = {}
     ops: list[Op] = []
     planned: list[_Job] = []
+    failed: list[tuple[_Job, BaseException]] = []
     claims: list[tuple[Network, str | None]] = []
     for job in batch:
         if isinstance(job, ReleaseJob):
@@ -184,7 +222,7 @@ def _once(ipam: IPAM, node: str, batch: list[_Job]) -> bool:
             wanted: list[tuple[Network, str | None]] = []
             results = ipam.plan(req, own, mine, wanted)
         except IPAMError as e:
-            job.fail(e)
+            failed.append((job, e))
             continue
         if wanted:
             claims += wanted
@@ -193,23 +231,58 @@ def _once(ipam: IPAM, node: str, batch: list[_Job]) -> bool:
         job.assigned = results
         ops.append(ipam.handle_op(req, own, results))
         planned.append(job)
+    written = [(cidr, block, block.to_json(), rev) for cidr, (block, rev) in changed.items()]
+    ops = [Update(keys.block_key(cidr), value, rev, _expected(kept, cidr, rev))
+           for cidr, _, value, rev in written] + ops
+    if not fresh and (failed or claims or not ops):
+        return _DOUBTFUL
+    for job, error in failed:
+        job.fail(error)
     if claims:
         ipam.claim(claims)  # each on its own; then everyone plans again from the new blocks
-        return False
-    written = [(keys.block_key(cidr), block, block.to_json(), rev) for cidr, (block, rev) in changed.items()]
-    ops = [Update(key, value, rev) for key, _, value, rev in written] + ops
+        return _LOST
     if any(isinstance(j, AssignJob) for j in planned):
         ops += ipam.reservations_unchanged(snap)
+    if kept is not None:
+        ops += kept_snapshot.unchanged_since(kept, node)
+    revision = 0
     if ops:
+        ops += _read_unchanged(planned, snap.also, ops)
         try:
             revision = ipam.client.commit(ops)
-            for key, block, value, _ in written:  # the next snapshot reads them back: no decoding then
-                remember_block(key, revision, value, block)
         except Conflict:
-            return False
+            # Against a kept snapshot, most likely a change it had not seen: read it at once.
+            return _DOUBTFUL if kept is not None else _LOST
+        for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
+            remember_block(keys.block_key(cidr), revision, value, block)
+    if ipam.serializable_snapshot:
+        kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision)
     for job in planned:
         job.done = True
-    return True
+    return _DONE
+
+
+def _expected(kept: Any, cidr: Network, rev: int) -> bytes | None:
+    """The stored bytes a block written from a kept snapshot must still hold (None: compare the
+    revision, for a block read afresh: borrowed, or named by a specific address)."""
+    if kept is None or kept.blocks.get(cidr, (None, 0))[1] != rev:
+        return None
+    stored: bytes | None = kept.stored.get(cidr)
+    return stored
+
+
+def _read_unchanged(planned: Sequence[_Job], values: Mapping[str, KeyValue], ops: Sequence[Op]) -> list[Op]:
+    """Comparisons of the keys the planned jobs read that no write of ``ops`` compares already: a
+    release that found no handle, or an endpoint of another container, decided on them."""
+    compared = {op.key for op in ops if not isinstance(op, NothingNewer)}
+    out: list[Op] = []
+    for job in planned:
+        for key in job.wanted():
+            if key not in compared:
+                compared.add(key)
+                kv = values.get(key)
+                out.append(Unchanged(key, kv.mod_revision if kv is not None else 0))
+    return out
 
 
 def _blocks_of_releases(ipam: IPAM, blocks: Mapping[Network, tuple[Block, int]], values: Mapping[str, KeyValue],

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datastore import keys
 from datastore.errors import Conflict
 from datastore.kv import KV, Delete, KeyValue, Op, Update
+from ipam import kept_snapshot
 from ipam.block import Address, Block
 from ipam.errors import TooManyConflicts
 from ipam.handles import Handle, attachment_handles_in, attachment_keys
@@ -100,6 +101,7 @@ class Releaser:
                 return list(found), []
             try:
                 self.client.commit(ops)
+                kept_snapshot.forget_datastore(self.client)
                 return list(found), released
             except Conflict:
                 self._backoff(attempt)
@@ -125,6 +127,7 @@ class Releaser:
             ops.append(Delete(hkv.key, hkv.mod_revision))
             try:
                 self.client.commit(ops)
+                kept_snapshot.forget_datastore(self.client)
                 return released
             except Conflict:
                 self._backoff(attempt)
@@ -173,6 +176,7 @@ class Releaser:
                 ops += self._shrink_handles(shrink)
             try:
                 self.client.commit(ops)
+                kept_snapshot.forget_datastore(self.client)
                 return freed
             except Conflict:
                 self._backoff(attempt)

@@ -95,3 +95,19 @@ def test_present_fails_a_commit_once_its_key_is_gone(etcd_client: EtcdClient, et
             with pytest.raises(Conflict) as lost:
                 client.commit([Create(written, b"1"), Present(required)])
             assert lost.value.key == required and etcd_client.get(written) is None
+
+
+def test_an_update_with_expected_bytes_compares_the_value_not_the_revision(etcd_client: EtcdClient,
+                                                                         etcd_server: EtcdServer) -> None:
+    """What a commit planned on a kept IPAM snapshot carries for each block, on both clients: the
+    write lands only while the key holds exactly the bytes planned from, whatever its revision."""
+    base = f"/tortie/test/expected-{uuid.uuid4().hex}"
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as gw:
+        for i, client in enumerate((etcd_client, gw)):
+            key = f"{base}/block{i}"
+            rev = etcd_client.put(key, b"as planned")
+            with pytest.raises(Conflict):  # the revision is current, the bytes are not
+                client.commit([Update(key, b"mine", rev, expected=b"something else")])
+            assert etcd_client.get(key).value == b"as planned"  # type: ignore[union-attr]
+            client.commit([Update(key, b"mine", rev + 1000, expected=b"as planned")])
+            assert etcd_client.get(key).value == b"mine"  # type: ignore[union-attr]

@@ -1,0 +1,85 @@
+"""The node's last IPAM snapshot, kept by the process that planned on it: a warm process (felix-agent)
+plans its next assignments on it instead of reading etcd again (one round trip of ADD's three).
+
+Owns keeping one snapshot per (datastore, node), bringing its blocks up to date with this process's
+own commits, and the comparisons that make a commit planned on it exactly as safe as one planned
+on a fresh read: every input of the plan is compared in the commit's transaction, so anything
+another writer changed since only loses the compare-and-swap, and the batch then plans again on
+a linearizable read (``ipam.batch``). Must not plan, decide or write (``ipam.allocator``,
+``ipam.batch``).
+
+What a plan on a snapshot uses, and what the commit compares for it:
+- the blocks it writes: their stored bytes (``Update.expected``, a VALUE comparison), not their
+  revision: bytes this process kept stay right however they came back (a cluster restored from a
+  backup repeats revision numbers with other contents);
+- the handles it creates: absent (``Create``); the requests' other keys (a legacy handle): as
+  read, or absent (``ipam.batch._read_unchanged``);
+- the pools, the node's affinities, the node and the IPAM configuration: each key at the revision
+  read or absent (``Unchanged``: a deleted key fails it), and nothing new under the pools', the
+  affinities' and the reservations' prefixes since the snapshot's revision (``NothingNewer``:
+  a key created since fails it; it does not see deletions, which the per-key comparisons do;
+  a reservation deleted since only leaves an address unused).
+Blocks the plan reads but does not write (full ones) change nothing that is written: a stale one
+can only make the plan claim or borrow, or fail, and those are re-planned on a fresh read.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any
+
+from datastore import keys
+from datastore.kv import NothingNewer, Op, Unchanged
+from datastore.resources import IPPool
+from ipam.block import Block, Network
+
+# The allocator's snapshot (``ipam.allocator._Snapshot``: it imports this module's user, ``ipam.batch``).
+Snapshot = Any
+
+_POOLS = keys.resource_prefix(IPPool.PLURAL)
+_KEPT: dict[tuple[object, str], Snapshot] = {}
+_GUARD = threading.Lock()
+
+
+def _where(client: object, node: str) -> tuple[object, str]:
+    # The datastore a client talks to: its configuration (endpoints and certificates; a test's labs
+    # differ in both), else the client itself. A snapshot of one cluster never serves another.
+    return getattr(client, "config", None) or id(client), node
+
+
+def take(client: object, node: str) -> Snapshot | None:
+    """The snapshot kept for ``node`` of ``client``'s datastore (taken away: a batch that commits
+    on it puts it back brought up to date), or None."""
+    with _GUARD:
+        return _KEPT.pop(_where(client, node), None)
+
+
+def keep(client: object, node: str, snap: Snapshot, written: dict[Network, tuple[Block, bytes]], revision: int) -> None:
+    """Keep ``snap`` with the blocks this process just wrote at ``revision`` (block, stored bytes)."""
+    blocks = dict(snap.blocks)
+    stored = dict(snap.stored)
+    for cidr, (block, value) in written.items():
+        if cidr in blocks:  # another node's block an address was borrowed from is not the node's
+            blocks[cidr], stored[cidr] = (block, revision), value
+    kept = replace(snap, handle=None, legacy=None, also={}, blocks=blocks, stored=stored)
+    with _GUARD:
+        if len(_KEPT) > 1024:
+            _KEPT.clear()
+        _KEPT[_where(client, node)] = kept
+
+
+def forget_datastore(client: object) -> None:
+    """This process wrote blocks outside the batches (a release by handle or address): the kept
+    snapshots of that datastore would only lose their next compare-and-swap."""
+    where = _where(client, "")[0]
+    with _GUARD:
+        for key in [k for k in _KEPT if k[0] == where]:
+            del _KEPT[key]
+
+
+def unchanged_since(snap: Snapshot, node: str) -> list[Op]:
+    """The comparisons of everything a plan on ``snap`` used besides the blocks and handles it writes."""
+    ops: list[Op] = [Unchanged(key, rev) for key, rev in sorted(snap.depends.items())]
+    ops += [NothingNewer(prefix, snap.revision) for prefix in (_POOLS, keys.affinity_prefix(node))]
+    return ops
