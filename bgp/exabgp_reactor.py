@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bgp.exabgp_turns import synchronous_callbacks
+
 
 class ClosedDescriptorsDropped:
     """A ``select.poll()`` object that unregisters what it reports as closed (POLLNVAL) instead of
@@ -217,6 +219,7 @@ def main() -> int:
     quiet_debug()
     fast_update_json()
     fast_nlri_decoding()
+    synchronous_callbacks()  # bgp.exabgp_turns: the fixed costs per command and per UPDATE sent
     from exabgp.application.main import main as exabgp_main
 
     # ExaBGP runs `sys.executable sys.argv[0]` for its CLI pipe helper: the plain `exabgp` script
