@@ -61,3 +61,66 @@ def synchronous_callbacks() -> None:
         return True
 
     ASYNC.run = run
+
+
+SHARED_MAX_NLRIS = 16  # larger UPDATEs (a table) are built per peer as before: one build is the cost
+SHARED_ENTRIES = 256  # UPDATEs kept; the key decides the bytes, so how long one is kept does not matter
+
+
+def shared_update_bytes() -> None:
+    """``Update.messages`` (the wire messages of one UPDATE for one session) reuses the bytes it
+    built for an UPDATE with the same content for a session that negotiated the same.
+
+    The content key is each NLRI's family, prefix, action and next hop, and the attributes'
+    ``index()``: the key ExaBGP's own outgoing RIB groups NLRIs by, packing one attribute set for
+    all of them. The session key is everything ``Update.messages`` and the attribute and NLRI
+    packers read from ``Negotiated``: local and peer AS, 4-byte ASNs, message size, families,
+    extended next hops, AIGP, add-path per family of the UPDATE. An UPDATE with a next hop
+    ``self`` (a per-session address), an NLRI other than a plain INET without path ID, or more
+    than ``SHARED_MAX_NLRIS`` NLRIs is built as before."""
+    try:
+        from exabgp.bgp.message.update import Update
+        from exabgp.bgp.message.update.attribute import Attribute
+        from exabgp.bgp.message.update.nlri.inet import INET
+        from exabgp.bgp.message.update.nlri.qualifier.path import PathInfo
+    except ImportError:
+        return
+    made = Update.messages
+    nopath, next_hop_code = PathInfo.NOPATH, Attribute.CODE.NEXT_HOP
+    built: dict[tuple[Any, ...], tuple[bytes, ...]] = {}
+
+    def key(update: Any, negotiated: Any, include_withdraw: bool) -> tuple[Any, ...] | None:
+        nlris, attributes = update.nlris, update.attributes
+        if not nlris or len(nlris) > SHARED_MAX_NLRIS:
+            return None
+        content = []
+        families = set()
+        for nlri in nlris:
+            if type(nlri) is not INET or nlri.path_info is not nopath or getattr(nlri.nexthop, "SELF", False):
+                return None
+            families.add((nlri.afi, nlri.safi))
+            content.append((nlri.afi, nlri.safi, nlri.action, nlri.cidr.pack_nlri(), str(nlri.nexthop)))
+        for value in attributes.values():
+            if getattr(value, "SELF", False):
+                return None
+        addpath = tuple(negotiated.addpath.send(afi, safi) for afi, safi in sorted(families))
+        session = (int(negotiated.local_as), int(negotiated.peer_as), negotiated.asn4, negotiated.msg_size,
+                   tuple(negotiated.families), tuple(negotiated.nexthop), bool(negotiated.aigp), addpath)
+        # the next hop itself too: index() is cached on the object and may predate a "self" resolved
+        hop = str(attributes.get(next_hop_code, ""))
+        return (tuple(content), attributes.index(), hop, session, include_withdraw)
+
+    def messages(self: Any, negotiated: Any, include_withdraw: bool = True) -> Any:
+        found_key = key(self, negotiated, include_withdraw)
+        if found_key is None:
+            yield from made(self, negotiated, include_withdraw)
+            return
+        found = built.get(found_key)
+        if found is None:
+            found = tuple(made(self, negotiated, include_withdraw))
+            if len(built) >= SHARED_ENTRIES:
+                built.clear()
+            built[found_key] = found
+        yield from found
+
+    Update.messages = messages

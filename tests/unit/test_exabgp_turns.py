@@ -3,12 +3,13 @@ each patch is held to what ExaBGP's own code does with the same input."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from bgp.exabgp_turns import synchronous_callbacks
+from bgp.exabgp_turns import shared_update_bytes, synchronous_callbacks
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +105,89 @@ def test_a_coroutine_in_the_queue_still_runs_through_exabgps_own_loop(monkeypatc
     while not queue.ready():
         queue.run()
     assert ran[:2] == ["gen0", "gen1"] and "coroutine" in ran
+
+
+def _inet(prefix: str, action: object, next_hop: str | None = None, path_id: int | None = None) -> object:
+    from tests.unit.test_exabgp_reactor import _inet as inet
+
+    return inet(prefix, action, next_hop, path_id)
+
+
+# -- one UPDATE's bytes, built once for the sessions that negotiated the same -------------------------
+
+
+def _session(local_as: int, peer_as: int, *, asn4: bool = True, v6: bool = True, addpath: bool = False,
+             msg_size: int = 4096, local: str = "198.18.0.13") -> Any:
+    from exabgp.bgp.message.open.asn import ASN
+    from exabgp.bgp.message.open.capability.negotiated import Negotiated
+    from exabgp.protocol.family import AFI, SAFI
+    from exabgp.protocol.ip import IP
+
+    neighbor = {"capability": {"aigp": False}, "local-address": IP.create(local)}
+    negotiated = Negotiated(neighbor)
+    negotiated.local_as, negotiated.peer_as, negotiated.asn4 = ASN(local_as), ASN(peer_as), asn4
+    negotiated.families = [(AFI.ipv4, SAFI.unicast)] + ([(AFI.ipv6, SAFI.unicast)] if v6 else [])
+    negotiated.msg_size = msg_size
+    if addpath:
+        negotiated.addpath._send[(AFI.ipv4, SAFI.unicast)] = True
+    return negotiated
+
+
+def _updates() -> list[Any]:
+    from exabgp.bgp.message import Action
+    from exabgp.bgp.message.update import Update
+    from exabgp.bgp.message.update.attribute import Attributes
+    from exabgp.bgp.message.update.attribute.community.initial.communities import Communities
+    from exabgp.bgp.message.update.attribute.community.initial.community import Community
+    from exabgp.bgp.message.update.attribute.nexthop import NextHop
+    from exabgp.bgp.message.update.attribute.origin import Origin
+    from exabgp.protocol.ip import IP
+
+    def attributes(hop: str, communities: tuple[int, ...] = ()) -> Any:
+        out = Attributes()
+        out.add(Origin(Origin.IGP))
+        out.add(NextHop(hop, IP.pton(hop)))
+        if communities:
+            out.add(Communities([Community.cached(c.to_bytes(4, "big")) for c in communities]))
+        return out
+
+    a, w = Action.ANNOUNCE, Action.WITHDRAW
+    return [
+        # what the mesh sends per claim: one block, its node's address as next hop
+        Update([_inet("10.244.1.64/26", a, "198.18.0.13")], attributes("198.18.0.13")),
+        Update([_inet("10.244.1.64/26", a, "198.18.0.14")], attributes("198.18.0.14")),  # another next hop
+        Update([_inet("10.244.1.64/26", a, "198.18.0.13")], attributes("198.18.0.13", (64512 << 16 | 100,))),
+        Update([_inet("10.244.1.128/26", a, "198.18.0.13"), _inet("10.244.2.0/26", a, "198.18.0.13")],
+               attributes("198.18.0.13")),
+        Update([_inet("10.244.1.64/26", w)], attributes("198.18.0.13")),  # a withdrawal
+        Update([_inet("fd00:10:244::/122", a, "fd00::13")], attributes("198.18.0.13")),  # MP_REACH
+        Update([_inet("10.244.1.64/26", a, "198.18.0.13", 7)], attributes("198.18.0.13")),  # add-path: not kept
+        Update([_inet(f"10.100.0.{i}/32", a, "198.18.0.13") for i in range(40)], attributes("198.18.0.13")),
+    ]
+
+
+def test_update_bytes_are_exabgps_own_for_every_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.bgp.message.update import Update
+
+    sessions = [
+        _session(64512, 64512), _session(64512, 64512),  # two iBGP mesh peers: the same bytes
+        _session(64512, 64512, local="198.18.0.99"),  # another local address: nothing read differs
+        _session(64512, 65001), _session(65010, 65001),  # eBGP (AS_PATH, no LOCAL_PREF), a local AS of its own
+        _session(64512, 64512, asn4=False), _session(64512, 65001, asn4=False),  # 2-byte AS_PATH
+        _session(64512, 64512, v6=False), _session(64512, 64512, addpath=True),
+        _session(64512, 64512, msg_size=65535),
+    ]
+    updates = _updates()
+    monkeypatch.setattr(Update, "messages", Update.messages)  # put back after the test
+    theirs = {(u, s, wd): list(Update.messages(updates[u], sessions[s], wd))
+              for u in range(len(updates)) for s in range(len(sessions)) for wd in (True, False)}
+    assert theirs[(0, 0, True)] and theirs[(0, 0, True)] != theirs[(0, 3, True)]  # sessions do differ
+    shared_update_bytes()
+    for rounds in range(2):  # the second time round every key is known
+        for (u, s, wd), expected in theirs.items():
+            assert list(Update.messages(updates[u], sessions[s], wd)) == expected, (rounds, u, s, wd)
+    # a copy of the UPDATE (ExaBGP deep-copies a change per peer) for another peer: the same bytes,
+    # built once
+    first = list(Update.messages(updates[0], sessions[0]))
+    again = list(Update.messages(copy.deepcopy(updates[0]), sessions[1]))
+    assert again == theirs[(0, 1, True)] and again[0] is first[0]
