@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bgp.exabgp_turns import shared_update_bytes, synchronous_callbacks
+from bgp.exabgp_turns import light_injection, shared_update_bytes, synchronous_callbacks
 
 
 class ClosedDescriptorsDropped:
@@ -220,6 +220,7 @@ def main() -> int:
     fast_update_json()
     fast_nlri_decoding()
     synchronous_callbacks()  # bgp.exabgp_turns: the fixed costs per command and per UPDATE sent
+    light_injection()
     shared_update_bytes()
     from exabgp.application.main import main as exabgp_main
 

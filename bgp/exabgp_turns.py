@@ -10,6 +10,11 @@ what ExaBGP says or when a session starts or ends.
   task, signal handler checks): ~0.2 ms of the origin's CPU per command, before the first UPDATE
   is built. Generators now run without it, in the same order and with the same limits; a queue
   that holds a coroutine goes through ExaBGP's own ``run``.
+- ``light_injection``: an announce command's route is put into each peer's outgoing RIB as a deep
+  copy made by ``Neighbor.remove_self`` (~40 us each, 9 per claim, before the first UPDATE is
+  built). For a plain INET route without a ``self`` next hop, the copy is of the NLRI only (its
+  own object, so its action can change per RIB as ExaBGP changes it), sharing the attributes
+  and the NLRI's parts, which nothing changes in place.
 - ``shared_update_bytes``: the origin's ExaBGP builds the UPDATE for one claimed block once per
   peer (9 times in a 10-node mesh), and each build packs the same attributes and NLRIs for peers
   whose session negotiated the same. The bytes of an UPDATE are kept for the reactor turn in which
@@ -19,6 +24,7 @@ what ExaBGP says or when a session starts or ends.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -124,3 +130,42 @@ def shared_update_bytes() -> None:
         yield from found
 
     Update.messages = messages
+
+
+def light_injection() -> None:
+    """``_Configuration.inject_change`` (an API route into the outgoing RIB of each matching peer)
+    with a copy of the NLRI per peer instead of ``remove_self``'s deep copy of the whole change,
+    for a plain INET route whose next hop and attributes hold no ``self``; anything else goes
+    through ExaBGP's own, as before."""
+    try:
+        from exabgp.bgp.message.update.nlri.inet import INET
+        from exabgp.configuration.configuration import _Configuration
+        from exabgp.logger import log
+        from exabgp.rib.change import Change
+    except ImportError:
+        return
+    made = _Configuration.inject_change
+
+    def inject_change(self: Any, peers: Any, change: Any) -> bool:
+        nlri, attributes = change.nlri, change.attributes
+        if (type(nlri) is not INET or getattr(nlri.nexthop, "SELF", False)
+                or any(getattr(value, "SELF", False) for value in attributes.values())):
+            return bool(made(self, peers, change))
+        family = nlri.family().afi_safi()
+        result = False
+        for neighbor_name in self.neighbors:
+            if neighbor_name in peers:
+                neighbor = self.neighbors[neighbor_name]
+                if family in neighbor.families():
+                    neighbor.rib.outgoing.add_to_rib(Change(copy.copy(nlri), attributes))
+                    result = True
+                else:
+                    log.error(
+                        lambda change=change, neighbor_name=neighbor_name: (
+                            f"the route family ({change.nlri.short()}) is not configured on neighbor {neighbor_name}"
+                        ),
+                        "configuration",
+                    )
+        return result
+
+    _Configuration.inject_change = inject_change

@@ -191,3 +191,63 @@ def test_update_bytes_are_exabgps_own_for_every_session(monkeypatch: pytest.Monk
     first = list(Update.messages(updates[0], sessions[0]))
     again = list(Update.messages(copy.deepcopy(updates[0]), sessions[1]))
     assert again == theirs[(0, 1, True)] and again[0] is first[0]
+
+
+# -- an announce command's route into each peer's outgoing RIB -----------------------------------------
+
+
+class _Peer:
+    """What ``inject_change`` reads of a neighbor: its families, its outgoing RIB, ``remove_self``."""
+
+    def __init__(self, families: list[Any]) -> None:
+        from exabgp.bgp.neighbor import Neighbor
+        from exabgp.rib.outgoing import OutgoingRIB
+
+        self._families = families
+        self.rib = type("RIB", (), {})()
+        self.rib.outgoing = OutgoingRIB(True, families)
+        self.remove_self = Neighbor.remove_self.__get__(self)
+
+    def families(self) -> list[Any]:
+        return list(self._families)
+
+
+def _inject(changes: list[Any], session: Any) -> tuple[list[list[list[bytes]]], list[Any], list[Any]]:
+    """Inject each change into 3 peers (one without IPv6) as ExaBGP's configuration does; what each
+    peer then sends (its UPDATEs' bytes), the NLRIs its RIB holds, and what inject_change returned."""
+    from exabgp.configuration.configuration import _Configuration
+    from exabgp.protocol.family import AFI, SAFI
+
+    both = [(AFI.ipv4, SAFI.unicast), (AFI.ipv6, SAFI.unicast)]
+    config = _Configuration()
+    config.neighbors = {"a": _Peer(both), "b": _Peer(both), "c": _Peer(both[:1]), "d": _Peer(both)}
+    returned = [config.inject_change(["a", "b", "c"], change) for change in changes]
+    sent = [[list(u.messages(session)) for u in peer.rib.outgoing.updates(False)]
+            for peer in config.neighbors.values()]
+    held = [change.nlri for peer in config.neighbors.values() for change in peer.rib.outgoing.cached_changes()]
+    return sent, held, returned
+
+
+def test_routes_reach_each_peers_rib_as_exabgps_own_copies_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.configuration.configuration import _Configuration
+    from exabgp.rib.change import Change
+
+    from bgp.exabgp_turns import light_injection
+
+    monkeypatch.setattr("exabgp.logger.log.error", classmethod(lambda cls, message, source="", level="": None))
+    monkeypatch.setattr(_Configuration, "inject_change", _Configuration.inject_change)  # put back after
+    session = _session(64512, 64512)
+
+    def changes() -> list[Any]:
+        return [Change(n, u.attributes) for u in _updates() for n in u.nlris]
+
+    theirs = _inject(changes(), session)
+    light_injection()
+    mine = changes()
+    ours = _inject(mine, session)
+    assert ours[0] == theirs[0] and ours[2] == theirs[2]
+    assert [(n.cidr, n.action, str(n.nexthop)) for n in ours[1]] == [(n.cidr, n.action, str(n.nexthop))
+                                                                      for n in theirs[1]]
+    # each RIB holds an NLRI of its own: ExaBGP sets a held route's action per RIB
+    sources = {id(change.nlri) for change in mine}
+    assert len({id(n) for n in ours[1]}) == len(ours[1]) and not sources & {id(n) for n in ours[1]}
