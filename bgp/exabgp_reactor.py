@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bgp.exabgp_turns import light_injection, shared_update_bytes, synchronous_callbacks
+from bgp.exabgp_turns import light_injection, peers_with_work, shared_update_bytes, synchronous_callbacks
 
 
 class ClosedDescriptorsDropped:
@@ -221,6 +221,7 @@ def main() -> int:
     fast_nlri_decoding()
     synchronous_callbacks()  # bgp.exabgp_turns: the fixed costs per command and per UPDATE sent
     light_injection()
+    peers_with_work()
     shared_update_bytes()
     from exabgp.application.main import main as exabgp_main
 

@@ -10,6 +10,13 @@ what ExaBGP says or when a session starts or ends.
   task, signal handler checks): ~0.2 ms of the origin's CPU per command, before the first UPDATE
   is built. Generators now run without it, in the same order and with the same limits; a queue
   that holds a coroutine goes through ExaBGP's own ``run``.
+- ``peers_with_work``: on every wake-up ExaBGP's reactor gives every peer a turn: each runs its
+  session generator, polls its socket, checks its timers and statistics (in a 10-node mesh, 9
+  peers per wake-up, to receive one UPDATE from one of them). A peer now gets a turn when it has
+  something to do: its socket was reported readable, it asked to be called again (``ACTION.NOW``),
+  it has routes, EORs, operational or refresh messages queued, it is not established, or it is
+  being torn down or reconfigured; and every peer gets one at least once per reactor idle period
+  (``exabgp.reactor.speed`` / 100 s), as on an idle wake-up before, for its timers.
 - ``light_injection``: an announce command's route is put into each peer's outgoing RIB as a deep
   copy made by ``Neighbor.remove_self`` (~40 us each, 9 per claim, before the first UPDATE is
   built). For a plain INET route without a ``self`` next hop, the copy is of the NLRI only (its
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 from typing import Any
 
 
@@ -169,3 +177,48 @@ def light_injection() -> None:
         return result
 
     _Configuration.inject_change = inject_change
+
+
+def peers_with_work() -> None:
+    """The reactor's turns go to the peers with something to do (the module's docstring says which),
+    and to all of them at least once per idle period (the poll timeout, ``speed`` / 100 s)."""
+    try:
+        from exabgp.bgp.fsm import FSM
+        from exabgp.reactor.loop import Reactor
+        from exabgp.reactor.peer import ACTION, Peer
+    except ImportError:
+        return
+    made_active, made_wait, made_run = Reactor.active_peers, Reactor._wait_for_io, Peer.run
+
+    def run(self: Any) -> Any:
+        action = made_run(self)
+        self._tortie_again = action == ACTION.NOW
+        return action
+
+    def _wait_for_io(self: Any, sleeptime: int) -> Any:
+        ready: set[int] = set()
+        self._tortie_ready = ready  # what this poll reported: the next turn's readable peers
+        for fd in made_wait(self, sleeptime):
+            ready.add(fd)
+            yield fd
+
+    def active_peers(self: Any) -> set[Any]:
+        peers: set[Any] = made_active(self)
+        now = time.monotonic()
+        if now - self.__dict__.get("_tortie_round", 0.0) >= self._sleep_time:
+            self._tortie_round = now  # a turn for every peer: timers, keepalives
+            return peers
+        ready = self.__dict__.get("_tortie_ready", ())
+        return {key for key in peers if _has_work(self._peers[key], ready, FSM.ESTABLISHED)}
+
+    Peer.run = run
+    Reactor._wait_for_io = _wait_for_io
+    Reactor.active_peers = active_peers
+
+
+def _has_work(peer: Any, ready: Any, established: Any) -> bool:
+    neighbor = peer.neighbor
+    return bool(
+        peer.fsm != established or peer._teardown is not None or peer._neighbor is not None
+        or peer.__dict__.get("_tortie_again", True) or peer.socket() in ready
+        or neighbor.rib.outgoing.pending() or neighbor.eor or neighbor.messages or neighbor.refresh)
