@@ -133,7 +133,7 @@ def run(claims: int, idle: float, strace_node: int | None, spy_node: int | None,
                     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                     if not Path(spy).exists():
                         spy = str(Path(__file__).resolve().parents[1] / ".venv/bin/py-spy")
-                    cmd = [spy, "record", "--format", "raw", "--rate", "1000", "-o",
+                    cmd = [spy, "record", "--format", "raw", "--rate", "2000", "--gil", "--nonblocking", "-o",
                            str(out / f"py-spy-n{target}.txt"), "--pid", str(exa)]
                 helper = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # attached
