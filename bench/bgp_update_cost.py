@@ -128,7 +128,9 @@ def run(claims: int, idle: float, strace_node: int | None, spy_node: int | None,
             if target is not None:
                 exa = procs.pids[(target, "exabgp")]
                 if strace_node is not None:
-                    cmd = ["strace", "-c", "-f", "-o", str(out / f"strace-n{target}.txt"), "-p", str(exa)]
+                    # -c: counts per syscall; with TIMELINE, every call with its time (where a claim's time goes)
+                    how = ["-ttt", "-T"] if os.environ.get("BGP_COST_STRACE_TIMELINE") else ["-c"]
+                    cmd = ["strace", *how, "-f", "-o", str(out / f"strace-n{target}.txt"), "-p", str(exa)]
                 else:
                     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                     if not Path(spy).exists():
