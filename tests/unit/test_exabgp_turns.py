@@ -251,3 +251,69 @@ def test_routes_reach_each_peers_rib_as_exabgps_own_copies_do(monkeypatch: pytes
     # each RIB holds an NLRI of its own: ExaBGP sets a held route's action per RIB
     sources = {id(change.nlri) for change in mine}
     assert len({id(n) for n in ours[1]}) == len(ours[1]) and not sources & {id(n) for n in ours[1]}
+
+
+# -- the reactor's turns: the peers with work, and all of them once per idle period -----------------
+
+
+class _Neighbor(dict):  # type: ignore[type-arg]
+    def __init__(self, pending: bool = False) -> None:
+        super().__init__(passive=False)
+        self.rib = type("RIB", (), {})()
+        self.rib.outgoing = type("Out", (), {"pending": lambda _self: pending})()
+        self.eor: list[Any] = []
+        self.messages: list[Any] = []
+        self.refresh: list[Any] = []
+
+
+class _ReactorPeer:
+    def __init__(self, fd: int, fsm: Any, *, pending: bool = False) -> None:
+        self.fd, self.fsm, self.neighbor = fd, fsm, _Neighbor(pending)
+        self.proto = object()
+        self._teardown = self._neighbor = None
+        self._restart = True
+
+    def stopping(self) -> bool:
+        return self._teardown is not None and not self._restart
+
+    def socket(self) -> int:
+        return self.fd
+
+
+def test_turns_go_to_the_peers_with_work_and_to_all_once_per_idle_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.bgp.fsm import FSM
+    from exabgp.reactor.loop import Reactor
+    from exabgp.reactor.peer import Peer
+
+    from bgp.exabgp_turns import peers_with_work
+
+    for name in ("active_peers", "_wait_for_io"):
+        monkeypatch.setattr(Reactor, name, Reactor.__dict__[name])  # put back after the test
+    monkeypatch.setattr(Peer, "run", Peer.run)
+    established = FSM.ESTABLISHED
+    peers = {
+        "idle": _ReactorPeer(10, established), "readable": _ReactorPeer(11, established),
+        "routes": _ReactorPeer(12, established, pending=True), "connecting": _ReactorPeer(13, FSM.CONNECT),
+        "reconfigured": _ReactorPeer(14, established), "eor": _ReactorPeer(15, established),
+    }
+    peers["reconfigured"]._neighbor = object()
+    peers["eor"].neighbor.eor.append("ipv4 unicast")
+    reactor = Reactor.__new__(Reactor)
+    reactor._peers, reactor._sleep_time = peers, 0.1
+    reactor._poller = type("Poll", (), {"poll": lambda _self, timeout: [(11, 1)]})()  # fd 11 readable
+    theirs = Reactor.active_peers(reactor)
+    assert theirs == set(peers)  # ExaBGP's own: every peer, every turn
+    peers_with_work()
+    for peer in peers.values():  # each peer's last turn asked for nothing more (ACTION.LATER)
+        peer._tortie_again = False  # type: ignore[attr-defined]
+    clock = [1000.0]
+    monkeypatch.setattr("bgp.exabgp_turns.time.monotonic", lambda: clock[0])
+    assert reactor.active_peers() == theirs  # the first turn: a round for every peer
+    assert list(reactor._wait_for_io(0)) == [11]  # what ExaBGP's own poll yields, recorded
+    clock[0] += 0.05
+    assert reactor.active_peers() == {"readable", "routes", "connecting", "reconfigured", "eor"}
+    peers["idle"]._tortie_again = True  # type: ignore[attr-defined]  # its last turn returned ACTION.NOW
+    assert "idle" in reactor.active_peers()
+    peers["idle"]._tortie_again = False  # type: ignore[attr-defined]
+    clock[0] += 0.1  # an idle period since the last round: every peer, for its timers
+    assert reactor.active_peers() == theirs
