@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU measured first")
     parser.add_argument("--strace", type=int, metavar="K", help="strace -c -f node K's ExaBGP over the series")
     parser.add_argument("--py-spy", type=int, metavar="K", help="py-spy node K's ExaBGP over the series")
-    parser.add_argument("--origin", type=int, metavar="K", help="every claim for node K (default: rotating)")
+    parser.add_argument("--origin", type=int, metavar="K",
+                        help="every claim for node K (default: rotating); at most ~18 claims then: IPAM gives a "
+                        "node 20 blocks (maxBlocksPerHost), the next one has no owner and no route")
     parser.add_argument("--out", type=Path, default=Path("/tmp"), help="where --strace / --py-spy write")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
