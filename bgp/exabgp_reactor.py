@@ -17,7 +17,10 @@ per NLRI is on the route's way; each gives what ExaBGP's own code gives, with le
 debug log calls return at once while debug logging is off (``quiet_debug``: ExaBGP makes one per
 received NLRI and walked its logger to drop it); a received UPDATE's JSON is written without a
 ``Family`` per plain unicast NLRI, the same text character for character (``fast_update_json``);
-the decoder finds an NLRI's class once per family (``fast_nlri_decoding``).
+the decoder finds an NLRI's class once per family (``fast_nlri_decoding``). The fixed costs per
+command and per UPDATE sent (callbacks without an event loop, turns for the peers with work,
+lighter RIB copies, one build of an UPDATE for the peers that negotiated the same) are
+``bgp.exabgp_turns``'s, applied here too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import select
 import sys
 from pathlib import Path
 from typing import Any
+
+from bgp.exabgp_turns import light_injection, peers_with_work, shared_update_bytes, synchronous_callbacks
 
 
 class ClosedDescriptorsDropped:
@@ -217,6 +222,10 @@ def main() -> int:
     quiet_debug()
     fast_update_json()
     fast_nlri_decoding()
+    synchronous_callbacks()  # bgp.exabgp_turns: the fixed costs per command and per UPDATE sent
+    light_injection()
+    peers_with_work()
+    shared_update_bytes()
     from exabgp.application.main import main as exabgp_main
 
     # ExaBGP runs `sys.executable sys.argv[0]` for its CLI pipe helper: the plain `exabgp` script
