@@ -400,8 +400,30 @@ def trace_figures(label: str, tortie: Convergence, traces: dict[int, dict[tuple[
 def cluster_cpu(c: Any) -> dict[str, float]:
     """CPU seconds so far of every Tortie node's agent, and of their ExaBGPs with API processes."""
     agents = [c.agents[k] for k in TORTIE]
+    threads = thread_cpu(agents)
     return {"agents": sum(map(cpu_seconds, agents)),
-            "ExaBGPs and API processes": sum(cpu_seconds(p) for a in agents for p in descendants(a))}
+            "ExaBGPs and API processes": sum(cpu_seconds(p) for a in agents for p in descendants(a)),
+            **{f"agents' {name} threads": threads.get(name, 0.0) for name in AGENT_THREADS}}
+
+
+# The agents' threads whose CPU per claim the table shows (felix_agent.thread_names gives them
+# their names in the kernel): the watch and its hand-over to the calculation and BGP's exports;
+# the reader of ExaBGP's output, which writes learned routes to the kernel; the dataplane loop.
+AGENT_THREADS = ("syncer", "bgp-api", "dataplane")
+
+
+def thread_cpu(pids: Iterable[int]) -> dict[str, float]:
+    """CPU seconds so far of the live threads of ``pids``, by kernel thread name, summed."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def priorities(c: Any) -> str:
@@ -618,7 +640,7 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
             # The CPU the 10 nodes spend per claim, on 2 shared cores: what competes with the
             # UPDATE's way (every agent takes the new block in from its watch; every ExaBGP
             # decodes the UPDATE and writes its JSON).
-            for what in ("agents", "ExaBGPs and API processes"):
+            for what in ("agents", "ExaBGPs and API processes", *(f"agents' {n} threads" for n in AGENT_THREADS)):
                 figures.append(Figure(f"mesh, 10 nodes: Tortie CPU per claim, all 10 {what}",
                                       (cpu_after[what] - cpu_before[what]) / scale.claims * 1000, "CPU ms"))
             if trace:

@@ -52,6 +52,7 @@ from felix_agent.metrics import Metrics
 from felix_agent.orphans import OrphanSweeper
 from felix_agent.pod_policy import PodPolicy
 from felix_agent.syncer import Syncer
+from felix_agent.thread_names import ThreadNames
 from felix_agent.tunnels import ensure_vtep
 from felix_agent.wireguard_key import KeyFileError, load_or_create
 from ipam.allocator import IPAM
@@ -99,6 +100,7 @@ def register_node(store: ResourceStore, name: str, node_ip: str | None) -> None:
         log.info("updated node %s address to %s", name, node_ip)
 
 
+THREAD_NAMES_EVERY = 5.0  # seconds between looks for threads to name in the kernel
 ORPHAN_SWEEP = 90.0  # seconds between orphan sweeps when routeRefreshInterval turns the resync off
 
 
@@ -340,7 +342,10 @@ class Agent:
             threading.Thread(target=self._kick_when_in_sync, name="first-sync", daemon=True).start()
             self.cni.start()
             log.info("felix-agent started on node %s (%s)", self.node, node_ip)
-            self.stopping.wait()
+            names = ThreadNames()  # per-thread CPU in top -H and the benchmarks
+            names.name()
+            while not self.stopping.wait(THREAD_NAMES_EVERY):
+                names.name()  # threads started since: ExaBGP's channel reader, a restarted speaker's
             log.info("stopping (the dataplane stays in place)%s", " to re-execute" if self.reexec else "")
             if self.reexec:
                 self.handover_fd = self.cni.handover()  # keeps listening: callers queue for the next image

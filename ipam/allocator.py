@@ -283,7 +283,7 @@ class IPAM(Releaser):
                 results += [Assigned(a, cidr, pool.name, pool_prefix=pool.cidr.prefixlen) for a in got]
         if len(results) == count:
             return results
-        # 2. claim a free block (the claim commits on its own; then plan again from scratch)
+        # 2. claim a free block (ipam.batch plans again with it, and creates it with its addresses)
         own = sum(1 for c in snap.blocks if c.version == version)
         if not snap.max_blocks or own < snap.max_blocks:
             existing = self._existing_blocks(version)
@@ -326,17 +326,21 @@ class IPAM(Releaser):
             return cidr
         return None
 
+    def affinity_op(self, cidr: Network, node: str) -> Op:
+        """What confirms ``node``'s affinity for the new block ``cidr``, written with the block."""
+        affinity = json.dumps({"state": "confirmed", "claimedAt": int(self.clock())}).encode()
+        stale = self.client.get(keys.affinity_key(node, cidr))
+        # An affinity whose block is missing (written by hand, or by an older claim scheme)
+        # is simply re-confirmed together with the block it should have had.
+        return (Create(keys.affinity_key(node, cidr), affinity) if stale is None
+                else Update(stale.key, affinity, stale.mod_revision))
+
     def _claim(self, cidr: Network, node: str | None) -> None:
         """Create the block and the node's affinity for it in one transaction (no owner: just
         the block)."""
         ops: list[Op] = [Create(keys.block_key(cidr), Block.empty(cidr, node).to_json())]
         if node is not None:
-            affinity = json.dumps({"state": "confirmed", "claimedAt": int(self.clock())}).encode()
-            stale = self.client.get(keys.affinity_key(node, cidr))
-            # An affinity whose block is missing (written by hand, or by an older claim scheme)
-            # is simply re-confirmed together with the block it should have had.
-            ops.append(Create(keys.affinity_key(node, cidr), affinity) if stale is None
-                       else Update(stale.key, affinity, stale.mod_revision))
+            ops.append(self.affinity_op(cidr, node))
         try:
             self.client.commit(ops)
             log.info("block %s created for %s", cidr, node or "no node")

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from datastore import keys
 from datastore.model import Resource
 from datastore.resources import IPPoolSpec
 from felix_agent.calc.model import Route, VXLANPeer
@@ -97,12 +98,33 @@ class _Pools:
         self.pools = sorted(((ipaddress.ip_network(p.spec.cidr), p.spec) for p in pools),
                             key=lambda item: -item[0].prefixlen)
 
+    @classmethod
+    def of(cls, pools: Iterable[Resource]) -> _Pools:
+        """The same, parsed again only when the pools are not the very objects of the last call
+        (a snapshot shares its values and never mutates them): every claim anywhere in a BGP
+        mesh asks every agent (``adds_no_route``), a pool changes once in a while."""
+        held = tuple(pools)
+        last = _last_pools  # one read: another thread may replace it meanwhile
+        if last is not None and len(last[0]) == len(held) and all(a is b for a, b in zip(last[0], held, strict=True)):
+            return last[1]
+        parsed = cls(held)
+        _remember_pools((held, parsed))
+        return parsed
+
     def containing(self, cidr: Network) -> tuple[Network, IPPoolSpec | None]:
         """The innermost pool holding ``cidr`` (its network and spec), or (cidr, None)."""
         for net, spec in self.pools:
             if net.version == cidr.version and cidr.subnet_of(net):  # type: ignore[arg-type]
                 return net, spec
         return cidr, None
+
+
+_last_pools: tuple[tuple[Resource, ...], _Pools] | None = None
+
+
+def _remember_pools(entry: tuple[tuple[Resource, ...], _Pools]) -> None:
+    global _last_pools
+    _last_pools = entry
 
 
 BGP_OWNED_KINDS = frozenset({"direct", "ipip"})  # remote routes BGP installs when it runs
@@ -113,7 +135,7 @@ def routing(snapshot: Snapshot, node: str, *, bgp_owns_remote: bool = False) -> 
     ``bgp_owns_remote``: this node runs BGP, which installs the remote routes outside VXLAN."""
     hosts = {h.name: h for h in map(Host.of, snapshot.nodes.values())}
     me = hosts.get(node)
-    pools = _Pools(snapshot.ippools.values())
+    pools = _Pools.of(snapshot.ippools.values())
     routes: set[Route] = set()
 
     used: set[Network] = set()  # pools that hold blocks
@@ -213,14 +235,16 @@ def adds_no_route(key: tuple[object, ...] | None, snapshot: Snapshot, node: str,
     cidr, owner, borrowed = key
     if borrowed or owner == node or not isinstance(cidr, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return False
-    _, pool = _Pools(snapshot.ippools.values()).containing(cidr)
+    _, pool = _Pools.of(snapshot.ippools.values()).containing(cidr)
     if pool is not None and pool.disabled:
         return False
     if owner is None:
         return True
-    hosts = {r.name: r for r in snapshot.nodes.values() if r.name in (owner, node)}
-    remote = Host.of(hosts[owner]) if owner in hosts else None
-    me = Host.of(hosts[node]) if node in hosts else None
+    # By key, not by a walk of every Node: asked for every claim in the cluster, on every agent.
+    remote_node = snapshot.nodes.get(keys.resource_key("nodes", str(owner)))
+    my_node = snapshot.nodes.get(keys.resource_key("nodes", node))
+    remote = Host.of(remote_node) if remote_node is not None and remote_node.name == owner else None
+    me = Host.of(my_node) if my_node is not None and my_node.name == node else None
     route = _remote(cidr, remote, pool, me)
     return route is None or (bgp_owns_remote and route.kind in BGP_OWNED_KINDS)
 

@@ -4,6 +4,7 @@ told, a failing request failing alone, the same attachment twice in one batch se
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -103,3 +104,44 @@ def test_one_batch_one_transaction_a_failure_fails_alone(etcd_client: EtcdClient
     # a, b and the release went in one transaction: their handles were written at one revision.
     written = [etcd_client.get(keys.handle_key(attachment_handle("net", c, "eth0"))) for c in ("a", "b")]
     assert len({kv.mod_revision for kv in written if kv is not None}) == 1
+
+
+def test_a_claim_writes_its_block_once_with_the_address_affinity_and_handle(etcd_client: EtcdClient) -> None:
+    """Every agent's watch hears of a claim once (one transaction), not twice (the empty block,
+    then the address): the BGP mesh's other nodes wake once per claim."""
+    add_pool(etcd_client, "p", "10.244.0.0/24", blockSize=26)
+    (got,) = IPAM(etcd_client).assign(_request("n1", "first"))
+    block = etcd_client.get(keys.block_key(got.block))
+    affinity = etcd_client.get(keys.affinity_key("n1", got.block))
+    handle = etcd_client.get(keys.handle_key(attachment_handle("net", "first", "eth0")))
+    assert block is not None and affinity is not None and handle is not None
+    assert block.version == 1  # created holding the address: never written empty first
+    assert block.mod_revision == affinity.mod_revision == handle.mod_revision
+    assert allocated(etcd_client) == {str(got.address): attachment_handle("net", "first", "eth0")}
+    assert b'"confirmed"' in affinity.value
+
+
+def test_a_block_created_by_another_while_claiming_is_left_alone(etcd_client: EtcdClient) -> None:
+    """The claim's block appears (another node's claim) between planning and commit: the
+    transaction fails, the batch plans again, the address comes from another block, and the other
+    node's block and affinity stay as they were."""
+    add_pool(etcd_client, "p", "10.244.0.0/24", blockSize=26)
+    ipam = IPAM(etcd_client)
+    raced: list[str] = []
+    affinity_op = ipam.affinity_op
+
+    def race(cidr: Any, node: str) -> Any:
+        if not raced:  # the first claim loses: n2 creates that block first
+            IPAM(etcd_client).assign(_request("n2", "other", addresses=[cidr[1]]))
+            raced.append(str(cidr))
+        return affinity_op(cidr, node)
+
+    ipam.affinity_op = race  # type: ignore[method-assign]
+    (got,) = ipam.assign(_request("n1", "mine"))
+    assert raced and str(got.block) != raced[0]
+    lost = ipaddress.ip_network(raced[0])
+    assert etcd_client.get(keys.affinity_key("n2", lost)) is not None
+    assert etcd_client.get(keys.affinity_key("n1", lost)) is None
+    held = allocated(etcd_client)
+    assert held[str(got.address)] == attachment_handle("net", "mine", "eth0")
+    assert len(held) == 2  # n2's address and ours, nothing else
