@@ -9,7 +9,6 @@ the host's uplink); the states are computed by ``felix_agent.calc.graph`` from d
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -21,7 +20,7 @@ from felix_agent.calc.snapshot import Snapshot, Update
 from felix_agent.dataplane.masq import MasqManager
 from felix_agent.dataplane.nftables import NftTable
 from felix_agent.dataplane.policy import PolicyManager
-from tests.lab.test_policy_dataplane import NODE_V4, OUTSIDE_V4, PODS, POOLS, Lab, root_ruleset, sh
+from tests.lab.test_policy_dataplane import NODE_V4, OUTSIDE_V4, PODS, POOLS, Lab, built_lab, sh
 from tests.unit.test_calc_graph import gnp, res
 
 pytestmark = pytest.mark.lab
@@ -51,17 +50,8 @@ def rule_handles(lab: Lab) -> dict[str, list[int]]:
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    """``test_policy_dataplane``'s lab, built and always removed; the root ruleset left as it was."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces and nftables tables in them")
-    before = root_ruleset()
-    made = Lab()
-    try:
-        made.build()
+    with built_lab() as made:
         yield made
-    finally:
-        made.delete()
-        assert root_ruleset() == before, "the root namespace's ruleset changed"
 
 
 def test_egress_only_to_a_global_network_set_and_a_change_of_nets_is_set_elements_only(lab: Lab) -> None:

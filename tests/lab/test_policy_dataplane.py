@@ -8,6 +8,7 @@ lab's host namespace only; the root namespace's ruleset is checked to be unchang
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -176,18 +177,26 @@ class Lab:
         return results.pop()
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
+@contextlib.contextmanager
+def built_lab() -> Iterator[Lab]:
+    """This module's lab, built and always removed; the root ruleset must be left as it was (the
+    ``lab`` fixture of every module that uses this lab)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: builds network namespaces and nftables tables in them")
     before = root_ruleset()
-    lab = Lab()
+    made = Lab()
     try:
-        lab.build()
-        yield lab
+        made.build()
+        yield made
     finally:
-        lab.delete()
+        made.delete()
         assert root_ruleset() == before, "the root namespace's ruleset changed"
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with built_lab() as made:
+        yield made
 
 
 @dataclass

@@ -11,7 +11,6 @@ local pod uses it. The manager's clock is a fake one, moved by the test.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 
@@ -21,7 +20,7 @@ from felix_agent.calc.model import DesiredState, Endpoint, IPSet, Policy, RuleMa
 from felix_agent.dataplane.nftables import NftTable
 from felix_agent.dataplane.policy import PolicyManager, set_name
 from felix_agent.dataplane.policy_lists import policy_chain
-from tests.lab.test_policy_dataplane import PODS, PROFILE, Lab, root_ruleset, sh
+from tests.lab.test_policy_dataplane import PODS, PROFILE, Lab, built_lab, sh
 
 pytestmark = pytest.mark.lab
 
@@ -33,16 +32,8 @@ LINGER = 30.0
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces and nftables tables in them")
-    before = root_ruleset()
-    lab = Lab()
-    try:
-        lab.build()
-        yield lab
-    finally:
-        lab.delete()
-        assert root_ruleset() == before, "the root namespace's ruleset changed"
+    with built_lab() as made:
+        yield made
 
 
 class Node:
