@@ -233,10 +233,12 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         return _DOUBTFUL
     for job, error in failed:
         job.fail(error)
+    proven = None
+    if kept is not None:  # the prefixes compared since what the commit proves of etcd's history
+        proven = kept_snapshot.proven_revision(kept, [(cidr, rev) for cidr, _, _, rev in written])
+        ops += kept_snapshot.unchanged_since(kept, node, proven)
     if any(isinstance(j, AssignJob) for j in planned):
-        ops += ipam.reservations_unchanged(snap)
-    if kept is not None:
-        ops += kept_snapshot.unchanged_since(kept, node)
+        ops += ipam.reservations_unchanged(snap, proven)
     revision = 0
     if ops:
         ops += _read_unchanged(planned, snap.also, ops)
