@@ -92,7 +92,7 @@ def proven_revision(snap: Snapshot, written: list[tuple[Network, int]]) -> int:
     a commit that writes no kept block proves nothing (0: any pool there fails it, and the batch
     plans again on a fresh read)."""
     newest = max((rev for cidr, rev in written if snap.blocks.get(cidr, (None, -1))[1] == rev), default=0)
-    return min(snap.revision, newest)
+    return min(int(snap.revision), newest)
 
 
 def unchanged_since(snap: Snapshot, node: str, proven: int) -> list[Op]:
