@@ -203,9 +203,13 @@ def test_random_interleavings_of_processes_nodes_and_an_operator(etcd_client: Et
                         etcd_client.commit(ops)
                     except Exception:  # noqa: BLE001 - assigned from since: left alone
                         pass
-            elif roll < 0.93:  # a reservation of an address nobody holds
-                free = [str(ipaddress.ip_address("10.244.0.0") + i) for i in range(64)]
-                free = [a for a in free if a not in told and a not in reserved]
+            elif roll < 0.93:  # a reservation of the address a block would hand out next
+                kvs, _ = etcd_client.list(keys.block_prefix(4))
+                free = []
+                for kv in kvs:
+                    block = Block.from_json(kv.value)
+                    free += [a for a in (str(block.address(i)) for i in range(8)) if a not in told][:1]
+                free = [a for a in free if a not in reserved]
                 if free:
                     address = rng.choice(free)
                     _reserve(etcd_client, f"r{step}", f"{address}/32")
@@ -220,3 +224,18 @@ def test_random_interleavings_of_processes_nodes_and_an_operator(etcd_client: Et
         for g in gateways:
             g.close()
     assert _core_problems(etcd_client) == []
+
+
+def test_a_reservation_applied_after_a_plain_assignment_is_respected(etcd_client: EtcdClient,
+                                                                     etcd_server: EtcdServer) -> None:
+    """The kept snapshot of an assignment that claimed nothing (its next commit is not failed by the
+    node's new affinity): a reservation of the address it would take next is seen all the same."""
+    add_pool(etcd_client, "p", "10.244.0.0/24", blockSize=26)
+    node = f"plain-{uuid.uuid4().hex[:8]}"
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as agent:
+        ipam = IPAM(agent)
+        _assign(ipam, node, "c1")  # claims the block
+        second = _assign(ipam, node, "c2")  # from the block: kept, brought up to date, no claim
+        following = str(ipaddress.ip_address(second) + 1)
+        _reserve(etcd_client, "r", f"{following}/32")
+        assert _assign(ipam, node, "c3") != following, "a reserved address was handed out"
