@@ -290,3 +290,63 @@ def test_processes_of_one_node_adding_and_deleting_the_same_attachments_at_once(
                 held[address] = attachment_handle("net", told["cid"], "eth0")
     assert allocated(etcd_client) == held
     assert _core_problems(etcd_client) == []
+
+
+class _Interleaved(IPAM):
+    """An IPAM that lets something else happen between planning a claim and committing it."""
+
+    def __init__(self, client: Any, meanwhile: Any) -> None:
+        super().__init__(client)
+        self.meanwhile = meanwhile
+
+    def affinity_op(self, cidr: Any, node: str) -> Any:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile(cidr)
+        return super().affinity_op(cidr, node)
+
+
+def test_a_claim_racing_another_nodes_claim_of_the_same_block(etcd_client: EtcdClient,
+                                                              etcd_server: EtcdServer) -> None:
+    add_pool(etcd_client, "p", "10.244.0.0/24", blockSize=26)
+    other = IPAM(etcd_client, serializable_snapshot=False)
+    taken: dict[str, str] = {}
+
+    def b_claims_it_first(cidr: Any) -> None:
+        from ipam.allocator import AssignRequest as Req
+
+        attrs = {"network": "net", "containerID": "b1", "ifname": "eth0"}
+        (got,) = other.assign(Req(attachment_handle("net", "b1", "eth0"), "b", addresses=[cidr[5]], attrs=attrs))
+        taken[str(got.address)] = attachment_handle("net", "b1", "eth0")
+
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as agent:
+        ipam = _Interleaved(agent, b_claims_it_first)
+        mine = _assign(ipam, "a", "a1")
+    assert mine not in taken
+    assert allocated(etcd_client) == {**taken, mine: attachment_handle("net", "a1", "eth0")}
+    assert _core_problems(etcd_client) == []
+    from ipam.check import scan
+
+    owners = {cidr: block.node for cidr, (block, _) in scan(etcd_client).blocks.items()}
+    assert ipaddress.ip_network(f"{mine}/26", strict=False) in owners
+    assert owners[ipaddress.ip_network(f"{mine}/26", strict=False)] in ("a", "b")
+
+
+def test_a_pool_deleted_while_a_block_of_it_is_claimed(etcd_client: EtcdClient, etcd_server: EtcdServer) -> None:
+    from datastore.resources import IPPool
+
+    add_pool(etcd_client, "p", "10.244.0.0/24", blockSize=26)
+
+    def pool_deleted(cidr: Any) -> None:
+        ResourceStore(etcd_client).delete(IPPool, "p")
+
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as agent:
+        ipam = _Interleaved(agent, pool_deleted)
+        try:
+            got = _assign(ipam, "a", "a1")
+        except Exception as e:  # noqa: BLE001 - the expected outcome: no pool, no address
+            got = repr(e)
+    assert allocated(etcd_client) == {}, f"assigned {got} from a pool deleted before the commit"
+    from ipam.check import check
+
+    assert [p.description for p in check(etcd_client).problems if p.kind == "block-outside-pools"] == []
