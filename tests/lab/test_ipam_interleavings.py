@@ -295,15 +295,18 @@ def test_processes_of_one_node_adding_and_deleting_the_same_attachments_at_once(
 class _Interleaved(IPAM):
     """An IPAM that lets something else happen between planning a claim and committing it."""
 
-    def __init__(self, client: Any, meanwhile: Any) -> None:
+    def __init__(self, client: Any, meanwhile: Any, *, after_reading: bool = False) -> None:
         super().__init__(client)
-        self.meanwhile = meanwhile
+        self.meanwhile, self.after_reading = meanwhile, after_reading
 
     def affinity_op(self, cidr: Any, node: str) -> Any:
         meanwhile, self.meanwhile = self.meanwhile, None
-        if meanwhile is not None:
+        if meanwhile is not None and not self.after_reading:
             meanwhile(cidr)
-        return super().affinity_op(cidr, node)
+        op = super().affinity_op(cidr, node)  # reads the affinity a crashed claim may have left
+        if meanwhile is not None and self.after_reading:
+            meanwhile(cidr)
+        return op
 
 
 def test_a_claim_racing_another_nodes_claim_of_the_same_block(etcd_client: EtcdClient,
@@ -350,3 +353,27 @@ def test_a_pool_deleted_while_a_block_of_it_is_claimed(etcd_client: EtcdClient, 
     from ipam.check import check
 
     assert [p.description for p in check(etcd_client).problems if p.kind == "block-outside-pools"] == []
+
+
+def test_a_stale_affinity_of_a_crashed_claim_and_gc_racing_the_next_claim(etcd_client: EtcdClient,
+                                                                         etcd_server: EtcdServer) -> None:
+    """Node a's affinity for a block that was never written (a claim that crashed, by an older
+    scheme) and ``netctl ipam gc`` deleting it while node a claims that very block."""
+    import json
+
+    from datastore import keys
+    from ipam.gc import gc
+
+    add_pool(etcd_client, "p", "10.244.0.0/26", blockSize=28)  # 4 blocks
+    for cidr in ("10.244.0.0/28", "10.244.0.16/28", "10.244.0.32/28", "10.244.0.48/28"):
+        etcd_client.put(keys.affinity_key("a", ipaddress.ip_network(cidr)), json.dumps({"state": "pending"}).encode())
+
+    def collected(cidr: Any) -> None:
+        assert gc(etcd_client, grace_seconds=0).deleted_affinities
+
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as agent:
+        ipam = _Interleaved(agent, collected, after_reading=True)
+        told = {_assign(ipam, "a", f"a{i}"): attachment_handle("net", f"a{i}", "eth0") for i in range(20)}
+    assert len(told) == 20
+    assert allocated(etcd_client) == told
+    assert _core_problems(etcd_client) == []
