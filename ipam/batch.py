@@ -236,6 +236,8 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
     proven = None
     if kept is not None:  # the prefixes compared since what the commit proves of etcd's history
         proven = kept_snapshot.proven_revision(kept, [(cidr, rev) for cidr, _, _, rev in written])
+        if not kept_snapshot.provable(kept, proven):
+            return _DOUBTFUL
         ops += kept_snapshot.unchanged_since(kept, node, proven)
     if any(isinstance(j, AssignJob) for j in planned):
         ops += ipam.reservations_unchanged(snap, proven)

@@ -95,6 +95,14 @@ def proven_revision(snap: Snapshot, written: list[tuple[Network, int]]) -> int:
     return min(int(snap.revision), newest)
 
 
+def provable(snap: Snapshot, proven: int) -> bool:
+    """Whether every key the plan depends on was last written at or before ``proven``: a key
+    written later, compared at its revision, might match a different write of a restored cluster
+    at the same revision number. Else the batch plans again on a fresh read (rare: only after a
+    batch that wrote none of the node's blocks)."""
+    return all(rev <= proven for rev in snap.depends.values())
+
+
 def unchanged_since(snap: Snapshot, node: str, proven: int) -> list[Op]:
     """The comparisons of everything a plan on ``snap`` used besides the blocks and handles it
     writes; ``proven``: :func:`proven_revision`."""
