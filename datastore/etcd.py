@@ -291,9 +291,9 @@ class EtcdClient(Writes):
                 writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value,
                                                                                lease=op.lease)))
             elif isinstance(op, Update):
-                compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected)
-                                if op.expected is not None else
-                                C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+                compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+                if op.expected is not None:
+                    compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected))
                 writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value)))
             elif isinstance(op, Delete):
                 if op.mod_revision:
@@ -309,7 +309,7 @@ class EtcdClient(Writes):
         # On failure, read back the compared keys so we can say which one moved.
         failure = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key, range_end=c.range_end,
                                                                         keys_only=bool(c.range_end)))
-                   for c in compares]
+                   for c in compares if c.target != C.VALUE]  # its key's MOD comparison reads it back
         req = rpc_pb2.TxnRequest(compare=compares, success=writes, failure=failure)
         resp = self._retrying("transaction", lambda ch, t: self._kv(ch).Txn(req, timeout=t))
         if resp.succeeded:

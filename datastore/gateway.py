@@ -322,9 +322,9 @@ class GatewayClient(Writes):
                     put["lease"] = str(op.lease)
                 writes.append({"request_put": put})
             elif isinstance(op, Update):
-                compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)}
-                                if op.expected is not None else
-                                {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
+                compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
+                if op.expected is not None:
+                    compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)})
                 writes.append({"request_put": {"key": key, "value": b64(op.value)}})
             elif isinstance(op, Delete):
                 if op.mod_revision:
@@ -339,7 +339,8 @@ class GatewayClient(Writes):
             else:
                 compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
         failure = [{"request_range": {k: v for k, v in c.items() if k in ("key", "range_end")}
-                    | ({"keys_only": True} if "range_end" in c else {})} for c in compares]
+                    | ({"keys_only": True} if "range_end" in c else {})} for c in compares
+                   if c["target"] != "VALUE"]  # its key's MOD comparison reads it back already
         resp = self._call("transaction", "/v3/kv/txn", {"compare": compares, "success": writes, "failure": failure})
         if resp.get("succeeded"):
             return int(resp.get("header", {}).get("revision", 0))

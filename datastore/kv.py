@@ -89,9 +89,10 @@ class Create:
 @dataclass(frozen=True)
 class Update:
     """Put ``key`` only if its modification revision is still ``mod_revision``; with ``expected``,
-    only if its value is still exactly those bytes instead (whatever the revision: a plan made on
-    a value this process kept stays right however the value came back, even into a cluster
-    restored from a backup, whose revision numbers repeat)."""
+    only if its value is also still exactly those bytes (a cluster restored from a backup repeats
+    revision numbers with other contents; the pair names one write of one history, which is what
+    lets a plan on a value this process kept trust the rest of that history up to it:
+    ``ipam.kept_snapshot.proven_revision``)."""
 
     key: str
     value: bytes
@@ -165,9 +166,11 @@ class TxnLimits:
 
     def check(self, ops: Sequence[Op]) -> None:
         """:class:`TransactionTooLarge` if etcd would refuse ``ops`` as one transaction."""
-        if len(ops) > self.max_ops:
+        # An update with expected bytes is two comparisons (etcd counts comparisons too).
+        count = len(ops) + sum(1 for op in ops if isinstance(op, Update) and op.expected is not None)
+        if count > self.max_ops:
             raise TransactionTooLarge(
-                f"a transaction of {len(ops)} operations is more than etcd takes at once ({self.max_ops}, "
+                f"a transaction of {count} operations is more than etcd takes at once ({self.max_ops}, "
                 "its --max-txn-ops)")
         size = sum(op_bytes(op) for op in ops)
         if size > self.max_bytes:

@@ -400,8 +400,11 @@ class IPAM(Releaser):
                                     pool_prefix=pool.cidr.prefixlen))
         return results
 
-    def reservations_unchanged(self, snap: _Snapshot) -> list[Op]:
-        """A reservation written since the snapshot may cover what was planned: re-plan then."""
+    def reservations_unchanged(self, snap: _Snapshot, since: int | None = None) -> list[Op]:
+        """A reservation written since the snapshot (or ``since``: a kept snapshot's proven
+        revision, ``ipam.kept_snapshot.proven_revision``) may cover what was planned: re-plan then."""
+        if since is not None:
+            return [NothingNewer(_RESERVATIONS, since)]
         return [NothingNewer(_RESERVATIONS, snap.revision)] if snap.revision else []
 
     def handle_op(self, req: AssignRequest, snap: _Snapshot, results: list[Assigned]) -> Op:

@@ -233,10 +233,16 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         return _DOUBTFUL
     for job, error in failed:
         job.fail(error)
+    proven = None
+    if kept is not None:  # the prefixes compared since what the commit proves of etcd's history
+        proven = kept_snapshot.proven_revision(kept, [(cidr, rev) for cidr, _, _, rev in written])
+        if not kept_snapshot.provable(kept, proven):
+            return _DOUBTFUL
+        ops += kept_snapshot.unchanged_since(kept, node, proven)
     if any(isinstance(j, AssignJob) for j in planned):
-        ops += ipam.reservations_unchanged(snap)
-    if kept is not None:
-        ops += kept_snapshot.unchanged_since(kept, node)
+        ops += ipam.reservations_unchanged(snap, proven)
+        if kept is None:  # (a kept snapshot's commit compares them all: unchanged_since)
+            ops += _settings_unchanged(snap, node)
     revision = 0
     if ops:
         ops += _read_unchanged(planned, snap.also, ops)
@@ -295,6 +301,15 @@ def _plan(ipam: IPAM, snap: Any, batch: list[_Job], extra: Mapping[Network, tupl
         ops.append(ipam.handle_op(req, own, results))
         planned.append(job)
     return changed, ops, planned, failed, claims
+
+
+def _settings_unchanged(snap: Any, node: str) -> list[Op]:
+    """The pools, the node and the IPAM configuration a plan on a fresh read used, as read: a pool
+    deleted or disabled (or maxBlocksPerHost lowered) between the read and the commit is not
+    assigned from (a block claimed for it, created in the same transaction, would be left in no
+    pool with an address in it). The affinities are compared where they are written."""
+    affinities = keys.affinity_prefix(node)
+    return [Unchanged(k, rev) for k, rev in sorted(snap.depends.items()) if not k.startswith(affinities)]
 
 
 def _expected(kept: Any, cidr: Network, rev: int) -> bytes | None:

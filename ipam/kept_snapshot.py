@@ -9,16 +9,18 @@ a linearizable read (``ipam.batch``). Must not plan, decide or write (``ipam.all
 ``ipam.batch``).
 
 What a plan on a snapshot uses, and what the commit compares for it:
-- the blocks it writes: their stored bytes (``Update.expected``, a VALUE comparison), not their
-  revision: bytes this process kept stay right however they came back (a cluster restored from a
-  backup repeats revision numbers with other contents);
+- the blocks it writes: their revision and their stored bytes (``Update.expected``): a cluster
+  restored from a backup repeats revision numbers with other contents, and the pair names one
+  write of one history (:func:`proven_revision`);
 - the handles it creates: absent (``Create``); the requests' other keys (a legacy handle): as
   read, or absent (``ipam.batch._read_unchanged``);
 - the pools, the node's affinities, the node and the IPAM configuration: each key at the revision
   read or absent (``Unchanged``: a deleted key fails it), and nothing new under the pools', the
   affinities' and the reservations' prefixes since the snapshot's revision (``NothingNewer``:
   a key created since fails it; it does not see deletions, which the per-key comparisons do;
-  a reservation deleted since only leaves an address unused).
+  a reservation deleted since only leaves an address unused). "Since" is the snapshot's revision
+  only as far as the commit proves the cluster has not gone back past it (a restore):
+  :func:`proven_revision`.
 Blocks the plan reads but does not write (full ones) change nothing that is written: a stale one
 can only make the plan claim or borrow, or fail, and those are re-planned on a fresh read.
 """
@@ -78,8 +80,32 @@ def forget_datastore(client: object) -> None:
             del _KEPT[key]
 
 
-def unchanged_since(snap: Snapshot, node: str) -> list[Op]:
-    """The comparisons of everything a plan on ``snap`` used besides the blocks and handles it writes."""
+def proven_revision(snap: Snapshot, written: list[tuple[Network, int]]) -> int:
+    """The revision up to which a commit writing ``written`` (kept blocks, at their kept
+    revisions) proves etcd's history is the one ``snap`` was read from: the prefix comparisons'.
+
+    A cluster restored from a backup repeats revision numbers: a reservation written after the
+    restore may carry a revision the snapshot already had, and "nothing newer than the snapshot's
+    revision" would not see it. Each kept block is compared by revision AND bytes, which names one
+    write of one history: the cluster has its history at least up to the newest of them (a restore
+    from an older backup fails that comparison). Beyond the snapshot's revision nothing is needed;
+    a commit that writes no kept block proves nothing (0: any pool there fails it, and the batch
+    plans again on a fresh read)."""
+    newest = max((rev for cidr, rev in written if snap.blocks.get(cidr, (None, -1))[1] == rev), default=0)
+    return min(int(snap.revision), newest)
+
+
+def provable(snap: Snapshot, proven: int) -> bool:
+    """Whether every key the plan depends on was last written at or before ``proven``: a key
+    written later, compared at its revision, might match a different write of a restored cluster
+    at the same revision number. Else the batch plans again on a fresh read (rare: only after a
+    batch that wrote none of the node's blocks)."""
+    return all(rev <= proven for rev in snap.depends.values())
+
+
+def unchanged_since(snap: Snapshot, node: str, proven: int) -> list[Op]:
+    """The comparisons of everything a plan on ``snap`` used besides the blocks and handles it
+    writes; ``proven``: :func:`proven_revision`."""
     ops: list[Op] = [Unchanged(key, rev) for key, rev in sorted(snap.depends.items())]
-    ops += [NothingNewer(prefix, snap.revision) for prefix in (_POOLS, keys.affinity_prefix(node))]
+    ops += [NothingNewer(prefix, proven) for prefix in (_POOLS, keys.affinity_prefix(node))]
     return ops
