@@ -125,9 +125,13 @@ def driver(spec: dict[str, Any]) -> dict[str, Any]:
 def interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     """Several plugins measured side by side, so that a change of the machine's load reaches
     them alike: pod by pod (each takes its turn at ADD+DEL, the first place alternating), then
-    churn in ``rounds`` alternating rounds whose cycles and seconds are summed per plugin."""
+    churn in ``rounds`` alternating rounds whose cycles and seconds are summed per plugin. With
+    ``spec["agent_pid"]``, the agent's CPU during each plugin's churn rounds is summed too: what
+    the reference's pods cost it (link and route notifications in its namespace) against Tortie's."""
     plugins = spec["plugins"]
-    out: dict[str, dict[str, Any]] = {p["tag"]: {"add": [], "del": [], "done": 0, "seconds": 0.0} for p in plugins}
+    out: dict[str, dict[str, Any]] = {p["tag"]: {"add": [], "del": [], "done": 0, "seconds": 0.0, "agent": 0.0}
+                                      for p in plugins}
+    agent = spec.get("agent_pid")
     for i in range(spec["warmup"] + spec["n"]):
         for p in plugins if i % 2 == 0 else plugins[::-1]:
             a, d = _cycle(Path(p["plugin"]), p["conf"], p["cni_path"], f"{p['tag']}-{i}", p["tag"])
@@ -136,12 +140,15 @@ def interleaved(spec: dict[str, Any]) -> dict[str, Any]:
                 out[p["tag"]]["del"].append(d)
     for r in range(spec["rounds"]):
         for p in plugins if r % 2 == 0 else plugins[::-1]:
+            before = _cpu_seconds(agent) if agent else 0.0
             done, seconds = _churn(Path(p["plugin"]), p["conf"], p["cni_path"], p["tag"],
                                    spec["callers"], spec["churn_per_caller"] // spec["rounds"], f"-r{r}")
+            out[p["tag"]]["agent"] += _cpu_seconds(agent) - before if agent else 0.0
             out[p["tag"]]["done"] += done
             out[p["tag"]]["seconds"] += seconds
     return {tag: {"add": r["add"], "del": r["del"], "churn": r["done"] / r["seconds"],
-                  "exec_cpu": _exec_cpu.get(tag, 0.0), "cycles": spec["warmup"] + spec["n"] + r["done"]}
+                  "exec_cpu": _exec_cpu.get(tag, 0.0), "cycles": spec["warmup"] + spec["n"] + r["done"],
+                  "churn_cycles": r["done"], "agent_in_churn": r["agent"]}
             for tag, r in out.items()}
 
 
@@ -237,7 +244,7 @@ def main() -> int:
         # The targets' rows side by side (the reference's cycles in between cost the agent only
         # the link notifications of its node's namespace: counted against Tortie here).
         cpu_before = _cpu_seconds(pid)
-        pair = drive("ref+agent", {"n": n, "rounds": ROUNDS if not args.quick else 1, "plugins": [
+        pair = drive("ref+agent", {"n": n, "rounds": ROUNDS if not args.quick else 1, "agent_pid": pid, "plugins": [
             {"tag": "ref", "plugin": str(REFERENCE / "ptp"), "conf": ptp, "cni_path": str(REFERENCE)},
             {"tag": "agent", "plugin": str(cnibin / "tortie"), "conf": tortie, "cni_path": f"{cnibin}:{REFERENCE}"}]})
         agent_cpu["tortie delegated, compiled"] = (_cpu_seconds(pid) - cpu_before) / cycles * 1000
@@ -278,6 +285,10 @@ def main() -> int:
     print(f"\nfelix-agent CPU per ADD+DEL cycle (utime+stime over the run / {cycles} cycles):")
     for name, ms in agent_cpu.items():
         print(f"  {name:32} {ms:6.1f} ms")
+    ref, ours = results["reference ptp+host-local"], results["tortie delegated, compiled"]
+    in_churn = {k: r["agent_in_churn"] / r["churn_cycles"] * 1000 for k, r in (("ref", ref), ("ours", ours))}
+    print(f"  side by side, the agent during the churn rounds: {in_churn['ours']:.1f} ms per Tortie cycle,"
+          f" {in_churn['ref']:.1f} ms per reference cycle (its namespace's notifications; counted above as Tortie's)")
     # Every process's share of a cycle: the execs (front end, delegated plugins), the agent, etcd. Kernel
     # work is in these where it runs in their system calls; softirq and kworker time is in none.
     print("\nCPU per ADD+DEL cycle, all processes (the execs' rusage, agent and etcd from /proc), each whole run:")
@@ -306,6 +317,7 @@ def main() -> int:
     (out_dir / f"cni-{stamp}.json").write_text(json.dumps({"n": n, "churn_per_caller": churn, "rows": rows,
                                                            "agent_cpu_ms_per_cycle": agent_cpu,
                                                            "cpu_ms_per_cycle": cpu_rows,
+                                                           "agent_cpu_ms_in_churn_rounds": in_churn,
                                                            "version": version_rows,
                                                            "load": [load_start, os.getloadavg()]}, indent=2))
     return 0
