@@ -25,16 +25,49 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Generic, TypeVar
 
 from felix_agent.dataplane.nft_ruleset import Chain
 
 Ref = tuple[str, str]  # (policy id, direction)
 P = TypeVar("P")  # the policy a chain renders from (felix_agent.calc.model.Policy)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-class Linger(Generic[P]):
+class _Leaving(Generic[K, V]):
+    """What left its owner's wanted set less than ``seconds`` ago, by key, with the value it is
+    rendered from and since when; the clock and expiry both lingers share."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self._since: dict[K, tuple[float, V]] = {}
+
+    def _moved(self, gone: Iterable[tuple[K, V]], back: Iterable[K], now: float) -> None:
+        """``gone`` left the wanted set at ``now`` (a key already lingering keeps its time); ``back``
+        is wanted again."""
+        for key, value in gone:
+            self._since.setdefault(key, (now, value))
+        for key in back:
+            self._since.pop(key, None)
+
+    def _lingering(self, now: float) -> dict[K, V]:
+        for key in [k for k, (since, _) in self._since.items() if now - since >= self.seconds]:
+            del self._since[key]
+        return {key: value for key, (_, value) in self._since.items()}
+
+    def due(self) -> float:
+        """When the earliest lingering one expires (clock time; inf when none lingers)."""
+        return min(since for since, _ in self._since.values()) + self.seconds if self._since else math.inf
+
+    def expired(self) -> bool:
+        """A lingering one is due: the next render must drop it."""
+        return self.clock() >= self.due()
+
+
+class Linger(_Leaving[Ref, P]):
     """``keep(wanted, known)`` → the chains to declare beyond ``wanted``, with the policy each renders
     from: those that left ``wanted`` less than ``seconds`` ago. The calculation stops sending a policy
     no local endpoint uses, so the policy as last known is kept with its ref (a lingering chain is
@@ -42,12 +75,9 @@ class Linger(Generic[P]):
     ``seconds`` ≤ 0: none ever linger."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self.clock = clock
+        super().__init__(seconds, clock)
         self._last: frozenset[Ref] = frozenset()
         self._last_known: Mapping[str, P] = {}
-        self._since: dict[Ref, float] = {}  # lingering ref -> when it left `wanted`
-        self._kept: dict[Ref, P] = {}
 
     def keep(self, wanted: frozenset[Ref], known: Mapping[str, P], now: float | None = None) -> Mapping[Ref, P]:
         """``now``: the render's clock reading (the list chains' linger is decided on the same one)."""
@@ -55,29 +85,15 @@ class Linger(Generic[P]):
             return {}
         now = self.clock() if now is None else now
         if wanted != self._last:
-            for ref in self._last - wanted:
-                policy = known.get(ref[0]) or self._last_known.get(ref[0])
-                if policy is not None and ref not in self._since:
-                    self._since[ref] = now
-                    self._kept[ref] = policy
-            for ref in [r for r in self._since if r in wanted]:
-                del self._since[ref], self._kept[ref]
+            gone = [(ref, policy) for ref in self._last - wanted
+                    if (policy := known.get(ref[0]) or self._last_known.get(ref[0])) is not None]
+            self._moved(gone, [ref for ref in self._since if ref in wanted], now)
             self._last = wanted
         self._last_known = known
-        for ref in [r for r, since in self._since.items() if now - since >= self.seconds]:
-            del self._since[ref], self._kept[ref]
-        return self._kept
-
-    def due(self) -> float:
-        """When the earliest lingering chain expires (clock time; inf when none lingers)."""
-        return min(self._since.values(), default=-math.inf) + self.seconds if self._since else math.inf
-
-    def expired(self) -> bool:
-        """A lingering chain is due: the next render must drop it."""
-        return self.clock() >= self.due()
+        return self._lingering(now)
 
 
-class ChainLinger:
+class ChainLinger(_Leaving[str, Chain]):
     """``keep(chains)`` → the endpoint half's list chains (``to-<h>``/``from-<h>``) that left
     ``chains`` less than ``seconds`` ago, by name. Such a chain jumps to policy chains: those leave
     :class:`Linger`'s ``wanted`` in the same render as the chain's last list, or later, so with the same
@@ -85,10 +101,8 @@ class ChainLinger:
     to (their removals may share a transaction, which flushes every chain before deleting any)."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self.clock = clock
+        super().__init__(seconds, clock)
         self._chains: tuple[Chain, ...] = ()
-        self._since: dict[str, tuple[float, Chain]] = {}
 
     def keep(self, chains: tuple[Chain, ...], now: float | None = None) -> dict[str, Chain]:
         if self.seconds <= 0:
@@ -96,21 +110,10 @@ class ChainLinger:
         now = self.clock() if now is None else now
         if chains is not self._chains:  # the endpoint half hands on the same tuple while no list moved
             names = frozenset(c.name for c in chains)
-            for chain in self._chains:
-                if chain.name not in names and chain.name not in self._since:
-                    self._since[chain.name] = (now, chain)
-            for name in [n for n in self._since if n in names]:
-                del self._since[name]
+            self._moved([(c.name, c) for c in self._chains if c.name not in names],
+                        [name for name in self._since if name in names], now)
             self._chains = chains
-        for name in [n for n, (since, _) in self._since.items() if now - since >= self.seconds]:
-            del self._since[name]
-        return {name: chain for name, (_, chain) in self._since.items()}
-
-    def due(self) -> float:
-        return min(since for since, _ in self._since.values()) + self.seconds if self._since else math.inf
-
-    def expired(self) -> bool:
-        return self.clock() >= self.due()
+        return self._lingering(now)
 
 
 class Alarm:
