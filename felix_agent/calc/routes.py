@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from datastore import keys
 from datastore.model import Resource
-from datastore.resources import IPPoolSpec
+from datastore.resources import IPPoolSpec, Node
 from felix_agent.calc.model import Route, VXLANPeer
 from felix_agent.calc.snapshot import Snapshot
 from ipam.block import Block
@@ -241,8 +241,8 @@ def adds_no_route(key: tuple[object, ...] | None, snapshot: Snapshot, node: str,
     if owner is None:
         return True
     # By key, not by a walk of every Node: asked for every claim in the cluster, on every agent.
-    remote_node = snapshot.nodes.get(keys.resource_key("nodes", str(owner)))
-    my_node = snapshot.nodes.get(keys.resource_key("nodes", node))
+    remote_node = snapshot.nodes.get(keys.resource_key(Node.PLURAL, str(owner)))
+    my_node = snapshot.nodes.get(keys.resource_key(Node.PLURAL, node))
     remote = Host.of(remote_node) if remote_node is not None and remote_node.name == owner else None
     me = Host.of(my_node) if my_node is not None and my_node.name == node else None
     route = _remote(cidr, remote, pool, me)
