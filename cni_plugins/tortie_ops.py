@@ -37,6 +37,7 @@ from datastore.kv import Delete, KeyValue, Present
 from datastore.model import Metadata, Resource
 from datastore.resources import WorkloadEndpoint, WorkloadEndpointSpec
 from datastore.store import ResourceStore
+from ipam import kept_writes
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,7 @@ def add(args: CmdArgs, stores: Datastores = ONE_SHOT) -> Result:
         if call.after_add is not None:
             done = time.perf_counter()
             try:
-                # The key of the endpoint as written, and the endpoint itself (its resourceVersion
-                # the write's revision): the agent hands it to its calculation without the watch.
+                # The endpoint as written (resourceVersion: the write's): to the agent's calculation without the watch.
                 call.after_add(f"{endpoint.namespace}/{endpoint.name}", endpoint, call.deadline)
             except BaseException:
                 delete(args, stores)  # an ADD completes or leaves nothing
@@ -288,6 +288,7 @@ def _write_endpoint(store: ResourceStore, resource: Resource, handle_key: str | 
             store.create(resource, requires)  # the usual case: one round trip
         except AlreadyExists:  # a repeated ADD, or a stale endpoint of an earlier container
             store.update(resource, requires=requires)
+        kept_writes.remember_resource(store, resource)  # what this pod's DEL plans on, unread (in the agent)
     except Conflict as e:
         if handle_key is None or e.key != handle_key:
             raise

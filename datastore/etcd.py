@@ -298,6 +298,8 @@ class EtcdClient(Writes):
             elif isinstance(op, Delete):
                 if op.mod_revision:
                     compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+                    if op.expected is not None:
+                        compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected))
                 writes.append(rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)))
             elif isinstance(op, Present):
                 compares.append(C(key=key, target=C.VERSION, result=C.GREATER, version=0))
@@ -306,6 +308,8 @@ class EtcdClient(Writes):
                                   mod_revision=op.revision + 1))
             else:
                 compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+                if op.expected is not None:
+                    compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected))
         # On failure, read back the compared keys so we can say which one moved.
         failure = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key, range_end=c.range_end,
                                                                         keys_only=bool(c.range_end)))

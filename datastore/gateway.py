@@ -330,6 +330,8 @@ class GatewayClient(Writes):
                 if op.mod_revision:
                     compares.append({"key": key, "target": "MOD", "result": "EQUAL",
                                      "mod_revision": str(op.mod_revision)})
+                    if op.expected is not None:
+                        compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)})
                 writes.append({"request_delete_range": {"key": key}})
             elif isinstance(op, Present):
                 compares.append({"key": key, "target": "VERSION", "result": "GREATER", "version": "0"})
@@ -338,6 +340,8 @@ class GatewayClient(Writes):
                                  "result": "LESS", "mod_revision": str(op.revision + 1)})
             else:
                 compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
+                if op.expected is not None:
+                    compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)})
         failure = [{"request_range": {k: v for k, v in c.items() if k in ("key", "range_end")}
                     | ({"keys_only": True} if "range_end" in c else {})} for c in compares
                    if c["target"] != "VALUE"]  # its key's MOD comparison reads it back already

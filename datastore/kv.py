@@ -102,18 +102,23 @@ class Update:
 
 @dataclass(frozen=True)
 class Delete:
-    """Delete ``key`` only if its modification revision is still ``mod_revision`` (0: unconditionally)."""
+    """Delete ``key`` only if its modification revision is still ``mod_revision`` (0: unconditionally);
+    with ``expected`` (and a revision), only if its value is also still exactly those bytes (as
+    :class:`Update`'s: a value this process kept, not one just read)."""
 
     key: str
     mod_revision: int = 0
+    expected: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Unchanged:
-    """Write nothing, but fail the transaction if ``key`` changed since ``mod_revision`` (0: absent)."""
+    """Write nothing, but fail the transaction if ``key`` changed since ``mod_revision`` (0: absent);
+    with ``expected``, also unless its value is exactly those bytes (as :class:`Update`'s)."""
 
     key: str
     mod_revision: int
+    expected: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def op_bytes(op: Op) -> int:
     """
     key = len(op.key.encode())
     value = len(op.value) if isinstance(op, Create | Update) else 0
-    if isinstance(op, Update) and op.expected is not None:
+    if isinstance(op, Update | Delete | Unchanged) and op.expected is not None:
         value += len(op.expected)
     return 3 * key + value + 48
 
@@ -166,8 +171,9 @@ class TxnLimits:
 
     def check(self, ops: Sequence[Op]) -> None:
         """:class:`TransactionTooLarge` if etcd would refuse ``ops`` as one transaction."""
-        # An update with expected bytes is two comparisons (etcd counts comparisons too).
-        count = len(ops) + sum(1 for op in ops if isinstance(op, Update) and op.expected is not None)
+        # An op with expected bytes is two comparisons (etcd counts comparisons too).
+        count = len(ops) + sum(1 for op in ops
+                               if isinstance(op, Update | Delete | Unchanged) and op.expected is not None)
         if count > self.max_ops:
             raise TransactionTooLarge(
                 f"a transaction of {count} operations is more than etcd takes at once ({self.max_ops}, "

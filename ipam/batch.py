@@ -35,7 +35,7 @@ from typing import Any
 from datastore import keys
 from datastore.errors import Conflict
 from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Unchanged, Update
-from ipam import kept_snapshot
+from ipam import kept_snapshot, kept_writes
 from ipam.block import Address, Block, Network, decoded_block, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
 from ipam.handles import Handle, attachment_handles_in, attachment_keys
@@ -201,8 +201,14 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
     spreads). Another process creating it first makes the transaction fail and the batch plan
     again, as any conflict."""
     kept = None
-    if not fresh and all(isinstance(j, AssignJob) for j in batch):
+    # ---- DEL without its read: the releases' keys as this process wrote them (ipam.kept_writes)
+    known = None if fresh else _kept_values(ipam, batch)
+    if known is not None:
         kept = kept_snapshot.take(ipam.client, node)  # planned on without a read (see its module)
+    if kept is not None and known:
+        kept = replace(kept, also=known)
+    known = known if kept is not None else None
+    # ----
     snap = kept or ipam.snapshot(node, [k for job in batch for k in job.wanted()], serializable=not fresh)
     releases = [j for j in batch if isinstance(j, ReleaseJob)]
     extra = _blocks_of_releases(ipam, snap.blocks, snap.also, releases)
@@ -231,10 +237,14 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         ops.append(affinity)
     if not fresh and (failed or claims or not ops):
         return _DOUBTFUL
+    if known and not all(_whole(j, known) for j in planned if isinstance(j, ReleaseJob)):
+        return _DOUBTFUL  # a kept block that does not hold what a kept handle counts: read afresh
     for job, error in failed:
         job.fail(error)
     proven = None
-    if kept is not None:  # the prefixes compared since what the commit proves of etcd's history
+    # The prefixes compared since what the commit proves of etcd's history; a batch of releases
+    # alone depends on nothing but the keys and blocks it writes (as on a fresh read).
+    if kept is not None and any(isinstance(j, AssignJob) for j in planned):
         proven = kept_snapshot.proven_revision(kept, [(cidr, rev) for cidr, _, _, rev in written])
         if not kept_snapshot.provable(kept, proven):
             return _DOUBTFUL
@@ -246,18 +256,55 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
     revision = 0
     if ops:
         ops += _read_unchanged(planned, snap.also, ops)
+        if known:
+            ops = kept_writes.compared(ops, known)
         try:
             revision = ipam.client.commit(ops)
         except Conflict:
+            kept_writes.forget(ipam.client, [k for j in batch if isinstance(j, ReleaseJob) for k in j.wanted()])
             # Against a kept snapshot, most likely a change it had not seen: read it at once.
             return _DOUBTFUL if kept is not None else _LOST
         for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
             remember_block(keys.block_key(cidr), revision, value, block)
     if ipam.serializable_snapshot:
         kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision)
+        _keep_writes(ipam.client, planned, ops, revision)
     for job in planned:
         job.done = True
     return _DONE
+
+
+def _kept_values(ipam: IPAM, batch: list[_Job]) -> dict[str, KeyValue] | None:
+    """What the batch's releases would read, as this process wrote it ({} for none), or None when
+    any of it is not kept (``ipam.kept_writes``): then the batch reads."""
+    return kept_writes.known(ipam.client, [k for j in batch if isinstance(j, ReleaseJob) for k in j.wanted()])
+
+
+def _whole(job: ReleaseJob, values: Mapping[str, KeyValue]) -> bool:
+    """Whether a release planned on kept values freed every address its handles count. A block it
+    frees nothing in is not written, so not compared: planned on a fresh read, the handle's own
+    comparison covers it (every write of an address of the handle rewrites the handle); planned on
+    a kept block, a block that disagrees with the kept handle is read again instead."""
+    found = attachment_handles_in(values, job.network, job.container_id, job.ifname)
+    return len(job.released) == sum(n for kv in found.values() for n in Handle.from_json(kv.value).blocks.values())
+
+
+def _keep_writes(client: Any, planned: Sequence[_Job], ops: Sequence[Op], revision: int) -> None:
+    """After a commit at ``revision``: an assignment's handle as written and its other keys as
+    compared absent are kept for its DEL; a release's keys are forgotten (``ipam.kept_writes``)."""
+    by_key = {op.key: op for op in ops if not isinstance(op, NothingNewer)}
+    for job in planned:
+        if isinstance(job, ReleaseJob) or not revision:
+            kept_writes.forget(client, job.wanted())
+            continue
+        for key in job.wanted():
+            op = by_key.get(key)
+            if isinstance(op, Create | Update):
+                kept_writes.remember(client, key, op.value, revision)
+            elif isinstance(op, Unchanged) and not op.mod_revision:
+                kept_writes.remember(client, key, None, revision)
+            else:
+                kept_writes.forget(client, [key])
 
 
 def _plan(ipam: IPAM, snap: Any, batch: list[_Job], extra: Mapping[Network, tuple[Block, int]],
