@@ -7,7 +7,8 @@ pod, on one kept-alive JSON-gateway connection as the agent holds them:
 - ADD: ``IPAM.assign`` (the batch's snapshot read, its commit), then the endpoint's creation
   conditioned on the IPAM handle (``Create`` + ``Present`` in one transaction);
 - DEL: ``IPAM.release_attachment`` on the node's batch, with the endpoint read and deleted in the
-  same transaction (its read, its commit).
+  same transaction (its read, its commit; in "kept/serial." no read: the handle and the endpoint
+  as this process wrote them, ``ipam.kept_writes``).
 
 Every request is timed (wall, and the calling thread's CPU from ``time.thread_time``) and etcd's
 CPU is read around it from ``/proc/<etcd>/task/*/schedstat`` (nanoseconds, every thread). It runs
@@ -46,6 +47,7 @@ from datastore.config import EtcdConfig
 from datastore.gateway import GatewayClient
 from datastore.kv import Create, Delete, KeyValue, Op, Present
 from datastore.store import ResourceStore
+from ipam import kept_writes
 from ipam.allocator import IPAM, AssignRequest
 from ipam.handles import attachment_handle, legacy_handle
 from netlab.etcd import EtcdServer
@@ -93,7 +95,8 @@ def cycle(ipam: IPAM, client: TimedGateway, cid: str) -> None:
                               attrs={"network": NETWORK, "containerID": cid, "ifname": "eth0"}))
     endpoint = keys.resource_key("workloadendpoints", f"{node}-{cid[:11]}", "default")
     client.label = "ADD endpoint"
-    client.commit([Create(endpoint, ENDPOINT_VALUE), Present(keys.handle_key(handle))])
+    revision = client.commit([Create(endpoint, ENDPOINT_VALUE), Present(keys.handle_key(handle))])
+    kept_writes.remember(client, endpoint, ENDPOINT_VALUE, revision)  # as the agent's endpoint write does
     client.label = "DEL"
 
     def endpoint_deletion(values: Mapping[str, KeyValue]) -> Sequence[Op]:

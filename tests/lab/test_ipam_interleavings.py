@@ -100,21 +100,24 @@ def _core_problems(client: EtcdClient) -> list[str]:
 
 
 class _Process:
-    """One process of a node: its own kept snapshots (``ipam.kept_snapshot`` is per process)."""
+    """One process of a node: its own kept snapshots and kept writes (``ipam.kept_snapshot``,
+    ``ipam.kept_writes``: both per process)."""
 
     def __init__(self, client: GatewayClient, node: str) -> None:
-        self.ipam, self.node, self.kept = IPAM(client), node, {}  # type: ignore[var-annotated]
+        self.ipam, self.node, self.kept, self.writes = IPAM(client), node, {}, {}  # type: ignore[var-annotated]
 
     def __enter__(self) -> IPAM:
-        from ipam import kept_snapshot
+        from ipam import kept_snapshot, kept_writes
 
         self.saved, kept_snapshot._KEPT = kept_snapshot._KEPT, self.kept
+        self.saved_writes, kept_writes._KEPT = kept_writes._KEPT, self.writes
         return self.ipam
 
     def __exit__(self, *exc: object) -> None:
-        from ipam import kept_snapshot
+        from ipam import kept_snapshot, kept_writes
 
         kept_snapshot._KEPT = self.saved
+        kept_writes._KEPT = self.saved_writes
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -377,3 +380,223 @@ def test_a_stale_affinity_of_a_crashed_claim_and_gc_racing_the_next_claim(etcd_c
     assert len(told) == 20
     assert allocated(etcd_client) == told
     assert _core_problems(etcd_client) == []
+
+
+# ---- DEL planned on what the process wrote (``ipam.kept_writes``): no read ----------------------
+
+def _handle_key(cid: str) -> str:
+    from datastore import keys
+
+    return keys.handle_key(attachment_handle("net", cid, "eth0"))
+
+
+def _endpoint(node: str, cid: str, addresses: list[str], container: str = "") -> Any:
+    return codec.decode({"apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
+                         "metadata": {"name": f"{node}-{cid}", "namespace": "default"},
+                         "spec": {"node": node, "containerID": container or cid, "interfaceName": f"tor{cid}",
+                                  "network": "net", "endpoint": "eth0", "ipNetworks": [f"{a}/32" for a in addresses]}})
+
+
+def _endpoint_key(node: str, cid: str) -> str:
+    from datastore.resources import WorkloadEndpoint
+
+    return ResourceStore.key(WorkloadEndpoint, f"{node}-{cid}", "default")
+
+
+def _pod_add(proc: _Process, cid: str) -> str:
+    """ADD as the CNI service serves it: the address, then the endpoint written while the handle
+    exists (``tortie_ops._write_endpoint``, which keeps it for the DEL)."""
+    from cni_plugins.tortie_ops import _write_endpoint
+
+    attrs = {"network": "net", "containerID": cid, "ifname": "eth0", "plugin": "tortie"}  # gc knows it
+    with proc as ipam:
+        (got,) = ipam.assign(AssignRequest(attachment_handle("net", cid, "eth0"), proc.node, attrs=attrs))
+        address = str(got.address)
+        _write_endpoint(ResourceStore(ipam.client), _endpoint(proc.node, cid, [address]), _handle_key(cid))
+    return address
+
+
+def _pod_del(proc: _Process, cid: str) -> list[str]:
+    """DEL as ``tortie_ops`` does it: the addresses and the endpoint (if it is this container's) together."""
+    from cni_plugins.tortie_ops import _endpoint_deletion
+
+    key = _endpoint_key(proc.node, cid)
+    with proc as ipam:
+        _, released = ipam.release_attachment("net", cid, "eth0", node=proc.node, also_read=[key],
+                                              also_write=lambda values: _endpoint_deletion(values.get(key), cid))
+    return sorted(map(str, released))
+
+
+def _endpoints(client: EtcdClient) -> dict[str, str]:
+    """Each endpoint's key → the container it names."""
+    import json
+
+    from datastore import keys
+    from datastore.resources import WorkloadEndpoint
+
+    kvs, _ = client.list(keys.resource_prefix(WorkloadEndpoint.PLURAL))
+    return {kv.key: json.loads(kv.value)["spec"]["containerID"] for kv in kvs}
+
+
+@pytest.fixture
+def agent_env(etcd_client: EtcdClient, etcd_server: EtcdServer) -> Iterator[tuple[str, GatewayClient]]:
+    add_pool(etcd_client, "p", "10.244.0.0/24", blockSize=26)
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as gateway:
+        yield f"del-{uuid.uuid4().hex[:8]}", gateway
+
+
+def test_a_kept_del_leaves_an_endpoint_another_process_rewrote_for_another_container(
+        etcd_client: EtcdClient, agent_env: tuple[str, GatewayClient]) -> None:
+    node, gateway = agent_env
+    agent = _Process(gateway, node)
+    first, second = _pod_add(agent, "c1"), _pod_add(agent, "c2")
+    store = ResourceStore(etcd_client)  # another process: c2's endpoint now names another container
+    store.update(_endpoint(node, "c2", [second], container="other"), current=None)
+    assert _pod_del(agent, "c2") == [second]
+    assert allocated(etcd_client) == {first: attachment_handle("net", "c1", "eth0")}
+    assert _endpoints(etcd_client) == {_endpoint_key(node, "c1"): "c1", _endpoint_key(node, "c2"): "other"}
+
+
+def test_a_kept_del_after_the_endpoint_was_deleted_by_another_process(
+        etcd_client: EtcdClient, agent_env: tuple[str, GatewayClient]) -> None:
+    node, gateway = agent_env
+    agent = _Process(gateway, node)
+    first, second = _pod_add(agent, "c1"), _pod_add(agent, "c2")
+    etcd_client.delete(_endpoint_key(node, "c2"))
+    assert _pod_del(agent, "c2") == [second]
+    assert _pod_del(agent, "c2") == []  # idempotent: a DEL of something gone is success
+    assert allocated(etcd_client) == {first: attachment_handle("net", "c1", "eth0")}
+    assert _endpoints(etcd_client) == {_endpoint_key(node, "c1"): "c1"}
+
+
+@pytest.mark.parametrize("how", ["netctl ipam release", "gc"])
+def test_a_kept_del_after_its_handle_was_released_and_the_address_handed_to_another_pod(
+        etcd_client: EtcdClient, etcd_server: EtcdServer, agent_env: tuple[str, GatewayClient], how: str) -> None:
+    from ipam.gc import gc
+
+    node, gateway = agent_env
+    agent = _Process(gateway, node)
+    first, second = _pod_add(agent, "c1"), _pod_add(agent, "c2")
+    if how == "gc":  # c2's endpoint gone (say, a crashed DEL), then the garbage collector
+        etcd_client.delete(_endpoint_key(node, "c2"))
+        assert [str(a) for a, _ in gc(etcd_client, grace_seconds=0).released] == [second]
+    else:
+        assert [str(a) for a in IPAM(etcd_client, serializable_snapshot=False).release_handle(
+            attachment_handle("net", "c2", "eth0"))] == [second]
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as elsewhere, \
+            _Process(elsewhere, node) as other:  # another process of the node: a pod asking for that address
+        attrs = {"network": "net", "containerID": "d1", "ifname": "eth0"}
+        (third,) = other.assign(AssignRequest(attachment_handle("net", "d1", "eth0"), node,
+                                              addresses=[ipaddress.ip_address(second)], attrs=attrs))
+    assert _pod_del(agent, "c2") == []
+    assert allocated(etcd_client) == {first: attachment_handle("net", "c1", "eth0"),
+                                      second: attachment_handle("net", "d1", "eth0")}
+    assert _endpoints(etcd_client) == {_endpoint_key(node, "c1"): "c1"}
+
+
+def test_a_kept_del_after_another_process_changed_the_block(
+        etcd_client: EtcdClient, agent_env: tuple[str, GatewayClient]) -> None:
+    """Its handle and endpoint as kept, its block not: an in-process plugin (or an operator)
+    assigned the next address of the block meanwhile."""
+    from datastore import keys
+    from datastore.kv import Update
+    from ipam.block import Block
+
+    node, gateway = agent_env
+    agent = _Process(gateway, node)
+    first, second = _pod_add(agent, "c1"), _pod_add(agent, "c2")
+    kvs, _ = etcd_client.list(keys.block_prefix(4))
+    (kv,) = [kv for kv in kvs if Block.from_json(kv.value).node == node]
+    block, (taken,) = Block.from_json(kv.value).assign(1, "other", {})
+    etcd_client.commit([Update(kv.key, block.to_json(), kv.mod_revision)])
+    assert _pod_del(agent, "c2") == [second]
+    assert allocated(etcd_client) == {first: attachment_handle("net", "c1", "eth0"), str(taken): "other"}
+
+
+def test_a_kept_del_after_another_process_deleted_and_added_the_same_attachment(
+        etcd_client: EtcdClient, etcd_server: EtcdServer, agent_env: tuple[str, GatewayClient]) -> None:
+    node, gateway = agent_env
+    agent = _Process(gateway, node)
+    first, second = _pod_add(agent, "c1"), _pod_add(agent, "c2")
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as elsewhere:
+        other = _Process(elsewhere, node)
+        assert _pod_del(other, "c2") == [second]
+        again = _pod_add(other, "c2")
+    assert _pod_del(agent, "c2") == [again]  # the attachment as it is now, not as this process left it
+    assert allocated(etcd_client) == {first: attachment_handle("net", "c1", "eth0")}
+    assert _endpoints(etcd_client) == {_endpoint_key(node, "c1"): "c1"}
+
+
+@pytest.mark.parametrize("differs", ["block", "handle", "endpoint"])
+def test_a_kept_del_after_a_restore_from_backup_that_repeats_its_revisions(own_etcd: EtcdServer,
+                                                                           differs: str) -> None:
+    """A cluster restored from a backup taken before the pod's ADD, then written again: the block,
+    the handle and the endpoint at exactly the revisions this process kept, one of them with other
+    contents. The DEL must act on what etcd holds, not on what this process wrote."""
+    import json
+
+    from datastore import keys
+    from datastore.kv import Create, Update
+    from ipam.block import Block
+
+    env = own_etcd.env()
+    node = f"restore-{uuid.uuid4().hex[:8]}"
+    with EtcdClient(EtcdConfig.from_env(env)) as operator:
+        add_pool(operator, "p", "10.244.0.0/24", blockSize=26)
+        with GatewayClient(EtcdConfig.from_env(env)) as gateway:
+            agent = _Process(gateway, node)
+            zero = _pod_add(agent, "c0")  # the node's block, and the agent's kept snapshot
+            other_node = IPAM(operator, serializable_snapshot=False)
+            (b0,) = other_node.assign(AssignRequest(attachment_handle("net", "b0", "eth0"), "b", attrs={}))
+        backup = Path(own_etcd.work_dir) / "backup.data"
+        own_etcd.stop()
+        shutil.copytree(own_etcd.data_dir, backup)
+        own_etcd.start()
+    with GatewayClient(EtcdConfig.from_env(env)) as gateway:
+        agent.ipam = IPAM(gateway)  # the same process (its kept state), connected again
+        first = _pod_add(agent, "c1")  # block and handle at R+1, endpoint at R+2: all kept
+    with EtcdClient(EtcdConfig.from_env(env)) as operator:
+        block_key = keys.block_key(ipaddress.ip_network(f"{zero}/26", strict=False))
+        kept_block, kept_handle = operator.get(block_key), operator.get(_handle_key("c1"))
+        kept_endpoint = operator.get(_endpoint_key(node, "c1"))
+        assert kept_block is not None and kept_handle is not None and kept_endpoint is not None
+    own_etcd.stop()
+    shutil.rmtree(own_etcd.data_dir)
+    shutil.copytree(backup, own_etcd.data_dir)
+    own_etcd.start()
+    with EtcdClient(EtcdConfig.from_env(env)) as operator:
+        before = operator.get(block_key)
+        assert before is not None and before.mod_revision < kept_block.mod_revision
+        block_value, handle_value, endpoint_value = kept_block.value, kept_handle.value, kept_endpoint.value
+        ops: list[Any] = []
+        told = {zero: attachment_handle("net", "c0", "eth0"), str(b0.address): attachment_handle("net", "b0", "eth0")}
+        if differs == "block":  # c1 holds the next address instead
+            restored = Block.from_json(before.value)
+            block, (moved,) = restored.assign(1, attachment_handle("net", "c1", "eth0"), {},
+                                              reserved={restored.ordinal(ipaddress.ip_address(first))})
+            block_value, expected = block.to_json(), [str(moved)]
+        elif differs == "handle":  # c1 also holds an address of node b's block
+            handle = json.loads(kept_handle.value)
+            other_key = keys.block_key(b0.block)
+            other = operator.get(other_key)
+            assert other is not None
+            block_b, (extra,) = Block.from_json(other.value).assign(1, attachment_handle("net", "c1", "eth0"), {})
+            handle["blocks"][str(b0.block)] = 1
+            handle_value = json.dumps(handle).encode()
+            ops.append(Update(other_key, block_b.to_json(), other.mod_revision))
+            expected = sorted([first, str(extra)])
+        else:  # c1's endpoint names another container
+            doc = json.loads(kept_endpoint.value)
+            doc["spec"]["containerID"] = "other"
+            endpoint_value, expected = json.dumps(doc).encode(), [first]
+        rev = operator.commit([Update(block_key, block_value, before.mod_revision),
+                               Create(_handle_key("c1"), handle_value), *ops])
+        assert rev == kept_block.mod_revision == kept_handle.mod_revision
+        assert operator.commit([Create(_endpoint_key(node, "c1"), endpoint_value)]) == kept_endpoint.mod_revision
+        with GatewayClient(EtcdConfig.from_env(env)) as gateway:
+            agent.ipam = IPAM(gateway)
+            assert _pod_del(agent, "c1") == expected
+        assert allocated(operator) == told
+        assert _endpoints(operator) == ({_endpoint_key(node, "c0"): "c0", _endpoint_key(node, "c1"): "other"}
+                                        if differs == "endpoint" else {_endpoint_key(node, "c0"): "c0"})
+        assert _core_problems(operator) == []
