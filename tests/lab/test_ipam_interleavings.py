@@ -24,7 +24,7 @@ from datastore.gateway import GatewayClient
 from datastore.resources import IPAMConfiguration
 from datastore.store import ResourceStore
 from ipam.allocator import IPAM, AssignRequest
-from ipam.handles import attachment_handle
+from ipam.handles import attachment_handle, legacy_handle
 from netlab.etcd import ETCD, EtcdServer
 from tests.lab.ipam_support import add_pool, allocated
 
@@ -410,7 +410,8 @@ def _pod_add(proc: _Process, cid: str) -> str:
 
     attrs = {"network": "net", "containerID": cid, "ifname": "eth0", "plugin": "tortie"}  # gc knows it
     with proc as ipam:
-        (got,) = ipam.assign(AssignRequest(attachment_handle("net", cid, "eth0"), proc.node, attrs=attrs))
+        (got,) = ipam.assign(AssignRequest(attachment_handle("net", cid, "eth0"), proc.node, attrs=attrs,
+                                           legacy_handle=legacy_handle("net", cid)))  # as ipam_ops asks
         address = str(got.address)
         _write_endpoint(ResourceStore(ipam.client), _endpoint(proc.node, cid, [address]), _handle_key(cid))
     return address
