@@ -601,3 +601,42 @@ def test_a_kept_del_after_a_restore_from_backup_that_repeats_its_revisions(own_e
         assert _endpoints(operator) == ({_endpoint_key(node, "c0"): "c0", _endpoint_key(node, "c1"): "other"}
                                         if differs == "endpoint" else {_endpoint_key(node, "c0"): "c0"})
         assert _core_problems(operator) == []
+
+
+def test_processes_of_one_node_adding_and_deleting_pods_planned_on_what_they_wrote(
+        etcd_client: EtcdClient, etcd_server: EtcdServer) -> None:
+    """Two processes of node a serve ADD, DEL and ADD again of the same pods at the same time (each
+    DEL of a process that served the pod's ADD planned on what it wrote; ADD and DEL of one pod also
+    racing inside a process, on its 4 threads), node b its own: every address a caller was told it
+    got and not told it lost is in etcd under its handle, nothing else is; then a DEL of every pod
+    of node a by a third process leaves no endpoint and no address of them. (Node b's endpoints
+    are not checked: an ADD repeated while the DEL of the same pod runs writes its endpoint
+    unconditionally, as runtimes never do; its addresses are.)"""
+    from collections import Counter
+
+    add_pool(etcd_client, "p", "10.244.0.0/25", blockSize=27)
+    env = etcd_server.env()
+    pods = [f"c{i}" for i in range(16)]
+    first = [["podadd", c] for c in pods] + [[op, c] for c in pods for op in ("poddel", "podadd")]
+    second = [[op, c] for c in pods[::-1] for op in ("poddel", "podadd")] + [["poddel", c] for c in pods[::2]]
+    b = [[op, f"b{i}"] for i in range(16) for op in ("podadd", "poddel", "podadd")]
+    net: Counter[tuple[str, str]] = Counter()  # (address, handle) → told added − told released
+
+    def count(told: list[dict[str, Any]]) -> None:
+        for t in told:
+            handle = attachment_handle("net", t["cid"], "eth0")
+            if t["op"] == "podadd" and not t.get("reused") and "addresses" in t:
+                net.update((a, handle) for a in t["addresses"])
+            released = t.get("undone", []) if t["op"] == "podadd" else t.get("addresses", [])
+            net.subtract((a, handle) for a in released)
+
+    for told in _workers(env, [("a", first), ("a", second), ("b", b)]):
+        count(told)
+    assert all(n in (0, 1) for n in net.values()), f"told twice, or released what it was not told: {net}"
+    assert allocated(etcd_client) == {a: h for (a, h), n in net.items() if n == 1}
+    assert _core_problems(etcd_client) == []
+    (last,) = _workers(env, [("a", [["poddel", c] for c in pods])])
+    count(last)
+    assert allocated(etcd_client) == {a: h for (a, h), n in net.items() if n == 1}
+    assert all(h.startswith("net.b") for (_, h), n in net.items() if n == 1)
+    assert not [k for k in _endpoints(etcd_client) if k.startswith(_endpoint_key("a", ""))]
