@@ -10,10 +10,11 @@ an ADD on the node's one block lost its compare-and-swap and backed off.
 
 The read is serializable (no ReadIndex: on a follower, one round trip to the leader less), and a
 batch of assignments alone does not read at all when this process kept the node's last snapshot
-(``ipam.kept_snapshot``): a warm agent's ADD then costs IPAM one round trip, its commit. Both may
-be stale; the commit compares everything the plan used, so staleness only loses the
-compare-and-swap, and what is decided without a commit is decided on a linearizable read (see
-:func:`_once`).
+(``ipam.kept_snapshot``): a warm agent's ADD then costs IPAM one round trip, its commit. Nor does a
+release of an attachment whose keys this process wrote itself (its ADD's handle, its endpoint:
+``ipam.kept_writes``): a warm agent's DEL is one round trip too. All of these may be stale; the
+commit compares everything the plan used, so staleness only loses the compare-and-swap, and what
+is decided without a commit is decided on a linearizable read (see :func:`_once`).
 
 Each job is planned as alone (``IPAM.plan``, ``Releaser``'s planning of an attachment): the same
 addresses, reservations and handle records as one at a time. A job that fails (a pool exhausted,
