@@ -33,7 +33,10 @@ pytestmark = pytest.mark.lab
 
 def _assign(ipam: IPAM, node: str, cid: str) -> str:
     attrs = {"network": "net", "containerID": cid, "ifname": "eth0"}
-    (got,) = ipam.assign(AssignRequest(attachment_handle("net", cid, "eth0"), node, attrs=attrs))
+    # With the legacy handle, as ipam_ops asks: a DEL by the same process is then planned on what
+    # the ADD wrote (``ipam.kept_writes``), without a read.
+    (got,) = ipam.assign(AssignRequest(attachment_handle("net", cid, "eth0"), node, attrs=attrs,
+                                       legacy_handle=legacy_handle("net", cid)))
     return str(got.address)
 
 
