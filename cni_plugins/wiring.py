@@ -221,14 +221,18 @@ def forget_rules(netns_path: str, ifname: str) -> None:
     finally:
         os.close(ns_fd)
     with container, _doing(f"removing the source rules of {ifname} in {netns_path}"):
+        # One dump of both families' rules first: a container without a further attachment (the
+        # usual case) has none in a table of its own, and DEL's veth removal waits for this.
+        further = [rule for rule in container.rules(socket.AF_UNSPEC) if rule[2] >= SECONDARY_TABLE_BASE]
+        if not further:
+            return
         link = container.link(ifname)
         if link is None:
             return
         table = secondary_table(link.index)
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for src, src_len, rule_table, priority in container.rules(family):
-                if rule_table == table:
-                    container.delete_rule(src, src_len, rule_table, priority)
+        for src, src_len, rule_table, priority in further:
+            if rule_table == table:
+                container.delete_rule(src, src_len, rule_table, priority)
 
 
 def check_free(netns_path: str, ifname: str) -> None:
