@@ -323,9 +323,22 @@ def _doing(step: str) -> Iterator[None]:
 
 
 def _sysctl(key: str, value: str) -> None:
-    # /proc/sys/net resolves against the calling thread's namespace.
-    with open(f"/proc/sys/net/{key}", "w") as f:
-        f.write(value)
+    # /proc/sys/net resolves against the calling thread's namespace. Unbuffered: a text file object
+    # costs seven system calls (fstat, a tty check, two seeks) where three do, ~12 us of CPU against
+    # ~6, and ADD writes up to nine of these.
+    fd = os.open(f"/proc/sys/net/{key}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _sysctl_value(key: str) -> str:
+    fd = os.open(f"/proc/sys/net/{key}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 64).decode().strip()
+    finally:
+        os.close(fd)
 
 
 def _host_sysctls(host_if: str, families: set[int]) -> None:
@@ -346,9 +359,8 @@ def _host_sysctls(host_if: str, families: set[int]) -> None:
         _sysctl(key, value)
     for key in wanted:
         # Written only when off: turning ip_forward on rewrites every interface's forwarding flag.
-        with open(f"/proc/sys/net/{key}") as f:
-            if f.read().strip() != "1":
-                _sysctl(key, "1")
+        if _sysctl_value(key) != "1":
+            _sysctl(key, "1")
 
 
 def _remove_leftover(host: RTNL, host_if: str) -> None:
