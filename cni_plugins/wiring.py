@@ -221,14 +221,18 @@ def forget_rules(netns_path: str, ifname: str) -> None:
     finally:
         os.close(ns_fd)
     with container, _doing(f"removing the source rules of {ifname} in {netns_path}"):
+        # One dump of both families' rules first: a container without a further attachment (the
+        # usual case) has none in a table of its own, and DEL's veth removal waits for this.
+        further = [rule for rule in container.rules(socket.AF_UNSPEC) if rule[2] >= SECONDARY_TABLE_BASE]
+        if not further:
+            return
         link = container.link(ifname)
         if link is None:
             return
         table = secondary_table(link.index)
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for src, src_len, rule_table, priority in container.rules(family):
-                if rule_table == table:
-                    container.delete_rule(src, src_len, rule_table, priority)
+        for src, src_len, rule_table, priority in further:
+            if rule_table == table:
+                container.delete_rule(src, src_len, rule_table, priority)
 
 
 def check_free(netns_path: str, ifname: str) -> None:
@@ -319,9 +323,22 @@ def _doing(step: str) -> Iterator[None]:
 
 
 def _sysctl(key: str, value: str) -> None:
-    # /proc/sys/net resolves against the calling thread's namespace.
-    with open(f"/proc/sys/net/{key}", "w") as f:
-        f.write(value)
+    # /proc/sys/net resolves against the calling thread's namespace. Unbuffered: a text file object
+    # costs seven system calls (fstat, a tty check, two seeks) where three do, ~12 us of CPU against
+    # ~6, and ADD writes up to nine of these.
+    fd = os.open(f"/proc/sys/net/{key}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _sysctl_value(key: str) -> str:
+    fd = os.open(f"/proc/sys/net/{key}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 64).decode().strip()
+    finally:
+        os.close(fd)
 
 
 def _host_sysctls(host_if: str, families: set[int]) -> None:
@@ -342,9 +359,8 @@ def _host_sysctls(host_if: str, families: set[int]) -> None:
         _sysctl(key, value)
     for key in wanted:
         # Written only when off: turning ip_forward on rewrites every interface's forwarding flag.
-        with open(f"/proc/sys/net/{key}") as f:
-            if f.read().strip() != "1":
-                _sysctl(key, "1")
+        if _sysctl_value(key) != "1":
+            _sysctl(key, "1")
 
 
 def _remove_leftover(host: RTNL, host_if: str) -> None:

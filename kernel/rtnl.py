@@ -51,6 +51,7 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+IFLA_GROUP, IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 27, 31, 32
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6 = 1, 4, 7, 15, 17
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -209,12 +210,21 @@ class RTNL:
         return _link(payload)
 
     def add_veth(self, name: str, mac: str, mtu: int, peer: str, peer_netns_fd: int) -> None:
-        """Create a veth pair, ``name`` here and up, ``peer`` in the namespace ``peer_netns_fd`` (down)."""
-        peer_msg = _NO_LINK + _name(peer) + attr(IFLA_MTU, u32(mtu)) + attr(IFLA_NET_NS_FD, u32(peer_netns_fd))
+        """Create a veth pair, ``name`` here and up, ``peer`` in the namespace ``peer_netns_fd`` (down).
+
+        Each end gets one transmit and one receive queue, what the kernel leaves a veth with anyway
+        when none is asked for: it allocates one per possible CPU, then cuts the real count to one,
+        and each cut waits for an expedited RCU grace period with the rtnl lock held (two per pair,
+        0.5-2 ms each here; measured in a scratch namespace: a pair 2.6 ms p50, max 15 ms, against
+        0.42 ms, max 0.62 ms, with the queues given). Every other rtnetlink request of the machine
+        (the other pods' ADDs and DELs, the agent's routes) waits meanwhile."""
+        queues = attr(IFLA_NUM_TX_QUEUES, u32(1)) + attr(IFLA_NUM_RX_QUEUES, u32(1))
+        peer_msg = (_NO_LINK + _name(peer) + attr(IFLA_MTU, u32(mtu)) + attr(IFLA_NET_NS_FD, u32(peer_netns_fd))
+                    + queues)
         info = attr(IFLA_INFO_KIND, b"veth") + attr(IFLA_INFO_DATA | NLA_F_NESTED, attr(VETH_INFO_PEER, peer_msg))
         self._sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                            _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(name) + attr(IFLA_ADDRESS, _mac(mac))
-                           + attr(IFLA_MTU, u32(mtu)) + attr(IFLA_LINKINFO | NLA_F_NESTED, info),
+                           + attr(IFLA_MTU, u32(mtu)) + queues + attr(IFLA_LINKINFO | NLA_F_NESTED, info),
                            f"creating the veth pair {name}/{peer}")
 
     def set_link(self, index: int, *, mtu: int | None = None, mac: str | None = None, up: bool | None = None) -> None:

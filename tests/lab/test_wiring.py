@@ -132,6 +132,20 @@ def test_two_containers_reach_each_other_and_the_host(lab: Lab) -> None:
         assert ping(src, dst), f"{src} cannot reach {dst}"
 
 
+def test_each_end_of_the_pair_has_one_queue_each_way(lab: Lab) -> None:
+    """The queues are given at creation (no shrinking afterwards, which waits for an RCU grace
+    period with the rtnl lock held); a pod sees one transmit and one receive queue, as before."""
+    c1 = lab.add_ns("c1")
+    host_if = host_ifname("net", c1, "eth0")
+    with netns(lab.path(lab.host)):
+        wiring.setup(lab.path(c1), "eth0", host_if, MTU, addrs("10.244.0.5/32"))
+    for shown in (lab.in_host("-d", "link", "show", host_if), sh("ip", "-n", c1, "-d", "link", "show", "eth0")):
+        assert "numtxqueues 1 numrxqueues 1" in shown
+    queues = sh("ip", "netns", "exec", c1, "ls", "/sys/class/net/eth0/queues").split()
+    assert sorted(queues) == ["rx-0", "tx-0"]
+    assert ping(c1, NODE_V4)
+
+
 def test_check_is_empty_when_healthy_and_names_a_deleted_host_route(lab: Lab) -> None:
     c1 = lab.add_ns("c1")
     a = addrs("10.244.0.5/26", "fd00:10:244::5/122")
