@@ -181,7 +181,9 @@ def _lock_name(node: str) -> tuple[str, int]:
     labs on one machine each run their nodes in namespaces of their own and reuse node names: with
     one file per node name, one lab's IPAM waited for another's (measured: an agent's ADDs held
     2.4-3.5 s while another lab's in-process plugin held ``ipam-n1.lock``)."""
-    netns = os.stat("/proc/thread-self/ns/net").st_ino
+    # The process's namespace (its first thread's), not this thread's: a call thread that entered
+    # a container's namespace for its wiring must still find its node's lock.
+    netns = os.stat("/proc/self/ns/net").st_ino
     return f"ipam-{node.replace('/', '_')}-net{netns}.lock", netns
 
 
