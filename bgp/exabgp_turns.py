@@ -27,6 +27,14 @@ what ExaBGP says or when a session starts or ends.
   whose session negotiated the same. The bytes of an UPDATE are kept for the reactor turn in which
   they were built, keyed by what they are made of (each NLRI's and attribute's packed form) and by
   every negotiated value the packing reads; a peer with anything else negotiated gets its own build.
+- ``quiet_wakeups``: on every wake-up (two per UPDATE received: the UPDATE, then the turn its
+  ``ACTION.NOW`` asks for) the reactor tries an ``accept`` on its listening sockets (EAGAIN, raised
+  and caught) and, per API process, ``wait4``s it and makes a ``poll`` object to ask whether its
+  pipe is readable, though the reactor's own ``poll`` watches that pipe already. The API processes
+  are now read when the reactor's last ``poll`` reported their pipe readable, and the listening
+  sockets and the processes' health are checked at least once per idle period as on an idle
+  wake-up before: a new BGP connection is accepted up to ``speed`` / 100 s (0.1 s) later, a dead
+  API process noticed up to that much later.
 """
 
 from __future__ import annotations
@@ -222,3 +230,49 @@ def _has_work(peer: Any, ready: Any, established: Any) -> bool:
         peer.fsm != established or peer._teardown is not None or peer._neighbor is not None
         or peer.__dict__.get("_tortie_again", True) or peer.socket() in ready
         or neighbor.rib.outgoing.pending() or neighbor.eor or neighbor.messages or neighbor.refresh)
+
+
+def quiet_wakeups() -> None:
+    """``Listener.incoming`` (an ``accept`` attempt per listening socket) and ``Processes.received``
+    (per API process a ``wait4``, a fresh ``poll`` object and its ``poll(0)``, then the read) run
+    ExaBGP's own when due: the listener once per idle period (``speed`` / 100 s), the processes
+    when the reactor's last ``poll`` reported one of their pipes readable, and once per idle period
+    whatever it reported (for a hung-up pipe, an exited process). Anything else returns what an
+    idle check returns: no connection, no command."""
+    try:
+        from exabgp.reactor.api.processes import Processes
+        from exabgp.reactor.listener import Listener
+        from exabgp.reactor.loop import Reactor
+    except ImportError:
+        return
+    made_incoming, made_received, made_wait = Listener.incoming, Processes.received, Reactor._wait_for_io
+
+    def _wait_for_io(self: Any, sleeptime: int) -> Any:
+        processes = self.processes
+        ready: set[int] = set()
+        if processes is not None:  # what this poll reported: whether the next turn reads the pipes
+            processes._tortie_ready, processes._tortie_period = ready, self._sleep_time
+        for fd in made_wait(self, sleeptime):
+            ready.add(fd)
+            yield fd
+
+    def incoming(self: Any) -> bool:
+        now = time.monotonic()
+        if now - self.__dict__.get("_tortie_round", float("-inf")) < self._reactor._sleep_time:
+            return False
+        self._tortie_round = now
+        return bool(made_incoming(self))
+
+    def received(self: Any) -> Any:
+        now = time.monotonic()
+        ready = self.__dict__.get("_tortie_ready")
+        due = now - self.__dict__.get("_tortie_round", float("-inf")) >= self.__dict__.get("_tortie_period", 0.0)
+        if ready is None or due:
+            self._tortie_round = now
+        elif not any(fd in ready for fd in self.fds):
+            return
+        yield from made_received(self)
+
+    Reactor._wait_for_io = _wait_for_io
+    Listener.incoming = incoming
+    Processes.received = received

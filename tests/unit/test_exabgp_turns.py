@@ -317,3 +317,103 @@ def test_turns_go_to_the_peers_with_work_and_to_all_once_per_idle_period(monkeyp
     peers["idle"]._tortie_again = False  # type: ignore[attr-defined]
     clock[0] += 0.1  # an idle period since the last round: every peer, for its timers
     assert reactor.active_peers() == theirs
+
+
+# -- a wake-up's fixed checks: the listening sockets and the API processes, when due ------------------
+
+
+def test_the_listener_accepts_at_least_once_per_idle_period_not_on_every_wake_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from exabgp.reactor.listener import Listener
+    from exabgp.reactor.loop import Reactor
+
+    from bgp.exabgp_turns import quiet_wakeups
+
+    monkeypatch.setattr(Reactor, "_wait_for_io", Reactor.__dict__["_wait_for_io"])
+    monkeypatch.setattr(Listener, "incoming", Listener.__dict__["incoming"])
+    from exabgp.reactor.api.processes import Processes
+    monkeypatch.setattr(Processes, "received", Processes.__dict__["received"])
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen(5)
+        server.setblocking(False)
+        reactor = type("R", (), {"_sleep_time": 0.1})()
+        listener = Listener(reactor)
+        listener.serving, listener._sockets = True, {server: None}
+        assert listener.incoming() is False  # ExaBGP's own: EAGAIN, nothing pending
+        quiet_wakeups()
+        clock = [1000.0]
+        monkeypatch.setattr("bgp.exabgp_turns.time.monotonic", lambda: clock[0])
+        assert listener.incoming() is False  # the first call is ExaBGP's own: nothing pending yet
+        client.connect(server.getsockname())
+        clock[0] += 0.05
+        assert listener.incoming() is False and not listener._accepted  # within the period: not tried
+        clock[0] += 0.06
+        assert listener.incoming() is True and server in listener._accepted  # a period later: accepted
+        listener._accepted.pop(server).close()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_api_processes_are_read_when_the_reactors_poll_saw_their_pipe_and_once_per_idle_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import select
+    import subprocess
+
+    from exabgp.reactor.api.processes import Processes
+    from exabgp.reactor.listener import Listener
+    from exabgp.reactor.loop import Reactor
+
+    from bgp.exabgp_turns import quiet_wakeups
+
+    monkeypatch.setattr(Reactor, "_wait_for_io", Reactor.__dict__["_wait_for_io"])
+    monkeypatch.setattr(Listener, "incoming", Listener.__dict__["incoming"])
+    monkeypatch.setattr(Processes, "received", Processes.__dict__["received"])
+    echo = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # a helper that answers
+    try:
+        assert echo.stdin is not None and echo.stdout is not None
+        processes = Processes()
+        processes._process = {"tortie": echo}
+        processes._update_fds()
+        fd = echo.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+
+        def say(line: str) -> None:
+            assert echo.stdin is not None
+            echo.stdin.write(line.encode() + b"\n")
+            echo.stdin.flush()
+            assert poller.poll(5000)  # cat has echoed it: the pipe is readable
+
+        say("announce route 10.0.0.0/26 next-hop 198.18.0.1")
+        theirs = list(processes.received())  # ExaBGP's own, as the reference
+        assert theirs == [("tortie", "announce route 10.0.0.0/26 next-hop 198.18.0.1")]
+        quiet_wakeups()
+        clock = [1000.0]
+        monkeypatch.setattr("bgp.exabgp_turns.time.monotonic", lambda: clock[0])
+        reactor = Reactor.__new__(Reactor)
+        reactor._sleep_time, reactor.processes = 0.1, processes
+        reactor._poller = type("Poll", (), {"poll": lambda _self, timeout: list(poller.poll(0))})()
+
+        assert list(reactor._wait_for_io(0)) == []  # nothing to read
+        assert list(processes.received()) == []  # the first check: ExaBGP's own (nothing there)
+        say("announce route 10.0.0.64/26 next-hop 198.18.0.1")
+        clock[0] += 0.01
+        assert list(processes.received()) == []  # not reported by the reactor's poll yet: not read
+        assert list(reactor._wait_for_io(0)) == [fd]  # the reactor's poll reports the pipe
+        clock[0] += 0.01
+        assert list(processes.received()) == [("tortie", "announce route 10.0.0.64/26 next-hop 198.18.0.1")]
+        assert list(reactor._wait_for_io(0)) == []  # drained
+        say("announce route 10.0.0.128/26 next-hop 198.18.0.1")
+        clock[0] += 0.01
+        assert list(processes.received()) == []  # a wake-up for something else: the pipe is left alone
+        clock[0] += 0.11  # an idle period since the last check: read whatever the poll said
+        assert list(processes.received()) == [("tortie", "announce route 10.0.0.128/26 next-hop 198.18.0.1")]
+    finally:
+        echo.kill()
+        echo.wait()
