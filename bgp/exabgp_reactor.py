@@ -20,7 +20,8 @@ received NLRI and walked its logger to drop it); a received UPDATE's JSON is wri
 the decoder finds an NLRI's class once per family (``fast_nlri_decoding``). The fixed costs per
 command and per UPDATE sent (callbacks without an event loop, turns for the peers with work,
 lighter RIB copies, one build of an UPDATE for the peers that negotiated the same, the listening
-sockets and API processes checked when due rather than on every wake-up) are
+sockets and API processes checked when due rather than on every wake-up, no turn after a message
+read that would only find nothing to read) are
 ``bgp.exabgp_turns``'s, applied here too.
 """
 
@@ -34,6 +35,7 @@ from typing import Any
 
 from bgp.exabgp_turns import (
     light_injection,
+    no_empty_turns,
     peers_with_work,
     quiet_wakeups,
     shared_update_bytes,
@@ -231,6 +233,7 @@ def main() -> int:
     fast_nlri_decoding()
     synchronous_callbacks()  # bgp.exabgp_turns: the fixed costs per command and per UPDATE sent
     light_injection()
+    no_empty_turns()  # before peers_with_work: its turns follow the actions this one returns
     peers_with_work()
     shared_update_bytes()
     quiet_wakeups()

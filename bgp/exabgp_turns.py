@@ -35,6 +35,11 @@ what ExaBGP says or when a session starts or ends.
   sockets and the processes' health are checked at least once per idle period as on an idle
   wake-up before: a new BGP connection is accepted up to ``speed`` / 100 s (0.1 s) later, a dead
   API process noticed up to that much later.
+- ``no_empty_turns``: a peer that has just read a message asks for another turn at once
+  (``ACTION.NOW``) in case more is there: after each UPDATE received, a whole reactor turn that
+  reads nothing. When nothing else is in progress for the peer (no UPDATE, EOR, operational or
+  refresh message being sent, none queued) and its socket has nothing to read, the answer is
+  ``ACTION.LATER``: the reactor's poll gives it the turn when its next message comes.
 """
 
 from __future__ import annotations
@@ -276,3 +281,52 @@ def quiet_wakeups() -> None:
     Reactor._wait_for_io = _wait_for_io
     Listener.incoming = incoming
     Processes.received = received
+
+
+def no_empty_turns() -> None:
+    """``Peer.run``'s ``ACTION.NOW`` after a message read becomes ``ACTION.LATER`` when the turn it
+    asks for would only find nothing to read (the module's docstring says when). What a peer is
+    sending is known from ``Protocol``'s generators for it (``new_update``, ``new_eors``,
+    ``new_operational``, ``new_refresh``), counted while they run; the last message read, from
+    ``read_message``. A keepalive that did not go out whole waits for the next turn (at the
+    latest the reactor's next round, ``speed`` / 100 s)."""
+    try:
+        from exabgp.bgp.fsm import FSM
+        from exabgp.bgp.message import NOP
+        from exabgp.reactor.peer import ACTION, Peer
+        from exabgp.reactor.protocol import Protocol
+    except ImportError:
+        return
+    made_run, made_read = Peer.run, Protocol.read_message
+    nop, now, later, established = NOP.TYPE, ACTION.NOW, ACTION.LATER, FSM.ESTABLISHED
+
+    def read_message(self: Any) -> Any:
+        for message in made_read(self):
+            self._tortie_last = message.TYPE
+            yield message
+
+    def sending(made: Any) -> Any:
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            self._tortie_sending = self.__dict__.get("_tortie_sending", 0) + 1
+            try:
+                yield from made(self, *args, **kwargs)
+            finally:
+                self._tortie_sending -= 1
+        return counted
+
+    def run(self: Any) -> Any:
+        action = made_run(self)
+        if action != now or self.fsm != established or self._teardown is not None or self._neighbor is not None:
+            return action
+        proto, neighbor = self.proto, self.neighbor
+        if (proto is None or proto.__dict__.get("_tortie_last", nop) == nop or proto.__dict__.get("_tortie_sending")
+                or neighbor.rib.outgoing.pending() or neighbor.messages or neighbor.eor or neighbor.refresh
+                or proto.connection.reading()):
+            return action
+        self._tortie_again = False  # for peers_with_work, whichever wraps the other
+        return later
+
+    Protocol.read_message = read_message
+    for name in ("new_update", "new_eors", "new_operational", "new_refresh"):
+        setattr(Protocol, name, sending(getattr(Protocol, name)))
+    Peer.run = run

@@ -417,3 +417,82 @@ def test_api_processes_are_read_when_the_reactors_poll_saw_their_pipe_and_once_p
     finally:
         echo.kill()
         echo.wait()
+
+
+# -- no turn after a message read that would only find nothing to read --------------------------------
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.readable = False
+
+    def reading(self) -> bool:
+        return self.readable
+
+
+class _Proto:
+    def __init__(self) -> None:
+        self.connection = _Connection()
+
+
+class _RunningPeer(_ReactorPeer):
+    """A peer whose session generator answers what ExaBGP's ``_main`` would: ``ACTION.NOW``."""
+
+    def __init__(self, fsm: Any, action: Any) -> None:
+        super().__init__(20, fsm)
+        self.proto = _Proto()
+        self.reactor = type("Reactor", (), {"processes": type("P", (), {"broken": lambda _s, _n: False})()})()
+        self.generator = iter([action] * 10)
+
+
+def test_a_turn_is_asked_after_a_message_only_while_something_is_left_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.bgp.fsm import FSM
+    from exabgp.bgp.message import NOP, Update
+    from exabgp.reactor.peer import ACTION, Peer
+    from exabgp.reactor.protocol import Protocol
+
+    from bgp.exabgp_turns import no_empty_turns
+
+    monkeypatch.setattr(Peer, "run", Peer.run)
+    for name in ("read_message", "new_update", "new_eors", "new_operational", "new_refresh"):
+        monkeypatch.setattr(Protocol, name, Protocol.__dict__[name])
+    no_empty_turns()
+
+    def after_update(fsm: Any = FSM.ESTABLISHED, action: Any = ACTION.NOW) -> _RunningPeer:
+        peer = _RunningPeer(fsm, action)
+        peer.proto._tortie_last = Update.TYPE  # type: ignore[attr-defined]  # the message just read
+        return peer
+
+    assert Peer.run(after_update()) == ACTION.LATER  # nothing to read, nothing to send: no turn now
+    readable = after_update()
+    readable.proto.connection.readable = True  # type: ignore[attr-defined]  # the next message is there
+    assert Peer.run(readable) == ACTION.NOW
+    sending = after_update()
+    sending.proto._tortie_sending = 1  # type: ignore[attr-defined]  # an UPDATE being written
+    assert Peer.run(sending) == ACTION.NOW
+    queued = after_update()
+    queued.neighbor.eor.append("ipv4 unicast")
+    assert Peer.run(queued) == ACTION.NOW
+    pending = _RunningPeer(FSM.ESTABLISHED, ACTION.NOW)
+    pending.neighbor = _Neighbor(pending=True)
+    pending.proto._tortie_last = Update.TYPE  # type: ignore[attr-defined]
+    assert Peer.run(pending) == ACTION.NOW  # routes to send
+    idle = after_update()
+    idle.proto._tortie_last = NOP.TYPE  # type: ignore[attr-defined]  # NOW for another reason than a read
+    assert Peer.run(idle) == ACTION.NOW
+    assert Peer.run(after_update(FSM.OPENCONFIRM)) == ACTION.NOW  # not established: ExaBGP's own
+    assert Peer.run(after_update(action=ACTION.LATER)) == ACTION.LATER
+
+    # What the counted generators yield is ExaBGP's own, and the count is back to 0 when they end.
+    proto = Protocol.__new__(Protocol)
+    seen: list[int] = []
+
+    def fake_eors(self: Any, afi: Any = None, safi: Any = None) -> Iterator[int]:
+        for i in range(3):
+            seen.append(self._tortie_sending)
+            yield i
+
+    monkeypatch.setattr(Protocol, "new_eors", fake_eors)
+    no_empty_turns()  # wraps the fake, in place of ExaBGP's
+    assert list(proto.new_eors()) == [0, 1, 2]
+    assert seen == [1, 1, 1] and proto._tortie_sending == 0
