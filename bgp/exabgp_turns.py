@@ -321,7 +321,7 @@ def no_empty_turns() -> None:
         proto, neighbor = self.proto, self.neighbor
         if (proto is None or proto.__dict__.get("_tortie_last", nop) == nop or proto.__dict__.get("_tortie_sending")
                 or neighbor.rib.outgoing.pending() or neighbor.messages or neighbor.eor or neighbor.refresh
-                or proto.connection.reading()):
+                or _readable(proto)):
             return action
         self._tortie_again = False  # for peers_with_work, whichever wraps the other
         return later
@@ -330,3 +330,11 @@ def no_empty_turns() -> None:
     for name in ("new_update", "new_eors", "new_operational", "new_refresh"):
         setattr(Protocol, name, sending(getattr(Protocol, name)))
     Peer.run = run
+
+
+def _readable(proto: Any) -> bool:
+    """Whether the peer's socket has something to read (or cannot be asked: then its turn decides)."""
+    try:
+        return bool(proto.connection.reading())
+    except Exception:  # noqa: BLE001 - a connection closing under us: ExaBGP's own turn handles it
+        return True

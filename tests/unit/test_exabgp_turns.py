@@ -496,3 +496,25 @@ def test_a_turn_is_asked_after_a_message_only_while_something_is_left_to_do(monk
     no_empty_turns()  # wraps the fake, in place of ExaBGP's
     assert list(proto.new_eors()) == [0, 1, 2]
     assert seen == [1, 1, 1] and proto._tortie_sending == 0
+
+
+def test_a_connection_that_cannot_be_polled_keeps_exabgps_own_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.bgp.fsm import FSM
+    from exabgp.bgp.message import Update
+    from exabgp.reactor.peer import ACTION, Peer
+    from exabgp.reactor.protocol import Protocol
+
+    from bgp.exabgp_turns import no_empty_turns
+
+    monkeypatch.setattr(Peer, "run", Peer.run)
+    for name in ("read_message", "new_update", "new_eors", "new_operational", "new_refresh"):
+        monkeypatch.setattr(Protocol, name, Protocol.__dict__[name])
+    no_empty_turns()
+    peer = _RunningPeer(FSM.ESTABLISHED, ACTION.NOW)
+    peer.proto._tortie_last = Update.TYPE  # type: ignore[attr-defined]
+
+    def closed() -> bool:
+        raise TypeError("the socket is gone")
+
+    peer.proto.connection.reading = closed  # type: ignore[attr-defined,method-assign]
+    assert Peer.run(peer) == ACTION.NOW
