@@ -19,7 +19,9 @@ received NLRI and walked its logger to drop it); a received UPDATE's JSON is wri
 ``Family`` per plain unicast NLRI, the same text character for character (``fast_update_json``);
 the decoder finds an NLRI's class once per family (``fast_nlri_decoding``). The fixed costs per
 command and per UPDATE sent (callbacks without an event loop, turns for the peers with work,
-lighter RIB copies, one build of an UPDATE for the peers that negotiated the same) are
+lighter RIB copies, one build of an UPDATE for the peers that negotiated the same, the listening
+sockets and API processes checked when due rather than on every wake-up, no turn after a message
+read that would only find nothing to read) are
 ``bgp.exabgp_turns``'s, applied here too.
 """
 
@@ -31,7 +33,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bgp.exabgp_turns import light_injection, peers_with_work, shared_update_bytes, synchronous_callbacks
+from bgp.exabgp_turns import (
+    light_injection,
+    no_empty_turns,
+    peers_with_work,
+    quiet_wakeups,
+    shared_update_bytes,
+    synchronous_callbacks,
+)
 
 
 class ClosedDescriptorsDropped:
@@ -224,8 +233,10 @@ def main() -> int:
     fast_nlri_decoding()
     synchronous_callbacks()  # bgp.exabgp_turns: the fixed costs per command and per UPDATE sent
     light_injection()
+    no_empty_turns()  # before peers_with_work: its turns follow the actions this one returns
     peers_with_work()
     shared_update_bytes()
+    quiet_wakeups()
     from exabgp.application.main import main as exabgp_main
 
     # ExaBGP runs `sys.executable sys.argv[0]` for its CLI pipe helper: the plain `exabgp` script

@@ -27,6 +27,19 @@ what ExaBGP says or when a session starts or ends.
   whose session negotiated the same. The bytes of an UPDATE are kept for the reactor turn in which
   they were built, keyed by what they are made of (each NLRI's and attribute's packed form) and by
   every negotiated value the packing reads; a peer with anything else negotiated gets its own build.
+- ``quiet_wakeups``: on every wake-up (two per UPDATE received: the UPDATE, then the turn its
+  ``ACTION.NOW`` asks for) the reactor tries an ``accept`` on its listening sockets (EAGAIN, raised
+  and caught) and, per API process, ``wait4``s it and makes a ``poll`` object to ask whether its
+  pipe is readable, though the reactor's own ``poll`` watches that pipe already. The API processes
+  are now read when the reactor's last ``poll`` reported their pipe readable, and the listening
+  sockets and the processes' health are checked at least once per idle period as on an idle
+  wake-up before: a new BGP connection is accepted up to ``speed`` / 100 s (0.1 s) later, a dead
+  API process noticed up to that much later.
+- ``no_empty_turns``: a peer that has just read a message asks for another turn at once
+  (``ACTION.NOW``) in case more is there: after each UPDATE received, a whole reactor turn that
+  reads nothing. When nothing else is in progress for the peer (no UPDATE, EOR, operational or
+  refresh message being sent, none queued) and its socket has nothing to read, the answer is
+  ``ACTION.LATER``: the reactor's poll gives it the turn when its next message comes.
 """
 
 from __future__ import annotations
@@ -222,3 +235,106 @@ def _has_work(peer: Any, ready: Any, established: Any) -> bool:
         peer.fsm != established or peer._teardown is not None or peer._neighbor is not None
         or peer.__dict__.get("_tortie_again", True) or peer.socket() in ready
         or neighbor.rib.outgoing.pending() or neighbor.eor or neighbor.messages or neighbor.refresh)
+
+
+def quiet_wakeups() -> None:
+    """``Listener.incoming`` (an ``accept`` attempt per listening socket) and ``Processes.received``
+    (per API process a ``wait4``, a fresh ``poll`` object and its ``poll(0)``, then the read) run
+    ExaBGP's own when due: the listener once per idle period (``speed`` / 100 s), the processes
+    when the reactor's last ``poll`` reported one of their pipes readable, and once per idle period
+    whatever it reported (for a hung-up pipe, an exited process). Anything else returns what an
+    idle check returns: no connection, no command."""
+    try:
+        from exabgp.reactor.api.processes import Processes
+        from exabgp.reactor.listener import Listener
+        from exabgp.reactor.loop import Reactor
+    except ImportError:
+        return
+    made_incoming, made_received, made_wait = Listener.incoming, Processes.received, Reactor._wait_for_io
+
+    def _wait_for_io(self: Any, sleeptime: int) -> Any:
+        processes = self.processes
+        ready: set[int] = set()
+        if processes is not None:  # what this poll reported: whether the next turn reads the pipes
+            processes._tortie_ready, processes._tortie_period = ready, self._sleep_time
+        for fd in made_wait(self, sleeptime):
+            ready.add(fd)
+            yield fd
+
+    def incoming(self: Any) -> bool:
+        now = time.monotonic()
+        if now - self.__dict__.get("_tortie_round", float("-inf")) < self._reactor._sleep_time:
+            return False
+        self._tortie_round = now
+        return bool(made_incoming(self))
+
+    def received(self: Any) -> Any:
+        now = time.monotonic()
+        ready = self.__dict__.get("_tortie_ready")
+        due = now - self.__dict__.get("_tortie_round", float("-inf")) >= self.__dict__.get("_tortie_period", 0.0)
+        if ready is None or due:
+            self._tortie_round = now
+        elif not any(fd in ready for fd in self.fds):
+            return
+        yield from made_received(self)
+
+    Reactor._wait_for_io = _wait_for_io
+    Listener.incoming = incoming
+    Processes.received = received
+
+
+def no_empty_turns() -> None:
+    """``Peer.run``'s ``ACTION.NOW`` after a message read becomes ``ACTION.LATER`` when the turn it
+    asks for would only find nothing to read (the module's docstring says when). What a peer is
+    sending is known from ``Protocol``'s generators for it (``new_update``, ``new_eors``,
+    ``new_operational``, ``new_refresh``), counted while they run; the last message read, from
+    ``read_message``. A keepalive that did not go out whole waits for the next turn (at the
+    latest the reactor's next round, ``speed`` / 100 s)."""
+    try:
+        from exabgp.bgp.fsm import FSM
+        from exabgp.bgp.message import NOP
+        from exabgp.reactor.peer import ACTION, Peer
+        from exabgp.reactor.protocol import Protocol
+    except ImportError:
+        return
+    made_run, made_read = Peer.run, Protocol.read_message
+    nop, now, later, established = NOP.TYPE, ACTION.NOW, ACTION.LATER, FSM.ESTABLISHED
+
+    def read_message(self: Any) -> Any:
+        for message in made_read(self):
+            self._tortie_last = message.TYPE
+            yield message
+
+    def sending(made: Any) -> Any:
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            self._tortie_sending = self.__dict__.get("_tortie_sending", 0) + 1
+            try:
+                yield from made(self, *args, **kwargs)
+            finally:
+                self._tortie_sending -= 1
+        return counted
+
+    def run(self: Any) -> Any:
+        action = made_run(self)
+        if action != now or self.fsm != established or self._teardown is not None or self._neighbor is not None:
+            return action
+        proto, neighbor = self.proto, self.neighbor
+        if (proto is None or proto.__dict__.get("_tortie_last", nop) == nop or proto.__dict__.get("_tortie_sending")
+                or neighbor.rib.outgoing.pending() or neighbor.messages or neighbor.eor or neighbor.refresh
+                or _readable(proto)):
+            return action
+        self._tortie_again = False  # for peers_with_work, whichever wraps the other
+        return later
+
+    Protocol.read_message = read_message
+    for name in ("new_update", "new_eors", "new_operational", "new_refresh"):
+        setattr(Protocol, name, sending(getattr(Protocol, name)))
+    Peer.run = run
+
+
+def _readable(proto: Any) -> bool:
+    """Whether the peer's socket has something to read (or cannot be asked: then its turn decides)."""
+    try:
+        return bool(proto.connection.reading())
+    except Exception:  # noqa: BLE001 - a connection closing under us: ExaBGP's own turn handles it
+        return True

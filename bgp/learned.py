@@ -135,9 +135,10 @@ class LearnedRoutes:
                  attrs: Mapping[str, Any]) -> None:
         self.on_routes([(peer, prefix, next_hop, withdrawn, attrs)])
 
-    def on_routes(self, changes: Iterable[tuple[str, str, str | None, bool, Mapping[str, Any]]]) -> None:
-        """``on_route`` for many: one lock and one wake-up for the paths of a read of UPDATEs
-        (``Speaker(on_routes=...)``), and one look at each UPDATE's attributes."""
+    def on_routes(self, changes: Iterable[tuple[str, str, str | None, bool, Mapping[str, Any]]], *,
+                  wake: bool = True) -> None:
+        """``on_route`` for many (a read of UPDATEs): one lock, one look at each UPDATE's attributes;
+        ``wake=False``: the caller applies them at once (the installer thread would find nothing due)."""
         ranks: dict[int, tuple[int, int]] = {}  # id(attrs) -> (local pref, AS path length)
         with self._lock:
             for peer, prefix, next_hop, withdrawn, attrs in changes:
@@ -154,7 +155,7 @@ class LearnedRoutes:
                     del self._paths[prefix]
                 self._changed.add(prefix)
                 self._failed.discard(prefix)  # a new path may well be installable
-            self._touch()
+            self._touch(wake=wake)
 
     def on_session(self, status: SessionStatus, restart_time: int = 0) -> None:
         """A session changed state; ``restart_time`` is the restart time the peer advertised in
@@ -409,14 +410,15 @@ class LearnedRoutes:
             wake_at = min(wake_at, self._dirty_since + self.change_delay)
         return wake_at
 
-    def _touch(self, prefix: str | None = None) -> None:
+    def _touch(self, prefix: str | None = None, *, wake: bool = True) -> None:
         if prefix is not None:
             self._changed.add(prefix)
             self._failed.discard(prefix)  # a new path may well be installable
         self._dirty = True
         if self._dirty_since is None:  # only the first change wakes the installer thread
             self._dirty_since = self.clock()
-            self._wake.notify_all()
+            if wake:
+                self._wake.notify_all()
 
 
 def _hop(next_hop: str, connected: list[_Connected]) -> _Hop | None:

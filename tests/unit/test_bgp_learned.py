@@ -260,3 +260,38 @@ def test_the_installer_thread_leaves_a_change_to_the_caller_that_applies_it_and_
             time.sleep(0.01)
     finally:
         learned.stop()
+
+
+def _wake_ups(tid: int) -> int:
+    """How often a thread of this process has gone back to sleep (its voluntary context switches)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_paths_the_caller_applies_at_once_do_not_wake_the_installer_thread() -> None:
+    """felix-agent's reader of ExaBGP's output records each UPDATE's paths and applies them right
+    after: with ``wake=False`` the installer thread sleeps on (it woke to find nothing due, and
+    took the GIL beside the apply, once per UPDATE); recorded with the default it wakes, and a
+    change nobody applies is still installed (the test above)."""
+    kernel = FakeKernel(UNDERLAY, DEFAULT)
+    learned = LearnedRoutes(kernel, change_delay=0.2)
+    learned.apply()
+    learned.start()
+    try:
+        assert learned._thread is not None and learned._thread.native_id is not None
+        tid = learned._thread.native_id
+
+        def series(first: int, wake: bool) -> int:
+            before = _wake_ups(tid)
+            for i in range(first, first + 30):
+                learned.on_routes([(N2, f"10.244.{i}.0/26", N2, False, {})], wake=wake)
+                learned.apply()
+                time.sleep(0.002)  # the installer thread's chance to run, were it woken
+            return _wake_ups(tid) - before
+
+        quiet = series(0, wake=False)
+        loud = series(30, wake=True)
+        assert len(kernel.ours()) == 60  # every path in the kernel either way
+        assert quiet <= 2 < 5 <= loud, (quiet, loud)
+    finally:
+        learned.stop()

@@ -317,3 +317,204 @@ def test_turns_go_to_the_peers_with_work_and_to_all_once_per_idle_period(monkeyp
     peers["idle"]._tortie_again = False  # type: ignore[attr-defined]
     clock[0] += 0.1  # an idle period since the last round: every peer, for its timers
     assert reactor.active_peers() == theirs
+
+
+# -- a wake-up's fixed checks: the listening sockets and the API processes, when due ------------------
+
+
+def test_the_listener_accepts_at_least_once_per_idle_period_not_on_every_wake_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from exabgp.reactor.listener import Listener
+    from exabgp.reactor.loop import Reactor
+
+    from bgp.exabgp_turns import quiet_wakeups
+
+    monkeypatch.setattr(Reactor, "_wait_for_io", Reactor.__dict__["_wait_for_io"])
+    monkeypatch.setattr(Listener, "incoming", Listener.__dict__["incoming"])
+    from exabgp.reactor.api.processes import Processes
+    monkeypatch.setattr(Processes, "received", Processes.__dict__["received"])
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen(5)
+        server.setblocking(False)
+        reactor = type("R", (), {"_sleep_time": 0.1})()
+        listener = Listener(reactor)
+        listener.serving, listener._sockets = True, {server: None}
+        assert listener.incoming() is False  # ExaBGP's own: EAGAIN, nothing pending
+        quiet_wakeups()
+        clock = [1000.0]
+        monkeypatch.setattr("bgp.exabgp_turns.time.monotonic", lambda: clock[0])
+        assert listener.incoming() is False  # the first call is ExaBGP's own: nothing pending yet
+        client.connect(server.getsockname())
+        clock[0] += 0.05
+        assert listener.incoming() is False and not listener._accepted  # within the period: not tried
+        clock[0] += 0.06
+        assert listener.incoming() is True and server in listener._accepted  # a period later: accepted
+        listener._accepted.pop(server).close()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_api_processes_are_read_when_the_reactors_poll_saw_their_pipe_and_once_per_idle_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import select
+    import subprocess
+
+    from exabgp.reactor.api.processes import Processes
+    from exabgp.reactor.listener import Listener
+    from exabgp.reactor.loop import Reactor
+
+    from bgp.exabgp_turns import quiet_wakeups
+
+    monkeypatch.setattr(Reactor, "_wait_for_io", Reactor.__dict__["_wait_for_io"])
+    monkeypatch.setattr(Listener, "incoming", Listener.__dict__["incoming"])
+    monkeypatch.setattr(Processes, "received", Processes.__dict__["received"])
+    echo = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # a helper that answers
+    try:
+        assert echo.stdin is not None and echo.stdout is not None
+        processes = Processes()
+        processes._process = {"tortie": echo}
+        processes._update_fds()
+        fd = echo.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+
+        def say(line: str) -> None:
+            assert echo.stdin is not None
+            echo.stdin.write(line.encode() + b"\n")
+            echo.stdin.flush()
+            assert poller.poll(5000)  # cat has echoed it: the pipe is readable
+
+        say("announce route 10.0.0.0/26 next-hop 198.18.0.1")
+        theirs = list(processes.received())  # ExaBGP's own, as the reference
+        assert theirs == [("tortie", "announce route 10.0.0.0/26 next-hop 198.18.0.1")]
+        quiet_wakeups()
+        clock = [1000.0]
+        monkeypatch.setattr("bgp.exabgp_turns.time.monotonic", lambda: clock[0])
+        reactor = Reactor.__new__(Reactor)
+        reactor._sleep_time, reactor.processes = 0.1, processes
+        reactor._poller = type("Poll", (), {"poll": lambda _self, timeout: list(poller.poll(0))})()
+
+        assert list(reactor._wait_for_io(0)) == []  # nothing to read
+        assert list(processes.received()) == []  # the first check: ExaBGP's own (nothing there)
+        say("announce route 10.0.0.64/26 next-hop 198.18.0.1")
+        clock[0] += 0.01
+        assert list(processes.received()) == []  # not reported by the reactor's poll yet: not read
+        assert list(reactor._wait_for_io(0)) == [fd]  # the reactor's poll reports the pipe
+        clock[0] += 0.01
+        assert list(processes.received()) == [("tortie", "announce route 10.0.0.64/26 next-hop 198.18.0.1")]
+        assert list(reactor._wait_for_io(0)) == []  # drained
+        say("announce route 10.0.0.128/26 next-hop 198.18.0.1")
+        clock[0] += 0.01
+        assert list(processes.received()) == []  # a wake-up for something else: the pipe is left alone
+        clock[0] += 0.11  # an idle period since the last check: read whatever the poll said
+        assert list(processes.received()) == [("tortie", "announce route 10.0.0.128/26 next-hop 198.18.0.1")]
+    finally:
+        echo.kill()
+        echo.wait()
+
+
+# -- no turn after a message read that would only find nothing to read --------------------------------
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.readable = False
+
+    def reading(self) -> bool:
+        return self.readable
+
+
+class _Proto:
+    def __init__(self) -> None:
+        self.connection = _Connection()
+
+
+class _RunningPeer(_ReactorPeer):
+    """A peer whose session generator answers what ExaBGP's ``_main`` would: ``ACTION.NOW``."""
+
+    def __init__(self, fsm: Any, action: Any) -> None:
+        super().__init__(20, fsm)
+        self.proto = _Proto()
+        self.reactor = type("Reactor", (), {"processes": type("P", (), {"broken": lambda _s, _n: False})()})()
+        self.generator = iter([action] * 10)
+
+
+def test_a_turn_is_asked_after_a_message_only_while_something_is_left_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.bgp.fsm import FSM
+    from exabgp.bgp.message import NOP, Update
+    from exabgp.reactor.peer import ACTION, Peer
+    from exabgp.reactor.protocol import Protocol
+
+    from bgp.exabgp_turns import no_empty_turns
+
+    monkeypatch.setattr(Peer, "run", Peer.run)
+    for name in ("read_message", "new_update", "new_eors", "new_operational", "new_refresh"):
+        monkeypatch.setattr(Protocol, name, Protocol.__dict__[name])
+    no_empty_turns()
+
+    def after_update(fsm: Any = FSM.ESTABLISHED, action: Any = ACTION.NOW) -> _RunningPeer:
+        peer = _RunningPeer(fsm, action)
+        peer.proto._tortie_last = Update.TYPE  # type: ignore[attr-defined]  # the message just read
+        return peer
+
+    assert Peer.run(after_update()) == ACTION.LATER  # nothing to read, nothing to send: no turn now
+    readable = after_update()
+    readable.proto.connection.readable = True  # type: ignore[attr-defined]  # the next message is there
+    assert Peer.run(readable) == ACTION.NOW
+    sending = after_update()
+    sending.proto._tortie_sending = 1  # type: ignore[attr-defined]  # an UPDATE being written
+    assert Peer.run(sending) == ACTION.NOW
+    queued = after_update()
+    queued.neighbor.eor.append("ipv4 unicast")
+    assert Peer.run(queued) == ACTION.NOW
+    pending = _RunningPeer(FSM.ESTABLISHED, ACTION.NOW)
+    pending.neighbor = _Neighbor(pending=True)
+    pending.proto._tortie_last = Update.TYPE  # type: ignore[attr-defined]
+    assert Peer.run(pending) == ACTION.NOW  # routes to send
+    idle = after_update()
+    idle.proto._tortie_last = NOP.TYPE  # type: ignore[attr-defined]  # NOW for another reason than a read
+    assert Peer.run(idle) == ACTION.NOW
+    assert Peer.run(after_update(FSM.OPENCONFIRM)) == ACTION.NOW  # not established: ExaBGP's own
+    assert Peer.run(after_update(action=ACTION.LATER)) == ACTION.LATER
+
+    # What the counted generators yield is ExaBGP's own, and the count is back to 0 when they end.
+    proto = Protocol.__new__(Protocol)
+    seen: list[int] = []
+
+    def fake_eors(self: Any, afi: Any = None, safi: Any = None) -> Iterator[int]:
+        for i in range(3):
+            seen.append(self._tortie_sending)
+            yield i
+
+    monkeypatch.setattr(Protocol, "new_eors", fake_eors)
+    no_empty_turns()  # wraps the fake, in place of ExaBGP's
+    assert list(proto.new_eors()) == [0, 1, 2]
+    assert seen == [1, 1, 1] and proto._tortie_sending == 0
+
+
+def test_a_connection_that_cannot_be_polled_keeps_exabgps_own_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exabgp.bgp.fsm import FSM
+    from exabgp.bgp.message import Update
+    from exabgp.reactor.peer import ACTION, Peer
+    from exabgp.reactor.protocol import Protocol
+
+    from bgp.exabgp_turns import no_empty_turns
+
+    monkeypatch.setattr(Peer, "run", Peer.run)
+    for name in ("read_message", "new_update", "new_eors", "new_operational", "new_refresh"):
+        monkeypatch.setattr(Protocol, name, Protocol.__dict__[name])
+    no_empty_turns()
+    peer = _RunningPeer(FSM.ESTABLISHED, ACTION.NOW)
+    peer.proto._tortie_last = Update.TYPE  # type: ignore[attr-defined]
+
+    def closed() -> bool:
+        raise TypeError("the socket is gone")
+
+    peer.proto.connection.reading = closed  # type: ignore[attr-defined,method-assign]
+    assert Peer.run(peer) == ACTION.NOW
