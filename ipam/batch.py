@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from typing import Any
 from datastore import keys
 from datastore.errors import Conflict
 from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Unchanged, Update
-from ipam import kept_snapshot
+from ipam import claim_listeners, kept_snapshot
 from ipam.block import Address, Block, Network, decoded_block, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
 from ipam.handles import Handle, attachment_handles_in, attachment_keys
@@ -246,11 +247,17 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
     revision = 0
     if ops:
         ops += _read_unchanged(planned, snap.also, ops)
+        sent = time.monotonic()
         try:
             revision = ipam.client.commit(ops)
         except Conflict:
             # Against a kept snapshot, most likely a change it had not seen: read it at once.
             return _DOUBTFUL if kept is not None else _LOST
+        if claimed and claim_listeners.wanted(node):  # this node's agent takes its claim in now
+            claim_listeners.committed(claim_listeners.Claimed(node, [
+                *((keys.block_key(cidr), value) for cidr, _, value, _ in written if cidr in claimed),
+                *((op.key, op.value) for op in claimed.values() if isinstance(op, Create | Update))],
+                revision, sent, time.monotonic()))
         for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
             remember_block(keys.block_key(cidr), revision, value, block)
     if ipam.serializable_snapshot:
