@@ -244,6 +244,49 @@ def claim(socket_path: Path, node: str, address: str) -> tuple[float, float, flo
     return answer["t0"], answer["t1"], answer["tc"], answer["tb"]
 
 
+def claim_through_agent(plugin: Path, socket_path: Path, etcd_env: dict[str, str], node: str, address: str,
+                        prefix: str, trace_file: Path) -> tuple[float, float, float, float]:
+    """The production path of a node's claim: ``tortie-ipam`` ADD exec'd as a runtime would (the
+    compiled front end, which relays it to the node's agent over its CNI socket; ``IP=`` in
+    CNI_ARGS names the address, whose free block the agent's IPAM claims for the node). Returns
+    the times before the exec and after the plugin's exit, and the commit's return and send as
+    the origin's agent traced them (``commit``, ``commit_sent``: ``felix_agent.own_claims``, at
+    the commit inside the agent, same monotonic clock). An agent without that step (an older
+    one) has the plugin's exit stand for both: a late bound."""
+    conf = {"cniVersion": "1.0.0", "name": "bgp-bench", "type": "tortie-ipam", "nodename": node,
+            "etcd_endpoints": etcd_env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": etcd_env["ETCD_CA_CERT_FILE"],
+            "etcd_cert_file": etcd_env["ETCD_CERT_FILE"], "etcd_key_file": etcd_env["ETCD_KEY_FILE"],
+            "agent_socket": str(socket_path),
+            "ipam": {"type": "tortie-ipam", "assign_ipv4": "true", "assign_ipv6": "false"}}
+    environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": "ADD",
+               "CNI_CONTAINERID": f"bench-{secrets.token_hex(6)}", "CNI_NETNS": "/var/run/netns/bgp-bench-none",
+               "CNI_IFNAME": "eth0", "CNI_ARGS": f"IgnoreUnknown=1;IP={address}", "CNI_PATH": str(plugin.parent)}
+    data = json.dumps(conf).encode()
+    t0 = time.monotonic()
+    done = subprocess.run([str(plugin)], input=data, env=environ, capture_output=True, timeout=30, check=False)
+    t1 = time.monotonic()
+    if done.returncode != 0:
+        raise BenchFailure(f"tortie-ipam ADD of {address} on {node} failed: {done.stdout.decode()[:300]} "
+                           f"{done.stderr.decode()[:300]}")
+    ips = [ip["address"].split("/")[0] for ip in json.loads(done.stdout).get("ips", [])]
+    if ips != [address]:
+        raise BenchFailure(f"tortie-ipam ADD on {node} asked for {address}, got {ips}")
+    tc = traced(trace_file, "commit", prefix, t0)
+    tb = traced(trace_file, "commit_sent", prefix, t0)
+    return t0, t1, t1 if tc is None else tc, t1 if tb is None else tb
+
+
+def traced(trace_file: Path, step: str, prefix: str, after: float) -> float | None:
+    """The first time ``step`` was traced for ``prefix`` after ``after`` (``bgp.trace``'s lines)."""
+    if not trace_file.exists():
+        return None
+    for line in trace_file.read_text().splitlines():
+        when, what, which = line.split()
+        if what == step and which == prefix and float(when) >= after:
+            return float(when)
+    return None
+
+
 def block(base: str, j: int) -> str:
     """The j-th /26 of ``base``.0.0/16."""
     return f"{base}.{j // 4}.{(j % 4) * 64}/26"
@@ -306,14 +349,17 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
     return out
 
 
-def convergence_figures(label: str, tortie: Convergence, bird: Convergence) -> list[Figure]:
+def convergence_figures(label: str, tortie: Convergence, bird: Convergence, reference_label: str | None = None
+                        ) -> list[Figure]:
     """Tortie from the commit of the block (the target's figure) and from the start of the claim
-    call, each divided by BIRD's from the start of ``birdc enable``."""
+    call, each divided by BIRD's from the start of ``birdc enable``. With ``reference_label``,
+    BIRD's figures are those already given under that label (a second Tortie series of the run)."""
     figures = []
     for stat, fn in (("p50", statistics.median), ("max", max)):
         b = fn(bird.last) * 1000
-        reference = f"{label}: BIRD, enable → every node {stat}"
-        figures.append(Figure(reference, b, "ms"))
+        reference = f"{reference_label or label}: BIRD, enable → every node {stat}"
+        if reference_label is None:
+            figures.append(Figure(reference, b, "ms"))
         t = fn(tortie.committed) * 1000
         figures.append(Figure(f"{label}: Tortie, commit → every node {stat}", t, "ms", reference,
                               t / b if b else None))
@@ -335,8 +381,9 @@ def convergence_figures(label: str, tortie: Convergence, bird: Convergence) -> l
                           statistics.median(tortie.commit_times) * 1000, "ms"))
     figures.append(Figure(f"{label}: Tortie, IPAM claim call p50 (included)",
                           statistics.median(tortie.trigger) * 1000, "ms"))
-    figures.append(Figure(f"{label}: BIRD, birdc enable p50 (included)", statistics.median(bird.trigger) * 1000,
-                          "ms"))
+    if reference_label is None:
+        figures.append(Figure(f"{label}: BIRD, birdc enable p50 (included)", statistics.median(bird.trigger) * 1000,
+                              "ms"))
     return figures
 
 
@@ -587,8 +634,9 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
         return bird
 
     trace_dir = Path(tempfile.mkdtemp(prefix="tortie-bgp-trace-"))
-    agent_args = (["--bgp-trace", str(trace_dir)] if trace else []) + \
-        (["--bgp-nice", str(bgp_nice)] if bgp_nice is not None else [])
+    # Always traced: the commit's time of a claim through the agent is a trace step of the origin's
+    # (a few buffered lines per claim and node); --trace adds the per-step figures to the table.
+    agent_args = ["--bgp-trace", str(trace_dir)] + (["--bgp-nice", str(bgp_nice)] if bgp_nice is not None else [])
     with BGPCluster("bgpb", NODES, agents=TORTIE, pools=bgp_pools(POOL, 26), agent_args=agent_args) as bgp:
         try:
             c, lab = bgp.cluster, bgp.lab
@@ -621,8 +669,17 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
             log(f"  sessions up: Tortie {len(TORTIE) * (len(TORTIE) - 1) // 2}, "
                 f"BIRD {len(BIRD_MESH) * (len(BIRD_MESH) - 1) // 2}")
 
-            def tortie_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
+            def claimer_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
                 return claim(claimer, f"n{origin}", str(ipaddress.ip_network(prefix)[1]))
+
+            traced_commits = [0]  # claims whose commit the origin's agent traced (a check)
+
+            def tortie_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
+                t0, t1, tc, tb = claim_through_agent(c.bin_dir / "tortie-ipam", c.agent(origin).cni_socket, c.env,
+                                                     f"n{origin}", str(ipaddress.ip_network(prefix)[1]), prefix,
+                                                     trace_dir / f"n{origin}.trace")
+                traced_commits[0] += tc != t1
+                return t0, t1, tc, tb
 
             def bird_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
                 i = next(i for i, p in by_origin[origin].items() if p == prefix)
@@ -632,11 +689,16 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
 
             cpu_before = cluster_cpu(c)
             checks.append(f"priority: {priorities(c)}; BIRD at nice {bird_nice}")
-            tortie_mesh = converge(TORTIE, bgp_watch, changed, [block("10.244", 512 + i) for i in range(scale.claims)],
-                                   tortie_claim, own_watch)
+            agent_blocks = [block("10.244", 512 + i) for i in range(scale.claims)]
+            claimer_blocks = [block("10.244", 640 + i) for i in range(scale.claims)]
+            tortie_mesh = converge(TORTIE, bgp_watch, changed, agent_blocks, tortie_claim, own_watch)
             cpu_after = cluster_cpu(c)
             bird_mesh = converge(BIRD_MESH, bird_watch, changed, list(mesh_claims.values()), bird_claim)
+            # The same, claimed by a separate process in n1 (IPAM.assign): the origin's agent then
+            # learns of its block from its watch, like the 9 others (the figure before the agent path).
+            claimer_mesh = converge(TORTIE, bgp_watch, changed, claimer_blocks, claimer_claim, own_watch)
             figures += convergence_figures("mesh, 10 nodes", tortie_mesh, bird_mesh)
+            figures += convergence_figures("mesh, 10 nodes, claimer process", claimer_mesh, bird_mesh, "mesh, 10 nodes")
             # The CPU the 10 nodes spend per claim, on 2 shared cores: what competes with the
             # UPDATE's way (every agent takes the new block in from its watch; every ExaBGP
             # decodes the UPDATE and writes its JSON).
@@ -645,6 +707,13 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
                                       (cpu_after[what] - cpu_before[what]) / scale.claims * 1000, "CPU ms"))
             if trace:
                 figures += trace_figures("mesh, 10 nodes", tortie_mesh, read_traces(trace_dir))
+                figures += trace_figures("mesh, 10 nodes, claimer process", claimer_mesh, read_traces(trace_dir))
+            traces = read_traces(trace_dir)
+            own = sum(any(t >= tc - 0.5 for t in traces.get(o, {}).get(("own", p), []))
+                      for p, o, tc in tortie_mesh.claims)
+            checks.append(f"mesh: claims through the agent (tortie-ipam ADD); commit time traced by "
+                          f"the origin's agent for {traced_commits[0]} of {scale.claims} (any other: the plugin's "
+                          f"exit); taken in by the origin at its commit for {own} (the others: its watch was first)")
             checks.append(f"mesh: {scale.claims} Tortie blocks and {scale.claims} BIRD routes reached all 9 "
                           "other nodes' kernels")
             phase("mesh", t)
@@ -664,10 +733,9 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
                 bgp.wait_established(k, want, timeout=120)
             for k in BIRD_MESH:
                 wait_for_bird(birds[k], len(BIRD_MESH) - 1 if k in BIRD_MESH[:2] else 2, bird_established)
-            mesh_blocks = [block("10.244", 512 + i) for i in range(scale.claims)]
             for k in TORTIE:  # the blocks of part 1 came back through the reflectors
-                bgp.wait_routes(k, {p: bgp.address(TORTIE[i % len(TORTIE)]) for i, p in enumerate(mesh_blocks)
-                                    if TORTIE[i % len(TORTIE)] != k}, timeout=120)
+                bgp.wait_routes(k, {p: bgp.address(TORTIE[i % len(TORTIE)]) for blocks in (agent_blocks, claimer_blocks)
+                                    for i, p in enumerate(blocks) if TORTIE[i % len(TORTIE)] != k}, timeout=120)
             tortie_rr = converge(TORTIE[2:], bgp_watch, changed,
                                  [block("10.244", 768 + i) for i in range(scale.claims)], tortie_claim, own_watch)
             bird_rr = converge(clients, bird_watch, changed, list(rr_claims.values()), bird_claim)
@@ -734,7 +802,7 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
                 w.close()
             shutil.rmtree(trace_dir, ignore_errors=True)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    raw = {"mesh": {"tortie": asdict(tortie_mesh), "bird": asdict(bird_mesh)},
+    raw = {"mesh": {"tortie": asdict(tortie_mesh), "bird": asdict(bird_mesh), "claimer": asdict(claimer_mesh)},
            "reflectors": {"tortie": asdict(tortie_rr), "bird": asdict(bird_rr)},
            "scale": {"tortie": tortie_bulk, "bird": bird_bulk}}
     return {"benchmark": "bgp", "mode": "quick" if quick else "full", "machine": info, "scale": asdict(scale),

@@ -63,8 +63,8 @@ class OwnClaims:
         except ValueError as e:  # our own bytes: a bug, but the watch still has its chance
             log.error("this node's claim at revision %d does not decode: %s", claimed.revision, e)
             return
+        blocks = [str(u.value.cidr) for u in updates if u.kind == BLOCK and u.value is not None]
         if trace.on():
-            blocks = [str(u.value.cidr) for u in updates if u.kind == BLOCK and u.value is not None]
             trace.mark("commit_sent", blocks, claimed.sent)
             trace.mark("commit", blocks, claimed.returned)
         taken = False
@@ -81,6 +81,7 @@ class OwnClaims:
                 loop.kick()  # the blackhole route for the block (the watch's copy will not kick)
         if taken:
             self.taken += 1
+            trace.mark("own", blocks)  # taken in at the commit (else the watch had brought it first)
 
 
 def _nothing(_: Snapshot) -> None:
