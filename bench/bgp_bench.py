@@ -32,6 +32,7 @@ import datetime
 import importlib.metadata
 import ipaddress
 import json
+import math
 import os
 import platform
 import secrets
@@ -244,17 +245,14 @@ def claim(socket_path: Path, node: str, address: str) -> tuple[float, float, flo
     return answer["t0"], answer["t1"], answer["tc"], answer["tb"]
 
 
-def claim_through_agent(plugin: Path, socket_path: Path, etcd_env: dict[str, str], node: str, address: str,
-                        prefix: str, trace_file: Path) -> tuple[float, float, float, float]:
+def claim_through_agent(plugin: Path, socket_path: Path, etcd_env: dict[str, str], node: str, address: str
+                        ) -> tuple[float, float, float, float]:
     """The production path of a node's claim: ``tortie-ipam`` ADD exec'd as a runtime would (the
     compiled front end, which relays it to the node's agent over its CNI socket; ``IP=`` in
     CNI_ARGS names the address, whose free block the agent's IPAM claims for the node). Returns
-    the times before the exec and after the plugin's exit, and the commit's first sighting and
-    its send as the origin's agent traced them (same monotonic clock): the earlier of the
-    commit's return to the agent's IPAM (``commit``: ``felix_agent.own_claims``) and the origin's
-    announce being decided (``datastore``, from the commit's return or from its watch); the
-    transaction sent (``commit_sent``). An agent without the ``commit`` steps (an older one) has
-    its ``datastore`` step (or the plugin's exit) stand for the commit and for its send."""
+    the times before the exec and after the plugin's exit; the commit's are left NaN, for
+    :func:`commit_from_trace`. An agent without the ``commit`` steps (an older one) has its
+    ``datastore`` step stand for the commit and for its send."""
     conf = {"cniVersion": "1.0.0", "name": "bgp-bench", "type": "tortie-ipam", "nodename": node,
             "etcd_endpoints": etcd_env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": etcd_env["ETCD_CA_CERT_FILE"],
             "etcd_cert_file": etcd_env["ETCD_CERT_FILE"], "etcd_key_file": etcd_env["ETCD_KEY_FILE"],
@@ -273,13 +271,20 @@ def claim_through_agent(plugin: Path, socket_path: Path, etcd_env: dict[str, str
     ips = [ip["address"].split("/")[0] for ip in json.loads(done.stdout).get("ips", [])]
     if ips != [address]:
         raise BenchFailure(f"tortie-ipam ADD on {node} asked for {address}, got {ips}")
-    # The commit lies before each of its sightings: its return to the claiming thread, and the
-    # origin's watch delivering it (which often comes first: the two answers race for the GIL).
+    return t0, t1, math.nan, math.nan  # the commit's times: commit_from_trace, once the route is everywhere
+
+
+def commit_from_trace(trace_file: Path, prefix: str, t0: float, t1: float) -> tuple[float, float]:
+    """The commit of a claim through the agent, read from the origin's trace once the route has
+    spread (its watch may deliver the block after the plugin exited): the commit lies before
+    each of its sightings, its return to the agent's IPAM (``commit``) and the origin's announce
+    being decided (``datastore``, from that return or from the watch, which often comes first:
+    the two answers race for the agent's GIL). And the transaction's send (``commit_sent``)."""
     sightings = [t for t in (traced(trace_file, "commit", prefix, t0), traced(trace_file, "datastore", prefix, t0))
                  if t is not None]
     tc = min(sightings, default=t1)
     tb = traced(trace_file, "commit_sent", prefix, t0)
-    return t0, t1, tc, tc if tb is None else tb
+    return tc, tc if tb is None else tb
 
 
 def traced(trace_file: Path, step: str, prefix: str, after: float) -> float | None:
@@ -322,12 +327,14 @@ class Convergence:
 
 def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: threading.Condition,
              prefixes: Iterable[str], trigger: Callable[[int, str], tuple[float, float, float, float]],
-             own: dict[int, RouteWatch] | None = None) -> Convergence:
+             own: dict[int, RouteWatch] | None = None,
+             commit: Callable[[int, str, float, float], tuple[float, float]] | None = None) -> Convergence:
     """For each prefix (origin node rotating over ``origins``): ``trigger(origin, prefix)`` (which
     returns when it started and ended, and when the block's commit returned and was sent), then wait until every
     other watched node has the route and, with ``own``, until the origin has its own route
     (Tortie's agent programs a blackhole for its block in the same pass as it announces it: when
-    its agent had taken the claim in)."""
+    its agent had taken the claim in). ``commit(origin, prefix, t0, t1)``: the commit's return and send,
+    when the trigger could not tell them (a claim through the agent: its trace)."""
     out = Convergence()
     for i, prefix in enumerate(prefixes):
         origin = origins[i % len(origins)]
@@ -339,6 +346,8 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
             return max(seen) if all(s is not None and s >= t0 for s in seen) else None  # type: ignore[type-var]
 
         last = wait_changed(changed, everywhere, CLAIM_TIMEOUT, f"{prefix} in the kernel of every node")
+        if commit is not None:  # known only now (read from a trace)
+            tc, tb = commit(origin, prefix, t0, t1)
         out.last.append(last - t0)
         out.committed.append(last - tc)
         out.commit_sent.append(last - tb)
@@ -681,11 +690,13 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
             traced_commits = [0]  # claims whose commit the origin's agent traced (a check)
 
             def tortie_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
-                t0, t1, tc, tb = claim_through_agent(c.bin_dir / "tortie-ipam", c.agent(origin).cni_socket, c.env,
-                                                     f"n{origin}", str(ipaddress.ip_network(prefix)[1]), prefix,
-                                                     trace_dir / f"n{origin}.trace")
+                return claim_through_agent(c.bin_dir / "tortie-ipam", c.agent(origin).cni_socket, c.env,
+                                           f"n{origin}", str(ipaddress.ip_network(prefix)[1]))
+
+            def agent_commit(origin: int, prefix: str, t0: float, t1: float) -> tuple[float, float]:
+                tc, tb = commit_from_trace(trace_dir / f"n{origin}.trace", prefix, t0, t1)
                 traced_commits[0] += tc != t1
-                return t0, t1, tc, tb
+                return tc, tb
 
             def bird_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
                 i = next(i for i, p in by_origin[origin].items() if p == prefix)
@@ -697,7 +708,7 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
             checks.append(f"priority: {priorities(c)}; BIRD at nice {bird_nice}")
             agent_blocks = [block("10.244", 512 + i) for i in range(scale.claims)]
             claimer_blocks = [block("10.244", 640 + i) for i in range(scale.claims)]
-            tortie_mesh = converge(TORTIE, bgp_watch, changed, agent_blocks, tortie_claim, own_watch)
+            tortie_mesh = converge(TORTIE, bgp_watch, changed, agent_blocks, tortie_claim, own_watch, agent_commit)
             cpu_after = cluster_cpu(c)
             bird_mesh = converge(BIRD_MESH, bird_watch, changed, list(mesh_claims.values()), bird_claim)
             # The same, claimed by a separate process in n1 (IPAM.assign): the origin's agent then
@@ -743,7 +754,8 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
                 bgp.wait_routes(k, {p: bgp.address(TORTIE[i % len(TORTIE)]) for blocks in (agent_blocks, claimer_blocks)
                                     for i, p in enumerate(blocks) if TORTIE[i % len(TORTIE)] != k}, timeout=120)
             tortie_rr = converge(TORTIE[2:], bgp_watch, changed,
-                                 [block("10.244", 768 + i) for i in range(scale.claims)], tortie_claim, own_watch)
+                                 [block("10.244", 768 + i) for i in range(scale.claims)], tortie_claim, own_watch,
+                                 agent_commit)
             bird_rr = converge(clients, bird_watch, changed, list(rr_claims.values()), bird_claim)
             figures += convergence_figures("2 reflectors", tortie_rr, bird_rr)
             if trace:
