@@ -101,6 +101,7 @@ def test_own_claim_spreads_from_its_commit_while_the_origin_watch_is_held() -> N
         held = ipaddress.ip_network("10.244.40.0/26")
         started = time.monotonic()
         add(bgp, 1, str(held[1]), "own-held")
+        answered = time.monotonic() - started
         bgp.wait_routes(2, {str(held): bgp.address(1)}, timeout=10)
         spread = time.monotonic() - started
         own_route = ("ip", "-4", "route", "show", "exact", str(held), "proto", "80")
@@ -109,7 +110,7 @@ def test_own_claim_spreads_from_its_commit_while_the_origin_watch_is_held() -> N
         # The watch's copy of the commit was sent and dropped: what spread came from the commit.
         assert dropped(bgp, 1) > 0
         assert watch in connections(bgp, 1, port), "the watch moved to another connection while held"
-        print(f"held watch: claim through the agent → route on node 2 in {spread * 1000:.0f} ms")
+        print(f"held watch: ADD answered in {answered * 1000:.0f} ms, route on node 2 in {spread * 1000:.0f} ms")
         c.nft(1, "delete", "table", "inet", HOLD_TABLE)
         later = ipaddress.ip_network("10.244.41.0/26")
         add(bgp, 1, str(later[1]), "own-later")
