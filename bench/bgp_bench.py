@@ -4,10 +4,13 @@ the same lab, in the same run.
 
 One run builds one ``netlab`` lab (etcd, 22 node namespaces on one fabric) and measures, in order:
 
-1. convergence, 10-node mesh: a block is claimed for a node (``IPAM.assign`` of an address in a
-   free block, run inside a node namespace: the datastore is only reachable there), and the clock
-   stops when the block's route (protocol 81) is in the kernel of every other node; the origin
-   rotates over the nodes. Beside it, 10 BIRD nodes in an iBGP full mesh: a static route is
+1. convergence, 10-node mesh: a block is claimed for a node as production claims one, by a
+   ``tortie-ipam`` ADD relayed to the node's agent (``IP=`` an address in a free block: the agent's
+   own IPAM claims it; the commit's time comes from the agent's trace), and the clock stops when
+   the block's route (protocol 81) is in the kernel of every other node; the origin rotates over
+   the nodes. A second series claims through a separate process inside a node namespace
+   (``IPAM.assign``: the origin's agent then learns of the block from its watch, like the others).
+   Beside it, 10 BIRD nodes in an iBGP full mesh: a static route is
    enabled on one (``birdc enable``) and the clock stops when it is in every other BIRD node's
    kernel (``proto bird``);
 2. the same with the mesh off and 2 route reflectors (Tortie: ``routeReflectorClusterID`` on n1
