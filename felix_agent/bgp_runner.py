@@ -146,15 +146,21 @@ class BGPRunner:
         on it under the syncer's lock, where the exports are worked out. All under this runner's
         lock, so that a syncer batch applied after the hand-over (the block deleted, say) reaches
         the speaker after this announcement, never before it. Returns what ``hand_over`` did:
-        False when the syncer did not take them (then its watch delivers them as usual)."""
+        False when the syncer did not take them (then its watch delivers them as usual), and
+        without handing over when the runner is busy (a pod's ADD never waits for BGP's work:
+        most likely it is the watch's copy of this very claim being announced)."""
         node, found = self.node, list[frozenset[Export]]()
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
             configured = self._config is not None  # else nothing is announced yet: the sessions' view does it
             taken = hand_over(lambda snapshot: found.append(exports(snapshot, node)) if configured else None)
             if found:
                 self._export_inputs.moves([(u.kind, u.key, u.value) for u in changes])  # every change, in order
                 self.speaker.announce(found[0], seen_at)
             return taken
+        finally:
+            self._lock.release()
 
     def _announce(self, snapshot: Snapshot, seen_at: float | None) -> None:
         if not self._export_inputs.seeded:
