@@ -253,13 +253,14 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         except Conflict:
             # Against a kept snapshot, most likely a change it had not seen: read it at once.
             return _DOUBTFUL if kept is not None else _LOST
+        returned = time.monotonic()
+        for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
+            remember_block(keys.block_key(cidr), revision, value, block)
         if claimed and claim_listeners.wanted(node):  # this node's agent takes its claim in now
             claim_listeners.committed(claim_listeners.Claimed(node, [
                 *((keys.block_key(cidr), value) for cidr, _, value, _ in written if cidr in claimed),
                 *((op.key, op.value) for op in claimed.values() if isinstance(op, Create | Update))],
-                revision, sent, time.monotonic()))
-        for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
-            remember_block(keys.block_key(cidr), revision, value, block)
+                revision, sent, returned))
     if ipam.serializable_snapshot:
         kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision)
     for job in planned:
