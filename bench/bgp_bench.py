@@ -4,10 +4,13 @@ the same lab, in the same run.
 
 One run builds one ``netlab`` lab (etcd, 22 node namespaces on one fabric) and measures, in order:
 
-1. convergence, 10-node mesh: a block is claimed for a node (``IPAM.assign`` of an address in a
-   free block, run inside a node namespace: the datastore is only reachable there), and the clock
-   stops when the block's route (protocol 81) is in the kernel of every other node; the origin
-   rotates over the nodes. Beside it, 10 BIRD nodes in an iBGP full mesh: a static route is
+1. convergence, 10-node mesh: a block is claimed for a node as production claims one, by a
+   ``tortie-ipam`` ADD relayed to the node's agent (``IP=`` an address in a free block: the agent's
+   own IPAM claims it; the commit's time comes from the agent's trace), and the clock stops when
+   the block's route (protocol 81) is in the kernel of every other node; the origin rotates over
+   the nodes. A second series claims through a separate process inside a node namespace
+   (``IPAM.assign``: the origin's agent then learns of the block from its watch, like the others).
+   Beside it, 10 BIRD nodes in an iBGP full mesh: a static route is
    enabled on one (``birdc enable``) and the clock stops when it is in every other BIRD node's
    kernel (``proto bird``);
 2. the same with the mesh off and 2 route reflectors (Tortie: ``routeReflectorClusterID`` on n1
@@ -32,6 +35,7 @@ import datetime
 import importlib.metadata
 import ipaddress
 import json
+import math
 import os
 import platform
 import secrets
@@ -244,6 +248,59 @@ def claim(socket_path: Path, node: str, address: str) -> tuple[float, float, flo
     return answer["t0"], answer["t1"], answer["tc"], answer["tb"]
 
 
+def claim_through_agent(plugin: Path, socket_path: Path, etcd_env: dict[str, str], node: str, address: str
+                        ) -> tuple[float, float, float, float]:
+    """The production path of a node's claim: ``tortie-ipam`` ADD exec'd as a runtime would (the
+    compiled front end, which relays it to the node's agent over its CNI socket; ``IP=`` in
+    CNI_ARGS names the address, whose free block the agent's IPAM claims for the node). Returns
+    the times before the exec and after the plugin's exit; the commit's are left NaN, for
+    :func:`commit_from_trace`. An agent without the ``commit`` steps (an older one) has its
+    ``datastore`` step stand for the commit and for its send."""
+    conf = {"cniVersion": "1.0.0", "name": "bgp-bench", "type": "tortie-ipam", "nodename": node,
+            "etcd_endpoints": etcd_env["ETCD_ENDPOINTS"], "etcd_ca_cert_file": etcd_env["ETCD_CA_CERT_FILE"],
+            "etcd_cert_file": etcd_env["ETCD_CERT_FILE"], "etcd_key_file": etcd_env["ETCD_KEY_FILE"],
+            "agent_socket": str(socket_path),
+            "ipam": {"type": "tortie-ipam", "assign_ipv4": "true", "assign_ipv6": "false"}}
+    environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": "ADD",
+               "CNI_CONTAINERID": f"bench-{secrets.token_hex(6)}", "CNI_NETNS": "/var/run/netns/bgp-bench-none",
+               "CNI_IFNAME": "eth0", "CNI_ARGS": f"IgnoreUnknown=1;IP={address}", "CNI_PATH": str(plugin.parent)}
+    data = json.dumps(conf).encode()
+    t0 = time.monotonic()
+    done = subprocess.run([str(plugin)], input=data, env=environ, capture_output=True, timeout=30, check=False)
+    t1 = time.monotonic()
+    if done.returncode != 0:
+        raise BenchFailure(f"tortie-ipam ADD of {address} on {node} failed: {done.stdout.decode()[:300]} "
+                           f"{done.stderr.decode()[:300]}")
+    ips = [ip["address"].split("/")[0] for ip in json.loads(done.stdout).get("ips", [])]
+    if ips != [address]:
+        raise BenchFailure(f"tortie-ipam ADD on {node} asked for {address}, got {ips}")
+    return t0, t1, math.nan, math.nan  # the commit's times: commit_from_trace, once the route is everywhere
+
+
+def commit_from_trace(trace_file: Path, prefix: str, t0: float, t1: float) -> tuple[float, float]:
+    """The commit of a claim through the agent, read from the origin's trace once the route has
+    spread (its watch may deliver the block after the plugin exited): the commit lies before
+    each of its sightings, its return to the agent's IPAM (``commit``) and the origin's announce
+    being decided (``datastore``, from that return or from the watch, which often comes first:
+    the two answers race for the agent's GIL). And the transaction's send (``commit_sent``)."""
+    sightings = [t for t in (traced(trace_file, "commit", prefix, t0), traced(trace_file, "datastore", prefix, t0))
+                 if t is not None]
+    tc = min(sightings, default=t1)
+    tb = traced(trace_file, "commit_sent", prefix, t0)
+    return tc, tc if tb is None else tb
+
+
+def traced(trace_file: Path, step: str, prefix: str, after: float) -> float | None:
+    """The first time ``step`` was traced for ``prefix`` after ``after`` (``bgp.trace``'s lines)."""
+    if not trace_file.exists():
+        return None
+    for line in trace_file.read_text().splitlines():
+        when, what, which = line.split()
+        if what == step and which == prefix and float(when) >= after:
+            return float(when)
+    return None
+
+
 def block(base: str, j: int) -> str:
     """The j-th /26 of ``base``.0.0/16."""
     return f"{base}.{j // 4}.{(j % 4) * 64}/26"
@@ -269,16 +326,19 @@ class Convergence:
     origin: list[float] = field(default_factory=list)  # Tortie: the origin's own blackhole (protocol 80)
     claims: list[tuple[str, int, float]] = field(default_factory=list)  # (prefix, origin, commit time)
     seen: list[dict[int, float]] = field(default_factory=list)  # per claim: node -> route in its kernel
+    own: list[bool] = field(default_factory=list)  # per claim: its origin took it in at its commit (trace)
 
 
 def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: threading.Condition,
              prefixes: Iterable[str], trigger: Callable[[int, str], tuple[float, float, float, float]],
-             own: dict[int, RouteWatch] | None = None) -> Convergence:
+             own: dict[int, RouteWatch] | None = None,
+             commit: Callable[[int, str, float, float], tuple[float, float]] | None = None) -> Convergence:
     """For each prefix (origin node rotating over ``origins``): ``trigger(origin, prefix)`` (which
     returns when it started and ended, and when the block's commit returned and was sent), then wait until every
     other watched node has the route and, with ``own``, until the origin has its own route
     (Tortie's agent programs a blackhole for its block in the same pass as it announces it: when
-    its agent had taken the claim in)."""
+    its agent had taken the claim in). ``commit(origin, prefix, t0, t1)``: the commit's return and send,
+    when the trigger could not tell them (a claim through the agent: its trace)."""
     out = Convergence()
     for i, prefix in enumerate(prefixes):
         origin = origins[i % len(origins)]
@@ -290,6 +350,8 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
             return max(seen) if all(s is not None and s >= t0 for s in seen) else None  # type: ignore[type-var]
 
         last = wait_changed(changed, everywhere, CLAIM_TIMEOUT, f"{prefix} in the kernel of every node")
+        if commit is not None:  # known only now (read from a trace)
+            tc, tb = commit(origin, prefix, t0, t1)
         out.last.append(last - t0)
         out.committed.append(last - tc)
         out.commit_sent.append(last - tb)
@@ -306,14 +368,17 @@ def converge(origins: Sequence[int], watches: dict[int, RouteWatch], changed: th
     return out
 
 
-def convergence_figures(label: str, tortie: Convergence, bird: Convergence) -> list[Figure]:
+def convergence_figures(label: str, tortie: Convergence, bird: Convergence, reference_label: str | None = None
+                        ) -> list[Figure]:
     """Tortie from the commit of the block (the target's figure) and from the start of the claim
-    call, each divided by BIRD's from the start of ``birdc enable``."""
+    call, each divided by BIRD's from the start of ``birdc enable``. With ``reference_label``,
+    BIRD's figures are those already given under that label (a second Tortie series of the run)."""
     figures = []
     for stat, fn in (("p50", statistics.median), ("max", max)):
         b = fn(bird.last) * 1000
-        reference = f"{label}: BIRD, enable → every node {stat}"
-        figures.append(Figure(reference, b, "ms"))
+        reference = f"{reference_label or label}: BIRD, enable → every node {stat}"
+        if reference_label is None:
+            figures.append(Figure(reference, b, "ms"))
         t = fn(tortie.committed) * 1000
         figures.append(Figure(f"{label}: Tortie, commit → every node {stat}", t, "ms", reference,
                               t / b if b else None))
@@ -335,8 +400,9 @@ def convergence_figures(label: str, tortie: Convergence, bird: Convergence) -> l
                           statistics.median(tortie.commit_times) * 1000, "ms"))
     figures.append(Figure(f"{label}: Tortie, IPAM claim call p50 (included)",
                           statistics.median(tortie.trigger) * 1000, "ms"))
-    figures.append(Figure(f"{label}: BIRD, birdc enable p50 (included)", statistics.median(bird.trigger) * 1000,
-                          "ms"))
+    if reference_label is None:
+        figures.append(Figure(f"{label}: BIRD, birdc enable p50 (included)", statistics.median(bird.trigger) * 1000,
+                              "ms"))
     return figures
 
 
@@ -587,8 +653,9 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
         return bird
 
     trace_dir = Path(tempfile.mkdtemp(prefix="tortie-bgp-trace-"))
-    agent_args = (["--bgp-trace", str(trace_dir)] if trace else []) + \
-        (["--bgp-nice", str(bgp_nice)] if bgp_nice is not None else [])
+    # Always traced: the commit's time of a claim through the agent is a trace step of the origin's
+    # (a few buffered lines per claim and node); --trace adds the per-step figures to the table.
+    agent_args = ["--bgp-trace", str(trace_dir)] + (["--bgp-nice", str(bgp_nice)] if bgp_nice is not None else [])
     with BGPCluster("bgpb", NODES, agents=TORTIE, pools=bgp_pools(POOL, 26), agent_args=agent_args) as bgp:
         try:
             c, lab = bgp.cluster, bgp.lab
@@ -621,8 +688,19 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
             log(f"  sessions up: Tortie {len(TORTIE) * (len(TORTIE) - 1) // 2}, "
                 f"BIRD {len(BIRD_MESH) * (len(BIRD_MESH) - 1) // 2}")
 
-            def tortie_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
+            def claimer_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
                 return claim(claimer, f"n{origin}", str(ipaddress.ip_network(prefix)[1]))
+
+            traced_commits = [0]  # claims whose commit the origin's agent traced (a check)
+
+            def tortie_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
+                return claim_through_agent(c.bin_dir / "tortie-ipam", c.agent(origin).cni_socket, c.env,
+                                           f"n{origin}", str(ipaddress.ip_network(prefix)[1]))
+
+            def agent_commit(origin: int, prefix: str, t0: float, t1: float) -> tuple[float, float]:
+                tc, tb = commit_from_trace(trace_dir / f"n{origin}.trace", prefix, t0, t1)
+                traced_commits[0] += tc != t1
+                return tc, tb
 
             def bird_claim(origin: int, prefix: str) -> tuple[float, float, float, float]:
                 i = next(i for i, p in by_origin[origin].items() if p == prefix)
@@ -632,11 +710,16 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
 
             cpu_before = cluster_cpu(c)
             checks.append(f"priority: {priorities(c)}; BIRD at nice {bird_nice}")
-            tortie_mesh = converge(TORTIE, bgp_watch, changed, [block("10.244", 512 + i) for i in range(scale.claims)],
-                                   tortie_claim, own_watch)
+            agent_blocks = [block("10.244", 512 + i) for i in range(scale.claims)]
+            claimer_blocks = [block("10.244", 640 + i) for i in range(scale.claims)]
+            tortie_mesh = converge(TORTIE, bgp_watch, changed, agent_blocks, tortie_claim, own_watch, agent_commit)
             cpu_after = cluster_cpu(c)
             bird_mesh = converge(BIRD_MESH, bird_watch, changed, list(mesh_claims.values()), bird_claim)
+            # The same, claimed by a separate process in n1 (IPAM.assign): the origin's agent then
+            # learns of its block from its watch, like the 9 others (the figure before the agent path).
+            claimer_mesh = converge(TORTIE, bgp_watch, changed, claimer_blocks, claimer_claim, own_watch)
             figures += convergence_figures("mesh, 10 nodes", tortie_mesh, bird_mesh)
+            figures += convergence_figures("mesh, 10 nodes, claimer process", claimer_mesh, bird_mesh, "mesh, 10 nodes")
             # The CPU the 10 nodes spend per claim, on 2 shared cores: what competes with the
             # UPDATE's way (every agent takes the new block in from its watch; every ExaBGP
             # decodes the UPDATE and writes its JSON).
@@ -645,6 +728,20 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
                                       (cpu_after[what] - cpu_before[what]) / scale.claims * 1000, "CPU ms"))
             if trace:
                 figures += trace_figures("mesh, 10 nodes", tortie_mesh, read_traces(trace_dir))
+                figures += trace_figures("mesh, 10 nodes, claimer process", claimer_mesh, read_traces(trace_dir))
+            traces = read_traces(trace_dir)
+            tortie_mesh.own = [any(t >= tc - 0.5 for t in traces.get(o, {}).get(("own", p), []))
+                               for p, o, tc in tortie_mesh.claims]
+            own = sum(tortie_mesh.own)
+            checks.append(f"mesh: claims through the agent (tortie-ipam ADD); commit time traced by "
+                          f"the origin's agent for {traced_commits[0]} of {scale.claims} (any other: the plugin's "
+                          f"exit); taken in by the origin at its commit for {own} (the others: its watch was first)")
+            # The same run split by which of the origin's two sightings of the commit won.
+            for which, flag in (("taken in at the commit", True), ("taken in from the watch", False)):
+                times = [c for c, o in zip(tortie_mesh.committed, tortie_mesh.own, strict=True) if o is flag]
+                if times:
+                    figures.append(Figure(f"mesh, 10 nodes: Tortie, commit → every node p50, {which} "
+                                          f"({len(times)} claims)", statistics.median(times) * 1000, "ms"))
             checks.append(f"mesh: {scale.claims} Tortie blocks and {scale.claims} BIRD routes reached all 9 "
                           "other nodes' kernels")
             phase("mesh", t)
@@ -664,12 +761,12 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
                 bgp.wait_established(k, want, timeout=120)
             for k in BIRD_MESH:
                 wait_for_bird(birds[k], len(BIRD_MESH) - 1 if k in BIRD_MESH[:2] else 2, bird_established)
-            mesh_blocks = [block("10.244", 512 + i) for i in range(scale.claims)]
             for k in TORTIE:  # the blocks of part 1 came back through the reflectors
-                bgp.wait_routes(k, {p: bgp.address(TORTIE[i % len(TORTIE)]) for i, p in enumerate(mesh_blocks)
-                                    if TORTIE[i % len(TORTIE)] != k}, timeout=120)
+                bgp.wait_routes(k, {p: bgp.address(TORTIE[i % len(TORTIE)]) for blocks in (agent_blocks, claimer_blocks)
+                                    for i, p in enumerate(blocks) if TORTIE[i % len(TORTIE)] != k}, timeout=120)
             tortie_rr = converge(TORTIE[2:], bgp_watch, changed,
-                                 [block("10.244", 768 + i) for i in range(scale.claims)], tortie_claim, own_watch)
+                                 [block("10.244", 768 + i) for i in range(scale.claims)], tortie_claim, own_watch,
+                                 agent_commit)
             bird_rr = converge(clients, bird_watch, changed, list(rr_claims.values()), bird_claim)
             figures += convergence_figures("2 reflectors", tortie_rr, bird_rr)
             if trace:
@@ -734,7 +831,7 @@ def run(scale: Scale, quick: bool, trace: bool = False, bgp_nice: int | None = N
                 w.close()
             shutil.rmtree(trace_dir, ignore_errors=True)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    raw = {"mesh": {"tortie": asdict(tortie_mesh), "bird": asdict(bird_mesh)},
+    raw = {"mesh": {"tortie": asdict(tortie_mesh), "bird": asdict(bird_mesh), "claimer": asdict(claimer_mesh)},
            "reflectors": {"tortie": asdict(tortie_rr), "bird": asdict(bird_rr)},
            "scale": {"tortie": tortie_bulk, "bird": bird_bulk}}
     return {"benchmark": "bgp", "mode": "quick" if quick else "full", "machine": info, "scale": asdict(scale),

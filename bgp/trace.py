@@ -5,6 +5,9 @@ Each line of ``DIR/<node>.trace`` is ``<monotonic seconds> <step> <prefix>``; th
 is the same in every network namespace of a machine, so the lines of all nodes (and the
 benchmark's own clocks: the commit, the kernel's route events) line up. Steps, in order:
 
+- ``commit_sent``, ``commit``: the origin's agent's own IPAM sent and got back the transaction that
+  claimed the block (``felix_agent.own_claims``; a pod's ADD on this node), and ``own`` when the
+  agent took the claim in from that commit (not from its watch, which had brought it first);
 - ``datastore``: the origin's agent has the datastore change that makes the prefix its own (the
   syncer's thread, before the speaker is told);
 - ``sent``: its announce command is in ExaBGP's input pipe;

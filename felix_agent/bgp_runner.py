@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ from bgp import trace
 from bgp.config import exports, speaker_config
 from bgp.export_inputs import ExportInputs
 from bgp.learned import LearnedRoutes
-from bgp.model import SessionStatus, SpeakerConfig, ipv4_prefix, ipv4_within, network
+from bgp.model import Export, SessionStatus, SpeakerConfig, ipv4_prefix, ipv4_within, network
 from bgp.speaker import Speaker
 from bgp.status import write_status
 from datastore.errors import DatastoreError
@@ -139,6 +139,29 @@ class BGPRunner:
                 self._config = config
             self._announce(snapshot, seen_at)
             self._revision = snapshot.revision
+
+    def announce_own(self, changes: Sequence[Update], hand_over: Callable[[Callable[[Snapshot], None]], bool],
+                     seen_at: float) -> bool:
+        """A block and affinity this agent's IPAM just committed (``felix_agent.own_claims``),
+        announced now: ``hand_over(then)`` puts them in the syncer's snapshot and runs ``then``
+        on it under the syncer's lock, where the exports are worked out. All under this runner's
+        lock, so that a syncer batch applied after the hand-over (the block deleted, say) reaches
+        the speaker after this announcement, never before it. Returns what ``hand_over`` did:
+        False when the syncer did not take them (then its watch delivers them as usual), and
+        without handing over when the runner is busy (a pod's ADD never waits for BGP's work:
+        most likely it is the watch's copy of this very claim being announced)."""
+        node, found = self.node, list[frozenset[Export]]()
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            configured = self._config is not None  # else nothing is announced yet: the sessions' view does it
+            taken = hand_over(lambda snapshot: found.append(exports(snapshot, node)) if configured else None)
+            if found:
+                self._export_inputs.moves([(u.kind, u.key, u.value) for u in changes])  # every change, in order
+                self.speaker.announce(found[0], seen_at)
+            return taken
+        finally:
+            self._lock.release()
 
     def _announce(self, snapshot: Snapshot, seen_at: float | None) -> None:
         if not self._export_inputs.seeded:

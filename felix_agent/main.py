@@ -50,6 +50,7 @@ from felix_agent.live_config import CACHE_NAME, Hooks, LiveConfig, python_level
 from felix_agent.loop import DataplaneLoop, Gated, Manager, ProgrammedEndpoints
 from felix_agent.metrics import Metrics
 from felix_agent.orphans import OrphanSweeper
+from felix_agent.own_claims import OwnClaims
 from felix_agent.pod_policy import PodPolicy
 from felix_agent.syncer import Syncer
 from felix_agent.thread_names import ThreadNames
@@ -129,6 +130,8 @@ class Agent:
         self.bgp: BGPRunner | None = None
         self.loop: DataplaneLoop | None = None
         self.orphans: OrphanSweeper | None = None
+        # This node's block claims, taken in at their commit (a pod's ADD on this agent's IPAM).
+        self.own_claims = OwnClaims(self.node, lambda: self.syncer, lambda: self.bgp, lambda: self.loop)
         # One owner per route: with BGP on, the peers' routes replace the remote ones outside VXLAN.
         self.calculator = Calculator(self.node, bgp_owns_remote=args.bgp)
         self.wireguard_state = WireGuardState()  # WireGuard's part, worked out again only when its inputs move
@@ -338,6 +341,7 @@ class Agent:
                                          endpoints=self.local_endpoints, in_flight=self.cni.in_flight)
             self.loop.start()
             self.syncer.start()
+            self.own_claims.start()
             self.orphans.start()
             threading.Thread(target=self._kick_when_in_sync, name="first-sync", daemon=True).start()
             self.cni.start()
@@ -353,6 +357,7 @@ class Agent:
                 self.cni.stop()
             steps = time.monotonic()
             self.orphans.stop()
+            self.own_claims.stop()
             self.syncer.stop()
             self.loop.stop()
             log.debug("orphans, syncer and loop stopped in %.0f ms", (time.monotonic() - steps) * 1000)

@@ -136,6 +136,22 @@ class Syncer:
             self.snapshot.apply(Update(kind, key, value), mod_revision)
             return True
 
+    # ---- a block this agent's IPAM claimed (felix_agent.own_claims) ------------------------------
+    def put_own_then(self, updates: Sequence[Update], mod_revision: int, then: Callable[[Snapshot], None]) -> bool:
+        """The values of one transaction this agent has just committed at ``mod_revision`` (a
+        block with its affinity), handed over as :meth:`put_own` does but all or none; then
+        ``then(snapshot)`` under the snapshot's lock (nothing changes it meanwhile). False when
+        they were not taken (not in sync; the watch has passed the commit or holds a newer value
+        of one of the keys: it delivers, or delivered, the truth itself)."""
+        with self._lock:
+            if (not self.in_sync.is_set() or mod_revision <= self.snapshot.revision
+                    or any(self.snapshot.mod_revisions.get(u.key, 0) >= mod_revision for u in updates)):
+                return False
+            for update in updates:
+                self.snapshot.apply(update, mod_revision)
+            then(self.snapshot)
+            return True
+
     # ---- a pod's endpoint ahead of its write (felix_agent.pod_policy) ---------------------------
     def put_provisional(self, kind: str, key: str, value: Resource) -> bool:
         """``value``, about to be written at ``key`` by this agent, held at revision 0 so that its

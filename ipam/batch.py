@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -36,7 +37,7 @@ from typing import Any
 from datastore import keys
 from datastore.errors import Conflict
 from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Unchanged, Update
-from ipam import kept_snapshot, kept_writes
+from ipam import claim_listeners, kept_snapshot, kept_writes
 from ipam.block import Address, Block, Network, decoded_block, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
 from ipam.handles import Handle, attachment_handles_in, attachment_keys
@@ -259,14 +260,21 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         ops += _read_unchanged(planned, snap.also, ops)
         if known:
             ops = kept_writes.compared(ops, known)
+        sent = time.monotonic()
         try:
             revision = ipam.client.commit(ops)
         except Conflict:
             kept_writes.forget(ipam.client, [k for j in batch if isinstance(j, ReleaseJob) for k in j.wanted()])
             # Against a kept snapshot, most likely a change it had not seen: read it at once.
             return _DOUBTFUL if kept is not None else _LOST
+        returned = time.monotonic()
         for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
             remember_block(keys.block_key(cidr), revision, value, block)
+        if claimed and claim_listeners.wanted(node):  # this node's agent takes its claim in now
+            claim_listeners.committed(claim_listeners.Claimed(node, [
+                *((keys.block_key(cidr), value) for cidr, _, value, _ in written if cidr in claimed),
+                *((op.key, op.value) for op in claimed.values() if isinstance(op, Create | Update))],
+                revision, sent, returned))
     if ipam.serializable_snapshot:
         kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision)
         _keep_writes(ipam.client, planned, ops, revision)

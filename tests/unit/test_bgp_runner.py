@@ -48,3 +48,34 @@ def test_an_older_view_never_undoes_a_newer_one(tmp_path: Path) -> None:
     assert runner.encap_for("10.244.1.0/26") == "ipip"
     runner.update(view(9, pool("a", "10.244.0.0/16", "Never")))
     assert runner.encap_for("10.244.1.0/26") is None
+
+
+def test_an_own_claim_is_handed_over_unless_the_runner_is_busy(tmp_path: Path) -> None:
+    import ipaddress
+    import json
+
+    from datastore import keys
+    from felix_agent.syncer import Syncer, decode
+    from ipam.block import Block
+
+    cidr = ipaddress.ip_network("10.244.3.0/26")
+    updates = [decode(keys.block_key(cidr), Block.empty(cidr, "n1").to_json(), 9),
+               decode(keys.affinity_key("n1", cidr), json.dumps({"state": "confirmed"}).encode(), 9)]
+    runner = BGPRunner("n1", tmp_path, client=None)
+    syncer = Syncer(None, on_update=None)  # type: ignore[arg-type]  # never started
+    syncer.in_sync.set()
+
+    def hand_over(then: Any) -> bool:
+        return syncer.put_own_then(updates, 9, then)
+
+    # Busy (the syncer's thread announcing, say): the ADD does not wait, the watch delivers.
+    runner._lock.acquire()
+    try:
+        assert not runner.announce_own(updates, hand_over, 0.0)
+    finally:
+        runner._lock.release()
+    assert keys.block_key(cidr) not in syncer.snapshot.blocks
+    # Not configured yet (no Node address): taken in by the syncer all the same, nothing to announce.
+    assert runner.announce_own(updates, hand_over, 0.0)
+    assert syncer.snapshot.mod_revisions[keys.block_key(cidr)] == 9
+    assert not runner.announce_own(updates, hand_over, 0.0)  # held already: the watch's copy, too

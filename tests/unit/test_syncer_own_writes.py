@@ -4,11 +4,14 @@ is fed by hand here (no etcd): the same code its thread runs on each batch of wa
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from typing import Any
 
 from datastore import codec, keys
 from datastore.etcd import KeyValue, WatchEvent
-from felix_agent.syncer import Syncer
+from felix_agent.calc.snapshot import Update
+from felix_agent.syncer import Syncer, decode
 
 KEY = keys.resource_key("workloadendpoints", "pod-1", "default")
 
@@ -65,3 +68,48 @@ def test_not_taken_before_the_first_listing() -> None:
     written, _ = endpoint("web", 10)
     assert not syncer.put_own("WorkloadEndpoint", KEY, written, 10)  # the listing will bring it
     assert KEY not in syncer.snapshot.endpoints
+
+
+# ---- a block this agent's IPAM claimed, with its affinity (felix_agent.own_claims) --------------
+
+BLOCK_KEY = keys.block_key(ipaddress.ip_network("10.244.3.0/26"))
+AFFINITY_KEY = keys.affinity_key("node-a", ipaddress.ip_network("10.244.3.0/26"))
+
+
+def claim(revision: int) -> list[Update]:
+    from ipam.block import Block
+
+    block = Block.empty(ipaddress.ip_network("10.244.3.0/26"), "node-a")
+    return [decode(BLOCK_KEY, block.to_json(), revision),
+            decode(AFFINITY_KEY, json.dumps({"state": "confirmed"}).encode(), revision)]
+
+
+def test_a_claim_is_held_all_together_and_its_watch_events_are_no_ops() -> None:
+    syncer = in_sync_syncer()
+    seen: list[set[str]] = []
+    updates = claim(20)
+    assert syncer.put_own_then(updates, 20, lambda snap: seen.append(set(snap.blocks) | set(snap.affinities)))
+    assert seen == [{BLOCK_KEY, AFFINITY_KEY}]  # ``then`` saw both, at once
+    assert syncer.snapshot.mod_revisions[BLOCK_KEY] == syncer.snapshot.mod_revisions[AFFINITY_KEY] == 20
+    events = [WatchEvent(KeyValue(u.key, b"{}", 20, 20, 1), deleted=False) for u in updates]
+    assert syncer._handle(events) == []  # the watch's copy of our own commit changes nothing
+    assert not syncer.put_own_then(claim(20), 20, lambda snap: seen.append(set()))  # held already
+    assert len(seen) == 1
+
+
+def test_a_claim_the_watch_has_passed_or_overtaken_is_not_taken() -> None:
+    syncer = in_sync_syncer()
+    syncer._handle([WatchEvent(KeyValue("/tortie/other", b"", 25, 25, 1), deleted=False)])  # watch at 25
+    assert not syncer.put_own_then(claim(20), 20, lambda snap: None)
+    assert BLOCK_KEY not in syncer.snapshot.blocks and AFFINITY_KEY not in syncer.snapshot.affinities
+    # One key already newer than the commit (say, the affinity released at 31): none of it is taken.
+    syncer = in_sync_syncer()
+    syncer.snapshot.apply(claim(31)[1], 31)
+    assert not syncer.put_own_then(claim(30), 30, lambda snap: None)
+    assert BLOCK_KEY not in syncer.snapshot.blocks
+
+
+def test_no_claim_is_taken_before_in_sync() -> None:
+    syncer = Syncer(None, on_update=None)  # type: ignore[arg-type]
+    assert not syncer.put_own_then(claim(5), 5, lambda snap: None)
+    assert len(syncer.snapshot) == 0
