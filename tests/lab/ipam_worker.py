@@ -18,7 +18,7 @@ from typing import Any
 
 from datastore import codec, keys
 from datastore.config import EtcdConfig
-from datastore.errors import Conflict
+from datastore.errors import DatastoreError
 from datastore.gateway import GatewayClient
 from datastore.resources import WorkloadEndpoint
 from datastore.store import ResourceStore
@@ -80,7 +80,10 @@ def main() -> None:
                     try:
                         endpoint = _endpoint(node, cid, [str(a.address) for a in got])
                         _write_endpoint(ResourceStore(pod.client), endpoint, handle)
-                    except (CNIError, Conflict) as e:  # ADD's undo (tortie_ops): what it made new goes
+                    # ADD's undo (tortie_ops) on any failure of the write: what it made new goes. A lost
+                    # Conflict, or NotFound when a racing ADD created the endpoint and a racing DEL
+                    # removed it between this write's create and its update.
+                    except (CNIError, DatastoreError) as e:
                         undone = [] if told["reused"] else pod.release_attachment("net", cid, "eth0", node=node)[1]
                         told.update(error=str(e), undone=[str(a) for a in undone])
                     return told
