@@ -1,0 +1,105 @@
+"""Adversarial review of the DEL planned on what a process wrote (``ipam.kept_writes``): DELs and
+ADDs batched together, and the batch's transaction against etcd's limits, against a real etcd."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from datastore.etcd import EtcdClient
+from datastore.gateway import GatewayClient
+from ipam import batch
+from ipam.handles import attachment_handle
+from tests.lab.ipam_support import add_pool, allocated
+from tests.lab.test_ipam_interleavings import (
+    _core_problems,
+    _endpoint_key,
+    _endpoints,
+    _pod_add,
+    _Process,
+    agent_env,
+)
+
+pytestmark = pytest.mark.lab
+
+__all__ = ["agent_env"]  # the fixture, imported for its name
+
+
+def _together(node: str, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` on threads of one process so that they all land in ONE batch of ``node``: the
+    node's batch lock is held until every call has queued its job (``ipam.batch``), as a burst of
+    DELs reaching an agent while its previous batch commits does. Each result or its exception."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as e:  # noqa: BLE001 - the test asserts on it
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    with batch.node_lock(node):
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while True:  # a condition, not a sleep: every job queued behind the held lock
+            queue = batch._QUEUES.get(node)
+            if queue is not None and len(queue.jobs) == len(calls):
+                break
+            assert time.monotonic() < deadline, "the calls never queued"
+            time.sleep(0.005)
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize("block_size", [30, 26])
+def test_a_burst_of_kept_dels_in_one_batch_fits_one_transaction(
+        etcd_client: EtcdClient, agent_env: tuple[str, GatewayClient], block_size: int) -> None:
+    """A DEL planned on kept values compares each handle and endpoint by revision AND bytes: two
+    comparisons each where a DEL planned on a read made one. A full batch of such DELs (24 jobs)
+    over several blocks (or with an ADD) must still commit, not fail every DEL of the burst with
+    etcd's --max-txn-ops (128 comparisons)."""
+    node, gateway = agent_env
+    from datastore import keys
+    from datastore.resources import IPPool
+
+    etcd_client.delete_prefix(keys.resource_prefix(IPPool.PLURAL))  # the fixture's pool: ours instead
+    add_pool(etcd_client, "q", "10.244.0.0/24", blockSize=block_size)
+    agent = _Process(gateway, node)
+    pods = [f"c{i}" for i in range(24 if block_size == 30 else 23)]
+    told = {_pod_add(agent, cid): cid for cid in pods}
+    with agent as ipam:
+        calls: list[Callable[[], Any]] = [
+            (lambda cid=cid: _pod_del_in(ipam, node, cid)) for cid in pods]
+        if block_size == 26:  # one block: an ADD in the same batch brings the kept snapshot's comparisons
+            from ipam.allocator import AssignRequest
+            from ipam.handles import legacy_handle
+
+            calls.append(lambda: ipam.assign(AssignRequest(
+                attachment_handle("net", "n1", "eth0"), node, attrs={"network": "net", "containerID": "n1",
+                                                                     "ifname": "eth0"},
+                legacy_handle=legacy_handle("net", "n1"))))
+        results = _together(node, calls)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures == []
+    assert sorted(a for r in results[:len(pods)] for a in r) == sorted(told)
+    left = allocated(etcd_client)
+    assert set(left.values()) <= {attachment_handle("net", "n1", "eth0")}
+    assert _endpoints(etcd_client) == {}
+    assert _core_problems(etcd_client) == []
+
+
+def _pod_del_in(ipam: Any, node: str, cid: str) -> list[str]:
+    """``_pod_del`` inside an already entered process (its kept state swapped in by the caller)."""
+    from cni_plugins.tortie_ops import _endpoint_deletion
+
+    key = _endpoint_key(node, cid)
+    _, released = ipam.release_attachment("net", cid, "eth0", node=node, also_read=[key],
+                                          also_write=lambda values: _endpoint_deletion(values.get(key), cid))
+    return sorted(map(str, released))
+
