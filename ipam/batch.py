@@ -144,6 +144,8 @@ def submit(ipam: IPAM, node: str, job: _Job, exclusive: Exclusive | None = None)
 
 # The most jobs one transaction carries: each writes or compares up to ~5 keys (its handles, its
 # caller's key, blocks), and etcd takes at most 128 operations in one transaction (--max-txn-ops).
+# A release planned on kept values compares twice as much (revision and bytes): a batch that comes
+# to more than etcd takes runs again halved (``_run``).
 MAX_JOBS = 24
 
 # What one plan-and-commit of a batch came to.

@@ -19,6 +19,7 @@ from tests.lab.test_ipam_interleavings import (
     _core_problems,
     _endpoint_key,
     _endpoints,
+    _pod_del,
     _pod_add,
     _Process,
     agent_env,
@@ -103,3 +104,46 @@ def _pod_del_in(ipam: Any, node: str, cid: str) -> list[str]:
                                           also_write=lambda values: _endpoint_deletion(values.get(key), cid))
     return sorted(map(str, released))
 
+
+
+def test_a_kept_del_after_a_legacy_handle_of_the_attachment_appeared(
+        etcd_client: EtcdClient, agent_env: tuple[str, GatewayClient]) -> None:
+    """The ADD kept the legacy ``<network>.<container>`` handle as absent. An older plugin then
+    wrote one for the same attachment, holding an address of another node's block (so nothing
+    this process kept of its own node's blocks moved): the DEL must release it too, not delete the
+    handle it knows and report success with the legacy handle's address still assigned."""
+    from ipam.allocator import IPAM, AssignRequest
+    from ipam.handles import legacy_handle
+
+    node, gateway = agent_env
+    agent = _Process(gateway, node)
+    first, own = _pod_add(agent, "c0"), _pod_add(agent, "c1")
+    attrs = {"network": "net", "containerID": "c1", "ifname": "eth0"}
+    (old,) = IPAM(etcd_client, serializable_snapshot=False).assign(
+        AssignRequest(legacy_handle("net", "c1"), f"{node}-b", attrs=attrs))
+    assert sorted(_pod_del(agent, "c1")) == sorted([own, str(old.address)])
+    assert allocated(etcd_client) == {first: attachment_handle("net", "c0", "eth0")}
+    assert _endpoints(etcd_client) == {_endpoint_key(node, "c0"): "c0"}
+    assert _core_problems(etcd_client) == []
+
+
+@pytest.mark.parametrize("kind", ["grpc", "gateway"])
+def test_a_deletion_and_a_comparison_with_expected_bytes_refuse_other_bytes(
+        etcd_client: EtcdClient, etcd_server: Any, kind: str) -> None:
+    """``Delete``/``Unchanged`` with ``expected`` (what a kept DEL sends) through each client's
+    encoding (the gateway's base64): the key at the right revision but with other bytes fails the
+    transaction and leaves it; the right bytes pass."""
+    from datastore.config import EtcdConfig
+    from datastore.errors import Conflict
+    from datastore.kv import Delete, Unchanged
+
+    config = EtcdConfig.from_env(etcd_server.env())
+    with (EtcdClient(config) if kind == "grpc" else GatewayClient(config)) as client:
+        rev = client.put("/tortie/review/a", b"\x00written\xff")
+        for op in (Unchanged("/tortie/review/a", rev, b"\x00other\xff"), Delete("/tortie/review/a", rev, b"other")):
+            with pytest.raises(Conflict):
+                client.commit([op])
+        assert etcd_client.get("/tortie/review/a") is not None
+        client.commit([Unchanged("/tortie/review/a", rev, b"\x00written\xff")])
+        client.commit([Delete("/tortie/review/a", rev, b"\x00written\xff")])
+        assert etcd_client.get("/tortie/review/a") is None
