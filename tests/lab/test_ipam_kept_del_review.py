@@ -3,6 +3,7 @@ ADDs batched together, and the batch's transaction against etcd's limits, agains
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
@@ -19,15 +20,17 @@ from tests.lab.test_ipam_interleavings import (
     _core_problems,
     _endpoint_key,
     _endpoints,
+    _handle_key,
     _pod_del,
     _pod_add,
     _Process,
     agent_env,
+    own_etcd,
 )
 
 pytestmark = pytest.mark.lab
 
-__all__ = ["agent_env"]  # the fixture, imported for its name
+__all__ = ["agent_env", "own_etcd"]  # the fixtures, imported for their names
 
 
 def _together(node: str, calls: list[Callable[[], Any]]) -> list[Any]:
@@ -147,3 +150,63 @@ def test_a_deletion_and_a_comparison_with_expected_bytes_refuse_other_bytes(
         client.commit([Unchanged("/tortie/review/a", rev, b"\x00written\xff")])
         client.commit([Delete("/tortie/review/a", rev, b"\x00written\xff")])
         assert etcd_client.get("/tortie/review/a") is None
+
+
+def test_a_kept_del_whose_kept_block_does_not_hold_the_kept_handle(own_etcd: Any) -> None:
+    """The one input of a kept DEL that its commit does not compare: a block it frees nothing in
+    (not written, so not compared). A cluster restored from a backup taken before the pod's ADD,
+    then written again: the pod's handle and endpoint with the very bytes at the very revisions
+    this process kept, this process's next ADD on a fresh read (its kept snapshot: the block
+    without the pod's address), then the pod's address put in the block under its handle. The
+    DEL must free it, not delete the handle and endpoint and leave the address assigned."""
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    from datastore import keys
+    from datastore.config import EtcdConfig
+    from datastore.kv import Create, Update
+    from ipam.block import Block
+
+    env = own_etcd.env()
+    node = f"restore-{uuid.uuid4().hex[:8]}"
+    with EtcdClient(EtcdConfig.from_env(env)) as operator:
+        add_pool(operator, "p", "10.244.0.0/24", blockSize=26)
+        with GatewayClient(EtcdConfig.from_env(env)) as gateway:
+            agent = _Process(gateway, node)
+            zero = _pod_add(agent, "c0")
+        backup = Path(own_etcd.work_dir) / "backup.data"
+        own_etcd.stop()
+        shutil.copytree(own_etcd.data_dir, backup)
+        own_etcd.start()
+    with GatewayClient(EtcdConfig.from_env(env)) as gateway:
+        agent.ipam = _ipam_of(gateway)
+        _pod_add(agent, "c1")  # handle (and block) at R+1, endpoint at R+2: kept
+    with EtcdClient(EtcdConfig.from_env(env)) as operator:
+        handle, endpoint = operator.get(_handle_key("c1")), operator.get(_endpoint_key(node, "c1"))
+        assert handle is not None and endpoint is not None
+    own_etcd.stop()
+    shutil.rmtree(own_etcd.data_dir)
+    shutil.copytree(backup, own_etcd.data_dir)
+    own_etcd.start()
+    with EtcdClient(EtcdConfig.from_env(env)) as operator:
+        assert operator.commit([Create(handle.key, handle.value)]) == handle.mod_revision
+        assert operator.commit([Create(endpoint.key, endpoint.value)]) == endpoint.mod_revision
+        with GatewayClient(EtcdConfig.from_env(env)) as gateway:
+            agent.ipam = _ipam_of(gateway)
+            two = _pod_add(agent, "c2")  # loses its kept comparison, plans on a fresh read, keeps that
+            block_key = keys.block_key(ipaddress.ip_network(f"{zero}/26", strict=False))
+            kv = operator.get(block_key)
+            assert kv is not None
+            block, (back,) = Block.from_json(kv.value).assign(1, attachment_handle("net", "c1", "eth0"), {})
+            operator.commit([Update(block_key, block.to_json(), kv.mod_revision)])
+            assert _pod_del(agent, "c1") == [str(back)]
+        assert allocated(operator) == {zero: attachment_handle("net", "c0", "eth0"),
+                                       two: attachment_handle("net", "c2", "eth0")}
+        assert _endpoints(operator) == {_endpoint_key(node, "c0"): "c0", _endpoint_key(node, "c2"): "c2"}
+
+
+def _ipam_of(client: Any) -> Any:
+    from ipam.allocator import IPAM
+
+    return IPAM(client)
