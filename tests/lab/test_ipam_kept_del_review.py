@@ -210,3 +210,29 @@ def _ipam_of(client: Any) -> Any:
     from ipam.allocator import IPAM
 
     return IPAM(client)
+
+
+def test_one_batch_of_kept_and_unkept_dels_and_a_restarted_agent(
+        etcd_client: EtcdClient, agent_env: tuple[str, GatewayClient], etcd_server: Any) -> None:
+    """DELs of one batch: one pod whose ADD this process served (kept), one whose ADD another
+    process served (nothing kept: the batch reads), one already deleted by another process (kept,
+    stale); then a restarted agent (nothing kept) deletes the last pod. Each DEL frees exactly its
+    own pod's address; nothing is left."""
+    from datastore.config import EtcdConfig
+
+    node, gateway = agent_env
+    agent = _Process(gateway, node)
+    mine, gone, last = _pod_add(agent, "c1"), _pod_add(agent, "c3"), _pod_add(agent, "c4")
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as elsewhere:
+        other = _Process(elsewhere, node)
+        theirs = _pod_add(other, "c2")
+        assert _pod_del(other, "c3") == [gone]
+    with agent as ipam:
+        results = _together(node, [lambda cid=cid: _pod_del_in(ipam, node, cid) for cid in ("c1", "c2", "c3")])
+    assert results == [[mine], [theirs], []]
+    assert allocated(etcd_client) == {last: attachment_handle("net", "c4", "eth0")}
+    with GatewayClient(EtcdConfig.from_env(etcd_server.env())) as restarted:
+        assert _pod_del(_Process(restarted, node), "c4") == [last]
+    assert allocated(etcd_client) == {}
+    assert _endpoints(etcd_client) == {}
+    assert _core_problems(etcd_client) == []
