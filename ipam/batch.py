@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from datastore import keys
-from datastore.errors import Conflict
+from datastore.errors import Conflict, TransactionTooLarge
 from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Unchanged, Update
 from ipam import claim_listeners, kept_snapshot, kept_writes
 from ipam.block import Address, Block, Network, decoded_block, remember_block
@@ -145,6 +145,8 @@ def submit(ipam: IPAM, node: str, job: _Job, exclusive: Exclusive | None = None)
 
 # The most jobs one transaction carries: each writes or compares up to ~5 keys (its handles, its
 # caller's key, blocks), and etcd takes at most 128 operations in one transaction (--max-txn-ops).
+# A release planned on kept values compares twice as much (revision and bytes): a batch that comes
+# to more than etcd takes runs again halved (``_run``).
 MAX_JOBS = 24
 
 # What one plan-and-commit of a batch came to.
@@ -157,16 +159,26 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
     # The first plan starts from a serializable read when the IPAM allows it; any plan after one
     # that lost its compare-and-swap, claimed a block or could not trust its read is linearizable.
     fresh = not ipam.serializable_snapshot
+    cap = MAX_JOBS
     while pending:
         # Jobs sharing a key (the same attachment twice) go in different batches, in order.
         batch: list[_Job] = []
         taken: set[str] = set()
         for job in pending:
             wanted = set(job.wanted())
-            if not wanted & taken and len(batch) < MAX_JOBS:
+            if not wanted & taken and len(batch) < cap:
                 batch.append(job)
             taken |= wanted
-        outcome = _once(ipam, node, batch, fresh)
+        try:
+            outcome = _once(ipam, node, batch, fresh)
+        except TransactionTooLarge:
+            # More comparisons than etcd takes at once (releases planned on kept values compare
+            # bytes too, and their blocks add up): the same jobs in smaller batches, down to one.
+            if len(batch) <= 1:
+                raise
+            cap = len(batch) // 2
+            pending = [j for j in pending if not j.done]
+            continue
         pending = [j for j in pending if not j.done]  # a repeated ADD handed back its addresses
         if outcome == _DONE:
             continue
