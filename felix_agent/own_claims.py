@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from bgp import trace
 from felix_agent.bgp_runner import BGPRunner
-from felix_agent.calc.snapshot import BLOCK, Snapshot
+from felix_agent.calc.snapshot import BLOCK
 from felix_agent.loop import DataplaneLoop
 from felix_agent.syncer import Syncer, decode
 from ipam import claim_listeners
@@ -74,7 +74,7 @@ class OwnClaims:
                 taken = bgp.announce_own(updates, lambda then: syncer.put_own_then(updates, claimed.revision, then),
                                          claimed.returned)
             else:
-                taken = syncer.put_own_then(updates, claimed.revision, _nothing)
+                taken = syncer.put_own_then(updates, claimed.revision)
         finally:
             loop = self._loop()
             if taken and loop is not None:
@@ -82,8 +82,4 @@ class OwnClaims:
         if taken:
             self.taken += 1
             trace.mark("own", blocks)  # taken in at the commit (else the watch had brought it first)
-
-
-def _nothing(_: Snapshot) -> None:
-    return None
 

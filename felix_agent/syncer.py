@@ -127,29 +127,26 @@ class Syncer:
         no-op, and anything newer for the key wins as usual. The caller kicks the dataplane; no
         ``on_update`` runs for it. False when the value was not taken (not in sync yet: the listing
         brings it; or the snapshot already holds that revision or a newer one)."""
-        with self._lock:
-            # Past ``mod_revision`` the watch has handled the write and whatever followed it (a
-            # concurrent DEL's deletion, say): handing it over again would bring back what went.
-            if (not self.in_sync.is_set() or self.snapshot.mod_revisions.get(key, 0) >= mod_revision
-                    or mod_revision <= self.snapshot.revision):
-                return False
-            self.snapshot.apply(Update(kind, key, value), mod_revision)
-            return True
+        return self.put_own_then([Update(kind, key, value)], mod_revision)
 
     # ---- a block this agent's IPAM claimed (felix_agent.own_claims) ------------------------------
-    def put_own_then(self, updates: Sequence[Update], mod_revision: int, then: Callable[[Snapshot], None]) -> bool:
+    def put_own_then(self, updates: Sequence[Update], mod_revision: int,
+                     then: Callable[[Snapshot], None] | None = None) -> bool:
         """The values of one transaction this agent has just committed at ``mod_revision`` (a
         block with its affinity), handed over as :meth:`put_own` does but all or none; then
         ``then(snapshot)`` under the snapshot's lock (nothing changes it meanwhile). False when
         they were not taken (not in sync; the watch has passed the commit or holds a newer value
         of one of the keys: it delivers, or delivered, the truth itself)."""
         with self._lock:
+            # Past ``mod_revision`` the watch has handled the write and whatever followed it (a
+            # concurrent DEL's deletion, say): handing it over again would bring back what went.
             if (not self.in_sync.is_set() or mod_revision <= self.snapshot.revision
                     or any(self.snapshot.mod_revisions.get(u.key, 0) >= mod_revision for u in updates)):
                 return False
             for update in updates:
                 self.snapshot.apply(update, mod_revision)
-            then(self.snapshot)
+            if then is not None:
+                then(self.snapshot)
             return True
 
     # ---- a pod's endpoint ahead of its write (felix_agent.pod_policy) ---------------------------
