@@ -284,6 +284,13 @@ class EtcdClient(Writes):
         writes = []
         C = rpc_pb2.Compare
         self.limits.check(ops)  # etcd would refuse it whole, after we sent every byte
+
+        def unchanged(key: bytes, op: Update | Delete | Unchanged) -> None:
+            # Still at its revision and, with ``expected``, still exactly those bytes.
+            compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
+            if op.expected is not None:
+                compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected))
+
         for op in ops:
             key = op.key.encode()
             if isinstance(op, Create):
@@ -291,15 +298,11 @@ class EtcdClient(Writes):
                 writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value,
                                                                                lease=op.lease)))
             elif isinstance(op, Update):
-                compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
-                if op.expected is not None:
-                    compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected))
+                unchanged(key, op)
                 writes.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=op.value)))
             elif isinstance(op, Delete):
                 if op.mod_revision:
-                    compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
-                    if op.expected is not None:
-                        compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected))
+                    unchanged(key, op)
                 writes.append(rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)))
             elif isinstance(op, Present):
                 compares.append(C(key=key, target=C.VERSION, result=C.GREATER, version=0))
@@ -307,9 +310,7 @@ class EtcdClient(Writes):
                 compares.append(C(key=key, range_end=prefix_end(op.key), target=C.MOD, result=C.LESS,
                                   mod_revision=op.revision + 1))
             else:
-                compares.append(C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=op.mod_revision))
-                if op.expected is not None:
-                    compares.append(C(key=key, target=C.VALUE, result=C.EQUAL, value=op.expected))
+                unchanged(key, op)
         # On failure, read back the compared keys so we can say which one moved.
         failure = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key, range_end=c.range_end,
                                                                         keys_only=bool(c.range_end)))

@@ -37,7 +37,19 @@ from datastore.errors import (
     DatastoreUnavailable,
     is_transient,
 )
-from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Present, Reading, Update, Writes, prefix_end
+from datastore.kv import (
+    Create,
+    Delete,
+    KeyValue,
+    NothingNewer,
+    Op,
+    Present,
+    Reading,
+    Unchanged,
+    Update,
+    Writes,
+    prefix_end,
+)
 
 _MAX_RESPONSE = 64 * 1024 * 1024
 
@@ -313,6 +325,13 @@ class GatewayClient(Writes):
         self.limits.check(ops)  # etcd would refuse it whole, after we sent every byte
         compares: list[dict[str, Any]] = []
         writes: list[dict[str, Any]] = []
+
+        def unchanged(key: str, op: Update | Delete | Unchanged) -> None:
+            # Still at its revision and, with ``expected``, still exactly those bytes.
+            compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
+            if op.expected is not None:
+                compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)})
+
         for op in ops:
             key = b64(op.key)
             if isinstance(op, Create):
@@ -322,16 +341,11 @@ class GatewayClient(Writes):
                     put["lease"] = str(op.lease)
                 writes.append({"request_put": put})
             elif isinstance(op, Update):
-                compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
-                if op.expected is not None:
-                    compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)})
+                unchanged(key, op)
                 writes.append({"request_put": {"key": key, "value": b64(op.value)}})
             elif isinstance(op, Delete):
                 if op.mod_revision:
-                    compares.append({"key": key, "target": "MOD", "result": "EQUAL",
-                                     "mod_revision": str(op.mod_revision)})
-                    if op.expected is not None:
-                        compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)})
+                    unchanged(key, op)
                 writes.append({"request_delete_range": {"key": key}})
             elif isinstance(op, Present):
                 compares.append({"key": key, "target": "VERSION", "result": "GREATER", "version": "0"})
@@ -339,9 +353,7 @@ class GatewayClient(Writes):
                 compares.append({"key": key, "range_end": b64(prefix_end(op.key)), "target": "MOD",
                                  "result": "LESS", "mod_revision": str(op.revision + 1)})
             else:
-                compares.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.mod_revision)})
-                if op.expected is not None:
-                    compares.append({"key": key, "target": "VALUE", "result": "EQUAL", "value": b64(op.expected)})
+                unchanged(key, op)
         failure = [{"request_range": {k: v for k, v in c.items() if k in ("key", "range_end")}
                     | ({"keys_only": True} if "range_end" in c else {})} for c in compares
                    if c["target"] != "VALUE"]  # its key's MOD comparison reads it back already
