@@ -140,6 +140,12 @@ class NothingNewer:
 Op = Create | Update | Delete | Unchanged | Present | NothingNewer
 
 
+def expected_bytes(op: Op) -> bytes | None:
+    """The value bytes ``op`` also compares (an :class:`Update`, :class:`Delete` or
+    :class:`Unchanged` with ``expected``), else None."""
+    return op.expected if isinstance(op, Update | Delete | Unchanged) else None
+
+
 def op_bytes(op: Op) -> int:
     """An upper bound of what ``op`` adds to an encoded transaction request.
 
@@ -149,8 +155,7 @@ def op_bytes(op: Op) -> int:
     """
     key = len(op.key.encode())
     value = len(op.value) if isinstance(op, Create | Update) else 0
-    if isinstance(op, Update | Delete | Unchanged) and op.expected is not None:
-        value += len(op.expected)
+    value += len(expected_bytes(op) or b"")
     return 3 * key + value + 48
 
 
@@ -172,8 +177,7 @@ class TxnLimits:
     def check(self, ops: Sequence[Op]) -> None:
         """:class:`TransactionTooLarge` if etcd would refuse ``ops`` as one transaction."""
         # An op with expected bytes is two comparisons (etcd counts comparisons too).
-        count = len(ops) + sum(1 for op in ops
-                               if isinstance(op, Update | Delete | Unchanged) and op.expected is not None)
+        count = len(ops) + sum(1 for op in ops if expected_bytes(op) is not None)
         if count > self.max_ops:
             raise TransactionTooLarge(
                 f"a transaction of {count} operations is more than etcd takes at once ({self.max_ops}, "
