@@ -230,11 +230,18 @@ def peers_with_work() -> None:
 
 
 def _has_work(peer: Any, ready: Any, established: Any) -> bool:
-    neighbor = peer.neighbor
-    return bool(
-        peer.fsm != established or peer._teardown is not None or peer._neighbor is not None
-        or peer.__dict__.get("_tortie_again", True) or peer.socket() in ready
-        or neighbor.rib.outgoing.pending() or neighbor.eor or neighbor.messages or neighbor.refresh)
+    return bool(_unsettled(peer, established) or peer.__dict__.get("_tortie_again", True)
+                or peer.socket() in ready or _queued(peer.neighbor))
+
+
+def _unsettled(peer: Any, established: Any) -> bool:
+    """Not an established session left alone: starting, torn down or being reconfigured."""
+    return bool(peer.fsm != established or peer._teardown is not None or peer._neighbor is not None)
+
+
+def _queued(neighbor: Any) -> bool:
+    """Routes, an End-of-RIB, operational or refresh messages waiting to go to the peer."""
+    return bool(neighbor.rib.outgoing.pending() or neighbor.eor or neighbor.messages or neighbor.refresh)
 
 
 def quiet_wakeups() -> None:
@@ -316,12 +323,11 @@ def no_empty_turns() -> None:
 
     def run(self: Any) -> Any:
         action = made_run(self)
-        if action != now or self.fsm != established or self._teardown is not None or self._neighbor is not None:
+        if action != now or _unsettled(self, established):
             return action
-        proto, neighbor = self.proto, self.neighbor
+        proto = self.proto
         if (proto is None or proto.__dict__.get("_tortie_last", nop) == nop or proto.__dict__.get("_tortie_sending")
-                or neighbor.rib.outgoing.pending() or neighbor.messages or neighbor.eor or neighbor.refresh
-                or _readable(proto)):
+                or _queued(self.neighbor) or _readable(proto)):
             return action
         self._tortie_again = False  # for peers_with_work, whichever wraps the other
         return later
