@@ -283,22 +283,27 @@ def commit_from_trace(trace_file: Path, prefix: str, t0: float, t1: float) -> tu
     each of its sightings, its return to the agent's IPAM (``commit``) and the origin's announce
     being decided (``datastore``, from that return or from the watch, which often comes first:
     the two answers race for the agent's GIL). And the transaction's send (``commit_sent``)."""
-    sightings = [t for t in (traced(trace_file, "commit", prefix, t0), traced(trace_file, "datastore", prefix, t0))
-                 if t is not None]
-    tc = min(sightings, default=t1)
-    tb = traced(trace_file, "commit_sent", prefix, t0)
-    return tc, tc if tb is None else tb
+    first = traced(trace_file, prefix, t0)
+    tc = min((first[step] for step in ("commit", "datastore") if step in first), default=t1)
+    return tc, first.get("commit_sent", tc)
 
 
-def traced(trace_file: Path, step: str, prefix: str, after: float) -> float | None:
-    """The first time ``step`` was traced for ``prefix`` after ``after`` (``bgp.trace``'s lines)."""
-    if not trace_file.exists():
-        return None
-    for line in trace_file.read_text().splitlines():
-        when, what, which = line.split()
-        if what == step and which == prefix and float(when) >= after:
-            return float(when)
-    return None
+def traced(trace_file: Path, prefix: str, after: float) -> dict[str, float]:
+    """Step -> the first time it was traced for ``prefix`` after ``after``, in one read of the file."""
+    first: dict[str, float] = {}
+    for when, step, which in trace_lines(trace_file):
+        if which == prefix and when >= after:
+            first.setdefault(step, when)
+    return first
+
+
+def trace_lines(path: Path) -> Iterable[tuple[float, str, str]]:
+    """A ``bgp.trace`` file's lines: (monotonic time, step, prefix); none when there is no file."""
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        when, step, prefix = line.split()
+        yield float(when), step, prefix
 
 
 def block(base: str, j: int) -> str:
@@ -411,9 +416,8 @@ def read_traces(directory: Path) -> dict[int, dict[tuple[str, str], list[float]]
     out: dict[int, dict[tuple[str, str], list[float]]] = {}
     for path in directory.glob("n*.trace"):
         steps: dict[tuple[str, str], list[float]] = {}
-        for line in path.read_text().splitlines():
-            when, step, prefix = line.split()
-            steps.setdefault((step, prefix), []).append(float(when))
+        for when, step, prefix in trace_lines(path):
+            steps.setdefault((step, prefix), []).append(when)
         out[int(path.stem[1:])] = steps
     return out
 
