@@ -209,9 +209,16 @@ class OpenEvent:
 @dataclass(frozen=True)
 class UpdateEvent:
     peer: str
-    announced: tuple[tuple[str, str], ...]  # (prefix, next hop)
+    # (next hop, its prefixes), as the UPDATE groups them: what the speaker and the learned routes
+    # take a group at a time (BIRD packs ~800 /32s into one UPDATE, all through one next hop)
+    groups: tuple[tuple[str, tuple[str, ...]], ...]
     withdrawn: tuple[str, ...]
     attrs: Mapping[str, Any]
+
+    @property
+    def announced(self) -> tuple[tuple[str, str], ...]:
+        """(prefix, next hop) of every announced path, in order."""
+        return tuple((prefix, next_hop) for next_hop, prefixes in self.groups for prefix in prefixes)
 
 
 @dataclass(frozen=True)
@@ -280,16 +287,16 @@ def _update(peer: str, message: Mapping[str, Any]) -> UpdateEvent | EndOfRib | N
     update = message.get("update")
     if not isinstance(update, dict):
         return None
-    announced = tuple(
-        (_nlri(n), str(next_hop))
+    groups = tuple(
+        (str(next_hop), _nlris(nlris))
         for family, by_next_hop in update.get("announce", {}).items() if family in FAMILIES
         for next_hop, nlris in by_next_hop.items()
-        for n in nlris
     )
     withdrawn = tuple(
-        _nlri(n) for family, nlris in update.get("withdraw", {}).items() if family in FAMILIES for n in nlris
+        prefix for family, nlris in update.get("withdraw", {}).items() if family in FAMILIES
+        for prefix in _nlris(nlris)
     )
-    return UpdateEvent(peer, announced, withdrawn, dict(update.get("attribute", {})))
+    return UpdateEvent(peer, groups, withdrawn, dict(update.get("attribute", {})))
 
 
 def as_path_length(attrs: Mapping[str, Any]) -> int:
@@ -307,6 +314,15 @@ def as_path_length(attrs: Mapping[str, Any]) -> int:
 def _nlri(entry: Any) -> str:
     text = entry["nlri"] if isinstance(entry, dict) else entry
     return canonical(str(text))
+
+
+def _nlris(entries: Any) -> tuple[str, ...]:
+    """``_nlri`` of each entry. ExaBGP writes a plain prefix as ``{ "nlri": "<prefix>" }``: those
+    are taken in one pass (an UPDATE of 800 /32s), anything else entry by entry."""
+    try:
+        return tuple(map(canonical, [entry["nlri"] for entry in entries]))
+    except (TypeError, KeyError):
+        return tuple(map(_nlri, entries))
 
 
 # -- commands --------------------------------------------------------------------------------------

@@ -28,31 +28,29 @@ A stale path loses to any fresh one for the same prefix, so a second reflector t
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from bgp import trace
 from bgp.exabgp import as_path_length
-from bgp.model import SessionStatus, address, canonical, ipv4_prefix, ipv4_within, network
+from bgp.learned_kernel import BGP_PROTOCOL, Hop, KernelView, read_kernel, same
+from bgp.model import SessionStatus, canonical, network
+from bgp.route_groups import RouteGroup, groups_of, record
 from kernel.netlink import KernelError
 from kernel.rtnl import IPIP_FALLBACK_DEVICE as IPIP_DEVICE
 from kernel.rtnl import KernelRoute, write_each
 
 log = logging.getLogger(__name__)
 
-BGP_PROTOCOL = 81  # CONTRACT, "Kernel objects"
-KERNEL_PROTOCOL = 2  # connected subnets
 ADOPTED = "kernel"  # the pseudo peer of routes found in the kernel at start
 ESTABLISHED = "Established"
 RESYNC_INTERVAL = 60.0
 
 EncapFor = Callable[[str], str | None]  # prefix -> "ipip" | "ipip-cross-subnet" | None
-_Hop = tuple[str, int, "_Connected | None"]  # a next hop's canonical text, IP version, connected subnet
 
 
 class RouteDriver(Protocol):
@@ -64,8 +62,10 @@ class RouteDriver(Protocol):
     def delete_route(self, route: KernelRoute) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Path:
+    """One peer's path for a prefix; shared by the prefixes of one UPDATE, so never mutated."""
+
     next_hop: str
     local_pref: int = 100
     as_path_len: int = 0
@@ -82,22 +82,6 @@ class Stats:
     conflicts: int  # prefixes not installed: another protocol routes them, or inside the underlay
     failed: int  # kernel writes refused so far (e.g. an unresolvable next hop; retried on resync)
     writes: int  # kernel writes so far
-
-
-@dataclass
-class _Connected:
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
-    device: str
-    ifindex: int | None
-
-
-@dataclass
-class _Kernel:
-    """What the last read-back found, updated with our own writes in between."""
-
-    ours: dict[str, KernelRoute] = field(default_factory=dict)
-    foreign: set[str] = field(default_factory=set)  # prefixes with a route of another protocol
-    connected: list[_Connected] = field(default_factory=list)
 
 
 class LearnedRoutes:
@@ -117,7 +101,7 @@ class LearnedRoutes:
         self._failed_writes = 0
         self._writes = 0
         self._paths: dict[str, dict[str, Path]] = {}  # prefix -> peer -> path
-        self._kernel: _Kernel | None = None  # None: read back at the next apply
+        self._kernel: KernelView | None = None  # None: read back at the next apply
         self._failed: set[str] = set()
         self._lock = threading.Lock()
         self._applying = threading.Lock()  # one apply at a time: each writes from what the last recorded
@@ -137,24 +121,27 @@ class LearnedRoutes:
 
     def on_routes(self, changes: Iterable[tuple[str, str, str | None, bool, Mapping[str, Any]]], *,
                   wake: bool = True) -> None:
-        """``on_route`` for many (a read of UPDATEs): one lock, one look at each UPDATE's attributes;
+        """``on_route`` for many."""
+        self.on_groups(groups_of((peer, canonical(prefix), next_hop, withdrawn, attrs)
+                                 for peer, prefix, next_hop, withdrawn, attrs in changes), wake=wake)
+
+    def on_groups(self, groups: Iterable[RouteGroup], *, wake: bool = True) -> None:
+        """What a read of UPDATEs changed, a group (one UPDATE's prefixes through one next hop)
+        at a time: one lock, one path per group; prefixes canonical, as the speaker has them.
         ``wake=False``: the caller applies them at once (the installer thread would find nothing due)."""
-        ranks: dict[int, tuple[int, int]] = {}  # id(attrs) -> (local pref, AS path length)
+        made: dict[tuple[str, int], Path] = {}  # (next hop, id(attrs)) -> its path
+
+        def path_for(next_hop: str, attrs: Mapping[str, Any]) -> Path:
+            path = made.get((next_hop, id(attrs)))
+            if path is None:
+                rank = (int(attrs.get("local-preference", 100)), as_path_length(attrs))
+                path = made[(next_hop, id(attrs))] = Path(next_hop, *rank)
+            return path
+
         with self._lock:
-            for peer, prefix, next_hop, withdrawn, attrs in changes:
-                prefix = canonical(prefix)
-                paths = self._paths.setdefault(prefix, {})
-                if withdrawn or next_hop is None:
-                    paths.pop(peer, None)
-                else:
-                    rank = ranks.get(id(attrs))
-                    if rank is None:
-                        rank = ranks[id(attrs)] = (int(attrs.get("local-preference", 100)), as_path_length(attrs))
-                    paths[peer] = Path(next_hop, *rank)
-                if not paths:
-                    del self._paths[prefix]
-                self._changed.add(prefix)
-                self._failed.discard(prefix)  # a new path may well be installable
+            touched = record(self._paths, groups, path_for)
+            self._changed.update(touched)
+            self._failed.difference_update(touched)  # a new path may well be installable
             self._touch(wake=wake)
 
     def on_session(self, status: SessionStatus, restart_time: int = 0) -> None:
@@ -170,7 +157,7 @@ class LearnedRoutes:
                     continue
                 if restart_time > 0:
                     if path.stale_until is None:
-                        path.stale_until = deadline
+                        self._paths[prefix][status.peer] = replace(path, stale_until=deadline)
                         self._stale_at(deadline)
                 else:
                     del self._paths[prefix][status.peer]
@@ -198,7 +185,7 @@ class LearnedRoutes:
     def adopt(self, grace: float) -> int:
         """Take the protocol-81 routes left in the kernel (by our previous run) as stale paths that
         expire after ``grace`` seconds unless re-learned. Returns how many were adopted."""
-        kernel = self._read_kernel()
+        kernel = read_kernel(self.driver.routes())
         deadline = self.clock() + grace
         with self._lock:
             self._kernel = None  # the next apply reads the kernel back and reconciles everything
@@ -231,7 +218,7 @@ class LearnedRoutes:
         with self._lock:
             full = resync or self._kernel is None
             changed, self._changed, self._dirty, self._dirty_since = self._changed, set(), False, None
-        kernel = self._read_kernel() if full else None
+        kernel = read_kernel(self.driver.routes()) if full else None
         with self._lock:
             if kernel is not None:
                 self._kernel = kernel
@@ -242,7 +229,7 @@ class LearnedRoutes:
             changed |= self._expire()
             prefixes = set(self._paths) | set(current.ours) if full else changed
             ops: list[tuple[str, KernelRoute]] = []
-            hops: dict[str, _Hop | None] = {}  # next hop -> what its routes share: found once per apply
+            hops: dict[str, Hop | None] = {}  # next hop -> what its routes share: found once per apply
             for prefix in prefixes:
                 route = self._desired(prefix, current, hops)
                 have = current.ours.get(prefix)
@@ -252,17 +239,17 @@ class LearnedRoutes:
                 elif have is None:
                     if prefix not in self._failed:
                         ops.append(("add", route))
-                elif not _same(route, have):
+                elif not same(route, have):
                     ops.append(("replace", route))
         self._write(ops)  # outside the lock: the speaker's thread keeps recording
 
     def stats(self) -> Stats:
         with self._lock:
-            kernel = self._kernel or _Kernel()
+            kernel = self._kernel or KernelView()
             return Stats(
                 installed=len(kernel.ours),
                 stale=sum(1 for paths in self._paths.values() for p in paths.values() if p.stale_until is not None),
-                conflicts=sum(1 for p in self._paths if p in kernel.foreign or _in_underlay(p, kernel.connected)),
+                conflicts=sum(1 for p in self._paths if p in kernel.foreign or kernel.in_underlay(p)),
                 failed=self._failed_writes,
                 writes=self._writes,
             )
@@ -302,17 +289,17 @@ class LearnedRoutes:
         else:
             self._kernel.ours[route.dst] = route
 
-    def _desired(self, prefix: str, kernel: _Kernel, hops: dict[str, _Hop | None]) -> KernelRoute | None:
+    def _desired(self, prefix: str, kernel: KernelView, hops: dict[str, Hop | None]) -> KernelRoute | None:
         paths = self._paths.get(prefix)
-        if not paths or prefix in kernel.foreign or _in_underlay(prefix, kernel.connected):
+        if not paths or prefix in kernel.foreign or kernel.in_underlay(prefix):
             return None
         # Most prefixes have one peer's path: no ranking.
         path = next(iter(paths.values())) if len(paths) == 1 else paths[min(paths, key=lambda p: paths[p].rank(p))]
         next_hop = path.next_hop
         return self._route(prefix, hops[next_hop] if next_hop in hops else
-                           hops.setdefault(next_hop, _hop(next_hop, kernel.connected)))
+                           hops.setdefault(next_hop, kernel.hop(next_hop)))
 
-    def _route(self, prefix: str, hop: _Hop | None) -> KernelRoute | None:
+    def _route(self, prefix: str, hop: Hop | None) -> KernelRoute | None:
         if hop is None or hop[1] != (6 if ":" in prefix else 4):
             return None  # a next hop of the other family (RFC 5549) is not supported
         gateway, _, link = hop
@@ -348,19 +335,6 @@ class LearnedRoutes:
     def _stale_at(self, deadline: float) -> None:
         if self._earliest is None or deadline < self._earliest:
             self._earliest = deadline
-
-    def _read_kernel(self) -> _Kernel:
-        kernel = _Kernel()
-        for r in self.driver.routes():
-            if r.proto == BGP_PROTOCOL:
-                kernel.ours[r.dst] = r
-                continue
-            kernel.foreign.add(r.dst)
-            if r.proto == KERNEL_PROTOCOL and r.gateway is None and r.device and r.type == "unicast":
-                net = ipaddress.ip_network(r.dst)
-                if not net.is_link_local and net.prefixlen < net.max_prefixlen:
-                    kernel.connected.append(_Connected(net, r.device, r.ifindex))
-        return kernel
 
     def next_deadline(self) -> float | None:
         """When the earliest stale path may expire (a lower bound: re-learned ones do not move it)."""
@@ -421,30 +395,4 @@ class LearnedRoutes:
                 self._wake.notify_all()
 
 
-def _hop(next_hop: str, connected: list[_Connected]) -> _Hop | None:
-    """What every route through ``next_hop`` shares (None: it is no address)."""
-    try:
-        nh = address(next_hop)
-    except ValueError:
-        return None
-    return str(nh), nh.version, next((c for c in connected if nh in c.network), None)
-
-
-def _same(desired: KernelRoute, actual: KernelRoute) -> bool:
-    """Whether the kernel's route is the one desired (the kernel fills in what we left open)."""
-    if desired.device is None:
-        actual = KernelRoute(dst=actual.dst, type=actual.type, gateway=actual.gateway, onlink=actual.onlink,
-                             scope=actual.scope, proto=actual.proto, metric=actual.metric)
-    elif desired.ifindex is None:
-        actual = KernelRoute(dst=actual.dst, type=actual.type, gateway=actual.gateway, device=actual.device,
-                             onlink=actual.onlink, scope=actual.scope, proto=actual.proto, metric=actual.metric)
-    return desired == actual
-
-
-def _in_underlay(prefix: str, connected: list[_Connected]) -> bool:
-    parsed = ipv4_prefix(prefix)
-    if parsed is not None:  # without ipaddress: called for every prefix of a large table
-        return any(ipv4_within(parsed, c.network) for c in connected)
-    net = network(prefix)
-    return any(net.version == c.network.version and net.subnet_of(c.network) for c in connected)  # type: ignore[arg-type]
 

@@ -12,6 +12,7 @@ not talk to ExaBGP or the kernel itself (``_send`` and ``on_route`` are the spea
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from bgp import exabgp
 from bgp.filters import Filter, accepts, has_direction
 from bgp.model import Export, SpeakerConfig
 from bgp.reflector import Received, Reflector
+from bgp.route_groups import RouteGroup
 
 RouteCallback = Callable[[str, str, str | None, bool, dict[str, Any]], None]
 
@@ -47,12 +49,17 @@ class ReceivedRoutes:
     _counts: dict[str, int]
     _last_update: float | None
     on_route: RouteCallback
+    on_groups: Callable[[list[RouteGroup]], None] | None
+    _pending: deque[tuple[Callable[..., None], tuple[Any, ...]]]
 
     if TYPE_CHECKING:  # the speaker's
         def _later(self, fn: Callable[..., None], *args: Any) -> None: ...
         def _send(self, commands: list[str]) -> bool: ...
 
     def _on_update(self, event: exabgp.UpdateEvent) -> None:
+        """An UPDATE a group at a time (its prefixes through one next hop: ~800 /32s from BIRD),
+        each group's accepted prefixes recorded and handed on in one piece; the per-prefix work
+        left is the import filters' (when the session has some) and the reflector's."""
         self._counts["updates"] += 1
         self._last_update = time.time()
         peer, attrs = event.peer, dict(event.attrs)
@@ -60,34 +67,88 @@ class ReceivedRoutes:
         routes = info.routes
         looped = self._looped(peer, attrs)
         filters = self._import_filters(peer)
-        paths: dict[str, Received] = {}  # by next hop: one UPDATE shares its attributes
         withdrawn = list(event.withdrawn)
         commands: list[str] = []
-        for prefix, next_hop in event.announced:
+        for next_hop, prefixes in event.groups:
             if looped:
-                self._counts["looped"] += 1
-                withdrawn.append(prefix)
+                self._counts["looped"] += len(prefixes)
+                withdrawn += prefixes
                 continue
-            info.announced[prefix] = (next_hop, attrs)
-            commands += self._admit(peer, info, prefix, filters, paths)
-        for prefix in withdrawn:
-            info.announced.pop(prefix, None)
-            if routes.pop(prefix, None) is not None or not looped:
-                self._later(self.on_route, peer, prefix, None, True, {})
-            if self._reflector is not None:
+            info.announced.update(dict.fromkeys(prefixes, (next_hop, attrs)))
+            commands += self._admit_group(peer, info, prefixes, next_hop, attrs, filters)
+        if looped:  # a looped path withdraws only what the peer had given us before
+            gone = [prefix for prefix in withdrawn if routes.pop(prefix, None) is not None]
+            for prefix in withdrawn:
+                info.announced.pop(prefix, None)
+        else:
+            gone = withdrawn
+            for prefix in withdrawn:
+                info.announced.pop(prefix, None)
+                routes.pop(prefix, None)
+        if gone:
+            self._later_group(peer, gone, None, {})
+        if self._reflector is not None:
+            for prefix in withdrawn:
                 commands += self._reflector.update(peer, prefix, None)
         self._send(commands)
+
+    def _later_group(self, peer: str, prefixes: list[str], next_hop: str | None, attrs: dict[str, Any]) -> None:
+        """Paths of ``peer`` for ``prefixes`` (withdrawn: ``next_hop`` None), to ``on_groups`` in
+        one call with the other groups of this read of ExaBGP's output (or to ``on_route`` one
+        by one)."""
+        if self.on_groups is None:
+            for prefix in prefixes:
+                self._pending.append((self.on_route, (peer, prefix, next_hop, next_hop is None, attrs)))
+            return
+        group = RouteGroup(peer, prefixes, next_hop, attrs)
+        if self._pending and self._pending[-1][0] is self.on_groups:
+            self._pending[-1][1][0].append(group)
+        else:
+            self._pending.append((self.on_groups, ([group],)))
 
     def _import_filters(self, peer: str) -> tuple[Filter, ...]:
         configured = next((p for p in self._config.peers if p.address == peer), None) if self._config else None
         filters = configured.options.filters if configured is not None else ()
         return filters if has_direction(filters, "import") else ()
 
+    def _admit_group(self, peer: str, info: PeerInfo, prefixes: tuple[str, ...], next_hop: str,
+                     attrs: dict[str, Any], filters: tuple[Filter, ...]) -> list[str]:
+        """Install (through the speaker's route callbacks) and reflect the announced paths of one
+        group, except those the session's import filters refuse or whose prefix the node
+        announces itself: those count as withdrawn."""
+        exports = self._exports
+        if filters or not exports.keys().isdisjoint(prefixes):
+            refused = {p for p in prefixes
+                       if (filters and not accepts(filters, "import", p, remote=True)) or p in exports}
+        else:
+            refused = set()
+        commands: list[str] = []
+        if refused:
+            accepted = [p for p in prefixes if p not in refused]
+            # accepted before, refused now
+            dropped = [p for p in prefixes if p in refused and info.routes.pop(p, None) is not None]
+            if dropped:
+                self._later_group(peer, dropped, None, {})
+                if self._reflector is not None:
+                    for prefix in dropped:
+                        commands += self._reflector.update(peer, prefix, None)
+        else:
+            accepted = list(prefixes)
+        if not accepted:
+            return commands
+        path = Received.from_json(next_hop, attrs)
+        info.routes.update(dict.fromkeys(accepted, path))
+        self._later_group(peer, accepted, next_hop, attrs)
+        if self._reflector is not None:
+            for prefix in accepted:
+                commands += self._reflector.update(peer, prefix, path)
+        return commands
+
     def _admit(self, peer: str, info: PeerInfo, prefix: str, filters: tuple[Filter, ...],
                paths: dict[str, Received]) -> list[str]:
-        """Install (through ``on_route``) and reflect an announced path, unless the session's
-        import filters refuse it or the node announces that prefix itself: then it counts as
-        withdrawn."""
+        """``_admit_group`` for one prefix already announced (filters or exports changed): install
+        (through ``on_route``) and reflect its path, unless the session's import filters refuse it
+        or the node announces that prefix itself: then it counts as withdrawn."""
         next_hop, attrs = info.announced[prefix]
         if (filters and not accepts(filters, "import", prefix, remote=True)) or prefix in self._exports:
             if info.routes.pop(prefix, None) is None:

@@ -10,7 +10,8 @@
   no Adj-RIB-Out across sessions and gives API routes to no neighbor added later), then
   End-of-RIB (``manual-eor``), after what a reflector reflects to it.
 - what peers send becomes ``on_route(peer, prefix, next_hop, withdrawn, attrs)`` (or, given
-  ``on_routes``, one call with the list of those of a read of ExaBGP's output), session changes
+  ``on_groups``, one call per read of ExaBGP's output with its groups ``(peer, prefixes, next
+  hop, attrs)``, next hop None for withdrawn ones: an UPDATE's prefixes stay together), session changes
   ``on_session(SessionStatus)``, End-of-RIB ``on_end_of_rib(peer, family)``; ``on_batch()``
   follows the callbacks of each read of ExaBGP's output (where the kernel is written at once). A looped path (our
   router ID as ORIGINATOR_ID, our cluster ID in CLUSTER_LIST, our AS in an eBGP AS_PATH) counts
@@ -64,11 +65,12 @@ from bgp.model import Export, Peer, SessionStatus, SpeakerConfig
 from bgp.passwords import with_keys
 from bgp.received import PeerInfo, RouteCallback
 from bgp.reflector import Reflector
+from bgp.route_groups import RouteGroup
 
 log = logging.getLogger(__name__)
 
 SessionCallback = Callable[[SessionStatus], None]
-RoutesCallback = Callable[[list[tuple[Any, ...]]], None]  # [(peer, prefix, next hop, withdrawn, attrs)]
+GroupsCallback = Callable[[list[RouteGroup]], None]
 EndOfRibCallback = Callable[[str, str], None]
 
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
@@ -91,7 +93,7 @@ class SpeakerMetrics:
 class Speaker(Announcements):
     def __init__(self, state_dir: str | Path, *, on_route: RouteCallback | None = None,
                  on_session: SessionCallback | None = None, on_end_of_rib: EndOfRibCallback | None = None,
-                 on_batch: Callable[[], None] | None = None, on_routes: RoutesCallback | None = None,
+                 on_batch: Callable[[], None] | None = None, on_groups: GroupsCallback | None = None,
                  exabgp_bin: str | None = None,
                  python: str | None = None, nice: int = 0) -> None:
         self.state_dir = Path(state_dir)
@@ -99,7 +101,7 @@ class Speaker(Announcements):
         self.on_session = on_session or (lambda s: None)
         self.on_end_of_rib = on_end_of_rib or (lambda p, f: None)
         self.on_batch = on_batch or (lambda: None)
-        self.on_routes = on_routes
+        self.on_groups = on_groups
         self.python = python or sys.executable
         # Not the `exabgp` script: the same ExaBGP with its poller repaired (bgp.exabgp_reactor).
         self._exabgp = ExaBGPProcess([exabgp_bin] if exabgp_bin else [self.python, "-m", "bgp.exabgp_reactor"],
@@ -431,12 +433,9 @@ class Speaker(Announcements):
     # -- callbacks: queued under the lock, made outside it, in order ----------------------------
 
     def _later(self, fn: Callable[..., None], *args: Any) -> None:
-        if fn is self.on_route and self.on_routes is not None:
-            # One call for the routes of a read of UPDATEs, not one per prefix (10,000 of them).
-            if self._pending and self._pending[-1][0] is self.on_routes:
-                self._pending[-1][1][0].append(args)
-            else:
-                self._pending.append((self.on_routes, ([args],)))
+        if fn is self.on_route and self.on_groups is not None:
+            peer, prefix, next_hop, withdrawn, attrs = args
+            self._later_group(peer, [prefix], None if withdrawn else next_hop, attrs)
             return
         self._pending.append((fn, args))
 

@@ -20,6 +20,7 @@ from bgp.config import exports, speaker_config
 from bgp.export_inputs import ExportInputs
 from bgp.learned import LearnedRoutes
 from bgp.model import Export, SessionStatus, SpeakerConfig, ipv4_prefix, ipv4_within, network
+from bgp.route_groups import RouteGroup
 from bgp.speaker import Speaker
 from bgp.status import write_status
 from datastore.errors import DatastoreError
@@ -61,7 +62,7 @@ class BGPRunner:
         self.learned = LearnedRoutes(BulkRTNL.open(), encap_for=self.encap_for, change_delay=0.05)
         self.speaker = Speaker(state_dir, on_route=self.learned.on_route, on_session=self._on_session,
                                on_end_of_rib=self.learned.on_end_of_rib, on_batch=self._install,
-                               on_routes=self._on_routes, nice=nice)
+                               on_groups=self._on_groups, nice=nice)
         self._lease: Lease | None = None
         self._reader: int | None = None  # the thread that runs on_batch: ExaBGP's reader
         self._thread = threading.Thread(target=self._publish, name="bgp-status", daemon=True)
@@ -168,11 +169,11 @@ class BGPRunner:
             self._export_inputs.reset(snapshot.blocks)
         self.speaker.announce(exports(snapshot, self.node), seen_at)
 
-    def _on_routes(self, changes: Iterable[tuple[str, str, str | None, bool, dict[str, object]]]) -> None:
+    def _on_groups(self, groups: list[RouteGroup]) -> None:
         # On the reader's thread on_batch applies them next: no wake-up of the installer thread
         # per UPDATE (it found nothing due, and took the GIL beside the apply). Elsewhere (a peer
         # removed by a new configuration) the installer thread applies them, change_delay later.
-        self.learned.on_routes(changes, wake=threading.get_ident() != self._reader)
+        self.learned.on_groups(groups, wake=threading.get_ident() != self._reader)
 
     def _install(self) -> None:
         """What the last read of ExaBGP's output changed, into the kernel now (the speaker's thread)."""
