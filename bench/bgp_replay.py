@@ -30,7 +30,7 @@ from typing import Any
 from bgp.learned import LearnedRoutes
 from bgp.model import EXTERNAL, Peer, SpeakerConfig
 from bgp.speaker import Speaker
-from kernel.netlink import HEADER, NLMSG_ERROR, messages
+from kernel.netlink import HEADER, NLMSG_ERROR, Socket
 from kernel.rtnl import KernelRoute
 from kernel.rtnl_bulk import BulkRTNL
 
@@ -66,20 +66,19 @@ def update_lines(routes: list[str], withdraw: bool = False) -> list[str]:
 
 
 class AckingSocket:
-    """A netlink socket's stand-in that acknowledges every request of a ``sendall`` with 0."""
+    """A netlink socket's stand-in that acknowledges every request of a ``sendall`` with 0 (the
+    last one's sequence number is the owner's latest: ``Socket.batch`` asks for that ack only)."""
 
-    def __init__(self) -> None:
-        self._last: tuple[int, bytes] | None = None
+    def __init__(self, owner: Socket) -> None:
+        self._owner = owner
+        self._header = b""
 
     def sendall(self, data: bytes) -> None:
-        *_, (_, _, seq, _) = messages(bytes(data))
-        self._last = (seq, bytes(data[:HEADER.size]))
+        self._header = bytes(data[:HEADER.size])
 
     def recv(self, size: int) -> bytes:
-        assert self._last is not None
-        seq, header = self._last
-        payload = struct.pack("=i", 0) + header
-        return HEADER.pack(HEADER.size + len(payload), NLMSG_ERROR, 0, seq, 0) + payload
+        payload = struct.pack("=i", 0) + self._header
+        return HEADER.pack(HEADER.size + len(payload), NLMSG_ERROR, 0, self._owner._seq, 0) + payload
 
 
 class ReplayDriver(BulkRTNL):
@@ -89,7 +88,7 @@ class ReplayDriver(BulkRTNL):
     def __init__(self) -> None:
         super().__init__(strict=True, timeout=10.0)
         self._sock._sock.close()
-        self._sock._sock = AckingSocket()  # type: ignore[assignment]
+        self._sock._sock = AckingSocket(self._sock)  # type: ignore[assignment]
 
     def routes(self, *args: Any, **kwargs: Any) -> list[KernelRoute]:
         return [KernelRoute(dst="198.18.0.0/24", device="eth0", proto=2, scope=253, ifindex=2)]

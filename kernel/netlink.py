@@ -209,18 +209,17 @@ class Socket:
         todo = [i for i, r in enumerate(requests) if r is not None]
         for start in range(0, len(todo), self.CHUNK):
             chunk = todo[start:start + self.CHUNK]
-            by_seq: dict[int, int] = {}
-            data = bytearray()
-            seq = 0
-            for n, i in enumerate(chunk):
-                request = requests[i]
-                assert request is not None
-                kind, flags, payload = request
-                seq = self.next_seq()
-                by_seq[seq] = i
-                ack = NLM_F_ACK if n == len(chunk) - 1 else 0
-                data += HEADER.pack(HEADER.size + len(payload), kind, flags | NLM_F_REQUEST | ack, seq, 0)
-                data += payload
+            seqs = [self.next_seq() for _ in chunk]
+            by_seq = dict(zip(seqs, chunk, strict=True))
+            pack, size = HEADER.pack, HEADER.size
+            parts = []
+            for seq, i in zip(seqs, chunk, strict=True):
+                kind, flags, payload = requests[i]  # type: ignore[misc]
+                parts.append(pack(size + len(payload), kind, flags | NLM_F_REQUEST, seq, 0))
+                parts.append(payload)
+            kind, flags, payload = requests[chunk[-1]]  # type: ignore[misc]
+            parts[-2] = pack(size + len(payload), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+            data = b"".join(parts)
             last, answered = seq, False
             try:
                 self._sock.sendall(data)

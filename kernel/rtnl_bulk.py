@@ -12,6 +12,7 @@ every call, does not pay for loading it. Must not know any Tortie concept.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 import struct
@@ -154,18 +155,20 @@ class BulkRTNL(RTNL):
         etc. would have raised (deleting a route that is gone is a success, as in ``delete_route``)."""
         names: dict[str, int] | None = None
         requests: list[tuple[int, int, bytes] | None] = []
-        bodies = RouteBodies()
+        append = requests.append
+        body = RouteBodies().body
+        commands = {action: (kind, flags) for action, (_, kind, flags) in _COMMANDS.items()}
         for action, route in ops:
             oif = route.ifindex
-            if route.type == "unicast" and oif is None and route.device is not None:
+            if oif is None and route.device is not None and route.type == "unicast":
                 if names is None:
                     names = self.link_indexes()
                 oif = names.get(route.device)
                 if oif is None:
-                    requests.append(None)
+                    append(None)
                     continue
-            _, kind, flags = _COMMANDS[action]
-            requests.append((kind, flags, bodies.body(route, oif)))
+            kind, flags = commands[action]
+            append((kind, flags, body(route, oif)))
         codes = self._sock.batch(requests)
         out: list[KernelError | None] = []
         for (action, route), request, code in zip(ops, requests, codes, strict=True):
@@ -220,11 +223,11 @@ class RouteBodies:
         self._shapes: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
 
     def body(self, route: KernelRoute, oif: int | None) -> bytes:
-        version, prefixlen, packed = _destination(route.dst)
+        version, prefixlen, packed = _cached_destination(route.dst)
         if not prefixlen:
             return _route_body(route, oif)  # no RTA_DST at all: rare, not worth a shape
-        key = (version, prefixlen, route.type, route.scope, route.proto, route.table, route.metric, route.gateway,
-               route.onlink, oif)
+        key = (route.gateway, oif, prefixlen, version, route.type, route.scope, route.proto, route.table, route.metric,
+               route.onlink)
         shape = self._shapes.get(key)
         if shape is None:
             whole = _route_body(route, oif)
@@ -233,6 +236,11 @@ class RouteBodies:
             assert whole[head:head + len(dst)] == dst
             shape = self._shapes[key] = (whole[:head] + dst[:4], whole[head + len(dst):])
         return shape[0] + packed + shape[1]
+
+
+# A table's prefixes are written again when they are withdrawn, re-announced or refreshed: each
+# is taken apart once (~0.7 us a time), not at every write.
+_cached_destination = functools.lru_cache(maxsize=1 << 15)(_destination)
 
 
 class LinkEvents:
