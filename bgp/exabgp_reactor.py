@@ -31,6 +31,8 @@ import contextlib
 import select
 import sys
 from pathlib import Path
+from socket import AF_INET, AF_INET6
+from socket import inet_ntop as ntop
 from typing import Any
 
 from bgp.exabgp_turns import (
@@ -140,7 +142,10 @@ def fast_update_json() -> None:
                 afi, safi = nlri.family().afi_safi()
                 family = families[key] = f"{afi} {safi}"
             if type(nlri) is INET and nlri.path_info is nopath:
-                text = f'{{ "nlri": "{nlri.cidr.prefix()}" }}' if not compact else f'"{nlri.cidr.prefix()}"'
+                cidr = nlri.cidr  # CIDR.prefix(), without its two calls per NLRI
+                packed = cidr._packed
+                prefix = f"{cidr._ip or ntop(AF_INET if len(packed) == 4 else AF_INET6, packed)}/{cidr.mask}"
+                text = f'{{ "nlri": "{prefix}" }}' if not compact else f'"{prefix}"'
             else:
                 text = nlri.json(compact=compact)
             if action == announce:
@@ -187,23 +192,43 @@ def fast_nlri_decoding() -> None:
     - ``Peer.id`` (its log tag, made for a debug call per received NLRI) is made once per
       neighbor object."""
     try:
+        from exabgp.bgp.message.update.nlri.cidr import CIDR
+        from exabgp.bgp.message.update.nlri.inet import INET
         from exabgp.bgp.message.update.nlri.nlri import NLRI
+        from exabgp.bgp.message.update.nlri.qualifier.path import PathInfo
         from exabgp.logger.option import option
         from exabgp.protocol.family import _AFI, _SAFI, AFI, SAFI
+        from exabgp.protocol.ip import NoNextHop
         from exabgp.reactor.peer import Peer
     except ImportError:
         return
     made = NLRI.unpack_nlri.__func__
-    classes: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+    classes: dict[tuple[int, int], tuple[Any, Any, Any, int]] = {}
+    plain = {(AFI.ipv4, SAFI.unicast): 32, (AFI.ipv6, SAFI.unicast): 128,
+             (AFI.ipv4, SAFI.multicast): 32, (AFI.ipv6, SAFI.multicast): 128}
+    nopath, cidr, nonexthop = PathInfo.NOPATH, CIDR, NoNextHop
 
     def unpack_nlri(cls: Any, afi: Any, safi: Any, data: bytes, action: Any, addpath: Any) -> Any:
         found = classes.get((afi, safi))
         if found is None or option.logit.get("DEBUG", False):
             nlri = made(cls, afi, safi, data, action, addpath)  # raises for a family nobody decodes
             a, s = AFI.create(afi), SAFI.create(safi)
-            classes[(afi, safi)] = (NLRI.registered_nlri[f"{a}/{s}"], a, s)
+            klass = NLRI.registered_nlri[f"{a}/{s}"]
+            classes[(afi, safi)] = (klass, a, s, plain.get((a, s), 0) if klass is INET else 0)
             return nlri
-        klass, a, s = found
+        klass, a, s, bits = found
+        if bits and not addpath and data:
+            # A plain prefix (INET without labels, RD or path ID): INET.unpack_nlri's object,
+            # built without its label and RD checks. Anything it would refuse goes through it.
+            mask = data[0]
+            size = (mask + 7) >> 3
+            if mask <= bits and len(data) > size:
+                nlri = INET.__new__(INET)
+                nlri.afi, nlri.safi, nlri.action = a, s, action
+                nlri.path_info = nopath
+                nlri.cidr = cidr(data[1:size + 1] + bytes((bits >> 3) - size), mask)
+                nlri.nexthop = nonexthop
+                return nlri, data[size + 1:]
         return klass.unpack_nlri(a, s, data, action, addpath)
 
     NLRI.unpack_nlri = classmethod(unpack_nlri)

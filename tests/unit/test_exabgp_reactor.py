@@ -133,6 +133,10 @@ def test_fast_nlri_decoding_makes_the_same_nlris_and_refuses_the_same(monkeypatc
         (bytes([24, 10, 0]), 1, 1, False),  # truncated
         (bytes([8, 10]), 99, 1, False),  # a family nobody decodes
         (bytes([8, 10]) * 3, 1, 1, False),  # asked again, once the family is known
+        (bytes([0, 24, 10, 0, 0, 32, 10, 0, 0, 1]), 1, 1, False),  # a default route among others
+        (bytes([24]), 1, 1, False), (bytes([0]), 2, 1, False),  # a mask and nothing after it
+        (bytes([129, *range(16)]), 2, 1, False), (bytes([33, 10, 0, 0, 0, 0]), 1, 2, False),  # too long
+        (bytes([25, 10, 0, 0, 0x80, 27, 10, 0, 0]), 1, 1, False),  # a prefix cut short after a good one
     ]
     for cls, name in ((NLRI, "unpack_nlri"), (AFI, "create"), (SAFI, "create"), (Peer, "id"), (_log, "debug")):
         monkeypatch.setattr(cls, name, cls.__dict__[name])  # put back after the test
