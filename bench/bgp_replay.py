@@ -1,6 +1,6 @@
 """The agent's Python per 10,000 learned routes, without ExaBGP and without the kernel: the lines
 ExaBGP writes for the bulk series of ``bench.bgp_bulk`` (13 UPDATEs of ~800 /32s, in ExaBGP 5's
-JSON, as ``bgp.exabgp_reactor.fast_update_json`` writes them) replayed through the agent's own
+JSON, compact, as ``bgp.exabgp_reactor.fast_update_json`` writes them) replayed through the agent's own
 path — the speaker's line handling, ``bgp.received``, ``bgp.learned`` and the netlink encoding of
 ``kernel.rtnl_bulk`` — into a netlink socket that acknowledges every request without a kernel.
 Owns the measurement only: it asserts nothing and needs neither root nor a lab.
@@ -56,7 +56,7 @@ def update_lines(routes: list[str], withdraw: bool = False) -> list[str]:
     attrs = ('"attribute": { "origin": "igp", "as-path": { "0": { "element": "as-sequence", "value": '
              f'[ {PEER_AS} ] }} }}, "confederation-path": [] }}')
     for n, i in enumerate(range(0, len(routes), PER_UPDATE)):
-        nlris = ", ".join(f'{{ "nlri": "{p}" }}' for p in routes[i:i + PER_UPDATE])
+        nlris = ", ".join(f'"{p}"' for p in routes[i:i + PER_UPDATE])  # exabgp.api.compact
         if withdraw:
             body = f'"update": {{ "withdraw": {{ "ipv4 unicast": [ {nlris} ] }} }}'
         else:

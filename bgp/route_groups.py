@@ -27,12 +27,13 @@ class RouteGroup(NamedTuple):
 
 def groups_of(changes: Iterable[tuple[str, str, str | None, bool, Mapping[str, Any]]]) -> list[RouteGroup]:
     """Per-route changes ``(peer, prefix, next hop, withdrawn, attrs)`` as groups, in order:
-    consecutive changes of one peer, next hop and attributes object share a group."""
+    consecutive changes of one peer, next hop and attributes object share a group (consecutive
+    withdrawals of one peer too, whatever their attributes)."""
     out: list[RouteGroup] = []
     last: tuple[str, str | None, int] | None = None
     for peer, prefix, next_hop, withdrawn, attrs in changes:
         hop = None if withdrawn else next_hop
-        key = (peer, hop, id(attrs))
+        key = (peer, hop, 0 if hop is None else id(attrs))
         if key == last:
             out[-1].prefixes.append(prefix)  # type: ignore[attr-defined]
         else:

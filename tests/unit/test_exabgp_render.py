@@ -123,6 +123,7 @@ def test_state_open_update_and_eor_events_are_parsed() -> None:
     assert update.announced == (("10.244.3.0/26", N3), ("10.244.4.0/26", N3), ("fd00:244::/122", "fd77::3"))
     assert update.withdrawn == ("10.244.9.0/26",)
     assert update.attrs["originator-id"] == N3 and update.attrs["cluster-list"] == [ME]
+    assert update.groups == ((N3, ("10.244.3.0/26", "10.244.4.0/26")), ("fd77::3", ("fd00:244::/122",)))
     eor = exabgp.parse(HEAD + '"type": "update", ' + NEIGHBOR + '"direction": "receive", "message": '
                        '{ "eor": { "afi" : "ipv4", "safi" : "unicast" } } } }')
     assert eor == EndOfRib(N2, "ipv4 unicast")
@@ -316,3 +317,25 @@ def test_an_orphaned_relay_withdraws_what_the_agent_announced_then_stops_exabgp(
         if relay.poll() is None:
             relay.kill()
             relay.wait()
+
+
+def test_compact_nlris_mixed_forms_and_odd_spellings_parse_as_the_object_form() -> None:
+    """``exabgp.api.compact``: a plain NLRI is its prefix alone; one with a path ID keeps the
+    object form in the same list; a prefix with host bits set comes out canonical either way."""
+    def update(nlris: str, withdrawn: str) -> UpdateEvent:
+        event = exabgp.parse(
+            HEAD + '"type": "update", ' + NEIGHBOR + '"direction": "receive", "message": { "update": { '
+            '"attribute": { "origin": "igp" }, "announce": { "ipv4 unicast": { "198.18.0.13": [ ' + nlris + ' ] } }, '
+            '"withdraw": { "ipv4 unicast": [ ' + withdrawn + ' ] } } } } }')
+        assert isinstance(event, UpdateEvent)
+        return event
+
+    objects = update('{ "nlri": "10.244.3.0/26" }, { "nlri": "10.244.4.1/24", "path-information": "0.0.0.7" }, '
+                     '{ "nlri": "10.244.5.0/26" }', '{ "nlri": "10.244.9.0/26" }')
+    compact = update('"10.244.3.0/26", { "nlri": "10.244.4.1/24", "path-information": "0.0.0.7" }, '
+                     '"10.244.5.0/26"', '"10.244.9.0/26"')
+    plain = update('"10.244.3.0/26", "10.244.4.1/24", "10.244.5.0/26"', '"10.244.9.0/26"')
+    for event in (objects, compact, plain):
+        assert event.groups == ((N3, ("10.244.3.0/26", "10.244.4.0/24", "10.244.5.0/26")),)
+        assert event.withdrawn == ("10.244.9.0/26",)
+    assert exabgp.environment(config(), "/tmp/x")["exabgp.api.compact"] == "true"
