@@ -93,6 +93,20 @@ class Strace(Profiler):
         time.sleep(0.5)  # attached (a bench helper, not a test: nothing to wait on)
 
 
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of ``pid``'s live threads by name, from the scheduler's own count
+    (``schedstat``, nanoseconds: finer than ``stat``'s 10 ms ticks)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            ns = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[name] = out.get(name, 0.0) + ns / 1e9
+    return out
+
+
 def exabgp_pid(agent: int) -> int:
     for pid in descendants(agent):
         try:
@@ -153,7 +167,13 @@ def run(rounds: int, profile: Path | None, show_timeline: bool = False, strace: 
             spies: list[Profiler] = []
             cpu: dict[str, Callable[[], float]] = {"agent": lambda: cpu_seconds(agent),
                                                    "agent system": lambda: system_seconds(agent),
-                                                   "exabgp": functools.partial(cpu_seconds, exa)}
+                                                   "exabgp": functools.partial(cpu_seconds, exa),
+                                                   # schedstat: the reader of ExaBGP's output (which
+                                                   # writes the kernel) apart from the agent's other threads
+                                                   "agent reader ns": lambda: thread_seconds(agent).get("bgp-api", 0.0),
+                                                   "agent others ns": lambda: sum(
+                                                       v for k, v in thread_seconds(agent).items() if k != "bgp-api"),
+                                                   "exabgp ns": lambda exa=exa: sum(thread_seconds(exa).values())}
             if profile is not None:
                 profile.mkdir(parents=True, exist_ok=True)
                 kind: type[Profiler] = Strace if strace else Profiler

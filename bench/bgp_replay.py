@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any
 
+from bgp import exabgp
 from bgp.learned import LearnedRoutes
 from bgp.model import EXTERNAL, Peer, SpeakerConfig
 from bgp.speaker import Speaker
@@ -50,13 +51,14 @@ def _line(content: str, counter: int) -> str:
             f'"counter": {counter}, "type": "update", {neighbor} }}')
 
 
-def update_lines(routes: list[str], withdraw: bool = False) -> list[str]:
-    """ExaBGP's JSON lines for ``routes`` announced (or withdrawn) in UPDATEs of PER_UPDATE."""
+def update_lines(routes: list[str], withdraw: bool = False, compact: bool = True) -> list[str]:
+    """ExaBGP's JSON lines for ``routes`` announced (or withdrawn) in UPDATEs of PER_UPDATE;
+    ``compact``: a plain NLRI as its prefix alone (``exabgp.api.compact``, as the speaker sets it)."""
     lines = []
     attrs = ('"attribute": { "origin": "igp", "as-path": { "0": { "element": "as-sequence", "value": '
              f'[ {PEER_AS} ] }} }}, "confederation-path": [] }}')
     for n, i in enumerate(range(0, len(routes), PER_UPDATE)):
-        nlris = ", ".join(f'"{p}"' for p in routes[i:i + PER_UPDATE])  # exabgp.api.compact
+        nlris = ", ".join(f'"{p}"' if compact else f'{{ "nlri": "{p}" }}' for p in routes[i:i + PER_UPDATE])
         if withdraw:
             body = f'"update": {{ "withdraw": {{ "ipv4 unicast": [ {nlris} ] }} }}'
         else:
@@ -100,8 +102,12 @@ class ReplayDriver(BulkRTNL):
 def agent(state_dir: str) -> tuple[Speaker, LearnedRoutes]:
     """The agent's BGP path as ``felix_agent.bgp_runner`` wires it, with no ExaBGP behind it."""
     learned = LearnedRoutes(ReplayDriver())
-    speaker = Speaker(state_dir, on_route=learned.on_route, on_end_of_rib=learned.on_end_of_rib,
-                      on_batch=learned.apply, on_groups=lambda groups: learned.on_groups(groups, wake=False))
+    if hasattr(learned, "on_groups"):
+        speaker = Speaker(state_dir, on_route=learned.on_route, on_end_of_rib=learned.on_end_of_rib,
+                          on_batch=learned.apply, on_groups=lambda groups: learned.on_groups(groups, wake=False))
+    else:  # a checkout before route groups (main before i15-bulk2): its per-route callback
+        speaker = Speaker(state_dir, on_route=learned.on_route, on_end_of_rib=learned.on_end_of_rib,  # type: ignore[call-arg]
+                          on_batch=learned.apply, on_routes=lambda changes: learned.on_routes(changes, wake=False))
     config = SpeakerConfig(node="n3", router_id=LOCAL, local_address=LOCAL, asn=LOCAL_AS,
                            peers=(Peer(PEER, PEER_AS, EXTERNAL, name="external"),))
     speaker._config = config  # what configure() records, without starting ExaBGP
@@ -125,7 +131,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile one warm round")
     args = parser.parse_args()
     routes = prefixes()
-    install, withdraw = update_lines(routes), update_lines(routes, withdraw=True)
+    compact = exabgp.environment(SpeakerConfig(node="n3", router_id=LOCAL, local_address=LOCAL, asn=LOCAL_AS),
+                                 ".").get("exabgp.api.compact") == "true"  # what this checkout's ExaBGP writes
+    install, withdraw = update_lines(routes, compact=compact), update_lines(routes, withdraw=True, compact=compact)
     with tempfile.TemporaryDirectory() as state:
         speaker, learned = agent(state)
         gc.collect()
