@@ -2,8 +2,10 @@
 (``PeerInfo``), and the decisions on each path of an UPDATE (``ReceivedRoutes``, a part of
 ``bgp.speaker.Speaker``): a looped path (our router ID as ORIGINATOR_ID, our cluster ID in
 CLUSTER_LIST, our AS in an eBGP AS_PATH), one the session's import filters reject, or one for a
-prefix this node announces itself counts as withdrawn; the others go to ``on_route`` and the
-reflector.
+prefix this node announces itself counts as withdrawn; the others go to the speaker's route
+callbacks and the reflector. An UPDATE is taken a group at a time (its prefixes through one next
+hop, ``bgp.route_groups``): recorded with one dict update and handed on as one group, with
+per-prefix work only where a decision is per prefix (import filters, reflection).
 
 Split out of ``bgp.speaker`` by concept; the state it reads is the speaker's, under its lock. Must
 not talk to ExaBGP or the kernel itself (``_send`` and ``on_route`` are the speaker's).
