@@ -161,3 +161,23 @@ def test_grouped_updates_install_what_route_by_route_installs_with_the_same_coun
     assert {d for d, r in ours.items() if r.gateway == MESHPEER} == set(prefixes(0, 20) + prefixes(2, 5)[2:])
     assert set(ours) == set(ext.routes) | set(mesh.routes)
     assert grouped.metrics().looped == one_by_one.metrics().looped == 10 + 5
+
+
+# -- the underlay test of every prefix of a table (bgp.learned_kernel) ----------------------------
+
+SUBNETS = ["198.18.0.0/24", "10.0.0.0/8", "0.0.0.0/0", "192.168.1.128/25", "fd00:1::/64"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SUBNETS), max_size=3, unique=True),
+       st.ip_addresses(v=4).map(str) | st.sampled_from(["198.18.0.7", "10.1.2.3", "192.168.1.200", "fd00:1::9"]),
+       st.integers(0, 32))
+def test_in_underlay_is_ipaddress_subnet_of(subnets: list[str], host: str, length: int) -> None:
+    from bgp.learned_kernel import read_kernel
+
+    kernel = read_kernel([KernelRoute(dst=s, device="eth0", proto=2, ifindex=2) for s in subnets])
+    prefix = str(ipaddress.ip_network(f"{host}/{length if ':' not in host else length + 96}", strict=False))
+    net = ipaddress.ip_network(prefix)
+    expected = any(net.version == (n := ipaddress.ip_network(s)).version and net.subnet_of(n)  # type: ignore[arg-type]
+                   for s in subnets if ipaddress.ip_network(s).prefixlen < ipaddress.ip_network(s).max_prefixlen)
+    assert kernel.in_underlay(prefix) == expected
