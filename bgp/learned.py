@@ -1,8 +1,10 @@
 """Learned routes: what BGP peers announce, installed in the kernel's main table with protocol 81.
 
-Owns the main-table routes with protocol 81 and nothing else. ``on_route``, ``on_session`` and
+Owns the main-table routes with protocol 81 and nothing else. ``on_groups`` (an UPDATE's
+prefixes a group at a time, ``bgp.route_groups``; ``on_route`` one by one), ``on_session`` and
 ``on_end_of_rib`` (the speaker's callbacks) only record paths; ``apply()`` turns the best path of
-each prefix into a kernel route and writes the difference, like the dataplane managers:
+each prefix into a kernel route and writes the difference, like the dataplane managers (what the
+kernel holds, as it sees it: ``bgp.learned_kernel``):
 
 - next hop on a connected subnet: ``<prefix> via <nh> dev <that link>``;
 - the prefix's pool says IPIP (``encap_for(prefix) == "ipip"``, or ``"ipip-cross-subnet"`` and
