@@ -151,8 +151,8 @@ class Socket:
         self._seq = self._seq % 0x7FFFFFFF + 1
         return self._seq
 
-    def recv(self) -> bytes:
-        return self._sock.recv(1 << 20)
+    def recv(self, size: int = 1 << 20) -> bytes:
+        return self._sock.recv(size)
 
     def send(self, data: bytes) -> None:
         """Raw bytes (one or many messages, e.g. an nfnetlink batch)."""
