@@ -7,15 +7,16 @@ deletion stays ``RTNL.delete_link``. Standard library only.
 
 Why: the kernel deletes a link in two parts. Under the rtnl lock it unlists it (and, for a veth,
 its peer, in the same pass: names freed, addresses, routes and sysctls gone) and multicasts
-RTM_DELLINK to RTNLGRP_LINK; then ``rtnl_unlock`` runs ``netdev_run_todo`` (an ``rcu_barrier()``,
-waiting for the last references, freeing) in the *requester's* ``sendmsg``, before the netlink
-acknowledgement is queued. On the development VM the notification comes ~0.6 ms after the request,
-the acknowledgement 15-30 ms after it (bench/README.md, cni_bench, branch i13-unlisted). The rtnl
-lock is released before the todo runs, and every later request that changes links takes it, so
-after the notification a link of the very same name can be created again at once, in either
-namespace of the pair (measured: 30 of 30 while the first deletion's system call was still in
-flight). Nothing a user or a runtime can observe is left; the request's own answer only says
-that the memory is freed.
+RTM_DELLINK to RTNLGRP_LINK; after one more expedited RCU grace period (still under the lock)
+``rtnl_unlock`` runs ``netdev_run_todo`` (an ``rcu_barrier()``, waiting for the last references,
+freeing) in the *requester's* ``sendmsg``, without the lock, before the netlink acknowledgement
+is queued. On the development VM the notification comes ~0.6 ms after the request, the
+acknowledgement 15-40 ms after it (``bench/unlisting.py``; bench/README.md, cni_bench, branch
+i13-unlisted). Every later request that changes links takes the rtnl lock, so after the
+notification a link of the very same name can be created again at once, in either namespace of
+the pair (measured: every time, while the first deletion's system call was still in flight).
+Nothing a user or a runtime can observe is left; the request's own answer only says that the
+memory is freed.
 
 The notification is matched by index, never by name: names are reused at once (the next ADD of
 the attachment makes a link of the same name), indexes are not (the kernel allocates them
@@ -121,7 +122,11 @@ def delete_unlisted(name: str, submit: Submit, *, wait: float = WAIT) -> bool:
                 return False
             raise KernelError(f"looking up link {name}", e.errno or errno.EIO) from e
         rtnl = RTNL()
-        request = _Request(rtnl, index, name)  # owns rtnl from here: the worker closes it
+        try:
+            request = _Request(rtnl, index, name)  # owns rtnl from here: the worker closes it
+        except BaseException:
+            rtnl.close()
+            raise
         try:
             submit(request.run)
         except BaseException:
