@@ -29,6 +29,7 @@ NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x8
 NLM_F_DUMP = 0x300
 NLA_F_NESTED = 0x8000
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 270, 10, 12
+NETLINK_DROP_MEMBERSHIP = 2
 SO_RCVBUFFORCE = 33
 
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
@@ -143,6 +144,10 @@ class Socket:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def leave_group(self, group: int) -> None:
+        """Stop listening to multicast ``group`` (a number, not a bit mask)."""
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
 
     def close(self) -> None:
         self._sock.close()

@@ -1,7 +1,8 @@
 """Deleting a link and returning once the kernel has unlisted it, not once it has freed it.
 
 Owns :func:`delete_unlisted`: an RTM_DELLINK sent on a worker thread while the calling thread
-watches the namespace's link notifications for that link's index. Must not know what the link is
+reads the same socket, bound to the namespace's link notifications, for that link's RTM_DELLINK
+or the request's answer. Must not know what the link is
 for nor which threads run the request (the caller hands in ``submit``); the plain, synchronous
 deletion stays ``RTNL.delete_link``. Standard library only.
 
@@ -26,17 +27,17 @@ is gone: only family AF_UNSPEC counts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
-import os
 import select
 import struct
 import threading
 import time
 
-from kernel.netlink import KernelError, Socket, messages
-from kernel.rtnl import NETLINK_ROUTE, RTM_DELLINK, RTMGRP_LINK, RTNL
+from kernel.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, KernelError, Socket, error_code, message, messages
+from kernel.rtnl import NETLINK_ROUTE, RTM_DELLINK, RTMGRP_LINK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,53 +48,73 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAIT = 30.0  # seconds: the bound on waiting for either the notification or the request's answer
-_IFINFO_HEAD = struct.Struct("=BxHi")  # family, type, index (the start of an ifinfomsg)
+# How often the waiter looks whether the request has returned without an answer it could read (its
+# send failed, or the answer was lost with the notifications): only then does the wait need it.
+_SLICE = 0.02
+_IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _AF_UNSPEC = 0
-_SIOCGIFINDEX = 0x8933
+RTNLGRP_LINK = 1  # the group RTMGRP_LINK's bit stands for
+_SIOCGIFNAME, _SIOCGIFINDEX = 0x8910, 0x8933
 _IFNAMSIZ = 16  # with the terminating NUL
 _IFREQ = struct.Struct("=16si20x")  # struct ifreq: the name, then ifr_ifindex in the 24-byte union
-_MONITOR_RCVBUF = 1 << 16  # link notifications of a busy node for a few ms; overflow only costs the early return
-_MONITOR_READ = 1 << 15  # one notification per datagram, a few KiB; a 1 MiB read buffer is an mmap each time
+_RCVBUF = 1 << 16  # link notifications of a busy node for a few ms; overflow only costs the early return
+_READ = 1 << 15  # one message per datagram, a few KiB; a 1 MiB read buffer is an mmap each time
 
 
 class _Request:
-    """The RTM_DELLINK on its worker thread, and who closes what: the waiter may leave before the
-    request returns, so the eventfd the worker signals is closed by whichever of the two is last
+    """The RTM_DELLINK, sent on a worker thread; the waiter reads its answer. The waiter may
+    leave before the request returns, so the socket is closed by whichever of the two is last
     (under ``lock``), never while the other may still use it (a closed descriptor's number is
     reused at once, by anything)."""
 
-    def __init__(self, rtnl: RTNL, index: int, name: str) -> None:
-        self.rtnl, self.index, self.name = rtnl, index, name
+    def __init__(self, sock: Socket, index: int, name: str) -> None:
+        self.sock, self.index, self.name = sock, index, name
+        self.seq = sock.next_seq()
         self.lock = threading.Lock()
-        self.event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.outcome: bool | KernelError | None = None  # None: not returned yet
+        self.sent: bool | OSError = False  # True: the request returned; an OSError: its send failed
         self.left = False  # the waiter has returned
 
     def run(self) -> None:
+        # Only a send: the kernel handles the request inside it (the deletion, the notification,
+        # netdev_run_todo) and queues the answer before it returns; the waiter reads both.
         try:
-            outcome: bool | KernelError = self.rtnl.delete_link(self.index)
-        except KernelError as e:
-            outcome = e
-        except OSError as e:  # the send itself failed: reported as the kernel's refusal would be
-            outcome = KernelError(f"deleting link {self.index}", e.errno or errno.EIO)
-        finally:
-            self.rtnl.close()
+            body = _IFINFO.pack(0, 0, self.index, 0, 0)
+            self.sock.send(message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, self.seq, body))
+            sent: bool | OSError = True
+        except OSError as e:
+            sent = e
         with self.lock:
-            self.outcome = outcome
+            self.sent = sent
             if not self.left:
-                os.eventfd_write(self.event, 1)
                 return
-            os.close(self.event)
+            code = self._queued_answer() if sent is True else None
+            self.sock.close()
         # The waiter returned at the notification, so the link was unlisted, and the kernel cannot
         # fail a deletion after that (the rest is freeing memory). Said out loud, not assumed:
-        if isinstance(outcome, KernelError):
-            log.error("deleting %s (index %d) failed after it was unlisted: %s", self.name, self.index, outcome)
+        if code:
+            log.error("deleting %s (index %d) failed after it was unlisted: %s", self.name, self.index,
+                      KernelError("the kernel answered", code))
+
+    def _queued_answer(self) -> int | None:
+        """The errno of the request's answer, read without waiting (None: not found)."""
+        while True:
+            try:
+                data = self.sock.recv(_READ)
+            except OSError:
+                return None
+            for kind, _, seq, payload in messages(data):
+                if kind == NLMSG_ERROR and seq == self.seq:
+                    return error_code(payload)
 
     def leave(self) -> None:
         with self.lock:
             self.left = True
-            if self.outcome is not None:
-                os.close(self.event)
+            if self.sent is not False:
+                self.sock.close()
+                return
+            # The worker reads the answer later: the node's other link news need not queue meanwhile.
+            with contextlib.suppress(OSError):
+                self.sock.leave_group(RTNLGRP_LINK)
 
 
 def delete_unlisted(name: str, submit: Submit, *, wait: float = WAIT) -> bool:
@@ -101,76 +122,92 @@ def delete_unlisted(name: str, submit: Submit, *, wait: float = WAIT) -> bool:
     unlisted it (its RTM_DELLINK notification), False when there was no such link. The request
     itself runs through ``submit`` (on another thread, which may still be in its system call
     when this returns). When the notification cannot be read (ENOBUFS, any socket trouble), the
-    request's own answer decides, as it does when it comes first. KernelError when the kernel
-    refused, or (ETIMEDOUT) when neither came within ``wait`` seconds; the request goes on then,
-    and logs its failure if it fails."""
-    # Both sockets are opened here, in the caller's namespace: a netlink socket works in the
-    # namespace it was opened in, whatever thread uses it, so the worker's own namespace does not
-    # matter. The monitor is bound before the request is sent: the notification cannot be missed.
-    monitor = Socket(NETLINK_ROUTE, groups=RTMGRP_LINK, rcvbuf=_MONITOR_RCVBUF)
+    request's own answer decides, as it does when it comes first; when that is lost too, the
+    kernel's list of links once the request has returned. KernelError when the kernel refused,
+    or (ETIMEDOUT) when nothing came within ``wait`` seconds; the request goes on then, and logs
+    its failure if it fails."""
+    # One socket, opened here, in the caller's namespace (a netlink socket works in the namespace
+    # it was opened in, whatever thread uses it, so the worker's own namespace does not matter),
+    # bound to the link notifications before the request is sent: ours cannot be missed. The
+    # kernel multicasts it to the requesting socket too (no NLM_F_ECHO: none is left out).
+    sock = Socket(NETLINK_ROUTE, groups=RTMGRP_LINK, rcvbuf=_RCVBUF)
     try:
-        if len(name.encode()) >= _IFNAMSIZ:
-            return False  # no link has such a name (the ifreq below would cut it to another's)
-        try:
-            # SIOCGIFINDEX on the monitor, in its namespace: cheaper than an RTM_GETLINK, whose
-            # answer's ~50 attributes are parsed in Python (socket.if_nametoindex would do as
-            # well but loses the errno: a failure would read as "no such link").
-            ifreq = fcntl.ioctl(monitor.fileno(), _SIOCGIFINDEX, _IFREQ.pack(name.encode(), 0))
-            index = _IFREQ.unpack(ifreq)[1]
-        except OSError as e:
-            if e.errno == errno.ENODEV:
-                return False
-            raise KernelError(f"looking up link {name}", e.errno or errno.EIO) from e
-        rtnl = RTNL()
-        try:
-            request = _Request(rtnl, index, name)  # owns rtnl from here: the worker closes it
-        except BaseException:
-            rtnl.close()
-            raise
-        try:
-            submit(request.run)
-        except BaseException:
-            rtnl.close()
-            os.close(request.event)
-            raise
-        try:
-            return _wait(monitor, request, wait)
-        finally:
-            request.leave()
+        index = _index(sock, name)
+    except BaseException:
+        sock.close()
+        raise
+    if index is None:
+        sock.close()
+        return False
+    request = _Request(sock, index, name)  # owns the socket from here: see leave()
+    try:
+        submit(request.run)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return _wait(request, wait)
     finally:
-        monitor.close()
+        request.leave()
 
 
-def _wait(monitor: Socket, request: _Request, wait: float) -> bool:
+def _index(sock: Socket, name: str) -> int | None:
+    """The index of link ``name`` in the socket's namespace, None when there is none. SIOCGIFINDEX:
+    cheaper than an RTM_GETLINK, whose answer's ~50 attributes are parsed in Python
+    (``socket.if_nametoindex`` would do as well but loses the errno: a failure would read as
+    "no such link")."""
+    if len(name.encode()) >= _IFNAMSIZ:
+        return None  # no link has such a name (the ifreq would cut it to another's)
+    try:
+        index: int = _IFREQ.unpack(fcntl.ioctl(sock.fileno(), _SIOCGIFINDEX, _IFREQ.pack(name.encode(), 0)))[1]
+    except OSError as e:
+        if e.errno == errno.ENODEV:
+            return None
+        raise KernelError(f"looking up link {name}", e.errno or errno.EIO) from e
+    return index
+
+
+def _wait(request: _Request, wait: float) -> bool:
+    sock, doing = request.sock, f"deleting link {request.name}"
     deadline = time.monotonic() + wait
     poller = select.poll()
-    poller.register(request.event, select.POLLIN)
-    poller.register(monitor.fileno(), select.POLLIN)
-    watching = True
+    poller.register(sock.fileno(), select.POLLIN)
+    lost = False  # messages were dropped (ENOBUFS): perhaps the notification, perhaps the answer
     while True:
+        sent = request.sent
+        if isinstance(sent, OSError):
+            raise KernelError(doing, sent.errno or errno.EIO)
+        if lost and sent:
+            # The request has returned, its answer perhaps lost: the kernel's list of links says.
+            try:
+                _IFREQ.unpack(fcntl.ioctl(sock.fileno(), _SIOCGIFNAME, _IFREQ.pack(b"", request.index)))
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    return True
+                raise KernelError(doing, e.errno or errno.EIO) from e
+            raise KernelError(doing, errno.EIO)  # still there: refused, the reason lost
         left = deadline - time.monotonic()
         if left <= 0:
-            raise KernelError(f"deleting link {request.name}: no answer in {wait:g} s", errno.ETIMEDOUT)
-        ready = dict(poller.poll(left * 1000))
-        if request.event in ready:
-            outcome = request.outcome
-            if isinstance(outcome, KernelError):
-                raise outcome
-            assert outcome is not None
-            return outcome
-        if not watching or monitor.fileno() not in ready:
+            raise KernelError(f"{doing}: no answer in {wait:g} s", errno.ETIMEDOUT)
+        if not poller.poll(min(left, _SLICE) * 1000):
             continue
         try:
-            data = monitor.recv(_MONITOR_READ)
+            data = sock.recv(_READ)
         except BlockingIOError:
             continue
-        except OSError as e:  # ENOBUFS: notifications were lost, perhaps ours; the request's answer decides
-            log.debug("link notifications lost while deleting %s: %s", request.name, e)
-            poller.unregister(monitor.fileno())
-            watching = False
+        except OSError as e:  # ENOBUFS: messages were lost; the next ones still come
+            log.debug("link notifications lost while %s: %s", doing, e)
+            lost = True
             continue
-        for kind, _, _, payload in messages(data):
-            if kind == RTM_DELLINK and len(payload) >= _IFINFO_HEAD.size:
-                family, _, index = _IFINFO_HEAD.unpack_from(payload)
+        for kind, _, seq, payload in messages(data):
+            if kind == RTM_DELLINK and len(payload) >= _IFINFO.size:
+                family, _, index, _, _ = _IFINFO.unpack_from(payload)
                 if index == request.index and family == _AF_UNSPEC:
                     return True
+            elif kind == NLMSG_ERROR and seq == request.seq:
+                code = error_code(payload)
+                if code == errno.ENODEV:
+                    return False
+                if code:
+                    raise KernelError(doing, code)
+                return True

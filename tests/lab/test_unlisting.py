@@ -1,7 +1,8 @@
 """``kernel.unlisting.delete_unlisted``, in namespaces of the test's own: it returns once the
 link is unlisted (gone from every listing, in both namespaces of a veth pair, names free again
 at once), says False for a link that is not there, raises the kernel's refusal, falls back to the
-request's own answer when the notifications cannot be read, and never waits past its bound."""
+kernel's list of links once the request has returned when no message can be read, and never waits
+past its bound."""
 
 from __future__ import annotations
 
@@ -83,13 +84,14 @@ def test_a_missing_link_is_false_and_a_refusal_raises(pair_of_namespaces: tuple[
 
 
 class _Deaf(Socket):
-    """A monitor whose notifications were lost (the receive buffer overflowed)."""
+    """A socket whose messages were all lost (the receive buffer overflowed): neither the
+    notification nor the request's answer can be read."""
 
     def recv(self, size: int = 1 << 20) -> bytes:
         raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
 
 
-def test_lost_notifications_fall_back_to_the_request_s_answer(pair_of_namespaces: tuple[str, str],
+def test_lost_messages_fall_back_to_the_list_of_links_once_the_request_returned(pair_of_namespaces: tuple[str, str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     host_ns, container_ns = pair_of_namespaces
     monkeypatch.setattr(unlisting, "Socket", _Deaf)
