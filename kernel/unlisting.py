@@ -12,7 +12,7 @@ RTM_DELLINK to RTNLGRP_LINK; after one more expedited RCU grace period (still un
 ``rtnl_unlock`` runs ``netdev_run_todo`` (an ``rcu_barrier()``, waiting for the last references,
 freeing) in the *requester's* ``sendmsg``, without the lock, before the netlink acknowledgement
 is queued. On the development VM the notification comes ~0.6 ms after the request, the
-acknowledgement 15-40 ms after it (``bench/unlisting.py``; bench/README.md, cni_bench, branch
+acknowledgement 15-50 ms after it (``bench/unlisting.py``; bench/README.md, cni_bench, branch
 i13-unlisted). Every later request that changes links takes the rtnl lock, so after the
 notification a link of the very same name can be created again at once, in either namespace of
 the pair (measured: every time, while the first deletion's system call was still in flight).
@@ -100,8 +100,10 @@ class _Request:
         while True:
             try:
                 data = self.sock.recv(_READ)
-            except OSError:
-                return None
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    continue  # said once; what was queued before the overflow is still there
+                return None  # EAGAIN: nothing more
             for kind, _, seq, payload in messages(data):
                 if kind == NLMSG_ERROR and seq == self.seq:
                     return error_code(payload)
@@ -178,7 +180,11 @@ def _wait(request: _Request, wait: float) -> bool:
         if isinstance(sent, OSError):
             raise KernelError(doing, sent.errno or errno.EIO)
         if lost and sent:
-            # The request has returned, its answer perhaps lost: the kernel's list of links says.
+            # The request has returned: its answer, if it was not lost too, else the kernel's list
+            # of links says.
+            code = request._queued_answer()
+            if code is not None:
+                return _decided(code, doing)
             try:
                 _IFREQ.unpack(fcntl.ioctl(sock.fileno(), _SIOCGIFNAME, _IFREQ.pack(b"", request.index)))
             except OSError as e:
@@ -205,9 +211,13 @@ def _wait(request: _Request, wait: float) -> bool:
                 if index == request.index and family == _AF_UNSPEC:
                     return True
             elif kind == NLMSG_ERROR and seq == request.seq:
-                code = error_code(payload)
-                if code == errno.ENODEV:
-                    return False
-                if code:
-                    raise KernelError(doing, code)
-                return True
+                return _decided(error_code(payload), doing)
+
+
+def _decided(code: int, doing: str) -> bool:
+    """What the request's answer ``code`` (an errno, 0: done) says."""
+    if code == errno.ENODEV:
+        return False
+    if code:
+        raise KernelError(doing, code)
+    return True

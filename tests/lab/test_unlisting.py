@@ -84,11 +84,18 @@ def test_a_missing_link_is_false_and_a_refusal_raises(pair_of_namespaces: tuple[
 
 
 class _Deaf(Socket):
-    """A socket whose messages were all lost (the receive buffer overflowed): neither the
-    notification nor the request's answer can be read."""
+    """A socket whose messages are all lost (as if its receive buffer overflowed): the first read
+    says ENOBUFS, and every message, the notification and the request's answer among them, is
+    taken off the queue and thrown away."""
+
+    overflowed = False
 
     def recv(self, size: int = 1 << 20) -> bytes:
-        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+        super().recv(size)  # EAGAIN when nothing is queued, as a real socket says
+        if not self.overflowed:
+            self.overflowed = True
+            raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+        return b""
 
 
 def test_lost_messages_fall_back_to_the_list_of_links_once_the_request_returned(pair_of_namespaces: tuple[str, str],
