@@ -28,9 +28,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from cni_plugins.naming import HOST_IF_PREFIX, ROUTE_PROTOCOL
+from cni_plugins.workers import Workers
 from kernel import netns as namespaces
 from kernel.netlink import KernelError
 from kernel.rtnl import LOOPBACK_INDEX, RT_TABLE_MAIN, RTNL, RTPROT_BOOT, KernelRoute
+from kernel.unlisting import delete_unlisted
 
 Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -244,9 +246,19 @@ def check_free(netns_path: str, ifname: str) -> None:
 
 
 def teardown(host_if: str) -> bool:
-    """Delete the host end (the peer and the host routes go with it); False when it was already gone."""
-    with RTNL() as host:
-        return _delete_link(host, host_if)
+    """Delete the host end (the peer and the host routes go with it); False when it was already
+    gone. Returns once the kernel has unlisted the pair, while the kernel may still be freeing it
+    (``kernel.unlisting``): an ADD of the same attachment can start at once."""
+    try:
+        return delete_unlisted(host_if, UNLISTING.submit)
+    except KernelError as e:
+        raise WiringError(f"deleting {host_if}: {os.strerror(e.code)}") from e
+
+
+# The threads that sit in the kernel's deletion of a veth after teardown() has returned. Started by
+# a thread in the node's namespace (a new thread inherits its creator's), though the request's socket,
+# opened by the caller, decides where it is sent.
+UNLISTING = Workers("unlisting")
 
 
 def check(netns_path: str, ifname: str, host_if: str, addresses: list[Address]) -> list[str]:

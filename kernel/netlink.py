@@ -29,6 +29,7 @@ NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x8
 NLM_F_DUMP = 0x300
 NLA_F_NESTED = 0x8000
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 270, 10, 12
+NETLINK_DROP_MEMBERSHIP = 2
 SO_RCVBUFFORCE = 33
 
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
@@ -144,6 +145,10 @@ class Socket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def leave_group(self, group: int) -> None:
+        """Stop listening to multicast ``group`` (a number, not a bit mask)."""
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
+
     def close(self) -> None:
         self._sock.close()
 
@@ -151,8 +156,8 @@ class Socket:
         self._seq = self._seq % 0x7FFFFFFF + 1
         return self._seq
 
-    def recv(self) -> bytes:
-        return self._sock.recv(1 << 20)
+    def recv(self, size: int = 1 << 20) -> bytes:
+        return self._sock.recv(size)
 
     def send(self, data: bytes) -> None:
         """Raw bytes (one or many messages, e.g. an nfnetlink batch)."""

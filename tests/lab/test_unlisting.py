@@ -1,0 +1,127 @@
+"""``kernel.unlisting.delete_unlisted``, in namespaces of the test's own: it returns once the
+link is unlisted (gone from every listing, in both namespaces of a veth pair, names free again
+at once), says False for a link that is not there, raises the kernel's refusal, falls back to the
+kernel's list of links once the request has returned when no message can be read, and never waits
+past its bound."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from cni_plugins.workers import Workers
+from kernel import unlisting
+from kernel.netlink import KernelError, Socket
+from kernel.netns import netns
+from kernel.rtnl import RTNL
+from kernel.unlisting import delete_unlisted
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+ROUNDS = 30
+WORKERS = Workers("test-unlisting")
+
+
+@pytest.fixture
+def pair_of_namespaces() -> Iterator[tuple[str, str]]:
+    """Two fresh namespaces ("host", "container"), removed after the test."""
+    names = [f"tul-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for name in names:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield f"/run/netns/{names[0]}", f"/run/netns/{names[1]}"
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def add_pair(host: RTNL, name: str, peer: str, container: str) -> None:
+    fd = os.open(container, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        host.add_veth(name, "ee:ee:ee:ee:ee:ee", 1500, peer, fd)
+    finally:
+        os.close(fd)
+
+
+def names_in(path: str) -> set[str]:
+    with netns(path), RTNL() as rtnl:
+        return {link.name for link in rtnl.links()}
+
+
+def test_returns_unlisted_and_the_same_names_are_free_at_once(pair_of_namespaces: tuple[str, str]) -> None:
+    host_ns, container_ns = pair_of_namespaces
+    with netns(host_ns), RTNL() as host:
+        for n in range(ROUNDS):
+            add_pair(host, "torunlisted", "eth0", container_ns)
+            host.add_address(host.link("torunlisted").index, "10.244.7.1/32")  # type: ignore[union-attr]
+            assert delete_unlisted("torunlisted", WORKERS.submit) is True
+            # Nothing of the pair is listed any more, on either side, nor its address...
+            assert "torunlisted" not in {link.name for link in host.links()}
+            assert all(ip != "10.244.7.1" for _, ip, _, _ in host.address_list())
+            assert names_in(container_ns) == {"lo"}
+            # ...and the very same pair can be made again right away (the kernel may still be
+            # freeing the first one), then deleted the plain way.
+            add_pair(host, "torunlisted", "eth0", container_ns)
+            assert host.delete_link("torunlisted"), f"round {n}"
+    assert names_in(host_ns) == names_in(container_ns) == {"lo"}
+
+
+def test_a_missing_link_is_false_and_a_refusal_raises(pair_of_namespaces: tuple[str, str]) -> None:
+    host_ns, _ = pair_of_namespaces
+    with netns(host_ns):
+        assert delete_unlisted("tornothere", WORKERS.submit) is False
+        assert delete_unlisted("x" * 20, WORKERS.submit) is False  # longer than any link name can be
+        with pytest.raises(KernelError) as refused:
+            delete_unlisted("lo", WORKERS.submit)  # the loopback device cannot be deleted
+        assert refused.value.code == errno.EOPNOTSUPP
+        assert "lo" in names_in(host_ns)
+
+
+class _Deaf(Socket):
+    """A socket whose messages are all lost (as if its receive buffer overflowed): the first read
+    says ENOBUFS, and every message, the notification and the request's answer among them, is
+    taken off the queue and thrown away."""
+
+    overflowed = False
+
+    def recv(self, size: int = 1 << 20) -> bytes:
+        super().recv(size)  # EAGAIN when nothing is queued, as a real socket says
+        if not self.overflowed:
+            self.overflowed = True
+            raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+        return b""
+
+
+def test_lost_messages_fall_back_to_the_list_of_links_once_the_request_returned(pair_of_namespaces: tuple[str, str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    host_ns, container_ns = pair_of_namespaces
+    monkeypatch.setattr(unlisting, "Socket", _Deaf)
+    with netns(host_ns), RTNL() as host:
+        add_pair(host, "tordeaf", "eth0", container_ns)
+        assert delete_unlisted("tordeaf", WORKERS.submit) is True
+        assert host.link("tordeaf") is None
+    assert names_in(container_ns) == {"lo"}
+
+
+def test_the_wait_is_bounded(pair_of_namespaces: tuple[str, str]) -> None:
+    """A request that never runs (no thread took it): an error after the bound, not a hang; the
+    link is untouched."""
+    host_ns, container_ns = pair_of_namespaces
+    held: list[Callable[[], object]] = []
+    with netns(host_ns), RTNL() as host:
+        add_pair(host, "torheld", "eth0", container_ns)
+        with pytest.raises(KernelError) as late:
+            delete_unlisted("torheld", held.append, wait=0.2)
+        assert late.value.code == errno.ETIMEDOUT
+        assert host.link("torheld") is not None
+        # The request, run late, still deletes the link and cleans up after itself.
+        done = threading.Thread(target=held[0])
+        done.start()
+        done.join(10)
+        assert host.link("torheld") is None
