@@ -125,3 +125,33 @@ def test_the_wait_is_bounded(pair_of_namespaces: tuple[str, str]) -> None:
         done.start()
         done.join(10)
         assert host.link("torheld") is None
+
+
+def test_a_deletion_by_someone_else_first_is_not_reported_as_a_failure(pair_of_namespaces: tuple[str, str],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The pair goes away by another hand (the runtime's ``ip netns del``, a GC racing the DEL)
+    between the index lookup and the request: its RTM_DELLINK ends the wait, and the request,
+    sent after the waiter left, is answered ENODEV. The link is gone as asked: no error logged
+    (the plain deletion says False then, never an error)."""
+    host_ns, container_ns = pair_of_namespaces
+    returned = threading.Event()
+    ran: list[threading.Thread] = []
+    with netns(host_ns), RTNL() as host, RTNL() as other:
+        add_pair(host, "torother", "eth0", container_ns)
+
+        def submit(task: Callable[[], object]) -> None:
+            def other_hand_first() -> None:
+                other.delete_link("torother")  # its notification comes before our request is sent
+                returned.wait(10)
+                task()
+
+            ran.append(threading.Thread(target=other_hand_first))
+            ran[0].start()
+
+        with caplog.at_level("WARNING", logger="kernel.unlisting"):
+            assert delete_unlisted("torother", submit) is True
+            returned.set()
+            ran[0].join(10)
+        assert host.link("torother") is None
+    assert names_in(container_ns) == {"lo"}
+    assert [r.getMessage() for r in caplog.records if r.name == "kernel.unlisting"] == []
