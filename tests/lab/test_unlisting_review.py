@@ -1,0 +1,138 @@
+"""An adversarial review of DEL's early answer (``kernel.unlisting``, issue 13): what a runtime
+does right after DEL answers, with the real plugin, agent and etcd, must see what the plain,
+synchronous deletion left it.
+
+- In the same namespace, at once: ADD under another container ID with the same ifname, CHECK of
+  it, its DEL, then the runtime's ``ip netns del``; round after round: every call answers ok,
+  nothing is left, no agent thread is (or stays) in a removed pod namespace, and the agent's open
+  descriptors do not grow.
+- 20 DELs at once: when each answers, its veth is gone from the node and its pod.
+- GC of many attachments: when it answers, every veth is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netlab.cni import Attachment, network_config
+from tests.lab.tortie_support import Sandbox, TortieLab, host_ifname
+
+pytestmark = pytest.mark.lab
+
+ROUNDS = 30
+WARM_UP = 5
+AT_ONCE = 20
+GC_PODS = 12
+
+
+@pytest.fixture(scope="module")
+def tl() -> Iterator[TortieLab]:
+    with TortieLab.create(prefix="tr") as tl:
+        yield tl
+
+
+def links_in(box: Sandbox) -> list[str]:
+    out = box.exec("ip", "-o", "link", "show").stdout
+    return sorted(line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines())
+
+
+def thread_namespaces(pid: int) -> set[int]:
+    """The inodes of the network namespaces ``pid``'s threads are in."""
+    inodes = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            inodes.add(os.stat(task / "ns" / "net").st_ino)
+    return inodes
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_add_check_del_and_netns_removal_right_after_del(tl: TortieLab, path: str) -> None:
+    conflist = tl.conflist()
+    config = network_config(conflist, 0)
+    removed: set[int] = set()
+    fds: list[int] = []
+    for n in range(ROUNDS):
+        if n == WARM_UP and path == "agent":
+            fds.append(open_fds(tl.agent_pid()))
+        with tl.sandbox() as box:
+            removed.add(os.stat(box.path).st_ino)
+            first = Attachment(secrets.token_hex(32), box.path, "eth0", {})
+            add = tl.call("ADD", config, first)
+            assert add.ok, add.output
+            delete = tl.call("DEL", config, first)
+            assert delete.ok, delete.output
+            # At once, the same ifname in the same namespace under another container ID.
+            second = Attachment(secrets.token_hex(32), box.path, "eth0", {})
+            again = tl.call("ADD", config, second)
+            assert again.ok, f"round {n}: {again.output}"
+            checked = tl.call("CHECK", network_config(conflist, 0, prev_result=again.output), second)
+            assert checked.ok, f"round {n}: {checked.output}"
+            assert links_in(box) == ["eth0", "lo"]
+            assert tl.tor_links() == [host_ifname(second.container_id)]
+            delete = tl.call("DEL", config, second)
+            assert delete.ok, delete.output
+            assert links_in(box) == ["lo"]
+            assert tl.tor_links() == []
+        # The sandbox's namespace is removed here, right after the DEL's answer.
+    if path == "agent":
+        pid = tl.agent_pid()
+        fds.append(open_fds(pid))
+        assert fds[1] <= fds[0] + 2, f"the agent's descriptors grew: {fds}"
+        assert not thread_namespaces(pid) & removed, "an agent thread is in a removed pod namespace"
+    tl.assert_clean()
+
+
+def test_many_dels_at_once_each_answers_with_its_veth_gone(tl: TortieLab, path: str) -> None:
+    config = network_config(tl.conflist(), 0)
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        boxes = [stack.enter_context(tl.sandbox()) for _ in range(AT_ONCE)]
+        attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
+        for attachment in attachments:
+            assert tl.call("ADD", config, attachment).ok
+        start = threading.Barrier(AT_ONCE)
+
+        def delete(box: Sandbox, a: Attachment) -> None:
+            try:
+                start.wait(30)
+                answer = tl.call("DEL", config, a)
+                left = [name for name in tl.tor_links() if name == host_ifname(a.container_id)]
+                inside = links_in(box)
+                if not answer.ok or left or inside != ["lo"]:
+                    problems.append(f"{a.container_id[:8]}: ok={answer.ok} left={left} inside={inside}")
+            except Exception as e:  # noqa: BLE001 - reported by the test's thread
+                problems.append(repr(e))
+
+        threads = [threading.Thread(target=delete, args=(box, a)) for box, a in zip(boxes, attachments, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not problems, "\n".join(problems)
+    if path == "agent":
+        pid = tl.agent_pid()
+        assert len(thread_namespaces(pid)) == 1, "an agent thread is outside the node's namespace"
+    tl.assert_clean()
+
+
+def test_gc_answers_with_every_veth_gone(tl: TortieLab, path: str) -> None:
+    conflist = tl.conflist(version="1.1.0")
+    with contextlib.ExitStack() as stack:
+        boxes = [stack.enter_context(tl.sandbox()) for _ in range(GC_PODS)]
+        for box in boxes:
+            assert tl.call("ADD", network_config(conflist, 0), Attachment(secrets.token_hex(32), box.path, "eth0", {})).ok
+        gc = tl.call("GC", network_config(conflist, 0, extra={"cni.dev/valid-attachments": []}))
+        assert gc.ok, gc.output
+        assert tl.tor_links() == []
+        assert all(links_in(box) == ["lo"] for box in boxes)
+    tl.assert_clean()
