@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from netlab import netns as ip_netns
 from netlab.cni import Attachment, network_config
 from tests.lab.tortie_support import Sandbox, TortieLab, host_ifname
 
@@ -135,4 +136,27 @@ def test_gc_answers_with_every_veth_gone(tl: TortieLab, path: str) -> None:
         assert gc.ok, gc.output
         assert tl.tor_links() == []
         assert all(links_in(box) == ["lo"] for box in boxes)
+    tl.assert_clean()
+
+
+def test_netns_removed_just_before_del(tl: TortieLab, path: str) -> None:
+    """The runtime removes the pod's namespace while it says DEL: the kernel's own removal of the
+    veth (cleanup_net, asynchronous to ``ip netns del``) races DEL's. DEL answers ok with the veth
+    gone, and nothing reports a failed deletion."""
+    config = network_config(tl.conflist(), 0)
+    mark = len(tl.agent_output()) if path == "agent" else 0
+    stderr = []
+    for n in range(ROUNDS):
+        with tl.sandbox() as box:
+            attachment = Attachment(secrets.token_hex(32), box.path, "eth0", {})
+            assert tl.call("ADD", config, attachment).ok
+            removal = threading.Thread(target=ip_netns.delete, args=(box.name,))
+            removal.start()
+            delete = tl.call("DEL", config, attachment)
+            removal.join(30)
+        assert delete.ok, f"round {n}: {delete.output}"
+        assert tl.tor_links() == [], f"round {n}"
+        stderr.append(delete.stderr)
+    logged = "".join(stderr) + (tl.agent_output()[mark:] if path == "agent" else "")
+    assert "failed after it was unlisted" not in logged, logged
     tl.assert_clean()
