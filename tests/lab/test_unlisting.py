@@ -155,3 +155,33 @@ def test_a_deletion_by_someone_else_first_is_not_reported_as_a_failure(pair_of_n
         assert host.link("torother") is None
     assert names_in(container_ns) == {"lo"}
     assert [r.getMessage() for r in caplog.records if r.name == "kernel.unlisting"] == []
+
+
+def test_leaving_a_bridge_is_not_taken_for_the_deletion(pair_of_namespaces: tuple[str, str]) -> None:
+    """A bridge port's RTM_DELLINK (family AF_BRIDGE: it left its bridge) for the very index,
+    between the lookup and the request: the wait goes on until the link is really unlisted."""
+    host_ns, container_ns = pair_of_namespaces
+    name = os.path.basename(host_ns)
+    returned = threading.Event()
+    ran: list[threading.Thread] = []
+    with netns(host_ns), RTNL() as host:
+        add_pair(host, "torport", "eth0", container_ns)
+        subprocess.run(["ip", "-n", name, "link", "add", "torbr", "type", "bridge"], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "torport", "master", "torbr"], check=True)
+
+        def submit(task: Callable[[], object]) -> None:
+            def leave_the_bridge_first() -> None:
+                subprocess.run(["ip", "-n", name, "link", "set", "torport", "nomaster"], check=True)
+                returned.wait(1.0)  # set at once if that notification ended the wait
+                task()
+
+            ran.append(threading.Thread(target=leave_the_bridge_first))
+            ran[0].start()
+
+        assert delete_unlisted("torport", submit) is True
+        listed = host.link("torport") is not None
+        returned.set()
+        ran[0].join(10)
+        assert not listed, "delete_unlisted returned while the link was still listed"
+        assert host.link("torport") is None
+    assert names_in(container_ns) == {"lo"}
