@@ -102,6 +102,8 @@ def test_add_check_del_and_netns_removal_right_after_del(tl: TortieLab, path: st
             assert add.ok, add.output
             delete = tl.call("DEL", config, first)
             assert delete.ok, delete.output
+            stale = tl.call("CHECK", network_config(conflist, 0, prev_result=add.output), first)
+            assert not stale.ok and stale.code, f"round {n}: CHECK of a DEL'd attachment: {stale.output}"
             # At once, the same ifname in the same namespace under another container ID.
             second = Attachment(secrets.token_hex(32), box.path, "eth0", {})
             again = tl.call("ADD", config, second)
