@@ -185,3 +185,47 @@ def test_leaving_a_bridge_is_not_taken_for_the_deletion(pair_of_namespaces: tupl
         assert not listed, "delete_unlisted returned while the link was still listed"
         assert host.link("torport") is None
     assert names_in(container_ns) == {"lo"}
+
+
+def test_a_flood_of_link_news_overflowing_the_socket(pair_of_namespaces: tuple[str, str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The node's links churn (another hand adds and deletes veths in bulk) while pairs are
+    deleted by a busy process (another thread holds the GIL most of the time): the sockets may
+    overflow for real (ENOBUFS, notifications and answers dropped); each call still returns only
+    once its pair is unlisted, True every time."""
+    host_ns, container_ns = pair_of_namespaces
+    name = os.path.basename(host_ns)
+    batch = "".join(f"link add torflood{k} type veth peer name torfloodp{k}\n" for k in range(100))
+    batch += "".join(f"link del torflood{k}\n" for k in range(100))
+    stop = threading.Event()
+
+    def flood(k: int) -> None:
+        mine = batch.replace("torflood", f"torf{k}")
+        while not stop.is_set():
+            subprocess.run(["ip", "-n", name, "-batch", "-"], input=mine, text=True, check=True,
+                           capture_output=True)
+
+    def hog() -> None:  # a busy agent: the waiting thread gets the GIL only every few ms
+        while not stop.is_set():
+            sum(range(10_000))
+
+    flooders = [threading.Thread(target=flood, args=(k,)) for k in range(2)] + [threading.Thread(target=hog)]
+    problems = []
+    with caplog.at_level("DEBUG", logger="kernel.unlisting"), netns(host_ns), RTNL() as host:
+        for f in flooders:
+            f.start()
+        try:
+            for n in range(ROUNDS * 3):
+                add_pair(host, "torflooded", "eth0", container_ns)
+                if delete_unlisted("torflooded", WORKERS.submit) is not True:
+                    problems.append(f"round {n}: not True")
+                if host.link("torflooded") is not None:
+                    problems.append(f"round {n}: still listed")
+        finally:
+            stop.set()
+            for f in flooders:
+                f.join(60)
+    assert not problems, problems
+    assert names_in(container_ns) == {"lo"}
+    lost = sum("notifications lost" in r.getMessage() for r in caplog.records)
+    print(f"{lost} of {ROUNDS * 3} deletions saw their socket overflow")
