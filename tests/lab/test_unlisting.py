@@ -229,3 +229,32 @@ def test_a_flood_of_link_news_overflowing_the_socket(pair_of_namespaces: tuple[s
     assert names_in(container_ns) == {"lo"}
     lost = sum("notifications lost" in r.getMessage() for r in caplog.records)
     print(f"{lost} of {ROUNDS * 3} deletions saw their socket overflow")
+
+
+def test_a_name_reused_by_another_hand_before_the_request_is_left_alone(pair_of_namespaces: tuple[str, str],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Between the lookup and the request, another hand deletes the link and makes a new one of
+    the same name: the request (by index) does not touch the newcomer, and no failure is logged."""
+    host_ns, container_ns = pair_of_namespaces
+    returned = threading.Event()
+    ran: list[threading.Thread] = []
+    with netns(host_ns), RTNL() as host, RTNL() as other:
+        add_pair(host, "torreused", "eth0", container_ns)
+
+        def submit(task: Callable[[], object]) -> None:
+            def replace_it_first() -> None:
+                other.delete_link("torreused")
+                add_pair(other, "torreused", "eth1", container_ns)
+                returned.wait(10)
+                task()
+
+            ran.append(threading.Thread(target=replace_it_first))
+            ran[0].start()
+
+        with caplog.at_level("WARNING", logger="kernel.unlisting"):
+            assert delete_unlisted("torreused", submit) is True
+            returned.set()
+            ran[0].join(10)
+        assert host.link("torreused") is not None
+    assert names_in(container_ns) == {"lo", "eth1"}
+    assert [r.getMessage() for r in caplog.records if r.name == "kernel.unlisting"] == []
