@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugins.workers import IDLE_EXIT
 from netlab import netns as ip_netns
 from netlab.cni import Attachment, network_config
 from tests.lab.tortie_support import Sandbox, TortieLab, host_ifname
@@ -221,4 +222,31 @@ def test_readd_gets_working_addresses_of_both_families(tl: TortieLab, path: str)
                 assert tl.lab.ping(tl.node(1).netns, ip), f"round {n}: {ip} does not answer"
             assert tl.call("DEL", config, attachment).ok
     assert len(seen) == 1, seen
+    tl.assert_clean()
+
+
+def test_the_agents_threads_come_back_after_a_burst_of_dels(tl: TortieLab) -> None:
+    """20 DELs at once start up to 20 kept threads in each pool the DEL uses (the call, its
+    background step, the veth's deletion); idle for ``IDLE_EXIT`` they end: the agent's thread
+    count comes back to what it was before the burst."""
+    tl.use_agent(True)
+    config = network_config(tl.conflist(), 0)
+    pid = tl.agent_pid()
+    with contextlib.ExitStack() as stack:
+        boxes = [stack.enter_context(tl.sandbox()) for _ in range(AT_ONCE)]
+        attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
+        for attachment in attachments:
+            assert tl.call("ADD", config, attachment).ok
+        before = len(os.listdir(f"/proc/{pid}/task"))
+        threads = [threading.Thread(target=tl.call, args=("DEL", config, a)) for a in attachments]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        peak = len(os.listdir(f"/proc/{pid}/task"))
+    deadline = time.monotonic() + IDLE_EXIT + 30
+    while (now := len(os.listdir(f"/proc/{pid}/task"))) > before and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling a condition with a bound, not a sleep in its place
+    print(f"agent threads: {before} before the burst, {peak} right after, {now} once idle")
+    assert now <= before
     tl.assert_clean()
