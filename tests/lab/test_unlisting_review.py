@@ -250,3 +250,24 @@ def test_the_agents_threads_come_back_after_a_burst_of_dels(tl: TortieLab) -> No
     print(f"agent threads: {before} before the burst, {peak} right after, {now} once idle")
     assert now <= before
     tl.assert_clean()
+
+
+def test_readd_keeps_answering_once_the_agent_has_seen_the_old_endpoint_go(tl: TortieLab, path: str) -> None:
+    """ADD, DEL, ADD of the same attachment back to back (same veth name, same addresses): the
+    old endpoint's removal, which the agent's dataplane sees after the new ADD, must not take the
+    new pod's traffic with it. Ten echo requests over two seconds after each re-ADD all answer."""
+    config = network_config(tl.conflist(), 0)
+    with tl.sandbox() as box:
+        container_id = secrets.token_hex(32)
+        first = tl.call("ADD", config, Attachment(container_id, box.path, "eth0", {}))
+        assert first.ok, first.output
+        addresses = [ip.split("/")[0] for ip in first.addresses()]
+        attachment = Attachment(container_id, box.path, "eth0", {"IP": ",".join(addresses)})
+        for n in range(4):
+            assert tl.call("DEL", config, attachment).ok
+            again = tl.call("ADD", config, attachment)
+            assert again.ok, f"round {n}: {again.output}"
+            for ip in addresses:
+                assert tl.lab.ping(tl.node(1).netns, ip, count=10), f"round {n}: {ip} stopped answering"
+        assert tl.call("DEL", config, attachment).ok
+    tl.assert_clean()
