@@ -6,8 +6,13 @@ synchronous deletion left it.
   it, its DEL, then the runtime's ``ip netns del``; round after round: every call answers ok,
   nothing is left, no agent thread is (or stays) in a removed pod namespace, and the agent's open
   descriptors do not grow.
-- 20 DELs at once: when each answers, its veth is gone from the node and its pod.
-- GC of many attachments: when it answers, every veth is gone.
+- 20 DELs at once: when each answers, its veth is gone from the node and its pod; the agent's
+  descriptors come back, and (after the kept threads' idle time) its thread count.
+- GC of many attachments: when it answers, every veth is gone; GC racing the runtime's DELs of
+  the same attachments, and the runtime removing the pod namespace while it says DEL: every call
+  ok, and no "failed after it was unlisted" error for a veth another hand deleted first.
+- Re-ADD of the same attachment and addresses right after DEL: both families answer, and keep
+  answering once the agent has seen the old endpoint go.
 """
 
 from __future__ import annotations
@@ -270,4 +275,38 @@ def test_readd_keeps_answering_once_the_agent_has_seen_the_old_endpoint_go(tl: T
             for ip in addresses:
                 assert tl.lab.ping(tl.node(1).netns, ip, count=10), f"round {n}: {ip} stopped answering"
         assert tl.call("DEL", config, attachment).ok
+    tl.assert_clean()
+
+
+def test_gc_racing_the_dels_of_the_same_attachments(tl: TortieLab, path: str) -> None:
+    """GC (nothing valid) while the runtime DELs the same attachments: both delete the same veths,
+    whichever comes first; every call answers ok, nothing is left, no failure is logged."""
+    conflist = tl.conflist(version="1.1.0")
+    config = network_config(conflist, 0)
+    mark = len(tl.agent_output()) if path == "agent" else 0
+    outputs: list[str] = []
+    with contextlib.ExitStack() as stack:
+        boxes = [stack.enter_context(tl.sandbox()) for _ in range(GC_PODS)]
+        attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
+        for attachment in attachments:
+            assert tl.call("ADD", config, attachment).ok
+
+        def gc() -> None:
+            run = tl.call("GC", network_config(conflist, 0, extra={"cni.dev/valid-attachments": []}))
+            outputs.append(f"GC ok={run.ok} {run.output} {run.stderr}")
+
+        def delete(a: Attachment) -> None:
+            run = tl.call("DEL", config, a)
+            outputs.append(f"DEL ok={run.ok} {run.output} {run.stderr}")
+
+        threads = [threading.Thread(target=gc)] + [threading.Thread(target=delete, args=(a,)) for a in attachments]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(" ok=True " in f" {out}" for out in outputs), "\n".join(outputs)
+        assert tl.tor_links() == []
+        assert all(links_in(box) == ["lo"] for box in boxes)
+    logged = "".join(outputs) + (tl.agent_output()[mark:] if path == "agent" else "")
+    assert "failed after it was unlisted" not in logged, logged
     tl.assert_clean()
