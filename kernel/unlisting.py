@@ -90,8 +90,10 @@ class _Request:
             code = self._queued_answer() if sent is True else None
             self.sock.close()
         # The waiter returned at the notification, so the link was unlisted, and the kernel cannot
-        # fail a deletion after that (the rest is freeing memory). Said out loud, not assumed:
-        if code:
+        # fail a deletion after that (the rest is freeing memory). Said out loud, not assumed.
+        # ENODEV is no failure: another hand (the runtime's `ip netns del`, a racing GC) deleted
+        # it between the lookup and this request, and its notification ended the wait.
+        if code and code != errno.ENODEV:
             log.error("deleting %s (index %d) failed after it was unlisted: %s", self.name, self.index,
                       KernelError("the kernel answered", code))
 
