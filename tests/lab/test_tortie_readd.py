@@ -36,11 +36,6 @@ def tl() -> Iterator[TortieLab]:
         yield tl
 
 
-def links_in(box: Sandbox) -> list[str]:
-    out = box.exec("ip", "-o", "link", "show").stdout
-    return sorted(line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines())
-
-
 def test_add_right_after_del_of_the_same_attachment(tl: TortieLab, path: str) -> None:
     config = network_config(tl.conflist(), 0)
     problems: list[str] = []
@@ -80,7 +75,7 @@ def test_add_right_after_del_of_the_same_attachment(tl: TortieLab, path: str) ->
         assert adds == [ROUNDS] * CALLERS
         # Right after the last DELs: no veth on the node nor in any pod.
         assert tl.tor_links() == []
-        assert all(links_in(box) == ["lo"] for box in boxes)
+        assert all(box.links() == ["lo"] for box in boxes)
     tl.assert_clean()
 
 
@@ -120,7 +115,7 @@ def test_agent_killed_with_deletions_in_flight_leaves_no_veth(tl: TortieLab) -> 
             # SIGKILL ends the agent once its threads leave the kernel; the deletions are finished.
             gone = {host_ifname(a.container_id) for a in attachments}
             assert not gone & set(tl.tor_links())
-            assert all(links_in(box) == ["lo"] for box in boxes)
+            assert all(box.links() == ["lo"] for box in boxes)
             tl.start_agent()
             caught += in_flight > 0
             print(f"agent killed with {in_flight} deletion(s) in its threads")

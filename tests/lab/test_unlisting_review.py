@@ -46,11 +46,6 @@ def tl() -> Iterator[TortieLab]:
         yield tl
 
 
-def links_in(box: Sandbox) -> list[str]:
-    out = box.exec("ip", "-o", "link", "show").stdout
-    return sorted(line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines())
-
-
 def thread_namespaces(pid: int) -> set[int]:
     """The inodes of the network namespaces ``pid``'s threads are in."""
     inodes = set()
@@ -116,11 +111,11 @@ def test_add_check_del_and_netns_removal_right_after_del(tl: TortieLab, path: st
             assert again.ok, f"round {n}: {again.output}"
             checked = tl.call("CHECK", network_config(conflist, 0, prev_result=again.output), second)
             assert checked.ok, f"round {n}: {checked.output}"
-            assert links_in(box) == ["eth0", "lo"]
+            assert box.links() == ["eth0", "lo"]
             assert tl.tor_links() == [host_ifname(second.container_id)]
             delete = tl.call("DEL", config, second)
             assert delete.ok, delete.output
-            assert links_in(box) == ["lo"]
+            assert box.links() == ["lo"]
             assert tl.tor_links() == []
         # The sandbox's namespace is removed here, right after the DEL's answer.
     if path == "agent":
@@ -148,7 +143,7 @@ def test_many_dels_at_once_each_answers_with_its_veth_gone(tl: TortieLab, path: 
                 start.wait(30)
                 answer = tl.call("DEL", config, a)
                 left = [name for name in tl.tor_links() if name == host_ifname(a.container_id)]
-                inside = links_in(box)
+                inside = box.links()
                 if not answer.ok or left or inside != ["lo"]:
                     problems.append(f"{a.container_id[:8]}: ok={answer.ok} left={left} inside={inside}")
             except Exception as e:  # noqa: BLE001 - reported by the test's thread
@@ -180,7 +175,7 @@ def test_gc_answers_with_every_veth_gone(tl: TortieLab, path: str) -> None:
         gc = tl.call("GC", network_config(conflist, 0, extra={"cni.dev/valid-attachments": []}))
         assert gc.ok, gc.output
         assert tl.tor_links() == []
-        assert all(links_in(box) == ["lo"] for box in boxes)
+        assert all(box.links() == ["lo"] for box in boxes)
     tl.assert_clean()
 
 
@@ -306,7 +301,7 @@ def test_gc_racing_the_dels_of_the_same_attachments(tl: TortieLab, path: str) ->
             t.join(120)
         assert all(" ok=True " in f" {out}" for out in outputs), "\n".join(outputs)
         assert tl.tor_links() == []
-        assert all(links_in(box) == ["lo"] for box in boxes)
+        assert all(box.links() == ["lo"] for box in boxes)
     logged = "".join(outputs) + (tl.agent_output()[mark:] if path == "agent" else "")
     assert "failed after it was unlisted" not in logged, logged
     tl.assert_clean()

@@ -118,6 +118,11 @@ class Sandbox:
         return subprocess.run(ip_netns.exec_argv(self.name, argv), capture_output=True, text=True, check=check,
                               timeout=60)
 
+    def links(self) -> list[str]:
+        """The names of the namespace's links, sorted (a veth's "@peer" cut off)."""
+        out = self.exec("ip", "-o", "link", "show").stdout
+        return sorted(line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines())
+
 
 @dataclass(frozen=True)
 class Footprint:
