@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import select
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from felix_agent.orphans import OrphanTracker
 from kernel.netns import netns
 from kernel.rtnl import LinkEvent
 from kernel.rtnl_bulk import LinkEvents
+from netlab import netns as ip_netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -29,15 +29,15 @@ WAIT = 10.0
 @pytest.fixture
 def namespace() -> Iterator[str]:
     name = f"tle-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+    ip_netns.add(name)
     try:
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        ip_netns.delete(name)
 
 
 def ip(ns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", ns, *args], check=True)
+    ip_netns.ip("-n", ns, *args)
 
 
 def read_until(events: LinkEvents, name: str, present: bool) -> list[LinkEvent]:
