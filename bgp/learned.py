@@ -267,40 +267,38 @@ class LearnedRoutes:
         bulk = getattr(self.driver, "write_routes", None)
         errors: list[KernelError | None] = bulk(ops) if bulk is not None else write_each(self.driver, ops)
         with self._lock:
+            done = ops  # the usual answer: every write done
+            if any(errors):
+                done = []
+                for op, error in zip(ops, errors, strict=True):
+                    if error is None:
+                        done.append(op)
+                    else:
+                        self._refused(*op, error)
+            self._writes += len(done)
             kernel = self._kernel
-            if kernel is not None and not any(errors):  # the usual answer: every write done
+            if kernel is not None:  # None: adopted meanwhile, the next apply reads the kernel again
                 ours = kernel.ours
-                for action, route in ops:
+                for action, route in done:
                     if action == "delete":
                         ours.pop(route.dst, None)
                     else:
                         ours[route.dst] = route
-                self._writes += len(ops)
-            else:
-                for (action, route), error in zip(ops, errors, strict=True):
-                    self._record(action, route, error)
         if trace.on():
             trace.mark("kernel", [r.dst for (a, r), e in zip(ops, errors, strict=True) if a != "delete" and e is None])
 
-    def _record(self, action: str, route: KernelRoute, error: KernelError | None) -> None:
-        """What one write did (under ``_lock``)."""
-        if error is not None:
-            if action == "add" and error.code == errno.EEXIST:
-                log.warning("not installing %s: another protocol routes it", route.dst)
-                if self._kernel is not None:
-                    self._kernel.foreign.add(route.dst)
-                return
-            log.warning("BGP route %s %s failed: %s", action, route.dst, error)
-            self._failed_writes += 1
-            self._failed.add(route.dst)
+    def _refused(self, action: str, route: KernelRoute, error: KernelError) -> None:
+        """What a refused write means (under ``_lock``): another protocol routes the prefix (EEXIST
+        on an add), or the write failed (counted; the prefix is not added again before it changes
+        or a resync)."""
+        if action == "add" and error.code == errno.EEXIST:
+            log.warning("not installing %s: another protocol routes it", route.dst)
+            if self._kernel is not None:
+                self._kernel.foreign.add(route.dst)
             return
-        self._writes += 1
-        if self._kernel is None:  # adopted meanwhile: the next apply reads the kernel again
-            return
-        if action == "delete":
-            self._kernel.ours.pop(route.dst, None)
-        else:
-            self._kernel.ours[route.dst] = route
+        log.warning("BGP route %s %s failed: %s", action, route.dst, error)
+        self._failed_writes += 1
+        self._failed.add(route.dst)
 
     def _desired(self, prefix: str, kernel: KernelView, hops: dict[str, Hop | None]) -> KernelRoute | None:
         paths = self._paths.get(prefix)

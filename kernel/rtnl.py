@@ -6,8 +6,10 @@ plain values; writes do exactly what they are told and report a refusal as ``Ker
 the request. Must not know any Tortie concept (pools, endpoints, Tortie's route protocols: callers
 say which protocol they write and read). Standard library only and cheap to import: the in-process
 CNI path loads it on every call, so what only long-lived drivers use (bulk route writes, VXLAN and
-IPIP devices, FDB entries, the underlay's lookups, link notifications) lives in ``kernel.rtnl_bulk``,
-on top of these parsers. pyroute2 is not used: it costs ~330 ms to import and parsed a link in ~1.5 ms.
+IPIP devices, FDB entries, the underlay's lookups, the subscription to link notifications) lives in
+``kernel.rtnl_bulk``, on top of these parsers. A link notification is read by ``link_event`` here,
+for the subscription and for ``kernel.unlisting`` (DEL's wait) alike. pyroute2 is not used: it
+costs ~330 ms to import and parsed a link in ~1.5 ms.
 
 Over 450 lines because each of the five objects has its parser and its requests here, on purpose
 in one module: the in-process CNI path pays for every module it loads (~0.1 ms each), and these are
@@ -86,7 +88,7 @@ _COMMANDS = {  # action -> (verb in messages, message type, flags)
     "delete": ("del", RTM_DELROUTE, 0),
 }
 _NO_LINK = _IFINFO.pack(0, 0, 0, 0, 0)
-AF_BRIDGE = 7
+AF_UNSPEC, AF_BRIDGE = 0, 7
 
 
 RTM_F_FIB_MATCH = 0x2000  # rtm_flags: answer with the matching FIB entry, not the resolved route
@@ -136,6 +138,15 @@ class Link(_Value):
                  vxlan: VXLANAttrs | None = None) -> None:
         self.index, self.name, self.kind, self.mtu, self.mac, self.up = index, name, kind, mtu, mac, up
         self.vxlan = vxlan
+
+
+class LinkEvent(_Value):
+    """A link notification: the link appeared or changed (``present``), or was deleted."""
+
+    __slots__ = ("name", "index", "present")
+
+    def __init__(self, name: str, index: int, present: bool) -> None:
+        self.name, self.index, self.present = name, index, present
 
 
 class Neighbour(_Value):
@@ -466,6 +477,23 @@ def _link(payload: bytes) -> Link:
         up=bool(flags & IFF_UP),
         vxlan=vxlan,
     )
+
+
+def link_event(kind: int, payload: bytes) -> LinkEvent | None:
+    """What one message of the link notifications (``RTMGRP_LINK``) says of a link's existence;
+    None for any other message. Only family AF_UNSPEC speaks of the link itself, and the kernel
+    sends one whenever a link appears, changes or goes: an AF_BRIDGE RTM_DELLINK is a bridge port
+    leaving its bridge (``ip link set X nomaster``: the link stays), and the other families'
+    RTM_NEWLINKs (AF_BRIDGE, AF_INET6) speak of its bridge port or its IPv6 settings."""
+    if (kind != RTM_NEWLINK and kind != RTM_DELLINK) or len(payload) < _IFINFO.size:
+        return None
+    family, _, index, _, _ = _IFINFO.unpack_from(payload)
+    if family != AF_UNSPEC:
+        return None
+    name = attrs(payload, _IFINFO.size, until=IFLA_IFNAME).get(IFLA_IFNAME)
+    if name is None:
+        return None
+    return LinkEvent(name.rstrip(b"\0").decode(), index, kind == RTM_NEWLINK)
 
 
 _TYPE_NAMES = {RTN_UNICAST: "unicast", RTN_LOCAL: "local", RTN_BLACKHOLE: "blackhole", RTN_THROW: "throw"}

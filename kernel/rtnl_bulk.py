@@ -25,7 +25,6 @@ from kernel.netlink import (
     KernelError,
     Socket,
     attr,
-    attrs,
     messages,
     u32,
 )
@@ -38,7 +37,6 @@ from kernel.rtnl import (
     _RTMSG,
     AF_BRIDGE,
     IFLA_ADDRESS,
-    IFLA_IFNAME,
     IFLA_INFO_DATA,
     IFLA_INFO_KIND,
     IFLA_LINKINFO,
@@ -54,7 +52,6 @@ from kernel.rtnl import (
     NTF_SELF,
     NUD_PERMANENT,
     RTA_DST,
-    RTM_DELLINK,
     RTM_DELNEIGH,
     RTM_NEWLINK,
     RTM_NEWNEIGH,
@@ -62,26 +59,18 @@ from kernel.rtnl import (
     RTNL,
     KernelRoute,
     Link,
+    LinkEvent,
     _describe,
     _destination,
     _mac,
     _name,
     _route_body,
-    _Value,
+    link_event,
 )
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-
-class LinkEvent(_Value):
-    """A link appeared or changed (``present``), or was deleted."""
-
-    __slots__ = ("name", "index", "present")
-
-    def __init__(self, name: str, index: int, present: bool) -> None:
-        self.name, self.index, self.present = name, index, present
 
 
 class EventsLost(Exception):
@@ -282,14 +271,12 @@ class LinkEvents:
 
 
 def parse_link_events(data: bytes) -> list[LinkEvent]:
-    """The RTM_NEWLINK/RTM_DELLINK messages in one datagram of ``LinkEvents``."""
+    """What the messages of one datagram of ``LinkEvents`` say (``kernel.rtnl.link_event``)."""
     events = []
     for kind, _, _, payload in messages(data):
-        if kind in (RTM_NEWLINK, RTM_DELLINK):
-            name = attrs(payload, _IFINFO.size, until=IFLA_IFNAME).get(IFLA_IFNAME)
-            if name is not None:
-                events.append(LinkEvent(name.rstrip(b"\0").decode(), _IFINFO.unpack_from(payload)[2],
-                                        kind == RTM_NEWLINK))
+        event = link_event(kind, payload)
+        if event is not None:
+            events.append(event)
     return events
 
 

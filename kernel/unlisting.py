@@ -21,8 +21,9 @@ memory is freed.
 
 The notification is matched by index, never by name: names are reused at once (the next ADD of
 the attachment makes a link of the same name), indexes are not (the kernel allocates them
-cyclically). A bridge port's RTM_DELLINK (family AF_BRIDGE) says it left its bridge, not that it
-is gone: only family AF_UNSPEC counts.
+cyclically). It is read by ``kernel.rtnl.link_event``, as the agent's orphan sweep reads its link
+notifications: a bridge port's RTM_DELLINK (family AF_BRIDGE) says it left its bridge, not that it
+is gone.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import threading
 import time
 
 from kernel.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, KernelError, Socket, error_code, message, messages
-from kernel.rtnl import NETLINK_ROUTE, RTM_DELLINK, RTMGRP_LINK
+from kernel.rtnl import _IFINFO, NETLINK_ROUTE, RTM_DELLINK, RTMGRP_LINK, link_event
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,8 +52,6 @@ WAIT = 30.0  # seconds: the bound on waiting for either the notification or the 
 # How often the waiter looks whether the request has returned without an answer it could read (its
 # send failed, or the answer was lost with the notifications): only then does the wait need it.
 _SLICE = 0.02
-_IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_AF_UNSPEC = 0
 RTNLGRP_LINK = 1  # the group RTMGRP_LINK's bit stands for
 _SIOCGIFNAME, _SIOCGIFINDEX = 0x8910, 0x8933
 _IFNAMSIZ = 16  # with the terminating NUL
@@ -208,12 +207,11 @@ def _wait(request: _Request, wait: float) -> bool:
             lost = True
             continue
         for kind, _, seq, payload in messages(data):
-            if kind == RTM_DELLINK and len(payload) >= _IFINFO.size:
-                family, _, index, _, _ = _IFINFO.unpack_from(payload)
-                if index == request.index and family == _AF_UNSPEC:
-                    return True
-            elif kind == NLMSG_ERROR and seq == request.seq:
+            if kind == NLMSG_ERROR and seq == request.seq:
                 return _decided(error_code(payload), doing)
+            event = link_event(kind, payload)
+            if event is not None and not event.present and event.index == request.index:
+                return True
 
 
 def _decided(code: int, doing: str) -> bool:

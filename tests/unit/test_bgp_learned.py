@@ -238,6 +238,39 @@ def test_a_refused_route_is_counted_and_retried_on_resync() -> None:
     assert "10.96.0.0/24" in kernel.ours()
 
 
+def test_one_apply_with_refused_and_done_writes_records_each() -> None:
+    """A batch where some writes are refused: the done ones (delete, replace, adds) are what the
+    manager believes installed and are counted as writes; a foreign route that appeared meanwhile
+    is a conflict; an unreachable next hop is a failure."""
+    learned, kernel, _ = make()
+    learned.on_routes([(N2, "10.244.1.0/26", N2, False, {}), (N2, "10.244.2.0/26", N2, False, {})])
+    learned.apply()
+    assert learned.stats().writes == 2
+    kernel.table["10.244.6.0/26"] = KernelRoute(dst="10.244.6.0/26", device="eth0", proto=4)  # added meanwhile
+    learned.on_routes([
+        (N2, "10.244.1.0/26", None, True, {}),  # delete
+        (N3, "10.244.2.0/26", N3, False, {}),  # replace (its only path now goes through N3)
+        (N2, "10.244.3.0/26", N2, False, {}),
+        (N2, "10.244.4.0/26", N2, False, {}),
+        (FAR, "10.244.5.0/26", FAR, False, {}),  # refused: the fake kernel cannot reach FAR
+        (N2, "10.244.6.0/26", N2, False, {}),  # refused: EEXIST
+    ])
+    learned.on_route(N2, "10.244.2.0/26", None, True, {})
+    real_add = kernel.add_route
+
+    def add(route: KernelRoute) -> None:
+        if route.gateway == FAR:
+            raise KernelError(f"add route {route.dst}", errno.ENETUNREACH)
+        real_add(route)
+
+    kernel.add_route = add  # type: ignore[method-assign]
+    learned.apply()
+    stats = learned.stats()
+    assert (stats.writes, stats.failed, stats.conflicts) == (2 + 4, 1, 1)
+    assert learned.installed() == kernel.ours()
+    assert sorted(kernel.ours()) == ["10.244.2.0/26", "10.244.3.0/26", "10.244.4.0/26"]
+    assert kernel.ours()["10.244.2.0/26"].gateway == N3 and kernel.table["10.244.6.0/26"].proto == 4
+
 def test_the_installer_thread_leaves_a_change_to_the_caller_that_applies_it_and_installs_one_nobody_applies(
 ) -> None:
     """With ``change_delay`` (felix-agent applies in the speaker's thread after each read), the

@@ -5,7 +5,6 @@ an agent publishes."""
 from __future__ import annotations
 
 import random
-import struct
 import threading
 
 import pytest
@@ -16,8 +15,6 @@ from felix_agent.cni_service import InFlight
 from felix_agent.main import parse_args
 from felix_agent.orphans import LocalAttachment, OrphanTracker, decide
 from ipam.check import ENDPOINT_WITHOUT_INTERFACE, EndpointRecord, MissingInterface, Snapshot, analyse
-from kernel.rtnl import RTM_DELLINK, RTM_NEWLINK
-from kernel.rtnl_bulk import parse_link_events
 
 GRACE = 10.0
 
@@ -126,19 +123,6 @@ def test_a_restart_takes_over_the_published_records() -> None:
     a = attachment(1)
     tracker.restore([MissingInterface("node-1", a.namespace, a.name, a.interface, "net", "c1", "eth0", 50.0)])
     assert [x.key for x in tracker.decide(by_key(a), set(), 50.0 + GRACE).due] == [a.key]
-
-
-def _link_message(kind: int, index: int, name: str) -> bytes:
-    ifname = name.encode() + b"\0"
-    attr = struct.pack("=HH", 4 + len(ifname), 3) + ifname + b"\0" * (-len(ifname) % 4)
-    body = struct.pack("=BxHiII", 0, 1, index, 0, 0) + attr
-    return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
-
-
-def test_link_notifications_are_parsed() -> None:
-    data = _link_message(RTM_DELLINK, 12, "tor0123456789a") + _link_message(RTM_NEWLINK, 13, "eth0")
-    events = parse_link_events(data)
-    assert [(e.name, e.index, e.present) for e in events] == [("tor0123456789a", 12, False), ("eth0", 13, True)]
 
 
 def test_a_call_waits_while_the_sweep_holds_its_attachment() -> None:
