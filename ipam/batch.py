@@ -20,13 +20,13 @@ Each job is planned as alone (``IPAM.plan``, ``Releaser``'s planning of an attac
 addresses, reservations and handle records as one at a time. A job that fails (a pool exhausted,
 an address in use) fails alone and writes nothing; a lost comparison re-plans the whole batch; a
 job sharing a key with an earlier job of the batch (the same attachment twice) waits for the
-next batch. Must not decide which addresses to take (``ipam.allocator``) nor touch the kernel.
+next batch (a release's plan: ``ipam.batch_release``). Must not decide which addresses to take
+(``ipam.allocator``) nor touch the kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,11 +36,12 @@ from typing import Any
 
 from datastore import keys
 from datastore.errors import Conflict, TransactionTooLarge
-from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Unchanged, Update
+from datastore.kv import Create, KeyValue, NothingNewer, Op, Unchanged, Update
 from ipam import claim_listeners, kept_snapshot, kept_writes
-from ipam.block import Address, Block, Network, decoded_block, remember_block
+from ipam.batch_release import blocks_of_releases, plan_release, whole
+from ipam.block import Address, Block, Network, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
-from ipam.handles import Handle, attachment_handles_in, attachment_keys
+from ipam.handles import attachment_keys
 
 # The allocator's IPAM (it imports this module: typed loosely here, so no import circle).
 IPAM = Any
@@ -225,7 +226,7 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
     # ----
     snap = kept or ipam.snapshot(node, [k for job in batch for k in job.wanted()], serializable=not fresh)
     releases = [j for j in batch if isinstance(j, ReleaseJob)]
-    extra = _blocks_of_releases(ipam, snap.blocks, snap.also, releases)
+    extra = blocks_of_releases(ipam.client, snap.blocks, snap.also, releases)
     claimed: dict[Network, Op] = {}  # blocks this transaction creates → the op of their affinity
     while True:
         changed, ops, planned, failed, claims = _plan(ipam, snap, batch, extra)
@@ -251,7 +252,7 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         ops.append(affinity)
     if not fresh and (failed or claims or not ops):
         return _DOUBTFUL
-    if known and not all(_whole(j, known) for j in planned if isinstance(j, ReleaseJob)):
+    if known and not all(whole(j, known) for j in planned if isinstance(j, ReleaseJob)):
         return _DOUBTFUL  # a kept block that does not hold what a kept handle counts: read afresh
     for job, error in failed:
         job.fail(error)
@@ -301,15 +302,6 @@ def _kept_values(ipam: IPAM, batch: list[_Job]) -> dict[str, KeyValue] | None:
     return kept_writes.known(ipam.client, [k for j in batch if isinstance(j, ReleaseJob) for k in j.wanted()])
 
 
-def _whole(job: ReleaseJob, values: Mapping[str, KeyValue]) -> bool:
-    """Whether a release planned on kept values freed every address its handles count. A block it
-    frees nothing in is not written, so not compared: planned on a fresh read, the handle's own
-    comparison covers it (every write of an address of the handle rewrites the handle); planned on
-    a kept block, a block that disagrees with the kept handle is read again instead."""
-    found = attachment_handles_in(values, job.network, job.container_id, job.ifname)
-    return len(job.released) == sum(n for kv in found.values() for n in Handle.from_json(kv.value).blocks.values())
-
-
 def _keep_writes(client: Any, planned: Sequence[_Job], ops: Sequence[Op], revision: int) -> None:
     """After a commit at ``revision``: an assignment's handle as written and its other keys as
     compared absent are kept for its DEL; a release's keys are forgotten (``ipam.kept_writes``)."""
@@ -343,7 +335,7 @@ def _plan(ipam: IPAM, snap: Any, batch: list[_Job], extra: Mapping[Network, tupl
         if job.done:  # handed its addresses back when planned before a claim
             continue
         if isinstance(job, ReleaseJob):
-            ops += _plan_release(job, snap.also, snap.blocks, extra, changed)
+            ops += plan_release(job, snap.also, snap.blocks, extra, changed)
             planned.append(job)
             continue
         assert isinstance(job, AssignJob)
@@ -401,43 +393,3 @@ def _read_unchanged(planned: Sequence[_Job], values: Mapping[str, KeyValue], ops
                 kv = values.get(key)
                 out.append(Unchanged(key, kv.mod_revision if kv is not None else 0))
     return out
-
-
-def _blocks_of_releases(ipam: IPAM, blocks: Mapping[Network, tuple[Block, int]], values: Mapping[str, KeyValue],
-                        releases: list[ReleaseJob]) -> dict[Network, tuple[Block, int]]:
-    """The blocks the released handles name that the snapshot did not hold (another node's block
-    an address was borrowed from, a block the hint missed): one more read, rarely needed."""
-    missing: set[str] = set()
-    for job in releases:
-        for kv in attachment_handles_in(values, job.network, job.container_id, job.ifname).values():
-            for cidr in Handle.from_json(kv.value).blocks:
-                if ipaddress.ip_network(cidr) not in blocks:
-                    missing.add(keys.block_key(ipaddress.ip_network(cidr)))
-    if not missing:
-        return {}
-    found = ipam.client.get_many(sorted(missing))
-    return {keys.cidr_from_key(kv.key): (decoded_block(kv.key, kv.mod_revision, kv.value), kv.mod_revision)
-            for kv in found.values()}
-
-
-def _plan_release(job: ReleaseJob, values: Mapping[str, KeyValue], blocks: Mapping[Network, tuple[Block, int]],
-                  extra: Mapping[Network, tuple[Block, int]], changed: dict[Network, tuple[Block, int]]) -> list[Op]:
-    """What releasing one attachment writes (as ``Releaser.release_attachment`` plans it), its
-    blocks' changes put in ``changed``."""
-    found = attachment_handles_in(values, job.network, job.container_id, job.ifname)
-    released: list[Address] = []
-    cidrs = sorted({ipaddress.ip_network(c) for kv in found.values() for c in Handle.from_json(kv.value).blocks},
-                   key=str)
-    for cidr in cidrs:
-        current = changed.get(cidr) or blocks.get(cidr) or extra.get(cidr)
-        if current is None:
-            continue  # a block that is gone holds nothing to release
-        block, freed = current[0].release_handles(found)
-        if freed:
-            changed[cidr] = (block, current[1])
-            released += freed
-    ops: list[Op] = [Delete(kv.key, kv.mod_revision) for kv in found.values()]
-    if job.also_write is not None:
-        ops += job.also_write({k: values[k] for k in job.also_read if k in values})
-    job.handles, job.released = list(found), released
-    return ops
