@@ -175,7 +175,7 @@ class IPAM(Releaser):
         affinities = reading.lists[keys.affinity_prefix(node)]
         block_keys = [keys.block_key(keys.cidr_from_key(kv.key)) for kv in affinities]
         found = {k: singles[k] for k in block_keys if k in singles}
-        missing = [k for k in block_keys if k not in found]
+        missing = [k for k in block_keys if k not in found and k not in wanted]  # (read: absent)
         if missing:
             found.update(self.client.get_many(missing))
         BLOCK_HINTS[node] = frozenset(block_keys)
