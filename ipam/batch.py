@@ -42,6 +42,7 @@ from ipam.batch_release import blocks_of_releases, plan_release, whole
 from ipam.block import Address, Block, Network, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
 from ipam.handles import attachment_keys
+from ipam.release import BLOCK_HINTS
 
 # The allocator's IPAM (it imports this module: typed loosely here, so no import circle).
 IPAM = Any
@@ -283,6 +284,8 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         returned = time.monotonic()
         for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
             remember_block(keys.block_key(cidr), revision, value, block)
+        if claimed:  # the next snapshot of the node reads them in its one round trip
+            BLOCK_HINTS[node] = BLOCK_HINTS.get(node, frozenset()) | {keys.block_key(c) for c in claimed}
         if claimed and claim_listeners.wanted(node):  # this node's agent takes its claim in now
             claim_listeners.committed(claim_listeners.Claimed(node, [
                 *((keys.block_key(cidr), value) for cidr, _, value, _ in written if cidr in claimed),
