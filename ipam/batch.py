@@ -161,6 +161,7 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
     # The first plan starts from a serializable read when the IPAM allows it; any plan after one
     # that lost its compare-and-swap, claimed a block or could not trust its read is linearizable.
     fresh = not ipam.serializable_snapshot
+    listing: set[int] = set()  # the IP versions a plan wanted a new block of: listed by the next fresh read
     cap = MAX_JOBS
     while pending:
         # Jobs sharing a key (the same attachment twice) go in different batches, in order.
@@ -172,7 +173,7 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
                 batch.append(job)
             taken |= wanted
         try:
-            outcome = _once(ipam, node, batch, fresh)
+            outcome = _once(ipam, node, batch, fresh, listing)
         except TransactionTooLarge:
             # More comparisons than etcd takes at once (releases planned on kept values compare
             # bytes too, and their blocks add up): the same jobs in smaller batches, down to one.
@@ -196,9 +197,11 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
         ipam._backoff(attempt)
 
 
-def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
+def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool, listing: set[int]) -> str:
     """Plan and commit ``batch``: _DONE when every job of it is done, _LOST to plan again (a lost
     compare-and-swap, or blocks claimed), _DOUBTFUL to plan again from a linearizable read.
+    ``listing``: the IP versions whose blocks a fresh read lists; a plan that wants a new block
+    adds its version, so that the next read lists them.
 
     A plan on a serializable snapshot (``fresh`` False: etcd's member answered from its own state,
     which on a follower may lag the leader) is as safe as one on a linearizable snapshot because
@@ -215,7 +218,9 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
     node's affinity: one write of the block instead of two, so every agent's watch wakes once for a
     claim, not twice (the BGP mesh's other nodes spend ~0.3 CPU ms per wake-up while the new route
     spreads). Another process creating it first makes the transaction fail and the batch plan
-    again, as any conflict."""
+    again, as any conflict. A claim costs no read besides the fresh snapshot's: the requested
+    addresses' blocks, the blocks of a version (``listing``) and the node's affinities come in it.
+    A stale plan does not read them: its claim only says that a fresh read is needed."""
     kept = None
     # ---- DEL without its read: the releases' keys as this process wrote them (ipam.kept_writes)
     known = None if fresh else _kept_values(ipam, batch)
@@ -225,12 +230,16 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         kept = replace(kept, also=known)
     known = known if kept is not None else None
     # ----
-    snap = kept or ipam.snapshot(node, [k for job in batch for k in job.wanted()], serializable=not fresh)
+    addresses = [a for j in batch if isinstance(j, AssignJob) for a in j.req.addresses]
+    snap = kept or ipam.snapshot(node, [k for job in batch for k in job.wanted()], serializable=not fresh,
+                                 addresses=addresses, listing=listing if fresh else ())
     releases = [j for j in batch if isinstance(j, ReleaseJob)]
     extra = blocks_of_releases(ipam.client, snap.blocks, snap.also, releases)
     claimed: dict[Network, Op] = {}  # blocks this transaction creates → the op of their affinity
     while True:
         changed, ops, planned, failed, claims = _plan(ipam, snap, batch, extra)
+        # (a specific address's block is read by itself: an automatic claim needs the listing)
+        listing |= {cidr.version for cidr, _ in claims if not any(a in cidr for a in addresses)}
         if not claims or not fresh:
             break
         if any(owner != node or cidr in claimed for cidr, owner in claims):
@@ -239,7 +248,7 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
             ipam.claim(claims)  # a block nobody may own (the node's maximum): alone, as it was
             return _LOST
         for cidr, _ in claims:
-            claimed[cidr] = ipam.affinity_op(cidr, node)
+            claimed[cidr] = ipam.affinity_op(cidr, node, snap)
             snap.blocks[cidr] = (Block.empty(cidr, node), 0)
     written = [(cidr, block, block.to_json(), rev) for cidr, (block, rev) in changed.items()]
     ops = [Create(keys.block_key(cidr), value) if cidr in claimed

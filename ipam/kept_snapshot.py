@@ -64,7 +64,8 @@ def keep(client: object, node: str, snap: Snapshot, written: dict[Network, tuple
     for cidr, (block, value) in written.items():
         if cidr in blocks:  # another node's block an address was borrowed from is not the node's
             blocks[cidr], stored[cidr] = (block, revision), value
-    kept = replace(snap, handle=None, legacy=None, also={}, blocks=blocks, stored=stored)
+    kept = replace(snap, handle=None, legacy=None, also={}, blocks=blocks, stored=stored, fresh=False, listed={},
+                   named={})
     with _GUARD:
         if len(_KEPT) > 1024:
             _KEPT.clear()
