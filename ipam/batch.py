@@ -278,6 +278,8 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool, listing: set[in
         ops += ipam.reservations_unchanged(snap, proven)
         if kept is None:  # (a kept snapshot's commit compares them all: unchanged_since)
             ops += _settings_unchanged(snap, node)
+    if claimed and ipam.serializable_snapshot:  # so that the snapshot kept stands as read after the claim
+        ops += kept_snapshot.unchanged_until(snap, node)
     revision = 0
     if ops:
         ops += _read_unchanged(planned, snap.also, ops)
@@ -301,7 +303,8 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool, listing: set[in
                 *((op.key, op.value) for op in claimed.values() if isinstance(op, Create | Update))],
                 revision, sent, returned))
     if ipam.serializable_snapshot:
-        kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision)
+        kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision,
+                           [op.key for op in claimed.values()])
         _keep_writes(ipam.client, planned, ops, revision)
     for job in planned:
         job.done = True
