@@ -81,13 +81,18 @@ def test_an_automatic_claim_is_one_read_and_the_commit(etcd_client: EtcdClient) 
     first, calls = client.counting(lambda: _assign(ipam, node, "c0"))
     assert calls == ["read", "read", "commit"]  # the serializable plan wanted a block: the fresh read lists them
     told[first] = attachment_handle("net", "c0", "eth0")
-    for i in (1, 2, 3):  # the rest of the block, on the kept snapshot
-        told[_assign(ipam, node, f"c{i}")] = attachment_handle("net", f"c{i}", "eth0")
+    for i in (1, 2, 3):  # the rest of the block, on the snapshot kept after the claim: one commit each
+        address, calls = client.counting(lambda i=i: _assign(ipam, node, f"c{i}"))
+        assert calls == ["commit"]
+        told[address] = attachment_handle("net", f"c{i}", "eth0")
     fifth, calls = client.counting(lambda: _assign(ipam, node, "c4"))
     assert calls == ["read", "commit"]  # the kept plan wanted a block; the claimed one is hinted: no more reads
     told[fifth] = attachment_handle("net", "c4", "eth0")
+    sixth, calls = client.counting(lambda: _assign(ipam, node, "c5"))
+    assert calls == ["commit"]
+    told[sixth] = attachment_handle("net", "c5", "eth0")
     assert allocated(etcd_client) == told
-    mine = {str(ipaddress.ip_network(f"{a}/30", strict=False)) for a in (first, fifth)}
+    mine = {str(ipaddress.ip_network(f"{a}/30", strict=False)) for a in (first, fifth, sixth)}
     assert mine == {"10.244.0.4/30", "10.244.0.12/30"}
     assert _owners(etcd_client) == {"10.244.0.0/30": other, "10.244.0.4/30": node,
                                     "10.244.0.8/30": other, "10.244.0.12/30": node}
@@ -104,8 +109,11 @@ def test_a_specific_address_claiming_its_block_is_one_read_and_the_commit(etcd_c
     got, calls = client.counting(lambda: _assign(ipam, node, "c2", "10.244.0.200"))
     assert got == "10.244.0.200"
     assert calls == ["read", "commit"]  # warm: the kept plan wanted the block; the fresh read brought it
+    got, calls = client.counting(lambda: _assign(ipam, node, "c3", "10.244.0.201"))
+    assert (got, calls) == ("10.244.0.201", ["commit"])  # the snapshot kept after the claim holds it
     assert allocated(etcd_client) == {"10.244.0.70": attachment_handle("net", "c1", "eth0"),
-                                      "10.244.0.200": attachment_handle("net", "c2", "eth0")}
+                                      "10.244.0.200": attachment_handle("net", "c2", "eth0"),
+                                      "10.244.0.201": attachment_handle("net", "c3", "eth0")}
     assert _owners(etcd_client) == {"10.244.0.64/26": node, "10.244.0.192/26": node}
     assert (_affinity(etcd_client, node, "10.244.0.192/26") or {}).get("state") == "confirmed"
 
