@@ -30,7 +30,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -96,6 +96,12 @@ class _Snapshot:
     # each pool and affinity key → its modification revision (0: absent); each block's stored bytes.
     depends: dict[str, int] = field(default_factory=dict)
     stored: dict[Network, bytes] = field(default_factory=dict)
+    # Read linearizably: a claim may be decided on it (``ipam.batch``); else it only tells that one is needed.
+    fresh: bool = False
+    # Read with it when asked: each IP version's block CIDRs (keys only), and the blocks of the
+    # requested specific addresses by key (None: absent).
+    listed: dict[int, set[Network]] = field(default_factory=dict)
+    named: dict[str, KeyValue | None] = field(default_factory=dict)
 
 
 def _same_attachment(held: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
@@ -149,20 +155,27 @@ class IPAM(Releaser):
         kvs, _ = self.client.list(keys.HANDLES)
         return {kv.key[len(keys.HANDLES):]: Handle.from_json(kv.value) for kv in kvs}
 
-    def snapshot(self, node: str, also_read: Sequence[str] = (), *, serializable: bool = False) -> _Snapshot:
+    def snapshot(self, node: str, also_read: Sequence[str] = (), *, serializable: bool = False,
+                 addresses: Sequence[Address] = (), listing: Collection[int] = ()) -> _Snapshot:
         """One round trip in the usual case: the ``also_read`` keys (the handles of the requests
         being planned, their callers' keys), the IPAM configuration, the node, the pools, the
         node's affinities and the blocks it was last seen to hold, at one revision. A block the
         hint missed (claimed since, or by another process) costs a second read.
 
+        In the same round trip, for a plan that may claim a block without another read: the blocks
+        of the specific ``addresses`` (in the pools this process has seen: a guess, which the plan
+        checks against the pools read) and the keys of every block of the IP versions in ``listing``.
+
         ``serializable``: etcd answers from the member's own state, without a ReadIndex (see
         ``ipam.batch`` for why a plan may start from it): possibly stale."""
         node_key, cfg_key = ResourceStore.key(Node, node), ResourceStore.key(IPAMConfiguration, "default")
         hinted = sorted(BLOCK_HINTS.get(node, ()))
-        wanted = list(dict.fromkeys([*also_read, cfg_key, node_key, *hinted]))
-        reading = self.client.read(wanted,
-                                   [(_POOLS, False), (keys.affinity_prefix(node), True), (_RESERVATIONS, False)],
-                                   serializable=serializable)
+        named = sorted({keys.block_key(pool.block_of(a)) for a in addresses for _, pool in list(_POOL_CACHE.values())
+                        if a in pool.cidr})
+        wanted = list(dict.fromkeys([*also_read, cfg_key, node_key, *hinted, *named]))
+        listings = [(keys.block_prefix(v), True) for v in sorted(listing)]
+        reading = self.client.read(wanted, [(_POOLS, False), (keys.affinity_prefix(node), True), (_RESERVATIONS, False),
+                                            *listings], serializable=serializable)
         singles = reading.values
         labels: dict[str, str] = {}
         node_kv = singles.get(node_key)
@@ -175,7 +188,7 @@ class IPAM(Releaser):
         affinities = reading.lists[keys.affinity_prefix(node)]
         block_keys = [keys.block_key(keys.cidr_from_key(kv.key)) for kv in affinities]
         found = {k: singles[k] for k in block_keys if k in singles}
-        missing = [k for k in block_keys if k not in found]
+        missing = [k for k in block_keys if k not in found and k not in wanted]  # (read: absent)
         if missing:
             found.update(self.client.get_many(missing))
         BLOCK_HINTS[node] = frozenset(block_keys)
@@ -190,8 +203,9 @@ class IPAM(Releaser):
         also = {k: singles[k] for k in also_read if k in singles}
         depends = {k: singles[k].mod_revision if k in singles else 0 for k in (node_key, cfg_key)}
         depends.update((kv.key, kv.mod_revision) for kv in [*reading.lists[_POOLS], *affinities])
+        listed = {v: {keys.cidr_from_key(kv.key) for kv in reading.lists[keys.block_prefix(v)]} for v in listing}
         return _Snapshot(None, None, pools, labels, max_blocks, blocks, reservations, reading.revision, also,
-                         depends, stored)
+                         depends, stored, not serializable, listed, {k: singles.get(k) for k in named})
 
     def _existing_blocks(self, version: int) -> set[Network]:
         kvs, _ = self.client.list(keys.block_prefix(version), keys_only=True)
@@ -286,7 +300,10 @@ class IPAM(Releaser):
         # 2. claim a free block (ipam.batch plans again with it, and creates it with its addresses)
         own = sum(1 for c in snap.blocks if c.version == version)
         if not snap.max_blocks or own < snap.max_blocks:
-            existing = self._existing_blocks(version)
+            existing = snap.listed.get(version)
+            if existing is None:  # not listed with a stale snapshot: its claim is only a guess (ipam.batch
+                existing = self._existing_blocks(version) if snap.fresh else set()  # reads again, listing)
+            existing = existing | set(snap.blocks)  # and the blocks this batch claims (not in etcd yet)
             for pool in pools:
                 free = self._free_block(pool, req.node, existing, snap.reservations)
                 if free is not None:
@@ -326,14 +343,20 @@ class IPAM(Releaser):
             return cidr
         return None
 
-    def affinity_op(self, cidr: Network, node: str) -> Op:
-        """What confirms ``node``'s affinity for the new block ``cidr``, written with the block."""
+    def affinity_op(self, cidr: Network, node: str, snap: _Snapshot | None = None) -> Op:
+        """What confirms ``node``'s affinity for the new block ``cidr``, written with the block:
+        decided on ``snap`` when given (a fresh read, which listed the node's affinities), else on
+        a read. One written since fails the commit, and the next read sees it."""
+        key = keys.affinity_key(node, cidr)
         affinity = json.dumps({"state": "confirmed", "claimedAt": int(self.clock())}).encode()
-        stale = self.client.get(keys.affinity_key(node, cidr))
+        if snap is not None:
+            revision = snap.depends.get(key, 0)
+        else:
+            stale = self.client.get(key)
+            revision = stale.mod_revision if stale is not None else 0
         # An affinity whose block is missing (written by hand, or by an older claim scheme)
         # is simply re-confirmed together with the block it should have had.
-        return (Create(keys.affinity_key(node, cidr), affinity) if stale is None
-                else Update(stale.key, affinity, stale.mod_revision))
+        return Update(key, affinity, revision) if revision else Create(key, affinity)
 
     def _claim(self, cidr: Network, node: str | None) -> None:
         """Create the block and the node's affinity for it in one transaction (no owner: just
@@ -383,7 +406,10 @@ class IPAM(Releaser):
             cidr = pool.block_of(address)
             current = changed.get(cidr) or snap.blocks.get(cidr)
             if current is None:
-                kv = self.client.get(keys.block_key(cidr))
+                key = keys.block_key(cidr)
+                # Read with the snapshot, else (the pool's block size was not known then) now; a
+                # stale plan need not: a claim it plans is planned again on a fresh read.
+                kv = snap.named[key] if key in snap.named else self.client.get(key) if snap.fresh else None
                 if kv is None:
                     # The node owns the new block, unless it may own no more: then nobody does.
                     own = sum(1 for c in snap.blocks if c.version == address.version)

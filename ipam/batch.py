@@ -20,13 +20,13 @@ Each job is planned as alone (``IPAM.plan``, ``Releaser``'s planning of an attac
 addresses, reservations and handle records as one at a time. A job that fails (a pool exhausted,
 an address in use) fails alone and writes nothing; a lost comparison re-plans the whole batch; a
 job sharing a key with an earlier job of the batch (the same attachment twice) waits for the
-next batch. Must not decide which addresses to take (``ipam.allocator``) nor touch the kernel.
+next batch (a release's plan: ``ipam.batch_release``). Must not decide which addresses to take
+(``ipam.allocator``) nor touch the kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,11 +36,13 @@ from typing import Any
 
 from datastore import keys
 from datastore.errors import Conflict, TransactionTooLarge
-from datastore.kv import Create, Delete, KeyValue, NothingNewer, Op, Unchanged, Update
+from datastore.kv import Create, KeyValue, NothingNewer, Op, Unchanged, Update
 from ipam import claim_listeners, kept_snapshot, kept_writes
-from ipam.block import Address, Block, Network, decoded_block, remember_block
+from ipam.batch_release import blocks_of_releases, plan_release, whole
+from ipam.block import Address, Block, Network, remember_block
 from ipam.errors import IPAMError, TooManyConflicts
-from ipam.handles import Handle, attachment_handles_in, attachment_keys
+from ipam.handles import attachment_keys
+from ipam.release import BLOCK_HINTS
 
 # The allocator's IPAM (it imports this module: typed loosely here, so no import circle).
 IPAM = Any
@@ -159,6 +161,7 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
     # The first plan starts from a serializable read when the IPAM allows it; any plan after one
     # that lost its compare-and-swap, claimed a block or could not trust its read is linearizable.
     fresh = not ipam.serializable_snapshot
+    listing: set[int] = set()  # the IP versions a plan wanted a new block of: listed by the next fresh read
     cap = MAX_JOBS
     while pending:
         # Jobs sharing a key (the same attachment twice) go in different batches, in order.
@@ -170,7 +173,7 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
                 batch.append(job)
             taken |= wanted
         try:
-            outcome = _once(ipam, node, batch, fresh)
+            outcome = _once(ipam, node, batch, fresh, listing)
         except TransactionTooLarge:
             # More comparisons than etcd takes at once (releases planned on kept values compare
             # bytes too, and their blocks add up): the same jobs in smaller batches, down to one.
@@ -194,9 +197,11 @@ def _run(ipam: IPAM, node: str, jobs: list[_Job]) -> None:
         ipam._backoff(attempt)
 
 
-def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
+def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool, listing: set[int]) -> str:
     """Plan and commit ``batch``: _DONE when every job of it is done, _LOST to plan again (a lost
     compare-and-swap, or blocks claimed), _DOUBTFUL to plan again from a linearizable read.
+    ``listing``: the IP versions whose blocks a fresh read lists; a plan that wants a new block
+    adds its version, so that the next read lists them.
 
     A plan on a serializable snapshot (``fresh`` False: etcd's member answered from its own state,
     which on a follower may lag the leader) is as safe as one on a linearizable snapshot because
@@ -213,7 +218,9 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
     node's affinity: one write of the block instead of two, so every agent's watch wakes once for a
     claim, not twice (the BGP mesh's other nodes spend ~0.3 CPU ms per wake-up while the new route
     spreads). Another process creating it first makes the transaction fail and the batch plan
-    again, as any conflict."""
+    again, as any conflict. A claim costs no read besides the fresh snapshot's: the requested
+    addresses' blocks, the blocks of a version (``listing``) and the node's affinities come in it.
+    A stale plan does not read them: its claim only says that a fresh read is needed."""
     kept = None
     # ---- DEL without its read: the releases' keys as this process wrote them (ipam.kept_writes)
     known = None if fresh else _kept_values(ipam, batch)
@@ -223,12 +230,16 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         kept = replace(kept, also=known)
     known = known if kept is not None else None
     # ----
-    snap = kept or ipam.snapshot(node, [k for job in batch for k in job.wanted()], serializable=not fresh)
+    addresses = [a for j in batch if isinstance(j, AssignJob) for a in j.req.addresses]
+    snap = kept or ipam.snapshot(node, [k for job in batch for k in job.wanted()], serializable=not fresh,
+                                 addresses=addresses, listing=listing if fresh else ())
     releases = [j for j in batch if isinstance(j, ReleaseJob)]
-    extra = _blocks_of_releases(ipam, snap.blocks, snap.also, releases)
+    extra = blocks_of_releases(ipam.client, snap.blocks, snap.also, releases)
     claimed: dict[Network, Op] = {}  # blocks this transaction creates → the op of their affinity
     while True:
         changed, ops, planned, failed, claims = _plan(ipam, snap, batch, extra)
+        # (a specific address's block is read by itself: an automatic claim needs the listing)
+        listing |= {cidr.version for cidr, _ in claims if not any(a in cidr for a in addresses)}
         if not claims or not fresh:
             break
         if any(owner != node or cidr in claimed for cidr, owner in claims):
@@ -237,7 +248,7 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
             ipam.claim(claims)  # a block nobody may own (the node's maximum): alone, as it was
             return _LOST
         for cidr, _ in claims:
-            claimed[cidr] = ipam.affinity_op(cidr, node)
+            claimed[cidr] = ipam.affinity_op(cidr, node, snap)
             snap.blocks[cidr] = (Block.empty(cidr, node), 0)
     written = [(cidr, block, block.to_json(), rev) for cidr, (block, rev) in changed.items()]
     ops = [Create(keys.block_key(cidr), value) if cidr in claimed
@@ -251,7 +262,7 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         ops.append(affinity)
     if not fresh and (failed or claims or not ops):
         return _DOUBTFUL
-    if known and not all(_whole(j, known) for j in planned if isinstance(j, ReleaseJob)):
+    if known and not all(whole(j, known) for j in planned if isinstance(j, ReleaseJob)):
         return _DOUBTFUL  # a kept block that does not hold what a kept handle counts: read afresh
     for job, error in failed:
         job.fail(error)
@@ -267,6 +278,8 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         ops += ipam.reservations_unchanged(snap, proven)
         if kept is None:  # (a kept snapshot's commit compares them all: unchanged_since)
             ops += _settings_unchanged(snap, node)
+    if claimed and ipam.serializable_snapshot:  # so that the snapshot kept stands as read after the claim
+        ops += kept_snapshot.unchanged_until(snap, node)
     revision = 0
     if ops:
         ops += _read_unchanged(planned, snap.also, ops)
@@ -282,13 +295,16 @@ def _once(ipam: IPAM, node: str, batch: list[_Job], fresh: bool) -> str:
         returned = time.monotonic()
         for cidr, block, value, _ in written:  # the next snapshot reads them back: no decoding then
             remember_block(keys.block_key(cidr), revision, value, block)
+        if claimed:  # the next snapshot of the node reads them in its one round trip
+            BLOCK_HINTS[node] = BLOCK_HINTS.get(node, frozenset()) | {keys.block_key(c) for c in claimed}
         if claimed and claim_listeners.wanted(node):  # this node's agent takes its claim in now
             claim_listeners.committed(claim_listeners.Claimed(node, [
                 *((keys.block_key(cidr), value) for cidr, _, value, _ in written if cidr in claimed),
                 *((op.key, op.value) for op in claimed.values() if isinstance(op, Create | Update))],
                 revision, sent, returned))
     if ipam.serializable_snapshot:
-        kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision)
+        kept_snapshot.keep(ipam.client, node, snap, {c: (b, v) for c, b, v, _ in written}, revision,
+                           [op.key for op in claimed.values()])
         _keep_writes(ipam.client, planned, ops, revision)
     for job in planned:
         job.done = True
@@ -299,15 +315,6 @@ def _kept_values(ipam: IPAM, batch: list[_Job]) -> dict[str, KeyValue] | None:
     """What the batch's releases would read, as this process wrote it ({} for none), or None when
     any of it is not kept (``ipam.kept_writes``): then the batch reads."""
     return kept_writes.known(ipam.client, [k for j in batch if isinstance(j, ReleaseJob) for k in j.wanted()])
-
-
-def _whole(job: ReleaseJob, values: Mapping[str, KeyValue]) -> bool:
-    """Whether a release planned on kept values freed every address its handles count. A block it
-    frees nothing in is not written, so not compared: planned on a fresh read, the handle's own
-    comparison covers it (every write of an address of the handle rewrites the handle); planned on
-    a kept block, a block that disagrees with the kept handle is read again instead."""
-    found = attachment_handles_in(values, job.network, job.container_id, job.ifname)
-    return len(job.released) == sum(n for kv in found.values() for n in Handle.from_json(kv.value).blocks.values())
 
 
 def _keep_writes(client: Any, planned: Sequence[_Job], ops: Sequence[Op], revision: int) -> None:
@@ -343,7 +350,7 @@ def _plan(ipam: IPAM, snap: Any, batch: list[_Job], extra: Mapping[Network, tupl
         if job.done:  # handed its addresses back when planned before a claim
             continue
         if isinstance(job, ReleaseJob):
-            ops += _plan_release(job, snap.also, snap.blocks, extra, changed)
+            ops += plan_release(job, snap.also, snap.blocks, extra, changed)
             planned.append(job)
             continue
         assert isinstance(job, AssignJob)
@@ -401,43 +408,3 @@ def _read_unchanged(planned: Sequence[_Job], values: Mapping[str, KeyValue], ops
                 kv = values.get(key)
                 out.append(Unchanged(key, kv.mod_revision if kv is not None else 0))
     return out
-
-
-def _blocks_of_releases(ipam: IPAM, blocks: Mapping[Network, tuple[Block, int]], values: Mapping[str, KeyValue],
-                        releases: list[ReleaseJob]) -> dict[Network, tuple[Block, int]]:
-    """The blocks the released handles name that the snapshot did not hold (another node's block
-    an address was borrowed from, a block the hint missed): one more read, rarely needed."""
-    missing: set[str] = set()
-    for job in releases:
-        for kv in attachment_handles_in(values, job.network, job.container_id, job.ifname).values():
-            for cidr in Handle.from_json(kv.value).blocks:
-                if ipaddress.ip_network(cidr) not in blocks:
-                    missing.add(keys.block_key(ipaddress.ip_network(cidr)))
-    if not missing:
-        return {}
-    found = ipam.client.get_many(sorted(missing))
-    return {keys.cidr_from_key(kv.key): (decoded_block(kv.key, kv.mod_revision, kv.value), kv.mod_revision)
-            for kv in found.values()}
-
-
-def _plan_release(job: ReleaseJob, values: Mapping[str, KeyValue], blocks: Mapping[Network, tuple[Block, int]],
-                  extra: Mapping[Network, tuple[Block, int]], changed: dict[Network, tuple[Block, int]]) -> list[Op]:
-    """What releasing one attachment writes (as ``Releaser.release_attachment`` plans it), its
-    blocks' changes put in ``changed``."""
-    found = attachment_handles_in(values, job.network, job.container_id, job.ifname)
-    released: list[Address] = []
-    cidrs = sorted({ipaddress.ip_network(c) for kv in found.values() for c in Handle.from_json(kv.value).blocks},
-                   key=str)
-    for cidr in cidrs:
-        current = changed.get(cidr) or blocks.get(cidr) or extra.get(cidr)
-        if current is None:
-            continue  # a block that is gone holds nothing to release
-        block, freed = current[0].release_handles(found)
-        if freed:
-            changed[cidr] = (block, current[1])
-            released += freed
-    ops: list[Op] = [Delete(kv.key, kv.mod_revision) for kv in found.values()]
-    if job.also_write is not None:
-        ops += job.also_write({k: values[k] for k in job.also_read if k in values})
-    job.handles, job.released = list(found), released
-    return ops

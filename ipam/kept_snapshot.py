@@ -23,23 +23,27 @@ What a plan on a snapshot uses, and what the commit compares for it:
   :func:`proven_revision`.
 Blocks the plan reads but does not write (full ones) change nothing that is written: a stale one
 can only make the plan claim or borrow, or fail, and those are re-planned on a fresh read.
+A snapshot kept after a claim's commit stands as read at that commit (with the claim's block and
+affinity): the claim also compared that nothing was new under those prefixes (:func:`unchanged_until`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from datastore import keys
 from datastore.kv import NothingNewer, Op, Unchanged
-from datastore.resources import IPPool
+from datastore.resources import IPPool, IPReservation
 from ipam.block import Block, Network
 
 # The allocator's snapshot (``ipam.allocator._Snapshot``: it imports this module's user, ``ipam.batch``).
 Snapshot = Any
 
 _POOLS = keys.resource_prefix(IPPool.PLURAL)
+_RESERVATIONS = keys.resource_prefix(IPReservation.PLURAL)
 _KEPT: dict[tuple[object, str], Snapshot] = {}
 _GUARD = threading.Lock()
 
@@ -57,18 +61,33 @@ def take(client: object, node: str) -> Snapshot | None:
         return _KEPT.pop(_where(client, node), None)
 
 
-def keep(client: object, node: str, snap: Snapshot, written: dict[Network, tuple[Block, bytes]], revision: int) -> None:
-    """Keep ``snap`` with the blocks this process just wrote at ``revision`` (block, stored bytes)."""
+def keep(client: object, node: str, snap: Snapshot, written: dict[Network, tuple[Block, bytes]], revision: int,
+         affinities: Sequence[str] = ()) -> None:
+    """Keep ``snap`` with the blocks this process just wrote at ``revision`` (block, stored bytes).
+    ``affinities``: the affinity keys that commit wrote claiming blocks, with :func:`unchanged_until`'s
+    comparisons: the snapshot then stands as read at ``revision``."""
     blocks = dict(snap.blocks)
     stored = dict(snap.stored)
     for cidr, (block, value) in written.items():
         if cidr in blocks:  # another node's block an address was borrowed from is not the node's
             blocks[cidr], stored[cidr] = (block, revision), value
-    kept = replace(snap, handle=None, legacy=None, also={}, blocks=blocks, stored=stored)
+    kept = replace(snap, handle=None, legacy=None, also={}, blocks=blocks, stored=stored, fresh=False, listed={},
+                   named={})
+    if affinities:
+        kept = replace(kept, revision=revision, depends={**snap.depends, **dict.fromkeys(affinities, revision)})
     with _GUARD:
         if len(_KEPT) > 1024:
             _KEPT.clear()
         _KEPT[_where(client, node)] = kept
+
+
+def unchanged_until(snap: Snapshot, node: str) -> list[Op]:
+    """What a commit planned on a fresh ``snap`` that claims blocks also compares, so that the
+    snapshot kept after it stands as read at the commit's revision (:func:`keep`): nothing new
+    under the pools', the node's affinities' and the reservations' prefixes since ``snap`` was read.
+    Kept at its read's revision instead, the node's next assignment on it would lose its
+    comparison of the affinities' prefix to the claim's own affinity, and read again."""
+    return [NothingNewer(prefix, int(snap.revision)) for prefix in (_POOLS, keys.affinity_prefix(node), _RESERVATIONS)]
 
 
 def forget_datastore(client: object) -> None:

@@ -130,11 +130,11 @@ def test_a_block_created_by_another_while_claiming_is_left_alone(etcd_client: Et
     raced: list[str] = []
     affinity_op = ipam.affinity_op
 
-    def race(cidr: Any, node: str) -> Any:
+    def race(cidr: Any, node: str, snap: Any = None) -> Any:
         if not raced:  # the first claim loses: n2 creates that block first
             IPAM(etcd_client).assign(_request("n2", "other", addresses=[cidr[1]]))
             raced.append(str(cidr))
-        return affinity_op(cidr, node)
+        return affinity_op(cidr, node, snap)
 
     ipam.affinity_op = race  # type: ignore[method-assign]
     (got,) = ipam.assign(_request("n1", "mine"))

@@ -305,11 +305,11 @@ class _Interleaved(IPAM):
         super().__init__(client)
         self.meanwhile, self.after_reading = meanwhile, after_reading
 
-    def affinity_op(self, cidr: Any, node: str) -> Any:
+    def affinity_op(self, cidr: Any, node: str, snap: Any = None) -> Any:
         meanwhile, self.meanwhile = self.meanwhile, None
         if meanwhile is not None and not self.after_reading:
             meanwhile(cidr)
-        op = super().affinity_op(cidr, node)  # reads the affinity a crashed claim may have left
+        op = super().affinity_op(cidr, node, snap)  # the affinity a crashed claim may have left, as read
         if meanwhile is not None and self.after_reading:
             meanwhile(cidr)
         return op

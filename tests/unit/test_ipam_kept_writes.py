@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from datastore.kv import Create, Delete, KeyValue, NothingNewer, Unchanged, Update
-from ipam import batch, kept_writes
+from ipam import batch, batch_release, kept_writes
 from ipam.handles import Handle
 
 
@@ -75,8 +75,8 @@ def test_a_release_on_kept_values_is_whole_only_when_it_frees_what_its_handles_c
     record = Handle({"10.244.0.0/26": 1, "10.244.1.0/26": 1}, "n", {"network": "net", "containerID": "c1",
                                                                    "ifname": "eth0"}).to_json()
     values = {own: KeyValue(own, record, 7, 0, 0)}
-    assert batch._whole(*_release(values, 2))
-    assert not batch._whole(*_release(values, 1))  # a kept block without the handle's address: read again
+    assert batch_release.whole(*_release(values, 2))
+    assert not batch_release.whole(*_release(values, 1))  # a kept block without the handle's address: read again
 
 
 def test_a_commit_keeps_an_assignments_handle_and_absent_keys_and_forgets_a_releases() -> None:
