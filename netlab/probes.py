@@ -2,7 +2,8 @@
 
 Owns the small Python programs a ``ClusterLab`` starts in a namespace (a TCP server and client, a
 fabric listener, a UDP sender, an HTTP GET), :class:`Check` (one ping or TCP probe between pods)
-and the parsers of what comes back (Prometheus text, the fabric listener's log). Must not start
+and the parsers of what comes back (Prometheus text, the fabric listener's log, a comparison of
+two readings of a node's rule handles). Must not start
 processes itself: ``netlab.cluster_lab`` runs these through the lab that records them.
 """
 
@@ -124,3 +125,11 @@ def fabric_sources(log: Path, payload: str) -> list[str]:
     if not log.exists():
         return []
     return [m[1] for m in re.finditer(rf"^udp (\S+) {re.escape(payload)}$", log.read_text(), re.M)]
+
+
+def rewritten(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The chains of ``after`` (``ClusterLab.rule_handles``) that are new or whose rules changed
+    since ``before``: a rule rewritten gets a new handle. A chain that is gone is not a rewrite: a
+    policy's chains linger unreachable for a while after their last endpoint left
+    (``felix_agent.dataplane.linger``), and their removal may fall between two readings."""
+    return {chain: rules for chain, rules in after.items() if before.get(chain) != rules}

@@ -10,6 +10,7 @@ import pytest
 from netlab.agent import agent_argv
 from netlab.cluster_lab import copy_logs
 from netlab.lab import _NAME, unique_name
+from netlab.probes import rewritten
 from netlab.wait import WaitTimeout, wait_for
 
 
@@ -40,3 +41,13 @@ def test_agent_argv_without_node_ip_lets_the_agent_detect_it() -> None:
     argv = agent_argv("n1", None, cni_socket="/s", state_dir="/d", log_level="warning", extra=["--bgp"])
     assert "--node-ip" not in argv and argv[-3:] == ["--log-level", "warning", "--bgp"]
     assert agent_argv("n1", "198.18.0.11", cni_socket="/s", state_dir="/d")[3:5] == ["--node-ip", "198.18.0.11/24"]
+
+
+def test_rewritten_names_changed_and_new_chains_but_not_a_lingering_chain_gone() -> None:
+    """The "no rule was rewritten" checks of the policy lab tests: a chain whose policy stopped
+    being used by a previous test lingers, then goes (felix_agent.dataplane.linger); its going
+    between the two readings is no rewrite, a new handle or a new chain is."""
+    before = {"to-a": ["accept # handle 4"], "pol-old-out": ["drop # handle 9"]}
+    assert rewritten(before, {"to-a": ["accept # handle 4"]}) == {}
+    assert rewritten(before, {**before, "to-a": ["accept # handle 12"]}) == {"to-a": ["accept # handle 12"]}
+    assert rewritten(before, {**before, "to-b": ["drop # handle 13"]}) == {"to-b": ["drop # handle 13"]}
