@@ -234,12 +234,12 @@ class RTNL:
                     + queues)
         info = attr(IFLA_INFO_KIND, b"veth") + attr(IFLA_INFO_DATA | NLA_F_NESTED, attr(VETH_INFO_PEER, peer_msg))
         self._sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                           _IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _name(name) + attr(IFLA_ADDRESS, _mac(mac))
+                           ifinfo(flags=IFF_UP, change=IFF_UP) + _name(name) + attr(IFLA_ADDRESS, _mac(mac))
                            + attr(IFLA_MTU, u32(mtu)) + queues + attr(IFLA_LINKINFO | NLA_F_NESTED, info),
                            f"creating the veth pair {name}/{peer}")
 
     def set_link(self, index: int, *, mtu: int | None = None, mac: str | None = None, up: bool | None = None) -> None:
-        body = _IFINFO.pack(0, 0, index, IFF_UP if up else 0, IFF_UP if up is not None else 0)
+        body = ifinfo(index, IFF_UP if up else 0, IFF_UP if up is not None else 0)
         changes: dict[str, object] = {}
         if mtu is not None:
             body += attr(IFLA_MTU, u32(mtu))
@@ -253,7 +253,7 @@ class RTNL:
 
     def delete_link(self, link: int | str) -> bool:
         """Delete the link of that index or name; False when there was no such link."""
-        body = _IFINFO.pack(0, 0, link, 0, 0) if isinstance(link, int) else _NO_LINK + _name(link)
+        body = ifinfo(link) if isinstance(link, int) else _NO_LINK + _name(link)
         try:
             self._sock.request(RTM_DELLINK, 0, body, f"deleting link {link}")
         except KernelError as e:
@@ -437,6 +437,11 @@ def write_each(driver: Any, ops: Sequence[tuple[str, KernelRoute]]) -> list[Kern
 
 
 # -- messages ------------------------------------------------------------------------------------
+
+
+def ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
+    """The ifinfomsg a link request starts with (family AF_UNSPEC, any device type)."""
+    return _IFINFO.pack(0, 0, index, flags, change)
 
 
 def _name(name: str) -> bytes:

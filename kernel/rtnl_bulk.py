@@ -31,7 +31,6 @@ from kernel.netlink import (
 from kernel.netns import netns
 from kernel.rtnl import (
     _COMMANDS,
-    _IFINFO,
     _NDMSG,
     _NO_LINK,
     _RTMSG,
@@ -65,6 +64,7 @@ from kernel.rtnl import (
     _mac,
     _name,
     _route_body,
+    ifinfo,
     link_event,
 )
 
@@ -90,7 +90,7 @@ class BulkRTNL(RTNL):
             return cls(strict=True, timeout=10.0)  # the socket stays in the namespace it was opened in
 
     def link_by_index(self, index: int) -> Link | None:
-        return self._get_link(_IFINFO.pack(0, 0, index, 0, 0), f"index {index}")
+        return self._get_link(ifinfo(index), f"index {index}")
 
     # -- the underlay -----------------------------------------------------------------------------
 

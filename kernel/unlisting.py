@@ -38,7 +38,7 @@ import threading
 import time
 
 from kernel.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, KernelError, Socket, error_code, message, messages
-from kernel.rtnl import _IFINFO, NETLINK_ROUTE, RTM_DELLINK, RTMGRP_LINK, link_event
+from kernel.rtnl import NETLINK_ROUTE, RTM_DELLINK, RTMGRP_LINK, ifinfo, link_event
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class _Request:
         # Only a send: the kernel handles the request inside it (the deletion, the notification,
         # netdev_run_todo) and queues the answer before it returns; the waiter reads both.
         try:
-            body = _IFINFO.pack(0, 0, self.index, 0, 0)
+            body = ifinfo(self.index)
             self.sock.send(message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, self.seq, body))
             sent: bool | OSError = True
         except OSError as e:

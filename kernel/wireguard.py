@@ -28,6 +28,7 @@ from kernel.netlink import (
     attrs,
     u32,
 )
+from kernel.rtnl import ifinfo
 
 WG_GENL_NAME, WG_GENL_VERSION = "wireguard", 1
 WG_CMD_GET_DEVICE, WG_CMD_SET_DEVICE = 0, 1
@@ -46,7 +47,6 @@ IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
 FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
 FR_ACT_TO_TBL, FIB_RULE_INVERT = 1, 0x2
 
-_IFINFO = struct.Struct("=BxHiII")
 _RULE = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, res1, res2, action, flags
 _U16, _U32, _U64 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("=Q")
 _TIMESPEC = struct.Struct("=qq")
@@ -83,7 +83,7 @@ def create_link(name: str) -> None:
     """``ip link add NAME type wireguard`` (down), in the calling thread's namespace. Asking for the
     kind loads the module when it can be loaded; EOPNOTSUPP means the kernel has none."""
     with Socket(NETLINK_ROUTE, timeout=10.0) as sock:
-        body = (_IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, name.encode() + b"\0")
+        body = (ifinfo() + attr(IFLA_IFNAME, name.encode() + b"\0")
                 + attr(IFLA_LINKINFO | NLA_F_NESTED, attr(IFLA_INFO_KIND, b"wireguard")))
         sock.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"creating the WireGuard device {name}")
 

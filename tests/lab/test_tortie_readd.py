@@ -93,17 +93,13 @@ def test_agent_killed_with_deletions_in_flight_leaves_no_veth(tl: TortieLab) -> 
     config = network_config(tl.conflist(), 0)
     caught = 0
     for _ in range(KILL_TRIES):
-        with contextlib.ExitStack() as stack:
-            boxes = [stack.enter_context(tl.sandbox()) for _ in range(KILL_PODS)]
-            attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
-            for attachment in attachments:
-                assert tl.call("ADD", config, attachment).ok
+        with tl.added(KILL_PODS, config) as added:
             answers: list[bool] = []
 
             def delete(a: Attachment, answers: list[bool] = answers) -> None:
                 answers.append(tl.call("DEL", config, a).ok)
 
-            threads = [threading.Thread(target=delete, args=(a,)) for a in attachments]
+            threads = [threading.Thread(target=delete, args=(a,)) for _, a in added]
             for t in threads:
                 t.start()
             for t in threads:
@@ -113,9 +109,9 @@ def test_agent_killed_with_deletions_in_flight_leaves_no_veth(tl: TortieLab) -> 
             tl.agent().kill()
             assert answers == [True] * KILL_PODS
             # SIGKILL ends the agent once its threads leave the kernel; the deletions are finished.
-            gone = {host_ifname(a.container_id) for a in attachments}
+            gone = {host_ifname(a.container_id) for _, a in added}
             assert not gone & set(tl.tor_links())
-            assert all(box.links() == ["lo"] for box in boxes)
+            assert all(box.links() == ["lo"] for box, _ in added)
             tl.start_agent()
             caught += in_flight > 0
             print(f"agent killed with {in_flight} deletion(s) in its threads")

@@ -6,6 +6,7 @@ past its bound."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -52,6 +53,32 @@ def add_pair(host: RTNL, name: str, peer: str, container: str) -> None:
 def names_in(path: str) -> set[str]:
     with netns(path), RTNL() as rtnl:
         return {link.name for link in rtnl.links()}
+
+
+@contextlib.contextmanager
+def another_hand_first(act: Callable[[], object], *,
+                       hold: float = 10.0) -> Iterator[Callable[[Callable[[], object]], None]]:
+    """A ``submit`` for ``delete_unlisted`` that lets another hand act between the index lookup and
+    the request: on a thread of its own, ``act()``, then the request, once the ``with`` block has
+    ended (or after ``hold`` seconds); the block's end waits for that thread."""
+    released = threading.Event()
+    ran: list[threading.Thread] = []
+
+    def submit(task: Callable[[], object]) -> None:
+        def then_the_request() -> None:
+            act()
+            released.wait(hold)
+            task()
+
+        ran.append(threading.Thread(target=then_the_request))
+        ran[-1].start()
+
+    try:
+        yield submit
+    finally:
+        released.set()
+        for thread in ran:
+            thread.join(10)
 
 
 def test_returns_unlisted_and_the_same_names_are_free_at_once(pair_of_namespaces: tuple[str, str]) -> None:
@@ -134,24 +161,12 @@ def test_a_deletion_by_someone_else_first_is_not_reported_as_a_failure(pair_of_n
     sent after the waiter left, is answered ENODEV. The link is gone as asked: no error logged
     (the plain deletion says False then, never an error)."""
     host_ns, container_ns = pair_of_namespaces
-    returned = threading.Event()
-    ran: list[threading.Thread] = []
     with netns(host_ns), RTNL() as host, RTNL() as other:
         add_pair(host, "torother", "eth0", container_ns)
-
-        def submit(task: Callable[[], object]) -> None:
-            def other_hand_first() -> None:
-                other.delete_link("torother")  # its notification comes before our request is sent
-                returned.wait(10)
-                task()
-
-            ran.append(threading.Thread(target=other_hand_first))
-            ran[0].start()
-
-        with caplog.at_level("WARNING", logger="kernel.unlisting"):
+        with (caplog.at_level("WARNING", logger="kernel.unlisting"),
+              # its notification comes before our request is sent
+              another_hand_first(lambda: other.delete_link("torother")) as submit):
             assert delete_unlisted("torother", submit) is True
-            returned.set()
-            ran[0].join(10)
         assert host.link("torother") is None
     assert names_in(container_ns) == {"lo"}
     assert [r.getMessage() for r in caplog.records if r.name == "kernel.unlisting"] == []
@@ -162,26 +177,15 @@ def test_leaving_a_bridge_is_not_taken_for_the_deletion(pair_of_namespaces: tupl
     between the lookup and the request: the wait goes on until the link is really unlisted."""
     host_ns, container_ns = pair_of_namespaces
     name = os.path.basename(host_ns)
-    returned = threading.Event()
-    ran: list[threading.Thread] = []
     with netns(host_ns), RTNL() as host:
         add_pair(host, "torport", "eth0", container_ns)
         subprocess.run(["ip", "-n", name, "link", "add", "torbr", "type", "bridge"], check=True)
         subprocess.run(["ip", "-n", name, "link", "set", "torport", "master", "torbr"], check=True)
-
-        def submit(task: Callable[[], object]) -> None:
-            def leave_the_bridge_first() -> None:
-                subprocess.run(["ip", "-n", name, "link", "set", "torport", "nomaster"], check=True)
-                returned.wait(1.0)  # set at once if that notification ended the wait
-                task()
-
-            ran.append(threading.Thread(target=leave_the_bridge_first))
-            ran[0].start()
-
-        assert delete_unlisted("torport", submit) is True
-        listed = host.link("torport") is not None
-        returned.set()
-        ran[0].join(10)
+        leave_the_bridge = ["ip", "-n", name, "link", "set", "torport", "nomaster"]
+        # the request is held 1 s at most: released at once if that notification ended the wait
+        with another_hand_first(lambda: subprocess.run(leave_the_bridge, check=True), hold=1.0) as submit:
+            assert delete_unlisted("torport", submit) is True
+            listed = host.link("torport") is not None
         assert not listed, "delete_unlisted returned while the link was still listed"
         assert host.link("torport") is None
     assert names_in(container_ns) == {"lo"}
@@ -236,25 +240,15 @@ def test_a_name_reused_by_another_hand_before_the_request_is_left_alone(pair_of_
     """Between the lookup and the request, another hand deletes the link and makes a new one of
     the same name: the request (by index) does not touch the newcomer, and no failure is logged."""
     host_ns, container_ns = pair_of_namespaces
-    returned = threading.Event()
-    ran: list[threading.Thread] = []
     with netns(host_ns), RTNL() as host, RTNL() as other:
         add_pair(host, "torreused", "eth0", container_ns)
 
-        def submit(task: Callable[[], object]) -> None:
-            def replace_it_first() -> None:
-                other.delete_link("torreused")
-                add_pair(other, "torreused", "eth1", container_ns)
-                returned.wait(10)
-                task()
+        def replace_it() -> None:
+            other.delete_link("torreused")
+            add_pair(other, "torreused", "eth1", container_ns)
 
-            ran.append(threading.Thread(target=replace_it_first))
-            ran[0].start()
-
-        with caplog.at_level("WARNING", logger="kernel.unlisting"):
+        with caplog.at_level("WARNING", logger="kernel.unlisting"), another_hand_first(replace_it) as submit:
             assert delete_unlisted("torreused", submit) is True
-            returned.set()
-            ran[0].join(10)
         assert host.link("torreused") is not None
     assert names_in(container_ns) == {"lo", "eth1"}
     assert [r.getMessage() for r in caplog.records if r.name == "kernel.unlisting"] == []

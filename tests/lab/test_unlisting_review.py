@@ -129,11 +129,7 @@ def test_add_check_del_and_netns_removal_right_after_del(tl: TortieLab, path: st
 def test_many_dels_at_once_each_answers_with_its_veth_gone(tl: TortieLab, path: str) -> None:
     config = network_config(tl.conflist(), 0)
     problems: list[str] = []
-    with contextlib.ExitStack() as stack:
-        boxes = [stack.enter_context(tl.sandbox()) for _ in range(AT_ONCE)]
-        attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
-        for attachment in attachments:
-            assert tl.call("ADD", config, attachment).ok
+    with tl.added(AT_ONCE, config) as added:
         before = open_fds(tl.agent_pid()) if path == "agent" else 0
         kinds = fd_kinds(tl.agent_pid()) if path == "agent" else {}
         start = threading.Barrier(AT_ONCE)
@@ -149,7 +145,7 @@ def test_many_dels_at_once_each_answers_with_its_veth_gone(tl: TortieLab, path: 
             except Exception as e:  # noqa: BLE001 - reported by the test's thread
                 problems.append(repr(e))
 
-        threads = [threading.Thread(target=delete, args=(box, a)) for box, a in zip(boxes, attachments, strict=True)]
+        threads = [threading.Thread(target=delete, args=(box, a)) for box, a in added]
         for t in threads:
             t.start()
         for t in threads:
@@ -167,15 +163,11 @@ def test_many_dels_at_once_each_answers_with_its_veth_gone(tl: TortieLab, path: 
 
 def test_gc_answers_with_every_veth_gone(tl: TortieLab, path: str) -> None:
     conflist = tl.conflist(version="1.1.0")
-    with contextlib.ExitStack() as stack:
-        boxes = [stack.enter_context(tl.sandbox()) for _ in range(GC_PODS)]
-        for box in boxes:
-            attachment = Attachment(secrets.token_hex(32), box.path, "eth0", {})
-            assert tl.call("ADD", network_config(conflist, 0), attachment).ok
+    with tl.added(GC_PODS, network_config(conflist, 0)) as added:
         gc = tl.call("GC", network_config(conflist, 0, extra={"cni.dev/valid-attachments": []}))
         assert gc.ok, gc.output
         assert tl.tor_links() == []
-        assert all(box.links() == ["lo"] for box in boxes)
+        assert all(box.links() == ["lo"] for box, _ in added)
     tl.assert_clean()
 
 
@@ -232,13 +224,9 @@ def test_the_agents_threads_come_back_after_a_burst_of_dels(tl: TortieLab) -> No
     tl.use_agent(True)
     config = network_config(tl.conflist(), 0)
     pid = tl.agent_pid()
-    with contextlib.ExitStack() as stack:
-        boxes = [stack.enter_context(tl.sandbox()) for _ in range(AT_ONCE)]
-        attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
-        for attachment in attachments:
-            assert tl.call("ADD", config, attachment).ok
+    with tl.added(AT_ONCE, config) as added:
         before = len(os.listdir(f"/proc/{pid}/task"))
-        threads = [threading.Thread(target=tl.call, args=("DEL", config, a)) for a in attachments]
+        threads = [threading.Thread(target=tl.call, args=("DEL", config, a)) for _, a in added]
         for t in threads:
             t.start()
         for t in threads:
@@ -280,11 +268,7 @@ def test_gc_racing_the_dels_of_the_same_attachments(tl: TortieLab, path: str) ->
     config = network_config(conflist, 0)
     mark = len(tl.agent_output()) if path == "agent" else 0
     outputs: list[str] = []
-    with contextlib.ExitStack() as stack:
-        boxes = [stack.enter_context(tl.sandbox()) for _ in range(GC_PODS)]
-        attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
-        for attachment in attachments:
-            assert tl.call("ADD", config, attachment).ok
+    with tl.added(GC_PODS, config) as added:
 
         def gc() -> None:
             run = tl.call("GC", network_config(conflist, 0, extra={"cni.dev/valid-attachments": []}))
@@ -294,14 +278,14 @@ def test_gc_racing_the_dels_of_the_same_attachments(tl: TortieLab, path: str) ->
             run = tl.call("DEL", config, a)
             outputs.append(f"DEL ok={run.ok} {run.output} {run.stderr}")
 
-        threads = [threading.Thread(target=gc)] + [threading.Thread(target=delete, args=(a,)) for a in attachments]
+        threads = [threading.Thread(target=gc)] + [threading.Thread(target=delete, args=(a,)) for _, a in added]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
         assert all(" ok=True " in f" {out}" for out in outputs), "\n".join(outputs)
         assert tl.tor_links() == []
-        assert all(box.links() == ["lo"] for box in boxes)
+        assert all(box.links() == ["lo"] for box, _ in added)
     logged = "".join(outputs) + (tl.agent_output()[mark:] if path == "agent" else "")
     assert "failed after it was unlisted" not in logged, logged
     tl.assert_clean()

@@ -344,6 +344,20 @@ class TortieLab:
         finally:
             ip_netns.delete(box.name)
 
+    @contextlib.contextmanager
+    def added(self, count: int, config: Mapping[str, Any], *, node: int = 1
+              ) -> Iterator[list[tuple[Sandbox, Attachment]]]:
+        """``count`` fresh sandboxes, each with an attachment (a new container ID, eth0) ADDed with
+        ``config`` from node ``node``: the pairs, in order. The sandboxes are removed on exit; their
+        DELs are the test's."""
+        with contextlib.ExitStack() as stack:
+            boxes = [stack.enter_context(self.sandbox()) for _ in range(count)]
+            attachments = [Attachment(secrets.token_hex(32), box.path, "eth0", {}) for box in boxes]
+            for attachment in attachments:
+                add = self.call("ADD", config, attachment, node=node)
+                assert add.ok, add.output or add.stderr
+            yield list(zip(boxes, attachments, strict=True))
+
     def call(self, command: str, config: Mapping[str, Any] | bytes, attachment: Attachment | None = None, *,
              node: int = 1, env: Mapping[str, str] | None = None, plugin: str = "tortie") -> PluginRun:
         """Exec a plugin of the bin dir from node `node`'s namespace exactly as a runtime does."""
