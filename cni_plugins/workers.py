@@ -12,6 +12,7 @@ as the ones they replace: a process's exit does not wait for them.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -20,7 +21,19 @@ log = logging.getLogger(__name__)
 
 Task = Callable[[], object]
 
-IDLE_EXIT = 60.0  # seconds: a kept thread idle this long ends (a burst's threads do not stay forever)
+
+
+def _idle_exit(default: float = 60.0) -> float:
+    """Seconds a kept thread stays idle before it ends (a burst's threads do not stay forever);
+    ``TORTIE_WORKERS_IDLE_EXIT`` sets it (a test waits for the end without waiting a minute)."""
+    try:
+        value = float(os.environ.get("TORTIE_WORKERS_IDLE_EXIT", default))
+    except ValueError:
+        return default
+    return value if 0 < value < float("inf") else default
+
+
+IDLE_EXIT = _idle_exit()
 
 
 class Workers:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugins.workers import IDLE_EXIT
 from netlab import netns as ip_netns
 from netlab.cni import Attachment, network_config
 from tests.lab.tortie_support import Sandbox, TortieLab, host_ifname
@@ -37,6 +36,7 @@ pytestmark = pytest.mark.lab
 ROUNDS = 30
 WARM_UP = 5
 AT_ONCE = 20
+IDLE_EXIT = 3.0  # seconds: the kept threads' idle exit for the agent of the burst test
 GC_PODS = 12
 
 
@@ -219,25 +219,31 @@ def test_readd_gets_working_addresses_of_both_families(tl: TortieLab, path: str)
 
 def test_the_agents_threads_come_back_after_a_burst_of_dels(tl: TortieLab) -> None:
     """20 DELs at once start up to 20 kept threads in each pool the DEL uses (the call, its
-    background step, the veth's deletion); idle for ``IDLE_EXIT`` they end: the agent's thread
-    count comes back to what it was before the burst."""
-    tl.use_agent(True)
-    config = network_config(tl.conflist(), 0)
-    pid = tl.agent_pid()
-    with tl.added(AT_ONCE, config) as added:
-        before = len(os.listdir(f"/proc/{pid}/task"))
-        threads = [threading.Thread(target=tl.call, args=("DEL", config, a)) for _, a in added]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        peak = len(os.listdir(f"/proc/{pid}/task"))
-    deadline = time.monotonic() + IDLE_EXIT + 30
-    while (now := len(os.listdir(f"/proc/{pid}/task"))) > before and time.monotonic() < deadline:
-        time.sleep(0.5)  # polling a condition with a bound, not a sleep in its place
-    print(f"agent threads: {before} before the burst, {peak} right after, {now} once idle")
-    assert now <= before
-    tl.assert_clean()
+    background step, the veth's deletion); idle for their idle exit (``TORTIE_WORKERS_IDLE_EXIT``,
+    60 s by default, a few seconds here) they end: the agent's thread count comes back to what it
+    was before the burst."""
+    tl.use_agent(False)
+    tl.start_agent(extra_env={"TORTIE_WORKERS_IDLE_EXIT": str(IDLE_EXIT)})
+    try:
+        config = network_config(tl.conflist(), 0)
+        pid = tl.agent_pid()
+        with tl.added(AT_ONCE, config) as added:
+            before = len(os.listdir(f"/proc/{pid}/task"))
+            threads = [threading.Thread(target=tl.call, args=("DEL", config, a)) for _, a in added]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            peak = len(os.listdir(f"/proc/{pid}/task"))
+        deadline = time.monotonic() + IDLE_EXIT + 30
+        while (now := len(os.listdir(f"/proc/{pid}/task"))) > before and time.monotonic() < deadline:
+            time.sleep(0.5)  # polling a condition with a bound, not a sleep in its place
+        print(f"agent threads: {before} before the burst, {peak} right after, {now} once idle")
+        assert peak > before, "the burst started no thread: nothing to see come back"
+        assert now <= before
+        tl.assert_clean()
+    finally:
+        tl.stop_agent()  # the next test starts one with the usual idle exit
 
 
 def test_readd_keeps_answering_once_the_agent_has_seen_the_old_endpoint_go(tl: TortieLab, path: str) -> None:

@@ -220,14 +220,16 @@ class TortieLab:
     def agent_log(self, node: int = 1) -> Path:
         return self.agent(node).log
 
-    def start_agent(self, node: int = 1, extra_args: Sequence[str] = ()) -> int:
+    def start_agent(self, node: int = 1, extra_args: Sequence[str] = (),
+                    extra_env: Mapping[str, str] | None = None) -> int:
         """Start felix-agent in node `node`'s namespace (with `extra_args` added to its command
-        line); return once its CNI socket exists (its start-up cleanup runs before the socket is made)."""
+        line, `extra_env` to its environment); return once its CNI socket exists (its start-up
+        cleanup runs before the socket is made)."""
         agent = self.agent(node)
         if agent.running():
             raise AssertionError(f"the agent of node {node} is already running")
         self.socket(node).unlink(missing_ok=True)  # a crashed agent's: its presence must mean this agent is ready
-        pid = agent.start(extra_args)
+        pid = agent.start(extra_args, {**agent.env, **extra_env} if extra_env else None)
         try:
             agent.wait_socket(AGENT_START_TIMEOUT)
         except AssertionError:
