@@ -11,17 +11,13 @@ import argparse
 import ipaddress
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from datastore.codec import decode
-from datastore.model import API_VERSION
-from datastore.resources import IPAMConfiguration
-from datastore.store import ResourceStore
-from ipam import check as ipam_check
-from ipam import gc as ipam_gc
-from ipam.allocator import IPAM
-from ipam.block import Address
 from netctl.errors import UserError
 from netctl.resources_cmd import label, render_table
+
+if TYPE_CHECKING:  # the datastore and IPAM are imported by the command that runs, not by every netctl
+    from ipam.block import Address
 
 EXIT_PROBLEMS = 3
 DEFAULT_GRACE = 900  # Calico's leak grace period: 15 minutes
@@ -79,6 +75,8 @@ def _share(part: int, total: int) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from ipam import check as ipam_check
+
     report = ipam_check.check(args.connect())
     if args.output == "json":
         doc = {"pools": [p.to_dict() for p in report.pools], "blocks": [b.to_dict() for b in report.blocks]}
@@ -106,6 +104,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from ipam import check as ipam_check
+
     report = ipam_check.check(args.connect())
     found = len(report.problems)
     if args.output == "json":
@@ -120,6 +120,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
+    from ipam import gc as ipam_gc
+
     result = ipam_gc.gc(args.connect(), args.grace)
     for address, handle in result.released:
         print(f"released {address} (handle {handle} is gone)")
@@ -134,6 +136,8 @@ def run_gc(args: argparse.Namespace) -> int:
 
 
 def run_release(args: argparse.Namespace) -> int:
+    from ipam.allocator import IPAM
+
     wanted: list[Address] = list(dict.fromkeys(args.ips))
     freed = set(IPAM(args.connect()).release_addresses(wanted))
     for address in wanted:
@@ -147,6 +151,11 @@ def run_release(args: argparse.Namespace) -> int:
 
 
 def run_configure(args: argparse.Namespace) -> int:
+    from datastore.codec import decode
+    from datastore.model import API_VERSION
+    from datastore.resources import IPAMConfiguration
+    from datastore.store import ResourceStore
+
     store = ResourceStore(args.connect())
     current = store.get(IPAMConfiguration, "default")
     doc = {"apiVersion": API_VERSION, "kind": IPAMConfiguration.KIND, "metadata": {"name": "default"},

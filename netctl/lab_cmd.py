@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
-from xml.sax.saxutils import escape
 
 from netctl.errors import UserError
 
@@ -359,6 +358,8 @@ def render_table(m: Matrix, colour: bool) -> str:
 
 def render_svg(m: Matrix, title: str) -> str:
     """The matrix as an SVG picture: a panel per probe, green allowed, red denied, grey self."""
+    from xml.sax.saxutils import escape  # xml.sax: only --output pays for it
+
     cell, gap = 44, 40
     label = 12 + 8 * max(len(p) for p in m.pods)
     n = len(m.pods)

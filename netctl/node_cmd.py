@@ -15,10 +15,12 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from bgp.model import SessionStatus
-from bgp.status import read_status
 from netctl.errors import UserError
+
+if TYPE_CHECKING:
+    from bgp.model import SessionStatus
 
 HEADERS = ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO", "FILTERS", "RECEIVED", "ACCEPTED", "SENT")
 
@@ -51,6 +53,8 @@ def _order(session: SessionStatus) -> tuple[int, int, str]:
 
 def run_status(args: argparse.Namespace) -> int:
     node = args.node or os.environ.get("NODENAME") or socket.gethostname()
+    from bgp.status import read_status  # the BGP model: only this command pays for it
+
     sessions = read_status(args.connect(), node)
     peers = sorted(sessions or [], key=_order)
     wireguard = wireguard_rows(args.wireguard_interface)
