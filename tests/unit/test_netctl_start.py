@@ -10,8 +10,11 @@ The wall time itself is `bench/netctl_start.py`'s; tests never assert it.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -47,8 +50,9 @@ print(json.dumps({"status": status, "modules": sorted(sys.modules)}))
 
 def loaded_after(*argv: str) -> tuple[int, set[str]]:
     """netctl's exit status for ``argv`` and the modules loaded by then, in a fresh interpreter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}  # only the flags given here
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60,
-                          check=True)
+                          check=True, env=env)
     result = json.loads(done.stdout)
     return result["status"], set(result["modules"])
 
@@ -92,6 +96,34 @@ def test_a_command_still_loads_what_it_uses(tmp_path: Path) -> None:
     assert status == 1
     assert {"yaml", "datastore.codec", "datastore.resources"} <= modules
     assert "cryptography" not in modules and "grpc" not in modules
+
+
+def answer_one_range(server: socket.socket) -> None:
+    """etcd's JSON gateway, as far as one empty range answer goes."""
+    conn, _ = server.accept()
+    with conn:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(65536)
+        body = b'{"header": {"revision": "7"}, "count": "0"}'
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def test_a_command_that_connects_does_not_load_grpc() -> None:
+    """netctl is one process per call: it speaks etcd's JSON gateway, not gRPC (~100 ms of CPU)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(30)
+        replier = threading.Thread(target=answer_one_range, args=(server,), daemon=True)
+        replier.start()
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        status, modules = loaded_after("--endpoints", endpoint, "get", "ippools")
+        replier.join(timeout=30)
+    assert status == 0
+    assert "datastore.gateway" in modules
+    used = {"datastore.codec", "datastore.kv", "datastore.model", "datastore.resources", "datastore.store",
+            "msgspec", "yaml"}
+    assert set(heavy(modules)) - used == set()  # no gRPC, cryptography, IPAM, BGP, netlab
 
 
 def test_pki_loads_its_interface_on_first_use() -> None:
