@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from netctl.errors import UserError
+from netctl.parsing import deferred
 from netctl.resources_cmd import label, render_table
 
 if TYPE_CHECKING:  # the datastore and IPAM are imported by the command that runs, not by every netctl
@@ -25,32 +26,36 @@ DEFAULT_GRACE = 900  # Calico's leak grace period: 15 minutes
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
     parser = sub.add_parser("ipam", help="IP address management: usage, consistency, garbage collection")
-    commands = parser.add_subparsers(dest="ipam_command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("show", parents=[datastore], help="addresses in use per pool (and per block)")
-    p.add_argument("--show-blocks", action="store_true", help="one row per block, with its affinity")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.set_defaults(func=run_show)
+    def declare() -> None:
+        commands = parser.add_subparsers(dest="ipam_command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("check", parents=[datastore], help="report inconsistencies (exit 3 if any)")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    p.set_defaults(func=run_check)
+        p = commands.add_parser("show", parents=[datastore], help="addresses in use per pool (and per block)")
+        p.add_argument("--show-blocks", action="store_true", help="one row per block, with its affinity")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.set_defaults(func=run_show)
 
-    p = commands.add_parser("gc", parents=[datastore],
-                            help="release leaked addresses older than the grace period; delete empty handles")
-    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
-                   help=f"leave addresses allocated less than SECONDS ago (default: {DEFAULT_GRACE})")
-    p.set_defaults(func=run_gc)
+        p = commands.add_parser("check", parents=[datastore], help="report inconsistencies (exit 3 if any)")
+        p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+        p.set_defaults(func=run_check)
 
-    p = commands.add_parser("release", parents=[datastore], help="release specific addresses")
-    p.add_argument("--ip", dest="ips", action="append", required=True, type=_address, metavar="IP",
-                   help="an allocated address (repeatable)")
-    p.set_defaults(func=run_release)
+        p = commands.add_parser("gc", parents=[datastore],
+                                help="release leaked addresses older than the grace period; delete empty handles")
+        p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
+                       help=f"leave addresses allocated less than SECONDS ago (default: {DEFAULT_GRACE})")
+        p.set_defaults(func=run_gc)
 
-    p = commands.add_parser("configure", parents=[datastore], help="change IPAM settings")
-    p.add_argument("--max-blocks-per-host", type=int, required=True, metavar="N",
-                   help="blocks one node may claim (0: no limit)")
-    p.set_defaults(func=run_configure)
+        p = commands.add_parser("release", parents=[datastore], help="release specific addresses")
+        p.add_argument("--ip", dest="ips", action="append", required=True, type=_address, metavar="IP",
+                       help="an allocated address (repeatable)")
+        p.set_defaults(func=run_release)
+
+        p = commands.add_parser("configure", parents=[datastore], help="change IPAM settings")
+        p.add_argument("--max-blocks-per-host", type=int, required=True, metavar="N",
+                       help="blocks one node may claim (0: no limit)")
+        p.set_defaults(func=run_configure)
+
+    deferred(parser, declare)
 
 
 def _seconds(text: str) -> float:

@@ -29,6 +29,7 @@ from ipam.errors import IPAMError
 from netctl import install_cmd, ipam_cmd, lab_cmd, node_cmd, pki_cmd, resources_cmd
 from netctl.datastore_flags import datastore_config, datastore_options
 from netctl.errors import UserError
+from netctl.parsing import Parser
 from pki.errors import PKIError
 
 if TYPE_CHECKING:
@@ -43,26 +44,6 @@ EXIT_INTERRUPTED = 130
 # Errors whose message is written for the operator: printed as they are.
 USER_ERRORS = (UserError, ValidationError, NotFound, Conflict, ConfigError, DatastoreUnavailable, IPAMError,
                PKIError, DatastoreError)
-
-
-class Parser(argparse.ArgumentParser):
-    """Lets options come between a command's positionals (``get wep -n web pod-a``, as kubectl).
-
-    A leaf parser parses "intermixed"; a parser with sub-commands cannot, and needs not.
-    """
-
-    _intermixing = False
-
-    def parse_known_args(  # type: ignore[override]
-            self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if self._subparsers is not None or self._intermixing:
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
 
 
 def build_parser() -> argparse.ArgumentParser:

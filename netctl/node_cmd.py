@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from netctl.errors import UserError
+from netctl.parsing import deferred
 
 if TYPE_CHECKING:
     from bgp.model import SessionStatus
@@ -27,13 +28,17 @@ HEADERS = ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO", "FILTERS", "RE
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
     parser = sub.add_parser("node", help="a node's BGP status")
-    commands = parser.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    p = commands.add_parser("status", parents=[datastore], help="the BGP sessions of a node (this one by default)")
-    p.add_argument("--node", metavar="NAME", help="the node (default: $NODENAME, else the host name)")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.add_argument("--wireguard-interface", default="wg.tortie", metavar="NAME",
-                   help="the WireGuard device whose peers are shown, when this host has it (default %(default)s)")
-    p.set_defaults(func=run_status)
+
+    def declare() -> None:
+        commands = parser.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+        p = commands.add_parser("status", parents=[datastore], help="the BGP sessions of a node (this one by default)")
+        p.add_argument("--node", metavar="NAME", help="the node (default: $NODENAME, else the host name)")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.add_argument("--wireguard-interface", default="wg.tortie", metavar="NAME",
+                       help="the WireGuard device whose peers are shown, when this host has it (default %(default)s)")
+        p.set_defaults(func=run_status)
+
+    deferred(parser, declare)
 
 
 def _family(session: SessionStatus) -> int:
