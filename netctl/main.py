@@ -10,9 +10,11 @@ client from the datastore flags (also accepted after the command name) or calico
 ``main`` closes it.
 
 Each call is a new process, so a command pays only for what it uses: the command modules import
-the datastore model, IPAM, BGP, cryptography and netlab inside their handlers, and registering the
-arguments imports only the standard library and the error classes
-(``tests/unit/test_netctl_start.py`` checks it; ``bench/netctl_start.py`` measures it).
+the datastore model, IPAM, BGP, cryptography and netlab inside their handlers (registering the
+arguments imports the standard library, the error classes and ``datastore.config``), the command
+groups declare their sub-commands when named (``netctl.parsing``), and etcd is reached through
+its JSON gateway, not gRPC (``tests/unit/test_netctl_start.py`` checks it; ``bench/netctl_start.py``
+measures it).
 """
 
 from __future__ import annotations
