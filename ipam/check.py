@@ -32,7 +32,7 @@ from ipam.pools import Pool, pool_for_address
 from ipam.reservations import Reservations
 
 if TYPE_CHECKING:
-    from datastore.etcd import EtcdClient  # imports gRPC; analyse is pure and needs none
+    from datastore.kv import KV  # either client: netctl's is the JSON gateway's
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Snapshot:
         return cidr in self.blocks or keys.block_key(cidr) in self.unreadable
 
 
-def scan(client: EtcdClient) -> Snapshot:
+def scan(client: KV) -> Snapshot:
     kvs, revision = client.list(keys.IPAM)
     snap = Snapshot(revision)
     for kv in kvs:
@@ -221,7 +221,7 @@ def scan(client: EtcdClient) -> Snapshot:
     return snap
 
 
-def endpoint_attachments(client: EtcdClient) -> dict[tuple[str, str, str], EndpointRecord]:
+def endpoint_attachments(client: KV) -> dict[tuple[str, str, str], EndpointRecord]:
     """Every workload endpoint by its attachment (network, container ID, interface)."""
     kvs, _ = client.list(keys.resource_prefix(WorkloadEndpoint.PLURAL))
     out = {}
@@ -364,7 +364,7 @@ def _reserved_in_use(reservations: Reservations, cidr: Network, block: Block) ->
     return sum(1 for o in block.allocations if o in reserved)
 
 
-def check(client: EtcdClient) -> Report:
+def check(client: KV) -> Report:
     return analyse(scan(client))
 
 

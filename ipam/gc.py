@@ -25,7 +25,7 @@ from ipam.check import Snapshot, by_affinity, endpoint_attachments, scan
 from ipam.handles import Handle, attachment_of
 
 if TYPE_CHECKING:
-    from datastore.etcd import EtcdClient  # imports gRPC; plan_gc is pure and needs none
+    from datastore.kv import KV  # either client: netctl's is the JSON gateway's
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _timestamp(value: str | None) -> float:
         return 0.0
 
 
-def collect(client: EtcdClient, plan: GCPlan) -> GCResult:
+def collect(client: KV, plan: GCPlan) -> GCResult:
     """Perform ``plan``; whatever changed since it was made is left alone."""
     result = GCResult(waiting=plan.waiting)
     # Re-validate just before releasing: a handle re-created since the scan owns its addresses again.
@@ -141,7 +141,7 @@ def collect(client: EtcdClient, plan: GCPlan) -> GCResult:
     return result
 
 
-def gc(client: EtcdClient, grace_seconds: float, clock: Callable[[], float] = time.time) -> GCResult:
+def gc(client: KV, grace_seconds: float, clock: Callable[[], float] = time.time) -> GCResult:
     """Release leaked addresses older than ``grace_seconds`` and delete empty handle records."""
     return collect(client, plan_gc(scan(client), grace_seconds, clock()))
 

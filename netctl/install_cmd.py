@@ -18,13 +18,11 @@ import json
 import os
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cni_plugins.agent_protocol import DEFAULT_SOCKET
-from netctl import frontend
+from cni_plugins.relay import DEFAULT_SOCKET  # relay: the standard library only
 from netctl.datastore_flags import datastore_config
 from netctl.errors import UserError
 
@@ -50,10 +48,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore
     p.set_defaults(func=run_install)
 
 
-package_root = frontend.package_root
-
-
 def plugin_script(module: str) -> str:
+    from netctl.frontend import package_root  # the build machinery: only install-cni pays for it
+
     return (f"#!{sys.executable} -S\nimport sys\nsys.path.insert(1, {str(package_root())!r})\n"
             f"from {module} import main\nsys.exit(main())\n")
 
@@ -72,7 +69,9 @@ def install_plugins(bin_dir: Path, front_end: str = "auto") -> Installed:
     ``front_end="compiled"`` fails (UserError) when no compiled front end can be had."""
     import compileall
 
-    root = package_root()
+    from netctl import frontend
+
+    root = frontend.package_root()
     for package in ("kernel", "cni_plugins", "datastore", "ipam"):
         compileall.compile_dir(str(root / package), quiet=1)
     build = frontend.ensure_built() if front_end != "python" else frontend.Build(None, "--front-end python")
@@ -108,6 +107,8 @@ def _write(path: Path, text: str, mode: int) -> None:
 def _write_bytes(path: Path, data: bytes, mode: int) -> None:
     """Atomically: a runtime may be reading the directory (or running the old executable) while
     we write."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

@@ -11,17 +11,14 @@ import argparse
 import ipaddress
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from datastore.codec import decode
-from datastore.model import API_VERSION
-from datastore.resources import IPAMConfiguration
-from datastore.store import ResourceStore
-from ipam import check as ipam_check
-from ipam import gc as ipam_gc
-from ipam.allocator import IPAM
-from ipam.block import Address
 from netctl.errors import UserError
+from netctl.parsing import deferred
 from netctl.resources_cmd import label, render_table
+
+if TYPE_CHECKING:  # the datastore and IPAM are imported by the command that runs, not by every netctl
+    from ipam.block import Address
 
 EXIT_PROBLEMS = 3
 DEFAULT_GRACE = 900  # Calico's leak grace period: 15 minutes
@@ -29,32 +26,36 @@ DEFAULT_GRACE = 900  # Calico's leak grace period: 15 minutes
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
     parser = sub.add_parser("ipam", help="IP address management: usage, consistency, garbage collection")
-    commands = parser.add_subparsers(dest="ipam_command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("show", parents=[datastore], help="addresses in use per pool (and per block)")
-    p.add_argument("--show-blocks", action="store_true", help="one row per block, with its affinity")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.set_defaults(func=run_show)
+    def declare() -> None:
+        commands = parser.add_subparsers(dest="ipam_command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("check", parents=[datastore], help="report inconsistencies (exit 3 if any)")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    p.set_defaults(func=run_check)
+        p = commands.add_parser("show", parents=[datastore], help="addresses in use per pool (and per block)")
+        p.add_argument("--show-blocks", action="store_true", help="one row per block, with its affinity")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.set_defaults(func=run_show)
 
-    p = commands.add_parser("gc", parents=[datastore],
-                            help="release leaked addresses older than the grace period; delete empty handles")
-    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
-                   help=f"leave addresses allocated less than SECONDS ago (default: {DEFAULT_GRACE})")
-    p.set_defaults(func=run_gc)
+        p = commands.add_parser("check", parents=[datastore], help="report inconsistencies (exit 3 if any)")
+        p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+        p.set_defaults(func=run_check)
 
-    p = commands.add_parser("release", parents=[datastore], help="release specific addresses")
-    p.add_argument("--ip", dest="ips", action="append", required=True, type=_address, metavar="IP",
-                   help="an allocated address (repeatable)")
-    p.set_defaults(func=run_release)
+        p = commands.add_parser("gc", parents=[datastore],
+                                help="release leaked addresses older than the grace period; delete empty handles")
+        p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
+                       help=f"leave addresses allocated less than SECONDS ago (default: {DEFAULT_GRACE})")
+        p.set_defaults(func=run_gc)
 
-    p = commands.add_parser("configure", parents=[datastore], help="change IPAM settings")
-    p.add_argument("--max-blocks-per-host", type=int, required=True, metavar="N",
-                   help="blocks one node may claim (0: no limit)")
-    p.set_defaults(func=run_configure)
+        p = commands.add_parser("release", parents=[datastore], help="release specific addresses")
+        p.add_argument("--ip", dest="ips", action="append", required=True, type=_address, metavar="IP",
+                       help="an allocated address (repeatable)")
+        p.set_defaults(func=run_release)
+
+        p = commands.add_parser("configure", parents=[datastore], help="change IPAM settings")
+        p.add_argument("--max-blocks-per-host", type=int, required=True, metavar="N",
+                       help="blocks one node may claim (0: no limit)")
+        p.set_defaults(func=run_configure)
+
+    deferred(parser, declare)
 
 
 def _seconds(text: str) -> float:
@@ -79,6 +80,8 @@ def _share(part: int, total: int) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from ipam import check as ipam_check
+
     report = ipam_check.check(args.connect())
     if args.output == "json":
         doc = {"pools": [p.to_dict() for p in report.pools], "blocks": [b.to_dict() for b in report.blocks]}
@@ -106,6 +109,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from ipam import check as ipam_check
+
     report = ipam_check.check(args.connect())
     found = len(report.problems)
     if args.output == "json":
@@ -120,6 +125,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
+    from ipam import gc as ipam_gc
+
     result = ipam_gc.gc(args.connect(), args.grace)
     for address, handle in result.released:
         print(f"released {address} (handle {handle} is gone)")
@@ -134,6 +141,8 @@ def run_gc(args: argparse.Namespace) -> int:
 
 
 def run_release(args: argparse.Namespace) -> int:
+    from ipam.allocator import IPAM
+
     wanted: list[Address] = list(dict.fromkeys(args.ips))
     freed = set(IPAM(args.connect()).release_addresses(wanted))
     for address in wanted:
@@ -147,6 +156,11 @@ def run_release(args: argparse.Namespace) -> int:
 
 
 def run_configure(args: argparse.Namespace) -> int:
+    from datastore.codec import decode
+    from datastore.model import API_VERSION
+    from datastore.resources import IPAMConfiguration
+    from datastore.store import ResourceStore
+
     store = ResourceStore(args.connect())
     current = store.get(IPAMConfiguration, "default")
     doc = {"apiVersion": API_VERSION, "kind": IPAMConfiguration.KIND, "metadata": {"name": "default"},

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
-from xml.sax.saxutils import escape
 
 from netctl.errors import UserError
+from netctl.parsing import deferred
 
 if TYPE_CHECKING:  # netlab is imported when a lab command runs, not for every netctl command
     from netlab.matrix import Explanation, Matrix, Verdict
@@ -30,56 +30,60 @@ GREEN, RED, DIM, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("lab", help="a multi-node lab on this machine (network namespaces; needs root)")
-    # Plain parsers: `exec NODE -- CMD...` takes the rest of the line, which intermixed parsing cannot.
-    commands = parser.add_subparsers(dest="lab_command", metavar="COMMAND", required=True,
-                                     parser_class=argparse.ArgumentParser)
-    named = argparse.ArgumentParser(add_help=False)
-    named.add_argument("--name", default=DEFAULT_NAME, metavar="LAB", help=f"the lab (default: {DEFAULT_NAME})")
 
-    p = commands.add_parser("up", parents=[named], help="build a lab and leave it running")
-    p.add_argument("--nodes", type=int, default=3, help="node namespaces, each with its felix-agent (default: 3)")
-    p.add_argument("--mode", choices=("vxlan", "ipip", "bgp", "bgp-rr"), default="vxlan",
-                   help="routing between nodes; sets the default pool's encapsulation (default: vxlan)")
-    p.add_argument("--etcd", type=int, choices=(1, 3), default=1, help="etcd members (default: 1)")
-    p.add_argument("--wireguard", action="store_true",
-                   help="encrypt pod traffic between nodes (FelixConfiguration wireguardEnabled: true)")
-    p.add_argument("--pods-per-node", type=int, default=2, metavar="K", help="pods on each node (default: 2)")
-    p.add_argument("--namespaces", default="default", metavar="NS1,NS2",
-                   help="namespaces the pods are spread over, in turn (default: default)")
-    p.set_defaults(func=run_up)
+    def declare() -> None:
+        # Plain parsers: `exec NODE -- CMD...` takes the rest of the line, which intermixed parsing cannot.
+        commands = parser.add_subparsers(dest="lab_command", metavar="COMMAND", required=True,
+                                         parser_class=argparse.ArgumentParser)
+        named = argparse.ArgumentParser(add_help=False)
+        named.add_argument("--name", default=DEFAULT_NAME, metavar="LAB", help=f"the lab (default: {DEFAULT_NAME})")
 
-    p = commands.add_parser("status", parents=[named], help="nodes, agents, BGP sessions, pools, pods")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.set_defaults(func=run_status)
+        p = commands.add_parser("up", parents=[named], help="build a lab and leave it running")
+        p.add_argument("--nodes", type=int, default=3, help="node namespaces, each with its felix-agent (default: 3)")
+        p.add_argument("--mode", choices=("vxlan", "ipip", "bgp", "bgp-rr"), default="vxlan",
+                       help="routing between nodes; sets the default pool's encapsulation (default: vxlan)")
+        p.add_argument("--etcd", type=int, choices=(1, 3), default=1, help="etcd members (default: 1)")
+        p.add_argument("--wireguard", action="store_true",
+                       help="encrypt pod traffic between nodes (FelixConfiguration wireguardEnabled: true)")
+        p.add_argument("--pods-per-node", type=int, default=2, metavar="K", help="pods on each node (default: 2)")
+        p.add_argument("--namespaces", default="default", metavar="NS1,NS2",
+                       help="namespaces the pods are spread over, in turn (default: default)")
+        p.set_defaults(func=run_up)
 
-    p = commands.add_parser("exec", parents=[named], help="run a command inside a node's or a pod's namespace",
-                            usage="netctl lab exec [--name LAB] NODE|POD -- CMD...")
-    p.add_argument("target", metavar="NODE|POD")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
-    p.set_defaults(func=run_exec)
+        p = commands.add_parser("status", parents=[named], help="nodes, agents, BGP sessions, pools, pods")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.set_defaults(func=run_status)
 
-    p = commands.add_parser("env", parents=[named], help="print the ETCD_* exports of a node")
-    p.add_argument("node", metavar="NODE")
-    p.set_defaults(func=run_env)
+        p = commands.add_parser("exec", parents=[named], help="run a command inside a node's or a pod's namespace",
+                                usage="netctl lab exec [--name LAB] NODE|POD -- CMD...")
+        p.add_argument("target", metavar="NODE|POD")
+        p.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
+        p.set_defaults(func=run_exec)
 
-    p = commands.add_parser("stop", parents=[named], help="stop a node's felix-agent (its pods and routes stay)")
-    p.add_argument("node", metavar="NODE")
-    p.set_defaults(func=run_stop)
+        p = commands.add_parser("env", parents=[named], help="print the ETCD_* exports of a node")
+        p.add_argument("node", metavar="NODE")
+        p.set_defaults(func=run_env)
 
-    p = commands.add_parser("restart", parents=[named],
-                            help="restart a node's felix-agent with the command line 'up' gave it")
-    p.add_argument("node", metavar="NODE")
-    p.set_defaults(func=run_restart)
+        p = commands.add_parser("stop", parents=[named], help="stop a node's felix-agent (its pods and routes stay)")
+        p.add_argument("node", metavar="NODE")
+        p.set_defaults(func=run_stop)
 
-    p = commands.add_parser("down", parents=[named], help="remove the lab: processes, namespaces, files")
-    p.set_defaults(func=run_down)
+        p = commands.add_parser("restart", parents=[named],
+                                help="restart a node's felix-agent with the command line 'up' gave it")
+        p.add_argument("node", metavar="NODE")
+        p.set_defaults(func=run_restart)
 
-    p = commands.add_parser("matrix", parents=[named], help="try every pod to every pod; explain a pair")
-    p.add_argument("--port", type=int, help="also try TCP to this port (a server runs in each pod meanwhile)")
-    p.add_argument("--explain", nargs=2, metavar=("A", "B"), help="say which policy and rule decide A -> B")
-    p.add_argument("--output", type=Path, metavar="FILE", help="also draw the matrix as an SVG picture")
-    p.add_argument("-o", "--format", choices=("table", "json"), default="table", help="how to print it")
-    p.set_defaults(func=run_matrix)
+        p = commands.add_parser("down", parents=[named], help="remove the lab: processes, namespaces, files")
+        p.set_defaults(func=run_down)
+
+        p = commands.add_parser("matrix", parents=[named], help="try every pod to every pod; explain a pair")
+        p.add_argument("--port", type=int, help="also try TCP to this port (a server runs in each pod meanwhile)")
+        p.add_argument("--explain", nargs=2, metavar=("A", "B"), help="say which policy and rule decide A -> B")
+        p.add_argument("--output", type=Path, metavar="FILE", help="also draw the matrix as an SVG picture")
+        p.add_argument("-o", "--format", choices=("table", "json"), default="table", help="how to print it")
+        p.set_defaults(func=run_matrix)
+
+    deferred(parser, declare)
 
 
 @contextmanager
@@ -359,6 +363,8 @@ def render_table(m: Matrix, colour: bool) -> str:
 
 def render_svg(m: Matrix, title: str) -> str:
     """The matrix as an SVG picture: a panel per probe, green allowed, red denied, grey self."""
+    from xml.sax.saxutils import escape  # xml.sax: only --output pays for it
+
     cell, gap = 44, 40
     label = 12 + 8 * max(len(p) for p in m.pods)
     n = len(m.pods)

@@ -8,6 +8,13 @@ Commands are registered by their modules (``register(sub, ...)``) and run as
 ``args.func(args) -> int``. A command that needs etcd calls ``args.connect()``, which opens one
 client from the datastore flags (also accepted after the command name) or calicoctl's variables;
 ``main`` closes it.
+
+Each call is a new process, so a command pays only for what it uses: the command modules import
+the datastore model, IPAM, BGP, cryptography and netlab inside their handlers (registering the
+arguments imports the standard library, the error classes and ``datastore.config``), the command
+groups declare their sub-commands when named (``netctl.parsing``), and etcd is reached through
+its JSON gateway, not gRPC (``tests/unit/test_netctl_start.py`` checks it; ``bench/netctl_start.py``
+measures it).
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from typing import TYPE_CHECKING, cast
 
 from datastore.errors import ConfigError, Conflict, DatastoreError, DatastoreUnavailable, NotFound, ValidationError
@@ -25,10 +31,11 @@ from ipam.errors import IPAMError
 from netctl import install_cmd, ipam_cmd, lab_cmd, node_cmd, pki_cmd, resources_cmd
 from netctl.datastore_flags import datastore_config, datastore_options
 from netctl.errors import UserError
-from pki import PKIError
+from netctl.parsing import Parser
+from pki.errors import PKIError
 
 if TYPE_CHECKING:
-    from datastore.etcd import EtcdClient  # imports gRPC: only a command that connects pays for it
+    from datastore.gateway import GatewayClient
 
 log = logging.getLogger("netctl")
 
@@ -39,26 +46,6 @@ EXIT_INTERRUPTED = 130
 # Errors whose message is written for the operator: printed as they are.
 USER_ERRORS = (UserError, ValidationError, NotFound, Conflict, ConfigError, DatastoreUnavailable, IPAMError,
                PKIError, DatastoreError)
-
-
-class Parser(argparse.ArgumentParser):
-    """Lets options come between a command's positionals (``get wep -n web pod-a``, as kubectl).
-
-    A leaf parser parses "intermixed"; a parser with sub-commands cannot, and needs not.
-    """
-
-    _intermixing = False
-
-    def parse_known_args(  # type: ignore[override]
-            self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if self._subparsers is not None or self._intermixing:
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_version(args: argparse.Namespace) -> int:
+    from importlib import metadata  # ~10 ms: only `version` pays for it
+
     try:
         version = metadata.version("tortie")
     except metadata.PackageNotFoundError:
@@ -103,14 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    clients: list[EtcdClient] = []
+    clients: list[GatewayClient] = []
 
-    def connect() -> EtcdClient:
+    def connect() -> GatewayClient:
+        # etcd's JSON gateway, standard library only: a one-shot process would spend ~100 ms of
+        # CPU importing gRPC for a few round trips (netctl uses no leases nor watches).
         if not clients:
-            config = datastore_config(args)  # a bad configuration is refused before gRPC is imported
-            from datastore.etcd import EtcdClient
+            from datastore.gateway import GatewayClient
 
-            clients.append(EtcdClient(config))
+            clients.append(GatewayClient(datastore_config(args)))
         return clients[0]
 
     args.connect = connect

@@ -15,23 +15,30 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from bgp.model import SessionStatus
-from bgp.status import read_status
 from netctl.errors import UserError
+from netctl.parsing import deferred
+
+if TYPE_CHECKING:
+    from bgp.model import SessionStatus
 
 HEADERS = ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO", "FILTERS", "RECEIVED", "ACCEPTED", "SENT")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], datastore: argparse.ArgumentParser) -> None:
     parser = sub.add_parser("node", help="a node's BGP status")
-    commands = parser.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    p = commands.add_parser("status", parents=[datastore], help="the BGP sessions of a node (this one by default)")
-    p.add_argument("--node", metavar="NAME", help="the node (default: $NODENAME, else the host name)")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.add_argument("--wireguard-interface", default="wg.tortie", metavar="NAME",
-                   help="the WireGuard device whose peers are shown, when this host has it (default %(default)s)")
-    p.set_defaults(func=run_status)
+
+    def declare() -> None:
+        commands = parser.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+        p = commands.add_parser("status", parents=[datastore], help="the BGP sessions of a node (this one by default)")
+        p.add_argument("--node", metavar="NAME", help="the node (default: $NODENAME, else the host name)")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.add_argument("--wireguard-interface", default="wg.tortie", metavar="NAME",
+                       help="the WireGuard device whose peers are shown, when this host has it (default %(default)s)")
+        p.set_defaults(func=run_status)
+
+    deferred(parser, declare)
 
 
 def _family(session: SessionStatus) -> int:
@@ -51,6 +58,8 @@ def _order(session: SessionStatus) -> tuple[int, int, str]:
 
 def run_status(args: argparse.Namespace) -> int:
     node = args.node or os.environ.get("NODENAME") or socket.gethostname()
+    from bgp.status import read_status  # the BGP model: only this command pays for it
+
     sessions = read_status(args.connect(), node)
     peers = sorted(sessions or [], key=_order)
     wireguard = wireguard_rows(args.wireguard_interface)

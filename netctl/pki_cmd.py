@@ -12,33 +12,39 @@ from pathlib import Path
 
 import pki
 from netctl.errors import UserError
+from netctl.parsing import deferred
 
 DEFAULT_DIR = "/etc/tortie/pki"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("pki", help="CA and certificates for etcd and the agents (cfssl-compatible)")
-    commands = parser.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
 
-    init_ca = commands.add_parser("init-ca", help="create a self-signed CA (NAME.pem, NAME-key.pem)")
-    _common(init_ca)
-    init_ca.add_argument("--name", default="ca", help="file name stem (default: ca)")
-    init_ca.add_argument("--cn", help="common name (default: the CSR's CN, else tortie-ca)")
-    init_ca.add_argument("--expiry", help="validity, e.g. 87600h or 10y (default: the CSR's ca.expiry, else 87600h)")
-    init_ca.add_argument("--force", action="store_true", help="replace an existing CA of the same name")
-    init_ca.set_defaults(func=run_init_ca)
+    def declare() -> None:
+        commands = parser.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
 
-    issue = commands.add_parser("issue", help="issue a certificate signed by the CA (NAME.pem, NAME-key.pem)")
-    issue.add_argument("name", metavar="NAME", help="file name stem, and the default common name")
-    issue.add_argument("--profile", required=True, help="server, client, peer, or a profile of --config")
-    _common(issue)
-    issue.add_argument("--ca-cert", help="CA certificate (default: DIR/ca.pem)")
-    issue.add_argument("--ca-key", help="CA key (default: DIR/ca-key.pem)")
-    issue.add_argument("--cn", help="common name (default: the CSR's CN, else NAME)")
-    issue.add_argument("--hosts", help="comma-separated IP addresses and DNS names (default: the CSR's hosts)")
-    issue.add_argument("--expiry", help="validity, e.g. 8760h (default: the profile's, else 8760h)")
-    issue.add_argument("--config", help="cfssl signing-config JSON whose profiles override the built-in ones")
-    issue.set_defaults(func=run_issue)
+        init_ca = commands.add_parser("init-ca", help="create a self-signed CA (NAME.pem, NAME-key.pem)")
+        _common(init_ca)
+        init_ca.add_argument("--name", default="ca", help="file name stem (default: ca)")
+        init_ca.add_argument("--cn", help="common name (default: the CSR's CN, else tortie-ca)")
+        init_ca.add_argument("--expiry",
+                             help="validity, e.g. 87600h or 10y (default: the CSR's ca.expiry, else 87600h)")
+        init_ca.add_argument("--force", action="store_true", help="replace an existing CA of the same name")
+        init_ca.set_defaults(func=run_init_ca)
+
+        issue = commands.add_parser("issue", help="issue a certificate signed by the CA (NAME.pem, NAME-key.pem)")
+        issue.add_argument("name", metavar="NAME", help="file name stem, and the default common name")
+        issue.add_argument("--profile", required=True, help="server, client, peer, or a profile of --config")
+        _common(issue)
+        issue.add_argument("--ca-cert", help="CA certificate (default: DIR/ca.pem)")
+        issue.add_argument("--ca-key", help="CA key (default: DIR/ca-key.pem)")
+        issue.add_argument("--cn", help="common name (default: the CSR's CN, else NAME)")
+        issue.add_argument("--hosts", help="comma-separated IP addresses and DNS names (default: the CSR's hosts)")
+        issue.add_argument("--expiry", help="validity, e.g. 8760h (default: the profile's, else 8760h)")
+        issue.add_argument("--config", help="cfssl signing-config JSON whose profiles override the built-in ones")
+        issue.set_defaults(func=run_issue)
+
+    deferred(parser, declare)
 
 
 def run_init_ca(args: argparse.Namespace) -> int:

@@ -13,20 +13,14 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datastore import namespaces
-from datastore.codec import decode, dump, load_documents
 from datastore.errors import AlreadyExists, NotFound, ValidationError
-from datastore.kv import ETCD_DEFAULT_LIMITS, TxnLimits
-from datastore.model import Kind, Resource, check_labels, encode_fields
-from datastore.policy import Profile
-from datastore.references import check_references
-from datastore.resources import IPPool, Node, kind_named
-from datastore.store import ResourceStore
-from ipam.nodes import remove_node
-from ipam.pools import Pool, check_pool_change
 from netctl.errors import UserError
+
+if TYPE_CHECKING:  # the resource model is imported by the command that runs, not by every netctl
+    from datastore.kv import TxnLimits
+    from datastore.model import Kind, Resource
 
 OUTPUT_FORMATS = ("table", "wide", "yaml", "json")
 
@@ -76,6 +70,8 @@ def read_source(path: str) -> tuple[str, str]:
 
 def decode_all(text: str, source: str) -> list[Resource]:
     """Every document decoded and validated, or a ValidationError naming the first bad one."""
+    from datastore.codec import decode, load_documents
+
     resources: list[Resource] = []
     seen: set[tuple[str, str | None, str]] = set()
     for n, doc in enumerate(load_documents(text, source), start=1):
@@ -100,6 +96,10 @@ def _name_namespace(resource: Resource) -> None:
     ``kubernetes.io/metadata.name`` label the API server puts on every namespace (whatever value
     the document gave it, as the API server does), so that upstream policies selecting namespaces
     by name work unchanged."""
+    from datastore import namespaces
+    from datastore.model import check_labels
+    from datastore.policy import Profile
+
     namespace = namespaces.namespace_of(resource.name) if resource.kind is Profile else None
     if namespace is not None:
         labels = namespaces.namespace_labels(namespace, resource.spec.labels_to_apply)
@@ -108,12 +108,17 @@ def _name_namespace(resource: Resource) -> None:
 
 
 def check_fits(resources: Sequence[Resource], source: str, *, with_values: bool = True,
-               limits: TxnLimits = ETCD_DEFAULT_LIMITS) -> None:
+               limits: TxnLimits | None = None) -> None:
     """Refuse, before anything is written, a file that etcd would not take as one transaction.
 
     A file is written all or nothing, so it must fit etcd's limits on one request; splitting it
     would give up atomicity. ``with_values`` False: only keys are written (a delete).
+    ``limits``: etcd's defaults (``ETCD_DEFAULT_LIMITS``) unless given.
     """
+    from datastore.kv import ETCD_DEFAULT_LIMITS
+    from datastore.store import ResourceStore
+
+    limits = limits or ETCD_DEFAULT_LIMITS
     if len(resources) > limits.max_ops:
         raise UserError(
             f"{source} holds {len(resources)} resources; one etcd transaction takes at most {limits.max_ops} "
@@ -157,6 +162,9 @@ def check_pools(resources: Sequence[Resource], stored: Mapping[str, Resource]) -
 
     ``stored`` is every stored IPPool by name; the file's pools replace stored ones of the same name.
     """
+    from datastore.resources import IPPool
+    from ipam.pools import Pool, check_pool_change
+
     incoming = {r.name: Pool.from_resource(r) for r in resources if r.kind is IPPool}
     after = {name: Pool.from_resource(r) for name, r in stored.items()} | incoming
     for name, pool in incoming.items():
@@ -169,6 +177,10 @@ def check_pools(resources: Sequence[Resource], stored: Mapping[str, Resource]) -
 
 
 def run_write(args: argparse.Namespace) -> int:
+    from datastore.references import check_references
+    from datastore.resources import IPPool
+    from datastore.store import ResourceStore
+
     text, source = read_source(args.filename)
     resources = decode_all(text, source)
     check_fits(resources, source)
@@ -190,6 +202,10 @@ def run_write(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
+    from datastore.resources import Node, kind_named
+    from datastore.store import ResourceStore
+    from ipam.nodes import remove_node
+
     parser: argparse.ArgumentParser = args.parser
     if args.filename and (args.kind or args.namespace):
         parser.error("give either -f FILE or KIND NAME, not both")
@@ -228,6 +244,10 @@ def _namespace(kind: type[Kind], namespace: str | None) -> str | None:
 
 
 def run_get(args: argparse.Namespace) -> int:
+    from datastore.codec import dump
+    from datastore.resources import kind_named
+    from datastore.store import ResourceStore
+
     parser: argparse.ArgumentParser = args.parser
     if args.name and args.all_namespaces:
         parser.error("-A cannot be used with a NAME")
@@ -259,6 +279,8 @@ def run_get(args: argparse.Namespace) -> int:
 def table(kind: type[Kind], resources: Iterable[Resource], *, wide: bool = False
           ) -> tuple[list[str], list[list[str]]]:
     """Headers and rows for ``get -o table|wide``: NAMESPACE (namespaced kinds), NAME, the kind's columns."""
+    from datastore.model import encode_fields
+
     columns = (kind.WIDE or kind.TABLE) if wide else kind.TABLE
     headers = (["NAMESPACE"] if kind.NAMESPACED else []) + ["NAME"] + [c for c, _ in columns]
     rows = []
