@@ -21,7 +21,6 @@ from datastore.errors import ValidationError
 from datastore.etcd import EtcdClient
 from datastore.references import check_references
 from datastore.store import ResourceStore
-from netctl import resources_cmd
 
 pytestmark = pytest.mark.lab
 
@@ -178,8 +177,6 @@ def test_reference_check_against_the_store(etcd_client: EtcdClient) -> None:
     check_references(peer, store)
 
 
-@pytest.mark.skipif(not hasattr(resources_cmd, "check_references"),
-                    reason="netctl apply does not call datastore.references.check_references yet")
 def test_apply_refuses_a_peer_on_an_unknown_node(netctl: Run, etcd_client: EtcdClient) -> None:
     before = etcd_client.count("/tortie/")
     peer = doc("BGPPeer", "tor", {"node": "nowhere", "peerIP": "10.0.0.254", "asNumber": 65000})
